@@ -1,0 +1,292 @@
+"""The local backend: worker processes on one machine pushing straight into shared-memory shards.
+
+Shards live in shared memory (``torch`` tensors in ``/dev/shm``) and every worker process applies its own pushes
+under the shard's ``flock`` lock: no server process, no copy through a pipe, no network port. The benchmark in the
+README (``downpour bench ps``) is why: a push is one slice of the flat gradient and a rule kernel, nothing more.
+Records of applied pushes travel to the driver through one ``multiprocessing`` queue per worker, in batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from torch import Tensor
+
+from downpour.config import Config
+from downpour.models import build_model
+from downpour.ps.budget import GlobalSteps
+from downpour.ps.locks import FileLock
+from downpour.ps.rules import make_rule
+from downpour.ps.shard import Shard
+from downpour.ps.sharding import contiguous_bounds
+from downpour.ps.worker import DownpourWorker, PushRecord, WorkerSettings
+
+_FLUSH_SECONDS = 0.2
+_FLUSH_RECORDS = 2000
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def worker_threads(config: Config) -> int:
+    """Intra-op threads per worker: ``cluster.threads_per_worker``, or cores // workers (at least 1)."""
+    if config.cluster.threads_per_worker:
+        return config.cluster.threads_per_worker
+    return max(1, (os.cpu_count() or 1) // config.cluster.workers)
+
+
+def worker_settings(config: Config) -> WorkerSettings:
+    """The worker's knobs from a run config."""
+    return WorkerSettings(
+        batch_size=config.train.batch_size,
+        n_fetch=config.ps.n_fetch,
+        n_push=config.ps.n_push,
+        local_apply=config.ps.local_apply,
+        local_lr=config.ps.lr,
+    )
+
+
+@dataclass
+class _WorkerSpec:
+    worker_id: int
+    config: Config
+    input_dim: int
+    shards: list[Shard]
+    examples: Tensor
+    seed: int
+    budget: GlobalSteps
+    control: Tensor  # (1,) int64: nonzero = stop
+    progress: Tensor  # (workers, 2) float64: examples done, last loss
+    records: Any  # this worker's multiprocessing queue
+    t0: float
+    threads: int
+    parent_pid: int
+
+
+class _Batcher:
+    """Collects push records and sends them to the driver in batches."""
+
+    def __init__(self, records: Any) -> None:
+        self.records, self.pending, self.last = records, [], time.monotonic()
+
+    def __call__(self, record: PushRecord) -> None:
+        self.pending.append(tuple(record))
+        now = time.monotonic()
+        if len(self.pending) >= _FLUSH_RECORDS or now - self.last >= _FLUSH_SECONDS:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        if self.pending:
+            self.records.put(self.pending)
+            self.pending = []
+        self.last = now if now is not None else time.monotonic()
+
+
+def _worker_main(spec: _WorkerSpec) -> None:
+    """Entry point of one worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us cleanly
+    torch.set_num_threads(spec.threads)
+    control = spec.control.numpy()
+    progress = spec.progress.numpy()
+    batcher = _Batcher(spec.records)
+    next_parent_check = [time.monotonic() + _PARENT_CHECK_SECONDS]
+
+    def should_stop() -> bool:
+        if control[0]:
+            return True
+        now = time.monotonic()
+        if now >= next_parent_check[0]:  # the driver was killed: do not live on as an orphan
+            next_parent_check[0] = now + _PARENT_CHECK_SECONDS
+            return os.getppid() != spec.parent_pid
+        return False
+
+    def report(examples: int, loss: float) -> None:
+        progress[spec.worker_id, 0] += examples
+        progress[spec.worker_id, 1] = loss
+
+    try:
+        model = build_model(spec.config.model, spec.input_dim, seed=spec.config.train.seed)
+        worker = DownpourWorker(
+            spec.worker_id,
+            model,
+            spec.shards,
+            spec.examples,
+            worker_settings(spec.config),
+            rng=np.random.default_rng(spec.seed),
+            budget=spec.budget,
+            should_stop=should_stop,
+            record=batcher,
+            progress=report,
+            clock=lambda: time.time() - spec.t0,
+        )
+        worker.run()
+    except BaseException:
+        batcher.flush()
+        spec.records.put(("error", spec.worker_id, traceback.format_exc()))
+        raise SystemExit(1) from None
+    batcher.flush()
+
+
+@dataclass
+class WorkerEvent:
+    """Something the driver should log about a worker (``died``, ``error``)."""
+
+    kind: str
+    worker: int
+    detail: str
+
+
+class LocalCluster:
+    """Shards in shared memory and ``workers`` OS processes running :class:`DownpourWorker`."""
+
+    def __init__(self, config: Config, train: Tensor, initial: Tensor, *, worker_seeds: Sequence[int], t0: float):
+        self.config = config
+        self.bounds = contiguous_bounds(initial.numel(), config.ps.shards)
+        self._lock_dir = tempfile.mkdtemp(prefix="downpour-locks-")
+        rule = make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
+        self.shards = [
+            Shard(i, start, initial[start:stop], rule, lock=FileLock(f"{self._lock_dir}/shard{i}"), shared=True)
+            for i, (start, stop) in enumerate(self.bounds)
+        ]
+        self.budget = GlobalSteps(config.train.steps, lock=FileLock(f"{self._lock_dir}/steps"), shared=True)
+        self.train = train.share_memory_()
+        self.input_dim = train.shape[1]
+        self.worker_seeds = list(worker_seeds)
+        self.t0 = t0
+        self._ctx = mp.get_context("spawn")
+        self._control = torch.zeros(1, dtype=torch.int64).share_memory_()
+        workers = config.cluster.workers
+        self._progress = torch.zeros(workers, 2, dtype=torch.float64).share_memory_()
+        self._queues = [self._ctx.Queue() for _ in range(workers)]
+        self._procs: list[Any] = []
+        self._reported_dead: set[int] = set()
+        self._queue_broken: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start one process per worker, each reading only its own slice of the training examples."""
+        from downpour.data import worker_slice
+
+        workers = self.config.cluster.workers
+        threads = worker_threads(self.config)
+        for worker_id in range(workers):
+            spec = _WorkerSpec(
+                worker_id=worker_id,
+                config=self.config,
+                input_dim=self.input_dim,
+                shards=self.shards,
+                examples=self.train[worker_slice(self.train.shape[0], workers, worker_id)],
+                seed=self.worker_seeds[worker_id],
+                budget=self.budget,
+                control=self._control,
+                progress=self._progress,
+                records=self._queues[worker_id],
+                t0=self.t0,
+                threads=threads,
+                parent_pid=os.getpid(),
+            )
+            proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
+            proc.daemon = True
+            proc.start()
+            self._procs.append(proc)
+
+    def request_stop(self) -> None:
+        """Ask every worker to stop after its current step."""
+        self._control[0] = 1
+
+    def stop(self, timeout: float = 10.0) -> tuple[list[tuple], list[WorkerEvent]]:
+        """Stop the workers, wait for them, and return the records and events still in flight."""
+        self.request_stop()
+        records: list[tuple] = []
+        events: list[WorkerEvent] = []
+        deadline = time.monotonic() + timeout
+        while any(p.is_alive() for p in self._procs) and time.monotonic() < deadline:
+            more, more_events = self.poll()
+            records += more
+            events += more_events
+            time.sleep(0.02)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=5)
+        more, more_events = self.poll()
+        return records + more, events + more_events
+
+    def close(self) -> None:
+        """Release the queues and lock files."""
+        for q in self._queues:
+            q.close()
+            q.cancel_join_thread()
+        shutil.rmtree(self._lock_dir, ignore_errors=True)
+
+    # -- observation -----------------------------------------------------------------------------------------
+    def poll(self) -> tuple[list[tuple], list[WorkerEvent]]:
+        """Records sent since the last poll, and workers found dead or failed."""
+        records: list[tuple] = []
+        events: list[WorkerEvent] = []
+        for worker_id, q in enumerate(self._queues):
+            if worker_id in self._queue_broken:
+                continue
+            while True:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                except (EOFError, OSError, ValueError) as exc:  # a writer killed mid-message
+                    self._queue_broken.add(worker_id)
+                    events.append(WorkerEvent("queue-broken", worker_id, repr(exc)))
+                    break
+                if isinstance(item, tuple) and item and item[0] == "error":
+                    events.append(WorkerEvent("error", worker_id, item[2]))
+                else:
+                    records.extend(item)
+        for worker_id, proc in enumerate(self._procs):
+            if worker_id in self._reported_dead or proc.exitcode is None:
+                continue
+            if proc.exitcode != 0 and not self._control[0]:
+                self._reported_dead.add(worker_id)
+                events.append(WorkerEvent("died", worker_id, f"exit code {proc.exitcode}"))
+        return records, events
+
+    def alive(self) -> int:
+        """Worker processes still running."""
+        return sum(p.is_alive() for p in self._procs)
+
+    def examples_done(self) -> int:
+        """Examples processed by all workers so far (this session)."""
+        return int(self._progress[:, 0].sum())
+
+    def recent_loss(self) -> float:
+        """Mean of the workers' latest mini-batch losses."""
+        return float(self._progress[:, 1].mean())
+
+    def steps(self) -> int:
+        """The global step: pushes applied across all workers."""
+        return self.budget.value
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """A consistent copy of every shard (each shard consistent on its own, as in Downpour)."""
+        return [shard.snapshot() for shard in self.shards]
+
+    def parameters(self) -> Tensor:
+        """The current flat parameters assembled from every shard."""
+        return torch.cat([snap["values"] for snap in self.snapshots()])
+
+    def pids(self) -> list[int]:
+        """Worker process ids (for tests that kill one)."""
+        return [p.pid for p in self._procs]
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            shutil.rmtree(self._lock_dir, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``downpour bench``: each measures side by side in one run and prints a table or ``--json``."""

@@ -1,0 +1,115 @@
+"""Checkpoints: shard values and rule state as safetensors, everything else as JSON; never pickle.
+
+``checkpoint/state.json`` is the commit point. A save writes a new ``params-*.safetensors`` file, then replaces
+``state.json`` (which names that file) with an atomic rename, then deletes the older parameter file. A process
+killed at any moment leaves either the old checkpoint or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from downpour.errors import CheckpointError
+
+FORMAT = 1
+STATE_FILE = "state.json"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load` returns: the tensors by name and the JSON state."""
+
+    tensors: dict[str, Tensor]
+    state: dict[str, Any]
+
+    def shard_snapshots(self) -> list[dict[str, Any]]:
+        """Per-shard snapshots in the form :meth:`downpour.ps.shard.Shard.restore` takes."""
+        snapshots = []
+        for index, info in enumerate(self.state["shards"]):
+            prefix = f"shard{index}."
+            state = {
+                k[len(prefix) + len("state.") :]: v for k, v in self.tensors.items() if k.startswith(prefix + "state.")
+            }
+            snapshots.append(
+                {
+                    "values": self.tensors[prefix + "values"],
+                    "state": state,
+                    "version": info["version"],
+                    "rejected": info["rejected"],
+                }
+            )
+        return snapshots
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]) -> Path:
+    """Write shard snapshots and ``state`` (JSON-serialisable) as a new checkpoint in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    shard_info = []
+    for index, snap in enumerate(snapshots):
+        tensors[f"shard{index}.values"] = snap["values"].contiguous()
+        for name, tensor in snap["state"].items():
+            tensors[f"shard{index}.state.{name}"] = tensor.contiguous()
+        shard_info.append({"version": snap["version"], "rejected": snap["rejected"], "size": snap["values"].numel()})
+    previous = _current_params_file(directory)
+    serial = int(previous.stem.rsplit("-", 1)[-1]) + 1 if previous is not None else 0
+    params_name = f"params-{serial:08d}.safetensors"
+    tmp = directory / f".{params_name}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / params_name)
+    full_state = {"format": FORMAT, **state, "shards": shard_info, "params_file": params_name}
+    _atomic_write_text(directory / STATE_FILE, json.dumps(full_state, indent=1))
+    for stale in directory.glob("params-*.safetensors"):
+        if stale.name != params_name:
+            stale.unlink(missing_ok=True)
+    return directory / STATE_FILE
+
+
+def _current_params_file(directory: Path) -> Path | None:
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+        return directory / state["params_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load(directory: Path) -> Checkpoint:
+    """Read a checkpoint; a missing or corrupt one raises :class:`CheckpointError` naming the file."""
+    state_path = directory / STATE_FILE
+    if not state_path.exists():
+        raise CheckpointError(f"no checkpoint at {directory} (missing {STATE_FILE})")
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt checkpoint file {state_path}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "params_file" not in state:
+        raise CheckpointError(f"{state_path} is not a downpour checkpoint (format {FORMAT})")
+    params_path = directory / str(state["params_file"])
+    try:
+        tensors = load_file(str(params_path))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint parameters missing: {params_path}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt checkpoint parameters {params_path}: {exc}") from None
+    for index, info in enumerate(state.get("shards", [])):
+        values = tensors.get(f"shard{index}.values")
+        if values is None or values.numel() != info.get("size"):
+            raise CheckpointError(f"corrupt checkpoint {params_path}: shard {index} values missing or wrong size")
+    return Checkpoint(tensors, state)

@@ -1,0 +1,134 @@
+"""The ``downpour`` command: ``train`` and ``bench``.
+
+Errors a user can fix (bad config keys or values, missing or corrupt files) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from downpour import config as config_mod
+from downpour import rundir
+from downpour.errors import DownpourError
+
+SHORTHANDS = {
+    "workers": "cluster.workers",
+    "shards": "ps.shards",
+    "backend": "cluster.backend",
+    "seconds": "train.seconds",
+    "steps": "train.steps",
+    "seed": "train.seed",
+}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with Downpour SGD", description="Train a model with Downpour SGD.")
+    p.add_argument("--config", type=Path, help="TOML file with [data] [model] [train] [ps] [cluster] sections")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable)",
+    )
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument("--workers", type=str, help="cluster.workers")
+    p.add_argument("--shards", type=str, help="ps.shards")
+    p.add_argument("--backend", type=str, help="cluster.backend")
+    p.add_argument("--seconds", type=str, help="train.seconds (wall-clock budget)")
+    p.add_argument("--steps", type=str, help="train.steps (pushes applied across all workers)")
+    p.add_argument("--seed", type=str, help="train.seed")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks that print tables or --json.")
+    which = p.add_subparsers(dest="bench", required=True)
+    ps = which.add_parser("ps", help="parameter-server throughput against plain, Hogwild and copy baselines")
+    ps.add_argument("--seconds", type=float, default=3.0, help="seconds per measured configuration")
+    ps.add_argument("--repeats", type=int, default=2, help="alternating repeats of each measurement")
+    ps.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``downpour`` command."""
+    parser = argparse.ArgumentParser(prog="downpour", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bool]:
+    overrides = list(args.overrides)
+    for flag, key in SHORTHANDS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.resume is not None:
+        if args.config is not None:
+            raise DownpourError("--resume reads the run's own config.toml; drop --config")
+        if args.out is not None and args.out != args.resume:
+            raise DownpourError("--resume continues RUN_DIR in place; drop --out")
+        config = config_mod.load(args.resume / rundir.CONFIG, overrides)
+        return config, args.resume, True
+    config = config_mod.load(args.config, overrides)
+    return config, args.out if args.out is not None else rundir.new_run_dir(), False
+
+
+def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from downpour.train import headline, run_training, summary_json
+
+    config, out, resume = _train_config(args)
+    summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)
+    if args.json:
+        print(summary_json(summary))
+    console.print(headline(summary))
+    if summary["interrupted"]:
+        return 130
+    if summary["worker_deaths"] >= config.cluster.workers:
+        return 1
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from downpour.bench import ps as bench_ps
+
+    if args.bench == "ps":
+        result = bench_ps.run(seconds=args.seconds, repeats=args.repeats)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            bench_ps.print_table(result, Console())
+        return 0
+    raise AssertionError(args.bench)  # pragma: no cover - argparse restricts the choices
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``downpour`` command; return its exit status."""
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        if args.command == "train":
+            return _cmd_train(args, console)
+        if args.command == "bench":
+            return _cmd_bench(args, console)
+    except DownpourError as exc:
+        print(f"downpour: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("downpour: interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Run configuration: one dataclass per section, a TOML file plus ``--set section.key=value`` overrides.
+
+Every key is declared here with its type, default and range; an unknown key, a wrong type or an out-of-range
+value raises :class:`ConfigError` naming the key and the value (the CLI turns it into exit status 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from downpour.errors import ConfigError
+
+DATA_SOURCES = ("natural-patches", "lfw-faces", "digits")
+MODELS = ("rica",)
+RULES = ("sgd", "adagrad")
+BACKENDS = ("local",)
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they are preprocessed."""
+
+    source: str = "natural-patches"
+    patch_size: int = 16  # natural-patches only: side of the square patches
+    examples: int = 50_000  # natural-patches only: how many training patches to cut
+    held_out: int = 1024  # examples kept out of every worker's shard, for initial/final loss
+    whiten: bool = True  # ZCA whitening (its matrix is saved with the run)
+    whiten_eps: float = 0.1  # ZCA regularizer, as a fraction of the mean eigenvalue
+
+
+@dataclass
+class ModelConfig:
+    """Which network and its size."""
+
+    name: str = "rica"
+    features: int = 256
+    sparsity: float = 0.1  # λ, the weight of the sparsity penalty
+    epsilon: float = 0.01  # ε in sqrt(ε + h²), the smoothed L1
+
+
+@dataclass
+class TrainConfig:
+    """Budget, batch and bookkeeping of one run."""
+
+    batch_size: int = 128
+    seconds: float = 60.0  # wall-clock budget; 0 means no limit
+    steps: int = 0  # pushes applied across all workers (the global step); 0 means no limit
+    seed: int = 0
+    checkpoint_every: float = 30.0  # seconds between checkpoints
+
+
+@dataclass
+class PSConfig:
+    """The sharded parameter server and the Downpour client."""
+
+    shards: int = 2
+    rule: str = "adagrad"
+    lr: float = 0.02
+    adagrad_eps: float = 1e-8
+    n_fetch: int = 1  # fetch all shards every n_fetch steps
+    n_push: int = 1  # push the accumulated update every n_push steps
+    local_apply: bool = False  # apply each gradient to the local copy between fetches (plain SGD, ps.lr)
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how many workers run."""
+
+    backend: str = "local"
+    workers: int = 2
+    threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = cores // workers (at least 1)
+
+
+@dataclass
+class Config:
+    """A whole run: the five sections of ``config.toml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ps: PSConfig = field(default_factory=PSConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The resolved configuration as nested plain dicts (what ``config.toml`` holds)."""
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML text."""
+        return tomli_w.dumps(self.to_dict())
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _check_type(key: str, value: Any, expected: type) -> Any:
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {expected}")  # pragma: no cover
+
+
+def _field_types(section_cls: type) -> dict[str, type]:
+    names = {"int": int, "float": float, "str": str, "bool": bool}
+    return {f.name: names[str(f.type)] for f in dataclasses.fields(section_cls)}
+
+
+def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a validated :class:`Config` from nested dicts, starting from ``base`` (defaults when None)."""
+    config = dataclasses.replace(base) if base is not None else Config()
+    for section_name, values in raw.items():
+        if section_name not in SECTIONS:
+            raise ConfigError(f"unknown config section {section_name!r} (sections: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section_name!r} must be a table, got {values!r}")
+        section = dataclasses.replace(getattr(config, section_name))
+        types = _field_types(type(section))
+        for key, value in values.items():
+            full = f"{section_name}.{key}"
+            if key not in types:
+                raise ConfigError(f"unknown config key {full} (keys in [{section_name}]: {', '.join(types)})")
+            setattr(section, key, _check_type(full, value, types[key]))
+        setattr(config, section_name, section)
+    validate(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.key=value``; the value is read as a TOML literal, else taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    dotted, raw_value = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()
+    return parts[0], parts[1], value
+
+
+def overrides_to_dict(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ``--set`` strings into the nested form :func:`from_dict` takes."""
+    nested: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, turning a missing or malformed file into a :class:`ConfigError`."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file (if any), then ``--set`` overrides; validated."""
+    config = Config()
+    if path is not None:
+        config = from_dict(read_toml(path), config)
+    if overrides:
+        config = from_dict(overrides_to_dict(overrides), config)
+    validate(config)
+    return config
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {key}: {value!r} ({what})")
+
+
+def validate(config: Config) -> None:
+    """Check every value's range and choices; raise :class:`ConfigError` naming the first bad key."""
+    d, m, t, p, c = config.data, config.model, config.train, config.ps, config.cluster
+    _require(d.source in DATA_SOURCES, "data.source", d.source, f"choose one of {', '.join(DATA_SOURCES)}")
+    _require(2 <= d.patch_size <= 128, "data.patch_size", d.patch_size, "must be 2..128")
+    _require(d.examples >= 1, "data.examples", d.examples, "must be at least 1")
+    _require(d.held_out >= 1, "data.held_out", d.held_out, "must be at least 1")
+    _require(d.whiten_eps > 0, "data.whiten_eps", d.whiten_eps, "must be > 0")
+    _require(m.name in MODELS, "model.name", m.name, f"choose one of {', '.join(MODELS)}")
+    _require(m.features >= 1, "model.features", m.features, "must be at least 1")
+    _require(m.sparsity >= 0, "model.sparsity", m.sparsity, "must be >= 0")
+    _require(m.epsilon > 0, "model.epsilon", m.epsilon, "must be > 0")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be at least 1")
+    _require(t.seconds >= 0, "train.seconds", t.seconds, "must be >= 0 (0 = no limit)")
+    _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0 = no limit)")
+    _require(t.seconds > 0 or t.steps > 0, "train.seconds", t.seconds, "set train.seconds or train.steps")
+    _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
+    _require(p.shards >= 1, "ps.shards", p.shards, "must be at least 1")
+    _require(p.rule in RULES, "ps.rule", p.rule, f"choose one of {', '.join(RULES)}")
+    _require(p.lr > 0, "ps.lr", p.lr, "must be > 0")
+    _require(p.adagrad_eps > 0, "ps.adagrad_eps", p.adagrad_eps, "must be > 0")
+    _require(p.n_fetch >= 1, "ps.n_fetch", p.n_fetch, "must be at least 1")
+    _require(p.n_push >= 1, "ps.n_push", p.n_push, "must be at least 1")
+    _require(c.backend in BACKENDS, "cluster.backend", c.backend, f"choose one of {', '.join(BACKENDS)}")
+    _require(c.workers >= 1, "cluster.workers", c.workers, "must be at least 1")
+    _require(c.threads_per_worker >= 0, "cluster.threads_per_worker", c.threads_per_worker, "must be >= 0")
+
+
+def write(config: Config, path: Path) -> None:
+    """Write the fully resolved configuration as TOML."""
+    path.write_text(config.to_toml())

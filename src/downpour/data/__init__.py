@@ -1,0 +1,65 @@
+"""Data: bundled sources, preprocessing, a fixed held-out set, and disjoint per-worker shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from downpour.config import DataConfig
+from downpour.data import sources
+from downpour.data.whitening import remove_example_mean, zca_matrix
+from downpour.errors import ConfigError, DataError
+
+
+@dataclass
+class Dataset:
+    """Preprocessed training examples, a disjoint held-out set, and how they were made."""
+
+    train: Tensor  # (N, D) float32
+    held_out: Tensor  # (M, D) float32, never in any worker's shard
+    shape: tuple[int, int, int]  # (C, H, W) of one example
+    whitening: Tensor | None  # (D, D) ZCA matrix applied after mean removal, or None
+
+    @property
+    def dim(self) -> int:
+        """Values per example."""
+        return self.train.shape[1]
+
+
+def _raw_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    if config.source == "natural-patches":
+        return sources.natural_patches(config.examples + config.held_out, config.patch_size, rng)
+    if config.source == "lfw-faces":
+        return sources.lfw_faces()
+    if config.source == "digits":
+        return sources.digits()
+    raise ConfigError(f"invalid data.source: {config.source!r}")
+
+
+def load_dataset(config: DataConfig, *, seed: int) -> Dataset:
+    """Load ``data.source``, split off the held-out set, remove example means and (optionally) ZCA-whiten."""
+    rng = np.random.default_rng(seed)
+    raw = _raw_examples(config, rng)  # (N, C, H, W)
+    shape = tuple(int(s) for s in raw.shape[1:])
+    order = rng.permutation(len(raw))
+    held_count = min(config.held_out, len(raw) // 5)
+    if held_count < 1 or len(raw) - held_count < 1:
+        raise DataError(f"data.source {config.source!r} has too few examples ({len(raw)}) to hold any out")
+    flat = torch.from_numpy(raw.reshape(len(raw), -1)[order])  # (N, D)
+    flat = remove_example_mean(flat)
+    held_out, train = flat[:held_count], flat[held_count:]
+    whitening = None
+    if config.whiten:
+        whitening = zca_matrix(train, eps=config.whiten_eps)
+        train, held_out = train @ whitening, held_out @ whitening  # ZCA is symmetric
+    return Dataset(train.contiguous(), held_out.contiguous(), shape, whitening)  # type: ignore[arg-type]
+
+
+def worker_slice(num_examples: int, workers: int, worker: int) -> slice:
+    """The contiguous, disjoint range of examples that ``worker`` of ``workers`` reads."""
+    if workers > num_examples:
+        raise DataError(f"cluster.workers={workers} is more than the {num_examples} training examples")
+    return slice(worker * num_examples // workers, (worker + 1) * num_examples // workers)

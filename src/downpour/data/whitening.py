@@ -1,0 +1,25 @@
+"""Per-example mean removal and ZCA whitening (Bell & Sejnowski 1997), as used before RICA and sparse coding."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def remove_example_mean(x: Tensor) -> Tensor:
+    """Subtract each example's own mean brightness: ``(N, D) -> (N, D)``."""
+    return x - x.mean(dim=1, keepdim=True)
+
+
+def zca_matrix(x: Tensor, *, eps: float) -> Tensor:
+    """The symmetric ZCA matrix ``U diag(1/sqrt(λ + eps·mean(λ))) Uᵀ`` of the covariance of ``x`` ``(N, D)``.
+
+    ``eps`` is relative to the mean eigenvalue, so one default suits pixel data of any scale.
+    """
+    x64 = x.double()
+    centred = x64 - x64.mean(dim=0, keepdim=True)
+    covariance = centred.t() @ centred / max(1, x.shape[0] - 1)  # (D, D)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues = eigenvalues.clamp_min(0)
+    scale = 1.0 / torch.sqrt(eigenvalues + eps * eigenvalues.mean())
+    return ((eigenvectors * scale) @ eigenvectors.t()).float()  # (D, D)

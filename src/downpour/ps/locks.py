@@ -1,0 +1,43 @@
+"""A lock shared by processes that the kernel releases when its holder dies (``flock`` on a file).
+
+A ``multiprocessing.Lock`` held by a worker that is killed stays held forever and hangs every other worker; an
+``flock`` lock is released with the dead process's file descriptors, so the run goes on. No network port is used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+
+class FileLock:
+    """An exclusive inter-process lock on ``path``; picklable, each process opens its own descriptor."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    def __enter__(self) -> FileLock:
+        fd = self._fd if self._fd is not None and self._pid == os.getpid() else self._descriptor()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]

@@ -1,0 +1,162 @@
+"""A parameter-server shard: a contiguous slice of the flat parameters, its version and its rule state.
+
+The shard keeps two buffers of (values, rule state, version) and an index naming the live one. A push is computed
+from the live buffer into the other one and then published by flipping the index, so no fetch ever sees half of an
+update, and a process killed in the middle of a push leaves the shard exactly as it was. Pushes holding NaN or
+Inf are rejected, counted, and never applied.
+
+The same class serves every backend: in one process it takes a ``threading.Lock``; the local backend gives it
+shared-memory tensors and a :class:`~downpour.ps.locks.FileLock` so that worker processes push to it directly.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from downpour.ps.rules import PushMeta, Rule, ShardState
+
+_ACTIVE, _VERSION0, _VERSION1, _REJECTED = range(4)
+
+
+class PushResult(NamedTuple):
+    """What happened to one push on one shard."""
+
+    applied: bool
+    staleness: int  # version at apply − version fetched (-1 when rejected)
+    version: int  # the shard's version after this push
+
+
+class Shard:
+    """Slice ``[start, stop)`` of the flat parameters with a version counter and a server-side update rule."""
+
+    def __init__(
+        self,
+        index: int,
+        start: int,
+        initial: Tensor,
+        rule: Rule,
+        *,
+        lock: AbstractContextManager[Any] | None = None,
+        shared: bool = False,
+    ) -> None:
+        if initial.dim() != 1:
+            raise ValueError(f"shard values must be 1-D, got shape {tuple(initial.shape)}")
+        self.index, self.start, self.rule = index, start, rule
+        self.size = initial.numel()
+        self.lock = lock if lock is not None else threading.Lock()
+        self._values = torch.zeros(2, self.size, dtype=torch.float32)  # (2 buffers, size)
+        self._values[0].copy_(initial)
+        self._state = {name: torch.zeros(2, self.size, dtype=torch.float32) for name in rule.state_names}
+        self._meta = torch.zeros(4, dtype=torch.int64)  # active buffer, version of each buffer, rejected count
+        if shared:
+            self._values.share_memory_()
+            for tensor in self._state.values():
+                tensor.share_memory_()
+            self._meta.share_memory_()
+        self._meta_np: np.ndarray | None = None
+        self._buffers: tuple[ShardState, ShardState] | None = None
+
+    @property
+    def stop(self) -> int:
+        """End (exclusive) of this shard's slice of the flat parameters."""
+        return self.start + self.size
+
+    def _m(self) -> np.ndarray:
+        if self._meta_np is None:  # a NumPy view of the shared counters: cheap scalar reads and writes
+            self._meta_np = self._meta.numpy()
+        return self._meta_np
+
+    def _buffer(self, which: int) -> ShardState:
+        if self._buffers is None:  # built once per process: views of the two halves
+            self._buffers = tuple(  # type: ignore[assignment]
+                ShardState(self._values[i], {name: t[i] for name, t in self._state.items()}) for i in (0, 1)
+            )
+        return self._buffers[which]  # type: ignore[index]
+
+    @property
+    def version(self) -> int:
+        """Pushes applied so far."""
+        with self.lock:
+            meta = self._m()
+            return int(meta[_VERSION0 + meta[_ACTIVE]])
+
+    @property
+    def rejected(self) -> int:
+        """Pushes refused because they held NaN or Inf."""
+        return int(self._m()[_REJECTED])
+
+    def fetch_into(self, out: Tensor) -> int:
+        """Copy the current values into ``out`` (shape ``(size,)``) and return their version."""
+        with self.lock:
+            meta = self._m()
+            live = int(meta[_ACTIVE])
+            out.copy_(self._buffer(live).values)
+            return int(meta[_VERSION0 + live])
+
+    def push(
+        self, update: Tensor, fetched_version: int, worker: int = -1, *, fetch_into: Tensor | None = None
+    ) -> PushResult:
+        """Apply ``update`` (this shard's slice of a worker's accumulated gradient) with the shard's rule.
+
+        With ``fetch_into``, also copy the resulting values there under the same lock (a push-pull, as in
+        ps-lite and BytePS): the returned ``version`` is then the version of those values.
+        """
+        if update.shape != (self.size,):
+            raise ValueError(f"shard {self.index} expects an update of shape ({self.size},), got {tuple(update.shape)}")
+        finite = math.isfinite(float(update.sum()))  # a NaN or Inf anywhere makes the sum NaN or Inf
+        with self.lock:
+            meta = self._m()
+            live = int(meta[_ACTIVE])
+            version = int(meta[_VERSION0 + live])
+            if not finite:
+                meta[_REJECTED] += 1
+                if fetch_into is not None:
+                    fetch_into.copy_(self._buffer(live).values)
+                return PushResult(False, -1, version)
+            spare = 1 - live
+            push_meta = PushMeta(worker=worker, fetched_version=fetched_version, version=version)
+            out = self._buffer(spare)
+            self.rule(push_meta, update, self._buffer(live), out)
+            meta[_VERSION0 + spare] = version + 1
+            meta[_ACTIVE] = spare  # the commit point: one aligned 8-byte store
+            if fetch_into is not None:
+                fetch_into.copy_(out.values)
+            return PushResult(True, version - fetched_version, version + 1)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A consistent copy of values, rule state, version and rejected count (for checkpoints)."""
+        with self.lock:
+            meta = self._m()
+            live = int(meta[_ACTIVE])
+            return {
+                "values": self._values[live].clone(),
+                "state": {name: t[live].clone() for name, t in self._state.items()},
+                "version": int(meta[_VERSION0 + live]),
+                "rejected": int(meta[_REJECTED]),
+            }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Load what :meth:`snapshot` returned (values, rule state, version, rejected count)."""
+        values = snapshot["values"]
+        if values.shape != (self.size,):
+            raise ValueError(f"shard {self.index} holds {self.size} values, snapshot has {tuple(values.shape)}")
+        with self.lock:
+            meta = self._m()
+            live = int(meta[_ACTIVE])
+            self._values[live].copy_(values)
+            for name, tensor in self._state.items():
+                tensor[live].copy_(snapshot["state"][name])
+            meta[_VERSION0 + live] = int(snapshot["version"])
+            meta[_REJECTED] = int(snapshot["rejected"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_meta_np"] = state["_buffers"] = None  # per-process views, rebuilt lazily
+        return state

@@ -1,0 +1,39 @@
+"""The live progress bar of ``downpour train``: examples/s, loss, mean staleness and updates."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class LiveProgress:
+    """A rich progress bar over the global step (when ``train.steps`` is set) or over wall-clock seconds."""
+
+    def __init__(self, *, steps: int, seconds: float, console: Console, enabled: bool = True) -> None:
+        self.by_steps = steps > 0
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            TextColumn("{task.fields[rate]:>8,.0f} ex/s"),
+            TextColumn("loss {task.fields[loss]:.4g}"),
+            TextColumn("stale {task.fields[stale]:.2f}"),
+            TextColumn("{task.fields[updates]:,} updates"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        total = steps if self.by_steps else seconds
+        self.task = self.progress.add_task("train", total=total, rate=0.0, loss=float("nan"), stale=0.0, updates=0)
+
+    def __enter__(self) -> LiveProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, *, steps: int, elapsed: float, rate: float, loss: float, stale: float, updates: int) -> None:
+        """Redraw with the latest numbers."""
+        completed = steps if self.by_steps else elapsed
+        self.progress.update(self.task, completed=completed, rate=rate, loss=loss, stale=stale, updates=updates)

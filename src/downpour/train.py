@@ -1,0 +1,366 @@
+"""The training driver: build data, model and cluster; watch, log, checkpoint; write the summary.
+
+Backend-agnostic: it talks to a cluster object (``start``, ``poll``, ``stop``, ``snapshots`` ...) and never to a
+shard or worker directly, so every backend gets the same run directory, progress bar and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+from downpour import checkpoint as ckpt
+from downpour import config as config_mod
+from downpour import rundir
+from downpour.backends.local import LocalCluster, WorkerEvent
+from downpour.config import Config
+from downpour.data import Dataset, load_dataset
+from downpour.errors import CheckpointError, DownpourError
+from downpour.models import build_model
+from downpour.ps.flat import FlatParameters
+from downpour.ps.sharding import contiguous_bounds
+from downpour.ps.staleness import StalenessHistogram
+from downpour.report.filters import save_filter_grid
+from downpour.report.live import LiveProgress
+
+_POLL_SECONDS = 0.05
+_THROUGHPUT_SECONDS = 1.0
+
+
+@dataclass
+class _RunState:
+    """What the driver tracks across sessions of one run (saved in ``checkpoint/state.json``)."""
+
+    session: int = 0
+    steps: int = 0
+    examples: int = 0
+    elapsed_s: float = 0.0
+    initial_loss: float = float("nan")
+    staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
+    worker_deaths: int = 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class HeldOutLoss:
+    """The model's loss on the fixed held-out batch for any flat parameter vector."""
+
+    def __init__(self, config: Config, dataset: Dataset) -> None:
+        self.model = build_model(config.model, dataset.dim, seed=config.train.seed)
+        self.flat = FlatParameters(self.model)
+        self.batch = dataset.held_out
+
+    @torch.no_grad()
+    def __call__(self, params: torch.Tensor) -> float:
+        self.flat.values.copy_(params)
+        return float(self.model.loss(self.batch))
+
+
+def _model_signature(model: torch.nn.Module) -> dict[str, Any]:
+    return {
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "param_shapes": {name: list(p.shape) for name, p in model.named_parameters()},
+    }
+
+
+def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str, Any], where: Path) -> None:
+    """Refuse a checkpoint written for another model, shape, shard layout or rule (nothing is overwritten)."""
+    saved_model = state.get("model", {})
+    problems = []
+    if saved_model.get("name") != config.model.name:
+        problems.append(f"model {saved_model.get('name')!r} vs config's {config.model.name!r}")
+    if saved_model.get("param_shapes") != signature["param_shapes"]:
+        problems.append(f"parameter shapes {saved_model.get('param_shapes')} vs {signature['param_shapes']}")
+    if len(state.get("shards", [])) != config.ps.shards:
+        problems.append(f"{len(state.get('shards', []))} shards vs ps.shards={config.ps.shards}")
+    if state.get("rule") != config.ps.rule:
+        problems.append(f"rule {state.get('rule')!r} vs ps.rule={config.ps.rule!r}")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not match this config: " + "; ".join(problems))
+
+
+def _worker_seeds(seed: int, session: int, workers: int) -> list[int]:
+    children = np.random.SeedSequence([seed, session]).spawn(workers)
+    return [int(child.generate_state(1)[0]) for child in children]
+
+
+def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tuple[ckpt.Checkpoint, _RunState]:
+    checkpoint = ckpt.load(out / rundir.CHECKPOINT)
+    _check_compatible(checkpoint.state, config, signature, out / rundir.CHECKPOINT)
+    saved = checkpoint.state
+    run_state = _RunState(
+        session=int(saved["rng"]["session"]) + 1,
+        steps=int(saved["step"]),
+        examples=int(saved["examples"]),
+        elapsed_s=float(saved["elapsed_s"]),
+        initial_loss=float(saved["initial_loss"]) if saved.get("initial_loss") is not None else float("nan"),
+        staleness=StalenessHistogram(saved.get("staleness_histogram", [])),
+        worker_deaths=int(saved.get("worker_deaths", 0)),
+    )
+    return checkpoint, run_state
+
+
+def _save_checkpoint(
+    out: Path, cluster: LocalCluster, config: Config, run_state: _RunState, seeds: list[int], signature: dict[str, Any]
+) -> None:
+    state = {
+        "model": {"name": config.model.name, **signature},
+        "rule": config.ps.rule,
+        "bounds": [list(b) for b in cluster.bounds],
+        "step": cluster.steps(),
+        "examples": run_state.examples,
+        "elapsed_s": run_state.elapsed_s,
+        "initial_loss": run_state.initial_loss if np.isfinite(run_state.initial_loss) else None,
+        "staleness_histogram": run_state.staleness.counts.tolist(),
+        "worker_deaths": run_state.worker_deaths,
+        "config": config.to_dict(),
+        "rng": {"seed": config.train.seed, "session": run_state.session, "worker_seeds": seeds},
+        "saved_at": time.time(),
+    }
+    ckpt.save(out / rundir.CHECKPOINT, cluster.snapshots(), state)
+
+
+def prepare_run_dir(out: Path, *, resume: bool) -> None:
+    """Make sure ``out`` can hold a new run (or holds one to resume); never overwrite an existing run."""
+    if resume:
+        if not (out / rundir.CONFIG).exists():
+            raise CheckpointError(f"cannot resume {out}: no {rundir.CONFIG} there")
+        return
+    if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
+        raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
+
+
+def run_training(
+    config: Config, out: Path, *, resume: bool = False, console: Console | None = None, show_progress: bool = True
+) -> dict[str, Any]:
+    """Train ``config`` into the run directory ``out`` (continuing it when ``resume``); return the summary."""
+    console = console or Console(stderr=True)
+    prepare_run_dir(out, resume=resume)
+    dataset = load_dataset(config.data, seed=config.train.seed)
+    model = build_model(config.model, dataset.dim, seed=config.train.seed)
+    signature = _model_signature(model)
+    contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
+    held_out_loss = HeldOutLoss(config, dataset)
+
+    checkpoint = None
+    run_state = _RunState()
+    if resume:
+        checkpoint, run_state = _load_previous(out, config, signature)
+    out.mkdir(parents=True, exist_ok=True)
+    config_mod.write(config, out / rundir.CONFIG)
+    if dataset.whitening is not None:
+        save_file({"zca": dataset.whitening.contiguous()}, str(out / rundir.WHITENING))
+
+    seeds = _worker_seeds(config.train.seed, run_state.session, config.cluster.workers)
+    t0 = time.time()
+    initial = FlatParameters(model).values.clone()
+    cluster = LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0)
+    if checkpoint is not None:
+        for shard, snap in zip(cluster.shards, checkpoint.shard_snapshots(), strict=True):
+            shard.restore(snap)
+        cluster.budget.set(run_state.steps)
+    else:
+        run_state.initial_loss = held_out_loss(initial)
+
+    metrics = rundir.MetricsLog(out / rundir.METRICS)
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    interrupted = False
+    events: list[WorkerEvent] = []
+    session_examples_start = run_state.examples
+    try:
+        cluster.start()
+        metrics.write(
+            "start",
+            t=time.time() - t0,
+            session=run_state.session,
+            resume=resume,
+            step=run_state.steps,
+            workers=config.cluster.workers,
+            shards=config.ps.shards,
+            pids=cluster.pids(),
+            initial_loss=run_state.initial_loss,
+        )
+        interrupted, events, session_seconds = _watch(
+            cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        records, last_events = cluster.stop()
+        _log_records(records, metrics, run_state)
+        events += _log_events(last_events, metrics, run_state, console, t0)
+        cluster_examples = cluster.examples_done()
+        run_state.examples = session_examples_start + cluster_examples
+        params = cluster.parameters()
+        final_loss = held_out_loss(params)
+        snapshots = cluster.snapshots()
+        _save_checkpoint(out, cluster, config, run_state, seeds, signature)
+        cluster.close()
+        metrics.write("end", t=time.time() - t0, step=cluster.steps(), final_loss=final_loss, interrupted=interrupted)
+        metrics.close()
+
+    model_for_filters = build_model(config.model, dataset.dim, seed=config.train.seed)
+    FlatParameters(model_for_filters).values.copy_(params)
+    save_filter_grid(model_for_filters.filters(), dataset.shape, out / rundir.FILTERS)
+
+    summary = {
+        "run_dir": str(out),
+        "model": config.model.name,
+        "data": config.data.source,
+        "backend": config.cluster.backend,
+        "workers": config.cluster.workers,
+        "shards": config.ps.shards,
+        "num_params": signature["num_params"],
+        "examples_per_s": cluster_examples / session_seconds if session_seconds > 0 else 0.0,
+        "initial_loss": run_state.initial_loss,
+        "final_loss": final_loss,
+        "steps": cluster.steps(),
+        "examples": run_state.examples,
+        "seconds": run_state.elapsed_s,
+        "updates_applied": sum(s["version"] for s in snapshots),
+        "updates_rejected": sum(s["rejected"] for s in snapshots),
+        "staleness": run_state.staleness.summary(),
+        "worker_deaths": run_state.worker_deaths,
+        "interrupted": interrupted,
+        "sessions": run_state.session + 1,
+    }
+    rundir.write_json(out / rundir.SUMMARY, summary)
+    return summary
+
+
+def _log_records(records: list[tuple], metrics: rundir.MetricsLog, run_state: _RunState) -> None:
+    if not records:
+        return
+    applied = []
+    for t, worker, shard, version, staleness, loss, ok in records:
+        metrics.write(
+            "push",
+            t=round(t, 4),
+            worker=worker,
+            shard=shard,
+            version=version,
+            staleness=staleness,
+            loss=loss,
+            applied=ok,
+        )
+        if ok:
+            applied.append(staleness)
+    run_state.staleness.add(np.asarray(applied, dtype=np.int64))
+
+
+def _log_events(
+    events: list[WorkerEvent], metrics: rundir.MetricsLog, run_state: _RunState, console: Console, t0: float
+) -> list[WorkerEvent]:
+    for event in events:
+        if event.kind == "died":
+            run_state.worker_deaths += 1
+            console.print(f"[yellow]worker {event.worker} died ({event.detail}); the others go on[/]")
+        elif event.kind == "error":
+            last_line = event.detail.strip().splitlines()[-1] if event.detail.strip() else "unknown error"
+            console.print(f"[red]worker {event.worker} failed: {last_line}[/]")
+        metrics.write(
+            f"worker_{event.kind.replace('-', '_')}", t=time.time() - t0, worker=event.worker, detail=event.detail
+        )
+    return events
+
+
+def _watch(
+    cluster: LocalCluster,
+    config: Config,
+    out: Path,
+    metrics: rundir.MetricsLog,
+    run_state: _RunState,
+    seeds: list[int],
+    signature: dict[str, Any],
+    console: Console,
+    show_progress: bool,
+    t0: float,
+) -> tuple[bool, list[WorkerEvent], float]:
+    """Poll the cluster until the budget is spent, every worker has stopped, or Ctrl-C; return what happened."""
+    train = config.train
+    start = time.time()
+    elapsed_before = run_state.elapsed_s
+    next_checkpoint = start + train.checkpoint_every
+    next_rate = start + _THROUGHPUT_SECONDS
+    last_examples, last_rate_time, rate = 0, start, 0.0
+    examples_before = run_state.examples
+    first_work = None  # when the first examples were done: worker start-up is not throughput
+    events: list[WorkerEvent] = []
+    interrupted = False
+    with LiveProgress(steps=train.steps, seconds=train.seconds, console=console, enabled=show_progress) as bar:
+        try:
+            while True:
+                time.sleep(_POLL_SECONDS)
+                now = time.time()
+                records, new_events = cluster.poll()
+                _log_records(records, metrics, run_state)
+                events += _log_events(new_events, metrics, run_state, console, t0)
+                run_state.elapsed_s = elapsed_before + (now - start)
+                examples = cluster.examples_done()
+                if first_work is None and examples > 0:
+                    first_work, last_rate_time, last_examples = now, now, examples
+                    next_rate = now + _THROUGHPUT_SECONDS
+                run_state.examples = examples_before + examples
+                if now >= next_rate:
+                    rate = (examples - last_examples) / (now - last_rate_time)
+                    last_examples, last_rate_time = examples, now
+                    next_rate = now + _THROUGHPUT_SECONDS
+                    metrics.write(
+                        "throughput",
+                        t=now - t0,
+                        examples_per_s=rate,
+                        examples=run_state.examples,
+                        step=cluster.steps(),
+                        loss=cluster.recent_loss(),
+                    )
+                    metrics.flush()
+                bar.update(
+                    steps=cluster.steps(),
+                    elapsed=now - start,
+                    rate=rate,
+                    loss=cluster.recent_loss(),
+                    stale=run_state.staleness.summary()["mean"],
+                    updates=cluster.steps(),
+                )
+                if now >= next_checkpoint:
+                    _save_checkpoint(out, cluster, config, run_state, seeds, signature)
+                    metrics.write("checkpoint", t=now - t0, step=cluster.steps())
+                    next_checkpoint = now + train.checkpoint_every
+                if train.seconds and now - start >= train.seconds:
+                    break
+                if train.steps and cluster.steps() >= train.steps:
+                    break
+                if cluster.alive() == 0:
+                    if run_state.worker_deaths >= config.cluster.workers:
+                        console.print("[red]every worker has died; stopping the run[/]")
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            console.print("[yellow]interrupted: stopping workers and writing a final checkpoint[/]")
+    return interrupted, events, time.time() - (first_work if first_work is not None else start)
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """The one line ``downpour train`` ends with."""
+    stale = summary["staleness"]
+    return (
+        f"run {summary['run_dir']}: {summary['examples_per_s']:,.0f} examples/s, "
+        f"held-out loss {summary['initial_loss']:.4g} -> {summary['final_loss']:.4g}, "
+        f"staleness mean {stale['mean']:.2f} p99 {stale['p99']}, "
+        f"{summary['updates_applied']:,} updates applied, {summary['updates_rejected']:,} rejected"
+    )
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    """The summary as JSON text."""
+    return json.dumps(summary, indent=2, default=str)
