@@ -91,7 +91,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)
     if args.json:
         print(summary_json(summary))
-    console.print(headline(summary))
+    print(headline(summary), file=sys.stderr if args.json else sys.stdout)
     if summary["interrupted"]:
         return 130
     if summary["worker_deaths"] >= config.cluster.workers:

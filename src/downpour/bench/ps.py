@@ -21,6 +21,7 @@ from rich.table import Table
 from downpour import rundir
 from downpour.backends.local import LocalCluster
 from downpour.bench.baselines import hogwild_pair, plain_loop, window_rates
+from downpour.bench.transport import server_process_push_pull_gbps
 from downpour.config import Config
 from downpour.data import load_dataset
 from downpour.models import build_model
@@ -130,7 +131,16 @@ def run(*, seconds: float = 3.0, repeats: int = 2) -> dict[str, Any]:
     dataset = load_dataset(config.data, seed=0)
     train = dataset.train
     num_params = flat_copy(build_model(config.model, dataset.dim, seed=0)).numel()
-    keys = ("plain", "hogwild", "local1", "local2", "push_pull_gbps", "memcpy_gbps", "memcpy_one_call_gbps")
+    keys = (
+        "plain",
+        "hogwild",
+        "local1",
+        "local2",
+        "push_pull_gbps",
+        "memcpy_gbps",
+        "memcpy_one_call_gbps",
+        "server_process_push_pull_gbps",
+    )
     samples: dict[str, list[float]] = {k: [] for k in keys}
     threads_before = torch.get_num_threads()
     try:
@@ -142,6 +152,9 @@ def run(*, seconds: float = 3.0, repeats: int = 2) -> dict[str, Any]:
             samples["local2"] += local_backend(workload(), train, workers=2, seconds=seconds)
             for key, value in push_pull(num_params, 2, seconds=min(seconds, 1.0)).items():
                 samples[key].append(value)
+            samples["server_process_push_pull_gbps"].append(
+                server_process_push_pull_gbps(num_params, 2, seconds=min(seconds, 1.0))
+            )
     finally:
         torch.set_num_threads(threads_before)
     med = {k: max(v) for k, v in samples.items()}  # the least disturbed window (timeit's rule)
@@ -167,6 +180,7 @@ def run(*, seconds: float = 3.0, repeats: int = 2) -> dict[str, Any]:
         "push_pull_gbps": med["push_pull_gbps"],
         "memcpy_gbps": med["memcpy_gbps"],
         "memcpy_one_call_gbps": med["memcpy_one_call_gbps"],
+        "server_process_push_pull_gbps": med["server_process_push_pull_gbps"],
         "ratios": {
             "local_1w_vs_plain": med["local1"] / med["plain"],
             "local_2w_vs_plain": med["local2"] / med["plain"],
@@ -174,6 +188,7 @@ def run(*, seconds: float = 3.0, repeats: int = 2) -> dict[str, Any]:
             "hogwild_vs_plain": med["hogwild"] / med["plain"],
             "push_pull_vs_memcpy": med["push_pull_gbps"] / med["memcpy_gbps"],
             "push_pull_vs_memcpy_one_call": med["push_pull_gbps"] / med["memcpy_one_call_gbps"],
+            "shared_memory_vs_server_process": med["push_pull_gbps"] / med["server_process_push_pull_gbps"],
         },
         "median_windows": medians,
         "samples": samples,
@@ -200,4 +215,9 @@ def print_table(result: dict[str, Any], console: Console) -> None:
         f"push+pull through 2 shards {result['push_pull_gbps']:.2f} GB/s; plain copies of the same bytes in the "
         f"same transfers {result['memcpy_gbps']:.2f} GB/s: {ratio:.0%} (target ≥ 50%); in one call "
         f"{result['memcpy_one_call_gbps']:.2f} GB/s: {result['ratios']['push_pull_vs_memcpy_one_call']:.0%}"
+    )
+    console.print(
+        f"shards in server processes over pipes (the design not taken): "
+        f"{result['server_process_push_pull_gbps']:.2f} GB/s, "
+        f"{result['ratios']['shared_memory_vs_server_process']:.1f}x slower than shared-memory shards"
     )

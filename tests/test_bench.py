@@ -1,0 +1,24 @@
+"""``downpour bench ps`` runs every configuration and reports positive, consistent numbers."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import downpour
+
+
+def test_bench_ps_json_has_every_figure_and_consistent_ratios() -> None:
+    """A short run of the benchmark: each rate is positive and the ratios are the rates' quotients."""
+    result = downpour("bench", "ps", "--seconds", "0.6", "--repeats", "1", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    keys = (
+        "plain_examples_per_s", "hogwild_2w_examples_per_s", "local_1w_examples_per_s", "local_2w_examples_per_s",
+        "push_pull_gbps", "memcpy_gbps",
+    )  # fmt: skip
+    for key in keys:
+        assert report[key] > 0, key
+    ratios = report["ratios"]
+    assert ratios["local_2w_vs_plain"] == report["local_2w_examples_per_s"] / report["plain_examples_per_s"]
+    assert ratios["push_pull_vs_memcpy"] == report["push_pull_gbps"] / report["memcpy_gbps"]
+    assert report["workload"]["num_params"] == 256 * 256

@@ -1,0 +1,81 @@
+"""Bundled data sources, preprocessing and per-worker shards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from downpour.config import DataConfig
+from downpour.data import load_dataset, worker_slice
+from downpour.data.whitening import zca_matrix
+from downpour.errors import DataError
+
+
+@pytest.mark.parametrize(
+    ("source", "shape"),
+    [("natural-patches", (1, 16, 16)), ("lfw-faces", (1, 25, 25)), ("digits", (1, 8, 8))],
+)
+def test_each_bundled_source_loads_with_a_disjoint_held_out_set(source: str, shape: tuple[int, int, int]) -> None:
+    """Examples are flattened, mean-removed, whitened; no held-out example is also a training example."""
+    dataset = load_dataset(DataConfig(source=source, examples=3000, held_out=256), seed=0)
+    assert dataset.shape == shape
+    assert dataset.train.shape[1] == dataset.held_out.shape[1] == shape[0] * shape[1] * shape[2]
+    assert torch.isfinite(dataset.train).all()
+    train_rows = {tuple(row) for row in dataset.train.numpy().round(5).tolist()}
+    repeated = [row for row in dataset.held_out.numpy().round(5).tolist() if tuple(row) in train_rows]
+    # Patches cut from flat regions (black sky, white paper) are identical by content though cut at other places;
+    # every other held-out example must be new.
+    assert all(max(abs(v) for v in row) < 1e-3 for row in repeated)
+
+
+def test_natural_patches_are_whitened() -> None:
+    """After ZCA the training covariance is close to the identity in the well-resolved directions."""
+    dataset = load_dataset(DataConfig(examples=20000, patch_size=8, whiten_eps=1e-3), seed=1)
+    x = dataset.train.double()
+    covariance = (x - x.mean(0)).t() @ (x - x.mean(0)) / (x.shape[0] - 1)
+    eigenvalues = torch.linalg.eigvalsh(covariance)
+    # Mean removal per patch kills one direction (the DC component); the rest are near 1.
+    assert eigenvalues[1:].median() == pytest.approx(1.0, abs=0.1)
+    assert dataset.whitening is not None and torch.allclose(dataset.whitening, dataset.whitening.t(), atol=1e-5)
+
+
+def test_whitening_off_keeps_mean_removed_pixels() -> None:
+    """``data.whiten = false``: examples are the mean-removed pixels, no matrix is kept."""
+    dataset = load_dataset(DataConfig(source="digits", whiten=False), seed=0)
+    assert dataset.whitening is None
+    assert torch.allclose(dataset.train.mean(1), torch.zeros(dataset.train.shape[0]), atol=1e-5)
+
+
+def test_same_seed_same_data_and_other_seed_other_data() -> None:
+    """The dataset is a pure function of the seed (resume relies on it)."""
+    a = load_dataset(DataConfig(examples=2000, held_out=100), seed=3)
+    b = load_dataset(DataConfig(examples=2000, held_out=100), seed=3)
+    c = load_dataset(DataConfig(examples=2000, held_out=100), seed=4)
+    assert torch.equal(a.train, b.train) and torch.equal(a.held_out, b.held_out)
+    assert not torch.equal(a.train, c.train)
+
+
+def test_zca_matrix_whitens_correlated_gaussians() -> None:
+    """ZCA of correlated data gives identity covariance (up to the regulariser)."""
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(5, 5, generator=generator)
+    x = torch.randn(50000, 5, generator=generator) @ mixing
+    white = (x - x.mean(0)) @ zca_matrix(x, eps=1e-9)
+    covariance = white.t() @ white / (x.shape[0] - 1)
+    assert torch.allclose(covariance, torch.eye(5), atol=2e-2)
+
+
+def test_worker_slices_are_disjoint_and_cover_every_example() -> None:
+    """Each worker reads only its own contiguous range; together they read every example once."""
+    for workers in (1, 2, 3, 7):
+        seen = []
+        for worker in range(workers):
+            part = worker_slice(100, workers, worker)
+            seen += list(range(100))[part]
+        assert seen == list(range(100))
+
+
+def test_more_workers_than_examples_is_a_clear_error() -> None:
+    """A shard must hold at least one example."""
+    with pytest.raises(DataError, match=r"cluster\.workers=5"):
+        worker_slice(4, 5, 0)

@@ -1,0 +1,144 @@
+"""End-to-end runs of ``downpour train`` on the local backend: real processes, real files, real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import FAST, downpour, read_jsonl
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_two_workers_train_rica_and_write_the_run_directory(run_dir: Path) -> None:
+    """Two worker processes, two shards: the held-out loss falls far below its start; every artefact is there."""
+    result = downpour("train", "--workers", "2", "--shards", "2", "--steps", "800", "--seconds", "120",
+                      "--out", str(run_dir), *FAST)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = _summary(run_dir)
+    assert summary["final_loss"] < 0.25 * summary["initial_loss"]
+    assert summary["steps"] == 800  # train.steps counts pushes across workers, exactly
+    assert summary["updates_applied"] == 2 * 800  # every push is applied by both shards
+    assert summary["updates_rejected"] == 0
+    assert summary["examples_per_s"] > 0
+    stale = summary["staleness"]
+    assert 0 <= stale["p50"] <= stale["p99"] <= stale["max"]
+    assert stale["mean"] > 0  # two asynchronous workers: some pushes are stale
+    assert str(run_dir) in result.stdout.splitlines()[-1]  # the closing line names the run directory
+
+    pushes = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "push"]
+    assert len(pushes) == 2 * 800
+    assert {p["worker"] for p in pushes} == {0, 1}
+    assert {p["shard"] for p in pushes} == {0, 1}
+    for shard in (0, 1):  # per shard, applied versions are exactly 1..800
+        assert sorted(p["version"] for p in pushes if p["shard"] == shard) == list(range(1, 801))
+
+    config_text = (run_dir / "config.toml").read_text()
+    assert "[ps]" in config_text and "shards = 2" in config_text
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 800
+    assert [s["version"] for s in state["shards"]] == [800, 800]
+    assert len(list((run_dir / "checkpoint").glob("params-*.safetensors"))) == 1
+    assert (run_dir / "filters.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "whitening.safetensors").stat().st_size > 0
+
+
+def test_resume_continues_versions_rule_state_and_steps(run_dir: Path) -> None:
+    """A stopped run resumes with the same config, versions and Adagrad state, and the global step goes on."""
+    first = downpour("train", "--workers", "2", "--steps", "300", "--out", str(run_dir), *FAST)
+    assert first.returncode == 0, first.stderr
+    before = _summary(run_dir)
+    second = downpour("train", "--resume", str(run_dir), "--steps", "600", "--no-progress")
+    assert second.returncode == 0, second.stderr
+    after = _summary(run_dir)
+    assert after["steps"] == 600
+    assert after["updates_applied"] == 2 * 600
+    assert after["sessions"] == 2
+    assert after["initial_loss"] == before["initial_loss"]  # one fixed held-out batch, measured once
+    assert after["final_loss"] <= before["final_loss"] * 1.1
+    starts = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "start"]
+    assert [s["step"] for s in starts] == [0, 300]
+    versions = [p["version"] for p in read_jsonl(run_dir / "metrics.jsonl") if p["event"] == "push" and p["shard"] == 0]
+    assert sorted(versions) == list(range(1, 601))
+
+
+def test_resume_refuses_another_model_and_overwrites_nothing(run_dir: Path) -> None:
+    """Resuming with a different shape is a one-line error (exit 2) and leaves the run as it was."""
+    assert downpour("train", "--steps", "50", "--out", str(run_dir), *FAST).returncode == 0
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = downpour("train", "--resume", str(run_dir), "--set", "model.features=128", "--no-progress")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "does not match" in result.stderr and "parameter shapes" in result.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+
+
+def test_new_run_into_an_existing_run_directory_is_refused(run_dir: Path) -> None:
+    """``--out`` pointing at an existing run never overwrites it."""
+    assert downpour("train", "--steps", "20", "--out", str(run_dir), *FAST).returncode == 0
+    result = downpour("train", "--steps", "20", "--out", str(run_dir), *FAST)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr
+
+
+def _start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "downpour", "train", "--out", str(run_dir), *args, *FAST],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def _wait_for_pushes(run_dir: Path, proc: subprocess.Popen[str], timeout: float = 90) -> list[dict]:
+    """Wait until the run has logged pushes; return the metrics so far."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            records = read_jsonl(metrics)
+            if any(r["event"] == "throughput" and r["step"] > 20 for r in records):
+                return records
+        time.sleep(0.2)
+    raise AssertionError("the run logged no pushes in time")
+
+
+def test_a_worker_killed_mid_run_is_reported_and_the_others_go_on(run_dir: Path) -> None:
+    """SIGKILL one of three worker processes: the run says so, finishes, and its loss still falls."""
+    proc = _start(run_dir, "--workers", "3", "--seconds", "14", "--set", "train.checkpoint_every=2")
+    records = _wait_for_pushes(run_dir, proc)
+    pids = next(r for r in records if r["event"] == "start")["pids"]
+    steps_at_kill = max(r["step"] for r in records if r["event"] == "throughput")
+    os.kill(pids[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "worker 1 died" in stderr
+    summary = _summary(run_dir)
+    assert summary["worker_deaths"] == 1
+    assert summary["steps"] > steps_at_kill  # the survivors kept pushing
+    assert summary["final_loss"] < 0.25 * summary["initial_loss"]
+    events = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "worker_died"]
+    assert [e["worker"] for e in events] == [1]
+
+
+def test_ctrl_c_stops_cleanly_and_writes_a_final_checkpoint(run_dir: Path) -> None:
+    """SIGINT (Ctrl-C) stops the workers, writes the checkpoint and summary, and exits with 130."""
+    proc = _start(run_dir, "--workers", "2", "--seconds", "120")
+    _wait_for_pushes(run_dir, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    summary = _summary(run_dir)
+    assert summary["interrupted"] is True
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["step"] == summary["steps"] > 0
+    assert sum(s["version"] for s in state["shards"]) == summary["updates_applied"]
