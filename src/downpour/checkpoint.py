@@ -68,11 +68,11 @@ def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]
         for name, tensor in snap["state"].items():
             tensors[f"shard{index}.state.{name}"] = tensor.contiguous()
         shard_info.append({"version": snap["version"], "rejected": snap["rejected"], "size": snap["values"].numel()})
-    previous = _current_params_file(directory)
-    serial = int(previous.stem.rsplit("-", 1)[-1]) + 1 if previous is not None else 0
+    serial = _next_serial(directory)
     params_name = f"params-{serial:08d}.safetensors"
     tmp = directory / f".{params_name}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp))
+    _fsync(tmp)
     os.replace(tmp, directory / params_name)
     full_state = {"format": FORMAT, **state, "shards": shard_info, "params_file": params_name}
     _atomic_write_text(directory / STATE_FILE, json.dumps(full_state, indent=1))
@@ -82,12 +82,23 @@ def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]
     return directory / STATE_FILE
 
 
-def _current_params_file(directory: Path) -> Path | None:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        state = json.loads((directory / STATE_FILE).read_text())
-        return directory / state["params_file"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _next_serial(directory: Path) -> int:
+    """One more than the largest ``params-N`` file present, so a new save never reuses a live name."""
+    serials = []
+    for path in directory.glob("params-*.safetensors"):
+        try:
+            serials.append(int(path.stem.rsplit("-", 1)[-1]))
+        except ValueError:
+            continue
+    return max(serials, default=-1) + 1
 
 
 def load(directory: Path) -> Checkpoint:

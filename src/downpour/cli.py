@@ -78,6 +78,8 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bo
             raise DownpourError("--resume reads the run's own config.toml; drop --config")
         if args.out is not None and args.out != args.resume:
             raise DownpourError("--resume continues RUN_DIR in place; drop --out")
+        if not (args.resume / rundir.CONFIG).is_file():
+            raise DownpourError(f"cannot resume {args.resume}: it holds no {rundir.CONFIG} (not a run directory)")
         config = config_mod.load(args.resume / rundir.CONFIG, overrides)
         return config, args.resume, True
     config = config_mod.load(args.config, overrides)
@@ -85,9 +87,9 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bo
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    config, out, resume = _train_config(args)  # config errors come back at once, before torch is imported
     from downpour.train import headline, run_training, summary_json
 
-    config, out, resume = _train_config(args)
     summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)
     if args.json:
         print(summary_json(summary))

@@ -7,6 +7,7 @@ value raises :class:`ConfigError` naming the key and the value (the CLI turns it
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ class DataConfig:
     examples: int = 50_000  # natural-patches only: how many training patches to cut
     held_out: int = 1024  # examples kept out of every worker's shard, for initial/final loss
     whiten: bool = True  # ZCA whitening (its matrix is saved with the run)
-    whiten_eps: float = 0.1  # ZCA regularizer, as a fraction of the mean eigenvalue
+    whiten_eps: float = 1.0  # ZCA regularizer, as a fraction of the mean eigenvalue (keeps pixel noise down)
 
 
 @dataclass
@@ -124,12 +125,13 @@ def _field_types(section_cls: type) -> dict[str, type]:
     return {f.name: names[str(f.type)] for f in dataclasses.fields(section_cls)}
 
 
-def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
-    """Build a validated :class:`Config` from nested dicts, starting from ``base`` (defaults when None)."""
+def from_dict(raw: dict[str, Any], base: Config | None = None, *, check: bool = True) -> Config:
+    """Build a :class:`Config` from nested dicts, starting from ``base`` (defaults when None); validated unless
+    ``check`` is false (when more overrides are still to come)."""
     config = dataclasses.replace(base) if base is not None else Config()
     for section_name, values in raw.items():
         if section_name not in SECTIONS:
-            raise ConfigError(f"unknown config section {section_name!r} (sections: {', '.join(SECTIONS)})")
+            raise ConfigError(f"unknown config section {section_name!r} = {values!r} (sections: {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section_name!r} must be a table, got {values!r}")
         section = dataclasses.replace(getattr(config, section_name))
@@ -137,10 +139,13 @@ def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
         for key, value in values.items():
             full = f"{section_name}.{key}"
             if key not in types:
-                raise ConfigError(f"unknown config key {full} (keys in [{section_name}]: {', '.join(types)})")
+                raise ConfigError(
+                    f"unknown config key {full} = {value!r} (keys in [{section_name}]: {', '.join(types)})"
+                )
             setattr(section, key, _check_type(full, value, types[key]))
         setattr(config, section_name, section)
-    validate(config)
+    if check:
+        validate(config)
     return config
 
 
@@ -183,9 +188,9 @@ def load(path: Path | None = None, overrides: list[str] | None = None) -> Config
     """Defaults, then the TOML file (if any), then ``--set`` overrides; validated."""
     config = Config()
     if path is not None:
-        config = from_dict(read_toml(path), config)
+        config = from_dict(read_toml(path), config, check=False)
     if overrides:
-        config = from_dict(overrides_to_dict(overrides), config)
+        config = from_dict(overrides_to_dict(overrides), config, check=False)
     validate(config)
     return config
 
@@ -202,21 +207,26 @@ def validate(config: Config) -> None:
     _require(2 <= d.patch_size <= 128, "data.patch_size", d.patch_size, "must be 2..128")
     _require(d.examples >= 1, "data.examples", d.examples, "must be at least 1")
     _require(d.held_out >= 1, "data.held_out", d.held_out, "must be at least 1")
-    _require(d.whiten_eps > 0, "data.whiten_eps", d.whiten_eps, "must be > 0")
+    _require(math.isfinite(d.whiten_eps) and d.whiten_eps > 0, "data.whiten_eps", d.whiten_eps, "must be > 0")
     _require(m.name in MODELS, "model.name", m.name, f"choose one of {', '.join(MODELS)}")
     _require(m.features >= 1, "model.features", m.features, "must be at least 1")
-    _require(m.sparsity >= 0, "model.sparsity", m.sparsity, "must be >= 0")
-    _require(m.epsilon > 0, "model.epsilon", m.epsilon, "must be > 0")
+    _require(math.isfinite(m.sparsity) and m.sparsity >= 0, "model.sparsity", m.sparsity, "must be >= 0")
+    _require(math.isfinite(m.epsilon) and m.epsilon > 0, "model.epsilon", m.epsilon, "must be > 0")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be at least 1")
-    _require(t.seconds >= 0, "train.seconds", t.seconds, "must be >= 0 (0 = no limit)")
+    _require(math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds", t.seconds, "must be >= 0 (0 = no limit)")
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0 = no limit)")
     _require(t.seconds > 0 or t.steps > 0, "train.seconds", t.seconds, "set train.seconds or train.steps")
     _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
-    _require(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "must be > 0")
+    _require(
+        math.isfinite(t.checkpoint_every) and t.checkpoint_every > 0,
+        "train.checkpoint_every",
+        t.checkpoint_every,
+        "must be > 0",
+    )
     _require(p.shards >= 1, "ps.shards", p.shards, "must be at least 1")
     _require(p.rule in RULES, "ps.rule", p.rule, f"choose one of {', '.join(RULES)}")
-    _require(p.lr > 0, "ps.lr", p.lr, "must be > 0")
-    _require(p.adagrad_eps > 0, "ps.adagrad_eps", p.adagrad_eps, "must be > 0")
+    _require(math.isfinite(p.lr) and p.lr > 0, "ps.lr", p.lr, "must be a finite number > 0")
+    _require(math.isfinite(p.adagrad_eps) and p.adagrad_eps > 0, "ps.adagrad_eps", p.adagrad_eps, "must be > 0")
     _require(p.n_fetch >= 1, "ps.n_fetch", p.n_fetch, "must be at least 1")
     _require(p.n_push >= 1, "ps.n_push", p.n_push, "must be at least 1")
     _require(c.backend in BACKENDS, "cluster.backend", c.backend, f"choose one of {', '.join(BACKENDS)}")

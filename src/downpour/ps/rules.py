@@ -6,6 +6,7 @@ the same tensors, for in-place use in tests). The shard double-buffers, so a rul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -70,8 +71,8 @@ class SGD:
     state_names: tuple[str, ...] = ()
 
     def __init__(self, *, lr: float) -> None:
-        if not lr > 0:
-            raise ConfigError(f"invalid ps.lr: {lr!r} (must be > 0)")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"invalid ps.lr: {lr!r} (must be a finite number > 0)")
         self.lr = lr
 
     def __call__(self, meta: PushMeta, update: Tensor, current: ShardState, out: ShardState) -> None:
@@ -85,8 +86,8 @@ class Adagrad:
     state_names: tuple[str, ...] = ("sum_sq",)
 
     def __init__(self, *, lr: float, eps: float = 1e-8) -> None:
-        if not lr > 0:
-            raise ConfigError(f"invalid ps.lr: {lr!r} (must be > 0)")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"invalid ps.lr: {lr!r} (must be a finite number > 0)")
         if not eps > 0:
             raise ConfigError(f"invalid ps.adagrad_eps: {eps!r} (must be > 0)")
         self.lr, self.eps = lr, eps

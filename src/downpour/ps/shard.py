@@ -110,7 +110,9 @@ class Shard:
         """
         if update.shape != (self.size,):
             raise ValueError(f"shard {self.index} expects an update of shape ({self.size},), got {tuple(update.shape)}")
-        finite = math.isfinite(float(update.sum()))  # a NaN or Inf anywhere makes the sum NaN or Inf
+        # A NaN or Inf anywhere makes the float32 sum non-finite; so can an overflow of huge finite values, which
+        # the exact (slow) check then tells apart.
+        finite = math.isfinite(float(update.sum())) or bool(torch.isfinite(update).all())
         with self.lock:
             meta = self._m()
             live = int(meta[_ACTIVE])

@@ -1,0 +1,205 @@
+"""Checkpoints on disk: round trips through real files, replacement, and refusal of missing or corrupt ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from downpour import checkpoint as ckpt
+from downpour.errors import CheckpointError
+from downpour.ps.rules import SGD, Adagrad
+from downpour.ps.shard import Shard
+
+
+def _trained_shards(seed: int = 0, pushes: int = 3) -> list[Shard]:
+    """Two Adagrad shards of different sizes, each pushed a few times (one NaN push rejected on shard 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    shards = [Shard(i, 7 * i, torch.randn(7 - 2 * i, generator=generator), Adagrad(lr=0.1)) for i in range(2)]
+    for shard in shards:
+        for _ in range(pushes + shard.index):
+            shard.push(torch.randn(shard.size, generator=generator), shard.version)
+    shards[1].push(torch.full((shards[1].size,), float("nan")), 0)
+    return shards
+
+
+def _params_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("params-*.safetensors"))
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    """Values, rule state, versions, rejected counts and the caller's state come back exactly."""
+    directory = tmp_path / "checkpoint"
+    shards = _trained_shards()
+    snapshots = [shard.snapshot() for shard in shards]
+    state = {"step": 42, "rule": "adagrad", "staleness_histogram": [5, 2, 1], "initial_loss": None}
+    assert ckpt.save(directory, snapshots, state) == directory / ckpt.STATE_FILE
+
+    loaded = ckpt.load(directory)
+    assert {k: loaded.state[k] for k in state} == state
+    assert loaded.state["format"] == ckpt.FORMAT
+    assert [s["size"] for s in loaded.state["shards"]] == [7, 5]
+    restored = loaded.shard_snapshots()
+    assert len(restored) == 2
+    for original, back in zip(snapshots, restored, strict=True):
+        assert torch.equal(back["values"], original["values"])
+        assert back["state"].keys() == {"sum_sq"}
+        assert torch.equal(back["state"]["sum_sq"], original["state"]["sum_sq"])
+        assert (back["version"], back["rejected"]) == (original["version"], original["rejected"])
+    assert [(s["version"], s["rejected"]) for s in restored] == [(3, 0), (4, 1)]
+
+
+def test_restored_shards_continue_identically(tmp_path: Path) -> None:
+    """Shards restored from a checkpoint apply the next push exactly as the originals do."""
+    shards = _trained_shards()
+    ckpt.save(tmp_path, [shard.snapshot() for shard in shards], {})
+    fresh = [Shard(i, 7 * i, torch.zeros(7 - 2 * i), Adagrad(lr=0.1)) for i in range(2)]
+    for shard, snap in zip(fresh, ckpt.load(tmp_path).shard_snapshots(), strict=True):
+        shard.restore(snap)
+    for old, new in zip(shards, fresh, strict=True):
+        update = torch.linspace(-1, 1, old.size)
+        assert old.push(update, old.version) == new.push(update, new.version)
+        assert torch.equal(old.snapshot()["values"], new.snapshot()["values"])
+        assert torch.equal(old.snapshot()["state"]["sum_sq"], new.snapshot()["state"]["sum_sq"])
+
+
+def test_round_trip_without_rule_state(tmp_path: Path) -> None:
+    """SGD shards have no state tensors; their snapshots round-trip with an empty state."""
+    shard = Shard(0, 0, torch.tensor([1.0, 2.0]), SGD(lr=1.0))
+    shard.push(torch.tensor([1.0, 1.0]), 0)
+    ckpt.save(tmp_path, [shard.snapshot()], {"step": 1})
+    (snap,) = ckpt.load(tmp_path).shard_snapshots()
+    assert snap["values"].tolist() == [0.0, 1.0]
+    assert snap["state"] == {} and snap["version"] == 1
+
+
+def test_second_save_replaces_first(tmp_path: Path) -> None:
+    """A second save leaves exactly one params file (the new one), and load returns the new contents."""
+    shards = _trained_shards(pushes=1)
+    ckpt.save(tmp_path, [s.snapshot() for s in shards], {"step": 1})
+    first = _params_files(tmp_path)
+    assert len(first) == 1
+    for shard in shards:
+        shard.push(torch.ones(shard.size), shard.version)
+    ckpt.save(tmp_path, [s.snapshot() for s in shards], {"step": 2})
+    second = _params_files(tmp_path)
+    assert len(second) == 1 and second != first
+    loaded = ckpt.load(tmp_path)
+    assert loaded.state["step"] == 2 and loaded.state["params_file"] == second[0]
+    assert torch.equal(loaded.shard_snapshots()[0]["values"], shards[0].snapshot()["values"])
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file is left behind by a completed save
+
+
+def test_many_saves_keep_one_params_file(tmp_path: Path) -> None:
+    """Serial numbers keep increasing and older files are always removed."""
+    shard = Shard(0, 0, torch.zeros(3), SGD(lr=1.0))
+    for step in range(4):
+        ckpt.save(tmp_path, [shard.snapshot()], {"step": step})
+    assert _params_files(tmp_path) == ["params-00000003.safetensors"]
+    assert ckpt.load(tmp_path).state["step"] == 3
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    """No checkpoint directory: CheckpointError naming it and the missing state file."""
+    directory = tmp_path / "nowhere"
+    with pytest.raises(CheckpointError, match=r"no checkpoint") as info:
+        ckpt.load(directory)
+    assert str(directory) in str(info.value) and "state.json" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["{not json", "", '{"format": 1, "params_file": "p'])
+def test_corrupt_state_json(tmp_path: Path, text: str) -> None:
+    """A state.json that is not JSON: CheckpointError naming the file."""
+    ckpt.save(tmp_path, [Shard(0, 0, torch.zeros(2), SGD(lr=1.0)).snapshot()], {})
+    (tmp_path / "state.json").write_text(text)
+    with pytest.raises(CheckpointError, match="corrupt checkpoint file") as info:
+        ckpt.load(tmp_path)
+    assert str(tmp_path / "state.json") in str(info.value)
+
+
+@pytest.mark.parametrize("payload", [[1, 2], {"format": 99, "params_file": "x"}, {"format": 1}, "text"])
+def test_state_json_of_another_kind(tmp_path: Path, payload: object) -> None:
+    """Valid JSON that is not a downpour checkpoint of this format is refused."""
+    (tmp_path / "state.json").write_text(json.dumps(payload))
+    with pytest.raises(CheckpointError, match="is not a downpour checkpoint"):
+        ckpt.load(tmp_path)
+
+
+def _save_one(directory: Path) -> Path:
+    shard = Shard(0, 0, torch.arange(64, dtype=torch.float32), Adagrad(lr=0.1))
+    shard.push(torch.ones(64), 0)
+    ckpt.save(directory, [shard.snapshot()], {"step": 1})
+    (params,) = directory.glob("params-*.safetensors")
+    return params
+
+
+@pytest.mark.parametrize("damage", ["truncate-half", "drop-tail", "garbage", "empty", "tiny"])
+def test_corrupt_params_file(tmp_path: Path, damage: str) -> None:
+    """A truncated or garbage params file: CheckpointError naming the file (not a safetensors exception)."""
+    params = _save_one(tmp_path)
+    data = params.read_bytes()
+    damaged = {
+        "truncate-half": data[: len(data) // 2],
+        "drop-tail": data[:-4],
+        "garbage": b"\x00\xffnot a safetensors file at all" * 10,
+        "empty": b"",
+        "tiny": b"abc",
+    }[damage]
+    params.write_bytes(damaged)
+    with pytest.raises(CheckpointError, match="corrupt checkpoint parameters") as info:
+        ckpt.load(tmp_path)
+    assert str(params) in str(info.value)
+
+
+def test_missing_params_file(tmp_path: Path) -> None:
+    """state.json naming a params file that is gone: CheckpointError naming it."""
+    params = _save_one(tmp_path)
+    params.unlink()
+    with pytest.raises(CheckpointError, match="parameters missing") as info:
+        ckpt.load(tmp_path)
+    assert str(params) in str(info.value)
+
+
+def test_params_file_with_wrong_shard_size(tmp_path: Path) -> None:
+    """A readable params file whose shard does not match the size recorded in state.json is refused."""
+    params = _save_one(tmp_path)
+    save_file({"shard0.values": torch.zeros(3), "shard0.state.sum_sq": torch.zeros(3)}, str(params))
+    with pytest.raises(CheckpointError, match="shard 0 values missing or wrong size"):
+        ckpt.load(tmp_path)
+
+
+def test_params_file_missing_a_shard(tmp_path: Path) -> None:
+    """A params file without one of the shards listed in state.json is refused."""
+    params = _save_one(tmp_path)
+    save_file({"other": torch.zeros(64)}, str(params))
+    with pytest.raises(CheckpointError, match="shard 0"):
+        ckpt.load(tmp_path)
+
+
+def test_stale_temp_files_do_not_break_load_or_save(tmp_path: Path) -> None:
+    """Leftovers of a killed writer (a half-written params temp and state temp) are ignored."""
+    _save_one(tmp_path)
+    (tmp_path / ".params-x.safetensors.tmp-123").write_bytes(b"half a file")
+    (tmp_path / ".params-00000001.safetensors.tmp-456").write_bytes(b"\x00" * 10)
+    (tmp_path / ".state.json.tmp-789").write_text('{"format": 1, "params_fi')
+    loaded = ckpt.load(tmp_path)
+    assert loaded.state["step"] == 1
+    # One Adagrad push of g = 1 from G = 0 moves every value by lr·1/(√1 + eps) ≈ 0.1.
+    torch.testing.assert_close(loaded.shard_snapshots()[0]["values"], torch.arange(64.0) - 0.1)
+    # A new save still works next to the leftovers and is what load then returns.
+    shard = Shard(0, 0, torch.full((64,), 5.0), SGD(lr=1.0))
+    ckpt.save(tmp_path, [shard.snapshot()], {"step": 2})
+    assert ckpt.load(tmp_path).shard_snapshots()[0]["values"].tolist() == [5.0] * 64
+    assert len(_params_files(tmp_path)) == 1
+
+
+def test_crash_before_commit_leaves_old_checkpoint(tmp_path: Path) -> None:
+    """A new params file written but state.json not yet replaced (killed mid-save): the old checkpoint loads."""
+    _save_one(tmp_path)
+    save_file({"shard0.values": torch.full((64,), 9.0)}, str(tmp_path / "params-00000001.safetensors"))
+    loaded = ckpt.load(tmp_path)
+    assert loaded.state["params_file"] == "params-00000000.safetensors"
+    assert loaded.shard_snapshots()[0]["values"][0].item() == pytest.approx(-0.1)
