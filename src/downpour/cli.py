@@ -53,8 +53,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks that print tables or --json.")
     which = p.add_subparsers(dest="bench", required=True)
     ps = which.add_parser("ps", help="parameter-server throughput against plain, Hogwild and copy baselines")
-    ps.add_argument("--seconds", type=float, default=3.0, help="seconds per measured configuration")
-    ps.add_argument("--repeats", type=int, default=2, help="alternating repeats of each measurement")
+    ps.add_argument("--seconds", type=float, default=0.5, help="seconds per measured window")
+    ps.add_argument("--rounds", type=int, default=12, help="rounds of windows, every configuration once a round")
     ps.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -105,11 +105,13 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from downpour.bench import ps as bench_ps
 
     if args.bench == "ps":
-        result = bench_ps.run(seconds=args.seconds, repeats=args.repeats)
+        if args.seconds <= 0 or args.rounds < 1:
+            raise DownpourError(f"bench ps needs --seconds > 0 and --rounds >= 1, got {args.seconds} and {args.rounds}")
+        result = bench_ps.run(seconds=args.seconds, rounds=args.rounds)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            bench_ps.print_table(result, Console())
+            bench_ps.print_table(result, Console(width=None if sys.stdout.isatty() else 120))
         return 0
     raise AssertionError(args.bench)  # pragma: no cover - argparse restricts the choices
 

@@ -1,8 +1,9 @@
 """``downpour bench ps``: the parameter server's throughput next to a plain loop, a Hogwild pair and memcpy.
 
-Every figure comes from the same run, measured in alternating rounds (``repeats``), each sampled in 0.5 s windows;
-the headline is each configuration's fastest window (timeit's rule: the least disturbed by other load on a shared
-machine), and the medians of the windows are in ``--json`` too. Compare ratios, not absolute numbers across runs.
+Every configuration starts once; then they take turns, each running alone for a short window while the others are
+paused, for several rounds (see :mod:`downpour.bench.runners`). Rates are medians over windows; each ratio is the
+median over rounds of the ratio within a round, so the slow drifts of a shared machine cancel. The transfer
+micro-benchmarks report their fastest block (timeit's rule). Compare ratios, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -11,16 +12,13 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from downpour import rundir
-from downpour.backends.local import LocalCluster
-from downpour.bench.baselines import hogwild_pair, plain_loop, window_rates
+from downpour.bench.runners import LocalBackend, PlainLoops, Runner, alternate, close_all, start_all
 from downpour.bench.transport import server_process_push_pull_gbps
 from downpour.config import Config
 from downpour.data import load_dataset
@@ -30,7 +28,6 @@ from downpour.ps.locks import FileLock
 from downpour.ps.rules import make_rule
 from downpour.ps.shard import Shard
 from downpour.ps.sharding import contiguous_bounds
-from downpour.train import _log_records, _RunState
 
 
 def workload() -> Config:
@@ -40,33 +37,6 @@ def workload() -> Config:
     config.train.steps = 0
     config.data.examples = 20_000
     return config
-
-
-def local_backend(config: Config, train: torch.Tensor, *, workers: int, seconds: float) -> list[float]:
-    """Examples/s of the local backend (2 shards), its records drained and logged as ``downpour train`` does."""
-    config.cluster.workers = workers
-    config.cluster.threads_per_worker = 1
-    initial = flat_copy(build_model(config.model, train.shape[1], seed=0))
-    with tempfile.TemporaryDirectory() as tmp:
-        cluster = LocalCluster(config, train.clone(), initial, worker_seeds=list(range(workers)), t0=time.time())
-        metrics, state = rundir.MetricsLog(Path(tmp) / rundir.METRICS), _RunState()
-        cluster.start()
-        try:
-            while not bool((cluster._progress[:, 0] > 0).all()) and cluster.alive():
-                _log_records(cluster.poll()[0], metrics, state)
-                time.sleep(0.01)
-            deadline = time.perf_counter() + 0.5  # warm-up
-            while time.perf_counter() < deadline:
-                _log_records(cluster.poll()[0], metrics, state)
-                time.sleep(0.05)
-            rates = window_rates(
-                cluster.examples_done, seconds, poll=lambda: _log_records(cluster.poll()[0], metrics, state)
-            )
-        finally:
-            _log_records(cluster.stop()[0], metrics, state)
-            cluster.close()
-            metrics.close()
-    return rates
 
 
 def push_pull(num_params: int, shards: int, *, seconds: float) -> dict[str, float]:
@@ -125,40 +95,38 @@ def _gbps(fn: Any, nbytes: int, seconds: float, block: int = 20) -> float:
     return block * nbytes / best / 1e9
 
 
-def run(*, seconds: float = 3.0, repeats: int = 2) -> dict[str, Any]:
-    """Measure everything in alternating rounds and return the medians and the ratios to the targets."""
+def _paired_median(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the ratio within each round (neighbours in time)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def run(*, seconds: float = 0.5, rounds: int = 12) -> dict[str, Any]:
+    """Start every configuration once, alternate ``rounds`` windows of ``seconds`` each, and report medians."""
     config = workload()
     dataset = load_dataset(config.data, seed=0)
     train = dataset.train
     num_params = flat_copy(build_model(config.model, dataset.dim, seed=0)).numel()
-    keys = (
-        "plain",
-        "hogwild",
-        "local1",
-        "local2",
-        "push_pull_gbps",
-        "memcpy_gbps",
-        "memcpy_one_call_gbps",
-        "server_process_push_pull_gbps",
-    )
-    samples: dict[str, list[float]] = {k: [] for k in keys}
-    threads_before = torch.get_num_threads()
+    runners: list[Runner] = []
     try:
-        for _ in range(repeats):
-            kwargs = {"batch_size": config.train.batch_size, "lr": config.ps.lr, "seconds": seconds}
-            samples["plain"] += plain_loop(config.model, train, **kwargs)
-            samples["hogwild"] += hogwild_pair(config.model, train.clone(), **kwargs)
-            samples["local1"] += local_backend(workload(), train, workers=1, seconds=seconds)
-            samples["local2"] += local_backend(workload(), train, workers=2, seconds=seconds)
-            for key, value in push_pull(num_params, 2, seconds=min(seconds, 1.0)).items():
-                samples[key].append(value)
-            samples["server_process_push_pull_gbps"].append(
-                server_process_push_pull_gbps(num_params, 2, seconds=min(seconds, 1.0))
-            )
+        runners = [
+            PlainLoops("plain", workload(), train.clone(), processes=1),
+            PlainLoops("hogwild", workload(), train.clone(), processes=2),
+            LocalBackend("local1", workload(), train, workers=1),
+            LocalBackend("local2", workload(), train, workers=2),
+        ]
+        start_all(runners)
+        rates = alternate(runners, rounds=rounds, window=seconds)
     finally:
-        torch.set_num_threads(threads_before)
-    med = {k: max(v) for k, v in samples.items()}  # the least disturbed window (timeit's rule)
-    medians = {k: statistics.median(v) for k, v in samples.items()}
+        close_all(runners)
+    transfers: dict[str, list[float]] = {}
+    for _ in range(3):
+        for key, value in push_pull(num_params, 2, seconds=0.5).items():
+            transfers.setdefault(key, []).append(value)
+        transfers.setdefault("server_process_push_pull_gbps", []).append(
+            server_process_push_pull_gbps(num_params, 2, seconds=0.5)
+        )
+    best = {k: max(v) for k, v in transfers.items()}  # timeit's rule for the micro-benchmarks: the fastest
+    med = {k: statistics.median(v) for k, v in rates.items()}
     return {
         "workload": {
             "model": "rica",
@@ -170,45 +138,43 @@ def run(*, seconds: float = 3.0, repeats: int = 2) -> dict[str, Any]:
             "num_params": num_params,
             "threads_per_process": 1,
             "cpus": os.cpu_count(),
-            "seconds": seconds,
-            "repeats": repeats,
+            "window_s": seconds,
+            "rounds": rounds,
         },
         "plain_examples_per_s": med["plain"],
         "hogwild_2w_examples_per_s": med["hogwild"],
         "local_1w_examples_per_s": med["local1"],
         "local_2w_examples_per_s": med["local2"],
-        "push_pull_gbps": med["push_pull_gbps"],
-        "memcpy_gbps": med["memcpy_gbps"],
-        "memcpy_one_call_gbps": med["memcpy_one_call_gbps"],
-        "server_process_push_pull_gbps": med["server_process_push_pull_gbps"],
+        **best,
         "ratios": {
-            "local_1w_vs_plain": med["local1"] / med["plain"],
-            "local_2w_vs_plain": med["local2"] / med["plain"],
-            "local_2w_vs_hogwild": med["local2"] / med["hogwild"],
-            "hogwild_vs_plain": med["hogwild"] / med["plain"],
-            "push_pull_vs_memcpy": med["push_pull_gbps"] / med["memcpy_gbps"],
-            "push_pull_vs_memcpy_one_call": med["push_pull_gbps"] / med["memcpy_one_call_gbps"],
-            "shared_memory_vs_server_process": med["push_pull_gbps"] / med["server_process_push_pull_gbps"],
+            "local_1w_vs_plain": _paired_median(rates["local1"], rates["plain"]),
+            "local_2w_vs_plain": _paired_median(rates["local2"], rates["plain"]),
+            "local_2w_vs_hogwild": _paired_median(rates["local2"], rates["hogwild"]),
+            "hogwild_vs_plain": _paired_median(rates["hogwild"], rates["plain"]),
+            "push_pull_vs_memcpy": best["push_pull_gbps"] / best["memcpy_gbps"],
+            "push_pull_vs_memcpy_one_call": best["push_pull_gbps"] / best["memcpy_one_call_gbps"],
+            "shared_memory_vs_server_process": best["push_pull_gbps"] / best["server_process_push_pull_gbps"],
         },
-        "median_windows": medians,
-        "samples": samples,
+        "windows": rates,
     }
 
 
 def print_table(result: dict[str, Any], console: Console) -> None:
     """The benchmark as a table: rate, ratio to the plain loop, and the target."""
-    plain = result["plain_examples_per_s"]
+    ratios = result["ratios"]
     table = Table(title="downpour bench ps — rica, 16x16 patches, 256 features, batch 128, 1 thread per process")
     for column in ("configuration", "examples/s", "× plain", "target"):
         table.add_column(column, justify="right" if column != "configuration" else "left")
     rows = [
-        ("plain PyTorch loop (1 process)", result["plain_examples_per_s"], ""),
-        ("Hogwild pair (2 processes, no locks)", result["hogwild_2w_examples_per_s"], ""),
-        ("local backend, 1 worker, 2 shards", result["local_1w_examples_per_s"], "≥ 0.95× plain"),
-        ("local backend, 2 workers, 2 shards", result["local_2w_examples_per_s"], "≥ 1.8× plain, ≥ Hogwild"),
-    ]
-    for name, rate, target in rows:
-        table.add_row(name, f"{rate:,.0f}", f"{rate / plain:.2f}", target)
+        ("plain PyTorch loop (1 process)", result["plain_examples_per_s"], 1.0, ""),
+        ("Hogwild pair (2 processes, no locks)", result["hogwild_2w_examples_per_s"], ratios["hogwild_vs_plain"], ""),
+        ("local backend, 1 worker, 2 shards", result["local_1w_examples_per_s"], ratios["local_1w_vs_plain"],
+         "≥ 0.95× plain"),
+        ("local backend, 2 workers, 2 shards", result["local_2w_examples_per_s"], ratios["local_2w_vs_plain"],
+         f"≥ 1.8× plain, ≥ Hogwild (is {ratios['local_2w_vs_hogwild']:.2f}×)"),
+    ]  # fmt: skip
+    for name, rate, ratio, target in rows:
+        table.add_row(name, f"{rate:,.0f}", f"{ratio:.2f}", target)
     console.print(table)
     ratio = result["ratios"]["push_pull_vs_memcpy"]
     console.print(
