@@ -356,3 +356,15 @@ def test_file_lock_held_by_killed_process_is_released(tmp_path: Path) -> None:
     finally:
         release.set()
         thread.join(timeout=10.0)
+
+
+def test_finite_push_that_would_overflow_the_parameters_is_rejected() -> None:
+    """w − lr·g beyond float32's range would turn a parameter into Inf: refused, counted, values kept."""
+    shard = _sgd_shard([3e38, 1.0])
+    result = shard.push(torch.tensor([-3e38, 0.0]), fetched_version=0)
+    assert not result.applied
+    assert shard.rejected == 1 and shard.version == 0
+    assert _values(shard).tolist() == [pytest.approx(3e38), 1.0]
+    out = torch.zeros(2)
+    shard.push(torch.tensor([-3e38, 0.0]), fetched_version=0, fetch_into=out)  # a rejected push-pull still pulls
+    assert out.tolist() == [pytest.approx(3e38), 1.0]

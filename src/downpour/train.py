@@ -235,6 +235,12 @@ def run_training(
         "sessions": run_state.session + 1,
     }
     rundir.write_json(out / rundir.SUMMARY, summary)
+    attempted = summary["updates_applied"] + summary["updates_rejected"]
+    if summary["updates_rejected"] > 0.01 * attempted:
+        console.print(
+            f"[yellow]warning: {summary['updates_rejected']:,} of {attempted:,} updates were rejected (NaN or Inf); "
+            f"training diverged: lower ps.lr (now {config.ps.lr})[/]"
+        )
     return summary
 
 

@@ -3,7 +3,7 @@
 The shard keeps two buffers of (values, rule state, version) and an index naming the live one. A push is computed
 from the live buffer into the other one and then published by flipping the index, so no fetch ever sees half of an
 update, and a process killed in the middle of a push leaves the shard exactly as it was. Pushes holding NaN or
-Inf are rejected, counted, and never applied.
+Inf, or whose application would make a parameter NaN or Inf, are rejected, counted, and never applied.
 
 The same class serves every backend: in one process it takes a ``threading.Lock``; the local backend gives it
 shared-memory tensors and a :class:`~downpour.ps.locks.FileLock` so that worker processes push to it directly.
@@ -126,6 +126,12 @@ class Shard:
             push_meta = PushMeta(worker=worker, fetched_version=fetched_version, version=version)
             out = self._buffer(spare)
             self.rule(push_meta, update, self._buffer(live), out)
+            if not math.isfinite(float(out.values.sum())) and not bool(torch.isfinite(out.values).all()):
+                # A finite update that would overflow the parameters is refused too; the live buffer is untouched.
+                meta[_REJECTED] += 1
+                if fetch_into is not None:
+                    fetch_into.copy_(self._buffer(live).values)
+                return PushResult(False, -1, version)
             meta[_VERSION0 + spare] = version + 1
             meta[_ACTIVE] = spare  # the commit point: one aligned 8-byte store
             if fetch_into is not None:
