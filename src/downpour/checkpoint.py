@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from downpour.errors import CheckpointError
+from downpour.rundir import atomic_write_text
 
 FORMAT = 1
 STATE_FILE = "state.json"
@@ -49,15 +50,6 @@ class Checkpoint:
         return snapshots
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]) -> Path:
     """Write shard snapshots and ``state`` (JSON-serialisable) as a new checkpoint in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,9 +67,9 @@ def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]
     _fsync(tmp)
     os.replace(tmp, directory / params_name)
     full_state = {"format": FORMAT, **state, "shards": shard_info, "params_file": params_name}
-    _atomic_write_text(directory / STATE_FILE, json.dumps(full_state, indent=1))
-    for stale in directory.glob("params-*.safetensors"):
-        if stale.name != params_name:
+    atomic_write_text(directory / STATE_FILE, json.dumps(full_state, indent=1))
+    for stale in [*directory.glob("params-*.safetensors"), *directory.glob(".*.tmp-*")]:
+        if stale.name != params_name:  # older parameters, and temporary files of an interrupted save
             stale.unlink(missing_ok=True)
     return directory / STATE_FILE
 
@@ -123,4 +115,7 @@ def load(directory: Path) -> Checkpoint:
         values = tensors.get(f"shard{index}.values")
         if values is None or values.numel() != info.get("size"):
             raise CheckpointError(f"corrupt checkpoint {params_path}: shard {index} values missing or wrong size")
+        for name, tensor in tensors.items():
+            if name.startswith(f"shard{index}.state.") and tensor.shape != values.shape:
+                raise CheckpointError(f"corrupt checkpoint {params_path}: {name} has shape {tuple(tensor.shape)}")
     return Checkpoint(tensors, state)

@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     except DownpourError as exc:
         print(f"downpour: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file or directory that cannot be read or written: the input's fault, not a bug
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"downpour: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("downpour: interrupted", file=sys.stderr)
         return 130

@@ -180,8 +180,10 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
 
 
 def load(path: Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -235,5 +237,7 @@ def validate(config: Config) -> None:
 
 
 def write(config: Config, path: Path) -> None:
-    """Write the fully resolved configuration as TOML."""
-    path.write_text(config.to_toml())
+    """Write the fully resolved configuration as TOML (atomically: a temporary file, then a rename)."""
+    from downpour.rundir import atomic_write_text
+
+    atomic_write_text(path, config.to_toml())

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from downpour.errors import DownpourError
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -16,15 +25,52 @@ FILTERS = "filters.png"
 WHITENING = "whitening.safetensors"
 
 
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for a whole training session: a second driver on the same run directory is refused."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownpourError(f"run directory {out} is in use by another downpour process") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """Write tensors as safetensors, atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
 def new_run_dir(root: Path = Path("runs")) -> Path:
-    """``runs/<timestamp>``, with a numeric suffix if that name is taken."""
+    """Create and return ``runs/<timestamp>``, with a numeric suffix if that name is taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate = root / stamp
-    suffix = 1
-    while candidate.exists():
-        candidate = root / f"{stamp}-{suffix}"
-        suffix += 1
-    return candidate
+    root.mkdir(parents=True, exist_ok=True)
+    for suffix in range(1000):
+        candidate = root / (stamp if suffix == 0 else f"{stamp}-{suffix}")
+        try:
+            candidate.mkdir()  # claims the name: two runs started in the same second get different directories
+            return candidate
+        except FileExistsError:
+            continue
+    raise DownpourError(f"could not make a new run directory under {root}")
 
 
 def _clean(value: Any) -> Any:

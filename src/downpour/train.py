@@ -6,9 +6,11 @@ shard or worker directly, so every backend gets the same run directory, progress
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
 
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.local import LocalCluster, WorkerEvent
 from downpour.config import Config
-from downpour.data import Dataset, load_dataset
+from downpour.data import Dataset, load_dataset, worker_slice
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
 from downpour.ps.flat import FlatParameters
@@ -37,7 +38,7 @@ _THROUGHPUT_SECONDS = 1.0
 
 
 @dataclass
-class _RunState:
+class RunState:
     """What the driver tracks across sessions of one run (saved in ``checkpoint/state.json``)."""
 
     session: int = 0
@@ -86,6 +87,13 @@ def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str
         problems.append(f"{len(state.get('shards', []))} shards vs ps.shards={config.ps.shards}")
     if state.get("rule") != config.ps.rule:
         problems.append(f"rule {state.get('rule')!r} vs ps.rule={config.ps.rule!r}")
+    saved_config = state.get("config", {})
+    # The data and the seed fix the training examples and the held-out batch that every loss is measured on.
+    for key, value in config.to_dict()["data"].items():
+        if saved_config.get("data", {}).get(key) != value:
+            problems.append(f"data.{key} {saved_config.get('data', {}).get(key)!r} vs {value!r}")
+    if saved_config.get("train", {}).get("seed") != config.train.seed:
+        problems.append(f"train.seed {saved_config.get('train', {}).get('seed')!r} vs {config.train.seed!r}")
     if problems:
         raise CheckpointError(f"checkpoint {where} does not match this config: " + "; ".join(problems))
 
@@ -95,30 +103,39 @@ def _worker_seeds(seed: int, session: int, workers: int) -> list[int]:
     return [int(child.generate_state(1)[0]) for child in children]
 
 
-def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tuple[ckpt.Checkpoint, _RunState]:
+def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tuple[ckpt.Checkpoint, RunState]:
     checkpoint = ckpt.load(out / rundir.CHECKPOINT)
     _check_compatible(checkpoint.state, config, signature, out / rundir.CHECKPOINT)
     saved = checkpoint.state
-    run_state = _RunState(
-        session=int(saved["rng"]["session"]) + 1,
-        steps=int(saved["step"]),
-        examples=int(saved["examples"]),
-        elapsed_s=float(saved["elapsed_s"]),
-        initial_loss=float(saved["initial_loss"]) if saved.get("initial_loss") is not None else float("nan"),
-        staleness=StalenessHistogram(saved.get("staleness_histogram", [])),
-        worker_deaths=int(saved.get("worker_deaths", 0)),
-    )
+    try:
+        run_state = RunState(
+            session=int(saved["rng"]["session"]) + 1,
+            steps=int(saved["step"]),
+            examples=int(saved["examples"]),
+            elapsed_s=float(saved["elapsed_s"]),
+            initial_loss=float(saved["initial_loss"]) if saved.get("initial_loss") is not None else float("nan"),
+            staleness=StalenessHistogram(saved.get("staleness_histogram", [])),
+            worker_deaths=int(saved.get("worker_deaths", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"corrupt checkpoint {out / rundir.CHECKPOINT}: bad or missing field {exc}") from None
     return checkpoint, run_state
 
 
 def _save_checkpoint(
-    out: Path, cluster: LocalCluster, config: Config, run_state: _RunState, seeds: list[int], signature: dict[str, Any]
+    out: Path,
+    snapshots: list[dict[str, Any]],
+    step: int,
+    config: Config,
+    run_state: RunState,
+    seeds: list[int],
+    signature: dict[str, Any],
 ) -> None:
+    """Write ``snapshots`` (taken before ``step`` was read, so no shard holds a push the step does not count)."""
     state = {
         "model": {"name": config.model.name, **signature},
         "rule": config.ps.rule,
-        "bounds": [list(b) for b in cluster.bounds],
-        "step": cluster.steps(),
+        "step": step,
         "examples": run_state.examples,
         "elapsed_s": run_state.elapsed_s,
         "initial_loss": run_state.initial_loss if np.isfinite(run_state.initial_loss) else None,
@@ -128,17 +145,41 @@ def _save_checkpoint(
         "rng": {"seed": config.train.seed, "session": run_state.session, "worker_seeds": seeds},
         "saved_at": time.time(),
     }
-    ckpt.save(out / rundir.CHECKPOINT, cluster.snapshots(), state)
+    ckpt.save(out / rundir.CHECKPOINT, snapshots, state)
+
+
+def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state: RunState, seeds: list[int],
+                    signature: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    snapshots = cluster.snapshots()
+    _save_checkpoint(out, snapshots, cluster.steps(), config, run_state, seeds, signature)
+    return snapshots
 
 
 def prepare_run_dir(out: Path, *, resume: bool) -> None:
     """Make sure ``out`` can hold a new run (or holds one to resume); never overwrite an existing run."""
+    if out.exists() and not out.is_dir():
+        raise DownpourError(f"run directory {out} exists and is not a directory")
     if resume:
         if not (out / rundir.CONFIG).exists():
             raise CheckpointError(f"cannot resume {out}: no {rundir.CONFIG} there")
         return
     if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
+
+
+@contextlib.contextmanager
+def _signals(handler: Any) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``handler`` inside the block (main thread only), then restore them."""
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_training(
@@ -148,70 +189,76 @@ def run_training(
     console = console or Console(stderr=True)
     prepare_run_dir(out, resume=resume)
     dataset = load_dataset(config.data, seed=config.train.seed)
+    worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
     model = build_model(config.model, dataset.dim, seed=config.train.seed)
     signature = _model_signature(model)
     contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
     held_out_loss = HeldOutLoss(config, dataset)
 
-    checkpoint = None
-    run_state = _RunState()
-    if resume:
-        checkpoint, run_state = _load_previous(out, config, signature)
     out.mkdir(parents=True, exist_ok=True)
-    config_mod.write(config, out / rundir.CONFIG)
-    if dataset.whitening is not None:
-        save_file({"zca": dataset.whitening.contiguous()}, str(out / rundir.WHITENING))
+    with rundir.exclusive(out):
+        checkpoint = None
+        run_state = RunState()
+        if resume:
+            checkpoint, run_state = _load_previous(out, config, signature)
+        config_mod.write(config, out / rundir.CONFIG)
+        if dataset.whitening is not None:
+            rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
+        return _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
+                              resume=resume, console=console, show_progress=show_progress)  # fmt: skip
 
+
+def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.Module, signature: dict[str, Any],
+                   held_out_loss: HeldOutLoss, checkpoint: ckpt.Checkpoint | None, run_state: RunState, *,
+                   resume: bool, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     seeds = _worker_seeds(config.train.seed, run_state.session, config.cluster.workers)
     t0 = time.time()
     initial = FlatParameters(model).values.clone()
-    cluster = LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0)
-    if checkpoint is not None:
-        for shard, snap in zip(cluster.shards, checkpoint.shard_snapshots(), strict=True):
-            shard.restore(snap)
-        cluster.budget.set(run_state.steps)
-    else:
+    if checkpoint is None:
         run_state.initial_loss = held_out_loss(initial)
-
     metrics = rundir.MetricsLog(out / rundir.METRICS)
-    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     interrupted = False
-    events: list[WorkerEvent] = []
+    session_seconds = 0.0
     session_examples_start = run_state.examples
+    cluster = LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0)
     try:
-        cluster.start()
-        metrics.write(
-            "start",
-            t=time.time() - t0,
-            session=run_state.session,
-            resume=resume,
-            step=run_state.steps,
-            workers=config.cluster.workers,
-            shards=config.ps.shards,
-            pids=cluster.pids(),
-            initial_loss=run_state.initial_loss,
-        )
-        interrupted, events, session_seconds = _watch(
-            cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0
-        )
+        if checkpoint is not None:
+            for shard, snap in zip(cluster.shards, checkpoint.shard_snapshots(), strict=True):
+                missing = set(shard.rule.state_names) - set(snap["state"])
+                if missing or snap["values"].shape != (shard.size,):
+                    raise CheckpointError(f"corrupt checkpoint in {out}: shard {shard.index} lacks {sorted(missing)}")
+                shard.restore(snap)
+            cluster.budget.set(run_state.steps)
+        with _signals(_interrupt):
+            try:
+                cluster.start()
+                metrics.write(
+                    "start", t=time.time() - t0, session=run_state.session, resume=resume, step=run_state.steps,
+                    workers=config.cluster.workers, shards=config.ps.shards, pids=cluster.pids(),
+                    initial_loss=run_state.initial_loss,
+                )  # fmt: skip
+                interrupted, session_seconds = _watch(
+                    cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0
+                )
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the watch loop took over
+                interrupted = True
+        with _signals(signal.SIG_IGN):  # shutting down: a second Ctrl-C must not lose the final checkpoint
+            records, last_events = cluster.stop()
+            log_push_records(records, metrics, run_state)
+            _log_events(last_events, metrics, run_state, console, t0)
+            cluster_examples = cluster.examples_done()
+            run_state.examples = session_examples_start + cluster_examples
+            snapshots = _checkpoint_now(out, cluster, config, run_state, seeds, signature)
+            params = torch.cat([snap["values"] for snap in snapshots])
+            final_loss = held_out_loss(params)
+            steps = cluster.steps()
+            metrics.write("end", t=time.time() - t0, step=steps, final_loss=final_loss, interrupted=interrupted)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        records, last_events = cluster.stop()
-        _log_records(records, metrics, run_state)
-        events += _log_events(last_events, metrics, run_state, console, t0)
-        cluster_examples = cluster.examples_done()
-        run_state.examples = session_examples_start + cluster_examples
-        params = cluster.parameters()
-        final_loss = held_out_loss(params)
-        snapshots = cluster.snapshots()
-        _save_checkpoint(out, cluster, config, run_state, seeds, signature)
         cluster.close()
-        metrics.write("end", t=time.time() - t0, step=cluster.steps(), final_loss=final_loss, interrupted=interrupted)
         metrics.close()
 
-    model_for_filters = build_model(config.model, dataset.dim, seed=config.train.seed)
-    FlatParameters(model_for_filters).values.copy_(params)
-    save_filter_grid(model_for_filters.filters(), dataset.shape, out / rundir.FILTERS)
+    FlatParameters(model).values.copy_(params)
+    save_filter_grid(model.filters(), dataset.shape, out / rundir.FILTERS)
 
     summary = {
         "run_dir": str(out),
@@ -224,7 +271,7 @@ def run_training(
         "examples_per_s": cluster_examples / session_seconds if session_seconds > 0 else 0.0,
         "initial_loss": run_state.initial_loss,
         "final_loss": final_loss,
-        "steps": cluster.steps(),
+        "steps": steps,
         "examples": run_state.examples,
         "seconds": run_state.elapsed_s,
         "updates_applied": sum(s["version"] for s in snapshots),
@@ -244,7 +291,7 @@ def run_training(
     return summary
 
 
-def _log_records(records: list[tuple], metrics: rundir.MetricsLog, run_state: _RunState) -> None:
+def log_push_records(records: list[tuple], metrics: rundir.MetricsLog, run_state: RunState) -> None:
     if not records:
         return
     applied = []
@@ -265,7 +312,7 @@ def _log_records(records: list[tuple], metrics: rundir.MetricsLog, run_state: _R
 
 
 def _log_events(
-    events: list[WorkerEvent], metrics: rundir.MetricsLog, run_state: _RunState, console: Console, t0: float
+    events: list[WorkerEvent], metrics: rundir.MetricsLog, run_state: RunState, console: Console, t0: float
 ) -> list[WorkerEvent]:
     for event in events:
         if event.kind == "died":
@@ -285,13 +332,13 @@ def _watch(
     config: Config,
     out: Path,
     metrics: rundir.MetricsLog,
-    run_state: _RunState,
+    run_state: RunState,
     seeds: list[int],
     signature: dict[str, Any],
     console: Console,
     show_progress: bool,
     t0: float,
-) -> tuple[bool, list[WorkerEvent], float]:
+) -> tuple[bool, float]:
     """Poll the cluster until the budget is spent, every worker has stopped, or Ctrl-C; return what happened."""
     train = config.train
     start = time.time()
@@ -301,7 +348,6 @@ def _watch(
     last_examples, last_rate_time, rate = 0, start, 0.0
     examples_before = run_state.examples
     first_work = None  # when the first examples were done: worker start-up is not throughput
-    events: list[WorkerEvent] = []
     interrupted = False
     with LiveProgress(steps=train.steps, seconds=train.seconds, console=console, enabled=show_progress) as bar:
         try:
@@ -309,8 +355,8 @@ def _watch(
                 time.sleep(_POLL_SECONDS)
                 now = time.time()
                 records, new_events = cluster.poll()
-                _log_records(records, metrics, run_state)
-                events += _log_events(new_events, metrics, run_state, console, t0)
+                log_push_records(records, metrics, run_state)
+                _log_events(new_events, metrics, run_state, console, t0)
                 run_state.elapsed_s = elapsed_before + (now - start)
                 examples = cluster.examples_done()
                 if first_work is None and examples > 0:
@@ -339,7 +385,7 @@ def _watch(
                     updates=cluster.steps(),
                 )
                 if now >= next_checkpoint:
-                    _save_checkpoint(out, cluster, config, run_state, seeds, signature)
+                    _checkpoint_now(out, cluster, config, run_state, seeds, signature)
                     metrics.write("checkpoint", t=now - t0, step=cluster.steps())
                     next_checkpoint = now + train.checkpoint_every
                 if train.seconds and now - start >= train.seconds:
@@ -353,7 +399,7 @@ def _watch(
         except KeyboardInterrupt:
             interrupted = True
             console.print("[yellow]interrupted: stopping workers and writing a final checkpoint[/]")
-    return interrupted, events, time.time() - (first_work if first_work is not None else start)
+    return interrupted, time.time() - (first_work if first_work is not None else start)
 
 
 def headline(summary: dict[str, Any]) -> str:

@@ -3,20 +3,22 @@
 Shards live in shared memory (``torch`` tensors in ``/dev/shm``) and every worker process applies its own pushes
 under the shard's ``flock`` lock: no server process, no copy through a pipe, no network port. The benchmark in the
 README (``downpour bench ps``) is why: a push is one slice of the flat gradient and a rule kernel, nothing more.
-Records of applied pushes travel to the driver through one ``multiprocessing`` queue per worker, in batches.
+Records of applied pushes travel to the driver in small batches through one one-way pipe per worker, whose write
+end only that worker holds: a worker that dies, even in the middle of a message, reads as end-of-file, never as a
+hang. A worker whose driver has died stops on its own (the kernel's parent-death signal, and a check of its
+parent's pid).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import shutil
 import signal
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +37,19 @@ from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.worker import DownpourWorker, PushRecord, WorkerSettings
 
 _FLUSH_SECONDS = 0.2
-_FLUSH_RECORDS = 2000
+_FLUSH_RECORDS = 256  # about 8 KB a message: well inside a pipe's buffer
 _PARENT_CHECK_SECONDS = 1.0
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def worker_threads(config: Config) -> int:
@@ -68,7 +81,7 @@ class _WorkerSpec:
     budget: GlobalSteps
     control: Tensor  # (1,) int64: nonzero = stop
     progress: Tensor  # (workers, 2) float64: examples done, last loss
-    records: Any  # this worker's multiprocessing queue
+    records: Any  # the write end of this worker's one-way pipe to the driver
     t0: float
     threads: int
     parent_pid: int
@@ -88,7 +101,7 @@ class _Batcher:
 
     def flush(self, now: float | None = None) -> None:
         if self.pending:
-            self.records.put(self.pending)
+            self.records.send(self.pending)
             self.pending = []
         self.last = now if now is not None else time.monotonic()
 
@@ -96,6 +109,9 @@ class _Batcher:
 def _worker_main(spec: _WorkerSpec) -> None:
     """Entry point of one worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us cleanly
+    _die_with_parent()
+    if os.getppid() != spec.parent_pid:  # the driver died before we got here
+        return
     torch.set_num_threads(spec.threads)
     control = spec.control.numpy()
     progress = spec.progress.numpy()
@@ -131,11 +147,15 @@ def _worker_main(spec: _WorkerSpec) -> None:
             clock=lambda: time.time() - spec.t0,
         )
         worker.run()
-    except BaseException:
-        batcher.flush()
-        spec.records.put(("error", spec.worker_id, traceback.format_exc()))
+        if os.getppid() == spec.parent_pid:
+            batcher.flush()
+    except BrokenPipeError:  # the driver is gone: nobody to report to
         raise SystemExit(1) from None
-    batcher.flush()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            batcher.flush()
+            spec.records.send(("error", spec.worker_id, traceback.format_exc()))
+        raise SystemExit(1) from None
 
 
 @dataclass
@@ -145,6 +165,19 @@ class WorkerEvent:
     kind: str
     worker: int
     detail: str
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class LocalCluster:
@@ -168,10 +201,10 @@ class LocalCluster:
         self._control = torch.zeros(1, dtype=torch.int64).share_memory_()
         workers = config.cluster.workers
         self._progress = torch.zeros(workers, 2, dtype=torch.float64).share_memory_()
-        self._queues = [self._ctx.Queue() for _ in range(workers)]
+        self._pipes = [self._ctx.Pipe(duplex=False) for _ in range(workers)]  # (read end, write end) per worker
         self._procs: list[Any] = []
         self._reported_dead: set[int] = set()
-        self._queue_broken: set[int] = set()
+        self._pipe_closed: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -191,15 +224,17 @@ class LocalCluster:
                 budget=self.budget,
                 control=self._control,
                 progress=self._progress,
-                records=self._queues[worker_id],
+                records=self._pipes[worker_id][1],
                 t0=self.t0,
                 threads=threads,
                 parent_pid=os.getpid(),
             )
             proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
             proc.daemon = True
-            proc.start()
+            with _sigint_ignored():  # a child starts with SIGINT ignored, so an early Ctrl-C cannot hit its import
+                proc.start()
             self._procs.append(proc)
+            self._pipes[worker_id][1].close()  # the worker holds the only write end: its death reads as EOF
 
     def request_stop(self) -> None:
         """Ask every worker to stop after its current step."""
@@ -224,10 +259,9 @@ class LocalCluster:
         return records + more, events + more_events
 
     def close(self) -> None:
-        """Release the queues and lock files."""
-        for q in self._queues:
-            q.close()
-            q.cancel_join_thread()
+        """Release the pipes and lock files."""
+        for reader, _ in self._pipes:
+            reader.close()
         shutil.rmtree(self._lock_dir, ignore_errors=True)
 
     # -- observation -----------------------------------------------------------------------------------------
@@ -235,22 +269,18 @@ class LocalCluster:
         """Records sent since the last poll, and workers found dead or failed."""
         records: list[tuple] = []
         events: list[WorkerEvent] = []
-        for worker_id, q in enumerate(self._queues):
-            if worker_id in self._queue_broken:
+        for worker_id, (reader, _) in enumerate(self._pipes):
+            if worker_id in self._pipe_closed or reader.closed:
                 continue
-            while True:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-                except (EOFError, OSError, ValueError) as exc:  # a writer killed mid-message
-                    self._queue_broken.add(worker_id)
-                    events.append(WorkerEvent("queue-broken", worker_id, repr(exc)))
-                    break
-                if isinstance(item, tuple) and item and item[0] == "error":
-                    events.append(WorkerEvent("error", worker_id, item[2]))
-                else:
-                    records.extend(item)
+            try:
+                while reader.poll():
+                    item = reader.recv()
+                    if isinstance(item, tuple) and item and item[0] == "error":
+                        events.append(WorkerEvent("error", worker_id, item[2]))
+                    else:
+                        records.extend(item)
+            except (EOFError, OSError):  # the worker exited (or died, perhaps mid-message): nothing more will come
+                self._pipe_closed.add(worker_id)
         for worker_id, proc in enumerate(self._procs):
             if worker_id in self._reported_dead or proc.exitcode is None:
                 continue
