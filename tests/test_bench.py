@@ -23,5 +23,4 @@ def test_bench_ps_json_has_every_figure_and_consistent_ratios() -> None:
     assert all(len(windows[name]) == 2 and min(windows[name]) > 0 for name in ("plain", "hogwild", "local1", "local2"))
     paired = sorted(a / b for a, b in zip(windows["local2"], windows["hogwild"], strict=True))
     assert ratios["local_2w_vs_hogwild"] == sum(paired) / 2  # median of the per-round ratios
-    assert ratios["push_pull_vs_memcpy"] == report["push_pull_gbps"] / report["memcpy_gbps"]
     assert report["workload"]["num_params"] == 256 * 256

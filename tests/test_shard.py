@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -205,13 +206,17 @@ def test_restore_wrong_size_raises() -> None:
     assert shard.version == 0 and _values(shard).tolist() == [1.0, 2.0]
 
 
-def test_pickled_shared_shard_sees_the_same_memory(tmp_path: Path) -> None:
-    """A shared shard pickled in-process (as for a worker) shares values and version with the original."""
+def test_shared_shard_sent_to_a_worker_shares_memory(tmp_path: Path) -> None:
+    """Pickled as multiprocessing sends it to a worker, a shared shard is the same memory: a push on the copy is
+    seen by the original, and per-process views are rebuilt rather than pickled."""
     shard = Shard(0, 0, torch.zeros(3), SGD(lr=1.0), lock=FileLock(tmp_path / "lock"), shared=True)
     shard.fetch_into(torch.empty(3))  # builds per-process views, which must not be pickled
-    copy = pickle.loads(pickle.dumps(shard))
+    copy = pickle.loads(ForkingPickler.dumps(shard))
     assert copy._meta_np is None and copy._buffers is None
     assert isinstance(copy.lock, FileLock) and copy.lock.path == str(tmp_path / "lock")
+    copy.push(torch.ones(3), fetched_version=0)
+    assert shard.version == 1
+    assert _values(shard).tolist() == [-1.0, -1.0, -1.0]
 
 
 # ---------------------------------------------------------------------------------------------- file lock

@@ -10,11 +10,21 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from conftest import FAST, downpour, read_jsonl
 
 
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _adagrad_state(run_dir: Path) -> torch.Tensor:
+    """Every shard's Adagrad accumulator from the run's checkpoint, concatenated."""
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    tensors = load_file(str(run_dir / "checkpoint" / state["params_file"]))
+    return torch.cat([tensors[f"shard{i}.state.sum_sq"] for i in range(len(state["shards"]))])
 
 
 def test_two_workers_train_rica_and_write_the_run_directory(run_dir: Path) -> None:
@@ -55,14 +65,21 @@ def test_resume_continues_versions_rule_state_and_steps(run_dir: Path) -> None:
     first = downpour("train", "--workers", "2", "--steps", "300", "--out", str(run_dir), *FAST)
     assert first.returncode == 0, first.stderr
     before = _summary(run_dir)
+    sum_sq_before = _adagrad_state(run_dir)
     second = downpour("train", "--resume", str(run_dir), "--steps", "600", "--no-progress")
     assert second.returncode == 0, second.stderr
     after = _summary(run_dir)
+    sum_sq_after = _adagrad_state(run_dir)
+    assert bool((sum_sq_after >= sum_sq_before).all())  # Adagrad's accumulator went on from where it was
+    assert float(sum_sq_after.sum()) > float(sum_sq_before.sum())
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert sum(state["staleness_histogram"]) == after["updates_applied"]  # every applied update, both sessions
     assert after["steps"] == 600
     assert after["updates_applied"] == 2 * 600
     assert after["sessions"] == 2
     assert after["initial_loss"] == before["initial_loss"]  # one fixed held-out batch, measured once
     assert after["final_loss"] <= before["final_loss"] * 1.1
+    assert after["staleness"]["max"] >= before["staleness"]["max"]  # the histogram carries over
     starts = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "start"]
     assert [s["step"] for s in starts] == [0, 300]
     versions = [p["version"] for p in read_jsonl(run_dir / "metrics.jsonl") if p["event"] == "push" and p["shard"] == 0]
@@ -90,11 +107,33 @@ def test_new_run_into_an_existing_run_directory_is_refused(run_dir: Path) -> Non
 
 
 def _start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
+    """Start a run in its own process group, as a shell starts a foreground job."""
     return subprocess.Popen(
         [sys.executable, "-m", "downpour", "train", "--out", str(run_dir), *args, *FAST],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+        start_new_session=True,
+    )
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped has exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+def _wait_gone(pids: list[int], timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_alive(pid) for pid in pids):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _wait_for_pushes(run_dir: Path, proc: subprocess.Popen[str], timeout: float = 90) -> list[dict]:
@@ -130,15 +169,72 @@ def test_a_worker_killed_mid_run_is_reported_and_the_others_go_on(run_dir: Path)
 
 
 def test_ctrl_c_stops_cleanly_and_writes_a_final_checkpoint(run_dir: Path) -> None:
-    """SIGINT (Ctrl-C) stops the workers, writes the checkpoint and summary, and exits with 130."""
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) stops the workers, writes the checkpoint
+    and summary, exits with 130, and leaves no process behind."""
     proc = _start(run_dir, "--workers", "2", "--seconds", "120")
-    _wait_for_pushes(run_dir, proc)
-    proc.send_signal(signal.SIGINT)
+    records = _wait_for_pushes(run_dir, proc)
+    pids = next(r for r in records if r["event"] == "start")["pids"]
+    os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
+    assert _wait_gone(pids)
     summary = _summary(run_dir)
     assert summary["interrupted"] is True
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["step"] == summary["steps"] > 0
     assert sum(s["version"] for s in state["shards"]) == summary["updates_applied"]
+
+
+def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(run_dir: Path) -> None:
+    """SIGKILL the driver: its workers exit by themselves (no orphans), and --resume continues from the last
+    checkpoint, whose step counts every push its shards hold."""
+    proc = _start(run_dir, "--workers", "2", "--seconds", "120", "--set", "train.checkpoint_every=1")
+    records = _wait_for_pushes(run_dir, proc)
+    pids = next(r for r in records if r["event"] == "start")["pids"]
+    deadline = time.monotonic() + 60
+    while not (run_dir / "checkpoint" / "state.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert _wait_gone(pids), "worker processes outlived their driver"
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["step"] > 0
+    assert all(shard["version"] <= state["step"] for shard in state["shards"])
+    result = downpour("train", "--resume", str(run_dir), "--steps", str(state["step"] + 100), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    summary = _summary(run_dir)
+    assert summary["steps"] == state["step"] + 100
+    assert summary["sessions"] == 2
+
+
+def test_resume_refuses_other_data_or_seed(run_dir: Path) -> None:
+    """The data and the seed fix the held-out batch: changing them on resume is refused."""
+    assert downpour("train", "--steps", "20", "--out", str(run_dir), *FAST).returncode == 0
+    for change in (["--seed", "5"], ["--set", "data.whiten=false"]):
+        result = downpour("train", "--resume", str(run_dir), *change, "--no-progress")
+        assert result.returncode == 2, change
+        assert "does not match" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_directory_in_use_is_refused(run_dir: Path) -> None:
+    """A second driver on a run directory that a first one is training in gets a one-line error."""
+    proc = _start(run_dir, "--workers", "1", "--seconds", "120")
+    try:
+        _wait_for_pushes(run_dir, proc)
+        result = downpour("train", "--resume", str(run_dir), "--no-progress")
+        assert result.returncode == 2
+        assert "in use by another downpour process" in result.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
+
+
+def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+    """``--out`` naming an existing file: exit 2, no traceback, the file untouched."""
+    target = tmp_path / "not-a-dir"
+    target.write_text("keep me")
+    result = downpour("train", "--steps", "5", "--out", str(target), *FAST)
+    assert result.returncode == 2
+    assert "not a directory" in result.stderr and "Traceback" not in result.stderr
+    assert target.read_text() == "keep me"

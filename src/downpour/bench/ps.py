@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from downpour.bench.runners import LocalBackend, PlainLoops, Runner, alternate, close_all, start_all
-from downpour.bench.transport import server_process_push_pull_gbps
+from downpour.bench.transport import fastest_block_gbps, server_process_push_pull_gbps
 from downpour.config import Config
 from downpour.data import load_dataset
 from downpour.models import build_model
@@ -75,24 +74,10 @@ def push_pull(num_params: int, shards: int, *, seconds: float) -> dict[str, floa
             big_dst.copy_(big_src)
 
         return {
-            "push_pull_gbps": _gbps(ps_round, bytes_per_round, seconds),
-            "memcpy_gbps": _gbps(copy_round, bytes_per_round, seconds),
-            "memcpy_one_call_gbps": _gbps(one_copy, bytes_per_round, seconds),
+            "push_pull_gbps": fastest_block_gbps(ps_round, bytes_per_round, seconds),
+            "memcpy_gbps": fastest_block_gbps(copy_round, bytes_per_round, seconds),
+            "memcpy_one_call_gbps": fastest_block_gbps(one_copy, bytes_per_round, seconds),
         }
-
-
-def _gbps(fn: Any, nbytes: int, seconds: float, block: int = 20) -> float:
-    """Bandwidth of the fastest block of ``block`` calls within ``seconds`` (timeit's rule: the minimum is the
-    least disturbed by other load on a shared machine)."""
-    for _ in range(50):
-        fn()
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        for _ in range(block):
-            fn()
-        best = min(best, time.perf_counter() - t)
-    return block * nbytes / best / 1e9
 
 
 def _paired_median(numerator: list[float], denominator: list[float]) -> float:

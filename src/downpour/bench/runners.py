@@ -25,7 +25,7 @@ from downpour.bench.baselines import shared_model, train_forever
 from downpour.config import Config
 from downpour.models import build_model
 from downpour.ps.flat import flat_copy
-from downpour.train import _log_records, _RunState
+from downpour.train import RunState, log_push_records
 
 
 class Runner:
@@ -104,7 +104,7 @@ class LocalBackend(Runner):
             config, examples.clone(), initial, worker_seeds=list(range(workers)), t0=time.time()
         )
         self._metrics = rundir.MetricsLog(Path(self._tmp.name) / rundir.METRICS)
-        self._state = _RunState()
+        self._state = RunState()
         self.cluster.start()
 
     def pids(self) -> list[int]:
@@ -120,11 +120,11 @@ class LocalBackend(Runner):
         return bool((self.cluster._progress[:, 0] > 0).all())
 
     def poll(self) -> None:
-        _log_records(self.cluster.poll()[0], self._metrics, self._state)
+        log_push_records(self.cluster.poll()[0], self._metrics, self._state)
 
     def close(self) -> None:
         self.resume()
-        _log_records(self.cluster.stop()[0], self._metrics, self._state)
+        log_push_records(self.cluster.stop()[0], self._metrics, self._state)
         self.cluster.close()
         self._metrics.close()
         self._tmp.cleanup()

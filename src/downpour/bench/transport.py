@@ -8,10 +8,27 @@ shared-memory shards that the local backend uses.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch.multiprocessing as mp
+
+
+def fastest_block_gbps(fn: Callable[[], None], nbytes: int, seconds: float, block: int = 20) -> float:
+    """GB/s of the fastest block of ``block`` calls of ``fn`` (each moving ``nbytes``) within ``seconds``.
+
+    timeit's rule: the fastest run is the one least disturbed by other load on a shared machine.
+    """
+    for _ in range(50):
+        fn()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        for _ in range(block):
+            fn()
+        best = min(best, time.perf_counter() - t)
+    return block * nbytes / best / 1e9
 
 
 def _serve(conn: Any, size: int, lr: float) -> None:
@@ -46,14 +63,7 @@ def server_process_push_pull_gbps(num_params: int, shards: int, *, seconds: floa
             for conn, out in zip(pipes, values, strict=True):
                 conn.recv_bytes_into(out)
 
-        for _ in range(50):
-            round_trip()
-        best, start = float("inf"), time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            for _ in range(20):
-                round_trip()
-            best = min(best, time.perf_counter() - t)
+        return fastest_block_gbps(round_trip, 2 * num_params * 4, seconds)
     finally:
         for conn in pipes:
             conn.send_bytes(b"")
@@ -61,4 +71,3 @@ def server_process_push_pull_gbps(num_params: int, shards: int, *, seconds: floa
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
-    return 20 * 2 * num_params * 4 / best / 1e9

@@ -27,8 +27,7 @@ class FileLock:
         return self._fd
 
     def __enter__(self) -> FileLock:
-        fd = self._fd if self._fd is not None and self._pid == os.getpid() else self._descriptor()
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(self._descriptor(), fcntl.LOCK_EX)
         return self
 
     def __exit__(

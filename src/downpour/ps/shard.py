@@ -136,7 +136,7 @@ class Shard:
             meta[_ACTIVE] = spare  # the commit point: one aligned 8-byte store
             if fetch_into is not None:
                 fetch_into.copy_(out.values)
-            return PushResult(True, version - fetched_version, version + 1)
+            return PushResult(True, push_meta.staleness, version + 1)
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of values, rule state, version and rejected count (for checkpoints)."""
