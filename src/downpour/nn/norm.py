@@ -1,0 +1,102 @@
+"""Local contrast normalization (Jarrett, Kavukcuoglu, Ranzato & LeCun, "What is the best multi-stage architecture for
+object recognition?", ICCV 2009): a subtractive then a divisive normalization over a Gaussian window spanning every
+channel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LocalContrastNorm2d"]
+
+
+def _sqrt_zero_grad_at_zero(s: Tensor) -> Tensor:
+    """``sqrt(s)`` for ``s >= 0`` whose gradient is 0 (not ``0 · ∞ = NaN``) where ``s == 0``."""
+    positive = s > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
+
+
+def _positive_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class LocalContrastNorm2d(nn.Module):
+    """Jarrett et al. (2009) local contrast normalization of a ``(B, C, H, W)`` input; same-size output.
+
+    With ``w_pq`` a ``kernel_size × kernel_size`` Gaussian window normalized so that ``Σ_{c,p,q} w_pq = 1`` (the 2-D
+    Gaussian summing to 1 over space, divided by the number of channels ``C``):
+
+    * subtractive: ``v[c,i,j] = x[c,i,j] − Σ_{c',p,q} w_pq · x[c', i+p, j+q]`` (one local mean, shared by all channels);
+    * divisive: ``σ[i,j] = sqrt(Σ_{c,p,q} w_pq · v[c, i+p, j+q]²)`` and ``y = v / max(mean_ij σ, σ[i,j], ε)``, where the
+      mean of ``σ`` is taken over the spatial positions of each example separately.
+
+    ``p, q`` run over ``−(kernel_size // 2) … kernel_size // 2`` (the window is centred).
+
+    Choices (not fixed by the paper):
+
+    * ``sigma`` (in pixels) defaults to ``kernel_size / 4``, the default of Torch7's ``image.gaussian`` used by
+      ``nn.SpatialContrastiveNormalization`` (Jarrett et al. give only the 9×9 window size).
+    * Borders: the input is **reflect**-padded (``x[-1] = x[1]``) by ``kernel_size // 2``, so every output position
+      sees a full window whose weights sum to 1; Jarrett et al. zero-pad and divide by the window mass that falls
+      inside the image instead. Reflect padding needs ``H, W > kernel_size // 2``.
+    * ``epsilon`` is a **floor** on the divisor (as Torch7's ``SpatialDivisiveNormalization`` threshold, default 1e-4),
+      not an additive term: the output stays finite on flat inputs (``v = 0``, ``σ = 0``), and wherever
+      ``max(mean σ, σ) >= ε`` the output is exactly the paper's rule, hence exactly invariant to a positive rescaling
+      of the input. The floor is in the units of the input.
+    * Gradients: ``σ`` is computed with a square root whose gradient is 0 (instead of ``0 · ∞ = NaN``) where the local
+      sum of squares is exactly 0, so flat regions and flat inputs back-propagate finite gradients.
+
+    Both window sums are one single-channel ``conv2d`` each: by linearity, ``Σ_{c,p,q} (g_pq / C) · x[c, …]`` is the
+    2-D Gaussian ``g`` convolved with the channel mean of ``x`` (and padding commutes with the channel mean).
+    """
+
+    window: Tensor
+
+    def __init__(self, kernel_size: int = 9, *, sigma: float | None = None, epsilon: float = 1e-4) -> None:
+        super().__init__()
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+        self.kernel_size = kernel_size
+        self.sigma = kernel_size / 4 if sigma is None else _positive_finite("sigma", sigma)
+        self.epsilon = _positive_finite("epsilon", epsilon)
+        # Built and kept in float64 so that float64 inputs get full-precision weights; cast to the input's dtype in
+        # forward (module.to(dtype) converts it as usual).
+        offsets = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+        gauss = torch.exp(-(offsets**2) / (2 * self.sigma**2))
+        window = torch.outer(gauss, gauss)
+        self.register_buffer("window", (window / window.sum()).view(1, 1, kernel_size, kernel_size), persistent=False)
+
+    def _local_sum(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``Σ_{c,p,q} (g_pq / C) · x[:, c, i+p, j+q]`` for every ``(i, j)``: shape ``(B, 1, H, W)``."""
+        m = x.mean(dim=1, keepdim=True)
+        pad = self.kernel_size // 2
+        if pad:
+            m = F.pad(m, (pad, pad, pad, pad), mode="reflect")
+        return F.conv2d(m, weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"LocalContrastNorm2d expects input of shape (B, C, H, W) (4-D), got shape {tuple(x.shape)}"
+            )
+        pad = self.kernel_size // 2
+        if x.shape[-2] <= pad or x.shape[-1] <= pad:
+            raise ValueError(
+                f"LocalContrastNorm2d: reflect padding by kernel_size // 2 = {pad} needs H and W > {pad}, "
+                f"got input shape {tuple(x.shape)}"
+            )
+        weight = self.window.to(dtype=x.dtype, device=x.device)
+        v = x - self._local_sum(x, weight)
+        sigma = _sqrt_zero_grad_at_zero(self._local_sum(v * v, weight))
+        mean_sigma = sigma.mean(dim=(-2, -1), keepdim=True)
+        divisor = torch.maximum(sigma, mean_sigma).clamp_min(self.epsilon)
+        return v / divisor
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, sigma={self.sigma}, epsilon={self.epsilon}"

@@ -1,0 +1,78 @@
+"""L2 pooling: the square root of the sum of squares over each spatial neighbourhood of each map.
+
+``out = sqrt(ε + Σ_{neighbourhood} x²)`` (Hyvärinen, Hurri & Hoyer 2009, *Natural Image Statistics*, topographic ICA;
+Le et al. 2012, "Building high-level features using large scale unsupervised learning", L2 pooling).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["L2Pool2d"]
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _sqrt_zero_grad_at_zero(s: Tensor) -> Tensor:
+    """``sqrt(s)`` for ``s >= 0`` whose gradient is 0 (not ``0 · ∞ = NaN``) where ``s == 0``.
+
+    Only the entries with ``s == 0`` are touched: elsewhere value and gradient are those of ``torch.sqrt``.
+    """
+    positive = s > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
+
+
+class L2Pool2d(nn.Module):
+    """``out[b, c, i, j] = sqrt(ε + Σ_{(p, q) ∈ window(i, j)} x[b, c, p, q]²)`` (Hyvärinen et al. 2009; Le et al. 2012).
+
+    Windows are ``kernel_size × kernel_size``, placed every ``stride`` positions (default: ``kernel_size``, i.e. not
+    overlapping) on the input zero-padded by ``padding`` on every side, so ``H_out = (H + 2·padding − kernel_size) //
+    stride + 1`` (likewise ``W_out``), as for convolutions. Input ``(B, C, H, W)``, output ``(B, C, H_out, W_out)``.
+
+    The sum of squares is ``avg_pool2d(x², divisor_override=1)`` (one fused pooling call, no Python loops).
+
+    Gradient at zero windows: ``sqrt`` has an infinite slope at 0, so with ``epsilon = 0`` a naive ``torch.sqrt`` turns
+    an all-zero window (e.g. zero input, or a window lying wholly in the padding) into ``0 · ∞ = NaN`` gradients. This
+    module guards exactly those windows: where ``ε + Σx² == 0`` the output is 0 and the gradient is 0 (the minimum-norm
+    subgradient of the Euclidean norm at 0); everywhere else value and gradient are those of the plain formula. With
+    ``epsilon > 0`` the function is smooth and the guard never fires. ``epsilon`` defaults to 0 so that the output is
+    exactly the L2 norm of the window.
+    """
+
+    def __init__(self, kernel_size: int, stride: int | None = None, *, padding: int = 0, epsilon: float = 0.0) -> None:
+        super().__init__()
+        self.kernel_size = _check_int("kernel_size", kernel_size, 1)
+        self.stride = kernel_size if stride is None else _check_int("stride", stride, 1)
+        self.padding = _check_int("padding", padding, 0)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (0 <= epsilon < math.inf):
+            raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+        self.epsilon = float(epsilon)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"L2Pool2d expects input of shape (B, C, H, W) (4-D), got shape {tuple(x.shape)}")
+        k, p = self.kernel_size, self.padding
+        height, width = x.shape[-2] + 2 * p, x.shape[-1] + 2 * p
+        if height < k or width < k:
+            raise ValueError(
+                f"L2Pool2d: padded input {height}×{width} (input {tuple(x.shape)}, padding={p}) is smaller than "
+                f"kernel_size={k}"
+            )
+        squares = x * x
+        if p > k // 2:
+            # avg_pool2d refuses padding above half the kernel; zeros add nothing to a sum of squares, so pad by hand.
+            squares = F.pad(squares, (p, p, p, p))
+            p = 0
+        sums = F.avg_pool2d(squares, k, self.stride, p, divisor_override=1)
+        return _sqrt_zero_grad_at_zero(sums + self.epsilon if self.epsilon else sums)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, epsilon={self.epsilon}"

@@ -1,0 +1,113 @@
+"""LocallyConnected2d: equal to a per-location loop, gradient-checked, clear shape errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from downpour.nn import LocallyConnected2d
+from downpour.nn import local as local_mod
+from downpour.nn.local import locally_connected_reference
+
+GEOMETRIES = [
+    # (in_channels, out_channels, in_size, kernel, stride)
+    (1, 3, 12, 4, 1),
+    (2, 2, 11, 3, 2),  # stride < kernel, odd sizes: the last rows/columns are not covered
+    (3, 4, 9, 9, 1),  # one location
+    (1, 2, 10, 5, 5),  # non-overlapping fields
+    (2, 3, (9, 13), (3, 5), (2, 3)),  # rectangular everything
+]
+
+
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), GEOMETRIES)
+def test_equals_a_per_location_loop_in_float64(cin, cout, size, kernel, stride) -> None:
+    """Forward equals the plain per-location reference to 1e-6 relative (in practice ~1e-16)."""
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(cin, cout, size, kernel, stride).double()
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(5, cin, h, w, dtype=torch.float64)
+    out = layer(x)
+    ref = locally_connected_reference(x, layer.weight, layer.kernel_size, layer.stride)
+    assert out.shape == (5, cout, *layer.out_size)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-6
+
+
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), GEOMETRIES)
+def test_gradcheck(cin, cout, size, kernel, stride) -> None:
+    """Input and weight gradients agree with finite differences (float64)."""
+    torch.manual_seed(1)
+    layer = LocallyConnected2d(cin, cout, size, kernel, stride, bias=True).double()
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(2, cin, h, w, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp, *_: layer(inp), (x, layer.weight, layer.bias))
+
+
+def test_weights_are_untied_across_locations() -> None:
+    """Changing the weights of one location changes the output there and nowhere else."""
+    layer = LocallyConnected2d(1, 2, 8, 3).double()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    before = layer(x).detach()
+    with torch.no_grad():
+        layer.weight[7] += 1.0  # location (1, 1) of the 6x6 output
+    changed = (layer(x).detach() - before).abs().sum(dim=(0, 1)) > 0  # (6, 6)
+    assert changed.nonzero().tolist() == [[1, 1]]
+
+
+def test_many_bands_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Working through the output one row at a time (tiny bands) changes nothing, forward or backward."""
+    torch.manual_seed(2)
+    layer = LocallyConnected2d(2, 3, 10, 3).double()
+    x = torch.randn(4, 2, 10, 10, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    out.pow(2).sum().backward()
+    grads = (x.grad.clone(), layer.weight.grad.clone())
+    x.grad, layer.weight.grad = None, None
+    monkeypatch.setattr(local_mod, "_BAND_BYTES", 1)
+    out_banded = layer(x)
+    out_banded.pow(2).sum().backward()
+    assert torch.allclose(out, out_banded)
+    assert torch.allclose(grads[0], x.grad) and torch.allclose(grads[1], layer.weight.grad)
+
+
+def test_float32_matches_float64() -> None:
+    """The fp32 path agrees with fp64 to fp32 precision."""
+    torch.manual_seed(3)
+    layer = LocallyConnected2d(1, 8, 20, 6)
+    x = torch.randn(4, 1, 20, 20)
+    out32 = layer(x)
+    out64 = locally_connected_reference(x.double(), layer.weight.double(), layer.kernel_size, layer.stride)
+    assert torch.allclose(out32.double(), out64, rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_input_shape_names_expected_and_actual() -> None:
+    """A wrong input shape is a ValueError that shows what was expected and what came."""
+    layer = LocallyConnected2d(1, 8, 48, 8)
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 1, 48, 48\), got \(2, 1, 32, 32\)"):
+        layer(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"got \(1, 48, 48\)"):
+        layer(torch.zeros(1, 48, 48))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"in_channels": 0}, "in_channels"),
+        ({"out_channels": -1}, "out_channels"),
+        ({"kernel_size": 0}, "kernel_size"),
+        ({"kernel_size": 50}, "kernel_size"),
+        ({"stride": 0}, "stride"),
+        ({"in_size": (4, 4, 4)}, "in_size"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(kwargs: dict, name: str) -> None:
+    """Each bad constructor argument raises a ValueError naming it and echoing its value."""
+    args = {"in_channels": 1, "out_channels": 2, "in_size": 16, "kernel_size": 4, "stride": 1} | kwargs
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        LocallyConnected2d(**args)
+
+
+def test_parameter_count_is_untied() -> None:
+    """One weight per location, map and input value: L * M * C * k * k (the 2012 layer's memory cost)."""
+    layer = LocallyConnected2d(3, 8, 32, 5, 1, bias=True)
+    assert layer.weight.shape == (28 * 28, 8, 3 * 5 * 5)
+    assert sum(p.numel() for p in layer.parameters()) == 28 * 28 * 8 * 75 + 8 * 28 * 28
