@@ -24,3 +24,22 @@ def test_bench_ps_json_has_every_figure_and_consistent_ratios() -> None:
     paired = sorted(a / b for a, b in zip(windows["local2"], windows["hogwild"], strict=True))
     assert ratios["local_2w_vs_hogwild"] == sum(paired) / 2  # median of the per-round ratios
     assert report["workload"]["num_params"] == 256 * 256
+
+
+def test_bench_layers_json_reports_every_row() -> None:
+    """``downpour bench layers --json``: timings for each implementation, the untied-vs-tied rows, and the memory
+    autograd keeps between the passes (deterministic: ours keeps only the input transposed, unfold+bmm the patches)."""
+    result = downpour("bench", "layers", "--repeats", "1", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    cpu = report["cpu"]
+    assert min(cpu["ours_ms"], cpu["unfold_bmm_ms"], cpu["conv2d_ms"]) > 0
+    batch, size, kernel = 32, 48, 8
+    patches_mb = batch * (size - kernel + 1) ** 2 * kernel * kernel * 4 / 2**20
+    assert cpu["unfold_bmm_saved_mb"] >= patches_mb  # the unfolded input, kept for the weight gradient
+    assert cpu["ours_saved_mb"] == batch * size * size * 4 / 2**20  # the batch-last copy of the input only
+    rows = {row["layer"]: row for row in report["untied_vs_tied"]}
+    untied, tied = rows["untied, locally connected"], rows["tied conv, equal maps"]
+    assert untied["flops_per_example"] == tied["flops_per_example"]
+    assert untied["params"] == (size - kernel + 1) ** 2 * tied["params"]
+    assert rows["tied conv, equal parameter memory"]["params"] == untied["params"]

@@ -56,6 +56,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ps.add_argument("--seconds", type=float, default=0.5, help="seconds per measured window")
     ps.add_argument("--rounds", type=int, default=12, help="rounds of windows, every configuration once a round")
     ps.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    layers = which.add_parser("layers", help="LocallyConnected2d against unfold+bmm, and untied against tied")
+    layers.add_argument("--repeats", type=int, default=5, help="repetitions per timing (the fastest is reported)")
+    layers.add_argument("--no-memory", action="store_true", help="skip the saved-for-backward memory count")
+    layers.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +116,17 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
             print(json.dumps(result, indent=2))
         else:
             bench_ps.print_table(result, Console(width=None if sys.stdout.isatty() else 120))
+        return 0
+    if args.bench == "layers":
+        from downpour.bench import layers as bench_layers
+
+        if args.repeats < 1:
+            raise DownpourError(f"bench layers needs --repeats >= 1, got {args.repeats}")
+        result = bench_layers.run(repeats=args.repeats, memory=not args.no_memory)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            bench_layers.print_tables(result, Console(width=None if sys.stdout.isatty() else 120))
         return 0
     raise AssertionError(args.bench)  # pragma: no cover - argparse restricts the choices
 

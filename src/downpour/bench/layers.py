@@ -1,0 +1,199 @@
+"""``downpour bench layers``: LocallyConnected2d against the usual unfold + bmm, and untied against tied.
+
+Times are forward + backward in fp32, the fastest of several repetitions, all measured side by side in one run.
+Memory is what autograd keeps between the passes (saved tensors), counted with ``saved_tensors_hooks``; PyTorch
+does not track CPU allocations, and a process's peak resident set was dominated by one-time allocations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from downpour.nn import LocallyConnected2d
+
+# The issue's shapes: (batch, channels, size, kernel, stride, maps)
+CPU_SHAPE = (32, 1, 48, 8, 1, 8)
+CUDA_SHAPE = (64, 1, 96, 18, 1, 8)
+
+
+def unfold_bmm(x: torch.Tensor, weight_lpm: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """The usual locally connected layer: ``F.unfold``, a per-location ``bmm``, autograd for the rest."""
+    batch, maps = x.shape[0], weight_lpm.shape[2]
+    out_size = (x.shape[2] - kernel) // stride + 1
+    cols = F.unfold(x, kernel, stride=stride)  # (B, P, L)
+    out = torch.bmm(cols.permute(2, 0, 1), weight_lpm)  # (L, B, M)
+    return out.permute(1, 2, 0).reshape(batch, maps, out_size, out_size)
+
+
+def _fastest_ms(step: Callable[[], None], repeats: int, device: str) -> float:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def _implementations(shape: tuple[int, ...], device: str) -> dict[str, Callable[[], None]]:
+    batch, channels, size, kernel, stride, maps = shape
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(channels, maps, size, kernel, stride).to(device)
+    weight_lpm = layer.weight.detach().transpose(1, 2).contiguous().requires_grad_(True)  # (L, P, M)
+    conv = torch.nn.Conv2d(channels, maps, kernel, stride, bias=False).to(device)
+    x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
+    return {
+        "ours": lambda: layer(x).sum().backward(),
+        "unfold_bmm": lambda: unfold_bmm(x, weight_lpm, kernel, stride).sum().backward(),
+        "conv2d": lambda: conv(x).sum().backward(),
+    }
+
+
+def time_layers(shape: tuple[int, ...], device: str = "cpu", repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per forward + backward for ours, unfold + bmm and tied conv2d of the same shape."""
+    return {name: _fastest_ms(step, repeats, device) for name, step in _implementations(shape, device).items()}
+
+
+def saved_for_backward_mb(impl: str, shape: tuple[int, ...]) -> float:
+    """MB that autograd keeps from the forward pass for the backward pass (parameters and the input excluded).
+
+    This is the memory that grows with batch and layer size between the passes; it is not the whole peak (the
+    transient buffers of either pass are not counted).
+    """
+    batch, channels, size, kernel, stride, maps = shape
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(channels, maps, size, kernel, stride)
+    weight_lpm = layer.weight.detach().transpose(1, 2).contiguous().requires_grad_(True)
+    x = torch.randn(batch, channels, size, size, requires_grad=True)
+    exclude = {t.untyped_storage().data_ptr() for t in (x, layer.weight, weight_lpm)}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x) if impl == "ours" else unfold_bmm(x, weight_lpm, kernel, stride)
+    out.sum().backward()
+    return sum(storages.values()) / 2**20
+
+
+def untied_vs_tied(shape: tuple[int, ...], repeats: int = 3) -> list[dict[str, Any]]:
+    """Untied (locally connected) vs tied (convolution) at equal maps and at equal parameter memory, per example."""
+    _, channels, size, kernel, stride, maps = shape
+    out = (size - kernel) // stride + 1
+    patch = channels * kernel * kernel
+    locations = out * out
+    rows = []
+    configs = [
+        ("untied, locally connected", maps, False),
+        ("tied conv, equal maps", maps, True),
+        ("tied conv, equal parameter memory", maps * locations, True),
+    ]
+    for name, m, tied in configs:
+        params = m * patch if tied else locations * m * patch
+        flops = 2 * locations * m * patch  # multiply-adds per example, forward
+        batch = 1 if m > 64 else shape[0]
+        torch.manual_seed(0)
+        x = torch.randn(batch, channels, size, size, requires_grad=True)
+        layer = (
+            torch.nn.Conv2d(channels, m, kernel, stride, bias=False)
+            if tied
+            else LocallyConnected2d(channels, m, size, kernel, stride)
+        )
+        ms = _fastest_ms(lambda layer=layer, x=x: layer(x).sum().backward(), repeats, "cpu") / batch
+        rows.append({"layer": name, "maps": m, "params": params, "bytes": params * 4, "flops_per_example": flops,
+                     "fwd_bwd_ms_per_example": ms})  # fmt: skip
+    return rows
+
+
+def run(*, repeats: int = 5, memory: bool = True) -> dict[str, Any]:
+    """Every measurement of ``downpour bench layers`` as one JSON-ready dict."""
+    threads = torch.get_num_threads()
+    cpu = time_layers(CPU_SHAPE, "cpu", repeats)
+    b, c, s, k, _, m = CPU_SHAPE
+    non_overlapping = time_layers((b, c, s, k, k, m), "cpu", repeats)
+    result: dict[str, Any] = {
+        "cpu": {
+            "shape": dict(zip(("batch", "channels", "size", "kernel", "stride", "maps"), CPU_SHAPE, strict=True)),
+            "threads": threads,
+            "ours_ms": cpu["ours"],
+            "unfold_bmm_ms": cpu["unfold_bmm"],
+            "conv2d_ms": cpu["conv2d"],
+            "speedup_vs_unfold_bmm": cpu["unfold_bmm"] / cpu["ours"],
+            "arithmetic_gflop": 3 * 2 * b * ((s - k) + 1) ** 2 * m * c * k * k / 1e9,  # fwd + 2 bwd products
+        },
+        "cpu_non_overlapping": {
+            "stride": k,
+            "ours_ms": non_overlapping["ours"],
+            "conv2d_ms": non_overlapping["conv2d"],
+            "ours_vs_conv2d": non_overlapping["conv2d"] / non_overlapping["ours"],
+        },
+        "untied_vs_tied": untied_vs_tied(CPU_SHAPE),
+    }
+    if memory:
+        ours_mb, usual_mb = saved_for_backward_mb("ours", CPU_SHAPE), saved_for_backward_mb("unfold_bmm", CPU_SHAPE)
+        result["cpu"].update(ours_saved_mb=ours_mb, unfold_bmm_saved_mb=usual_mb, saved_ratio=ours_mb / usual_mb)
+    if torch.cuda.is_available():
+        gpu = time_layers(CUDA_SHAPE, "cuda", repeats)
+        result["cuda"] = {
+            "device": torch.cuda.get_device_name(),
+            "ours_ms": gpu["ours"],
+            "unfold_bmm_ms": gpu["unfold_bmm"],
+            "conv2d_ms": gpu["conv2d"],
+            "speedup_vs_unfold_bmm": gpu["unfold_bmm"] / gpu["ours"],
+        }
+    return result
+
+
+def print_tables(result: dict[str, Any], console: Console) -> None:
+    """The benchmark as tables."""
+    cpu = result["cpu"]
+    shape = cpu["shape"]
+    table = Table(
+        title=f"LocallyConnected2d fwd+bwd, fp32, CPU ({cpu['threads']} threads): batch {shape['batch']}, "
+        f"{shape['channels']} channel, {shape['size']}x{shape['size']}, kernel {shape['kernel']}, "
+        f"stride {shape['stride']}, {shape['maps']} maps"
+    )
+    for column in ("implementation", "ms", "× ours", "saved for backward, MB"):
+        table.add_column(column, justify="left" if column == "implementation" else "right")
+    peaks = {"ours": cpu.get("ours_saved_mb"), "unfold_bmm": cpu.get("unfold_bmm_saved_mb")}
+    for name, key in (("downpour LocallyConnected2d", "ours"), ("unfold + bmm", "unfold_bmm"),
+                      ("tied conv2d (not the same layer)", "conv2d")):  # fmt: skip
+        peak = peaks.get(key)
+        table.add_row(name, f"{cpu[f'{key}_ms']:.1f}", f"{cpu[f'{key}_ms'] / cpu['ours_ms']:.2f}",
+                      "" if peak is None else f"{peak:.1f}")  # fmt: skip
+    console.print(table)
+    nov = result["cpu_non_overlapping"]
+    console.print(
+        f"non-overlapping fields (stride = kernel = {nov['stride']}): ours {nov['ours_ms']:.2f} ms, "
+        f"tied conv2d {nov['conv2d_ms']:.2f} ms ({nov['ours_vs_conv2d']:.2f}x conv2d's speed)"
+    )
+    tied = Table(title="untied vs tied, per example (forward multiply-adds x2 = FLOPs)")
+    for column in ("layer", "maps", "params", "bytes", "FLOPs", "fwd+bwd ms"):
+        tied.add_column(column, justify="left" if column == "layer" else "right")
+    for row in result["untied_vs_tied"]:
+        tied.add_row(row["layer"], f"{row['maps']:,}", f"{row['params']:,}", f"{row['bytes']:,}",
+                     f"{row['flops_per_example']:,}", f"{row['fwd_bwd_ms_per_example']:.3f}")  # fmt: skip
+    console.print(tied)
+    if "cuda" in result:
+        g = result["cuda"]
+        console.print(
+            f"CUDA ({g['device']}): ours {g['ours_ms']:.2f} ms, unfold+bmm {g['unfold_bmm_ms']:.2f} ms "
+            f"({g['speedup_vs_unfold_bmm']:.1f}x), tied conv2d {g['conv2d_ms']:.2f} ms"
+        )
