@@ -111,3 +111,18 @@ def test_parameter_count_is_untied() -> None:
     layer = LocallyConnected2d(3, 8, 32, 5, 1, bias=True)
     assert layer.weight.shape == (28 * 28, 8, 3 * 5 * 5)
     assert sum(p.numel() for p in layer.parameters()) == 28 * 28 * 8 * 75 + 8 * 28 * 28
+
+
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), GEOMETRIES)
+def test_transpose_is_the_adjoint(cin, cout, size, kernel, stride) -> None:
+    """<W x, h> = <x, Wᵀ h> for random x and h, and the transpose is gradient-checked in both its arguments."""
+    torch.manual_seed(4)
+    layer = LocallyConnected2d(cin, cout, size, kernel, stride).double()
+    h_in, w_in = (size, size) if isinstance(size, int) else size
+    x = torch.randn(3, cin, h_in, w_in, dtype=torch.float64)
+    h = torch.randn(3, cout, *layer.out_size, dtype=torch.float64, requires_grad=True)
+    left = (layer(x) * h).sum()
+    right = (x * layer.transpose(h)).sum()
+    assert torch.allclose(left, right, rtol=1e-10)
+    decoder = torch.randn_like(layer.weight, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda hh, ww: layer.transpose(hh, ww), (h, decoder))

@@ -42,49 +42,95 @@ def _band_patches(x_t: Tensor, rows: slice, width: int, kernel: tuple[int, int],
     return view.reshape(r * width, channels * kh * kw, batch)  # (R·W_out, P, B), one copy
 
 
+def _lc_forward(x_t: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
+                stride: tuple[int, int]) -> Tensor:  # fmt: skip
+    """Locally connected responses of the batch-last input ``x_t`` ``(C, H, W, B)``: ``(H_out, W_out, M, B)``."""
+    out_h, out_w = out_hw
+    batch, maps = x_t.shape[3], weight.shape[1]
+    out_t = x_t.new_empty(out_h, out_w, maps, batch)
+    for rows in _bands(out_h, out_w, weight.shape[2], batch, x_t.element_size()):
+        patches = _band_patches(x_t, rows, out_w, kernel, stride)  # (R·W_out, P, B)
+        band = out_t[rows].view(-1, maps, batch)  # (R·W_out, M, B)
+        torch.bmm(weight[rows.start * out_w : rows.stop * out_w], patches, out=band)
+    return out_t
+
+
+def _lc_transpose(g_t: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel: tuple[int, int],
+                  stride: tuple[int, int]) -> Tensor:  # fmt: skip
+    """The transpose of :func:`_lc_forward`: ``(H_out, W_out, M, B)`` back to the input space ``(C, H, W, B)``."""
+    out_h, out_w, maps, batch = g_t.shape
+    channels, kh, kw = in_chw[0], *kernel
+    sh, sw = stride
+    x_t = g_t.new_zeros(*in_chw, batch)
+    for rows in _bands(out_h, out_w, weight.shape[2], batch, g_t.element_size()):
+        r = rows.stop - rows.start
+        g_band = g_t[rows].reshape(-1, maps, batch)  # (R·W_out, M, B)
+        cols = torch.bmm(weight[rows.start * out_w : rows.stop * out_w].transpose(1, 2), g_band)  # (R·W_out, P, B)
+        cols = cols.view(r, out_w, channels, kh, kw, batch)
+        for i in range(kh):
+            for j in range(kw):
+                y0 = rows.start * sh + i
+                target = x_t[:, y0 : y0 + (r - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw]
+                target += cols[:, :, :, i, j].permute(2, 0, 1, 3)  # (C, R, W_out, B)
+    return x_t
+
+
+def _lc_weight_grad(g_t: Tensor, x_t: Tensor, weight_shape: torch.Size, kernel: tuple[int, int],
+                    stride: tuple[int, int]) -> Tensor:  # fmt: skip
+    """Weight gradient ``(L, M, P)`` from output gradients ``(H_out, W_out, M, B)`` and input ``(C, H, W, B)``."""
+    out_h, out_w, maps, batch = g_t.shape
+    grad_w = g_t.new_empty(weight_shape)
+    for rows in _bands(out_h, out_w, weight_shape[2], batch, g_t.element_size()):
+        patches = _band_patches(x_t, rows, out_w, kernel, stride)  # recomputed, never saved
+        g_band = g_t[rows].reshape(-1, maps, batch)  # (R·W_out, M, B)
+        torch.bmm(g_band, patches.transpose(1, 2), out=grad_w[rows.start * out_w : rows.stop * out_w])
+    return grad_w
+
+
 class _LocallyConnected(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
                 stride: tuple[int, int]) -> Tensor:  # fmt: skip
-        out_h, out_w = out_hw
-        batch = x.shape[0]
         x_t = x.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B): the batch innermost
-        out_t = x.new_empty(out_h, out_w, weight.shape[1], batch)  # (H_out, W_out, M, B)
-        for rows in _bands(out_h, out_w, weight.shape[2], batch, x.element_size()):
-            patches = _band_patches(x_t, rows, out_w, kernel, stride)  # (R·W_out, P, B)
-            band = out_t[rows].view(-1, weight.shape[1], batch)  # (R·W_out, M, B)
-            torch.bmm(weight[rows.start * out_w : rows.stop * out_w], patches, out=band)
         ctx.save_for_backward(x_t, weight)
-        ctx.geometry = (out_hw, kernel, stride, x.shape)
-        return out_t.permute(3, 2, 0, 1)  # (B, M, H_out, W_out), a view
+        ctx.geometry = (kernel, stride)
+        return _lc_forward(x_t, weight, out_hw, kernel, stride).permute(3, 2, 0, 1)  # (B, M, H_out, W_out), a view
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_t, weight = ctx.saved_tensors
-        (out_h, out_w), kernel, stride, x_shape = ctx.geometry
-        batch, channels = x_shape[0], x_shape[1]
-        kh, kw = kernel
-        sh, sw = stride
+        kernel, stride = ctx.geometry
         g_t = grad_out.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
-        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        grad_x_t = torch.zeros_like(x_t) if ctx.needs_input_grad[0] else None
-        for rows in _bands(out_h, out_w, weight.shape[2], batch, x_t.element_size()):
-            locations = slice(rows.start * out_w, rows.stop * out_w)
-            g_band = g_t[rows].view(-1, weight.shape[1], batch)  # (R·W_out, M, B)
-            if grad_w is not None:
-                patches = _band_patches(x_t, rows, out_w, kernel, stride)  # recomputed, never saved
-                torch.bmm(g_band, patches.transpose(1, 2), out=grad_w[locations])  # (R·W_out, M, P)
-            if grad_x_t is not None:
-                grad_patches = torch.bmm(weight[locations].transpose(1, 2), g_band)  # (R·W_out, P, B)
-                grad_patches = grad_patches.view(rows.stop - rows.start, out_w, channels, kh, kw, batch)
-                r = rows.stop - rows.start
-                for i in range(kh):
-                    for j in range(kw):
-                        y0 = rows.start * sh + i
-                        target = grad_x_t[:, y0 : y0 + (r - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw]
-                        target += grad_patches[:, :, :, i, j].permute(2, 0, 1, 3)  # (C, R, W_out, B)
-        grad_x = grad_x_t.permute(3, 0, 1, 2) if grad_x_t is not None else None  # (B, C, H, W)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _lc_transpose(g_t, weight, tuple(x_t.shape[:3]), kernel, stride).permute(3, 0, 1, 2)
+        if ctx.needs_input_grad[1]:
+            grad_w = _lc_weight_grad(g_t, x_t, weight.shape, kernel, stride)
         return grad_x, grad_w, None, None, None
+
+
+class _LocallyConnectedTranspose(torch.autograd.Function):
+    """``W``ᵀ of a locally connected layer: responses ``(B, M, H_out, W_out)`` back to the input ``(B, C, H, W)``."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel: tuple[int, int],
+                stride: tuple[int, int]) -> Tensor:  # fmt: skip
+        h_t = h.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
+        ctx.save_for_backward(h_t, weight)
+        ctx.geometry = (kernel, stride)
+        return _lc_transpose(h_t, weight, in_chw, kernel, stride).permute(3, 0, 1, 2)  # (B, C, H, W)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        h_t, weight = ctx.saved_tensors
+        kernel, stride = ctx.geometry
+        g_t = grad_out.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B)
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = _lc_forward(g_t, weight, tuple(h_t.shape[:2]), kernel, stride).permute(3, 2, 0, 1)
+        if ctx.needs_input_grad[1]:
+            grad_w = _lc_weight_grad(h_t, g_t, weight.shape, kernel, stride)
+        return grad_h, grad_w, None, None, None
 
 
 def _bands(out_h: int, out_w: int, patch: int, batch: int, itemsize: int) -> list[slice]:
@@ -140,6 +186,20 @@ class LocallyConnected2d(nn.Module):
             )
         out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride)
         return out + self.bias if self.bias is not None else out
+
+    def transpose(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
+        """``Wᵀh``: responses ``(B, out_channels, H_out, W_out)`` back to the input space ``(B, C, H, W)``.
+
+        With ``weight`` (same shape as :attr:`weight`), use it instead: RICA's separate decoding weights ``W₂``.
+        """
+        expected = (self.out_channels, *self.out_size)
+        if h.dim() != 4 or tuple(h.shape[1:]) != expected:
+            raise ValueError(
+                f"LocallyConnected2d.transpose expected input of shape (B, {', '.join(map(str, expected))}), "
+                f"got {tuple(h.shape)}"
+            )
+        w = self.weight if weight is None else weight
+        return _LocallyConnectedTranspose.apply(h, w, (self.in_channels, *self.in_size), self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:
         return (
