@@ -17,8 +17,8 @@ import tomli_w
 
 from downpour.errors import ConfigError
 
-DATA_SOURCES = ("natural-patches", "lfw-faces", "digits")
-MODELS = ("rica",)
+DATA_SOURCES = ("natural-patches", "natural-images", "lfw-faces", "digits")
+MODELS = ("rica", "cat")
 RULES = ("sgd", "adagrad")
 BACKENDS = ("local",)
 
@@ -29,7 +29,9 @@ class DataConfig:
 
     source: str = "natural-patches"
     patch_size: int = 16  # natural-patches only: side of the square patches
-    examples: int = 50_000  # natural-patches only: how many training patches to cut
+    image_size: int = 32  # natural-images only: side of the square crops
+    channels: int = 1  # natural-images only: 1 (grayscale) or 3 (colour photos)
+    examples: int = 50_000  # natural-patches / natural-images: how many training examples to cut
     held_out: int = 1024  # examples kept out of every worker's shard, for initial/final loss
     whiten: bool = True  # ZCA whitening (its matrix is saved with the run)
     whiten_eps: float = 1.0  # ZCA regularizer, as a fraction of the mean eigenvalue (keeps pixel noise down)
@@ -43,6 +45,14 @@ class ModelConfig:
     features: int = 256
     sparsity: float = 0.1  # λ, the weight of the sparsity penalty
     epsilon: float = 0.01  # ε in sqrt(ε + h²), the smoothed L1
+    # cat only: stages of (locally connected filtering -> L2 pooling -> local contrast normalization)
+    stages: int = 1  # 3 in the full 200x200 layout of Le et al. 2012; 1 fits the 32x32 demo crops
+    receptive_field: int = 18
+    maps: int = 8
+    pool: int = 5
+    lcn: int = 5
+    greedy: bool = True  # each stage learns on the previous stage's output without gradients across stages
+    tied: bool = False  # convolution (tied weights) in place of local connections
 
 
 @dataclass
@@ -207,6 +217,8 @@ def validate(config: Config) -> None:
     d, m, t, p, c = config.data, config.model, config.train, config.ps, config.cluster
     _require(d.source in DATA_SOURCES, "data.source", d.source, f"choose one of {', '.join(DATA_SOURCES)}")
     _require(2 <= d.patch_size <= 128, "data.patch_size", d.patch_size, "must be 2..128")
+    _require(2 <= d.image_size <= 1024, "data.image_size", d.image_size, "must be 2..1024")
+    _require(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
     _require(d.examples >= 1, "data.examples", d.examples, "must be at least 1")
     _require(d.held_out >= 1, "data.held_out", d.held_out, "must be at least 1")
     _require(math.isfinite(d.whiten_eps) and d.whiten_eps > 0, "data.whiten_eps", d.whiten_eps, "must be > 0")
@@ -214,6 +226,11 @@ def validate(config: Config) -> None:
     _require(m.features >= 1, "model.features", m.features, "must be at least 1")
     _require(math.isfinite(m.sparsity) and m.sparsity >= 0, "model.sparsity", m.sparsity, "must be >= 0")
     _require(math.isfinite(m.epsilon) and m.epsilon > 0, "model.epsilon", m.epsilon, "must be > 0")
+    _require(1 <= m.stages <= 8, "model.stages", m.stages, "must be 1..8")
+    _require(m.receptive_field >= 1, "model.receptive_field", m.receptive_field, "must be at least 1")
+    _require(m.maps >= 1, "model.maps", m.maps, "must be at least 1")
+    _require(m.pool >= 1, "model.pool", m.pool, "must be at least 1")
+    _require(m.lcn >= 1 and m.lcn % 2 == 1, "model.lcn", m.lcn, "must be an odd number >= 1")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be at least 1")
     _require(math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds", t.seconds, "must be >= 0 (0 = no limit)")
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0 = no limit)")

@@ -58,7 +58,7 @@ class HeldOutLoss:
     """The model's loss on the fixed held-out batch for any flat parameter vector."""
 
     def __init__(self, config: Config, dataset: Dataset) -> None:
-        self.model = build_model(config.model, dataset.dim, seed=config.train.seed)
+        self.model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
         self.flat = FlatParameters(self.model)
         self.batch = dataset.held_out
 
@@ -190,7 +190,7 @@ def run_training(
     prepare_run_dir(out, resume=resume)
     dataset = load_dataset(config.data, seed=config.train.seed)
     worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
-    model = build_model(config.model, dataset.dim, seed=config.train.seed)
+    model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
     signature = _model_signature(model)
     contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
     held_out_loss = HeldOutLoss(config, dataset)
@@ -220,7 +220,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
     interrupted = False
     session_seconds = 0.0
     session_examples_start = run_state.examples
-    cluster = LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0)
+    cluster = LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0, shape=dataset.shape)
     try:
         if checkpoint is not None:
             for shard, snap in zip(cluster.shards, checkpoint.shard_snapshots(), strict=True):
@@ -258,7 +258,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         metrics.close()
 
     FlatParameters(model).values.copy_(params)
-    save_filter_grid(model.filters(), dataset.shape, out / rundir.FILTERS)
+    save_filter_grid(model.filters(), getattr(model, "filter_shape", dataset.shape), out / rundir.FILTERS)
 
     summary = {
         "run_dir": str(out),

@@ -75,6 +75,7 @@ class _WorkerSpec:
     worker_id: int
     config: Config
     input_dim: int
+    shape: tuple[int, ...] | None  # (C, H, W) of one example, for image models
     shards: list[Shard]
     examples: Tensor
     seed: int
@@ -132,7 +133,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
         progress[spec.worker_id, 1] = loss
 
     try:
-        model = build_model(spec.config.model, spec.input_dim, seed=spec.config.train.seed)
+        model = build_model(spec.config.model, spec.input_dim, seed=spec.config.train.seed, shape=spec.shape)
         worker = DownpourWorker(
             spec.worker_id,
             model,
@@ -183,7 +184,8 @@ def _sigint_ignored() -> Iterator[None]:
 class LocalCluster:
     """Shards in shared memory and ``workers`` OS processes running :class:`DownpourWorker`."""
 
-    def __init__(self, config: Config, train: Tensor, initial: Tensor, *, worker_seeds: Sequence[int], t0: float):
+    def __init__(self, config: Config, train: Tensor, initial: Tensor, *, worker_seeds: Sequence[int], t0: float,
+                 shape: tuple[int, ...] | None = None):  # fmt: skip
         self.config = config
         self.bounds = contiguous_bounds(initial.numel(), config.ps.shards)
         self._lock_dir = tempfile.mkdtemp(prefix="downpour-locks-")
@@ -195,6 +197,7 @@ class LocalCluster:
         self.budget = GlobalSteps(config.train.steps, lock=FileLock(f"{self._lock_dir}/steps"), shared=True)
         self.train = train.share_memory_()
         self.input_dim = train.shape[1]
+        self.shape = shape
         self.worker_seeds = list(worker_seeds)
         self.t0 = t0
         self._ctx = mp.get_context("spawn")
@@ -218,6 +221,7 @@ class LocalCluster:
                 worker_id=worker_id,
                 config=self.config,
                 input_dim=self.input_dim,
+                shape=self.shape,
                 shards=self.shards,
                 examples=self.train[worker_slice(self.train.shape[0], workers, worker_id)],
                 seed=self.worker_seeds[worker_id],

@@ -32,6 +32,9 @@ class Dataset:
 def _raw_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
     if config.source == "natural-patches":
         return sources.natural_patches(config.examples + config.held_out, config.patch_size, rng)
+    if config.source == "natural-images":
+        count = config.examples + config.held_out
+        return sources.natural_patches(count, config.image_size, rng, channels=config.channels)
     if config.source == "lfw-faces":
         return sources.lfw_faces()
     if config.source == "digits":

@@ -27,6 +27,10 @@ PHOTOS = (
 )
 
 
+# The photos among PHOTOS that are in colour (used when data.channels = 3).
+COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
 def _grayscale(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         image = color.rgb2gray(image[..., :3])
@@ -41,26 +45,37 @@ def bundled_photos() -> list[np.ndarray]:
     return [_grayscale(getattr(data, name)()) for name in PHOTOS]
 
 
-def natural_patches(count: int, patch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` square patches cut at random places from the bundled photos: ``(count, 1, p, p)``.
+def bundled_colour_photos() -> list[np.ndarray]:
+    """The colour photos among the bundled ones as float32 arrays ``(3, H, W)`` in [0, 1]."""
+    photos = []
+    for name in COLOUR_PHOTOS:
+        image = getattr(data, name)()[..., :3].astype(np.float32)
+        photos.append(np.moveaxis(image / 255.0 if image.max() > 1.0 else image, -1, 0))
+    return photos
+
+
+def natural_patches(count: int, patch_size: int, rng: np.random.Generator, *, channels: int = 1) -> np.ndarray:
+    """``count`` square patches (or image crops) cut at random places from the bundled photos:
+    ``(count, channels, p, p)``; grayscale for 1 channel, the colour photos for 3.
 
     Each photo is picked with probability proportional to its number of possible patch positions.
     """
-    photos = [p for p in bundled_photos() if min(p.shape) >= patch_size]
+    photos = [p[None] for p in bundled_photos()] if channels == 1 else bundled_colour_photos()  # each (C, H, W)
+    photos = [p for p in photos if min(p.shape[1:]) >= patch_size]
     if not photos:
         raise DataError(f"no bundled photo is large enough for data.patch_size={patch_size}")
-    positions = np.array([(p.shape[0] - patch_size + 1) * (p.shape[1] - patch_size + 1) for p in photos])
+    positions = np.array([(p.shape[1] - patch_size + 1) * (p.shape[2] - patch_size + 1) for p in photos])
     per_photo = rng.multinomial(count, positions / positions.sum())
     pieces = []
     for photo, n in zip(photos, per_photo, strict=True):
         if n == 0:
             continue
-        windows = np.lib.stride_tricks.sliding_window_view(photo, (patch_size, patch_size))  # (H', W', p, p)
-        ys = rng.integers(0, windows.shape[0], size=n)
-        xs = rng.integers(0, windows.shape[1], size=n)
-        pieces.append(windows[ys, xs])  # (n, p, p)
+        windows = np.lib.stride_tricks.sliding_window_view(photo, (patch_size, patch_size), axis=(1, 2))
+        ys = rng.integers(0, windows.shape[1], size=n)  # windows: (C, H', W', p, p)
+        xs = rng.integers(0, windows.shape[2], size=n)
+        pieces.append(np.moveaxis(windows[:, ys, xs], 0, 1))  # (n, C, p, p)
     patches = np.concatenate(pieces)[rng.permutation(count)]
-    return patches[:, None].astype(np.float32)  # (count, 1, p, p)
+    return patches.astype(np.float32)  # (count, C, p, p)
 
 
 def lfw_faces() -> np.ndarray:

@@ -1,0 +1,191 @@
+"""The "cat" network (Le, Ranzato, Monga, Devin, Chen, Corrado, Dean & Ng, ICML 2012).
+
+Stacked stages of locally connected filtering (untied weights) → L2 pooling → local contrast normalization, each
+stage trained with the reconstruction-ICA cost of the paper:
+``‖W₂ W₁ᵀ x − x‖² + λ Σⱼ sqrt(ε + Hⱼ(W₁ᵀ x)²)``, H the L2 pooling, W₁ the encoding and W₂ the decoding weights.
+
+``greedy = True``: every stage learns its own cost on the previous stage's output with no gradient across stages
+(layer-wise learning, all stages at once). ``greedy = False``: the stage costs are summed and differentiated
+through the whole stack. ``tied = True`` puts convolution (one set of templates for every location) in place of
+the local connections.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from downpour.errors import ConfigError
+from downpour.nn import L2Pool2d, LocalContrastNorm2d, LocallyConnected2d
+from downpour.objectives import squared_reconstruction
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """Sizes through one stage: input, filter responses, pooled (= normalised) output."""
+
+    in_channels: int
+    in_size: int
+    response_size: int
+    pooled_size: int
+
+
+def stage_shapes(
+    channels: int, size: int, *, stages: int, receptive_field: int, pool: int, maps: int
+) -> list[StageShape]:
+    """The sizes of every stage, or a :class:`ConfigError` naming the key that makes an image too small."""
+    shapes = []
+    for index in range(stages):
+        response = size - receptive_field + 1
+        if response < 1:
+            raise ConfigError(
+                f"invalid model.receptive_field: {receptive_field} (stage {index + 1} sees {size}x{size} inputs; "
+                f"use a smaller field, fewer model.stages or a larger data.image_size)"
+            )
+        pooled = response - pool + 1
+        if pooled < 1:
+            raise ConfigError(f"invalid model.pool: {pool} (stage {index + 1} has {response}x{response} responses)")
+        shapes.append(StageShape(channels, size, response, pooled))
+        channels, size = maps, pooled  # the next stage sees this stage's maps
+    return shapes
+
+
+class CatStage(nn.Module):
+    """One stage: ``h = W₁x`` (locally connected or convolution), L2 pooling of ``h``, contrast normalization."""
+
+    def __init__(self, in_channels: int, in_size: int, *, receptive_field: int, maps: int, pool: int, lcn: int,
+                 tied: bool, sparsity: float, epsilon: float) -> None:  # fmt: skip
+        super().__init__()
+        self.in_channels, self.in_size, self.tied = in_channels, in_size, tied
+        self.sparsity, self.epsilon = sparsity, epsilon
+        if tied:
+            self.encoder = nn.Conv2d(in_channels, maps, receptive_field, bias=False)
+        else:
+            self.encoder = LocallyConnected2d(in_channels, maps, in_size, receptive_field)
+        self.decoder_weight = nn.Parameter(self.encoder.weight.detach().clone())  # W₂, initialised as W₁
+        self.pool = L2Pool2d(pool, stride=1, epsilon=epsilon)
+        self.norm = LocalContrastNorm2d(lcn)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Filter responses ``W₁x``: ``(B, C, S, S) -> (B, maps, S', S')``."""
+        return self.encoder(x)
+
+    def decode(self, h: Tensor) -> Tensor:
+        """Reconstruction ``W₂ᵀh`` back in the stage's input space."""
+        if self.tied:
+            return F.conv_transpose2d(h, self.decoder_weight)
+        return self.encoder.transpose(h, self.decoder_weight)
+
+    def cost(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The stage's RICA cost on ``x`` (mean over examples) and its pooled responses."""
+        h = self.encode(x)
+        pooled = self.pool(h)  # sqrt(ε + Σ_neighbourhood h²)
+        cost = squared_reconstruction(self.decode(h), x) + self.sparsity * pooled.flatten(1).sum(1).mean()
+        return cost, pooled
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The stage's output: contrast-normalised pooled responses."""
+        return self.norm(self.pool(self.encode(x)))
+
+
+class CatNetwork(nn.Module):
+    """Stages of :class:`CatStage` over ``(channels, size, size)`` images; ``loss`` is the sum of stage costs."""
+
+    def __init__(self, shape: tuple[int, int, int], *, stages: int = 1, receptive_field: int = 18, maps: int = 8,
+                 pool: int = 5, lcn: int = 5, greedy: bool = True, tied: bool = False, sparsity: float = 0.1,
+                 epsilon: float = 0.01) -> None:  # fmt: skip
+        super().__init__()
+        channels, height, width = shape
+        if height != width:
+            raise ConfigError(f"the cat network takes square images, got {height}x{width}")
+        self.shape, self.greedy = shape, greedy
+        self.shapes = stage_shapes(
+            channels, height, stages=stages, receptive_field=receptive_field, pool=pool, maps=maps
+        )
+        self.stages = nn.ModuleList()
+        in_channels = channels
+        for stage_shape in self.shapes:
+            self.stages.append(
+                CatStage(in_channels, stage_shape.in_size, receptive_field=receptive_field, maps=maps, pool=pool,
+                         lcn=lcn, tied=tied, sparsity=sparsity, epsilon=epsilon)
+            )  # fmt: skip
+            in_channels = maps
+        self.filter_shape = (channels, receptive_field, receptive_field)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The last stage's output for flat ``(B, C·S·S)`` or image ``(B, C, S, S)`` input."""
+        x = x.view(-1, *self.shape)  # (B, C, S, S)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def loss(self, x: Tensor) -> Tensor:
+        """Σ over stages of the stage's RICA cost; greedy stages see their input without gradient."""
+        x = x.view(-1, *self.shape)  # (B, C, S, S)
+        total = x.new_zeros(())
+        for stage in self.stages:
+            if self.greedy:
+                x = x.detach()
+            cost, pooled = stage.cost(x)
+            total = total + cost
+            x = stage.norm(pooled)
+        return total
+
+    def filters(self, count: int = 64) -> Tensor:
+        """First-stage encoding filters ``(K, C·f·f)``: every map at up to ``count // maps`` evenly spaced places."""
+        weight = self.stages[0].encoder.weight.detach()
+        if weight.dim() == 4:  # tied: (maps, C, f, f)
+            return weight.flatten(1)
+        locations, maps = weight.shape[0], weight.shape[1]  # untied: (L, maps, P)
+        places = max(1, min(locations, count // maps))
+        picks = torch.linspace(0, locations - 1, places).round().long()
+        return weight[picks].reshape(-1, weight.shape[2])  # (places·maps, P)
+
+
+def layout_report(shape: tuple[int, int, int], **kwargs: object) -> dict[str, object]:
+    """Build the network on PyTorch's meta device (no memory) and count its connections and parameters."""
+    with torch.device("meta"):
+        network = CatNetwork(shape, **kwargs)  # type: ignore[arg-type]
+    encoder = sum(stage.encoder.weight.numel() for stage in network.stages)
+    params = sum(p.numel() for p in network.parameters())
+    return {
+        "shape": list(shape),
+        "stages": [vars(s) for s in network.shapes],
+        "connections": encoder,  # encoding weights: what Le et al. count as connections
+        "parameters": params,  # encoding + decoding weights
+        "bytes_fp32": params * 4,
+        "gib_fp32": params * 4 / 2**30,
+        "flops_per_example": sum(2 * st.encoder.weight.numel() * _locations_if_tied(st) for st in network.stages),
+    }
+
+
+def _locations_if_tied(stage: CatStage) -> int:
+    """A tied stage applies its weights at every location; an untied one has a weight per location already."""
+    if not stage.tied:
+        return 1
+    response = stage.in_size - stage.encoder.kernel_size[0] + 1
+    return response * response
+
+
+def build_cat(shape: tuple[int, int, int], config: object, *, seed: int) -> CatNetwork:
+    """The cat network of ``config`` (a ``ModelConfig``) for ``shape`` images, initialised from ``seed``."""
+    if len(shape) != 3 or math.prod(shape) <= 0:
+        raise ConfigError(f"the cat network needs image examples (C, H, W), got {shape}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CatNetwork(
+            shape,
+            stages=config.stages,  # type: ignore[attr-defined]
+            receptive_field=config.receptive_field,  # type: ignore[attr-defined]
+            maps=config.maps,  # type: ignore[attr-defined]
+            pool=config.pool,  # type: ignore[attr-defined]
+            lcn=config.lcn,  # type: ignore[attr-defined]
+            greedy=config.greedy,  # type: ignore[attr-defined]
+            tied=config.tied,  # type: ignore[attr-defined]
+            sparsity=config.sparsity,  # type: ignore[attr-defined]
+            epsilon=config.epsilon,  # type: ignore[attr-defined]
+        )
