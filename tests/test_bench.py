@@ -40,6 +40,7 @@ def test_bench_layers_json_reports_every_row() -> None:
     assert cpu["ours_saved_mb"] == batch * size * size * 4 / 2**20  # the batch-last copy of the input only
     rows = {row["layer"]: row for row in report["untied_vs_tied"]}
     untied, tied = rows["untied, locally connected"], rows["tied conv, equal maps"]
-    assert untied["flops_per_example"] == tied["flops_per_example"]
-    assert untied["params"] == (size - kernel + 1) ** 2 * tied["params"]
+    assert untied["params"] == 41 * 41 * 8 * 64 == 860_672  # counted from the layer's own parameters
+    assert tied["params"] == 8 * 64
     assert rows["tied conv, equal parameter memory"]["params"] == untied["params"]
+    assert untied["flops_per_example"] == tied["flops_per_example"] == 2 * 41 * 41 * 8 * 64

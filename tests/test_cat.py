@@ -26,9 +26,26 @@ def test_full_200x200_colour_layout_reports_about_a_billion_connections() -> Non
 
 
 def test_an_image_too_small_for_the_stages_names_the_key() -> None:
-    """32x32 images cannot feed two stages of 18x18 fields: the error says which key to change."""
+    """Images too small for the fields, the pooling or the normalization window: the error names the key."""
     with pytest.raises(ConfigError, match=r"model\.receptive_field"):
         CatNetwork((1, 32, 32), stages=2, receptive_field=18)
+    with pytest.raises(ConfigError, match=r"model\.lcn"):
+        CatNetwork((1, 22, 22), receptive_field=18, pool=5, lcn=5)  # pools to 1x1
+
+
+def test_wrong_image_shape_is_refused() -> None:
+    """A batch of other images is an error, not silently reinterpreted."""
+    net = CatNetwork((1, 32, 32))
+    with pytest.raises(ValueError, match=r"expected \(B, 1, 32, 32\) or \(B, 1024\)"):
+        net.loss(torch.zeros(2, 1, 16, 64))
+
+
+def test_tied_layout_counts_a_template_at_every_place() -> None:
+    """A tied network's connections are its weights times the places they are applied; FLOPs are twice that."""
+    report = layout_report((1, 40, 40), stages=1, receptive_field=8, maps=4, pool=3, lcn=3, tied=True)
+    assert report["connections"] == 4 * 8 * 8 * 33 * 33
+    assert report["parameters"] == 2 * 4 * 8 * 8
+    assert report["flops_per_example"] == 2 * report["connections"]
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -53,20 +53,51 @@ def test_weights_are_untied_across_locations() -> None:
     assert changed.nonzero().tolist() == [[1, 1]]
 
 
-def test_many_bands_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Working through the output one row at a time (tiny bands) changes nothing, forward or backward."""
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), GEOMETRIES)
+def test_many_bands_give_the_same_result(cin, cout, size, kernel, stride, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Working through the output one row at a time (tiny bands) changes nothing: forward, both gradients and the
+    transpose, for every geometry (strides > 1 make band offsets matter)."""
     torch.manual_seed(2)
-    layer = LocallyConnected2d(2, 3, 10, 3).double()
-    x = torch.randn(4, 2, 10, 10, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
-    out.pow(2).sum().backward()
-    grads = (x.grad.clone(), layer.weight.grad.clone())
-    x.grad, layer.weight.grad = None, None
+    layer = LocallyConnected2d(cin, cout, size, kernel, stride).double()
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(4, cin, h, w, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, cout, *layer.out_size, dtype=torch.float64)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        x.grad, layer.weight.grad = None, None
+        out = layer(x)
+        out.pow(2).sum().backward()
+        return out.detach(), x.grad.clone(), layer.weight.grad.clone(), layer.transpose(r).detach()
+
+    whole = run()
     monkeypatch.setattr(local_mod, "_BAND_BYTES", 1)
-    out_banded = layer(x)
-    out_banded.pow(2).sum().backward()
-    assert torch.allclose(out, out_banded)
-    assert torch.allclose(grads[0], x.grad) and torch.allclose(grads[1], layer.weight.grad)
+    banded = run()
+    assert all(torch.allclose(a, b) for a, b in zip(whole, banded, strict=True))
+
+
+def test_empty_batch_and_mismatched_dtype() -> None:
+    """A batch of 0 gives an empty output; a float64 input to a float32 layer is a clear error."""
+    layer = LocallyConnected2d(1, 2, 8, 3)
+    assert layer(torch.zeros(0, 1, 8, 8)).shape == (0, 2, 6, 6)
+    with pytest.raises(ValueError, match=r"torch\.float64 on cpu, its weights are torch\.float32"):
+        layer(torch.zeros(1, 1, 8, 8, dtype=torch.float64))
+
+
+def test_transpose_checks_its_weight() -> None:
+    """Decoding weights of another shape are refused, not silently truncated."""
+    layer = LocallyConnected2d(1, 2, 8, 3)
+    h = torch.zeros(1, 2, 6, 6)
+    with pytest.raises(ValueError, match=r"expected weight of shape \(36, 2, 9\), got \(41, 2, 9\)"):
+        layer.transpose(h, torch.zeros(41, 2, 9))
+
+
+def test_double_backward_is_refused_clearly() -> None:
+    """The kernels are once-differentiable; asking for a second derivative says so."""
+    layer = LocallyConnected2d(1, 2, 6, 3).double()
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
+        grad.sum().backward()
 
 
 def test_float32_matches_float64() -> None:

@@ -310,3 +310,13 @@ def test_lcn_input_errors() -> None:
 
 def test_lcn_repr() -> None:
     assert repr(LocalContrastNorm2d(5)) == "LocalContrastNorm2d(kernel_size=5, sigma=1.25, epsilon=0.0001)"
+
+
+def test_l2_pool_propagates_nan() -> None:
+    """A NaN in a window makes that window's output NaN (divergence is not hidden as 0)."""
+    from downpour.nn.pooling import L2Pool2d as Pool
+
+    x = torch.zeros(1, 1, 2, 4)
+    x[0, 0, 0, 0] = float("nan")
+    out = Pool(2, stride=2, epsilon=1e-6)(x)
+    assert torch.isnan(out[0, 0, 0, 0]) and torch.isfinite(out[0, 0, 0, 1])

@@ -106,8 +106,6 @@ def untied_vs_tied(shape: tuple[int, ...], repeats: int = 3) -> list[dict[str, A
         ("tied conv, equal parameter memory", maps * locations, True),
     ]
     for name, m, tied in configs:
-        params = m * patch if tied else locations * m * patch
-        flops = 2 * locations * m * patch  # multiply-adds per example, forward
         batch = 1 if m > 64 else shape[0]
         torch.manual_seed(0)
         x = torch.randn(batch, channels, size, size, requires_grad=True)
@@ -116,6 +114,8 @@ def untied_vs_tied(shape: tuple[int, ...], repeats: int = 3) -> list[dict[str, A
             if tied
             else LocallyConnected2d(channels, m, size, kernel, stride)
         )
+        params = sum(p.numel() for p in layer.parameters())
+        flops = 2 * locations * m * patch  # multiply-adds per example, forward
         ms = _fastest_ms(lambda layer=layer, x=x: layer(x).sum().backward(), repeats, "cpu") / batch
         rows.append({"layer": name, "maps": m, "params": params, "bytes": params * 4, "flops_per_example": flops,
                      "fwd_bwd_ms_per_example": ms})  # fmt: skip
@@ -136,7 +136,7 @@ def run(*, repeats: int = 5, memory: bool = True) -> dict[str, Any]:
             "unfold_bmm_ms": cpu["unfold_bmm"],
             "conv2d_ms": cpu["conv2d"],
             "speedup_vs_unfold_bmm": cpu["unfold_bmm"] / cpu["ours"],
-            "arithmetic_gflop": 3 * 2 * b * ((s - k) + 1) ** 2 * m * c * k * k / 1e9,  # fwd + 2 bwd products
+            "arithmetic_gflop": 3 * 2 * b * ((s - k) // CPU_SHAPE[4] + 1) ** 2 * m * c * k * k / 1e9,  # fwd + 2 bwd
         },
         "cpu_non_overlapping": {
             "stride": k,

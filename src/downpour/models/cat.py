@@ -2,7 +2,8 @@
 
 Stacked stages of locally connected filtering (untied weights) → L2 pooling → local contrast normalization, each
 stage trained with the reconstruction-ICA cost of the paper:
-``‖W₂ W₁ᵀ x − x‖² + λ Σⱼ sqrt(ε + Hⱼ(W₁ᵀ x)²)``, H the L2 pooling, W₁ the encoding and W₂ the decoding weights.
+``‖W₂ᵀ W₁ x − x‖² + λ Σⱼ sqrt(ε + Hⱼ(W₁ x)²)``, H the L2 pooling, W₁ the encoding and W₂ the decoding weights
+(the paper writes the same cost with its weights transposed: ``‖W₂W₁ᵀx − x‖²``).
 
 ``greedy = True``: every stage learns its own cost on the previous stage's output with no gradient across stages
 (layer-wise learning, all stages at once). ``greedy = False``: the stage costs are summed and differentiated
@@ -35,7 +36,7 @@ class StageShape:
 
 
 def stage_shapes(
-    channels: int, size: int, *, stages: int, receptive_field: int, pool: int, maps: int
+    channels: int, size: int, *, stages: int, receptive_field: int, pool: int, maps: int, lcn: int = 1
 ) -> list[StageShape]:
     """The sizes of every stage, or a :class:`ConfigError` naming the key that makes an image too small."""
     shapes = []
@@ -49,6 +50,8 @@ def stage_shapes(
         pooled = response - pool + 1
         if pooled < 1:
             raise ConfigError(f"invalid model.pool: {pool} (stage {index + 1} has {response}x{response} responses)")
+        if pooled <= lcn // 2:
+            raise ConfigError(f"invalid model.lcn: {lcn} (stage {index + 1} pools to {pooled}x{pooled}, too small)")
         shapes.append(StageShape(channels, size, response, pooled))
         channels, size = maps, pooled  # the next stage sees this stage's maps
     return shapes
@@ -104,7 +107,7 @@ class CatNetwork(nn.Module):
             raise ConfigError(f"the cat network takes square images, got {height}x{width}")
         self.shape, self.greedy = shape, greedy
         self.shapes = stage_shapes(
-            channels, height, stages=stages, receptive_field=receptive_field, pool=pool, maps=maps
+            channels, height, stages=stages, receptive_field=receptive_field, pool=pool, maps=maps, lcn=lcn
         )
         self.stages = nn.ModuleList()
         in_channels = channels
@@ -116,16 +119,24 @@ class CatNetwork(nn.Module):
             in_channels = maps
         self.filter_shape = (channels, receptive_field, receptive_field)
 
+    def _images(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[1:]) == self.shape:
+            return x
+        if x.dim() == 2 and x.shape[1] == math.prod(self.shape):
+            return x.view(-1, *self.shape)  # (B, C, S, S)
+        raise ValueError(f"CatNetwork expected (B, {', '.join(map(str, self.shape))}) or (B, {math.prod(self.shape)}), "
+                         f"got {tuple(x.shape)}")  # fmt: skip
+
     def forward(self, x: Tensor) -> Tensor:
         """The last stage's output for flat ``(B, C·S·S)`` or image ``(B, C, S, S)`` input."""
-        x = x.view(-1, *self.shape)  # (B, C, S, S)
+        x = self._images(x)
         for stage in self.stages:
             x = stage(x)
         return x
 
     def loss(self, x: Tensor) -> Tensor:
         """Σ over stages of the stage's RICA cost; greedy stages see their input without gradient."""
-        x = x.view(-1, *self.shape)  # (B, C, S, S)
+        x = self._images(x)
         total = x.new_zeros(())
         for stage in self.stages:
             if self.greedy:
@@ -150,16 +161,16 @@ def layout_report(shape: tuple[int, int, int], **kwargs: object) -> dict[str, ob
     """Build the network on PyTorch's meta device (no memory) and count its connections and parameters."""
     with torch.device("meta"):
         network = CatNetwork(shape, **kwargs)  # type: ignore[arg-type]
-    encoder = sum(stage.encoder.weight.numel() for stage in network.stages)
+    encoder = sum(st.encoder.weight.numel() * _locations_if_tied(st) for st in network.stages)
     params = sum(p.numel() for p in network.parameters())
     return {
         "shape": list(shape),
         "stages": [vars(s) for s in network.shapes],
-        "connections": encoder,  # encoding weights: what Le et al. count as connections
+        "connections": encoder,  # input-to-unit connections of the encoders (a tied weight counts at every place)
         "parameters": params,  # encoding + decoding weights
         "bytes_fp32": params * 4,
         "gib_fp32": params * 4 / 2**30,
-        "flops_per_example": sum(2 * st.encoder.weight.numel() * _locations_if_tied(st) for st in network.stages),
+        "flops_per_example": 2 * encoder,
     }
 
 

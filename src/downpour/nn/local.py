@@ -23,7 +23,7 @@ _BAND_BYTES = 4 << 20  # patches of one band of output rows: about 4 MB
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
         raise ValueError(f"Invalid {name}: {value!r} (a positive integer or a pair of them)")
     return pair  # type: ignore[return-value]
 
@@ -50,7 +50,7 @@ def _lc_forward(x_t: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tu
     out_t = x_t.new_empty(out_h, out_w, maps, batch)
     for rows in _bands(out_h, out_w, weight.shape[2], batch, x_t.element_size()):
         patches = _band_patches(x_t, rows, out_w, kernel, stride)  # (R·W_out, P, B)
-        band = out_t[rows].view(-1, maps, batch)  # (R·W_out, M, B)
+        band = out_t[rows].view((rows.stop - rows.start) * out_w, maps, batch)  # (R·W_out, M, B)
         torch.bmm(weight[rows.start * out_w : rows.stop * out_w], patches, out=band)
     return out_t
 
@@ -64,7 +64,7 @@ def _lc_transpose(g_t: Tensor, weight: Tensor, in_chw: tuple[int, int, int], ker
     x_t = g_t.new_zeros(*in_chw, batch)
     for rows in _bands(out_h, out_w, weight.shape[2], batch, g_t.element_size()):
         r = rows.stop - rows.start
-        g_band = g_t[rows].reshape(-1, maps, batch)  # (R·W_out, M, B)
+        g_band = g_t[rows].reshape(r * out_w, maps, batch)  # (R·W_out, M, B)
         cols = torch.bmm(weight[rows.start * out_w : rows.stop * out_w].transpose(1, 2), g_band)  # (R·W_out, P, B)
         cols = cols.view(r, out_w, channels, kh, kw, batch)
         for i in range(kh):
@@ -82,7 +82,7 @@ def _lc_weight_grad(g_t: Tensor, x_t: Tensor, weight_shape: torch.Size, kernel: 
     grad_w = g_t.new_empty(weight_shape)
     for rows in _bands(out_h, out_w, weight_shape[2], batch, g_t.element_size()):
         patches = _band_patches(x_t, rows, out_w, kernel, stride)  # recomputed, never saved
-        g_band = g_t[rows].reshape(-1, maps, batch)  # (R·W_out, M, B)
+        g_band = g_t[rows].reshape((rows.stop - rows.start) * out_w, maps, batch)  # (R·W_out, M, B)
         torch.bmm(g_band, patches.transpose(1, 2), out=grad_w[rows.start * out_w : rows.stop * out_w])
     return grad_w
 
@@ -97,6 +97,7 @@ class _LocallyConnected(torch.autograd.Function):
         return _lc_forward(x_t, weight, out_hw, kernel, stride).permute(3, 2, 0, 1)  # (B, M, H_out, W_out), a view
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels write with out=: no double backward
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_t, weight = ctx.saved_tensors
         kernel, stride = ctx.geometry
@@ -121,6 +122,7 @@ class _LocallyConnectedTranspose(torch.autograd.Function):
         return _lc_transpose(h_t, weight, in_chw, kernel, stride).permute(3, 0, 1, 2)  # (B, C, H, W)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         h_t, weight = ctx.saved_tensors
         kernel, stride = ctx.geometry
@@ -184,8 +186,16 @@ class LocallyConnected2d(nn.Module):
             raise ValueError(
                 f"LocallyConnected2d expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
+        self._check_like_weight(x, "input")
         out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride)
         return out + self.bias if self.bias is not None else out
+
+    def _check_like_weight(self, x: Tensor, what: str) -> None:
+        if x.dtype != self.weight.dtype or x.device != self.weight.device:
+            raise ValueError(
+                f"LocallyConnected2d {what} is {x.dtype} on {x.device}, its weights are {self.weight.dtype} on "
+                f"{self.weight.device}: convert one of them (e.g. layer.to(x))"
+            )
 
     def transpose(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
         """``Wᵀh``: responses ``(B, out_channels, H_out, W_out)`` back to the input space ``(B, C, H, W)``.
@@ -199,6 +209,10 @@ class LocallyConnected2d(nn.Module):
                 f"got {tuple(h.shape)}"
             )
         w = self.weight if weight is None else weight
+        if w.shape != self.weight.shape:
+            raise ValueError(f"LocallyConnected2d.transpose expected weight of shape {tuple(self.weight.shape)}, "
+                             f"got {tuple(w.shape)}")  # fmt: skip
+        self._check_like_weight(h, "transpose input")
         return _LocallyConnectedTranspose.apply(h, w, (self.in_channels, *self.in_size), self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:

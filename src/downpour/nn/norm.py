@@ -11,13 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from downpour.nn.pooling import _sqrt_zero_grad_at_zero
+
 __all__ = ["LocalContrastNorm2d"]
-
-
-def _sqrt_zero_grad_at_zero(s: Tensor) -> Tensor:
-    """``sqrt(s)`` for ``s >= 0`` whose gradient is 0 (not ``0 · ∞ = NaN``) where ``s == 0``."""
-    positive = s > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
 
 
 def _positive_finite(name: str, value: object) -> float:

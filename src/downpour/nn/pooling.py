@@ -26,8 +26,8 @@ def _sqrt_zero_grad_at_zero(s: Tensor) -> Tensor:
 
     Only the entries with ``s == 0`` are touched: elsewhere value and gradient are those of ``torch.sqrt``.
     """
-    positive = s > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
+    zero = s == 0  # only exact zeros: a NaN stays NaN (divergence must not be hidden)
+    return torch.where(zero, torch.zeros_like(s), torch.sqrt(torch.where(zero, torch.ones_like(s), s)))
 
 
 class L2Pool2d(nn.Module):
