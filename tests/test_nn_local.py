@@ -19,13 +19,18 @@ GEOMETRIES = [
 ]
 
 
+def _layer_and_input(cin, cout, size, kernel, stride, *, batch: int, seed: int, bias: bool = False):
+    """A float64 layer of one geometry and a random input batch for it."""
+    torch.manual_seed(seed)
+    layer = LocallyConnected2d(cin, cout, size, kernel, stride, bias=bias).double()
+    h, w = (size, size) if isinstance(size, int) else size
+    return layer, torch.randn(batch, cin, h, w, dtype=torch.float64)
+
+
 @pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), GEOMETRIES)
 def test_equals_a_per_location_loop_in_float64(cin, cout, size, kernel, stride) -> None:
     """Forward equals the plain per-location reference to 1e-6 relative (in practice ~1e-16)."""
-    torch.manual_seed(0)
-    layer = LocallyConnected2d(cin, cout, size, kernel, stride).double()
-    h, w = (size, size) if isinstance(size, int) else size
-    x = torch.randn(5, cin, h, w, dtype=torch.float64)
+    layer, x = _layer_and_input(cin, cout, size, kernel, stride, batch=5, seed=0)
     out = layer(x)
     ref = locally_connected_reference(x, layer.weight, layer.kernel_size, layer.stride)
     assert out.shape == (5, cout, *layer.out_size)
@@ -35,10 +40,8 @@ def test_equals_a_per_location_loop_in_float64(cin, cout, size, kernel, stride) 
 @pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), GEOMETRIES)
 def test_gradcheck(cin, cout, size, kernel, stride) -> None:
     """Input and weight gradients agree with finite differences (float64)."""
-    torch.manual_seed(1)
-    layer = LocallyConnected2d(cin, cout, size, kernel, stride, bias=True).double()
-    h, w = (size, size) if isinstance(size, int) else size
-    x = torch.randn(2, cin, h, w, dtype=torch.float64, requires_grad=True)
+    layer, x = _layer_and_input(cin, cout, size, kernel, stride, batch=2, seed=1, bias=True)
+    x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda inp, *_: layer(inp), (x, layer.weight, layer.bias))
 
 
@@ -57,10 +60,8 @@ def test_weights_are_untied_across_locations() -> None:
 def test_many_bands_give_the_same_result(cin, cout, size, kernel, stride, monkeypatch: pytest.MonkeyPatch) -> None:
     """Working through the output one row at a time (tiny bands) changes nothing: forward, both gradients and the
     transpose, for every geometry (strides > 1 make band offsets matter)."""
-    torch.manual_seed(2)
-    layer = LocallyConnected2d(cin, cout, size, kernel, stride).double()
-    h, w = (size, size) if isinstance(size, int) else size
-    x = torch.randn(4, cin, h, w, dtype=torch.float64, requires_grad=True)
+    layer, x = _layer_and_input(cin, cout, size, kernel, stride, batch=4, seed=2)
+    x.requires_grad_(True)
     r = torch.randn(4, cout, *layer.out_size, dtype=torch.float64)
 
     def run() -> tuple[torch.Tensor, ...]:
@@ -147,10 +148,7 @@ def test_parameter_count_is_untied() -> None:
 @pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), GEOMETRIES)
 def test_transpose_is_the_adjoint(cin, cout, size, kernel, stride) -> None:
     """<W x, h> = <x, Wᵀ h> for random x and h, and the transpose is gradient-checked in both its arguments."""
-    torch.manual_seed(4)
-    layer = LocallyConnected2d(cin, cout, size, kernel, stride).double()
-    h_in, w_in = (size, size) if isinstance(size, int) else size
-    x = torch.randn(3, cin, h_in, w_in, dtype=torch.float64)
+    layer, x = _layer_and_input(cin, cout, size, kernel, stride, batch=3, seed=4)
     h = torch.randn(3, cout, *layer.out_size, dtype=torch.float64, requires_grad=True)
     left = (layer(x) * h).sum()
     right = (x * layer.transpose(h)).sum()
