@@ -8,17 +8,16 @@ killed at any moment leaves either the old checkpoint or the new one, never a mi
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from downpour.errors import CheckpointError
-from downpour.rundir import atomic_write_text
+from downpour.rundir import atomic_write_text, save_tensors
 
 FORMAT = 1
 STATE_FILE = "state.json"
@@ -62,24 +61,13 @@ def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]
         shard_info.append({"version": snap["version"], "rejected": snap["rejected"], "size": snap["values"].numel()})
     serial = _next_serial(directory)
     params_name = f"params-{serial:08d}.safetensors"
-    tmp = directory / f".{params_name}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, directory / params_name)
+    save_tensors(tensors, directory / params_name)
     full_state = {"format": FORMAT, **state, "shards": shard_info, "params_file": params_name}
     atomic_write_text(directory / STATE_FILE, json.dumps(full_state, indent=1))
     for stale in [*directory.glob("params-*.safetensors"), *directory.glob(".*.tmp-*")]:
         if stale.name != params_name:  # older parameters, and temporary files of an interrupted save
             stale.unlink(missing_ok=True)
     return directory / STATE_FILE
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _next_serial(directory: Path) -> int:

@@ -53,9 +53,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """Write tensors as safetensors, atomically (temporary file, then rename)."""
+    """Write tensors as safetensors, atomically and durably (temporary file, fsync, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 

@@ -6,11 +6,9 @@ shard or worker directly, so every backend gets the same run directory, progress
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,12 @@ from downpour.config import Config
 from downpour.data import Dataset, load_dataset, worker_slice
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
-from downpour.ps.flat import FlatParameters
+from downpour.ps.flat import FlatParameters, flat_copy
 from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.staleness import StalenessHistogram
 from downpour.report.filters import save_filter_grid
 from downpour.report.live import LiveProgress
+from downpour.signals import routed
 
 _POLL_SECONDS = 0.05
 _THROUGHPUT_SECONDS = 1.0
@@ -167,21 +166,6 @@ def prepare_run_dir(out: Path, *, resume: bool) -> None:
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
 
 
-@contextlib.contextmanager
-def _signals(handler: Any) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to ``handler`` inside the block (main thread only), then restore them."""
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def run_training(
     config: Config, out: Path, *, resume: bool = False, console: Console | None = None, show_progress: bool = True
 ) -> dict[str, Any]:
@@ -213,7 +197,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                    resume: bool, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     seeds = _worker_seeds(config.train.seed, run_state.session, config.cluster.workers)
     t0 = time.time()
-    initial = FlatParameters(model).values.clone()
+    initial = flat_copy(model)
     if checkpoint is None:
         run_state.initial_loss = held_out_loss(initial)
     metrics = rundir.MetricsLog(out / rundir.METRICS)
@@ -229,7 +213,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                     raise CheckpointError(f"corrupt checkpoint in {out}: shard {shard.index} lacks {sorted(missing)}")
                 shard.restore(snap)
             cluster.budget.set(run_state.steps)
-        with _signals(_interrupt):
+        with routed(_interrupt):
             try:
                 cluster.start()
                 metrics.write(
@@ -242,7 +226,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                 )
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the watch loop took over
                 interrupted = True
-        with _signals(signal.SIG_IGN):  # shutting down: a second Ctrl-C must not lose the final checkpoint
+        with routed(signal.SIG_IGN):  # shutting down: a second Ctrl-C must not lose the final checkpoint
             records, last_events = cluster.stop()
             log_push_records(records, metrics, run_state)
             _log_events(last_events, metrics, run_state, console, t0)
@@ -257,8 +241,8 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         cluster.close()
         metrics.close()
 
-    FlatParameters(model).values.copy_(params)
-    save_filter_grid(model.filters(), getattr(model, "filter_shape", dataset.shape), out / rundir.FILTERS)
+    final_model = held_out_loss.model  # holds the final parameters since final_loss was measured
+    save_filter_grid(final_model.filters(), getattr(final_model, "filter_shape", dataset.shape), out / rundir.FILTERS)
 
     summary = {
         "run_dir": str(out),
@@ -313,7 +297,7 @@ def log_push_records(records: list[tuple], metrics: rundir.MetricsLog, run_state
 
 def _log_events(
     events: list[WorkerEvent], metrics: rundir.MetricsLog, run_state: RunState, console: Console, t0: float
-) -> list[WorkerEvent]:
+) -> None:
     for event in events:
         if event.kind == "died":
             run_state.worker_deaths += 1
@@ -321,10 +305,7 @@ def _log_events(
         elif event.kind == "error":
             last_line = event.detail.strip().splitlines()[-1] if event.detail.strip() else "unknown error"
             console.print(f"[red]worker {event.worker} failed: {last_line}[/]")
-        metrics.write(
-            f"worker_{event.kind.replace('-', '_')}", t=time.time() - t0, worker=event.worker, detail=event.detail
-        )
-    return events
+        metrics.write(f"worker_{event.kind}", t=time.time() - t0, worker=event.worker, detail=event.detail)
 
 
 def _watch(

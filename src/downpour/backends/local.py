@@ -18,7 +18,7 @@ import signal
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from downpour.ps.rules import make_rule
 from downpour.ps.shard import Shard
 from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.worker import DownpourWorker, PushRecord, WorkerSettings
+from downpour.signals import routed
 
 _FLUSH_SECONDS = 0.2
 _FLUSH_RECORDS = 256  # about 8 KB a message: well inside a pipe's buffer
@@ -168,19 +169,6 @@ class WorkerEvent:
     detail: str
 
 
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class LocalCluster:
     """Shards in shared memory and ``workers`` OS processes running :class:`DownpourWorker`."""
 
@@ -235,7 +223,7 @@ class LocalCluster:
             )
             proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
             proc.daemon = True
-            with _sigint_ignored():  # a child starts with SIGINT ignored, so an early Ctrl-C cannot hit its import
+            with routed(signal.SIG_IGN, [signal.SIGINT]):  # the child inherits SIGINT ignored: no Ctrl-C mid-import
                 proc.start()
             self._procs.append(proc)
             self._pipes[worker_id][1].close()  # the worker holds the only write end: its death reads as EOF
@@ -312,10 +300,6 @@ class LocalCluster:
     def snapshots(self) -> list[dict[str, Any]]:
         """A consistent copy of every shard (each shard consistent on its own, as in Downpour)."""
         return [shard.snapshot() for shard in self.shards]
-
-    def parameters(self) -> Tensor:
-        """The current flat parameters assembled from every shard."""
-        return torch.cat([snap["values"] for snap in self.snapshots()])
 
     def pids(self) -> list[int]:
         """Worker process ids (for tests that kill one)."""
