@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from downpour.nn import LocallyConnected2d
+from downpour.nn import LocallyConnected2d, local_triton
 
 # The issue's shapes: (batch, channels, size, kernel, stride, maps)
 CPU_SHAPE = (32, 1, 48, 8, 1, 8)
@@ -55,11 +55,26 @@ def _implementations(shape: tuple[int, ...], device: str) -> dict[str, Callable[
     weight_lpm = layer.weight.detach().transpose(1, 2).contiguous().requires_grad_(True)  # (L, P, M)
     conv = torch.nn.Conv2d(channels, maps, kernel, stride, bias=False).to(device)
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
-    return {
+    steps = {
         "ours": lambda: layer(x).sum().backward(),
         "unfold_bmm": lambda: unfold_bmm(x, weight_lpm, kernel, stride).sum().backward(),
         "conv2d": lambda: conv(x).sum().backward(),
     }
+    if device == "cuda":  # the band-wise bmm kernels that "auto" uses without Triton, and TF32 products
+        bands = LocallyConnected2d(channels, maps, size, kernel, stride, implementation="bands").to(device)
+        steps["ours_bands"] = lambda: bands(x).sum().backward()
+        steps["ours_tf32"] = lambda: _with_tf32(lambda: layer(x).sum().backward())
+    return steps
+
+
+def _with_tf32(step: Callable[[], None]) -> None:
+    """Run ``step`` with PyTorch's float32 products allowed to use TF32 (what cuDNN's conv2d does by default)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        step()
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def time_layers(shape: tuple[int, ...], device: str = "cpu", repeats: int = 5) -> dict[str, float]:
@@ -150,15 +165,28 @@ def run(*, repeats: int = 5, memory: bool = True) -> dict[str, Any]:
         ours_mb, usual_mb = saved_for_backward_mb("ours", CPU_SHAPE), saved_for_backward_mb("unfold_bmm", CPU_SHAPE)
         result["cpu"].update(ours_saved_mb=ours_mb, unfold_bmm_saved_mb=usual_mb, saved_ratio=ours_mb / usual_mb)
     if torch.cuda.is_available():
-        gpu = time_layers(CUDA_SHAPE, "cuda", repeats)
-        result["cuda"] = {
-            "device": torch.cuda.get_device_name(),
-            "ours_ms": gpu["ours"],
-            "unfold_bmm_ms": gpu["unfold_bmm"],
-            "conv2d_ms": gpu["conv2d"],
-            "speedup_vs_unfold_bmm": gpu["unfold_bmm"] / gpu["ours"],
-        }
+        result["cuda"] = cuda_result(CUDA_SHAPE, max(repeats, 20))
+        b, c, s, k, _, m = CUDA_SHAPE
+        result["cuda_non_overlapping"] = cuda_result((b, c, s, k, k, m), max(repeats, 20))
     return result
+
+
+def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Times of every implementation on the GPU for one shape, and which kernels "ours" ran."""
+    batch, channels, size, kernel, stride, maps = shape
+    gpu = time_layers(shape, "cuda", repeats)
+    out = (size - kernel) // stride + 1
+    return {
+        "device": torch.cuda.get_device_name(),
+        "shape": dict(zip(("batch", "channels", "size", "kernel", "stride", "maps"), shape, strict=True)),
+        "kernels": "triton" if local_triton.usable(torch.empty(0, device="cuda"), maps) else "bands",
+        **{f"{name}_ms": ms for name, ms in gpu.items()},
+        "speedup_vs_unfold_bmm": gpu["unfold_bmm"] / gpu["ours"],
+        "ours_vs_conv2d": gpu["conv2d"] / gpu["ours"],
+        "tf32_speedup_vs_unfold_bmm": gpu["unfold_bmm"] / gpu["ours_tf32"],
+        "conv2d_tf32": torch.backends.cudnn.allow_tf32,
+        "arithmetic_gflop": 3 * 2 * batch * out * out * maps * channels * kernel * kernel / 1e9,
+    }
 
 
 def print_tables(result: dict[str, Any], console: Console) -> None:
@@ -191,9 +219,25 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         tied.add_row(row["layer"], f"{row['maps']:,}", f"{row['params']:,}", f"{row['bytes']:,}",
                      f"{row['flops_per_example']:,}", f"{row['fwd_bwd_ms_per_example']:.3f}")  # fmt: skip
     console.print(tied)
-    if "cuda" in result:
-        g = result["cuda"]
-        console.print(
-            f"CUDA ({g['device']}): ours {g['ours_ms']:.2f} ms, unfold+bmm {g['unfold_bmm_ms']:.2f} ms "
-            f"({g['speedup_vs_unfold_bmm']:.1f}x), tied conv2d {g['conv2d_ms']:.2f} ms"
-        )
+    for key in ("cuda", "cuda_non_overlapping"):
+        if key in result:
+            g = result[key]
+            shape = g["shape"]
+            table = Table(
+                title=f"LocallyConnected2d fwd+bwd on CUDA ({g['device']}): batch {shape['batch']}, "
+                f"{shape['channels']} channel, {shape['size']}x{shape['size']}, kernel {shape['kernel']}, "
+                f"stride {shape['stride']}, {shape['maps']} maps"
+            )
+            for column in ("implementation", "ms", "unfold+bmm / this"):
+                table.add_column(column, justify="left" if column == "implementation" else "right")
+            conv_name = f"tied conv2d (cuDNN, TF32 {'on' if g['conv2d_tf32'] else 'off'})"
+            rows = [
+                (f"downpour ({g['kernels']}), float32", "ours"),
+                (f"downpour ({g['kernels']}), TF32", "ours_tf32"),
+                ("downpour band-wise bmm", "ours_bands"),
+                ("unfold + bmm", "unfold_bmm"),
+                (conv_name, "conv2d"),
+            ]
+            for name, k in rows:
+                table.add_row(name, f"{g[f'{k}_ms']:.3f}", f"{g['unfold_bmm_ms'] / g[f'{k}_ms']:.1f}")
+            console.print(table)

@@ -18,6 +18,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from downpour.nn import local_triton
+
+IMPLEMENTATIONS = ("auto", "triton", "bands")
 _BAND_BYTES = 4 << 20  # patches of one band of output rows: about 4 MB
 
 
@@ -90,24 +93,33 @@ def _lc_weight_grad(g_t: Tensor, x_t: Tensor, weight_shape: torch.Size, kernel: 
 class _LocallyConnected(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
-                stride: tuple[int, int]) -> Tensor:  # fmt: skip
+                stride: tuple[int, int], triton: bool) -> Tensor:  # fmt: skip
+        ctx.geometry = (kernel, stride, triton, tuple(x.shape[1:]), out_hw)
+        if triton:
+            ctx.save_for_backward(x, weight)
+            return local_triton.lc_forward(x, weight, out_hw, kernel, stride)
         x_t = x.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B): the batch innermost
         ctx.save_for_backward(x_t, weight)
-        ctx.geometry = (kernel, stride)
         return _lc_forward(x_t, weight, out_hw, kernel, stride).permute(3, 2, 0, 1)  # (B, M, H_out, W_out), a view
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels write with out=: no double backward
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x_t, weight = ctx.saved_tensors
-        kernel, stride = ctx.geometry
-        g_t = grad_out.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
+        x_saved, weight = ctx.saved_tensors
+        kernel, stride, triton, in_chw, out_hw = ctx.geometry
         grad_x = grad_w = None
+        if triton:
+            if ctx.needs_input_grad[0]:
+                grad_x = local_triton.lc_transpose(grad_out, weight, in_chw, kernel, stride)
+            if ctx.needs_input_grad[1]:
+                grad_w = local_triton.lc_weight_grad(grad_out, x_saved, weight.shape, out_hw, kernel, stride)
+            return grad_x, grad_w, None, None, None, None
+        g_t = grad_out.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
         if ctx.needs_input_grad[0]:
-            grad_x = _lc_transpose(g_t, weight, tuple(x_t.shape[:3]), kernel, stride).permute(3, 0, 1, 2)
+            grad_x = _lc_transpose(g_t, weight, in_chw, kernel, stride).permute(3, 0, 1, 2)
         if ctx.needs_input_grad[1]:
-            grad_w = _lc_weight_grad(g_t, x_t, weight.shape, kernel, stride)
-        return grad_x, grad_w, None, None, None
+            grad_w = _lc_weight_grad(g_t, x_saved, weight.shape, kernel, stride)
+        return grad_x, grad_w, None, None, None, None
 
 
 class _LocallyConnectedTranspose(torch.autograd.Function):
@@ -115,24 +127,33 @@ class _LocallyConnectedTranspose(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel: tuple[int, int],
-                stride: tuple[int, int]) -> Tensor:  # fmt: skip
+                stride: tuple[int, int], triton: bool) -> Tensor:  # fmt: skip
+        ctx.geometry = (kernel, stride, triton, tuple(h.shape[2:]))
+        if triton:
+            ctx.save_for_backward(h, weight)
+            return local_triton.lc_transpose(h, weight, in_chw, kernel, stride)
         h_t = h.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
         ctx.save_for_backward(h_t, weight)
-        ctx.geometry = (kernel, stride)
         return _lc_transpose(h_t, weight, in_chw, kernel, stride).permute(3, 0, 1, 2)  # (B, C, H, W)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        h_t, weight = ctx.saved_tensors
-        kernel, stride = ctx.geometry
-        g_t = grad_out.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B)
+        h_saved, weight = ctx.saved_tensors
+        kernel, stride, triton, out_hw = ctx.geometry
         grad_h = grad_w = None
+        if triton:
+            if ctx.needs_input_grad[0]:
+                grad_h = local_triton.lc_forward(grad_out, weight, out_hw, kernel, stride)
+            if ctx.needs_input_grad[1]:
+                grad_w = local_triton.lc_weight_grad(h_saved, grad_out, weight.shape, out_hw, kernel, stride)
+            return grad_h, grad_w, None, None, None, None
+        g_t = grad_out.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B)
         if ctx.needs_input_grad[0]:
-            grad_h = _lc_forward(g_t, weight, tuple(h_t.shape[:2]), kernel, stride).permute(3, 2, 0, 1)
+            grad_h = _lc_forward(g_t, weight, out_hw, kernel, stride).permute(3, 2, 0, 1)
         if ctx.needs_input_grad[1]:
-            grad_w = _lc_weight_grad(h_t, g_t, weight.shape, kernel, stride)
-        return grad_h, grad_w, None, None, None
+            grad_w = _lc_weight_grad(h_saved, g_t, weight.shape, kernel, stride)
+        return grad_h, grad_w, None, None, None, None
 
 
 def _bands(out_h: int, out_w: int, patch: int, batch: int, itemsize: int) -> list[slice]:
@@ -148,6 +169,10 @@ class LocallyConnected2d(nn.Module):
     ``out[b, m, y, x] = Σ_{c,i,j} W[y, x, m, c, i, j] · in[b, c, y·stride + i, x·stride + j] (+ bias[m, y, x])``
     (Le et al., ICML 2012; LeCun 1989 called them "locally connected" layers). Input ``(B, C, H, W)``, output
     ``(B, out_channels, H_out, W_out)`` with ``H_out = (H − kernel) // stride + 1``.
+
+    ``implementation``: ``"auto"`` runs the Triton kernels (:mod:`downpour.nn.local_triton`) on float32 CUDA
+    tensors when Triton is installed and the band-wise ``bmm`` kernels otherwise; ``"triton"`` or ``"bands"`` forces
+    one (for benchmarks and tests).
     """
 
     def __init__(
@@ -158,8 +183,12 @@ class LocallyConnected2d(nn.Module):
         kernel_size: int | tuple[int, int],
         stride: int | tuple[int, int] = 1,
         bias: bool = False,
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"Invalid implementation: {implementation!r} (one of {', '.join(IMPLEMENTATIONS)})")
+        self.implementation = implementation
         if not (isinstance(in_channels, int) and in_channels >= 1):
             raise ValueError(f"Invalid in_channels: {in_channels!r} (a positive integer)")
         if not (isinstance(out_channels, int) and out_channels >= 1):
@@ -187,7 +216,7 @@ class LocallyConnected2d(nn.Module):
                 f"LocallyConnected2d expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
         self._check_like_weight(x, "input")
-        out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride)
+        out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride, self._triton(x))
         return out + self.bias if self.bias is not None else out
 
     def _check_like_weight(self, x: Tensor, what: str) -> None:
@@ -213,7 +242,20 @@ class LocallyConnected2d(nn.Module):
             raise ValueError(f"LocallyConnected2d.transpose expected weight of shape {tuple(self.weight.shape)}, "
                              f"got {tuple(w.shape)}")  # fmt: skip
         self._check_like_weight(h, "transpose input")
-        return _LocallyConnectedTranspose.apply(h, w, (self.in_channels, *self.in_size), self.kernel_size, self.stride)
+        in_chw = (self.in_channels, *self.in_size)
+        return _LocallyConnectedTranspose.apply(h, w, in_chw, self.kernel_size, self.stride, self._triton(h))
+
+    def _triton(self, x: Tensor) -> bool:
+        """Whether this call runs the Triton kernels (see :attr:`implementation`)."""
+        if self.implementation == "bands":
+            return False
+        usable = local_triton.usable(x, self.out_channels)
+        if self.implementation == "triton" and not usable:
+            raise ValueError(
+                f"LocallyConnected2d implementation='triton' needs Triton and float32 CUDA input with at most "
+                f"{local_triton.MAX_MAPS} maps; got {x.dtype} on {x.device}, {self.out_channels} maps"
+            )
+        return usable
 
     def extra_repr(self) -> str:
         return (

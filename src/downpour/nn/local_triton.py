@@ -1,0 +1,390 @@
+"""Triton kernels for :class:`~downpour.nn.local.LocallyConnected2d` on CUDA (float32).
+
+They cover the layer, its transpose and both backward passes in the ordinary layouts (input ``(B, C, H, W)``,
+weights ``(L, M, P)`` with ``P = C·kh·kw`` and ``L = H_out·W_out``, responses ``(B, M, H_out, W_out)``); no
+patch is ever written to memory.
+
+- Overlapping fields (the cat layer: kernel 18, stride 1) use *banded* products. A program takes ``BLOCK_L``
+  neighbouring locations of one output row; per kernel row it multiplies the input row segment they read,
+  ``(B, span)``, by a banded matrix ``(span, BLOCK_L·M)`` that holds each location's weights at its own offset
+  and zeros elsewhere: ``out[b, (l, m)] = Σ_col x[b, col] · W[l, m, col − x_l]``. About half of the band's
+  products are zeros, but they run as one large product instead of ``BLOCK_L`` tiny ones.
+  The weight gradient is the same band transposed, ``∂W[l, m, j] = Σ_b g[b, (l, m)] · x[b, x_l + j]``.
+- Fields that barely overlap (stride near the kernel size) use one program per location and kernel row.
+- The input gradient (:func:`lc_transpose`) is gathered, not scattered (no atomics, deterministic): one program
+  per tile of input pixels sums over every location whose field covers the tile,
+  ``x̄[b, c, y, x] = Σ_{l, m} g[b, m, l] · W[l, m, (c, y − y_l, x − x_l)]`` (zero where the pixel lies outside
+  field ``l``), as a dense product ``(batch, locations·maps) @ (locations·maps, pixels)``.
+
+Precision follows PyTorch's own switch for float32 products, ``torch.set_float32_matmul_precision``: at its
+default ("highest") the products are true float32 (``input_precision="ieee"``) and match the CPU path; at "high"
+or "medium" they use TF32 tensor cores (about 1e-3 relative error, what cuDNN's convolutions use by default).
+Without Triton (or without CUDA) :data:`AVAILABLE` is False and the layer uses its band-wise ``bmm`` kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU builds have none and never need it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+AVAILABLE = triton is not None
+
+
+MAX_MAPS = 256  # one program holds all maps of a location; more would spill registers
+
+
+def usable(x: Tensor, maps: int) -> bool:
+    """Whether the kernels apply: float32 ``x`` on a CUDA device (any device under ``TRITON_INTERPRET=1``)."""
+    if not AVAILABLE or x.dtype != torch.float32 or maps > MAX_MAPS:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(n: int, low: int, high: int) -> int:
+    """The smallest power of two ≥ ``n``, clamped to ``[low, high]``."""
+    return max(low, min(high, 1 << max(0, n - 1).bit_length()))
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _forward_rows_kernel(
+        x_ptr, w_ptr, out_ptr,
+        B, C, M, P, L, W_OUT,
+        sxb, sxc, sxh, sxw,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # One location per program, one kernel row at a time: contiguous runs of KW inputs and KW weights.
+        loc = tl.program_id(0)
+        oy = loc // W_OUT
+        ox = loc % W_OUT
+        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_j = tl.arange(0, BLOCK_KW)
+        mask_b = offs_b < B
+        mask_j = offs_j < KW
+        mask_x = mask_b[:, None] & mask_j[None, :]
+        mask_w = mask_j[:, None] & (offs_m < M)[None, :]
+        x_base = x_ptr + offs_b[:, None] * sxb + (oy * SH) * sxh + (ox * SW + offs_j)[None, :] * sxw
+        w_base = w_ptr + loc * M * P + offs_m[None, :] * P + offs_j[:, None]
+        acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+        for row in range(0, C * KH):
+            c = row // KH
+            i = row % KH
+            xv = tl.load(x_base + c * sxc + i * sxh, mask=mask_x, other=0.0)  # (BLOCK_B, BLOCK_KW)
+            wv = tl.load(w_base + row * KW, mask=mask_w, other=0.0)  # (BLOCK_KW, BLOCK_M)
+            acc += tl.dot(xv, wv, input_precision=PRECISION)
+        out = out_ptr + offs_b[:, None] * (M * L) + offs_m[None, :] * L + loc
+        tl.store(out, acc, mask=mask_b[:, None] & (offs_m < M)[None, :])
+
+    @triton.jit
+    def _weight_grad_rows_kernel(
+        x_ptr, g_ptr, gw_ptr,
+        B, C, M, P, W_OUT,
+        sxb, sxc, sxh, sxw, sgb, sgm, sgl,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        loc = tl.program_id(0)
+        oy = loc // W_OUT
+        ox = loc % W_OUT
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_j = tl.arange(0, BLOCK_KW)
+        mask_m = offs_m < M
+        mask_j = offs_j < KW
+        for row in range(0, C * KH):
+            c = row // KH
+            i = row % KH
+            acc = tl.zeros((BLOCK_M, BLOCK_KW), dtype=tl.float32)
+            for b0 in range(0, B, BLOCK_B):
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                mask_b = offs_b < B
+                gv = tl.load(
+                    g_ptr + offs_m[:, None] * sgm + offs_b[None, :] * sgb + loc * sgl,
+                    mask=mask_m[:, None] & mask_b[None, :],
+                    other=0.0,
+                )  # (BLOCK_M, BLOCK_B)
+                x_row = x_ptr + c * sxc + (oy * SH + i) * sxh
+                xv = tl.load(
+                    x_row + offs_b[:, None] * sxb + (ox * SW + offs_j)[None, :] * sxw,
+                    mask=mask_b[:, None] & mask_j[None, :],
+                    other=0.0,
+                )  # (BLOCK_B, BLOCK_KW)
+                acc += tl.dot(gv, xv, input_precision=PRECISION)
+            out = gw_ptr + loc * M * P + offs_m[:, None] * P + row * KW + offs_j[None, :]
+            tl.store(out, acc, mask=mask_m[:, None] & mask_j[None, :])
+
+    @triton.jit
+    def _forward_band_kernel(
+        x_ptr, w_ptr, out_ptr,
+        B, C, M, P, L, W, W_OUT,
+        sxb, sxc, sxh, sxw,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # BLOCK_L neighbouring locations of one output row as one product: the input rows they read
+        # (B, span) times a banded matrix (span, BLOCK_L·M) that holds each location's weights at its own offset.
+        SPAN: tl.constexpr = (BLOCK_L - 1) * SW + KW
+        blocks_x = tl.cdiv(W_OUT, BLOCK_L)
+        oy = tl.program_id(0) // blocks_x
+        ox0 = (tl.program_id(0) % blocks_x) * BLOCK_L
+        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        offs_n = tl.arange(0, BLOCK_L * BLOCK_M)
+        lx = ox0 + offs_n // BLOCK_M
+        n_m = offs_n % BLOCK_M
+        mask_n = (lx < W_OUT) & (n_m < M)
+        w_n = w_ptr + (oy * W_OUT + lx) * M * P + n_m * P  # (N,) each column's weights
+        acc = tl.zeros((BLOCK_B, BLOCK_L * BLOCK_M), dtype=tl.float32)
+        for row in range(0, C * KH):
+            c = row // KH
+            i = row % KH
+            x_row = x_ptr + offs_b[:, None] * sxb + c * sxc + (oy * SH + i) * sxh
+            for k0 in range(0, SPAN, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                col = ox0 * SW + offs_k
+                xv = tl.load(
+                    x_row + col[None, :] * sxw, mask=mask_b[:, None] & ((offs_k < SPAN) & (col < W))[None, :], other=0.0
+                )  # (BLOCK_B, BLOCK_K)
+                j = col[:, None] - (lx * SW)[None, :]  # (BLOCK_K, N): column within each location's field
+                inside = (j >= 0) & (j < KW) & mask_n[None, :]
+                wv = tl.load(w_n[None, :] + row * KW + j, mask=inside, other=0.0)  # (BLOCK_K, N), banded
+                acc += tl.dot(xv, wv, input_precision=PRECISION)
+        out = out_ptr + offs_b[:, None] * (M * L) + (n_m * L + oy * W_OUT + lx)[None, :]
+        tl.store(out, acc, mask=mask_b[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _weight_grad_band_kernel(
+        x_ptr, g_ptr, gw_ptr,
+        B, C, M, P, W, W_OUT,
+        sxb, sxc, sxh, sxw, sgb, sgm, sgl,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, ONE_B_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # The same band as the forward kernel: (BLOCK_L·M, B) @ (B, span), of which each location keeps its KW columns.
+        SPAN: tl.constexpr = (BLOCK_L - 1) * SW + KW
+        blocks_x = tl.cdiv(W_OUT, BLOCK_L)
+        oy = tl.program_id(0) // blocks_x
+        ox0 = (tl.program_id(0) % blocks_x) * BLOCK_L
+        offs_n = tl.arange(0, BLOCK_L * BLOCK_M)
+        lx = ox0 + offs_n // BLOCK_M
+        n_m = offs_n % BLOCK_M
+        mask_n = (lx < W_OUT) & (n_m < M)
+        g_n = g_ptr + n_m * sgm + (oy * W_OUT + lx) * sgl  # (N,)
+        gw_n = gw_ptr + (oy * W_OUT + lx) * M * P + n_m * P  # (N,)
+        offs_b0 = tl.arange(0, BLOCK_B)
+        if ONE_B_BLOCK:  # the whole batch fits one block: load the gradients once
+            g_once = tl.load(
+                g_n[:, None] + offs_b0[None, :] * sgb, mask=mask_n[:, None] & (offs_b0 < B)[None, :], other=0.0
+            )  # (N, BLOCK_B)
+        for row in range(0, C * KH):
+            c = row // KH
+            i = row % KH
+            for k0 in range(0, SPAN, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                col = ox0 * SW + offs_k
+                mask_k = (offs_k < SPAN) & (col < W)
+                acc = tl.zeros((BLOCK_L * BLOCK_M, BLOCK_K), dtype=tl.float32)
+                for b0 in range(0, B, BLOCK_B):
+                    offs_b = b0 + offs_b0
+                    mask_b = offs_b < B
+                    if ONE_B_BLOCK:
+                        gv = g_once
+                    else:
+                        gv = tl.load(
+                            g_n[:, None] + offs_b[None, :] * sgb, mask=mask_n[:, None] & mask_b[None, :], other=0.0
+                        )  # (N, BLOCK_B)
+                    x_row = x_ptr + c * sxc + (oy * SH + i) * sxh
+                    xv = tl.load(
+                        x_row + offs_b[:, None] * sxb + col[None, :] * sxw,
+                        mask=mask_b[:, None] & mask_k[None, :],
+                        other=0.0,
+                    )  # (BLOCK_B, BLOCK_K)
+                    acc += tl.dot(gv, xv, input_precision=PRECISION)
+                j = col[None, :] - (lx * SW)[:, None]  # (N, BLOCK_K)
+                inside = (j >= 0) & (j < KW) & mask_n[:, None] & mask_k[None, :]
+                tl.store(gw_n[:, None] + row * KW + j, acc, mask=inside)
+
+    @triton.jit
+    def _transpose_kernel(
+        g_ptr, w_ptr, out_ptr,
+        B, C, H, W, M, P, H_OUT, W_OUT,
+        sgb, sgm, sgl,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_LX: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        tiles_w = tl.cdiv(W, TILE_W)
+        y0 = (tl.program_id(0) // tiles_w) * TILE_H
+        x0 = (tl.program_id(0) % tiles_w) * TILE_W
+        c = tl.program_id(1)
+        offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        offs_t = tl.arange(0, TILE_H * TILE_W)
+        py = y0 + offs_t // TILE_W
+        px = x0 + offs_t % TILE_W
+        mask_t = (py < H) & (px < W)
+        offs_k = tl.arange(0, BLOCK_LX * BLOCK_M)
+        k_lx = offs_k // BLOCK_M
+        k_m = offs_k % BLOCK_M
+        # Locations whose field touches the tile: y_l = ly·SH ∈ (y0 − KH, y0 + TILE_H).
+        ly_lo = tl.maximum(0, (y0 - KH + SH) // SH)
+        ly_hi = tl.minimum(H_OUT, (y0 + TILE_H - 1) // SH + 1)
+        lx_lo = tl.maximum(0, (x0 - KW + SW) // SW)
+        lx_hi = tl.minimum(W_OUT, (x0 + TILE_W - 1) // SW + 1)
+        acc = tl.zeros((BLOCK_B, TILE_H * TILE_W), dtype=tl.float32)
+        for ly in range(ly_lo, ly_hi):
+            i = py - ly * SH  # (T,)
+            for lx0 in range(lx_lo, lx_hi, BLOCK_LX):
+                lx = lx0 + k_lx  # (K,)
+                mask_k = (lx < lx_hi) & (k_m < M)
+                loc = ly * W_OUT + lx
+                gv = tl.load(
+                    g_ptr + offs_b[:, None] * sgb + k_m[None, :] * sgm + loc[None, :] * sgl,
+                    mask=mask_b[:, None] & mask_k[None, :],
+                    other=0.0,
+                )  # (BLOCK_B, K)
+                j = px[None, :] - (lx * SW)[:, None]  # (K, T)
+                inside = (i[None, :] >= 0) & (i[None, :] < KH) & (j >= 0) & (j < KW)
+                wv = tl.load(
+                    w_ptr + (loc * M * P + k_m * P + c * KH * KW)[:, None] + (i * KW)[None, :] + j,
+                    mask=mask_k[:, None] & mask_t[None, :] & inside,
+                    other=0.0,
+                )  # (K, T)
+                acc += tl.dot(gv, wv, input_precision=PRECISION)
+        out = out_ptr + offs_b[:, None] * (C * H * W) + c * (H * W) + (py * W + px)[None, :]
+        tl.store(out, acc, mask=mask_b[:, None] & mask_t[None, :])
+
+
+def _block_m(maps: int) -> int:
+    return _pow2(maps, 16, MAX_MAPS)  # tl.dot needs every side ≥ 16
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 products may use TF32, as PyTorch's own matmuls do: ``torch.set_float32_matmul_precision``."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _banded(kernel: tuple[int, int], stride: tuple[int, int], block_l: int) -> bool:
+    """Whether the banded kernels pay: ``block_l`` neighbouring fields span at most 4 fields' width."""
+    return (block_l - 1) * stride[1] + kernel[1] <= 4 * kernel[1]
+
+
+# Launch settings per kernel, fastest of a sweep on an H100 at (64, 1, 96, 96), kernel 18, 8 maps (README).
+_TUNED = {
+    ("forward", False): dict(block_k=16, num_warps=4),
+    ("forward", True): dict(block_k=64, num_warps=8),
+    ("weight_grad", False): dict(block_k=16, num_warps=4),
+    ("weight_grad", True): dict(block_k=16, num_warps=8),
+    ("transpose", False): dict(tile=(4, 8), num_warps=4),
+    ("transpose", True): dict(tile=(8, 8), num_warps=8),
+}
+
+
+def _precision(tf32: bool | None) -> tuple[bool, str]:
+    tf32 = tf32_enabled() if tf32 is None else tf32
+    return tf32, "tf32" if tf32 else "ieee"
+
+
+def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
+               stride: tuple[int, int], *, tf32: bool | None = None, **tuning: Any) -> Tensor:  # fmt: skip
+    """Responses ``(B, M, H_out, W_out)`` of input ``x`` ``(B, C, H, W)`` (any strides) to weights ``(L, M, P)``.
+
+    ``tf32``: None follows :func:`tf32_enabled`. ``tuning`` overrides launch settings (for benchmarks).
+    """
+    batch, channels = x.shape[:2]
+    locations, maps, patch = weight.shape
+    weight = weight.contiguous()
+    out = x.new_empty(batch, maps, *out_hw)
+    if out.numel() == 0:
+        return out
+    tf32, precision = _precision(tf32)
+    block_b = _pow2(batch, 16, 64)
+    block_m = _pow2(maps, 1, MAX_MAPS)
+    block_l = max(1, 128 // block_m)
+    if not _banded(kernel, stride, block_l):
+        _forward_rows_kernel[(locations, triton.cdiv(batch, block_b))](
+            x, weight, out, batch, channels, maps, patch, locations, out_hw[1], *x.stride(), *kernel, *stride,
+            BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024), PRECISION=precision,
+            num_warps=tuning.get("num_warps", 4),
+        )  # fmt: skip
+        return out
+    launch = {**_TUNED["forward", tf32], **tuning}
+    grid = (out_hw[0] * triton.cdiv(out_hw[1], block_l), triton.cdiv(batch, block_b))
+    _forward_band_kernel[grid](
+        x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
+        *stride, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=launch["block_k"], PRECISION=precision,
+        num_warps=launch["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple[int, int],
+                   kernel: tuple[int, int], stride: tuple[int, int], *, tf32: bool | None = None,
+                   **tuning: Any) -> Tensor:  # fmt: skip
+    """Weight gradient ``(L, M, P)`` from response gradients ``g`` ``(B, M, H_out, W_out)`` and input ``x``."""
+    locations, maps, patch = weight_shape
+    batch, channels = x.shape[:2]
+    if batch == 0:
+        return x.new_zeros(weight_shape)
+    grad_w = x.new_empty(weight_shape)
+    g = g.reshape(batch, maps, locations)  # (B, M, L), a view when possible
+    tf32, precision = _precision(tf32)
+    block_m = _pow2(maps, 1, MAX_MAPS)
+    block_l = max(1, 128 // block_m)
+    if not _banded(kernel, stride, block_l):
+        _weight_grad_rows_kernel[(locations,)](
+            x, g, grad_w, batch, channels, maps, patch, out_hw[1], *x.stride(), *g.stride(), *kernel, *stride,
+            BLOCK_B=32, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024), PRECISION=precision,
+            num_warps=tuning.get("num_warps", 4),
+        )  # fmt: skip
+        return grad_w
+    launch = {**_TUNED["weight_grad", tf32], **tuning}
+    block_b = _pow2(batch, 16, 64)
+    _weight_grad_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], block_l),)](
+        x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
+        *stride, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=launch["block_k"], PRECISION=precision,
+        ONE_B_BLOCK=batch <= block_b, num_warps=launch["num_warps"],
+    )  # fmt: skip
+    return grad_w
+
+
+def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel: tuple[int, int],
+                 stride: tuple[int, int], *, tf32: bool | None = None, **tuning: Any) -> Tensor:  # fmt: skip
+    """``Wᵀg``: responses ``(B, M, H_out, W_out)`` back to the input space ``(B, C, H, W)``."""
+    batch, maps, out_h, out_w = g.shape
+    channels, height, width = in_chw
+    locations, _, patch = weight.shape
+    weight = weight.contiguous()
+    g = g.reshape(batch, maps, locations)  # (B, M, L)
+    out = g.new_empty(batch, channels, height, width)
+    if out.numel() == 0:
+        return out
+    tf32, precision = _precision(tf32)
+    launch = {**_TUNED["transpose", tf32], **tuning}
+    if not _banded(kernel, stride, 16):
+        launch = {"tile": (4, 4), "num_warps": 4, **tuning}
+    block_m = _pow2(maps, 1, MAX_MAPS)
+    block_lx = max(1, 32 // block_m)  # the product's inner side: block_lx locations × block_m maps
+    block_b = _pow2(batch, 16, 64)
+    tile_h, tile_w = launch["tile"]
+    grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
+    _transpose_kernel[grid](
+        g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride,
+        TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=block_lx, PRECISION=precision,
+        num_warps=launch["num_warps"],
+    )  # fmt: skip
+    return out

@@ -1,0 +1,116 @@
+"""The Triton kernels of LocallyConnected2d against the float64 per-location loop.
+
+On a CUDA machine they run on the GPU; elsewhere in a subprocess under Triton's interpreter
+(``TRITON_INTERPRET=1``, which must be set before Triton compiles anything), so CI checks the same kernel code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from downpour.nn import LocallyConnected2d
+from downpour.nn.local import locally_connected_reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+CASES = [
+    # (batch, in_channels, out_channels, in_size, kernel, stride); which kernels run: local_triton._banded
+    (6, 1, 8, 12, 6, 1),  # the cat layer's shape, small: banded kernels, a partial block of locations
+    (66, 2, 16, (7, 14), (3, 6), (2, 1)),  # banded, batch over one block, two channels, stride > 1
+    (5, 1, 8, 7, 4, 1),  # a small kernel: one program per location
+    (17, 2, 3, (7, 9), (3, 4), (2, 1)),  # batch not a block multiple, rectangular, stride > 1
+    (3, 3, 20, 8, 8, 1),  # one location, more maps than a block of 16
+    (4, 1, 2, 12, 4, 4),  # non-overlapping fields
+    (18, 1, 1, 7, 2, 3),  # one map; the last row and column are not covered
+]
+
+
+def compare(device: str) -> list[dict[str, float]]:
+    """Relative errors of every output and gradient of the Triton path against the float64 loop, per case."""
+    results = []
+    for batch, cin, cout, size, kernel, stride in CASES:
+        torch.manual_seed(0)
+        layer = LocallyConnected2d(cin, cout, size, kernel, stride, implementation="triton").to(device)
+        h, w = layer.in_size
+        x64 = torch.randn(batch, cin, h, w, dtype=torch.float64)
+        g64 = torch.randn(batch, cout, *layer.out_size, dtype=torch.float64)
+        w64 = layer.weight.detach().double().cpu().requires_grad_(True)
+        xr = x64.clone().requires_grad_(True)
+        gr = g64.clone().requires_grad_(True)
+        ref = locally_connected_reference(xr, w64, layer.kernel_size, layer.stride)
+        ref_t = torch.autograd.grad(ref, xr, gr, create_graph=True)[0]  # Wᵀg, differentiable in g and W
+        (ref * g64).sum().backward()
+        ref_gx, ref_gw = xr.grad.clone(), w64.grad.clone()
+        (ref_t * x64).sum().backward()  # the transpose's own backward
+        ref_tgg, ref_tgw = gr.grad.clone(), w64.grad - ref_gw
+
+        # A non-contiguous input (a slice of a wider tensor) exercises the kernels' stride arguments.
+        wide = torch.zeros(batch, cin, h, w + 3, device=device)
+        wide[..., 1 : w + 1] = x64.float().to(device)
+        x = wide[..., 1 : w + 1].requires_grad_(True)
+        out = layer(x)
+        (out * g64.float().to(device)).sum().backward()
+        gw = layer.weight.grad.clone()
+        layer.weight.grad = None
+        g = g64.float().to(device).requires_grad_(True)
+        t = layer.transpose(g)
+        (t * x64.float().to(device)).sum().backward()
+
+        def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+            return float((ours.detach().double().cpu() - ref.detach()).norm() / ref.detach().norm())
+
+        results.append({
+            "forward": rel(out, ref), "grad_input": rel(x.grad, ref_gx), "grad_weight": rel(gw, ref_gw),
+            "transpose": rel(t, ref_t), "transpose_grad_input": rel(g.grad, ref_tgg),
+            "transpose_grad_weight": rel(layer.weight.grad, ref_tgw),
+        })  # fmt: skip
+    return results
+
+
+def _compare_somewhere() -> list[dict[str, float]]:
+    if torch.cuda.is_available():
+        return compare("cuda")
+    code = (
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('triton_checks', {str(Path(__file__))!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "print(json.dumps(module.compare('cpu')))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of PyTorch ship it)")
+def test_triton_kernels_equal_the_per_location_loop() -> None:
+    results = _compare_somewhere()
+    assert len(results) == len(CASES)
+    for case, errors in zip(CASES, results, strict=True):
+        for name, error in errors.items():
+            assert error < 2e-6, f"{case}: {name} off by {error:.2e} relative"
+
+
+def test_forcing_triton_where_it_cannot_run_names_the_reason() -> None:
+    layer = LocallyConnected2d(1, 2, 6, 3, implementation="triton").double()
+    with pytest.raises(ValueError, match=r"implementation='triton' needs .*torch\.float64"):
+        layer(torch.zeros(1, 1, 6, 6, dtype=torch.float64))
+
+
+def test_unknown_implementation_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"Invalid implementation: 'cuda'"):
+        LocallyConnected2d(1, 2, 6, 3, implementation="cuda")
+
+
+def test_bands_are_used_on_cpu_by_default() -> None:
+    layer = LocallyConnected2d(1, 2, 6, 3)
+    assert layer.implementation == "auto"
+    assert layer._triton(torch.zeros(1, 1, 6, 6)) is (os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON)
