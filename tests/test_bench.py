@@ -29,7 +29,7 @@ def test_bench_ps_json_has_every_figure_and_consistent_ratios() -> None:
 def test_bench_layers_json_reports_every_row() -> None:
     """``downpour bench layers --json``: timings for each implementation, the untied-vs-tied rows, and the memory
     autograd keeps between the passes (deterministic: ours keeps only the input transposed, unfold+bmm the patches)."""
-    result = downpour("bench", "layers", "--repeats", "1", "--json", timeout=300)
+    result = downpour("bench", "layers", "--repeats", "1", "--skip-steps", "5", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     cpu = report["cpu"]
@@ -44,3 +44,13 @@ def test_bench_layers_json_reports_every_row() -> None:
     assert tied["params"] == 8 * 64
     assert rows["tied conv, equal parameter memory"]["params"] == untied["params"]
     assert untied["flops_per_example"] == tied["flops_per_example"] == 2 * 41 * 41 * 8 * 64
+    skip = report["skip_time"]  # τ at quantiles of the field variance: zeroed fractions follow the quantiles
+    assert [row["quantile"] for row in skip] == [0.0, 0.25, 0.5, 0.75, 0.9]
+    for row in skip:
+        assert abs(row["zeroed_fraction"] - row["quantile"]) < 0.02
+        assert 0 <= row["skipped_fraction"] <= row["zeroed_fraction"] + 1e-9
+        assert row["dense_ms"] > 0 and row["skip_ms"] > 0
+    assert skip[0]["skipped_fraction"] == 0.0 and skip[-1]["skipped_fraction"] > 0.3
+    losses = report["skip_loss"]
+    assert losses[0]["loss_change"] == 0.0 and losses[0]["final_loss"] == losses[0]["final_loss_without_skip"]
+    assert all(row["final_loss"] > 0 for row in losses)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from downpour.bench import skip as bench_skip
 from downpour.nn import LocallyConnected2d, local_triton
 
 # The issue's shapes: (batch, channels, size, kernel, stride, maps)
@@ -137,8 +138,8 @@ def untied_vs_tied(shape: tuple[int, ...], repeats: int = 3) -> list[dict[str, A
     return rows
 
 
-def run(*, repeats: int = 5, memory: bool = True) -> dict[str, Any]:
-    """Every measurement of ``downpour bench layers`` as one JSON-ready dict."""
+def run(*, repeats: int = 5, memory: bool = True, skip_steps: int = 150) -> dict[str, Any]:
+    """Every measurement of ``downpour bench layers`` as one JSON-ready dict (``skip_steps`` = 0: no skip training)."""
     threads = torch.get_num_threads()
     cpu = time_layers(CPU_SHAPE, "cpu", repeats)
     b, c, s, k, _, m = CPU_SHAPE
@@ -160,7 +161,10 @@ def run(*, repeats: int = 5, memory: bool = True) -> dict[str, Any]:
             "ours_vs_conv2d": non_overlapping["conv2d"] / non_overlapping["ours"],
         },
         "untied_vs_tied": untied_vs_tied(CPU_SHAPE),
+        "skip_time": bench_skip.time_saved(CPU_SHAPE, repeats),
     }
+    if skip_steps > 0:
+        result["skip_loss"] = bench_skip.loss_change(steps=skip_steps)
     if memory:
         ours_mb, usual_mb = saved_for_backward_mb("ours", CPU_SHAPE), saved_for_backward_mb("unfold_bmm", CPU_SHAPE)
         result["cpu"].update(ours_saved_mb=ours_mb, unfold_bmm_saved_mb=usual_mb, saved_ratio=ours_mb / usual_mb)
@@ -219,6 +223,25 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         tied.add_row(row["layer"], f"{row['maps']:,}", f"{row['params']:,}", f"{row['bytes']:,}",
                      f"{row['flops_per_example']:,}", f"{row['fwd_bwd_ms_per_example']:.3f}")  # fmt: skip
     console.print(tied)
+    skip = Table(title="variance skip, CPU layer above on 48x48 photo crops: tau at quantiles of the field variance")
+    for column in ("tau (quantile)", "fields zeroed", "not computed", "dense ms", "skip ms", "time saved",
+                   "saved / not computed"):  # fmt: skip
+        skip.add_column(column, justify="right")
+    for row in result["skip_time"]:
+        skip.add_row(f"{row['tau']:.3g} ({row['quantile']:.0%})", f"{row['zeroed_fraction']:.1%}",
+                     f"{row['skipped_fraction']:.1%}", f"{row['dense_ms']:.1f}", f"{row['skip_ms']:.1f}",
+                     f"{row['saved_fraction']:.1%}", f"{row['saved_per_skipped']:.2f}")  # fmt: skip
+    console.print(skip)
+    if "skip_loss" in result:
+        loss = Table(title="variance skip and training: default cat network, same start and batches, Adam")
+        for column in ("tau (quantile)", "fields zeroed", "not computed", "train s", "final loss", "change",
+                       "final loss, evaluated without skip"):  # fmt: skip
+            loss.add_column(column, justify="right")
+        for row in result["skip_loss"]:
+            loss.add_row(f"{row['tau']:.3g} ({row['quantile']:.0%})", f"{row['zeroed_fraction']:.1%}",
+                         f"{row['skipped_fraction']:.1%}", f"{row['train_seconds']:.1f}", f"{row['final_loss']:.3f}",
+                         f"{row['loss_change']:+.1%}", f"{row['final_loss_without_skip']:.3f}")  # fmt: skip
+        console.print(loss)
     for key in ("cuda", "cuda_non_overlapping"):
         if key in result:
             g = result[key]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from downpour.errors import ConfigError
 from downpour.nn import L2Pool2d, LocalContrastNorm2d, LocallyConnected2d
+from downpour.nn.skip import active_fields, skipped_fraction
 from downpour.objectives import squared_reconstruction
 
 
@@ -58,13 +59,20 @@ def stage_shapes(
 
 
 class CatStage(nn.Module):
-    """One stage: ``h = W₁x`` (locally connected or convolution), L2 pooling of ``h``, contrast normalization."""
+    """One stage: ``h = W₁x`` (locally connected or convolution), L2 pooling of ``h``, contrast normalization.
+
+    With ``skip_variance = τ > 0``, receptive fields whose input variance is below τ output zero and (on the CPU
+    kernels) are not computed, in the encoder and the decoder alike (:mod:`downpour.nn.skip`).
+    """
 
     def __init__(self, in_channels: int, in_size: int, *, receptive_field: int, maps: int, pool: int, lcn: int,
-                 tied: bool, sparsity: float, epsilon: float) -> None:  # fmt: skip
+                 tied: bool, sparsity: float, epsilon: float, skip_variance: float = 0.0) -> None:  # fmt: skip
         super().__init__()
+        if skip_variance > 0 and tied:
+            raise ConfigError("invalid model.skip_variance: skipping needs untied layers (model.tied = false)")
         self.in_channels, self.in_size, self.tied = in_channels, in_size, tied
-        self.sparsity, self.epsilon = sparsity, epsilon
+        self.sparsity, self.epsilon, self.skip_variance = sparsity, epsilon, skip_variance
+        self.skip_counts = torch.zeros(3, dtype=torch.float64)  # fields seen, zeroed, not computed (tile skips)
         if tied:
             self.encoder = nn.Conv2d(in_channels, maps, receptive_field, bias=False)
         else:
@@ -73,26 +81,36 @@ class CatStage(nn.Module):
         self.pool = L2Pool2d(pool, stride=1, epsilon=epsilon)
         self.norm = LocalContrastNorm2d(lcn)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Filter responses ``W₁x``: ``(B, C, S, S) -> (B, maps, S', S')``."""
-        return self.encoder(x)
+    def active(self, x: Tensor) -> Tensor | None:
+        """The fields to compute for ``x`` (None when nothing is skipped), counted in :attr:`skip_counts`."""
+        if self.skip_variance <= 0:
+            return None
+        active = active_fields(x, self.encoder.kernel_size, self.encoder.stride, self.skip_variance)
+        seen = active.numel()
+        self.skip_counts += torch.tensor([seen, seen - int(active.sum()), seen * skipped_fraction(active)])
+        return active
 
-    def decode(self, h: Tensor) -> Tensor:
+    def encode(self, x: Tensor, active: Tensor | None = None) -> Tensor:
+        """Filter responses ``W₁x``: ``(B, C, S, S) -> (B, maps, S', S')``."""
+        return self.encoder(x) if active is None else self.encoder(x, active)
+
+    def decode(self, h: Tensor, active: Tensor | None = None) -> Tensor:
         """Reconstruction ``W₂ᵀh`` back in the stage's input space."""
         if self.tied:
             return F.conv_transpose2d(h, self.decoder_weight)
-        return self.encoder.transpose(h, self.decoder_weight)
+        return self.encoder.transpose(h, self.decoder_weight, active)
 
     def cost(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The stage's RICA cost on ``x`` (mean over examples) and its pooled responses."""
-        h = self.encode(x)
+        active = self.active(x)
+        h = self.encode(x, active)
         pooled = self.pool(h)  # sqrt(ε + Σ_neighbourhood h²)
-        cost = squared_reconstruction(self.decode(h), x) + self.sparsity * pooled.flatten(1).sum(1).mean()
+        cost = squared_reconstruction(self.decode(h, active), x) + self.sparsity * pooled.flatten(1).sum(1).mean()
         return cost, pooled
 
     def forward(self, x: Tensor) -> Tensor:
         """The stage's output: contrast-normalised pooled responses."""
-        return self.norm(self.pool(self.encode(x)))
+        return self.norm(self.pool(self.encode(x, self.active(x))))
 
 
 class CatNetwork(nn.Module):
@@ -100,7 +118,7 @@ class CatNetwork(nn.Module):
 
     def __init__(self, shape: tuple[int, int, int], *, stages: int = 1, receptive_field: int = 18, maps: int = 8,
                  pool: int = 5, lcn: int = 5, greedy: bool = True, tied: bool = False, sparsity: float = 0.1,
-                 epsilon: float = 0.01) -> None:  # fmt: skip
+                 epsilon: float = 0.01, skip_variance: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
         if height != width:
@@ -114,7 +132,7 @@ class CatNetwork(nn.Module):
         for stage_shape in self.shapes:
             self.stages.append(
                 CatStage(in_channels, stage_shape.in_size, receptive_field=receptive_field, maps=maps, pool=pool,
-                         lcn=lcn, tied=tied, sparsity=sparsity, epsilon=epsilon)
+                         lcn=lcn, tied=tied, sparsity=sparsity, epsilon=epsilon, skip_variance=skip_variance)
             )  # fmt: skip
             in_channels = maps
         self.filter_shape = (channels, receptive_field, receptive_field)
@@ -145,6 +163,16 @@ class CatNetwork(nn.Module):
             total = total + cost
             x = stage.norm(pooled)
         return total
+
+    def skip_summary(self) -> dict[str, float] | None:
+        """Fractions of receptive fields zeroed (flat) and not computed since the last call; None without skipping."""
+        counts = sum((stage.skip_counts for stage in self.stages), torch.zeros(3, dtype=torch.float64))
+        for stage in self.stages:
+            stage.skip_counts.zero_()
+        if self.stages[0].skip_variance <= 0 or counts[0] == 0:
+            return None
+        return {"fields": int(counts[0]), "zeroed_fraction": float(counts[1] / counts[0]),
+                "skipped_fraction": float(counts[2] / counts[0])}  # fmt: skip
 
     def filters(self, count: int = 64) -> Tensor:
         """First-stage encoding filters ``(K, C·f·f)``: every map at up to ``count // maps`` evenly spaced places."""
@@ -199,4 +227,5 @@ def build_cat(shape: tuple[int, int, int], config: object, *, seed: int) -> CatN
             tied=config.tied,  # type: ignore[attr-defined]
             sparsity=config.sparsity,  # type: ignore[attr-defined]
             epsilon=config.epsilon,  # type: ignore[attr-defined]
+            skip_variance=config.skip_variance,  # type: ignore[attr-defined]
         )

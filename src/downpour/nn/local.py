@@ -14,6 +14,7 @@ saving them, and folds the input gradient back with one strided add per kernel o
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
@@ -32,15 +33,17 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
 
 
 def _band_patches(x_t: Tensor, rows: slice, width: int, kernel: tuple[int, int], stride: tuple[int, int]) -> Tensor:
-    """Patches of output rows ``rows`` from the batch-last input ``x_t`` ``(C, H, W, B)``: ``(R·W_out, C·kh·kw, B)``."""
-    channels, _, in_w, batch = x_t.shape
+    """Patches of output rows ``rows`` from the batch-last input ``x_t`` ``(C, H, W, B)`` (any strides, e.g. a
+    region of a larger input): ``(R·W_out, C·kh·kw, B)``."""
+    channels, _, _, batch = x_t.shape
     kh, kw = kernel
     sh, sw = stride
+    sc, sy, sx, sb = x_t.stride()
     r = rows.stop - rows.start
     view = x_t.as_strided(
         (r, width, channels, kh, kw, batch),  # (R, W_out, C, kh, kw, B)
-        (sh * in_w * batch, sw * batch, x_t.stride(0), in_w * batch, batch, 1),
-        x_t.storage_offset() + rows.start * sh * in_w * batch,
+        (sh * sy, sw * sx, sc, sy, sx, sb),
+        x_t.storage_offset() + rows.start * sh * sy,
     )
     return view.reshape(r * width, channels * kh * kw, batch)  # (R·W_out, P, B), one copy
 
@@ -62,20 +65,31 @@ def _lc_transpose(g_t: Tensor, weight: Tensor, in_chw: tuple[int, int, int], ker
                   stride: tuple[int, int]) -> Tensor:  # fmt: skip
     """The transpose of :func:`_lc_forward`: ``(H_out, W_out, M, B)`` back to the input space ``(C, H, W, B)``."""
     out_h, out_w, maps, batch = g_t.shape
-    channels, kh, kw = in_chw[0], *kernel
-    sh, sw = stride
+    channels, kh, sh = in_chw[0], kernel[0], stride[0]
     x_t = g_t.new_zeros(*in_chw, batch)
     for rows in _bands(out_h, out_w, weight.shape[2], batch, g_t.element_size()):
         r = rows.stop - rows.start
         g_band = g_t[rows].reshape(r * out_w, maps, batch)  # (R·W_out, M, B)
         cols = torch.bmm(weight[rows.start * out_w : rows.stop * out_w].transpose(1, 2), g_band)  # (R·W_out, P, B)
-        cols = cols.view(r, out_w, channels, kh, kw, batch)
-        for i in range(kh):
-            for j in range(kw):
-                y0 = rows.start * sh + i
-                target = x_t[:, y0 : y0 + (r - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw]
-                target += cols[:, :, :, i, j].permute(2, 0, 1, 3)  # (C, R, W_out, B)
+        in_rows = slice(rows.start * sh, (rows.stop - 1) * sh + kh)
+        region_chw = (channels, in_rows.stop - in_rows.start, in_chw[2])
+        region = g_t.new_zeros(math.prod(region_chw), batch)  # (C·rh·W, B)
+        region.index_add_(0, fold_index((r, out_w), region_chw, kernel, stride), cols.view(-1, batch))
+        x_t[:, in_rows] += region.view(*region_chw, batch)
     return x_t
+
+
+@lru_cache(maxsize=64)
+def fold_index(out_hw: tuple[int, int], in_chw: tuple[int, int, int], kernel: tuple[int, int],
+               stride: tuple[int, int]) -> Tensor:  # fmt: skip
+    """Where each (location, patch element) of ``out_hw`` locations lands in a ``(C, H, W)`` input, flattened:
+    ``(H_out·W_out·C·kh·kw,)`` indices into ``C·H·W`` (the "fold" of unfolded patches, as one ``index_add_``)."""
+    (out_h, out_w), (channels, height, width), (kh, kw), (sh, sw) = out_hw, in_chw, kernel, stride
+    ly = torch.arange(out_h).view(out_h, 1, 1, 1, 1) * sh  # broadcast over (H_out, W_out, C, kh, kw)
+    lx = torch.arange(out_w).view(1, out_w, 1, 1, 1) * sw
+    c = torch.arange(channels).view(1, 1, channels, 1, 1)
+    i, j = torch.arange(kh).view(1, 1, 1, kh, 1), torch.arange(kw).view(1, 1, 1, 1, kw)
+    return (c * height * width + (ly + i) * width + lx + j).reshape(-1)
 
 
 def _lc_weight_grad(g_t: Tensor, x_t: Tensor, weight_shape: torch.Size, kernel: tuple[int, int],
@@ -208,16 +222,43 @@ class LocallyConnected2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(locations, out_channels, patch).uniform_(-bound, bound))  # (L, M, P)
         self.bias = nn.Parameter(torch.zeros(out_channels, *self.out_size)) if bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, out_channels, H_out, W_out)``."""
+    def forward(self, x: Tensor, active: Tensor | None = None) -> Tensor:
+        """``(B, C, H, W) -> (B, out_channels, H_out, W_out)``.
+
+        ``active`` ``(B, H_out, W_out)`` bool: fields marked False output zero and, on the CPU kernels, are not
+        computed (see :mod:`downpour.nn.skip`; :func:`~downpour.nn.skip.active_fields` makes the mask).
+        """
         expected = (self.in_channels, *self.in_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"LocallyConnected2d expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
         self._check_like_weight(x, "input")
-        out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride, self._triton(x))
+        triton = self._triton(x)
+        if active is not None:
+            self._check_active(active, x.shape[0])
+            if bool(active.all()):
+                active = None  # nothing to skip: the dense kernels, bit for bit
+        if active is None:
+            out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride, triton)
+        else:
+            if triton:  # the GPU kernels have no skipping: compute, then zero
+                out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride, True)
+                out = out * active.unsqueeze(1)
+            else:
+                from downpour.nn.skip import SkippedLocallyConnected
+
+                geometry = (self.out_size, self.kernel_size, self.stride)
+                out = SkippedLocallyConnected.apply(x, self.weight, active, *geometry)
         return out + self.bias if self.bias is not None else out
+
+    def _check_active(self, active: Tensor, batch: int) -> None:
+        expected = (batch, *self.out_size)
+        if active.dtype != torch.bool or tuple(active.shape) != expected:
+            raise ValueError(
+                f"LocallyConnected2d active mask must be bool of shape {expected}, got {active.dtype} "
+                f"{tuple(active.shape)}"
+            )
 
     def _check_like_weight(self, x: Tensor, what: str) -> None:
         if x.dtype != self.weight.dtype or x.device != self.weight.device:
@@ -226,10 +267,11 @@ class LocallyConnected2d(nn.Module):
                 f"{self.weight.device}: convert one of them (e.g. layer.to(x))"
             )
 
-    def transpose(self, h: Tensor, weight: Tensor | None = None) -> Tensor:
+    def transpose(self, h: Tensor, weight: Tensor | None = None, active: Tensor | None = None) -> Tensor:
         """``Wᵀh``: responses ``(B, out_channels, H_out, W_out)`` back to the input space ``(B, C, H, W)``.
 
         With ``weight`` (same shape as :attr:`weight`), use it instead: RICA's separate decoding weights ``W₂``.
+        With ``active`` (as in :meth:`forward`), fields marked False are treated as zero and skipped.
         """
         expected = (self.out_channels, *self.out_size)
         if h.dim() != 4 or tuple(h.shape[1:]) != expected:
@@ -243,7 +285,16 @@ class LocallyConnected2d(nn.Module):
                              f"got {tuple(w.shape)}")  # fmt: skip
         self._check_like_weight(h, "transpose input")
         in_chw = (self.in_channels, *self.in_size)
-        return _LocallyConnectedTranspose.apply(h, w, in_chw, self.kernel_size, self.stride, self._triton(h))
+        triton = self._triton(h)
+        if active is not None:
+            self._check_active(active, h.shape[0])
+        if active is not None and not bool(active.all()):
+            if not triton:
+                from downpour.nn.skip import SkippedTranspose
+
+                return SkippedTranspose.apply(h, w, active, in_chw, self.kernel_size, self.stride)
+            h = h * active.unsqueeze(1)
+        return _LocallyConnectedTranspose.apply(h, w, in_chw, self.kernel_size, self.stride, triton)
 
     def _triton(self, x: Tensor) -> bool:
         """Whether this call runs the Triton kernels (see :attr:`implementation`)."""
