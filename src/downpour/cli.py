@@ -59,7 +59,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     layers = which.add_parser("layers", help="LocallyConnected2d against unfold+bmm, and untied against tied")
     layers.add_argument("--repeats", type=int, default=5, help="repetitions per timing (the fastest is reported)")
     layers.add_argument("--no-memory", action="store_true", help="skip the saved-for-backward memory count")
+    layers.add_argument(
+        "--skip-steps", type=int, default=150, help="training steps per tau for the variance skip's loss (0: none)"
+    )
     layers.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    sim = which.add_parser("sim", help="the simulator's overhead over a plain loop doing the same gradients")
+    sim.add_argument("--workers", type=int, default=1000, help="simulated workers")
+    sim.add_argument("--steps", type=int, default=3000, help="pushes per repeat")
+    sim.add_argument("--repeats", type=int, default=5, help="repeats (the median ratio is reported)")
+    sim.add_argument("--policy", type=str, default="downpour", help="ps.policy to simulate (e.g. ssp:4)")
+    sim.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,11 +131,27 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
         if args.repeats < 1:
             raise DownpourError(f"bench layers needs --repeats >= 1, got {args.repeats}")
-        result = bench_layers.run(repeats=args.repeats, memory=not args.no_memory)
+        if args.skip_steps < 0:
+            raise DownpourError(f"bench layers needs --skip-steps >= 0, got {args.skip_steps}")
+        result = bench_layers.run(repeats=args.repeats, memory=not args.no_memory, skip_steps=args.skip_steps)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
             bench_layers.print_tables(result, Console(width=None if sys.stdout.isatty() else 120))
+        return 0
+    if args.bench == "sim":
+        from downpour.bench import sim as bench_sim
+
+        if args.workers < 1 or args.steps < 1 or args.repeats < 1:
+            raise DownpourError(
+                f"bench sim needs --workers, --steps and --repeats >= 1, got {args.workers}, {args.steps}, "
+                f"{args.repeats}"
+            )
+        result = bench_sim.run(workers=args.workers, steps=args.steps, repeats=args.repeats, policy=args.policy)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            bench_sim.print_table(result, Console(width=None if sys.stdout.isatty() else 120))
         return 0
     raise AssertionError(args.bench)  # pragma: no cover - argparse restricts the choices
 

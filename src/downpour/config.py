@@ -20,7 +20,10 @@ from downpour.errors import ConfigError
 DATA_SOURCES = ("natural-patches", "natural-images", "lfw-faces", "digits")
 MODELS = ("rica", "cat")
 RULES = ("sgd", "adagrad")
-BACKENDS = ("local",)
+BACKENDS = ("local", "sim")
+# Consistency policies (downpour.ps.policies.POLICIES, repeated here so that reading a config imports no torch).
+POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
+LOCAL_POLICIES = ("downpour", "staleness-lr", "dc-asgd")  # what the local backend runs so far
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ModelConfig:
     lcn: int = 5
     greedy: bool = True  # each stage learns on the previous stage's output without gradients across stages
     tied: bool = False  # convolution (tied weights) in place of local connections
+    skip_variance: float = 0.0  # τ: receptive fields with input variance below τ output 0, uncomputed (0 = off)
 
 
 @dataclass
@@ -77,6 +81,12 @@ class PSConfig:
     n_fetch: int = 1  # fetch all shards every n_fetch steps
     n_push: int = 1  # push the accumulated update every n_push steps
     local_apply: bool = False  # apply each gradient to the local copy between fetches (plain SGD, ps.lr)
+    policy: str = "downpour"  # consistency policy: downpour, sync, ssp, staleness-lr, dc-asgd, easgd
+    staleness_bound: int = 3  # ssp: no worker more than this many clocks ahead of the slowest
+    backup_workers: int = 0  # sync: apply once N - b pushes arrived, drop the late ones
+    dc_lambda: float = 0.04  # dc-asgd: λ of the delay compensation
+    easgd_rho: float = 5.0  # easgd: elastic strength (α = lr · rho)
+    easgd_tau: int = 4  # easgd: local steps between elastic exchanges
 
 
 @dataclass
@@ -86,6 +96,13 @@ class ClusterConfig:
     backend: str = "local"
     workers: int = 2
     threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = cores // workers (at least 1)
+    # sim backend: the simulated cluster (simulated seconds; train.seconds is then simulated time too)
+    sim_compute_mean: float = 1.0  # mean seconds per gradient
+    sim_compute_sigma: float = 0.0  # 0: constant; > 0: lognormal with this sigma of the log, same mean
+    sim_stragglers: float = 0.0  # fraction of workers that are slower
+    sim_straggler_slowdown: float = 1.0  # how many times slower they compute
+    sim_network_mean: float = 0.0  # mean one-way message delay
+    sim_network_sigma: float = 0.0  # 0: constant; > 0: lognormal
 
 
 @dataclass
@@ -231,6 +248,10 @@ def validate(config: Config) -> None:
     _require(m.maps >= 1, "model.maps", m.maps, "must be at least 1")
     _require(m.pool >= 1, "model.pool", m.pool, "must be at least 1")
     _require(m.lcn >= 1 and m.lcn % 2 == 1, "model.lcn", m.lcn, "must be an odd number >= 1")
+    _require(math.isfinite(m.skip_variance) and m.skip_variance >= 0, "model.skip_variance", m.skip_variance,
+             "must be a finite number >= 0 (0 = off)")  # fmt: skip
+    _require(not (m.skip_variance > 0 and m.tied), "model.skip_variance", m.skip_variance,
+             "skipping needs untied layers: set model.tied = false or model.skip_variance = 0")  # fmt: skip
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be at least 1")
     _require(math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds", t.seconds, "must be >= 0 (0 = no limit)")
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0 = no limit)")
@@ -248,7 +269,30 @@ def validate(config: Config) -> None:
     _require(math.isfinite(p.adagrad_eps) and p.adagrad_eps > 0, "ps.adagrad_eps", p.adagrad_eps, "must be > 0")
     _require(p.n_fetch >= 1, "ps.n_fetch", p.n_fetch, "must be at least 1")
     _require(p.n_push >= 1, "ps.n_push", p.n_push, "must be at least 1")
+    _require(p.policy in POLICIES, "ps.policy", p.policy, f"choose one of {', '.join(POLICIES)}")
+    _require(p.staleness_bound >= 0, "ps.staleness_bound", p.staleness_bound, "must be >= 0")
+    _require(0 <= p.backup_workers < c.workers, "ps.backup_workers", p.backup_workers,
+             f"must be >= 0 and < cluster.workers = {c.workers}")  # fmt: skip
+    _require(math.isfinite(p.dc_lambda) and p.dc_lambda >= 0, "ps.dc_lambda", p.dc_lambda, "must be >= 0")
+    _require(math.isfinite(p.easgd_rho) and p.easgd_rho > 0, "ps.easgd_rho", p.easgd_rho, "must be > 0")
+    _require(p.lr * p.easgd_rho < 1 or p.policy != "easgd", "ps.easgd_rho", p.easgd_rho,
+             f"ps.lr · ps.easgd_rho must be < 1 (the elastic step α), got {p.lr * p.easgd_rho:g}")  # fmt: skip
+    _require(p.easgd_tau >= 1, "ps.easgd_tau", p.easgd_tau, "must be at least 1")
     _require(c.backend in BACKENDS, "cluster.backend", c.backend, f"choose one of {', '.join(BACKENDS)}")
+    _require(c.backend != "local" or p.policy in LOCAL_POLICIES, "ps.policy", p.policy,
+             f"the local backend runs {', '.join(LOCAL_POLICIES)}; use cluster.backend = \"sim\" for it")  # fmt: skip
+    mean = c.sim_compute_mean
+    _require(math.isfinite(mean) and mean > 0, "cluster.sim_compute_mean", mean, "must be > 0")
+    for key in ("sim_compute_sigma", "sim_stragglers", "sim_network_mean", "sim_network_sigma"):
+        value = getattr(c, key)
+        _require(math.isfinite(value) and value >= 0, f"cluster.{key}", value, "must be >= 0")
+    _require(c.sim_stragglers <= 1, "cluster.sim_stragglers", c.sim_stragglers, "a fraction of workers, 0..1")
+    _require(math.isfinite(c.sim_straggler_slowdown) and c.sim_straggler_slowdown >= 1,
+             "cluster.sim_straggler_slowdown", c.sim_straggler_slowdown, "must be >= 1")  # fmt: skip
+    if c.backend == "sim":
+        for key, value, default in (("ps.n_fetch", p.n_fetch, 1), ("ps.n_push", p.n_push, 1)):
+            _require(value == default, key, value, "the sim backend models one gradient per push: leave it at 1")
+        _require(not p.local_apply, "ps.local_apply", p.local_apply, "not modelled by the sim backend")
     _require(c.workers >= 1, "cluster.workers", c.workers, "must be at least 1")
     _require(c.threads_per_worker >= 0, "cluster.threads_per_worker", c.threads_per_worker, "must be >= 0")
 

@@ -60,14 +60,22 @@ class HeldOutLoss:
         self.model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
         self.flat = FlatParameters(self.model)
         self.batch = dataset.held_out
+        self.skip: dict[str, float] | None = None  # fields skipped in the last evaluation (model.skip_variance)
 
     @torch.no_grad()
     def __call__(self, params: torch.Tensor) -> float:
         self.flat.values.copy_(params)
-        return float(self.model.loss(self.batch))
+        skip_summary = getattr(self.model, "skip_summary", None)
+        if skip_summary is not None:
+            skip_summary()  # start counting afresh
+        loss = float(self.model.loss(self.batch))
+        if skip_summary is not None:
+            self.skip = skip_summary()
+        return loss
 
 
-def _model_signature(model: torch.nn.Module) -> dict[str, Any]:
+def model_signature(model: torch.nn.Module) -> dict[str, Any]:
+    """The parameter count and shapes that a checkpoint must match to be resumed."""
     return {
         "num_params": sum(p.numel() for p in model.parameters()),
         "param_shapes": {name: list(p.shape) for name, p in model.named_parameters()},
@@ -171,11 +179,15 @@ def run_training(
 ) -> dict[str, Any]:
     """Train ``config`` into the run directory ``out`` (continuing it when ``resume``); return the summary."""
     console = console or Console(stderr=True)
+    if config.cluster.backend == "sim":
+        from downpour.train_sim import run_sim_training
+
+        return run_sim_training(config, out, resume=resume, console=console, show_progress=show_progress)
     prepare_run_dir(out, resume=resume)
     dataset = load_dataset(config.data, seed=config.train.seed)
     worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
     model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
-    signature = _model_signature(model)
+    signature = model_signature(model)
     contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
     held_out_loss = HeldOutLoss(config, dataset)
 
@@ -255,6 +267,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "examples_per_s": cluster_examples / session_seconds if session_seconds > 0 else 0.0,
         "initial_loss": run_state.initial_loss,
         "final_loss": final_loss,
+        **({"skip_variance": held_out_loss.skip} if held_out_loss.skip is not None else {}),
         "steps": steps,
         "examples": run_state.examples,
         "seconds": run_state.elapsed_s,
@@ -386,11 +399,17 @@ def _watch(
 def headline(summary: dict[str, Any]) -> str:
     """The one line ``downpour train`` ends with."""
     stale = summary["staleness"]
+    skip = summary.get("skip_variance")
     return (
         f"run {summary['run_dir']}: {summary['examples_per_s']:,.0f} examples/s, "
         f"held-out loss {summary['initial_loss']:.4g} -> {summary['final_loss']:.4g}, "
         f"staleness mean {stale['mean']:.2f} p99 {stale['p99']}, "
         f"{summary['updates_applied']:,} updates applied, {summary['updates_rejected']:,} rejected"
+        + (
+            f", flat fields zeroed {skip['zeroed_fraction']:.1%} (not computed {skip['skipped_fraction']:.1%})"
+            if skip
+            else ""
+        )
     )
 
 

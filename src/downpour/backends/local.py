@@ -31,7 +31,7 @@ from downpour.config import Config
 from downpour.models import build_model
 from downpour.ps.budget import GlobalSteps
 from downpour.ps.locks import FileLock
-from downpour.ps.rules import make_rule
+from downpour.ps.policies import policy_rule
 from downpour.ps.shard import Shard
 from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.worker import DownpourWorker, PushRecord, WorkerSettings
@@ -177,7 +177,7 @@ class LocalCluster:
         self.config = config
         self.bounds = contiguous_bounds(initial.numel(), config.ps.shards)
         self._lock_dir = tempfile.mkdtemp(prefix="downpour-locks-")
-        rule = make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
+        rule = policy_rule(config)
         self.shards = [
             Shard(i, start, initial[start:stop], rule, lock=FileLock(f"{self._lock_dir}/shard{i}"), shared=True)
             for i, (start, stop) in enumerate(self.bounds)

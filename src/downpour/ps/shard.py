@@ -101,12 +101,19 @@ class Shard:
             return int(meta[_VERSION0 + live])
 
     def push(
-        self, update: Tensor, fetched_version: int, worker: int = -1, *, fetch_into: Tensor | None = None
+        self,
+        update: Tensor,
+        fetched_version: int,
+        worker: int = -1,
+        *,
+        fetch_into: Tensor | None = None,
+        fetched_values: Tensor | None = None,
     ) -> PushResult:
         """Apply ``update`` (this shard's slice of a worker's accumulated gradient) with the shard's rule.
 
         With ``fetch_into``, also copy the resulting values there under the same lock (a push-pull, as in
-        ps-lite and BytePS): the returned ``version`` is then the version of those values.
+        ps-lite and BytePS): the returned ``version`` is then the version of those values. ``fetched_values``:
+        the values the worker computed its gradient at, for a rule that needs them (``ps.policy = "dc-asgd"``).
         """
         if update.shape != (self.size,):
             raise ValueError(f"shard {self.index} expects an update of shape ({self.size},), got {tuple(update.shape)}")
@@ -125,7 +132,10 @@ class Shard:
             spare = 1 - live
             push_meta = PushMeta(worker=worker, fetched_version=fetched_version, version=version)
             out = self._buffer(spare)
-            self.rule(push_meta, update, self._buffer(live), out)
+            if getattr(self.rule, "needs_fetched", False):
+                self.rule(push_meta, update, self._buffer(live), out, fetched=fetched_values)  # type: ignore[call-arg]
+            else:
+                self.rule(push_meta, update, self._buffer(live), out)
             if not math.isfinite(float(out.values.sum())) and not bool(torch.isfinite(out.values).all()):
                 # A finite update that would overflow the parameters is refused too; the live buffer is untouched.
                 meta[_REJECTED] += 1

@@ -32,7 +32,13 @@ class ShardClient(Protocol):
     def fetch_into(self, out: Tensor) -> int: ...
 
     def push(
-        self, update: Tensor, fetched_version: int, worker: int = -1, *, fetch_into: Tensor | None = None
+        self,
+        update: Tensor,
+        fetched_version: int,
+        worker: int = -1,
+        *,
+        fetch_into: Tensor | None = None,
+        fetched_values: Tensor | None = None,
     ) -> PushResult: ...
 
 
@@ -109,7 +115,9 @@ class DownpourWorker:
     ) -> None:
         for shard, update, values in zip(self.shards, updates, local, strict=True):
             fetched = versions[shard.index]
-            result = shard.push(update, fetched, self.worker_id, fetch_into=values if then_fetch else None)
+            result = shard.push(
+                update, fetched, self.worker_id, fetch_into=values if then_fetch else None, fetched_values=values
+            )
             if then_fetch:
                 versions[shard.index] = result.version
             self.record(

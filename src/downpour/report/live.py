@@ -37,3 +37,32 @@ class LiveProgress:
         """Redraw with the latest numbers."""
         completed = steps if self.by_steps else elapsed
         self.progress.update(self.task, completed=completed, rate=rate, loss=loss, stale=stale, updates=updates)
+
+
+class SimulatedProgress:
+    """A progress bar over the pushes of a simulated run (``cluster.backend = "sim"``), with simulated time."""
+
+    def __init__(self, *, steps: int, console: Console, enabled: bool = True) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]simulate"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f} pushes"),
+            TextColumn("t_sim {task.fields[t]:.4g}"),
+            TextColumn("loss {task.fields[loss]:.4g}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task("simulate", total=steps or None, t=0.0, loss=float("nan"))
+
+    def __enter__(self) -> SimulatedProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, pushes: int, t: float, loss: float) -> None:
+        """Redraw with the pushes done, the simulated time and the held-out loss."""
+        self.progress.update(self.task, completed=pushes, t=t, loss=loss)

@@ -1,0 +1,504 @@
+"""A deterministic discrete-event simulation of N Downpour workers (``cluster.backend = "sim"``).
+
+Model-agnostic: it runs on one flat parameter tensor, a server rule (:func:`~downpour.ps.rules.make_rule`), a
+policy (:mod:`downpour.ps.policies`) and a gradient callable ``grad(params, worker, rng) -> (loss, grad)``
+(:class:`ModelGradient` makes one from any model with ``loss(batch)``). Time is simulated; only the gradients are
+real.
+
+One worker's cycle: the server hands it the current parameters (a *fetch*, at simulated time ``t``); the
+message takes a network delay, the worker computes for its compute time, the push takes another network delay and
+arrives at the server, which applies it and hands back the new parameters at once (a push-pull, as the real
+worker does). So one event per push: ``arrival = t + delay + compute + delay``. The gradient depends only on the
+fetched parameters and a mini-batch, so it is computed when the push arrives, just before it is applied: an
+in-flight worker holds one fetched copy and no gradient, and workers that fetched the same version share one copy
+(all of them, under ``sync``).
+
+Events sit in a heap keyed by ``(time, sequence number)``, so ties resolve in the order they were scheduled; all
+randomness comes from NumPy generators seeded from ``settings.seed``: the mini-batches from ``default_rng(seed)``,
+handed to every gradient call in event order (one stream; a generator per worker costs ~30 µs to create, as much
+as the simulator's own work for a push), the durations from two streams of their own. The same seed gives
+bit-identical parameters and records.
+
+Policies: ``downpour``, ``staleness-lr`` and ``dc-asgd`` apply each push on arrival through
+:class:`~downpour.ps.policies.PolicyRule` (the policy, then the server rule, in place); ``ssp`` does too, but a
+worker more than ``staleness_bound`` clocks ahead of the slowest waits (in simulated time) until it catches up;
+``sync`` applies the mean once ``N − b`` pushes for the current version have arrived, the others waiting at the
+barrier, and drops late pushes (without computing their gradient); ``easgd`` runs ``tau`` local SGD steps per
+cycle (``policy.lr``) and then the elastic exchange with the center (the server rule is not used). The parameters
+are one shard: every shard of a real server would see the same staleness here, since a push reaches all of them
+at once.
+
+A push whose update (or, under ``easgd``, local copy) holds NaN or Inf is rejected and counted, as by a real
+shard; unlike a shard, the simulator does not refuse a finite update that overflows the parameters.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from downpour.data import worker_slice
+from downpour.errors import ConfigError
+from downpour.ps.flat import FlatParameters
+from downpour.ps.policies import EASGD, SSP, Policy, PolicyRule, Sync, apply_rule
+from downpour.ps.rules import PushMeta, Rule, ShardState
+from downpour.ps.staleness import StalenessHistogram
+
+GradFn = Callable[[Tensor, int, np.random.Generator], tuple[float, Tensor]]
+"""``grad(params, worker, rng) -> (loss, grad)``. ``params`` must not be modified; the returned gradient is used
+before the next call, so it may be a buffer that the callable reuses."""
+
+_BLOCK = 4096  # random durations are drawn in blocks of this many
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """The simulated cluster (each field is ``cluster.sim_<field>``, except ``workers``, ``steps``, ``seconds``,
+    ``seed``, which come from ``cluster.workers``, ``train.steps``, ``train.seconds``, ``train.seed``)."""
+
+    workers: int = 8
+    steps: int = 1000  # pushes to simulate (applied, rejected or dropped); 0 = no limit
+    seconds: float = 0.0  # simulated seconds; 0 = no limit
+    compute_mean: float = 1.0  # mean simulated seconds per gradient
+    compute_sigma: float = 0.0  # 0: constant; > 0: lognormal with this sigma (of the log), same mean
+    stragglers: float = 0.0  # fraction of workers (chosen at random) that are slower
+    straggler_slowdown: float = 1.0  # how many times slower the stragglers compute
+    network_mean: float = 0.0  # mean one-way delay of a message (fetch or push)
+    network_sigma: float = 0.0  # 0: constant; > 0: lognormal
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad key."""
+        checks = [
+            ("cluster.workers", self.workers, isinstance(self.workers, int) and self.workers >= 1, "must be >= 1"),
+            ("train.steps", self.steps, isinstance(self.steps, int) and self.steps >= 0, "must be >= 0"),
+            ("train.seconds", self.seconds, math.isfinite(self.seconds) and self.seconds >= 0, "must be >= 0"),
+            ("train.steps", self.steps, self.steps > 0 or self.seconds > 0, "set train.steps or train.seconds"),
+            ("cluster.sim_compute_mean", self.compute_mean, _positive(self.compute_mean), "must be > 0"),
+            ("cluster.sim_compute_sigma", self.compute_sigma, _nonneg(self.compute_sigma), "must be >= 0"),
+            ("cluster.sim_stragglers", self.stragglers, 0 <= self.stragglers <= 1, "must be in [0, 1]"),
+            (
+                "cluster.sim_straggler_slowdown",
+                self.straggler_slowdown,
+                math.isfinite(self.straggler_slowdown) and self.straggler_slowdown >= 1,
+                "must be >= 1",
+            ),
+            ("cluster.sim_network_mean", self.network_mean, _nonneg(self.network_mean), "must be >= 0"),
+            ("cluster.sim_network_sigma", self.network_sigma, _nonneg(self.network_sigma), "must be >= 0"),
+            ("train.seed", self.seed, isinstance(self.seed, int) and self.seed >= 0, "must be >= 0"),
+        ]
+        for key, value, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"invalid {key}: {value!r} ({what})")
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def _nonneg(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
+
+
+@dataclass
+class SimRecords:
+    """One row per push, in the order the server handled them (columns of equal length)."""
+
+    t: np.ndarray  # float64: simulated time the server applied (or dropped/rejected) the push
+    worker: np.ndarray  # int64
+    version: np.ndarray  # int64: the server's version after the push
+    fetched_version: np.ndarray  # int64: the version the worker computed on
+    staleness: np.ndarray  # int64: version at apply − fetched_version; -1 when rejected
+    loss: np.ndarray  # float64: mini-batch loss (mean over tau local steps under easgd; NaN when dropped)
+    applied: np.ndarray  # bool
+    fetched_t: np.ndarray  # float64: simulated time the worker fetched
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def equals(self, other: SimRecords) -> bool:
+        """Bit-for-bit equality of every column (NaN equal to NaN)."""
+        return all(
+            np.array_equal(
+                getattr(self, f.name), getattr(other, f.name), equal_nan=f.name in ("t", "loss", "fetched_t")
+            )
+            for f in fields(self)
+        )
+
+
+@dataclass
+class SimResult:
+    """What a simulated run produced."""
+
+    params: Tensor  # (P,) the server's final parameters (the center, under easgd)
+    records: SimRecords
+    sim_time: float  # simulated seconds at the last push handled
+    grad_evals: int  # calls of the gradient callable
+    rejected: int  # pushes refused for NaN / Inf
+    dropped: int  # late pushes dropped by sync with backup workers
+    stragglers: np.ndarray  # indices of the slow workers
+    peak_copies: int  # most fetched copies of the parameters held at once (at most one per in-flight worker)
+
+    def staleness_histogram(self) -> StalenessHistogram:
+        """Staleness of every applied push."""
+        histogram = StalenessHistogram()
+        histogram.add(self.records.staleness[self.records.applied])
+        return histogram
+
+
+def _lognormal_factors(rng: np.random.Generator, sigma: float) -> Iterator[float]:
+    """Endless factors of mean 1: ``exp(σz − σ²/2)``, drawn in blocks."""
+    while True:
+        yield from np.exp(sigma * rng.standard_normal(_BLOCK) - 0.5 * sigma * sigma).tolist()
+
+
+class ModelGradient:
+    """``grad(params, worker, rng)`` for any model with ``loss(batch)``, through :class:`FlatParameters`.
+
+    Each call copies ``params`` into the model, draws ``batch_size`` examples with replacement from the worker's
+    examples (its disjoint :func:`~downpour.data.worker_slice` when ``workers`` is given, else all of them) and
+    returns the loss and the flat gradient buffer (reused by the next call).
+    """
+
+    def __init__(self, model: nn.Module, examples: Tensor, *, batch_size: int, workers: int | None = None) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"invalid train.batch_size: {batch_size!r} (must be at least 1)")
+        self.model, self.examples, self.batch_size, self.workers = model, examples, batch_size, workers
+        self.flat = FlatParameters(model)
+        self._bounds: dict[int, tuple[int, int]] = {}
+
+    def _range(self, worker: int) -> tuple[int, int]:
+        bounds = self._bounds.get(worker)
+        if bounds is None:
+            count = self.examples.shape[0]
+            part = worker_slice(count, self.workers, worker) if self.workers else slice(0, count)
+            bounds = self._bounds[worker] = (part.start, part.stop)
+        return bounds
+
+    def __call__(self, params: Tensor, worker: int, rng: np.random.Generator) -> tuple[float, Tensor]:
+        """The mini-batch loss at ``params`` and its gradient ``(P,)``."""
+        flat = self.flat
+        flat.values.copy_(params)
+        flat.zero_grad()
+        low, high = self._range(worker)
+        index = torch.from_numpy(rng.integers(low, high, size=self.batch_size))
+        loss = self.model.loss(self.examples.index_select(0, index))  # batch (B, D)
+        loss.backward()
+        return float(loss.detach()), flat.grads
+
+
+class _Snapshots:
+    """Fetched copies of the parameters, one per version in flight, shared by the workers that fetched it."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, list] = {}  # version -> [tensor, holders]
+        self._pool: list[Tensor] = []
+        self.peak = 0
+
+    def take(self, version: int, params: Tensor) -> None:
+        held = self._held.get(version)
+        if held is not None:
+            held[1] += 1
+            return
+        copy = self._pool.pop().copy_(params) if self._pool else params.clone()
+        self._held[version] = [copy, 1]
+        self.peak = max(self.peak, len(self._held))
+
+    def get(self, version: int) -> Tensor:
+        return self._held[version][0]
+
+    def release(self, version: int) -> None:
+        held = self._held[version]
+        held[1] -= 1
+        if not held[1]:
+            del self._held[version]
+            self._pool.append(held[0])
+
+
+class Simulation:
+    """N simulated workers training ``params`` through one server; :meth:`run` returns a :class:`SimResult`."""
+
+    def __init__(
+        self,
+        params: Tensor,
+        rule: Rule,
+        policy: Policy,
+        grad: GradFn,
+        settings: SimSettings,
+        *,
+        observe: Callable[[float, int, Tensor], None] | None = None,
+        observe_every: int = 0,
+    ) -> None:
+        settings.validate()
+        if params.dim() != 1:
+            raise ValueError(f"params must be a flat (P,) tensor, got shape {tuple(params.shape)}")
+        if isinstance(policy, Sync) and policy.workers != settings.workers:
+            raise ConfigError(
+                f"invalid cluster.workers: {settings.workers} (the sync policy was built for {policy.workers})"
+            )
+        self.rule, self.policy, self.grad, self.settings = rule, policy, grad, settings
+        self.observe, self.observe_every = observe, observe_every
+        self.params = params.detach().clone()
+        self.state = ShardState(self.params, {name: torch.zeros_like(self.params) for name in rule.state_names})
+        self.version = 0
+        self.grad_evals = self.rejected = self.dropped = 0
+        n, s = settings.workers, settings
+        self.rng = np.random.default_rng(s.seed)  # the mini-batch stream, passed to every gradient call
+        timing = np.random.default_rng(np.random.SeedSequence([s.seed, 1]))
+        count = round(s.stragglers * n)
+        self.stragglers = np.sort(timing.choice(n, size=count, replace=False)) if count else np.zeros(0, np.int64)
+        self._means = [s.compute_mean] * n
+        for w in self.stragglers.tolist():
+            self._means[w] = s.compute_mean * s.straggler_slowdown
+        compute_rng, network_rng = timing.spawn(2)
+        self._compute = _lognormal_factors(compute_rng, s.compute_sigma) if s.compute_sigma > 0 else None
+        lognormal_network = s.network_sigma > 0 and s.network_mean > 0
+        self._network = _lognormal_factors(network_rng, s.network_sigma) if lognormal_network else None
+        self._two_delays = 2.0 * s.network_mean
+        self._stop_at = s.steps or math.inf
+        self._until = s.seconds or math.inf
+        self._observe_every = observe_every if observe is not None else 0
+        self._heap: list[tuple[float, int, int]] = []
+        self._seq = 0
+        self._fetched_version = [0] * n
+        self._fetched_t = [0.0] * n
+        self._snapshots = _Snapshots()
+        self._cols: tuple[list, ...] = ([], [], [], [], [], [], [], [])  # SimRecords' columns, in field order
+        self._appends = tuple(col.append for col in self._cols)
+
+    # -- building blocks -------------------------------------------------------------------------------------
+
+    def _cycle(self, worker: int, computes: int = 1) -> float:
+        """Simulated seconds from a fetch to the arrival of the push: delay + compute(s) + delay."""
+        mean, compute, network = self._means[worker], self._compute, self._network
+        if compute is None:
+            busy = mean * computes
+        elif computes == 1:
+            busy = mean * next(compute)
+        else:
+            busy = mean * sum(next(compute) for _ in range(computes))
+        if network is None:
+            return busy + self._two_delays
+        return busy + self.settings.network_mean * (next(network) + next(network))
+
+    def _schedule(self, worker: int, t: float, computes: int = 1) -> None:
+        heapq.heappush(self._heap, (t + self._cycle(worker, computes), self._seq, worker))
+        self._seq += 1
+
+    def _start(self, worker: int, t: float) -> None:
+        """Hand ``worker`` the current parameters at time ``t`` and schedule its push."""
+        self._snapshots.take(self.version, self.params)
+        self._fetched_version[worker] = self.version
+        self._fetched_t[worker] = t
+        self._schedule(worker, t)
+
+    def _record(self, t: float, w: int, fetched: int, staleness: int, loss: float, applied: bool) -> bool:
+        """Append one row; True when the run should stop (step budget reached)."""
+        a_t, a_w, a_version, a_fetched, a_staleness, a_loss, a_applied, a_fetched_t = self._appends
+        a_t(t)
+        a_w(w)
+        a_version(self.version)
+        a_fetched(fetched)
+        a_staleness(staleness)
+        a_loss(loss)
+        a_applied(applied)
+        a_fetched_t(self._fetched_t[w])
+        n = len(self._cols[0])
+        if self._observe_every and n % self._observe_every == 0:
+            self.observe(t, n, self.params)  # type: ignore[misc]
+        return n >= self._stop_at
+
+    def _pop(self) -> tuple[float, int] | None:
+        """The next event ``(time, worker)``, or None when the simulated-time budget is spent."""
+        if not self._heap:
+            return None
+        t, _, w = heapq.heappop(self._heap)
+        return (t, w) if t <= self._until else None
+
+    # -- the three event loops -------------------------------------------------------------------------------
+
+    def _run_async(self) -> float:
+        """downpour, staleness-lr, dc-asgd and ssp: each push applied on arrival."""
+        policy, state, grad, rng = self.policy, self.state, self.grad, self.rng
+        server_rule = PolicyRule(self.rule, policy)  # what a real shard would hold
+        table = policy.clock_table(self.settings.workers) if isinstance(policy, SSP) else None
+        waiting: list[int] = []
+        snapshots, fetched_version = self._snapshots, self._fetched_version
+        for w in range(self.settings.workers):
+            self._start(w, 0.0)
+        t = 0.0
+        while (event := self._pop()) is not None:
+            t, w = event
+            fetched = fetched_version[w]
+            snap = snapshots.get(fetched)
+            loss, update = grad(snap, w, rng)
+            self.grad_evals += 1
+            if math.isfinite(float(update.sum())) or bool(torch.isfinite(update).all()):
+                meta = PushMeta(w, fetched, self.version)
+                server_rule(meta, update, state, state, fetched=snap)  # in place: current and out are one buffer
+                self.version += 1
+                stop = self._record(t, w, fetched, meta.staleness, loss, True)
+            else:
+                self.rejected += 1
+                stop = self._record(t, w, fetched, -1, loss, False)
+            snapshots.release(fetched)
+            if stop:
+                break
+            if table is None:
+                self._start(w, t)
+                continue
+            raised_min = table.advance(w)
+            if table.can_advance(w):
+                self._start(w, t)
+            else:
+                waiting.append(w)
+            if raised_min and waiting:
+                still = []
+                for u in waiting:
+                    if table.can_advance(u):
+                        self._start(u, t)
+                    else:
+                        still.append(u)
+                waiting = still
+        return t
+
+    def _run_sync(self) -> float:
+        """sync: the mean of one push per worker, once N − b have arrived; late pushes dropped."""
+        policy = self.policy
+        assert isinstance(policy, Sync)
+        aggregator = policy.aggregator(self.params.numel(), dtype=self.params.dtype)
+        rounds = [0] * self.settings.workers  # the aggregator round each worker fetched in
+        pending: list[tuple[int, int, float]] = []  # (worker, fetched version, loss) of this round
+        snapshots = self._snapshots
+        for w in range(self.settings.workers):
+            self._start(w, 0.0)
+        t = 0.0
+        while (event := self._pop()) is not None:
+            t, w = event
+            fetched = self._fetched_version[w]
+            if not aggregator.accepts(rounds[w]):
+                self.dropped = aggregator.dropped_
+                snapshots.release(fetched)
+                if self._record(t, w, fetched, self.version - fetched, math.nan, False):
+                    break
+                rounds[w] = aggregator.version_
+                self._start(w, t)
+                continue
+            loss, update = self.grad(snapshots.get(fetched), w, self.rng)
+            self.grad_evals += 1
+            snapshots.release(fetched)
+            mean = aggregator.add(update, worker=w, fetched_version=rounds[w])
+            pending.append((w, fetched, loss))
+            if mean is None:
+                continue  # waits at the barrier
+            stop = False
+            if math.isfinite(float(mean.sum())) or bool(torch.isfinite(mean).all()):
+                meta = PushMeta(-1, self.version, self.version)
+                apply_rule(self.rule, meta, mean, self.state, self.state)
+                self.version += 1
+                for u, fetched_u, loss_u in pending:
+                    stop = self._record(t, u, fetched_u, self.version - 1 - fetched_u, loss_u, True) or stop
+            else:
+                self.rejected += len(pending)
+                for u, fetched_u, loss_u in pending:
+                    stop = self._record(t, u, fetched_u, -1, loss_u, False) or stop
+            if stop:
+                break
+            for u, _, _ in pending:
+                rounds[u] = aggregator.version_
+                self._start(u, t)
+            pending.clear()
+        return t
+
+    def _run_easgd(self) -> float:
+        """easgd: tau local SGD steps per cycle, then the elastic exchange with the center."""
+        policy = self.policy
+        assert isinstance(policy, EASGD)
+        center, grad, tau, lr, rng = self.params, self.grad, policy.tau, policy.lr, self.rng
+        local = center.expand(self.settings.workers, -1).clone()  # (N, P): each worker's own copy x_i
+        scratch = torch.empty_like(center)
+        last_seen = self._fetched_version
+        for w in range(self.settings.workers):
+            self._schedule(w, 0.0, tau)
+        t = 0.0
+        while (event := self._pop()) is not None:
+            t, w = event
+            x = local[w]
+            loss_sum = 0.0
+            for _ in range(tau):
+                loss, update = grad(x, w, rng)
+                x.add_(update, alpha=-lr)
+                loss_sum += loss
+            self.grad_evals += tau
+            fetched = last_seen[w]
+            if math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all()):
+                policy.exchange(x, center, scratch=scratch)
+                self.version += 1
+                stop = self._record(t, w, fetched, self.version - 1 - fetched, loss_sum / tau, True)
+            else:
+                self.rejected += 1
+                x.copy_(center)  # a diverged worker starts again from the center
+                stop = self._record(t, w, fetched, -1, loss_sum / tau, False)
+            if stop:
+                break
+            last_seen[w] = self.version
+            self._fetched_t[w] = t
+            self._schedule(w, t, tau)
+        return t
+
+    def run(self) -> SimResult:
+        """Simulate until ``settings.steps`` pushes or ``settings.seconds`` simulated seconds."""
+        if isinstance(self.policy, Sync):
+            sim_time = self._run_sync()
+        elif isinstance(self.policy, EASGD):
+            sim_time = self._run_easgd()
+        else:
+            sim_time = self._run_async()
+        c = self._cols
+        records = SimRecords(
+            t=np.asarray(c[0], dtype=np.float64),
+            worker=np.asarray(c[1], dtype=np.int64),
+            version=np.asarray(c[2], dtype=np.int64),
+            fetched_version=np.asarray(c[3], dtype=np.int64),
+            staleness=np.asarray(c[4], dtype=np.int64),
+            loss=np.asarray(c[5], dtype=np.float64),
+            applied=np.asarray(c[6], dtype=bool),
+            fetched_t=np.asarray(c[7], dtype=np.float64),
+        )
+        return SimResult(
+            self.params,
+            records,
+            sim_time,
+            self.grad_evals,
+            self.rejected,
+            self.dropped,
+            self.stragglers,
+            self._snapshots.peak,
+        )
+
+
+def simulate(
+    params: Tensor,
+    rule: Rule,
+    policy: Policy,
+    grad: GradFn,
+    settings: SimSettings,
+    *,
+    observe: Callable[[float, int, Tensor], None] | None = None,
+    observe_every: int = 0,
+) -> SimResult:
+    """Run one simulation (see the module docstring); ``params`` is copied, never modified.
+
+    ``observe(t, pushes, params)``, when given, is called every ``observe_every`` pushes (for held-out loss
+    against simulated time and updates); it must not modify ``params``.
+    """
+    return Simulation(params, rule, policy, grad, settings, observe=observe, observe_every=observe_every).run()
+
+
+__all__ = ["GradFn", "ModelGradient", "SimRecords", "SimResult", "SimSettings", "Simulation", "simulate"]

@@ -1,0 +1,365 @@
+"""The discrete-event simulator: determinism, staleness it produces, every policy's coordination (sync barrier,
+SSP bound, EASGD exchange), a 1,000-worker run of the real RICA model, and the published staleness effect."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from downpour.backends.sim import ModelGradient, SimResult, SimSettings, simulate
+from downpour.config import DataConfig, ModelConfig
+from downpour.data import load_dataset
+from downpour.errors import ConfigError
+from downpour.models import build_model
+from downpour.ps.policies import EASGD, POLICIES, Sync, easgd_exchange, make_policy
+from downpour.ps.rules import make_rule, sgd
+
+# ---- a small convex problem: least squares, gradients without autograd (fast) ------------------------------
+
+
+class LeastSquares:
+    """``f(w) = ½ mean (Xw − y)²`` on a fixed random problem; mini-batch gradients of 16 rows."""
+
+    def __init__(self, rows: int = 512, dim: int = 16, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(rows, dim, generator=g) * torch.linspace(0.3, 1.0, dim)  # (M, D)
+        self.y = self.x @ torch.randn(dim, generator=g) + 0.1 * torch.randn(rows, generator=g)  # (M,)
+        self.dim = dim
+
+    def loss(self, w: Tensor) -> float:
+        return float(0.5 * ((self.x @ w - self.y) ** 2).mean())
+
+    def optimum(self) -> float:
+        return self.loss(torch.linalg.lstsq(self.x, self.y.unsqueeze(1)).solution.squeeze(1))
+
+    def __call__(self, w: Tensor, worker: int, rng: np.random.Generator) -> tuple[float, Tensor]:
+        index = torch.from_numpy(rng.integers(0, self.x.shape[0], size=16))
+        xb, yb = self.x[index], self.y[index]  # (B, D), (B,)
+        residual = xb @ w - yb  # (B,)
+        return float(0.5 * (residual * residual).mean()), xb.t() @ residual / 16
+
+
+PROBLEM = LeastSquares()
+W0 = torch.zeros(PROBLEM.dim)
+BUSY = {"compute_sigma": 0.5, "stragglers": 0.25, "straggler_slowdown": 4.0, "network_mean": 0.1, "network_sigma": 0.5}
+
+
+def _run(policy: str, workers: int, steps: int, *, lr: float = 0.05, seed: int = 0, **timing: float) -> SimResult:
+    settings = SimSettings(workers=workers, steps=steps, seed=seed, **timing)
+    return simulate(W0, make_rule("sgd", lr=lr), make_policy(policy, workers=workers, lr=lr), PROBLEM, settings)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread, as in a simulated (or local-backend) worker: with two threads on a busy 2-core machine,
+    OpenMP's spinning made the 1,000-worker run 70x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    """Real data: scikit-learn's digits, mean-removed and whitened, ``(N, 64)``."""
+    return load_dataset(DataConfig(source="digits", held_out=64), seed=0).train
+
+
+def _rica_grad(examples: torch.Tensor, *, features: int, batch_size: int, workers: int | None = None) -> ModelGradient:
+    model = build_model(ModelConfig(name="rica", features=features), examples.shape[1], seed=0)
+    return ModelGradient(model, examples, batch_size=batch_size, workers=workers)
+
+
+# ---- determinism --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_same_seed_same_bits_other_seed_other_result(policy: str) -> None:
+    """Same seed: torch.equal parameters and identical records; another seed: different ones."""
+    a = _run(policy, 12, 240, seed=7, **BUSY)
+    b = _run(policy, 12, 240, seed=7, **BUSY)
+    c = _run(policy, 12, 240, seed=8, **BUSY)
+    assert len(a.records) >= 240
+    assert torch.equal(a.params, b.params) and a.records.equals(b.records) and a.sim_time == b.sim_time
+    assert not torch.equal(a.params, c.params)
+    assert not a.records.equals(c.records)
+    assert np.all(np.diff(a.records.t) >= 0)  # the server handles pushes in simulated-time order
+
+
+# ---- staleness ----------------------------------------------------------------------------------------------
+
+
+def test_downpour_constant_compute_staleness_is_exactly_n_minus_1() -> None:
+    """N workers, constant compute, no delay: the first round sees 0..N−1, every later push exactly N−1."""
+    n = 16
+    result = _run("downpour", n, 10 * n)
+    staleness = result.records.staleness
+    assert staleness[:n].tolist() == list(range(n))
+    assert np.all(staleness[n:] == n - 1)
+    assert result.records.t[-1] == 10.0 and result.sim_time == 10.0
+
+
+def test_downpour_lognormal_mean_staleness_is_about_n_minus_1() -> None:
+    """With random compute times a push still sees the other N−1 workers' pushes on average."""
+    n = 32
+    result = _run("downpour", n, 4000, compute_sigma=0.5, network_mean=0.1, network_sigma=0.5)
+    later = result.records.staleness[10 * n :]
+    assert later.mean() == pytest.approx(n - 1, rel=0.1)
+    assert later.max() > n  # a slow draw sees many more
+
+
+def test_stragglers_see_more_staleness_than_fast_workers() -> None:
+    """A worker 4x slower is overtaken by ~4x as many pushes; stragglers are chosen by the seed."""
+    result = _run("downpour", 20, 3000, stragglers=0.25, straggler_slowdown=4.0)
+    assert len(result.stragglers) == 5
+    slow = np.isin(result.records.worker, result.stragglers)
+    later = np.arange(len(result.records)) > 200
+    ratio = result.records.staleness[slow & later].mean() / result.records.staleness[~slow & later].mean()
+    assert 3.0 < ratio < 5.0
+    assert slow.mean() < 0.25  # they push less often than their share of workers
+
+
+# ---- sync ---------------------------------------------------------------------------------------------------
+
+
+def test_sync_with_one_worker_equals_plain_sgd_exactly(digits: torch.Tensor) -> None:
+    """sync, N = 1, on the real RICA model and digits: bit-identical to a sequential SGD loop."""
+    grad = _rica_grad(digits, features=16, batch_size=8)
+    start = grad.flat.values.clone()
+    settings = SimSettings(workers=1, steps=200, seed=3, compute_sigma=0.7, network_mean=0.2, network_sigma=0.3)
+    result = simulate(start, make_rule("sgd", lr=0.01), make_policy("sync", workers=1), grad, settings)
+    w, rng = start.clone(), np.random.default_rng(3)
+    losses = []
+    for _ in range(200):
+        loss, g = grad(w, 0, rng)
+        sgd(w, g, lr=0.01, out=w)
+        losses.append(loss)
+    assert torch.equal(result.params, w)
+    assert result.records.loss.tolist() == losses
+    assert np.all(result.records.staleness == 0) and result.records.version.tolist() == list(range(1, 201))
+
+
+def test_sync_barrier_staleness_zero_and_one_shared_copy() -> None:
+    """Every version is the mean of one push from each of the N workers, applied with staleness 0; all N workers
+    computed on one shared copy of the parameters."""
+    n = 16
+    result = _run("sync", n, 20 * n, **BUSY)
+    records = result.records
+    assert np.all(records.applied) and np.all(records.staleness == 0)
+    for version in range(1, 21):
+        in_round = records.version == version
+        assert sorted(records.worker[in_round].tolist()) == list(range(n))
+        assert np.all(records.fetched_version[in_round] == version - 1)
+    assert result.peak_copies == 1 and result.dropped == 0
+
+
+def test_sync_backup_workers_drop_late_pushes() -> None:
+    """N = 12, b = 3: each version averages the first 9 pushes; late ones (mostly stragglers) are dropped."""
+    result = _run("sync:3", 12, 600, **BUSY)
+    records = result.records
+    applied, dropped = records.applied, ~records.applied
+    assert result.dropped == dropped.sum() > 0
+    assert np.all(np.bincount(records.version[applied])[1:] == 9)
+    assert np.all(records.staleness[dropped] >= 1) and np.all(np.isnan(records.loss[dropped]))
+    straggler_share = np.isin(records.worker[dropped], result.stragglers).mean()
+    assert straggler_share > 0.5  # 3 of 12 workers are stragglers, most drops are theirs
+    assert result.grad_evals == applied.sum()  # late pushes are not computed
+
+
+# ---- ssp ----------------------------------------------------------------------------------------------------
+
+
+def _ssp_violations(result: SimResult, bound: int) -> int:
+    """Pushes whose iteration k started while some worker had finished fewer than k − bound iterations."""
+    records, n = result.records, int(result.records.worker.max()) + 1
+    finished_at = [np.sort(records.t[records.worker == u]) for u in range(n)]  # push times per worker
+    iteration = np.zeros(len(records), dtype=np.int64)  # k: how many pushes the worker made before this one
+    for u in range(n):
+        mine = np.flatnonzero(records.worker == u)
+        iteration[mine] = np.arange(len(mine))
+    slowest = np.min([np.searchsorted(times, records.fetched_t, side="right") for times in finished_at], axis=0)
+    return int((iteration - slowest > bound).sum())
+
+
+def test_ssp_never_exceeds_its_bound_with_stragglers() -> None:
+    """Over the whole record: no push started more than s clocks ahead of the slowest worker, and the running
+    push counts never spread by more than s + 1. Downpour in the same cluster breaks the bound (the check bites)."""
+    bound = 2
+    result = _run("ssp:2", 16, 1500, **BUSY)
+    assert _ssp_violations(result, bound) == 0
+    counts = np.zeros(16, dtype=np.int64)
+    for w in result.records.worker.tolist():
+        counts[w] += 1
+        assert counts.max() - counts.min() <= bound + 1
+    downpour = _run("downpour", 16, 1500, **BUSY)
+    assert _ssp_violations(downpour, bound) > 100
+    # the bound costs the fast workers time: stragglers get a larger share of the pushes than under downpour
+    share = np.isin(result.records.worker, result.stragglers).mean()
+    assert share > 1.5 * np.isin(downpour.records.worker, downpour.stragglers).mean()
+
+
+# ---- easgd and dc-asgd wiring -------------------------------------------------------------------------------
+
+
+def test_easgd_one_worker_matches_a_hand_loop() -> None:
+    """N = 1, tau = 3: three local SGD steps, then the elastic exchange, repeated — bit for bit."""
+    lr, rho, tau = 0.05, 4.0, 3
+    policy = EASGD(lr=lr, rho=rho, tau=tau)
+    result = simulate(W0, make_rule("sgd", lr=lr), policy, PROBLEM, SimSettings(workers=1, steps=50, seed=5))
+    x, center, rng = W0.clone(), W0.clone(), np.random.default_rng(5)
+    for _ in range(50):
+        for _ in range(tau):
+            _, g = PROBLEM(x, 0, rng)
+            x.add_(g, alpha=-lr)
+        easgd_exchange(x, center, alpha=lr * rho)
+    assert torch.equal(result.params, center)
+    assert result.grad_evals == 50 * tau and len(result.records) == 50
+
+
+def test_easgd_many_workers_converges_and_is_stale() -> None:
+    """N = 16 constant compute: each exchange sees the other 15 workers' exchanges; the center converges."""
+    result = _run("easgd", 16, 1600, lr=0.05)
+    assert np.all(result.records.staleness[16:] == 15)
+    assert PROBLEM.loss(result.params) < 2 * PROBLEM.optimum()
+
+
+def test_dc_asgd_with_zero_lambda_is_downpour_and_with_lambda_differs() -> None:
+    """The compensation is wired in: λ = 0 gives downpour's bits, λ > 0 other ones."""
+    plain = _run("downpour", 8, 300, **BUSY)
+    assert torch.equal(_run("dc-asgd:0", 8, 300, **BUSY).params, plain.params)
+    assert not torch.equal(_run("dc-asgd:0.5", 8, 300, **BUSY).params, plain.params)
+
+
+# ---- scale, budgets, failure handling -----------------------------------------------------------------------
+
+
+def test_a_thousand_workers_of_real_rica_in_about_two_seconds(digits: torch.Tensor) -> None:
+    """1,000 simulated workers training RICA on digits (disjoint data slices), 2,000 pushes, a quarter of them 4x
+    slower, lognormal compute and network delay: nearly every fast worker pushes, staleness reaches the hundreds, and it
+    takes about 2 s."""
+    grad = _rica_grad(digits, features=16, batch_size=8, workers=1000)
+    start = grad.flat.values.clone()
+    settings = SimSettings(workers=1000, steps=2000, seed=0, **BUSY)
+    t0 = time.perf_counter()
+    result = simulate(start, make_rule("adagrad", lr=0.01), make_policy("staleness-lr"), grad, settings)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 3.0, f"{elapsed:.2f} s"
+    assert len(result.records) == 2000 and result.grad_evals == 2000 and result.rejected == 0
+    fast = set(range(1000)) - set(result.stragglers.tolist())
+    assert len(fast) == 750 and len(fast - set(result.records.worker.tolist())) < 8  # all but a few slow draws
+    assert result.staleness_histogram().summary()["p50"] > 300
+    assert result.peak_copies <= 1000
+    assert torch.isfinite(result.params).all() and not torch.equal(result.params, start)
+
+
+def test_simulated_seconds_budget_and_observe_hook() -> None:
+    """train.seconds bounds simulated time; observe sees every k-th push with the live parameters."""
+    seen: list[tuple[float, int]] = []
+    settings = SimSettings(workers=4, steps=0, seconds=5.5)
+    result = simulate(
+        W0,
+        make_rule("sgd", lr=0.05),
+        make_policy("downpour"),
+        PROBLEM,
+        settings,
+        observe=lambda t, pushes, params: seen.append((t, pushes)),
+        observe_every=4,
+    )
+    assert len(result.records) == 20 and result.records.t.max() == 5.0
+    assert seen == [(float(k), 4 * k) for k in range(1, 6)]
+
+
+def test_nan_pushes_are_rejected_and_counted() -> None:
+    """A worker whose gradients are NaN never touches the parameters; its pushes are counted as rejected."""
+
+    def grad(w: Tensor, worker: int, rng: np.random.Generator) -> tuple[float, Tensor]:
+        loss, g = PROBLEM(w, worker, rng)
+        return (math.nan, torch.full_like(g, math.nan)) if worker == 0 else (loss, g)
+
+    result = simulate(W0, make_rule("sgd", lr=0.05), make_policy("downpour"), grad, SimSettings(workers=4, steps=400))
+    assert result.rejected == 100 and np.all(result.records.staleness[~result.records.applied] == -1)
+    assert torch.isfinite(result.params).all() and PROBLEM.loss(result.params) < PROBLEM.loss(W0) / 10
+
+
+def test_model_gradient_reads_only_the_workers_slice() -> None:
+    """With workers=4, worker 2 of 4 draws only examples 50..74 of 100."""
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+            self.seen: list[Tensor] = []
+
+        def loss(self, batch: Tensor) -> Tensor:
+            self.seen.append(batch[:, 0].clone())
+            return (self.w * batch.sum()) ** 2
+
+    examples = torch.arange(100, dtype=torch.float32).unsqueeze(1)  # (100, 1): example i holds the value i
+    probe = Probe()
+    grad = ModelGradient(probe, examples, batch_size=32, workers=4)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        grad(torch.zeros(1), 2, rng)
+    values = torch.cat(probe.seen)
+    assert values.min() >= 50 and values.max() <= 74 and len(values.unique()) > 15
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (SimSettings(workers=0), r"invalid cluster\.workers: 0"),
+        (SimSettings(steps=0, seconds=0.0), r"invalid train\.steps: 0 \(set train\.steps or train\.seconds\)"),
+        (SimSettings(compute_mean=0.0), r"invalid cluster\.sim_compute_mean: 0\.0"),
+        (SimSettings(compute_sigma=-1.0), r"invalid cluster\.sim_compute_sigma: -1\.0"),
+        (SimSettings(stragglers=1.5), r"invalid cluster\.sim_stragglers: 1\.5"),
+        (SimSettings(straggler_slowdown=0.5), r"invalid cluster\.sim_straggler_slowdown: 0\.5"),
+        (SimSettings(network_mean=math.inf), r"invalid cluster\.sim_network_mean: inf"),
+    ],
+)
+def test_bad_settings_name_the_key(settings: SimSettings, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings.validate()
+
+
+def test_sync_policy_must_match_the_worker_count() -> None:
+    with pytest.raises(ConfigError, match=r"invalid cluster\.workers: 3"):
+        simulate(W0, make_rule("sgd", lr=0.1), Sync(workers=4), PROBLEM, SimSettings(workers=3, steps=10))
+
+
+# ---- the published effect (Zhang et al. 2016) ---------------------------------------------------------------
+
+
+def test_fixed_lr_degrades_with_workers_while_staleness_lr_converges() -> None:
+    """Least squares, lr 0.3, 1500 pushes, lognormal compute: a fixed rate converges with 1 worker and diverges
+    with 16 and 64 (staleness ≈ N − 1); dividing the rate by the staleness converges at every N."""
+    initial, optimum = PROBLEM.loss(W0), PROBLEM.optimum()
+    final = {
+        (policy, n): PROBLEM.loss(_run(policy, n, 1500, lr=0.3, compute_sigma=0.5).params)
+        for policy in ("downpour", "staleness-lr")
+        for n in (1, 16, 64)
+    }
+    assert final["downpour", 1] < 1.5 * optimum
+    for n in (16, 64):
+        assert not final["downpour", n] < initial  # diverged (inf/nan) or at least no better than the start
+        assert final["staleness-lr", n] < 3 * optimum
+    assert final["staleness-lr", 1] == final["downpour", 1]  # no staleness with one worker: the same run
+
+
+def test_bench_sim_reports_both_sides() -> None:
+    """``downpour bench sim``'s measurement on a tiny run: both sides make the same gradient calls."""
+    from rich.console import Console
+
+    from downpour.bench import sim as bench_sim
+
+    result = bench_sim.run(workers=20, steps=100, repeats=1, chunk=25, features=8, batch_size=8)
+    assert result["workers"] == 20 and result["grad_evals"] == 100
+    assert result["ratio"] > 0 and result["in_run_ratio"] > 1.0 and result["events_per_s"] > 0
+    console = Console(record=True, width=120)
+    bench_sim.print_table(result, console)
+    assert "20 workers" in console.export_text()

@@ -1,0 +1,80 @@
+"""``ps.policy`` and ``cluster.backend = "sim"`` through the real ``downpour train`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, downpour, read_jsonl
+
+
+def test_simulated_run_writes_a_run_directory_with_the_staleness_of_its_workers(run_dir: Path) -> None:
+    args = ["train", "--backend", "sim", "--workers", "16", "--steps", "400", *FAST, "--set", "ps.rule=sgd", "--set",
+            "ps.lr=0.005", "--json"]  # fmt: skip
+    result = downpour(*args, "--out", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["backend"] == "sim" and summary["policy"] == "downpour"
+    assert summary["steps"] == 400 and summary["updates_applied"] == 400
+    assert summary["final_loss"] < summary["initial_loss"]
+    # constant compute times: every worker waits for the 15 others between its fetch and its push
+    assert 14 <= summary["staleness"]["mean"] <= 15
+    assert summary["simulated_seconds"] > 0 and summary["gradient_evaluations"] == 400
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    pushes = [row for row in rows if row["event"] == "push"]
+    evals = [row for row in rows if row["event"] == "eval"]
+    assert len(pushes) == 400 and len(evals) >= 40
+    assert [row["t"] for row in pushes] == sorted(row["t"] for row in pushes)  # in simulated-time order
+    assert (run_dir / "checkpoint").is_dir() and (run_dir / "filters.png").stat().st_size > 0
+    again = downpour(*args, "--out", str(run_dir.parent / "again"))
+    assert json.loads(again.stdout)["final_loss"] == summary["final_loss"]  # deterministic
+
+
+@pytest.mark.parametrize("policy", ["sync", "ssp", "easgd"])
+def test_every_policy_runs_on_the_simulator(policy: str, run_dir: Path) -> None:
+    result = downpour("train", "--backend", "sim", "--workers", "8", "--steps", "160", *FAST, "--set",
+                      "ps.rule=sgd", "--set", "ps.lr=0.005", "--set", f"ps.policy={policy}",
+                      "--out", str(run_dir), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["policy"] == policy and summary["final_loss"] < summary["initial_loss"]
+    if policy == "sync":
+        assert summary["staleness"]["max"] == 0
+    if policy == "ssp":
+        assert summary["staleness"]["max"] <= 8 * (3 + 1)  # bounded: at most (bound + 1) rounds of 8 workers
+
+
+@pytest.mark.parametrize("policy", ["staleness-lr", "dc-asgd"])
+def test_push_policies_run_on_the_local_backend(policy: str, run_dir: Path) -> None:
+    result = downpour("train", "--workers", "2", "--steps", "200", *FAST, "--set", f"ps.policy={policy}",
+                      "--out", str(run_dir), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["updates_applied"] >= 200 and summary["updates_rejected"] == 0
+    assert summary["final_loss"] < 0.5 * summary["initial_loss"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "ps.policy=sync"], "invalid ps.policy: 'sync' (the local backend runs"),
+        (["--set", "ps.policy=bogus"], "invalid ps.policy: 'bogus' (choose one of"),
+        (["--backend", "sim", "--set", "ps.n_push=2"], "invalid ps.n_push: 2 (the sim backend models one gradient"),
+        (["--backend", "sim", "--set", "cluster.sim_stragglers=2"], "invalid cluster.sim_stragglers: 2"),
+        (["--set", "ps.backup_workers=2"], "invalid ps.backup_workers: 2 (must be >= 0 and < cluster.workers = 2)"),
+    ],
+)
+def test_bad_policy_settings_are_one_line_errors(args: list[str], message: str, run_dir: Path) -> None:
+    result = downpour("train", "--steps", "10", *args, "--out", str(run_dir))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_a_simulated_run_is_not_resumed(run_dir: Path) -> None:
+    first = downpour("train", "--backend", "sim", "--workers", "4", "--steps", "50", *FAST, "--out", str(run_dir))
+    assert first.returncode == 0, first.stderr
+    again = downpour("train", "--backend", "sim", "--workers", "4", "--steps", "50", *FAST, "--resume", str(run_dir))
+    assert again.returncode == 2 and "simulated runs are deterministic" in again.stderr
