@@ -14,6 +14,7 @@ from rich.console import Console
 
 from downpour import config as config_mod
 from downpour import rundir
+from downpour.cli_study import add_study, cmd_study
 from downpour.errors import DownpourError
 
 SHORTHANDS = {
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_bench(sub)
+    add_study(sub)
     return parser
 
 
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args, console)
         if args.command == "bench":
             return _cmd_bench(args, console)
+        if args.command == "study":
+            return cmd_study(args, console)
     except DownpourError as exc:
         print(f"downpour: error: {exc}", file=sys.stderr)
         return 2

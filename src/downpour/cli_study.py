@@ -1,0 +1,77 @@
+"""``downpour study``: the staleness grid and the local-optima test (each writes a report into ``--out``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from downpour.errors import DownpourError
+
+
+def add_study(sub: argparse._SubParsersAction) -> None:
+    """The ``study`` command and its two studies."""
+    p = sub.add_parser("study", help="studies on the simulator that write a report", description=__doc__)
+    which = p.add_subparsers(dest="study", required=True)
+    st = which.add_parser("staleness", help="policies x workers x seeds: loss, staleness, final-loss spread")
+    st.add_argument("--config", type=Path, help="TOML file over the study's defaults (model, data, rule, sim_*)")
+    st.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    st.add_argument("--policies", default="downpour,sync,ssp:4,staleness-lr,dc-asgd,easgd", help="comma-separated")
+    st.add_argument("--workers", default="1,8,64,1000", help="comma-separated worker counts")
+    st.add_argument("--seeds", default="10", help="seeds per (policy, workers)")
+    st.add_argument("--steps", type=int, help="gradients per run (default: the study's, 1500)")
+    st.add_argument("--out", type=Path, required=True, help="report directory")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    op = which.add_parser("optima", help="sync vs async on a task with known minima: which minimum, significance")
+    op.add_argument("--workers", type=int, default=64, help="simulated workers")
+    op.add_argument("--seeds", type=int, default=100, help="paired runs (the same start for both policies)")
+    op.add_argument("--steps", type=int, default=4000, help="pushes per run")
+    op.add_argument("--first-seed", type=int, default=0, help="first seed (for a replication on new seeds)")
+    op.add_argument("--out", type=Path, required=True, help="report directory")
+    op.add_argument("--json", action="store_true", help="also print the result as JSON")
+
+
+def _bar(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]study"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[run]}"),
+                    TimeElapsedColumn(), console=console, disable=not enabled)  # fmt: skip
+
+
+def cmd_study(args: argparse.Namespace, console: Console) -> int:
+    """Run the study named on the command line."""
+    if args.study == "staleness":
+        from downpour.study import staleness
+
+        config = staleness.study_config(args.config, args.set)
+        grid = staleness.parse_grid(args.policies, args.workers, args.seeds)
+        with _bar(console, not args.no_progress) as bar:
+            task = bar.add_task("study", total=len(grid.policies) * len(grid.workers) * grid.seeds, run="")
+
+            def progress(done: int, total: int, run: dict) -> None:
+                label = f"{run.get('policy')} x{run.get('workers')} seed {run.get('seed')}"
+                bar.update(task, completed=done, run=label)
+
+            staleness.run_study(config, policies=grid.policies, workers=grid.workers, seeds=grid.seeds, out=args.out,
+                                steps=args.steps, progress=progress)  # fmt: skip
+        print(f"report in {args.out}: table.md, results.json and the figures")
+        print((args.out / "table.md").read_text())
+        return 0
+    if args.study == "optima":
+        from downpour.study import optima
+
+        for flag, value in (("--workers", args.workers), ("--seeds", args.seeds), ("--steps", args.steps)):
+            if value < 1:
+                raise DownpourError(f"invalid {flag}: {value} (must be at least 1)")
+        if args.first_seed < 0:
+            raise DownpourError(f"invalid --first-seed: {args.first_seed} (must be >= 0)")
+        result = optima.run_optima(workers=args.workers, seeds=args.seeds, steps=args.steps,
+                                   first_seed=args.first_seed, out=args.out,
+                                   progress=lambda line: console.print(line))  # fmt: skip
+        if args.json:
+            print(json.dumps(result, indent=2, default=str))
+        print(result["answer"], file=sys.stderr if args.json else sys.stdout)
+        return 0
+    raise AssertionError(args.study)  # pragma: no cover - argparse restricts the choices

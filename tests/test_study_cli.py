@@ -1,0 +1,37 @@
+"""``downpour study staleness`` and ``downpour study optima`` through the real command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import downpour
+
+
+def test_study_staleness_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    result = downpour("study", "staleness", "--policies", "downpour,staleness-lr", "--workers", "1,16", "--seeds", "2",
+                      "--steps", "300", "--no-progress", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "| staleness-lr | 16 |" in result.stdout
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 2 * 2 * 2
+    for name in ("loss_vs_updates.png", "loss_vs_time.png", "staleness_histograms.png", "final_loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_optima_answers_with_a_test(tmp_path: Path) -> None:
+    out = tmp_path / "optima"
+    result = downpour("study", "optima", "--workers", "8", "--seeds", "6", "--steps", "300", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "McNemar p=" in result.stdout
+    report = json.loads((out / "optima.json").read_text())
+    assert report["settings"]["workers"] == 8 and report["answer"] in result.stdout
+
+
+def test_study_flags_are_checked(tmp_path: Path) -> None:
+    bad = downpour("study", "staleness", "--workers", "0,8", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "invalid --workers: '0'" in bad.stderr
+    bad = downpour("study", "optima", "--seeds", "0", "--out", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "invalid --seeds: 0" in bad.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
