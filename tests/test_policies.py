@@ -286,3 +286,15 @@ def test_make_policy_builds_every_policy_with_its_parameters() -> None:
     easgd = make_policy("easgd:8", lr=0.01, easgd_rho=10.0)
     assert isinstance(easgd, EASGD) and easgd.tau == 8 and easgd.alpha == pytest.approx(0.1)
     assert "staleness_bound=4" in repr(make_policy("ssp:4"))
+
+
+def test_a_real_shard_passes_the_workers_fetched_values_to_dc_asgd() -> None:
+    """Shard.push(fetched_values=...) reaches the policy: g + λ·g⊙g⊙(w_now − w_fetched), then SGD."""
+    shard = Shard(0, 0, torch.tensor([1.0, 2.0]), PolicyRule(SGD(lr=0.1), DCASGD(dc_lambda=0.5)))
+    assert shard.needs_fetched
+    fetched = torch.tensor([0.0, 2.0])  # the worker computed at these values; the shard now holds [1, 2]
+    shard.push(torch.tensor([2.0, 1.0]), fetched_version=0, fetched_values=fetched)
+    # g' = [2 + 0.5·4·(1 − 0), 1 + 0.5·1·0] = [4, 1]; w = [1 − 0.4, 2 − 0.1]
+    out = torch.empty(2)
+    shard.fetch_into(out)
+    torch.testing.assert_close(out, torch.tensor([0.6, 1.9]))

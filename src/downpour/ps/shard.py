@@ -92,6 +92,11 @@ class Shard:
         """Pushes refused because they held NaN or Inf."""
         return int(self._m()[_REJECTED])
 
+    @property
+    def needs_fetched(self) -> bool:
+        """Whether pushes must bring the values the worker computed at (``ps.policy = "dc-asgd"``)."""
+        return bool(getattr(self.rule, "needs_fetched", False))
+
     def fetch_into(self, out: Tensor) -> int:
         """Copy the current values into ``out`` (shape ``(size,)``) and return their version."""
         with self.lock:

@@ -115,9 +115,8 @@ class DownpourWorker:
     ) -> None:
         for shard, update, values in zip(self.shards, updates, local, strict=True):
             fetched = versions[shard.index]
-            result = shard.push(
-                update, fetched, self.worker_id, fetch_into=values if then_fetch else None, fetched_values=values
-            )
+            extra = {"fetched_values": values} if getattr(shard, "needs_fetched", False) else {}  # dc-asgd
+            result = shard.push(update, fetched, self.worker_id, fetch_into=values if then_fetch else None, **extra)
             if then_fetch:
                 versions[shard.index] = result.version
             self.record(
