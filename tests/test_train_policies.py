@@ -56,6 +56,18 @@ def test_push_policies_run_on_the_local_backend(policy: str, run_dir: Path) -> N
     assert summary["final_loss"] < 0.5 * summary["initial_loss"]
 
 
+def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path) -> None:
+    """Bound 0 with 2 workers: at most (2·0 + 1)·(2 − 1) = 1 push of the other lands between a fetch and a push."""
+    result = downpour("train", "--workers", "2", "--steps", "200", *FAST, "--set", "ps.policy=ssp",
+                      "--set", "ps.staleness_bound=0", "--out", str(run_dir), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["staleness"]["max"] <= 1
+    assert summary["final_loss"] < 0.5 * summary["initial_loss"]
+    pushes = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row["event"] == "push"]
+    assert len({row["worker"] for row in pushes}) == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -23,7 +23,7 @@ RULES = ("sgd", "adagrad")
 BACKENDS = ("local", "sim")
 # Consistency policies (downpour.ps.policies.POLICIES, repeated here so that reading a config imports no torch).
 POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
-LOCAL_POLICIES = ("downpour", "staleness-lr", "dc-asgd")  # what the local backend runs so far
+LOCAL_POLICIES = ("downpour", "ssp", "staleness-lr", "dc-asgd")  # what the local backend runs so far
 
 
 @dataclass

@@ -30,6 +30,7 @@ from torch import Tensor
 from downpour.config import Config
 from downpour.models import build_model
 from downpour.ps.budget import GlobalSteps
+from downpour.ps.clocks import SharedClocks
 from downpour.ps.locks import FileLock
 from downpour.ps.policies import policy_rule
 from downpour.ps.shard import Shard
@@ -87,6 +88,7 @@ class _WorkerSpec:
     t0: float
     threads: int
     parent_pid: int
+    ssp_clocks: Tensor | None = None  # (workers,) int64 shared clocks under ps.policy = "ssp"
 
 
 class _Batcher:
@@ -147,6 +149,9 @@ def _worker_main(spec: _WorkerSpec) -> None:
             record=batcher,
             progress=report,
             clock=lambda: time.time() - spec.t0,
+            ssp=None if spec.ssp_clocks is None else SharedClocks(
+                spec.ssp_clocks.numel(), bound=spec.config.ps.staleness_bound, clocks=spec.ssp_clocks
+            ),
         )
         worker.run()
         if os.getppid() == spec.parent_pid:
@@ -195,6 +200,8 @@ class LocalCluster:
         self._pipes = [self._ctx.Pipe(duplex=False) for _ in range(workers)]  # (read end, write end) per worker
         self._procs: list[Any] = []
         self._reported_dead: set[int] = set()
+        is_ssp = config.ps.policy == "ssp"
+        self.ssp = SharedClocks(workers, bound=config.ps.staleness_bound) if is_ssp else None
         self._pipe_closed: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -220,6 +227,7 @@ class LocalCluster:
                 t0=self.t0,
                 threads=threads,
                 parent_pid=os.getpid(),
+                ssp_clocks=None if self.ssp is None else self.ssp.clocks,
             )
             proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
             proc.daemon = True
@@ -276,6 +284,8 @@ class LocalCluster:
         for worker_id, proc in enumerate(self._procs):
             if worker_id in self._reported_dead or proc.exitcode is None:
                 continue
+            if self.ssp is not None:
+                self.ssp.retire(worker_id)  # a dead worker must not hold the others back
             if proc.exitcode != 0 and not self._control[0]:
                 self._reported_dead.add(worker_id)
                 events.append(WorkerEvent("died", worker_id, f"exit code {proc.exitcode}"))

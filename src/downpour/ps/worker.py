@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from downpour.ps.clocks import SharedClocks
 from downpour.ps.flat import FlatParameters
 from downpour.ps.shard import PushResult
 
@@ -98,10 +99,12 @@ class DownpourWorker:
         record: Callable[[PushRecord], None],
         progress: Callable[[int, float], None] = lambda examples, loss: None,
         clock: Callable[[], float] = time.perf_counter,
+        ssp: SharedClocks | None = None,
     ) -> None:
         self.worker_id, self.model, self.shards, self.settings = worker_id, model, list(shards), settings
         self.examples, self.rng, self.budget = examples, rng, budget
         self.should_stop, self.record, self.progress, self.clock = should_stop, record, progress, clock
+        self.ssp = ssp  # ps.policy = "ssp": wait for the slowest worker before running too far ahead
         self.flat = FlatParameters(model)
         self.steps_ = 0
         self.pushes_ = 0
@@ -128,6 +131,13 @@ class DownpourWorker:
 
     def run(self) -> None:
         """Train until ``should_stop()`` is true or the global step budget is spent."""
+        try:
+            self._run()
+        finally:
+            if self.ssp is not None:
+                self.ssp.retire(self.worker_id)
+
+    def _run(self) -> None:
         s = self.settings
         flat = self.flat
         versions = [0] * len(self.shards)
@@ -139,6 +149,9 @@ class DownpourWorker:
         loss_sum, pending = 0.0, 0
         fetched_with_push = False
         while not self.should_stop():
+            starts_clock = self.ssp is not None and self.steps_ % s.n_push == 0
+            if starts_clock and not self.ssp.wait_turn(self.worker_id, self.should_stop):  # type: ignore[union-attr]
+                break
             if self.steps_ % s.n_fetch == 0 and not fetched_with_push:
                 self._fetch(versions, local)
             fetched_with_push = False
@@ -161,8 +174,11 @@ class DownpourWorker:
                     break
                 mean_loss = loss_sum / pending
                 # When the next step would fetch anyway, fetch under the same lock as the push (push-pull).
-                fetched_with_push = self.steps_ % s.n_fetch == 0
+                # (Not under SSP: there the fetch waits for the slowest worker, so it comes after the wait.)
+                fetched_with_push = self.steps_ % s.n_fetch == 0 and self.ssp is None
                 self._push(updates, versions, local, mean_loss, then_fetch=fetched_with_push)
+                if self.ssp is not None:
+                    self.ssp.tick(self.worker_id)
                 if s.n_push > 1:
                     accumulated.zero_()
                 loss_sum, pending = 0.0, 0
