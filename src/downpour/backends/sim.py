@@ -158,19 +158,14 @@ def _lognormal_factors(rng: np.random.Generator, sigma: float) -> Iterator[float
         yield from np.exp(sigma * rng.standard_normal(_BLOCK) - 0.5 * sigma * sigma).tolist()
 
 
-class ModelGradient:
-    """``grad(params, worker, rng)`` for any model with ``loss(batch)``, through :class:`FlatParameters`.
+class WorkerBatches:
+    """Mini-batches for a ``grad`` callable: ``batch_size`` examples drawn with replacement from the worker's
+    examples (its disjoint :func:`~downpour.data.worker_slice` when ``workers`` is given, else all of them)."""
 
-    Each call copies ``params`` into the model, draws ``batch_size`` examples with replacement from the worker's
-    examples (its disjoint :func:`~downpour.data.worker_slice` when ``workers`` is given, else all of them) and
-    returns the loss and the flat gradient buffer (reused by the next call).
-    """
-
-    def __init__(self, model: nn.Module, examples: Tensor, *, batch_size: int, workers: int | None = None) -> None:
+    def __init__(self, examples: Tensor, *, batch_size: int, workers: int | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"invalid train.batch_size: {batch_size!r} (must be at least 1)")
-        self.model, self.examples, self.batch_size, self.workers = model, examples, batch_size, workers
-        self.flat = FlatParameters(model)
+        self.examples, self.batch_size, self.workers = examples, batch_size, workers
         self._bounds: dict[int, tuple[int, int]] = {}
 
     def _range(self, worker: int) -> tuple[int, int]:
@@ -181,14 +176,31 @@ class ModelGradient:
             bounds = self._bounds[worker] = (part.start, part.stop)
         return bounds
 
+    def draw(self, worker: int, rng: np.random.Generator) -> Tensor:
+        """One mini-batch ``(B, ...)`` of ``worker``'s examples."""
+        low, high = self._range(worker)
+        index = torch.from_numpy(rng.integers(low, high, size=self.batch_size))
+        return self.examples.index_select(0, index)
+
+
+class ModelGradient:
+    """``grad(params, worker, rng)`` for any model with ``loss(batch)``, through :class:`FlatParameters`.
+
+    Each call copies ``params`` into the model, draws a mini-batch (:class:`WorkerBatches`) and returns the loss and
+    the flat gradient buffer (reused by the next call).
+    """
+
+    def __init__(self, model: nn.Module, examples: Tensor, *, batch_size: int, workers: int | None = None) -> None:
+        self.batches = WorkerBatches(examples, batch_size=batch_size, workers=workers)
+        self.model = model
+        self.flat = FlatParameters(model)
+
     def __call__(self, params: Tensor, worker: int, rng: np.random.Generator) -> tuple[float, Tensor]:
         """The mini-batch loss at ``params`` and its gradient ``(P,)``."""
         flat = self.flat
         flat.values.copy_(params)
         flat.zero_grad()
-        low, high = self._range(worker)
-        index = torch.from_numpy(rng.integers(low, high, size=self.batch_size))
-        loss = self.model.loss(self.examples.index_select(0, index))  # batch (B, D)
+        loss = self.model.loss(self.batches.draw(worker, rng))  # batch (B, D)
         loss.backward()
         return float(loss.detach()), flat.grads
 
@@ -501,4 +513,13 @@ def simulate(
     return Simulation(params, rule, policy, grad, settings, observe=observe, observe_every=observe_every).run()
 
 
-__all__ = ["GradFn", "ModelGradient", "SimRecords", "SimResult", "SimSettings", "Simulation", "simulate"]
+__all__ = [
+    "GradFn",
+    "ModelGradient",
+    "SimRecords",
+    "SimResult",
+    "SimSettings",
+    "Simulation",
+    "WorkerBatches",
+    "simulate",
+]

@@ -37,15 +37,16 @@ import torch
 from torch import Tensor
 
 from downpour import config as config_mod
-from downpour.backends.sim import ModelGradient, SimSettings, simulate
+from downpour.backends.sim import ModelGradient, SimSettings, WorkerBatches, simulate
 from downpour.config import Config
-from downpour.data import load_dataset, worker_slice
+from downpour.data import load_dataset
 from downpour.errors import ConfigError
 from downpour.models import RICA, build_model
-from downpour.ps.flat import FlatParameters, flat_copy
+from downpour.ps.flat import flat_copy
 from downpour.ps.policies import EASGD, POLICIES, Sync, make_policy
 from downpour.ps.rules import make_rule
 from downpour.ps.staleness import StalenessHistogram
+from downpour.train import HeldOutLoss
 
 DEFAULT_POLICIES = ("downpour", "sync", "ssp:4", "staleness-lr", "dc-asgd", "easgd")
 DEFAULT_WORKERS = (1, 8, 64, 1000)
@@ -197,27 +198,15 @@ class RICAGradient:
     """
 
     def __init__(self, model: RICA, examples: Tensor, *, batch_size: int, workers: int | None = None) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"invalid train.batch_size: {batch_size!r} (must be at least 1)")
-        self.examples, self.batch_size, self.workers = examples.flatten(1), batch_size, workers
+        self.batches = WorkerBatches(examples.flatten(1), batch_size=batch_size, workers=workers)  # (N, D)
+        self.batch_size = batch_size
         self.shape = tuple(model.weight.shape)  # (K, D)
         self.sparsity, self.epsilon = model.sparsity, model.epsilon
         self.grads = torch.empty(model.weight.numel(), dtype=torch.float32)
-        self._bounds: dict[int, tuple[int, int]] = {}
-
-    def _range(self, worker: int) -> tuple[int, int]:
-        bounds = self._bounds.get(worker)
-        if bounds is None:
-            count = self.examples.shape[0]
-            part = worker_slice(count, self.workers, worker) if self.workers else slice(0, count)
-            bounds = self._bounds[worker] = (part.start, part.stop)
-        return bounds
 
     def __call__(self, params: Tensor, worker: int, rng: np.random.Generator) -> tuple[float, Tensor]:
         """The mini-batch loss at ``params`` and its gradient ``(K·D,)`` (a buffer reused by the next call)."""
-        low, high = self._range(worker)
-        index = torch.from_numpy(rng.integers(low, high, size=self.batch_size))
-        x = self.examples.index_select(0, index)  # (B, D)
+        x = self.batches.draw(worker, rng)  # (B, D)
         w = params.view(self.shape)  # (K, D)
         b = float(self.batch_size)
         h = x @ w.t()  # (B, K)
@@ -240,26 +229,12 @@ def gradient_fn(model: torch.nn.Module, examples: Tensor, *, batch_size: int, wo
     return ModelGradient(model, examples, batch_size=batch_size, workers=workers)
 
 
-class _HeldOut:
-    """The model's loss on the held-out examples for any flat parameter vector (one model, reused)."""
-
-    def __init__(self, config: Config, dataset: Any) -> None:
-        self.model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
-        self.flat = FlatParameters(self.model)
-        self.batch = dataset.held_out
-
-    @torch.no_grad()
-    def __call__(self, params: Tensor) -> float:
-        self.flat.values.copy_(params)
-        return float(self.model.loss(self.batch))
-
-
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
 def _one_run(
-    config: Config, dataset: Any, held_out: _HeldOut, name: str, workers: int, seed_index: int, steps: int
+    config: Config, dataset: Any, held_out: HeldOutLoss, name: str, workers: int, seed_index: int, steps: int
 ) -> dict[str, Any]:
     """Simulate one (policy, workers, seed) and return its record (JSON-ready: non-finite losses are None)."""
     seed = config.train.seed + seed_index
@@ -358,7 +333,7 @@ def run_study(
                 f"invalid --workers: {max(grid.workers)} (more than the {dataset.train.shape[0]} training "
                 "examples; raise data.examples)"
             )
-        held_out = _HeldOut(config, dataset)
+        held_out = HeldOutLoss(config, dataset)
         runs: list[dict[str, Any]] = []
         total = len(grid.policies) * len(grid.workers) * grid.seeds
         for name in grid.policies:
