@@ -71,7 +71,8 @@ def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "ps.policy=sync"], "invalid ps.policy: 'sync' (the local backend runs"),
+        (["--set", "ps.policy=sync", "--set", "ps.n_fetch=2"], "invalid ps.n_fetch: 2 (sync fetches once per round"),
+        (["--set", "ps.policy=easgd", "--set", "ps.n_push=4"], "invalid ps.n_push: 4 (easgd takes ps.easgd_tau"),
         (["--set", "ps.policy=bogus"], "invalid ps.policy: 'bogus' (choose one of"),
         (["--backend", "sim", "--set", "ps.n_push=2"], "invalid ps.n_push: 2 (the sim backend models one gradient"),
         (["--backend", "sim", "--set", "cluster.sim_stragglers=2"], "invalid cluster.sim_stragglers: 2"),

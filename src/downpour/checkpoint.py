@@ -44,6 +44,7 @@ class Checkpoint:
                     "state": state,
                     "version": info["version"],
                     "rejected": info["rejected"],
+                    "dropped": info.get("dropped", 0),  # late pushes of a sync shard (absent before sync ran locally)
                 }
             )
         return snapshots
@@ -58,7 +59,10 @@ def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]
         tensors[f"shard{index}.values"] = snap["values"].contiguous()
         for name, tensor in snap["state"].items():
             tensors[f"shard{index}.state.{name}"] = tensor.contiguous()
-        shard_info.append({"version": snap["version"], "rejected": snap["rejected"], "size": snap["values"].numel()})
+        info = {"version": snap["version"], "rejected": snap["rejected"], "size": snap["values"].numel()}
+        if "dropped" in snap:  # a sync shard's late pushes
+            info["dropped"] = snap["dropped"]
+        shard_info.append(info)
     serial = _next_serial(directory)
     params_name = f"params-{serial:08d}.safetensors"
     save_tensors(tensors, directory / params_name)

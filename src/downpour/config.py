@@ -23,7 +23,7 @@ RULES = ("sgd", "adagrad")
 BACKENDS = ("local", "sim")
 # Consistency policies (downpour.ps.policies.POLICIES, repeated here so that reading a config imports no torch).
 POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
-LOCAL_POLICIES = ("downpour", "ssp", "staleness-lr", "dc-asgd")  # what the local backend runs so far
+LOCAL_POLICIES = POLICIES  # the local backend runs every policy
 
 
 @dataclass
@@ -68,6 +68,7 @@ class TrainConfig:
     steps: int = 0  # pushes applied across all workers (the global step); 0 means no limit
     seed: int = 0
     checkpoint_every: float = 30.0  # seconds between checkpoints
+    eval_every: float = 0.0  # local backend: seconds between held-out loss evaluations ("eval" rows); 0 = off
 
 
 @dataclass
@@ -279,8 +280,15 @@ def validate(config: Config) -> None:
              f"ps.lr · ps.easgd_rho must be < 1 (the elastic step α), got {p.lr * p.easgd_rho:g}")  # fmt: skip
     _require(p.easgd_tau >= 1, "ps.easgd_tau", p.easgd_tau, "must be at least 1")
     _require(c.backend in BACKENDS, "cluster.backend", c.backend, f"choose one of {', '.join(BACKENDS)}")
-    _require(c.backend != "local" or p.policy in LOCAL_POLICIES, "ps.policy", p.policy,
-             f"the local backend runs {', '.join(LOCAL_POLICIES)}; use cluster.backend = \"sim\" for it")  # fmt: skip
+    _require(p.n_fetch == 1 or p.policy != "sync", "ps.n_fetch", p.n_fetch,
+             "sync fetches once per round, after the round closes: leave it at 1")  # fmt: skip
+    if p.policy == "easgd":
+        for key, value, default in (("ps.n_fetch", p.n_fetch, 1), ("ps.n_push", p.n_push, 1),
+                                    ("ps.local_apply", p.local_apply, False)):  # fmt: skip
+            _require(value == default, key, value, "easgd takes ps.easgd_tau local SGD steps between exchanges; "
+                     f"leave it at {str(default).lower()}")  # fmt: skip
+    _require(math.isfinite(t.eval_every) and t.eval_every >= 0, "train.eval_every", t.eval_every,
+             "must be >= 0 (0 = off)")  # fmt: skip
     mean = c.sim_compute_mean
     _require(math.isfinite(mean) and mean > 0, "cluster.sim_compute_mean", mean, "must be > 0")
     for key in ("sim_compute_sigma", "sim_stragglers", "sim_network_mean", "sim_network_sigma"):

@@ -20,7 +20,7 @@ from rich.console import Console
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour import rundir
-from downpour.backends.local import LocalCluster, WorkerEvent
+from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.config import Config
 from downpour.data import Dataset, load_dataset, worker_slice
 from downpour.errors import CheckpointError, DownpourError
@@ -175,16 +175,23 @@ def prepare_run_dir(out: Path, *, resume: bool) -> None:
 
 
 def run_training(
-    config: Config, out: Path, *, resume: bool = False, console: Console | None = None, show_progress: bool = True
+    config: Config, out: Path, *, resume: bool = False, console: Console | None = None, show_progress: bool = True,
+    dataset: Dataset | None = None,
 ) -> dict[str, Any]:
-    """Train ``config`` into the run directory ``out`` (continuing it when ``resume``); return the summary."""
+    """Train ``config`` into the run directory ``out`` (continuing it when ``resume``); return the summary.
+
+    ``dataset``: what ``load_dataset(config.data, seed=config.train.seed)`` returns, when the caller already has it
+    (a study running many short runs on one data set).
+    """
     console = console or Console(stderr=True)
     if config.cluster.backend == "sim":
         from downpour.train_sim import run_sim_training
 
         return run_sim_training(config, out, resume=resume, console=console, show_progress=show_progress)
     prepare_run_dir(out, resume=resume)
-    dataset = load_dataset(config.data, seed=config.train.seed)
+    check_local_workers(config.cluster.workers)
+    if dataset is None:
+        dataset = load_dataset(config.data, seed=config.train.seed)
     worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
     model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
     signature = model_signature(model)
@@ -234,7 +241,8 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                     initial_loss=run_state.initial_loss,
                 )  # fmt: skip
                 interrupted, session_seconds = _watch(
-                    cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0
+                    cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0,
+                    held_out_loss=held_out_loss,
                 )
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the watch loop took over
                 interrupted = True
@@ -261,6 +269,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "model": config.model.name,
         "data": config.data.source,
         "backend": config.cluster.backend,
+        "policy": config.ps.policy,
         "workers": config.cluster.workers,
         "shards": config.ps.shards,
         "num_params": signature["num_params"],
@@ -273,6 +282,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "seconds": run_state.elapsed_s,
         "updates_applied": sum(s["version"] for s in snapshots),
         "updates_rejected": sum(s["rejected"] for s in snapshots),
+        "updates_dropped": sum(s.get("dropped", 0) for s in snapshots),  # late pushes (sync with backup workers)
         "staleness": run_state.staleness.summary(),
         "worker_deaths": run_state.worker_deaths,
         "interrupted": interrupted,
@@ -332,10 +342,17 @@ def _watch(
     console: Console,
     show_progress: bool,
     t0: float,
+    *,
+    held_out_loss: HeldOutLoss | None = None,
 ) -> tuple[bool, float]:
-    """Poll the cluster until the budget is spent, every worker has stopped, or Ctrl-C; return what happened."""
+    """Poll the cluster until the budget is spent, every worker has stopped, or Ctrl-C; return what happened.
+
+    Every ``train.eval_every`` seconds (when set, and ``held_out_loss`` is given) an ``eval`` row records the
+    held-out loss of the shards' current values (the center, under easgd).
+    """
     train = config.train
     start = time.time()
+    next_eval = start + train.eval_every if train.eval_every and held_out_loss is not None else float("inf")
     elapsed_before = run_state.elapsed_s
     next_checkpoint = start + train.checkpoint_every
     next_rate = start + _THROUGHPUT_SECONDS
@@ -378,6 +395,11 @@ def _watch(
                     stale=run_state.staleness.summary()["mean"],
                     updates=cluster.steps(),
                 )
+                if now >= next_eval:
+                    step = cluster.steps()
+                    loss = held_out_loss(torch.cat([snap["values"] for snap in cluster.snapshots()]))  # type: ignore[misc]
+                    metrics.write("eval", t=now - t0, step=step, examples=run_state.examples, held_out_loss=loss)
+                    next_eval = now + train.eval_every
                 if now >= next_checkpoint:
                     _checkpoint_now(out, cluster, config, run_state, seeds, signature)
                     metrics.write("checkpoint", t=now - t0, step=cluster.steps())

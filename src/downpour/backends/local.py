@@ -28,14 +28,17 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from downpour.config import Config
+from downpour.errors import ConfigError
 from downpour.models import build_model
 from downpour.ps.budget import GlobalSteps
 from downpour.ps.clocks import SharedClocks
 from downpour.ps.locks import FileLock
-from downpour.ps.policies import policy_rule
+from downpour.ps.policies import EASGD, Sync, config_policy, policy_rule
 from downpour.ps.shard import Shard
 from downpour.ps.sharding import contiguous_bounds
+from downpour.ps.sync_shard import SyncShard
 from downpour.ps.worker import DownpourWorker, PushRecord, WorkerSettings
+from downpour.ps.worker_rounds import ElasticWorker, SyncWorker
 from downpour.signals import routed
 
 _FLUSH_SECONDS = 0.2
@@ -52,6 +55,39 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
+
+
+WORKER_MEMORY_BYTES = 250 * 2**20
+"""Memory one worker process needs, roughly: ~150 MB of private memory once it has imported torch (measured:
+``Pss_Anon`` of a fresh worker), plus its model, gradients and mini-batches."""
+
+
+def available_memory() -> int:
+    """Bytes of memory available for new processes (``MemAvailable`` on Linux; free physical pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_local_workers() -> int:
+    """How many worker processes this machine can hold now: available memory // :data:`WORKER_MEMORY_BYTES`."""
+    return max(1, available_memory() // WORKER_MEMORY_BYTES)
+
+
+def check_local_workers(workers: int) -> None:
+    """Raise :class:`ConfigError` when ``workers`` processes would not fit in this machine's memory."""
+    limit = max_local_workers()
+    if workers > limit:
+        raise ConfigError(
+            f"invalid cluster.workers: {workers} (the local backend runs each worker as an OS process that imports "
+            f"torch, about {WORKER_MEMORY_BYTES // 2**20} MB each; {available_memory() / 2**30:.1f} GB available "
+            f"here holds at most {limit}; use cluster.backend = \"sim\" for more workers)"
+        )
 
 
 def worker_threads(config: Config) -> int:
@@ -88,7 +124,7 @@ class _WorkerSpec:
     t0: float
     threads: int
     parent_pid: int
-    ssp_clocks: Tensor | None = None  # (workers,) int64 shared clocks under ps.policy = "ssp"
+    clocks: Tensor | None = None  # (workers,) int64 shared clocks under ps.policy = "ssp" or "sync"
 
 
 class _Batcher:
@@ -137,7 +173,16 @@ def _worker_main(spec: _WorkerSpec) -> None:
 
     try:
         model = build_model(spec.config.model, spec.input_dim, seed=spec.config.train.seed, shape=spec.shape)
-        worker = DownpourWorker(
+        policy = config_policy(spec.config)
+        clocks = None if spec.clocks is None else SharedClocks(
+            spec.clocks.numel(), bound=spec.config.ps.staleness_bound, clocks=spec.clocks
+        )  # fmt: skip
+        kind, extra = DownpourWorker, {"ssp": clocks}
+        if isinstance(policy, Sync):
+            kind, extra = SyncWorker, {"roster": clocks}
+        elif isinstance(policy, EASGD):
+            kind, extra = ElasticWorker, {"policy": policy}
+        worker = kind(
             spec.worker_id,
             model,
             spec.shards,
@@ -149,9 +194,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
             record=batcher,
             progress=report,
             clock=lambda: time.time() - spec.t0,
-            ssp=None if spec.ssp_clocks is None else SharedClocks(
-                spec.ssp_clocks.numel(), bound=spec.config.ps.staleness_bound, clocks=spec.ssp_clocks
-            ),
+            **extra,
         )
         worker.run()
         if os.getppid() == spec.parent_pid:
@@ -183,10 +226,20 @@ class LocalCluster:
         self.bounds = contiguous_bounds(initial.numel(), config.ps.shards)
         self._lock_dir = tempfile.mkdtemp(prefix="downpour-locks-")
         rule = policy_rule(config)
-        self.shards = [
-            Shard(i, start, initial[start:stop], rule, lock=FileLock(f"{self._lock_dir}/shard{i}"), shared=True)
-            for i, (start, stop) in enumerate(self.bounds)
-        ]
+        policy = config_policy(config)
+        workers = config.cluster.workers
+        # ssp: the workers' clocks; sync: the same clocks as the roster of live workers that a round waits for
+        self.clocks = SharedClocks(workers, bound=config.ps.staleness_bound) if policy.name in ("ssp", "sync") else None
+        self.shards: list[Shard] = []
+        for i, (start, stop) in enumerate(self.bounds):
+            lock = FileLock(f"{self._lock_dir}/shard{i}")
+            if isinstance(policy, Sync):
+                assert self.clocks is not None
+                shard: Shard = SyncShard(i, start, initial[start:stop], rule, policy=policy, roster=self.clocks,
+                                         lock=lock, shared=True)  # fmt: skip
+            else:
+                shard = Shard(i, start, initial[start:stop], rule, lock=lock, shared=True)
+            self.shards.append(shard)
         self.budget = GlobalSteps(config.train.steps, lock=FileLock(f"{self._lock_dir}/steps"), shared=True)
         self.train = train.share_memory_()
         self.input_dim = train.shape[1]
@@ -195,13 +248,10 @@ class LocalCluster:
         self.t0 = t0
         self._ctx = mp.get_context("spawn")
         self._control = torch.zeros(1, dtype=torch.int64).share_memory_()
-        workers = config.cluster.workers
         self._progress = torch.zeros(workers, 2, dtype=torch.float64).share_memory_()
         self._pipes = [self._ctx.Pipe(duplex=False) for _ in range(workers)]  # (read end, write end) per worker
         self._procs: list[Any] = []
         self._reported_dead: set[int] = set()
-        is_ssp = config.ps.policy == "ssp"
-        self.ssp = SharedClocks(workers, bound=config.ps.staleness_bound) if is_ssp else None
         self._pipe_closed: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -227,7 +277,7 @@ class LocalCluster:
                 t0=self.t0,
                 threads=threads,
                 parent_pid=os.getpid(),
-                ssp_clocks=None if self.ssp is None else self.ssp.clocks,
+                clocks=None if self.clocks is None else self.clocks.clocks,
             )
             proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
             proc.daemon = True
@@ -240,17 +290,26 @@ class LocalCluster:
         """Ask every worker to stop after its current step."""
         self._control[0] = 1
 
-    def stop(self, timeout: float = 10.0) -> tuple[list[tuple], list[WorkerEvent]]:
-        """Stop the workers, wait for them, and return the records and events still in flight."""
-        self.request_stop()
+    def stop(self, timeout: float = 10.0, grace: float = 5.0) -> tuple[list[tuple], list[WorkerEvent]]:
+        """Stop the workers, wait for them, and return the records and events still in flight.
+
+        When the step budget is spent, the workers end by themselves within a step (a sync round they pushed to
+        closes first), so they get up to ``grace`` seconds to do so before they are asked to stop.
+        """
         records: list[tuple] = []
         events: list[WorkerEvent] = []
-        deadline = time.monotonic() + timeout
-        while any(p.is_alive() for p in self._procs) and time.monotonic() < deadline:
-            more, more_events = self.poll()
-            records += more
-            events += more_events
-            time.sleep(0.02)
+
+        def drain(until: float) -> None:
+            while any(p.is_alive() for p in self._procs) and time.monotonic() < until:
+                more, more_events = self.poll()
+                records.extend(more)
+                events.extend(more_events)
+                time.sleep(0.02)
+
+        if self.budget.limit and self.budget.value >= self.budget.limit:
+            drain(time.monotonic() + grace)
+        self.request_stop()
+        drain(time.monotonic() + timeout)
         for proc in self._procs:
             if proc.is_alive():
                 proc.kill()
@@ -284,8 +343,8 @@ class LocalCluster:
         for worker_id, proc in enumerate(self._procs):
             if worker_id in self._reported_dead or proc.exitcode is None:
                 continue
-            if self.ssp is not None:
-                self.ssp.retire(worker_id)  # a dead worker must not hold the others back
+            if self.clocks is not None:
+                self.clocks.retire(worker_id)  # a dead worker must not hold the others back (ssp, sync)
             if proc.exitcode != 0 and not self._control[0]:
                 self._reported_dead.add(worker_id)
                 events.append(WorkerEvent("died", worker_id, f"exit code {proc.exitcode}"))

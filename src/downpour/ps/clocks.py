@@ -1,5 +1,7 @@
 """Stale synchronous parallel across worker processes: one shared clock per worker (Ho et al., NIPS 2013).
 
+Under ``ps.policy = "sync"`` the same clocks serve as the roster of live workers (:meth:`live`).
+
 A worker's clock counts its pushes. Before it computes the next one (clock ``c``), it waits until
 ``c − min(clocks) ≤ bound``, so no worker runs more than ``bound`` clocks ahead of the slowest one. A worker that
 ends or dies is *retired* (its clock set very high), so it never holds the others back. The clocks live in one
@@ -46,3 +48,7 @@ class SharedClocks:
     def retire(self, worker: int) -> None:
         """``worker`` ended or died: it no longer holds anyone back."""
         self.clocks[worker] = RETIRED
+
+    def live(self) -> int:
+        """Workers not retired (``ps.policy = "sync"`` closes a round with fewer pushes once workers have gone)."""
+        return int((self.clocks.numpy() < RETIRED).sum())

@@ -40,6 +40,7 @@ from downpour.errors import ConfigError
 from downpour.ps.rules import SGD, Adagrad, PushMeta, Rule, ShardState, adagrad, make_rule, sgd
 
 POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
+_AGG_VERSION, _AGG_DROPPED, _AGG_ARRIVED, _AGG_SUMMED, _AGG_ORDER = range(5)  # SyncAggregator's counters
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,48 +238,117 @@ class SyncAggregator:
     """Collects one push per worker for the current version and yields their mean once ``N − b`` have arrived.
 
     Holds one running sum, not one tensor per worker. A push for an older version is dropped and counted in
-    ``dropped_``; a second push from the same worker for the same version is a bug and raises.
+    ``dropped_``; a second push from the same worker for the same version is a bug and raises. All state lives in
+    tensors (the sum, and the counters and arrivals in one ``int64`` tensor), so :meth:`share_memory_` lets worker
+    processes share one aggregator (the local backend's :class:`~downpour.ps.sync_shard.SyncShard` does so, under
+    its shard's lock); the simulator uses it in one process.
     """
 
     def __init__(self, size: int, *, workers: int, backup_workers: int = 0, dtype: torch.dtype = torch.float32) -> None:
         Sync(workers=workers, backup_workers=backup_workers)  # validates
         self.workers, self.backup_workers = workers, backup_workers
-        self.version_ = 0  # the version whose pushes are being collected
-        self.dropped_ = 0
         self._sum = torch.zeros(size, dtype=dtype)
-        self._arrived: list[int] = []
+        # [version, dropped, arrived, summed, arrival order (workers), arrived-this-round flag (workers)]
+        self._ints = torch.zeros(4 + 2 * workers, dtype=torch.int64)
+        self._np: np.ndarray | None = None
+
+    def _i(self) -> np.ndarray:
+        if self._np is None:  # a NumPy view of the counters: cheap scalar reads and writes, shared when shared
+            self._np = self._ints.numpy()
+        return self._np
+
+    def share_memory_(self) -> SyncAggregator:
+        """Move the state into shared memory (before handing the aggregator to worker processes)."""
+        self._sum.share_memory_()
+        self._ints.share_memory_()
+        self._np = None
+        return self
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_np"] = None  # a per-process view, rebuilt lazily
+        return state
+
+    @property
+    def version_(self) -> int:
+        """The version whose pushes are being collected (rounds closed so far)."""
+        return int(self._i()[_AGG_VERSION])
+
+    @property
+    def dropped_(self) -> int:
+        """Late pushes dropped so far."""
+        return int(self._i()[_AGG_DROPPED])
+
+    @property
+    def pending(self) -> int:
+        """Pushes that have arrived for the current version (rejected ones included)."""
+        return int(self._i()[_AGG_ARRIVED])
 
     @property
     def arrived(self) -> tuple[int, ...]:
         """Workers whose push for the current version has arrived, in arrival order."""
-        return tuple(self._arrived)
+        ints = self._i()
+        return tuple(ints[_AGG_ORDER : _AGG_ORDER + int(ints[_AGG_ARRIVED])].tolist())
+
+    def restore(self, *, version: int, dropped: int = 0) -> None:
+        """Start collecting for ``version`` with ``dropped`` late pushes counted (on resume); no push pending."""
+        ints = self._i()
+        ints[:] = 0
+        ints[_AGG_VERSION], ints[_AGG_DROPPED] = version, dropped
 
     def accepts(self, fetched_version: int) -> bool:
         """Whether a push computed on ``fetched_version`` still counts; a late one is counted as dropped."""
-        if fetched_version < self.version_:
-            self.dropped_ += 1
+        ints = self._i()
+        if fetched_version < ints[_AGG_VERSION]:
+            ints[_AGG_DROPPED] += 1
             return False
         return True
 
-    def add(self, update: Tensor, *, worker: int, fetched_version: int) -> Tensor | None:
+    def add(
+        self, update: Tensor | None, *, worker: int, fetched_version: int, quorum: int | None = None
+    ) -> Tensor | None:
         """Add one push. Returns the mean ``(size,)`` when this push completes the quorum (the aggregator then
-        collects for the next version), else None. Late pushes (``fetched_version`` older) are dropped: None."""
+        collects for the next version), else None. Late pushes (``fetched_version`` older) are dropped: None.
+
+        ``update=None`` is a push that arrived but was refused (NaN or Inf): it counts toward the quorum, so the
+        round still closes, but not toward the mean. ``quorum`` (default ``N − b``) may be lowered by a backend
+        whose workers have ended or died.
+        """
         if not self.accepts(fetched_version):
             return None
-        if fetched_version > self.version_:
-            raise ValueError(f"push for version {fetched_version} while collecting version {self.version_}")
-        if worker in self._arrived:
-            raise ValueError(f"worker {worker} pushed twice for version {self.version_}")
-        if self._arrived:
-            self._sum.add_(update)
-        else:
-            self._sum.copy_(update)
-        self._arrived.append(worker)
-        if len(self._arrived) < self.workers - self.backup_workers:
+        ints = self._i()
+        version = int(ints[_AGG_VERSION])
+        if fetched_version > version:
+            raise ValueError(f"push for version {fetched_version} while collecting version {version}")
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"push from worker {worker}; this aggregator has workers 0..{self.workers - 1}")
+        seen = _AGG_ORDER + self.workers + worker
+        if ints[seen]:
+            raise ValueError(f"worker {worker} pushed twice for version {version}")
+        if update is not None:
+            if ints[_AGG_SUMMED]:
+                self._sum.add_(update)
+            else:
+                self._sum.copy_(update)
+            ints[_AGG_SUMMED] += 1
+        arrived = int(ints[_AGG_ARRIVED])
+        ints[_AGG_ORDER + arrived] = worker
+        ints[seen] = 1
+        ints[_AGG_ARRIVED] = arrived + 1
+        return self.close(self.workers - self.backup_workers if quorum is None else quorum)
+
+    def close(self, quorum: int) -> Tensor | None:
+        """Close the current version if at least ``max(1, quorum)`` pushes have arrived: return the mean of the
+        accepted ones (zeros when every one was refused) and start the next version; else None."""
+        ints = self._i()
+        arrived = int(ints[_AGG_ARRIVED])
+        if arrived < max(1, quorum):
             return None
-        mean = self._sum.div(len(self._arrived))
-        self._arrived.clear()
-        self.version_ += 1
+        summed = int(ints[_AGG_SUMMED])
+        mean = self._sum.div(summed) if summed else torch.zeros_like(self._sum)
+        ints[_AGG_ORDER + self.workers :] = 0
+        ints[_AGG_ARRIVED] = ints[_AGG_SUMMED] = 0
+        ints[_AGG_VERSION] += 1
         return mean
 
 

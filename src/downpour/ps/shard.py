@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from downpour.ps.policies import easgd_exchange
 from downpour.ps.rules import PushMeta, Rule, ShardState
 
 _ACTIVE, _VERSION0, _VERSION1, _REJECTED = range(4)
@@ -152,6 +153,36 @@ class Shard:
             if fetch_into is not None:
                 fetch_into.copy_(out.values)
             return PushResult(True, push_meta.staleness, version + 1)
+
+    def exchange(self, local: Tensor, *, alpha: float, worker: int = -1, last_version: int = 0) -> PushResult:
+        """The elastic exchange of ``ps.policy = "easgd"`` with this shard's slice of a worker's own parameters
+        ``local`` ``(size,)``: ``d = α(x_i − x̃); x_i ← x_i − d; x̃ ← x̃ + d`` (:func:`easgd_exchange`, Zhang,
+        Choromanska & LeCun 2015), both in place; the shard holds the center ``x̃``.
+
+        ``last_version``: the shard's version after this worker's previous exchange (the staleness counts the
+        other workers' exchanges since). A ``local`` holding NaN or Inf is refused and reset to the center.
+        """
+        if local.shape != (self.size,):
+            raise ValueError(f"shard {self.index} expects values of shape ({self.size},), got {tuple(local.shape)}")
+        finite = math.isfinite(float(local.sum())) or bool(torch.isfinite(local).all())
+        with self.lock:
+            meta = self._m()
+            live = int(meta[_ACTIVE])
+            version = int(meta[_VERSION0 + live])
+            current = self._buffer(live)
+            if not finite:
+                meta[_REJECTED] += 1
+                local.copy_(current.values)  # a diverged worker starts again from the center
+                return PushResult(False, -1, version)
+            spare = 1 - live
+            out = self._buffer(spare)
+            out.values.copy_(current.values)
+            for name, tensor in out.state.items():  # unused by easgd, kept consistent for checkpoints
+                tensor.copy_(current.state[name])
+            easgd_exchange(local, out.values, alpha=alpha)
+            meta[_VERSION0 + spare] = version + 1
+            meta[_ACTIVE] = spare  # the commit point
+            return PushResult(True, version - last_version, version + 1)
 
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of values, rule state, version and rejected count (for checkpoints)."""

@@ -100,11 +100,13 @@ class DownpourWorker:
         progress: Callable[[int, float], None] = lambda examples, loss: None,
         clock: Callable[[], float] = time.perf_counter,
         ssp: SharedClocks | None = None,
+        roster: SharedClocks | None = None,
     ) -> None:
         self.worker_id, self.model, self.shards, self.settings = worker_id, model, list(shards), settings
         self.examples, self.rng, self.budget = examples, rng, budget
         self.should_stop, self.record, self.progress, self.clock = should_stop, record, progress, clock
         self.ssp = ssp  # ps.policy = "ssp": wait for the slowest worker before running too far ahead
+        self.roster = roster  # ps.policy = "sync": the live workers (this one retires when it ends)
         self.flat = FlatParameters(model)
         self.steps_ = 0
         self.pushes_ = 0
@@ -129,13 +131,32 @@ class DownpourWorker:
             )
         self.pushes_ += 1
 
+    def _step(self, batches: Iterator[Tensor], accumulated: Tensor | None, *, apply_lr: float = 0.0) -> float:
+        """One mini-batch: its gradient into ``flat.grads``, added into ``accumulated`` (when that is a buffer of its
+        own), applied to the local parameters at ``apply_lr`` (when > 0); returns the mini-batch loss."""
+        flat = self.flat
+        batch = next(batches)  # (B, D)
+        flat.zero_grad()
+        loss = self.model.loss(batch)
+        loss.backward()
+        if accumulated is not None and accumulated is not flat.grads:
+            accumulated.add_(flat.grads)
+        if apply_lr:
+            with torch.no_grad():
+                flat.values.add_(flat.grads, alpha=-apply_lr)
+        value = float(loss.detach())
+        self.steps_ += 1
+        self.progress(batch.shape[0], value)
+        return value
+
     def run(self) -> None:
         """Train until ``should_stop()`` is true or the global step budget is spent."""
         try:
             self._run()
         finally:
-            if self.ssp is not None:
-                self.ssp.retire(self.worker_id)
+            for clocks in (self.ssp, self.roster):
+                if clocks is not None:
+                    clocks.retire(self.worker_id)
 
     def _run(self) -> None:
         s = self.settings
@@ -155,20 +176,8 @@ class DownpourWorker:
             if self.steps_ % s.n_fetch == 0 and not fetched_with_push:
                 self._fetch(versions, local)
             fetched_with_push = False
-            batch = next(batches)
-            flat.zero_grad()
-            loss = self.model.loss(batch)
-            loss.backward()
-            if s.n_push > 1:
-                accumulated.add_(flat.grads)
-            if s.local_apply:
-                with torch.no_grad():
-                    flat.values.add_(flat.grads, alpha=-s.local_lr)
-            loss_value = float(loss.detach())
-            loss_sum += loss_value
+            loss_sum += self._step(batches, accumulated, apply_lr=s.local_lr if s.local_apply else 0.0)
             pending += 1
-            self.steps_ += 1
-            self.progress(batch.shape[0], loss_value)
             if self.steps_ % s.n_push == 0:
                 if not self.budget.reserve():
                     break

@@ -1,0 +1,139 @@
+"""A shard for ``ps.policy = "sync"``: it applies the mean of one push per worker per version (Chen, Pan, Monga,
+Bengio & Jozefowicz 2016, synchronous SGD with backup workers).
+
+Every worker fetches version ``v``, computes, and pushes; the shard adds the push to a running sum (a shared
+:class:`~downpour.ps.policies.SyncAggregator`, the same one the simulator uses) and, once ``N − b`` pushes for
+``v`` have arrived, applies their mean with the server rule and publishes version ``v + 1``. A push computed on an
+older version is *late*: dropped and counted. A refused push (NaN or Inf) still counts toward the quorum, so the
+round closes, but not toward the mean.
+
+No deadlock. The quorum is ``min(N − b, live workers)``, the live workers being those not retired in the shared
+:class:`~downpour.ps.clocks.SharedClocks` (a worker retires when it ends; the driver retires one that died), and a
+worker waiting for the round calls :meth:`SyncShard.close_round`, which closes it as soon as the arrived pushes
+reach that quorum, or at once (with whatever arrived) when the run is stopping. So the version counts *rounds
+closed*: a round whose mean was refused closes too, without changing the values.
+
+Killing a worker in the middle of adding its push (a few microseconds) may leave part of that push in the round's
+sum; everything else keeps the :class:`~downpour.ps.shard.Shard` guarantees (double buffer, atomic publish).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from downpour.ps.clocks import SharedClocks
+from downpour.ps.policies import Sync
+from downpour.ps.rules import PushMeta, Rule
+from downpour.ps.shard import _ACTIVE, _REJECTED, _VERSION0, PushResult, Shard
+
+
+class SyncShard(Shard):
+    """A :class:`~downpour.ps.shard.Shard` whose pushes are collected per version and applied as their mean."""
+
+    def __init__(
+        self,
+        index: int,
+        start: int,
+        initial: Tensor,
+        rule: Rule,
+        *,
+        policy: Sync,
+        roster: SharedClocks,
+        lock: AbstractContextManager[Any] | None = None,
+        shared: bool = False,
+    ) -> None:
+        super().__init__(index, start, initial, rule, lock=lock, shared=shared)
+        self.policy, self.roster = policy, roster
+        self.aggregator = policy.aggregator(self.size)
+        if shared:
+            self.aggregator.share_memory_()
+
+    @property
+    def dropped(self) -> int:
+        """Late pushes dropped so far."""
+        return self.aggregator.dropped_
+
+    def quorum(self) -> int:
+        """Pushes that close a round now: ``min(N − b, live workers)``."""
+        return min(self.policy.quorum, self.roster.live())
+
+    def push(
+        self,
+        update: Tensor,
+        fetched_version: int,
+        worker: int = -1,
+        *,
+        fetch_into: Tensor | None = None,
+        fetched_values: Tensor | None = None,
+    ) -> PushResult:
+        """Add ``update`` to the round of ``fetched_version``; the push that completes the quorum applies the mean.
+
+        The result of an accepted push: applied, staleness 0 and the version its round produces (``v + 1``);
+        of a late one: not applied, its staleness (``version − fetched_version``) and the current version; of a
+        refused one (NaN or Inf): not applied, staleness −1. ``fetch_into`` is not supported: a worker fetches only
+        after its round has closed.
+        """
+        if fetch_into is not None:
+            raise ValueError("a sync shard does not push-pull: fetch after the round has closed")
+        if update.shape != (self.size,):
+            raise ValueError(f"shard {self.index} expects an update of shape ({self.size},), got {tuple(update.shape)}")
+        finite = math.isfinite(float(update.sum())) or bool(torch.isfinite(update).all())
+        with self.lock:
+            meta = self._m()
+            version = int(meta[_VERSION0 + meta[_ACTIVE]])
+            if not self.aggregator.accepts(fetched_version):
+                return PushResult(False, version - fetched_version, version)
+            if not finite:
+                meta[_REJECTED] += 1
+            mean = self.aggregator.add(
+                update if finite else None, worker=worker, fetched_version=fetched_version, quorum=self.quorum()
+            )
+            if mean is not None:
+                self._publish(mean)
+            return PushResult(True, 0, version + 1) if finite else PushResult(False, -1, version)
+
+    def close_round(self, fetched_version: int, *, force: bool = False) -> bool:
+        """True once the round of ``fetched_version`` is closed: close it now if the arrived pushes reach the
+        quorum (or, with ``force``, if any has arrived: the run is stopping). Cheap when nothing changed."""
+        meta = self._m()
+        if int(meta[_VERSION0 + meta[_ACTIVE]]) > fetched_version:  # a lock-free hint; versions only grow
+            return True
+        if not force and self.aggregator.pending < self.quorum():
+            return False
+        with self.lock:
+            if int(meta[_VERSION0 + meta[_ACTIVE]]) > fetched_version:
+                return True
+            mean = self.aggregator.close(1 if force else self.quorum())
+            if mean is None:
+                return False
+            self._publish(mean)
+            return True
+
+    def _publish(self, mean: Tensor) -> None:
+        """Apply the round's mean with the server rule and publish the next version (under the lock)."""
+        meta = self._m()
+        live = int(meta[_ACTIVE])
+        version = int(meta[_VERSION0 + live])
+        spare = 1 - live
+        out = self._buffer(spare)
+        self.rule(PushMeta(-1, version, version), mean, self._buffer(live), out)
+        if not math.isfinite(float(out.values.sum())) and not bool(torch.isfinite(out.values).all()):
+            meta[_REJECTED] += 1
+            meta[_VERSION0 + live] = version + 1  # the round is over; the values stay as they were
+            return
+        meta[_VERSION0 + spare] = version + 1
+        meta[_ACTIVE] = spare  # the commit point
+
+    def snapshot(self) -> dict[str, Any]:
+        """As :meth:`Shard.snapshot`, with ``dropped`` (late pushes) too."""
+        return {**super().snapshot(), "dropped": self.aggregator.dropped_}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """As :meth:`Shard.restore`; the aggregator then collects for the restored version."""
+        super().restore(snapshot)
+        self.aggregator.restore(version=int(snapshot["version"]), dropped=int(snapshot.get("dropped", 0)))

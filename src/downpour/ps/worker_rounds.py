@@ -1,0 +1,97 @@
+"""Worker loops for the two policies that change who waits for whom or what is exchanged: ``sync`` and ``easgd``.
+
+Both reuse :class:`~downpour.ps.worker.DownpourWorker` (its fetch, its push, its mini-batch step) and replace only
+the loop:
+
+- :class:`SyncWorker` (synchronous SGD with backup workers, Chen et al. 2016): fetch version ``v``; compute
+  ``n_push`` gradients on it; push; wait until every shard has closed round ``v``
+  (:meth:`~downpour.ps.sync_shard.SyncShard.close_round`); fetch ``v + 1``. A worker whose push came late finds the
+  shard already past ``v``: its push was dropped, and it fetches the new version at once.
+- :class:`ElasticWorker` (elastic averaging SGD, Zhang, Choromanska & LeCun 2015): the worker's parameters are its
+  own ``x_i``, started at the center; it takes ``τ`` plain SGD steps (``x_i ← x_i − lr·g``), then exchanges with
+  every shard (:meth:`~downpour.ps.shard.Shard.exchange`: ``d = α(x_i − x̃); x_i ← x_i − d; x̃ ← x̃ + d``,
+  ``α = lr·rho``). One exchange is one push of the step budget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from downpour.ps.policies import EASGD
+from downpour.ps.worker import DownpourWorker, PushRecord, epoch_batches
+
+_POLL_SECONDS = 0.0005
+
+
+class SyncWorker(DownpourWorker):
+    """A replica under ``ps.policy = "sync"``: every gradient is computed on the version all workers share.
+
+    Its shards must be :class:`~downpour.ps.sync_shard.SyncShard` s, and ``roster`` (the shared clocks the shards
+    count live workers in) is retired when the worker ends. ``ps.n_fetch`` does not apply: the worker fetches once
+    per round, after it closed.
+    """
+
+    def _run(self) -> None:
+        s = self.settings
+        flat = self.flat
+        versions = [0] * len(self.shards)
+        accumulated = torch.zeros_like(flat.grads) if s.n_push > 1 else flat.grads
+        local = [flat.values[shard.start : shard.start + shard.size] for shard in self.shards]
+        updates = [accumulated[shard.start : shard.start + shard.size] for shard in self.shards]
+        batches = epoch_batches(self.examples, s.batch_size, self.rng)
+        apply_lr = s.local_lr if s.local_apply else 0.0
+        while not self.should_stop():
+            self._fetch(versions, local)
+            loss_sum = sum(self._step(batches, accumulated, apply_lr=apply_lr) for _ in range(s.n_push))
+            if not self.budget.reserve():
+                break
+            self._push(updates, versions, local, loss_sum / s.n_push, then_fetch=False)
+            if s.n_push > 1:
+                accumulated.zero_()
+            if not self._await_rounds(versions):
+                break
+
+    def _await_rounds(self, versions: list[int]) -> bool:
+        """Wait until every shard has closed the round this worker pushed to; False when the run is stopping
+        (the open rounds are then closed with the pushes that arrived, so none is lost)."""
+        waiting: list[Any] = list(self.shards)
+        while True:
+            stopping = self.should_stop()
+            waiting = [shard for shard in waiting if not shard.close_round(versions[shard.index], force=stopping)]
+            if stopping:
+                return False
+            if not waiting:
+                return True
+            time.sleep(_POLL_SECONDS)
+
+
+class ElasticWorker(DownpourWorker):
+    """A replica under ``ps.policy = "easgd"``: ``policy.tau`` local SGD steps, then the elastic exchange."""
+
+    def __init__(self, *args: Any, policy: EASGD, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.policy = policy
+
+    def _run(self) -> None:
+        policy = self.policy
+        versions = [0] * len(self.shards)
+        local = [self.flat.values[shard.start : shard.start + shard.size] for shard in self.shards]
+        self._fetch(versions, local)  # x_i starts at the center
+        batches = epoch_batches(self.examples, self.settings.batch_size, self.rng)
+        while not self.should_stop():
+            loss_sum = sum(self._step(batches, None, apply_lr=policy.lr) for _ in range(policy.tau))
+            if not self.budget.reserve():
+                break
+            for shard, values in zip(self.shards, local, strict=True):
+                result = shard.exchange(
+                    values, alpha=policy.alpha, worker=self.worker_id, last_version=versions[shard.index]
+                )
+                versions[shard.index] = result.version
+                self.record(
+                    PushRecord(self.clock(), self.worker_id, shard.index, result.version, result.staleness,
+                               loss_sum / policy.tau, result.applied)
+                )  # fmt: skip
+            self.pushes_ += 1
