@@ -14,6 +14,7 @@ from rich.console import Console
 
 from downpour import config as config_mod
 from downpour import rundir
+from downpour.cli_report import add_report, cmd_report
 from downpour.cli_study import add_study, cmd_study
 from downpour.errors import DownpourError
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_bench(sub)
     add_study(sub)
+    add_report(sub)
     return parser
 
 
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_bench(args, console)
         if args.command == "study":
             return cmd_study(args, console)
+        if args.command == "report":
+            return cmd_report(args, console)
     except DownpourError as exc:
         print(f"downpour: error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from downpour.ps.flat import FlatParameters, flat_copy
 from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.staleness import StalenessHistogram
 from downpour.report.filters import save_filter_grid
+from downpour.report.html import write_report_after_training
 from downpour.report.live import LiveProgress
 from downpour.signals import routed
 
@@ -289,6 +290,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "sessions": run_state.session + 1,
     }
     rundir.write_json(out / rundir.SUMMARY, summary)
+    write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))
     attempted = summary["updates_applied"] + summary["updates_rejected"]
     if summary["updates_rejected"] > 0.01 * attempted:
         console.print(

@@ -29,6 +29,7 @@ from downpour.ps.flat import flat_copy
 from downpour.ps.policies import config_policy
 from downpour.ps.rules import make_rule
 from downpour.report.filters import save_filter_grid
+from downpour.report.html import write_report_after_training
 
 EVALUATIONS = 50  # held-out evaluations per run
 
@@ -134,4 +135,5 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         "interrupted": False, "sessions": 1,
     }  # fmt: skip
     rundir.write_json(out / rundir.SUMMARY, summary)
+    write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))
     return summary

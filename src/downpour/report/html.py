@@ -1,0 +1,203 @@
+"""``downpour report``: one self-contained HTML page about a run (every picture inlined as base64 PNG, no links).
+
+The page shows the run summary, the loss curves (per-push mini-batch loss and held-out loss), throughput, the
+staleness histogram of each shard, the first-layer filters, whatever the evaluation commands wrote into
+``RUN_DIR/eval/`` (``*.json`` as tables, ``*.png`` as pictures), and the resolved config.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from downpour import rundir
+from downpour.errors import DownpourError
+from downpour.report import plots
+from downpour.report.runlog import RunLog, read_run_log
+
+REPORT = "report.html"
+EVAL_DIR = "eval"
+EVAL_HINT = "downpour eval face-neuron {run} · downpour eval probe {run} --data digits · downpour viz {run}"
+
+_STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 10px; border-bottom: 1px solid #eee; }
+td.v { text-align: right; font-variant-numeric: tabular-nums; } th { text-align: left; }
+pre { background: #f6f6f6; padding: 0.8em; font-size: 12px; overflow-x: auto; }
+figure { margin: 1em 0; } figcaption { font-size: 13px; color: #555; }
+img { max-width: 100%; } img.filters { max-width: 560px; }
+.note { color: #8a5a00; background: #fff6e0; padding: 0.4em 0.8em; }
+"""
+
+
+def _img(png: bytes, alt: str, css: str = "") -> str:
+    data = base64.b64encode(png).decode("ascii")
+    extra = f' class="{css}"' if css else ""
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{extra}>'
+
+
+def _figure(png: bytes | None, alt: str, caption: str, missing: str, css: str = "") -> str:
+    if png is None:
+        return f'<p class="note">{html.escape(missing)}</p>'
+    return f"<figure>{_img(png, alt, css)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "—"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    if isinstance(value, list):
+        shown = ", ".join(_format(v) for v in value[:8])
+        return f"[{shown}{', …' if len(value) > 8 else ''}]" + (f" ({len(value)} values)" if len(value) > 8 else "")
+    return str(value)
+
+
+def _flatten(payload: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in payload.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(_flatten(value, f"{name}."))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _table(payload: dict[str, Any]) -> str:
+    body = "".join(
+        f'<tr><th>{html.escape(k)}</th><td class="v">{html.escape(_format(v))}</td></tr>' for k, v in _flatten(payload)
+    )
+    return f"<table>{body}</table>"
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"could not read {path.name}: {exc}"
+    if not isinstance(payload, dict):
+        return None, f"{path.name} does not hold a JSON object"
+    return payload, None
+
+
+def _read_png(path: Path) -> bytes | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if data.startswith(b"\x89PNG\r\n\x1a\n") else None
+
+
+def _summary_section(run_dir: Path) -> str:
+    path = run_dir / rundir.SUMMARY
+    if not path.exists():
+        return '<p class="note">No summary.json: the run is still going, or its driver was killed before the end.</p>'
+    summary, problem = _read_json(path)
+    if summary is None:
+        return f'<p class="note">{html.escape(problem or "")}</p>'
+    notes = ""
+    files = summary.get("data_files")
+    if isinstance(files, dict) and files.get("skipped"):
+        notes = (f'<p class="note">{files["skipped"]:,} of {files.get("files", 0):,} data files could not be read '
+                 "and were skipped (see data_files below).</p>")  # fmt: skip
+    return notes + _table(summary)
+
+
+def _log_notes(log: RunLog) -> str:
+    items = []
+    for event in log.events:
+        if event.get("event") in ("worker_died", "worker_error"):
+            detail = str(event.get("detail", "")).strip().splitlines()
+            items.append(f"worker {event.get('worker')}: {event['event']} — {detail[-1] if detail else ''}")
+    if log.rejected:
+        items.append(f"{log.rejected:,} updates rejected by the shards (NaN or Inf)")
+    if log.bad_lines:
+        items.append(f"{log.bad_lines} lines of metrics.jsonl could not be read and were skipped")
+    if not items:
+        return ""
+    return "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
+
+
+def _eval_section(run_dir: Path) -> str:
+    folder = run_dir / EVAL_DIR
+    results = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    pictures = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if not results and not pictures:
+        hint = EVAL_HINT.format(run=run_dir)
+        return f'<p class="note">Not evaluated yet: run {html.escape(hint)}</p>'
+    parts = []
+    for path in results:
+        payload, problem = _read_json(path)
+        parts.append(f"<h3>{html.escape(path.stem)}</h3>")
+        parts.append(_table(payload) if payload is not None else f'<p class="note">{html.escape(problem or "")}</p>')
+    for path in pictures:
+        png = _read_png(path)
+        parts.append(_figure(png, path.stem, f"{EVAL_DIR}/{path.name}", f"{EVAL_DIR}/{path.name} is not a PNG"))
+    return "".join(parts)
+
+
+def build_report(run_dir: Path) -> str:
+    """The HTML text of the report on ``run_dir`` (raises :class:`DownpourError` if it is not a run directory)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise DownpourError(f"{run_dir} is not a run directory: it holds no {rundir.CONFIG}")
+    log = read_run_log(run_dir / rundir.METRICS)
+    config_text = (run_dir / rundir.CONFIG).read_text(errors="replace")
+    filters = _read_png(run_dir / rundir.FILTERS)
+    stale = ", ".join(
+        f"shard {s}: {h.total:,} updates, mean {h.summary()['mean']:.2f}, p99 {h.summary()['p99']}"
+        for s, h in log.staleness.items()
+    )
+    sections = [
+        ("Summary", _summary_section(run_dir) + _log_notes(log)),
+        ("Loss", _figure(plots.loss_figure(log), "loss curves",
+                         "Mini-batch loss of each push (dots: thinned to 20,000) with its running mean, and the loss "
+                         "on the fixed held-out batch (at the start, every train.eval_every seconds when set, about 50 "
+                         "times in a simulated run, and at the end).",
+                         "No losses in metrics.jsonl yet.")),
+        ("Throughput", _figure(plots.throughput_figure(log), "throughput", "Examples per second, each second.",
+                               "No throughput events: the simulator logs none (its rate is in the summary).")),
+        ("Staleness", _figure(plots.staleness_figure(log), "staleness histograms",
+                              f"Applied updates by staleness, per shard ({stale}).", "No applied pushes logged.")),
+        ("First-layer filters", _figure(filters, "filters", rundir.FILTERS,
+                                        f"No {rundir.FILTERS} in the run directory (written at the end of training).",
+                                        "filters")),
+        ("Evaluation", _eval_section(run_dir)),
+        ("Resolved config", f"<pre>{html.escape(config_text)}</pre>"),
+    ]  # fmt: skip
+    body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
+    title = f"downpour run {run_dir.name}"
+    made = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>{html.escape(str(run_dir))} · {log.sessions} session(s) · report written {made}</p>{body}</body></html>\n"
+    )
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the report on ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``), atomically; return its path."""
+    path = Path(out) if out is not None else Path(run_dir) / REPORT
+    text = build_report(run_dir)
+    rundir.atomic_write_text(path, text)
+    return path
+
+
+def write_report_after_training(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """Write ``RUN_DIR/report.html`` at the end of ``downpour train``; on any failure call ``warn`` and go on (the
+    run is already saved: a page that cannot be drawn must not turn a finished run into a failed command)."""
+    try:
+        return write_report(run_dir)
+    except Exception as exc:  # any failure: see the docstring
+        warn(f"could not write the report ({type(exc).__name__}: {exc}); the run is saved: "
+             f"try `downpour report {run_dir}`")  # fmt: skip
+        return None

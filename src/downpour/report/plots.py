@@ -1,0 +1,111 @@
+"""The report's figures, drawn with matplotlib's Agg canvas (no display, no global pyplot state) into PNG bytes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from downpour.report.runlog import RunLog
+
+MAX_POINTS = 20_000  # pushes drawn as dots; more are thinned evenly (the running mean still uses all of them)
+MAX_SHARDS = 8  # staleness panels; more shards are summed into the last one
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` finite values at each position (NaN where none is finite yet)."""
+    finite = np.isfinite(values)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])  # (P + 1,)
+    counts = np.concatenate([[0], np.cumsum(finite)])  # (P + 1,)
+    end = np.arange(1, len(values) + 1)
+    begin = np.maximum(end - window, 0)
+    n = counts[end] - counts[begin]
+    return np.where(n > 0, (sums[end] - sums[begin]) / np.maximum(n, 1), np.nan)
+
+
+def loss_figure(log: RunLog) -> bytes | None:
+    """Per-push mini-batch losses (dots and a running mean) and the held-out loss, against the global step."""
+    has_push = bool(np.isfinite(log.push_loss).any())
+    has_held = bool(np.isfinite(log.held_out_loss).any())
+    if not (has_push or has_held):
+        return None
+    fig = Figure(figsize=(8, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    values = []
+    if has_push:
+        thin = np.linspace(0, len(log.push_loss) - 1, min(len(log.push_loss), MAX_POINTS)).astype(np.int64)
+        ax.plot(log.push_step[thin], log.push_loss[thin], ".", ms=2, alpha=0.25, color="tab:blue",
+                label="mini-batch loss of each push")  # fmt: skip
+        window = max(1, len(log.push_loss) // 100)
+        ax.plot(log.push_step, running_mean(log.push_loss, window), color="tab:blue", lw=1.5,
+                label=f"running mean ({window} pushes)")  # fmt: skip
+        values.append(log.push_loss)
+    if has_held:
+        style = "o-" if len(log.held_out_loss) > 2 else "o"  # the local backend measures it at start and end only
+        ax.plot(log.held_out_step, log.held_out_loss, style, color="tab:red", ms=5, lw=1.2, label="held-out loss")
+        values.append(log.held_out_loss)
+    finite = np.concatenate(values)
+    finite = finite[np.isfinite(finite)]
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("global step (pushes)")
+    ax.set_ylabel("loss per example")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    return _png(fig)
+
+
+def throughput_figure(log: RunLog) -> bytes | None:
+    """Examples per second, each second of the run (the local backend logs it; the simulator does not)."""
+    keep = np.isfinite(log.throughput) & np.isfinite(log.throughput_t)
+    if not keep.any():
+        return None
+    fig = Figure(figsize=(8, 2.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(log.throughput_t[keep], log.throughput[keep], "-", color="tab:green", lw=1.2)
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("examples / s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def staleness_figure(log: RunLog) -> bytes | None:
+    """One histogram of applied updates by staleness per shard (shards past the eighth summed into the last)."""
+    shards = sorted(log.staleness)
+    if not shards or all(log.staleness[s].total == 0 for s in shards):
+        return None
+    panels: list[tuple[str, np.ndarray]] = []
+    for shard in shards[: MAX_SHARDS - 1] if len(shards) > MAX_SHARDS else shards:
+        panels.append((f"shard {shard}", log.staleness[shard].counts))
+    if len(shards) > MAX_SHARDS:
+        rest = shards[MAX_SHARDS - 1 :]
+        width = max(log.staleness[s].counts.size for s in rest)
+        summed = np.zeros(width, dtype=np.int64)
+        for s in rest:
+            summed[: log.staleness[s].counts.size] += log.staleness[s].counts
+        panels.append((f"shards {rest[0]}–{rest[-1]}", summed))
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(2.4 * cols + 0.6, 2.2 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    for ax, (title, counts) in zip(axes.flat, panels, strict=False):
+        total = max(int(counts.sum()), 1)
+        mean = float((np.arange(counts.size) * counts).sum() / total)
+        ax.bar(np.arange(counts.size), counts, width=0.9, color="tab:purple")
+        ax.set_title(f"{title}: mean {mean:.2f}", fontsize=9)
+        ax.set_xlabel("staleness (updates)", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel("applied updates", fontsize=8)
+    return _png(fig)

@@ -1,0 +1,134 @@
+"""``downpour report`` and the page ``downpour train`` writes: real runs, a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import downpour
+from downpour.cli import main
+from downpour.report.html import build_report
+
+SMALL = ["--set", "data.source=digits", "--set", "data.held_out=64", "--set", "model.features=16", "--no-progress"]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+# Appended to a copy of the page: once everything has loaded, record each <img>'s state where --dump-dom shows it.
+PROBE = (
+    '<script>window.addEventListener("load", () => { const p = document.createElement("pre"); p.id = "img-check";'
+    " p.textContent = JSON.stringify([...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]));"
+    " document.body.appendChild(p); });</script>"
+)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short real run of the local backend (2 workers, 2 shards) with a finished page."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    result = downpour("train", "--out", str(out), "--steps", "120", "--seconds", "60", *SMALL)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _png_sizes(page: str) -> list[tuple[int, int]]:
+    sizes = []
+    for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            sizes.append(image.size)
+    return sizes
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("chromium not found: `apt-get install -y chromium` (make test installs it when run as root)")
+
+
+def _rendered_images(page: Path, tmp_path: Path) -> list[list]:
+    """Open ``page`` plus the probe in headless Chromium; [complete, naturalWidth, naturalHeight] of each <img>."""
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    profile = tmp_path / "chromium-profile"
+    result = subprocess.run(
+        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
+         probed.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    found = re.search(r'<pre id="img-check">([^<]*)</pre>', result.stdout)
+    assert found, f"the page did not finish loading in Chromium: {result.stderr[-2000:]}"
+    return json.loads(found.group(1))
+
+
+def test_train_writes_a_self_contained_page(local_run: Path) -> None:
+    page = (local_run / "report.html").read_text()
+    assert "<script" not in page and "http://" not in page and "https://" not in page  # nothing loaded from outside
+    sizes = _png_sizes(page)
+    assert len(sizes) == 4, sizes  # loss curves, throughput, staleness per shard, filters
+    for heading in ("Summary", "Loss", "Throughput", "Staleness", "First-layer filters", "Evaluation", "Resolved"):
+        assert f"<h2>{heading}" in page
+    assert re.search(r"shard 0: \d[\d,]* updates, mean [\d.]+", page) and "shard 1:" in page
+    assert "Not evaluated yet: run downpour eval face-neuron" in page
+    assert "[model]" in page and "name = &quot;rica&quot;" in page  # the resolved config, escaped
+
+
+def test_the_page_renders_in_chromium_with_every_image(local_run: Path, tmp_path: Path) -> None:
+    page = local_run / "report.html"
+    expected = _png_sizes(page.read_text())
+    # One broken picture appended to a copy shows that the check can fail.
+    copy = tmp_path / "report.html"
+    copy.write_text(page.read_text().replace("</body>", '<img src="data:image/png;base64,AAAA"></body>'))
+    *images, broken = _rendered_images(copy, tmp_path)
+    assert [tuple(i[1:]) for i in images] == expected and all(i[0] for i in images)
+    assert all(w > 100 and h > 100 for w, h in expected)
+    assert broken[1] == 0
+
+
+def test_report_command_shows_evaluations_and_survives_a_cut_off_log(
+    local_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    (run / "eval").mkdir()
+    (run / "eval" / "face_neuron.json").write_text(
+        json.dumps({"heldout_accuracy": 0.8125, "baselines": {"pixel": 0.88}})
+    )
+    picture = np.zeros((20, 30, 3), dtype=np.uint8)
+    picture[5:15, 10:20] = 255
+    Image.fromarray(picture).save(run / "eval" / "optimal_stimulus.png")
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"event":"push","t":9.9,"wor')  # a driver killed mid-line
+    out = tmp_path / "page.html"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    page = out.read_text()
+    assert "heldout_accuracy" in page and "0.8125" in page and "baselines.pixel" in page
+    assert "Not evaluated yet" not in page
+    assert (30, 20) in _png_sizes(page)
+    assert "1 lines of metrics.jsonl could not be read" in page
+
+
+def test_report_on_a_directory_that_is_no_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"downpour: error: {tmp_path} is not a run directory: it holds no config.toml\n"
+
+
+def test_a_simulated_run_whose_page_cannot_be_written_still_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "report.html").mkdir(parents=True)  # the page cannot replace a directory
+    result = downpour("train", "--out", str(out), "--backend", "sim", "--workers", "4", "--steps", "40", *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "warning: could not write the report" in result.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40
+    shutil.rmtree(out / "report.html")
+    page = build_report(out)
+    assert len(_png_sizes(page)) == 3  # no throughput on the simulator: loss, staleness, filters
+    assert "the simulator logs none" in page
