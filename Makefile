@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,17 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/downpour train --seconds 60 --workers 2 --shards 2
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
+
+# The report's test opens the page in a real headless Chromium: install Debian's package when it is missing and we
+# are root (quietly; without it that one test is skipped with its reason).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	    echo "note: could not install chromium; the report's browser test will be skipped"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
