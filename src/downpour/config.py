@@ -16,9 +16,11 @@ from typing import Any
 import tomli_w
 
 from downpour.errors import ConfigError
+from downpour.penalty_spec import parse_penalty
 
 DATA_SOURCES = ("natural-patches", "natural-images", "lfw-faces", "digits")
-MODELS = ("rica", "cat")
+MODELS = ("rica", "cat", "sparse-ae", "rbm", "conv")
+FIRST_LAYER_INITS = ("learned", "gabor", "dog", "random")  # model.init (downpour.nn.templates)
 RULES = ("sgd", "adagrad")
 BACKENDS = ("local", "sim")
 # Consistency policies (downpour.ps.policies.POLICIES, repeated here so that reading a config imports no torch).
@@ -57,6 +59,13 @@ class ModelConfig:
     greedy: bool = True  # each stage learns on the previous stage's output without gradients across stages
     tied: bool = False  # convolution (tied weights) in place of local connections
     skip_variance: float = 0.0  # τ: receptive fields with input variance below τ output 0, uncomputed (0 = off)
+    # every design (downpour.objectives, downpour.nn.templates)
+    penalty: str = "default"  # none | l1:λ | l2:λ | kl:ρ,β | rica:λ; default: the design's own
+    weight_decay: float = 0.0  # λ of ½ λ Σ W² over the weight matrices (0 = off)
+    init: str = "learned"  # first layer: learned (the design's init) | gabor | dog | random (fresh Gaussian)
+    freeze_first: bool = False  # keep the first layer at its initial values while the rest trains
+    cd_k: int = 1  # rbm: Gibbs steps of contrastive divergence
+    pcd: bool = False  # rbm: persistent chains (PCD) in place of chains started at the data
 
 
 @dataclass
@@ -253,6 +262,11 @@ def validate(config: Config) -> None:
              "must be a finite number >= 0 (0 = off)")  # fmt: skip
     _require(not (m.skip_variance > 0 and m.tied), "model.skip_variance", m.skip_variance,
              "skipping needs untied layers: set model.tied = false or model.skip_variance = 0")  # fmt: skip
+    _require(math.isfinite(m.weight_decay) and m.weight_decay >= 0, "model.weight_decay", m.weight_decay,
+             "must be a finite number >= 0 (0 = off)")  # fmt: skip
+    _require(m.init in FIRST_LAYER_INITS, "model.init", m.init, f"choose one of {', '.join(FIRST_LAYER_INITS)}")
+    _require(m.cd_k >= 1, "model.cd_k", m.cd_k, "must be at least 1")
+    parse_penalty(m.penalty)
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be at least 1")
     _require(math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds", t.seconds, "must be >= 0 (0 = no limit)")
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0 = no limit)")

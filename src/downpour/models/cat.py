@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from downpour.errors import ConfigError
 from downpour.nn import L2Pool2d, LocalContrastNorm2d, LocallyConnected2d
 from downpour.nn.skip import active_fields, skipped_fraction
-from downpour.objectives import squared_reconstruction
+from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
+from downpour.penalty_spec import PenaltySpec
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,15 @@ class CatStage(nn.Module):
     """
 
     def __init__(self, in_channels: int, in_size: int, *, receptive_field: int, maps: int, pool: int, lcn: int,
-                 tied: bool, sparsity: float, epsilon: float, skip_variance: float = 0.0) -> None:  # fmt: skip
+                 tied: bool, sparsity: float, epsilon: float, skip_variance: float = 0.0,
+                 penalty: PenaltySpec | None = None, weight_decay: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         if skip_variance > 0 and tied:
             raise ConfigError("invalid model.skip_variance: skipping needs untied layers (model.tied = false)")
         self.in_channels, self.in_size, self.tied = in_channels, in_size, tied
         self.sparsity, self.epsilon, self.skip_variance = sparsity, epsilon, skip_variance
+        self.penalty = penalty if penalty is not None else PenaltySpec("rica", sparsity)  # λ Σ sqrt(ε + H(h²))
+        self.weight_decay = weight_decay
         self.skip_counts = torch.zeros(3, dtype=torch.float64)  # fields seen, zeroed, not computed (tile skips)
         if tied:
             self.encoder = nn.Conv2d(in_channels, maps, receptive_field, bias=False)
@@ -105,7 +109,9 @@ class CatStage(nn.Module):
         active = self.active(x)
         h = self.encode(x, active)
         pooled = self.pool(h)  # sqrt(ε + Σ_neighbourhood h²)
-        cost = squared_reconstruction(self.decode(h, active), x) + self.sparsity * pooled.flatten(1).sum(1).mean()
+        cost = regularised(squared_reconstruction(self.decode(h, active), x),
+                           penalty(self.penalty, h, epsilon=self.epsilon, pooled=pooled),
+                           decay_term(self.weight_decay, [self.encoder.weight, self.decoder_weight]))  # fmt: skip
         return cost, pooled
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,7 +124,8 @@ class CatNetwork(nn.Module):
 
     def __init__(self, shape: tuple[int, int, int], *, stages: int = 1, receptive_field: int = 18, maps: int = 8,
                  pool: int = 5, lcn: int = 5, greedy: bool = True, tied: bool = False, sparsity: float = 0.1,
-                 epsilon: float = 0.01, skip_variance: float = 0.0) -> None:  # fmt: skip
+                 epsilon: float = 0.01, skip_variance: float = 0.0, penalty: PenaltySpec | None = None,
+                 weight_decay: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         channels, height, width = shape
         if height != width:
@@ -132,7 +139,8 @@ class CatNetwork(nn.Module):
         for stage_shape in self.shapes:
             self.stages.append(
                 CatStage(in_channels, stage_shape.in_size, receptive_field=receptive_field, maps=maps, pool=pool,
-                         lcn=lcn, tied=tied, sparsity=sparsity, epsilon=epsilon, skip_variance=skip_variance)
+                         lcn=lcn, tied=tied, sparsity=sparsity, epsilon=epsilon, skip_variance=skip_variance,
+                         penalty=penalty, weight_decay=weight_decay)
             )  # fmt: skip
             in_channels = maps
         self.filter_shape = (channels, receptive_field, receptive_field)
@@ -214,9 +222,13 @@ def build_cat(shape: tuple[int, int, int], config: object, *, seed: int) -> CatN
     """The cat network of ``config`` (a ``ModelConfig``) for ``shape`` images, initialised from ``seed``."""
     if len(shape) != 3 or math.prod(shape) <= 0:
         raise ConfigError(f"the cat network needs image examples (C, H, W), got {shape}")
+    from downpour.models.first_layer import apply_first_layer
+    from downpour.objectives import resolve_penalty
+
+    spec = resolve_penalty(config.penalty, PenaltySpec("rica", config.sparsity), design="cat", sigmoid=False)  # type: ignore[attr-defined]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return CatNetwork(
+        network = CatNetwork(
             shape,
             stages=config.stages,  # type: ignore[attr-defined]
             receptive_field=config.receptive_field,  # type: ignore[attr-defined]
@@ -228,4 +240,12 @@ def build_cat(shape: tuple[int, int, int], config: object, *, seed: int) -> CatN
             sparsity=config.sparsity,  # type: ignore[attr-defined]
             epsilon=config.epsilon,  # type: ignore[attr-defined]
             skip_variance=config.skip_variance,  # type: ignore[attr-defined]
+            penalty=spec,
+            weight_decay=config.weight_decay,  # type: ignore[attr-defined]
         )
+    first = network.stages[0]
+    apply_first_layer(network, first.encoder.weight, config, network.filter_shape, seed=seed, design="cat")
+    if config.init != "learned":  # type: ignore[attr-defined]
+        with torch.no_grad():
+            first.decoder_weight.copy_(first.encoder.weight)  # W₂ starts as W₁, as in the default init
+    return network

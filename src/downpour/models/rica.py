@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from downpour.objectives import smooth_l1, squared_reconstruction
+from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
+from downpour.penalty_spec import PenaltySpec
 
 
 class RICA(nn.Module):
@@ -25,9 +26,13 @@ class RICA(nn.Module):
         sparsity: float = 0.1,
         epsilon: float = 0.01,
         generator: torch.Generator | None = None,
+        penalty: PenaltySpec | None = None,
+        weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         self.input_dim, self.features, self.sparsity, self.epsilon = input_dim, features, sparsity, epsilon
+        self.penalty = penalty if penalty is not None else PenaltySpec("rica", sparsity)  # λ Σ sqrt(ε + h²)
+        self.weight_decay = weight_decay
         weight = torch.randn(features, input_dim, generator=generator) / math.sqrt(input_dim)
         self.weight = nn.Parameter(weight)  # (K, D): one filter per row
 
@@ -36,11 +41,14 @@ class RICA(nn.Module):
         return x.flatten(1) @ self.weight.t()
 
     def loss(self, x: Tensor) -> Tensor:
-        """The RICA objective on a batch ``(B, D)``."""
+        """The RICA objective on a batch ``(B, D)`` (with ``model.penalty`` in place of the smooth L1 if set, plus
+        ``model.weight_decay``)."""
         x = x.flatten(1)  # (B, D)
         h = x @ self.weight.t()  # (B, K)
         reconstruction = h @ self.weight  # (B, D)
-        return squared_reconstruction(reconstruction, x) + self.sparsity * smooth_l1(h, epsilon=self.epsilon)
+        cost = squared_reconstruction(reconstruction, x)
+        return regularised(cost, penalty(self.penalty, h, epsilon=self.epsilon),
+                           decay_term(self.weight_decay, [self.weight]))  # fmt: skip
 
     def filters(self) -> Tensor:
         """First-layer filters, one per row: ``(K, D)``."""

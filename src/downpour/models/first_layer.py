@@ -1,0 +1,74 @@
+"""``model.init`` and ``model.freeze_first``: hand-made or fresh random first layers, and keeping them fixed.
+
+A frozen first layer stays in the flat parameter vector that workers push to the parameter server (so every
+backend, policy and checkpoint sees the same layout as an unfrozen run); a gradient hook replaces its gradient by
+zeros, so every rule and policy moves it by exactly nothing: SGD, Adagrad (0 / (sqrt(Σg²) + ε) = 0), local apply,
+staleness-lr and dc-asgd (g + λ g⊙g⊙Δ = 0). Weight decay on it is zeroed too (the hook sees the total gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from downpour.errors import ConfigError
+from downpour.nn.templates import templates
+
+_TEMPLATE_SEED_OFFSET = 7919  # "random" draws from its own stream, not the one of the design's default init
+
+
+def template_rows(kind: str, current: Tensor, shape: tuple[int, int, int], *, seed: int) -> Tensor:
+    """``kind`` templates in place of ``current`` rows ``(K, D)``, scaled to the current rows' mean norm (so a
+    hand-made layer starts at the size the design's own init has)."""
+    generator = torch.Generator().manual_seed(seed + _TEMPLATE_SEED_OFFSET)
+    try:
+        bank = templates(kind, current.shape[0], shape, generator=generator)  # (K, D), unit rows
+    except ValueError as exc:
+        raise ConfigError(f"invalid model.init: {kind!r} for {shape} fields: {exc}") from None
+    return bank * current.norm(dim=1).mean()
+
+
+@torch.no_grad()
+def set_first_layer(weight: Tensor, kind: str, shape: tuple[int, int, int], *, seed: int, design: str) -> None:
+    """Overwrite ``weight`` with ``kind`` templates for fields of ``shape`` ``(C, f, f)``.
+
+    ``weight`` is ``(K, C·f·f)`` (one filter per row), ``(K, C, f, f)`` (a convolution) or ``(L, K, C·f·f)`` (untied
+    filters at L locations: every location gets the same K templates).
+    """
+    dim = shape[0] * shape[1] * shape[2]
+    if weight.dim() == 3:  # untied: (L, K, P)
+        rows = template_rows(kind, weight[0], shape, seed=seed)  # (K, P)
+        weight.copy_(rows.expand_as(weight))
+        return
+    rows = weight.reshape(weight.shape[0], -1)  # (K, C·f·f)
+    if rows.shape[1] != dim:
+        raise ConfigError(f"invalid model.init: {kind!r} ({design}'s first layer is not made of {shape} filters)")
+    weight.copy_(template_rows(kind, rows, shape, seed=seed).reshape(weight.shape))
+
+
+def _zero(grad: Tensor) -> Tensor:
+    return torch.zeros_like(grad)
+
+
+def freeze(module: nn.Module, parameter: nn.Parameter, *, design: str) -> None:
+    """Keep ``parameter`` fixed: its gradient becomes zeros (it stays in the flat vector); the names of frozen
+    parameters are listed in ``module.frozen``. Refused when nothing else of ``module`` would train."""
+    others = [p for p in module.parameters() if p is not parameter and p.requires_grad]
+    if not others:
+        raise ConfigError(
+            f"invalid model.freeze_first: true ({design} has nothing but its first layer to train; "
+            "use model.name = sparse-ae, rbm or cat)"
+        )
+    parameter.register_hook(_zero)
+    names = [name for name, p in module.named_parameters() if p is parameter]
+    module.frozen = [*getattr(module, "frozen", []), *names]
+
+
+def apply_first_layer(module: nn.Module, weight: nn.Parameter, config: object, shape: tuple[int, int, int], *,
+                      seed: int, design: str) -> None:  # fmt: skip
+    """``model.init`` (templates unless ``learned``) and ``model.freeze_first`` on the first layer ``weight``."""
+    kind = config.init  # type: ignore[attr-defined]
+    if kind != "learned":
+        set_first_layer(weight, kind, shape, seed=seed, design=design)
+    if config.freeze_first:  # type: ignore[attr-defined]
+        freeze(module, weight, design=design)
