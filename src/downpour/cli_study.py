@@ -15,7 +15,7 @@ from downpour.errors import DownpourError
 
 def add_study(sub: argparse._SubParsersAction) -> None:
     """The ``study`` command and its two studies."""
-    p = sub.add_parser("study", help="studies on the simulator that write a report", description=__doc__)
+    p = sub.add_parser("study", help="studies (on the simulator by default) that write a report", description=__doc__)
     which = p.add_subparsers(dest="study", required=True)
     st = which.add_parser("staleness", help="policies x workers x seeds: loss, staleness, final-loss spread")
     st.add_argument("--config", type=Path, help="TOML file over the study's defaults (model, data, rule, sim_*)")
@@ -24,6 +24,8 @@ def add_study(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--workers", default="1,8,64,1000", help="comma-separated worker counts")
     st.add_argument("--seeds", default="10", help="seeds per (policy, workers)")
     st.add_argument("--steps", type=int, help="gradients per run (default: the study's, 1500)")
+    st.add_argument("--backend", choices=("sim", "local"), default="sim",
+                    help="sim: the discrete-event simulator; local: real worker processes (time axis: wall seconds)")
     st.add_argument("--out", type=Path, required=True, help="report directory")
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
     op = which.add_parser("optima", help="sync vs async on a task with known minima: which minimum, significance")
@@ -55,7 +57,7 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
                 bar.update(task, completed=done, run=label)
 
             staleness.run_study(config, policies=grid.policies, workers=grid.workers, seeds=grid.seeds, out=args.out,
-                                steps=args.steps, progress=progress)  # fmt: skip
+                                steps=args.steps, progress=progress, backend=args.backend)  # fmt: skip
         print(f"report in {args.out}: table.md, results.json and the figures")
         print((args.out / "table.md").read_text())
         return 0

@@ -304,8 +304,10 @@ def run_study(
     out: Path,
     steps: int | None = None,
     progress: ProgressFn | None = None,
+    backend: str = "sim",
 ) -> dict[str, Any]:
-    """Run every (policy, workers, seed) of the grid in the simulator and write the report into ``out``.
+    """Run every (policy, workers, seed) of the grid in the simulator (or, with ``backend="local"``, as real
+    training runs with worker processes: :mod:`downpour.study.staleness_local`) and write the report into ``out``.
 
     ``steps`` is the gradients computed per run (default: ``train.steps`` when set, else :data:`DEFAULT_STEPS`).
     The model, data, rule, learning rate, batch size and ``cluster.sim_*`` timing come from ``config``
@@ -322,6 +324,12 @@ def run_study(
             _policy(config, name, n)
             _settings(config, n, 1, config.train.seed)
     make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
+    if backend not in ("sim", "local"):
+        raise ConfigError(f"invalid --backend: {backend!r} (choose sim or local)")
+    if backend == "local":
+        from downpour.study import staleness_local
+
+        staleness_local.check_grid(grid.workers)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small products: one thread is fastest, and leaves the other core to others
@@ -339,7 +347,11 @@ def run_study(
         for name in grid.policies:
             for n in grid.workers:
                 for index in range(grid.seeds):
-                    runs.append(_one_run(config, dataset, held_out, name, n, index, steps))
+                    if backend == "local":
+                        pushes = _pushes(_policy(config, name, n), steps)
+                        runs.append(staleness_local.local_run(config, dataset, name, n, index, pushes, out))
+                    else:
+                        runs.append(_one_run(config, dataset, held_out, name, n, index, steps))
                     if progress is not None:
                         progress(len(runs), total, runs[-1])
     finally:
@@ -348,10 +360,13 @@ def run_study(
         "study": "staleness",
         "grid": {"policies": grid.policies, "workers": grid.workers, "seeds": grid.seeds, "steps": steps},
         "config": config.to_dict(),
-        "simulator": {k: v for k, v in vars(_settings(config, 1, 1, 0)).items() if k not in ("workers", "steps")},
+        "backend": backend,
         "runs": runs,
         "cells": summarize(runs),
     }
+    if backend == "sim":
+        simulated = vars(_settings(config, 1, 1, 0))
+        result["simulator"] = {k: v for k, v in simulated.items() if k not in ("workers", "steps")}
     result["wall_s"] = time.perf_counter() - start
     result["files"] = [str(path) for path in write_report(result, out)]
     return result
@@ -440,8 +455,17 @@ def table_markdown(result: dict[str, Any]) -> str:
         f"{d['examples']:,} examples, {d['held_out']} held out); rule `{p['rule']}`, lr {p['lr']:g}, "
         f"batch {t['batch_size']}; {grid['steps']:,} gradients per run (easgd: steps // τ exchanges); "
         f"{grid['seeds']} seeds (train.seed + 0..{grid['seeds'] - 1}).",
-        "Simulated cluster: " + ", ".join(f"{k} {v:g}" for k, v in sim.items() if k not in ("seed", "seconds")) + ".",
     ]
+    if result.get("backend", "sim") == "local":
+        lines.append(
+            "Local backend: every run is a real training session, worker processes pushing into shared-memory "
+            "shards on this machine; times are wall-clock seconds from each run's first push, not simulated."
+        )
+    else:
+        lines.append(
+            "Simulated cluster: " + ", ".join(f"{k} {v:g}" for k, v in sim.items() if k not in ("seed", "seconds"))
+            + "."
+        )
     if sim and not sim.get("compute_sigma") and not sim.get("stragglers") and not sim.get("network_sigma"):
         lines.append(
             "Every worker takes the same time per push, so the workers run in lockstep: after the first round every "
@@ -454,7 +478,7 @@ def table_markdown(result: dict[str, Any]) -> str:
         "loss above the initial one. Staleness pooled over the seeds' applied pushes.",
         "",
         "| policy | workers | final loss median | IQR (q25–q75) | diverged | staleness mean | staleness p99 "
-        "| sim. time (median) |",
+        f"| {'wall' if result.get('backend') == 'local' else 'sim.'} time (median) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["cells"]:
@@ -470,7 +494,8 @@ def table_markdown(result: dict[str, Any]) -> str:
     if "wall_s" in result:
         runs = len(result["runs"])
         wall = result["wall_s"]
-        lines += ["", f"{runs} runs simulated in {wall:.1f} s of wall time ({wall / runs:.2f} s per run)."]
+        verb = "trained" if result.get("backend") == "local" else "simulated"
+        lines += ["", f"{runs} runs {verb} in {wall:.1f} s of wall time ({wall / runs:.2f} s per run)."]
     return "\n".join(lines) + "\n"
 
 
@@ -646,13 +671,14 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     steps = result["grid"]["steps"]
+    when = "wall-clock" if result.get("backend") == "local" else "simulated"
     return [
         _curves_figure(
             result, "grads", "gradients computed (pushes; easgd: τ per exchange)",
             f"Held-out loss against updates ({steps:,} gradients per run)", out / "loss_vs_updates.png",
         ),
         _curves_figure(
-            result, "time", "simulated time (s)", "Held-out loss against simulated time", out / "loss_vs_time.png"
+            result, "time", f"{when} time (s)", f"Held-out loss against {when} time", out / "loss_vs_time.png"
         ),
         _staleness_figure(result, out / "staleness_histograms.png"),
         _final_loss_figure(result, out / "final_loss.png"),
