@@ -29,8 +29,10 @@ from downpour.ps.flat import FlatParameters, flat_copy
 from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.staleness import StalenessHistogram
 from downpour.report.filters import save_filter_grid
+from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
 from downpour.report.live import LiveProgress
+from downpour.report.tensorboard import open_metrics_log, require_tensorboard
 from downpour.signals import routed
 
 _POLL_SECONDS = 0.05
@@ -185,6 +187,8 @@ def run_training(
     (a study running many short runs on one data set).
     """
     console = console or Console(stderr=True)
+    if config.train.tensorboard:
+        require_tensorboard()  # before anything is written into the run directory
     if config.cluster.backend == "sim":
         from downpour.train_sim import run_sim_training
 
@@ -220,7 +224,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
     initial = flat_copy(model)
     if checkpoint is None:
         run_state.initial_loss = held_out_loss(initial)
-    metrics = rundir.MetricsLog(out / rundir.METRICS)
+    metrics = open_metrics_log(out, tensorboard=config.train.tensorboard)
     interrupted = False
     session_seconds = 0.0
     session_examples_start = run_state.examples
@@ -263,7 +267,9 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         metrics.close()
 
     final_model = held_out_loss.model  # holds the final parameters since final_loss was measured
-    save_filter_grid(final_model.filters(), getattr(final_model, "filter_shape", dataset.shape), out / rundir.FILTERS)
+    filter_shape = getattr(final_model, "filter_shape", dataset.shape)
+    save_filter_grid(final_model.filters(), filter_shape, out / rundir.FILTERS)
+    gabor_fit = gabor_fraction(final_model.filters(), filter_shape)  # first-layer filters with Gabor R² > 0.8
 
     summary = {
         "run_dir": str(out),
@@ -277,6 +283,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "examples_per_s": cluster_examples / session_seconds if session_seconds > 0 else 0.0,
         "initial_loss": run_state.initial_loss,
         "final_loss": final_loss,
+        "gabor_fit": gabor_fit,
         **({"skip_variance": held_out_loss.skip} if held_out_loss.skip is not None else {}),
         "steps": steps,
         "examples": run_state.examples,

@@ -29,7 +29,9 @@ from downpour.ps.flat import flat_copy
 from downpour.ps.policies import config_policy
 from downpour.ps.rules import make_rule
 from downpour.report.filters import save_filter_grid
+from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
+from downpour.report.tensorboard import open_metrics_log
 
 EVALUATIONS = 50  # held-out evaluations per run
 
@@ -84,7 +86,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
     t0 = time.time()
     initial = flat_copy(model)
     initial_loss = held_out_loss(initial)
-    metrics = rundir.MetricsLog(out / rundir.METRICS)
+    metrics = open_metrics_log(out, tensorboard=config.train.tensorboard)
     grad = ModelGradient(model, dataset.train, batch_size=config.train.batch_size, workers=settings.workers)
     every = max(1, settings.steps // EVALUATIONS) if settings.steps else max(1, 20 * settings.workers)
     try:
@@ -120,13 +122,15 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
     snapshot = {"values": result.params, "state": {}, "version": applied, "rejected": result.rejected}
     ckpt.save(out / rundir.CHECKPOINT, [snapshot], state)
     final_model = held_out_loss.model  # holds the final parameters since final_loss was measured
-    save_filter_grid(final_model.filters(), getattr(final_model, "filter_shape", dataset.shape), out / rundir.FILTERS)
+    filter_shape = getattr(final_model, "filter_shape", dataset.shape)
+    save_filter_grid(final_model.filters(), filter_shape, out / rundir.FILTERS)
+    gabor_fit = gabor_fraction(final_model.filters(), filter_shape)  # first-layer filters with Gabor R² > 0.8
     wall = time.time() - t0
     summary = {
         "run_dir": str(out), "model": config.model.name, "data": config.data.source, "backend": "sim",
         "policy": config.ps.policy, "workers": settings.workers, "shards": 1, "num_params": signature["num_params"],
         "examples_per_s": result.grad_evals * config.train.batch_size / wall if wall > 0 else 0.0,
-        "initial_loss": initial_loss, "final_loss": final_loss,
+        "initial_loss": initial_loss, "final_loss": final_loss, "gabor_fit": gabor_fit,
         **({"skip_variance": held_out_loss.skip} if held_out_loss.skip is not None else {}),
         "steps": len(r), "examples": result.grad_evals * config.train.batch_size, "seconds": wall,
         "simulated_seconds": result.sim_time, "gradient_evaluations": result.grad_evals,
