@@ -14,6 +14,7 @@ from rich.console import Console
 
 from downpour import config as config_mod
 from downpour import rundir
+from downpour.cli_eval import add_eval, cmd_detect, cmd_eval, cmd_viz
 from downpour.cli_report import add_report, cmd_report
 from downpour.cli_study import add_study, cmd_study
 from downpour.errors import DownpourError
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     add_study(sub)
     add_report(sub)
+    add_eval(sub)
     return parser
 
 
@@ -171,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_bench(args, console)
         if args.command == "study":
             return cmd_study(args, console)
+        if args.command == "eval":
+            return cmd_eval(args, console)
+        if args.command == "viz":
+            return cmd_viz(args, console)
+        if args.command == "detect":
+            return cmd_detect(args, console)
         if args.command == "report":
             return cmd_report(args, console)
     except DownpourError as exc:

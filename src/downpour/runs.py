@@ -107,7 +107,7 @@ def load_run(run_dir: Path) -> TrainedRun:
     except DownpourError as exc:
         raise CheckpointError(f"cannot rebuild the model of {run_dir}: {exc}") from None
     params = [p for p in model.parameters() if p.requires_grad]
-    expected = {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    expected = {name: list(p.shape) for name, p in model.named_parameters()}  # as train.model_signature saves them
     saved = checkpoint.state.get("model", {})
     if saved.get("name") not in (None, config.model.name) or saved.get("param_shapes", expected) != expected:
         raise CheckpointError(
@@ -124,7 +124,7 @@ def load_run(run_dir: Path) -> TrainedRun:
         raise CheckpointError(f"checkpoint {run_dir / rundir.CHECKPOINT} holds NaN or Inf parameters")
     nn.utils.vector_to_parameters(values.float(), params)
     model.eval()
-    for p in params:
-        p.requires_grad_(False)  # frozen: evaluation never trains; callers that need input gradients still get them
+    for p in model.parameters():
+        p.requires_grad_(False)  # evaluation never trains; gradients with respect to the input still flow
     whitening = _load_whitening(run_dir, dim) if config.data.whiten else None
     return TrainedRun(run_dir, config, model, shape, whitening, int(checkpoint.state.get("step", 0)))

@@ -1,0 +1,113 @@
+"""``downpour eval`` (face-neuron test, linear probe), ``downpour viz`` and ``downpour detect`` on a run directory.
+
+Each writes its results under ``RUN_DIR/eval/`` and prints a table, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from downpour.errors import DownpourError
+
+
+def _units(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``; anything else is an argparse error naming the value."""
+    try:
+        units = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated unit numbers, got {text!r}") from None
+    if not units:
+        raise argparse.ArgumentTypeError(f"expected at least one unit, got {text!r}")
+    return units
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    """The ``eval``, ``viz`` and ``detect`` commands."""
+    p = sub.add_parser("eval", help="evaluate a trained run (writes RUN_DIR/eval/)", description=__doc__)
+    which = p.add_subparsers(dest="eval", required=True)
+    face = which.add_parser("face-neuron", help="best single unit at faces vs non-faces: held-out, jittered, baselines")
+    face.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    face.add_argument("--splits", type=int, default=10, help="random stratified halves to average over")
+    face.add_argument("--seed", type=int, default=0, help="seed of the halves, the jitter and the random filters")
+    face.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    probe = which.add_parser("probe", help="logistic regression on frozen features vs raw pixels")
+    probe.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    probe.add_argument("--data", default="digits", help="labelled data set (digits: scikit-learn's 8x8 digits)")
+    probe.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+
+    viz = sub.add_parser("viz", help="first-layer filters and optimal stimuli of units (PNG in RUN_DIR/eval/)")
+    viz.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    viz.add_argument("--units", type=_units, help="comma-separated units (default: the face unit and the first 7)")
+    viz.add_argument("--steps", type=int, default=100, help="gradient-ascent steps of the optimal stimulus")
+    viz.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    detect = sub.add_parser("detect", help="one unit's response over a larger image, as a heat map")
+    detect.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    detect.add_argument("image", type=Path, metavar="IMAGE")
+    detect.add_argument("--unit", type=int, help="unit to map (default: the face unit if evaluated, else 0)")
+    detect.add_argument("--stride", type=int, help="pixels between windows (default: a quarter of the input side)")
+    detect.add_argument("--scale", type=float, default=1.0, help="resize the image by this factor first")
+    detect.add_argument("--out", type=Path, help="PNG to write (default: RUN_DIR/eval/detect_<image>.png)")
+    detect.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _table_console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    """Run ``eval face-neuron`` or ``eval probe``."""
+    if args.eval == "face-neuron":
+        from downpour.eval import face_neuron
+
+        result = face_neuron.run(args.run_dir, splits=args.splits, seed=args.seed)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            face_neuron.print_table(result, _table_console())
+        return 0
+    if args.eval == "probe":
+        from downpour.eval import probe
+
+        result = probe.run(args.run_dir, data=args.data)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            probe.print_table(result, _table_console())
+        return 0
+    raise AssertionError(args.eval)  # pragma: no cover - argparse restricts the choices
+
+
+def cmd_viz(args: argparse.Namespace, console: Console) -> int:
+    """Run ``viz``: filter grid and optimal stimuli."""
+    from downpour.eval import viz
+
+    result = viz.run(args.run_dir, units=args.units, steps=args.steps)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"filters: {result['filters_png']}")
+        print(f"optimal stimuli of units {', '.join(map(str, result['units']))}: {result['stimuli_png']}")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace, console: Console) -> int:
+    """Run ``detect``: a unit's heat map over an image, with its time per megapixel."""
+    from downpour.eval import detect
+
+    if args.stride is not None and args.stride < 1:
+        raise DownpourError(f"invalid --stride: {args.stride} (must be at least 1)")
+    result = detect.run(args.run_dir, args.image, unit=args.unit, stride=args.stride, scale=args.scale, out=args.out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        rows, cols = result["map_shape"]
+        print(f"unit {result['unit']}: {result['windows']:,} windows ({rows}x{cols}, stride {result['stride']}) in "
+              f"{result['seconds']:.2f} s, {result['seconds_per_megapixel']:.2f} s per megapixel; "
+              f"heat map: {result['heat_map']}")  # fmt: skip
+    return 0

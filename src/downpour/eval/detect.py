@@ -1,0 +1,122 @@
+"""Detection: one unit's response at every window of a larger image, as a heat map over that image.
+
+Every window of the model's input size, ``stride`` pixels apart, is cut out, preprocessed like the training
+examples and run through the network in batches of whole rows of windows (about ``WINDOWS_PER_BATCH``
+windows, so memory stays bounded on large images). The time per megapixel is reported: scanning images window
+by window is the costly stage of putting such a network to use.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage import transform
+
+from downpour.errors import DownpourError
+from downpour.eval.images import read_image
+from downpour.eval.results import eval_dir, read_result
+from downpour.eval.stimulus import check_units
+from downpour.runs import TrainedRun, load_run
+
+WINDOWS_PER_BATCH = 2048
+
+
+@torch.no_grad()
+def response_map(trained: TrainedRun, image: np.ndarray, unit: int, *, stride: int) -> np.ndarray:
+    """``unit``'s response to every window of ``image`` ``(C, H, W)``: ``(rows, cols)``, window ``(i, j)`` at
+    pixel ``(i·stride, j·stride)``."""
+    channels, height, width = trained.input_shape
+    if image.shape[1] < height or image.shape[2] < width:
+        raise DownpourError(f"image of {image.shape[2]}x{image.shape[1]} pixels is smaller than the model's "
+                            f"{width}x{height} input")  # fmt: skip
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None]  # (1, C, H, W)
+    rows = (image.shape[1] - height) // stride + 1
+    cols = (image.shape[2] - width) // stride + 1
+    out = np.empty((rows, cols), dtype=np.float32)
+    per_batch = max(1, WINDOWS_PER_BATCH // cols)  # rows of windows per batch
+    for first in range(0, rows, per_batch):
+        count = min(per_batch, rows - first)
+        strip = tensor[:, :, first * stride : (first + count - 1) * stride + height]  # (1, C, h', W)
+        windows = F.unfold(strip, (height, width), stride=stride)  # (1, C·h·w, count·cols), row-major
+        windows = windows[0].t().reshape(-1, channels, height, width)  # (count·cols, C, h, w)
+        features = trained.features(windows, batch_size=len(windows))  # (count·cols, F)
+        if first == 0:
+            check_units([unit], features.shape[1])
+        out[first : first + count] = features[:, unit].reshape(count, cols).numpy()
+    return out
+
+
+def save_heat_map(image: np.ndarray, responses: np.ndarray, window: tuple[int, int], stride: int, path: Path,
+                  title: str) -> None:  # fmt: skip
+    """The image in gray with the response map over it (each window's value at its centre, interpolated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gray = image.mean(axis=0)  # (H, W)
+    height, width = gray.shape
+    rows, cols = responses.shape
+    extent = (window[1] / 2 - stride / 2, window[1] / 2 + (cols - 0.5) * stride,  # window centres, pixel units
+              window[0] / 2 + (rows - 0.5) * stride, window[0] / 2 - stride / 2)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 8 * height / width))
+    ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=(0, width, height, 0))
+    shown = ax.imshow(responses, cmap="inferno", alpha=0.55, extent=extent, interpolation="bilinear")
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_title(title)
+    ax.axis("off")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="response")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def default_unit(trained: TrainedRun) -> int:
+    """The face-neuron test's most chosen unit when the run has been evaluated, else unit 0."""
+    face = read_result(trained.run_dir, "face_neuron")
+    return int(face["most_chosen_unit"]) if face and isinstance(face.get("most_chosen_unit"), int) else 0
+
+
+def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int | None = None,
+        scale: float = 1.0, out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Scan ``image_path`` (resized by ``scale``) with ``run_dir``'s network; save the heat map of ``unit``.
+
+    ``stride`` defaults to a quarter of the model's input side; ``out`` to ``RUN_DIR/eval/detect_<image>.png``.
+    """
+    trained = load_run(run_dir)
+    if not scale > 0:
+        raise DownpourError(f"invalid --scale: {scale} (must be > 0)")
+    stride = max(1, trained.input_shape[1] // 4) if stride is None else stride
+    if stride < 1:
+        raise DownpourError(f"invalid --stride: {stride} (must be at least 1)")
+    unit = default_unit(trained) if unit is None else unit
+    image = read_image(image_path, trained.input_shape[0])  # (C, H, W)
+    if scale != 1.0:
+        size = (image.shape[0], max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
+        image = transform.resize(image, size, order=1, anti_aliasing=scale < 1).astype(np.float32)
+    start = time.perf_counter()
+    responses = response_map(trained, image, unit, stride=stride)
+    seconds = time.perf_counter() - start
+    megapixels = image.shape[1] * image.shape[2] / 1e6
+    out = out if out is not None else eval_dir(run_dir) / f"detect_{Path(image_path).stem}.png"
+    title = f"unit {unit} of {trained.run_dir.name} over {Path(image_path).name}"
+    save_heat_map(image, responses, trained.input_shape[1:], stride, out, title)
+    return {
+        "run_dir": str(trained.run_dir),
+        "image": str(image_path),
+        "image_shape": list(image.shape),
+        "unit": unit,
+        "stride": stride,
+        "windows": int(responses.size),
+        "map_shape": list(responses.shape),
+        "seconds": seconds,
+        "seconds_per_megapixel": seconds / megapixels,
+        "max_response_at": [int(v) * stride for v in np.unravel_index(int(responses.argmax()), responses.shape)],
+        "heat_map": str(out),
+    }

@@ -1,0 +1,179 @@
+"""The face-neuron test of Le et al. 2012 ("Building high-level features using large scale unsupervised learning",
+ICML 2012, section 4.3), run honestly.
+
+The paper reports the best single unit's accuracy at telling faces from non-faces with the unit and threshold
+chosen on the test set itself (81.7%). Here, on scikit-image's ``lfw_subset`` (100 faces, 100 non-faces):
+
+* ``insample_accuracy``: that protocol — unit, threshold and polarity chosen and scored on all 200 images;
+* ``heldout_accuracy``: chosen on a random stratified half, scored on the other half, mean over ``splits`` halves;
+* ``jitter_heldout_accuracy``: the same, with every image scaled 0.8–1.2, rotated ±15° and shifted ±4 px;
+* ``baselines``: the held-out protocol on the same halves for the best raw pixel, the best PCA component (fitted
+  on the training half), the best of as many random linear filters as the model has units (applied to the same
+  preprocessed input as the model), and a logistic-regression probe on raw pixels.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from downpour.data.sources import lfw_labelled
+from downpour.errors import DownpourError
+from downpour.eval.images import fit_images, jitter_images
+from downpour.eval.results import eval_dir, print_rows, write_result
+from downpour.eval.selectivity import best_unit, half_splits, heldout_accuracy
+from downpour.runs import TrainedRun, load_run
+
+NAME = "face_neuron"
+MAX_RANDOM_FILTERS = 4096
+
+Split = tuple[np.ndarray, np.ndarray]
+# A held-out scorer: (all images' values or pixels, labels, train rows, test rows) -> (accuracy, chosen unit or -1)
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[float, int]]
+
+
+def _pca_scorer(pixels: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[float, int]:
+    """PCA fitted on the training half's pixels (unsupervised); then the best single component, held out."""
+    mean = pixels[train].mean(axis=0)
+    _, _, components = np.linalg.svd(pixels[train] - mean, full_matrices=False)  # (k, D), k = min(n, D)
+    projected = (pixels - mean) @ components.T  # (N, k)
+    return heldout_accuracy(projected, labels, train, test)
+
+
+def _probe_scorer(pixels: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[float, int]:
+    """Logistic regression (standardised pixels, L2, C = 1) fitted on the training half, scored on the other."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(pixels[train], labels[train])
+    return float(probe.score(pixels[test], labels[test])), -1
+
+
+def _over_splits(values: np.ndarray, labels: np.ndarray, splits: list[Split], scorer: Scorer) -> tuple[list, list]:
+    scores = [scorer(values, labels, train, test) for train, test in splits]
+    return [accuracy for accuracy, _ in scores], [unit for _, unit in scores]
+
+
+def _summary(clean: list[float], jittered: list[float], candidates: int) -> dict[str, Any]:
+    return {
+        "heldout_accuracy": float(np.mean(clean)),
+        "heldout_std": float(np.std(clean)),
+        "jitter_heldout_accuracy": float(np.mean(jittered)),
+        "jitter_heldout_std": float(np.std(jittered)),
+        "candidates": candidates,
+    }
+
+
+def evaluate(trained: TrainedRun, *, splits: int = 10, seed: int = 0) -> dict[str, Any]:
+    """The face-neuron test of ``trained`` (see the module docstring); the result dict of :func:`run`."""
+    if splits < 1:
+        raise DownpourError(f"invalid --splits: {splits} (must be at least 1)")
+    if seed < 0:
+        raise DownpourError(f"invalid --seed: {seed} (must be >= 0)")
+    raw, labels = lfw_labelled()  # (200, 1, 25, 25), 1 = face
+    jittered_raw = jitter_images(raw[:, 0], np.random.default_rng(seed))[:, None]  # (200, 1, 25, 25)
+    images = {"clean": fit_images(raw, trained.input_shape), "jitter": fit_images(jittered_raw, trained.input_shape)}
+    halves = half_splits(labels, splits, seed)
+    features = {k: trained.features(torch.from_numpy(v)).numpy() for k, v in images.items()}  # each (200, F)
+    pixels = {k: v.reshape(len(v), -1) for k, v in images.items()}  # each (200, D)
+    width = features["clean"].shape[1]
+    filters = torch.randn(min(width, MAX_RANDOM_FILTERS), trained.input_dim,
+                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    random_responses = {k: (trained.preprocess(torch.from_numpy(v)) @ filters.t()).numpy() for k, v in images.items()}
+
+    model_clean, units = _over_splits(features["clean"], labels, halves, heldout_accuracy)
+    model_jitter, jitter_units = _over_splits(features["jitter"], labels, halves, heldout_accuracy)
+    insample = best_unit(features["clean"], labels)
+    baselines = {}
+    for name, values, scorer, candidates in (
+        ("raw_pixel", pixels, heldout_accuracy, trained.input_dim),
+        ("pca_component", pixels, _pca_scorer, min(len(halves[0][0]), trained.input_dim)),
+        ("random_filter", random_responses, heldout_accuracy, filters.shape[0]),
+        ("pixel_probe", pixels, _probe_scorer, 1),
+    ):
+        clean, _ = _over_splits(values["clean"], labels, halves, scorer)
+        jittered, _ = _over_splits(values["jitter"], labels, halves, scorer)
+        baselines[name] = _summary(clean, jittered, candidates)
+    return {
+        "test": "face-neuron",
+        "run_dir": str(trained.run_dir),
+        "model": trained.config.model.name,
+        "step": trained.step,
+        "data": "skimage.data.lfw_subset: 100 faces, 100 non-faces, resized to the model's input",
+        "input_shape": list(trained.input_shape),
+        "features": width,
+        "splits": splits,
+        "seed": seed,
+        "chance": 0.5,
+        **_summary(model_clean, model_jitter, width),
+        "units": units,
+        "jitter_units": jitter_units,
+        "most_chosen_unit": Counter(units).most_common(1)[0][0],
+        "insample_accuracy": insample.accuracy,
+        "insample_unit": insample.unit,
+        "insample_threshold": insample.threshold,
+        "insample_polarity": insample.polarity,
+        "baselines": baselines,
+    }
+
+
+def save_picture(trained: TrainedRun, result: dict[str, Any], path: Path) -> None:
+    """Histogram of the in-sample unit's responses to faces and non-faces, beside held-out accuracies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw, labels = lfw_labelled()
+    values = trained.features(torch.from_numpy(fit_images(raw, trained.input_shape)))[:, result["insample_unit"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    bins = np.linspace(float(values.min()), float(values.max()), 25)
+    left.hist(values[labels == 1].numpy(), bins=bins, alpha=0.6, label="faces")
+    left.hist(values[labels == 0].numpy(), bins=bins, alpha=0.6, label="non-faces")
+    left.axvline(result["insample_threshold"], color="k", linestyle="--", linewidth=1)
+    left.set_title(f"unit {result['insample_unit']} (in-sample {result['insample_accuracy']:.2f})")
+    left.set_xlabel("response")
+    left.legend()
+    names = ["model unit", *result["baselines"]]
+    rows = [result, *result["baselines"].values()]
+    y = np.arange(len(names))
+    right.barh(y + 0.2, [r["heldout_accuracy"] for r in rows], height=0.4, label="held-out")
+    right.barh(y - 0.2, [r["jitter_heldout_accuracy"] for r in rows], height=0.4, label="held-out, jittered")
+    right.set_yticks(y, names)
+    right.invert_yaxis()
+    right.axvline(0.5, color="k", linewidth=1)
+    right.set_xlim(0.4, 1.0)
+    right.set_xlabel("accuracy")
+    right.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(run_dir: Path, *, splits: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Load ``run_dir``, run the face-neuron test, write ``eval/face_neuron.json`` and ``eval/face_neuron.png``."""
+    trained = load_run(run_dir)
+    result = evaluate(trained, splits=splits, seed=seed)
+    write_result(run_dir, NAME, result)
+    save_picture(trained, result, eval_dir(run_dir) / f"{NAME}.png")
+    return result
+
+
+def print_table(result: dict[str, Any], console: Any) -> None:
+    """The model's unit against the baselines: held-out, jittered held-out and (model only) in-sample accuracy."""
+    rows = [["model: best unit", f"{result['heldout_accuracy']:.3f} ± {result['heldout_std']:.3f}",
+             f"{result['jitter_heldout_accuracy']:.3f} ± {result['jitter_heldout_std']:.3f}",
+             f"{result['insample_accuracy']:.3f}", str(result["features"])]]  # fmt: skip
+    for name, base in result["baselines"].items():
+        rows.append([name.replace("_", " "), f"{base['heldout_accuracy']:.3f} ± {base['heldout_std']:.3f}",
+                     f"{base['jitter_heldout_accuracy']:.3f} ± {base['jitter_heldout_std']:.3f}", "",
+                     str(base["candidates"])])  # fmt: skip
+    title = (f"face neuron: {result['run_dir']} ({result['model']}), {result['splits']} splits, seed {result['seed']}, "
+             f"most chosen unit {result['most_chosen_unit']}")  # fmt: skip
+    print_rows(title, ["", "held-out", "jittered held-out", "in-sample", "candidates"], rows, console)

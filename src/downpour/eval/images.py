@@ -1,0 +1,83 @@
+"""Bringing images to a model's input: resize, channels, random jitter, and reading a user's image file."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from skimage import io, transform
+
+from downpour.errors import DataError
+
+
+def fit_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Resize images ``(N, H, W)`` or ``(N, C, H, W)`` in [0, 1] to ``shape`` ``(C', H', W')``: ``(N, C', H', W')``.
+
+    Each image is resized (anti-aliased when shrinking, bilinear when enlarging) to the model's side; one gray
+    channel is repeated for a colour model and colour is averaged for a gray one.
+    """
+    channels, height, width = shape
+    if images.ndim == 3:
+        images = images[:, None]  # (N, 1, H, W)
+    if images.ndim != 4:
+        raise DataError(f"expected images (N, H, W) or (N, C, H, W), got shape {images.shape}")
+    if images.shape[1] != channels:
+        if channels == 1:
+            images = images.mean(axis=1, keepdims=True)  # (N, 1, H, W)
+        elif images.shape[1] == 1:
+            images = np.repeat(images, channels, axis=1)  # (N, C, H, W)
+        else:
+            raise DataError(f"cannot turn {images.shape[1]}-channel images into {channels} channels")
+    if images.shape[2:] == (height, width):
+        return images.astype(np.float32)
+    shrinking = images.shape[2] > height or images.shape[3] > width
+    out = np.stack(
+        [transform.resize(image, (channels, height, width), order=1, anti_aliasing=shrinking) for image in images]
+    )
+    return np.clip(out, 0.0, 1.0).astype(np.float32)  # (N, C, H, W)
+
+
+def jitter_images(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.8, 1.2),
+    degrees: float = 15.0,
+    shift: float = 4.0,
+) -> np.ndarray:
+    """Each image ``(N, H, W)`` under its own random similarity transform about its centre: a scale drawn from
+    ``scale``, a rotation from ±``degrees``, a shift of ±``shift`` pixels on each axis (edges are extended)."""
+    out = np.empty_like(images)
+    for index, image in enumerate(images):
+        s = rng.uniform(*scale)
+        angle = math.radians(rng.uniform(-degrees, degrees))
+        dy, dx = rng.uniform(-shift, shift, size=2)
+        centre = np.array([image.shape[-1] - 1, image.shape[-2] - 1]) / 2.0  # (x, y)
+        to_origin = transform.SimilarityTransform(translation=-centre)
+        move = transform.SimilarityTransform(scale=s, rotation=angle, translation=centre + np.array([dx, dy]))
+        forward = to_origin + move  # output pixel = move(to_origin(input pixel))
+        out[index] = transform.warp(image, forward.inverse, mode="edge", preserve_range=True)
+    return out
+
+
+def read_image(path: Path, channels: int) -> np.ndarray:
+    """An image file as a float32 array ``(channels, H, W)`` in [0, 1]; an unreadable file raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {path} does not exist")
+    try:
+        image = io.imread(path)
+    except Exception as exc:  # imageio raises many kinds for a corrupt or unknown file
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        image = image[..., :3]
+    elif image.ndim != 2:
+        raise DataError(f"image {path} has shape {image.shape}; expected a gray or colour picture")
+    if image.dtype.kind in "ui":
+        image = image.astype(np.float32) / np.iinfo(image.dtype).max
+    else:
+        image = image.astype(np.float32) / (255.0 if image.max() > 1.0 else 1.0)
+    image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)  # (C, H, W)
+    return fit_images(image[None], (channels, *image.shape[1:]))[0]  # channels converted, size unchanged

@@ -1,0 +1,48 @@
+"""Where evaluation results live (``RUN_DIR/eval/``) and how they are written and shown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from downpour import rundir
+
+EVAL_DIR = "eval"
+
+
+def eval_dir(run_dir: Path) -> Path:
+    """``RUN_DIR/eval``, created if needed."""
+    path = Path(run_dir) / EVAL_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_result(run_dir: Path, name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as ``RUN_DIR/eval/<name>.json`` (the file the report reads); return its path."""
+    path = eval_dir(run_dir) / f"{name}.json"
+    rundir.write_json(path, payload)
+    return path
+
+
+def read_result(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """``RUN_DIR/eval/<name>.json`` if it exists and is valid JSON, else None."""
+    path = Path(run_dir) / EVAL_DIR / f"{name}.json"
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def print_rows(title: str, columns: list[str], rows: list[list[str]], console: Console) -> None:
+    """A rich table: first column left-aligned, the others right-aligned."""
+    table = Table(title=title)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
