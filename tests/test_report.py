@@ -1,4 +1,5 @@
-"""``downpour report`` and the page ``downpour train`` writes: real runs, a real headless Chromium."""
+"""``downpour report`` and the page ``downpour train`` writes (real runs, a real headless Chromium), and
+``downpour train --tensorboard`` (its event files read back with TensorBoard's own reader)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import downpour
+from conftest import downpour, read_jsonl
 from downpour.cli import main
 from downpour.report.html import build_report
+from downpour.report.tensorboard import BLOCK
 
 SMALL = ["--set", "data.source=digits", "--set", "data.held_out=64", "--set", "model.features=16", "--no-progress"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -31,9 +34,9 @@ PROBE = (
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short real run of the local backend (2 workers, 2 shards) with a finished page."""
+    """A short real run of the local backend (2 workers, 2 shards) with a finished page and TensorBoard files."""
     out = tmp_path_factory.mktemp("report") / "run"
-    result = downpour("train", "--out", str(out), "--steps", "120", "--seconds", "60", *SMALL)
+    result = downpour("train", "--out", str(out), "--steps", "90", "--seconds", "60", "--tensorboard", *SMALL)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -132,3 +135,39 @@ def test_a_simulated_run_whose_page_cannot_be_written_still_finishes(tmp_path: P
     page = build_report(out)
     assert len(_png_sizes(page)) == 3  # no throughput on the simulator: loss, staleness, filters
     assert "the simulator logs none" in page
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def _block_means(values: list[float]) -> list[float]:
+    return [float(np.mean(values[i : i + BLOCK])) for i in range(0, len(values), BLOCK)]
+
+
+def test_tensorboard_scalars_match_the_metrics_log(local_run: Path) -> None:
+    run_dir = local_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    scalars = _scalars(run_dir / "tensorboard")
+
+    held_out = scalars["loss/held_out"]
+    assert held_out[0] == (0, np.float32(summary["initial_loss"]))
+    assert held_out[-1] == (summary["steps"], np.float32(summary["final_loss"]))
+
+    pushes = [r for r in rows if r["event"] == "push"]
+    losses = [r["loss"] for r in pushes if r["shard"] == 0]
+    assert len(losses) == summary["steps"] == 90
+    assert [s for s, _ in scalars["loss/push"]] == [min(i + BLOCK, 90) for i in range(0, 90, BLOCK)]
+    np.testing.assert_allclose([v for _, v in scalars["loss/push"]], _block_means(losses), rtol=1e-6)
+    for shard in (0, 1):
+        stale = [r["staleness"] for r in pushes if r["shard"] == shard and r["applied"]]
+        got = [v for _, v in scalars[f"staleness/shard_{shard}"]]
+        np.testing.assert_allclose(got, _block_means(stale), rtol=1e-6)
+
+    rates = [(r["step"], r["examples_per_s"]) for r in rows if r["event"] == "throughput"]
+    got_rates = scalars.get("throughput/examples_per_s", [])
+    assert [s for s, _ in got_rates] == [s for s, _ in rates]
+    np.testing.assert_allclose([v for _, v in got_rates], [v for _, v in rates], rtol=1e-6)

@@ -49,6 +49,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=str, help="train.steps (pushes applied across all workers)")
     p.add_argument("--seed", type=str, help="train.seed")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--tensorboard", action="store_true", help="train.tensorboard: also write RUN_DIR/tensorboard/")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 
@@ -92,6 +93,8 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bo
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.tensorboard:
+        overrides.append("train.tensorboard=true")
     if args.resume is not None:
         if args.config is not None:
             raise DownpourError("--resume reads the run's own config.toml; drop --config")

@@ -19,6 +19,9 @@ from downpour.errors import ConfigError
 from downpour.penalty_spec import parse_penalty
 
 DATA_SOURCES = ("natural-patches", "natural-images", "lfw-faces", "digits")
+# Users' own data (downpour.data.own): folder:PATH, video:PATH_OR_GLOB, torchvision:NAME.
+OWN_SOURCES = ("folder", "video", "torchvision")
+TORCHVISION_SETS = ("STL10", "CIFAR10")
 MODELS = ("rica", "cat", "sparse-ae", "rbm", "conv")
 FIRST_LAYER_INITS = ("learned", "gabor", "dog", "random")  # model.init (downpour.nn.templates)
 RULES = ("sgd", "adagrad")
@@ -40,6 +43,9 @@ class DataConfig:
     held_out: int = 1024  # examples kept out of every worker's shard, for initial/final loss
     whiten: bool = True  # ZCA whitening (its matrix is saved with the run)
     whiten_eps: float = 1.0  # ZCA regularizer, as a fraction of the mean eigenvalue (keeps pixel noise down)
+    frame_stride: int = 30  # video: keep every frame_stride-th frame
+    max_side: int = 512  # folder / video / torchvision: shrink pictures whose longer side exceeds this (0 = never)
+    cache_dir: str = ""  # torchvision: where sets are downloaded ("" = $XDG_CACHE_HOME/downpour or ~/.cache/downpour)
 
 
 @dataclass
@@ -76,6 +82,7 @@ class TrainConfig:
     seconds: float = 60.0  # wall-clock budget; 0 means no limit
     steps: int = 0  # pushes applied across all workers (the global step); 0 means no limit
     seed: int = 0
+    tensorboard: bool = False  # also write the metrics as TensorBoard event files into RUN_DIR/tensorboard/
     checkpoint_every: float = 30.0  # seconds between checkpoints
     eval_every: float = 0.0  # local backend: seconds between held-out loss evaluations ("eval" rows); 0 = off
 
@@ -242,7 +249,13 @@ def _require(ok: bool, key: str, value: Any, what: str) -> None:
 def validate(config: Config) -> None:
     """Check every value's range and choices; raise :class:`ConfigError` naming the first bad key."""
     d, m, t, p, c = config.data, config.model, config.train, config.ps, config.cluster
-    _require(d.source in DATA_SOURCES, "data.source", d.source, f"choose one of {', '.join(DATA_SOURCES)}")
+    kind, _, where = d.source.partition(":")
+    _require(d.source in DATA_SOURCES or (kind in OWN_SOURCES and where.strip() != ""), "data.source", d.source,
+             f"choose one of {', '.join(DATA_SOURCES)}, folder:PATH, video:PATH_OR_GLOB, torchvision:NAME")  # fmt: skip
+    _require(kind != "torchvision" or where in TORCHVISION_SETS, "data.source", d.source,
+             f"torchvision sets: {', '.join('torchvision:' + name for name in TORCHVISION_SETS)}")  # fmt: skip
+    _require(d.frame_stride >= 1, "data.frame_stride", d.frame_stride, "must be at least 1")
+    _require(d.max_side == 0 or d.max_side >= 8, "data.max_side", d.max_side, "must be 0 (never shrink) or >= 8")
     _require(2 <= d.patch_size <= 128, "data.patch_size", d.patch_size, "must be 2..128")
     _require(2 <= d.image_size <= 1024, "data.image_size", d.image_size, "must be 2..1024")
     _require(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
