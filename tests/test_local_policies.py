@@ -1,0 +1,196 @@
+"""``sync`` and ``easgd`` on the local backend (real worker processes, shared-memory shards), and the staleness
+study run with ``--backend local``.
+
+The sync checks are exact: under ``sync`` every worker computes one gradient per round on the version all share,
+so the run's final parameters do not depend on timing. With ``N`` workers and plain SGD on the shards they must
+equal synchronous mini-batch SGD, ``w ← w − lr · mean_k g_k(w)``, replayed here on the same batches (the workers'
+own seeds and example slices); with ``N = 1`` that is plain SGD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from conftest import downpour, read_jsonl
+from downpour import checkpoint as ckpt
+from downpour import config as config_mod
+from downpour.config import Config
+from downpour.data import load_dataset, worker_slice
+from downpour.errors import ConfigError
+from downpour.models import build_model
+from downpour.ps.flat import FlatParameters, flat_copy
+from downpour.ps.worker import epoch_batches
+from downpour.study.staleness import run_study, study_config
+from downpour.train import _worker_seeds, run_training
+
+SMALL = [
+    "data.source=natural-patches", "data.patch_size=8", "data.examples=2000", "data.held_out=64",
+    "model.features=32", "train.batch_size=16", "train.seconds=0", "ps.rule=sgd", "ps.lr=0.01", "ps.shards=2",
+    "cluster.threads_per_worker=1",
+]  # fmt: skip
+
+
+def _config(*overrides: str) -> Config:
+    return config_mod.load(None, [*SMALL, *overrides])
+
+
+def _train(config: Config, out: Path) -> dict:
+    return run_training(config, out, console=Console(stderr=True, quiet=True), show_progress=False)
+
+
+def _final_params(run_dir: Path) -> torch.Tensor:
+    snapshots = ckpt.load(run_dir / "checkpoint").shard_snapshots()
+    return torch.cat([snap["values"] for snap in snapshots])
+
+
+def _synchronous_sgd(config: Config, rounds: int) -> torch.Tensor:
+    """Replay ``rounds`` rounds of synchronous SGD in this process on the batches the workers draw."""
+    dataset = load_dataset(config.data, seed=config.train.seed)
+    model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
+    flat = FlatParameters(model)
+    n, count = config.cluster.workers, dataset.train.shape[0]
+    seeds = _worker_seeds(config.train.seed, 0, n)
+    batch = config.train.batch_size
+    slices = [dataset.train[worker_slice(count, n, w)] for w in range(n)]
+    streams = [epoch_batches(slices[w], batch, np.random.default_rng(seeds[w])) for w in range(n)]
+    params = flat_copy(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (cluster.threads_per_worker = 1): the same kernels, the same sums
+    try:
+        for _ in range(rounds):
+            total = None
+            for stream in streams:
+                flat.values.copy_(params)
+                flat.zero_grad()
+                model.loss(next(stream)).backward()
+                total = flat.grads.clone() if total is None else total.add_(flat.grads)
+            params = torch.add(params, total.div(n), alpha=-config.ps.lr)
+    finally:
+        torch.set_num_threads(threads)
+    return params
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sync_equals_synchronous_sgd_on_the_same_batches(workers: int, run_dir: Path) -> None:
+    """1 worker: plain SGD. 2 workers: every applied update is the mean of both workers' pushes for one version."""
+    rounds = 12
+    config = _config("ps.policy=sync", f"cluster.workers={workers}", f"train.steps={rounds * workers}")
+    summary = _train(config, run_dir)
+    assert summary["policy"] == "sync" and summary["steps"] == rounds * workers
+    assert summary["updates_applied"] == rounds * config.ps.shards  # one version per round on every shard
+    torch.testing.assert_close(_final_params(run_dir), _synchronous_sgd(config, rounds), rtol=1e-5, atol=1e-6)
+    pushes = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row["event"] == "push"]
+    assert all(row["applied"] and row["staleness"] == 0 for row in pushes)
+    rounds_seen: dict[tuple[int, int], list[int]] = {}
+    for row in pushes:
+        rounds_seen.setdefault((row["shard"], row["version"]), []).append(row["worker"])
+    assert len(rounds_seen) == rounds * config.ps.shards
+    assert all(sorted(who) == list(range(workers)) for who in rounds_seen.values())  # one push per worker
+
+
+def test_backup_workers_drop_late_pushes_and_count_them(run_dir: Path) -> None:
+    """N = 2, b = 1: the first push of a version closes its round; the other worker's push for that version is
+    late, dropped, and counted (in the summary and as an unapplied push row)."""
+    config = _config("ps.policy=sync", "cluster.workers=2", "ps.backup_workers=1", "train.steps=60")
+    summary = _train(config, run_dir)
+    pushes = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row["event"] == "push"]
+    dropped = [row for row in pushes if not row["applied"]]
+    applied = [row for row in pushes if row["applied"]]
+    assert summary["updates_dropped"] > 0 and summary["updates_rejected"] == 0
+    assert summary["updates_dropped"] == len(dropped)
+    assert all(row["staleness"] >= 1 for row in dropped)  # computed on a version that had already closed
+    assert all(row["staleness"] == 0 for row in applied)
+    assert summary["updates_applied"] == len(applied)  # every accepted push closed a round of its own
+    assert summary["final_loss"] < summary["initial_loss"]
+
+
+def test_easgd_trains_its_center_on_the_local_backend(run_dir: Path) -> None:
+    """Two workers, τ = 4 local steps between exchanges: the held-out loss of the center falls; every exchange is
+    applied and counts the others' exchanges since the worker's last one as its staleness."""
+    config = _config("ps.policy=easgd", "cluster.workers=2", "train.steps=40", "ps.lr=0.02")
+    summary = _train(config, run_dir)
+    assert summary["policy"] == "easgd" and summary["steps"] == 40
+    # τ gradients per exchange (and each worker's last τ, computed before it found the budget spent)
+    assert 40 * 4 <= summary["examples"] // config.train.batch_size <= (40 + 2) * 4
+    assert summary["final_loss"] < 0.7 * summary["initial_loss"]
+    pushes = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row["event"] == "push"]
+    assert len(pushes) == 40 * config.ps.shards and all(row["applied"] for row in pushes)
+    assert {row["worker"] for row in pushes} == {0, 1}
+    assert max(row["staleness"] for row in pushes) >= 1  # the other worker exchanged in between
+
+
+def _pushes_so_far(run_dir: Path, proc: subprocess.Popen[str], enough: Callable[[list[dict]], bool]) -> list[dict]:
+    """Poll the run's metrics until ``enough(push rows)``; return every row so far."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+        if (run_dir / "metrics.jsonl").exists():
+            rows = read_jsonl(run_dir / "metrics.jsonl")
+            if enough([row for row in rows if row["event"] == "push"]):
+                return rows
+    raise AssertionError("the run did not push in time")
+
+
+def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path) -> None:
+    """SIGKILL one of two sync workers: the survivor's rounds close without it (no deadlock). Then Ctrl-C (the same
+    stop request as the end of train.seconds) ends the run mid-round: exit 130, a final checkpoint, no stale push."""
+    args = [sys.executable, "-m", "downpour", "train", "--out", str(run_dir), "--workers", "2", "--seconds", "0",
+            "--steps", "100000", "--no-progress", *[x for o in SMALL for x in ("--set", o)], "--set",
+            "ps.policy=sync"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
+    rows = _pushes_so_far(run_dir, proc, lambda pushes: len(pushes) >= 20)
+    pids = next(row for row in rows if row["event"] == "start")["pids"]
+    before = sum(row["event"] == "push" and row["worker"] == 0 for row in rows)
+    os.kill(pids[1], signal.SIGKILL)
+    _pushes_so_far(run_dir, proc, lambda pushes: sum(row["worker"] == 0 for row in pushes) >= before + 20)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "worker 1 died" in stderr and "Traceback" not in stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["worker_deaths"] == 1 and summary["interrupted"] is True
+    assert summary["staleness"]["max"] == 0 and summary["updates_rejected"] == 0
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["step"] == summary["steps"]
+    assert sum(shard["version"] for shard in state["shards"]) == summary["updates_applied"]
+
+
+def test_staleness_study_on_the_local_backend_writes_its_report(tmp_path: Path) -> None:
+    """A tiny grid through the real command: one run directory per (policy, workers, seed), the report files, and
+    wall-clock times; a worker count the machine cannot hold as processes is refused before any run."""
+    out = tmp_path / "study"
+    result = downpour("study", "staleness", "--backend", "local", "--policies", "downpour,sync", "--workers", "2",
+                      "--seeds", "1", "--steps", "40", "--set", "data.examples=2000", "--set", "data.held_out=64",
+                      "--no-progress", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("results.json", "table.md", "loss_vs_updates.png", "loss_vs_time.png", "staleness_histograms.png",
+                 "final_loss.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["backend"] == "local" and len(results["runs"]) == 2
+    by_policy = {run["policy"]: run for run in results["runs"]}
+    assert by_policy["sync"]["staleness"]["max"] == 0 and by_policy["sync"]["pushes"] == 40
+    assert by_policy["downpour"]["pushes"] == 40
+    for run in results["runs"]:
+        assert Path(run["run_dir"]).is_dir() and run["final_loss"] < run["initial_loss"]
+        assert len(run["curve"]["loss"]) >= 2 and run["sim_time"] > 0
+    assert "wall time (median)" in (out / "table.md").read_text()
+
+    with pytest.raises(ConfigError, match=r"invalid --workers: 1000000 with --backend local: .*MB each"):
+        run_study(study_config(), policies=["downpour"], workers=[1_000_000], seeds=1, out=tmp_path / "no",
+                  backend="local")  # fmt: skip
+    assert not (tmp_path / "no").exists()
