@@ -22,7 +22,7 @@ from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.config import Config
-from downpour.data import Dataset, load_dataset, worker_slice
+from downpour.data import Dataset, load_dataset, unread_warning, worker_slice
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
 from downpour.ps.flat import FlatParameters, flat_copy
@@ -197,6 +197,8 @@ def run_training(
     check_local_workers(config.cluster.workers)
     if dataset is None:
         dataset = load_dataset(config.data, seed=config.train.seed)
+    if (note := unread_warning(dataset)) is not None:
+        console.print(f"[yellow]warning: {note}[/]")
     worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
     model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
     signature = model_signature(model)
@@ -295,6 +297,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "worker_deaths": run_state.worker_deaths,
         "interrupted": interrupted,
         "sessions": run_state.session + 1,
+        **({"data_files": dataset.read_report} if dataset.read_report else {}),
     }
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))

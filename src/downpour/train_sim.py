@@ -22,7 +22,7 @@ from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.sim import ModelGradient, SimSettings, simulate
 from downpour.config import Config
-from downpour.data import load_dataset, worker_slice
+from downpour.data import load_dataset, unread_warning, worker_slice
 from downpour.errors import DownpourError
 from downpour.models import build_model
 from downpour.ps.flat import flat_copy
@@ -58,6 +58,8 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
     prepare_run_dir(out, resume=False)
     settings = sim_settings(config)
     dataset = load_dataset(config.data, seed=config.train.seed)
+    if (note := unread_warning(dataset)) is not None:
+        console.print(f"[yellow]warning: {note}[/]")
     worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
     model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
     signature = model_signature(model)
@@ -137,6 +139,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         "updates_applied": applied, "updates_rejected": result.rejected, "updates_dropped": result.dropped,
         "stragglers": len(result.stragglers), "staleness": histogram.summary(), "worker_deaths": 0,
         "interrupted": False, "sessions": 1,
+        **({"data_files": dataset.read_report} if dataset.read_report else {}),
     }  # fmt: skip
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))

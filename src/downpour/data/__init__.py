@@ -1,4 +1,5 @@
-"""Data: bundled sources, preprocessing, a fixed held-out set, and disjoint per-worker shards."""
+"""Data: bundled sources and users' own (folders, videos, torchvision sets), preprocessing, a fixed held-out set,
+and disjoint per-worker shards."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from downpour.config import DataConfig
-from downpour.data import sources
+from downpour.data import own, sources
 from downpour.data.whitening import remove_example_mean, zca_matrix
 from downpour.errors import ConfigError, DataError
 
@@ -22,6 +23,7 @@ class Dataset:
     held_out: Tensor  # (M, D) float32, never in any worker's shard
     shape: tuple[int, int, int]  # (C, H, W) of one example
     whitening: Tensor | None  # (D, D) ZCA matrix applied after mean removal, or None
+    read_report: dict | None = None  # users' folders and videos: files read and skipped (downpour.data.own)
 
     @property
     def dim(self) -> int:
@@ -29,7 +31,13 @@ class Dataset:
         return self.train.shape[1]
 
 
-def _raw_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+def _raw_examples(config: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, own.ReadReport | None]:
+    if ":" in config.source:  # users' own data: folder:, video:, torchvision:
+        return own.own_examples(config, rng)
+    return _bundled_examples(config, rng), None
+
+
+def _bundled_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
     if config.source == "natural-patches":
         return sources.natural_patches(config.examples + config.held_out, config.patch_size, rng)
     if config.source == "natural-images":
@@ -45,7 +53,7 @@ def _raw_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
 def load_dataset(config: DataConfig, *, seed: int) -> Dataset:
     """Load ``data.source``, split off the held-out set, remove example means and (optionally) ZCA-whiten."""
     rng = np.random.default_rng(seed)
-    raw = _raw_examples(config, rng)  # (N, C, H, W)
+    raw, report = _raw_examples(config, rng)  # (N, C, H, W)
     shape = tuple(int(s) for s in raw.shape[1:])
     order = rng.permutation(len(raw))
     held_count = min(config.held_out, len(raw) // 5)
@@ -58,7 +66,8 @@ def load_dataset(config: DataConfig, *, seed: int) -> Dataset:
     if config.whiten:
         whitening = zca_matrix(train, eps=config.whiten_eps)
         train, held_out = train @ whitening, held_out @ whitening  # ZCA is symmetric
-    return Dataset(train.contiguous(), held_out.contiguous(), shape, whitening)  # type: ignore[arg-type]
+    summary = report.summary() if report is not None else None
+    return Dataset(train.contiguous(), held_out.contiguous(), shape, whitening, summary)  # type: ignore[arg-type]
 
 
 def worker_slice(num_examples: int, workers: int, worker: int) -> slice:
@@ -66,3 +75,14 @@ def worker_slice(num_examples: int, workers: int, worker: int) -> slice:
     if workers > num_examples:
         raise DataError(f"cluster.workers={workers} is more than the {num_examples} training examples")
     return slice(worker * num_examples // workers, (worker + 1) * num_examples // workers)
+
+
+def unread_warning(dataset: Dataset) -> str | None:
+    """One line naming the data files that could not be read (None when all were, or for bundled sources)."""
+    report = dataset.read_report
+    if not report or not report["skipped"]:
+        return None
+    first = report["skipped_files"][0]
+    more = f" and {report['skipped'] - 1} more" if report["skipped"] > 1 else ""
+    return (f"{report['skipped']} of {report['files']} files of {report['source']} could not be read and were "
+            f"skipped ({first}{more}; listed in summary.json under data_files)")  # fmt: skip

@@ -54,28 +54,39 @@ def bundled_colour_photos() -> list[np.ndarray]:
     return photos
 
 
-def natural_patches(count: int, patch_size: int, rng: np.random.Generator, *, channels: int = 1) -> np.ndarray:
-    """``count`` square patches (or image crops) cut at random places from the bundled photos:
-    ``(count, channels, p, p)``; grayscale for 1 channel, the colour photos for 3.
+def random_crops(images: list[np.ndarray], count: int, size: int, rng: np.random.Generator, *,
+                 where: str = "the pictures") -> np.ndarray:  # fmt: skip
+    """``count`` square crops of side ``size`` cut at uniformly random places from ``images`` (each ``(C, H, W)``,
+    float in [0, 1] or uint8): ``(count, C, size, size)`` float32 in [0, 1].
 
-    Each photo is picked with probability proportional to its number of possible patch positions.
+    Each picture is picked with probability proportional to its number of possible crop positions, so every
+    position of every picture is equally likely; pictures smaller than ``size`` are left out.
     """
-    photos = [p[None] for p in bundled_photos()] if channels == 1 else bundled_colour_photos()  # each (C, H, W)
-    photos = [p for p in photos if min(p.shape[1:]) >= patch_size]
-    if not photos:
-        raise DataError(f"no bundled photo is large enough for data.patch_size={patch_size}")
-    positions = np.array([(p.shape[1] - patch_size + 1) * (p.shape[2] - patch_size + 1) for p in photos])
-    per_photo = rng.multinomial(count, positions / positions.sum())
+    images = [p for p in images if min(p.shape[1:]) >= size]
+    if not images:
+        raise DataError(f"no picture in {where} is at least {size} pixels on its shorter side")
+    positions = np.array([(p.shape[1] - size + 1) * (p.shape[2] - size + 1) for p in images], dtype=np.float64)
+    per_image = rng.multinomial(count, positions / positions.sum())
     pieces = []
-    for photo, n in zip(photos, per_photo, strict=True):
+    for image, n in zip(images, per_image, strict=True):
         if n == 0:
             continue
-        windows = np.lib.stride_tricks.sliding_window_view(photo, (patch_size, patch_size), axis=(1, 2))
-        ys = rng.integers(0, windows.shape[1], size=n)  # windows: (C, H', W', p, p)
+        windows = np.lib.stride_tricks.sliding_window_view(image, (size, size), axis=(1, 2))  # (C, H', W', p, p)
+        ys = rng.integers(0, windows.shape[1], size=n)
         xs = rng.integers(0, windows.shape[2], size=n)
         pieces.append(np.moveaxis(windows[:, ys, xs], 0, 1))  # (n, C, p, p)
-    patches = np.concatenate(pieces)[rng.permutation(count)]
-    return patches.astype(np.float32)  # (count, C, p, p)
+    crops = np.concatenate(pieces)[rng.permutation(count)]  # (count, C, p, p)
+    if crops.dtype == np.uint8:
+        return crops.astype(np.float32) / 255.0
+    return crops.astype(np.float32)
+
+
+def natural_patches(count: int, patch_size: int, rng: np.random.Generator, *, channels: int = 1) -> np.ndarray:
+    """``count`` square patches (or image crops) cut at random places from the bundled photos:
+    ``(count, channels, p, p)``; grayscale for 1 channel, the colour photos for 3 (see :func:`random_crops`).
+    """
+    photos = [p[None] for p in bundled_photos()] if channels == 1 else bundled_colour_photos()  # each (C, H, W)
+    return random_crops(photos, count, patch_size, rng, where="the bundled photos")
 
 
 def lfw_faces() -> np.ndarray:

@@ -1,0 +1,199 @@
+"""Users' own data: a folder of pictures, video files, or a torchvision set, as training examples.
+
+``data.source`` names it:
+
+- ``folder:PATH``: every ``.jpg``, ``.jpeg`` and ``.png`` under ``PATH`` (recursively, in sorted order);
+- ``video:PATH_OR_GLOB``: one video file, or every file a glob matches (``**`` recurses); one frame every
+  ``data.frame_stride`` frames, decoded by PyAV (FFmpeg);
+- ``torchvision:STL10`` (its 5,000 ``train`` images, 96×96; labels unused) or ``torchvision:CIFAR10`` (its 50,000
+  ``train`` images, 32×32), downloaded on first use into ``data.cache_dir``.
+
+Each picture becomes grayscale (``data.channels = 1``) or RGB (``3``) and, when its longer side exceeds
+``data.max_side``, is shrunk to it (area-averaged). Training examples are then cut exactly as for the bundled
+``natural-images`` source: ``data.examples + data.held_out`` square crops of side ``data.image_size`` at uniformly
+random places (:func:`downpour.data.sources.random_crops`), so ``rica`` learns on them with ``data.image_size = 16``
+and ``cat`` with the default 32 or more. A file that cannot be read (corrupt, truncated, not a picture, a video
+without a video stream) is skipped and counted in a :class:`ReadReport`; the run goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from downpour.config import DataConfig
+from downpour.data.sources import random_crops
+from downpour.errors import DataError
+
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SHOWN_SKIPS = 20  # skipped files named in the summary (all are counted)
+
+
+@dataclass
+class ReadReport:
+    """What reading a folder or videos found: files, the pictures kept, and every file skipped with its reason."""
+
+    source: str
+    files: int = 0
+    pictures: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def summary(self) -> dict[str, Any]:
+        """For ``summary.json``: counts, and the first ``SHOWN_SKIPS`` skipped files as ``"path: reason"``."""
+        return {
+            "source": self.source,
+            "files": self.files,
+            "read": self.files - len(self.skipped),
+            "skipped": len(self.skipped),
+            "pictures": self.pictures,
+            "skipped_files": [f"{path}: {reason}" for path, reason in self.skipped[:SHOWN_SKIPS]],
+        }
+
+
+def _shrink(image: Any, max_side: int) -> Any:
+    """A PIL image whose longer side is at most ``max_side`` (0: unchanged), area-averaged."""
+    from PIL import Image
+
+    if max_side and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+        image = image.resize(size, Image.Resampling.BOX)
+    return image
+
+
+def _to_array(image: Any, channels: int, max_side: int) -> np.ndarray:
+    """A PIL image as uint8 ``(C, H, W)``: grayscale (luminance) or RGB, shrunk to ``max_side``."""
+    image = _shrink(image.convert("L" if channels == 1 else "RGB"), max_side)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))  # (C, H, W)
+
+
+def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadReport) -> list[np.ndarray]:
+    """Every picture under ``folder`` as uint8 ``(C, H, W)``; unreadable files are skipped into ``report``."""
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise DataError(f"data.source {report.source}: {folder} is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICTURE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"data.source {report.source}: no {', '.join(PICTURE_SUFFIXES)} files under {folder}")
+    images = []
+    report.files += len(paths)
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()  # decode now: a truncated or corrupt file fails here, not later
+                images.append(_to_array(image, channels, max_side))
+        except Exception as exc:  # any decoder failure of one file must not end the run
+            report.skipped.append((str(path), f"{type(exc).__name__}: {exc}"))
+    report.pictures += len(images)
+    return images
+
+
+def video_paths(pattern: str) -> list[Path]:
+    """The files ``pattern`` names: one file, or the sorted matches of a glob (``~`` expanded, ``**`` recursive)."""
+    expanded = os.path.expanduser(pattern)
+    if Path(expanded).is_file():
+        return [Path(expanded)]
+    return sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+
+
+def read_video(path: Path, *, stride: int, channels: int, max_side: int) -> list[np.ndarray]:
+    """Frames 0, ``stride``, 2·``stride`` ... of the first video stream of ``path``, each uint8 ``(C, H, W)``."""
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise DataError("no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(container.decode(stream)):
+            if index % stride == 0:
+                frames.append(_to_array(frame.to_image(), channels, max_side))
+    if not frames:
+        raise DataError("no frame could be decoded")
+    return frames
+
+
+def read_videos(pattern: str, *, stride: int, channels: int, max_side: int, report: ReadReport) -> list[np.ndarray]:
+    """The frames of every video ``pattern`` names; a file that fails to decode is skipped whole into ``report``."""
+    paths = video_paths(pattern)
+    if not paths:
+        raise DataError(f"data.source {report.source}: no file matches {pattern}")
+    report.files += len(paths)
+    frames: list[np.ndarray] = []
+    for path in paths:
+        try:
+            frames.extend(read_video(path, stride=stride, channels=channels, max_side=max_side))
+        except Exception as exc:  # corrupt container, missing codec, truncated stream: skip this file
+            report.skipped.append((str(path), f"{type(exc).__name__}: {exc}"))
+    report.pictures += len(frames)
+    return frames
+
+
+def cache_root(config: DataConfig) -> Path:
+    """Where torchvision sets are kept: ``data.cache_dir``, else ``$XDG_CACHE_HOME/downpour`` (``~/.cache/...``)."""
+    if config.cache_dir:
+        return Path(config.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "downpour"
+
+
+def read_torchvision(name: str, config: DataConfig) -> np.ndarray:
+    """The ``train`` images of torchvision's ``name`` set as uint8 ``(N, C, H, W)`` (downloaded on first use)."""
+    source = f"torchvision:{name}"
+    try:
+        import torchvision
+    except Exception as exc:  # missing, or built for another torch (then it fails with other errors than ImportError)
+        raise DataError(
+            f"data.source {source} needs torchvision, which does not import here ({type(exc).__name__}: {exc}); "
+            "install one built for your torch: pip install 'downpour-sgd[torchvision]'"
+        ) from None
+    root = cache_root(config) / name
+    try:
+        if name == "CIFAR10":
+            images = torchvision.datasets.CIFAR10(str(root), train=True, download=True).data  # (N, 32, 32, 3)
+            images = np.asarray(images).transpose(0, 3, 1, 2)  # (N, 3, 32, 32)
+        else:
+            images = np.asarray(
+                torchvision.datasets.STL10(str(root), split="train", download=True).data
+            )  # (N, 3, 96, 96)
+    except (OSError, RuntimeError, ValueError) as exc:  # offline (URLError is an OSError), a broken download
+        raise DataError(
+            f"data.source {source}: could not download or read it into {root} ({type(exc).__name__}: {exc}); it is "
+            "downloaded on first use, so the first run needs the internet (or copy a download there)"
+        ) from None
+    if config.channels == 1:
+        weights = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)  # ITU-R 709 luminance, as rgb2gray
+        images = np.einsum("nchw,c->nhw", images.astype(np.float32), weights).round().astype(np.uint8)[:, None]
+    return np.ascontiguousarray(images)
+
+
+def own_examples(config: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, ReadReport | None]:
+    """``data.examples + data.held_out`` crops ``(N, C, image_size, image_size)`` float32 in [0, 1] from the user's
+    source, and the report of files read (None for torchvision sets)."""
+    kind, _, where = config.source.partition(":")
+    count = config.examples + config.held_out
+    size = config.image_size
+    where_text = f"data.source {config.source} (data.image_size = {size}; data.max_side = {config.max_side})"
+    if kind == "torchvision":
+        return random_crops(list(read_torchvision(where, config)), count, size, rng, where=where_text), None
+    report = ReadReport(config.source)
+    if kind == "folder":
+        pictures = read_folder(Path(where).expanduser(), channels=config.channels, max_side=config.max_side,
+                               report=report)  # fmt: skip
+    elif kind == "video":
+        pictures = read_videos(where, stride=config.frame_stride, channels=config.channels,
+                               max_side=config.max_side, report=report)  # fmt: skip
+    else:
+        raise DataError(f"invalid data.source: {config.source!r}")
+    if not pictures:
+        raise DataError(f"data.source {config.source}: none of its {report.files} files could be read "
+                        f"(first: {report.skipped[0][0]}: {report.skipped[0][1]})")  # fmt: skip
+    return random_crops(pictures, count, size, rng, where=where_text), report

@@ -1,0 +1,141 @@
+"""Users' own data: folders of pictures, videos (written here with PyAV), torchvision sets; corrupt files skipped."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from conftest import downpour
+from downpour.config import DataConfig, ModelConfig, load
+from downpour.data import load_dataset, own, unread_warning
+from downpour.errors import ConfigError, DataError
+from downpour.models import build_model
+
+
+@pytest.fixture
+def pictures(tmp_path: Path) -> Path:
+    """A folder with two readable photos (one nested, one .JPG), a corrupt JPEG, a truncated PNG and a text file."""
+    root = tmp_path / "pictures"
+    (root / "nested").mkdir(parents=True)
+    Image.fromarray(data.camera()[:120, :160]).save(root / "camera.png")  # (120, 160) grayscale
+    Image.fromarray(data.astronaut()[:100, :90]).save(root / "nested" / "astronaut.JPG", quality=95)
+    (root / "nested" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+    whole = (root / "camera.png").read_bytes()
+    (root / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (root / "notes.txt").write_text("not a picture")
+    return root
+
+
+def write_video(path: Path, frames: int, *, width: int = 64, height: int = 48) -> None:
+    """A short MPEG-4 video whose frame i is a flat grey of level 10·i."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 10 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_a_folder_is_read_recursively_and_corrupt_files_are_counted(pictures: Path) -> None:
+    report = own.ReadReport(f"folder:{pictures}")
+    images = own.read_folder(pictures, channels=1, max_side=0, report=report)
+    assert [im.shape for im in images] == [(1, 120, 160), (1, 100, 90)]  # sorted: camera.png, nested/astronaut.JPG
+    np.testing.assert_array_equal(images[0][0], data.camera()[:120, :160])  # PNG is lossless
+    summary = report.summary()
+    assert (summary["files"], summary["read"], summary["skipped"], summary["pictures"]) == (4, 2, 2, 2)
+    assert {Path(line.split(":")[0]).name for line in summary["skipped_files"]} == {"cut.png", "broken.jpg"}
+    colour = own.read_folder(pictures, channels=3, max_side=40, report=own.ReadReport("x"))
+    assert [im.shape for im in colour] == [(3, 30, 40), (3, 40, 36)]  # longer side shrunk to data.max_side
+
+
+def test_crops_of_own_pictures_feed_rica_and_cat(pictures: Path) -> None:
+    config = DataConfig(source=f"folder:{pictures}", image_size=16, examples=400, held_out=80, whiten=False)
+    dataset = load_dataset(config, seed=0)
+    assert dataset.shape == (1, 16, 16) and dataset.train.shape == (400, 256) and dataset.held_out.shape == (80, 256)
+    assert dataset.read_report["skipped"] == 2 and "2 of 4 files" in unread_warning(dataset)
+    again = load_dataset(config, seed=0)
+    assert torch.equal(dataset.train, again.train)  # the seed fixes the crops
+    rica = build_model(ModelConfig(name="rica", features=8), dataset.dim, seed=0, shape=dataset.shape)
+    assert torch.isfinite(rica.loss(dataset.train[:32]))
+    cat_data = load_dataset(DataConfig(source=f"folder:{pictures}", image_size=24, examples=64, held_out=16), seed=0)
+    cat_config = ModelConfig(name="cat", receptive_field=8, maps=2, pool=3, lcn=3)
+    cat = build_model(cat_config, cat_data.dim, seed=0, shape=cat_data.shape)
+    assert torch.isfinite(cat.loss(cat_data.train[:8]))
+
+
+def test_video_frames_every_stride_and_a_corrupt_video_skipped(tmp_path: Path) -> None:
+    write_video(tmp_path / "clip.mp4", 25)
+    (tmp_path / "bad.mp4").write_bytes(b"this is no video" * 64)
+    frames = own.read_video(tmp_path / "clip.mp4", stride=5, channels=1, max_side=0)
+    assert [f.shape for f in frames] == [(1, 48, 64)] * 5
+    levels = [float(f.mean()) for f in frames]
+    np.testing.assert_allclose(levels, [0, 50, 100, 150, 200], atol=6)  # frames 0, 5, 10, 15, 20 (lossy codec)
+    config = DataConfig(source=f"video:{tmp_path}/*.mp4", frame_stride=5, image_size=16, examples=200, held_out=40)
+    dataset = load_dataset(config, seed=1)
+    report = dataset.read_report
+    assert (report["files"], report["skipped"], report["pictures"]) == (2, 1, 5)
+    assert "bad.mp4" in report["skipped_files"][0]
+
+
+def test_training_on_a_folder_warns_and_reports_the_skipped_files(pictures: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = downpour("train", "--out", str(out), "--backend", "sim", "--workers", "2", "--steps", "30",
+                      "--set", f"data.source=folder:{pictures}", "--set", "data.image_size=8",
+                      "--set", "data.examples=500", "--set", "data.held_out=100", "--set", "model.features=8",
+                      "--no-progress")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "warning: 2 of 4 files of folder:" in " ".join(result.stderr.split())  # rich wraps long lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data_files"]["skipped"] == 2 and summary["data_files"]["pictures"] == 2
+    assert "2 of 4 data files could not be read" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("data.source=folder:", "invalid data.source: 'folder:' (choose one of natural-patches"),
+        ("data.source=pictures:/tmp", "invalid data.source: 'pictures:/tmp'"),
+        ("data.source=torchvision:MNIST", "(torchvision sets: torchvision:STL10, torchvision:CIFAR10)"),
+        ("data.frame_stride=0", "invalid data.frame_stride: 0 (must be at least 1)"),
+        ("data.max_side=4", "invalid data.max_side: 4"),
+    ],
+)
+def test_bad_own_source_settings_name_the_key(setting: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(None, [setting])
+    assert message in str(caught.value)
+
+
+def test_missing_or_empty_sources_are_clear_errors(tmp_path: Path, pictures: Path) -> None:
+    with pytest.raises(DataError, match="is not a folder"):
+        load_dataset(DataConfig(source=f"folder:{tmp_path / 'nowhere'}"), seed=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \.jpg, \.jpeg, \.png files under"):
+        load_dataset(DataConfig(source=f"folder:{tmp_path / 'empty'}"), seed=0)
+    with pytest.raises(DataError, match="no file matches"):
+        load_dataset(DataConfig(source=f"video:{tmp_path}/*.mkv"), seed=0)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"nope")
+    with pytest.raises(DataError, match="none of its 1 files could be read"):
+        load_dataset(DataConfig(source=f"folder:{tmp_path / 'bad'}"), seed=0)
+    with pytest.raises(DataError, match="is at least 200 pixels on its shorter side"):
+        load_dataset(DataConfig(source=f"folder:{pictures}", image_size=200), seed=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
+def test_torchvision_sets_without_torchvision_are_a_clear_error(tmp_path: Path) -> None:
+    config = DataConfig(source="torchvision:CIFAR10", cache_dir=str(tmp_path))
+    with pytest.raises(DataError) as caught:
+        load_dataset(config, seed=0)
+    text = str(caught.value)
+    assert "torchvision:CIFAR10 needs torchvision" in text and "pip install 'downpour-sgd[torchvision]'" in text
+    assert list(tmp_path.iterdir()) == []  # nothing half-downloaded
