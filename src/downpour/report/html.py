@@ -21,6 +21,7 @@ from downpour.report import plots
 from downpour.report.runlog import RunLog, read_run_log
 
 REPORT = "report.html"
+SMALL_PICTURE = 240  # pixels: narrower pictures are shown enlarged by a whole factor
 EVAL_DIR = "eval"
 EVAL_HINT = "downpour eval face-neuron {run} · downpour eval probe {run} --data digits · downpour viz {run}"
 
@@ -39,6 +40,9 @@ img { max-width: 100%; } img.filters { max-width: 560px; }
 def _img(png: bytes, alt: str, css: str = "") -> str:
     data = base64.b64encode(png).decode("ascii")
     extra = f' class="{css}"' if css else ""
+    width = int.from_bytes(png[16:20], "big")  # the IHDR chunk: width, then height, big-endian
+    if 0 < width < SMALL_PICTURE:  # tiny pictures (8x8 filters of digits) shown enlarged, pixels kept sharp
+        extra += f' width="{width * (SMALL_PICTURE // width)}" style="image-rendering: pixelated"'
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{extra}>'
 
 
@@ -164,7 +168,8 @@ def build_report(run_dir: Path) -> str:
                          "on the fixed held-out batch (at the start, every train.eval_every seconds when set, about 50 "
                          "times in a simulated run, and at the end).",
                          "No losses in metrics.jsonl yet.")),
-        ("Throughput", _figure(plots.throughput_figure(log), "throughput", "Examples per second, each second.",
+        ("Throughput", _figure(plots.throughput_figure(log), "throughput",
+                               "Examples per second, each second (zero while the worker processes start up).",
                                "No throughput events: the simulator logs none (its rate is in the summary).")),
         ("Staleness", _figure(plots.staleness_figure(log), "staleness histograms",
                               f"Applied updates by staleness, per shard ({stale}).", "No applied pushes logged.")),

@@ -104,6 +104,7 @@ def staleness_figure(log: RunLog) -> bytes | None:
         ax.set_title(f"{title}: mean {mean:.2f}", fontsize=9)
         ax.set_xlabel("staleness (updates)", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.6, max(counts.size, 2) - 0.4)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
