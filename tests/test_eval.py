@@ -1,0 +1,246 @@
+"""``downpour eval face-neuron``, ``eval probe``, ``viz`` and ``detect`` on short real runs, and ``load_run``.
+
+Two runs are trained once per session (in-process, on the simulator backend, bundled photos): a small RICA and a
+tiny cat network. Every command then runs end to end through ``downpour.cli.main`` on them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from skimage import data, io
+
+from downpour import config as config_mod
+from downpour.cli import main
+from downpour.data import load_dataset
+from downpour.errors import DownpourError
+from downpour.eval.images import fit_images, jitter_images
+from downpour.eval.selectivity import best_unit, half_splits, heldout_accuracy
+from downpour.eval.stimulus import optimal_stimuli
+from downpour.runs import load_run
+from downpour.train import run_training
+
+PNG = b"\x89PNG\r\n\x1a\n"
+RICA = {"data": {"examples": 1500, "held_out": 200}, "model": {"features": 64},
+        "train": {"steps": 300, "seconds": 0, "batch_size": 64}, "ps": {"shards": 1},
+        "cluster": {"backend": "sim", "workers": 2}}  # fmt: skip
+CAT = {"data": {"source": "natural-images", "image_size": 16, "examples": 300, "held_out": 60},
+       "model": {"name": "cat", "receptive_field": 6, "maps": 2, "pool": 3, "lcn": 3},
+       "train": {"steps": 20, "seconds": 0, "batch_size": 16}, "ps": {"shards": 1},
+       "cluster": {"backend": "sim", "workers": 2}}  # fmt: skip
+
+
+def _train(raw: dict, out: Path) -> Path:
+    run_training(config_mod.from_dict(raw), out, console=Console(stderr=True, quiet=True), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rica_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short RICA run (64 units on whitened 16x16 patches), trained once for all tests here."""
+    return _train(RICA, tmp_path_factory.mktemp("eval") / "rica")
+
+
+@pytest.fixture(scope="session")
+def cat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny cat network (one stage, 2 maps, 16x16 crops), trained for a few steps."""
+    return _train(CAT, tmp_path_factory.mktemp("eval") / "cat")
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-image's astronaut, shrunk to 64x64, as a PNG file."""
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    io.imsave(path, (fit_images(data.astronaut().transpose(2, 0, 1)[None] / 255.0, (3, 64, 64))[0].transpose(1, 2, 0)
+                     * 255).astype(np.uint8))  # fmt: skip
+    return path
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_load_run_rebuilds_the_trained_model_and_its_preprocessing(rica_run: Path) -> None:
+    """The loaded model gives the summary's final held-out loss on the held-out batch training used."""
+    trained = load_run(rica_run)
+    summary = json.loads((rica_run / "summary.json").read_text())
+    dataset = load_dataset(trained.config.data, seed=trained.config.train.seed)
+    assert trained.input_shape == dataset.shape == (1, 16, 16)
+    assert torch.equal(trained.whitening, dataset.whitening)
+    assert float(trained.model.loss(dataset.held_out)) == pytest.approx(summary["final_loss"], rel=1e-4)
+    assert summary["final_loss"] < 0.7 * summary["initial_loss"]  # the fixture run did learn
+    images = torch.rand(5, 1, 16, 16)
+    assert trained.features(images).shape == (5, 64)
+    assert torch.allclose(trained.preprocess(images + 0.3), trained.preprocess(images), atol=1e-5)  # brightness out
+
+
+def test_load_run_refuses_missing_corrupt_and_mismatched_runs(rica_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(DownpourError, match="does not exist"):
+        load_run(tmp_path / "nowhere")
+    with pytest.raises(DownpourError, match=r"holds no config\.toml"):
+        load_run(tmp_path)
+    copy = shutil.copytree(rica_run, tmp_path / "copy")
+    config_text = (copy / "config.toml").read_text()
+    (copy / "config.toml").write_text(config_text.replace("features = 64", "features = 32"))
+    with pytest.raises(DownpourError, match="does not fit the model"):
+        load_run(copy)
+    (copy / "config.toml").write_text(config_text)
+    (copy / "whitening.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(DownpourError, match="corrupt whitening matrix"):
+        load_run(copy)
+    shutil.copy(rica_run / "whitening.safetensors", copy / "whitening.safetensors")
+    params = next((copy / "checkpoint").glob("params-*.safetensors"))
+    params.write_bytes(params.read_bytes()[:100])
+    with pytest.raises(DownpourError, match="corrupt checkpoint"):
+        load_run(copy)
+
+
+def test_best_unit_finds_a_planted_unit_of_either_polarity() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(40, dtype=np.int64), np.zeros(40, dtype=np.int64)]
+    values = rng.normal(size=(80, 30))
+    values[:, 17] = np.where(labels == 1, -2.0, 2.0) + rng.normal(scale=0.5, size=80)  # low means "face"
+    rule = best_unit(values, labels)
+    assert (rule.unit, rule.polarity) == (17, -1)
+    assert rule.accuracy == pytest.approx(float((rule.predict(values) == labels).mean()))
+    assert rule.accuracy > 0.95
+    train, test = half_splits(labels, 1, seed=3)[0]
+    assert len(np.intersect1d(train, test)) == 0 and labels[train].sum() == labels[test].sum() == 20
+    accuracy, unit = heldout_accuracy(values, labels, train, test)
+    assert unit == 17 and accuracy > 0.9
+    noise = rng.normal(size=(80, 30))
+    assert heldout_accuracy(noise, labels, train, test)[0] < best_unit(noise[train], labels[train]).accuracy
+
+
+def test_jitter_is_seeded_and_keeps_images_in_range() -> None:
+    faces = data.lfw_subset()[:6]
+    one, two = jitter_images(faces, np.random.default_rng(1)), jitter_images(faces, np.random.default_rng(1))
+    assert np.array_equal(one, two)
+    assert not np.allclose(one, jitter_images(faces, np.random.default_rng(2)))
+    assert one.shape == faces.shape and one.min() >= 0 and one.max() <= 1
+    assert not np.allclose(one, faces)
+
+
+def test_eval_face_neuron_writes_json_and_picture(rica_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from downpour.eval import face_neuron
+
+    code, out, _ = _cli(capsys, "eval", "face-neuron", str(rica_run), "--splits", "3", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result == json.loads((rica_run / "eval" / "face_neuron.json").read_text())
+    assert (rica_run / "eval" / "face_neuron.png").read_bytes()[:8] == PNG
+    for key in ("heldout_accuracy", "insample_accuracy", "jitter_heldout_accuracy"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["insample_accuracy"] >= result["heldout_accuracy"] - 0.1  # chosen on the scored images
+    assert len(result["units"]) == len(result["jitter_units"]) == 3
+    assert all(0 <= u < result["features"] == 64 for u in result["units"])
+    baselines = result["baselines"]
+    assert set(baselines) == {"raw_pixel", "pca_component", "random_filter", "pixel_probe"}
+    assert baselines["raw_pixel"]["heldout_accuracy"] > 0.8  # a single pixel already tells these faces apart
+    assert baselines["pixel_probe"]["heldout_accuracy"] > 0.8
+    assert all(0.5 < b["jitter_heldout_accuracy"] <= 1.0 for b in baselines.values())
+    console = Console(record=True, width=120)
+    face_neuron.print_table(result, console)
+    table = console.export_text()
+    assert "raw pixel" in table and f"{result['heldout_accuracy']:.3f}" in table
+
+
+def test_face_neuron_and_probe_on_a_cat_network(cat_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from downpour.eval import face_neuron
+
+    result = face_neuron.run(cat_run, splits=1)
+    assert result["model"] == "cat" and result["input_shape"] == [1, 16, 16]
+    assert result["features"] == 2 * 9 * 9  # 2 maps of (16 - 6 + 1) - 3 + 1 = 9x9 pooled units
+    code, out, _ = _cli(capsys, "eval", "probe", str(cat_run), "--data", "digits", "--json")
+    assert code == 0
+    probe = json.loads(out)
+    assert probe["features"] == 162 and probe["test_examples"] == 360
+    assert probe["accuracy"] > 5 * probe["chance"]  # ten classes: far above chance
+
+
+def test_eval_probe_on_digits(rica_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(capsys, "eval", "probe", str(rica_run), "--data", "digits", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result == json.loads((rica_run / "eval" / "probe_digits.json").read_text())
+    assert result["original_shape"] == [1, 8, 8] and result["input_shape"] == [1, 16, 16]
+    assert result["raw_pixels_accuracy"] > 0.9
+    assert 0.5 < result["accuracy"] <= 1.0
+    code, _, err = _cli(capsys, "eval", "probe", str(rica_run), "--data", "mnist")
+    assert code == 2 and "invalid --data: 'mnist'" in err
+
+
+def test_viz_writes_filters_and_optimal_stimuli(rica_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(capsys, "viz", str(rica_run), "--units", "0,5", "--steps", "20", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["units"] == [0, 5]
+    for name in ("filters.png", "optimal_stimuli.png"):
+        assert (rica_run / "eval" / name).read_bytes()[:8] == PNG
+    code, _, err = _cli(capsys, "viz", str(rica_run), "--units", "64")
+    assert code == 2 and "invalid unit: 64 (this model has units 0..63)" in err
+
+
+def test_optimal_stimulus_of_a_linear_unit_is_its_whitened_filter(rica_run: Path) -> None:
+    """For RICA's ``w·Z(x − x̄)`` the maximiser on the ball is the centred ``Zw``; gradient ascent must find it."""
+    trained = load_run(rica_run)
+    stimuli, responses = optimal_stimuli(trained, [2, 7], steps=30)
+    target = trained.model.weight[[2, 7]] @ trained.whitening  # (2, D)
+    target = target - target.mean(dim=1, keepdim=True)
+    cosine = torch.nn.functional.cosine_similarity(stimuli.flatten(1), target)
+    assert torch.all(cosine > 0.999)
+    radius = stimuli.flatten(1).norm(dim=1)
+    assert torch.allclose(radius, torch.full_like(radius, 0.1 * 16), rtol=1e-4)  # on the norm bound
+    assert torch.allclose(responses, trained.features(stimuli + 0.5)[torch.arange(2), [2, 7]], rtol=1e-4)
+
+
+def test_detect_maps_a_unit_over_an_image(rica_run: Path, photo: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    out_png = tmp_path / "heat.png"
+    code, out, _ = _cli(capsys, "detect", str(rica_run), str(photo), "--unit", "3", "--stride", "4", "--out",
+                        str(out_png), "--json")  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert result["map_shape"] == [(64 - 16) // 4 + 1] * 2 and result["windows"] == 13 * 13
+    assert result["seconds_per_megapixel"] > 0
+    assert out_png.read_bytes()[:8] == PNG
+    # The map's value at window (2, 5) is the unit's response to that window, cut out by hand.
+    from downpour.eval.detect import response_map
+    from downpour.eval.images import read_image
+
+    trained = load_run(rica_run)
+    image = read_image(photo, 1)  # (1, 64, 64)
+    responses = response_map(trained, image, 3, stride=4)
+    window = torch.from_numpy(image[:, 8:24, 20:36].copy())[None]  # row 2, column 5: (1, 1, 16, 16)
+    assert responses[2, 5] == pytest.approx(float(trained.features(window)[0, 3]), rel=1e-4, abs=1e-5)
+    code, out, _ = _cli(capsys, "detect", str(rica_run), str(photo))
+    assert code == 0 and "per megapixel" in out and (rica_run / "eval" / "detect_astronaut.png").exists()
+
+
+def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(PNG + b"no image data here")
+    tiny = tmp_path / "tiny.png"
+    io.imsave(tiny, np.zeros((8, 8), dtype=np.uint8), check_contrast=False)
+    cases = [
+        (("detect", str(rica_run), str(broken)), "cannot read image"),
+        (("detect", str(rica_run), str(tmp_path / "missing.png")), "does not exist"),
+        (("detect", str(rica_run), str(tiny)), "smaller than the model's 16x16 input"),
+        (("detect", str(rica_run), str(photo), "--unit", "-1"), "invalid unit: -1"),
+        (("detect", str(tmp_path / "norun"), str(photo)), "does not exist"),
+        (("eval", "face-neuron", str(tmp_path / "norun")), "does not exist"),
+        (("eval", "face-neuron", str(rica_run), "--splits", "0"), "invalid --splits: 0"),
+    ]
+    for argv, message in cases:
+        code, _, err = _cli(capsys, *argv)
+        assert code == 2, argv
+        assert message in err and len(err.strip().splitlines()) == 1, err
