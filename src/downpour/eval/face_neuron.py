@@ -1,5 +1,5 @@
 """The face-neuron test of Le et al. 2012 ("Building high-level features using large scale unsupervised learning",
-ICML 2012, section 4.3), run honestly.
+ICML 2012), run honestly.
 
 The paper reports the best single unit's accuracy at telling faces from non-faces with the unit and threshold
 chosen on the test set itself (81.7%). Here, on scikit-image's ``lfw_subset`` (100 faces, 100 non-faces):

@@ -1,4 +1,4 @@
-"""Optimal stimulus of a unit (Le et al. 2012, section 4.4): the input that excites it most under a norm bound.
+"""Optimal stimulus of a unit (Le et al. 2012): the input that excites it most under a norm bound.
 
 ``x* = argmax_x f_u(x)`` subject to ``‖x − mean(x)‖₂ ≤ r``, solved by projected gradient ascent: a step of
 ``η_t · r`` along the normalised gradient (``η_t`` falling linearly from ``lr`` to 0), then a projection back onto
