@@ -6,7 +6,13 @@ README (``downpour bench ps``) is why: a push is one slice of the flat gradient 
 Records of applied pushes travel to the driver in small batches through one one-way pipe per worker, whose write
 end only that worker holds: a worker that dies, even in the middle of a message, reads as end-of-file, never as a
 hang. A worker whose driver has died stops on its own (the kernel's parent-death signal, and a check of its
-parent's pid).
+parent's pid). Workers start training together, once every one has built its model (or died).
+
+Every policy runs here (:mod:`downpour.ps.policies`): the push policies through the shard's rule; ``ssp`` with
+shared clocks (:mod:`downpour.ps.clocks`); ``sync`` with :class:`~downpour.ps.sync_shard.SyncShard` s, which
+collect one push per worker per version and count the live workers in the same shared clocks; ``easgd`` with
+:class:`~downpour.ps.worker_rounds.ElasticWorker` s exchanging with the shards (:meth:`Shard.exchange`), which
+hold the center.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from downpour.signals import routed
 _FLUSH_SECONDS = 0.2
 _FLUSH_RECORDS = 256  # about 8 KB a message: well inside a pipe's buffer
 _PARENT_CHECK_SECONDS = 1.0
+_START_POLL_SECONDS = 0.01
 
 
 def _die_with_parent() -> None:
@@ -119,7 +126,7 @@ class _WorkerSpec:
     seed: int
     budget: GlobalSteps
     control: Tensor  # (1,) int64: nonzero = stop
-    progress: Tensor  # (workers, 2) float64: examples done, last loss
+    progress: Tensor  # (workers, 3) float64: examples done, last loss, ready (1 once started; or dead)
     records: Any  # the write end of this worker's one-way pipe to the driver
     t0: float
     threads: int
@@ -196,6 +203,10 @@ def _worker_main(spec: _WorkerSpec) -> None:
             clock=lambda: time.time() - spec.t0,
             **extra,
         )
+        # Start together: importing torch takes seconds, and a worker that started early would train alone.
+        progress[spec.worker_id, 2] = 1.0
+        while progress[:, 2].sum() < len(progress) and not should_stop():
+            time.sleep(_START_POLL_SECONDS)
         worker.run()
         if os.getppid() == spec.parent_pid:
             batcher.flush()
@@ -248,7 +259,7 @@ class LocalCluster:
         self.t0 = t0
         self._ctx = mp.get_context("spawn")
         self._control = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._progress = torch.zeros(workers, 2, dtype=torch.float64).share_memory_()
+        self._progress = torch.zeros(workers, 3, dtype=torch.float64).share_memory_()
         self._pipes = [self._ctx.Pipe(duplex=False) for _ in range(workers)]  # (read end, write end) per worker
         self._procs: list[Any] = []
         self._reported_dead: set[int] = set()
@@ -343,6 +354,7 @@ class LocalCluster:
         for worker_id, proc in enumerate(self._procs):
             if worker_id in self._reported_dead or proc.exitcode is None:
                 continue
+            self._progress[worker_id, 2] = 1.0  # nor keep the others waiting to start
             if self.clocks is not None:
                 self.clocks.retire(worker_id)  # a dead worker must not hold the others back (ssp, sync)
             if proc.exitcode != 0 and not self._control[0]:

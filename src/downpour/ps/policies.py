@@ -24,7 +24,9 @@ The seam with the shard. A policy acts in one of two places:
   push or keep a per-worker backup, as in Zheng et al.).
 * **Around the pushes** (``sync``, ``ssp``, ``easgd``): their ``adjust`` is the identity; what they change is who
   waits for whom (:class:`SyncAggregator`, :class:`ClockTable`) or what is exchanged (:func:`easgd_exchange`).
-  A backend drives these objects; the simulator does so in simulated time.
+  A backend drives these objects; the simulator does so in simulated time, the local backend in worker processes
+  (:class:`SyncAggregator` in shared memory inside each :class:`~downpour.ps.sync_shard.SyncShard`;
+  :func:`easgd_exchange` inside :meth:`~downpour.ps.shard.Shard.exchange`), so both run the same arithmetic.
 """
 
 from __future__ import annotations
