@@ -1,4 +1,4 @@
-"""The ``downpour`` command: ``train`` and ``bench``.
+"""The ``downpour`` command: ``train``, ``bench``, ``study``, ``report``, ``eval``, ``viz`` and ``detect``.
 
 Errors a user can fix (bad config keys or values, missing or corrupt files) print one line and exit with status 2.
 """
