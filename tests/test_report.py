@@ -102,7 +102,7 @@ def test_report_command_shows_evaluations_and_survives_a_cut_off_log(
     shutil.copytree(local_run, run)
     (run / "eval").mkdir()
     (run / "eval" / "face_neuron.json").write_text(
-        json.dumps({"heldout_accuracy": 0.8125, "baselines": {"pixel": 0.88}})
+        json.dumps({"heldout_accuracy": 0.8125, "baselines": {"raw_pixel": {"heldout_accuracy": 0.875}}})
     )
     picture = np.zeros((20, 30, 3), dtype=np.uint8)
     picture[5:15, 10:20] = 255
@@ -113,7 +113,9 @@ def test_report_command_shows_evaluations_and_survives_a_cut_off_log(
     assert main(["report", str(run), "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
     page = out.read_text()
-    assert "heldout_accuracy" in page and "0.8125" in page and "baselines.pixel" in page
+    assert "baselines.raw_pixel.heldout_accuracy" in page  # every value, flattened
+    comparison = '<tr><th>this run</th><td class="v">0.8125</td></tr><tr><th>raw_pixel</th><td class="v">0.875</td>'
+    assert comparison in page  # the run beside its baselines
     assert "Not evaluated yet" not in page
     assert (30, 20) in _png_sizes(page)
     assert "1 lines of metrics.jsonl could not be read" in page

@@ -83,6 +83,25 @@ def _table(payload: dict[str, Any]) -> str:
     return f"<table>{body}</table>"
 
 
+def _comparison(payload: dict[str, Any]) -> str:
+    """The run against its baselines, side by side, when an evaluation has ``baselines: {name: {metric: value}}``."""
+    baselines = payload.get("baselines")
+    if not isinstance(baselines, dict) or not all(isinstance(v, dict) for v in baselines.values()):
+        return ""
+    metrics = [k for k, v in payload.items() if isinstance(v, float) and any(k in b for b in baselines.values())]
+    if not metrics:
+        return ""
+    rows = [("this run", payload), *baselines.items()]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>"
+        + "".join(f'<td class="v">{html.escape(_format(values.get(m)))}</td>' for m in metrics)
+        + "</tr>"
+        for name, values in rows
+    )
+    return f"<table><tr><th></th>{head}</tr>{body}</table><p></p>"
+
+
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
         payload = json.loads(path.read_text())
@@ -142,7 +161,10 @@ def _eval_section(run_dir: Path) -> str:
     for path in results:
         payload, problem = _read_json(path)
         parts.append(f"<h3>{html.escape(path.stem)}</h3>")
-        parts.append(_table(payload) if payload is not None else f'<p class="note">{html.escape(problem or "")}</p>')
+        if payload is None:
+            parts.append(f'<p class="note">{html.escape(problem or "")}</p>')
+        else:
+            parts.append(_comparison(payload) + _table(payload))
     for path in pictures:
         png = _read_png(path)
         parts.append(_figure(png, path.stem, f"{EVAL_DIR}/{path.name}", f"{EVAL_DIR}/{path.name} is not a PNG"))
