@@ -114,7 +114,8 @@ def load_run(run_dir: Path) -> TrainedRun:
             f"checkpoint {run_dir / rundir.CHECKPOINT} does not fit the model of {run_dir / rundir.CONFIG}: "
             f"saved {saved.get('name')!r} {saved.get('param_shapes')} vs {config.model.name!r} {expected}"
         )
-    values = torch.cat([snap["values"].reshape(-1) for snap in checkpoint.shard_snapshots()])  # (num_params,)
+    pieces = [snap["values"].reshape(-1) for snap in checkpoint.shard_snapshots()]
+    values = torch.cat(pieces) if pieces else torch.empty(0)  # (num_params,): the shards in order
     count = sum(p.numel() for p in params)
     if values.numel() != count:
         raise CheckpointError(
