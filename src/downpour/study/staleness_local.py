@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from downpour import config as config_mod
 from downpour.backends.local import check_local_workers
 from downpour.config import Config
 from downpour.errors import ConfigError
@@ -52,12 +53,14 @@ def run_config(config: Config, name: str, workers: int, seed_index: int, pushes:
         ps[key] = kind(arg)
     train = {"steps": pushes, "seconds": 0.0, "seed": config.train.seed + seed_index,
              "eval_every": config.train.eval_every or EVAL_SECONDS, "checkpoint_every": 1e9}  # fmt: skip
-    return dataclasses.replace(
+    run = dataclasses.replace(
         config,
         ps=dataclasses.replace(config.ps, **ps),
         train=dataclasses.replace(config.train, **train),
         cluster=dataclasses.replace(config.cluster, backend="local", workers=workers),
     )
+    config_mod.validate(run)
+    return run
 
 
 def check_grid(workers: list[int]) -> None:
