@@ -17,15 +17,15 @@ from downpour.nn.templates import templates
 _TEMPLATE_SEED_OFFSET = 7919  # "random" draws from its own stream, not the one of the design's default init
 
 
-def template_rows(kind: str, current: Tensor, shape: tuple[int, int, int], *, seed: int) -> Tensor:
-    """``kind`` templates in place of ``current`` rows ``(K, D)``, scaled to the current rows' mean norm (so a
-    hand-made layer starts at the size the design's own init has)."""
+def template_rows(kind: str, count: int, shape: tuple[int, int, int], *, scale: float, seed: int) -> Tensor:
+    """``count`` ``kind`` templates ``(count, C·f·f)`` of norm ``scale`` (the mean norm of the design's own initial
+    filters, so a hand-made layer starts at the size the design's init has)."""
     generator = torch.Generator().manual_seed(seed + _TEMPLATE_SEED_OFFSET)
     try:
-        bank = templates(kind, current.shape[0], shape, generator=generator)  # (K, D), unit rows
+        bank = templates(kind, count, shape, generator=generator)  # (K, D), unit rows
     except ValueError as exc:
         raise ConfigError(f"invalid model.init: {kind!r} for {shape} fields: {exc}") from None
-    return bank * current.norm(dim=1).mean()
+    return bank * scale
 
 
 @torch.no_grad()
@@ -36,14 +36,12 @@ def set_first_layer(weight: Tensor, kind: str, shape: tuple[int, int, int], *, s
     filters at L locations: every location gets the same K templates).
     """
     dim = shape[0] * shape[1] * shape[2]
-    if weight.dim() == 3:  # untied: (L, K, P)
-        rows = template_rows(kind, weight[0], shape, seed=seed)  # (K, P)
-        weight.copy_(rows.expand_as(weight))
-        return
-    rows = weight.reshape(weight.shape[0], -1)  # (K, C·f·f)
-    if rows.shape[1] != dim:
+    if weight.shape[-1] * (weight.shape[-2] * weight.shape[-3] if weight.dim() == 4 else 1) != dim:
         raise ConfigError(f"invalid model.init: {kind!r} ({design}'s first layer is not made of {shape} filters)")
-    weight.copy_(template_rows(kind, rows, shape, seed=seed).reshape(weight.shape))
+    scale = float(weight.reshape(-1, dim).norm(dim=1).mean())  # rows (…, C·f·f)
+    count = weight.shape[1] if weight.dim() == 3 else weight.shape[0]  # untied (L, K, P): K at every location
+    rows = template_rows(kind, count, shape, scale=scale, seed=seed)  # (K, C·f·f)
+    weight.copy_(rows.expand_as(weight) if weight.dim() == 3 else rows.reshape(weight.shape))
 
 
 def _zero(grad: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ along the direction (cos θ, sin θ), so its strongest Fourier component is at f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -95,10 +96,9 @@ def dog_bank(size: int, *, sigmas: list[float] | None = None, centers: int = 1) 
 
 
 def _places(size: int, n: int) -> list[tuple[float, float]]:
-    """``n × n`` centres spread evenly over the field (the middle when n = 1)."""
-    if n == 1:
-        return [((size - 1) / 2, (size - 1) / 2)]
-    coords = torch.linspace(size * 0.2, (size - 1) - size * 0.2, n).tolist()
+    """The centres of an ``n × n`` grid of equal cells over the field (the middle when n = 1); grids of different
+    powers of two share no centre, so banks at 1, 2, 4, ... places never repeat a template."""
+    coords = [(k + 0.5) / n * size - 0.5 for k in range(n)]
     return [(cy, cx) for cy in coords for cx in coords]
 
 
@@ -107,12 +107,12 @@ def _unit(bank: Tensor) -> Tensor:
     return bank / norms[:, None, None]
 
 
-def _fill(make: callable, count: int) -> Tensor:  # type: ignore[valid-type]
-    """Banks at 1, 2, 3, ... × as many places until ``count`` templates exist; then ``count`` evenly spaced ones."""
+def _fill(make: Callable[[int], Tensor], count: int) -> Tensor:
+    """Banks at 1, 2, 4, 8, ... × as many places until ``count`` templates exist; then ``count`` evenly spaced."""
     n = 1
     bank = make(n)
     while bank.shape[0] < count:
-        n += 1
+        n *= 2
         bank = torch.cat([bank, make(n)])
     picks = torch.linspace(0, bank.shape[0] - 1, count).round().long() if bank.shape[0] > count else torch.arange(count)
     return bank[picks]
@@ -123,7 +123,7 @@ def templates(kind: str, count: int, shape: tuple[int, int, int], *,
     """``count`` first-layer templates for ``(C, f, f)`` fields, flattened ``(count, C·f·f)``, each of unit norm.
 
     ``gabor`` and ``dog`` repeat each grayscale template on every channel; a bank smaller than ``count`` is
-    repeated at more centres across the field (2×2, 3×3, ... places); a larger one is subsampled evenly.
+    repeated at more centres across the field (2×2, 4×4, ... places); a larger one is subsampled evenly.
     ``random`` draws i.i.d. Gaussian templates from ``generator``.
     """
     channels, height, width = shape

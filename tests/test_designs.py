@@ -1,0 +1,178 @@
+"""The designs sparse-ae, rbm and conv, hand-made first layers and frozen first layers, under every backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import downpour
+from downpour import config as config_mod
+from downpour.backends.sim import ModelGradient, SimSettings, simulate
+from downpour.config import DataConfig, ModelConfig
+from downpour.data import load_dataset
+from downpour.errors import ConfigError
+from downpour.models import build_model
+from downpour.ps.flat import flat_copy
+from downpour.ps.policies import POLICIES, make_policy
+from downpour.ps.rules import SGD, Adagrad
+from downpour.report.gabor_fit import gabor_fraction
+
+DIGITS = ["--set", "data.source=digits", "--set", "model.features=32", "--set", "model.receptive_field=5",
+          "--no-progress", "--json"]  # fmt: skip
+DESIGNS = {  # name -> extra model keys for 8x8 digits
+    "sparse-ae": {},
+    "rbm": {"cd_k": 1},
+    "conv": {"receptive_field": 5},
+    "rica": {},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Small products: one intra-op thread is fastest (and keeps a loaded machine usable), as the simulator does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    return load_dataset(DataConfig(source="digits"), seed=0).train  # (N, 64), whitened
+
+
+@pytest.mark.parametrize(("design", "extra"), [("rbm", ["--set", "model.pcd=true", "--set", "model.cd_k=2"]),
+                                             ("conv", ["--set", "ps.policy=staleness-lr"])])  # fmt: skip
+def test_each_design_trains_on_the_local_backend_with_falling_loss(
+    design: str, extra: list[str], run_dir: Path
+) -> None:
+    """(sparse-ae: in the frozen-first-layer test below.)"""
+    result = downpour("train", "--workers", "2", "--steps", "200", "--seconds", "120", "--set",
+                      f"model.name={design}", *DIGITS, *extra, "--out", str(run_dir))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"] == design and summary["updates_rejected"] == 0
+    assert summary["final_loss"] < 0.7 * summary["initial_loss"]
+    assert 0.0 <= summary["gabor_fit"]["fraction"] <= 1.0 and summary["gabor_fit"]["fitted"] == 32
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_every_design_runs_on_the_simulator_under_every_policy(design: str, policy: str, digits: torch.Tensor) -> None:
+    model = build_model(ModelConfig(name=design, features=16, **DESIGNS[design]), 64, seed=0, shape=(1, 8, 8))
+    start = flat_copy(model)
+    grad = ModelGradient(model, digits, batch_size=32, workers=4)
+    settings = SimSettings(workers=4, steps=60, seed=0)
+    lr = 0.001 if design == "conv" else 0.01  # easgd's local steps are plain SGD; tied conv sums over locations
+    result = simulate(start, Adagrad(lr=lr), make_policy(policy, workers=4, lr=lr), grad, settings)
+    assert result.rejected == 0 and torch.isfinite(result.params).all()
+    assert not torch.equal(result.params, start)
+
+
+def _first_layer_slice(model: torch.nn.Module) -> slice:
+    """Where ``model.weight`` lies in the flat parameter vector."""
+    offset = 0
+    for p in model.parameters():
+        if p is model.weight:
+            return slice(offset, offset + p.numel())
+        offset += p.numel()
+    raise AssertionError("no first layer")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_frozen_first_layer_stays_exactly_equal_on_the_simulator(policy: str, digits: torch.Tensor) -> None:
+    config = ModelConfig(name="sparse-ae", features=16, init="gabor", freeze_first=True, weight_decay=0.01)
+    model = build_model(config, 64, seed=0, shape=(1, 8, 8))
+    start, first = flat_copy(model), _first_layer_slice(model)
+    grad = ModelGradient(model, digits, batch_size=32, workers=4)
+    result = simulate(start, SGD(lr=0.01), make_policy(policy, workers=4, lr=0.01), grad,
+                      SimSettings(workers=4, steps=40, seed=0))  # fmt: skip
+    assert torch.equal(result.params[first], start[first])  # not one bit moved
+    assert not torch.equal(result.params[first.stop :], start[first.stop :])  # the rest trained
+
+
+def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(run_dir: Path) -> None:
+    """sparse-ae with frozen Gabor templates, 2 workers, 3 shards, Adagrad and local apply: the loss falls (the
+    decoder and biases train) and the first layer's slice of the server's values is bit-identical to its start."""
+    result = downpour("train", "--workers", "2", "--shards", "3", "--steps", "200", "--set", "model.name=sparse-ae",
+                      "--set", "model.init=gabor", "--set", "model.freeze_first=true", "--set", "ps.local_apply=true",
+                      *DIGITS, "--out", str(run_dir))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"] == "sparse-ae" and summary["final_loss"] < 0.7 * summary["initial_loss"]
+    assert summary["gabor_fit"]["fraction"] == 1.0  # the frozen Gabor templates are still Gabors
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    tensors = load_file(str(run_dir / "checkpoint" / state["params_file"]))
+    final = torch.cat([tensors[f"shard{i}.values"] for i in range(3)])
+    config = ModelConfig(name="sparse-ae", features=32, receptive_field=5, init="gabor", freeze_first=True)
+    model = build_model(config, 64, seed=0, shape=(1, 8, 8))
+    initial, first = flat_copy(model), _first_layer_slice(model)
+    assert torch.equal(final[first], initial[first])
+    assert not torch.equal(final[first.stop :], initial[first.stop :])
+
+
+def test_rbm_gradient_is_the_negative_cd1_update() -> None:
+    """∂loss/∂θ = −(⟨v hᵀ⟩_data − ⟨v hᵀ⟩_recon) with hidden probabilities (Hinton 2002), and the value is the
+    mean-field reconstruction error."""
+    model = build_model(ModelConfig(name="rbm", features=6), 10, seed=0)
+    with torch.no_grad():
+        model.hidden_bias.normal_(0, 0.5)
+        model.visible_bias.normal_(0, 0.5)
+        model.weight.mul_(50)
+    v = torch.randn(7, 10, generator=torch.Generator().manual_seed(1))
+    sampler = torch.Generator().set_state(model.sampler.get_state())
+    loss = model.loss(v)
+    loss.backward()
+    w, b, c = model.weight.detach(), model.hidden_bias.detach(), model.visible_bias.detach()
+    p0 = torch.sigmoid(v @ w.t() + b)  # (B, K)
+    h = (torch.rand(p0.shape, generator=sampler) < p0).float()
+    v1 = h @ w + c  # the mean of p(v | h)
+    p1 = torch.sigmoid(v1 @ w.t() + b)
+    update_w = (p0.t() @ v - p1.t() @ v1) / 7
+    assert torch.allclose(model.weight.grad, -update_w, atol=1e-5)
+    assert torch.allclose(model.hidden_bias.grad, -(p0 - p1).mean(0), atol=1e-5)
+    assert torch.allclose(model.visible_bias.grad, -(v - v1).mean(0), atol=1e-5)
+    expected = ((p0 @ w + c - v) ** 2).sum(1).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    with torch.no_grad():
+        assert float(model.loss(v)) == pytest.approx(float(expected), rel=1e-5)  # evaluation: no chain, same value
+
+
+@pytest.mark.parametrize("design", ["rica", "sparse-ae", "rbm", "conv", "cat"])
+def test_gabor_init_puts_gabor_templates_in_every_designs_first_layer(design: str) -> None:
+    config = ModelConfig(name=design, features=16, init="gabor", receptive_field=6, maps=4, pool=2, lcn=3)
+    model = build_model(config, 144, seed=0, shape=(1, 12, 12))
+    filters = model.filters()
+    shape = getattr(model, "filter_shape", (1, 12, 12))
+    assert gabor_fraction(filters, shape)["fraction"] == 1.0
+    default = build_model(ModelConfig(name=design, features=16, receptive_field=6, maps=4, pool=2, lcn=3), 144,
+                          seed=0, shape=(1, 12, 12)).filters()  # fmt: skip
+    # the same mean norm as the default init (cat: filters() shows a sample of its locations)
+    assert float(filters.norm(dim=1).mean()) == pytest.approx(float(default.norm(dim=1).mean()), rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [({"name": "rica", "freeze_first": True}, "rica has nothing but its first layer to train"),
+     ({"name": "conv", "freeze_first": True, "receptive_field": 5}, "conv has nothing but its first layer"),
+     ({"name": "sparse-ae", "init": "dog"}, "invalid model.init: 'dog'"),
+     ({"name": "conv", "receptive_field": 9}, "invalid model.receptive_field: 9 (conv sees 8x8")],
+)  # fmt: skip
+def test_first_layer_choices_that_make_no_sense_are_clear_errors(keys: dict, message: str) -> None:
+    shape = (1, 2, 2) if keys.get("init") == "dog" else (1, 8, 8)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_model(ModelConfig(**keys), shape[1] * shape[2], seed=0, shape=shape)
+
+
+def test_bad_design_keys_are_one_line_errors(run_dir: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"invalid model.init: 'wavelet' \(choose one of learned, gabor, dog, random\)"
+    ):
+        config_mod.from_dict({"model": {"init": "wavelet"}})
+    result = downpour("train", "--set", "model.name=rica", "--set", "model.penalty=kl:0.05,3", "--out", str(run_dir))
+    assert result.returncode == 2 and "kl needs sigmoid hidden units" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

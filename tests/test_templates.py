@@ -1,0 +1,77 @@
+"""Hand-made template banks (shapes, orientations, centre-surround) and the Gabor fit of the run summary."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from downpour.nn.templates import difference_of_gaussians, dog_bank, gabor, gabor_bank, templates
+from downpour.report.gabor_fit import fit_gabor, gabor_fraction
+
+
+def _peak_angle(image: torch.Tensor) -> float:
+    """The angle (mod π) of the strongest Fourier component of ``image`` ``(S, S)``, zero-padded 8×."""
+    size = image.shape[0] * 8
+    spectrum = torch.fft.fft2(image - image.mean(), s=(size, size)).abs()  # (size, size): axis 0 = fy, 1 = fx
+    iy, ix = np.unravel_index(int(spectrum.argmax()), spectrum.shape)
+    fy, fx = np.fft.fftfreq(size)[iy], np.fft.fftfreq(size)[ix]
+    return math.atan2(fy, fx) % math.pi
+
+
+@pytest.mark.parametrize("theta", [0.0, math.pi / 8, math.pi / 4, math.pi / 2, 3 * math.pi / 4])
+def test_a_gabor_at_angle_theta_has_its_strongest_fourier_component_at_theta(theta: float) -> None:
+    image = gabor(16, theta=theta, frequency=0.2, phase=0.0, sigma=3.0)
+    difference = abs(_peak_angle(image) - theta) % math.pi
+    assert min(difference, math.pi - difference) < math.radians(4)
+
+
+def test_gabor_bank_shape_orientations_and_unit_norm() -> None:
+    bank = gabor_bank(16, orientations=8, frequencies=[0.2, 0.1], phases=(0.0, math.pi / 2))
+    assert bank.shape == (8 * 2 * 2, 16, 16)
+    assert torch.allclose(bank.flatten(1).norm(dim=1), torch.ones(32, dtype=bank.dtype))
+    angles = sorted({round(math.degrees(_peak_angle(bank[i])) / 22.5) % 8 for i in range(0, 16, 2)})
+    assert angles == list(range(8))  # the first frequency's 8 orientations are 22.5° apart
+
+
+def test_difference_of_gaussians_is_centre_surround_and_sums_to_zero() -> None:
+    on = difference_of_gaussians(9, sigma=1.0)
+    assert on[4, 4] > 0 and on[4, 7] < 0  # excitatory centre, inhibitory surround
+    assert abs(float(on.sum())) < 1e-6
+    assert torch.equal(difference_of_gaussians(9, sigma=1.0, on=False), -on)
+    assert dog_bank(16, centers=2).shape == (4 * 3 * 2, 16, 16)  # 4 places × σ 0.5, 1, 2 (≤ 16/6) × on/off
+
+
+@pytest.mark.parametrize("kind", ["gabor", "dog", "random"])
+def test_templates_fill_any_count_with_unit_rows_on_every_channel(kind: str) -> None:
+    bank = templates(kind, 100, (3, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert bank.shape == (100, 3 * 64)
+    assert torch.allclose(bank.norm(dim=1), torch.ones(100), atol=1e-5)
+    if kind != "random":
+        per_channel = bank.reshape(100, 3, 64)
+        assert torch.equal(per_channel[:, 0], per_channel[:, 2])  # the same template on every channel
+    assert len({tuple(row.tolist()) for row in bank}) == 100  # no template twice
+
+
+def test_gabor_fit_recovers_a_known_gabor() -> None:
+    image = gabor(16, theta=0.7, frequency=0.2, phase=0.3, sigma=2.5, center=(7.2, 8.1)).numpy()
+    fit = fit_gabor(image)
+    assert fit.r2 > 0.999
+    assert fit.frequency == pytest.approx(0.2, abs=1e-3)
+    assert (fit.theta - 0.7) % math.pi == pytest.approx(0.0, abs=1e-3) or (fit.theta - 0.7) % math.pi == pytest.approx(
+        math.pi, abs=1e-3
+    )
+    assert (fit.x0, fit.y0) == pytest.approx((8.1, 7.2), abs=1e-3)
+
+
+def test_gabor_fraction_accepts_gabors_and_rejects_noise() -> None:
+    gabors = templates("gabor", 24, (1, 12, 12))
+    noisy = gabors + 0.02 * torch.randn(24, 144, generator=torch.Generator().manual_seed(0))
+    assert gabor_fraction(noisy, (1, 12, 12))["fraction"] == 1.0
+    noise = torch.randn(24, 144, generator=torch.Generator().manual_seed(1))
+    result = gabor_fraction(noise, (1, 12, 12))
+    assert result["fraction"] == 0.0 and result["median_r2"] < 0.4
+    assert result["fitted"] == 24 and result["threshold"] == 0.8
+    assert gabor_fraction(noise, (1, 12, 12), max_filters=5)["fitted"] == 5  # the cap subsamples evenly
