@@ -84,8 +84,9 @@ def test_penalty_weights_each_term() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("l1:0.1", PenaltySpec("l1", 0.1)), ("KL:0.05, 3", PenaltySpec("kl", 3.0, 0.05)), ("rica:0.2", PenaltySpec("rica", 0.2)),
-     ("l2:0", PenaltySpec("l2", 0.0)), ("none", PenaltySpec("none")), ("default", None)],
+    [("l1:0.1", PenaltySpec("l1", 0.1)), ("KL:0.05, 3", PenaltySpec("kl", 3.0, 0.05)),
+     ("rica:0.2", PenaltySpec("rica", 0.2)), ("l2:0", PenaltySpec("l2", 0.0)), ("none", PenaltySpec("none")),
+     ("default", None)],
 )  # fmt: skip
 def test_penalty_strings_parse(text: str, expected: PenaltySpec | None) -> None:
     assert parse_penalty(text) == expected
