@@ -96,7 +96,10 @@ def test_training_on_a_folder_warns_and_reports_the_skipped_files(pictures: Path
     assert "warning: 2 of 4 files of folder:" in " ".join(result.stderr.split())  # rich wraps long lines
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data_files"]["skipped"] == 2 and summary["data_files"]["pictures"] == 2
-    assert "2 of 4 data files could not be read" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()  # written by the simulator's train too
+    assert "2 of 4 data files could not be read" in page
+    assert page.count("data:image/png;base64,") == 3  # loss, staleness, filters: the simulator logs no throughput
+    assert "the simulator logs none" in page
 
 
 @pytest.mark.parametrize(

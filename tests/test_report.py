@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import downpour, read_jsonl
 from downpour.cli import main
-from downpour.report.html import build_report
+from downpour.report.html import write_report_after_training
 from downpour.report.tensorboard import BLOCK
 
 SMALL = ["--set", "data.source=digits", "--set", "data.held_out=64", "--set", "model.features=16", "--no-progress"]
@@ -126,17 +126,16 @@ def test_report_on_a_directory_that_is_no_run_is_one_line(tmp_path: Path, capsys
     assert capsys.readouterr().err == f"downpour: error: {tmp_path} is not a run directory: it holds no config.toml\n"
 
 
-def test_a_simulated_run_whose_page_cannot_be_written_still_finishes(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    (out / "report.html").mkdir(parents=True)  # the page cannot replace a directory
-    result = downpour("train", "--out", str(out), "--backend", "sim", "--workers", "4", "--steps", "40", *SMALL)
-    assert result.returncode == 0, result.stderr
-    assert "warning: could not write the report" in result.stderr
-    assert json.loads((out / "summary.json").read_text())["steps"] == 40
-    shutil.rmtree(out / "report.html")
-    page = build_report(out)
-    assert len(_png_sizes(page)) == 3  # no throughput on the simulator: loss, staleness, filters
-    assert "the simulator logs none" in page
+def test_a_page_that_cannot_be_written_warns_and_keeps_the_run(local_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    (run / "report.html").unlink()
+    (run / "report.html").mkdir()  # the page cannot replace a directory
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    warnings: list[str] = []
+    assert write_report_after_training(run, warnings.append) is None
+    assert len(warnings) == 1 and warnings[0].startswith("could not write the report (IsADirectoryError")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing else touched
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
