@@ -44,7 +44,7 @@ class DataConfig:
     whiten: bool = True  # ZCA whitening (its matrix is saved with the run)
     whiten_eps: float = 1.0  # ZCA regularizer, as a fraction of the mean eigenvalue (keeps pixel noise down)
     frame_stride: int = 30  # video: keep every frame_stride-th frame
-    max_side: int = 512  # folder / video / torchvision: shrink pictures whose longer side exceeds this (0 = never)
+    max_side: int = 512  # folder / video: shrink pictures whose longer side exceeds this (0 = never)
     cache_dir: str = ""  # torchvision: where sets are downloaded ("" = $XDG_CACHE_HOME/downpour or ~/.cache/downpour)
 
 

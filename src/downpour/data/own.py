@@ -8,8 +8,8 @@
 - ``torchvision:STL10`` (its 5,000 ``train`` images, 96×96; labels unused) or ``torchvision:CIFAR10`` (its 50,000
   ``train`` images, 32×32), downloaded on first use into ``data.cache_dir``.
 
-Each picture becomes grayscale (``data.channels = 1``) or RGB (``3``) and, when its longer side exceeds
-``data.max_side``, is shrunk to it (area-averaged). Training examples are then cut exactly as for the bundled
+Each picture becomes grayscale (``data.channels = 1``) or RGB (``3``); a picture or frame whose longer side
+exceeds ``data.max_side`` is shrunk to it (area-averaged). Training examples are then cut exactly as for the bundled
 ``natural-images`` source: ``data.examples + data.held_out`` square crops of side ``data.image_size`` at uniformly
 random places (:func:`downpour.data.sources.random_crops`), so ``rica`` learns on them with ``data.image_size = 16``
 and ``cat`` with the default 32 or more. A file that cannot be read (corrupt, truncated, not a picture, a video
@@ -125,7 +125,7 @@ def read_videos(pattern: str, *, stride: int, channels: int, max_side: int, repo
     """The frames of every video ``pattern`` names; a file that fails to decode is skipped whole into ``report``."""
     paths = video_paths(pattern)
     if not paths:
-        raise DataError(f"data.source {report.source}: no file matches {pattern}")
+        raise DataError(f"data.source {report.source}: no file matches {pattern} (name a file or a glob: clips/*.mp4)")
     report.files += len(paths)
     frames: list[np.ndarray] = []
     for path in paths:
