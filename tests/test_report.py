@@ -23,7 +23,7 @@ from downpour.report.tensorboard import BLOCK
 
 SMALL = ["--set", "data.source=digits", "--set", "data.held_out=64", "--set", "model.features=16", "--no-progress"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]  # fmt: skip
 # Appended to a copy of the page: once everything has loaded, record each <img>'s state where --dump-dom shows it.
 PROBE = (
     '<script>window.addEventListener("load", () => { const p = document.createElement("pre"); p.id = "img-check";'
