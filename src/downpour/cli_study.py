@@ -35,6 +35,12 @@ def add_study(sub: argparse._SubParsersAction) -> None:
     op.add_argument("--first-seed", type=int, default=0, help="first seed (for a replication on new seeds)")
     op.add_argument("--out", type=Path, required=True, help="report directory")
     op.add_argument("--json", action="store_true", help="also print the result as JSON")
+    de = which.add_parser("designs", help="designs x first layers x penalties, same data and budget: probe, faces")
+    de.add_argument("--steps", type=int, default=1000, help="pushes per run (the same budget for every run)")
+    de.add_argument("--seconds", type=float, default=60.0, help="wall-clock cap per run")
+    de.add_argument("--workers", type=int, default=2, help="workers per run (local backend)")
+    de.add_argument("--out", type=Path, required=True, help="report directory")
+    de.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _bar(console: Console, enabled: bool) -> Progress:
@@ -75,5 +81,19 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         if args.json:
             print(json.dumps(result, indent=2, default=str))
         print(result["answer"], file=sys.stderr if args.json else sys.stdout)
+        return 0
+    if args.study == "designs":
+        from downpour.study import designs
+
+        designs.base_config(args.seconds, steps=args.steps, workers=args.workers)  # bad budgets: before the bar
+        with _bar(console, not args.no_progress) as bar:
+            task = bar.add_task("study", total=len(designs.default_grid()), run="")
+            result = designs.run_designs_study(seconds=args.seconds, steps=args.steps, out=args.out,
+                                               workers=args.workers,
+                                               progress=lambda done, total, name: bar.update(task, completed=done,
+                                                                                             run=name))  # fmt: skip
+        print(f"report in {args.out}: report.md, table.md, results.json, runs/")
+        print(result["table"])
+        print("\n".join(f"- {line}" for line in result["answers"]))
         return 0
     raise AssertionError(args.study)  # pragma: no cover - argparse restricts the choices

@@ -1,0 +1,64 @@
+"""``downpour study designs``: its grid, its table and answers, and its argument errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import downpour
+from downpour.errors import DownpourError
+from downpour.study.designs import Cell, answers, base_config, default_grid, table_markdown
+
+
+def test_the_default_grid_covers_every_design_first_layer_and_penalty_once() -> None:
+    grid = default_grid()
+    assert len({cell.name for cell in grid}) == len(grid) == 21
+    assert {c.design for c in grid if c.question == "design"} == {"rica", "sparse-ae", "rbm", "conv", "cat"}
+    templates = {(c.init, c.freeze) for c in grid if c.question == "templates"}
+    assert templates == {("gabor", True), ("dog", True), ("random", True)}
+    assert {c.penalty for c in grid if c.design == "sparse-ae"} == {"default", "none", "l1:0.1", "l2:0.1", "rica:0.1"}
+    keys = Cell("templates", "cat", "dog", True).model_keys()
+    assert keys["receptive_field"] == 5 and keys["init"] == "dog" and keys["freeze_first"] is True
+
+
+def _row(question: str, design: str, probe: float, face: float, **extra: object) -> dict:
+    cell = Cell(question, design, **extra)  # type: ignore[arg-type]
+    return {"question": question, "design": design, "init": cell.init, "freeze": cell.freeze,
+            "penalty": cell.penalty_label, "steps": 1000, "initial_loss": 50.0, "final_loss": 5.0,
+            "gabor_fraction": 0.5, "probe": probe, "probe_raw": 0.96, "face": face, "face_jitter": face - 0.1,
+            "face_raw": 0.85}  # fmt: skip
+
+
+def test_answers_order_each_question_by_the_measurements() -> None:
+    rows = [
+        _row("design", "sparse-ae", 0.95, 0.9),
+        _row("design", "rbm", 0.97, 0.8),
+        _row("templates", "sparse-ae", 0.96, 0.7, init="gabor", freeze=True),
+        _row("penalty", "sparse-ae", 0.90, 0.7, penalty="l1:0.1"),
+        {**_row("penalty", "sparse-ae", 0.0, 0.0, penalty="l2:0.1"), "error": "diverged"},
+    ]
+    text = answers(rows)
+    assert "templates, sparse-ae: probe accuracy learned 0.950 (face, jittered 0.800), gabor 0.960" in text[0]
+    assert text[1] == "penalty, sparse-ae: kl:0.05,3 0.950, l1:0.1 0.900."
+    assert text[2] == "design, by probe accuracy: rbm 0.970, sparse-ae 0.950."
+    assert text[3] == "design, by jittered face test: sparse-ae 0.800, rbm 0.700."
+    assert text[-1] == "failed: sparse-ae / learned / l2:0.1: diverged."
+    table = table_markdown(rows)
+    assert table.count("\n") == 2 + len(rows)
+    assert "| templates | sparse-ae | gabor, frozen | kl:0.05,3 | 1,000 | 50 → 5 | 0.50 | 0.960 |" in table
+    assert "failed: diverged" in table
+
+
+def test_bad_budgets_are_refused() -> None:
+    with pytest.raises(DownpourError, match=r"invalid --seconds: 0"):
+        base_config(0)
+    with pytest.raises(DownpourError, match=r"invalid --steps: 0"):
+        base_config(10, steps=0)
+
+
+def test_the_command_refuses_a_bad_budget_in_one_line(tmp_path: Path) -> None:
+    result = downpour("study", "designs", "--steps", "0", "--out", str(tmp_path / "study"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "downpour: error: invalid --steps: 0 (must be at least 1)"
+    assert not (tmp_path / "study").exists()
