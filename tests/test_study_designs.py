@@ -62,3 +62,22 @@ def test_the_command_refuses_a_bad_budget_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == "downpour: error: invalid --steps: 0 (must be at least 1)"
     assert not (tmp_path / "study").exists()
+
+
+def test_a_rerun_keeps_the_cells_that_trained_their_whole_budget(tmp_path: Path) -> None:
+    from downpour.rundir import write_json
+    from downpour.study.designs import _finished_rows, _fresh
+
+    setup = {"data": "digits", "steps": 1000}
+    full = _row("design", "rbm", 0.9, 0.8)
+    short = {**_row("design", "rica", 0.9, 0.8), "steps": 0}
+    failed = {**_row("design", "conv", 0.9, 0.8), "error": "boom"}
+    write_json(tmp_path / "results.json", {"setup": setup, "rows": [full, short, failed], "complete": False})
+    kept = _finished_rows(tmp_path, setup)
+    assert list(kept.values()) == [full]
+    with pytest.raises(DownpourError, match="holds a study with other settings"):
+        _finished_rows(tmp_path, {**setup, "steps": 10})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run-2").mkdir()
+    assert _fresh(tmp_path / "run") == tmp_path / "run-3"  # a rerun never overwrites a run
+    assert _fresh(tmp_path / "other") == tmp_path / "other"

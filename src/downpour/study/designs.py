@@ -18,6 +18,7 @@ Writes ``results.json``, ``table.md`` and ``report.md`` into ``--out``, one run 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -210,23 +211,60 @@ def report_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _key(cell: Cell | dict[str, Any]) -> tuple:
+    if isinstance(cell, Cell):
+        return (cell.question, cell.design, cell.init, cell.freeze, cell.penalty_label)
+    return (cell["question"], cell["design"], cell["init"], cell["freeze"], cell["penalty"])
+
+
+def _finished_rows(out: Path, setup: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
+    """Rows of an earlier study in ``out`` with the same setup that trained their whole budget (kept on a rerun);
+    a study with other settings there is refused."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+        rows = previous["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DownpourError(f"{path} is not a study's results ({exc}); use another --out") from None
+    if previous.get("setup") != setup:
+        raise DownpourError(f"{out} holds a study with other settings ({previous.get('setup')}); use another --out")
+    return {_key(row): row for row in rows if "error" not in row and row.get("steps", 0) >= setup["steps"]}
+
+
+def _fresh(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... if a run is already there (a rerun never overwrites a run)."""
+    candidate, index = path, 1
+    while candidate.exists():
+        index += 1
+        candidate = path.with_name(f"{path.name}-{index}")
+    return candidate
+
+
 def run_designs_study(*, seconds: float, out: Path, steps: int = 1000, workers: int = 2,
                       cells: list[Cell] | None = None,
                       progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Train and evaluate every cell (default :func:`default_grid`) into ``out``; write the report; return it."""
+    """Train and evaluate every cell (default :func:`default_grid`) into ``out``; write the report; return it.
+
+    Run again with the same ``out`` and settings, it keeps the cells that trained their whole budget and trains
+    the others again (a run cut short by the wall-clock cap on a busy machine, a failed or unfinished one).
+    """
     base = base_config(seconds, steps=steps, workers=workers)
     cells = cells if cells is not None else default_grid()
-    if (out / "results.json").exists():
-        raise DownpourError(f"{out} already holds a study (results.json); use another --out")
+    setup = {"data": base.data.source, "workers": workers, "lr": base.ps.lr, "batch_size": base.train.batch_size,
+             "seconds": seconds, "steps": steps, "features": FEATURES}  # fmt: skip
+    done = _finished_rows(out, setup)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     rows: list[dict[str, Any]] = []
-    setup = {"data": base.data.source, "workers": workers, "lr": base.ps.lr, "batch_size": base.train.batch_size,
-             "seconds": seconds, "steps": steps, "features": FEATURES}  # fmt: skip
     for index, cell in enumerate(cells):
         if progress is not None:
             progress(index, len(cells), cell.name)
-        rows.append(run_cell(cell, base, out / "runs" / cell.name))
+        row = done.get(_key(cell))
+        if row is None:  # not run yet, failed, or cut short (by the wall-clock cap): train it (again)
+            row = run_cell(cell, base, _fresh(out / "runs" / cell.name))
+        rows.append(row)
         rundir.write_json(out / "results.json", {"setup": setup, "rows": rows, "complete": False})
     if progress is not None:
         progress(len(cells), len(cells), "done")
