@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import downpour, read_jsonl
 from downpour.cli import main
 from downpour.report.html import write_report_after_training
+from downpour.report.runlog import read_run_log
 from downpour.report.tensorboard import BLOCK
 
 SMALL = ["--set", "data.source=digits", "--set", "data.held_out=64", "--set", "model.features=16", "--no-progress"]
@@ -172,3 +173,26 @@ def test_tensorboard_scalars_match_the_metrics_log(local_run: Path) -> None:
     got_rates = scalars.get("throughput/examples_per_s", [])
     assert [s for s, _ in got_rates] == [s for s, _ in rates]
     np.testing.assert_allclose([v for _, v in got_rates], [v for _, v in rates], rtol=1e-6)
+
+
+def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> None:
+    rows = [
+        {"event": "start", "t": 0.1, "step": 0, "resume": False, "initial_loss": 50.0},
+        *({"event": "push", "t": 1 + i, "worker": i % 2, "shard": s, "staleness": i % 3, "loss": 10.0 - i,
+           "applied": True} for i in range(3) for s in (0, 1)),
+        {"event": "throughput", "t": 2.0, "examples_per_s": 100.0, "step": 2},
+        {"event": "end", "t": 4.0, "step": 3, "final_loss": 7.0},
+        {"event": "start", "t": 0.2, "step": 3, "resume": True, "initial_loss": 50.0},  # a resumed session
+        {"event": "push", "t": 1.0, "worker": 0, "shard": 0, "staleness": 0, "loss": 6.0, "applied": True},
+        {"event": "push", "t": 1.0, "worker": 0, "shard": 1, "staleness": 5, "loss": 6.0, "applied": False},
+        {"event": "throughput", "t": 1.5, "examples_per_s": 90.0, "step": 4},
+        {"event": "end", "t": 2.0, "step": 4, "final_loss": 5.5},
+    ]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"event": "push", "t"')
+    log = read_run_log(path)
+    assert log.push_step.tolist() == [1, 2, 3, 4] and log.push_loss.tolist() == [10.0, 9.0, 8.0, 6.0]
+    assert log.held_out_step.tolist() == [0, 3, 4] and log.held_out_loss.tolist() == [50.0, 7.0, 5.5]
+    assert log.throughput_t.tolist() == [2.0, 5.5]  # the second session starts where the first ended (t = 4)
+    assert log.staleness[0].counts.tolist() == [2, 1, 1] and log.staleness[1].counts.tolist() == [1, 1, 1]
+    assert (log.rejected, log.sessions, log.bad_lines) == (1, 2, 1)

@@ -21,12 +21,10 @@ class RunLog:
     """The events of one run directory's ``metrics.jsonl``, as arrays in file order."""
 
     push_step: np.ndarray  # (P,) global step of each push (counted on its lowest shard, continuing across sessions)
-    push_t: np.ndarray  # (P,) seconds since the session started (simulated seconds on the sim backend)
-    push_worker: np.ndarray  # (P,)
     push_loss: np.ndarray  # (P,) the worker's mini-batch loss (NaN when not finite)
     staleness: dict[int, StalenessHistogram]  # shard -> histogram of its applied updates
     rejected: int  # updates a shard refused (NaN or Inf)
-    throughput_t: np.ndarray  # (T,) seconds since the session started
+    throughput_t: np.ndarray  # (T,) seconds since the run started (sessions of a resumed run follow each other)
     throughput: np.ndarray  # (T,) examples/s over the last second
     held_out_step: np.ndarray  # (H,) global step of each held-out loss (start, eval rows, end)
     held_out_loss: np.ndarray  # (H,)
@@ -42,8 +40,6 @@ def _number(value: Any) -> float:
 def read_run_log(path: Path) -> RunLog:
     """Parse ``metrics.jsonl`` at ``path`` (a missing file reads as a run with no events)."""
     push_step: list[int] = []
-    push_t: list[float] = []
-    push_worker: list[int] = []
     push_loss: list[float] = []
     staleness: dict[int, list[int]] = {}
     rejected = 0
@@ -80,8 +76,6 @@ def read_run_log(path: Path) -> RunLog:
             if shard == 0:
                 counted += 1
                 push_step.append(step_offset + counted)
-                push_t.append(t_offset + _number(row.get("t")))
-                push_worker.append(int(row.get("worker", -1)))
                 push_loss.append(_number(row.get("loss")))
         elif kind == "throughput":
             thr_t.append(t_offset + _number(row.get("t")))
@@ -105,8 +99,6 @@ def read_run_log(path: Path) -> RunLog:
         histograms[shard] = histogram
     return RunLog(
         push_step=np.asarray(push_step, dtype=np.int64),
-        push_t=np.asarray(push_t, dtype=np.float64),
-        push_worker=np.asarray(push_worker, dtype=np.int64),
         push_loss=np.asarray(push_loss, dtype=np.float64),
         staleness=histograms,
         rejected=rejected,
