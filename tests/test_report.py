@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,18 @@ def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> No
     assert log.throughput_t.tolist() == [2.0, 5.5]  # the second session starts where the first ended (t = 4)
     assert log.staleness[0].counts.tolist() == [2, 1, 1] and log.staleness[1].counts.tolist() == [1, 1, 1]
     assert (log.rejected, log.sessions, log.bad_lines) == (1, 2, 1)
+
+
+def test_tensorboard_missing_is_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    blocked = (
+        "import sys; sys.modules['tensorboard'] = None; from downpour.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocked, "train", "--out", str(out), "--tensorboard", "--steps", "5", *SMALL],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("downpour: error: train.tensorboard = true needs the tensorboard package")
+    assert result.stderr.count("\n") == 1 and "pip install 'downpour-sgd[tensorboard]'" in result.stderr
+    assert not out.exists()
