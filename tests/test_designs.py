@@ -31,13 +31,7 @@ DESIGNS = {  # name -> extra model keys for 8x8 digits
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Small products: one intra-op thread is fastest (and keeps a loaded machine usable), as the simulator does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from downpour.errors import ConfigError
+from downpour.models.shapes import as_images
 from downpour.nn import L2Pool2d, LocalContrastNorm2d, LocallyConnected2d
 from downpour.nn.skip import active_fields, skipped_fraction
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
@@ -146,12 +147,7 @@ class CatNetwork(nn.Module):
         self.filter_shape = (channels, receptive_field, receptive_field)
 
     def _images(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[1:]) == self.shape:
-            return x
-        if x.dim() == 2 and x.shape[1] == math.prod(self.shape):
-            return x.view(-1, *self.shape)  # (B, C, S, S)
-        raise ValueError(f"CatNetwork expected (B, {', '.join(map(str, self.shape))}) or (B, {math.prod(self.shape)}), "
-                         f"got {tuple(x.shape)}")  # fmt: skip
+        return as_images(x, self.shape, "CatNetwork")  # (B, C, S, S)
 
     def forward(self, x: Tensor) -> Tensor:
         """The last stage's output for flat ``(B, C·S·S)`` or image ``(B, C, S, S)`` input."""

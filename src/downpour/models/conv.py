@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from downpour.errors import ConfigError
+from downpour.models.shapes import as_images
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
 
@@ -43,12 +44,7 @@ class ConvAutoencoder(nn.Module):
         self.weight = nn.Parameter(weight / math.sqrt(fan_in * features))
 
     def _images(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[1:]) == self.shape:
-            return x
-        if x.dim() == 2 and x.shape[1] == math.prod(self.shape):
-            return x.view(-1, *self.shape)  # (B, C, S, S)
-        raise ValueError(f"ConvAutoencoder expected (B, {', '.join(map(str, self.shape))}) or "
-                         f"(B, {math.prod(self.shape)}), got {tuple(x.shape)}")  # fmt: skip
+        return as_images(x, self.shape, "ConvAutoencoder")  # (B, C, S, S)
 
     def encode(self, x: Tensor) -> Tensor:
         """Template responses ``W ∗ x``: ``(B, C, S, S) -> (B, K, S − f + 1, S − f + 1)``."""
