@@ -53,8 +53,12 @@ def test_a_folder_is_read_recursively_and_corrupt_files_are_counted(pictures: Pa
     summary = report.summary()
     assert (summary["files"], summary["read"], summary["skipped"], summary["pictures"]) == (4, 2, 2, 2)
     assert {Path(line.split(":")[0]).name for line in summary["skipped_files"]} == {"cut.png", "broken.jpg"}
+    deep = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(deep).save(pictures / "sixteen-bit.png")  # a 16-bit PNG is scaled to 8 bits, not clipped
+    scaled = own.read_folder(pictures, channels=1, max_side=0, report=own.ReadReport("x"))[2][0]
+    np.testing.assert_allclose(scaled, deep / 257.0, atol=0.51)
     colour = own.read_folder(pictures, channels=3, max_side=40, report=own.ReadReport("x"))
-    assert [im.shape for im in colour] == [(3, 30, 40), (3, 40, 36)]  # longer side shrunk to data.max_side
+    assert [im.shape for im in colour] == [(3, 30, 40), (3, 40, 36), (3, 32, 32)]  # longer side at most max_side
 
 
 def test_crops_of_own_pictures_feed_rica_and_cat(pictures: Path) -> None:

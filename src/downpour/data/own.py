@@ -68,6 +68,11 @@ def _shrink(image: Any, max_side: int) -> Any:
 
 def _to_array(image: Any, channels: int, max_side: int) -> np.ndarray:
     """A PIL image as uint8 ``(C, H, W)``: grayscale (luminance) or RGB, shrunk to ``max_side``."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # 16-bit grayscale: PIL's own conversion would clip everything above 255
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((values / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8))
     image = _shrink(image.convert("L" if channels == 1 else "RGB"), max_side)
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))  # (C, H, W)
