@@ -6,7 +6,7 @@ README (``downpour bench ps``) is why: a push is one slice of the flat gradient 
 Records of applied pushes travel to the driver in small batches through one one-way pipe per worker, whose write
 end only that worker holds: a worker that dies, even in the middle of a message, reads as end-of-file, never as a
 hang. A worker whose driver has died stops on its own (the kernel's parent-death signal, and a check of its
-parent's pid). Workers start training together, once every one has built its model (or died).
+parent's pid). Under ``sync``, workers start training together, once every one has built its model (or died).
 
 Every policy runs here (:mod:`downpour.ps.policies`): the push policies through the shard's rule; ``ssp`` with
 shared clocks (:mod:`downpour.ps.clocks`); ``sync`` with :class:`~downpour.ps.sync_shard.SyncShard` s, which
@@ -203,9 +203,10 @@ def _worker_main(spec: _WorkerSpec) -> None:
             clock=lambda: time.time() - spec.t0,
             **extra,
         )
-        # Start together: importing torch takes seconds, and a worker that started early would train alone.
+        # sync starts together: importing torch takes seconds, and with backup workers the first one ready would
+        # close its rounds alone (the others, asynchronous, just start when they are ready).
         progress[spec.worker_id, 2] = 1.0
-        while progress[:, 2].sum() < len(progress) and not should_stop():
+        while isinstance(policy, Sync) and progress[:, 2].sum() < len(progress) and not should_stop():
             time.sleep(_START_POLL_SECONDS)
         worker.run()
         if os.getppid() == spec.parent_pid:

@@ -158,15 +158,19 @@ class DownpourWorker:
                 if clocks is not None:
                     clocks.retire(self.worker_id)
 
-    def _run(self) -> None:
-        s = self.settings
-        flat = self.flat
-        versions = [0] * len(self.shards)
+    def _buffers(self) -> tuple[Tensor, list[Tensor], list[Tensor], Iterator[Tensor]]:
+        """The accumulator (``flat.grads`` itself when ``n_push`` is 1), the per-shard views of the local
+        parameters and of the accumulator (made once), and the endless mini-batches."""
+        s, flat = self.settings, self.flat
         accumulated = torch.zeros_like(flat.grads) if s.n_push > 1 else flat.grads
-        # Per-shard views, made once: the shard's slice of the local parameters and of the update.
         local = [flat.values[shard.start : shard.start + shard.size] for shard in self.shards]
         updates = [accumulated[shard.start : shard.start + shard.size] for shard in self.shards]
-        batches = epoch_batches(self.examples, s.batch_size, self.rng)
+        return accumulated, local, updates, epoch_batches(self.examples, s.batch_size, self.rng)
+
+    def _run(self) -> None:
+        s = self.settings
+        versions = [0] * len(self.shards)
+        accumulated, local, updates, batches = self._buffers()
         loss_sum, pending = 0.0, 0
         fetched_with_push = False
         while not self.should_stop():

@@ -18,10 +18,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from downpour.ps.policies import EASGD
-from downpour.ps.worker import DownpourWorker, PushRecord, epoch_batches
+from downpour.ps.worker import DownpourWorker, PushRecord
 
 _POLL_SECONDS = 0.0005
 
@@ -36,12 +34,8 @@ class SyncWorker(DownpourWorker):
 
     def _run(self) -> None:
         s = self.settings
-        flat = self.flat
         versions = [0] * len(self.shards)
-        accumulated = torch.zeros_like(flat.grads) if s.n_push > 1 else flat.grads
-        local = [flat.values[shard.start : shard.start + shard.size] for shard in self.shards]
-        updates = [accumulated[shard.start : shard.start + shard.size] for shard in self.shards]
-        batches = epoch_batches(self.examples, s.batch_size, self.rng)
+        accumulated, local, updates, batches = self._buffers()
         apply_lr = s.local_lr if s.local_apply else 0.0
         while not self.should_stop():
             self._fetch(versions, local)
@@ -78,9 +72,8 @@ class ElasticWorker(DownpourWorker):
     def _run(self) -> None:
         policy = self.policy
         versions = [0] * len(self.shards)
-        local = [self.flat.values[shard.start : shard.start + shard.size] for shard in self.shards]
+        _, local, _, batches = self._buffers()
         self._fetch(versions, local)  # x_i starts at the center
-        batches = epoch_batches(self.examples, self.settings.batch_size, self.rng)
         while not self.should_stop():
             loss_sum = sum(self._step(batches, None, apply_lr=policy.lr) for _ in range(policy.tau))
             if not self.budget.reserve():

@@ -233,6 +233,19 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def divergence_reasons(initial_loss: float, final_loss: float, rejected: int) -> list[str]:
+    """Why a run *diverged* (empty when it did not): a non-finite final loss, a rejected push, or a final loss
+    above the initial one."""
+    reasons = []
+    if not math.isfinite(final_loss):
+        reasons.append("non-finite held-out loss")
+    if rejected:
+        reasons.append(f"{rejected} pushes rejected (NaN/Inf)")
+    if math.isfinite(final_loss) and final_loss > initial_loss:
+        reasons.append("final loss above the initial loss")
+    return reasons
+
+
 def _one_run(
     config: Config, dataset: Any, held_out: HeldOutLoss, name: str, workers: int, seed_index: int, steps: int
 ) -> dict[str, Any]:
@@ -266,13 +279,7 @@ def _one_run(
             curve[key].append(value)
         curve["loss"].append(final_loss)
     histogram = result.staleness_histogram()
-    reasons = []
-    if not math.isfinite(final_loss):
-        reasons.append("non-finite held-out loss")
-    if result.rejected:
-        reasons.append(f"{result.rejected} pushes rejected (NaN/Inf)")
-    if math.isfinite(final_loss) and final_loss > initial_loss:
-        reasons.append("final loss above the initial loss")
+    reasons = divergence_reasons(initial_loss, final_loss, result.rejected)
     staleness = {key: float(v) if key == "mean" else int(v) for key, v in histogram.summary().items()}
     values = np.flatnonzero(histogram.counts)
     return {

@@ -30,6 +30,7 @@ from downpour.backends.local import check_local_workers
 from downpour.config import Config
 from downpour.errors import ConfigError
 from downpour.ps.staleness import StalenessHistogram
+from downpour.study.staleness import divergence_reasons
 
 
 def finite_or_none(x: float | None) -> float | None:
@@ -100,14 +101,7 @@ def local_run(config: Config, dataset: Any, name: str, workers: int, seed_index:
     for key, value in (("pushes", summary["steps"]), ("grads", summary["examples"] // batch),
                        ("time", max(0.0, end - start)), ("loss", final)):  # fmt: skip
         curve[key].append(value)
-    reasons = []
-    finite = final is not None and np.isfinite(final)
-    if not finite:
-        reasons.append("non-finite held-out loss")
-    if summary["updates_rejected"]:
-        reasons.append(f"{summary['updates_rejected']} pushes rejected (NaN/Inf)")
-    if finite and final > initial:
-        reasons.append("final loss above the initial loss")
+    reasons = divergence_reasons(initial, float("nan") if final is None else final, summary["updates_rejected"])
     staleness = {key: float(v) if key == "mean" else int(v) for key, v in histogram.summary().items()}
     values = np.flatnonzero(histogram.counts)
     return {
