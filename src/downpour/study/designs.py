@@ -206,7 +206,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in result["answers"]],
         "",
-        f"Total time: {result['seconds']:.0f} s.",
+        f"Time of this invocation: {result['seconds']:.0f} s (cells kept from an earlier one not counted).",
     ]
     return "\n".join(lines) + "\n"
 
