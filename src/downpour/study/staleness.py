@@ -1,5 +1,6 @@
 """The staleness study (issue 4, item 3): how each consistency policy copes as the workers — and so the staleness
-of their pushes — grow, run in the discrete-event simulator (:mod:`downpour.backends.sim`).
+of their pushes — grow, run in the discrete-event simulator (:mod:`downpour.backends.sim`), or with ``--backend
+local`` as real training runs with worker processes (:mod:`downpour.study.staleness_local`; time is then wall-clock).
 
 ``downpour study staleness --policies downpour,sync,ssp:4,staleness-lr,dc-asgd,easgd --workers 1,8,64,1000
 --seeds 10 --out DIR`` runs every (policy, workers, seed) of the grid on the model and data of one config and writes
