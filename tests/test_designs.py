@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import downpour
 from downpour import config as config_mod
 from downpour.backends.sim import ModelGradient, SimSettings, simulate
+from downpour.cli import main
 from downpour.config import DataConfig, ModelConfig
 from downpour.data import load_dataset
 from downpour.errors import ConfigError
@@ -45,7 +46,7 @@ def test_each_design_trains_on_the_local_backend_with_falling_loss(
     design: str, extra: list[str], run_dir: Path
 ) -> None:
     """(sparse-ae: in the frozen-first-layer test below.)"""
-    result = downpour("train", "--workers", "2", "--steps", "200", "--seconds", "120", "--set",
+    result = downpour("train", "--workers", "2", "--steps", "120", "--seconds", "120", "--set",
                       f"model.name={design}", *DIGITS, *extra, "--out", str(run_dir))  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -60,7 +61,7 @@ def test_every_design_runs_on_the_simulator_under_every_policy(design: str, poli
     model = build_model(ModelConfig(name=design, features=16, **DESIGNS[design]), 64, seed=0, shape=(1, 8, 8))
     start = flat_copy(model)
     grad = ModelGradient(model, digits, batch_size=32, workers=4)
-    settings = SimSettings(workers=4, steps=60, seed=0)
+    settings = SimSettings(workers=4, steps=40, seed=0)
     lr = 0.001 if design == "conv" else 0.01  # easgd's local steps are plain SGD; tied conv sums over locations
     result = simulate(start, Adagrad(lr=lr), make_policy(policy, workers=4, lr=lr), grad, settings)
     assert result.rejected == 0 and torch.isfinite(result.params).all()
@@ -84,7 +85,7 @@ def test_a_frozen_first_layer_stays_exactly_equal_on_the_simulator(policy: str, 
     start, first = flat_copy(model), _first_layer_slice(model)
     grad = ModelGradient(model, digits, batch_size=32, workers=4)
     result = simulate(start, SGD(lr=0.01), make_policy(policy, workers=4, lr=0.01), grad,
-                      SimSettings(workers=4, steps=40, seed=0))  # fmt: skip
+                      SimSettings(workers=4, steps=24, seed=0))  # fmt: skip
     assert torch.equal(result.params[first], start[first])  # not one bit moved
     assert not torch.equal(result.params[first.stop :], start[first.stop :])  # the rest trained
 
@@ -92,7 +93,7 @@ def test_a_frozen_first_layer_stays_exactly_equal_on_the_simulator(policy: str, 
 def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(run_dir: Path) -> None:
     """sparse-ae with frozen Gabor templates, 2 workers, 3 shards, Adagrad and local apply: the loss falls (the
     decoder and biases train) and the first layer's slice of the server's values is bit-identical to its start."""
-    result = downpour("train", "--workers", "2", "--shards", "3", "--steps", "200", "--set", "model.name=sparse-ae",
+    result = downpour("train", "--workers", "2", "--shards", "3", "--steps", "120", "--set", "model.name=sparse-ae",
                       "--set", "model.init=gabor", "--set", "model.freeze_first=true", "--set", "ps.local_apply=true",
                       *DIGITS, "--out", str(run_dir))  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -162,11 +163,13 @@ def test_first_layer_choices_that_make_no_sense_are_clear_errors(keys: dict, mes
         build_model(ModelConfig(**keys), shape[1] * shape[2], seed=0, shape=shape)
 
 
-def test_bad_design_keys_are_one_line_errors(run_dir: Path) -> None:
+def test_bad_design_keys_are_one_line_errors(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the CLI's own entry point (in this process: a fresh interpreter would cost seconds)."""
     with pytest.raises(
         ConfigError, match=r"invalid model.init: 'wavelet' \(choose one of learned, gabor, dog, random\)"
     ):
         config_mod.from_dict({"model": {"init": "wavelet"}})
-    result = downpour("train", "--set", "model.name=rica", "--set", "model.penalty=kl:0.05,3", "--out", str(run_dir))
-    assert result.returncode == 2 and "kl needs sigmoid hidden units" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    status = main(["train", "--set", "model.penalty=kl:0.05,3", "--set", "data.source=digits", "--out", str(run_dir)])
+    stderr = capsys.readouterr().err
+    assert status == 2 and "kl needs sigmoid hidden units" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not run_dir.exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import downpour
+from downpour.cli import main
 from downpour.errors import DownpourError
 from downpour.study.designs import Cell, answers, base_config, default_grid, table_markdown
 
@@ -57,10 +57,9 @@ def test_bad_budgets_are_refused() -> None:
         base_config(10, steps=0)
 
 
-def test_the_command_refuses_a_bad_budget_in_one_line(tmp_path: Path) -> None:
-    result = downpour("study", "designs", "--steps", "0", "--out", str(tmp_path / "study"))
-    assert result.returncode == 2
-    assert result.stderr.strip() == "downpour: error: invalid --steps: 0 (must be at least 1)"
+def test_the_command_refuses_a_bad_budget_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["study", "designs", "--steps", "0", "--out", str(tmp_path / "study")]) == 2
+    assert capsys.readouterr().err.strip() == "downpour: error: invalid --steps: 0 (must be at least 1)"
     assert not (tmp_path / "study").exists()
 
 

@@ -20,7 +20,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import least_squares
 from torch import Tensor
 
 R2_THRESHOLD = 0.8
@@ -120,6 +119,8 @@ def fit_gabor(image: np.ndarray) -> GaborFit:
     variance = float(((image - image.mean()) ** 2).sum())
     if variance <= 0:
         return GaborFit(0.0, *([math.nan] * 9))
+    from scipy.optimize import least_squares  # here: importing it costs a second that only a fit needs
+
     params = _start(image, y, x)
     # A short Levenberg–Marquardt run first; only fits that are already promising get the long one (noise is
     # what hits the step limit, and it is what would make 256 fits slow).
