@@ -132,5 +132,6 @@ def test_weight_decay_key_adds_half_lambda_w_squared() -> None:
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     plain = build_model(ModelConfig(name="sparse-ae", features=8), 64, seed=0)
     decayed = build_model(ModelConfig(name="sparse-ae", features=8, weight_decay=0.01), 64, seed=0)
-    expected = 0.005 * (plain.weight.pow(2).sum() + plain.decoder_weight.pow(2).sum())
-    assert float(decayed.loss(x) - plain.loss(x)) == pytest.approx(float(expected), rel=1e-5)
+    with torch.no_grad():
+        expected = 0.005 * (plain.weight.pow(2).sum() + plain.decoder_weight.pow(2).sum())
+        assert float(decayed.loss(x) - plain.loss(x)) == pytest.approx(float(expected), rel=1e-5)
