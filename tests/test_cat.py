@@ -105,8 +105,8 @@ def test_cat_network_trains_through_the_parameter_server(tmp_path: Path) -> None
     run_dir = tmp_path / "cat"
     result = downpour(
         "train", "--set", "model.name=cat", "--set", "data.source=natural-images", "--set", "data.examples=3000",
-        "--set", "data.held_out=256", "--set", "model.receptive_field=10", "--steps", "300", "--out", str(run_dir),
-        "--no-progress",
+        "--set", "data.held_out=256", "--set", "model.receptive_field=10", "--steps", "300", "--seconds", "0",
+        "--out", str(run_dir), "--no-progress",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
