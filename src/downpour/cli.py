@@ -60,6 +60,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ps.add_argument("--seconds", type=float, default=0.5, help="seconds per measured window")
     ps.add_argument("--rounds", type=int, default=12, help="rounds of windows, every configuration once a round")
     ps.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ps.add_argument(
+        "--backend", choices=("local", "ray"), default="local",
+        help="ray: the Ray backend against Ray's documented parameter-server pattern and the local backend",
+    )  # fmt: skip
+    ps.add_argument("--address", default="", help="--backend ray: a running Ray cluster (default: a private one)")
     layers = which.add_parser("layers", help="LocallyConnected2d against unfold+bmm, and untied against tied")
     layers.add_argument("--repeats", type=int, default=5, help="repetitions per timing (the fastest is reported)")
     layers.add_argument("--no-memory", action="store_true", help="skip the saved-for-backward memory count")
@@ -129,7 +134,12 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.bench == "ps":
         if args.seconds <= 0 or args.rounds < 1:
             raise DownpourError(f"bench ps needs --seconds > 0 and --rounds >= 1, got {args.seconds} and {args.rounds}")
-        result = bench_ps.run(seconds=args.seconds, rounds=args.rounds)
+        if args.backend == "ray":
+            from downpour.bench import ray_ps as bench_ps  # type: ignore[no-redef]
+
+            result = bench_ps.run(seconds=args.seconds, rounds=args.rounds, address=args.address)
+        else:
+            result = bench_ps.run(seconds=args.seconds, rounds=args.rounds)
         if args.json:
             print(json.dumps(result, indent=2))
         else:

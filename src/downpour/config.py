@@ -25,10 +25,12 @@ TORCHVISION_SETS = ("STL10", "CIFAR10")
 MODELS = ("rica", "cat", "sparse-ae", "rbm", "conv")
 FIRST_LAYER_INITS = ("learned", "gabor", "dog", "random")  # model.init (downpour.nn.templates)
 RULES = ("sgd", "adagrad")
-BACKENDS = ("local", "sim")
+BACKENDS = ("local", "sim", "ray")
 # Consistency policies (downpour.ps.policies.POLICIES, repeated here so that reading a config imports no torch).
 POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
 LOCAL_POLICIES = POLICIES  # the local backend runs every policy
+# What the Ray backend runs (sync and easgd need shard-side operations its actors do not offer yet).
+RAY_POLICIES = ("downpour", "ssp", "staleness-lr", "dc-asgd")
 
 
 @dataclass
@@ -120,6 +122,9 @@ class ClusterConfig:
     sim_straggler_slowdown: float = 1.0  # how many times slower they compute
     sim_network_mean: float = 0.0  # mean one-way message delay
     sim_network_sigma: float = 0.0  # 0: constant; > 0: lognormal
+    # ray backend: "" starts a private Ray instance on 127.0.0.1; "auto" or "host:port" joins a running cluster
+    address: str = ""
+    chaos: str = ""  # ray backend: injected faults, e.g. "kill-worker:30s,kill-shard:60s" (see backends/chaos.py)
 
 
 @dataclass
@@ -246,6 +251,14 @@ def _require(ok: bool, key: str, value: Any, what: str) -> None:
         raise ConfigError(f"invalid {key}: {value!r} ({what})")
 
 
+def _valid_address(address: str) -> bool:
+    """``""``, ``"auto"``, or ``host:port`` with a port 1..65535 (``[v6]:port`` too)."""
+    if address in ("", "auto"):
+        return True
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host.strip("[]") and " " not in host and port.isdigit() and 1 <= int(port) <= 65535)
+
+
 def validate(config: Config) -> None:
     """Check every value's range and choices; raise :class:`ConfigError` naming the first bad key."""
     d, m, t, p, c = config.data, config.model, config.train, config.ps, config.cluster
@@ -316,6 +329,16 @@ def validate(config: Config) -> None:
                      f"leave it at {str(default).lower()}")  # fmt: skip
     _require(math.isfinite(t.eval_every) and t.eval_every >= 0, "train.eval_every", t.eval_every,
              "must be >= 0 (0 = off)")  # fmt: skip
+    _require(c.backend != "ray" or p.policy in RAY_POLICIES, "ps.policy", p.policy,
+             f"the ray backend runs {', '.join(RAY_POLICIES)}; use cluster.backend = \"sim\" for it")  # fmt: skip
+    _require(c.backend == "ray" or not c.address, "cluster.address", c.address, "only the ray backend connects")
+    _require(_valid_address(c.address), "cluster.address", c.address,
+             '"" (a private Ray instance), "auto" or "host:port"')  # fmt: skip
+    _require(c.backend == "ray" or not c.chaos, "cluster.chaos", c.chaos, "faults are injected by the ray backend only")
+    if c.chaos:
+        from downpour.backends.chaos import parse_chaos
+
+        parse_chaos(c.chaos)
     mean = c.sim_compute_mean
     _require(math.isfinite(mean) and mean > 0, "cluster.sim_compute_mean", mean, "must be > 0")
     for key in ("sim_compute_sigma", "sim_stragglers", "sim_network_mean", "sim_network_sigma"):

@@ -50,6 +50,14 @@ class RunState:
     initial_loss: float = float("nan")
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
     worker_deaths: int = 0
+    # Ray backend's faults: worker actors restarted, shard actors restored from a checkpoint, applied updates lost
+    worker_restarts: int = 0
+    shard_restores: int = 0
+    lost_updates: int = 0
+    lost_before: int = 0  # lost_updates of the earlier sessions (not saved: read back as lost_updates)
+
+
+FAULT_COUNTERS = ("worker_restarts", "shard_restores", "lost_updates")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -126,6 +134,7 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tupl
             initial_loss=float(saved["initial_loss"]) if saved.get("initial_loss") is not None else float("nan"),
             staleness=StalenessHistogram(saved.get("staleness_histogram", [])),
             worker_deaths=int(saved.get("worker_deaths", 0)),
+            **{key: int(saved.get(key, 0)) for key in FAULT_COUNTERS},
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint {out / rundir.CHECKPOINT}: bad or missing field {exc}") from None
@@ -151,6 +160,7 @@ def _save_checkpoint(
         "initial_loss": run_state.initial_loss if np.isfinite(run_state.initial_loss) else None,
         "staleness_histogram": run_state.staleness.counts.tolist(),
         "worker_deaths": run_state.worker_deaths,
+        **{key: getattr(run_state, key) for key in FAULT_COUNTERS},
         "config": config.to_dict(),
         "rng": {"seed": config.train.seed, "session": run_state.session, "worker_seeds": seeds},
         "saved_at": time.time(),
@@ -161,8 +171,26 @@ def _save_checkpoint(
 def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state: RunState, seeds: list[int],
                     signature: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     snapshots = cluster.snapshots()
+    _count_lost(cluster, run_state)
     _save_checkpoint(out, snapshots, cluster.steps(), config, run_state, seeds, signature)
     return snapshots
+
+
+def _build_cluster(config: Config, dataset: Dataset, initial: torch.Tensor, seeds: list[int], t0: float) -> Any:
+    """The cluster of ``cluster.backend``: :class:`LocalCluster`, or the Ray backend's ``RayCluster`` (Ray is
+    imported only then); both offer the driver the same methods."""
+    if config.cluster.backend == "ray":
+        from downpour.backends.ray import RayCluster
+
+        return RayCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0, shape=dataset.shape)
+    return LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0, shape=dataset.shape)
+
+
+def _count_lost(cluster: Any, run_state: RunState) -> None:
+    """Bring ``run_state.lost_updates`` up to date: earlier sessions' plus this session's (Ray backend only)."""
+    lost = getattr(cluster, "lost_updates", None)
+    if lost is not None:
+        run_state.lost_updates = run_state.lost_before + lost
 
 
 def prepare_run_dir(out: Path, *, resume: bool) -> None:
@@ -222,6 +250,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                    held_out_loss: HeldOutLoss, checkpoint: ckpt.Checkpoint | None, run_state: RunState, *,
                    resume: bool, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     seeds = _worker_seeds(config.train.seed, run_state.session, config.cluster.workers)
+    run_state.lost_before = run_state.lost_updates
     t0 = time.time()
     initial = flat_copy(model)
     if checkpoint is None:
@@ -230,7 +259,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
     interrupted = False
     session_seconds = 0.0
     session_examples_start = run_state.examples
-    cluster = LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0, shape=dataset.shape)
+    cluster = _build_cluster(config, dataset, initial, seeds, t0)
     try:
         if checkpoint is not None:
             for shard, snap in zip(cluster.shards, checkpoint.shard_snapshots(), strict=True):
@@ -295,6 +324,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "updates_dropped": sum(s.get("dropped", 0) for s in snapshots),  # late pushes (sync with backup workers)
         "staleness": run_state.staleness.summary(),
         "worker_deaths": run_state.worker_deaths,
+        **{key: getattr(run_state, key) for key in FAULT_COUNTERS},
         "interrupted": interrupted,
         "sessions": run_state.session + 1,
         **({"data_files": dataset.read_report} if dataset.read_report else {}),
@@ -340,6 +370,17 @@ def _log_events(
         elif event.kind == "error":
             last_line = event.detail.strip().splitlines()[-1] if event.detail.strip() else "unknown error"
             console.print(f"[red]worker {event.worker} failed: {last_line}[/]")
+        elif event.kind == "restarted":  # Ray backend: the worker actor's process died and Ray restarted it
+            run_state.worker_restarts += 1
+            console.print(f"[yellow]worker {event.worker} died ({event.detail}); restarted[/]")
+        elif event.kind == "shard_restored":  # Ray backend: ``worker`` is the shard's index
+            run_state.shard_restores += 1
+            console.print(f"[yellow]{event.detail}[/]")
+            metrics.write("shard_restored", t=time.time() - t0, shard=event.worker, detail=event.detail)
+            continue
+        elif event.kind == "chaos":  # Ray backend: cluster.chaos injected a fault (``worker``: the target's index)
+            metrics.write("chaos", t=time.time() - t0, target=event.worker, detail=event.detail)
+            continue
         metrics.write(f"worker_{event.kind}", t=time.time() - t0, worker=event.worker, detail=event.detail)
 
 
