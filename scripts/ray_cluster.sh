@@ -85,10 +85,11 @@ start() {
     # If anything below fails, take down what was started.
     trap 'stop "$dir" >/dev/null 2>&1 || true' ERR
 
-    # --system-config (a hidden `ray start` option) sends updates up to 1 MiB inline, as downpour's own instance does.
+    # --system-config (a hidden `ray start` option), as downpour's own instance: updates up to 1 MiB inline, and actor
+    # processes at normal priority (Ray's default nice 15 makes training yield to everything else on the machine).
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$port" \
-        --include-dashboard=false --system-config='{"max_direct_call_object_size": 1048576}' "${common[@]}" \
-        >"$dir/head.log" 2>&1 &
+        --include-dashboard=false --system-config='{"max_direct_call_object_size": 1048576, "worker_niceness": 0}' \
+        "${common[@]}" >"$dir/head.log" 2>&1 &
     echo $! >"$dir/pids"
     local deadline=$((SECONDS + TIMEOUT))
     until [[ -f "$dir/ray/ray_current_cluster" ]]; do

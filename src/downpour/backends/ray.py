@@ -40,19 +40,22 @@ import threading
 import time
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from downpour.backends import shm
 from downpour.backends.chaos import parse_chaos
 from downpour.backends.local import WorkerEvent, worker_settings
 from downpour.config import Config
 from downpour.errors import DownpourError
 from downpour.models import build_model
+from downpour.ps.clocks import RETIRED
 from downpour.ps.policies import policy_rule
 from downpour.ps.shard import PushResult, Shard
 from downpour.ps.sharding import contiguous_bounds
@@ -77,6 +80,10 @@ __all__ = [
 
 INLINE_BYTES = 1 << 20  # max_direct_call_object_size of an instance we start: shards up to 256K floats go inline
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # shared-memory object store of an instance we start
+# Ray's settings for an instance we start (scripts/ray_cluster.sh passes the same to `ray start`): updates up to
+# INLINE_BYTES inline in the call; actor processes at the driver's priority (Ray's default, nice 15, has training
+# actors yield the CPU to every other process on the machine, which the local backend's workers do not).
+SYSTEM_CONFIG = {"max_direct_call_object_size": INLINE_BYTES, "worker_niceness": 0}
 MAX_RESTARTS = 100  # per actor; Ray's own limit and the driver's
 # CPUs a shard or worker actor asks for: nearly none (they are not CPU-bound reservations), but not zero, for Ray
 # schedules a zero-resource actor on the caller's node and would ignore its (soft) node affinity.
@@ -85,6 +92,10 @@ _LEASE_MAX = 32  # steps a worker claims from the coordinator at most at once
 _POLL_TIMEOUT_S = 10.0
 _RETRY_S = 0.25  # between calls of ``run`` on a worker that Ray is restarting
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_ATTACH_TIMEOUT_S = 120.0  # how long a worker waits for a shard actor that Ray is restarting
+PIPELINE_DEPTH = 1  # pushes per shard actor a worker keeps in flight while it computes
+# Workers map the files of shards on their own node (set DOWNPOUR_RAY_SHARED_MEMORY=0 to use actor calls only).
+_SHARED_MEMORY = os.environ.get("DOWNPOUR_RAY_SHARED_MEMORY", "1") != "0"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Connecting
@@ -158,7 +169,7 @@ def connect(address: str = "", *, num_cpus: int | None = None, object_store_byte
                     include_dashboard=False,
                     num_cpus=num_cpus or os.cpu_count() or 1,
                     object_store_memory=object_store_bytes,
-                    _system_config={"max_direct_call_object_size": INLINE_BYTES},
+                    _system_config=SYSTEM_CONFIG,
                     _temp_dir=temp_dir,
                     logging_level=logging.WARNING,
                     log_to_driver=False,
@@ -224,6 +235,19 @@ class Coordinator:
         self._incarnations = [0] * shards
         self._restores: list[tuple[int, int, int, float]] = []  # (shard, new incarnation, restored version, time)
         self._examples: dict[int, list[Any]] = {}  # per worker: [ObjectRef of its examples]
+        self._clocks = [0] * workers  # ps.policy = "ssp": pushes per worker (downpour.ps.clocks)
+
+    def clocks(self) -> list[int]:
+        """Every worker's SSP clock."""
+        return list(self._clocks)
+
+    def tick(self, worker: int) -> None:
+        """``worker`` finished a push: its SSP clock advances."""
+        self._clocks[worker] += 1
+
+    def retire(self, worker: int) -> None:
+        """``worker`` ended or died for good: it no longer holds anyone back."""
+        self._clocks[worker] = RETIRED
 
     def set_steps(self, value: int) -> None:
         """Count the budget from ``value`` (on resume)."""
@@ -275,16 +299,17 @@ class Coordinator:
 
 
 class ShardServer:
-    """One shard in a Ray actor's own memory: a :class:`Shard` with the run's rule, reached by method calls.
+    """One shard in a Ray actor: a :class:`Shard` with the run's rule in a file under ``/dev/shm`` that worker
+    actors on the same node map and push into directly (:mod:`downpour.backends.shm`); other workers call
+    :meth:`push` and :meth:`fetch`, which work on the same memory under the same lock.
 
-    Calls run one at a time (the actor's default), so the shard's lock is never contended. Values leave as fresh
-    NumPy arrays; an update arrives as a read-only array and is copied once into the shard's receive buffer.
+    Values leave as fresh NumPy arrays; an update arrives as a read-only array and is copied once into the shard's
+    receive buffer.
     """
 
-    def __init__(self, index: int, start: int, size: int, config: Config, coordinator_name: str) -> None:
+    def __init__(self, index: int, start: int, size: int, config: Config, cluster_name: str) -> None:
         torch.set_num_threads(1)
-        coordinator = ray.get_actor(coordinator_name)
-        self.shard = Shard(index, start, torch.zeros(size, dtype=torch.float32), policy_rule(config))
+        coordinator = ray.get_actor(f"{cluster_name}-coordinator")
         self.index, self.size = index, size
         self._update = torch.empty(size, dtype=torch.float32)
         self._fetched = torch.empty(size, dtype=torch.float32)
@@ -293,10 +318,24 @@ class ShardServer:
         # of a restartable actor (ray-project/ray#53727); actors are found by name instead.
         (ref,) = ray.get(coordinator.snapshot.remote(index))
         snapshot = _snapshot_from_wire(ray.get(ref))
-        self.shard.restore(snapshot)
         self.incarnation = 0
         if _reconstructed():
             self.incarnation = ray.get(coordinator.shard_restored.remote(index, snapshot["version"]))
+        self.path = shm.segment_path(cluster_name, index, self.incarnation)
+        shm.unlink(self.path)  # left by an earlier try of this incarnation's constructor
+        self._shared = shm.SharedShard(self.path, index, start, size, policy_rule(config), create=True,
+                                       incarnation=self.incarnation)  # fmt: skip
+        self.shard = self._shared.shard
+        self.shard.restore(snapshot)
+        shm.retire_others(cluster_name, index, self.path)  # workers still pushing into a dead incarnation stop
+
+    def attach_info(self) -> tuple[str, str, int]:
+        """``(node id, file, incarnation)``: what a worker needs to map this shard when it runs on the same node."""
+        return ray.get_runtime_context().get_node_id(), self.path, self.incarnation
+
+    def release(self) -> None:
+        """Remove this shard's file (the run is over; mappings that remain stay valid until dropped)."""
+        shm.unlink(self.path)
 
     def fetch(self) -> tuple[int, int, np.ndarray]:
         """``(version, incarnation, values)``."""
@@ -340,24 +379,48 @@ class ShardServer:
 
 
 class RemoteShard:
-    """A :class:`~downpour.ps.worker.ShardClient` for a shard actor: the worker's view of one remote shard.
+    """A :class:`~downpour.ps.worker.ShardClient` for a shard actor: the worker's view of one shard.
 
-    ``fetch_into`` and ``push`` are the synchronous client protocol; ``*_async`` / ``accept_*`` split them so that
-    :class:`_FanOutWorker` can have all shards work at once.
+    On the shard's node it maps the shard's file and fetches and pushes directly (:attr:`direct`); elsewhere it
+    calls the actor. ``*_async`` / ``accept_*`` split the actor calls so that :class:`_FanOutWorker` can keep them
+    in flight while it computes.
     """
 
-    def __init__(self, index: int, start: int, size: int, handle: Any, *, send_fetched: bool) -> None:
+    def __init__(self, index: int, start: int, size: int, handle: Any, *, rule: Any, send_fetched: bool) -> None:
         self.index, self.start, self.size, self.handle = index, start, size, handle
+        self.rule = rule
         self.send_fetched = send_fetched  # the rule needs the values the update was computed at (dc-asgd)
         self.incarnation = 0
         self.seen: dict[int, int] = {}  # incarnation -> highest version seen from it
+        self.direct: shm.SharedShard | None = None
+        self.direct_node = ""  # the worker's node: shards there are mapped
+
+    def connect(self, node_id: str) -> None:
+        """Ask the shard actor (waiting while Ray restarts it) where it is; map its file when on ``node_id``."""
+        self.direct_node = node_id
+        if self.direct is not None:
+            self.direct.close()
+            self.direct = None
+        node, path, incarnation = ray.get(self.handle.attach_info.remote(), timeout=_ATTACH_TIMEOUT_S)
+        self.incarnation = incarnation
+        if node == node_id and _SHARED_MEMORY:
+            with contextlib.suppress(FileNotFoundError):  # retired already: use the actor (a later call remaps)
+                self.direct = shm.SharedShard(path, self.index, self.start, self.size, self.rule, create=False)
+
+    def _live_direct(self) -> Shard | None:
+        """The mapped shard if its owner lives; None for a shard reached through the actor."""
+        if self.direct is None:
+            return None
+        if self.direct.alive():
+            return self.direct.shard
+        return None
 
     def _note(self, incarnation: int, version: int) -> None:
         if version > self.seen.get(incarnation, -1):
             self.seen[incarnation] = version
 
     def fetch_async(self) -> Any:
-        """Start a fetch; :meth:`accept_fetch` takes its reply."""
+        """Start a fetch from the actor; :meth:`accept_fetch` takes its reply."""
         return self.handle.fetch.remote()
 
     def accept_fetch(self, reply: tuple[int, int, np.ndarray], out: Tensor) -> int:
@@ -370,11 +433,33 @@ class RemoteShard:
 
     def fetch_into(self, out: Tensor) -> int:
         """Copy the shard's current values into ``out`` (shape ``(size,)``) and return their version."""
+        if self.direct is not None:
+            shard = self._live_direct()
+            if shard is not None:
+                version = shard.fetch_into(out)
+                self._note(self.incarnation, version)
+                return version
+            self.connect(self.direct_node)  # its actor died: find the restored incarnation
+            return self.fetch_into(out)
         return self.accept_fetch(ray.get(self.fetch_async()), out)
+
+    def push_direct(self, update: Tensor, fetched_version: int, worker: int, *, fetch_into: Tensor | None,
+                    fetched_values: Tensor | None) -> PushResult | None:  # fmt: skip
+        """Push into the mapped shard; None when its actor has died (the caller remaps and refetches)."""
+        shard = self._live_direct()
+        if shard is None:
+            return None
+        fetched = fetched_values if self.send_fetched else None
+        result = shard.push(update, fetched_version, worker, fetch_into=fetch_into, fetched_values=fetched)
+        self._note(self.incarnation, result.version)
+        return result
 
     def push_async(self, update: Tensor, fetched_version: int, worker: int, *, pull: bool,
                    fetched_values: Tensor | None) -> Any:  # fmt: skip
-        """Start a push (a push-pull when ``pull``); :meth:`accept_push` takes its reply."""
+        """Start a push (a push-pull when ``pull``) through the actor; :meth:`accept_push` takes its reply.
+
+        Ray serializes the arguments during this call, so the caller may overwrite ``update`` at once.
+        """
         fetched = fetched_values.numpy() if self.send_fetched and fetched_values is not None else None
         return self.handle.push.remote(update.numpy(), fetched_version, worker, self.incarnation, pull, fetched)
 
@@ -390,46 +475,144 @@ class RemoteShard:
     def push(self, update: Tensor, fetched_version: int, worker: int = -1, *, fetch_into: Tensor | None = None,
              fetched_values: Tensor | None = None) -> PushResult:  # fmt: skip
         """Apply ``update`` on the shard (and copy the new values into ``fetch_into``, if given)."""
+        if self.direct is not None:
+            result = self.push_direct(update, fetched_version, worker, fetch_into=fetch_into,
+                                      fetched_values=fetched_values)  # fmt: skip
+            if result is not None:
+                return result
+            self.connect(self.direct_node)
+            return PushResult(False, -1, self.fetch_into(fetch_into) if fetch_into is not None else fetched_version)
         ref = self.push_async(
             update, fetched_version, worker, pull=fetch_into is not None, fetched_values=fetched_values
         )
         return self.accept_push(ray.get(ref), fetch_into)
 
 
-class _FanOutWorker(DownpourWorker):
-    """The Downpour loop unchanged, with each step's fetches or pushes sent to all shards before waiting on any.
+class _Pending(NamedTuple):
+    """A push sent to a shard actor whose reply the worker has not taken yet."""
 
-    A reply from a restored shard (a new incarnation) on a push without pull makes the worker refetch that shard
-    at once: its local values of that shard are from before the shard died.
+    shard: RemoteShard
+    reply: Any  # ObjectRef
+    pulled: bool  # a push-pull: the reply brings the shard's new values
+    loss: float
+
+
+class _FanOutWorker(DownpourWorker):
+    """The Downpour loop unchanged, with the transport of :class:`RemoteShard`: direct pushes into shards on this
+    node, and actor calls to the others that stay in flight while the next step computes.
+
+    A push to a shard actor does not wait for its reply: the worker takes the reply ``depth`` pushes later (its
+    pulled values then become the local copy), so the round trip overlaps the next gradient. The cost is staleness:
+    a gradient is computed on values that miss the worker's own last ``depth`` pushes, and the shard records that
+    staleness with every push as usual. Errors in a call surface when its reply is taken. A reply from a restored
+    shard (a new incarnation) on a push without pull makes the worker refetch that shard at once: its local values
+    of that shard are from before the shard died.
     """
 
     shards: list[RemoteShard]  # type: ignore[assignment]
 
+    def __init__(self, *args: Any, depth: int = PIPELINE_DEPTH, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.depth = depth
+        self._inflight: deque[_Pending] = deque()
+        self._versions: list[int] = []
+        self._local: list[Tensor] = []
+
+    def run(self) -> None:
+        """Train (see :meth:`DownpourWorker.run`), then take the replies still in flight."""
+        try:
+            super().run()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._drain(0)
+            raise
+        self._drain(0)
+
     def _fetch(self, versions: list[int], local: list[Tensor]) -> None:
-        replies = ray.get([shard.fetch_async() for shard in self.shards])
-        for shard, reply, values in zip(self.shards, replies, local, strict=True):
-            versions[shard.index] = shard.accept_fetch(reply, values)
+        self._versions, self._local = versions, local
+        self._drain(0)  # replies still out would overwrite what this fetch brings
+        remote = [(shard, shard.fetch_async()) for shard in self.shards if shard.direct is None]
+        for shard in self.shards:
+            if shard.direct is not None:
+                versions[shard.index] = shard.fetch_into(local[shard.index])
+        for (shard, _), reply in zip(remote, ray.get([ref for _, ref in remote]), strict=True):
+            versions[shard.index] = shard.accept_fetch(reply, local[shard.index])
 
     def _push(self, updates: list[Tensor], versions: list[int], local: list[Tensor], loss: float, *,
               then_fetch: bool) -> None:  # fmt: skip
-        refs = [
-            shard.push_async(update, versions[shard.index], self.worker_id, pull=then_fetch, fetched_values=values)
-            for shard, update, values in zip(self.shards, updates, local, strict=True)
-        ]
-        replies = ray.get(refs)
-        for shard, reply, values in zip(self.shards, replies, local, strict=True):
-            known = shard.incarnation
-            result = shard.accept_push(reply, values if then_fetch else None)
-            if then_fetch:
-                versions[shard.index] = result.version
-            elif reply[3] != known:
+        self._versions, self._local = versions, local
+        sent = 0
+        for shard, update, values in zip(self.shards, updates, local, strict=True):
+            fetched = versions[shard.index]
+            if shard.direct is None:
+                ref = shard.push_async(update, fetched, self.worker_id, pull=then_fetch, fetched_values=values)
+                self._inflight.append(_Pending(shard, ref, then_fetch, loss))
+                sent += 1
+                continue
+            result = shard.push_direct(update, fetched, self.worker_id, fetch_into=values if then_fetch else None,
+                                       fetched_values=values)  # fmt: skip
+            if result is None:  # the shard actor died: this push dies with it; take up its restored incarnation
+                result = PushResult(False, -1, fetched)
+                shard.connect(shard.direct_node)
                 versions[shard.index] = shard.fetch_into(values)
-            self.record(
-                PushRecord(
-                    self.clock(), self.worker_id, shard.index, result.version, result.staleness, loss, result.applied
-                )
-            )
+            elif then_fetch:
+                versions[shard.index] = result.version
+            self._record(shard, result, loss)
         self.pushes_ += 1
+        self._drain(self.depth * sent)
+
+    def _record(self, shard: RemoteShard, result: PushResult, loss: float) -> None:
+        record = PushRecord(self.clock(), self.worker_id, shard.index, result.version, result.staleness, loss,
+                            result.applied)  # fmt: skip
+        self.record(record)
+
+    def _drain(self, keep: int) -> None:
+        """Take the oldest replies until at most ``keep`` pushes remain in flight."""
+        while len(self._inflight) > keep:
+            pending = self._inflight.popleft()
+            shard = pending.shard
+            known = shard.incarnation
+            values = self._local[shard.index] if self._local else None
+            reply = ray.get(pending.reply)
+            result = shard.accept_push(reply, values if pending.pulled else None)
+            if pending.pulled and self._versions:
+                self._versions[shard.index] = result.version
+            elif reply[3] != known and values is not None:
+                self._versions[shard.index] = shard.fetch_into(values)
+            self._record(shard, result, pending.loss)
+
+
+class _ActorClocks:
+    """Stale synchronous parallel (Ho et al., NIPS 2013) with the clocks in the coordinator actor: the worker side
+    of :class:`~downpour.ps.clocks.SharedClocks` (``wait_turn``, ``tick``, ``retire``) for workers on many nodes.
+
+    A worker may start clock ``c`` once ``c − min(clocks) ≤ bound``. The minimum only grows, so a minimum read
+    earlier is a safe lower bound: the worker asks the coordinator only when that old minimum holds it back.
+    """
+
+    def __init__(self, coordinator: Any, worker: int, *, bound: int, poll_s: float = 0.002) -> None:
+        self.coordinator, self.bound, self.poll_s = coordinator, bound, poll_s
+        clocks = ray.get(coordinator.clocks.remote())
+        self.own, self.min = clocks[worker], min(clocks)  # a restarted worker goes on from its clock
+
+    def wait_turn(self, worker: int, should_stop: Any) -> bool:
+        """Block until ``worker`` may start its next clock; False if ``should_stop()`` came true first."""
+        while self.own - self.min > self.bound:
+            if should_stop():
+                return False
+            self.min = min(ray.get(self.coordinator.clocks.remote()))
+            if self.own - self.min > self.bound:
+                time.sleep(self.poll_s)
+        return True
+
+    def tick(self, worker: int) -> None:
+        """``worker`` finished a push (the call is ordered before this worker's later ``clocks`` calls)."""
+        self.own += 1
+        self.coordinator.tick.remote(worker)
+
+    def retire(self, worker: int) -> None:
+        """``worker`` ended: it no longer holds anyone back."""
+        self.coordinator.retire.remote(worker)
 
 
 class _LeasedSteps:
@@ -509,11 +692,16 @@ class WorkerActor:
     def _run(self, incarnation: int) -> int:
         self.incarnation = incarnation
         model = build_model(self.config.model, self.input_dim, seed=self.config.train.seed, shape=self.shape)
+        rule = policy_rule(self.config)
         self._clients = [
-            RemoteShard(index, start, size, handle, send_fetched=self.send_fetched)
+            RemoteShard(index, start, size, handle, rule=rule, send_fetched=self.send_fetched)
             for index, (start, size, handle) in enumerate(self.shards)
         ]
+        node_id = ray.get_runtime_context().get_node_id()
+        for client in self._clients:
+            client.connect(node_id)
         budget = _LeasedSteps(self.coordinator, self.config.train.steps)
+        ssp = self.config.ps.policy == "ssp"
         self._worker = _FanOutWorker(
             self.worker_id,
             model,
@@ -526,6 +714,8 @@ class WorkerActor:
             record=self._record,
             progress=self._progress,
             clock=lambda: time.time() - self.t0,
+            ssp=_ActorClocks(self.coordinator, self.worker_id, bound=self.config.ps.staleness_bound) if ssp else None,
+            depth=0 if ssp else PIPELINE_DEPTH,  # SSP's staleness bound counts pushes applied: none left in flight
         )
         try:
             self._worker.run()
@@ -688,7 +878,7 @@ class RayCluster:
                     max_restarts=max_restarts,
                     max_task_retries=-1,
                     scheduling_strategy=placement,
-                ).remote(i, start, stop - start, config, f"{self._name}-coordinator")
+                ).remote(i, start, stop - start, config, self._name)
                 for i, ((start, stop), placement) in enumerate(zip(self.bounds, placements, strict=True))
             ]
             self.shards = [
@@ -776,7 +966,10 @@ class RayCluster:
     def close(self) -> None:
         """End every actor; shut down the Ray instance if this cluster started it."""
         handles = [state.handle for state in self._workers]
-        handles += [shard.handle for shard in getattr(self, "shards", [])]
+        shards = [shard.handle for shard in getattr(self, "shards", [])]
+        with contextlib.suppress(Exception):  # each shard removes its file on its node
+            ray.get([handle.release.remote() for handle in shards], timeout=_POLL_TIMEOUT_S)
+        handles += shards
         if getattr(self, "coordinator", None) is not None:
             handles.append(self.coordinator)
         for handle in handles:
@@ -791,6 +984,8 @@ class RayCluster:
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
+        if getattr(self, "_name", None):
+            shm.unlink_cluster(self._name)  # files of dead incarnations on this machine
 
     # -- observation -----------------------------------------------------------------------------------------
     def _apply_poll(self, worker_id: int, reply: dict[str, Any]) -> list[tuple]:
@@ -841,6 +1036,7 @@ class RayCluster:
                 events.append(WorkerEvent("error", worker_id, str(exc.cause if exc.cause is not None else exc)))
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True
+                self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back
                 events.append(WorkerEvent("died", worker_id, _first(exc)))
             except RayActorError as exc:  # the process died and Ray restarts it (or is restarting it)
                 if self._stopping:

@@ -64,6 +64,23 @@ class Shard:
         self._meta_np: np.ndarray | None = None
         self._buffers: tuple[ShardState, ShardState] | None = None
 
+    @classmethod
+    def over(cls, index: int, start: int, rule: Rule, *, values: Tensor, state: dict[str, Tensor], meta: Tensor,
+             lock: AbstractContextManager[Any]) -> Shard:  # fmt: skip
+        """A shard over tensors that hold one already (e.g. a file that processes of one machine map): ``values``
+        and each of ``rule.state_names`` in ``state`` ``(2, size)`` float32, ``meta`` ``(4,)`` int64; nothing is
+        written, so a second process sees what the first one holds."""
+        if values.dim() != 2 or values.shape[0] != 2 or values.dtype != torch.float32:
+            raise ValueError(f"shard values must be (2, size) float32, got {tuple(values.shape)} {values.dtype}")
+        if set(state) != set(rule.state_names) or meta.shape != (4,) or meta.dtype != torch.int64:
+            raise ValueError(f"shard {index} needs state {rule.state_names} and a (4,) int64 meta")
+        shard = cls.__new__(cls)
+        shard.index, shard.start, shard.rule, shard.lock = index, start, rule, lock
+        shard.size = values.shape[1]
+        shard._values, shard._state, shard._meta = values, dict(state), meta
+        shard._meta_np, shard._buffers = None, None
+        return shard
+
     @property
     def stop(self) -> int:
         """End (exclusive) of this shard's slice of the flat parameters."""

@@ -1,0 +1,128 @@
+"""A shard in a memory-mapped file that every process of one machine opens by name (the Ray backend's fast path).
+
+A shard actor keeps its :class:`~downpour.ps.shard.Shard` (both buffers, rule state, version counters) in a file
+under ``/dev/shm``; a worker actor on the same node maps the same file and fetches and pushes directly, under the
+shard's :class:`~downpour.ps.locks.FileLock`, as the local backend's worker processes do: no actor call, no copy
+through Ray. Workers on other nodes reach the shard actor through Ray, which applies their pushes to the same
+memory under the same lock.
+
+Layout (bytes): a header of 8 int64 ``[owner pid, incarnation, retired, 0...]`` at 0, the shard's meta (4 int64) at
+64, then float32 ``(1 + len(state_names), 2, size)`` at 128: values, then each rule state, two buffers each.
+A worker treats the shard as gone when its owner process has died or a newer incarnation marked it retired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import mmap
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from downpour.ps.locks import FileLock
+from downpour.ps.rules import Rule
+from downpour.ps.shard import Shard
+
+_HEADER, _META, _FLOATS = 0, 64, 128
+_PID, _INCARNATION, _RETIRED = range(3)
+
+
+def shm_dir() -> str:
+    """``/dev/shm`` where it exists (memory, not disk), else the temporary directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def segment_path(cluster: str, shard: int, incarnation: int) -> str:
+    """The file of ``shard``'s ``incarnation`` in the cluster named ``cluster``."""
+    return os.path.join(shm_dir(), f"{cluster}-shard{shard}-{incarnation}")
+
+
+def segment_bytes(size: int, state_names: tuple[str, ...]) -> int:
+    """Bytes of the file holding a shard of ``size`` values with the given rule state."""
+    return _FLOATS + 4 * (1 + len(state_names)) * 2 * size
+
+
+class SharedShard:
+    """A :class:`Shard` mapped from its file: created by the shard actor (``create=True``), opened by workers."""
+
+    def __init__(self, path: str, index: int, start: int, size: int, rule: Rule, *, create: bool,
+                 incarnation: int = 0) -> None:  # fmt: skip
+        self.path = path
+        nbytes = segment_bytes(size, rule.state_names)
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)  # FileNotFoundError when a worker comes too late: the shard is gone
+        try:
+            if create:
+                os.ftruncate(fd, nbytes)  # zero-filled
+            elif os.fstat(fd).st_size != nbytes:
+                raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, not a shard of {size} values")
+            self._map = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        raw = torch.frombuffer(self._map, dtype=torch.uint8)  # (nbytes,) shares the mapping
+        self.header = np.frombuffer(self._map, dtype=np.int64, count=8)
+        floats = raw[_FLOATS:].view(torch.float32).view(1 + len(rule.state_names), 2, size)  # (1 + S, 2, size)
+        state = {name: floats[1 + i] for i, name in enumerate(rule.state_names)}
+        meta = raw[_META : _META + 32].view(torch.int64)  # (4,)
+        self.shard = Shard.over(index, start, rule, values=floats[0], state=state, meta=meta,
+                                lock=FileLock(path + ".lock"))  # fmt: skip
+        if create:
+            self.header[_PID], self.header[_INCARNATION] = os.getpid(), incarnation
+
+    @property
+    def incarnation(self) -> int:
+        """The shard actor's incarnation that owns this file."""
+        return int(self.header[_INCARNATION])
+
+    def alive(self) -> bool:
+        """Whether the owning shard actor still lives: its process exists and no newer incarnation retired it."""
+        if self.header[_RETIRED]:
+            return False
+        try:
+            os.kill(int(self.header[_PID]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a process of another user: the pid was reused, so the owner is gone
+            return False
+        return True
+
+    def retire(self) -> None:
+        """Mark this file's shard as superseded (workers that still map it stop using it)."""
+        self.header[_RETIRED] = 1
+
+    def close(self) -> None:
+        """Drop this process's mapping (tensors viewing it must be gone)."""
+        self.shard = None  # type: ignore[assignment]
+        with contextlib.suppress(BufferError, ValueError):
+            self._map.close()
+
+
+def unlink(path: str) -> None:
+    """Remove a shard's file and its lock file (processes that map it keep their mapping)."""
+    for name in (path, path + ".lock"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
+def retire_others(cluster: str, shard: int, mine: str) -> None:
+    """Mark every other incarnation's file of ``shard`` on this machine retired, and remove it."""
+    for path in glob.glob(os.path.join(shm_dir(), f"{cluster}-shard{shard}-*")):
+        if path == mine or path.endswith(".lock"):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            header = np.memmap(path, dtype=np.int64, mode="r+", shape=(8,))
+            header[_RETIRED] = 1
+            header.flush()
+            del header
+        unlink(path)
+
+
+def unlink_cluster(cluster: str) -> None:
+    """Remove every shard file of ``cluster`` on this machine (the driver's clean-up)."""
+    for path in glob.glob(os.path.join(shm_dir(), f"{cluster}-shard*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
