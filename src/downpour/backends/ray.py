@@ -323,6 +323,7 @@ class ShardServer:
             self.incarnation = ray.get(coordinator.shard_restored.remote(index, snapshot["version"]))
         self.path = shm.segment_path(cluster_name, index, self.incarnation)
         shm.unlink(self.path)  # left by an earlier try of this incarnation's constructor
+        shm.collect_orphans()  # files of runs whose driver was killed
         self._shared = shm.SharedShard(self.path, index, start, size, policy_rule(config), create=True,
                                        incarnation=self.incarnation)  # fmt: skip
         self.shard = self._shared.shard
@@ -925,7 +926,15 @@ class RayCluster:
                 threads,
                 self._send_fetched,
             )
-            self._workers.append(_WorkerState(handle, run=handle.run.remote(0)))
+            self._workers.append(_WorkerState(handle))
+        # Start training once every worker actor is up (a process each, importing torch: seconds on a busy node),
+        # so that no worker spends the budget before the others have started.
+        try:
+            ray.get([state.handle.where.remote() for state in self._workers])
+        except RayError as exc:
+            raise DownpourError(f"a Ray worker actor did not start: {_first(exc)}") from None
+        for state in self._workers:
+            state.run = state.handle.run.remote(0)
 
     def request_stop(self) -> None:
         """Ask every worker to stop after its current step."""

@@ -120,9 +120,26 @@ def retire_others(cluster: str, shard: int, mine: str) -> None:
         unlink(path)
 
 
+def collect_orphans(prefix: str = "downpour-") -> int:
+    """Remove shard files on this machine whose owner process is gone (a driver killed before it could clean up);
+    return how many. Called by every new shard actor."""
+    removed = 0
+    for path in glob.glob(os.path.join(shm_dir(), f"{prefix}*-shard*-*")):
+        if path.endswith(".lock"):
+            continue
+        try:
+            pid = int(np.fromfile(path, dtype=np.int64, count=1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            unlink(path)
+            removed += 1
+        except (OSError, ValueError, IndexError):  # unreadable, or being created: leave it
+            continue
+    return removed
+
+
 def unlink_cluster(cluster: str) -> None:
     """Remove every shard file of ``cluster`` on this machine (the driver's clean-up)."""
     for path in glob.glob(os.path.join(shm_dir(), f"{cluster}-shard*")):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-

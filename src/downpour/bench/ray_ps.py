@@ -24,6 +24,7 @@ private one on 127.0.0.1 (``num_cpus`` = the machine's cores, no dashboard), sta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import threading
@@ -160,6 +161,7 @@ class RayDocPattern(Runner):
         ]
         self._pids = ray.get([self.server.pid.remote()] + [w.pid.remote() for w in self.workers])
         self._done = 0
+        self._pending: dict[Any, Any] = {}  # ObjectRef of a gradient being computed -> its worker
         self._running = threading.Event()
         self._closing = threading.Event()
         self._error: BaseException | None = None
@@ -171,7 +173,8 @@ class RayDocPattern(Runner):
         ray = self._ray
         try:
             weights = self.server.get_weights.remote()
-            pending = {worker.compute_gradients.remote(weights): worker for worker in self.workers}
+            pending = self._pending
+            pending.update({worker.compute_gradients.remote(weights): worker for worker in self.workers})
             while not self._closing.is_set():
                 if not self._running.wait(timeout=0.05):
                     continue
@@ -208,6 +211,9 @@ class RayDocPattern(Runner):
         self._closing.set()
         self.resume()
         self._thread.join(timeout=10)
+        for ref in list(self._pending):  # take the last replies, so that none is left unread (Ray logs those)
+            with contextlib.suppress(Exception):
+                self._ray.get(ref, timeout=10)
         for actor in [self.server, *self.workers]:
             self._ray.kill(actor)
 
