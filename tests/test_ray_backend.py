@@ -193,6 +193,10 @@ def test_killed_worker_and_killed_shard_are_restarted_and_training_goes_on(ray_c
 
 def test_chaos_schedule_parses_and_errors_name_the_key() -> None:
     """``cluster.chaos`` reads KIND:TIME items in any order; every mistake names cluster.chaos and the value."""
+    from downpour.backends.ray_coordinator import RETIRED
+    from downpour.ps.clocks import RETIRED as LOCAL_RETIRED
+
+    assert RETIRED == LOCAL_RETIRED  # the coordinator's SSP clocks retire workers as the local backend's do
     assert parse_chaos("") == []
     assert parse_chaos("kill-shard:60s, kill-worker:30s") == [("kill-worker", 30.0), ("kill-shard", 60.0)]
     assert parse_chaos("kill-worker:1.5,kill-worker:2m") == [("kill-worker", 1.5), ("kill-worker", 120.0)]

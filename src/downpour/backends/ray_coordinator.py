@@ -1,0 +1,86 @@
+"""The Ray backend's coordinator actor: the global step budget, restore points, shard restores, SSP clocks.
+
+Kept free of torch (and of the rest of the backend), so that its actor process starts in a fraction of the time a
+shard's or worker's does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+RETIRED = 2**62  # the SSP clock of a worker that ended or died (as downpour.ps.clocks.RETIRED)
+
+
+class Coordinator:
+    """The small actor every other one can reach: the global step budget, the last checkpoint, shard restores."""
+
+    def __init__(self, limit: int, workers: int, shards: int) -> None:
+        self.limit, self.workers = limit, workers
+        self.claimed = 0
+        self._snapshots: list[list[Any]] = [[] for _ in range(shards)]  # per shard: [ObjectRef of a wire snapshot]
+        self._incarnations = [0] * shards
+        self._restores: list[tuple[int, int, int, float]] = []  # (shard, new incarnation, restored version, time)
+        self._examples: dict[int, list[Any]] = {}  # per worker: [ObjectRef of its examples]
+        self._clocks = [0] * workers  # ps.policy = "ssp": pushes per worker (downpour.ps.clocks)
+
+    def clocks(self) -> list[int]:
+        """Every worker's SSP clock."""
+        return list(self._clocks)
+
+    def tick(self, worker: int) -> None:
+        """``worker`` finished a push: its SSP clock advances."""
+        self._clocks[worker] += 1
+
+    def retire(self, worker: int) -> None:
+        """``worker`` ended or died for good: it no longer holds anyone back."""
+        self._clocks[worker] = RETIRED
+
+    def set_steps(self, value: int) -> None:
+        """Count the budget from ``value`` (on resume)."""
+        self.claimed = value
+
+    def claim(self, most: int) -> int:
+        """Grant up to ``most`` steps (fewer as the budget runs out, so workers share its end); 0 when spent."""
+        if not self.limit:
+            self.claimed += most
+            return most
+        remaining = self.limit - self.claimed
+        granted = max(0, min(most, remaining, max(1, remaining // (2 * self.workers))))
+        self.claimed += granted
+        return granted
+
+    def release(self, unused: int) -> None:
+        """Give back steps claimed and not used (a worker that stops)."""
+        self.claimed -= unused
+
+    def set_snapshot(self, shard: int, ref: list[Any]) -> None:
+        """Keep ``ref`` (one ObjectRef in a list, so that Ray passes the reference) as ``shard``'s restore point."""
+        self._snapshots[shard] = ref
+
+    def snapshot(self, shard: int) -> list[Any]:
+        """``[ObjectRef]`` of the snapshot a restarted ``shard`` loads."""
+        return self._snapshots[shard]
+
+    def set_examples(self, worker: int, ref: list[Any]) -> None:
+        """Keep ``[ObjectRef]`` of ``worker``'s training examples."""
+        self._examples[worker] = ref
+
+    def examples(self, worker: int) -> list[Any]:
+        """``[ObjectRef]`` of ``worker``'s training examples."""
+        return self._examples[worker]
+
+    def shard_restored(self, shard: int, version: int) -> int:
+        """Note that ``shard`` came back at ``version``; return its new incarnation number."""
+        self._incarnations[shard] += 1
+        self._restores.append((shard, self._incarnations[shard], version, time.time()))
+        return self._incarnations[shard]
+
+    def restores(self) -> list[tuple[int, int, int, float]]:
+        """Every restore so far: ``(shard, incarnation, restored version, unix time)``."""
+        return list(self._restores)
+
+    def pid(self) -> int:
+        """This actor's process id."""
+        return os.getpid()
