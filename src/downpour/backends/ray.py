@@ -1,22 +1,27 @@
 """The Ray backend: shards and workers as Ray actors, on one machine or many, surviving the death of either.
 
 The same code as the local backend runs inside the actors: a shard actor holds a :class:`~downpour.ps.shard.Shard`
-with the same rule (:func:`~downpour.ps.policies.policy_rule`) in its own memory, and a worker actor runs the same
-:class:`~downpour.ps.worker.DownpourWorker` loop; only the transport differs. A worker reaches its shards through
-:class:`RemoteShard` clients, and sends each step's calls to all shards at once (:class:`_FanOutWorker`), so a step
-waits for the slowest shard, not for their sum. Updates and values travel as NumPy arrays, which Ray serializes as
-out-of-band buffers (one copy, no per-element Python work): inline in the call up to the cluster's
-``max_direct_call_object_size`` (raised to 1 MiB for a cluster this module starts), through the shared-memory object
-store beyond that. The global step budget is a small actor (:class:`Coordinator`) that hands out steps in leases,
-so that a worker asks it once per many pushes, not once per push. The driver pulls push records, example counts and
-losses from every worker in batches, without waiting on them.
+with the same rule (:func:`~downpour.ps.policies.policy_rule`), and a worker actor runs the same
+:class:`~downpour.ps.worker.DownpourWorker` loop; only the transport differs. A shard keeps its buffers in a file
+under ``/dev/shm`` (:mod:`downpour.backends.shm`): a worker on the same node maps it and fetches and pushes directly
+under the shard's ``flock``, as the local backend's workers do, with no actor call. A worker on another node calls
+the actor (:class:`RemoteShard`), and does not wait for the reply of a push before computing its next gradient
+(:class:`_FanOutWorker`): the round trip overlaps compute, at the price of about one push of staleness, which the
+shard records. Updates and values travel as NumPy arrays, which Ray serializes as out-of-band buffers (one copy, no
+per-element Python work): inline in the call up to the cluster's ``max_direct_call_object_size`` (raised to 1 MiB
+for a cluster this module starts), through the shared-memory object store beyond that. The global step budget is a
+small actor (:class:`~downpour.backends.ray_coordinator.Coordinator`) that hands out steps in leases, so that a
+worker asks it once per many pushes; under SSP it keeps the workers' clocks. The driver pulls push records, example
+counts and losses from every worker in batches, without waiting on them.
 
 Failures. A worker actor that dies (its process killed, its node lost) is restarted by Ray (``max_restarts``); the
 driver sees its ``run`` call fail, counts a restart and calls ``run`` again, and the new process starts, like every
 worker, by fetching the current parameters. A shard actor that dies is restarted by Ray too; its constructor, finding
 itself reconstructed, loads the driver's last checkpoint snapshot (which the driver hands to the coordinator with
 every checkpoint) and takes a new *incarnation* number. Pushes computed against the dead incarnation's values are
-dropped (recorded as not applied), and the worker refetches that shard. The updates lost are the shard's version
+dropped (recorded as not applied), and the worker refetches that shard; a worker that pushes directly notices the
+death at its next push (the owner process is gone, or the new incarnation marked the old file retired). The updates
+lost are the shard's version
 before it died — the highest version any worker saw from that incarnation — minus the restored version: never more
 than the pushes applied since the last checkpoint.
 
@@ -36,14 +41,11 @@ import os
 import random
 import shutil
 import tempfile
-import threading
 import time
 import uuid
-import warnings
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,15 +53,19 @@ from torch import Tensor
 
 from downpour.backends import shm
 from downpour.backends.chaos import parse_chaos
-from downpour.backends.local import WorkerEvent, worker_settings
+from downpour.backends.local import WorkerEvent
+from downpour.backends.ray_actors import (
+    RemoteShard,
+    ShardServer,
+    WorkerActor,
+    snapshot_from_wire,
+    snapshot_to_wire,
+)
 from downpour.backends.ray_coordinator import Coordinator
 from downpour.config import Config
 from downpour.errors import DownpourError
-from downpour.models import build_model
 from downpour.ps.policies import policy_rule
-from downpour.ps.shard import PushResult, Shard
 from downpour.ps.sharding import contiguous_bounds
-from downpour.ps.worker import DownpourWorker, PushRecord
 
 try:
     import ray
@@ -88,14 +94,9 @@ MAX_RESTARTS = 100  # per actor; Ray's own limit and the driver's
 # CPUs a shard or worker actor asks for: nearly none (they are not CPU-bound reservations), but not zero, for Ray
 # schedules a zero-resource actor on the caller's node and would ignore its (soft) node affinity.
 _ACTOR_CPUS = 0.01
-_LEASE_MAX = 32  # steps a worker claims from the coordinator at most at once
 _POLL_TIMEOUT_S = 10.0
 _RETRY_S = 0.25  # between calls of ``run`` on a worker that Ray is restarting
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-_ATTACH_TIMEOUT_S = 120.0  # how long a worker waits for a shard actor that Ray is restarting
-PIPELINE_DEPTH = 1  # pushes per shard actor a worker keeps in flight while it computes
-# Workers map the files of shards on their own node (set DOWNPOUR_RAY_SHARED_MEMORY=0 to use actor calls only).
-_SHARED_MEMORY = os.environ.get("DOWNPOUR_RAY_SHARED_MEMORY", "1") != "0"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Connecting
@@ -197,491 +198,6 @@ def connect(address: str = "", *, num_cpus: int | None = None, object_store_byte
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _snapshot_to_wire(snapshot: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "values": snapshot["values"].numpy(),
-        "state": {name: tensor.numpy() for name, tensor in snapshot["state"].items()},
-        "version": int(snapshot["version"]),
-        "rejected": int(snapshot["rejected"]),
-    }
-
-
-def _snapshot_from_wire(wire: dict[str, Any]) -> dict[str, Any]:
-    """Torch tensors owning writable copies (arrays Ray hands over are read-only views)."""
-    return {
-        "values": torch.from_numpy(np.array(wire["values"], dtype=np.float32)),
-        "state": {name: torch.from_numpy(np.array(a, dtype=np.float32)) for name, a in wire["state"].items()},
-        "version": int(wire["version"]),
-        "rejected": int(wire["rejected"]),
-    }
-
-
-def _reconstructed() -> bool:
-    """Whether this actor is a restart of one that died."""
-    with warnings.catch_warnings():  # Ray 2.60 warns about a deprecated call of its own inside this one
-        warnings.simplefilter("ignore")
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Actors (plain classes; :class:`RayCluster` turns them into actors with the options each needs)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class ShardServer:
-    """One shard in a Ray actor: a :class:`Shard` with the run's rule in a file under ``/dev/shm`` that worker
-    actors on the same node map and push into directly (:mod:`downpour.backends.shm`); other workers call
-    :meth:`push` and :meth:`fetch`, which work on the same memory under the same lock.
-
-    Values leave as fresh NumPy arrays; an update arrives as a read-only array and is copied once into the shard's
-    receive buffer.
-    """
-
-    def __init__(self, index: int, start: int, size: int, config: Config, cluster_name: str) -> None:
-        torch.set_num_threads(1)
-        coordinator = ray.get_actor(f"{cluster_name}-coordinator")
-        self.index, self.size = index, size
-        self._update = torch.empty(size, dtype=torch.float32)
-        self._fetched = torch.empty(size, dtype=torch.float32)
-        # Values come from the restore point the driver keeps with the coordinator (the start at first, the last
-        # checkpoint after a death). Constructor arguments hold no object or actor reference: Ray may lose those
-        # of a restartable actor (ray-project/ray#53727); actors are found by name instead.
-        (ref,) = ray.get(coordinator.snapshot.remote(index))
-        snapshot = _snapshot_from_wire(ray.get(ref))
-        self.incarnation = 0
-        if _reconstructed():
-            self.incarnation = ray.get(coordinator.shard_restored.remote(index, snapshot["version"]))
-        self.path = shm.segment_path(cluster_name, index, self.incarnation)
-        shm.unlink(self.path)  # left by an earlier try of this incarnation's constructor
-        shm.collect_orphans()  # files of runs whose driver was killed
-        self._shared = shm.SharedShard(self.path, index, start, size, policy_rule(config), create=True,
-                                       incarnation=self.incarnation)  # fmt: skip
-        self.shard = self._shared.shard
-        self.shard.restore(snapshot)
-        shm.retire_others(cluster_name, index, self.path)  # workers still pushing into a dead incarnation stop
-
-    def attach_info(self) -> tuple[str, str, int]:
-        """``(node id, file, incarnation)``: what a worker needs to map this shard when it runs on the same node."""
-        return ray.get_runtime_context().get_node_id(), self.path, self.incarnation
-
-    def release(self) -> None:
-        """Remove this shard's file (the run is over; mappings that remain stay valid until dropped)."""
-        shm.unlink(self.path)
-
-    def fetch(self) -> tuple[int, int, np.ndarray]:
-        """``(version, incarnation, values)``."""
-        out = torch.empty(self.size, dtype=torch.float32)
-        version = self.shard.fetch_into(out)
-        return version, self.incarnation, out.numpy()
-
-    def push(self, update: np.ndarray, fetched_version: int, worker: int, incarnation: int, pull: bool,
-             fetched_values: np.ndarray | None = None) -> tuple[bool, int, int, int, np.ndarray | None]:  # fmt: skip
-        """Apply ``update``; return ``(applied, staleness, version, incarnation, values if pull else None)``.
-
-        A push computed against another incarnation (values this shard lost when it died) is not applied.
-        """
-        out = torch.empty(self.size, dtype=torch.float32) if pull else None
-        if incarnation != self.incarnation:
-            version = self.shard.fetch_into(out) if out is not None else self.shard.version
-            return False, -1, version, self.incarnation, out.numpy() if out is not None else None
-        np.copyto(self._update.numpy(), update)
-        fetched = None
-        if fetched_values is not None:
-            np.copyto(self._fetched.numpy(), fetched_values)
-            fetched = self._fetched
-        result = self.shard.push(self._update, fetched_version, worker, fetch_into=out, fetched_values=fetched)
-        return result.applied, result.staleness, result.version, self.incarnation, None if out is None else out.numpy()
-
-    def snapshot(self) -> tuple[int, dict[str, Any]]:
-        """``(incarnation, wire snapshot)`` of values, rule state, version and rejected count."""
-        return self.incarnation, _snapshot_to_wire(self.shard.snapshot())
-
-    def restore(self, wire: dict[str, Any]) -> None:
-        """Load a wire snapshot (a resumed run's checkpoint)."""
-        self.shard.restore(_snapshot_from_wire(wire))
-
-    def version(self) -> int:
-        """Pushes applied so far."""
-        return self.shard.version
-
-    def where(self) -> tuple[str, int]:
-        """``(node id, process id)`` of this actor."""
-        return ray.get_runtime_context().get_node_id(), os.getpid()
-
-
-class RemoteShard:
-    """A :class:`~downpour.ps.worker.ShardClient` for a shard actor: the worker's view of one shard.
-
-    On the shard's node it maps the shard's file and fetches and pushes directly (:attr:`direct`); elsewhere it
-    calls the actor. ``*_async`` / ``accept_*`` split the actor calls so that :class:`_FanOutWorker` can keep them
-    in flight while it computes.
-    """
-
-    def __init__(self, index: int, start: int, size: int, handle: Any, *, rule: Any, send_fetched: bool) -> None:
-        self.index, self.start, self.size, self.handle = index, start, size, handle
-        self.rule = rule
-        self.send_fetched = send_fetched  # the rule needs the values the update was computed at (dc-asgd)
-        self.incarnation = 0
-        self.seen: dict[int, int] = {}  # incarnation -> highest version seen from it
-        self.direct: shm.SharedShard | None = None
-        self.direct_node = ""  # the worker's node: shards there are mapped
-
-    def connect(self, node_id: str) -> None:
-        """Ask the shard actor (waiting while Ray restarts it) where it is; map its file when on ``node_id``."""
-        self.direct_node = node_id
-        if self.direct is not None:
-            self.direct.close()
-            self.direct = None
-        node, path, incarnation = ray.get(self.handle.attach_info.remote(), timeout=_ATTACH_TIMEOUT_S)
-        self.incarnation = incarnation
-        if node == node_id and _SHARED_MEMORY:
-            with contextlib.suppress(FileNotFoundError):  # retired already: use the actor (a later call remaps)
-                self.direct = shm.SharedShard(path, self.index, self.start, self.size, self.rule, create=False)
-
-    def _live_direct(self) -> Shard | None:
-        """The mapped shard if its owner lives; None for a shard reached through the actor."""
-        if self.direct is None:
-            return None
-        if self.direct.alive():
-            return self.direct.shard
-        return None
-
-    def _note(self, incarnation: int, version: int) -> None:
-        if version > self.seen.get(incarnation, -1):
-            self.seen[incarnation] = version
-
-    def fetch_async(self) -> Any:
-        """Start a fetch from the actor; :meth:`accept_fetch` takes its reply."""
-        return self.handle.fetch.remote()
-
-    def accept_fetch(self, reply: tuple[int, int, np.ndarray], out: Tensor) -> int:
-        """Copy a fetch reply into ``out``; return its version."""
-        version, incarnation, values = reply
-        np.copyto(out.numpy(), values)
-        self.incarnation = incarnation
-        self._note(incarnation, version)
-        return version
-
-    def fetch_into(self, out: Tensor) -> int:
-        """Copy the shard's current values into ``out`` (shape ``(size,)``) and return their version."""
-        if self.direct is not None:
-            shard = self._live_direct()
-            if shard is not None:
-                version = shard.fetch_into(out)
-                self._note(self.incarnation, version)
-                return version
-            self.connect(self.direct_node)  # its actor died: find the restored incarnation
-            return self.fetch_into(out)
-        return self.accept_fetch(ray.get(self.fetch_async()), out)
-
-    def push_direct(self, update: Tensor, fetched_version: int, worker: int, *, fetch_into: Tensor | None,
-                    fetched_values: Tensor | None) -> PushResult | None:  # fmt: skip
-        """Push into the mapped shard; None when its actor has died (the caller remaps and refetches)."""
-        shard = self._live_direct()
-        if shard is None:
-            return None
-        fetched = fetched_values if self.send_fetched else None
-        result = shard.push(update, fetched_version, worker, fetch_into=fetch_into, fetched_values=fetched)
-        self._note(self.incarnation, result.version)
-        return result
-
-    def push_async(self, update: Tensor, fetched_version: int, worker: int, *, pull: bool,
-                   fetched_values: Tensor | None) -> Any:  # fmt: skip
-        """Start a push (a push-pull when ``pull``) through the actor; :meth:`accept_push` takes its reply.
-
-        Ray serializes the arguments during this call, so the caller may overwrite ``update`` at once.
-        """
-        fetched = fetched_values.numpy() if self.send_fetched and fetched_values is not None else None
-        return self.handle.push.remote(update.numpy(), fetched_version, worker, self.incarnation, pull, fetched)
-
-    def accept_push(self, reply: tuple[bool, int, int, int, np.ndarray | None], out: Tensor | None) -> PushResult:
-        """Turn a push reply into a :class:`PushResult`, copying the pulled values into ``out``."""
-        applied, staleness, version, incarnation, values = reply
-        self._note(incarnation, version)
-        if values is not None and out is not None:
-            np.copyto(out.numpy(), values)
-            self.incarnation = incarnation
-        return PushResult(applied, staleness, version)
-
-    def push(self, update: Tensor, fetched_version: int, worker: int = -1, *, fetch_into: Tensor | None = None,
-             fetched_values: Tensor | None = None) -> PushResult:  # fmt: skip
-        """Apply ``update`` on the shard (and copy the new values into ``fetch_into``, if given)."""
-        if self.direct is not None:
-            result = self.push_direct(update, fetched_version, worker, fetch_into=fetch_into,
-                                      fetched_values=fetched_values)  # fmt: skip
-            if result is not None:
-                return result
-            self.connect(self.direct_node)
-            return PushResult(False, -1, self.fetch_into(fetch_into) if fetch_into is not None else fetched_version)
-        ref = self.push_async(
-            update, fetched_version, worker, pull=fetch_into is not None, fetched_values=fetched_values
-        )
-        return self.accept_push(ray.get(ref), fetch_into)
-
-
-class _Pending(NamedTuple):
-    """A push sent to a shard actor whose reply the worker has not taken yet."""
-
-    shard: RemoteShard
-    reply: Any  # ObjectRef
-    pulled: bool  # a push-pull: the reply brings the shard's new values
-    loss: float
-
-
-class _FanOutWorker(DownpourWorker):
-    """The Downpour loop unchanged, with the transport of :class:`RemoteShard`: direct pushes into shards on this
-    node, and actor calls to the others that stay in flight while the next step computes.
-
-    A push to a shard actor does not wait for its reply: the worker takes the reply ``depth`` pushes later (its
-    pulled values then become the local copy), so the round trip overlaps the next gradient. The cost is staleness:
-    a gradient is computed on values that miss the worker's own last ``depth`` pushes, and the shard records that
-    staleness with every push as usual. Errors in a call surface when its reply is taken. A reply from a restored
-    shard (a new incarnation) on a push without pull makes the worker refetch that shard at once: its local values
-    of that shard are from before the shard died.
-    """
-
-    shards: list[RemoteShard]  # type: ignore[assignment]
-
-    def __init__(self, *args: Any, depth: int = PIPELINE_DEPTH, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.depth = depth
-        self._inflight: deque[_Pending] = deque()
-        self._versions: list[int] = []
-        self._local: list[Tensor] = []
-
-    def run(self) -> None:
-        """Train (see :meth:`DownpourWorker.run`), then take the replies still in flight."""
-        try:
-            super().run()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self._drain(0)
-            raise
-        self._drain(0)
-
-    def _fetch(self, versions: list[int], local: list[Tensor]) -> None:
-        self._versions, self._local = versions, local
-        self._drain(0)  # replies still out would overwrite what this fetch brings
-        remote = [(shard, shard.fetch_async()) for shard in self.shards if shard.direct is None]
-        for shard in self.shards:
-            if shard.direct is not None:
-                versions[shard.index] = shard.fetch_into(local[shard.index])
-        for (shard, _), reply in zip(remote, ray.get([ref for _, ref in remote]), strict=True):
-            versions[shard.index] = shard.accept_fetch(reply, local[shard.index])
-
-    def _push(self, updates: list[Tensor], versions: list[int], local: list[Tensor], loss: float, *,
-              then_fetch: bool) -> None:  # fmt: skip
-        self._versions, self._local = versions, local
-        sent = 0
-        for shard, update, values in zip(self.shards, updates, local, strict=True):
-            fetched = versions[shard.index]
-            if shard.direct is None:
-                ref = shard.push_async(update, fetched, self.worker_id, pull=then_fetch, fetched_values=values)
-                self._inflight.append(_Pending(shard, ref, then_fetch, loss))
-                sent += 1
-                continue
-            result = shard.push_direct(update, fetched, self.worker_id, fetch_into=values if then_fetch else None,
-                                       fetched_values=values)  # fmt: skip
-            if result is None:  # the shard actor died: this push dies with it; take up its restored incarnation
-                result = PushResult(False, -1, fetched)
-                shard.connect(shard.direct_node)
-                versions[shard.index] = shard.fetch_into(values)
-            elif then_fetch:
-                versions[shard.index] = result.version
-            self._record(shard, result, loss)
-        self.pushes_ += 1
-        self._drain(self.depth * sent)
-
-    def _record(self, shard: RemoteShard, result: PushResult, loss: float) -> None:
-        record = PushRecord(self.clock(), self.worker_id, shard.index, result.version, result.staleness, loss,
-                            result.applied)  # fmt: skip
-        self.record(record)
-
-    def _drain(self, keep: int) -> None:
-        """Take the oldest replies until at most ``keep`` pushes remain in flight."""
-        while len(self._inflight) > keep:
-            pending = self._inflight.popleft()
-            shard = pending.shard
-            known = shard.incarnation
-            values = self._local[shard.index] if self._local else None
-            reply = ray.get(pending.reply)
-            result = shard.accept_push(reply, values if pending.pulled else None)
-            if pending.pulled and self._versions:
-                self._versions[shard.index] = result.version
-            elif reply[3] != known and values is not None:
-                self._versions[shard.index] = shard.fetch_into(values)
-            self._record(shard, result, pending.loss)
-
-
-class _ActorClocks:
-    """Stale synchronous parallel (Ho et al., NIPS 2013) with the clocks in the coordinator actor: the worker side
-    of :class:`~downpour.ps.clocks.SharedClocks` (``wait_turn``, ``tick``, ``retire``) for workers on many nodes.
-
-    A worker may start clock ``c`` once ``c − min(clocks) ≤ bound``. The minimum only grows, so a minimum read
-    earlier is a safe lower bound: the worker asks the coordinator only when that old minimum holds it back.
-    """
-
-    def __init__(self, coordinator: Any, worker: int, *, bound: int, poll_s: float = 0.002) -> None:
-        self.coordinator, self.bound, self.poll_s = coordinator, bound, poll_s
-        clocks = ray.get(coordinator.clocks.remote())
-        self.own, self.min = clocks[worker], min(clocks)  # a restarted worker goes on from its clock
-
-    def wait_turn(self, worker: int, should_stop: Any) -> bool:
-        """Block until ``worker`` may start its next clock; False if ``should_stop()`` came true first."""
-        while self.own - self.min > self.bound:
-            if should_stop():
-                return False
-            self.min = min(ray.get(self.coordinator.clocks.remote()))
-            if self.own - self.min > self.bound:
-                time.sleep(self.poll_s)
-        return True
-
-    def tick(self, worker: int) -> None:
-        """``worker`` finished a push (the call is ordered before this worker's later ``clocks`` calls)."""
-        self.own += 1
-        self.coordinator.tick.remote(worker)
-
-    def retire(self, worker: int) -> None:
-        """``worker`` ended: it no longer holds anyone back."""
-        self.coordinator.retire.remote(worker)
-
-
-class _LeasedSteps:
-    """A worker's side of the global step budget: steps claimed from the coordinator in leases, used one by one."""
-
-    def __init__(self, coordinator: Any, limit: int) -> None:
-        self.coordinator, self.limit = coordinator, limit
-        self.credits = 0
-        self.spent = False
-
-    def reserve(self) -> bool:
-        """Claim one push; False once the budget is spent."""
-        if not self.limit:
-            return True
-        if self.credits == 0:
-            if self.spent:
-                return False
-            self.credits = int(ray.get(self.coordinator.claim.remote(_LEASE_MAX)))
-            if self.credits == 0:
-                self.spent = True
-                return False
-        self.credits -= 1
-        return True
-
-    def release(self) -> None:
-        """Give unused steps back (without waiting: the coordinator takes calls in order)."""
-        if self.credits:
-            self.coordinator.release.remote(self.credits)
-            self.credits = 0
-
-
-class WorkerActor:
-    """One model replica in a Ray actor: :class:`_FanOutWorker` on its slice of the examples.
-
-    ``run`` trains on one thread while the driver calls ``poll`` and ``stop`` on another (the actor has three
-    threads: a second ``run`` may wait on the first).
-    """
-
-    def __init__(self, worker_id: int, config: Config, input_dim: int, shape: tuple[int, ...] | None,
-                 seed: int, shards: list[tuple[int, int, str]], coordinator_name: str, t0: float, threads: int,
-                 send_fetched: bool) -> None:  # fmt: skip
-        torch.set_num_threads(threads)
-        self.worker_id, self.config, self.input_dim, self.shape = worker_id, config, input_dim, shape
-        # Examples and actors are found through the coordinator and by name, not passed (see ShardServer).
-        self.coordinator = ray.get_actor(coordinator_name)
-        (ref,) = ray.get(self.coordinator.examples.remote(worker_id))
-        self.examples = torch.from_numpy(np.array(ray.get(ref), dtype=np.float32))  # (N, D), a writable copy
-        self.shards = [(start, size, ray.get_actor(name)) for start, size, name in shards]
-        self.seed, self.t0 = seed, t0
-        self.send_fetched = send_fetched
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._running = threading.Lock()
-        self._records: list[tuple] = []
-        self._examples, self._loss = 0, float("nan")
-        self._worker: _FanOutWorker | None = None
-        self._clients: list[RemoteShard] = []
-        self.incarnation = -1
-
-    def _record(self, record: PushRecord) -> None:
-        with self._lock:
-            self._records.append(tuple(record))
-
-    def _progress(self, examples: int, loss: float) -> None:
-        self._examples += examples
-        self._loss = loss
-
-    def run(self, incarnation: int) -> int:
-        """Train until stopped or the budget is spent; ``incarnation`` counts calls. Return the pushes made.
-
-        A second call while one runs (the driver lost sight of the first, e.g. through a network fault) waits for
-        the first to end, so that one process never trains twice at once.
-        """
-        with self._running:
-            return self._run(incarnation)
-
-    def _run(self, incarnation: int) -> int:
-        self.incarnation = incarnation
-        model = build_model(self.config.model, self.input_dim, seed=self.config.train.seed, shape=self.shape)
-        rule = policy_rule(self.config)
-        self._clients = [
-            RemoteShard(index, start, size, handle, rule=rule, send_fetched=self.send_fetched)
-            for index, (start, size, handle) in enumerate(self.shards)
-        ]
-        node_id = ray.get_runtime_context().get_node_id()
-        for client in self._clients:
-            client.connect(node_id)
-        budget = _LeasedSteps(self.coordinator, self.config.train.steps)
-        ssp = self.config.ps.policy == "ssp"
-        self._worker = _FanOutWorker(
-            self.worker_id,
-            model,
-            self._clients,
-            self.examples,
-            worker_settings(self.config),
-            rng=np.random.default_rng(np.random.SeedSequence([self.seed, incarnation])),
-            budget=budget,
-            should_stop=self._stop.is_set,
-            record=self._record,
-            progress=self._progress,
-            clock=lambda: time.time() - self.t0,
-            ssp=_ActorClocks(self.coordinator, self.worker_id, bound=self.config.ps.staleness_bound) if ssp else None,
-            depth=0 if ssp else PIPELINE_DEPTH,  # SSP's staleness bound counts pushes applied: none left in flight
-        )
-        try:
-            self._worker.run()
-        finally:
-            budget.release()
-        return self._worker.pushes_
-
-    def poll(self) -> dict[str, Any]:
-        """Records since the last poll, and this incarnation's examples, latest loss, pushes and versions seen."""
-        with self._lock:
-            records, self._records = self._records, []
-        worker = self._worker
-        return {
-            "incarnation": self.incarnation,
-            "records": records,
-            "examples": self._examples,
-            "loss": self._loss,
-            "pushes": worker.pushes_ if worker is not None else 0,
-            "seen": {(c.index, inc): v for c in self._clients for inc, v in c.seen.items()},
-        }
-
-    def stop(self) -> None:
-        """Stop after the current step (for good: a ``run`` started later returns at once)."""
-        self._stop.set()
-
-    def where(self) -> tuple[str, int]:
-        """``(node id, process id)`` of this actor."""
-        return ray.get_runtime_context().get_node_id(), os.getpid()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Driver side
-# ---------------------------------------------------------------------------------------------------------------
-
-
 class ShardProxy:
     """The driver's handle on one shard actor, with the attributes and methods the driver uses of a local Shard."""
 
@@ -705,7 +221,7 @@ class ShardProxy:
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Load ``snapshot`` into the actor, and make it the restore point should the actor die."""
-        ref = ray.put(_snapshot_to_wire(snapshot))
+        ref = ray.put(snapshot_to_wire(snapshot))
         ray.get(self.handle.restore.remote(ref))
         self.cluster._set_restore_point(self.index, ref)
 
@@ -760,11 +276,13 @@ class RayCluster:
 
     def __init__(self, config: Config, train: Tensor, initial: Tensor, *, worker_seeds: Sequence[int], t0: float,
                  shape: tuple[int, ...] | None = None, address: str | None = None, chaos: str | None = None,
-                 max_restarts: int = MAX_RESTARTS, num_cpus: int | None = None) -> None:  # fmt: skip
+                 max_restarts: int = MAX_RESTARTS, num_cpus: int | None = None, shared_memory: bool = True
+                 ) -> None:  # fmt: skip
         self.config = config
         self.address = address if address is not None else str(getattr(config.cluster, "address", ""))
         self.chaos = parse_chaos(chaos if chaos is not None else str(getattr(config.cluster, "chaos", "")))
         self.max_restarts = max_restarts
+        self.shared_memory = shared_memory  # False: workers reach even the shards of their own node by actor calls
         self.bounds = contiguous_bounds(initial.numel(), config.ps.shards)
         self.input_dim, self.shape = train.shape[1], shape
         self.worker_seeds, self.t0 = list(worker_seeds), t0
@@ -799,7 +317,7 @@ class RayCluster:
             for i, (start, stop) in enumerate(self.bounds):  # the start is the first restore point
                 state = {name: torch.zeros(stop - start) for name in rule.state_names}
                 start_point = {"values": initial[start:stop].clone(), "state": state, "version": 0, "rejected": 0}
-                self._set_restore_point(i, ray.put(_snapshot_to_wire(start_point)))
+                self._set_restore_point(i, ray.put(snapshot_to_wire(start_point)))
             shard_actor = ray.remote(ShardServer)
             placements = _spread(self.nodes, len(self.bounds))
             handles = [
@@ -817,14 +335,15 @@ class RayCluster:
                 for i, ((start, stop), handle) in enumerate(zip(self.bounds, handles, strict=True))
             ]
             self.budget = BudgetProxy(self, config.train.steps)
+            self._create_workers()  # their processes start while the shards' do; they train from ``start``
             ray.get([shard.handle.version.remote() for shard in self.shards])  # the shard actors are up
         except BaseException:
             self.close()
             raise
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start one worker actor per worker, each with only its own slice of the training examples."""
+    def _create_workers(self) -> None:
+        """One worker actor per worker, each with only its own slice of the training examples (not training yet)."""
         from downpour.data import worker_slice
 
         config = self.config
@@ -855,8 +374,12 @@ class RayCluster:
                 self.t0,
                 threads,
                 self._send_fetched,
+                self.shared_memory,
             )
             self._workers.append(_WorkerState(handle))
+
+    def start(self) -> None:
+        """Have every worker actor train, once all are up."""
         # Start training once every worker actor is up (a process each, importing torch: seconds on a busy node),
         # so that no worker spends the budget before the others have started.
         try:
@@ -1058,7 +581,7 @@ class RayCluster:
         for i, (incarnation, wire) in zip(chosen, ray.get(refs), strict=True):
             self._set_restore_point(i, ray.put(wire))  # owned by the driver; a restarted shard reads it from here
             self._seen[(i, incarnation)] = max(self._seen.get((i, incarnation), -1), int(wire["version"]))
-            out.append(_snapshot_from_wire(wire))
+            out.append(snapshot_from_wire(wire))
         return out
 
     def _set_restore_point(self, index: int, ref: Any) -> None:

@@ -13,7 +13,9 @@ processes are paused (SIGSTOP/SIGCONT), for several rounds, as in ``downpour ben
   server's new weights to that worker.
 - ``local_2w``: the local backend (:class:`~downpour.backends.local.LocalCluster`), 2 worker processes, 2 shards.
 - ``ray_2w_n4`` (for information): the Ray backend with ``n_fetch = n_push = 4``, Downpour's way of trading
-  staleness for fewer messages, which shows how much of the gap is Ray's cost per message.
+  staleness for fewer messages.
+- ``ray_2w_calls`` (for information): the Ray backend with its same-node shared memory off, so that every fetch
+  and push is an actor call (pipelined: the worker computes while its push-pull is in flight), as between nodes.
 
 Then :func:`transport_cost` times one step's messages alone (2 echo actors, a shard's slice each way): the cost
 of an actor call that every configuration built on Ray actor calls pays.
@@ -54,7 +56,8 @@ TARGET_VS_LOCAL = 0.8
 class RayBackend(Runner):
     """:class:`RayCluster` with ``workers`` workers and 2 shards, its records drained and logged as in training."""
 
-    def __init__(self, name: str, config: Config, examples: Tensor, workers: int, *, every: int = 1) -> None:
+    def __init__(self, name: str, config: Config, examples: Tensor, workers: int, *, every: int = 1,
+                 shared_memory: bool = True) -> None:  # fmt: skip
         import tempfile
 
         from downpour.backends.ray import RayCluster
@@ -64,7 +67,8 @@ class RayBackend(Runner):
         config.cluster.threads_per_worker = 1
         config.ps.n_fetch = config.ps.n_push = every
         initial = flat_copy(build_model(config.model, examples.shape[1], seed=0))
-        self.cluster = RayCluster(config, examples.clone(), initial, worker_seeds=list(range(workers)), t0=time.time())
+        self.cluster = RayCluster(config, examples.clone(), initial, worker_seeds=list(range(workers)), t0=time.time(),
+                                  shared_memory=shared_memory)  # fmt: skip
         self._tmp = tempfile.TemporaryDirectory()
         self._metrics = rundir.MetricsLog(Path(self._tmp.name) / rundir.METRICS)
         self._state = RunState()
@@ -292,11 +296,15 @@ def run(*, seconds: float = 0.5, rounds: int = 12, address: str = "") -> dict[st
         runners.append(RayDocPattern("ray_doc_pattern", workload(), train, workers=2))
         runners.append(LocalBackend("local_2w", workload(), train, workers=2))
         runners.append(RayBackend("ray_2w_n4", workload(), train, workers=2, every=4))
+        runners.append(RayBackend("ray_2w_calls", workload(), train, workers=2, shared_memory=False))
         start_all(runners, timeout=300)
         rates = alternate(runners, rounds=rounds, window=seconds)
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        measured = list(runners)
         close_all(runners)
         runners = []
+        # Staleness of every push applied during the whole run (windows, start-up and pauses alike).
+        staleness = {r.name: r._state.staleness.summary() for r in measured if hasattr(r, "_state")}
         transport = transport_cost(num_params, 2)
     finally:
         close_all(runners)
@@ -327,13 +335,17 @@ def run(*, seconds: float = 0.5, rounds: int = 12, address: str = "") -> dict[st
         "ray_doc_pattern_examples_per_s": med["ray_doc_pattern"],
         "local_2w_examples_per_s": med["local_2w"],
         "ray_2w_n4_examples_per_s": med["ray_2w_n4"],
+        "ray_2w_calls_examples_per_s": med["ray_2w_calls"],
         "ratios": {
             "ray_vs_doc_pattern": _paired_median(rates["ray_2w"], rates["ray_doc_pattern"]),
             "ray_vs_local": _paired_median(rates["ray_2w"], rates["local_2w"]),
             "ray_n4_vs_local": _paired_median(rates["ray_2w_n4"], rates["local_2w"]),
+            "ray_calls_vs_doc_pattern": _paired_median(rates["ray_2w_calls"], rates["ray_doc_pattern"]),
+            "ray_calls_vs_local": _paired_median(rates["ray_2w_calls"], rates["local_2w"]),
         },
         "targets": {"ray_vs_doc_pattern": TARGET_VS_DOC_PATTERN, "ray_vs_local": TARGET_VS_LOCAL},
         "transport": transport,
+        "staleness": staleness,
         "windows": rates,
     }
 
@@ -357,10 +369,14 @@ def print_table(result: dict[str, Any], console: Console) -> None:
         ("local backend, 2 workers, 2 shards", local, local / doc, 1.0, ""),
         ("Ray backend, n_fetch = n_push = 4 (information)", result["ray_2w_n4_examples_per_s"],
          result["ray_2w_n4_examples_per_s"] / doc, ratios["ray_n4_vs_local"], ""),
+        ("Ray backend, actor calls only, pipelined (information)", result["ray_2w_calls_examples_per_s"],
+         ratios["ray_calls_vs_doc_pattern"], ratios["ray_calls_vs_local"], ""),
     ]  # fmt: skip
     for name, rate, vs_doc, vs_local, target in rows:
         table.add_row(name, f"{rate:,.0f}", f"{vs_doc:.2f}", f"{vs_local:.2f}", target)
     console.print(table)
+    stale = ", ".join(f"{name} mean {s['mean']:.2f} p99 {s['p99']}" for name, s in result["staleness"].items())
+    console.print(f"Staleness of the pushes applied: {stale}")
     w, t = result["workload"], result["transport"]
     console.print(
         f"Ray {w['ray_version']}, {w['ray_nodes']} node(s), {w['cpus']} cores; {w['rounds']} rounds of "
