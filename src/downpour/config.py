@@ -29,8 +29,8 @@ BACKENDS = ("local", "sim", "ray")
 # Consistency policies (downpour.ps.policies.POLICIES, repeated here so that reading a config imports no torch).
 POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
 LOCAL_POLICIES = POLICIES  # the local backend runs every policy
-# What the Ray backend runs (sync and easgd need shard-side operations its actors do not offer yet).
-RAY_POLICIES = ("downpour", "ssp", "staleness-lr", "dc-asgd")
+# What the Ray backend runs (sync's rounds wait on shared clocks of all workers, which its actors do not have yet).
+RAY_POLICIES = ("downpour", "ssp", "staleness-lr", "dc-asgd", "easgd")
 
 
 @dataclass

@@ -222,7 +222,8 @@ def run_training(
 
         return run_sim_training(config, out, resume=resume, console=console, show_progress=show_progress)
     prepare_run_dir(out, resume=resume)
-    check_local_workers(config.cluster.workers)
+    if config.cluster.backend == "local":  # Ray places its worker actors on the cluster's machines
+        check_local_workers(config.cluster.workers)
     if dataset is None:
         dataset = load_dataset(config.data, seed=config.train.seed)
     if (note := unread_warning(dataset)) is not None:

@@ -25,9 +25,10 @@ from downpour.backends.local import worker_settings
 from downpour.config import Config
 from downpour.errors import DownpourError
 from downpour.models import build_model
-from downpour.ps.policies import policy_rule
+from downpour.ps.policies import EASGD, config_policy, policy_rule
 from downpour.ps.shard import PushResult, Shard
 from downpour.ps.worker import DownpourWorker, PushRecord
+from downpour.ps.worker_rounds import ElasticWorker
 
 try:
     import ray
@@ -137,6 +138,18 @@ class ShardServer:
             fetched = self._fetched
         result = self.shard.push(self._update, fetched_version, worker, fetch_into=out, fetched_values=fetched)
         return result.applied, result.staleness, result.version, self.incarnation, None if out is None else out.numpy()
+
+    def exchange(self, local: np.ndarray, alpha: float, worker: int, last_version: int, incarnation: int
+                 ) -> tuple[bool, int, int, int, np.ndarray]:  # fmt: skip
+        """EASGD's elastic exchange (:meth:`Shard.exchange`) with a worker's ``local`` values; return ``(applied,
+        staleness, version, incarnation, the worker's new local values)``. A worker that exchanged with another
+        incarnation (a center this shard lost when it died) is sent the current center instead."""
+        np.copyto(self._fetched.numpy(), local)
+        if incarnation != self.incarnation:
+            version = self.shard.fetch_into(self._fetched)
+            return False, -1, version, self.incarnation, self._fetched.numpy().copy()
+        result = self.shard.exchange(self._fetched, alpha=alpha, worker=worker, last_version=last_version)
+        return result.applied, result.staleness, result.version, self.incarnation, self._fetched.numpy().copy()
 
     def snapshot(self) -> tuple[int, dict[str, Any]]:
         """``(incarnation, wire snapshot)`` of values, rule state, version and rejected count."""
@@ -269,6 +282,24 @@ class RemoteShard:
             update, fetched_version, worker, pull=fetch_into is not None, fetched_values=fetched_values
         )
         return self.accept_push(ray.get(ref), fetch_into)
+
+    def exchange(self, local: Tensor, *, alpha: float, worker: int = -1, last_version: int = 0) -> PushResult:
+        """EASGD's elastic exchange of ``local`` (this shard's slice of the worker's parameters, updated in place)
+        with the shard's center: directly on the shard's node, else through the actor."""
+        if self.direct is not None:
+            shard = self._live_direct()
+            if shard is not None:
+                result = shard.exchange(local, alpha=alpha, worker=worker, last_version=last_version)
+                self._note(self.incarnation, result.version)
+                return result
+            self.reconnect()  # the center died with its actor: start again from the restored one
+            return PushResult(False, -1, self.fetch_into(local))
+        reply = ray.get(self.handle.exchange.remote(local.numpy(), alpha, worker, last_version, self.incarnation))
+        applied, staleness, version, incarnation, values = reply
+        np.copyto(local.numpy(), values)
+        self.incarnation = incarnation
+        self._note(incarnation, version)
+        return PushResult(applied, staleness, version)
 
 
 class _Pending(NamedTuple):
@@ -451,7 +482,7 @@ class WorkerActor:
         self._running = threading.Lock()
         self._records: list[tuple] = []
         self._examples, self._loss = 0, float("nan")
-        self._worker: _FanOutWorker | None = None
+        self._worker: DownpourWorker | None = None
         self._clients: list[RemoteShard] = []
         self.incarnation = -1
 
@@ -484,22 +515,25 @@ class WorkerActor:
         for client in self._clients:
             client.connect(node_id, shared_memory=self.shared_memory)
         budget = _LeasedSteps(self.coordinator, self.config.train.steps)
-        ssp = self.config.ps.policy == "ssp"
-        self._worker = _FanOutWorker(
-            self.worker_id,
-            model,
-            self._clients,
-            self.examples,
-            worker_settings(self.config),
-            rng=np.random.default_rng(np.random.SeedSequence([self.seed, incarnation])),
-            budget=budget,
-            should_stop=self._stop.is_set,
-            record=self._record,
-            progress=self._progress,
-            clock=lambda: time.time() - self.t0,
-            ssp=_ActorClocks(self.coordinator, self.worker_id, bound=self.config.ps.staleness_bound) if ssp else None,
-            depth=0 if ssp else PIPELINE_DEPTH,  # SSP's staleness bound counts pushes applied: none left in flight
-        )
+        policy = config_policy(self.config)
+        ssp = policy.name == "ssp"
+        common: dict[str, Any] = {
+            "rng": np.random.default_rng(np.random.SeedSequence([self.seed, incarnation])),
+            "budget": budget,
+            "should_stop": self._stop.is_set,
+            "record": self._record,
+            "progress": self._progress,
+            "clock": lambda: time.time() - self.t0,
+        }
+        args = (self.worker_id, model, self._clients, self.examples, worker_settings(self.config))
+        if isinstance(policy, EASGD):  # the elastic exchange, one shard at a time (RemoteShard.exchange)
+            self._worker = ElasticWorker(*args, policy=policy, **common)
+        else:
+            clocks = (
+                _ActorClocks(self.coordinator, self.worker_id, bound=self.config.ps.staleness_bound) if ssp else None
+            )
+            # SSP's staleness bound counts pushes applied: none left in flight
+            self._worker = _FanOutWorker(*args, ssp=clocks, depth=0 if ssp else PIPELINE_DEPTH, **common)
         try:
             self._worker.run()
         finally:

@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -276,11 +278,31 @@ def _paired_median(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what anything writes to file descriptor 1 (Ray's raylet warnings among them) to stderr meanwhile, so
+    that ``--json`` prints one clean JSON object on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def run(*, seconds: float = 0.5, rounds: int = 12, address: str = "") -> dict[str, Any]:
     """Start the configurations once, alternate ``rounds`` windows of ``seconds`` each; report medians and ratios.
 
     ``address``: the Ray cluster to use (``""``: a private instance on this machine, shut down at the end).
     """
+    with _stdout_to_stderr():
+        return _run(seconds=seconds, rounds=rounds, address=address)
+
+
+def _run(*, seconds: float, rounds: int, address: str) -> dict[str, Any]:
     import ray
 
     from downpour.backends.ray import INLINE_BYTES, connect
