@@ -225,6 +225,8 @@ def test_policies_with_their_own_worker_loop_train_on_ray(ray_cluster: str, digi
     config = _config(200)
     config.ps.policy = policy
     config.ps.staleness_bound = 1
+    if policy == "easgd":
+        config.ps.lr = 0.005  # its local steps are plain SGD, which diverges on digits at the default 0.02
     cluster, held_out, initial_loss = _cluster(config, digits)
     try:
         records: list[tuple] = []
@@ -236,7 +238,7 @@ def test_policies_with_their_own_worker_loop_train_on_ray(ray_cluster: str, digi
     assert [s["version"] for s in snapshots] == [200, 200]
     assert final_loss < 0.5 * initial_loss
     staleness = [r[4] for r in records if r[6]]  # (t, worker, shard, version, staleness, loss, applied)
-    assert len(staleness) == 400 and min(staleness) >= 0
+    assert len(staleness) == 400 and min(staleness) >= 0  # every push (exchange) applied
     if policy == "ssp":
         assert max(staleness) <= 3
 
