@@ -330,7 +330,8 @@ def validate(config: Config) -> None:
     _require(math.isfinite(t.eval_every) and t.eval_every >= 0, "train.eval_every", t.eval_every,
              "must be >= 0 (0 = off)")  # fmt: skip
     _require(c.backend != "ray" or p.policy in RAY_POLICIES, "ps.policy", p.policy,
-             f"the ray backend runs {', '.join(RAY_POLICIES)}; use cluster.backend = \"sim\" for it")  # fmt: skip
+             f"the ray backend runs {', '.join(RAY_POLICIES)}; use cluster.backend = \"local\" or \"sim\" for it"
+             )  # fmt: skip
     _require(c.backend == "ray" or not c.address, "cluster.address", c.address, "only the ray backend connects")
     _require(_valid_address(c.address), "cluster.address", c.address,
              '"" (a private Ray instance), "auto" or "host:port"')  # fmt: skip
