@@ -5,11 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image
 from torch import Tensor
 
 
@@ -34,5 +31,5 @@ def filter_grid(filters: Tensor, shape: tuple[int, int, int], *, pad: int = 1) -
 def save_filter_grid(filters: Tensor, shape: tuple[int, int, int], path: Path, *, scale: int = 4) -> None:
     """Write the filter grid as a PNG, each pixel enlarged ``scale`` times."""
     grid = filter_grid(filters, shape)
-    grid = np.kron(grid, np.ones((scale, scale))) if grid.ndim == 2 else grid.repeat(scale, 0).repeat(scale, 1)
-    plt.imsave(path, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0.0, vmax=1.0)
+    grid = grid.repeat(scale, 0).repeat(scale, 1)  # (rows·scale, cols·scale[, 3])
+    Image.fromarray(np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)).save(path, format="PNG")
