@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -86,24 +87,36 @@ def test_resume_continues_versions_rule_state_and_steps(run_dir: Path) -> None:
     assert sorted(versions) == list(range(1, 601))
 
 
-def test_resume_refuses_another_model_and_overwrites_nothing(run_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short finished run that the refusal tests try to misuse (each checks it is left exactly as it was)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert downpour("train", "--steps", "20", "--out", str(run_dir), *FAST).returncode == 0
+    return run_dir
+
+
+def _files(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_resume_refuses_another_model_and_overwrites_nothing(finished_run: Path) -> None:
     """Resuming with a different shape is a one-line error (exit 2) and leaves the run as it was."""
-    assert downpour("train", "--steps", "50", "--out", str(run_dir), *FAST).returncode == 0
-    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    result = downpour("train", "--resume", str(run_dir), "--set", "model.features=128", "--no-progress")
+    files = _files(finished_run)
+    result = downpour("train", "--resume", str(finished_run), "--set", "model.features=128", "--no-progress")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "does not match" in result.stderr and "parameter shapes" in result.stderr
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+    assert _files(finished_run) == files
 
 
-def test_new_run_into_an_existing_run_directory_is_refused(run_dir: Path) -> None:
+def test_new_run_into_an_existing_run_directory_is_refused(finished_run: Path) -> None:
     """``--out`` pointing at an existing run never overwrites it."""
-    assert downpour("train", "--steps", "20", "--out", str(run_dir), *FAST).returncode == 0
-    result = downpour("train", "--steps", "20", "--out", str(run_dir), *FAST)
+    files = _files(finished_run)
+    result = downpour("train", "--steps", "20", "--out", str(finished_run), *FAST)
     assert result.returncode == 2
     assert "already holds a run" in result.stderr
+    assert _files(finished_run) == files
 
 
 def _start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
@@ -208,13 +221,14 @@ def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(run_dir: Pa
     assert summary["sessions"] == 2
 
 
-def test_resume_refuses_other_data_or_seed(run_dir: Path) -> None:
+def test_resume_refuses_other_data_or_seed(finished_run: Path) -> None:
     """The data and the seed fix the held-out batch: changing them on resume is refused."""
-    assert downpour("train", "--steps", "20", "--out", str(run_dir), *FAST).returncode == 0
+    files = _files(finished_run)
     for change in (["--seed", "5"], ["--set", "data.whiten=false"]):
-        result = downpour("train", "--resume", str(run_dir), *change, "--no-progress")
+        result = downpour("train", "--resume", str(finished_run), *change, "--no-progress")
         assert result.returncode == 2, change
         assert "does not match" in result.stderr and "Traceback" not in result.stderr
+    assert _files(finished_run) == files
 
 
 def test_a_run_directory_in_use_is_refused(run_dir: Path) -> None:
