@@ -10,10 +10,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-from safetensors.torch import save_file
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from downpour.errors import DownpourError
 
@@ -23,6 +20,9 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint"
 FILTERS = "filters.png"
 WHITENING = "whitening.safetensors"
+
+if TYPE_CHECKING:  # the CLI imports this module before torch: config errors must come back at once
+    from torch import Tensor
 
 
 LOCK = ".lock"
@@ -59,6 +59,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     """Write tensors as safetensors, atomically and durably (temporary file, fsync, then rename)."""
+    from safetensors.torch import save_file
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp))
     fd = os.open(tmp, os.O_RDONLY)
