@@ -370,3 +370,16 @@ def test_cli_bad_value_subprocess(
     tokens = [t.format(tmp=tmp) for t in SUBPROCESS_CASES[case][1]]
     assert _mentions(line, *tokens), line
     assert not out.exists()
+
+
+def test_a_config_error_comes_back_before_torch_is_imported() -> None:
+    """The CLI checks the config first: a typo costs a fraction of a second, not torch's import."""
+    code = (
+        "import sys\n"
+        "from downpour.cli import main\n"
+        "status = main(['train', '--set', 'ps.policy=bogus'])\n"
+        "print(status, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert "invalid ps.policy" in result.stderr
