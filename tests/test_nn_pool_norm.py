@@ -256,7 +256,8 @@ def test_lcn_flat_input_gives_finite_zero_output_and_gradients() -> None:
         x = torch.full((2, 3, 7, 8), value, dtype=torch.float64, requires_grad=True)
         out = LocalContrastNorm2d(5)(x)
         assert torch.isfinite(out).all()
-        assert out.abs().max() < 1e-8
+        # what is left of a constant after subtracting its local mean is rounding, |x|·ε, divided by the floor 1e-4
+        assert out.abs().max() < 1e-8 * max(1.0, abs(value) * 1e-2)
         out.square().sum().backward()
         assert torch.isfinite(x.grad).all()
 
