@@ -14,15 +14,23 @@ saving them, and folds the input gradient back with one strided add per kernel o
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 
-from downpour.nn import local_triton
-
 IMPLEMENTATIONS = ("auto", "triton", "bands")
 _BAND_BYTES = 4 << 20  # patches of one band of output rows: about 4 MB
+
+
+def _kernels() -> ModuleType:
+    """:mod:`downpour.nn.local_triton`, imported on first use: importing Triton takes about half a second that
+    CPU-only processes (every local-backend worker) never need."""
+    from downpour.nn import local_triton
+
+    return local_triton
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -111,7 +119,7 @@ class _LocallyConnected(torch.autograd.Function):
         ctx.geometry = (kernel, stride, triton, tuple(x.shape[1:]), out_hw)
         if triton:
             ctx.save_for_backward(x, weight)
-            return local_triton.lc_forward(x, weight, out_hw, kernel, stride)
+            return _kernels().lc_forward(x, weight, out_hw, kernel, stride)
         x_t = x.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B): the batch innermost
         ctx.save_for_backward(x_t, weight)
         return _lc_forward(x_t, weight, out_hw, kernel, stride).permute(3, 2, 0, 1)  # (B, M, H_out, W_out), a view
@@ -124,9 +132,9 @@ class _LocallyConnected(torch.autograd.Function):
         grad_x = grad_w = None
         if triton:
             if ctx.needs_input_grad[0]:
-                grad_x = local_triton.lc_transpose(grad_out, weight, in_chw, kernel, stride)
+                grad_x = _kernels().lc_transpose(grad_out, weight, in_chw, kernel, stride)
             if ctx.needs_input_grad[1]:
-                grad_w = local_triton.lc_weight_grad(grad_out, x_saved, weight.shape, out_hw, kernel, stride)
+                grad_w = _kernels().lc_weight_grad(grad_out, x_saved, weight.shape, out_hw, kernel, stride)
             return grad_x, grad_w, None, None, None, None
         g_t = grad_out.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
         if ctx.needs_input_grad[0]:
@@ -145,7 +153,7 @@ class _LocallyConnectedTranspose(torch.autograd.Function):
         ctx.geometry = (kernel, stride, triton, tuple(h.shape[2:]))
         if triton:
             ctx.save_for_backward(h, weight)
-            return local_triton.lc_transpose(h, weight, in_chw, kernel, stride)
+            return _kernels().lc_transpose(h, weight, in_chw, kernel, stride)
         h_t = h.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
         ctx.save_for_backward(h_t, weight)
         return _lc_transpose(h_t, weight, in_chw, kernel, stride).permute(3, 0, 1, 2)  # (B, C, H, W)
@@ -158,9 +166,9 @@ class _LocallyConnectedTranspose(torch.autograd.Function):
         grad_h = grad_w = None
         if triton:
             if ctx.needs_input_grad[0]:
-                grad_h = local_triton.lc_forward(grad_out, weight, out_hw, kernel, stride)
+                grad_h = _kernels().lc_forward(grad_out, weight, out_hw, kernel, stride)
             if ctx.needs_input_grad[1]:
-                grad_w = local_triton.lc_weight_grad(h_saved, grad_out, weight.shape, out_hw, kernel, stride)
+                grad_w = _kernels().lc_weight_grad(h_saved, grad_out, weight.shape, out_hw, kernel, stride)
             return grad_h, grad_w, None, None, None, None
         g_t = grad_out.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B)
         if ctx.needs_input_grad[0]:
@@ -300,11 +308,12 @@ class LocallyConnected2d(nn.Module):
         """Whether this call runs the Triton kernels (see :attr:`implementation`)."""
         if self.implementation == "bands":
             return False
-        usable = local_triton.usable(x, self.out_channels)
+        could = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # decided without importing Triton
+        usable = could and _kernels().usable(x, self.out_channels)
         if self.implementation == "triton" and not usable:
             raise ValueError(
                 f"LocallyConnected2d implementation='triton' needs Triton and float32 CUDA input with at most "
-                f"{local_triton.MAX_MAPS} maps; got {x.dtype} on {x.device}, {self.out_channels} maps"
+                f"{_kernels().MAX_MAPS} maps; got {x.dtype} on {x.device}, {self.out_channels} maps"
             )
         return usable
 
