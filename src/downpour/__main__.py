@@ -1,6 +1,6 @@
 """``python -m downpour`` is the ``downpour`` command."""
 
-from downpour.cli import main
+from downpour.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
