@@ -83,7 +83,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``downpour`` command."""
-    parser = argparse.ArgumentParser(prog="downpour", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="downpour", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_bench(sub)
