@@ -230,8 +230,9 @@ def gradient_fn(model: torch.nn.Module, examples: Tensor, *, batch_size: int, wo
     return ModelGradient(model, examples, batch_size=batch_size, workers=workers)
 
 
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
+def finite_or_none(x: float | None) -> float | None:
+    """``x`` as a float when it is finite, else None (JSON has no NaN)."""
+    return float(x) if x is not None and math.isfinite(x) else None
 
 
 def divergence_reasons(initial_loss: float, final_loss: float, rejected: int) -> list[str]:
@@ -279,27 +280,37 @@ def _one_run(
         for key, value in (("pushes", len(records)), ("grads", calls[0]), ("time", result.sim_time)):
             curve[key].append(value)
         curve["loss"].append(final_loss)
-    histogram = result.staleness_histogram()
-    reasons = divergence_reasons(initial_loss, final_loss, result.rejected)
+    return run_record(policy=name, workers=workers, seed_index=seed_index, seed=seed, pushes=len(records),
+                      grad_evals=result.grad_evals, applied=int(records.applied.sum()), rejected=result.rejected,
+                      dropped=result.dropped, time=result.sim_time, initial_loss=initial_loss, final_loss=final_loss,
+                      histogram=result.staleness_histogram(), curve=curve)  # fmt: skip
+
+
+def run_record(*, policy: str, workers: int, seed_index: int, seed: int, pushes: int, grad_evals: int, applied: int,
+               rejected: int, dropped: int, time: float, initial_loss: float, final_loss: float | None,
+               histogram: StalenessHistogram, curve: dict[str, list]) -> dict[str, Any]:  # fmt: skip
+    """One run's record in the study's results, simulated or real (JSON-ready: non-finite losses are None;
+    ``sim_time``: simulated seconds, or wall seconds of a real run)."""
+    reasons = divergence_reasons(initial_loss, float("nan") if final_loss is None else final_loss, rejected)
     staleness = {key: float(v) if key == "mean" else int(v) for key, v in histogram.summary().items()}
     values = np.flatnonzero(histogram.counts)
     return {
-        "policy": name,
+        "policy": policy,
         "workers": workers,
         "seed_index": seed_index,
         "seed": seed,
-        "pushes": len(records),
-        "grad_evals": result.grad_evals,
-        "applied": int(records.applied.sum()),
-        "rejected": result.rejected,
-        "dropped": result.dropped,
-        "sim_time": float(result.sim_time),
-        "initial_loss": _finite_or_none(initial_loss),
-        "final_loss": _finite_or_none(final_loss),
+        "pushes": pushes,
+        "grad_evals": grad_evals,
+        "applied": applied,
+        "rejected": rejected,
+        "dropped": dropped,
+        "sim_time": float(time),
+        "initial_loss": finite_or_none(initial_loss),
+        "final_loss": finite_or_none(final_loss),
         "diverged": bool(reasons),
         "diverged_because": reasons,
         "staleness": {**staleness, "values": values.tolist(), "counts": histogram.counts[values].tolist()},
-        "curve": {**curve, "loss": [_finite_or_none(x) for x in curve["loss"]]},
+        "curve": {**curve, "loss": [finite_or_none(x) for x in curve["loss"]]},
     }
 
 
@@ -429,10 +440,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "policy": name,
                 "workers": n,
                 "runs": len(group),
-                "initial_loss_median": _finite_or_none(quantile(initials, 0.5)) if initials else None,
-                "final_loss_median": _finite_or_none(quantile(finals, 0.5)),
-                "final_loss_q25": _finite_or_none(quantile(finals, 0.25)),
-                "final_loss_q75": _finite_or_none(quantile(finals, 0.75)),
+                "initial_loss_median": finite_or_none(quantile(initials, 0.5)) if initials else None,
+                "final_loss_median": finite_or_none(quantile(finals, 0.5)),
+                "final_loss_q25": finite_or_none(quantile(finals, 0.25)),
+                "final_loss_q75": finite_or_none(quantile(finals, 0.75)),
                 "diverged": sum(run["diverged"] for run in group) / len(group),
                 "staleness_mean": float(staleness["mean"]),
                 "staleness_p99": int(staleness["p99"]),

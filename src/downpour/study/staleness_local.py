@@ -30,13 +30,7 @@ from downpour.backends.local import check_local_workers
 from downpour.config import Config
 from downpour.errors import ConfigError
 from downpour.ps.staleness import StalenessHistogram
-from downpour.study.staleness import divergence_reasons
-
-
-def finite_or_none(x: float | None) -> float | None:
-    """``x`` as a float when it is finite, else None (JSON has no NaN)."""
-    return float(x) if x is not None and np.isfinite(x) else None
-
+from downpour.study.staleness import run_record
 
 EVAL_SECONDS = 0.25  # seconds between held-out evaluations when the config does not set train.eval_every
 
@@ -104,26 +98,9 @@ def local_run(config: Config, dataset: Any, name: str, workers: int, seed_index:
     for key, value in (("pushes", summary["steps"]), ("grads", summary["examples"] // batch),
                        ("time", max(0.0, end - start)), ("loss", final)):  # fmt: skip
         curve[key].append(value)
-    reasons = divergence_reasons(initial, float("nan") if final is None else final, summary["updates_rejected"])
-    staleness = {key: float(v) if key == "mean" else int(v) for key, v in histogram.summary().items()}
-    values = np.flatnonzero(histogram.counts)
-    return {
-        "policy": name,
-        "workers": workers,
-        "seed_index": seed_index,
-        "seed": run.train.seed,
-        "pushes": len(pushes_seen),
-        "grad_evals": summary["examples"] // batch,
-        "applied": len(applied),
-        "rejected": summary["updates_rejected"],
-        "dropped": summary["updates_dropped"],
-        "sim_time": float(max(0.0, end - start)),
-        "initial_loss": finite_or_none(initial),
-        "final_loss": finite_or_none(final),
-        "diverged": bool(reasons),
-        "diverged_because": reasons,
-        "staleness": {**staleness, "values": values.tolist(), "counts": histogram.counts[values].tolist()},
-        "curve": {**curve, "loss": [finite_or_none(x) for x in curve["loss"]]},
-        "run_dir": str(run_dir),
-        "examples_per_s": summary["examples_per_s"],
-    }
+    record = run_record(policy=name, workers=workers, seed_index=seed_index, seed=run.train.seed,
+                        pushes=len(pushes_seen), grad_evals=summary["examples"] // batch, applied=len(applied),
+                        rejected=summary["updates_rejected"], dropped=summary["updates_dropped"],
+                        time=max(0.0, end - start), initial_loss=initial, final_loss=final, histogram=histogram,
+                        curve=curve)  # fmt: skip
+    return {**record, "run_dir": str(run_dir), "examples_per_s": summary["examples_per_s"]}
