@@ -85,6 +85,23 @@ def _paired_median(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
+def describe_workload(config: Config, num_params: int, *, seconds: float, rounds: int) -> dict[str, Any]:
+    """What a ``bench ps`` run measured on (the ``workload`` entry of its JSON)."""
+    return {
+        "model": "rica",
+        "patch": 16,
+        "features": 256,
+        "batch_size": config.train.batch_size,
+        "rule": config.ps.rule,
+        "shards": 2,
+        "num_params": num_params,
+        "threads_per_process": 1,
+        "cpus": os.cpu_count(),
+        "window_s": seconds,
+        "rounds": rounds,
+    }
+
+
 def run(*, seconds: float = 0.5, rounds: int = 12) -> dict[str, Any]:
     """Start every configuration once, alternate ``rounds`` windows of ``seconds`` each, and report medians."""
     config = workload()
@@ -113,19 +130,7 @@ def run(*, seconds: float = 0.5, rounds: int = 12) -> dict[str, Any]:
     best = {k: max(v) for k, v in transfers.items()}  # timeit's rule for the micro-benchmarks: the fastest
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {
-        "workload": {
-            "model": "rica",
-            "patch": 16,
-            "features": 256,
-            "batch_size": config.train.batch_size,
-            "rule": config.ps.rule,
-            "shards": 2,
-            "num_params": num_params,
-            "threads_per_process": 1,
-            "cpus": os.cpu_count(),
-            "window_s": seconds,
-            "rounds": rounds,
-        },
+        "workload": describe_workload(config, num_params, seconds=seconds, rounds=rounds),
         "plain_examples_per_s": med["plain"],
         "hogwild_2w_examples_per_s": med["hogwild"],
         "local_1w_examples_per_s": med["local1"],

@@ -43,7 +43,7 @@ from rich.table import Table
 from torch import Tensor
 
 from downpour import rundir
-from downpour.bench.ps import workload
+from downpour.bench.ps import describe_workload, workload
 from downpour.bench.runners import LocalBackend, Runner, alternate, close_all, start_all
 from downpour.config import Config
 from downpour.data import load_dataset, worker_slice
@@ -338,17 +338,7 @@ def _run(*, seconds: float, rounds: int, address: str) -> dict[str, Any]:
     med = {name: statistics.median(values) for name, values in rates.items()}
     return {
         "workload": {
-            "model": "rica",
-            "patch": 16,
-            "features": 256,
-            "batch_size": config.train.batch_size,
-            "rule": config.ps.rule,
-            "shards": 2,
-            "num_params": num_params,
-            "threads_per_process": 1,
-            "cpus": os.cpu_count(),
-            "window_s": seconds,
-            "rounds": rounds,
+            **describe_workload(config, num_params, seconds=seconds, rounds=rounds),
             "ray_version": ray.__version__,
             "ray_nodes": nodes,
             "ray_inline_bytes": INLINE_BYTES if temp_dir is not None else None,
