@@ -48,6 +48,7 @@ from downpour.errors import ConfigError
 from downpour.ps.flat import FlatParameters
 from downpour.ps.policies import EASGD, SSP, Policy, PolicyRule, Sync, apply_rule
 from downpour.ps.rules import PushMeta, Rule, ShardState
+from downpour.ps.shard import all_finite
 from downpour.ps.staleness import StalenessHistogram
 
 GradFn = Callable[[Tensor, int, np.random.Generator], tuple[float, Tensor]]
@@ -351,7 +352,7 @@ class Simulation:
             snap = snapshots.get(fetched)
             loss, update = grad(snap, w, rng)
             self.grad_evals += 1
-            if math.isfinite(float(update.sum())) or bool(torch.isfinite(update).all()):
+            if all_finite(update):
                 meta = PushMeta(w, fetched, self.version)
                 server_rule(meta, update, state, state, fetched=snap)  # in place: current and out are one buffer
                 self.version += 1
@@ -410,7 +411,7 @@ class Simulation:
             if mean is None:
                 continue  # waits at the barrier
             stop = False
-            if math.isfinite(float(mean.sum())) or bool(torch.isfinite(mean).all()):
+            if all_finite(mean):
                 meta = PushMeta(-1, self.version, self.version)
                 apply_rule(self.rule, meta, mean, self.state, self.state)
                 self.version += 1
@@ -449,7 +450,7 @@ class Simulation:
                 loss_sum += loss
             self.grad_evals += tau
             fetched = last_seen[w]
-            if math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all()):
+            if all_finite(x):
                 policy.exchange(x, center, scratch=scratch)
                 self.version += 1
                 stop = self._record(t, w, fetched, self.version - 1 - fetched, loss_sum / tau, True)

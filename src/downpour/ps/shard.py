@@ -34,6 +34,12 @@ class PushResult(NamedTuple):
     version: int  # the shard's version after this push
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every value is finite. A NaN or Inf anywhere makes the float32 sum non-finite; so can an overflow
+    of huge finite values, which the exact (slow) check then tells apart."""
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 class Shard:
     """Slice ``[start, stop)`` of the flat parameters with a version counter and a server-side update rule."""
 
@@ -123,6 +129,12 @@ class Shard:
             out.copy_(self._buffer(live).values)
             return int(meta[_VERSION0 + live])
 
+    def _finite_slice(self, tensor: Tensor, what: str) -> bool:
+        """Check that ``tensor`` is ``(size,)`` (ValueError naming ``what`` otherwise); whether it is all finite."""
+        if tensor.shape != (self.size,):
+            raise ValueError(f"shard {self.index} expects {what} of shape ({self.size},), got {tuple(tensor.shape)}")
+        return all_finite(tensor)
+
     def push(
         self,
         update: Tensor,
@@ -138,11 +150,7 @@ class Shard:
         ps-lite and BytePS): the returned ``version`` is then the version of those values. ``fetched_values``:
         the values the worker computed its gradient at, for a rule that needs them (``ps.policy = "dc-asgd"``).
         """
-        if update.shape != (self.size,):
-            raise ValueError(f"shard {self.index} expects an update of shape ({self.size},), got {tuple(update.shape)}")
-        # A NaN or Inf anywhere makes the float32 sum non-finite; so can an overflow of huge finite values, which
-        # the exact (slow) check then tells apart.
-        finite = math.isfinite(float(update.sum())) or bool(torch.isfinite(update).all())
+        finite = self._finite_slice(update, "an update")
         with self.lock:
             meta = self._m()
             live = int(meta[_ACTIVE])
@@ -159,7 +167,7 @@ class Shard:
                 self.rule(push_meta, update, self._buffer(live), out, fetched=fetched_values)  # type: ignore[call-arg]
             else:
                 self.rule(push_meta, update, self._buffer(live), out)
-            if not math.isfinite(float(out.values.sum())) and not bool(torch.isfinite(out.values).all()):
+            if not all_finite(out.values):
                 # A finite update that would overflow the parameters is refused too; the live buffer is untouched.
                 meta[_REJECTED] += 1
                 if fetch_into is not None:
@@ -179,9 +187,7 @@ class Shard:
         ``last_version``: the shard's version after this worker's previous exchange (the staleness counts the
         other workers' exchanges since). A ``local`` holding NaN or Inf is refused and reset to the center.
         """
-        if local.shape != (self.size,):
-            raise ValueError(f"shard {self.index} expects values of shape ({self.size},), got {tuple(local.shape)}")
-        finite = math.isfinite(float(local.sum())) or bool(torch.isfinite(local).all())
+        finite = self._finite_slice(local, "values")
         with self.lock:
             meta = self._m()
             live = int(meta[_ACTIVE])

@@ -19,17 +19,15 @@ sum; everything else keeps the :class:`~downpour.ps.shard.Shard` guarantees (dou
 
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from downpour.ps.clocks import SharedClocks
 from downpour.ps.policies import Sync
 from downpour.ps.rules import PushMeta, Rule
-from downpour.ps.shard import _ACTIVE, _REJECTED, _VERSION0, PushResult, Shard
+from downpour.ps.shard import _ACTIVE, _REJECTED, _VERSION0, PushResult, Shard, all_finite
 
 
 class SyncShard(Shard):
@@ -80,9 +78,7 @@ class SyncShard(Shard):
         """
         if fetch_into is not None:
             raise ValueError("a sync shard does not push-pull: fetch after the round has closed")
-        if update.shape != (self.size,):
-            raise ValueError(f"shard {self.index} expects an update of shape ({self.size},), got {tuple(update.shape)}")
-        finite = math.isfinite(float(update.sum())) or bool(torch.isfinite(update).all())
+        finite = self._finite_slice(update, "an update")
         with self.lock:
             meta = self._m()
             version = int(meta[_VERSION0 + meta[_ACTIVE]])
@@ -122,7 +118,7 @@ class SyncShard(Shard):
         spare = 1 - live
         out = self._buffer(spare)
         self.rule(PushMeta(-1, version, version), mean, self._buffer(live), out)
-        if not math.isfinite(float(out.values.sum())) and not bool(torch.isfinite(out.values).all()):
+        if not all_finite(out.values):
             meta[_REJECTED] += 1
             meta[_VERSION0 + live] = version + 1  # the round is over; the values stay as they were
             return
