@@ -29,8 +29,7 @@ BACKENDS = ("local", "sim", "ray")
 # Consistency policies (downpour.ps.policies.POLICIES, repeated here so that reading a config imports no torch).
 POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
 LOCAL_POLICIES = POLICIES  # the local backend runs every policy
-# What the Ray backend runs (sync's rounds wait on shared clocks of all workers, which its actors do not have yet).
-RAY_POLICIES = ("downpour", "ssp", "staleness-lr", "dc-asgd", "easgd")
+RAY_POLICIES = POLICIES  # and so does the ray backend
 
 
 @dataclass
@@ -329,9 +328,6 @@ def validate(config: Config) -> None:
                      f"leave it at {str(default).lower()}")  # fmt: skip
     _require(math.isfinite(t.eval_every) and t.eval_every >= 0, "train.eval_every", t.eval_every,
              "must be >= 0 (0 = off)")  # fmt: skip
-    _require(c.backend != "ray" or p.policy in RAY_POLICIES, "ps.policy", p.policy,
-             f"the ray backend runs {', '.join(RAY_POLICIES)}; use cluster.backend = \"local\" or \"sim\" for it"
-             )  # fmt: skip
     _require(c.backend == "ray" or not c.address, "cluster.address", c.address, "only the ray backend connects")
     _require(_valid_address(c.address), "cluster.address", c.address,
              '"" (a private Ray instance), "auto" or "host:port"')  # fmt: skip

@@ -58,13 +58,15 @@ from downpour.backends.ray_actors import (
     RemoteShard,
     ShardServer,
     WorkerActor,
+    roster_update,
     snapshot_from_wire,
     snapshot_to_wire,
+    sync_threads,
 )
 from downpour.backends.ray_coordinator import Coordinator
 from downpour.config import Config
 from downpour.errors import DownpourError
-from downpour.ps.policies import policy_rule
+from downpour.ps.policies import Sync, config_policy, policy_rule
 from downpour.ps.sharding import contiguous_bounds
 
 try:
@@ -303,6 +305,7 @@ class RayCluster:
         self._chaos_next = 0
         self.chaos_log: list[tuple[float, str, int]] = []  # (time.monotonic(), kind, target) of each fault injected
         self.worker_restarts = 0
+        self._sync = isinstance(config_policy(config), Sync)
         try:
             rule = policy_rule(config)
             self._send_fetched = bool(getattr(rule, "needs_fetched", False))
@@ -320,12 +323,16 @@ class RayCluster:
                 self._set_restore_point(i, ray.put(snapshot_to_wire(start_point)))
             shard_actor = ray.remote(ShardServer)
             placements = _spread(self.nodes, len(self.bounds))
+            # sync: threads, so that workers waiting for a round do not hold up the pushes that close it; otherwise
+            # one, so that a worker's pipelined pushes are applied in the order it sent them
+            threads = sync_threads(config.cluster.workers) if self._sync else 1
             handles = [
                 shard_actor.options(
                     name=f"{self._name}-shard{i}",
                     num_cpus=_ACTOR_CPUS,
                     max_restarts=max_restarts,
                     max_task_retries=-1,
+                    max_concurrency=threads,
                     scheduling_strategy=placement,
                 ).remote(i, start, stop - start, config, self._name)
                 for i, ((start, stop), placement) in enumerate(zip(self.bounds, placements, strict=True))
@@ -499,8 +506,10 @@ class RayCluster:
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True
                 self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back
+                self._leave_rounds(worker_id, state.incarnation)
                 events.append(WorkerEvent("died", worker_id, _first(exc)))
             except RayActorError as exc:  # the process died and Ray restarts it (or is restarting it)
+                self._leave_rounds(worker_id, state.incarnation)  # its restarted process joins them again
                 if self._stopping:
                     state.done = True
                     continue
@@ -510,6 +519,13 @@ class RayCluster:
                     events.append(WorkerEvent("restarted", worker_id, _first(exc)))
                 state.retry_at = now + _RETRY_S
         return events
+
+    def _leave_rounds(self, worker_id: int, incarnation: int) -> None:
+        """``ps.policy = "sync"``: the process running ``incarnation`` of a worker died; its rounds stop waiting
+        for it (the coordinator's roster and every shard's; see :class:`~downpour.backends.ray_coordinator.Roster`).
+        """
+        if self._sync:
+            roster_update([self.coordinator, *(shard.handle for shard in self.shards)], worker_id, incarnation, False)
 
     def _update_restores(self, *, block: bool = False) -> list[WorkerEvent]:
         if self._restores_ref is None:

@@ -22,13 +22,15 @@ from torch import Tensor
 
 from downpour.backends import shm
 from downpour.backends.local import worker_settings
+from downpour.backends.ray_coordinator import Roster
 from downpour.config import Config
 from downpour.errors import DownpourError
 from downpour.models import build_model
-from downpour.ps.policies import EASGD, config_policy, policy_rule
+from downpour.ps.policies import EASGD, Sync, config_policy, policy_rule
 from downpour.ps.shard import PushResult, Shard
+from downpour.ps.sync_shard import SyncShard
 from downpour.ps.worker import DownpourWorker, PushRecord
-from downpour.ps.worker_rounds import ElasticWorker
+from downpour.ps.worker_rounds import ElasticWorker, SyncWorker
 
 try:
     import ray
@@ -38,9 +40,25 @@ except ImportError:  # pragma: no cover - exercised only where Ray is missing
 _LEASE_MAX = 32  # steps a worker claims from the coordinator at most at once
 _ATTACH_TIMEOUT_S = 120.0  # how long a worker waits for a shard actor that Ray is restarting
 PIPELINE_DEPTH = 1  # pushes per shard actor a worker keeps in flight while it computes
+ROUND_WAIT_S = 0.25  # sync: how long one await_round call blocks before the worker checks whether to stop
+
+
+def sync_threads(workers: int) -> int:
+    """Threads of a sync shard actor: one per worker waiting for its round, and room for pushes and the driver."""
+    return workers + 4
+
+
+def roster_update(targets: list[Any], worker: int, incarnation: int, live: bool) -> list[Any]:
+    """Send one roster event (:class:`Roster`) to the coordinator and shard actors in ``targets``; the refs."""
+    return [target.roster_update.remote(worker, incarnation, live) for target in targets]
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _counts(snapshot: dict[str, Any]) -> dict[str, int]:
+    """A snapshot's counters: version, rejected, and a sync shard's late pushes (``dropped``) when it has them."""
+    return {key: int(snapshot[key]) for key in ("version", "rejected", "dropped") if key in snapshot}
 
 
 def snapshot_to_wire(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -48,8 +66,7 @@ def snapshot_to_wire(snapshot: dict[str, Any]) -> dict[str, Any]:
     return {
         "values": snapshot["values"].numpy(),
         "state": {name: tensor.numpy() for name, tensor in snapshot["state"].items()},
-        "version": int(snapshot["version"]),
-        "rejected": int(snapshot["rejected"]),
+        **_counts(snapshot),
     }
 
 
@@ -58,8 +75,7 @@ def snapshot_from_wire(wire: dict[str, Any]) -> dict[str, Any]:
     return {
         "values": torch.from_numpy(np.array(wire["values"], dtype=np.float32)),
         "state": {name: torch.from_numpy(np.array(a, dtype=np.float32)) for name, a in wire["state"].items()},
-        "version": int(wire["version"]),
-        "rejected": int(wire["rejected"]),
+        **_counts(wire),
     }
 
 
@@ -82,6 +98,12 @@ class ShardServer:
 
     Values leave as fresh NumPy arrays; an update arrives as a read-only array and is copied once into the shard's
     receive buffer.
+
+    Under ``ps.policy = "sync"`` the shard is a :class:`~downpour.ps.sync_shard.SyncShard` in this process's memory
+    (no file: every worker pushes through the actor, so that every push meets the round's aggregator), with a
+    :class:`~downpour.backends.ray_coordinator.Roster` of live workers that workers and the driver update
+    (:meth:`roster_update`). The actor then runs ``workers + 4`` threads (:func:`sync_threads`), so that a worker
+    waiting for a round (:meth:`await_round`) does not hold up the pushes that close it.
     """
 
     def __init__(self, index: int, start: int, size: int, config: Config, cluster_name: str) -> None:
@@ -98,9 +120,22 @@ class ShardServer:
         self.incarnation = 0
         if _reconstructed():
             self.incarnation = ray.get(coordinator.shard_restored.remote(index, snapshot["version"]))
+        policy = config_policy(config)
+        self.sync = isinstance(policy, Sync)
+        shm.collect_orphans()  # files of runs whose driver was killed
+        if self.sync:
+            assert isinstance(policy, Sync)
+            self.roster = Roster(config.cluster.workers)
+            self.roster.merge(ray.get(coordinator.roster.remote()))  # workers that left before this incarnation
+            self._changed = threading.Condition()  # notified when a push arrives or the roster changes
+            self._generation = 0
+            self.path = ""
+            self.shard: Shard = SyncShard(index, start, snapshot["values"], policy_rule(config), policy=policy,
+                                          roster=self.roster, lock=threading.Lock())  # fmt: skip
+            self.shard.restore(snapshot)
+            return
         self.path = shm.segment_path(cluster_name, index, self.incarnation)
         shm.unlink(self.path)  # left by an earlier try of this incarnation's constructor
-        shm.collect_orphans()  # files of runs whose driver was killed
         self._shared = shm.SharedShard(self.path, index, start, size, policy_rule(config), create=True,
                                        incarnation=self.incarnation)  # fmt: skip
         self.shard = self._shared.shard
@@ -113,7 +148,8 @@ class ShardServer:
 
     def release(self) -> None:
         """Remove this shard's file (the run is over; mappings that remain stay valid until dropped)."""
-        shm.unlink(self.path)
+        if self.path:
+            shm.unlink(self.path)
 
     def fetch(self) -> tuple[int, int, np.ndarray]:
         """``(version, incarnation, values)``."""
@@ -131,13 +167,53 @@ class ShardServer:
         if incarnation != self.incarnation:
             version = self.shard.fetch_into(out) if out is not None else self.shard.version
             return False, -1, version, self.incarnation, out.numpy() if out is not None else None
-        np.copyto(self._update.numpy(), update)
+        received = torch.empty(self.size, dtype=torch.float32) if self.sync else self._update  # sync: threads
+        np.copyto(received.numpy(), update)
         fetched = None
         if fetched_values is not None:
             np.copyto(self._fetched.numpy(), fetched_values)
             fetched = self._fetched
-        result = self.shard.push(self._update, fetched_version, worker, fetch_into=out, fetched_values=fetched)
+        result = self.shard.push(received, fetched_version, worker, fetch_into=out, fetched_values=fetched)
+        if self.sync:
+            self._notify()
         return result.applied, result.staleness, result.version, self.incarnation, None if out is None else out.numpy()
+
+    def _notify(self) -> None:
+        """Wake the workers waiting in :meth:`await_round`: a push arrived or the roster changed."""
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def await_round(self, fetched_version: int, incarnation: int, force: bool, timeout_s: float
+                    ) -> tuple[bool, int]:  # fmt: skip
+        """``ps.policy = "sync"``: wait up to ``timeout_s`` until the round of ``fetched_version`` has closed
+        (:meth:`SyncShard.close_round`, which closes it once the arrived pushes reach the live quorum, or with
+        ``force`` at once: the worker is stopping). Return ``(closed, incarnation)``.
+
+        A round of another incarnation died with it (this shard was restored from a checkpoint): closed at once,
+        and the worker fetches the restored values.
+        """
+        if incarnation != self.incarnation:
+            return True, self.incarnation
+        assert isinstance(self.shard, SyncShard)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._changed:
+                generation = self._generation
+            if self.shard.close_round(fetched_version, force=force):
+                return True, self.incarnation
+            with self._changed:
+                while self._generation == generation:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False, self.incarnation
+                    self._changed.wait(left)
+
+    def roster_update(self, worker: int, incarnation: int, live: bool) -> None:
+        """``ps.policy = "sync"``: worker ``worker`` (its ``incarnation``-th ``run``) joined or left the rounds
+        (:meth:`Roster.update`); waiting workers re-check their round against the new quorum."""
+        if self.roster.update(worker, incarnation, live):
+            self._notify()
 
     def exchange(self, local: np.ndarray, alpha: float, worker: int, last_version: int, incarnation: int
                  ) -> tuple[bool, int, int, int, np.ndarray]:  # fmt: skip
@@ -195,7 +271,7 @@ class RemoteShard:
             self.direct = None
         node, path, incarnation = ray.get(self.handle.attach_info.remote(), timeout=_ATTACH_TIMEOUT_S)
         self.incarnation = incarnation
-        if node == node_id and shared_memory:
+        if node == node_id and shared_memory and path:  # a sync shard has no file
             with contextlib.suppress(FileNotFoundError):  # retired already: use the actor (a later call remaps)
                 self.direct = shm.SharedShard(path, self.index, self.start, self.size, self.rule, create=False)
 
@@ -282,6 +358,14 @@ class RemoteShard:
             update, fetched_version, worker, pull=fetch_into is not None, fetched_values=fetched_values
         )
         return self.accept_push(ray.get(ref), fetch_into)
+
+    def close_round(self, fetched_version: int, *, force: bool = False) -> bool:
+        """``ps.policy = "sync"``: True once the shard has closed the round of ``fetched_version`` (the interface of
+        :meth:`SyncShard.close_round`); the actor call blocks up to :data:`ROUND_WAIT_S` for it. A shard restored
+        since the worker fetched reports its round closed (it died with the incarnation), and the worker fetches."""
+        reply = self.handle.await_round.remote(fetched_version, self.incarnation, force, ROUND_WAIT_S)
+        closed, _ = ray.get(reply)
+        return bool(closed)
 
     def exchange(self, local: Tensor, *, alpha: float, worker: int = -1, last_version: int = 0) -> PushResult:
         """EASGD's elastic exchange of ``local`` (this shard's slice of the worker's parameters, updated in place)
@@ -396,6 +480,30 @@ class _FanOutWorker(DownpourWorker):
             self._record(shard, result, pending.loss)
 
 
+class _FanOutSyncWorker(_FanOutWorker, SyncWorker):
+    """:class:`~downpour.ps.worker_rounds.SyncWorker`'s rounds (its ``_run`` and ``_await_rounds``) with
+    :class:`_FanOutWorker`'s transport at depth 0: a round's pushes go to every shard actor at once and the worker
+    takes all their replies before it waits for the round (:meth:`RemoteShard.close_round`); the fetch after it
+    goes to every shard at once too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, depth=0, **kwargs)
+
+
+class _ActorRoster:
+    """The worker side of a ``sync`` roster (what :class:`~downpour.ps.worker.DownpourWorker` calls ``roster``):
+    joins every shard's roster (and the coordinator's) when built, before the first fetch, and leaves them in
+    :meth:`retire`. ``incarnation`` is the driver's count of ``run`` calls (see :class:`Roster`)."""
+
+    def __init__(self, targets: list[Any], worker: int, incarnation: int) -> None:
+        self.targets, self.incarnation = targets, incarnation
+        ray.get(roster_update(targets, worker, incarnation, True), timeout=_ATTACH_TIMEOUT_S)
+
+    def retire(self, worker: int) -> None:
+        """``worker`` ended: the rounds no longer wait for it."""
+        roster_update(self.targets, worker, self.incarnation, False)
+
+
 class _ActorClocks:
     """Stale synchronous parallel (Ho et al., NIPS 2013) with the clocks in the coordinator actor: the worker side
     of :class:`~downpour.ps.clocks.SharedClocks` (``wait_turn``, ``tick``, ``retire``) for workers on many nodes.
@@ -430,10 +538,14 @@ class _ActorClocks:
 
 
 class _LeasedSteps:
-    """A worker's side of the global step budget: steps claimed from the coordinator in leases, used one by one."""
+    """A worker's side of the global step budget: steps claimed from the coordinator in leases, used one by one.
 
-    def __init__(self, coordinator: Any, limit: int) -> None:
-        self.coordinator, self.limit = coordinator, limit
+    Under ``sync`` the lease is one step: workers claim in lockstep, one push per round each, so that the budget
+    ends on a round every worker pushed to (with longer leases one worker could be left holding steps, and
+    spend them in rounds of its own)."""
+
+    def __init__(self, coordinator: Any, limit: int, *, lease: int = _LEASE_MAX) -> None:
+        self.coordinator, self.limit, self.lease = coordinator, limit, lease
         self.credits = 0
         self.spent = False
 
@@ -444,7 +556,7 @@ class _LeasedSteps:
         if self.credits == 0:
             if self.spent:
                 return False
-            self.credits = int(ray.get(self.coordinator.claim.remote(_LEASE_MAX)))
+            self.credits = int(ray.get(self.coordinator.claim.remote(self.lease)))
             if self.credits == 0:
                 self.spent = True
                 return False
@@ -514,8 +626,9 @@ class WorkerActor:
         node_id = ray.get_runtime_context().get_node_id()
         for client in self._clients:
             client.connect(node_id, shared_memory=self.shared_memory)
-        budget = _LeasedSteps(self.coordinator, self.config.train.steps)
         policy = config_policy(self.config)
+        sync = isinstance(policy, Sync)
+        budget = _LeasedSteps(self.coordinator, self.config.train.steps, lease=1 if sync else _LEASE_MAX)
         ssp = policy.name == "ssp"
         common: dict[str, Any] = {
             "rng": np.random.default_rng(np.random.SeedSequence([self.seed, incarnation])),
@@ -528,6 +641,10 @@ class WorkerActor:
         args = (self.worker_id, model, self._clients, self.examples, worker_settings(self.config))
         if isinstance(policy, EASGD):  # the elastic exchange, one shard at a time (RemoteShard.exchange)
             self._worker = ElasticWorker(*args, policy=policy, **common)
+        elif sync:
+            targets = [self.coordinator, *(handle for _, _, handle in self.shards)]
+            roster = _ActorRoster(targets, self.worker_id, incarnation)
+            self._worker = _FanOutSyncWorker(*args, roster=roster, **common)
         else:
             clocks = (
                 _ActorClocks(self.coordinator, self.worker_id, bound=self.config.ps.staleness_bound) if ssp else None

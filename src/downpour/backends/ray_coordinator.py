@@ -1,4 +1,5 @@
-"""The Ray backend's coordinator actor: the global step budget, restore points, shard restores, SSP clocks.
+"""The Ray backend's coordinator actor: the global step budget, restore points, shard restores, SSP clocks, and
+the roster of live workers that ``ps.policy = "sync"`` rounds wait for (:class:`Roster`, also kept by each shard).
 
 Kept free of torch (and of the rest of the backend), so that its actor process starts in a fraction of the time a
 shard's or worker's does.
@@ -13,6 +14,38 @@ from typing import Any
 RETIRED = 2**62  # the SSP clock of a worker that ended or died (as downpour.ps.clocks.RETIRED)
 
 
+class Roster:
+    """Which workers a ``sync`` round waits for, on a Ray cluster where workers die and come back.
+
+    Every change is an event ``(worker, incarnation, live)``: a worker's process joins when its ``run`` starts
+    (``incarnation`` counts the driver's calls of ``run``) and leaves when it ends, or when the driver sees it
+    died. Events reach the coordinator and every shard actor by separate calls, in any order, so each is kept as a
+    key ``2·incarnation + (0 if live else 1)`` and a worker's key only grows: a late "died" of an old incarnation
+    never retires the restarted one, and a copy can be merged into another by taking the larger key
+    (:meth:`merge`). All workers start live (key 0). :meth:`live` is what
+    :meth:`~downpour.ps.sync_shard.SyncShard.quorum` counts, as it does the local backend's shared clocks.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.keys = [0] * workers
+
+    def update(self, worker: int, incarnation: int, live: bool) -> bool:
+        """Apply one event; True when it changed the roster."""
+        key = 2 * incarnation + (0 if live else 1)
+        if key <= self.keys[worker]:
+            return False
+        self.keys[worker] = key
+        return True
+
+    def merge(self, keys: list[int]) -> None:
+        """Take in another copy's keys (a restarted shard reading the coordinator's)."""
+        self.keys = [max(a, b) for a, b in zip(self.keys, keys, strict=True)]
+
+    def live(self) -> int:
+        """Workers whose latest event is a join."""
+        return sum(key % 2 == 0 for key in self.keys)
+
+
 class Coordinator:
     """The small actor every other one can reach: the global step budget, the last checkpoint, shard restores."""
 
@@ -24,6 +57,7 @@ class Coordinator:
         self._restores: list[tuple[int, int, int, float]] = []  # (shard, new incarnation, restored version, time)
         self._examples: dict[int, list[Any]] = {}  # per worker: [ObjectRef of its examples]
         self._clocks = [0] * workers  # ps.policy = "ssp": pushes per worker (downpour.ps.clocks)
+        self._roster = Roster(workers)  # ps.policy = "sync": the copy a restarted shard actor starts from
 
     def clocks(self) -> list[int]:
         """Every worker's SSP clock."""
@@ -36,6 +70,14 @@ class Coordinator:
     def retire(self, worker: int) -> None:
         """``worker`` ended or died for good: it no longer holds anyone back."""
         self._clocks[worker] = RETIRED
+
+    def roster_update(self, worker: int, incarnation: int, live: bool) -> None:
+        """``ps.policy = "sync"``: a worker joined or left (:meth:`Roster.update`)."""
+        self._roster.update(worker, incarnation, live)
+
+    def roster(self) -> list[int]:
+        """The roster's keys (:class:`Roster`)."""
+        return list(self._roster.keys)
 
     def set_steps(self, value: int) -> None:
         """Count the budget from ``value`` (on resume)."""

@@ -20,14 +20,21 @@ sum; everything else keeps the :class:`~downpour.ps.shard.Shard` guarantees (dou
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 
-from downpour.ps.clocks import SharedClocks
 from downpour.ps.policies import Sync
 from downpour.ps.rules import PushMeta, Rule
 from downpour.ps.shard import _ACTIVE, _REJECTED, _VERSION0, PushResult, Shard, all_finite
+
+
+class LiveWorkers(Protocol):
+    """What a sync shard asks of its roster: how many workers a round still waits for. The local backend's
+    :class:`~downpour.ps.clocks.SharedClocks` (workers not retired) and the Ray backend's
+    :class:`~downpour.backends.ray_coordinator.Roster` (workers whose latest process joined)."""
+
+    def live(self) -> int: ...
 
 
 class SyncShard(Shard):
@@ -41,7 +48,7 @@ class SyncShard(Shard):
         rule: Rule,
         *,
         policy: Sync,
-        roster: SharedClocks,
+        roster: LiveWorkers,
         lock: AbstractContextManager[Any] | None = None,
         shared: bool = False,
     ) -> None:
@@ -73,8 +80,9 @@ class SyncShard(Shard):
 
         The result of an accepted push: applied, staleness 0 and the version its round produces (``v + 1``);
         of a late one: not applied, its staleness (``version − fetched_version``) and the current version; of a
-        refused one (NaN or Inf): not applied, staleness −1. ``fetch_into`` is not supported: a worker fetches only
-        after its round has closed.
+        refused one (NaN or Inf): not applied, staleness −1; of a second push from one worker for one version (a
+        restarted worker, on the Ray backend, whose previous process pushed to the round): not applied, staleness
+        0. ``fetch_into`` is not supported: a worker fetches only after its round has closed.
         """
         if fetch_into is not None:
             raise ValueError("a sync shard does not push-pull: fetch after the round has closed")
@@ -84,6 +92,8 @@ class SyncShard(Shard):
             version = int(meta[_VERSION0 + meta[_ACTIVE]])
             if not self.aggregator.accepts(fetched_version):
                 return PushResult(False, version - fetched_version, version)
+            if worker in self.aggregator.arrived:  # a restarted worker (Ray backend) whose dead process pushed here
+                return PushResult(False, 0, version)  # not applied: the round has this worker's push already
             if not finite:
                 meta[_REJECTED] += 1
             mean = self.aggregator.add(
