@@ -48,7 +48,8 @@ def stage_shapes(
         if response < 1:
             raise ConfigError(
                 f"invalid model.receptive_field: {receptive_field} (stage {index + 1} sees {size}x{size} inputs; "
-                f"use a smaller field, fewer model.stages or a larger data.image_size)"
+                f"use a smaller field, fewer model.stages or larger examples: data.source = natural-images with "
+                f"data.image_size, or data.patch_size with natural-patches)"
             )
         pooled = response - pool + 1
         if pooled < 1:
