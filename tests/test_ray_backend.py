@@ -35,7 +35,8 @@ from downpour.data import Dataset, load_dataset  # noqa: E402
 from downpour.errors import ConfigError  # noqa: E402
 from downpour.models import build_model  # noqa: E402
 from downpour.ps.flat import flat_copy  # noqa: E402
-from downpour.train import HeldOutLoss  # noqa: E402
+from downpour.train import HeldOutLoss, _worker_seeds  # noqa: E402
+from test_local_policies import _synchronous_sgd  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +72,13 @@ def digits() -> Dataset:
     return load_dataset(_config(1).data, seed=0)
 
 
-def _cluster(config: Config, data: Dataset, **kwargs: Any) -> tuple[RayCluster, HeldOutLoss, float]:
+def _cluster(config: Config, data: Dataset, seeds: list[int] | None = None, **kwargs: Any
+             ) -> tuple[RayCluster, HeldOutLoss, float]:  # fmt: skip
     model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
     initial = flat_copy(model)
     held_out = HeldOutLoss(config, data)
-    cluster = RayCluster(config, data.train.clone(), initial, worker_seeds=[11, 12], t0=time.time(), shape=data.shape,
-                         address=os.environ.get("DOWNPOUR_RAY_ADDRESS", ""), **kwargs)  # fmt: skip
+    cluster = RayCluster(config, data.train.clone(), initial, worker_seeds=seeds or [11, 12], t0=time.time(),
+                         shape=data.shape, address=os.environ.get("DOWNPOUR_RAY_ADDRESS", ""), **kwargs)  # fmt: skip
     return cluster, held_out, held_out(initial)
 
 
@@ -220,8 +222,8 @@ def test_chaos_schedule_parses_and_errors_name_the_key() -> None:
 def test_policies_with_their_own_worker_loop_train_on_ray(ray_cluster: str, digits: Dataset, policy: str) -> None:
     """SSP (its clocks in the coordinator actor) and EASGD (the elastic exchange with each shard) on Ray: the loss
     falls and the budget is exact; under SSP no push is staler than the bound allows, ``(2·bound + 1)·(workers −
-    1)``. (DC-ASGD runs in the CLI test below; staleness-lr is a rule of the shard alone, as downpour's; sync is
-    refused, see the config test.)"""
+    1)``. (DC-ASGD runs in the CLI test below; staleness-lr is a rule of the shard alone, as downpour's; sync has
+    tests of its own below.)"""
     config = _config(200)
     config.ps.policy = policy
     config.ps.staleness_bound = 1
@@ -244,20 +246,19 @@ def test_policies_with_their_own_worker_loop_train_on_ray(ray_cluster: str, digi
 
 
 def test_ray_config_keys_and_policies_are_checked() -> None:
-    """cluster.address and cluster.chaos are checked when the config is read; policies the Ray backend does not
-    run are refused naming the policy and the backend."""
+    """cluster.address and cluster.chaos are checked when the config is read (every policy runs on Ray)."""
     from downpour.config import load
 
     config = load(None, ["cluster.backend=ray", "cluster.address=127.0.0.1:6379", "cluster.chaos=kill-shard:2s"])
     assert (config.cluster.address, config.cluster.chaos) == ("127.0.0.1:6379", "kill-shard:2s")
     assert load(None, ["cluster.backend=ray", "cluster.address=auto"]).cluster.address == "auto"
+    assert load(None, ["cluster.backend=ray", "ps.policy=sync", "ps.backup_workers=1"]).ps.policy == "sync"
     for overrides, words in [
         (["cluster.backend=ray", "cluster.address=127.0.0.1"], ["cluster.address", "'127.0.0.1'", "host:port"]),
         (["cluster.backend=ray", "cluster.address=host:99999"], ["cluster.address", "'host:99999'"]),
         (["cluster.address=auto"], ["cluster.address", "only the ray backend"]),
         (["cluster.chaos=kill-worker:1s"], ["cluster.chaos", "ray backend only"]),
         (["cluster.backend=ray", "cluster.chaos=kill-worker"], ["invalid cluster.chaos", "KIND:TIME"]),
-        (["cluster.backend=ray", "ps.policy=sync"], ["ps.policy", "'sync'", "the ray backend runs"]),
     ]:
         with pytest.raises(ConfigError) as error:
             load(None, overrides)
@@ -325,3 +326,86 @@ def test_cli_run_with_chaos_survives_a_killed_driver_and_resumes(ray_cluster: st
     assert summary["shard_restores"] == summary["lost_updates"] == 0
     assert summary["final_loss"] < 0.25 * summary["initial_loss"]
     assert not _orphan_shard_files()  # the killed run's files were collected by the next run's shard actors
+
+
+def _rejoined_rounds(records: list[tuple], since: float) -> set[tuple[int, int]]:
+    """``(shard, version)`` of the rounds closed after ``since`` with an applied push of each of workers 0 and 1."""
+    applied = [r for r in records if r[6] and r[0] > since]  # (t, worker, shard, version, staleness, loss, applied)
+    return {(r[2], r[3]) for r in applied if r[1] == 0} & {(r[2], r[3]) for r in applied if r[1] == 1}
+
+
+def test_sync_on_ray_is_synchronous_sgd_and_survives_a_killed_worker_and_a_restored_shard(
+    ray_cluster: str, digits: Dataset
+) -> None:
+    """``ps.policy = "sync"`` on Ray, two workers, two shard actors (on both nodes). First, exactness: a snapshot
+    of each shard at version ``k`` equals ``k`` rounds of synchronous SGD replayed on the workers' own batches (the
+    local backend's helper). Then SIGKILL a worker's process and, at the same moment, a shard actor's: the
+    survivor's rounds close without the dead worker while Ray restarts both, the new worker process joins the
+    rounds again, and the shard comes back at the snapshot with its rounds going on. No deadlock: rounds with both
+    workers close again, the workers stop within a round when asked, and the loss falls."""
+    config = _config(0)  # no step budget: the test stops the run once the restarted worker has rejoined
+    config.ps.policy, config.ps.rule, config.ps.lr = "sync", "sgd", 0.005  # plain SGD: the replay's rule
+    seeds = _worker_seeds(config.train.seed, 0, config.cluster.workers)  # what the replay draws batches with
+    cluster, held_out, initial_loss = _cluster(config, digits, seeds=seeds)
+    killed: dict[str, Any] = {}
+    records: list[tuple] = []  # (t, worker, shard, version, staleness, loss, applied)
+
+    def tick(elapsed: float) -> None:
+        if "worker_pid" not in killed and cluster.steps() >= 60:
+            killed["snapshots"] = cluster.snapshots()  # what a checkpoint does: shard 0's restore point
+            killed["worker_pid"] = pid = cluster.pids()[1]
+            os.kill(pid, signal.SIGKILL)
+            cluster.kill_shard(0)
+            killed["worker_t"] = killed["shard_t"] = time.time() - cluster.t0
+        if "worker_t" in killed and "stop" not in killed and len(_rejoined_rounds(records, killed["worker_t"])) >= 20:
+            killed["stop"] = time.monotonic()
+            cluster.request_stop()
+
+    try:
+        events = _train(cluster, seconds=90, tick=tick, records=records)
+        stopping = time.monotonic() - killed.get("stop", math.inf)
+        final_loss, _ = _final_loss(cluster, held_out)
+        faults = cluster.faults()
+        restores = cluster.restores()
+    finally:
+        cluster.close()
+    assert "stop" in killed, (killed, len(records), faults)  # rounds with both workers closed after the faults
+    assert stopping < 10  # every worker left its round and ended when asked
+    assert faults["worker_restarts"] == 1 and [e.worker for e in events if e.kind == "restarted"] == [1]
+    snapshots = killed["snapshots"]
+    for shard, snapshot in enumerate(snapshots):  # (size,) slices of the flat parameters
+        replayed = _synchronous_sgd(config, snapshot["version"])[cluster.bounds[shard][0] : cluster.bounds[shard][1]]
+        torch.testing.assert_close(snapshot["values"], replayed, rtol=1e-5, atol=1e-6)
+    assert faults["shard_restores"] == 1 and restores[0][:3] == (0, 1, snapshots[0]["version"])
+    applied = [r for r in records if r[6]]
+    assert all(r[4] == 0 for r in applied)  # sync: every applied push was computed on the version it closed
+    after_restore = [r for r in applied if r[2] == 0 and r[0] > killed["shard_t"]]
+    assert {r[1] for r in after_restore} == {0, 1}  # the restored shard's rounds went on with both workers
+    assert final_loss < 0.5 * initial_loss  # (plain SGD at a small rate: slower than the other tests' adagrad)
+
+
+def test_sync_roster_keeps_each_workers_latest_incarnation_and_snapshots_carry_dropped_pushes() -> None:
+    """The roster of a sync round takes events in any order: a late "died" of an old process never retires the
+    restarted one, and copies merge. A sync shard's count of dropped late pushes survives the wire format (its
+    checkpoint and restore point)."""
+    from downpour.backends.ray_actors import snapshot_from_wire, snapshot_to_wire
+    from downpour.backends.ray_coordinator import Roster
+
+    roster = Roster(3)
+    assert roster.live() == 3
+    assert roster.update(1, 0, False) and roster.live() == 2  # worker 1's first process died
+    assert roster.update(1, 1, True) and roster.live() == 3  # its restarted process joined
+    assert not roster.update(1, 0, False) and roster.live() == 3  # the old death, reported late, changes nothing
+    assert not roster.update(1, 0, True)  # nor does the old join
+    assert roster.update(2, 0, False) and roster.live() == 2  # worker 2 ended
+    restored = Roster(3)  # a restarted shard actor's, merged with the coordinator's copy
+    restored.update(0, 0, False)
+    restored.merge(roster.keys)
+    assert restored.live() == 1 and restored.keys == [1, 2, 1]
+
+    snapshot = {"values": torch.arange(4.0), "state": {}, "version": 7, "rejected": 1, "dropped": 5}
+    back = snapshot_from_wire(snapshot_to_wire(snapshot))
+    assert (back["version"], back["rejected"], back["dropped"]) == (7, 1, 5)
+    assert torch.equal(back["values"], snapshot["values"])
+    plain = {key: value for key, value in snapshot.items() if key != "dropped"}  # a shard of another policy
+    assert "dropped" not in snapshot_from_wire(snapshot_to_wire(plain))

@@ -408,6 +408,7 @@ class _FanOutWorker(DownpourWorker):
     """
 
     shards: list[RemoteShard]  # type: ignore[assignment]
+    refetch_restored = True  # a push reply from a restored shard makes the worker refetch that shard at once
 
     def __init__(self, *args: Any, depth: int = PIPELINE_DEPTH, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -475,7 +476,7 @@ class _FanOutWorker(DownpourWorker):
             result = shard.accept_push(reply, values if pending.pulled else None)
             if pending.pulled and self._versions:
                 self._versions[shard.index] = result.version
-            elif reply[3] != known and values is not None:
+            elif reply[3] != known and values is not None and self.refetch_restored:
                 self._versions[shard.index] = shard.fetch_into(values)
             self._record(shard, result, pending.loss)
 
@@ -484,7 +485,14 @@ class _FanOutSyncWorker(_FanOutWorker, SyncWorker):
     """:class:`~downpour.ps.worker_rounds.SyncWorker`'s rounds (its ``_run`` and ``_await_rounds``) with
     :class:`_FanOutWorker`'s transport at depth 0: a round's pushes go to every shard actor at once and the worker
     takes all their replies before it waits for the round (:meth:`RemoteShard.close_round`); the fetch after it
-    goes to every shard at once too."""
+    goes to every shard at once too.
+
+    A push refused by a restored shard leaves the worker on the old incarnation until the round ends: waiting for
+    the round of a dead incarnation returns at once, and the fetch after it brings the restored values (refetching
+    right away would have the worker wait for a round of the restored shard that it never pushed to).
+    """
+
+    refetch_restored = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, depth=0, **kwargs)
@@ -630,8 +638,10 @@ class WorkerActor:
         sync = isinstance(policy, Sync)
         budget = _LeasedSteps(self.coordinator, self.config.train.steps, lease=1 if sync else _LEASE_MAX)
         ssp = policy.name == "ssp"
+        # the first process draws the local backend's batches (its worker seed); a restarted one draws new ones
+        seed = self.seed if incarnation == 0 else np.random.SeedSequence([self.seed, incarnation])
         common: dict[str, Any] = {
-            "rng": np.random.default_rng(np.random.SeedSequence([self.seed, incarnation])),
+            "rng": np.random.default_rng(seed),
             "budget": budget,
             "should_stop": self._stop.is_set,
             "record": self._record,
