@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from downpour.nn.templates import difference_of_gaussians, dog_bank, gabor, gabor_bank, templates
-from downpour.report.gabor_fit import fit_gabor, gabor_fraction
+from downpour.report.gabor_fit import fit_gabor, fit_gabors, gabor_fraction
 
 
 def _peak_angle(image: torch.Tensor) -> float:
@@ -75,3 +75,18 @@ def test_gabor_fraction_accepts_gabors_and_rejects_noise() -> None:
     assert result["fraction"] == 0.0 and result["median_r2"] < 0.4
     assert result["fitted"] == 24 and result["threshold"] == 0.8
     assert gabor_fraction(noise, (1, 12, 12), max_filters=5)["fitted"] == 5  # the cap subsamples evenly
+
+
+def test_filters_fitted_together_get_the_fits_each_gets_alone() -> None:
+    """The batched fit treats every filter on its own: a constant filter (R² = 0, no parameters), a clean and a
+    noisy Gabor, noise, and a two-channel filter (fitted on its channel mean) come out as when fitted one by one."""
+    generator = torch.Generator().manual_seed(2)
+    clean = gabor(10, theta=1.1, frequency=0.25, phase=0.0, sigma=2.0).numpy()
+    noise = torch.randn(10, 10, generator=generator).numpy()
+    two_channel = np.stack([clean, clean + 0.1 * noise])  # (2, 10, 10): its mean is clean + noise / 20
+    filters = np.stack([np.ones((2, 10, 10)), np.stack([clean, clean]), np.stack([noise, noise]), two_channel])
+    together = fit_gabors(filters)  # (4, 2, 10, 10)
+    assert together == [fit_gabor(f) for f in filters]
+    assert together[0].r2 == 0.0 and math.isnan(together[0].frequency)
+    assert together[1].r2 > 0.999 and together[1].frequency == pytest.approx(0.25, abs=1e-3)
+    assert together[2].r2 < 0.5 and 0.9 < together[3].r2 < together[1].r2

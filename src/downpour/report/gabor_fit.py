@@ -8,15 +8,18 @@ The model fitted to a filter's ``(H, W)`` values (x along columns, y along rows;
 (the fit of Jones & Palmer 1987 for V1 simple cells, used on learned filters by e.g. Rehn & Sommer 2007), with
 ``R² = 1 − Σ(w − g)² / Σ(w − w̄)²``. The start comes from the filter's spectrum (the peak gives f and θ), its
 energy centroid (x₀, y₀) and a linear least-squares solve for the amplitude and phase; then Levenberg–Marquardt
-(:func:`scipy.optimize.least_squares`, ``method="lm"``) refines all nine parameters. A multi-channel filter is
-fitted on its mean over channels. At most ``max_filters`` filters are fitted (evenly spaced, a few milliseconds
-each), and the result says how many.
+refines all nine parameters: with residuals r and Jacobian J, each step solves ``(JᵀJ + λ·D) h = −Jᵀr`` (D: the
+largest diag(JᵀJ) seen so far, Marquardt 1963 / Moré 1978) and the damping λ follows the gain ratio
+ρ = actual / predicted decrease of ½‖r‖² (Nielsen 1999: λ·max(1/3, 1 − (2ρ − 1)³) after a kept step, λ·ν with ν
+doubling after a rejected one). All filters are fitted at once, as one batch of 9×9 solves per step (numpy), so 256
+filters take a fraction of a second. Every filter gets a short run first; only those with R² ≥ 0.5 by then go on
+(noise is what would use up the step limit). A multi-channel filter is fitted on its mean over channels. At most
+``max_filters`` filters are fitted (evenly spaced), and the result says how many.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +27,12 @@ from torch import Tensor
 
 R2_THRESHOLD = 0.8
 MAX_FILTERS = 256
-_QUICK_EVALUATIONS = 15
-_PROMISING = 0.5  # R² after the quick run below which a filter is not refined further
-_MAX_EVALUATIONS = 100  # Levenberg–Marquardt steps (analytic Jacobian); a Gabor converges in ~10–30
+_QUICK_STEPS = 25  # Levenberg–Marquardt steps every filter gets
+_PROMISING = 0.5  # R² after the quick steps below which a filter is not refined further
+_MAX_STEPS = 115  # in all; a Gabor converges in ~10–30
+_TOLERANCE = 1e-8  # stop when a kept step lowers ½‖r‖² by less than this fraction, or moves the parameters so little
+_DAMPING = 1e-2  # λ at the start
+_LOG_SIGMA = (-4.0, 8.0)  # log σ is clipped to this range in the model: σ in [0.02, 3000] pixels
 
 
 @dataclass(frozen=True)
@@ -46,98 +52,174 @@ class GaborFit:
 
 
 def _parts(params: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """u, v, the envelope, cos ψ, sin ψ and σᵤ², σᵥ² at every pixel (ψ = 2πf·u + φ)."""
-    x0, y0, theta, frequency, phase, log_su, log_sv = params[:7]
-    dx, dy = x - x0, y - y0
-    u = dx * math.cos(theta) + dy * math.sin(theta)
-    v = -dx * math.sin(theta) + dy * math.cos(theta)
-    var_u, var_v = (math.exp(2 * min(max(s, -4.0), 8.0)) for s in (log_su, log_sv))  # σ kept in [0.02, 3000]
+    """For ``params`` ``(B, 9)`` and pixel coordinates ``(N,)``: u, v, the envelope·cos ψ, the envelope·sin ψ, each
+    ``(B, N)``, and σᵤ², σᵥ² ``(B, 1)`` (ψ = 2πf·u + φ)."""
+    x0, y0, theta, frequency, phase, log_su, log_sv = (params[:, i : i + 1] for i in range(7))  # each (B, 1)
+    dx, dy = x - x0, y - y0  # (B, N)
+    cos_t, sin_t = np.cos(theta), np.sin(theta)
+    u = dx * cos_t + dy * sin_t
+    v = -dx * sin_t + dy * cos_t
+    var_u, var_v = (np.exp(2 * np.clip(s, *_LOG_SIGMA)) for s in (log_su, log_sv))
     envelope = np.exp(-(u**2) / (2 * var_u) - v**2 / (2 * var_v))
     psi = 2 * math.pi * frequency * u + phase
-    return u, v, envelope, np.cos(psi), np.sin(psi), var_u, var_v
+    return u, v, envelope * np.cos(psi), envelope * np.sin(psi), var_u, var_v
 
 
-def _gabor(params: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    _, _, envelope, cos, _, _, _ = _parts(params, y, x)
-    return params[7] * envelope * cos + params[8]
+def _gabor(params: np.ndarray, parts: tuple[np.ndarray, ...]) -> np.ndarray:
+    """g at every pixel: ``(B, N)``, from :func:`_parts` of ``params``."""
+    return params[:, 7:8] * parts[2] + params[:, 8:9]
 
 
-def _jacobian(params: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """∂g/∂(x₀, y₀, θ, f, φ, log σᵤ, log σᵥ, A, c) at every pixel: ``(H·W, 9)``."""
-    theta, frequency, amplitude = params[2], params[3], params[7]
-    u, v, envelope, cos, sin, var_u, var_v = _parts(params, y, x)
-    d_u = amplitude * envelope * (-u / var_u * cos - 2 * math.pi * frequency * sin)  # ∂g/∂u
-    d_v = amplitude * envelope * cos * (-v / var_v)  # ∂g/∂v
-    c, s = math.cos(theta), math.sin(theta)
+def _jacobian(params: np.ndarray, parts: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Jᵀ: ∂g/∂(x₀, y₀, θ, f, φ, log σᵤ, log σᵥ, A, c) at every pixel, ``(B, 9, N)``, from :func:`_parts` of
+    ``params``."""
+    theta, frequency, amplitude = params[:, 2:3], params[:, 3:4], params[:, 7:8]
+    u, v, envelope_cos, envelope_sin, var_u, var_v = parts
+    a_cos, a_sin = amplitude * envelope_cos, amplitude * envelope_sin
+    d_u = -a_cos * u / var_u - 2 * math.pi * frequency * a_sin  # ∂g/∂u
+    d_v = -a_cos * v / var_v  # ∂g/∂v
+    c, s = np.cos(theta), np.sin(theta)
     columns = [
         -c * d_u + s * d_v,  # x₀: ∂u/∂x₀ = −cos θ, ∂v/∂x₀ = sin θ
         -s * d_u - c * d_v,  # y₀
         v * d_u - u * d_v,  # θ: ∂u/∂θ = v, ∂v/∂θ = −u
-        -amplitude * envelope * sin * 2 * math.pi * u,  # f
-        -amplitude * envelope * sin,  # φ
-        amplitude * envelope * cos * u**2 / var_u,  # log σᵤ
-        amplitude * envelope * cos * v**2 / var_v,  # log σᵥ
-        envelope * cos,  # A
+        -a_sin * 2 * math.pi * u,  # f
+        -a_sin,  # φ
+        a_cos * u**2 / var_u,  # log σᵤ
+        a_cos * v**2 / var_v,  # log σᵥ
+        envelope_cos,  # A
         np.ones_like(u),  # c
     ]
-    return np.stack([col.ravel() for col in columns], 1)
+    return np.stack(columns, 1)
 
 
-def _start(image: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Initial parameters: spectral peak, energy centroid, linear amplitude and phase."""
-    height, width = image.shape
-    centred = image - image.mean()
+def _normal_equations(
+    params: np.ndarray, parts: tuple[np.ndarray, ...], residual: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """JᵀJ ``(B, 9, 9)`` and Jᵀr ``(B, 9)`` at ``params``."""
+    jac_t = _jacobian(params, parts)  # (B, 9, N)
+    return jac_t @ jac_t.transpose(0, 2, 1), (jac_t @ residual[..., None])[..., 0]
+
+
+def _start(images: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Initial parameters ``(B, 9)`` for ``images`` ``(B, H, W)``: spectral peak, energy centroid, linear
+    amplitude and phase."""
+    count, height, width = images.shape
+    centred = images - images.mean((1, 2), keepdims=True)
     pad = 4 * max(height, width)
-    spectrum = np.abs(np.fft.fft2(centred, s=(pad, pad)))  # (pad, pad); axis 0 = fy, axis 1 = fx
-    spectrum[0, 0] = 0.0
-    iy, ix = np.unravel_index(int(np.argmax(spectrum)), spectrum.shape)
+    spectrum = np.abs(np.fft.fft2(centred, s=(pad, pad)))  # (B, pad, pad); axis 1 = fy, axis 2 = fx
+    spectrum[:, 0, 0] = 0.0
+    iy, ix = np.unravel_index(np.argmax(spectrum.reshape(count, -1), 1), (pad, pad))  # each (B,)
     fy, fx = np.fft.fftfreq(pad)[iy], np.fft.fftfreq(pad)[ix]
-    frequency = max(math.hypot(fx, fy), 1e-3)
-    theta = math.atan2(fy, fx)
-    energy = centred**2
-    total = energy.sum() or 1.0
-    x0, y0 = float((energy * x).sum() / total), float((energy * y).sum() / total)
-    sigma = min(0.5 / frequency, max(height, width) / 2)
-    params = np.array([x0, y0, theta, frequency, 0.0, math.log(sigma), math.log(sigma), 1.0, 0.0])
-    # amplitude and phase: g = env·(a cos + b sin) is linear in (a, b, c)
-    cos_part = _gabor(params, y, x)
-    params[4] = math.pi / 2
-    sin_part = -_gabor(params, y, x)  # env·sin(2πfu)
-    design = np.stack([cos_part.ravel(), sin_part.ravel(), np.ones(image.size)], 1)  # (H·W, 3)
-    (a, b, c), *_ = np.linalg.lstsq(design, image.ravel(), rcond=None)
-    params[4] = math.atan2(-b, a)  # a cos t + b sin t = A cos(t + φ), φ = atan2(−b, a)
-    params[7], params[8] = math.hypot(a, b), c
+    frequency = np.maximum(np.hypot(fx, fy), 1e-3)
+    theta = np.arctan2(fy, fx)
+    energy = centred.reshape(count, -1) ** 2  # (B, N)
+    total = energy.sum(1)
+    total[total == 0] = 1.0
+    x0, y0 = (energy * x).sum(1) / total, (energy * y).sum(1) / total
+    log_sigma = np.log(np.minimum(0.5 / frequency, max(height, width) / 2))
+    zero, one = np.zeros(count), np.ones(count)
+    params = np.stack([x0, y0, theta, frequency, zero, log_sigma, log_sigma, one, zero], 1)  # (B, 9)
+    # amplitude and phase: g = env·(a cos + b sin) + c is linear in (a, b, c)
+    _, _, cos_part, sin_part, _, _ = _parts(params, y, x)  # env·cos(2πfu), env·sin(2πfu): each (B, N)
+    design = np.stack([cos_part, sin_part, np.ones_like(cos_part)], -1)  # (B, N, 3)
+    normal = design.transpose(0, 2, 1) @ design + 1e-12 * np.eye(3)  # (B, 3, 3)
+    rhs = design.transpose(0, 2, 1) @ images.reshape(count, -1, 1)  # (B, 3, 1)
+    a, b, c = np.linalg.solve(normal, rhs)[..., 0].T  # each (B,)
+    params[:, 4] = np.arctan2(-b, a)  # a cos t + b sin t = A cos(t + φ), φ = atan2(−b, a)
+    params[:, 7], params[:, 8] = np.hypot(a, b), c
     return params
+
+
+def _levenberg_marquardt(images: np.ndarray, params: np.ndarray, variance: np.ndarray, y: np.ndarray,
+                         x: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Refine ``params`` ``(B, 9)`` for the flat ``images`` ``(B, N)`` (each of total variance ``variance``); every
+    filter stops on its own (converged, hopeless after the quick steps, or out of steps)."""
+    parts = _parts(params, y, x)
+    residual = _gabor(params, parts) - images  # (B, N)
+    cost = 0.5 * (residual**2).sum(1)  # (B,)
+    jtj, gradient = _normal_equations(params, parts, residual)  # (B, 9, 9), (B, 9): kept until a step is taken
+    scale = np.diagonal(jtj, axis1=1, axis2=2).copy()  # D: the largest diag(JᵀJ) so far, per parameter
+    damping, growth = np.full(len(images), _DAMPING), np.full(len(images), 2.0)
+    active = variance > 0
+    for step in range(_MAX_STEPS):
+        if step == _QUICK_STEPS:
+            active &= 1.0 - 2 * cost / np.where(variance > 0, variance, 1.0) >= _PROMISING
+        rows = np.flatnonzero(active)
+        if not len(rows):
+            break
+        p, g = params[rows], gradient[rows]
+        d = np.where(scale[rows] > 0, scale[rows], 1.0)  # (k, 9)
+        with np.errstate(all="ignore"):  # a wild trial step may overflow; it is then rejected
+            h = _solve(jtj[rows] + (damping[rows, None] * d)[:, :, None] * np.eye(9), -g)  # (k, 9)
+            trial = p + h
+            trial_parts = _parts(trial, y, x)
+            trial_residual = _gabor(trial, trial_parts) - images[rows]  # (k, N)
+            trial_cost = 0.5 * (trial_residual**2).sum(1)
+            predicted = 0.5 * (h * (damping[rows, None] * d * h - g)).sum(1)  # L(0) − L(h) of the linear model
+            rho = (cost[rows] - trial_cost) / predicted  # gain ratio
+        kept = np.isfinite(trial_cost) & np.isfinite(trial).all(1) & (predicted > 0) & (rho > 0)
+        small = (cost[rows] - trial_cost <= _TOLERANCE * cost[rows]) | (
+            np.linalg.norm(h, axis=1) <= _TOLERANCE * (np.linalg.norm(p, axis=1) + _TOLERANCE)
+        )
+        active[rows[(kept & small) | (damping[rows] > 1e16)]] = False
+        taken, refused = rows[kept], rows[~kept]
+        params[taken], residual[taken], cost[taken] = trial[kept], trial_residual[kept], trial_cost[kept]
+        jtj[taken], gradient[taken] = _normal_equations(trial[kept], tuple(t[kept] for t in trial_parts),
+                                                        trial_residual[kept])  # fmt: skip
+        scale[taken] = np.maximum(scale[taken], np.diagonal(jtj[taken], axis1=1, axis2=2))
+        damping[taken] *= np.maximum(1 / 3, 1 - (2 * rho[kept] - 1) ** 3)
+        growth[taken] = 2.0
+        damping[refused] *= growth[refused]
+        growth[refused] *= 2
+    return params
+
+
+def _solve(matrices: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``matrices⁻¹ rhs`` for a batch ``(k, 9, 9)``, ``(k, 9)``; no step (zeros) for a singular matrix."""
+    try:
+        return np.linalg.solve(matrices, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:  # one singular system fails the batch: solve one by one
+        return np.stack([_solve_or_zero(m, r) for m, r in zip(matrices, rhs, strict=True)])
+
+
+def _solve_or_zero(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``matrix⁻¹ rhs``, or zeros (no step) where ``matrix`` is singular."""
+    try:
+        return np.linalg.solve(matrix, rhs)
+    except np.linalg.LinAlgError:
+        return np.zeros_like(rhs)
+
+
+def fit_gabors(images: np.ndarray) -> list[GaborFit]:
+    """The best Gabor for each filter of ``images`` ``(B, H, W)`` (or ``(B, C, H, W)``, fitted on the channel
+    mean), fitted together. A constant filter gets R² = 0 and NaN parameters."""
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim == 4:
+        images = images.mean(1)
+    count, height, width = images.shape
+    y, x = (grid.ravel() for grid in np.mgrid[0:height, 0:width].astype(np.float64))  # each (N,), N = H·W
+    flat = images.reshape(count, -1)  # (B, N)
+    variance = ((flat - flat.mean(1, keepdims=True)) ** 2).sum(1)
+    if count == 0:
+        return []
+    params = _levenberg_marquardt(flat, _start(images, y, x), variance, y, x)
+    r2 = 1.0 - ((_gabor(params, _parts(params, y, x)) - flat) ** 2).sum(1) / np.where(variance > 0, variance, 1.0)
+    fits = []
+    for row, fit_r2, var in zip(params, r2, variance, strict=True):
+        if var <= 0:
+            fits.append(GaborFit(0.0, *([math.nan] * 9)))
+            continue
+        x0, y0, theta, frequency, phase, log_su, log_sv, amplitude, offset = (float(p) for p in row)
+        sigma_u, sigma_v = (math.exp(min(max(s, _LOG_SIGMA[0]), _LOG_SIGMA[1])) for s in (log_su, log_sv))
+        fits.append(GaborFit(float(fit_r2), x0, y0, theta, abs(frequency), phase, sigma_u, sigma_v, amplitude, offset))
+    return fits
 
 
 def fit_gabor(image: np.ndarray) -> GaborFit:
     """The best Gabor for one filter ``(H, W)`` (or ``(C, H, W)``, fitted on the channel mean)."""
     image = np.asarray(image, dtype=np.float64)
-    if image.ndim == 3:
-        image = image.mean(0)
-    y, x = np.mgrid[0 : image.shape[0], 0 : image.shape[1]].astype(np.float64)  # each (H, W)
-    variance = float(((image - image.mean()) ** 2).sum())
-    if variance <= 0:
-        return GaborFit(0.0, *([math.nan] * 9))
-    from scipy.optimize import least_squares  # here: importing it costs a second that only a fit needs
-
-    params = _start(image, y, x)
-    # A short Levenberg–Marquardt run first; only fits that are already promising get the long one (noise is
-    # what hits the step limit, and it is what would make 256 fits slow).
-    for steps in (_QUICK_EVALUATIONS, _MAX_EVALUATIONS):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # exp overflow on a wild trial step is rejected by LM
-            result = least_squares(lambda p: (_gabor(p, y, x) - image).ravel(), params,
-                                   jac=lambda p: _jacobian(p, y, x), method="lm", max_nfev=steps)  # fmt: skip
-        if np.all(np.isfinite(result.x)) and np.all(np.isfinite(result.fun)):
-            params = result.x
-        if result.status > 0 or 1.0 - 2 * result.cost / variance < _PROMISING:  # converged, or hopeless
-            break
-    residual = float(((_gabor(params, y, x) - image) ** 2).sum())
-    r2 = 1.0 - residual / variance
-    x0, y0, theta, frequency, phase, log_su, log_sv, amplitude, offset = (float(p) for p in params)
-    sigma_u, sigma_v = (math.exp(min(max(s, -4.0), 8.0)) for s in (log_su, log_sv))  # as the model clips them
-    return GaborFit(r2, x0, y0, theta, abs(frequency), phase, sigma_u, sigma_v, amplitude, offset)
+    return fit_gabors(image[None])[0]
 
 
 def gabor_fraction(filters: Tensor | np.ndarray, shape: tuple[int, int, int], *, threshold: float = R2_THRESHOLD,
@@ -148,7 +230,7 @@ def gabor_fraction(filters: Tensor | np.ndarray, shape: tuple[int, int, int], *,
     values = filters.detach().float().cpu().numpy() if isinstance(filters, Tensor) else np.asarray(filters)
     count = values.shape[0]
     picks = np.unique(np.linspace(0, count - 1, min(count, max_filters)).round().astype(int))
-    r2 = np.array([fit_gabor(values[i].reshape(shape)).r2 for i in picks])
+    r2 = np.array([fit.r2 for fit in fit_gabors(values[picks].reshape(len(picks), *shape))])
     return {
         "fraction": float((r2 > threshold).mean()),
         "median_r2": float(np.median(r2)),
