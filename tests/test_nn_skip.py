@@ -12,7 +12,7 @@ from downpour.errors import ConfigError
 from downpour.models.cat import CatNetwork
 from downpour.nn import LocallyConnected2d
 from downpour.nn import skip as skip_mod
-from downpour.nn.skip import SkippedLocallyConnected, active_fields, field_variance, skipped_fraction
+from downpour.nn.skip import active_fields, field_variance, skipped_fraction
 
 GEOMETRIES = [
     # (in_channels, out_channels, in_size, kernel, stride): sizes over one tile so that tiles differ
@@ -70,11 +70,14 @@ def test_skipping_passes_gradcheck() -> None:
     layer = LocallyConnected2d(1, 2, 12, 3).double()
     x = _flat_in_places(1, (12, 12), batch=3)
     active = active_fields(x, layer.kernel_size, layer.stride, float(field_variance(x, (3, 3), (1, 1)).median()))
+    plan = layer.skip_plan(active, 3)
+    assert plan is not None and plan.skipped_fraction > 0
     weight = layer.weight.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda xx, ww: SkippedLocallyConnected.apply(xx, ww, active, layer.out_size, (3, 3), (1, 1)),
-        (x.clone().requires_grad_(), weight),
-    )
+    x = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda xx, ww: torch.func.functional_call(layer, {"weight": ww}, (xx, plan)),
+                                    (x, weight))  # fmt: skip
+    h = torch.randn(3, 2, 10, 10, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda hh, ww: layer.transpose(hh, ww, plan), (h, weight))
 
 
 def test_tau_zero_is_identical_to_no_skip() -> None:

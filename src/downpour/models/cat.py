@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from downpour.errors import ConfigError
 from downpour.models.shapes import as_images
 from downpour.nn import L2Pool2d, LocalContrastNorm2d, LocallyConnected2d
-from downpour.nn.skip import active_fields, skipped_fraction
+from downpour.nn.skip import SkipPlan, active_fields
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
 
@@ -87,20 +87,26 @@ class CatStage(nn.Module):
         self.pool = L2Pool2d(pool, stride=1, epsilon=epsilon)
         self.norm = LocalContrastNorm2d(lcn)
 
-    def active(self, x: Tensor) -> Tensor | None:
-        """The fields to compute for ``x`` (None when nothing is skipped), counted in :attr:`skip_counts`."""
+    def active(self, x: Tensor) -> SkipPlan | None:
+        """The fields to compute for ``x`` (None when nothing is skipped), counted in :attr:`skip_counts`: one plan
+        shared by the encoder, the decoder and their backward passes."""
         if self.skip_variance <= 0:
             return None
         active = active_fields(x, self.encoder.kernel_size, self.encoder.stride, self.skip_variance)
+        plan = self.encoder.skip_plan(active, x.shape[0])
         seen = active.numel()
-        self.skip_counts += torch.tensor([seen, seen - int(active.sum()), seen * skipped_fraction(active)])
-        return active
+        if plan is None:
+            self.skip_counts += torch.tensor([seen, 0.0, 0.0], dtype=torch.float64)
+        else:
+            self.skip_counts += torch.tensor([seen, seen * plan.zeroed_fraction, seen * plan.skipped_fraction],
+                                             dtype=torch.float64)  # fmt: skip
+        return plan
 
-    def encode(self, x: Tensor, active: Tensor | None = None) -> Tensor:
+    def encode(self, x: Tensor, active: SkipPlan | None = None) -> Tensor:
         """Filter responses ``W₁x``: ``(B, C, S, S) -> (B, maps, S', S')``."""
         return self.encoder(x) if active is None else self.encoder(x, active)
 
-    def decode(self, h: Tensor, active: Tensor | None = None) -> Tensor:
+    def decode(self, h: Tensor, active: SkipPlan | None = None) -> Tensor:
         """Reconstruction ``W₂ᵀh`` back in the stage's input space."""
         if self.tied:
             return F.conv_transpose2d(h, self.decoder_weight)

@@ -17,9 +17,13 @@ import math
 import os
 from functools import lru_cache
 from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from downpour.nn.skip import SkipPlan
 
 IMPLEMENTATIONS = ("auto", "triton", "bands")
 _BAND_BYTES = 4 << 20  # patches of one band of output rows: about 4 MB
@@ -112,70 +116,86 @@ def _lc_weight_grad(g_t: Tensor, x_t: Tensor, weight_shape: torch.Size, kernel: 
     return grad_w
 
 
-class _LocallyConnected(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
-                stride: tuple[int, int], triton: bool) -> Tensor:  # fmt: skip
-        ctx.geometry = (kernel, stride, triton, tuple(x.shape[1:]), out_hw)
-        if triton:
-            ctx.save_for_backward(x, weight)
-            return _kernels().lc_forward(x, weight, out_hw, kernel, stride)
+class _Kernels(Protocol):
+    """The three products of one layer geometry, in the layer's ordinary layouts."""
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor: ...  # (B, C, H, W) -> (B, M, H_out, W_out)
+
+    def transpose(self, g: Tensor, weight: Tensor) -> Tensor: ...  # (B, M, H_out, W_out) -> (B, C, H, W)
+
+    def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor: ...  # -> (L, M, P)
+
+
+class _BandKernels:
+    """The CPU kernels above, in the layer's ordinary layouts (they permute to batch-last and back)."""
+
+    def __init__(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int], kernel: tuple[int, int],
+                 stride: tuple[int, int]) -> None:  # fmt: skip
+        self.in_chw, self.out_hw, self.kernel, self.stride = in_chw, out_hw, kernel, stride
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, M, H_out, W_out)``."""
         x_t = x.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B): the batch innermost
-        ctx.save_for_backward(x_t, weight)
-        return _lc_forward(x_t, weight, out_hw, kernel, stride).permute(3, 2, 0, 1)  # (B, M, H_out, W_out), a view
+        return _lc_forward(x_t, weight, self.out_hw, self.kernel, self.stride).permute(3, 2, 0, 1)  # a view
+
+    def transpose(self, g: Tensor, weight: Tensor) -> Tensor:
+        """``(B, M, H_out, W_out) -> (B, C, H, W)``."""
+        g_t = g.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
+        return _lc_transpose(g_t, weight, self.in_chw, self.kernel, self.stride).permute(3, 0, 1, 2)
+
+    def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        """``(L, M, P)`` from response gradients ``(B, M, H_out, W_out)`` and inputs ``(B, C, H, W)``."""
+        g_t, x_t = g.permute(2, 3, 1, 0).contiguous(), x.permute(1, 2, 3, 0).contiguous()  # batch-last
+        return _lc_weight_grad(g_t, x_t, weight_shape, self.kernel, self.stride)
+
+
+class _TritonKernels(_BandKernels):
+    """The Triton kernels (:mod:`downpour.nn.local_triton`), which take the ordinary layouts directly."""
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return _kernels().lc_forward(x, weight, self.out_hw, self.kernel, self.stride)
+
+    def transpose(self, g: Tensor, weight: Tensor) -> Tensor:
+        return _kernels().lc_transpose(g, weight, self.in_chw, self.kernel, self.stride)
+
+    def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        return _kernels().lc_weight_grad(g, x, weight_shape, self.out_hw, self.kernel, self.stride)
+
+
+class _Product(torch.autograd.Function):
+    """``h = W x`` through one kernel set (band-wise, Triton or skipping); backward ``x̄ = Wᵀh̄``, ``W̄ = h̄ ⊗ x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
+        ctx.kernels = kernels
+        ctx.save_for_backward(x, weight)
+        return kernels.forward(x, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels write with out=: no double backward
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x_saved, weight = ctx.saved_tensors
-        kernel, stride, triton, in_chw, out_hw = ctx.geometry
-        grad_x = grad_w = None
-        if triton:
-            if ctx.needs_input_grad[0]:
-                grad_x = _kernels().lc_transpose(grad_out, weight, in_chw, kernel, stride)
-            if ctx.needs_input_grad[1]:
-                grad_w = _kernels().lc_weight_grad(grad_out, x_saved, weight.shape, out_hw, kernel, stride)
-            return grad_x, grad_w, None, None, None, None
-        g_t = grad_out.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
-        if ctx.needs_input_grad[0]:
-            grad_x = _lc_transpose(g_t, weight, in_chw, kernel, stride).permute(3, 0, 1, 2)
-        if ctx.needs_input_grad[1]:
-            grad_w = _lc_weight_grad(g_t, x_saved, weight.shape, kernel, stride)
-        return grad_x, grad_w, None, None, None, None
+        x, weight = ctx.saved_tensors
+        grad_x = ctx.kernels.transpose(grad_out, weight) if ctx.needs_input_grad[0] else None
+        grad_w = ctx.kernels.weight_grad(grad_out, x, weight.shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
 
 
-class _LocallyConnectedTranspose(torch.autograd.Function):
-    """``W``ᵀ of a locally connected layer: responses ``(B, M, H_out, W_out)`` back to the input ``(B, C, H, W)``."""
+class _TransposedProduct(torch.autograd.Function):
+    """``x = Wᵀh`` through one kernel set; backward ``h̄ = W x̄``, ``W̄ = h ⊗ x̄``."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel: tuple[int, int],
-                stride: tuple[int, int], triton: bool) -> Tensor:  # fmt: skip
-        ctx.geometry = (kernel, stride, triton, tuple(h.shape[2:]))
-        if triton:
-            ctx.save_for_backward(h, weight)
-            return _kernels().lc_transpose(h, weight, in_chw, kernel, stride)
-        h_t = h.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
-        ctx.save_for_backward(h_t, weight)
-        return _lc_transpose(h_t, weight, in_chw, kernel, stride).permute(3, 0, 1, 2)  # (B, C, H, W)
+    def forward(ctx, h: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
+        ctx.kernels = kernels
+        ctx.save_for_backward(h, weight)
+        return kernels.transpose(h, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        h_saved, weight = ctx.saved_tensors
-        kernel, stride, triton, out_hw = ctx.geometry
-        grad_h = grad_w = None
-        if triton:
-            if ctx.needs_input_grad[0]:
-                grad_h = _kernels().lc_forward(grad_out, weight, out_hw, kernel, stride)
-            if ctx.needs_input_grad[1]:
-                grad_w = _kernels().lc_weight_grad(h_saved, grad_out, weight.shape, out_hw, kernel, stride)
-            return grad_h, grad_w, None, None, None, None
-        g_t = grad_out.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B)
-        if ctx.needs_input_grad[0]:
-            grad_h = _lc_forward(g_t, weight, out_hw, kernel, stride).permute(3, 2, 0, 1)
-        if ctx.needs_input_grad[1]:
-            grad_w = _lc_weight_grad(h_saved, g_t, weight.shape, kernel, stride)
-        return grad_h, grad_w, None, None, None, None
+        h, weight = ctx.saved_tensors
+        grad_h = ctx.kernels.forward(grad_out, weight) if ctx.needs_input_grad[0] else None
+        grad_w = ctx.kernels.weight_grad(h, grad_out, weight.shape) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None
 
 
 def _bands(out_h: int, out_w: int, patch: int, batch: int, itemsize: int) -> list[slice]:
@@ -230,11 +250,12 @@ class LocallyConnected2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(locations, out_channels, patch).uniform_(-bound, bound))  # (L, M, P)
         self.bias = nn.Parameter(torch.zeros(out_channels, *self.out_size)) if bias else None
 
-    def forward(self, x: Tensor, active: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, active: Tensor | SkipPlan | None = None) -> Tensor:
         """``(B, C, H, W) -> (B, out_channels, H_out, W_out)``.
 
         ``active`` ``(B, H_out, W_out)`` bool: fields marked False output zero and, on the CPU kernels, are not
-        computed (see :mod:`downpour.nn.skip`; :func:`~downpour.nn.skip.active_fields` makes the mask).
+        computed (see :mod:`downpour.nn.skip`; :func:`~downpour.nn.skip.active_fields` makes the mask). A
+        :class:`~downpour.nn.skip.SkipPlan` from :meth:`skip_plan` does the same without planning again.
         """
         expected = (self.in_channels, *self.in_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -242,23 +263,31 @@ class LocallyConnected2d(nn.Module):
                 f"LocallyConnected2d expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
         self._check_like_weight(x, "input")
-        triton = self._triton(x)
-        if active is not None:
-            self._check_active(active, x.shape[0])
-            if bool(active.all()):
-                active = None  # nothing to skip: the dense kernels, bit for bit
-        if active is None:
-            out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride, triton)
-        else:
-            if triton:  # the GPU kernels have no skipping: compute, then zero
-                out = _LocallyConnected.apply(x, self.weight, self.out_size, self.kernel_size, self.stride, True)
-                out = out * active.unsqueeze(1)
-            else:
-                from downpour.nn.skip import SkippedLocallyConnected
-
-                geometry = (self.out_size, self.kernel_size, self.stride)
-                out = SkippedLocallyConnected.apply(x, self.weight, active, *geometry)
+        plan = self.skip_plan(active, x.shape[0])
+        out = _Product.apply(x, self.weight, self._kernel_set(x, plan))
+        if plan is not None and self._triton(x):  # the GPU kernels have no skipping: compute, then zero
+            out = out * plan.active.unsqueeze(1)
         return out + self.bias if self.bias is not None else out
+
+    def skip_plan(self, active: Tensor | SkipPlan | None, batch: int) -> SkipPlan | None:
+        """The :class:`~downpour.nn.skip.SkipPlan` of a ``(batch, H_out, W_out)`` bool mask (None when every field
+        is active: the dense kernels, bit for bit). Build it once to share it between :meth:`forward` and
+        :meth:`transpose` of one batch."""
+        from downpour.nn.skip import SkipPlan
+
+        if active is None or isinstance(active, SkipPlan):
+            if active is not None:
+                self._check_active(active.active, batch)
+            return active
+        self._check_active(active, batch)
+        return None if bool(active.all()) else SkipPlan(active, self.kernel_size, self.stride)
+
+    def _kernel_set(self, x: Tensor, plan: SkipPlan | None) -> _Kernels:
+        """The kernels for ``x``: Triton on CUDA, else skipping over ``plan`` or band-wise."""
+        geometry = ((self.in_channels, *self.in_size), self.out_size, self.kernel_size, self.stride)
+        if self._triton(x):
+            return _TritonKernels(*geometry)
+        return _BandKernels(*geometry) if plan is None else plan.kernels(*geometry)
 
     def _check_active(self, active: Tensor, batch: int) -> None:
         expected = (batch, *self.out_size)
@@ -275,7 +304,7 @@ class LocallyConnected2d(nn.Module):
                 f"{self.weight.device}: convert one of them (e.g. layer.to(x))"
             )
 
-    def transpose(self, h: Tensor, weight: Tensor | None = None, active: Tensor | None = None) -> Tensor:
+    def transpose(self, h: Tensor, weight: Tensor | None = None, active: Tensor | SkipPlan | None = None) -> Tensor:
         """``Wᵀh``: responses ``(B, out_channels, H_out, W_out)`` back to the input space ``(B, C, H, W)``.
 
         With ``weight`` (same shape as :attr:`weight`), use it instead: RICA's separate decoding weights ``W₂``.
@@ -292,17 +321,10 @@ class LocallyConnected2d(nn.Module):
             raise ValueError(f"LocallyConnected2d.transpose expected weight of shape {tuple(self.weight.shape)}, "
                              f"got {tuple(w.shape)}")  # fmt: skip
         self._check_like_weight(h, "transpose input")
-        in_chw = (self.in_channels, *self.in_size)
-        triton = self._triton(h)
-        if active is not None:
-            self._check_active(active, h.shape[0])
-        if active is not None and not bool(active.all()):
-            if not triton:
-                from downpour.nn.skip import SkippedTranspose
-
-                return SkippedTranspose.apply(h, w, active, in_chw, self.kernel_size, self.stride)
-            h = h * active.unsqueeze(1)
-        return _LocallyConnectedTranspose.apply(h, w, in_chw, self.kernel_size, self.stride, triton)
+        plan = self.skip_plan(active, h.shape[0])
+        if plan is not None and self._triton(h):
+            h = h * plan.active.unsqueeze(1)
+        return _TransposedProduct.apply(h, w, self._kernel_set(h, plan))
 
     def _triton(self, x: Tensor) -> bool:
         """Whether this call runs the Triton kernels (see :attr:`implementation`)."""

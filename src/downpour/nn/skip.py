@@ -44,8 +44,7 @@ class _Tile:
     in_rows: slice  # input rows its fields read
     in_cols: slice
     examples: Tensor | None  # (n,) examples with at least one active field in the tile; None: all of them
-    mask: Tensor | None  # (tr, tc, 1, n): 1 where the field is active; None: all are
-    weight: Tensor  # (tr·tc, M, P): the tile's weights
+    mask: Tensor | None  # (tr, tc, 1, n) bool: True where the field is active; None: all are
 
     def input_region(self, x_t: Tensor) -> Tensor:
         """The input its fields read, ``(C, rh, rw, n)``, from ``x_t`` ``(C, H, W, B)`` (a view when n = B)."""
@@ -60,6 +59,14 @@ class _Tile:
     def masked(self, t: Tensor) -> Tensor:
         """``t`` ``(tr, tc, M, n)`` with the flat fields zeroed (in place when it is a gathered copy)."""
         return t if self.mask is None else t.mul_(self.mask)
+
+    def masked_copy(self, t: Tensor) -> Tensor:
+        """:meth:`masked` on a copy when ``t`` is a view of the caller's tensor."""
+        return self.masked(t.clone() if self.examples is None and self.mask is not None else t)
+
+    def weight(self, weight: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        """The tile's weights ``(tr·tc, M, P)`` out of the layer's ``(L, M, P)``."""
+        return weight.view(*out_hw, *weight.shape[1:])[self.rows, self.cols].reshape(-1, *weight.shape[1:])
 
     def scatter(self, target: Tensor, value: Tensor, *, add: bool) -> None:
         """Write (or add) ``value`` into the tile's examples of ``target``, a view over the tile's rows and columns."""
@@ -79,13 +86,13 @@ class _Tile:
         return self.in_rows.stop - self.in_rows.start, self.in_cols.stop - self.in_cols.start
 
 
-def _tiles(active_t: Tensor, weight: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-           dtype: torch.dtype) -> list[_Tile]:  # fmt: skip
-    """The tiles of ``active_t`` ``(H_out, W_out, B)`` that have work, with the examples that have it."""
-    out_h, out_w, _ = active_t.shape
+def _tiles(active: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[list[_Tile], int]:
+    """The tiles of ``active`` ``(B, H_out, W_out)`` that have work, with the examples that have it, and how many
+    (location, example) products they compute."""
+    active_t = active.permute(1, 2, 0)  # (H_out, W_out, B)
+    out_h, out_w, batch = active_t.shape
     (kh, kw), (sh, sw) = kernel, stride
-    weight_hw = weight.view(out_h, out_w, *weight.shape[1:])  # (H_out, W_out, M, P)
-    tiles = []
+    tiles, products = [], 0
     for r0 in range(0, out_h, TILE):
         for c0 in range(0, out_w, TILE):
             rows, cols = slice(r0, min(out_h, r0 + TILE)), slice(c0, min(out_w, c0 + TILE))
@@ -93,120 +100,85 @@ def _tiles(active_t: Tensor, weight: Tensor, kernel: tuple[int, int], stride: tu
             examples = act.flatten(0, 1).any(0).nonzero().squeeze(1)
             if examples.numel() == 0:
                 continue
+            products += act.shape[0] * act.shape[1] * examples.numel()
             mask = act.index_select(2, examples).unsqueeze(2)  # (tr, tc, 1, n)
             tiles.append(_Tile(
                 rows, cols,
                 slice(rows.start * sh, (rows.stop - 1) * sh + kh), slice(cols.start * sw, (cols.stop - 1) * sw + kw),
-                None if examples.numel() == act.shape[2] else examples, None if bool(mask.all()) else mask.to(dtype),
-                weight_hw[rows, cols].reshape(-1, *weight.shape[1:]),
+                None if examples.numel() == batch else examples, None if bool(mask.all()) else mask,
             ))  # fmt: skip
-    return tiles
+    return tiles, products
 
 
 def skipped_fraction(active: Tensor) -> float:
     """Fraction of (location, example) products not computed for the mask ``active`` ``(B, H_out, W_out)``."""
-    active_t = active.permute(1, 2, 0)  # (H_out, W_out, B)
-    total = active_t.numel()
-    if total == 0:
-        return 0.0
-    done = 0
-    for r0 in range(0, active_t.shape[0], TILE):
-        for c0 in range(0, active_t.shape[1], TILE):
-            act = active_t[r0 : r0 + TILE, c0 : c0 + TILE]  # (tr, tc, B)
-            done += act.shape[0] * act.shape[1] * int(act.flatten(0, 1).any(0).sum())
-    return 1.0 - done / total
+    total = active.numel()
+    return 0.0 if total == 0 else 1.0 - _tiles(active, (1, 1), (1, 1))[1] / total
 
 
-def skip_forward(x_t: Tensor, tiles: list[_Tile], out_t: Tensor, kernel: tuple[int, int],
-                 stride: tuple[int, int]) -> Tensor:  # fmt: skip
-    """Responses of the batch-last input ``(C, H, W, B)`` over ``tiles``, written into ``out_t``
-    ``(H_out, W_out, M, B)`` (zeros elsewhere)."""
-    for tile in tiles:
-        region = tile.input_region(x_t)  # (C, rh, rw, n)
-        sub = _lc_forward(region, tile.weight, tile.out_hw, kernel, stride)  # (tr, tc, M, n)
-        tile.scatter(out_t[tile.rows, tile.cols], tile.masked(sub), add=False)
-    return out_t
+class SkipPlan:
+    """Which fields of one batch a :class:`~downpour.nn.local.LocallyConnected2d` computes: the tiles of a
+    ``(B, H_out, W_out)`` bool mask, built once and shared by the layer, its transpose and their backward passes
+    (``LocallyConnected2d.skip_plan`` makes one).
+
+    ``zeroed_fraction``: fields that output zero; ``skipped_fraction``: (location, example) products not computed.
+    """
+
+    def __init__(self, active: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> None:
+        self.active = active
+        self.tiles, products = _tiles(active, kernel, stride)
+        total = max(1, active.numel())
+        self.zeroed_fraction = 1.0 - int(active.sum()) / total
+        self.skipped_fraction = 1.0 - products / total
+
+    def kernels(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int], kernel: tuple[int, int],
+                stride: tuple[int, int]) -> SkipKernels:  # fmt: skip
+        """The layer's three products over this plan's tiles."""
+        return SkipKernels(self.tiles, in_chw, out_hw, kernel, stride)
 
 
-def skip_transpose(h_t: Tensor, tiles: list[_Tile], x_t: Tensor, kernel: tuple[int, int],
-                   stride: tuple[int, int]) -> Tensor:  # fmt: skip
-    """``Wᵀh`` from ``(H_out, W_out, M, B)`` over ``tiles``, added into ``x_t`` ``(C, H, W, B)``."""
-    channels = x_t.shape[0]
-    for tile in tiles:
-        h = tile.responses(h_t)  # (tr, tc, M, n)
-        h = tile.masked(h.clone() if tile.examples is None and tile.mask is not None else h)
-        n = h.shape[3]
-        cols = torch.bmm(tile.weight.transpose(1, 2), h.reshape(-1, h.shape[2], n))  # (tr·tc, P, n)
-        region = x_t.new_zeros(channels * tile.in_hw[0] * tile.in_hw[1], n)  # (C·rh·rw, n)
-        region.index_add_(0, fold_index(tile.out_hw, (channels, *tile.in_hw), kernel, stride), cols.view(-1, n))
-        tile.scatter(x_t[:, tile.in_rows, tile.in_cols], region.view(channels, *tile.in_hw, n), add=True)
-    return x_t
+class SkipKernels:
+    """The CPU kernels of :mod:`downpour.nn.local` tile by tile over active fields only, in the layer's ordinary
+    layouts (the same three products as ``_BandKernels``; flat fields are zero in every one of them)."""
 
+    def __init__(self, tiles: list[_Tile], in_chw: tuple[int, int, int], out_hw: tuple[int, int],
+                 kernel: tuple[int, int], stride: tuple[int, int]) -> None:  # fmt: skip
+        self.tiles, self.in_chw, self.out_hw, self.kernel, self.stride = tiles, in_chw, out_hw, kernel, stride
 
-def skip_weight_grad(g_t: Tensor, x_t: Tensor, tiles: list[_Tile], grad_w: Tensor, kernel: tuple[int, int],
-                     stride: tuple[int, int]) -> Tensor:  # fmt: skip
-    """Weight gradient from ``(H_out, W_out, M, B)`` response gradients and ``(C, H, W, B)`` inputs over ``tiles``,
-    written into ``grad_w`` ``(L, M, P)`` (zeros elsewhere)."""
-    out_h, out_w = g_t.shape[:2]
-    grad_w_hw = grad_w.view(out_h, out_w, *grad_w.shape[1:])  # (H_out, W_out, M, P)
-    for tile in tiles:
-        g = tile.responses(g_t)  # (tr, tc, M, n)
-        g = tile.masked(g.clone() if tile.examples is None and tile.mask is not None else g)
-        region = tile.input_region(x_t)  # (C, rh, rw, n)
-        sub = _lc_weight_grad(g.contiguous(), region, tile.weight.shape, kernel, stride)  # (tr·tc, M, P)
-        grad_w_hw[tile.rows, tile.cols] = sub.view(*tile.out_hw, *grad_w.shape[1:])
-    return grad_w
-
-
-class SkippedLocallyConnected(torch.autograd.Function):
-    """:class:`~downpour.nn.local.LocallyConnected2d`'s product over active fields only (CPU kernels)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, active: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
-                stride: tuple[int, int]) -> Tensor:  # fmt: skip
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, M, H_out, W_out)``, zero at flat fields."""
         x_t = x.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B)
-        tiles = _tiles(active.permute(1, 2, 0), weight, kernel, stride, x.dtype)  # reused by the backward pass
-        ctx.save_for_backward(x_t, weight)
-        ctx.tiles, ctx.geometry = tiles, (kernel, stride)
-        out_t = x_t.new_zeros(*out_hw, weight.shape[1], x_t.shape[3])  # (H_out, W_out, M, B)
-        return skip_forward(x_t, tiles, out_t, kernel, stride).permute(3, 2, 0, 1)  # (B, M, H_out, W_out)
+        out_t = x_t.new_zeros(*self.out_hw, weight.shape[1], x_t.shape[3])  # (H_out, W_out, M, B)
+        for tile in self.tiles:
+            sub = _lc_forward(tile.input_region(x_t), tile.weight(weight, self.out_hw), tile.out_hw, self.kernel,
+                              self.stride)  # (tr, tc, M, n)  # fmt: skip
+            tile.scatter(out_t[tile.rows, tile.cols], tile.masked(sub), add=False)
+        return out_t.permute(3, 2, 0, 1)  # (B, M, H_out, W_out)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x_t, weight = ctx.saved_tensors
-        kernel, stride = ctx.geometry
-        g_t = grad_out.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = skip_transpose(g_t, ctx.tiles, torch.zeros_like(x_t), kernel, stride).permute(3, 0, 1, 2)
-        if ctx.needs_input_grad[1]:
-            grad_w = skip_weight_grad(g_t, x_t, ctx.tiles, torch.zeros_like(weight), kernel, stride)
-        return grad_x, grad_w, None, None, None, None
-
-
-class SkippedTranspose(torch.autograd.Function):
-    """``Wᵀh`` of a locally connected layer over active fields only (CPU kernels)."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, active: Tensor, in_chw: tuple[int, int, int],
-                kernel: tuple[int, int], stride: tuple[int, int]) -> Tensor:  # fmt: skip
+    def transpose(self, h: Tensor, weight: Tensor) -> Tensor:
+        """``Wᵀh`` with ``h`` taken as zero at flat fields: ``(B, M, H_out, W_out) -> (B, C, H, W)``."""
         h_t = h.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
-        tiles = _tiles(active.permute(1, 2, 0), weight, kernel, stride, h.dtype)
-        ctx.save_for_backward(h_t, weight)
-        ctx.tiles, ctx.geometry = tiles, (kernel, stride)
-        x_t = h_t.new_zeros(*in_chw, h_t.shape[3])  # (C, H, W, B)
-        return skip_transpose(h_t, tiles, x_t, kernel, stride).permute(3, 0, 1, 2)  # (B, C, H, W)
+        channels = self.in_chw[0]
+        x_t = h_t.new_zeros(*self.in_chw, h_t.shape[3])  # (C, H, W, B)
+        for tile in self.tiles:
+            sub = tile.masked_copy(tile.responses(h_t))  # (tr, tc, M, n)
+            n = sub.shape[3]
+            cols = torch.bmm(tile.weight(weight, self.out_hw).transpose(1, 2),
+                             sub.reshape(-1, sub.shape[2], n))  # (tr·tc, P, n)  # fmt: skip
+            region = x_t.new_zeros(channels * tile.in_hw[0] * tile.in_hw[1], n)  # (C·rh·rw, n)
+            index = fold_index(tile.out_hw, (channels, *tile.in_hw), self.kernel, self.stride)
+            region.index_add_(0, index, cols.view(-1, n))
+            tile.scatter(x_t[:, tile.in_rows, tile.in_cols], region.view(channels, *tile.in_hw, n), add=True)
+        return x_t.permute(3, 0, 1, 2)  # (B, C, H, W)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        h_t, weight = ctx.saved_tensors
-        kernel, stride = ctx.geometry
-        g_t = grad_out.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B)
-        grad_h = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_h = skip_forward(g_t, ctx.tiles, torch.zeros_like(h_t), kernel, stride).permute(3, 2, 0, 1)
-        if ctx.needs_input_grad[1]:
-            grad_w = skip_weight_grad(h_t, g_t, ctx.tiles, torch.zeros_like(weight), kernel, stride)
-        return grad_h, grad_w, None, None, None, None
+    def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
+        """``(L, M, P)`` from response gradients ``(B, M, H_out, W_out)`` (zero at flat fields) and inputs."""
+        g_t, x_t = g.permute(2, 3, 1, 0).contiguous(), x.permute(1, 2, 3, 0).contiguous()  # batch-last
+        grad_w = g_t.new_zeros(weight_shape)
+        grad_w_hw = grad_w.view(*self.out_hw, *weight_shape[1:])  # (H_out, W_out, M, P)
+        for tile in self.tiles:
+            sub = tile.masked_copy(tile.responses(g_t))  # (tr, tc, M, n)
+            tile_shape = torch.Size((tile.out_hw[0] * tile.out_hw[1], *weight_shape[1:]))
+            grad = _lc_weight_grad(sub.contiguous(), tile.input_region(x_t), tile_shape, self.kernel, self.stride)
+            grad_w_hw[tile.rows, tile.cols] = grad.view(*tile.out_hw, *weight_shape[1:])
+        return grad_w
