@@ -209,6 +209,18 @@ class ShardServer:
                         return False, self.incarnation
                     self._changed.wait(left)
 
+    def push_round(self, update: np.ndarray, fetched_version: int, worker: int, incarnation: int, timeout_s: float
+                   ) -> tuple[bool, int, int, int, tuple[int, np.ndarray] | None]:  # fmt: skip
+        """``ps.policy = "sync"``: :meth:`push`, then :meth:`await_round` up to ``timeout_s``, then the values the
+        round produced: ``(applied, staleness, version, incarnation, (version, values) once the round has closed,
+        else None)``. One call per shard and round where a push, a wait and a fetch would take three."""
+        applied, staleness, version, _, _ = self.push(update, fetched_version, worker, incarnation, False)
+        closed, current = self.await_round(fetched_version, incarnation, False, timeout_s)
+        if not closed:
+            return applied, staleness, version, current, None
+        out = torch.empty(self.size, dtype=torch.float32)
+        return applied, staleness, version, current, (self.shard.fetch_into(out), out.numpy())
+
     def roster_update(self, worker: int, incarnation: int, live: bool) -> None:
         """``ps.policy = "sync"``: worker ``worker`` (its ``incarnation``-th ``run``) joined or left the rounds
         (:meth:`Roster.update`); waiting workers re-check their round against the new quorum."""
@@ -261,6 +273,8 @@ class RemoteShard:
         self.direct: shm.SharedShard | None = None
         self.direct_node = ""  # the worker's node: shards there are mapped
         self.shared_memory = True
+        # sync: (the round's fetched version, incarnation, version, values) that the last push_round brought back
+        self.closed: tuple[int, int, int, np.ndarray] | None = None
 
     def connect(self, node_id: str, *, shared_memory: bool = True) -> None:
         """Ask the shard actor (waiting while Ray restarts it) where it is; map its file when on ``node_id`` (and
@@ -304,7 +318,12 @@ class RemoteShard:
         return version
 
     def fetch_into(self, out: Tensor) -> int:
-        """Copy the shard's current values into ``out`` (shape ``(size,)``) and return their version."""
+        """Copy the shard's current values into ``out`` (shape ``(size,)``) and return their version (under
+        ``sync``, right after a round: the values its close produced, which :meth:`push_round_async` brought)."""
+        if self.closed is not None:
+            _, incarnation, version, values = self.closed
+            self.closed = None
+            return self.accept_fetch((version, incarnation, values), out)
         if self.direct is not None:
             shard = self._live_direct()
             if shard is not None:
@@ -359,10 +378,25 @@ class RemoteShard:
         )
         return self.accept_push(ray.get(ref), fetch_into)
 
+    def push_round_async(self, update: Tensor, fetched_version: int, worker: int) -> Any:
+        """``ps.policy = "sync"``: start :meth:`ShardServer.push_round`; :meth:`accept_push_round` takes its reply."""
+        return self.handle.push_round.remote(update.numpy(), fetched_version, worker, self.incarnation, ROUND_WAIT_S)
+
+    def accept_push_round(self, reply: tuple[bool, int, int, int, tuple[int, np.ndarray] | None],
+                          fetched_version: int) -> PushResult:  # fmt: skip
+        """Turn a push_round reply into a :class:`PushResult`; keep the round's values for the next fetch."""
+        applied, staleness, version, incarnation, after = reply
+        self._note(incarnation, version)
+        self.closed = None if after is None else (fetched_version, incarnation, after[0], after[1])
+        return PushResult(applied, staleness, version)
+
     def close_round(self, fetched_version: int, *, force: bool = False) -> bool:
         """``ps.policy = "sync"``: True once the shard has closed the round of ``fetched_version`` (the interface of
-        :meth:`SyncShard.close_round`); the actor call blocks up to :data:`ROUND_WAIT_S` for it. A shard restored
-        since the worker fetched reports its round closed (it died with the incarnation), and the worker fetches."""
+        :meth:`SyncShard.close_round`): at once when the push brought the round's values back, else by an actor
+        call that blocks up to :data:`ROUND_WAIT_S`. A shard restored since the worker fetched reports its round
+        closed (it died with the incarnation), and the worker fetches."""
+        if self.closed is not None and self.closed[0] == fetched_version:
+            return True
         reply = self.handle.await_round.remote(fetched_version, self.incarnation, force, ROUND_WAIT_S)
         closed, _ = ray.get(reply)
         return bool(closed)
@@ -408,7 +442,6 @@ class _FanOutWorker(DownpourWorker):
     """
 
     shards: list[RemoteShard]  # type: ignore[assignment]
-    refetch_restored = True  # a push reply from a restored shard makes the worker refetch that shard at once
 
     def __init__(self, *args: Any, depth: int = PIPELINE_DEPTH, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -476,26 +509,41 @@ class _FanOutWorker(DownpourWorker):
             result = shard.accept_push(reply, values if pending.pulled else None)
             if pending.pulled and self._versions:
                 self._versions[shard.index] = result.version
-            elif reply[3] != known and values is not None and self.refetch_restored:
+            elif reply[3] != known and values is not None:
                 self._versions[shard.index] = shard.fetch_into(values)
             self._record(shard, result, pending.loss)
 
 
 class _FanOutSyncWorker(_FanOutWorker, SyncWorker):
-    """:class:`~downpour.ps.worker_rounds.SyncWorker`'s rounds (its ``_run`` and ``_await_rounds``) with
-    :class:`_FanOutWorker`'s transport at depth 0: a round's pushes go to every shard actor at once and the worker
-    takes all their replies before it waits for the round (:meth:`RemoteShard.close_round`); the fetch after it
-    goes to every shard at once too.
+    """:class:`~downpour.ps.worker_rounds.SyncWorker`'s rounds (its ``_run`` and ``_await_rounds``) over shard
+    actors: a round's pushes go to every shard at once as :meth:`ShardServer.push_round` calls, each of which
+    returns once its round has closed (or after :data:`ROUND_WAIT_S`) with the values the round produced; the
+    worker's wait (:meth:`RemoteShard.close_round`) and next fetch then need no call, except for a round still
+    open (the worker waits with further calls) and when the run is stopping.
 
-    A push refused by a restored shard leaves the worker on the old incarnation until the round ends: waiting for
-    the round of a dead incarnation returns at once, and the fetch after it brings the restored values (refetching
-    right away would have the worker wait for a round of the restored shard that it never pushed to).
+    A push refused by a restored shard leaves the worker on the old incarnation until the round ends: the round of
+    a dead incarnation counts as closed at once, and the values that come back are the restored ones (refetching
+    before that would have the worker wait for a round of the restored shard that it never pushed to).
     """
-
-    refetch_restored = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, depth=0, **kwargs)
+
+    def _push(self, updates: list[Tensor], versions: list[int], local: list[Tensor], loss: float, *,
+              then_fetch: bool) -> None:  # fmt: skip
+        refs = [shard.push_round_async(update, versions[shard.index], self.worker_id)
+                for shard, update in zip(self.shards, updates, strict=True)]  # fmt: skip
+        for shard, ref in zip(self.shards, refs, strict=True):
+            self._record(shard, shard.accept_push_round(ray.get(ref), versions[shard.index]), loss)
+        self.pushes_ += 1
+
+    def _fetch(self, versions: list[int], local: list[Tensor]) -> None:
+        pending = [(shard, shard.fetch_async()) for shard in self.shards if shard.closed is None]
+        for shard in self.shards:
+            if shard.closed is not None:  # the round's values, brought back by its push
+                versions[shard.index] = shard.fetch_into(local[shard.index])
+        for (shard, _), reply in zip(pending, ray.get([ref for _, ref in pending]), strict=True):
+            versions[shard.index] = shard.accept_fetch(reply, local[shard.index])
 
 
 class _ActorRoster:
