@@ -1,4 +1,5 @@
-"""Shared helpers: run the real ``downpour`` command in a subprocess and read what it wrote."""
+"""Shared helpers: run the real ``downpour`` command (in a subprocess, or in this process through ``cli.main``)
+and read what it wrote."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
+
+from downpour.cli import main
 
 # Small but real: patches from the bundled photos, fewer of them so that data loading is quick.
 FAST = ["--set", "data.examples=6000", "--set", "data.held_out=512", "--no-progress"]
@@ -22,6 +26,30 @@ def downpour(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[st
     return subprocess.run(
         [sys.executable, "-m", "downpour", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+class CliResult(NamedTuple):
+    """What one in-process ``downpour`` command returned and printed (the fields of a completed subprocess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """``cli(*args)`` runs ``downpour ARGS`` in this process through :func:`downpour.cli.main` (the command's own
+    parsing, checks and error handling, without the seconds a fresh interpreter spends importing torch) and returns
+    its exit status and output. For what is about the command's behaviour; the real entry point is tested with
+    :func:`downpour` in a subprocess."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()  # what the test printed before is not this command's output
+        status = main(list(args))
+        out, err = capsys.readouterr()
+        return CliResult(status, out, err)
+
+    return run
 
 
 def read_jsonl(path: Path) -> list[dict]:

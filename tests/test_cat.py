@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import downpour
+from conftest import CliResult
 from downpour.errors import ConfigError
 from downpour.models.cat import CatNetwork, layout_report
 
@@ -100,10 +101,10 @@ def test_the_rica_cost_falls_with_plain_adagrad(tied: bool) -> None:
     assert after < 0.6 * before
 
 
-def test_cat_network_trains_through_the_parameter_server(tmp_path: Path) -> None:
+def test_cat_network_trains_through_the_parameter_server(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     """``model.name = "cat"`` on the local backend, 2 workers, 2 shards: the held-out loss falls."""
     run_dir = tmp_path / "cat"
-    result = downpour(
+    result = cli(
         "train", "--set", "model.name=cat", "--set", "data.source=natural-images", "--set", "data.examples=3000",
         "--set", "data.held_out=256", "--set", "model.receptive_field=10", "--steps", "120", "--seconds", "0",
         "--out", str(run_dir), "--no-progress",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from conftest import downpour
+from conftest import CliResult
 from downpour.config import DataConfig, ModelConfig, load
 from downpour.data import load_dataset, own, unread_warning
 from downpour.errors import ConfigError, DataError
@@ -90,9 +91,11 @@ def test_video_frames_every_stride_and_a_corrupt_video_skipped(tmp_path: Path) -
     assert "bad.mp4" in report["skipped_files"][0]
 
 
-def test_training_on_a_folder_warns_and_reports_the_skipped_files(pictures: Path, tmp_path: Path) -> None:
+def test_training_on_a_folder_warns_and_reports_the_skipped_files(
+    pictures: Path, tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
     out = tmp_path / "run"
-    result = downpour("train", "--out", str(out), "--backend", "sim", "--workers", "2", "--steps", "30",
+    result = cli("train", "--out", str(out), "--backend", "sim", "--workers", "2", "--steps", "30",
                       "--set", f"data.source=folder:{pictures}", "--set", "data.image_size=8",
                       "--set", "data.examples=500", "--set", "data.held_out=100", "--set", "model.features=8",
                       "--no-progress")  # fmt: skip

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import downpour
+from conftest import CliResult
 from downpour import config as config_mod
 from downpour.backends.sim import ModelGradient, SimSettings, simulate
 from downpour.cli import main
@@ -43,10 +44,10 @@ def digits() -> torch.Tensor:
 @pytest.mark.parametrize(("design", "extra"), [("rbm", ["--set", "model.pcd=true", "--set", "model.cd_k=2"]),
                                              ("conv", ["--set", "ps.policy=staleness-lr"])])  # fmt: skip
 def test_each_design_trains_on_the_local_backend_with_falling_loss(
-    design: str, extra: list[str], run_dir: Path
+    design: str, extra: list[str], run_dir: Path, cli: Callable[..., CliResult]
 ) -> None:
     """(sparse-ae: in the frozen-first-layer test below.)"""
-    result = downpour("train", "--workers", "2", "--steps", "120", "--seconds", "120", "--set",
+    result = cli("train", "--workers", "2", "--steps", "120", "--seconds", "120", "--set",
                       f"model.name={design}", *DIGITS, *extra, "--out", str(run_dir))  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -90,10 +91,12 @@ def test_a_frozen_first_layer_stays_exactly_equal_on_the_simulator(policy: str, 
     assert not torch.equal(result.params[first.stop :], start[first.stop :])  # the rest trained
 
 
-def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(run_dir: Path) -> None:
+def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(
+    run_dir: Path, cli: Callable[..., CliResult]
+) -> None:
     """sparse-ae with frozen Gabor templates, 2 workers, 3 shards, Adagrad and local apply: the loss falls (the
     decoder and biases train) and the first layer's slice of the server's values is bit-identical to its start."""
-    result = downpour("train", "--workers", "2", "--shards", "3", "--steps", "120", "--set", "model.name=sparse-ae",
+    result = cli("train", "--workers", "2", "--shards", "3", "--steps", "120", "--set", "model.name=sparse-ae",
                       "--set", "model.init=gabor", "--set", "model.freeze_first=true", "--set", "ps.local_apply=true",
                       *DIGITS, "--out", str(run_dir))  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -1,11 +1,13 @@
-"""``downpour study staleness`` and ``downpour study optima`` through the real command."""
+"""``downpour study staleness`` (through the real command, in a subprocess) and ``downpour study optima`` and the
+flag checks (in this process, through ``cli.main``)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-from conftest import downpour
+from conftest import CliResult, downpour
 
 
 def test_study_staleness_writes_its_report(tmp_path: Path) -> None:
@@ -20,18 +22,18 @@ def test_study_staleness_writes_its_report(tmp_path: Path) -> None:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_study_optima_answers_with_a_test(tmp_path: Path) -> None:
+def test_study_optima_answers_with_a_test(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     out = tmp_path / "optima"
-    result = downpour("study", "optima", "--workers", "8", "--seeds", "6", "--steps", "300", "--out", str(out))
+    result = cli("study", "optima", "--workers", "8", "--seeds", "6", "--steps", "300", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "McNemar p=" in result.stdout
     report = json.loads((out / "optima.json").read_text())
     assert report["settings"]["workers"] == 8 and report["answer"] in result.stdout
 
 
-def test_study_flags_are_checked(tmp_path: Path) -> None:
-    bad = downpour("study", "staleness", "--workers", "0,8", "--out", str(tmp_path / "x"))
+def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    bad = cli("study", "staleness", "--workers", "0,8", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "invalid --workers: '0'" in bad.stderr
-    bad = downpour("study", "optima", "--seeds", "0", "--out", str(tmp_path / "y"))
+    bad = cli("study", "optima", "--seeds", "0", "--out", str(tmp_path / "y"))
     assert bad.returncode == 2 and "invalid --seeds: 0" in bad.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, downpour, read_jsonl
+from conftest import FAST, CliResult, downpour, read_jsonl
 
 
 def _summary(run_dir: Path) -> dict:
@@ -99,10 +100,10 @@ def _files(run_dir: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
 
-def test_resume_refuses_another_model_and_overwrites_nothing(finished_run: Path) -> None:
+def test_resume_refuses_another_model_and_overwrites_nothing(finished_run: Path, cli: Callable[..., CliResult]) -> None:
     """Resuming with a different shape is a one-line error (exit 2) and leaves the run as it was."""
     files = _files(finished_run)
-    result = downpour("train", "--resume", str(finished_run), "--set", "model.features=128", "--no-progress")
+    result = cli("train", "--resume", str(finished_run), "--set", "model.features=128", "--no-progress")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -110,10 +111,10 @@ def test_resume_refuses_another_model_and_overwrites_nothing(finished_run: Path)
     assert _files(finished_run) == files
 
 
-def test_new_run_into_an_existing_run_directory_is_refused(finished_run: Path) -> None:
+def test_new_run_into_an_existing_run_directory_is_refused(finished_run: Path, cli: Callable[..., CliResult]) -> None:
     """``--out`` pointing at an existing run never overwrites it."""
     files = _files(finished_run)
-    result = downpour("train", "--steps", "20", "--out", str(finished_run), *FAST)
+    result = cli("train", "--steps", "20", "--out", str(finished_run), *FAST)
     assert result.returncode == 2
     assert "already holds a run" in result.stderr
     assert _files(finished_run) == files
@@ -221,22 +222,22 @@ def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(run_dir: Pa
     assert summary["sessions"] == 2
 
 
-def test_resume_refuses_other_data_or_seed(finished_run: Path) -> None:
+def test_resume_refuses_other_data_or_seed(finished_run: Path, cli: Callable[..., CliResult]) -> None:
     """The data and the seed fix the held-out batch: changing them on resume is refused."""
     files = _files(finished_run)
     for change in (["--seed", "5"], ["--set", "data.whiten=false"]):
-        result = downpour("train", "--resume", str(finished_run), *change, "--no-progress")
+        result = cli("train", "--resume", str(finished_run), *change, "--no-progress")
         assert result.returncode == 2, change
         assert "does not match" in result.stderr and "Traceback" not in result.stderr
     assert _files(finished_run) == files
 
 
-def test_a_run_directory_in_use_is_refused(run_dir: Path) -> None:
+def test_a_run_directory_in_use_is_refused(run_dir: Path, cli: Callable[..., CliResult]) -> None:
     """A second driver on a run directory that a first one is training in gets a one-line error."""
     proc = _start(run_dir, "--workers", "1", "--seconds", "120")
     try:
         _wait_for_pushes(run_dir, proc)
-        result = downpour("train", "--resume", str(run_dir), "--no-progress")
+        result = cli("train", "--resume", str(run_dir), "--no-progress")  # the second driver: this process
         assert result.returncode == 2
         assert "in use by another downpour process" in result.stderr
     finally:
@@ -244,11 +245,11 @@ def test_a_run_directory_in_use_is_refused(run_dir: Path) -> None:
         proc.communicate(timeout=60)
 
 
-def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     """``--out`` naming an existing file: exit 2, no traceback, the file untouched."""
     target = tmp_path / "not-a-dir"
     target.write_text("keep me")
-    result = downpour("train", "--steps", "5", "--out", str(target), *FAST)
+    result = cli("train", "--steps", "5", "--out", str(target), *FAST)
     assert result.returncode == 2
     assert "not a directory" in result.stderr and "Traceback" not in result.stderr
     assert target.read_text() == "keep me"

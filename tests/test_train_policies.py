@@ -1,16 +1,20 @@
-"""``ps.policy`` and ``cluster.backend = "sim"`` through the real ``downpour train`` command."""
+"""``ps.policy`` and ``cluster.backend = "sim"`` through the ``downpour train`` command (one simulated run as a real
+subprocess, the others in this process through ``cli.main``)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, downpour, read_jsonl
+from conftest import FAST, CliResult, downpour, read_jsonl
 
 
-def test_simulated_run_writes_a_run_directory_with_the_staleness_of_its_workers(run_dir: Path) -> None:
+def test_simulated_run_writes_a_run_directory_with_the_staleness_of_its_workers(
+    run_dir: Path, cli: Callable[..., CliResult]
+) -> None:
     args = ["train", "--backend", "sim", "--workers", "16", "--steps", "400", *FAST, "--set", "ps.rule=sgd", "--set",
             "ps.lr=0.005", "--json"]  # fmt: skip
     result = downpour(*args, "--out", str(run_dir))
@@ -28,13 +32,13 @@ def test_simulated_run_writes_a_run_directory_with_the_staleness_of_its_workers(
     assert len(pushes) == 400 and len(evals) >= 40
     assert [row["t"] for row in pushes] == sorted(row["t"] for row in pushes)  # in simulated-time order
     assert (run_dir / "checkpoint").is_dir() and (run_dir / "filters.png").stat().st_size > 0
-    again = downpour(*args, "--out", str(run_dir.parent / "again"))
+    again = cli(*args, "--out", str(run_dir.parent / "again"))  # in this process: the same numbers
     assert json.loads(again.stdout)["final_loss"] == summary["final_loss"]  # deterministic
 
 
 @pytest.mark.parametrize("policy", ["sync", "ssp", "easgd"])
-def test_every_policy_runs_on_the_simulator(policy: str, run_dir: Path) -> None:
-    result = downpour("train", "--backend", "sim", "--workers", "8", "--steps", "160", *FAST, "--set",
+def test_every_policy_runs_on_the_simulator(policy: str, run_dir: Path, cli: Callable[..., CliResult]) -> None:
+    result = cli("train", "--backend", "sim", "--workers", "8", "--steps", "160", *FAST, "--set",
                       "ps.rule=sgd", "--set", "ps.lr=0.005", "--set", f"ps.policy={policy}",
                       "--out", str(run_dir), "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -47,8 +51,8 @@ def test_every_policy_runs_on_the_simulator(policy: str, run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("policy", ["staleness-lr", "dc-asgd"])
-def test_push_policies_run_on_the_local_backend(policy: str, run_dir: Path) -> None:
-    result = downpour("train", "--workers", "2", "--steps", "200", *FAST, "--set", f"ps.policy={policy}",
+def test_push_policies_run_on_the_local_backend(policy: str, run_dir: Path, cli: Callable[..., CliResult]) -> None:
+    result = cli("train", "--workers", "2", "--steps", "200", *FAST, "--set", f"ps.policy={policy}",
                       "--out", str(run_dir), "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -56,9 +60,9 @@ def test_push_policies_run_on_the_local_backend(policy: str, run_dir: Path) -> N
     assert summary["final_loss"] < 0.5 * summary["initial_loss"]
 
 
-def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path) -> None:
+def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path, cli: Callable[..., CliResult]) -> None:
     """Bound 0 with 2 workers: at most (2·0 + 1)·(2 − 1) = 1 push of the other lands between a fetch and a push."""
-    result = downpour("train", "--workers", "2", "--steps", "200", *FAST, "--set", "ps.policy=ssp",
+    result = cli("train", "--workers", "2", "--steps", "200", *FAST, "--set", "ps.policy=ssp",
                       "--set", "ps.staleness_bound=0", "--out", str(run_dir), "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -79,15 +83,17 @@ def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path) -> None:
         (["--set", "ps.backup_workers=2"], "invalid ps.backup_workers: 2 (must be >= 0 and < cluster.workers = 2)"),
     ],
 )
-def test_bad_policy_settings_are_one_line_errors(args: list[str], message: str, run_dir: Path) -> None:
-    result = downpour("train", "--steps", "10", *args, "--out", str(run_dir))
+def test_bad_policy_settings_are_one_line_errors(
+    args: list[str], message: str, run_dir: Path, cli: Callable[..., CliResult]
+) -> None:
+    result = cli("train", "--steps", "10", *args, "--out", str(run_dir))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not run_dir.exists()
 
 
-def test_a_simulated_run_is_not_resumed(run_dir: Path) -> None:
-    first = downpour("train", "--backend", "sim", "--workers", "4", "--steps", "50", *FAST, "--out", str(run_dir))
+def test_a_simulated_run_is_not_resumed(run_dir: Path, cli: Callable[..., CliResult]) -> None:
+    first = cli("train", "--backend", "sim", "--workers", "4", "--steps", "50", *FAST, "--out", str(run_dir))
     assert first.returncode == 0, first.stderr
-    again = downpour("train", "--backend", "sim", "--workers", "4", "--steps", "50", *FAST, "--resume", str(run_dir))
+    again = cli("train", "--backend", "sim", "--workers", "4", "--steps", "50", *FAST, "--resume", str(run_dir))
     assert again.returncode == 2 and "simulated runs are deterministic" in again.stderr

@@ -68,13 +68,13 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         print((args.out / "table.md").read_text())
         return 0
     if args.study == "optima":
-        from downpour.study import optima
-
         for flag, value in (("--workers", args.workers), ("--seeds", args.seeds), ("--steps", args.steps)):
             if value < 1:
                 raise DownpourError(f"invalid {flag}: {value} (must be at least 1)")
         if args.first_seed < 0:
             raise DownpourError(f"invalid --first-seed: {args.first_seed} (must be >= 0)")
+        from downpour.study import optima  # after the flags: importing torch takes seconds
+
         result = optima.run_optima(workers=args.workers, seeds=args.seeds, steps=args.steps,
                                    first_seed=args.first_seed, out=args.out,
                                    progress=lambda line: console.print(line))  # fmt: skip
