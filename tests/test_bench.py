@@ -1,10 +1,12 @@
-"""``downpour bench ps`` runs every configuration and reports positive, consistent numbers."""
+"""``downpour bench ps`` (a real subprocess) and ``downpour bench layers`` (in this process, through ``cli.main``) run
+every configuration and report positive, consistent numbers."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
-from conftest import downpour
+from conftest import CliResult, downpour
 
 
 def test_bench_ps_json_has_every_figure_and_consistent_ratios() -> None:
@@ -26,10 +28,10 @@ def test_bench_ps_json_has_every_figure_and_consistent_ratios() -> None:
     assert report["workload"]["num_params"] == 256 * 256
 
 
-def test_bench_layers_json_reports_every_row() -> None:
+def test_bench_layers_json_reports_every_row(cli: Callable[..., CliResult]) -> None:
     """``downpour bench layers --json``: timings for each implementation, the untied-vs-tied rows, and the memory
     autograd keeps between the passes (deterministic: ours keeps only the input transposed, unfold+bmm the patches)."""
-    result = downpour("bench", "layers", "--repeats", "1", "--skip-steps", "5", "--json", timeout=300)
+    result = cli("bench", "layers", "--repeats", "1", "--skip-steps", "5", "--json")  # in this process
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     cpu = report["cpu"]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import downpour, read_jsonl
+from conftest import read_jsonl
 from downpour.cli import main
 from downpour.report.html import write_report_after_training
 from downpour.report.runlog import read_run_log
@@ -38,8 +38,7 @@ PROBE = (
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short real run of the local backend (2 workers, 2 shards) with a finished page and TensorBoard files."""
     out = tmp_path_factory.mktemp("report") / "run"
-    result = downpour("train", "--out", str(out), "--steps", "90", "--seconds", "60", "--tensorboard", *SMALL)
-    assert result.returncode == 0, result.stderr
+    assert main(["train", "--out", str(out), "--steps", "90", "--seconds", "60", "--tensorboard", *SMALL]) == 0
     return out
 
 

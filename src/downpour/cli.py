@@ -130,11 +130,11 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from downpour.bench import ps as bench_ps
-
     if args.bench == "ps":
         if args.seconds <= 0 or args.rounds < 1:
             raise DownpourError(f"bench ps needs --seconds > 0 and --rounds >= 1, got {args.seconds} and {args.rounds}")
+        from downpour.bench import ps as bench_ps  # after the flags, and only for this benchmark (it imports torch)
+
         if args.backend == "ray":
             from downpour.bench import ray_ps as bench_ps  # type: ignore[no-redef]
 
