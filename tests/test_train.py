@@ -62,13 +62,13 @@ def test_two_workers_train_rica_and_write_the_run_directory(run_dir: Path) -> No
     assert (run_dir / "whitening.safetensors").stat().st_size > 0
 
 
-def test_resume_continues_versions_rule_state_and_steps(run_dir: Path) -> None:
+def test_resume_continues_versions_rule_state_and_steps(run_dir: Path, cli: Callable[..., CliResult]) -> None:
     """A stopped run resumes with the same config, versions and Adagrad state, and the global step goes on."""
-    first = downpour("train", "--workers", "2", "--steps", "300", "--out", str(run_dir), *FAST)
+    first = cli("train", "--workers", "2", "--steps", "300", "--out", str(run_dir), *FAST)
     assert first.returncode == 0, first.stderr
     before = _summary(run_dir)
     sum_sq_before = _adagrad_state(run_dir)
-    second = downpour("train", "--resume", str(run_dir), "--steps", "600", "--no-progress")
+    second = cli("train", "--resume", str(run_dir), "--steps", "600", "--no-progress")
     assert second.returncode == 0, second.stderr
     after = _summary(run_dir)
     sum_sq_after = _adagrad_state(run_dir)
@@ -200,7 +200,9 @@ def test_ctrl_c_stops_cleanly_and_writes_a_final_checkpoint(run_dir: Path) -> No
     assert sum(s["version"] for s in state["shards"]) == summary["updates_applied"]
 
 
-def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(run_dir: Path) -> None:
+def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
+    run_dir: Path, cli: Callable[..., CliResult]
+) -> None:
     """SIGKILL the driver: its workers exit by themselves (no orphans), and --resume continues from the last
     checkpoint, whose step counts every push its shards hold."""
     proc = _start(run_dir, "--workers", "2", "--seconds", "120", "--set", "train.checkpoint_every=1")
@@ -215,7 +217,7 @@ def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(run_dir: Pa
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["step"] > 0
     assert all(shard["version"] <= state["step"] for shard in state["shards"])
-    result = downpour("train", "--resume", str(run_dir), "--steps", str(state["step"] + 100), "--no-progress")
+    result = cli("train", "--resume", str(run_dir), "--steps", str(state["step"] + 100), "--no-progress")
     assert result.returncode == 0, result.stderr
     summary = _summary(run_dir)
     assert summary["steps"] == state["step"] + 100
