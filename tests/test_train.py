@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, CliResult, downpour, read_jsonl
+from downpour.cli import main
 
 
 def _summary(run_dir: Path) -> dict:
@@ -92,7 +93,7 @@ def test_resume_continues_versions_rule_state_and_steps(run_dir: Path, cli: Call
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One short finished run that the refusal tests try to misuse (each checks it is left exactly as it was)."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    assert downpour("train", "--steps", "20", "--out", str(run_dir), *FAST).returncode == 0
+    assert main(["train", "--steps", "20", "--out", str(run_dir), *FAST]) == 0  # in this process
     return run_dir
 
 
