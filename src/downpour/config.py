@@ -240,15 +240,18 @@ DESIGN_DEFAULTS: dict[str, dict[str, Any]] = {
     "cat": {"data.source": "natural-images"},  # 32×32 crops: 18×18 fields and 5×5 pooling need more than 16×16
     "conv": {"model.receptive_field": 8},  # 16×16 patches: the cat's 18×18 would not fit
 }
+_NAMES_TOO = {"data.patch_size": "data.source"}  # naming the patch size chooses natural-patches
 
 
-def load(path: Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file (if any), then ``--set`` overrides, then :data:`DESIGN_DEFAULTS` for the keys
-    neither named; validated."""
+def load(path: Path | None = None, overrides: list[str] | None = None, *,
+         base: dict[str, dict[str, Any]] | None = None) -> Config:  # fmt: skip
+    """Defaults, then ``base`` (a command's own defaults, nested like the TOML file), then the TOML file (if any),
+    then ``--set`` overrides, then :data:`DESIGN_DEFAULTS` for the keys none of them named; validated."""
     config, given = Config(), set()
-    for raw in (read_toml(path) if path is not None else {}, overrides_to_dict(overrides or [])):
+    for raw in (base or {}, read_toml(path) if path is not None else {}, overrides_to_dict(overrides or [])):
         config = from_dict(raw, config, check=False)
         given |= {f"{section}.{key}" for section, values in raw.items() for key in values}
+    given |= {_NAMES_TOO[key] for key in given if key in _NAMES_TOO}
     design_defaults: dict[str, dict[str, Any]] = {}
     for dotted, value in DESIGN_DEFAULTS.get(config.model.name, {}).items():
         if dotted not in given:

@@ -86,13 +86,7 @@ class Grid(NamedTuple):
 def study_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
     """The study's defaults (:data:`STUDY_DEFAULTS`), then the TOML file (if any), then ``--set`` overrides;
     validated. (``config.load`` starts from the training defaults instead: a 256-filter RICA, Adagrad.)"""
-    config = config_mod.from_dict(STUDY_DEFAULTS, check=False)
-    if path is not None:
-        config = config_mod.from_dict(config_mod.read_toml(path), config, check=False)
-    if overrides:
-        config = config_mod.from_dict(config_mod.overrides_to_dict(overrides), config, check=False)
-    config_mod.validate(config)
-    return config
+    return config_mod.load(path, overrides, base=STUDY_DEFAULTS)
 
 
 def _policy_help() -> str:
