@@ -502,6 +502,8 @@ class RayCluster:
                 state.done = True  # the budget is spent, or it was asked to stop
             except RayTaskError as exc:  # the worker's own code failed (before the actor checks: see as_instanceof)
                 state.done = True
+                self.coordinator.retire.remote(worker_id)  # it may have failed before leaving SSP's clocks
+                self._leave_rounds(worker_id, state.incarnation)  # or sync's rounds (before it even joined them)
                 events.append(WorkerEvent("error", worker_id, str(exc.cause if exc.cause is not None else exc)))
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True

@@ -597,8 +597,8 @@ class _LeasedSteps:
     """A worker's side of the global step budget: steps claimed from the coordinator in leases, used one by one.
 
     Under ``sync`` the lease is one step: workers claim in lockstep, one push per round each, so that the budget
-    ends on a round every worker pushed to (with longer leases one worker could be left holding steps, and
-    spend them in rounds of its own)."""
+    ends on a round every worker pushed to when it is a multiple of the live workers (with longer leases one
+    worker could be left holding steps, and spend them in rounds of its own)."""
 
     def __init__(self, coordinator: Any, limit: int, *, lease: int = _LEASE_MAX) -> None:
         self.coordinator, self.limit, self.lease = coordinator, limit, lease

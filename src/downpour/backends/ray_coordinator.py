@@ -8,6 +8,7 @@ shard's or worker's does.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -28,18 +29,21 @@ class Roster:
 
     def __init__(self, workers: int) -> None:
         self.keys = [0] * workers
+        self._lock = threading.Lock()  # a sync shard actor runs several threads
 
     def update(self, worker: int, incarnation: int, live: bool) -> bool:
         """Apply one event; True when it changed the roster."""
         key = 2 * incarnation + (0 if live else 1)
-        if key <= self.keys[worker]:
-            return False
-        self.keys[worker] = key
-        return True
+        with self._lock:
+            if key <= self.keys[worker]:
+                return False
+            self.keys[worker] = key
+            return True
 
     def merge(self, keys: list[int]) -> None:
         """Take in another copy's keys (a restarted shard reading the coordinator's)."""
-        self.keys = [max(a, b) for a, b in zip(self.keys, keys, strict=True)]
+        with self._lock:
+            self.keys = [max(a, b) for a, b in zip(self.keys, keys, strict=True)]
 
     def live(self) -> int:
         """Workers whose latest event is a join."""
