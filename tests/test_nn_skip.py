@@ -97,10 +97,16 @@ def test_skipped_fraction_counts_whole_tiles() -> None:
     assert skipped_fraction(active) == pytest.approx(64 / (2 * 256))
 
 
-def test_a_mask_of_the_wrong_shape_is_refused() -> None:
+def test_a_mask_of_the_wrong_shape_or_a_plan_of_another_layer_is_refused() -> None:
     layer = LocallyConnected2d(1, 2, 10, 3)
     with pytest.raises(ValueError, match=r"active mask must be bool of shape \(4, 8, 8\)"):
         layer(torch.zeros(4, 1, 10, 10), torch.ones(4, 8, 7, dtype=torch.bool))
+    other = LocallyConnected2d(1, 2, 12, 5)  # the same 8×8 output from other fields
+    mask = torch.ones(4, 8, 8, dtype=torch.bool)
+    mask[0, :4] = False
+    plan = other.skip_plan(mask, 4)
+    with pytest.raises(ValueError, match=r"SkipPlan for kernel \(5, 5\), stride \(1, 1\); this layer has \(3, 3\)"):
+        layer(torch.zeros(4, 1, 10, 10), plan)
 
 
 def test_skip_with_tied_layers_is_a_config_error() -> None:

@@ -278,6 +278,9 @@ class LocallyConnected2d(nn.Module):
         if active is None or isinstance(active, SkipPlan):
             if active is not None:
                 self._check_active(active.active, batch)
+                if (active.kernel, active.stride) != (self.kernel_size, self.stride):
+                    raise ValueError(f"LocallyConnected2d got a SkipPlan for kernel {active.kernel}, stride "
+                                     f"{active.stride}; this layer has {self.kernel_size}, {self.stride}")  # fmt: skip
             return active
         self._check_active(active, batch)
         return None if bool(active.all()) else SkipPlan(active, self.kernel_size, self.stride)
@@ -291,10 +294,10 @@ class LocallyConnected2d(nn.Module):
 
     def _check_active(self, active: Tensor, batch: int) -> None:
         expected = (batch, *self.out_size)
-        if active.dtype != torch.bool or tuple(active.shape) != expected:
+        if active.dtype != torch.bool or tuple(active.shape) != expected or active.device != self.weight.device:
             raise ValueError(
-                f"LocallyConnected2d active mask must be bool of shape {expected}, got {active.dtype} "
-                f"{tuple(active.shape)}"
+                f"LocallyConnected2d active mask must be bool of shape {expected} on {self.weight.device}, got "
+                f"{active.dtype} {tuple(active.shape)} on {active.device}"
             )
 
     def _check_like_weight(self, x: Tensor, what: str) -> None:

@@ -125,7 +125,7 @@ class SkipPlan:
     """
 
     def __init__(self, active: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> None:
-        self.active = active
+        self.active, self.kernel, self.stride = active, kernel, stride
         self.tiles, products = _tiles(active, kernel, stride)
         total = max(1, active.numel())
         self.zeroed_fraction = 1.0 - int(active.sum()) / total
