@@ -90,3 +90,17 @@ def test_filters_fitted_together_get_the_fits_each_gets_alone() -> None:
     assert together[0].r2 == 0.0 and math.isnan(together[0].frequency)
     assert together[1].r2 > 0.999 and together[1].frequency == pytest.approx(0.25, abs=1e-3)
     assert together[2].r2 < 0.5 and 0.9 < together[3].r2 < together[1].r2
+
+
+def test_no_filters_and_non_finite_filters_fit_as_nothing() -> None:
+    """An empty batch gives no fits; a filter with a NaN or infinite value gets R² = 0 (as a constant one) and
+    leaves its neighbours' fits alone, so the summary's median stays a number."""
+    assert fit_gabors(np.zeros((0, 5, 5))) == []
+    clean = gabor(10, theta=0.4, frequency=0.2, phase=0.0, sigma=2.0).numpy()
+    broken = [clean.copy(), clean.copy()]
+    broken[0][3, 3], broken[1][0, 0] = np.nan, np.inf
+    fits = fit_gabors(np.stack([clean, *broken]))
+    assert fits[0] == fit_gabor(clean) and fits[0].r2 > 0.999
+    assert [f.r2 for f in fits[1:]] == [0.0, 0.0]
+    result = gabor_fraction(torch.from_numpy(np.stack([clean, *broken]).reshape(3, 100)), (1, 10, 10))
+    assert result["fraction"] == pytest.approx(1 / 3) and math.isfinite(result["median_r2"])

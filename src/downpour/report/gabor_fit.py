@@ -125,7 +125,7 @@ def _start(images: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     design = np.stack([cos_part, sin_part, np.ones_like(cos_part)], -1)  # (B, N, 3)
     normal = design.transpose(0, 2, 1) @ design + 1e-12 * np.eye(3)  # (B, 3, 3)
     rhs = design.transpose(0, 2, 1) @ images.reshape(count, -1, 1)  # (B, 3, 1)
-    a, b, c = np.linalg.solve(normal, rhs)[..., 0].T  # each (B,)
+    a, b, c = _solve(normal, rhs[..., 0]).T  # each (B,)
     params[:, 4] = np.arctan2(-b, a)  # a cos t + b sin t = A cos(t + φ), φ = atan2(−b, a)
     params[:, 7], params[:, 8] = np.hypot(a, b), c
     return params
@@ -193,16 +193,19 @@ def _solve_or_zero(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 def fit_gabors(images: np.ndarray) -> list[GaborFit]:
     """The best Gabor for each filter of ``images`` ``(B, H, W)`` (or ``(B, C, H, W)``, fitted on the channel
-    mean), fitted together. A constant filter gets R² = 0 and NaN parameters."""
+    mean), fitted together. A constant filter, or one with a NaN or infinite value, gets R² = 0 and NaN
+    parameters."""
     images = np.asarray(images, dtype=np.float64)
     if images.ndim == 4:
         images = images.mean(1)
     count, height, width = images.shape
+    if count == 0:
+        return []
+    finite = np.isfinite(images).all((1, 2))  # (B,)
+    images = np.where(finite[:, None, None], images, 0.0)  # a non-finite filter is fitted as a constant one
     y, x = (grid.ravel() for grid in np.mgrid[0:height, 0:width].astype(np.float64))  # each (N,), N = H·W
     flat = images.reshape(count, -1)  # (B, N)
     variance = ((flat - flat.mean(1, keepdims=True)) ** 2).sum(1)
-    if count == 0:
-        return []
     params = _levenberg_marquardt(flat, _start(images, y, x), variance, y, x)
     r2 = 1.0 - ((_gabor(params, _parts(params, y, x)) - flat) ** 2).sum(1) / np.where(variance > 0, variance, 1.0)
     fits = []
