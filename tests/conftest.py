@@ -45,7 +45,10 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
 
     def run(*args: str) -> CliResult:
         capsys.readouterr()  # what the test printed before is not this command's output
-        status = main(list(args))
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors and --help exit, as they do from the shell
+            status = exc.code if isinstance(exc.code, int) else 1
         out, err = capsys.readouterr()
         return CliResult(status, out, err)
 
