@@ -86,22 +86,23 @@ def _lc_transpose(g_t: Tensor, weight: Tensor, in_chw: tuple[int, int, int], ker
         in_rows = slice(rows.start * sh, (rows.stop - 1) * sh + kh)
         region_chw = (channels, in_rows.stop - in_rows.start, in_chw[2])
         region = g_t.new_zeros(math.prod(region_chw), batch)  # (C·rh·W, B)
-        region.index_add_(0, fold_index((r, out_w), region_chw, kernel, stride), cols.view(-1, batch))
+        region.index_add_(0, fold_index((r, out_w), region_chw, kernel, stride, region.device), cols.view(-1, batch))
         x_t[:, in_rows] += region.view(*region_chw, batch)
     return x_t
 
 
 @lru_cache(maxsize=64)
 def fold_index(out_hw: tuple[int, int], in_chw: tuple[int, int, int], kernel: tuple[int, int],
-               stride: tuple[int, int]) -> Tensor:  # fmt: skip
+               stride: tuple[int, int], device: torch.device | None = None) -> Tensor:  # fmt: skip
     """Where each (location, patch element) of ``out_hw`` locations lands in a ``(C, H, W)`` input, flattened:
-    ``(H_out·W_out·C·kh·kw,)`` indices into ``C·H·W`` (the "fold" of unfolded patches, as one ``index_add_``)."""
+    ``(H_out·W_out·C·kh·kw,)`` indices into ``C·H·W`` (the "fold" of unfolded patches, as one ``index_add_``), on
+    ``device`` (where the ``index_add_`` runs; None: the CPU)."""
     (out_h, out_w), (channels, height, width), (kh, kw), (sh, sw) = out_hw, in_chw, kernel, stride
     ly = torch.arange(out_h).view(out_h, 1, 1, 1, 1) * sh  # broadcast over (H_out, W_out, C, kh, kw)
     lx = torch.arange(out_w).view(1, out_w, 1, 1, 1) * sw
     c = torch.arange(channels).view(1, 1, channels, 1, 1)
     i, j = torch.arange(kh).view(1, 1, 1, kh, 1), torch.arange(kw).view(1, 1, 1, 1, kw)
-    return (c * height * width + (ly + i) * width + lx + j).reshape(-1)
+    return (c * height * width + (ly + i) * width + lx + j).reshape(-1).to(device)
 
 
 def _lc_weight_grad(g_t: Tensor, x_t: Tensor, weight_shape: torch.Size, kernel: tuple[int, int],

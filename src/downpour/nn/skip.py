@@ -166,7 +166,7 @@ class SkipKernels:
             cols = torch.bmm(tile.weight(weight, self.out_hw).transpose(1, 2),
                              sub.reshape(-1, sub.shape[2], n))  # (tr·tc, P, n)  # fmt: skip
             region = x_t.new_zeros(channels * tile.in_hw[0] * tile.in_hw[1], n)  # (C·rh·rw, n)
-            index = fold_index(tile.out_hw, (channels, *tile.in_hw), self.kernel, self.stride)
+            index = fold_index(tile.out_hw, (channels, *tile.in_hw), self.kernel, self.stride, region.device)
             region.index_add_(0, index, cols.view(-1, n))
             tile.scatter(x_t[:, tile.in_rows, tile.in_cols], region.view(channels, *tile.in_hw, n), add=True)
         return x_t.permute(3, 0, 1, 2)  # (B, C, H, W)
