@@ -95,11 +95,8 @@ class CatStage(nn.Module):
         active = active_fields(x, self.encoder.kernel_size, self.encoder.stride, self.skip_variance)
         plan = self.encoder.skip_plan(active, x.shape[0])
         seen = active.numel()
-        if plan is None:
-            self.skip_counts += torch.tensor([seen, 0.0, 0.0], dtype=torch.float64)
-        else:
-            self.skip_counts += torch.tensor([seen, seen * plan.zeroed_fraction, seen * plan.skipped_fraction],
-                                             dtype=torch.float64)  # fmt: skip
+        zeroed, skipped = (0.0, 0.0) if plan is None else (plan.zeroed_fraction, plan.skipped_fraction)
+        self.skip_counts += torch.tensor([seen, seen * zeroed, seen * skipped], dtype=torch.float64)
         return plan
 
     def encode(self, x: Tensor, active: SkipPlan | None = None) -> Tensor:

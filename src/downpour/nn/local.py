@@ -264,9 +264,9 @@ class LocallyConnected2d(nn.Module):
                 f"LocallyConnected2d expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
         self._check_like_weight(x, "input")
-        plan = self.skip_plan(active, x.shape[0])
-        out = _Product.apply(x, self.weight, self._kernel_set(x, plan))
-        if plan is not None and self._triton(x):  # the GPU kernels have no skipping: compute, then zero
+        plan, triton = self.skip_plan(active, x.shape[0]), self._triton(x)
+        out = _Product.apply(x, self.weight, self._kernel_set(triton, plan))
+        if plan is not None and triton:  # the GPU kernels have no skipping: compute, then zero
             out = out * plan.active.unsqueeze(1)
         return out + self.bias if self.bias is not None else out
 
@@ -286,12 +286,12 @@ class LocallyConnected2d(nn.Module):
         self._check_active(active, batch)
         return None if bool(active.all()) else SkipPlan(active, self.kernel_size, self.stride)
 
-    def _kernel_set(self, x: Tensor, plan: SkipPlan | None) -> _Kernels:
-        """The kernels for ``x``: Triton on CUDA, else skipping over ``plan`` or band-wise."""
-        geometry = ((self.in_channels, *self.in_size), self.out_size, self.kernel_size, self.stride)
-        if self._triton(x):
-            return _TritonKernels(*geometry)
-        return _BandKernels(*geometry) if plan is None else plan.kernels(*geometry)
+    def _kernel_set(self, triton: bool, plan: SkipPlan | None) -> _Kernels:
+        """The kernels of one call: Triton (see :meth:`_triton`), else skipping over ``plan`` or band-wise."""
+        in_chw = (self.in_channels, *self.in_size)
+        if plan is not None and not triton:
+            return plan.kernels(in_chw, self.out_size)
+        return (_TritonKernels if triton else _BandKernels)(in_chw, self.out_size, self.kernel_size, self.stride)
 
     def _check_active(self, active: Tensor, batch: int) -> None:
         expected = (batch, *self.out_size)
@@ -325,10 +325,10 @@ class LocallyConnected2d(nn.Module):
             raise ValueError(f"LocallyConnected2d.transpose expected weight of shape {tuple(self.weight.shape)}, "
                              f"got {tuple(w.shape)}")  # fmt: skip
         self._check_like_weight(h, "transpose input")
-        plan = self.skip_plan(active, h.shape[0])
-        if plan is not None and self._triton(h):
+        plan, triton = self.skip_plan(active, h.shape[0]), self._triton(h)
+        if plan is not None and triton:
             h = h * plan.active.unsqueeze(1)
-        return _TransposedProduct.apply(h, w, self._kernel_set(h, plan))
+        return _TransposedProduct.apply(h, w, self._kernel_set(triton, plan))
 
     def _triton(self, x: Tensor) -> bool:
         """Whether this call runs the Triton kernels (see :attr:`implementation`)."""

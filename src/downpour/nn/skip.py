@@ -131,10 +131,9 @@ class SkipPlan:
         self.zeroed_fraction = 1.0 - int(active.sum()) / total
         self.skipped_fraction = 1.0 - products / total
 
-    def kernels(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int], kernel: tuple[int, int],
-                stride: tuple[int, int]) -> SkipKernels:  # fmt: skip
+    def kernels(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int]) -> SkipKernels:
         """The layer's three products over this plan's tiles."""
-        return SkipKernels(self.tiles, in_chw, out_hw, kernel, stride)
+        return SkipKernels(self.tiles, in_chw, out_hw, self.kernel, self.stride)
 
 
 class SkipKernels:
@@ -144,14 +143,21 @@ class SkipKernels:
     def __init__(self, tiles: list[_Tile], in_chw: tuple[int, int, int], out_hw: tuple[int, int],
                  kernel: tuple[int, int], stride: tuple[int, int]) -> None:  # fmt: skip
         self.tiles, self.in_chw, self.out_hw, self.kernel, self.stride = tiles, in_chw, out_hw, kernel, stride
+        self._weights: tuple[Tensor, int, list[Tensor]] | None = None  # (weight, its version, each tile's slice)
+
+    def _tile_weights(self, weight: Tensor) -> list[Tensor]:
+        """Each tile's ``(tr·tc, M, P)`` slice of ``weight``, copied once for a forward pass and its backward."""
+        if self._weights is None or self._weights[0] is not weight or self._weights[1] != weight._version:
+            self._weights = (weight, weight._version, [tile.weight(weight, self.out_hw) for tile in self.tiles])
+        return self._weights[2]
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, M, H_out, W_out)``, zero at flat fields."""
         x_t = x.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B)
         out_t = x_t.new_zeros(*self.out_hw, weight.shape[1], x_t.shape[3])  # (H_out, W_out, M, B)
-        for tile in self.tiles:
-            sub = _lc_forward(tile.input_region(x_t), tile.weight(weight, self.out_hw), tile.out_hw, self.kernel,
-                              self.stride)  # (tr, tc, M, n)  # fmt: skip
+        for tile, tile_weight in zip(self.tiles, self._tile_weights(weight), strict=True):
+            region = tile.input_region(x_t)  # (C, rh, rw, n)
+            sub = _lc_forward(region, tile_weight, tile.out_hw, self.kernel, self.stride)  # (tr, tc, M, n)
             tile.scatter(out_t[tile.rows, tile.cols], tile.masked(sub), add=False)
         return out_t.permute(3, 2, 0, 1)  # (B, M, H_out, W_out)
 
@@ -160,11 +166,10 @@ class SkipKernels:
         h_t = h.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
         channels = self.in_chw[0]
         x_t = h_t.new_zeros(*self.in_chw, h_t.shape[3])  # (C, H, W, B)
-        for tile in self.tiles:
+        for tile, tile_weight in zip(self.tiles, self._tile_weights(weight), strict=True):
             sub = tile.masked_copy(tile.responses(h_t))  # (tr, tc, M, n)
             n = sub.shape[3]
-            cols = torch.bmm(tile.weight(weight, self.out_hw).transpose(1, 2),
-                             sub.reshape(-1, sub.shape[2], n))  # (tr·tc, P, n)  # fmt: skip
+            cols = torch.bmm(tile_weight.transpose(1, 2), sub.reshape(-1, sub.shape[2], n))  # (tr·tc, P, n)
             region = x_t.new_zeros(channels * tile.in_hw[0] * tile.in_hw[1], n)  # (C·rh·rw, n)
             index = fold_index(tile.out_hw, (channels, *tile.in_hw), self.kernel, self.stride, region.device)
             region.index_add_(0, index, cols.view(-1, n))
