@@ -1,4 +1,5 @@
-"""Skipping flat receptive fields: equal to the dense layer with flat fields zeroed, and τ = 0 changes nothing."""
+"""Skipping flat receptive fields: equal to the dense layer with flat fields zeroed (computed by the pair kernels,
+one field at a time, on one thread or several), and τ = 0 changes nothing."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from downpour import config as config_mod
 from downpour.data.sources import natural_patches
 from downpour.errors import ConfigError
 from downpour.models.cat import CatNetwork
-from downpour.nn import LocallyConnected2d
-from downpour.nn import skip as skip_mod
-from downpour.nn.skip import active_fields, field_variance, skipped_fraction
+from downpour.nn import LocallyConnected2d, local_pairs
+from downpour.nn.skip import active_fields, field_variance
 
 GEOMETRIES = [
-    # (in_channels, out_channels, in_size, kernel, stride): sizes over one tile so that tiles differ
+    # (in_channels, out_channels, in_size, kernel, stride)
     (1, 3, 24, 4, 1),
     (2, 2, (21, 40), (3, 5), (1, 2)),
 ]
@@ -30,11 +30,6 @@ def _flat_in_places(cin: int, size: tuple[int, int], batch: int = 5) -> torch.Te
     return x
 
 
-@pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(skip_mod, "TILE", 8)  # several tiles, some partly active, on small images
-
-
 @pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), GEOMETRIES)
 def test_skipping_equals_the_dense_layer_with_flat_fields_zeroed(cin, cout, size, kernel, stride) -> None:
     layer = LocallyConnected2d(cin, cout, size, kernel, stride).double()
@@ -42,7 +37,10 @@ def test_skipping_equals_the_dense_layer_with_flat_fields_zeroed(cin, cout, size
     variance = field_variance(x, layer.kernel_size, layer.stride)
     active = active_fields(x, layer.kernel_size, layer.stride, float(variance.median()))
     assert 0.3 < 1 - active.double().mean() < 0.7  # both kinds present
-    assert 0 < skipped_fraction(active) < 1 - float(active.double().mean()) + 1e-9  # tiles skip less than zeroed
+    plan = layer.skip_plan(active, x.shape[0])
+    assert plan is not None and plan.skips and plan.pairs is not None
+    assert plan.pairs.count == int(active.sum())  # every flat field left out, field by field
+    assert plan.skipped_fraction == plan.zeroed_fraction == pytest.approx(1 - float(active.double().mean()))
 
     x_dense, x_skip = x.clone().requires_grad_(), x.clone().requires_grad_()
     dense = layer(x_dense) * active.unsqueeze(1)
@@ -86,15 +84,68 @@ def test_tau_zero_is_identical_to_no_skip() -> None:
     x[0, 0, :8, :8] = 0.0  # exactly flat fields have variance 0 and stay active at τ = 0
     active = active_fields(x, layer.kernel_size, layer.stride, 0.0)
     assert bool(active.all())
-    assert skipped_fraction(active) == 0.0
+    assert layer.skip_plan(active, x.shape[0]) is None  # nothing to skip: the dense kernels
     assert torch.equal(layer(x, active), layer(x))
 
 
-def test_skipped_fraction_counts_whole_tiles() -> None:
-    active = torch.ones(2, 16, 16, dtype=torch.bool)
-    active[0, :8, :8] = False  # one whole tile of example 0: skipped
-    active[1, :4, :4] = False  # part of a tile: zeroed but computed
-    assert skipped_fraction(active) == pytest.approx(64 / (2 * 256))
+def _check_against_dense(layer: LocallyConnected2d, x: torch.Tensor, active: torch.Tensor, tol: float) -> None:
+    """Forward, transpose and all their gradients with ``active`` equal the dense layer's with flat fields zeroed."""
+    mask = active.unsqueeze(1)
+    g = torch.randn(x.shape[0], layer.out_channels, *layer.out_size, dtype=x.dtype)
+
+    def everything(skip: bool) -> tuple[torch.Tensor, ...]:
+        xx, h = x.clone().requires_grad_(), g.clone().requires_grad_()
+        out = layer(xx, active) if skip else layer(xx) * mask
+        back = layer.transpose(h, None, active) if skip else layer.transpose(h * mask)
+        grads = torch.autograd.grad((out * g).sum(), (xx, layer.weight))
+        back_grads = torch.autograd.grad((back * x).sum(), (h, layer.weight))
+        return out, back, *grads, *back_grads
+
+    for got, expected in zip(everything(True), everything(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_batches_split_over_threads_equal_the_dense_layer(threads: int) -> None:
+    """float32, with enough fields that the kernels split their work over torch's threads (locations for the forward
+    and the weight gradient, examples for the transpose)."""
+    torch.manual_seed(1)
+    layer = LocallyConnected2d(2, 3, 26, 5, 1)
+    x = torch.randn(24, 2, 26, 26)
+    x[: 12, :, :13] *= 1e-3
+    active = active_fields(x, layer.kernel_size, layer.stride, 0.05)
+    assert 0.2 < 1 - active.float().mean() < 0.6 and int(active.sum()) > 4096  # several parts per call
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check_against_dense(layer, x, active, 2e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_no_active_field_and_a_single_one() -> None:
+    layer = LocallyConnected2d(1, 2, 9, 3).double()
+    x = torch.randn(3, 1, 9, 9, dtype=torch.float64)
+    none = torch.zeros(3, 7, 7, dtype=torch.bool)
+    assert layer.skip_plan(none, 3).skipped_fraction == 1.0
+    _check_against_dense(layer, x, none, 1e-12)
+    one = none.clone()
+    one[2, 6, 0] = True  # the last example, bottom-left location
+    _check_against_dense(layer, x, one, 1e-12)
+
+
+def test_without_numba_flat_fields_are_zeroed_but_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the pair kernels cannot run the layer computes every field and zeroes: same results, nothing skipped."""
+    monkeypatch.setattr(local_pairs, "available", lambda: False)
+    layer = LocallyConnected2d(1, 3, 24, 4).double()
+    x = _flat_in_places(1, (24, 24))
+    active = active_fields(x, layer.kernel_size, layer.stride, float(field_variance(x, (4, 4), (1, 1)).median()))
+    plan = layer.skip_plan(active, x.shape[0])
+    assert plan is not None and not plan.skips and plan.skipped_fraction == 0.0 and plan.zeroed_fraction > 0.3
+    _check_against_dense(layer, x, active, 1e-12)
+    half = LocallyConnected2d(1, 3, 24, 4).to(torch.bfloat16)  # no pair kernels for half precision either
+    monkeypatch.undo()
+    assert half.skip_plan(active, x.shape[0]).skipped_fraction == 0.0
 
 
 def test_a_mask_of_the_wrong_shape_or_a_plan_of_another_layer_is_refused() -> None:
@@ -136,5 +187,5 @@ def test_cat_network_trains_with_skipping_and_counts_what_it_skipped() -> None:
     summary = net.skip_summary()
     assert summary is not None and summary["fields"] == 40 * 32 * 17 * 17
     assert 0.4 < summary["zeroed_fraction"] < 0.6
-    assert 0 < summary["skipped_fraction"] < summary["zeroed_fraction"]
+    assert summary["skipped_fraction"] == pytest.approx(summary["zeroed_fraction"])  # field by field
     assert net.skip_summary() is None  # counted afresh after each summary

@@ -78,7 +78,7 @@ class CatStage(nn.Module):
         self.sparsity, self.epsilon, self.skip_variance = sparsity, epsilon, skip_variance
         self.penalty = penalty if penalty is not None else PenaltySpec("rica", sparsity)  # λ Σ sqrt(ε + H(h²))
         self.weight_decay = weight_decay
-        self.skip_counts = torch.zeros(3, dtype=torch.float64)  # fields seen, zeroed, not computed (tile skips)
+        self.skip_counts = torch.zeros(3, dtype=torch.float64)  # fields seen, zeroed, not computed
         if tied:
             self.encoder = nn.Conv2d(in_channels, maps, receptive_field, bias=False)
         else:

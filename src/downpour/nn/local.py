@@ -254,9 +254,9 @@ class LocallyConnected2d(nn.Module):
     def forward(self, x: Tensor, active: Tensor | SkipPlan | None = None) -> Tensor:
         """``(B, C, H, W) -> (B, out_channels, H_out, W_out)``.
 
-        ``active`` ``(B, H_out, W_out)`` bool: fields marked False output zero and, on the CPU kernels, are not
-        computed (see :mod:`downpour.nn.skip`; :func:`~downpour.nn.skip.active_fields` makes the mask). A
-        :class:`~downpour.nn.skip.SkipPlan` from :meth:`skip_plan` does the same without planning again.
+        ``active`` ``(B, H_out, W_out)`` bool: fields marked False output zero and, on the CPU (float32 or
+        float64), are not computed (see :mod:`downpour.nn.skip`; :func:`~downpour.nn.skip.active_fields` makes the
+        mask). A :class:`~downpour.nn.skip.SkipPlan` from :meth:`skip_plan` does the same without planning again.
         """
         expected = (self.in_channels, *self.in_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -264,9 +264,10 @@ class LocallyConnected2d(nn.Module):
                 f"LocallyConnected2d expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
         self._check_like_weight(x, "input")
-        plan, triton = self.skip_plan(active, x.shape[0]), self._triton(x)
-        out = _Product.apply(x, self.weight, self._kernel_set(triton, plan))
-        if plan is not None and triton:  # the GPU kernels have no skipping: compute, then zero
+        plan = self.skip_plan(active, x.shape[0])
+        kernels, skipping = self._kernel_set(x, plan)
+        out = _Product.apply(x, self.weight, kernels)
+        if plan is not None and not skipping:  # kernels without skipping (CUDA, half precision): compute, then zero
             out = out * plan.active.unsqueeze(1)
         return out + self.bias if self.bias is not None else out
 
@@ -284,14 +285,18 @@ class LocallyConnected2d(nn.Module):
                                      f"{active.stride}; this layer has {self.kernel_size}, {self.stride}")  # fmt: skip
             return active
         self._check_active(active, batch)
-        return None if bool(active.all()) else SkipPlan(active, self.kernel_size, self.stride)
+        return None if bool(active.all()) else SkipPlan(active, self.kernel_size, self.stride, self.weight.dtype)
 
-    def _kernel_set(self, triton: bool, plan: SkipPlan | None) -> _Kernels:
-        """The kernels of one call: Triton (see :meth:`_triton`), else skipping over ``plan`` or band-wise."""
+    def _kernel_set(self, x: Tensor, plan: SkipPlan | None) -> tuple[_Kernels, bool]:
+        """The kernels of one call on ``x`` and whether they skip inactive fields: the pair kernels of ``plan``
+        where they run, else Triton (see :meth:`_triton`) or band-wise."""
         in_chw = (self.in_channels, *self.in_size)
-        if plan is not None and not triton:
-            return plan.kernels(in_chw, self.out_size)
-        return (_TritonKernels if triton else _BandKernels)(in_chw, self.out_size, self.kernel_size, self.stride)
+        forced_triton = self.implementation == "triton"
+        skipping = plan.kernels(in_chw, self.out_size) if plan is not None and not forced_triton else None
+        if skipping is not None:
+            return skipping, True
+        dense = _TritonKernels if self._triton(x) else _BandKernels
+        return dense(in_chw, self.out_size, self.kernel_size, self.stride), False
 
     def _check_active(self, active: Tensor, batch: int) -> None:
         expected = (batch, *self.out_size)
@@ -325,10 +330,11 @@ class LocallyConnected2d(nn.Module):
             raise ValueError(f"LocallyConnected2d.transpose expected weight of shape {tuple(self.weight.shape)}, "
                              f"got {tuple(w.shape)}")  # fmt: skip
         self._check_like_weight(h, "transpose input")
-        plan, triton = self.skip_plan(active, h.shape[0]), self._triton(h)
-        if plan is not None and triton:
+        plan = self.skip_plan(active, h.shape[0])
+        kernels, skipping = self._kernel_set(h, plan)
+        if plan is not None and not skipping:
             h = h * plan.active.unsqueeze(1)
-        return _TransposedProduct.apply(h, w, self._kernel_set(triton, plan))
+        return _TransposedProduct.apply(h, w, kernels)
 
     def _triton(self, x: Tensor) -> bool:
         """Whether this call runs the Triton kernels (see :attr:`implementation`)."""
