@@ -120,3 +120,21 @@ def test_cat_network_trains_through_the_parameter_server(tmp_path: Path, cli: Ca
     assert summary["final_loss"] < 0.5 * summary["initial_loss"]
     assert summary["updates_applied"] == 240
     assert (run_dir / "filters.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cat_network_skips_flat_fields_in_worker_processes(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    """``model.skip_variance`` on the local backend: the workers (one thread each) and the driver's held-out
+    evaluation run the pair kernels, the summary counts the fields skipped, and the loss still falls."""
+    run_dir = tmp_path / "cat-skip"
+    result = cli(
+        "train", "--set", "model.name=cat", "--set", "data.source=natural-images", "--set", "data.examples=2000",
+        "--set", "data.held_out=128", "--set", "model.receptive_field=10", "--set", "model.skip_variance=0.02",
+        "--steps", "80", "--seconds", "0", "--out", str(run_dir), "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    skip = summary["skip_variance"]
+    assert 0.05 < skip["zeroed_fraction"] < 0.95
+    assert skip["skipped_fraction"] == pytest.approx(skip["zeroed_fraction"])  # not computed, field by field
+    assert summary["final_loss"] < 0.7 * summary["initial_loss"]
+    assert "not computed" in result.stdout

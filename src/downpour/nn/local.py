@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
+from downpour.nn import local_pairs
+
 if TYPE_CHECKING:
     from downpour.nn.skip import SkipPlan
 
@@ -268,7 +270,7 @@ class LocallyConnected2d(nn.Module):
         kernels, skipping = self._kernel_set(x, plan)
         out = _Product.apply(x, self.weight, kernels)
         if plan is not None and not skipping:  # kernels without skipping (CUDA, half precision): compute, then zero
-            out = out * plan.active.unsqueeze(1)
+            out = out.masked_fill(~plan.active.unsqueeze(1), 0.0)  # exactly 0, as the pair kernels give
         return out + self.bias if self.bias is not None else out
 
     def skip_plan(self, active: Tensor | SkipPlan | None, batch: int) -> SkipPlan | None:
@@ -291,8 +293,8 @@ class LocallyConnected2d(nn.Module):
         """The kernels of one call on ``x`` and whether they skip inactive fields: the pair kernels of ``plan``
         where they run, else Triton (see :meth:`_triton`) or band-wise."""
         in_chw = (self.in_channels, *self.in_size)
-        forced_triton = self.implementation == "triton"
-        skipping = plan.kernels(in_chw, self.out_size) if plan is not None and not forced_triton else None
+        runs_pairs = plan is not None and self.implementation != "triton" and x.dtype in local_pairs.DTYPES
+        skipping = plan.kernels(in_chw, self.out_size) if runs_pairs else None  # type: ignore[union-attr]
         if skipping is not None:
             return skipping, True
         dense = _TritonKernels if self._triton(x) else _BandKernels
@@ -330,10 +332,11 @@ class LocallyConnected2d(nn.Module):
             raise ValueError(f"LocallyConnected2d.transpose expected weight of shape {tuple(self.weight.shape)}, "
                              f"got {tuple(w.shape)}")  # fmt: skip
         self._check_like_weight(h, "transpose input")
+        self._check_like_weight(w, "transpose weight")
         plan = self.skip_plan(active, h.shape[0])
         kernels, skipping = self._kernel_set(h, plan)
         if plan is not None and not skipping:
-            h = h * plan.active.unsqueeze(1)
+            h = h.masked_fill(~plan.active.unsqueeze(1), 0.0)
         return _TransposedProduct.apply(h, w, kernels)
 
     def _triton(self, x: Tensor) -> bool:

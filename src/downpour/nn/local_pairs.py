@@ -17,7 +17,9 @@ each patch in place and pay nothing for a skipped field.
 
 from __future__ import annotations
 
-import importlib.util
+import math
+import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -30,9 +32,14 @@ DTYPES = (torch.float32, torch.float64)
 _FASTMATH = {"reassoc", "contract"}  # vectorised sums and FMA; NaN and inf keep their meaning
 
 
+@lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether Numba is installed (a dependency of downpour; absent, the skip computes every field and zeroes)."""
-    return importlib.util.find_spec("numba") is not None
+    """Whether Numba imports (a dependency of downpour; without it the skip computes every field and zeroes)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=1)
@@ -41,7 +48,8 @@ def _compiled() -> Any:
     never skip do not pay). Not cached on disk: Numba's cache is pickled."""
     import numba
 
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]  # omp measured fastest (see _run)
+    if "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]  # omp measured fastest (see _run)
     jit = numba.njit(fastmath=_FASTMATH, nogil=True)
 
     @numba.njit(nogil=True)
@@ -160,7 +168,7 @@ class FieldPairs:
     @classmethod
     def of(cls, active: Tensor) -> FieldPairs:
         """The pairs of a CPU bool mask ``(B, H_out, W_out)``."""
-        mask = active.reshape(active.shape[0], -1).contiguous().numpy()  # (B, L)
+        mask = active.reshape(active.shape[0], math.prod(active.shape[1:])).contiguous().numpy()  # (B, L)
         return cls(*mask.shape, *_compiled()[1](mask))
 
     @property
@@ -179,10 +187,10 @@ def _run(kernels: tuple[Any, Any], ptr: np.ndarray, *args: Any) -> None:
     took the cores from it)."""
     serial, parallel = kernels
     items, threads = len(ptr) - 1, max(1, torch.get_num_threads())
-    if threads == 1 or items < 2 or ptr[-1] < 4096:
+    numba = _compiled()[0]
+    if threads == 1 or items < 2 or ptr[-1] < 4096 or not _may_launch_parallel(numba):
         serial(0, items, *args)
         return
-    numba = _compiled()[0]
     threads = min(threads, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
     edges = np.unique(np.searchsorted(ptr, np.linspace(0, ptr[-1], threads + 1)))  # equal numbers of pairs
@@ -190,9 +198,20 @@ def _run(kernels: tuple[Any, Any], ptr: np.ndarray, *args: Any) -> None:
     parallel(edges, *args)
 
 
+def _may_launch_parallel(numba: Any) -> bool:
+    """Numba's workqueue layer (its fallback without OpenMP or TBB) aborts the process when two threads launch
+    parallel code at once: with it, only the main thread does."""
+    if threading.current_thread() is threading.main_thread():
+        return True
+    try:
+        return numba.threading_layer() != "workqueue"
+    except ValueError:  # nothing launched yet: leave the first launch to the main thread
+        return False
+
+
 def _flat(t: Tensor) -> np.ndarray:
     """A tensor's memory as a ``(B, rest)`` numpy array (a copy only when it is not contiguous)."""
-    return t.detach().contiguous().view(t.shape[0], -1).numpy()
+    return t.detach().contiguous().view(t.shape[0], math.prod(t.shape[1:])).numpy()
 
 
 class PairKernels:
@@ -202,15 +221,32 @@ class PairKernels:
     def __init__(self, pairs: FieldPairs, in_chw: tuple[int, int, int], out_hw: tuple[int, int],
                  kernel: tuple[int, int], stride: tuple[int, int]) -> None:  # fmt: skip
         self.pairs, self.in_chw, self.out_hw, self.stride = pairs, in_chw, out_hw, stride
-        (channels, height, width), (kh, kw) = in_chw, kernel
+        (channels, height, width), (kh, kw), (sh, sw) = in_chw, kernel, stride
+        fits = (out_hw[0] - 1) * sh + kh <= height and (out_hw[1] - 1) * sw + kw <= width
+        if not fits or pairs.locations != out_hw[0] * out_hw[1]:  # the kernels do not check bounds: refuse here
+            raise ValueError(f"PairKernels: {pairs.locations} locations, output {out_hw} with kernel {kernel}, "
+                             f"stride {stride} do not fit an input {in_chw}")  # fmt: skip
         c, i, j = np.ogrid[:channels, :kh, :kw]
         self.offsets = np.ascontiguousarray((c * height * width + i * width + j).reshape(-1), dtype=np.int64)  # (P,)
 
     def _geometry(self) -> tuple[int, int, int, int]:
         return self.in_chw[2], self.stride[0], self.stride[1], self.out_hw[1]
 
+    def _check(self, t: Tensor, per_example: tuple[int, ...], weight_shape: torch.Size, dtype: torch.dtype) -> None:
+        """Refuse a tensor or weights of another shape or dtype than the pairs and the geometry, or not on the CPU:
+        the compiled loops do not check bounds."""
+        expected = (self.pairs.batch, *per_example)
+        expected_w = (self.pairs.locations, weight_shape[1], self.offsets.size)
+        if (tuple(t.shape), tuple(weight_shape)) != (expected, expected_w) or not (
+            t.dtype == dtype and t.dtype in DTYPES and t.device.type == "cpu"
+        ):
+            raise ValueError(f"PairKernels expected a CPU float32/float64 tensor {expected} and weights {expected_w} "
+                             f"of its dtype; got {t.dtype} {tuple(t.shape)} on {t.device}, weights "
+                             f"{dtype} {tuple(weight_shape)}")  # fmt: skip
+
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, M, H_out, W_out)``."""
+        self._check(x, self.in_chw, weight.shape, weight.dtype)
         p = self.pairs
         out = x.new_zeros(x.shape[0], weight.shape[1], *self.out_hw)
         _run(_compiled()[2], p.loc_ptr, _flat(x), weight.detach().contiguous().numpy(), self.offsets, p.loc_ptr,
@@ -219,6 +255,7 @@ class PairKernels:
 
     def transpose(self, h: Tensor, weight: Tensor) -> Tensor:
         """``(B, M, H_out, W_out) -> (B, C, H, W)``, ``h`` read at active fields only."""
+        self._check(h, (weight.shape[1], *self.out_hw), weight.shape, weight.dtype)
         p = self.pairs
         out = h.new_zeros(h.shape[0], *self.in_chw)
         _run(_compiled()[3], p.ex_ptr, _flat(h), weight.detach().contiguous().numpy(), self.offsets, p.loc_ptr,
@@ -227,6 +264,8 @@ class PairKernels:
 
     def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
         """``(L, M, P)`` from response gradients ``(B, M, H_out, W_out)`` (read at active fields) and inputs."""
+        self._check(g, (weight_shape[1], *self.out_hw), weight_shape, x.dtype)
+        self._check(x, self.in_chw, weight_shape, g.dtype)
         p = self.pairs
         out = g.new_empty(weight_shape)
         _run(_compiled()[4], p.loc_ptr, _flat(g), _flat(x), self.offsets, p.loc_ptr, p.loc_examples, out.numpy(),

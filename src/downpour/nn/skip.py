@@ -40,7 +40,7 @@ class SkipPlan:
     """
 
     def __init__(self, active: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dtype: torch.dtype) -> None:
-        self.active, self.kernel, self.stride = active, kernel, stride
+        self.active, self.kernel, self.stride = active.clone(), kernel, stride  # frozen: the pairs are built once
         self.skips = active.device.type == "cpu" and dtype in local_pairs.DTYPES and local_pairs.available()
         self.pairs = local_pairs.FieldPairs.of(active) if self.skips else None
         total = max(1, active.numel())
