@@ -210,5 +210,5 @@ def test_pair_kernels_refuse_what_does_not_fit_their_pairs() -> None:
     half = LocallyConnected2d(1, 2, 6, 3).to(torch.bfloat16)
     x = torch.randn(4, 1, 6, 6).to(torch.bfloat16)
     assert torch.equal(half(x, plan), half(x).masked_fill(~active.unsqueeze(1), 0))
-    with pytest.raises(ValueError, match="transpose weight is torch.float32"):
+    with pytest.raises(ValueError, match=r"transpose weight is torch\.float32"):
         layer.double().transpose(torch.zeros(4, 2, 4, 4, dtype=torch.float64), torch.zeros(16, 2, 9), plan)
