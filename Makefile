@@ -23,7 +23,7 @@ demo: $(STAMP)
 # pytest runs inside a real 2-node Ray cluster on 127.0.0.1 (token authentication on), stopped even when tests fail.
 test: $(STAMP) chromium
 	$(BIN)/ruff check src tests
-	RAY=$(BIN)/ray scripts/ray_cluster.sh run $(BIN)/python -m pytest -q
+	RAY=$(BIN)/ray scripts/ray_cluster.sh run $(BIN)/python -m pytest -q --durations=15
 
 # The report's test opens the page in a real headless Chromium: install Debian's package when it is missing and we
 # are root (quietly; without it that one test is skipped with its reason).

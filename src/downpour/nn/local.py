@@ -293,8 +293,9 @@ class LocallyConnected2d(nn.Module):
         """The kernels of one call on ``x`` and whether they skip inactive fields: the pair kernels of ``plan``
         where they run, else Triton (see :meth:`_triton`) or band-wise."""
         in_chw = (self.in_channels, *self.in_size)
-        runs_pairs = plan is not None and self.implementation != "triton" and x.dtype in local_pairs.DTYPES
-        skipping = plan.kernels(in_chw, self.out_size) if runs_pairs else None  # type: ignore[union-attr]
+        skipping = None
+        if plan is not None and self.implementation != "triton" and x.dtype in local_pairs.DTYPES:
+            skipping = plan.kernels(in_chw, self.out_size)
         if skipping is not None:
             return skipping, True
         dense = _TritonKernels if self._triton(x) else _BandKernels
