@@ -49,7 +49,7 @@ def _compiled() -> Any:
     import numba
 
     if "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ and "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]  # omp measured fastest (see _run)
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]  # omp: measured (see _run); tbb not
     jit = numba.njit(fastmath=_FASTMATH, nogil=True)
 
     @numba.njit(nogil=True)
