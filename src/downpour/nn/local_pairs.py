@@ -89,18 +89,36 @@ def _compiled() -> Any:
     def forward(first, stop, x, w, offsets, loc_ptr, loc_examples, out, width, sh, sw, out_w):
         # locations [first, stop); x (B, C·H·W), w (L, M, P), out (B, M·L) zeroed
         locations, maps, patch = w.shape
-        xs = np.empty(patch, x.dtype)  # one active example's patch
+        xs = np.empty((4, patch), x.dtype)  # up to four active examples' patches
         zero = xs.dtype.type(0)  # (a literal 0.0 would sum in float64)
         for loc in range(first, stop):
             base = field_start(loc, out_w, width, sh, sw)
             wl = w[loc]
-            for t in range(loc_ptr[loc], loc_ptr[loc + 1]):
-                b = loc_examples[t]
-                read_patch(x[b], base, offsets, xs)
+            t, end = loc_ptr[loc], loc_ptr[loc + 1]
+            while t + 4 <= end:  # four examples at once: each weight read once for the four
+                b0, b1, b2, b3 = loc_examples[t], loc_examples[t + 1], loc_examples[t + 2], loc_examples[t + 3]
+                read_patch(x[b0], base, offsets, xs[0])
+                read_patch(x[b1], base, offsets, xs[1])
+                read_patch(x[b2], base, offsets, xs[2])
+                read_patch(x[b3], base, offsets, xs[3])
+                for m in range(maps):
+                    s0, s1, s2, s3 = zero, zero, zero, zero
+                    for p in range(patch):
+                        wv = wl[m, p]
+                        s0 += wv * xs[0, p]
+                        s1 += wv * xs[1, p]
+                        s2 += wv * xs[2, p]
+                        s3 += wv * xs[3, p]
+                    col = m * locations + loc
+                    out[b0, col], out[b1, col], out[b2, col], out[b3, col] = s0, s1, s2, s3
+                t += 4
+            for rest in range(t, end):  # the last one to three
+                b = loc_examples[rest]
+                read_patch(x[b], base, offsets, xs[0])
                 for m in range(maps):
                     s = zero
                     for p in range(patch):
-                        s += wl[m, p] * xs[p]
+                        s += wl[m, p] * xs[0, p]
                     out[b, m * locations + loc] = s
 
     @jit
