@@ -226,7 +226,7 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
                      f"{row['flops_per_example']:,}", f"{row['fwd_bwd_ms_per_example']:.3f}")  # fmt: skip
     console.print(tied)
     skip = Table(title="variance skip, CPU layer above on 48x48 photo crops: tau at quantiles of the field variance")
-    for column in ("tau (quantile)", "fields zeroed", "not computed", "dense ms", "skip ms", "time saved",
+    for column in ("tau (quantile)", "fields zeroed", "not computed", "dense ms", "skip ms", "saved (median pair)",
                    "saved / not computed"):  # fmt: skip
         skip.add_column(column, justify="right")
     for row in result["skip_time"]:
