@@ -198,7 +198,7 @@ def test_pair_kernels_refuse_what_does_not_fit_their_pairs() -> None:
     active = torch.ones(4, 4, 4, dtype=torch.bool)
     active[3, 3, 3] = False
     plan = layer.skip_plan(active, 4)
-    kernels = plan.kernels((1, 6, 6), (4, 4))
+    kernels = plan.kernels((1, 6, 6), (4, 4), torch.float32)
     with pytest.raises(ValueError, match=r"expected a CPU float32/float64 tensor \(4, 1, 6, 6\)"):
         kernels.forward(torch.zeros(1, 1, 6, 6), layer.weight)  # a batch of 1 for a plan of 4
     with pytest.raises(ValueError, match=r"weights \(16, 2, 9\)"):
@@ -206,7 +206,7 @@ def test_pair_kernels_refuse_what_does_not_fit_their_pairs() -> None:
     with pytest.raises(ValueError, match="float64"):
         kernels.weight_grad(torch.zeros(4, 2, 4, 4, dtype=torch.float64), torch.zeros(4, 1, 6, 6), layer.weight.shape)
     with pytest.raises(ValueError, match=r"do not fit an input \(1, 5, 5\)"):
-        plan.kernels((1, 5, 5), (4, 4))
+        plan.kernels((1, 5, 5), (4, 4), torch.float32)
     half = LocallyConnected2d(1, 2, 6, 3).to(torch.bfloat16)
     x = torch.randn(4, 1, 6, 6).to(torch.bfloat16)
     assert torch.equal(half(x, plan), half(x).masked_fill(~active.unsqueeze(1), 0))

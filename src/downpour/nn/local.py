@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
-from downpour.nn import local_pairs
-
 if TYPE_CHECKING:
     from downpour.nn.skip import SkipPlan
 
@@ -294,8 +292,8 @@ class LocallyConnected2d(nn.Module):
         where they run, else Triton (see :meth:`_triton`) or band-wise."""
         in_chw = (self.in_channels, *self.in_size)
         skipping = None
-        if plan is not None and self.implementation != "triton" and x.dtype in local_pairs.DTYPES:
-            skipping = plan.kernels(in_chw, self.out_size)
+        if plan is not None and self.implementation != "triton":
+            skipping = plan.kernels(in_chw, self.out_size, x.dtype)
         if skipping is not None:
             return skipping, True
         dense = _TritonKernels if self._triton(x) else _BandKernels

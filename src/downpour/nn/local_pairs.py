@@ -22,11 +22,13 @@ import os
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from downpour.nn.local import fold_index
 
 DTYPES = (torch.float32, torch.float64)
 _FASTMATH = {"reassoc", "contract"}  # vectorised sums and FMA; NaN and inf keep their meaning
@@ -42,8 +44,16 @@ def available() -> bool:
     return True
 
 
+class _Compiled(NamedTuple):
+    numba: Any  # the module
+    pairs: Any  # (B, L) bool -> loc_ptr, loc_examples, ex_ptr
+    forward: tuple[Any, Any]  # (serial, parallel): see _run
+    transpose: tuple[Any, Any]
+    weight_grad: tuple[Any, Any]
+
+
 @lru_cache(maxsize=1)
-def _compiled() -> Any:
+def _compiled() -> _Compiled:
     """The kernels, compiled on first use (Numba's import and compilation take a few seconds that processes which
     never skip do not pay). Not cached on disk: Numba's cache is pickled."""
     import numba
@@ -170,7 +180,7 @@ def _compiled() -> Any:
 
         return run
 
-    return numba, pairs, *((kernel, in_parts(kernel)) for kernel in (forward, transpose, weight_grad))
+    return _Compiled(numba, pairs, *((kernel, in_parts(kernel)) for kernel in (forward, transpose, weight_grad)))
 
 
 @dataclass(frozen=True)
@@ -187,7 +197,7 @@ class FieldPairs:
     def of(cls, active: Tensor) -> FieldPairs:
         """The pairs of a CPU bool mask ``(B, H_out, W_out)``."""
         mask = active.reshape(active.shape[0], math.prod(active.shape[1:])).contiguous().numpy()  # (B, L)
-        return cls(*mask.shape, *_compiled()[1](mask))
+        return cls(*mask.shape, *_compiled().pairs(mask))
 
     @property
     def count(self) -> int:
@@ -205,7 +215,7 @@ def _run(kernels: tuple[Any, Any], ptr: np.ndarray, *args: Any) -> None:
     took the cores from it)."""
     serial, parallel = kernels
     items, threads = len(ptr) - 1, max(1, torch.get_num_threads())
-    numba = _compiled()[0]
+    numba = _compiled().numba
     if threads == 1 or items < 2 or ptr[-1] < 4096 or not _may_launch_parallel(numba):
         serial(0, items, *args)
         return
@@ -239,13 +249,12 @@ class PairKernels:
     def __init__(self, pairs: FieldPairs, in_chw: tuple[int, int, int], out_hw: tuple[int, int],
                  kernel: tuple[int, int], stride: tuple[int, int]) -> None:  # fmt: skip
         self.pairs, self.in_chw, self.out_hw, self.stride = pairs, in_chw, out_hw, stride
-        (channels, height, width), (kh, kw), (sh, sw) = in_chw, kernel, stride
+        (_, height, width), (kh, kw), (sh, sw) = in_chw, kernel, stride
         fits = (out_hw[0] - 1) * sh + kh <= height and (out_hw[1] - 1) * sw + kw <= width
         if not fits or pairs.locations != out_hw[0] * out_hw[1]:  # the kernels do not check bounds: refuse here
             raise ValueError(f"PairKernels: {pairs.locations} locations, output {out_hw} with kernel {kernel}, "
                              f"stride {stride} do not fit an input {in_chw}")  # fmt: skip
-        c, i, j = np.ogrid[:channels, :kh, :kw]
-        self.offsets = np.ascontiguousarray((c * height * width + i * width + j).reshape(-1), dtype=np.int64)  # (P,)
+        self.offsets = fold_index((1, 1), in_chw, kernel, stride).numpy()  # (P,): the first field's, flattened
 
     def _geometry(self) -> tuple[int, int, int, int]:
         return self.in_chw[2], self.stride[0], self.stride[1], self.out_hw[1]
@@ -267,7 +276,7 @@ class PairKernels:
         self._check(x, self.in_chw, weight.shape, weight.dtype)
         p = self.pairs
         out = x.new_zeros(x.shape[0], weight.shape[1], *self.out_hw)
-        _run(_compiled()[2], p.loc_ptr, _flat(x), weight.detach().contiguous().numpy(), self.offsets, p.loc_ptr,
+        _run(_compiled().forward, p.loc_ptr, _flat(x), weight.detach().contiguous().numpy(), self.offsets, p.loc_ptr,
              p.loc_examples, _flat(out), *self._geometry())  # fmt: skip
         return out
 
@@ -276,7 +285,7 @@ class PairKernels:
         self._check(h, (weight.shape[1], *self.out_hw), weight.shape, weight.dtype)
         p = self.pairs
         out = h.new_zeros(h.shape[0], *self.in_chw)
-        _run(_compiled()[3], p.ex_ptr, _flat(h), weight.detach().contiguous().numpy(), self.offsets, p.loc_ptr,
+        _run(_compiled().transpose, p.ex_ptr, _flat(h), weight.detach().contiguous().numpy(), self.offsets, p.loc_ptr,
              p.loc_examples, _flat(out), *self._geometry())  # fmt: skip
         return out
 
@@ -286,6 +295,6 @@ class PairKernels:
         self._check(x, self.in_chw, weight_shape, g.dtype)
         p = self.pairs
         out = g.new_empty(weight_shape)
-        _run(_compiled()[4], p.loc_ptr, _flat(g), _flat(x), self.offsets, p.loc_ptr, p.loc_examples, out.numpy(),
-             *self._geometry())  # fmt: skip
+        _run(_compiled().weight_grad, p.loc_ptr, _flat(g), _flat(x), self.offsets, p.loc_ptr, p.loc_examples,
+             out.numpy(), *self._geometry())  # fmt: skip
         return out

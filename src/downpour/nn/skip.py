@@ -48,8 +48,10 @@ class SkipPlan:
         self.zeroed_fraction = 1.0 - computed / total
         self.skipped_fraction = self.zeroed_fraction if self.skips else 0.0
 
-    def kernels(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int]) -> local_pairs.PairKernels | None:
-        """The layer's three products over the active pairs; None where they cannot run (see :attr:`skips`)."""
-        if self.pairs is None:
+    def kernels(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int],
+                dtype: torch.dtype) -> local_pairs.PairKernels | None:  # fmt: skip
+        """The layer's three products over the active pairs for tensors of ``dtype``; None where they cannot run
+        (see :attr:`skips`; also a plan made for a float layer used on a half-precision one)."""
+        if self.pairs is None or dtype not in local_pairs.DTYPES:
             return None
         return local_pairs.PairKernels(self.pairs, in_chw, out_hw, self.kernel, self.stride)
