@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ from downpour.ps.locks import FileLock
 from downpour.ps.rules import SGD, Adagrad
 from downpour.ps.shard import PushResult, Shard
 
-TIMEOUT_S = 60.0  # generous bound for spawned children (importing torch) so that a broken test fails, never hangs
+TIMEOUT_S = 60.0  # generous bound for a step of a child process, so that a broken test fails, never hangs
+# Spawned children import torch before they reach the barrier: seconds when idle, but it once took over a minute on
+# this 2-core machine while other test runs loaded it. A broken child still fails the test, after this long.
+START_TIMEOUT_S = 300.0
 
 
 def _sgd_shard(values: list[float], lr: float = 1.0, **kwargs: Any) -> Shard:
@@ -259,7 +263,7 @@ def _push_worker(shards: list[Shard], worker: int, pushes: int, barrier: Any, re
     Every fetch must see one consistent version: all elements equal (each push moves all of them by the same
     amount), else the child fails with a non-zero exit code. Sends back the version each push produced.
     """
-    barrier.wait(timeout=TIMEOUT_S)
+    barrier.wait(timeout=START_TIMEOUT_S)
     versions: dict[int, list[int]] = {shard.index: [] for shard in shards}
     out = [torch.empty(shard.size) for shard in shards]
     for _ in range(pushes):
@@ -291,8 +295,12 @@ def test_pushes_from_several_processes_are_all_applied_exactly(tmp_path: Path) -
     for proc in procs:
         proc.start()
     try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while barrier.n_waiting < len(procs) and time.monotonic() < deadline:  # children importing torch
+            assert all(proc.exitcode is None for proc in procs), f"a child died: {[p.exitcode for p in procs]}"
+            time.sleep(0.05)
         _push_worker(shards, 0, PUSHES, barrier, results)
-        collected = dict(results.get(timeout=TIMEOUT_S) for _ in range(WORKERS))
+        collected = dict(results.get(timeout=START_TIMEOUT_S) for _ in range(WORKERS))
     finally:
         for proc in procs:
             proc.join(timeout=TIMEOUT_S)
