@@ -294,6 +294,21 @@ _TUNED = {
 }
 
 
+_NUM_STAGES = 3  # Triton's default software pipelining depth
+_TUNING = {
+    "forward": {"block_b", "block_l", "block_k", "num_warps", "num_stages"},
+    "weight_grad": {"block_b", "block_l", "block_k", "num_warps", "num_stages"},
+    "transpose": {"block_b", "block_lx", "tile", "num_warps", "num_stages"},
+}
+
+
+def _check_tuning(kernel: str, tuning: dict[str, Any]) -> None:
+    """Refuse launch settings a kernel does not have (a typo would otherwise time the defaults)."""
+    unknown = set(tuning) - _TUNING[kernel]
+    if unknown:
+        raise ValueError(f"Unknown {kernel} launch settings {sorted(unknown)} (it takes {sorted(_TUNING[kernel])})")
+
+
 def _precision(tf32: bool | None) -> tuple[bool, str]:
     tf32 = tf32_enabled() if tf32 is None else tf32
     return tf32, "tf32" if tf32 else "ieee"
@@ -303,8 +318,11 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
                stride: tuple[int, int], *, tf32: bool | None = None, **tuning: Any) -> Tensor:  # fmt: skip
     """Responses ``(B, M, H_out, W_out)`` of input ``x`` ``(B, C, H, W)`` (any strides) to weights ``(L, M, P)``.
 
-    ``tf32``: None follows :func:`tf32_enabled`. ``tuning`` overrides launch settings (for benchmarks).
+    ``tf32``: None follows :func:`tf32_enabled`. ``tuning`` overrides launch settings, for benchmarks and sweeps:
+    ``block_b`` (examples per program), ``block_l`` (locations per band; ``block_l × maps`` rounded up to a power of
+    two must be a power of two ≥ 16), ``block_k`` (band columns per product), ``num_warps``, ``num_stages``.
     """
+    _check_tuning("forward", tuning)
     batch, channels = x.shape[:2]
     locations, maps, patch = weight.shape
     weight = weight.contiguous()
@@ -312,14 +330,14 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     if out.numel() == 0:
         return out
     tf32, precision = _precision(tf32)
-    block_b = _pow2(batch, 16, 64)
+    block_b = tuning.get("block_b", _pow2(batch, 16, 64))
     block_m = _pow2(maps, 1, MAX_MAPS)
-    block_l = max(1, 128 // block_m)
+    block_l = tuning.get("block_l", max(1, 128 // block_m))
     if not _banded(kernel, stride, block_l):
         _forward_rows_kernel[(locations, triton.cdiv(batch, block_b))](
             x, weight, out, batch, channels, maps, patch, locations, out_hw[1], *x.stride(), *kernel, *stride,
             BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024), PRECISION=precision,
-            num_warps=tuning.get("num_warps", 4),
+            num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return out
     launch = {**_TUNED["forward", tf32], **tuning}
@@ -327,7 +345,7 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     _forward_band_kernel[grid](
         x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
         *stride, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=launch["block_k"], PRECISION=precision,
-        num_warps=launch["num_warps"],
+        num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
     )  # fmt: skip
     return out
 
@@ -335,7 +353,9 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
 def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple[int, int],
                    kernel: tuple[int, int], stride: tuple[int, int], *, tf32: bool | None = None,
                    **tuning: Any) -> Tensor:  # fmt: skip
-    """Weight gradient ``(L, M, P)`` from response gradients ``g`` ``(B, M, H_out, W_out)`` and input ``x``."""
+    """Weight gradient ``(L, M, P)`` from response gradients ``g`` ``(B, M, H_out, W_out)`` and input ``x``;
+    ``tuning`` as in :func:`lc_forward`."""
+    _check_tuning("weight_grad", tuning)
     locations, maps, patch = weight_shape
     batch, channels = x.shape[:2]
     if batch == 0:
@@ -344,27 +364,33 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
     g = g.reshape(batch, maps, locations)  # (B, M, L), a view when possible
     tf32, precision = _precision(tf32)
     block_m = _pow2(maps, 1, MAX_MAPS)
-    block_l = max(1, 128 // block_m)
+    block_l = tuning.get("block_l", max(1, 128 // block_m))
     if not _banded(kernel, stride, block_l):
         _weight_grad_rows_kernel[(locations,)](
             x, g, grad_w, batch, channels, maps, patch, out_hw[1], *x.stride(), *g.stride(), *kernel, *stride,
-            BLOCK_B=32, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024), PRECISION=precision,
-            num_warps=tuning.get("num_warps", 4),
+            BLOCK_B=tuning.get("block_b", 32), BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
+            PRECISION=precision, num_warps=tuning.get("num_warps", 4),
+            num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return grad_w
     launch = {**_TUNED["weight_grad", tf32], **tuning}
-    block_b = _pow2(batch, 16, 64)
+    block_b = tuning.get("block_b", _pow2(batch, 16, 64))
     _weight_grad_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], block_l),)](
         x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
         *stride, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=launch["block_k"], PRECISION=precision,
-        ONE_B_BLOCK=batch <= block_b, num_warps=launch["num_warps"],
+        ONE_B_BLOCK=batch <= block_b, num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
     )  # fmt: skip
     return grad_w
 
 
 def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel: tuple[int, int],
                  stride: tuple[int, int], *, tf32: bool | None = None, **tuning: Any) -> Tensor:  # fmt: skip
-    """``Wᵀg``: responses ``(B, M, H_out, W_out)`` back to the input space ``(B, C, H, W)``."""
+    """``Wᵀg``: responses ``(B, M, H_out, W_out)`` back to the input space ``(B, C, H, W)``.
+
+    ``tuning``: ``tile`` (input pixels per program, ``(rows, columns)``), ``block_b``, ``block_lx`` (locations of
+    a row per product), ``num_warps``, ``num_stages``.
+    """
+    _check_tuning("transpose", tuning)
     batch, maps, out_h, out_w = g.shape
     channels, height, width = in_chw
     locations, _, patch = weight.shape
@@ -378,13 +404,13 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
     if not _banded(kernel, stride, 16):
         launch = {"tile": (4, 4), "num_warps": 4, **tuning}
     block_m = _pow2(maps, 1, MAX_MAPS)
-    block_lx = max(1, 32 // block_m)  # the product's inner side: block_lx locations × block_m maps
-    block_b = _pow2(batch, 16, 64)
+    block_lx = launch.get("block_lx", max(1, 32 // block_m))  # the product's inner side: block_lx locations × maps
+    block_b = launch.get("block_b", _pow2(batch, 16, 64))
     tile_h, tile_w = launch["tile"]
     grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
     _transpose_kernel[grid](
         g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride,
         TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=block_lx, PRECISION=precision,
-        num_warps=launch["num_warps"],
+        num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
     )  # fmt: skip
     return out
