@@ -96,8 +96,9 @@ def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(
 ) -> None:
     """sparse-ae with frozen Gabor templates, 2 workers, 3 shards, Adagrad and local apply: the loss falls (the
     decoder and biases train) and the first layer's slice of the server's values is bit-identical to its start."""
-    result = cli("train", "--workers", "2", "--shards", "3", "--steps", "120", "--set", "model.name=sparse-ae",
-                      "--set", "model.init=gabor", "--set", "model.freeze_first=true", "--set", "ps.local_apply=true",
+    result = cli("train", "--workers", "2", "--shards", "3", "--steps", "120", "--seconds", "600",
+                      "--set", "model.name=sparse-ae", "--set", "model.init=gabor", "--set", "model.freeze_first=true",
+                      "--set", "ps.local_apply=true",
                       *DIGITS, "--out", str(run_dir))  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

@@ -65,9 +65,12 @@ def test_two_workers_train_rica_and_write_the_run_directory(run_dir: Path) -> No
 
 def test_resume_continues_versions_rule_state_and_steps(run_dir: Path, cli: Callable[..., CliResult]) -> None:
     """A stopped run resumes with the same config, versions and Adagrad state, and the global step goes on."""
-    first = cli("train", "--workers", "2", "--steps", "300", "--out", str(run_dir), *FAST)
+    # The step budget must end each session, not the clock: train.seconds (default 60) counts the workers' start-up,
+    # and once on a loaded machine it ran out before the first push, so the resume began at step 0.
+    first = cli("train", "--workers", "2", "--steps", "300", "--seconds", "600", "--out", str(run_dir), *FAST)
     assert first.returncode == 0, first.stderr
     before = _summary(run_dir)
+    assert before["steps"] == 300
     sum_sq_before = _adagrad_state(run_dir)
     second = cli("train", "--resume", str(run_dir), "--steps", "600", "--no-progress")
     assert second.returncode == 0, second.stderr
@@ -87,6 +90,17 @@ def test_resume_continues_versions_rule_state_and_steps(run_dir: Path, cli: Call
     assert [s["step"] for s in starts] == [0, 300]
     versions = [p["version"] for p in read_jsonl(run_dir / "metrics.jsonl") if p["event"] == "push" and p["shard"] == 0]
     assert sorted(versions) == list(range(1, 601))
+
+
+def test_a_clock_that_runs_out_during_start_up_is_reported(run_dir: Path, cli: Callable[..., CliResult]) -> None:
+    """train.seconds counts the workers' start-up (importing torch takes seconds): a budget spent before the first
+    step ends the session cleanly, with a checkpoint at step 0 and a warning that nothing was trained."""
+    result = cli("train", "--workers", "1", "--seconds", "0.2", "--steps", "0", "--out", str(run_dir), *FAST)
+    assert result.returncode == 0, result.stderr
+    assert _summary(run_dir)["steps"] == 0
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == 0
+    warning = " ".join(result.stderr.split())  # the console wraps long lines
+    assert "train.seconds = 0.2 ran out before any worker finished a step" in warning, result.stderr
 
 
 @pytest.fixture(scope="module")

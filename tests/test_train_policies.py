@@ -52,7 +52,7 @@ def test_every_policy_runs_on_the_simulator(policy: str, run_dir: Path, cli: Cal
 
 @pytest.mark.parametrize("policy", ["staleness-lr", "dc-asgd"])
 def test_push_policies_run_on_the_local_backend(policy: str, run_dir: Path, cli: Callable[..., CliResult]) -> None:
-    result = cli("train", "--workers", "2", "--steps", "200", *FAST, "--set", f"ps.policy={policy}",
+    result = cli("train", "--workers", "2", "--steps", "200", "--seconds", "600", *FAST, "--set", f"ps.policy={policy}",
                       "--out", str(run_dir), "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -62,7 +62,7 @@ def test_push_policies_run_on_the_local_backend(policy: str, run_dir: Path, cli:
 
 def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path, cli: Callable[..., CliResult]) -> None:
     """Bound 0 with 2 workers: at most (2·0 + 1)·(2 − 1) = 1 push of the other lands between a fetch and a push."""
-    result = cli("train", "--workers", "2", "--steps", "200", *FAST, "--set", "ps.policy=ssp",
+    result = cli("train", "--workers", "2", "--steps", "200", "--seconds", "600", *FAST, "--set", "ps.policy=ssp",
                       "--set", "ps.staleness_bound=0", "--out", str(run_dir), "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

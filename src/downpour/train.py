@@ -459,6 +459,11 @@ def _watch(
                     metrics.write("checkpoint", t=now - t0, step=cluster.steps())
                     next_checkpoint = now + train.checkpoint_every
                 if train.seconds and now - start >= train.seconds:
+                    if first_work is None:  # the clock counts the workers' start-up: it can run out first
+                        console.print(
+                            f"[yellow]warning: train.seconds = {train.seconds:g} ran out before any worker finished "
+                            "a step (their start-up took it all): this session trained nothing; raise --seconds[/]"
+                        )
                     break
                 if train.steps and cluster.steps() >= train.steps:
                     break
