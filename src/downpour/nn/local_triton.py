@@ -319,8 +319,8 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     """Responses ``(B, M, H_out, W_out)`` of input ``x`` ``(B, C, H, W)`` (any strides) to weights ``(L, M, P)``.
 
     ``tf32``: None follows :func:`tf32_enabled`. ``tuning`` overrides launch settings, for benchmarks and sweeps:
-    ``block_b`` (examples per program), ``block_l`` (locations per band; ``block_l × maps`` rounded up to a power of
-    two must be a power of two ≥ 16), ``block_k`` (band columns per product), ``num_warps``, ``num_stages``.
+    ``block_b`` (examples per program), ``block_l`` (locations per band, a power of two; times the maps rounded up
+    to a power of two, at least 16), ``block_k`` (band columns per product), ``num_warps``, ``num_stages``.
     """
     _check_tuning("forward", tuning)
     batch, channels = x.shape[:2]
