@@ -149,12 +149,19 @@ class Shard:
         With ``fetch_into``, also copy the resulting values there under the same lock (a push-pull, as in
         ps-lite and BytePS): the returned ``version`` is then the version of those values. ``fetched_values``:
         the values the worker computed its gradient at, for a rule that needs them (``ps.policy = "dc-asgd"``).
+        ``fetched_version`` must be a version this shard has had, ``0 <= fetched_version <= version`` (ValueError
+        otherwise, nothing applied): one from the future or a negative one would fake the staleness.
         """
         finite = self._finite_slice(update, "an update")
         with self.lock:
             meta = self._m()
             live = int(meta[_ACTIVE])
             version = int(meta[_VERSION0 + live])
+            if not 0 <= fetched_version <= version:
+                raise ValueError(
+                    f"shard {self.index}: a push fetched at version {fetched_version}, but the shard is at version "
+                    f"{version} (must be 0 to {version})"
+                )
             if not finite:
                 meta[_REJECTED] += 1
                 if fetch_into is not None:
