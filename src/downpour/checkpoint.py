@@ -8,10 +8,12 @@ killed at any moment leaves either the old checkpoint or the new one, never a mi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
@@ -21,6 +23,7 @@ from downpour.rundir import atomic_write_text, save_tensors
 
 FORMAT = 1
 STATE_FILE = "state.json"
+MAX_COUNT = 2**53  # versions, steps and counters above this are corrupt (and would overflow an int64 counter)
 
 
 @dataclass
@@ -86,7 +89,11 @@ def _next_serial(directory: Path) -> int:
 
 
 def load(directory: Path) -> Checkpoint:
-    """Read a checkpoint; a missing or corrupt one raises :class:`CheckpointError` naming the file."""
+    """Read a checkpoint; a missing or corrupt one raises :class:`CheckpointError` naming the file (and the field).
+
+    Checked here, so that nothing acts on a bad checkpoint: the JSON's structure and every shard's counters
+    (non-negative integers), each shard's tensors (present, of its size) and that every tensor is finite.
+    """
     state_path = directory / STATE_FILE
     if not state_path.exists():
         raise CheckpointError(f"no checkpoint at {directory} (missing {STATE_FILE})")
@@ -96,18 +103,49 @@ def load(directory: Path) -> Checkpoint:
         raise CheckpointError(f"corrupt checkpoint file {state_path}: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "params_file" not in state:
         raise CheckpointError(f"{state_path} is not a downpour checkpoint (format {FORMAT})")
-    params_path = directory / str(state["params_file"])
+    params_name = state["params_file"]
+    if not isinstance(params_name, str) or not params_name or Path(params_name).name != params_name:
+        raise CheckpointError(f"corrupt checkpoint {state_path}: params_file must name a file, got {params_name!r}")
+    shards = state.get("shards")
+    if not isinstance(shards, list):
+        raise CheckpointError(f"corrupt checkpoint {state_path}: shards must be a list, got {shards!r}")
+    for index, info in enumerate(shards):
+        if not isinstance(info, dict):
+            raise CheckpointError(f"corrupt checkpoint {state_path}: shards[{index}] must be an object, got {info!r}")
+        for key in ("version", "rejected", "size", *(("dropped",) if "dropped" in info else ())):
+            count(info.get(key), f"shards[{index}].{key}", state_path)
+    params_path = directory / params_name
     try:
         tensors = load_file(str(params_path))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint parameters missing: {params_path}") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint parameters {params_path}: {exc}") from None
-    for index, info in enumerate(state.get("shards", [])):
+    for index, info in enumerate(shards):
         values = tensors.get(f"shard{index}.values")
-        if values is None or values.numel() != info.get("size"):
+        if values is None or values.numel() != info["size"]:
             raise CheckpointError(f"corrupt checkpoint {params_path}: shard {index} values missing or wrong size")
         for name, tensor in tensors.items():
             if name.startswith(f"shard{index}.state.") and tensor.shape != values.shape:
                 raise CheckpointError(f"corrupt checkpoint {params_path}: {name} has shape {tuple(tensor.shape)}")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"corrupt checkpoint {params_path}: {name} holds {tensor.dtype}, not floats")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {params_path} holds NaN or Inf parameters ({name})")
     return Checkpoint(tensors, state)
+
+
+def count(value: Any, name: str, where: Path) -> int:
+    """``value`` when it is an integer in ``[0, MAX_COUNT]`` (a version, step or counter); else a
+    :class:`CheckpointError` naming ``name`` in the checkpoint file ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise CheckpointError(f"corrupt checkpoint {where}: {name} must be an integer from 0 to 2**53, got {value!r}")
+    return value
+
+
+def non_negative_float(value: Any, name: str, where: Path) -> float:
+    """``value`` when it is a finite number >= 0 (seconds); else a :class:`CheckpointError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise CheckpointError(f"corrupt checkpoint {where}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
