@@ -7,6 +7,7 @@ shard or worker directly, so every backend gets the same run directory, progress
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from downpour.data import Dataset, load_dataset, unread_warning, worker_slice
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
 from downpour.ps.flat import FlatParameters, flat_copy
+from downpour.ps.policies import policy_rule
 from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.staleness import StalenessHistogram
 from downpour.report.filters import save_filter_grid
@@ -55,6 +57,11 @@ class RunState:
     shard_restores: int = 0
     lost_updates: int = 0
     lost_before: int = 0  # lost_updates of the earlier sessions (not saved: read back as lost_updates)
+    checkpoint_step: int | None = None  # step of the checkpoint in the run directory (not saved; None: none yet)
+
+
+class TrainingDiverged(DownpourError):
+    """A session ended with a non-finite held-out loss or parameters (the summary says which checkpoint was kept)."""
 
 
 FAULT_COUNTERS = ("worker_restarts", "shard_restores", "lost_updates")
@@ -122,23 +129,62 @@ def _worker_seeds(seed: int, session: int, workers: int) -> list[int]:
 
 
 def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tuple[ckpt.Checkpoint, RunState]:
+    """The run's checkpoint and counters, every field checked: a checkpoint this refuses (CheckpointError naming
+    the field) is refused before anything in ``out`` is written."""
+    where = out / rundir.CHECKPOINT / ckpt.STATE_FILE
     checkpoint = ckpt.load(out / rundir.CHECKPOINT)
-    _check_compatible(checkpoint.state, config, signature, out / rundir.CHECKPOINT)
     saved = checkpoint.state
-    try:
-        run_state = RunState(
-            session=int(saved["rng"]["session"]) + 1,
-            steps=int(saved["step"]),
-            examples=int(saved["examples"]),
-            elapsed_s=float(saved["elapsed_s"]),
-            initial_loss=float(saved["initial_loss"]) if saved.get("initial_loss") is not None else float("nan"),
-            staleness=StalenessHistogram(saved.get("staleness_histogram", [])),
-            worker_deaths=int(saved.get("worker_deaths", 0)),
-            **{key: int(saved.get(key, 0)) for key in FAULT_COUNTERS},
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"corrupt checkpoint {out / rundir.CHECKPOINT}: bad or missing field {exc}") from None
+    _require_objects(saved, where)
+    _check_compatible(saved, config, signature, out / rundir.CHECKPOINT)
+    _check_snapshots(checkpoint, config, signature, where)
+    initial_loss = saved.get("initial_loss")
+    if initial_loss is not None and (
+        isinstance(initial_loss, bool) or not isinstance(initial_loss, int | float) or not math.isfinite(initial_loss)
+    ):
+        raise CheckpointError(f"corrupt checkpoint {where}: initial_loss must be a finite number or null, "
+                              f"got {initial_loss!r}")  # fmt: skip
+    histogram = saved.get("staleness_histogram", [])
+    if not isinstance(histogram, list):
+        raise CheckpointError(f"corrupt checkpoint {where}: staleness_histogram must be a list, got {histogram!r}")
+    run_state = RunState(
+        session=ckpt.count(saved["rng"].get("session"), "rng.session", where) + 1,
+        steps=ckpt.count(saved.get("step"), "step", where),
+        examples=ckpt.count(saved.get("examples"), "examples", where),
+        elapsed_s=ckpt.non_negative_float(saved.get("elapsed_s"), "elapsed_s", where),
+        initial_loss=float(initial_loss) if initial_loss is not None else float("nan"),
+        staleness=StalenessHistogram(
+            [ckpt.count(n, f"staleness_histogram[{i}]", where) for i, n in enumerate(histogram)]
+        ),
+        worker_deaths=ckpt.count(saved.get("worker_deaths", 0), "worker_deaths", where),
+        **{key: ckpt.count(saved.get(key, 0), key, where) for key in FAULT_COUNTERS},
+    )
+    run_state.checkpoint_step = run_state.steps
     return checkpoint, run_state
+
+
+def _require_objects(saved: dict[str, Any], where: Path) -> None:
+    """The JSON objects of ``state.json`` that the checks read with ``.get`` must be objects."""
+    for name, value in (("model", saved.get("model")), ("config", saved.get("config")), ("rng", saved.get("rng"))):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"corrupt checkpoint {where}: {name} must be an object, got {value!r}")
+    for section in ("data", "train"):
+        value = saved["config"].get(section)
+        if not isinstance(value, dict):
+            raise CheckpointError(f"corrupt checkpoint {where}: config.{section} must be an object, got {value!r}")
+
+
+def _check_snapshots(checkpoint: ckpt.Checkpoint, config: Config, signature: dict[str, Any], where: Path) -> None:
+    """Each saved shard fits the shard this config builds (its size, its rule's state): checked before the run
+    directory is written, where the restore would find it only after."""
+    bounds = contiguous_bounds(signature["num_params"], config.ps.shards)
+    state_names = set(policy_rule(config).state_names)
+    for index, (snap, (start, stop)) in enumerate(zip(checkpoint.shard_snapshots(), bounds, strict=True)):
+        missing = state_names - set(snap["state"])
+        if missing or snap["values"].shape != (stop - start,):
+            raise CheckpointError(
+                f"corrupt checkpoint {where}: shard {index} holds {snap['values'].numel()} values and state "
+                f"{sorted(snap['state'])}; this config's shard {index} needs {stop - start} and {sorted(state_names)}"
+            )
 
 
 def _save_checkpoint(
@@ -168,12 +214,56 @@ def _save_checkpoint(
     ckpt.save(out / rundir.CHECKPOINT, snapshots, state)
 
 
+@dataclass
+class Taken:
+    """What :func:`_checkpoint_now` measured and did."""
+
+    snapshots: list[dict[str, Any]]
+    step: int
+    loss: float  # held-out loss of the snapshots' values
+    diverged: bool  # a tensor is NaN or Inf, or the held-out loss is not finite
+    saved: bool  # written into the run directory
+
+
 def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state: RunState, seeds: list[int],
-                    signature: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+                    signature: dict[str, Any], held_out_loss: HeldOutLoss, *, final: bool) -> Taken:  # fmt: skip
+    """Snapshot the shards and save them, unless they diverged (a tensor NaN or Inf, or the held-out loss not
+    finite) and the run directory holds a checkpoint already: a diverged one never replaces it. ``final``: the
+    session's last checkpoint, saved even when diverged if there is no earlier one (nothing to lose, and the run
+    keeps a checkpoint)."""
     snapshots = cluster.snapshots()
     _count_lost(cluster, run_state)
-    _save_checkpoint(out, snapshots, cluster.steps(), config, run_state, seeds, signature)
-    return snapshots
+    step = cluster.steps()
+    params = torch.cat([snap["values"] for snap in snapshots])
+    finite = all(bool(torch.isfinite(t).all()) for snap in snapshots for t in [snap["values"], *snap["state"].values()])
+    loss = held_out_loss(params)  # also leaves the model holding these values
+    diverged = not (finite and math.isfinite(loss))
+    saved = not diverged or (final and run_state.checkpoint_step is None)
+    if saved:
+        _save_checkpoint(out, snapshots, step, config, run_state, seeds, signature)
+        run_state.checkpoint_step = step
+    return Taken(snapshots, step, loss, diverged, saved)
+
+
+def _keeps_previous_config(run_state: RunState, diverged: bool, *, resume: bool) -> bool:
+    """Whether a session leaves the run as the previous one left it: it diverged, and the checkpoint kept holds
+    the values it resumed from (``run_state.steps``: the step it resumed at), which the run's earlier
+    ``config.toml`` trained; ``run_training`` then writes that back, so that a plain ``--resume`` goes on from there.
+    """
+    return resume and diverged and run_state.checkpoint_step == run_state.steps
+
+
+def _divergence(taken: Taken, run_state: RunState, config: Config, *, resume: bool) -> str:
+    """The one line that says a session diverged and what became of its checkpoint."""
+    finite = all(bool(torch.isfinite(snap["values"]).all()) for snap in taken.snapshots)
+    what = f"held-out loss {taken.loss:.4g}" if finite else "parameters hold NaN or Inf"
+    if taken.saved:
+        kept = "saved its checkpoint (there was no earlier one to keep)"
+    elif _keeps_previous_config(run_state, taken.diverged, resume=resume):
+        kept = f"kept the checkpoint of step {run_state.checkpoint_step} and the config.toml it was trained with"
+    else:
+        kept = f"kept the checkpoint of step {run_state.checkpoint_step}"
+    return f"training diverged: {what} at step {taken.step}; {kept}; lower ps.lr (now {config.ps.lr:g})"
 
 
 def _build_cluster(config: Config, dataset: Dataset, initial: torch.Tensor, seeds: list[int], t0: float) -> Any:
@@ -238,13 +328,18 @@ def run_training(
     with rundir.exclusive(out):
         checkpoint = None
         run_state = RunState()
-        if resume:
+        previous_config = None
+        if resume:  # every check that can refuse the checkpoint runs here, before anything is written
             checkpoint, run_state = _load_previous(out, config, signature)
+            previous_config = (out / rundir.CONFIG).read_text()
         config_mod.write(config, out / rundir.CONFIG)
         if dataset.whitening is not None:
             rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
-        return _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
-                              resume=resume, console=console, show_progress=show_progress)  # fmt: skip
+        summary = _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
+                                 resume=resume, console=console, show_progress=show_progress)  # fmt: skip
+        if previous_config is not None and _keeps_previous_config(run_state, summary["diverged"], resume=resume):
+            rundir.atomic_write_text(out / rundir.CONFIG, previous_config)  # a plain --resume goes on from there
+        return summary
 
 
 def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.Module, signature: dict[str, Any],
@@ -289,11 +384,10 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
             _log_events(last_events, metrics, run_state, console, t0)
             cluster_examples = cluster.examples_done()
             run_state.examples = session_examples_start + cluster_examples
-            snapshots = _checkpoint_now(out, cluster, config, run_state, seeds, signature)
-            params = torch.cat([snap["values"] for snap in snapshots])
-            final_loss = held_out_loss(params)
-            steps = cluster.steps()
-            metrics.write("end", t=time.time() - t0, step=steps, final_loss=final_loss, interrupted=interrupted)
+            taken = _checkpoint_now(out, cluster, config, run_state, seeds, signature, held_out_loss, final=True)
+            snapshots, final_loss, steps = taken.snapshots, taken.loss, taken.step
+            metrics.write("end", t=time.time() - t0, step=steps, final_loss=final_loss, interrupted=interrupted,
+                          diverged=taken.diverged, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
     finally:
         cluster.close()
         metrics.close()
@@ -327,13 +421,16 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "worker_deaths": run_state.worker_deaths,
         **{key: getattr(run_state, key) for key in FAULT_COUNTERS},
         "interrupted": interrupted,
+        "diverged": taken.diverged,
+        "checkpoint_step": run_state.checkpoint_step,  # the step of the checkpoint in the run directory
+        **({"divergence": _divergence(taken, run_state, config, resume=resume)} if taken.diverged else {}),
         "sessions": run_state.session + 1,
         **({"data_files": dataset.read_report} if dataset.read_report else {}),
     }
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))
     attempted = summary["updates_applied"] + summary["updates_rejected"]
-    if summary["updates_rejected"] > 0.01 * attempted:
+    if not taken.diverged and summary["updates_rejected"] > 0.01 * attempted:  # diverged: headline() says so
         console.print(
             f"[yellow]warning: {summary['updates_rejected']:,} of {attempted:,} updates were rejected (NaN or Inf); "
             f"training diverged: lower ps.lr (now {config.ps.lr})[/]"
@@ -397,16 +494,17 @@ def _watch(
     show_progress: bool,
     t0: float,
     *,
-    held_out_loss: HeldOutLoss | None = None,
+    held_out_loss: HeldOutLoss,
 ) -> tuple[bool, float]:
     """Poll the cluster until the budget is spent, every worker has stopped, or Ctrl-C; return what happened.
 
-    Every ``train.eval_every`` seconds (when set, and ``held_out_loss`` is given) an ``eval`` row records the
-    held-out loss of the shards' current values (the center, under easgd).
+    Every ``train.eval_every`` seconds (when set) an ``eval`` row records the held-out loss of the shards' current
+    values (the center, under easgd). Every ``train.checkpoint_every`` seconds a checkpoint is saved unless it
+    diverged (:func:`_checkpoint_now`: its held-out loss is measured, one forward pass of the held-out batch).
     """
     train = config.train
     start = time.time()
-    next_eval = start + train.eval_every if train.eval_every and held_out_loss is not None else float("inf")
+    next_eval = start + train.eval_every if train.eval_every else float("inf")
     elapsed_before = run_state.elapsed_s
     next_checkpoint = start + train.checkpoint_every
     next_rate = start + _THROUGHPUT_SECONDS
@@ -451,12 +549,17 @@ def _watch(
                 )
                 if now >= next_eval:
                     step = cluster.steps()
-                    loss = held_out_loss(torch.cat([snap["values"] for snap in cluster.snapshots()]))  # type: ignore[misc]
+                    loss = held_out_loss(torch.cat([snap["values"] for snap in cluster.snapshots()]))
                     metrics.write("eval", t=now - t0, step=step, examples=run_state.examples, held_out_loss=loss)
                     next_eval = now + train.eval_every
                 if now >= next_checkpoint:
-                    _checkpoint_now(out, cluster, config, run_state, seeds, signature)
-                    metrics.write("checkpoint", t=now - t0, step=cluster.steps())
+                    taken = _checkpoint_now(out, cluster, config, run_state, seeds, signature, held_out_loss,
+                                            final=False)  # fmt: skip
+                    metrics.write("checkpoint", t=now - t0, step=taken.step, held_out_loss=taken.loss,
+                                  saved=taken.saved, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
+                    if not taken.saved:
+                        console.print(f"[yellow]warning: held-out loss {taken.loss:.4g} at step {taken.step}: not "
+                                      f"saved over the checkpoint of step {run_state.checkpoint_step}[/]")  # fmt: skip
                     next_checkpoint = now + train.checkpoint_every
                 if train.seconds and now - start >= train.seconds:
                     if first_work is None:  # the clock counts the workers' start-up: it can run out first
@@ -478,7 +581,11 @@ def _watch(
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """The one line ``downpour train`` ends with."""
+    """The one line ``downpour train`` ends with; for a diverged session, :class:`TrainingDiverged` instead (the
+    summary and metrics are written by then): the CLI prints its one line and exits with status 2, as for any
+    input it refuses (a learning rate too high)."""
+    if summary.get("diverged"):
+        raise TrainingDiverged(summary["divergence"])
     stale = summary["staleness"]
     skip = summary.get("skip_variance")
     return (

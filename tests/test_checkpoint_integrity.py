@@ -1,0 +1,261 @@
+"""What a resume trusts and what a session may overwrite: a corrupt, non-finite or nonsensical checkpoint is refused
+before anything in the run directory is written, and a diverged session never replaces a good checkpoint.
+
+Every test works on a copy of one real finished run (``base_run``), edited on disk the way a user, a bad disk or a
+bad learning rate would."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import CliResult, read_jsonl
+from downpour import checkpoint as ckpt
+from downpour.cli import main
+from downpour.errors import CheckpointError
+from downpour.ps.rules import make_rule
+from downpour.ps.shard import Shard
+
+TINY = ["--set", "data.examples=2000", "--set", "data.held_out=256", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 20-step run (two shards, Adagrad): copy it before changing it."""
+    run_dir = tmp_path_factory.mktemp("integrity") / "run"
+    assert main(["train", "--steps", "20", "--seconds", "600", "--out", str(run_dir), *TINY]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["diverged"] is False and summary["checkpoint_step"] == summary["steps"] == 20
+    assert math.isfinite(summary["final_loss"])
+    return run_dir
+
+
+@pytest.fixture
+def run(base_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(base_run, copy)
+    return copy
+
+
+def _files(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _state_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoint" / "state.json"
+
+
+def _edit_state(run_dir: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
+    state = json.loads(_state_path(run_dir).read_text())
+    edit(state)
+    _state_path(run_dir).write_text(json.dumps(state))  # a NaN float becomes the bare NaN token json.loads takes
+
+
+def _params_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoint" / json.loads(_state_path(run_dir).read_text())["params_file"]
+
+
+def _refused(cli: Callable[..., CliResult], run_dir: Path, *expected: str) -> None:
+    """``--resume`` (with a config change, so that a written config.toml would differ) is a one-line error naming
+    what is wrong (exit 2), and every file of the run is byte-identical afterwards."""
+    files = _files(run_dir)
+    result = cli("train", "--resume", str(run_dir), "--steps", "40", "--set", "ps.lr=0.03", "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    changed = sorted(str(p.relative_to(run_dir)) for p in set(files) | set(_files(run_dir))
+                     if files.get(p) != (p.read_bytes() if p.exists() else None))  # fmt: skip
+    assert not changed, f"{changed} changed; {result.stderr}"
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    message = " ".join(result.stderr.split())
+    for text in expected:
+        assert text in message, message
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """An edit setting the dotted ``path`` (list indices as numbers) of state.json to ``value``."""
+
+    def edit(state: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = state
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(last) if isinstance(node, list) else last] = value
+
+    return edit
+
+
+def _drop_version(state: dict[str, Any]) -> None:
+    del state["shards"][0]["version"]
+
+
+BAD_STATES = {
+    "negative step": (_set("step", -5), "step must be an integer from 0 to 2**53, got -5"),
+    "huge step": (_set("step", 10**30), "step must be an integer from 0 to 2**53"),
+    "float step": (_set("step", 2.5), "step must be an integer"),
+    "negative version": (_set("shards.0.version", -3), "shards[0].version must be an integer from 0 to 2**53, got -3"),
+    "text version": (_set("shards.1.version", "zz"), "shards[1].version must be an integer from 0 to 2**53, got 'zz'"),
+    "missing version": (_drop_version, "shards[0].version must be an integer from 0 to 2**53, got None"),
+    "negative rejected": (_set("shards.0.rejected", -1), "shards[0].rejected must be"),
+    "negative histogram": (_set("staleness_histogram", [-5, 3]), "staleness_histogram[0] must be an integer"),
+    "histogram not a list": (_set("staleness_histogram", 7), "staleness_histogram must be a list, got 7"),
+    "negative examples": (_set("examples", -100), "examples must be an integer from 0 to 2**53, got -100"),
+    "negative session": (_set("rng.session", -1), "rng.session must be an integer from 0 to 2**53, got -1"),
+    "NaN elapsed": (_set("elapsed_s", float("nan")), "elapsed_s must be a finite number >= 0, got nan"),
+    "text initial loss": (_set("initial_loss", "x"), "initial_loss must be a finite number or null, got 'x'"),
+    "boolean deaths": (_set("worker_deaths", True), "worker_deaths must be an integer"),
+    "negative lost updates": (_set("lost_updates", -2), "lost_updates must be an integer"),
+    "model a string": (_set("model", "rica"), "model must be an object, got 'rica'"),
+    "config a string": (_set("config", "x"), "config must be an object, got 'x'"),
+    "config.data a string": (_set("config.data", "x"), "config.data must be an object, got 'x'"),
+    "rng missing": (_set("rng", None), "rng must be an object, got None"),
+    "shards a number": (_set("shards", 2), "shards must be a list, got 2"),
+    "shards of strings": (_set("shards", ["a", "b"]), "shards[0] must be an object, got 'a'"),
+    "params_file outside": (_set("params_file", "../config.toml"), "params_file must name a file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_STATES, ids=list(BAD_STATES))
+def test_resume_refuses_nonsense_in_state_json(run: Path, cli: Callable[..., CliResult], case: str) -> None:
+    edit, expected = BAD_STATES[case]
+    _edit_state(run, edit)
+    _refused(cli, run, "corrupt checkpoint", str(_state_path(run)), expected)
+
+
+def test_resume_refuses_nan_parameters(run: Path, cli: Callable[..., CliResult]) -> None:
+    """The last 4 KB of the parameter file overwritten with 0xFF (float32 NaN): load refuses it, naming the file."""
+    params = _params_path(run)
+    data = bytearray(params.read_bytes())
+    data[-4096:] = b"\xff" * 4096
+    params.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="holds NaN or Inf parameters") as info:
+        ckpt.load(run / "checkpoint")
+    assert str(params) in str(info.value)
+    _refused(cli, run, "holds NaN or Inf parameters", str(params))
+
+
+def test_resume_refuses_infinite_rule_state(run: Path, cli: Callable[..., CliResult]) -> None:
+    """An Inf in a shard's Adagrad accumulator (values finite) is refused too: that shard would never move again."""
+    params = _params_path(run)
+    tensors = load_file(str(params))
+    tensors["shard1.state.sum_sq"][3] = float("inf")
+    save_file(tensors, str(params))
+    _refused(cli, run, "holds NaN or Inf parameters", "shard1.state.sum_sq")
+
+
+def _rewrite_shard0(run_dir: Path, values: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    """Replace shard 0's tensors, and its size in state.json, consistently (the file alone looks sound)."""
+    params = _params_path(run_dir)
+    tensors = {k: v for k, v in load_file(str(params)).items() if not k.startswith("shard0.")}
+    tensors["shard0.values"] = values
+    tensors.update({f"shard0.state.{name}": t for name, t in state.items()})
+    save_file(tensors, str(params))
+    _edit_state(run_dir, _set("shards.0.size", values.numel()))
+
+
+def test_resume_refuses_a_shard_of_another_size_before_writing_anything(
+    run: Path, cli: Callable[..., CliResult]
+) -> None:
+    """Shard 0 one value short (state.json agreeing): refused before config.toml is rewritten."""
+    tensors = load_file(str(_params_path(run)))
+    short = tensors["shard0.values"][:-1].clone()
+    _rewrite_shard0(run, short, {"sum_sq": tensors["shard0.state.sum_sq"][:-1].clone()})
+    _refused(cli, run, "shard 0 holds", f"needs {short.numel() + 1}")
+
+
+def test_resume_refuses_a_shard_without_its_rule_state_before_writing_anything(
+    run: Path, cli: Callable[..., CliResult]
+) -> None:
+    """Shard 0 without Adagrad's accumulator: refused before config.toml is rewritten."""
+    _rewrite_shard0(run, load_file(str(_params_path(run)))["shard0.values"].clone(), {})
+    _refused(cli, run, "shard 0 holds", "['sum_sq']")
+
+
+def test_a_diverged_resume_keeps_the_last_good_checkpoint(run: Path, cli: Callable[..., CliResult]) -> None:
+    """ps.lr = 1e30 makes the held-out loss NaN (the shards accept the huge finite values): the good checkpoint and
+    the config.toml that trained it are kept byte for byte, the summary says so, exit 2 with one line; a plain
+    --resume then goes on from the kept step."""
+    kept = {p: b for p, b in _files(run).items() if p.parent.name == "checkpoint" or p.name == "config.toml"}
+    result = cli("train", "--resume", str(run), "--steps", "40", "--set", "ps.lr=1e30", "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert ("downpour: error: training diverged: held-out loss nan at step 40; kept the checkpoint of step 20 and "
+            "the config.toml it was trained with; lower ps.lr (now 1e+30)") in message, message  # fmt: skip
+    assert {p: b for p, b in _files(run).items() if p in kept} == kept
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == sorted(p.name for p in kept if p.parent.name
+                                                                            == "checkpoint")  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["diverged"] is True and summary["final_loss"] is None
+    assert summary["steps"] == 40 and summary["checkpoint_step"] == 20
+    end = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "end"][-1]
+    assert end["diverged"] is True and end["checkpoint_step"] == 20
+
+    again = cli("train", "--resume", str(run), "--steps", "30", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["diverged"] is False and math.isfinite(summary["final_loss"])
+    assert summary["checkpoint_step"] == summary["steps"] == 30
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "start"] == [0, 20, 20]
+
+
+def test_periodic_checkpoints_of_a_diverged_session_are_not_saved(run: Path, cli: Callable[..., CliResult]) -> None:
+    """Checkpoints every 0.2 s of a diverging 400-step session: none replaces step 20's values. (Steps, not
+    seconds, end it: the workers' start-up may take seconds on a loaded machine.)"""
+    before = load_file(str(_params_path(run)))
+    result = cli("train", "--resume", str(run), "--steps", "400", "--seconds", "600", "--set", "ps.lr=1e30",
+                 "--set", "train.checkpoint_every=0.2", "--no-progress")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "kept the checkpoint of step 20" in " ".join(result.stderr.split())
+    checkpoints = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "checkpoint"]
+    assert any(not r["saved"] and r["step"] > 20 for r in checkpoints), checkpoints
+    assert all(r["checkpoint_step"] == 20 for r in checkpoints), checkpoints
+    assert "not saved over the checkpoint of step 20" in " ".join(result.stderr.split())
+    state = json.loads(_state_path(run).read_text())
+    assert state["step"] == 20
+    after = load_file(str(_params_path(run)))
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_a_first_session_that_diverges_saves_its_checkpoint_and_says_so(
+    tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """No earlier checkpoint to lose: the session's is written, and the divergence is reported the same way."""
+    run_dir = tmp_path / "run"
+    result = cli("train", "--steps", "20", "--seconds", "600", "--out", str(run_dir), "--set", "ps.lr=1e30", *TINY)
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert ("training diverged: held-out loss nan at step 20; saved its checkpoint (there was no earlier one to "
+            "keep); lower ps.lr") in message, message  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["diverged"] is True and summary["final_loss"] is None and summary["checkpoint_step"] == 20
+    assert json.loads(_state_path(run_dir).read_text())["step"] == 20
+
+
+def _shard() -> Shard:
+    return Shard(0, 0, torch.zeros(3), make_rule("sgd", lr=0.1))
+
+
+@pytest.mark.parametrize("fetched", [3, 100, -1])
+def test_push_refuses_a_version_the_shard_never_had(fetched: int) -> None:
+    """A fetched version ahead of the shard (staleness < 0) or negative is a ValueError naming both; not applied."""
+    shard = _shard()
+    for version in range(2):
+        shard.push(torch.ones(3), fetched_version=version)
+    values = torch.empty(3)
+    shard.fetch_into(values)
+    with pytest.raises(ValueError, match=f"fetched at version {fetched}, but the shard is at version 2"):
+        shard.push(torch.ones(3), fetched_version=fetched)
+    after = torch.empty(3)
+    assert shard.fetch_into(after) == 2
+    assert torch.equal(after, values)
+    assert shard.rejected == 0
+    assert shard.push(torch.ones(3), fetched_version=2).staleness == 0  # the current version is fine
