@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ BACKENDS = ("local", "sim", "ray")
 POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
 LOCAL_POLICIES = POLICIES  # the local backend runs every policy
 RAY_POLICIES = POLICIES  # and so does the ray backend
+INT64_MAX = 2**63 - 1  # no integer key may exceed this (numpy and torch hold them in 64 bits)
+MAX_SEED = 2**32 - 1  # train.seed: derived seeds (train.seed + i) stay well inside 64 bits
+MAX_FEATURES = 1_000_000  # model.features
+MAX_THREADS_PER_WORKER = 1024  # cluster.threads_per_worker: far more OpenMP threads than that crash a worker
 
 
 @dataclass
@@ -156,6 +161,8 @@ def _check_type(key: str, value: Any, expected: type) -> Any:
     if expected is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if not -INT64_MAX <= value <= INT64_MAX:  # numpy and torch hold integers in 64 bits
+            raise ConfigError(f"invalid {key}: {value!r} (far too large: must be within ±{INT64_MAX})")
         return value
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -292,7 +299,7 @@ def validate(config: Config) -> None:
     _require(d.held_out >= 1, "data.held_out", d.held_out, "must be at least 1")
     _require(math.isfinite(d.whiten_eps) and d.whiten_eps > 0, "data.whiten_eps", d.whiten_eps, "must be > 0")
     _require(m.name in MODELS, "model.name", m.name, f"choose one of {', '.join(MODELS)}")
-    _require(m.features >= 1, "model.features", m.features, "must be at least 1")
+    _require(1 <= m.features <= MAX_FEATURES, "model.features", m.features, f"must be 1..{MAX_FEATURES}")
     _require(math.isfinite(m.sparsity) and m.sparsity >= 0, "model.sparsity", m.sparsity, "must be >= 0")
     _require(math.isfinite(m.epsilon) and m.epsilon > 0, "model.epsilon", m.epsilon, "must be > 0")
     _require(1 <= m.stages <= 8, "model.stages", m.stages, "must be 1..8")
@@ -313,7 +320,7 @@ def validate(config: Config) -> None:
     _require(math.isfinite(t.seconds) and t.seconds >= 0, "train.seconds", t.seconds, "must be >= 0 (0 = no limit)")
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0 (0 = no limit)")
     _require(t.seconds > 0 or t.steps > 0, "train.seconds", t.seconds, "set train.seconds or train.steps")
-    _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    _require(0 <= t.seed <= MAX_SEED, "train.seed", t.seed, f"must be 0..{MAX_SEED}")
     _require(
         math.isfinite(t.checkpoint_every) and t.checkpoint_every > 0,
         "train.checkpoint_every",
@@ -328,6 +335,7 @@ def validate(config: Config) -> None:
     _require(p.n_push >= 1, "ps.n_push", p.n_push, "must be at least 1")
     _require(p.policy in POLICIES, "ps.policy", p.policy, f"choose one of {', '.join(POLICIES)}")
     _require(p.staleness_bound >= 0, "ps.staleness_bound", p.staleness_bound, "must be >= 0")
+    _require(c.workers >= 1, "cluster.workers", c.workers, "must be at least 1")  # before the keys that compare to it
     _require(0 <= p.backup_workers < c.workers, "ps.backup_workers", p.backup_workers,
              f"must be >= 0 and < cluster.workers = {c.workers}")  # fmt: skip
     _require(math.isfinite(p.dc_lambda) and p.dc_lambda >= 0, "ps.dc_lambda", p.dc_lambda, "must be >= 0")
@@ -365,8 +373,9 @@ def validate(config: Config) -> None:
         for key, value, default in (("ps.n_fetch", p.n_fetch, 1), ("ps.n_push", p.n_push, 1)):
             _require(value == default, key, value, "the sim backend models one gradient per push: leave it at 1")
         _require(not p.local_apply, "ps.local_apply", p.local_apply, "not modelled by the sim backend")
-    _require(c.workers >= 1, "cluster.workers", c.workers, "must be at least 1")
-    _require(c.threads_per_worker >= 0, "cluster.threads_per_worker", c.threads_per_worker, "must be >= 0")
+    _require(0 <= c.threads_per_worker <= MAX_THREADS_PER_WORKER, "cluster.threads_per_worker", c.threads_per_worker,
+             f"must be 0 (cores // workers) .. {MAX_THREADS_PER_WORKER}; more threads than cores only slow a worker "
+             f"down (this machine has {os.cpu_count() or 1})")  # fmt: skip
 
 
 def write(config: Config, path: Path) -> None:

@@ -3,6 +3,7 @@ and disjoint per-worker shards."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,9 @@ from downpour.config import DataConfig
 from downpour.data import own, sources
 from downpour.data.whitening import remove_example_mean, zca_matrix
 from downpour.errors import ConfigError, DataError
+
+DEFAULT_HELD_OUT = DataConfig.held_out  # capped at a fifth of the data without a word (it suits large sources)
+GENERATED_SOURCES = ("natural-patches", "natural-images")  # data.examples + data.held_out are cut from the photos
 
 
 @dataclass
@@ -37,7 +41,24 @@ def _raw_examples(config: DataConfig, rng: np.random.Generator) -> tuple[np.ndar
     return _bundled_examples(config, rng), None
 
 
+def _check_memory(config: DataConfig, count: int, values: int) -> None:
+    """Refuse to cut ``count`` examples of ``values`` float32 values each when they could not fit in memory (they
+    are held about three times over while being preprocessed): a clear error instead of the kernel's OOM killer."""
+    from downpour.backends.local import available_memory
+
+    needed, available = 3 * 4 * count * values, available_memory()
+    if needed > available:
+        raise DataError(
+            f"data.examples = {config.examples} (+ data.held_out = {config.held_out}) examples of {values} values "
+            f"need about {needed / 2**30:,.1f} GiB; {available / 2**30:,.1f} GiB is available: reduce data.examples"
+        )
+
+
 def _bundled_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    if config.source in GENERATED_SOURCES:
+        side = config.patch_size if config.source == "natural-patches" else config.image_size
+        channels = 1 if config.source == "natural-patches" else config.channels
+        _check_memory(config, config.examples + config.held_out, channels * side * side)
     if config.source == "natural-patches":
         return sources.natural_patches(config.examples + config.held_out, config.patch_size, rng)
     if config.source == "natural-images":
@@ -50,21 +71,50 @@ def _bundled_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarra
     raise ConfigError(f"invalid data.source: {config.source!r}")
 
 
+def _held_out_count(config: DataConfig, count: int) -> int:
+    """How many of ``count`` examples to hold out: ``data.held_out``, at most a fifth of them. The default is capped
+    silently (it suits large sources); a value set beyond a fifth is refused, so that config.toml never records more
+    held-out examples than the run had."""
+    most = count // 5
+    if config.held_out > most and config.held_out != DEFAULT_HELD_OUT and most >= 1:
+        raise DataError(
+            f"data.held_out = {config.held_out} is more than a fifth of the {count} examples of data.source "
+            f"{config.source!r} (at most {most} can be held out): lower data.held_out"
+            + (" or raise data.examples" if config.source in GENERATED_SOURCES else "")
+        )
+    held_count = min(config.held_out, most)
+    if held_count < 1 or count - held_count < 1:
+        raise DataError(f"data.source {config.source!r} has too few examples ({count}) to hold any out")
+    return held_count
+
+
+def _check_variance(flat: Tensor, source: str) -> None:
+    """Refuse examples ``(N, D)`` (means removed) that are all alike: whitening would divide by 0, training learns
+    nothing, and every loss would be NaN or 0."""
+    spread = float(flat.abs().max()) if flat.numel() else 0.0
+    if not spread > 1e-6:  # pixel values lie in [0, 1]; rounding leaves ~1e-8 behind a removed mean
+        raise DataError(
+            f"the data has no variance after removing each example's mean: every example of data.source {source!r} "
+            "is uniform (one flat colour?)"
+        )
+    if not math.isfinite(spread):
+        raise DataError(f"data.source {source!r} holds NaN or Inf values")
+
+
 def load_dataset(config: DataConfig, *, seed: int) -> Dataset:
     """Load ``data.source``, split off the held-out set, remove example means and (optionally) ZCA-whiten."""
     rng = np.random.default_rng(seed)
     raw, report = _raw_examples(config, rng)  # (N, C, H, W)
     shape = tuple(int(s) for s in raw.shape[1:])
     order = rng.permutation(len(raw))
-    held_count = min(config.held_out, len(raw) // 5)
-    if held_count < 1 or len(raw) - held_count < 1:
-        raise DataError(f"data.source {config.source!r} has too few examples ({len(raw)}) to hold any out")
+    held_count = _held_out_count(config, len(raw))
     flat = torch.from_numpy(raw.reshape(len(raw), -1)[order])  # (N, D)
     flat = remove_example_mean(flat)
+    _check_variance(flat, config.source)
     held_out, train = flat[:held_count], flat[held_count:]
     whitening = None
     if config.whiten:
-        whitening = zca_matrix(train, eps=config.whiten_eps)
+        whitening = zca_matrix(train, eps=config.whiten_eps, what=f"data.source {config.source!r}")
         train, held_out = train @ whitening, held_out @ whitening  # ZCA is symmetric
     summary = report.summary() if report is not None else None
     return Dataset(train.contiguous(), held_out.contiguous(), shape, whitening, summary)  # type: ignore[arg-type]
