@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -131,8 +133,11 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.bench == "ps":
-        if args.seconds <= 0 or args.rounds < 1:
-            raise DownpourError(f"bench ps needs --seconds > 0 and --rounds >= 1, got {args.seconds} and {args.rounds}")
+        if not (math.isfinite(args.seconds) and args.seconds > 0) or args.rounds < 1:
+            raise DownpourError(f"bench ps needs a finite --seconds > 0 and --rounds >= 1, got {args.seconds} and "
+                                f"{args.rounds}")  # fmt: skip
+        if args.address and args.backend != "ray":
+            raise DownpourError(f"--address {args.address} joins a Ray cluster: it needs --backend ray")
         from downpour.bench import ps as bench_ps  # after the flags, and only for this benchmark (it imports torch)
 
         if args.backend == "ray":
@@ -202,10 +207,42 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"downpour: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # numpy's _ArrayMemoryError too
+        print(f"downpour: error: {_out_of_memory(exc)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not _is_allocation_failure(exc):
+            raise
+        print(f"downpour: error: {_out_of_memory(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("downpour: interrupted", file=sys.stderr)
         return 130
     raise AssertionError(args.command)  # pragma: no cover
+
+
+# torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes") and CUDA's
+# ("CUDA out of memory"; torch.cuda.OutOfMemoryError is a RuntimeError)
+_ALLOCATION_FAILURE = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_TRIED_BYTES = re.compile(r"tried to allocate (\d+) bytes")
+
+
+def _is_allocation_failure(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is torch failing to allocate memory (and not some other RuntimeError, which is a bug)."""
+    return bool(_ALLOCATION_FAILURE.search(str(exc)))
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    """One line for a failed allocation: how much was asked for, and which keys make it smaller."""
+    text = str(exc)
+    tried = _TRIED_BYTES.search(text)
+    if tried:
+        detail = f"could not allocate {int(tried.group(1)) / 2**30:,.1f} GiB"
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = lines[0] if lines else type(exc).__name__
+    return (f"out of memory: {detail} (reduce model.features / data.examples / data.image_size / train.batch_size, "
+            "or the size of the input)")  # fmt: skip
 
 
 def entry() -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -43,13 +44,36 @@ def add_study(sub: argparse._SubParsersAction) -> None:
     de.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_design_workers(base: Any) -> None:
+    """``--workers`` that every cell of the designs study would refuse: more worker processes than this machine's
+    memory holds, or more workers than training examples."""
+    from downpour.backends.local import check_local_workers
+    from downpour.data import load_dataset
+
+    try:
+        check_local_workers(base.cluster.workers)
+    except DownpourError as exc:
+        raise DownpourError(str(exc).replace("invalid cluster.workers:", "invalid --workers:", 1)) from None
+    examples = len(load_dataset(base.data, seed=base.train.seed).train)
+    if base.cluster.workers > examples:
+        raise DownpourError(f"invalid --workers: {base.cluster.workers} (more than the {examples} training examples "
+                            f"of data.source {base.data.source!r}; each worker reads its own slice)")  # fmt: skip
+
+
 def _bar(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]study"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[run]}"),
                     TimeElapsedColumn(), console=console, disable=not enabled)  # fmt: skip
 
 
+def _check_out(out: Path) -> None:
+    """A study's report directory must be a directory or not exist yet: refused before hours of runs, not after."""
+    if out.exists() and not out.is_dir():
+        raise DownpourError(f"invalid --out: {out} is a file, not a directory (the report directory to write)")
+
+
 def cmd_study(args: argparse.Namespace, console: Console) -> int:
     """Run the study named on the command line."""
+    _check_out(args.out)
     if args.study == "staleness":
         from downpour.study import staleness
 
@@ -85,7 +109,8 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
     if args.study == "designs":
         from downpour.study import designs
 
-        designs.base_config(args.seconds, steps=args.steps, workers=args.workers)  # bad budgets: before the bar
+        base = designs.base_config(args.seconds, steps=args.steps, workers=args.workers)  # bad flags: before the bar
+        _check_design_workers(base)
         with _bar(console, not args.no_progress) as bar:
             task = bar.add_task("study", total=len(designs.default_grid()), run="")
             result = designs.run_designs_study(seconds=args.seconds, steps=args.steps, out=args.out,
@@ -95,5 +120,10 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         print(f"report in {args.out}: report.md, table.md, results.json, runs/")
         print(result["table"])
         print("\n".join(f"- {line}" for line in result["answers"]))
+        failed = [row for row in result["rows"] if "error" in row]
+        if result["rows"] and len(failed) == len(result["rows"]):
+            print(f"downpour: error: all {len(failed)} runs of the study failed; the first: {failed[0]['error']}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         return 0
     raise AssertionError(args.study)  # pragma: no cover - argparse restricts the choices

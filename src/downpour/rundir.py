@@ -52,9 +52,22 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _about(exc, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _about(exc: OSError, path: Path) -> OSError:
+    """``exc`` told about the user's ``path`` rather than the temporary file beside it (a missing directory, a
+    directory where the file should go, no permission)."""
+    if path.is_dir():
+        return IsADirectoryError(exc.errno, "Is a directory (cannot write a file over it):", str(path))
+    if not path.parent.is_dir():
+        return FileNotFoundError(exc.errno, f"No such directory {path.parent} to write into:", str(path))
+    return type(exc)(exc.errno, exc.strerror, str(path))
 
 
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
@@ -62,13 +75,17 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        save_file(tensors, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _about(exc, path) from None
 
 
 def new_run_dir(root: Path = Path("runs")) -> Path:

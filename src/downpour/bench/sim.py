@@ -26,14 +26,23 @@ from rich.table import Table
 from downpour.backends.sim import GradFn, ModelGradient, SimSettings, Simulation
 from downpour.config import DataConfig, ModelConfig
 from downpour.data import load_dataset
+from downpour.errors import DownpourError
 from downpour.models import build_model
 from downpour.ps.policies import Policy, make_policy
 from downpour.ps.rules import Rule, make_rule
 
 
-def workload(*, features: int = 64, batch_size: int = 32, seed: int = 0) -> tuple[torch.Tensor, GradFn]:
-    """Initial flat parameters and a gradient callable: ``rica`` on whitened digits (64 values per example)."""
+def workload(*, features: int = 64, batch_size: int = 32, seed: int = 0,
+             workers: int | None = None) -> tuple[torch.Tensor, GradFn]:  # fmt: skip
+    """Initial flat parameters and a gradient callable: ``rica`` on whitened digits (64 values per example).
+
+    ``workers``, when given, is checked against the training examples (each simulated worker reads its own slice)
+    before anything per worker is allocated.
+    """
     dataset = load_dataset(DataConfig(source="digits", held_out=64), seed=seed)
+    if workers is not None and workers > len(dataset.train):
+        raise DownpourError(f"invalid --workers: {workers} (more than the {len(dataset.train)} training examples of "
+                            "the digits workload; each simulated worker reads its own slice)")  # fmt: skip
     model = build_model(ModelConfig(name="rica", features=features), dataset.dim, seed=seed)
     grad = ModelGradient(model, dataset.train, batch_size=batch_size)
     return grad.flat.values.clone(), grad
@@ -110,7 +119,7 @@ def run(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # both sides single-threaded, as a worker process would be
     try:
-        params, grad = workload(features=features, batch_size=batch_size)
+        params, grad = workload(features=features, batch_size=batch_size, workers=workers)
         settings = SimSettings(
             workers=workers,
             steps=steps,

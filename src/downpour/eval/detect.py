@@ -8,6 +8,7 @@ by window is the costly stage of putting such a network to use.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,40 @@ from downpour.eval.stimulus import check_units
 from downpour.runs import TrainedRun, load_run
 
 WINDOWS_PER_BATCH = 2048
+MAX_MEGAPIXELS = 100  # the largest (resized) image scanned: 10000x10000 pixels, 400 MB per channel in float32
+
+
+def heat_map_formats() -> list[str]:
+    """The file suffixes matplotlib can write a heat map as (png, pdf, svg, jpg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that no heat map could be written to, before any work: an unknown suffix, a directory, or a
+    missing parent directory."""
+    suffix = out.suffix.lstrip(".").lower()
+    formats = heat_map_formats()
+    if suffix not in formats:
+        raise DownpourError(f"invalid --out: {out} (the heat map is a picture: end the name in .{', .'.join(formats)})")
+    if out.is_dir():
+        raise DownpourError(f"invalid --out: {out} is a directory (name the picture file to write)")
+    if not out.parent.is_dir():
+        raise DownpourError(f"invalid --out: {out} (its directory {out.parent} does not exist)")
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """``(height, width)`` resized by ``scale``; an image of more than :data:`MAX_MEGAPIXELS` is refused."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise DownpourError(f"invalid --scale: {scale} (must be a finite number > 0)")
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    if new_height * new_width > MAX_MEGAPIXELS * 1e6:
+        raise DownpourError(
+            f"invalid --scale: {scale:g} (the {width}x{height} image would become {new_width}x{new_height} pixels; "
+            f"at most {MAX_MEGAPIXELS} megapixels are scanned)"
+        )
+    return new_height, new_width
 
 
 @torch.no_grad()
@@ -89,16 +124,19 @@ def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int
 
     ``stride`` defaults to a quarter of the model's input side; ``out`` to ``RUN_DIR/eval/detect_<image>.png``.
     """
+    if not (math.isfinite(scale) and scale > 0):  # the flags first: loading the run takes seconds
+        raise DownpourError(f"invalid --scale: {scale} (must be a finite number > 0)")
+    if out is not None:
+        check_out(Path(out))
     trained = load_run(run_dir)
-    if not scale > 0:
-        raise DownpourError(f"invalid --scale: {scale} (must be > 0)")
     stride = max(1, trained.input_shape[1] // 4) if stride is None else stride
     if stride < 1:
         raise DownpourError(f"invalid --stride: {stride} (must be at least 1)")
     unit = default_unit(trained) if unit is None else unit
     image = read_image(image_path, trained.input_shape[0])  # (C, H, W)
+    height, width = scaled_size(image.shape[1], image.shape[2], scale)
     if scale != 1.0:
-        size = (image.shape[0], max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
+        size = (image.shape[0], height, width)
         image = transform.resize(image, size, order=1, anti_aliasing=scale < 1).astype(np.float32)
     start = time.perf_counter()
     responses = response_map(trained, image, unit, stride=stride)

@@ -61,14 +61,33 @@ def jitter_images(
     return out
 
 
+# The first bytes of the picture formats read (PNG, JPEG, GIF, BMP, TIFF both byte orders, WebP's RIFF container).
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+def _has_image_signature(path: Path) -> bool:
+    """Whether ``path`` starts like a picture file (a corrupt one still does; a text file does not)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return True  # unreadable: let the reader's own error speak
+    return head.startswith(_SIGNATURES)
+
+
 def read_image(path: Path, channels: int) -> np.ndarray:
     """An image file as a float32 array ``(channels, H, W)`` in [0, 1]; an unreadable file raises DataError."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"image {path} is a directory (name one image file)")
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
     try:
         image = io.imread(path)
     except Exception as exc:  # imageio raises many kinds for a corrupt or unknown file
+        if not _has_image_signature(path):
+            raise DataError(f"not an image: {path} (its contents are no picture format; PNG, JPEG, GIF, BMP, TIFF "
+                            "and WebP are read)") from None  # fmt: skip
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] in (3, 4):
