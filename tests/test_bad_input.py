@@ -1,0 +1,278 @@
+"""Bad input gives one clear line naming what is wrong (``downpour: error: ...``, exit status 2), never a
+traceback, a NaN run, a hang or the kernel's OOM killer: the findings of the bad-input audit, each reproduced on
+small real files and in-process ``downpour`` calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from skimage import io
+
+from conftest import CliResult
+from downpour import cli as cli_mod
+from downpour import config as config_mod
+from downpour import rundir
+from downpour.config import DataConfig
+from downpour.data import load_dataset
+from downpour.data.whitening import zca_matrix
+from downpour.errors import ConfigError, DataError
+
+Cli = Callable[..., CliResult]
+TRAIN = ["train", "--steps", "10", "--no-progress", "--backend", "sim"]
+
+
+def _one_error_line(result: CliResult, *needles: str, status: int = 2) -> str:
+    """The command failed with ``status`` and printed one ``downpour: error:`` line holding every needle."""
+    err = result.stderr.strip()
+    assert result.returncode == status, (result.returncode, result.stdout, err)
+    assert len(err.splitlines()) == 1 and err.startswith("downpour: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RICA run of a few simulated steps (8 units on whitened 16x16 patches): something to detect and report on."""
+    from downpour.train import run_training
+
+    raw = {"data": {"examples": 300, "held_out": 60}, "model": {"features": 8},
+           "train": {"steps": 4, "seconds": 0, "batch_size": 16}, "ps": {"shards": 1},
+           "cluster": {"backend": "sim", "workers": 1}}  # fmt: skip
+    out = tmp_path_factory.mktemp("bad") / "run"
+    run_training(config_mod.from_dict(raw), out, console=Console(stderr=True, quiet=True), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40x40 PNG of random gray pixels."""
+    path = tmp_path_factory.mktemp("img") / "noise.png"
+    io.imsave(path, np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8), check_contrast=False)
+    return path
+
+
+# 1. Images with no variance
+
+
+def test_uniform_images_are_refused_instead_of_training_on_nan(cli: Cli, tmp_path: Path) -> None:
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    io.imsave(folder / "grey.png", np.full((64, 64), 128, dtype=np.uint8), check_contrast=False)
+    result = cli(*TRAIN, "--out", str(tmp_path / "run"), "--set", f"data.source=folder:{folder}",
+                 "--set", "data.image_size=16", "--set", "data.examples=200", "--set", "data.held_out=40")  # fmt: skip
+    _one_error_line(result, "the data has no variance after removing each example's mean", f"folder:{folder}")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
+
+
+def test_whitening_refuses_data_without_variance() -> None:
+    same = torch.rand(1, 16).repeat(50, 1)  # 50 identical examples: every eigenvalue of the covariance is 0
+    with pytest.raises(DataError, match=r"no variance.*every example of the test set is the same"):
+        zca_matrix(same, eps=1.0, what="the test set")
+    assert torch.isfinite(zca_matrix(torch.rand(50, 16), eps=1.0)).all()
+
+
+# 2. Integers beyond int64, and sane upper bounds
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.seed=99999999999999999999", "train.seed"),
+    ("train.seed=4294967296", "train.seed"),
+    ("model.features=99999999999999999999", "model.features"),
+    ("model.features=1000000000", "model.features"),
+    ("ps.shards=99999999999999999999", "ps.shards"),
+])  # fmt: skip
+def test_huge_integers_are_refused_naming_the_key(cli: Cli, tmp_path: Path, override: str, key: str) -> None:
+    _one_error_line(cli(*TRAIN, "--out", str(tmp_path / "run"), "--set", override), f"invalid {key}: ")
+
+
+def test_the_largest_allowed_seed_and_features_are_valid() -> None:
+    config = config_mod.load(None, [f"train.seed={config_mod.MAX_SEED}", f"model.features={config_mod.MAX_FEATURES}"])
+    assert config.train.seed == 2**32 - 1
+
+
+# 3. Sizes too large for memory
+
+
+def test_data_larger_than_memory_is_refused_before_it_is_cut(cli: Cli, tmp_path: Path) -> None:
+    result = cli(*TRAIN, "--out", str(tmp_path / "run"), "--set", "data.examples=1000000000000")
+    _one_error_line(result, "data.examples = 1000000000000", "GiB is available: reduce data.examples")
+
+
+@pytest.mark.parametrize("allocate", [
+    lambda: torch.empty(2**50),  # torch: RuntimeError "DefaultCPUAllocator: can't allocate memory"
+    lambda: np.empty(2**50, dtype=np.float32),  # numpy: _ArrayMemoryError, a MemoryError
+])  # fmt: skip
+def test_failed_allocations_are_one_line(cli: Cli, monkeypatch: pytest.MonkeyPatch,
+                                         allocate: Callable[[], object]) -> None:  # fmt: skip
+    monkeypatch.setattr(cli_mod, "_cmd_train", lambda args, console: allocate())
+    err = _one_error_line(cli("train"), "out of memory: ", "reduce model.features / data.examples")
+    assert "enforce fail" not in err
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(args: object, console: object) -> int:
+        raise RuntimeError("a bug, not the input's fault")
+
+    monkeypatch.setattr(cli_mod, "_cmd_train", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli("train")
+
+
+# 4. detect --scale and --out
+
+
+@pytest.mark.parametrize("scale", ["inf", "nan", "-1"])
+def test_detect_needs_a_finite_positive_scale(cli: Cli, tmp_path: Path, picture: Path, scale: str) -> None:
+    # checked before the run is read: no run directory is needed to be refused
+    _one_error_line(cli("detect", str(tmp_path / "norun"), str(picture), "--scale", scale),
+                    f"invalid --scale: {scale}", "finite number > 0")  # fmt: skip
+
+
+def test_detect_refuses_a_scale_that_makes_a_huge_image(cli: Cli, tiny_run: Path, picture: Path) -> None:
+    _one_error_line(cli("detect", str(tiny_run), str(picture), "--scale", "1000000"),
+                    "invalid --scale: 1e+06", "40000000x40000000 pixels", "at most 100 megapixels")  # fmt: skip
+
+
+def test_detect_checks_out_before_any_work(cli: Cli, tmp_path: Path, picture: Path) -> None:
+    norun = str(tmp_path / "norun")  # the --out checks come first: no run directory is needed to be refused
+    _one_error_line(cli("detect", norun, str(picture), "--out", str(tmp_path / "h.txt")),
+                    f"invalid --out: {tmp_path / 'h.txt'}", ".png")  # fmt: skip
+    _one_error_line(cli("detect", norun, str(picture), "--out", str(tmp_path / "missing" / "h.png")),
+                    "does not exist")  # fmt: skip
+    (tmp_path / "d.png").mkdir()
+    _one_error_line(cli("detect", norun, str(picture), "--out", str(tmp_path / "d.png")), "is a directory")
+
+
+def test_detect_still_writes_a_pdf_heat_map(cli: Cli, tiny_run: Path, picture: Path, tmp_path: Path) -> None:
+    result = cli("detect", str(tiny_run), str(picture), "--out", str(tmp_path / "h.pdf"), "--scale", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "h.pdf").read_bytes().startswith(b"%PDF")
+
+
+# 5. bench ps --seconds, and --address without ray
+
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "0"])
+def test_bench_ps_needs_finite_positive_seconds(cli: Cli, seconds: str) -> None:
+    _one_error_line(cli("bench", "ps", "--seconds", seconds, "--rounds", "1"), "finite --seconds > 0")
+
+
+def test_bench_ps_refuses_an_address_without_ray(cli: Cli) -> None:
+    _one_error_line(cli("bench", "ps", "--address", "10.0.0.1:6379"), "--address 10.0.0.1:6379", "--backend ray")
+
+
+# 6. cluster.threads_per_worker
+
+
+def test_threads_per_worker_is_capped(cli: Cli, tmp_path: Path) -> None:
+    result = cli(*TRAIN, "--out", str(tmp_path / "run"), "--set", "cluster.threads_per_worker=100000")
+    _one_error_line(result, "invalid cluster.threads_per_worker: 100000", "1024")
+
+
+# 7. bench sim --workers
+
+
+def test_bench_sim_refuses_more_workers_than_examples(cli: Cli) -> None:
+    # 2000 is refused as surely as 1000000000 (which would allocate per worker for tens of GB before failing)
+    _one_error_line(cli("bench", "sim", "--workers", "2000", "--steps", "10", "--repeats", "1"),
+                    "invalid --workers: 2000", "training examples")  # fmt: skip
+
+
+# 8. study designs
+
+
+def test_study_designs_refuses_workers_up_front(cli: Cli, tmp_path: Path) -> None:
+    result = cli("study", "designs", "--workers", "100000", "--out", str(tmp_path / "D"), "--no-progress")
+    _one_error_line(result, "invalid --workers: 100000")
+    assert not (tmp_path / "D").exists()  # no cell was started
+
+
+def test_study_designs_fails_when_every_cell_failed(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from downpour.study import designs
+
+    rows = [{"question": "q", "error": "invalid cluster.workers: 3"}, {"question": "q", "error": "boom"}]
+    monkeypatch.setattr(designs, "run_designs_study",
+                        lambda **kwargs: {"rows": rows, "table": "t", "answers": []})  # fmt: skip
+    result = cli("study", "designs", "--out", str(tmp_path / "D"), "--no-progress")
+    assert result.returncode == 1
+    assert "all 2 runs of the study failed; the first: invalid cluster.workers: 3" in result.stderr
+    rows[1] = {"question": "q"}  # one cell ran: the study is a (partial) result
+    assert cli("study", "designs", "--out", str(tmp_path / "D"), "--no-progress").returncode == 0
+
+
+# 9. data.held_out
+
+
+def test_held_out_beyond_a_fifth_is_refused(cli: Cli, tmp_path: Path) -> None:
+    result = cli(*TRAIN, "--out", str(tmp_path / "run"), "--set", "data.examples=2000", "--set", "data.held_out=1000")
+    _one_error_line(result, "data.held_out = 1000 is more than a fifth of the 3000 examples", "at most 600",
+                    "raise data.examples")  # fmt: skip
+
+
+def test_the_default_held_out_is_still_capped_at_a_fifth() -> None:
+    dataset = load_dataset(DataConfig(examples=2000, patch_size=8, whiten=False), seed=0)  # default held_out 1024
+    assert len(dataset.held_out) == (2000 + 1024) // 5
+
+
+# 10. cluster.workers = 0
+
+
+def test_zero_workers_names_cluster_workers(cli: Cli, tmp_path: Path) -> None:
+    err = _one_error_line(cli(*TRAIN, "--out", str(tmp_path / "run"), "--set", "cluster.workers=0"),
+                          "invalid cluster.workers: 0 (must be at least 1)")  # fmt: skip
+    assert "backup_workers" not in err
+
+
+# 11. atomic writes name the user's path
+
+
+def test_atomic_writes_name_the_users_path(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError) as exc:
+        rundir.atomic_write_text(tmp_path, "x")
+    assert exc.value.filename == str(tmp_path)
+    missing = tmp_path / "missing" / "r.html"
+    with pytest.raises(FileNotFoundError) as exc2:
+        rundir.atomic_write_text(missing, "x")
+    assert exc2.value.filename == str(missing)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_report_out_errors_name_the_users_path(cli: Cli, tiny_run: Path, tmp_path: Path) -> None:
+    err = _one_error_line(cli("report", str(tiny_run), "--out", str(tmp_path)), "Is a directory", str(tmp_path))
+    assert ".tmp-" not in err
+    missing = tmp_path / "no" / "r.html"
+    err = _one_error_line(cli("report", str(tiny_run), "--out", str(missing)), str(missing))
+    assert ".tmp-" not in err
+
+
+# 12. detect on a non-image or a directory; study --out an existing file
+
+
+def test_detect_says_what_the_image_path_is(cli: Cli, tiny_run: Path, tmp_path: Path) -> None:
+    text = tmp_path / "textfile.jpg"
+    text.write_text("hello, not a picture\n")
+    _one_error_line(cli("detect", str(tiny_run), str(text)), f"not an image: {text}")
+    _one_error_line(cli("detect", str(tiny_run), str(tmp_path)), f"image {tmp_path} is a directory")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nno image data here")
+    _one_error_line(cli("detect", str(tiny_run), str(broken)), "cannot read image")  # corrupt, not "not an image"
+
+
+@pytest.mark.parametrize("study", [["optima"], ["designs"], ["staleness"]])
+def test_study_out_must_not_be_a_file(cli: Cli, tmp_path: Path, study: list[str]) -> None:
+    file = tmp_path / "report"
+    file.write_text("mine\n")
+    _one_error_line(cli("study", *study, "--out", str(file)), f"invalid --out: {file} is a file")
+    assert file.read_text() == "mine\n"
+
+
+def test_config_errors_stay_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"invalid cluster\.threads_per_worker"):
+        config_mod.load(None, ["cluster.threads_per_worker=-1"])
