@@ -276,3 +276,27 @@ def test_study_out_must_not_be_a_file(cli: Cli, tmp_path: Path, study: list[str]
 def test_config_errors_stay_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"invalid cluster\.threads_per_worker"):
         config_mod.load(None, ["cluster.threads_per_worker=-1"])
+
+
+# 13. keys that the design or source never reads
+
+
+def test_design_only_keys_are_warned_of_when_ignored(cli: Cli, tmp_path: Path) -> None:
+    result = cli(*TRAIN, "--out", str(tmp_path / "run"), "--set", "data.examples=300", "--set", "data.held_out=60",
+                 "--set", "model.skip_variance=0.1", "--set", "model.stages=2", "--set", "model.pool=3",
+                 "--set", "data.channels=3")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert [line.split(";")[0] for line in warnings] == [
+        "warning: model.stages applies only to model.name=cat",
+        "warning: model.pool applies only to model.name=cat",
+        "warning: model.skip_variance applies only to model.name=cat",
+        "warning: data.channels applies only to data.source=natural-images and users' own pictures",
+    ]
+
+
+def test_keys_the_design_reads_are_not_warned_of() -> None:
+    cat = config_mod.load(None, ["model.name=cat", "model.pool=3", "model.skip_variance=0.1", "data.channels=3"])
+    assert config_mod.ignored_keys(cat) == []
+    conv = config_mod.load(None, ["model.name=conv"])  # its design default model.receptive_field = 8 is read
+    assert config_mod.ignored_keys(conv) == []

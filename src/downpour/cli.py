@@ -118,6 +118,8 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bo
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     config, out, resume = _train_config(args)  # config errors come back at once, before torch is imported
+    for note in config_mod.ignored_keys(config):
+        console.print(f"[yellow]warning: {note}[/]", soft_wrap=True)  # one line, however long
     from downpour.train import headline, run_training, summary_json
 
     summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)

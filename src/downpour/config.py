@@ -269,6 +269,31 @@ def load(path: Path | None = None, overrides: list[str] | None = None, *,
     return config
 
 
+# Keys that only some designs or sources read: set away from their default elsewhere, they are ignored (warned of).
+DESIGN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
+    **{key: ("cat",) for key in ("stages", "maps", "pool", "lcn", "greedy", "tied", "skip_variance")},
+    "receptive_field": ("cat", "conv"),
+    "cd_k": ("rbm",),
+    "pcd": ("rbm",),
+}
+CHANNEL_SOURCES = ("natural-images", *(f"{kind}:" for kind in OWN_SOURCES))  # data.channels: these read colour
+
+
+def ignored_keys(config: Config) -> list[str]:
+    """One line per key set away from its default that this run's design or data source never reads."""
+    lines = []
+    defaults = ModelConfig()
+    for key, designs in DESIGN_ONLY_KEYS.items():
+        value = getattr(config.model, key)
+        if config.model.name not in designs and value != getattr(defaults, key):
+            lines.append(f"model.{key} applies only to model.name={' or '.join(designs)}; ignored "
+                         f"(model.{key} = {value!r} with model.name = {config.model.name!r})")  # fmt: skip
+    if config.data.channels != DataConfig.channels and not config.data.source.startswith(CHANNEL_SOURCES):
+        lines.append(f"data.channels applies only to data.source=natural-images and users' own pictures; ignored "
+                     f"(data.channels = {config.data.channels} with data.source = {config.data.source!r})")  # fmt: skip
+    return lines
+
+
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
     if not ok:
         raise ConfigError(f"invalid {key}: {value!r} ({what})")
