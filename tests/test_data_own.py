@@ -36,12 +36,16 @@ def pictures(tmp_path: Path) -> Path:
 
 
 def write_video(path: Path, frames: int, *, width: int = 64, height: int = 48) -> None:
-    """A short MPEG-4 video whose frame i is a flat grey of level 10·i."""
+    """A short MPEG-4 video whose frame i is grey of level 10·i, with a faint ±4 checkerboard of 8-pixel squares (a
+    flat picture has no variance to learn from: load_dataset refuses it)."""
+    rows, cols = np.indices((height, width))
+    checker = np.where((rows // 8 + cols // 8) % 2 == 0, 4, -4)[..., None]  # (H, W, 1)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 10 * i, np.uint8), format="rgb24")
+            pixels = np.clip(10 * i + checker, 0, 255).astype(np.uint8).repeat(3, axis=2)  # (H, W, 3)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
