@@ -36,6 +36,20 @@ def test_simulated_run_writes_a_run_directory_with_the_staleness_of_its_workers(
     assert json.loads(again.stdout)["final_loss"] == summary["final_loss"]  # deterministic
 
 
+def test_a_simulated_run_that_diverges_says_so(run_dir: Path, cli: Callable[..., CliResult]) -> None:
+    """ps.lr = 1e30 on the simulator: the summary and the exit status (2, one line) report it as the local backend's
+    first session does, instead of a NaN loss and status 0."""
+    result = cli("train", "--backend", "sim", "--workers", "8", "--steps", "50", *FAST, "--set", "ps.lr=1e30",
+                 "--out", str(run_dir), "--json")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert json.loads(result.stdout) == json.loads((run_dir / "summary.json").read_text())  # standard JSON: NaN is null
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["diverged"] is True and summary["final_loss"] is None and summary["checkpoint_step"] == 50
+    message = " ".join(result.stderr.split())
+    assert "downpour: error: training diverged: held-out loss nan at step 50; saved its checkpoint" in message
+    assert "lower ps.lr (now 1e+30)" in message and "Traceback" not in message
+
+
 @pytest.mark.parametrize("policy", ["sync", "ssp", "easgd"])
 def test_every_policy_runs_on_the_simulator(policy: str, run_dir: Path, cli: Callable[..., CliResult]) -> None:
     result = cli("train", "--backend", "sim", "--workers", "8", "--steps", "160", *FAST, "--set",

@@ -10,6 +10,7 @@ A simulated run is deterministic and quick, so it is not resumed: rerun it (same
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
                 staleness=int(r.staleness[i]), loss=float(r.loss[i]), applied=bool(r.applied[i]),
             )  # fmt: skip
         final_loss = held_out_loss(result.params)
+        diverged = not (math.isfinite(final_loss) and bool(torch.isfinite(result.params).all()))
         metrics.write("end", t=round(result.sim_time, 6), step=len(r), final_loss=final_loss, interrupted=False)
     finally:
         metrics.close()
@@ -138,9 +140,18 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         "simulated_seconds": result.sim_time, "gradient_evaluations": result.grad_evals,
         "updates_applied": applied, "updates_rejected": result.rejected, "updates_dropped": result.dropped,
         "stragglers": len(result.stragglers), "staleness": histogram.summary(), "worker_deaths": 0,
-        "interrupted": False, "sessions": 1,
+        "interrupted": False, "diverged": diverged, "checkpoint_step": len(r), "sessions": 1,
+        **({"divergence": _divergence(final_loss, result.params, len(r), config)} if diverged else {}),
         **({"data_files": dataset.read_report} if dataset.read_report else {}),
     }  # fmt: skip
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))
     return summary
+
+
+def _divergence(final_loss: float, params: torch.Tensor, step: int, config: Config) -> str:
+    """The line that says a simulated run diverged, worded as the local backend's first session says it (a
+    simulated run has no earlier checkpoint to keep)."""
+    what = f"held-out loss {final_loss:.4g}" if bool(torch.isfinite(params).all()) else "parameters hold NaN or Inf"
+    return (f"training diverged: {what} at step {step}; saved its checkpoint (there was no earlier one to keep); "
+            f"lower ps.lr (now {config.ps.lr:g})")  # fmt: skip
