@@ -120,11 +120,12 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     config, out, resume = _train_config(args)  # config errors come back at once, before torch is imported
     for note in config_mod.ignored_keys(config):
         console.print(f"[yellow]warning: {note}[/]", soft_wrap=True)  # one line, however long
-    from downpour.train import headline, run_training, summary_json
+    from downpour.train import headline, raise_if_diverged, run_training, summary_json
 
     summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)
     if args.json:
         print(summary_json(summary))
+    raise_if_diverged(summary)
     print(headline(summary), file=sys.stderr if args.json else sys.stdout)
     if summary["interrupted"]:
         return 130

@@ -102,14 +102,14 @@ def new_run_dir(root: Path = Path("runs")) -> Path:
     raise DownpourError(f"could not make a new run directory under {root}")
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN or Inf: write them as null (recursively through dicts and lists)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -122,7 +122,7 @@ class MetricsLog:
 
     def write(self, event: str, **fields: Any) -> None:
         """Append one event."""
-        record = {"event": event, **{k: _clean(v) for k, v in fields.items()}}
+        record = {"event": event, **{k: json_safe(v) for k, v in fields.items()}}
         self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def flush(self) -> None:
@@ -136,4 +136,4 @@ class MetricsLog:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON (NaN and Inf become null)."""
-    path.write_text(json.dumps(_clean(payload), indent=2, default=str) + "\n")
+    path.write_text(json.dumps(json_safe(payload), indent=2, default=str) + "\n")

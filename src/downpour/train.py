@@ -430,7 +430,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))
     attempted = summary["updates_applied"] + summary["updates_rejected"]
-    if not taken.diverged and summary["updates_rejected"] > 0.01 * attempted:  # diverged: headline() says so
+    if not taken.diverged and summary["updates_rejected"] > 0.01 * attempted:  # diverged: its own line says so
         console.print(
             f"[yellow]warning: {summary['updates_rejected']:,} of {attempted:,} updates were rejected (NaN or Inf); "
             f"training diverged: lower ps.lr (now {config.ps.lr})[/]"
@@ -581,11 +581,8 @@ def _watch(
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """The one line ``downpour train`` ends with; for a diverged session, :class:`TrainingDiverged` instead (the
-    summary and metrics are written by then): the CLI prints its one line and exits with status 2, as for any
-    input it refuses (a learning rate too high)."""
-    if summary.get("diverged"):
-        raise TrainingDiverged(summary["divergence"])
+    """The one line ``downpour train`` ends with (a diverged session ends with its ``divergence`` line instead:
+    see :func:`raise_if_diverged`)."""
     stale = summary["staleness"]
     skip = summary.get("skip_variance")
     return (
@@ -601,6 +598,14 @@ def headline(summary: dict[str, Any]) -> str:
     )
 
 
+def raise_if_diverged(summary: dict[str, Any]) -> None:
+    """:class:`TrainingDiverged` with the summary's one line when the session diverged (its summary and metrics are
+    written by then): the CLI prints it and exits with status 2, as for other input it refuses (a learning rate
+    too high). Studies that run many sessions read ``summary["diverged"]`` instead."""
+    if summary.get("diverged"):
+        raise TrainingDiverged(summary["divergence"])
+
+
 def summary_json(summary: dict[str, Any]) -> str:
-    """The summary as JSON text."""
-    return json.dumps(summary, indent=2, default=str)
+    """The summary as standard JSON text (NaN and Inf as null, as in ``summary.json``)."""
+    return json.dumps(rundir.json_safe(summary), indent=2, default=str)
