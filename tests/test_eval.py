@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from safetensors.torch import load_file, save_file
 from skimage import data, io
 
 from downpour import config as config_mod
@@ -95,6 +96,10 @@ def test_load_run_refuses_missing_corrupt_and_mismatched_runs(rica_run: Path, tm
     (copy / "config.toml").write_text(config_text)
     (copy / "whitening.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(DownpourError, match="corrupt whitening matrix"):
+        load_run(copy)
+    zca = load_file(str(rica_run / "whitening.safetensors"))["zca"]
+    save_file({"zca": torch.full_like(zca, float("nan"))}, str(copy / "whitening.safetensors"))  # flat data's ZCA
+    with pytest.raises(DownpourError, match="holds NaN or Inf values"):
         load_run(copy)
     shutil.copy(rica_run / "whitening.safetensors", copy / "whitening.safetensors")
     params = next((copy / "checkpoint").glob("params-*.safetensors"))

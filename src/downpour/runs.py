@@ -84,6 +84,9 @@ def _load_whitening(run_dir: Path, dim: int) -> Tensor:
     if zca is None or tuple(zca.shape) != (dim, dim):
         found = "no 'zca' tensor" if zca is None else f"shape {tuple(zca.shape)}"
         raise CheckpointError(f"whitening matrix {path} has {found}; expected ({dim}, {dim})")
+    if not bool(torch.isfinite(zca).all()):
+        raise CheckpointError(f"whitening matrix {path} holds NaN or Inf values (the data had no variance?); "
+                              "train the run again")  # fmt: skip
     return zca.float()
 
 
