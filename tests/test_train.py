@@ -126,6 +126,30 @@ def test_resume_refuses_another_model_and_overwrites_nothing(finished_run: Path,
     assert _files(finished_run) == files
 
 
+def test_a_run_started_in_the_same_directory_meanwhile_is_not_overwritten(
+    run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drivers started on one new ``--out`` at once: both find it free before loading their data (seconds),
+    but only one may train there. Here the other driver's run appears while this one loads its data: it is refused
+    under the run directory's lock and the other run's files stay as they were."""
+    import downpour.train as train_module
+
+    real_load = train_module.load_dataset
+
+    def load_while_another_driver_starts(*args: object, **kwargs: object) -> object:
+        dataset = real_load(*args, **kwargs)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.toml").write_text("# the other driver's run\n")
+        return dataset
+
+    monkeypatch.setattr(train_module, "load_dataset", load_while_another_driver_starts)
+    result = cli("train", "--steps", "20", "--out", str(run_dir), *FAST)
+    assert result.returncode == 2, result.stderr
+    assert "already holds a run" in result.stderr
+    assert (run_dir / "config.toml").read_text() == "# the other driver's run\n"
+    assert not (run_dir / "checkpoint").exists()
+
+
 def test_new_run_into_an_existing_run_directory_is_refused(finished_run: Path, cli: Callable[..., CliResult]) -> None:
     """``--out`` pointing at an existing run never overwrites it."""
     files = _files(finished_run)

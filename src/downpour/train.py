@@ -326,6 +326,7 @@ def run_training(
 
     out.mkdir(parents=True, exist_ok=True)
     with rundir.exclusive(out):
+        prepare_run_dir(out, resume=resume)  # again, now that no other driver can: one may have started a run here
         checkpoint = None
         run_state = RunState()
         previous_config = None
