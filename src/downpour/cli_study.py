@@ -78,6 +78,9 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         from downpour.study import staleness
 
         config = staleness.study_config(args.config, args.set)
+        if config.cluster.backend not in (args.backend, staleness.study_config().cluster.backend):
+            raise DownpourError(f"cluster.backend = {config.cluster.backend!r} is not how this study chooses its "
+                                f"backend: pass --backend (sim or local; now {args.backend})")  # fmt: skip
         grid = staleness.parse_grid(args.policies, args.workers, args.seeds)
         with _bar(console, not args.no_progress) as bar:
             task = bar.add_task("study", total=len(grid.policies) * len(grid.workers) * grid.seeds, run="")
