@@ -221,7 +221,8 @@ class Taken:
     snapshots: list[dict[str, Any]]
     step: int
     loss: float  # held-out loss of the snapshots' values
-    diverged: bool  # a tensor is NaN or Inf, or the held-out loss is not finite
+    values_finite: bool  # no parameter is NaN or Inf
+    diverged: bool  # a tensor (parameters or rule state) is NaN or Inf, or the held-out loss is not finite
     saved: bool  # written into the run directory
 
 
@@ -235,14 +236,15 @@ def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state:
     _count_lost(cluster, run_state)
     step = cluster.steps()
     params = torch.cat([snap["values"] for snap in snapshots])
-    finite = all(bool(torch.isfinite(t).all()) for snap in snapshots for t in [snap["values"], *snap["state"].values()])
+    values_finite = bool(torch.isfinite(params).all())
+    state_finite = all(bool(torch.isfinite(t).all()) for snap in snapshots for t in snap["state"].values())
     loss = held_out_loss(params)  # also leaves the model holding these values
-    diverged = not (finite and math.isfinite(loss))
+    diverged = not (values_finite and state_finite and math.isfinite(loss))
     saved = not diverged or (final and run_state.checkpoint_step is None)
     if saved:
         _save_checkpoint(out, snapshots, step, config, run_state, seeds, signature)
         run_state.checkpoint_step = step
-    return Taken(snapshots, step, loss, diverged, saved)
+    return Taken(snapshots, step, loss, values_finite, diverged, saved)
 
 
 def _keeps_previous_config(run_state: RunState, diverged: bool, *, resume: bool) -> bool:
@@ -255,15 +257,23 @@ def _keeps_previous_config(run_state: RunState, diverged: bool, *, resume: bool)
 
 def _divergence(taken: Taken, run_state: RunState, config: Config, *, resume: bool) -> str:
     """The one line that says a session diverged and what became of its checkpoint."""
-    finite = all(bool(torch.isfinite(snap["values"]).all()) for snap in taken.snapshots)
-    what = f"held-out loss {taken.loss:.4g}" if finite else "parameters hold NaN or Inf"
     if taken.saved:
-        kept = "saved its checkpoint (there was no earlier one to keep)"
+        kept = SAVED_FIRST_CHECKPOINT
     elif _keeps_previous_config(run_state, taken.diverged, resume=resume):
         kept = f"kept the checkpoint of step {run_state.checkpoint_step} and the config.toml it was trained with"
     else:
         kept = f"kept the checkpoint of step {run_state.checkpoint_step}"
-    return f"training diverged: {what} at step {taken.step}; {kept}; lower ps.lr (now {config.ps.lr:g})"
+    return divergence_line(taken.loss, taken.values_finite, taken.step, kept, config.ps.lr)
+
+
+SAVED_FIRST_CHECKPOINT = "saved its checkpoint (there was no earlier one to keep)"
+
+
+def divergence_line(loss: float, values_finite: bool, step: int, kept: str, lr: float) -> str:
+    """``training diverged: <what> at step <step>; <kept>; lower ps.lr``: what every backend ends a diverged
+    session with (``kept``: what became of its checkpoint)."""
+    what = f"held-out loss {loss:.4g}" if values_finite else "parameters hold NaN or Inf"
+    return f"training diverged: {what} at step {step}; {kept}; lower ps.lr (now {lr:g})"
 
 
 def _build_cluster(config: Config, dataset: Dataset, initial: torch.Tensor, seeds: list[int], t0: float) -> Any:

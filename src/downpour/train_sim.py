@@ -85,6 +85,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
                   signature: dict[str, Any], held_out_loss: Any, rule: Any, policy: Any, dataset: Any, *,
                   console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     from downpour.report.live import SimulatedProgress
+    from downpour.train import SAVED_FIRST_CHECKPOINT, divergence_line
 
     t0 = time.time()
     initial = flat_copy(model)
@@ -110,7 +111,8 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
                 staleness=int(r.staleness[i]), loss=float(r.loss[i]), applied=bool(r.applied[i]),
             )  # fmt: skip
         final_loss = held_out_loss(result.params)
-        diverged = not (math.isfinite(final_loss) and bool(torch.isfinite(result.params).all()))
+        values_finite = bool(torch.isfinite(result.params).all())
+        diverged = not (math.isfinite(final_loss) and values_finite)
         metrics.write("end", t=round(result.sim_time, 6), step=len(r), final_loss=final_loss, interrupted=False)
     finally:
         metrics.close()
@@ -141,17 +143,10 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         "updates_applied": applied, "updates_rejected": result.rejected, "updates_dropped": result.dropped,
         "stragglers": len(result.stragglers), "staleness": histogram.summary(), "worker_deaths": 0,
         "interrupted": False, "diverged": diverged, "checkpoint_step": len(r), "sessions": 1,
-        **({"divergence": _divergence(final_loss, result.params, len(r), config)} if diverged else {}),
+        **({"divergence": divergence_line(final_loss, values_finite, len(r), SAVED_FIRST_CHECKPOINT, config.ps.lr)}
+           if diverged else {}),  # a simulated run has no earlier checkpoint to keep
         **({"data_files": dataset.read_report} if dataset.read_report else {}),
     }  # fmt: skip
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))
     return summary
-
-
-def _divergence(final_loss: float, params: torch.Tensor, step: int, config: Config) -> str:
-    """The line that says a simulated run diverged, worded as the local backend's first session says it (a
-    simulated run has no earlier checkpoint to keep)."""
-    what = f"held-out loss {final_loss:.4g}" if bool(torch.isfinite(params).all()) else "parameters hold NaN or Inf"
-    return (f"training diverged: {what} at step {step}; saved its checkpoint (there was no earlier one to keep); "
-            f"lower ps.lr (now {config.ps.lr:g})")  # fmt: skip

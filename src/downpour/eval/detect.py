@@ -48,10 +48,15 @@ def check_out(out: Path) -> None:
         raise DownpourError(f"invalid --out: {out} (its directory {out.parent} does not exist)")
 
 
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """``(height, width)`` resized by ``scale``; an image of more than :data:`MAX_MEGAPIXELS` is refused."""
+def check_scale(scale: float) -> None:
+    """Refuse a ``--scale`` that is not a finite number > 0."""
     if not (math.isfinite(scale) and scale > 0):
         raise DownpourError(f"invalid --scale: {scale} (must be a finite number > 0)")
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """``(height, width)`` resized by ``scale``; an image of more than :data:`MAX_MEGAPIXELS` is refused."""
+    check_scale(scale)
     new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
     if new_height * new_width > MAX_MEGAPIXELS * 1e6:
         raise DownpourError(
@@ -124,8 +129,7 @@ def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int
 
     ``stride`` defaults to a quarter of the model's input side; ``out`` to ``RUN_DIR/eval/detect_<image>.png``.
     """
-    if not (math.isfinite(scale) and scale > 0):  # the flags first: loading the run takes seconds
-        raise DownpourError(f"invalid --scale: {scale} (must be a finite number > 0)")
+    check_scale(scale)  # the flags first: loading the run takes seconds
     if out is not None:
         check_out(Path(out))
     trained = load_run(run_dir)
