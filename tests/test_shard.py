@@ -381,3 +381,41 @@ def test_finite_push_that_would_overflow_the_parameters_is_rejected() -> None:
     out = torch.zeros(2)
     shard.push(torch.tensor([-3e38, 0.0]), fetched_version=0, fetch_into=out)  # a rejected push-pull still pulls
     assert out.tolist() == [pytest.approx(3e38), 1.0]
+
+
+@pytest.mark.parametrize("last", [3, 100, -1])
+def test_exchange_refuses_a_last_version_the_shard_never_had(last: int) -> None:
+    """easgd's ``last_version`` ahead of the shard (staleness < 0) or negative is a ValueError naming both, as a
+    push's fetched version is; neither the center nor the worker's values move."""
+    shard = _sgd_shard([1.0, 2.0, 3.0])
+    for version in range(2):
+        shard.exchange(torch.zeros(3), alpha=0.5, last_version=version)
+    center = _values(shard)
+    local = torch.tensor([4.0, 4.0, 4.0])
+    with pytest.raises(ValueError, match=rf"^shard 0: an exchange with last_version {last}, but the shard is at "
+                                         r"version 2 \(must be 0 to 2\)$"):  # fmt: skip
+        shard.exchange(local, alpha=0.5, last_version=last)
+    assert local.tolist() == [4.0, 4.0, 4.0]
+    assert torch.equal(_values(shard), center) and shard.version == 2 and shard.rejected == 0
+    result = shard.exchange(local, alpha=0.5, last_version=1)  # a version it has had is fine
+    assert result == PushResult(True, 1, 3)
+
+
+@pytest.mark.parametrize("fetched", [1, 100, -1])
+def test_sync_push_refuses_a_version_the_shard_never_had(fetched: int) -> None:
+    """A sync shard checks the fetched version as :meth:`Shard.push` does, before counting anything: a negative one
+    was counted as a late (dropped) push with a made-up staleness, and one from the future was added to the round's
+    count of refused pushes before the aggregator raised."""
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    class TwoLive:
+        def live(self) -> int:
+            return 2
+
+    shard = SyncShard(0, 0, torch.zeros(3), SGD(lr=1.0), policy=Sync(workers=2), roster=TwoLive())
+    with pytest.raises(ValueError, match=rf"^shard 0: a push fetched at version {fetched}, but the shard is at "
+                                         r"version 0 \(must be 0 to 0\)$"):  # fmt: skip
+        shard.push(torch.tensor([float("nan"), 0.0, 0.0]), fetched_version=fetched, worker=0)
+    assert (shard.version, shard.rejected, shard.dropped, shard.aggregator.pending) == (0, 0, 0, 0)
+    assert shard.push(torch.ones(3), fetched_version=0, worker=0) == PushResult(True, 0, 1)  # version 0 is fine

@@ -135,6 +135,14 @@ class Shard:
             raise ValueError(f"shard {self.index} expects {what} of shape ({self.size},), got {tuple(tensor.shape)}")
         return all_finite(tensor)
 
+    def _check_had(self, version: int, seen: int, what: str) -> None:
+        """ValueError unless ``seen`` is a version this shard has had, ``0 <= seen <= version`` (``version``: its
+        current one): a version from the future or a negative one would fake the staleness. ``what`` names it."""
+        if not 0 <= seen <= version:
+            raise ValueError(
+                f"shard {self.index}: {what} {seen}, but the shard is at version {version} (must be 0 to {version})"
+            )
+
     def push(
         self,
         update: Tensor,
@@ -157,11 +165,7 @@ class Shard:
             meta = self._m()
             live = int(meta[_ACTIVE])
             version = int(meta[_VERSION0 + live])
-            if not 0 <= fetched_version <= version:
-                raise ValueError(
-                    f"shard {self.index}: a push fetched at version {fetched_version}, but the shard is at version "
-                    f"{version} (must be 0 to {version})"
-                )
+            self._check_had(version, fetched_version, "a push fetched at version")
             if not finite:
                 meta[_REJECTED] += 1
                 if fetch_into is not None:
@@ -192,13 +196,16 @@ class Shard:
         Choromanska & LeCun 2015), both in place; the shard holds the center ``x̃``.
 
         ``last_version``: the shard's version after this worker's previous exchange (the staleness counts the
-        other workers' exchanges since). A ``local`` holding NaN or Inf is refused and reset to the center.
+        other workers' exchanges since); as :meth:`push`'s ``fetched_version``, it must be ``0 <= last_version <=
+        version`` (ValueError otherwise, nothing exchanged). A ``local`` holding NaN or Inf is refused and reset to
+        the center.
         """
         finite = self._finite_slice(local, "values")
         with self.lock:
             meta = self._m()
             live = int(meta[_ACTIVE])
             version = int(meta[_VERSION0 + live])
+            self._check_had(version, last_version, "an exchange with last_version")
             current = self._buffer(live)
             if not finite:
                 meta[_REJECTED] += 1

@@ -82,7 +82,8 @@ class SyncShard(Shard):
         of a late one: not applied, its staleness (``version − fetched_version``) and the current version; of a
         refused one (NaN or Inf): not applied, staleness −1; of a second push from one worker for one version (a
         restarted worker, on the Ray backend, whose previous process pushed to the round): not applied, staleness
-        0. ``fetch_into`` is not supported: a worker fetches only after its round has closed.
+        0. ``fetch_into`` is not supported: a worker fetches only after its round has closed. As for
+        :meth:`Shard.push`, ``0 <= fetched_version <= version`` (ValueError otherwise: nothing counted).
         """
         if fetch_into is not None:
             raise ValueError("a sync shard does not push-pull: fetch after the round has closed")
@@ -90,6 +91,7 @@ class SyncShard(Shard):
         with self.lock:
             meta = self._m()
             version = int(meta[_VERSION0 + meta[_ACTIVE]])
+            self._check_had(version, fetched_version, "a push fetched at version")
             if not self.aggregator.accepts(fetched_version):
                 return PushResult(False, version - fetched_version, version)
             if worker in self.aggregator.arrived:  # a restarted worker (Ray backend) whose dead process pushed here
