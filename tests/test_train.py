@@ -103,6 +103,22 @@ def test_a_clock_that_runs_out_during_start_up_is_reported(run_dir: Path, cli: C
     assert "train.seconds = 0.2 ran out before any worker finished a step" in warning, result.stderr
 
 
+def test_an_eval_and_a_checkpoint_due_together_measure_one_snapshot(run_dir: Path,
+                                                                    cli: Callable[..., CliResult]) -> None:  # fmt: skip
+    """train.eval_every = train.checkpoint_every: both fall due in every poll that does either, and the eval row
+    reports the checkpoint's held-out loss (one snapshot, one forward pass) instead of measuring a snapshot of its
+    own a moment earlier, while the workers go on pushing."""
+    result = cli("train", "--workers", "2", "--steps", "600", "--seconds", "600", "--out", str(run_dir),
+                 "--set", "train.eval_every=0.1", "--set", "train.checkpoint_every=0.1", *FAST)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    evals = [(r["t"], r["step"], r["held_out_loss"]) for r in records if r["event"] == "eval"]
+    checkpoints = [(r["t"], r["step"], r["held_out_loss"]) for r in records if r["event"] == "checkpoint"]
+    trained = [e for e in evals if 0 < e[1] < 600]
+    assert len(trained) >= 3, evals  # polls while the workers trained, when two snapshots would differ
+    assert evals == checkpoints
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One short finished run that the refusal tests try to misuse (each checks it is left exactly as it was)."""

@@ -511,7 +511,8 @@ def _watch(
 
     Every ``train.eval_every`` seconds (when set) an ``eval`` row records the held-out loss of the shards' current
     values (the center, under easgd). Every ``train.checkpoint_every`` seconds a checkpoint is saved unless it
-    diverged (:func:`_checkpoint_now`: its held-out loss is measured, one forward pass of the held-out batch).
+    diverged (:func:`_checkpoint_now`: its held-out loss is measured, one forward pass of the held-out batch). When
+    both fall due in one poll, the ``eval`` row reports the checkpoint's snapshot: one snapshot, one forward pass.
     """
     train = config.train
     start = time.time()
@@ -558,14 +559,20 @@ def _watch(
                     stale=run_state.staleness.summary()["mean"],
                     updates=cluster.steps(),
                 )
-                if now >= next_eval:
-                    step = cluster.steps()
-                    loss = held_out_loss(torch.cat([snap["values"] for snap in cluster.snapshots()]))
-                    metrics.write("eval", t=now - t0, step=step, examples=run_state.examples, held_out_loss=loss)
-                    next_eval = now + train.eval_every
+                # A checkpoint measures the held-out loss of its snapshot: an eval due in the same poll reports it.
+                taken = None
                 if now >= next_checkpoint:
                     taken = _checkpoint_now(out, cluster, config, run_state, seeds, signature, held_out_loss,
                                             final=False)  # fmt: skip
+                if now >= next_eval:
+                    if taken is not None:
+                        step, loss = taken.step, taken.loss
+                    else:
+                        step = cluster.steps()
+                        loss = held_out_loss(torch.cat([snap["values"] for snap in cluster.snapshots()]))
+                    metrics.write("eval", t=now - t0, step=step, examples=run_state.examples, held_out_loss=loss)
+                    next_eval = now + train.eval_every
+                if taken is not None:
                     metrics.write("checkpoint", t=now - t0, step=taken.step, held_out_loss=taken.loss,
                                   saved=taken.saved, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
                     if not taken.saved:
