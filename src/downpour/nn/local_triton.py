@@ -10,6 +10,11 @@ patch is ever written to memory.
   and zeros elsewhere: ``out[b, (l, m)] = Σ_col x[b, col] · W[l, m, col − x_l]``. About half of the band's
   products are zeros, but they run as one large product instead of ``BLOCK_L`` tiny ones.
   The weight gradient is the same band transposed, ``∂W[l, m, j] = Σ_b g[b, (l, m)] · x[b, x_l + j]``.
+  A band of ``n`` locations wastes ``(n − 1)·stride`` of every row's ``span`` columns, and chunking each row's span
+  into products of ``block_k`` columns pads it further (kernel 18, 16 locations: span 33 in three chunks of 16, so
+  about a third of the products are useful). The ``flat`` launch setting chunks the band's kernel rows as one
+  sequence of ``C·kh·span`` columns instead, so that narrow bands (2–4 locations, span 19–21) pad almost nothing;
+  which is faster on a given card is for a sweep to measure (see ``_TUNED``).
 - Fields that barely overlap (stride near the kernel size) use one program per location and kernel row.
 - The input gradient (:func:`lc_transpose`) is gathered, not scattered (no atomics, deterministic): one program
   per tile of input pixels sums over every location whose field covers the tile,
@@ -130,38 +135,57 @@ if AVAILABLE:
         x_ptr, w_ptr, out_ptr,
         B, C, M, P, L, W, W_OUT,
         sxb, sxc, sxh, sxw,
-        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, LOCS: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr,
+        FLAT: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        # BLOCK_L neighbouring locations of one output row as one product: the input rows they read
-        # (B, span) times a banded matrix (span, BLOCK_L·M) that holds each location's weights at its own offset.
-        SPAN: tl.constexpr = (BLOCK_L - 1) * SW + KW
-        blocks_x = tl.cdiv(W_OUT, BLOCK_L)
+        # LOCS neighbouring locations of one output row as one product: the input rows they read
+        # (B, span) times a banded matrix (span, LOCS·M) that holds each location's weights at its own offset.
+        SPAN: tl.constexpr = (LOCS - 1) * SW + KW
+        blocks_x = tl.cdiv(W_OUT, LOCS)
         oy = tl.program_id(0) // blocks_x
-        ox0 = (tl.program_id(0) % blocks_x) * BLOCK_L
+        ox0 = (tl.program_id(0) % blocks_x) * LOCS
         offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
         offs_n = tl.arange(0, BLOCK_L * BLOCK_M)
-        lx = ox0 + offs_n // BLOCK_M
+        n_l = offs_n // BLOCK_M
+        lx = ox0 + n_l
         n_m = offs_n % BLOCK_M
-        mask_n = (lx < W_OUT) & (n_m < M)
+        mask_n = (n_l < LOCS) & (lx < W_OUT) & (n_m < M)
         w_n = w_ptr + (oy * W_OUT + lx) * M * P + n_m * P  # (N,) each column's weights
         acc = tl.zeros((BLOCK_B, BLOCK_L * BLOCK_M), dtype=tl.float32)
-        for row in range(0, C * KH):
-            c = row // KH
-            i = row % KH
-            x_row = x_ptr + offs_b[:, None] * sxb + c * sxc + (oy * SH + i) * sxh
-            for k0 in range(0, SPAN, BLOCK_K):
+        if FLAT:  # the band's rows one after another, (C·KH·span) columns in chunks: no chunk padding per row
+            for k0 in range(0, C * KH * SPAN, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                col = ox0 * SW + offs_k
+                row = offs_k // SPAN  # c·KH + i
+                col = ox0 * SW + offs_k % SPAN
+                c = row // KH
+                x_off = c * sxc + (oy * SH + row - c * KH) * sxh + col * sxw
+                mask_k = (offs_k < C * KH * SPAN) & (col < W)
                 xv = tl.load(
-                    x_row + col[None, :] * sxw, mask=mask_b[:, None] & ((offs_k < SPAN) & (col < W))[None, :], other=0.0
+                    x_ptr + offs_b[:, None] * sxb + x_off[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0
                 )  # (BLOCK_B, BLOCK_K)
-                j = col[:, None] - (lx * SW)[None, :]  # (BLOCK_K, N): column within each location's field
-                inside = (j >= 0) & (j < KW) & mask_n[None, :]
-                wv = tl.load(w_n[None, :] + row * KW + j, mask=inside, other=0.0)  # (BLOCK_K, N), banded
-                acc += tl.dot(xv, wv, input_precision=PRECISION)
+                j = col[None, :] - (lx * SW)[:, None]  # (N, BLOCK_K): column within each location's field
+                inside = (j >= 0) & (j < KW) & mask_n[:, None] & mask_k[None, :]
+                wv = tl.load(w_n[:, None] + (row * KW)[None, :] + j, mask=inside, other=0.0)  # (N, BLOCK_K), banded
+                acc += tl.dot(xv, tl.trans(wv), input_precision=PRECISION)
+        else:  # kernel row by kernel row, each row's span in chunks
+            for row in range(0, C * KH):
+                c = row // KH
+                i = row % KH
+                x_row = x_ptr + offs_b[:, None] * sxb + c * sxc + (oy * SH + i) * sxh
+                for k0 in range(0, SPAN, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    col = ox0 * SW + offs_k
+                    xv = tl.load(
+                        x_row + col[None, :] * sxw,
+                        mask=mask_b[:, None] & ((offs_k < SPAN) & (col < W))[None, :],
+                        other=0.0,
+                    )  # (BLOCK_B, BLOCK_K)
+                    j = col[:, None] - (lx * SW)[None, :]  # (BLOCK_K, N): column within each location's field
+                    inside = (j >= 0) & (j < KW) & mask_n[None, :]
+                    wv = tl.load(w_n[None, :] + row * KW + j, mask=inside, other=0.0)  # (BLOCK_K, N), banded
+                    acc += tl.dot(xv, wv, input_precision=PRECISION)
         out = out_ptr + offs_b[:, None] * (M * L) + (n_m * L + oy * W_OUT + lx)[None, :]
         tl.store(out, acc, mask=mask_b[:, None] & mask_n[None, :])
 
@@ -170,19 +194,22 @@ if AVAILABLE:
         x_ptr, g_ptr, gw_ptr,
         B, C, M, P, W, W_OUT,
         sxb, sxc, sxh, sxw, sgb, sgm, sgl,
-        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, LOCS: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, ONE_B_BLOCK: tl.constexpr,
+        FLAT: tl.constexpr, PRECISION: tl.constexpr, ONE_B_BLOCK: tl.constexpr,
     ):  # fmt: skip
-        # The same band as the forward kernel: (BLOCK_L·M, B) @ (B, span), of which each location keeps its KW columns.
-        SPAN: tl.constexpr = (BLOCK_L - 1) * SW + KW
-        blocks_x = tl.cdiv(W_OUT, BLOCK_L)
+        # The same band as the forward kernel: (LOCS·M, B) @ (B, span), of which each location keeps its KW columns.
+        SPAN: tl.constexpr = (LOCS - 1) * SW + KW
+        ROWS = 1 if FLAT else C * KH  # FLAT: one pass over all rows' spans, (C·KH·span) columns in chunks
+        CHUNKS = C * KH * SPAN if FLAT else SPAN
+        blocks_x = tl.cdiv(W_OUT, LOCS)
         oy = tl.program_id(0) // blocks_x
-        ox0 = (tl.program_id(0) % blocks_x) * BLOCK_L
+        ox0 = (tl.program_id(0) % blocks_x) * LOCS
         offs_n = tl.arange(0, BLOCK_L * BLOCK_M)
-        lx = ox0 + offs_n // BLOCK_M
+        n_l = offs_n // BLOCK_M
+        lx = ox0 + n_l
         n_m = offs_n % BLOCK_M
-        mask_n = (lx < W_OUT) & (n_m < M)
+        mask_n = (n_l < LOCS) & (lx < W_OUT) & (n_m < M)
         g_n = g_ptr + n_m * sgm + (oy * W_OUT + lx) * sgl  # (N,)
         gw_n = gw_ptr + (oy * W_OUT + lx) * M * P + n_m * P  # (N,)
         offs_b0 = tl.arange(0, BLOCK_B)
@@ -190,13 +217,20 @@ if AVAILABLE:
             g_once = tl.load(
                 g_n[:, None] + offs_b0[None, :] * sgb, mask=mask_n[:, None] & (offs_b0 < B)[None, :], other=0.0
             )  # (N, BLOCK_B)
-        for row in range(0, C * KH):
-            c = row // KH
-            i = row % KH
-            for k0 in range(0, SPAN, BLOCK_K):
+        for kernel_row in range(0, ROWS):
+            for k0 in range(0, CHUNKS, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                col = ox0 * SW + offs_k
-                mask_k = (offs_k < SPAN) & (col < W)
+                if FLAT:
+                    row = offs_k // SPAN  # (BLOCK_K,) c·KH + i of each column
+                    col = ox0 * SW + offs_k % SPAN
+                    c = row // KH
+                    x_off = c * sxc + (oy * SH + row - c * KH) * sxh + col * sxw  # (BLOCK_K,)
+                    w_off = (row * KW)[None, :]
+                else:
+                    col = ox0 * SW + offs_k
+                    x_off = (kernel_row // KH) * sxc + (oy * SH + kernel_row % KH) * sxh + col * sxw
+                    w_off = kernel_row * KW
+                mask_k = (offs_k < CHUNKS) & (col < W)
                 acc = tl.zeros((BLOCK_L * BLOCK_M, BLOCK_K), dtype=tl.float32)
                 for b0 in range(0, B, BLOCK_B):
                     offs_b = b0 + offs_b0
@@ -207,16 +241,12 @@ if AVAILABLE:
                         gv = tl.load(
                             g_n[:, None] + offs_b[None, :] * sgb, mask=mask_n[:, None] & mask_b[None, :], other=0.0
                         )  # (N, BLOCK_B)
-                    x_row = x_ptr + c * sxc + (oy * SH + i) * sxh
-                    xv = tl.load(
-                        x_row + offs_b[:, None] * sxb + col[None, :] * sxw,
-                        mask=mask_b[:, None] & mask_k[None, :],
-                        other=0.0,
-                    )  # (BLOCK_B, BLOCK_K)
+                    x_b = x_ptr + offs_b[:, None] * sxb
+                    xv = tl.load(x_b + x_off[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)  # (BB, BK)
                     acc += tl.dot(gv, xv, input_precision=PRECISION)
                 j = col[None, :] - (lx * SW)[:, None]  # (N, BLOCK_K)
                 inside = (j >= 0) & (j < KW) & mask_n[:, None] & mask_k[None, :]
-                tl.store(gw_n[:, None] + row * KW + j, acc, mask=inside)
+                tl.store(gw_n[:, None] + w_off + j, acc, mask=inside)
 
     @triton.jit
     def _transpose_kernel(
@@ -225,7 +255,8 @@ if AVAILABLE:
         sgb, sgm, sgl,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_LX: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_LX: tl.constexpr, FLAT: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         tiles_w = tl.cdiv(W, TILE_W)
         y0 = (tl.program_id(0) // tiles_w) * TILE_H
@@ -246,25 +277,50 @@ if AVAILABLE:
         lx_lo = tl.maximum(0, (x0 - KW + SW) // SW)
         lx_hi = tl.minimum(W_OUT, (x0 + TILE_W - 1) // SW + 1)
         acc = tl.zeros((BLOCK_B, TILE_H * TILE_W), dtype=tl.float32)
-        for ly in range(ly_lo, ly_hi):
-            i = py - ly * SH  # (T,)
-            for lx0 in range(lx_lo, lx_hi, BLOCK_LX):
-                lx = lx0 + k_lx  # (K,)
-                mask_k = (lx < lx_hi) & (k_m < M)
+        if FLAT:  # every (location, map) touching the tile as one sequence, in chunks: no chunk padded per row
+            n_lx = tl.maximum(lx_hi - lx_lo, 0)
+            pairs = tl.maximum(ly_hi - ly_lo, 0) * n_lx * M
+            for k0 in range(0, pairs, BLOCK_LX * BLOCK_M):
+                kk = k0 + offs_k
+                ly = ly_lo + (kk // M) // n_lx  # (K,)
+                lx = lx_lo + (kk // M) % n_lx
+                m = kk % M
+                mask_k = kk < pairs
                 loc = ly * W_OUT + lx
                 gv = tl.load(
-                    g_ptr + offs_b[:, None] * sgb + k_m[None, :] * sgm + loc[None, :] * sgl,
+                    g_ptr + offs_b[:, None] * sgb + m[None, :] * sgm + loc[None, :] * sgl,
                     mask=mask_b[:, None] & mask_k[None, :],
                     other=0.0,
                 )  # (BLOCK_B, K)
-                j = px[None, :] - (lx * SW)[:, None]  # (K, T)
-                inside = (i[None, :] >= 0) & (i[None, :] < KH) & (j >= 0) & (j < KW)
+                i = py[None, :] - (ly * SH)[:, None]  # (K, T)
+                j = px[None, :] - (lx * SW)[:, None]
+                inside = (i >= 0) & (i < KH) & (j >= 0) & (j < KW)
                 wv = tl.load(
-                    w_ptr + (loc * M * P + k_m * P + c * KH * KW)[:, None] + (i * KW)[None, :] + j,
+                    w_ptr + (loc * M * P + m * P + c * KH * KW)[:, None] + i * KW + j,
                     mask=mask_k[:, None] & mask_t[None, :] & inside,
                     other=0.0,
                 )  # (K, T)
                 acc += tl.dot(gv, wv, input_precision=PRECISION)
+        else:  # row of locations by row, each row's locations in chunks
+            for ly in range(ly_lo, ly_hi):
+                i = py - ly * SH  # (T,)
+                for lx0 in range(lx_lo, lx_hi, BLOCK_LX):
+                    lx = lx0 + k_lx  # (K,)
+                    mask_k = (lx < lx_hi) & (k_m < M)
+                    loc = ly * W_OUT + lx
+                    gv = tl.load(
+                        g_ptr + offs_b[:, None] * sgb + k_m[None, :] * sgm + loc[None, :] * sgl,
+                        mask=mask_b[:, None] & mask_k[None, :],
+                        other=0.0,
+                    )  # (BLOCK_B, K)
+                    j = px[None, :] - (lx * SW)[:, None]  # (K, T)
+                    inside = (i[None, :] >= 0) & (i[None, :] < KH) & (j >= 0) & (j < KW)
+                    wv = tl.load(
+                        w_ptr + (loc * M * P + k_m * P + c * KH * KW)[:, None] + (i * KW)[None, :] + j,
+                        mask=mask_k[:, None] & mask_t[None, :] & inside,
+                        other=0.0,
+                    )  # (K, T)
+                    acc += tl.dot(gv, wv, input_precision=PRECISION)
         out = out_ptr + offs_b[:, None] * (C * H * W) + c * (H * W) + (py * W + px)[None, :]
         tl.store(out, acc, mask=mask_b[:, None] & mask_t[None, :])
 
@@ -296,9 +352,9 @@ _TUNED = {
 
 _NUM_STAGES = 3  # Triton's default software pipelining depth
 _TUNING = {
-    "forward": {"block_b", "block_l", "block_k", "num_warps", "num_stages"},
-    "weight_grad": {"block_b", "block_l", "block_k", "num_warps", "num_stages"},
-    "transpose": {"block_b", "block_lx", "tile", "num_warps", "num_stages"},
+    "forward": {"block_b", "block_l", "flat", "block_k", "num_warps", "num_stages"},
+    "weight_grad": {"block_b", "block_l", "flat", "block_k", "num_warps", "num_stages"},
+    "transpose": {"block_b", "block_lx", "tile", "flat", "num_warps", "num_stages"},
 }
 
 
@@ -314,13 +370,27 @@ def _precision(tf32: bool | None) -> tuple[bool, str]:
     return tf32, "tf32" if tf32 else "ieee"
 
 
+def _band_launch(kernel: str, maps: int, tf32: bool, tuning: dict[str, Any]) -> dict[str, Any]:
+    """A banded kernel's compile-time shape and launch settings: ``LOCS`` locations per band (``block_l``, any
+    count), held in ``BLOCK_L`` (a power of two) columns of ``BLOCK_M`` maps each, at least 16 in all for ``tl.dot``."""
+    launch = {**_TUNED[kernel, tf32], **tuning}
+    block_m = _pow2(maps, 1, MAX_MAPS)
+    locs = launch.get("block_l", max(1, 128 // block_m))
+    return dict(
+        LOCS=locs, BLOCK_L=max(_pow2(locs, 1, 1 << 16), 16 // block_m), BLOCK_M=block_m, BLOCK_K=launch["block_k"],
+        FLAT=bool(launch.get("flat", False)), num_warps=launch["num_warps"],
+        num_stages=launch.get("num_stages", _NUM_STAGES),
+    )  # fmt: skip
+
+
 def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
                stride: tuple[int, int], *, tf32: bool | None = None, **tuning: Any) -> Tensor:  # fmt: skip
     """Responses ``(B, M, H_out, W_out)`` of input ``x`` ``(B, C, H, W)`` (any strides) to weights ``(L, M, P)``.
 
     ``tf32``: None follows :func:`tf32_enabled`. ``tuning`` overrides launch settings, for benchmarks and sweeps:
-    ``block_b`` (examples per program), ``block_l`` (locations per band, a power of two; times the maps rounded up
-    to a power of two, at least 16), ``block_k`` (band columns per product), ``num_warps``, ``num_stages``.
+    ``block_b`` (examples per program), ``block_l`` (locations per band), ``block_k`` (band columns per product),
+    ``flat`` (run the band's kernel rows as one sequence of columns instead of chunking each row's span, so no
+    chunk is padded per row), ``num_warps``, ``num_stages``.
     """
     _check_tuning("forward", tuning)
     batch, channels = x.shape[:2]
@@ -340,12 +410,11 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
             num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return out
-    launch = {**_TUNED["forward", tf32], **tuning}
-    grid = (out_hw[0] * triton.cdiv(out_hw[1], block_l), triton.cdiv(batch, block_b))
+    band = _band_launch("forward", maps, tf32, tuning)
+    grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, block_b))
     _forward_band_kernel[grid](
         x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
-        *stride, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=launch["block_k"], PRECISION=precision,
-        num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
+        *stride, BLOCK_B=block_b, PRECISION=precision, **band,
     )  # fmt: skip
     return out
 
@@ -373,12 +442,11 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
             num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return grad_w
-    launch = {**_TUNED["weight_grad", tf32], **tuning}
+    band = _band_launch("weight_grad", maps, tf32, tuning)
     block_b = tuning.get("block_b", _pow2(batch, 16, 64))
-    _weight_grad_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], block_l),)](
+    _weight_grad_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)](
         x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
-        *stride, BLOCK_B=block_b, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=launch["block_k"], PRECISION=precision,
-        ONE_B_BLOCK=batch <= block_b, num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
+        *stride, BLOCK_B=block_b, PRECISION=precision, ONE_B_BLOCK=batch <= block_b, **band,
     )  # fmt: skip
     return grad_w
 
@@ -388,7 +456,8 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
     """``Wᵀg``: responses ``(B, M, H_out, W_out)`` back to the input space ``(B, C, H, W)``.
 
     ``tuning``: ``tile`` (input pixels per program, ``(rows, columns)``), ``block_b``, ``block_lx`` (locations of
-    a row per product), ``num_warps``, ``num_stages``.
+    a row per product, times the maps rounded up to a power of two), ``flat`` (chunk all the locations that touch
+    the tile as one sequence instead of row by row), ``num_warps``, ``num_stages``.
     """
     _check_tuning("transpose", tuning)
     batch, maps, out_h, out_w = g.shape
@@ -410,7 +479,8 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
     grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
     _transpose_kernel[grid](
         g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride,
-        TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=block_lx, PRECISION=precision,
+        TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=block_lx,
+        FLAT=bool(launch.get("flat", False)), PRECISION=precision,
         num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
     )  # fmt: skip
     return out
