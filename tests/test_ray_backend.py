@@ -35,7 +35,7 @@ from downpour.data import Dataset, load_dataset  # noqa: E402
 from downpour.errors import ConfigError  # noqa: E402
 from downpour.models import build_model  # noqa: E402
 from downpour.ps.flat import flat_copy  # noqa: E402
-from downpour.train import HeldOutLoss, _worker_seeds  # noqa: E402
+from downpour.train import HeldOutLoss, RunState, Taken, _checkpoint_now, _worker_seeds, model_signature  # noqa: E402
 from test_local_policies import _synchronous_sgd  # noqa: E402
 
 
@@ -102,6 +102,15 @@ def _train(cluster: RayCluster, *, seconds: float, tick: Callable[[float], None]
     return events + more_events
 
 
+def _checkpoint(cluster: RayCluster, held_out: HeldOutLoss, out: Path, run_state: RunState | None = None) -> Taken:
+    """What the driver does every train.checkpoint_every seconds (:func:`downpour.train._checkpoint_now`): snapshot,
+    measure, save into ``out`` unless diverged, and hand a snapshot that did not diverge to the shards as their
+    restore point."""
+    config = cluster.config
+    return _checkpoint_now(out, cluster, config, run_state or RunState(), cluster.worker_seeds,  # type: ignore[arg-type]
+                           model_signature(held_out.model), held_out, final=False)  # fmt: skip
+
+
 def _final_loss(cluster: RayCluster, held_out: HeldOutLoss) -> tuple[float, list[dict[str, Any]]]:
     snapshots = cluster.snapshots()
     return held_out(torch.cat([s["values"] for s in snapshots])), snapshots
@@ -138,8 +147,8 @@ def test_two_workers_two_shards_train_digits_across_the_nodes(ray_cluster: str, 
         assert len(set(placement["shards"])) == 2 and len(set(placement["workers"])) == 2
 
 
-def test_killed_worker_and_killed_shard_are_restarted_and_training_goes_on(ray_cluster: str, digits: Dataset
-                                                                           ) -> None:  # fmt: skip
+def test_killed_worker_and_killed_shard_are_restarted_and_training_goes_on(ray_cluster: str, digits: Dataset,
+                                                                           tmp_path: Path) -> None:  # fmt: skip
     """SIGKILL a worker actor's process: Ray restarts it and it goes on from the current parameters. Then kill a
     shard actor half-way between two checkpoints: it comes back at the last checkpoint, and the updates lost are
     those applied since (never more than about one interval's). The loss still falls."""
@@ -153,7 +162,7 @@ def test_killed_worker_and_killed_shard_are_restarted_and_training_goes_on(ray_c
     def tick(elapsed: float) -> None:
         now = time.monotonic()
         if cluster.examples_done() and now - last_checkpoint[0] >= interval:
-            checkpoints.append((now, [s["version"] for s in cluster.snapshots()]))
+            checkpoints.append((now, [s["version"] for s in _checkpoint(cluster, held_out, tmp_path).snapshots]))
             last_checkpoint[0] = now
         if "worker_pid" not in killed and cluster.steps() >= 200:
             killed["worker_pid"] = pid = cluster.pids()[1]
@@ -191,6 +200,43 @@ def test_killed_worker_and_killed_shard_are_restarted_and_training_goes_on(ray_c
     assert 0 < faults["lost_updates"] <= 1.5 * max(per_interval)
     assert any(e.kind == "shard_restored" for e in events)
     assert final_loss < 0.25 * initial_loss
+
+
+def test_a_diverged_checkpoint_never_becomes_a_shards_restore_point(ray_cluster: str, digits: Dataset,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    """ps.lr = 1e30: the first pushes make the held-out loss non-finite (the shards accept the huge finite values).
+    The driver's checkpoint of the diverged shards is neither saved nor handed to the shards: a shard actor that
+    dies then comes back at the last good checkpoint (here the one taken before training), its values and version,
+    and the updates lost are exactly the diverged ones."""
+    config = _config(0)  # no step budget: the test says when to stop
+    config.ps.lr = 1e30
+    cluster, held_out, _ = _cluster(config, digits)
+    run_state = RunState()
+    try:
+        good = _checkpoint(cluster, held_out, tmp_path, run_state)
+        assert not good.diverged and good.saved and run_state.checkpoint_step == 0
+
+        def tick(elapsed: float) -> None:
+            if cluster.steps() >= 20:
+                cluster.request_stop()
+
+        _train(cluster, seconds=120, tick=tick)
+        bad = _checkpoint(cluster, held_out, tmp_path, run_state)
+        assert bad.diverged and not bad.saved and run_state.checkpoint_step == 0, bad
+        assert min(s["version"] for s in bad.snapshots) > 0  # the first pushes were applied
+        cluster.kill_shard(0)
+        deadline = time.monotonic() + 120  # the restarted actor imports torch again
+        while not cluster.restores() and time.monotonic() < deadline:
+            cluster.poll()
+            time.sleep(0.1)
+        restores = cluster.restores()
+        (restored,) = cluster.snapshots([0])
+        lost = cluster.lost_updates
+    finally:
+        cluster.close()
+    assert [r[:3] for r in restores] == [(0, 1, 0)]  # (shard, incarnation, restored version): the good checkpoint
+    assert restored["version"] == 0 and torch.equal(restored["values"], good.snapshots[0]["values"])
+    assert lost == bad.snapshots[0]["version"]
 
 
 def test_chaos_schedule_parses_and_errors_name_the_key() -> None:
@@ -335,7 +381,7 @@ def _rejoined_rounds(records: list[tuple], since: float) -> set[tuple[int, int]]
 
 
 def test_sync_on_ray_is_synchronous_sgd_and_survives_a_killed_worker_and_a_restored_shard(
-    ray_cluster: str, digits: Dataset
+    ray_cluster: str, digits: Dataset, tmp_path: Path
 ) -> None:
     """``ps.policy = "sync"`` on Ray, two workers, two shard actors (on both nodes). First, exactness: a snapshot
     of each shard at version ``k`` equals ``k`` rounds of synchronous SGD replayed on the workers' own batches (the
@@ -352,7 +398,7 @@ def test_sync_on_ray_is_synchronous_sgd_and_survives_a_killed_worker_and_a_resto
 
     def tick(elapsed: float) -> None:
         if "worker_pid" not in killed and cluster.steps() >= 60:
-            killed["snapshots"] = cluster.snapshots()  # what a checkpoint does: shard 0's restore point
+            killed["snapshots"] = _checkpoint(cluster, held_out, tmp_path).snapshots  # shard 0's restore point
             killed["worker_pid"] = pid = cluster.pids()[1]
             os.kill(pid, signal.SIGKILL)
             cluster.kill_shard(0)

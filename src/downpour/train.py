@@ -231,7 +231,8 @@ def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state:
     """Snapshot the shards and save them, unless they diverged (a tensor NaN or Inf, or the held-out loss not
     finite) and the run directory holds a checkpoint already: a diverged one never replaces it. ``final``: the
     session's last checkpoint, saved even when diverged if there is no earlier one (nothing to lose, and the run
-    keeps a checkpoint)."""
+    keeps a checkpoint). Snapshots that did not diverge become the shards' restore points (what a Ray shard actor
+    that dies comes back at); diverged ones never do, even when saved."""
     snapshots = cluster.snapshots()
     _count_lost(cluster, run_state)
     step = cluster.steps()
@@ -240,6 +241,8 @@ def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state:
     state_finite = all(bool(torch.isfinite(t).all()) for snap in snapshots for t in snap["state"].values())
     loss = held_out_loss(params)  # also leaves the model holding these values
     diverged = not (values_finite and state_finite and math.isfinite(loss))
+    if not diverged:
+        cluster.set_restore_points(snapshots)
     saved = not diverged or (final and run_state.checkpoint_step is None)
     if saved:
         _save_checkpoint(out, snapshots, step, config, run_state, seeds, signature)

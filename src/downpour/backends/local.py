@@ -385,6 +385,10 @@ class LocalCluster:
         """A consistent copy of every shard (each shard consistent on its own, as in Downpour)."""
         return [shard.snapshot() for shard in self.shards]
 
+    def set_restore_points(self, snapshots: Sequence[dict[str, Any]]) -> None:
+        """Nothing to do: these shards live in shared memory and never die on their own, so nothing is restored
+        during a session (the Ray backend's shard actors come back at the snapshots given here)."""
+
     def pids(self) -> list[int]:
         """Worker process ids (for tests that kill one)."""
         return [p.pid for p in self._procs]

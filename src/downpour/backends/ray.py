@@ -17,8 +17,9 @@ counts and losses from every worker in batches, without waiting on them.
 Failures. A worker actor that dies (its process killed, its node lost) is restarted by Ray (``max_restarts``); the
 driver sees its ``run`` call fail, counts a restart and calls ``run`` again, and the new process starts, like every
 worker, by fetching the current parameters. A shard actor that dies is restarted by Ray too; its constructor, finding
-itself reconstructed, loads the driver's last checkpoint snapshot (which the driver hands to the coordinator with
-every checkpoint) and takes a new *incarnation* number. Pushes computed against the dead incarnation's values are
+itself reconstructed, loads the driver's last good checkpoint snapshot (which the driver hands to the coordinator
+with every checkpoint that did not diverge: :meth:`RayCluster.set_restore_points`) and takes a new *incarnation*
+number. Pushes computed against the dead incarnation's values are
 dropped (recorded as not applied), and the worker refetches that shard; a worker that pushes directly notices the
 death at its next push (the owner process is gone, or the new incarnation marked the old file retired). The updates
 lost are the shard's version
@@ -272,7 +273,8 @@ class RayCluster:
     """Shard actors and worker actors on a Ray cluster, with the driver-side interface of ``LocalCluster``.
 
     ``start``, ``poll``, ``stop``, ``close``; ``snapshots``, ``steps``, ``examples_done``, ``recent_loss``,
-    ``alive``, ``pids``; ``shards`` (proxies with ``restore``) and ``budget`` (with ``set``) for a resumed run.
+    ``alive``, ``pids``, ``set_restore_points``; ``shards`` (proxies with ``restore``) and ``budget`` (with ``set``)
+    for a resumed run.
     Fault counters: :attr:`worker_restarts`, :attr:`shard_restores`, :attr:`lost_updates` (:meth:`faults`).
     """
 
@@ -592,19 +594,28 @@ class RayCluster:
         return self._steps_before + sum(pushes for _, pushes in self._progress.values())
 
     def snapshots(self, indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
-        """A consistent copy of every shard (each on its own, as in Downpour); each becomes its restore point."""
+        """A consistent copy of every shard (each on its own, as in Downpour). None becomes a restore point until
+        the driver has judged it (:meth:`set_restore_points`)."""
         chosen = list(range(len(self.shards))) if indices is None else list(indices)
         refs = [self.shards[i].handle.snapshot.remote() for i in chosen]
         out = []
         for i, (incarnation, wire) in zip(chosen, ray.get(refs), strict=True):
-            self._set_restore_point(i, ray.put(wire))  # owned by the driver; a restarted shard reads it from here
             self._seen[(i, incarnation)] = max(self._seen.get((i, incarnation), -1), int(wire["version"]))
             out.append(snapshot_from_wire(wire))
         return out
 
+    def set_restore_points(self, snapshots: Sequence[dict[str, Any]]) -> None:
+        """Make ``snapshots`` (one per shard, from :meth:`snapshots`) what a shard actor that dies comes back at.
+        The driver calls this with a checkpoint that did not diverge (finite tensors and held-out loss), never with
+        one that did: a restored shard then holds the last good values."""
+        if len(snapshots) != len(self.shards):
+            raise ValueError(f"{len(snapshots)} snapshots for {len(self.shards)} shards")
+        for i, snapshot in enumerate(snapshots):
+            self._set_restore_point(i, ray.put(snapshot_to_wire(snapshot)))
+
     def _set_restore_point(self, index: int, ref: Any) -> None:
-        self._restore_points[index] = ref  # the driver owns it: it lives while this reference does
-        ray.get(self.coordinator.set_snapshot.remote(index, [ref]))
+        self._restore_points[index] = ref  # owned by the driver (it lives while this reference does); a restarted
+        ray.get(self.coordinator.set_snapshot.remote(index, [ref]))  # shard reads it through the coordinator
 
     def pids(self) -> list[int]:
         """Worker actors' process ids (for tests that kill one); -1 for one that does not answer."""

@@ -113,8 +113,8 @@ class ShardServer:
         self._update = torch.empty(size, dtype=torch.float32)
         self._fetched = torch.empty(size, dtype=torch.float32)
         # Values come from the restore point the driver keeps with the coordinator (the start at first, the last
-        # checkpoint after a death). Constructor arguments hold no object or actor reference: Ray may lose those
-        # of a restartable actor (ray-project/ray#53727); actors are found by name instead.
+        # checkpoint that did not diverge after a death). Constructor arguments hold no object or actor reference:
+        # Ray may lose those of a restartable actor (ray-project/ray#53727); actors are found by name instead.
         (ref,) = ray.get(coordinator.snapshot.remote(index))
         snapshot = snapshot_from_wire(ray.get(ref))
         self.incarnation = 0

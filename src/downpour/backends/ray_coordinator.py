@@ -51,7 +51,8 @@ class Roster:
 
 
 class Coordinator:
-    """The small actor every other one can reach: the global step budget, the last checkpoint, shard restores."""
+    """The small actor every other one can reach: the global step budget, the last good checkpoint (the shards'
+    restore points), shard restores."""
 
     def __init__(self, limit: int, workers: int, shards: int) -> None:
         self.limit, self.workers = limit, workers
