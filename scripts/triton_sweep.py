@@ -1,0 +1,187 @@
+"""Developer tool for a CUDA machine (not part of the package): sweep the Triton kernels' launch settings, the
+flat bands (commit 24982d6) first, then time the whole layer step with each kernel's winner patched into ``_TUNED``.
+
+Run on the GPU machine:  PYTHONPATH=src:/tmp/site python3 scripts/triton_sweep.py $OUT/triton_sweep.json
+Check it on a CPU first:  TRITON_INTERPRET=1 PYTHONPATH=src .venv/bin/python scripts/triton_sweep.py --small
+
+Prints, in this order (so a timeout still leaves the important part):
+1. layer step ms (default _TUNED), fp32 and TF32, unfold+bmm and conv2d, same process;
+2. per kernel and precision: every setting's ms and error vs float64 (one JSON line each);
+3. the winners, the layer step with them patched in, and the ratio to unfold+bmm;
+4. CPU-side cost per step at a tiny shape (launch overhead: what stride 18 is made of).
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+from downpour.bench.layers import unfold_bmm
+from downpour.nn import LocallyConnected2d
+from downpour.nn import local_triton as lt
+
+SMALL = "--small" in sys.argv
+DEVICE = "cpu" if SMALL else "cuda"
+B, C, S, K, M = (4, 1, 12, 6, 8) if SMALL else (64, 1, 96, 18, 8)
+OUT_PATH = next((a for a in sys.argv[1:] if not a.startswith("--")), "/tmp/triton_sweep.json")
+DEADLINE = time.monotonic() + (120 if SMALL else 300)
+results: dict = {"shape": [B, C, S, K, M], "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def fastest_ms(fn, repeats: int = 30) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(1 if SMALL else repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def bench_ms(fn) -> float:
+    if SMALL:
+        return fastest_ms(fn, 1)
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25)
+
+
+def emit(**row) -> None:
+    print(json.dumps(row, default=str), flush=True)
+
+
+torch.manual_seed(0)
+Ho = S - K + 1
+L, P = Ho * Ho, C * K * K
+geo = ((Ho, Ho), (K, K), (1, 1))
+x = torch.randn(B, C, S, S, device=DEVICE)
+w = torch.randn(L, M, P, device=DEVICE) / K
+g = torch.randn(B, M, Ho, Ho, device=DEVICE)
+ref_layer = LocallyConnected2d(C, M, S, K, implementation="bands").to(DEVICE).double()
+with torch.no_grad():
+    ref_layer.weight.copy_(w.double())
+x64 = x.double().requires_grad_(True)
+ref_out = ref_layer(x64)
+ref_out.backward(g.double())
+ref = {"forward": ref_out.detach(), "transpose": x64.grad, "weight_grad": ref_layer.weight.grad}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+layer = LocallyConnected2d(C, M, S, K).to(DEVICE)
+xg = x.clone().requires_grad_(True)
+conv = torch.nn.Conv2d(C, M, K, bias=False).to(DEVICE)
+wl = w.transpose(1, 2).contiguous().requires_grad_(True)
+PRECISIONS = (("fp32", "highest"), ("tf32", "high"))
+
+
+def layer_steps(tag: str) -> dict:
+    out = {}
+    for label, precision in PRECISIONS:
+        torch.set_float32_matmul_precision(precision)
+        out[f"layer_{label}_ms"] = fastest_ms(lambda: layer(xg).sum().backward())
+    torch.set_float32_matmul_precision("highest")
+    results[tag] = out
+    emit(**{tag: out})
+    return out
+
+
+# 1. The layer as it is, against unfold+bmm and conv2d (TF32 allowed for cuDNN, as the bench does).
+base = layer_steps("default")
+results["unfold_bmm_ms"] = fastest_ms(lambda: unfold_bmm(xg, wl, K, 1).sum().backward())
+torch.backends.cudnn.allow_tf32 = True
+results["conv2d_ms"] = fastest_ms(lambda: conv(xg).sum().backward())
+emit(unfold_bmm_ms=results["unfold_bmm_ms"], conv2d_ms=results["conv2d_ms"])
+
+# 2. Settings, most promising first (the flat narrow bands), kernel by kernel.
+runs = {
+    "forward": lambda **kw: lt.lc_forward(x, w, *geo, **kw),
+    "weight_grad": lambda **kw: lt.lc_weight_grad(g, x, w.shape, *geo, **kw),
+    "transpose": lambda **kw: lt.lc_transpose(g, w, (C, S, S), (K, K), (1, 1), **kw),
+}
+grids = {
+    "forward": [{}] + [
+        dict(flat=True, block_l=bl, block_k=bk, num_warps=nw)
+        for bl in (2, 4, 8, 15) for bk in (32, 64) for nw in (4, 8)
+    ],
+    "weight_grad": [{}] + [
+        dict(flat=True, block_l=bl, block_k=bk, num_warps=nw)
+        for bl in (2, 4, 8, 15) for bk in (16, 32) for nw in (4, 8)
+    ],
+    "transpose": [{}] + [
+        dict(flat=True, tile=tile, block_lx=lx, num_warps=4)
+        for tile in ((4, 4), (2, 8), (4, 8)) for lx in (2, 4)
+    ] + [dict(tile=(4, 4), num_warps=4), dict(tile=(2, 8), num_warps=4)],
+}  # fmt: skip
+if SMALL:
+    grids = {name: grid[:3] for name, grid in grids.items()}
+rows = []
+for label, _ in PRECISIONS:
+    tf32 = label == "tf32"
+    for name, grid in grids.items():
+        for setting in grid:
+            if time.monotonic() > DEADLINE:
+                break
+            try:
+                ms = bench_ms(lambda name=name, setting=setting, tf32=tf32: runs[name](tf32=tf32, **setting))
+                err = rel(runs[name](tf32=tf32, **setting), ref[name])
+            except Exception as exc:  # an invalid combination (e.g. shared memory): record it and go on
+                emit(kernel=name, tf32=tf32, setting=setting, error=repr(exc)[:200])
+                continue
+            rows.append({"kernel": name, "tf32": tf32, "setting": setting, "ms": ms, "err": err})
+            emit(**rows[-1])
+results["rows"] = rows
+
+# 3. Winners per kernel and precision (fp32 must stay accurate), patched into _TUNED, the layer step again.
+winners = {}
+for label, _ in PRECISIONS:
+    tf32 = label == "tf32"
+    for name in runs:
+        ok = [r for r in rows if r["kernel"] == name and r["tf32"] == tf32 and (tf32 or r["err"] < 2e-6)]
+        if ok:
+            top = min(ok, key=lambda r: r["ms"])
+            default = next((r["ms"] for r in ok if r["setting"] == {}), None)
+            winners[f"{name} {label}"] = {"setting": top["setting"], "ms": top["ms"], "default_ms": default}
+            lt._TUNED[name, tf32] = {**lt._TUNED[name, tf32], **top["setting"]}
+results["winners"] = winners
+results["tuned_after"] = {f"{k[0]} {k[1]}": v for k, v in lt._TUNED.items()}
+emit(winners=winners)
+best = layer_steps("tuned")
+for label, _ in PRECISIONS:
+    emit(**{f"{label}: unfold_bmm / layer, default": results["unfold_bmm_ms"] / base[f"layer_{label}_ms"],
+            f"{label}: unfold_bmm / layer, tuned": results["unfold_bmm_ms"] / best[f"layer_{label}_ms"]})  # fmt: skip
+
+# 4. CPU-side cost of a step where the GPU has almost nothing to do (stride 18 is like this): many steps queued
+# without a sync in between, so the time per step is what the host spends issuing it.
+tiny_x = torch.randn(2, 1, 36, 36, device=DEVICE, requires_grad=True)
+tiny = {"layer_k18_s18": LocallyConnected2d(1, M, 36, K, K).to(DEVICE), "conv2d_k18_s18": torch.nn.Conv2d(1, M, K, K,
+        bias=False).to(DEVICE)}  # fmt: skip
+steps = 3 if SMALL else 300
+for name, module in tiny.items():
+    module(tiny_x).sum().backward()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        module(tiny_x).sum().backward()
+    sync()
+    results[f"host_us_per_step_{name}"] = (time.perf_counter() - t) / steps * 1e6
+small_w = torch.randn(4, M, P, device=DEVICE)
+t = time.perf_counter()
+for _ in range(steps):
+    lt.lc_forward(tiny_x.detach(), small_w, (2, 2), (K, K), (K, K))
+sync()
+results["host_us_per_lc_forward_launch"] = (time.perf_counter() - t) / steps * 1e6
+emit(**{k: v for k, v in results.items() if k.startswith("host_us")})
+with open(OUT_PATH, "w") as handle:
+    json.dump(results, handle, indent=1, default=str)
+print("wrote", OUT_PATH)
