@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
 
@@ -29,8 +30,14 @@ class SparseAutoencoder(nn.Module):
                  epsilon: float = 0.01, weight_decay: float = 0.0,
                  generator: torch.Generator | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.input_dim, self.features, self.penalty = input_dim, features, penalty
-        self.epsilon, self.weight_decay = epsilon, weight_decay
+        owner = type(self).__name__
+        self.input_dim = input_dim = check.integer(owner, "input_dim", input_dim)
+        self.features = features = check.integer(owner, "features", features)
+        check.penalty(owner, penalty, sigmoid=True)
+        self.penalty = penalty
+        self.epsilon = check.number(owner, "epsilon", epsilon, positive=True)
+        self.weight_decay = check.number(owner, "weight_decay", weight_decay)
+        check.instance(owner, "generator", generator, torch.Generator, "torch.Generator", optional=True)
         bound = math.sqrt(6 / (input_dim + features + 1))  # UFLDL's uniform init
         self.weight = nn.Parameter((torch.rand(features, input_dim, generator=generator) * 2 - 1) * bound)  # W₁ (K, D)
         self.bias = nn.Parameter(torch.zeros(features))  # b₁

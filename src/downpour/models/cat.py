@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from downpour.errors import ConfigError
 from downpour.models.shapes import as_images
 from downpour.nn import L2Pool2d, LocalContrastNorm2d, LocallyConnected2d
+from downpour.nn import arguments as check
 from downpour.nn.skip import SkipPlan, active_fields
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
@@ -132,10 +133,22 @@ class CatNetwork(nn.Module):
                  epsilon: float = 0.01, skip_variance: float = 0.0, penalty: PenaltySpec | None = None,
                  weight_decay: float = 0.0) -> None:  # fmt: skip
         super().__init__()
+        owner = type(self).__name__
+        shape = check.sizes(owner, "shape", shape, 3)  # type: ignore[assignment]
         channels, height, width = shape
         if height != width:
             raise ConfigError(f"the cat network takes square images, got {height}x{width}")
-        self.shape, self.greedy = shape, greedy
+        stages = check.integer(owner, "stages", stages)
+        receptive_field = check.integer(owner, "receptive_field", receptive_field)
+        maps, pool = check.integer(owner, "maps", maps), check.integer(owner, "pool", pool)
+        lcn = check.integer(owner, "lcn", lcn)
+        check.require(lcn % 2 == 1, owner, "lcn", lcn, "an odd integer >= 1 (a centred window)")
+        tied = check.flag(owner, "tied", tied)
+        for name, value in (("sparsity", sparsity), ("epsilon", epsilon), ("skip_variance", skip_variance),
+                            ("weight_decay", weight_decay)):  # fmt: skip
+            check.number(owner, name, value)
+        check.penalty(owner, penalty if penalty is not None else PenaltySpec("rica", sparsity), sigmoid=False)
+        self.shape, self.greedy = shape, check.flag(owner, "greedy", greedy)
         self.shapes = stage_shapes(
             channels, height, stages=stages, receptive_field=receptive_field, pool=pool, maps=maps, lcn=lcn
         )

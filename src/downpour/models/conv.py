@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from downpour.errors import ConfigError
 from downpour.models.shapes import as_images
+from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
 
@@ -31,12 +32,20 @@ class ConvAutoencoder(nn.Module):
                  penalty: PenaltySpec | None = None, sparsity: float = 0.1, epsilon: float = 0.01,
                  weight_decay: float = 0.0, generator: torch.Generator | None = None) -> None:  # fmt: skip
         super().__init__()
-        channels, height, width = shape
+        owner = type(self).__name__
+        self.shape = check.sizes(owner, "shape", shape, 3)
+        channels, height, width = self.shape
+        receptive_field = check.integer(owner, "receptive_field", receptive_field)
         if receptive_field > min(height, width):
             raise ConfigError(f"invalid model.receptive_field: {receptive_field} (conv sees {height}x{width} "
                               "examples; use a field no larger than the examples)")  # fmt: skip
-        self.shape, self.features, self.epsilon, self.weight_decay = shape, features, epsilon, weight_decay
+        self.features = features = check.integer(owner, "features", features)
+        sparsity = check.number(owner, "sparsity", sparsity)
+        self.epsilon = check.number(owner, "epsilon", epsilon, positive=True)
+        self.weight_decay = check.number(owner, "weight_decay", weight_decay)
+        check.instance(owner, "generator", generator, torch.Generator, "torch.Generator", optional=True)
         self.penalty = penalty if penalty is not None else PenaltySpec("rica", sparsity)
+        check.penalty(owner, self.penalty, sigmoid=False)
         self.filter_shape = (channels, receptive_field, receptive_field)
         fan_in = channels * receptive_field * receptive_field
         weight = torch.randn(features, channels, receptive_field, receptive_field, generator=generator)

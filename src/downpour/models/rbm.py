@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
 
@@ -40,11 +41,16 @@ class GaussianBernoulliRBM(nn.Module):
                  penalty: PenaltySpec | None = None, epsilon: float = 0.01, weight_decay: float = 0.0,
                  seed: int = 0) -> None:  # fmt: skip
         super().__init__()
-        if cd_k < 1:
-            raise ValueError(f"Invalid cd_k: {cd_k}")
-        self.input_dim, self.features, self.cd_k, self.pcd = input_dim, features, cd_k, pcd
+        owner = type(self).__name__
+        self.input_dim = input_dim = check.integer(owner, "input_dim", input_dim)
+        self.features = features = check.integer(owner, "features", features)
+        self.cd_k = check.integer(owner, "cd_k", cd_k)
+        self.pcd = check.flag(owner, "pcd", pcd)
         self.penalty = penalty if penalty is not None else PenaltySpec("none")
-        self.epsilon, self.weight_decay = epsilon, weight_decay
+        check.penalty(owner, self.penalty, sigmoid=True)
+        self.epsilon = check.number(owner, "epsilon", epsilon, positive=True)
+        self.weight_decay = check.number(owner, "weight_decay", weight_decay)
+        seed = check.integer(owner, "seed", seed, minimum=0, maximum=2**64 - 2)  # seed + 1 seeds the sampler
         self.sampler = torch.Generator().manual_seed(seed + 1)
         init = torch.Generator().manual_seed(seed)
         self.weight = nn.Parameter(0.01 * torch.randn(features, input_dim, generator=init))  # W (K, D), Hinton §8

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
 
@@ -30,9 +31,15 @@ class RICA(nn.Module):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        self.input_dim, self.features, self.sparsity, self.epsilon = input_dim, features, sparsity, epsilon
-        self.penalty = penalty if penalty is not None else PenaltySpec("rica", sparsity)  # λ Σ sqrt(ε + h²)
-        self.weight_decay = weight_decay
+        owner = type(self).__name__
+        self.input_dim = input_dim = check.integer(owner, "input_dim", input_dim)
+        self.features = features = check.integer(owner, "features", features)
+        self.sparsity = check.number(owner, "sparsity", sparsity)
+        self.epsilon = check.number(owner, "epsilon", epsilon, positive=True)  # ε = 0: NaN gradients where h = 0
+        self.weight_decay = check.number(owner, "weight_decay", weight_decay)
+        check.instance(owner, "generator", generator, torch.Generator, "torch.Generator", optional=True)
+        self.penalty = penalty if penalty is not None else PenaltySpec("rica", self.sparsity)  # λ Σ sqrt(ε + h²)
+        check.penalty(owner, self.penalty, sigmoid=False)
         weight = torch.randn(features, input_dim, generator=generator) / math.sqrt(input_dim)
         self.weight = nn.Parameter(weight)  # (K, D): one filter per row
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
+from downpour.nn import arguments as check
+
 if TYPE_CHECKING:
     from downpour.nn.skip import SkipPlan
 
@@ -35,13 +37,6 @@ def _kernels() -> ModuleType:
     from downpour.nn import local_triton
 
     return local_triton
-
-
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
-        raise ValueError(f"Invalid {name}: {value!r} (a positive integer or a pair of them)")
-    return pair  # type: ignore[return-value]
 
 
 def _band_patches(x_t: Tensor, rows: slice, width: int, kernel: tuple[int, int], stride: tuple[int, int]) -> Tensor:
@@ -232,24 +227,24 @@ class LocallyConnected2d(nn.Module):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"Invalid implementation: {implementation!r} (one of {', '.join(IMPLEMENTATIONS)})")
         self.implementation = implementation
-        if not (isinstance(in_channels, int) and in_channels >= 1):
-            raise ValueError(f"Invalid in_channels: {in_channels!r} (a positive integer)")
-        if not (isinstance(out_channels, int) and out_channels >= 1):
-            raise ValueError(f"Invalid out_channels: {out_channels!r} (a positive integer)")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.in_size = _pair(in_size, "in_size")
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        if any(k > n for k, n in zip(self.kernel_size, self.in_size, strict=True)):
-            raise ValueError(f"Invalid kernel_size: {kernel_size!r} (larger than in_size {self.in_size})")
+        owner = type(self).__name__
+        self.in_channels = check.integer(owner, "in_channels", in_channels)
+        self.out_channels = check.integer(owner, "out_channels", out_channels)
+        self.in_size = check.pair(owner, "in_size", in_size)
+        self.kernel_size = check.pair(owner, "kernel_size", kernel_size)
+        self.stride = check.pair(owner, "stride", stride)
+        fits = all(k <= n for k, n in zip(self.kernel_size, self.in_size, strict=True))
+        check.require(fits, owner, "kernel_size", kernel_size, f"at most in_size {self.in_size}")
+        check.flag(owner, "bias", bias)
         self.out_size = tuple(
             (n - k) // s + 1 for n, k, s in zip(self.in_size, self.kernel_size, self.stride, strict=True)
         )
         locations = self.out_size[0] * self.out_size[1]
-        patch = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        patch = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         bound = 1.0 / math.sqrt(patch)
-        self.weight = nn.Parameter(torch.empty(locations, out_channels, patch).uniform_(-bound, bound))  # (L, M, P)
-        self.bias = nn.Parameter(torch.zeros(out_channels, *self.out_size)) if bias else None
+        weight = torch.empty(locations, self.out_channels, patch).uniform_(-bound, bound)  # (L, M, P)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(self.out_channels, *self.out_size)) if bias else None
 
     def forward(self, x: Tensor, active: Tensor | SkipPlan | None = None) -> Tensor:
         """``(B, C, H, W) -> (B, out_channels, H_out, W_out)``.

@@ -5,21 +5,14 @@ channel.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from downpour.nn import arguments as check
 from downpour.nn.pooling import _sqrt_zero_grad_at_zero
 
 __all__ = ["LocalContrastNorm2d"]
-
-
-def _positive_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class LocalContrastNorm2d(nn.Module):
@@ -56,11 +49,12 @@ class LocalContrastNorm2d(nn.Module):
 
     def __init__(self, kernel_size: int = 9, *, sigma: float | None = None, epsilon: float = 1e-4) -> None:
         super().__init__()
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+        owner = type(self).__name__
+        kernel_size = check.integer(owner, "kernel_size", kernel_size)
+        check.require(kernel_size % 2 == 1, owner, "kernel_size", kernel_size, "an odd integer >= 1 (a centred window)")
         self.kernel_size = kernel_size
-        self.sigma = kernel_size / 4 if sigma is None else _positive_finite("sigma", sigma)
-        self.epsilon = _positive_finite("epsilon", epsilon)
+        self.sigma = kernel_size / 4 if sigma is None else check.number(owner, "sigma", sigma, positive=True)
+        self.epsilon = check.number(owner, "epsilon", epsilon, positive=True)
         # Built and kept in float64 so that float64 inputs get full-precision weights; cast to the input's dtype in
         # forward (module.to(dtype) converts it as usual).
         offsets = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2

@@ -6,19 +6,13 @@ Le et al. 2012, "Building high-level features using large scale unsupervised lea
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from downpour.nn import arguments as check
+
 __all__ = ["L2Pool2d"]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _sqrt_zero_grad_at_zero(s: Tensor) -> Tensor:
@@ -49,12 +43,11 @@ class L2Pool2d(nn.Module):
 
     def __init__(self, kernel_size: int, stride: int | None = None, *, padding: int = 0, epsilon: float = 0.0) -> None:
         super().__init__()
-        self.kernel_size = _check_int("kernel_size", kernel_size, 1)
-        self.stride = kernel_size if stride is None else _check_int("stride", stride, 1)
-        self.padding = _check_int("padding", padding, 0)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (0 <= epsilon < math.inf):
-            raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
-        self.epsilon = float(epsilon)
+        owner = type(self).__name__
+        self.kernel_size = check.integer(owner, "kernel_size", kernel_size)
+        self.stride = self.kernel_size if stride is None else check.integer(owner, "stride", stride)
+        self.padding = check.integer(owner, "padding", padding, minimum=0)
+        self.epsilon = check.number(owner, "epsilon", epsilon)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:

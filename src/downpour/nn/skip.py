@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from downpour.nn import arguments as check
 from downpour.nn import local_pairs
 
 
@@ -27,6 +28,7 @@ def field_variance(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) 
 
 def active_fields(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], threshold: float) -> Tensor:
     """Fields whose variance is at least ``threshold`` (``(B, H_out, W_out)`` bool): the ones that are computed."""
+    check.number("active_fields", "threshold", threshold)  # NaN would zero every field
     return field_variance(x.detach(), kernel, stride) >= threshold
 
 
@@ -40,6 +42,12 @@ class SkipPlan:
     """
 
     def __init__(self, active: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dtype: torch.dtype) -> None:
+        check.instance("SkipPlan", "active", active, Tensor, "torch.Tensor")
+        if active.dtype != torch.bool or active.dim() != 3:
+            raise ValueError(f"Invalid active for SkipPlan: must be a (B, H_out, W_out) bool mask, got {active.dtype} "
+                             f"of shape {tuple(active.shape)}")  # fmt: skip
+        check.instance("SkipPlan", "dtype", dtype, torch.dtype, "torch.dtype")
+        kernel, stride = check.pair("SkipPlan", "kernel", kernel), check.pair("SkipPlan", "stride", stride)
         self.active, self.kernel, self.stride = active.clone(), kernel, stride  # frozen: the pairs are built once
         self.skips = active.device.type == "cpu" and dtype in local_pairs.DTYPES and local_pairs.available()
         self.pairs = local_pairs.FieldPairs.of(active) if self.skips else None

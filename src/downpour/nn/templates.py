@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from downpour.nn import arguments as check
+
 TEMPLATE_KINDS = ("gabor", "dog", "random")
 GABOR_MIN_WAVELENGTH = 2.5  # pixels: a little above the Nyquist limit of 2
 SURROUND_RATIO = 2.0  # σ_surround / σ_centre of the difference of Gaussians
@@ -32,6 +34,9 @@ def gabor(size: int, *, theta: float, frequency: float, phase: float, sigma: flo
           center: tuple[float, float] | None = None) -> Tensor:  # fmt: skip
     """``exp(−r²/2σ²) · cos(2πf·(x cos θ + y sin θ) + φ)`` on a ``size × size`` grid, r measured from ``center``
     (``(y, x)``, default the middle): a Gabor function cropped to the field, ``(size, size)`` float64."""
+    check.integer("gabor", "size", size)
+    check.number("gabor", "sigma", sigma, positive=True)
+    check.number("gabor", "frequency", frequency)
     y, x = _grid(size)
     cy, cx = center if center is not None else ((size - 1) / 2, (size - 1) / 2)
     dy, dx = y - cy, x - cx
@@ -43,6 +48,9 @@ def difference_of_gaussians(size: int, *, sigma: float, ratio: float = SURROUND_
                             center: tuple[float, float] | None = None) -> Tensor:  # fmt: skip
     """Centre minus surround, ``G_σ − G_{ratio·σ}`` (each normalised to unit sum, so a flat input gives about 0);
     negated for an off-centre cell: ``(size, size)`` float64."""
+    check.integer("difference_of_gaussians", "size", size)
+    check.number("difference_of_gaussians", "sigma", sigma, positive=True)
+    check.number("difference_of_gaussians", "ratio", ratio, positive=True)
     y, x = _grid(size)
     cy, cx = center if center is not None else ((size - 1) / 2, (size - 1) / 2)
     r2 = (x - cx) ** 2 + (y - cy) ** 2
@@ -66,8 +74,11 @@ def gabor_bank(size: int, *, orientations: int = 8, frequencies: list[float] | N
                center: tuple[float, float] | None = None) -> Tensor:  # fmt: skip
     """Gabors over orientations θ = kπ/orientations × frequencies × phases, envelope σ = 0.5/f (about one octave
     of bandwidth), cropped to the field: ``(orientations·len(frequencies)·len(phases), size, size)``, unit norm."""
-    if size < 2:
-        raise ValueError(f"Invalid size: {size} (a Gabor needs a field of at least 2x2)")
+    check.integer("gabor_bank", "size", size, minimum=2)  # a Gabor needs a field of at least 2x2
+    check.integer("gabor_bank", "orientations", orientations)
+    check.require(len(phases) > 0, "gabor_bank", "phases", phases, "at least one phase")
+    check.require(frequencies is None or len(frequencies) > 0, "gabor_bank", "frequencies", frequencies,
+                  "None or at least one frequency")  # fmt: skip
     frequencies = frequencies if frequencies is not None else gabor_frequencies(size)
     bank = [
         gabor(size, theta=math.pi * k / orientations, frequency=f, phase=phase, sigma=0.5 / f, center=center)
@@ -81,8 +92,9 @@ def gabor_bank(size: int, *, orientations: int = 8, frequencies: list[float] | N
 def dog_bank(size: int, *, sigmas: list[float] | None = None, centers: int = 1) -> Tensor:
     """On- and off-centre differences of Gaussians at ``centers × centers`` places × centre widths ``sigmas``
     (default 0.5, 1, 2, ... up to size/6 px): ``(centers²·len(sigmas)·2, size, size)``, unit norm."""
-    if size < 3:
-        raise ValueError(f"Invalid size: {size} (a centre and its surround need a field of at least 3x3)")
+    check.integer("dog_bank", "size", size, minimum=3)  # a centre and its surround need a field of at least 3x3
+    check.integer("dog_bank", "centers", centers)
+    check.require(sigmas is None or len(sigmas) > 0, "dog_bank", "sigmas", sigmas, "None or at least one width")
     if sigmas is None:
         sigmas, sigma = [], 0.5
         while sigma <= max(size / 6, 0.5):
@@ -126,11 +138,10 @@ def templates(kind: str, count: int, shape: tuple[int, int, int], *,
     repeated at more centres across the field (2×2, 4×4, ... places); a larger one is subsampled evenly.
     ``random`` draws i.i.d. Gaussian templates from ``generator``.
     """
-    channels, height, width = shape
-    if kind not in TEMPLATE_KINDS:
-        raise ValueError(f"Invalid template kind: {kind!r} (choose one of {', '.join(TEMPLATE_KINDS)})")
-    if count < 1:
-        raise ValueError(f"Invalid count: {count}")
+    check.require(kind in TEMPLATE_KINDS, "templates", "kind", kind, f"one of {', '.join(TEMPLATE_KINDS)}")
+    count = check.integer("templates", "count", count)
+    channels, height, width = check.sizes("templates", "shape", shape, 3)
+    check.instance("templates", "generator", generator, torch.Generator, "torch.Generator", optional=True)
     if kind == "random":
         bank = torch.randn(count, channels * height * width, generator=generator, dtype=torch.float64)
         return (bank / bank.norm(dim=1, keepdim=True)).float()
