@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
@@ -65,6 +66,7 @@ class TrainingDiverged(DownpourError):
 
 
 FAULT_COUNTERS = ("worker_restarts", "shard_restores", "lost_updates")
+WORKER_MEMORY_HINT = "reduce train.batch_size or the model (model.features), or run fewer cluster.workers"
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -478,10 +480,14 @@ def _log_events(
     for event in events:
         if event.kind == "died":
             run_state.worker_deaths += 1
-            console.print(f"[yellow]worker {event.worker} died ({event.detail}); the others go on[/]")
+            if not event.said:  # a worker that failed said why already
+                console.print(f"[yellow]worker {event.worker} died ({event.detail}); the others go on[/]")
         elif event.kind == "error":
             last_line = event.detail.strip().splitlines()[-1] if event.detail.strip() else "unknown error"
             console.print(f"[red]worker {event.worker} failed: {last_line}[/]")
+        elif event.kind == "out_of_memory":
+            said = f"worker {event.worker} ran out of memory: {event.detail} ({WORKER_MEMORY_HINT})"
+            console.print(f"[red]{escape(said)}[/]")
         elif event.kind == "restarted":  # Ray backend: the worker actor's process died and Ray restarted it
             run_state.worker_restarts += 1
             console.print(f"[yellow]worker {event.worker} died ({event.detail}); restarted[/]")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -96,6 +97,29 @@ def check_local_workers(workers: int) -> None:
             f"torch, about {WORKER_MEMORY_BYTES // 2**20} MB each; {available_memory() / 2**30:.1f} GB available "
             f"here holds at most {limit}; use cluster.backend = \"sim\" for more workers)"
         )
+
+
+# torch's allocators: "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes", "not enough
+# memory: you tried to allocate N bytes", CUDA's "out of memory"; a shared-memory map: "Cannot allocate memory (12)"
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|cannot allocate memory|not enough memory|out of memory", re.I)
+_TRIED_BYTES = re.compile(r"tried to allocate (\d+) bytes")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """A few words on a failed allocation (``could not allocate 2.6 GiB``), or None when ``exc`` is not one: a
+    :class:`MemoryError` (numpy's too) or torch's allocator failing (a RuntimeError)."""
+    if not isinstance(exc, MemoryError | RuntimeError):
+        return None
+    text = str(exc)
+    if not isinstance(exc, MemoryError) and not _ALLOCATION_FAILED.search(text):
+        return None  # another RuntimeError: a bug, reported as one
+    tried = _TRIED_BYTES.search(text)
+    if tried:
+        size = int(tried.group(1))
+        amount = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+        return f"could not allocate {amount}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "an allocation failed"
 
 
 def worker_threads(config: Config) -> int:
@@ -215,20 +239,29 @@ def _worker_main(spec: _WorkerSpec) -> None:
         gc.freeze()  # exiting: skip the final collections over torch's objects (about a second the driver waits)
     except BrokenPipeError:  # the driver is gone: nobody to report to
         raise SystemExit(1) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
+    except BaseException as exc:
+        detail = out_of_memory(exc)
+        if detail is not None:  # said in one line; the failed step's tensors (its frames' locals) freed first
+            traceback.clear_frames(exc.__traceback__)
+            message = ("out_of_memory", spec.worker_id, detail)
+        else:
+            message = ("error", spec.worker_id, traceback.format_exc())
+        with contextlib.suppress(OSError, MemoryError):
             batcher.flush()
-            spec.records.send(("error", spec.worker_id, traceback.format_exc()))
+            spec.records.send(message)
         raise SystemExit(1) from None
 
 
 @dataclass
 class WorkerEvent:
-    """Something the driver should log about a worker (``died``, ``error``)."""
+    """Something the driver should log about a worker (``died``, ``error``, ``out_of_memory``; on the Ray backend
+    also ``restarted``, ``shard_restored``, ``chaos``). ``said``: a death whose cause the worker reported already
+    (``error``, ``out_of_memory``): counted, not told again."""
 
     kind: str
     worker: int
     detail: str
+    said: bool = False
 
 
 class LocalCluster:
@@ -266,6 +299,7 @@ class LocalCluster:
         self._pipes = [self._ctx.Pipe(duplex=False) for _ in range(workers)]  # (read end, write end) per worker
         self._procs: list[Any] = []
         self._reported_dead: set[int] = set()
+        self._failed: set[int] = set()  # workers that reported why they failed (an error, out of memory)
         self._pipe_closed: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -348,8 +382,9 @@ class LocalCluster:
             try:
                 while reader.poll():
                     item = reader.recv()
-                    if isinstance(item, tuple) and item and item[0] == "error":
-                        events.append(WorkerEvent("error", worker_id, item[2]))
+                    if isinstance(item, tuple) and item and item[0] in ("error", "out_of_memory"):
+                        events.append(WorkerEvent(item[0], worker_id, item[2]))
+                        self._failed.add(worker_id)
                     else:
                         records.extend(item)
             except (EOFError, OSError):  # the worker exited (or died, perhaps mid-message): nothing more will come
@@ -361,8 +396,8 @@ class LocalCluster:
             if self.clocks is not None:
                 self.clocks.retire(worker_id)  # a dead worker must not hold the others back (ssp, sync)
             if proc.exitcode != 0 and not self._control[0]:
-                self._reported_dead.add(worker_id)
-                events.append(WorkerEvent("died", worker_id, f"exit code {proc.exitcode}"))
+                self._reported_dead.add(worker_id)  # (a worker sends its failure before it exits: read above)
+                events.append(WorkerEvent("died", worker_id, f"exit code {proc.exitcode}", worker_id in self._failed))
         return records, events
 
     def alive(self) -> int:

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from downpour.backends import shm
 from downpour.backends.chaos import parse_chaos
-from downpour.backends.local import WorkerEvent
+from downpour.backends.local import WorkerEvent, out_of_memory
 from downpour.backends.ray_actors import (
     RemoteShard,
     ShardServer,
@@ -506,7 +506,10 @@ class RayCluster:
                 state.done = True
                 self.coordinator.retire.remote(worker_id)  # it may have failed before leaving SSP's clocks
                 self._leave_rounds(worker_id, state.incarnation)  # or sync's rounds (before it even joined them)
-                events.append(WorkerEvent("error", worker_id, str(exc.cause if exc.cause is not None else exc)))
+                cause = exc.cause if exc.cause is not None else exc
+                oom = out_of_memory(cause)  # said in one line, as the local backend's workers do
+                events.append(WorkerEvent("error", worker_id, str(cause)) if oom is None else
+                              WorkerEvent("out_of_memory", worker_id, oom))  # fmt: skip
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True
                 self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back
