@@ -278,14 +278,15 @@ if AVAILABLE:
         lx_hi = tl.minimum(W_OUT, (x0 + TILE_W - 1) // SW + 1)
         acc = tl.zeros((BLOCK_B, TILE_H * TILE_W), dtype=tl.float32)
         if FLAT:  # every (location, map) touching the tile as one sequence, in chunks: no chunk padded per row
-            n_lx = tl.maximum(lx_hi - lx_lo, 0)
-            pairs = tl.maximum(ly_hi - ly_lo, 0) * n_lx * M
-            for k0 in range(0, pairs, BLOCK_LX * BLOCK_M):
+            # NLY × NLX locations at most touch a tile (fewer at the borders): divisions by constants are cheap.
+            NLY: tl.constexpr = (TILE_H + KH - 2) // SH + 1
+            NLX: tl.constexpr = (TILE_W + KW - 2) // SW + 1
+            for k0 in range(0, NLY * NLX * BLOCK_M, BLOCK_LX * BLOCK_M):
                 kk = k0 + offs_k
-                ly = ly_lo + (kk // M) // n_lx  # (K,)
-                lx = lx_lo + (kk // M) % n_lx
-                m = kk % M
-                mask_k = kk < pairs
+                ly = ly_lo + kk // (NLX * BLOCK_M)  # (K,)
+                lx = lx_lo + (kk // BLOCK_M) % NLX
+                m = kk % BLOCK_M
+                mask_k = (ly < ly_hi) & (lx < lx_hi) & (m < M) & (kk < NLY * NLX * BLOCK_M)
                 loc = ly * W_OUT + lx
                 gv = tl.load(
                     g_ptr + offs_b[:, None] * sgb + m[None, :] * sgm + loc[None, :] * sgl,
