@@ -4,6 +4,10 @@ small real files and in-process ``downpour`` calls."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,6 +118,42 @@ def test_failed_allocations_are_one_line(cli: Cli, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(cli_mod, "_cmd_train", lambda args, console: allocate())
     err = _one_error_line(cli("train"), "out of memory: ", "reduce model.features / data.examples")
     assert "enforce fail" not in err
+
+
+# ``downpour ARGS`` in a process whose address space ends {margin} bytes above what it has mapped after a first
+# tiny run (which imports and maps everything the second one uses): the second run's first large allocation fails.
+LIMITED_DRIVER = """import resource
+import sys
+
+from downpour.cli import main
+
+tiny = ["--backend", "sim", "--steps", "2", "--no-progress", "--set", "data.source=digits", "--set",
+        "data.held_out=256", "--set", "model.features=8"]
+assert main(["train", "--out", sys.argv[1], *tiny]) == 0
+with open("/proc/self/status") as status:
+    mapped = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + {margin}, resource.getrlimit(resource.RLIMIT_AS)[1]))
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+def test_a_failed_allocation_of_megabytes_says_how_many(tmp_path: Path) -> None:
+    """A real allocation failure in the command itself (not a worker): the 160000-feature model's 39 MiB weight
+    does not fit in the 16 MiB left. The line says "could not allocate 39.1 MiB", not "0.0 GiB"."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(LIMITED_DRIVER.format(margin=16 * 2**20))
+    result = subprocess.run(
+        [sys.executable, str(driver), str(tmp_path / "warm"), *TRAIN, "--out", str(tmp_path / "run"), "--set",
+         "data.source=digits", "--set", "data.held_out=256", "--set", "model.features=160000"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(err) == 1, result.stderr
+    assert re.fullmatch(r"downpour: error: out of memory: could not allocate [\d.]+ MiB \(reduce model\.features "
+                        r"/ data\.examples / data\.image_size / train\.batch_size, or the size of the input\)",
+                        err[0]), err[0]  # fmt: skip
+    assert float(err[0].split("allocate ")[1].split()[0]) > 10
 
 
 def test_other_runtime_errors_are_not_taken_for_memory(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:

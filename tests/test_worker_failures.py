@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from conftest import FAST, read_jsonl
-from downpour.backends.local import out_of_memory
+from downpour.errors import out_of_memory
 
 # The interpreter the driver starts its workers with: it imports what a worker imports, then ends its address space
 # {margin} bytes above what it has mapped, and runs what multiprocessing's spawn asked of it

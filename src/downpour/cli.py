@@ -9,7 +9,6 @@ import argparse
 import gc
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -20,7 +19,10 @@ from downpour import rundir
 from downpour.cli_eval import add_eval, cmd_detect, cmd_eval, cmd_viz
 from downpour.cli_report import add_report, cmd_report
 from downpour.cli_study import add_study, cmd_study
-from downpour.errors import DownpourError
+from downpour.errors import DownpourError, out_of_memory
+
+# What a failed allocation in the command itself (not in a worker) asks the user to make smaller.
+MEMORY_HINT = "reduce model.features / data.examples / data.image_size / train.batch_size, or the size of the input"
 
 SHORTHANDS = {
     "workers": "cluster.workers",
@@ -210,42 +212,16 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"downpour: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
-    except MemoryError as exc:  # numpy's _ArrayMemoryError too
-        print(f"downpour: error: {_out_of_memory(exc)}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if not _is_allocation_failure(exc):
+    except (MemoryError, RuntimeError) as exc:  # numpy's _ArrayMemoryError, torch's allocators
+        detail = out_of_memory(exc)
+        if detail is None:  # another RuntimeError: a bug, reported as one
             raise
-        print(f"downpour: error: {_out_of_memory(exc)}", file=sys.stderr)
+        print(f"downpour: error: out of memory: {detail} ({MEMORY_HINT})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("downpour: interrupted", file=sys.stderr)
         return 130
     raise AssertionError(args.command)  # pragma: no cover
-
-
-# torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes") and CUDA's
-# ("CUDA out of memory"; torch.cuda.OutOfMemoryError is a RuntimeError)
-_ALLOCATION_FAILURE = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
-_TRIED_BYTES = re.compile(r"tried to allocate (\d+) bytes")
-
-
-def _is_allocation_failure(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is torch failing to allocate memory (and not some other RuntimeError, which is a bug)."""
-    return bool(_ALLOCATION_FAILURE.search(str(exc)))
-
-
-def _out_of_memory(exc: BaseException) -> str:
-    """One line for a failed allocation: how much was asked for, and which keys make it smaller."""
-    text = str(exc)
-    tried = _TRIED_BYTES.search(text)
-    if tried:
-        detail = f"could not allocate {int(tried.group(1)) / 2**30:,.1f} GiB"
-    else:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        detail = lines[0] if lines else type(exc).__name__
-    return (f"out of memory: {detail} (reduce model.features / data.examples / data.image_size / train.batch_size, "
-            "or the size of the input)")  # fmt: skip
 
 
 def entry() -> None:

@@ -1,4 +1,9 @@
-"""Errors a user can cause and fix; the CLI prints them as one line and exits with status 2."""
+"""Errors a user can cause and fix; the CLI prints them as one line and exits with status 2. Also
+:func:`out_of_memory`, which tells a failed allocation (the input too large for this machine) from a bug."""
+
+from __future__ import annotations
+
+import re
 
 
 class DownpourError(Exception):
@@ -15,3 +20,30 @@ class CheckpointError(DownpourError):
 
 class DataError(DownpourError):
     """A data source cannot be read or is too small for the requested split."""
+
+
+# torch's allocators: "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes", "not enough
+# memory: you tried to allocate N bytes", CUDA's "out of memory" (torch.cuda.OutOfMemoryError is a RuntimeError);
+# a shared-memory map: "Cannot allocate memory (12)"
+_ALLOCATION_FAILED = re.compile(r"can't allocate memory|cannot allocate memory|not enough memory|out of memory", re.I)
+_TRIED_BYTES = re.compile(r"tried to allocate (\d+) bytes")
+
+
+def human_size(size: float) -> str:
+    """``size`` bytes in MiB below 1 GiB (``312.5 MiB``), else in GiB (``2.6 GiB``)."""
+    return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """A few words on a failed allocation (``could not allocate 2.6 GiB``), or None when ``exc`` is not one: a
+    :class:`MemoryError` (numpy's too) or torch's allocator failing (a RuntimeError)."""
+    if not isinstance(exc, MemoryError | RuntimeError):
+        return None
+    text = str(exc)
+    if not isinstance(exc, MemoryError) and not _ALLOCATION_FAILED.search(text):
+        return None  # another RuntimeError: a bug, reported as one
+    tried = _TRIED_BYTES.search(text)
+    if tried:
+        return f"could not allocate {human_size(int(tried.group(1)))}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "an allocation failed"

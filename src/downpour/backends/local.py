@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -36,7 +35,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from downpour.config import Config
-from downpour.errors import ConfigError
+from downpour.errors import ConfigError, out_of_memory
 from downpour.models import build_model
 from downpour.ps.budget import GlobalSteps
 from downpour.ps.clocks import SharedClocks
@@ -97,29 +96,6 @@ def check_local_workers(workers: int) -> None:
             f"torch, about {WORKER_MEMORY_BYTES // 2**20} MB each; {available_memory() / 2**30:.1f} GB available "
             f"here holds at most {limit}; use cluster.backend = \"sim\" for more workers)"
         )
-
-
-# torch's allocators: "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes", "not enough
-# memory: you tried to allocate N bytes", CUDA's "out of memory"; a shared-memory map: "Cannot allocate memory (12)"
-_ALLOCATION_FAILED = re.compile(r"can't allocate memory|cannot allocate memory|not enough memory|out of memory", re.I)
-_TRIED_BYTES = re.compile(r"tried to allocate (\d+) bytes")
-
-
-def out_of_memory(exc: BaseException) -> str | None:
-    """A few words on a failed allocation (``could not allocate 2.6 GiB``), or None when ``exc`` is not one: a
-    :class:`MemoryError` (numpy's too) or torch's allocator failing (a RuntimeError)."""
-    if not isinstance(exc, MemoryError | RuntimeError):
-        return None
-    text = str(exc)
-    if not isinstance(exc, MemoryError) and not _ALLOCATION_FAILED.search(text):
-        return None  # another RuntimeError: a bug, reported as one
-    tried = _TRIED_BYTES.search(text)
-    if tried:
-        size = int(tried.group(1))
-        amount = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-        return f"could not allocate {amount}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else "an allocation failed"
 
 
 def worker_threads(config: Config) -> int:
