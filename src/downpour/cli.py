@@ -19,6 +19,7 @@ from downpour import rundir
 from downpour.cli_eval import add_eval, cmd_detect, cmd_eval, cmd_viz
 from downpour.cli_report import add_report, cmd_report
 from downpour.cli_study import add_study, cmd_study
+from downpour.console import warn
 from downpour.errors import DownpourError, out_of_memory
 
 # What a failed allocation in the command itself (not in a worker) asks the user to make smaller.
@@ -121,7 +122,7 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bo
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     config, out, resume = _train_config(args)  # config errors come back at once, before torch is imported
     for note in config_mod.ignored_keys(config):
-        console.print(f"[yellow]warning: {note}[/]", soft_wrap=True)  # one line, however long
+        warn(console, note)
     from downpour.train import headline, raise_if_diverged, run_training, summary_json
 
     summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)

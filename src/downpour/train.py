@@ -24,6 +24,7 @@ from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.config import Config
+from downpour.console import warn
 from downpour.data import Dataset, load_dataset, unread_warning, worker_slice
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
@@ -332,7 +333,7 @@ def run_training(
     if dataset is None:
         dataset = load_dataset(config.data, seed=config.train.seed)
     if (note := unread_warning(dataset)) is not None:
-        console.print(f"[yellow]warning: {note}[/]")
+        warn(console, note)
     worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
     model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
     signature = model_signature(model)
@@ -444,13 +445,11 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         **({"data_files": dataset.read_report} if dataset.read_report else {}),
     }
     rundir.write_json(out / rundir.SUMMARY, summary)
-    write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))
+    write_report_after_training(out, lambda text: warn(console, text))
     attempted = summary["updates_applied"] + summary["updates_rejected"]
     if not taken.diverged and summary["updates_rejected"] > 0.01 * attempted:  # diverged: its own line says so
-        console.print(
-            f"[yellow]warning: {summary['updates_rejected']:,} of {attempted:,} updates were rejected (NaN or Inf); "
-            f"training diverged: lower ps.lr (now {config.ps.lr})[/]"
-        )
+        warn(console, f"{summary['updates_rejected']:,} of {attempted:,} updates were rejected (NaN or Inf); "
+                      f"training diverged: lower ps.lr (now {config.ps.lr})")  # fmt: skip
     return summary
 
 
@@ -585,15 +584,14 @@ def _watch(
                     metrics.write("checkpoint", t=now - t0, step=taken.step, held_out_loss=taken.loss,
                                   saved=taken.saved, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
                     if not taken.saved:
-                        console.print(f"[yellow]warning: held-out loss {taken.loss:.4g} at step {taken.step}: not "
-                                      f"saved over the checkpoint of step {run_state.checkpoint_step}[/]")  # fmt: skip
+                        warn(console, f"held-out loss {taken.loss:.4g} at step {taken.step}: not saved over the "
+                                      f"checkpoint of step {run_state.checkpoint_step}")  # fmt: skip
                     next_checkpoint = now + train.checkpoint_every
                 if train.seconds and now - start >= train.seconds:
                     if first_work is None:  # the clock counts the workers' start-up: it can run out first
-                        console.print(
-                            f"[yellow]warning: train.seconds = {train.seconds:g} ran out before any worker finished "
-                            "a step (their start-up took it all): this session trained nothing; raise --seconds[/]"
-                        )
+                        warn(console, f"train.seconds = {train.seconds:g} ran out before any worker finished a step "
+                                      "(their start-up took it all): this session trained nothing; "
+                                      "raise --seconds")  # fmt: skip
                     break
                 if train.steps and cluster.steps() >= train.steps:
                     break

@@ -23,6 +23,7 @@ from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.sim import ModelGradient, SimSettings, simulate
 from downpour.config import Config
+from downpour.console import warn
 from downpour.data import load_dataset, unread_warning, worker_slice
 from downpour.errors import DownpourError
 from downpour.models import build_model
@@ -60,7 +61,7 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
     settings = sim_settings(config)
     dataset = load_dataset(config.data, seed=config.train.seed)
     if (note := unread_warning(dataset)) is not None:
-        console.print(f"[yellow]warning: {note}[/]")
+        warn(console, note)
     worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
     model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
     signature = model_signature(model)
@@ -148,5 +149,5 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         **({"data_files": dataset.read_report} if dataset.read_report else {}),
     }  # fmt: skip
     rundir.write_json(out / rundir.SUMMARY, summary)
-    write_report_after_training(out, lambda text: console.print(f"[yellow]warning: {text}[/]"))
+    write_report_after_training(out, lambda text: warn(console, text))
     return summary

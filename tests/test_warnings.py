@@ -1,0 +1,45 @@
+"""Warnings reach the user whole: one line each however narrow the terminal (or piped), and their text as it is,
+a ``[`` in a path not taken for rich markup. The real command in a subprocess, on real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+from skimage import data
+
+
+def _warnings(*args: str, columns: int) -> list[str]:
+    """The ``warning:`` lines of ``python -m downpour ARGS`` run with stderr a pipe ``columns`` characters wide."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": str(columns)}
+    result = subprocess.run([sys.executable, "-m", "downpour", *args], capture_output=True, text=True, timeout=240,
+                            env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_long_warnings_are_one_line_in_a_narrow_console_and_keep_their_brackets(tmp_path: Path) -> None:
+    """A folder named ``pictures[bold]`` holding a broken ``cut[red].png`` among two photos: the warning about the
+    file that could not be read (printed by the training driver) and the one about an ignored key (printed by the
+    command) are each one line in a 40-column console, and name the folder and the file with their brackets."""
+    root = tmp_path / "pictures[bold]"
+    root.mkdir()
+    Image.fromarray(data.camera()[:120, :160]).save(root / "camera.png")
+    Image.fromarray(data.astronaut()[:100, :90]).save(root / "astronaut.png")
+    whole = (root / "camera.png").read_bytes()
+    (root / "cut[red].png").write_bytes(whole[: len(whole) // 2])
+    warnings = _warnings(
+        "train", "--out", str(tmp_path / "run"), "--backend", "sim", "--steps", "10", "--no-progress",
+        "--set", f"data.source=folder:{root}", "--set", "data.image_size=8", "--set", "data.examples=300",
+        "--set", "data.held_out=50", "--set", "model.features=8", "--set", "model.stages=3", columns=40,
+    )  # fmt: skip
+    ignored = "model.stages applies only to model.name=cat; ignored (model.stages = 3 with model.name = 'rica')"
+    assert warnings[0] == f"warning: {ignored}", warnings
+    unread = warnings[1]
+    assert len(warnings) == 2, warnings
+    assert unread.startswith(f"warning: 1 of 3 files of folder:{root} could not be read and were skipped ("), unread
+    assert f"{root / 'cut[red].png'}" in unread, unread
+    assert unread.endswith("; listed in summary.json under data_files)"), unread
