@@ -7,19 +7,23 @@ Check it on a CPU first:  TRITON_INTERPRET=1 PYTHONPATH=src .venv/bin/python scr
 Prints, in this order (so a timeout still leaves the important part):
 1. layer step ms (default _TUNED), fp32 and TF32, unfold+bmm and conv2d, same process;
 2. per kernel and precision: every setting's ms and error vs float64 (one JSON line each);
-3. the winners, the layer step with them patched in, and the ratio to unfold+bmm;
+3. the winners, the layer step with them patched in, the layer step choosing its own settings among
+   local_triton._CANDIDATES (DOWNPOUR_TRITON_AUTOTUNE=1), and the ratios to unfold+bmm;
 4. CPU-side cost per step at a tiny shape (launch overhead: what stride 18 is made of).
 """
 
 import json
+import os
 import sys
 import time
 
 import torch
 
 from downpour.bench.layers import unfold_bmm
-from downpour.nn import LocallyConnected2d
+from downpour.nn import LocallyConnected2d, triton_autotune
 from downpour.nn import local_triton as lt
+
+os.environ[triton_autotune.ENVIRONMENT] = "0"  # the measured settings unless a setting is given, until part 3
 
 SMALL = "--small" in sys.argv
 DEVICE = "cpu" if SMALL else "cuda"
@@ -142,6 +146,7 @@ for label, _ in PRECISIONS:
             emit(**rows[-1])
 results["rows"] = rows
 
+ORIGINAL_TUNED = {key: dict(value) for key, value in lt._TUNED.items()}
 # 3. Winners per kernel and precision (fp32 must stay accurate), patched into _TUNED, the layer step again.
 winners = {}
 for label, _ in PRECISIONS:
@@ -157,9 +162,17 @@ results["winners"] = winners
 results["tuned_after"] = {f"{k[0]} {k[1]}": v for k, v in lt._TUNED.items()}
 emit(winners=winners)
 best = layer_steps("tuned")
+os.environ[triton_autotune.ENVIRONMENT] = "1"  # the layer's own choice among local_triton._CANDIDATES
+for (name, tf32), _ in list(lt._TUNED.items()):
+    lt._TUNED[name, tf32] = dict(ORIGINAL_TUNED[name, tf32])
+auto = layer_steps("autotuned")
+results["autotuned_choices"] = {str(k): {"setting": c.setting, "ms": c.milliseconds}
+                                for k, c in triton_autotune.chosen().items()}  # fmt: skip
+emit(autotuned_choices=results["autotuned_choices"])
 for label, _ in PRECISIONS:
-    emit(**{f"{label}: unfold_bmm / layer, default": results["unfold_bmm_ms"] / base[f"layer_{label}_ms"],
-            f"{label}: unfold_bmm / layer, tuned": results["unfold_bmm_ms"] / best[f"layer_{label}_ms"]})  # fmt: skip
+    steps = {"default": base, "tuned": best, "autotuned": auto}
+    emit(**{f"{label}: unfold_bmm / layer, {name}": results["unfold_bmm_ms"] / ms[f"layer_{label}_ms"]
+            for name, ms in steps.items()})  # fmt: skip
 
 # 4. CPU-side cost of a step where the GPU has almost nothing to do (stride 18 is like this): many steps queued
 # without a sync in between, so the time per step is what the host spends issuing it.

@@ -123,14 +123,46 @@ def tuned(device: str) -> dict[str, float]:
     return diffs
 
 
+def autotuned(device: str) -> dict[str, object]:
+    """The layer's forward and backward with launch settings chosen by timing (on the CPU: forced on, under the
+    interpreter): its errors against the float64 loop, and what was chosen among how many candidates."""
+    from downpour.nn import local_triton as lt
+    from downpour.nn import triton_autotune
+
+    os.environ[triton_autotune.ENVIRONMENT] = "1"
+    batch, cin, cout, size, kernel, stride = CASES[0]
+    torch.manual_seed(2)
+    layer = LocallyConnected2d(cin, cout, size, kernel, stride, implementation="triton").to(device)
+    x64 = torch.randn(batch, cin, size, size, dtype=torch.float64, requires_grad=True)
+    w64 = layer.weight.detach().double().cpu().requires_grad_(True)
+    ref = locally_connected_reference(x64, w64, layer.kernel_size, layer.stride)
+    ref.sum().backward()
+    x = x64.detach().float().to(device).requires_grad_(True)
+    out = layer(x)
+    out.sum().backward()
+
+    def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((ours.detach().double().cpu() - ref.detach()).norm() / ref.detach().norm())
+
+    choices = {
+        key[0]: {"setting": choice.setting, "timed": len(choice.milliseconds), "ran": sum(t is not None for t in
+                 choice.milliseconds), "candidates": [dict(c) for c in lt._CANDIDATES[key[0], key[1]]]}
+        for key, choice in triton_autotune.chosen().items()
+    }  # fmt: skip
+    errors = {"forward": rel(out, ref), "grad_input": rel(x.grad, x64.grad), "grad_weight": rel(layer.weight.grad,
+              w64.grad)}  # fmt: skip
+    return {"errors": errors, "choices": choices}
+
+
 def _compare_somewhere() -> dict[str, object]:
     if torch.cuda.is_available():
-        return {"cases": compare("cuda"), "tuned": tuned("cuda")}
+        return {"cases": compare("cuda"), "tuned": tuned("cuda"), "autotuned": autotuned("cuda")}
     code = (
         "import importlib.util, json, sys\n"
         f"spec = importlib.util.spec_from_file_location('triton_checks', {str(Path(__file__))!r})\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "print(json.dumps({'cases': module.compare('cpu'), 'tuned': module.tuned('cpu')}))\n"
+        "print(json.dumps({'cases': module.compare('cpu'), 'tuned': module.tuned('cpu'),"
+        " 'autotuned': module.autotuned('cpu')}))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -141,7 +173,7 @@ def _compare_somewhere() -> dict[str, object]:
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of PyTorch ship it)")
 def test_triton_kernels_equal_the_per_location_loop() -> None:
     """Every case against the float64 loop; other launch settings (``tuning``) give the same results, and a
-    misspelt one is refused by name."""
+    misspelt one is refused by name; settings chosen by timing the candidates give the same results too."""
     checks = _compare_somewhere()
     tuned_diffs = checks["tuned"]
     assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 1
@@ -150,6 +182,13 @@ def test_triton_kernels_equal_the_per_location_loop() -> None:
             diff = tuned_diffs[f"{name} {setting}"]
             assert diff < 1e-4, f"{name} with {setting} differs by {diff}"
     assert "Unknown forward launch settings ['block_kk']" in tuned_diffs["refusal"]
+    autotuned = checks["autotuned"]
+    for name, error in autotuned["errors"].items():
+        assert error < 2e-6, f"autotuned {name} off by {error:.2e} relative"
+    assert set(autotuned["choices"]) == {"forward", "weight_grad", "transpose"}
+    for name, choice in autotuned["choices"].items():
+        assert choice["timed"] == len(choice["candidates"]) and choice["ran"] >= 1, (name, choice)
+        assert choice["setting"] in choice["candidates"], (name, choice)
     results = checks["cases"]
     assert len(results) == len(CASES)
     for case, errors in zip(CASES, results, strict=True):
@@ -172,3 +211,22 @@ def test_bands_are_used_on_cpu_by_default() -> None:
     layer = LocallyConnected2d(1, 2, 6, 3)
     assert layer.implementation == "auto"
     assert layer._triton(torch.zeros(1, 1, 6, 6)) is (os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON)
+
+
+def test_autotune_switch_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DOWNPOUR_TRITON_AUTOTUNE``: unset means on for CUDA only; 0 and 1 force it; anything else is refused by name
+    (a typo must not silently leave the measured settings in place, or time candidates on every machine)."""
+    from downpour.nn import triton_autotune
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(triton_autotune.ENVIRONMENT, raising=False)
+    assert (triton_autotune.enabled(cpu), triton_autotune.enabled(cuda)) == (False, True)
+    monkeypatch.setenv(triton_autotune.ENVIRONMENT, "0")
+    assert not triton_autotune.enabled(cuda)
+    monkeypatch.setenv(triton_autotune.ENVIRONMENT, "1")
+    assert triton_autotune.enabled(cpu)
+    monkeypatch.setenv(triton_autotune.ENVIRONMENT, "yes")
+    with pytest.raises(ValueError, match=r"DOWNPOUR_TRITON_AUTOTUNE must be 0 \(off\) or 1 \(on\), got 'yes'"):
+        triton_autotune.enabled(cpu)
+    monkeypatch.setenv(triton_autotune.ENVIRONMENT, "0")
+    assert triton_autotune.choose("forward", ("key",), [{"a": 1}, {"a": 2}], lambda s: None, cpu) == {"a": 1}  # off

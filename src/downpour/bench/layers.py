@@ -177,12 +177,19 @@ def run(*, repeats: int = 5, memory: bool = True, skip_steps: int = 150) -> dict
 
 def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
     """Times of every implementation on the GPU for one shape, and which kernels "ours" ran."""
-    from downpour.nn import local_triton  # here: importing Triton on a CPU-only run prints leak warnings at exit
+    # Imported here: importing Triton on a CPU-only run prints leak warnings at exit.
+    from downpour.nn import local_triton, triton_autotune
 
     batch, channels, size, kernel, stride, maps = shape
     gpu = time_layers(shape, "cuda", repeats)
     out = (size - kernel) // stride + 1
+    launch = [  # what the first calls chose for this batch shape, with every candidate's ms (None: could not run)
+        {"kernel": key[0], "tf32": key[1], "setting": choice.setting, "candidates_ms": choice.milliseconds}
+        for key, choice in triton_autotune.chosen().items()
+        if (batch, channels, size, size) in key  # each key holds the input's shape
+    ]
     return {
+        "launch_settings": launch,
         "device": torch.cuda.get_device_name(),
         "shape": dict(zip(("batch", "channels", "size", "kernel", "stride", "maps"), shape, strict=True)),
         "kernels": "triton" if local_triton.usable(torch.empty(0, device="cuda"), maps) else "bands",

@@ -14,7 +14,9 @@ patch is ever written to memory.
   into products of ``block_k`` columns pads it further (kernel 18, 16 locations: span 33 in three chunks of 16, so
   about a third of the products are useful). The ``flat`` launch setting chunks the band's kernel rows as one
   sequence of ``C·kh·span`` columns instead, so that narrow bands (2–4 locations, span 19–21) pad almost nothing;
-  which is faster on a given card is for a sweep to measure (see ``_TUNED``).
+  which is faster on a given card is measured: on CUDA the first call for a shape times each kernel's
+  :data:`_CANDIDATES` and keeps the fastest (:mod:`downpour.nn.triton_autotune`; ``DOWNPOUR_TRITON_AUTOTUNE=0``
+  keeps the settings measured on an H100, ``_TUNED``).
 - Fields that barely overlap (stride near the kernel size) use one program per location and kernel row.
 - The input gradient (:func:`lc_transpose`) is gathered, not scattered (no atomics, deterministic): one program
   per tile of input pixels sums over every location whose field covers the tile,
@@ -30,10 +32,13 @@ Without Triton (or without CUDA) :data:`AVAILABLE` is False and the layer uses i
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from downpour.nn import triton_autotune
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds have none and never need it.
     import triton
@@ -351,6 +356,25 @@ _TUNED = {
 }
 
 
+# Candidates that the first call for a shape times on CUDA (downpour.nn.triton_autotune), the measured settings
+# first. The others come from the sm_90 SASS that Triton compiles for them (no GPU needed to compile): at the cat
+# shape the float32 forward's measured setting needs 255 registers and spills 488 bytes per thread, so only 8 warps
+# fit an SM; the flat narrow bands need 110-150 registers, no spill, 12-16 warps, and about 40% fewer instructions.
+_CANDIDATES = {
+    ("forward", False): ({}, dict(flat=True, block_l=4, block_k=32, num_warps=8),
+                         dict(flat=True, block_l=2, block_k=32, num_warps=4),
+                         dict(flat=True, block_l=4, block_k=32, num_warps=4)),
+    ("forward", True): ({}, dict(flat=True, block_l=8, block_k=32, num_warps=4),
+                        dict(flat=True, block_l=4, block_k=32, num_warps=4)),
+    ("weight_grad", False): ({}, dict(flat=True, block_l=4, block_k=16, num_warps=4),
+                             dict(flat=True, block_l=8, block_k=16, num_warps=4)),
+    ("weight_grad", True): ({}, dict(flat=True, block_l=8, block_k=16, num_warps=4),
+                            dict(flat=True, block_l=4, block_k=16, num_warps=4)),
+    ("transpose", False): ({}, dict(flat=True, tile=(8, 8), block_lx=2, num_warps=4)),
+    ("transpose", True): ({}, dict(flat=True, tile=(8, 8), block_lx=2, num_warps=4)),
+}  # fmt: skip
+
+
 _NUM_STAGES = 3  # Triton's default software pipelining depth
 _TUNING = {
     "forward": {"block_b", "block_l", "flat", "block_k", "num_warps", "num_stages"},
@@ -411,12 +435,15 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
             num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return out
-    band = _band_launch("forward", maps, tf32, tuning)
-    grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, block_b))
-    _forward_band_kernel[grid](
-        x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
-        *stride, BLOCK_B=block_b, PRECISION=precision, **band,
-    )  # fmt: skip
+    def run(setting: dict[str, Any]) -> None:
+        band = _band_launch("forward", maps, tf32, setting)
+        examples = setting.get("block_b", block_b)
+        _forward_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, examples))](
+            x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
+            *stride, BLOCK_B=examples, PRECISION=precision, **band,
+        )  # fmt: skip
+
+    run(tuning or _autotuned("forward", tf32, x, (tuple(x.shape), maps, kernel, stride), run))
     return out
 
 
@@ -443,12 +470,15 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
             num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return grad_w
-    band = _band_launch("weight_grad", maps, tf32, tuning)
-    block_b = tuning.get("block_b", _pow2(batch, 16, 64))
-    _weight_grad_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)](
-        x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
-        *stride, BLOCK_B=block_b, PRECISION=precision, ONE_B_BLOCK=batch <= block_b, **band,
-    )  # fmt: skip
+    def run(setting: dict[str, Any]) -> None:
+        band = _band_launch("weight_grad", maps, tf32, setting)
+        block_b = setting.get("block_b", _pow2(batch, 16, 64))
+        _weight_grad_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)](
+            x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
+            *stride, BLOCK_B=block_b, PRECISION=precision, ONE_B_BLOCK=batch <= block_b, **band,
+        )  # fmt: skip
+
+    run(tuning or _autotuned("weight_grad", tf32, x, (tuple(x.shape), maps, kernel, stride), run))
     return grad_w
 
 
@@ -470,18 +500,29 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
     if out.numel() == 0:
         return out
     tf32, precision = _precision(tf32)
-    launch = {**_TUNED["transpose", tf32], **tuning}
-    if not _banded(kernel, stride, 16):
-        launch = {"tile": (4, 4), "num_warps": 4, **tuning}
+    banded = _banded(kernel, stride, 16)
     block_m = _pow2(maps, 1, MAX_MAPS)
-    block_lx = launch.get("block_lx", max(1, 32 // block_m))  # the product's inner side: block_lx locations × maps
-    block_b = launch.get("block_b", _pow2(batch, 16, 64))
-    tile_h, tile_w = launch["tile"]
-    grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
-    _transpose_kernel[grid](
-        g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride,
-        TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=block_lx,
-        FLAT=bool(launch.get("flat", False)), PRECISION=precision,
-        num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
-    )  # fmt: skip
+
+    def run(setting: dict[str, Any]) -> None:
+        launch = {**_TUNED["transpose", tf32], **setting} if banded else {"tile": (4, 4), "num_warps": 4, **setting}
+        block_lx = launch.get("block_lx", max(1, 32 // block_m))  # the product's inner side: block_lx locations × maps
+        block_b = launch.get("block_b", _pow2(batch, 16, 64))
+        tile_h, tile_w = launch["tile"]
+        grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
+        _transpose_kernel[grid](
+            g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride,
+            TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=block_lx,
+            FLAT=bool(launch.get("flat", False)), PRECISION=precision,
+            num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
+        )  # fmt: skip
+
+    key = (tuple(out.shape), maps, kernel, stride)
+    run(tuning or (_autotuned("transpose", tf32, out, key, run) if banded else {}))
     return out
+
+
+def _autotuned(kernel: str, tf32: bool, like: Tensor, key: tuple[Any, ...],
+               run: Callable[[dict[str, Any]], None]) -> dict[str, Any]:  # fmt: skip
+    """The launch settings of ``kernel`` for this shape: the fastest of its :data:`_CANDIDATES` on ``like``'s
+    device, timed by the first call (:mod:`downpour.nn.triton_autotune`), or the measured ones when that is off."""
+    return triton_autotune.choose(kernel, (tf32, like.device.index, *key), _CANDIDATES[kernel, tf32], run, like.device)
