@@ -3,11 +3,13 @@ a ``[`` in a path not taken for rich markup. The real command in a subprocess, o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from skimage import data
 
@@ -43,3 +45,26 @@ def test_long_warnings_are_one_line_in_a_narrow_console_and_keep_their_brackets(
     assert unread.startswith(f"warning: 1 of 3 files of folder:{root} could not be read and were skipped ("), unread
     assert f"{root / 'cut[red].png'}" in unread, unread
     assert unread.endswith("; listed in summary.json under data_files)"), unread
+
+
+CAT = ["--set", "model.name=cat", "--set", "data.source=natural-images", "--set", "data.examples=400", "--set",
+       "data.held_out=64", "--set", "model.receptive_field=10", "--steps", "4", "--seconds", "0", "--no-progress"]
+
+
+@pytest.mark.parametrize("backend", ["sim", "local"])
+def test_a_skip_variance_that_zeroes_every_field_is_warned_of_before_training(tmp_path: Path, backend: str) -> None:
+    """model.skip_variance = 1e9: every receptive field of the held-out examples is flatter than that, the network
+    outputs zeros and learns nothing. A warning says so when the run starts (not only the headline's "flat fields
+    zeroed 100.0%" at its end), and again when it is resumed; at τ = 0.02, where some fields vary, there is none."""
+    run_dir = tmp_path / "run"
+    warnings = _warnings("train", "--backend", backend, "--workers", "1", "--out", str(run_dir), *CAT,
+                         "--set", "model.skip_variance=1e9", columns=40)  # fmt: skip
+    assert warnings == ["warning: model.skip_variance = 1e+09 zeroes every receptive field of the held-out examples "
+                        "(none varies that much): the network outputs zeros and learns nothing; lower "
+                        "model.skip_variance"]  # fmt: skip
+    assert json.loads((run_dir / "summary.json").read_text())["skip_variance"]["zeroed_fraction"] == 1.0
+    if backend == "local":  # a resumed session measures no initial loss: the warning still comes
+        assert _warnings("train", "--resume", str(run_dir), "--steps", "8", "--no-progress", columns=40) == warnings
+    else:
+        assert _warnings("train", "--backend", "sim", "--workers", "1", "--out", str(tmp_path / "some"), *CAT,
+                         "--set", "model.skip_variance=0.02", columns=40) == []  # fmt: skip

@@ -95,6 +95,15 @@ class HeldOutLoss:
         return loss
 
 
+def warn_if_every_field_is_flat(held_out_loss: HeldOutLoss, config: Config, console: Console) -> None:
+    """Warn, before training, when ``model.skip_variance`` zeroed every receptive field of the held-out batch in its
+    last evaluation: no field varies that much, so the network outputs zeros and learns nothing."""
+    if held_out_loss.skip is not None and held_out_loss.skip["zeroed_fraction"] >= 1.0:
+        warn(console, f"model.skip_variance = {config.model.skip_variance:g} zeroes every receptive field of the "
+                      "held-out examples (none varies that much): the network outputs zeros and learns nothing; "
+                      "lower model.skip_variance")  # fmt: skip
+
+
 def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     """The parameter count and shapes that a checkpoint must match to be resumed."""
     return {
@@ -368,6 +377,9 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
     initial = flat_copy(model)
     if checkpoint is None:
         run_state.initial_loss = held_out_loss(initial)
+    elif config.model.skip_variance > 0:
+        held_out_loss(initial)  # for its skip statistics only: a field flat at τ is flat whatever the parameters
+    warn_if_every_field_is_flat(held_out_loss, config, console)
     metrics = open_metrics_log(out, tensorboard=config.train.tensorboard)
     interrupted = False
     session_seconds = 0.0

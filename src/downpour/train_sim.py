@@ -86,11 +86,12 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
                   signature: dict[str, Any], held_out_loss: Any, rule: Any, policy: Any, dataset: Any, *,
                   console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     from downpour.report.live import SimulatedProgress
-    from downpour.train import SAVED_FIRST_CHECKPOINT, divergence_line
+    from downpour.train import SAVED_FIRST_CHECKPOINT, divergence_line, warn_if_every_field_is_flat
 
     t0 = time.time()
     initial = flat_copy(model)
     initial_loss = held_out_loss(initial)
+    warn_if_every_field_is_flat(held_out_loss, config, console)
     metrics = open_metrics_log(out, tensorboard=config.train.tensorboard)
     grad = ModelGradient(model, dataset.train, batch_size=config.train.batch_size, workers=settings.workers)
     every = max(1, settings.steps // EVALUATIONS) if settings.steps else max(1, 20 * settings.workers)
