@@ -104,7 +104,7 @@ def test_training_on_a_folder_warns_and_reports_the_skipped_files(
                       "--set", "data.examples=500", "--set", "data.held_out=100", "--set", "model.features=8",
                       "--no-progress")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "warning: 2 of 4 files of folder:" in " ".join(result.stderr.split())  # rich wraps long lines
+    assert "warning: 2 of 4 files of folder:" in " ".join(result.stderr.split())  # one line (console.warn)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data_files"]["skipped"] == 2 and summary["data_files"]["pictures"] == 2
     page = (out / "report.html").read_text()  # written by the simulator's train too

@@ -229,7 +229,8 @@ def test_a_worker_killed_mid_run_is_reported_and_the_others_go_on(run_dir: Path)
     os.kill(pids[1], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    assert "worker 1 died" in stderr
+    assert "worker 1 died (killed by SIGKILL (also what the system's out-of-memory killer sends: see dmesg)); the " \
+        "others go on" in stderr  # one line, not "exit code -9"
     summary = _summary(run_dir)
     assert summary["worker_deaths"] == 1
     assert summary["steps"] > steps_at_kill  # the survivors kept pushing

@@ -68,3 +68,19 @@ def test_a_skip_variance_that_zeroes_every_field_is_warned_of_before_training(tm
     else:
         assert _warnings("train", "--backend", "sim", "--workers", "1", "--out", str(tmp_path / "some"), *CAT,
                          "--set", "model.skip_variance=0.02", columns=40) == []  # fmt: skip
+
+
+def test_status_lines_are_one_line_and_printed_as_they_are() -> None:
+    """What the driver says of its workers (died, failed, restarted) goes through ``say``: a worker's error message
+    with brackets in it (``KeyError: ['x']``, a path) is printed whole, on one line, in a console 30 columns wide."""
+    import io
+
+    from rich.console import Console
+
+    from downpour.console import say
+
+    out = io.StringIO()
+    console = Console(file=out, width=30, color_system=None)
+    text = "worker 3 failed: KeyError: ['stages'] in /data/pictures[bold]/cut[red].png"
+    say(console, text, "red")
+    assert out.getvalue() == text + "\n"

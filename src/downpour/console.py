@@ -6,7 +6,12 @@ from rich.console import Console
 from rich.markup import escape
 
 
+def say(console: Console, text: str, style: str = "yellow") -> None:
+    """``TEXT`` in ``style`` on one line, however long (a narrow terminal or a pipe does not break it, so it can be
+    grepped), and as it is: a ``[`` in a path, a list or an error message is not taken for rich markup."""
+    console.print(f"[{style}]{escape(text)}[/]", soft_wrap=True)
+
+
 def warn(console: Console, text: str) -> None:
-    """``warning: TEXT`` in yellow on one line, however long (a narrow terminal or a pipe does not break it, so it
-    can be grepped), and ``TEXT`` as it is: a ``[`` in a path or a list is not taken for rich markup."""
-    console.print(f"[yellow]warning: {escape(text)}[/]", soft_wrap=True)
+    """``warning: TEXT`` in yellow, as :func:`say` prints it."""
+    say(console, f"warning: {text}")

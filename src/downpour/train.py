@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.markup import escape
 
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.config import Config
-from downpour.console import warn
+from downpour.console import say, warn
 from downpour.data import Dataset, load_dataset, unread_warning, worker_slice
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
@@ -492,19 +491,18 @@ def _log_events(
         if event.kind == "died":
             run_state.worker_deaths += 1
             if not event.said:  # a worker that failed said why already
-                console.print(f"[yellow]worker {event.worker} died ({event.detail}); the others go on[/]")
+                say(console, f"worker {event.worker} died ({event.detail}); the others go on")
         elif event.kind == "error":
             last_line = event.detail.strip().splitlines()[-1] if event.detail.strip() else "unknown error"
-            console.print(f"[red]worker {event.worker} failed: {last_line}[/]")
+            say(console, f"worker {event.worker} failed: {last_line}", "red")
         elif event.kind == "out_of_memory":
-            said = f"worker {event.worker} ran out of memory: {event.detail} ({WORKER_MEMORY_HINT})"
-            console.print(f"[red]{escape(said)}[/]")
+            say(console, f"worker {event.worker} ran out of memory: {event.detail} ({WORKER_MEMORY_HINT})", "red")
         elif event.kind == "restarted":  # Ray backend: the worker actor's process died and Ray restarted it
             run_state.worker_restarts += 1
-            console.print(f"[yellow]worker {event.worker} died ({event.detail}); restarted[/]")
+            say(console, f"worker {event.worker} died ({event.detail}); restarted")
         elif event.kind == "shard_restored":  # Ray backend: ``worker`` is the shard's index
             run_state.shard_restores += 1
-            console.print(f"[yellow]{event.detail}[/]")
+            say(console, event.detail)
             metrics.write("shard_restored", t=time.time() - t0, shard=event.worker, detail=event.detail)
             continue
         elif event.kind == "chaos":  # Ray backend: cluster.chaos injected a fault (``worker``: the target's index)
@@ -613,7 +611,7 @@ def _watch(
                     break
         except KeyboardInterrupt:
             interrupted = True
-            console.print("[yellow]interrupted: stopping workers and writing a final checkpoint[/]")
+            say(console, "interrupted: stopping workers and writing a final checkpoint")
     return interrupted, time.time() - (first_work if first_work is not None else start)
 
 

@@ -240,6 +240,19 @@ class WorkerEvent:
     said: bool = False
 
 
+def exit_detail(code: int) -> str:
+    """How a worker process ended, for the user: ``exit code N``, or the signal that killed it; SIGKILL is also what
+    the system's out-of-memory killer sends, which a process cannot report itself."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    memory = " (also what the system's out-of-memory killer sends: see dmesg)" if -code == signal.SIGKILL else ""
+    return f"killed by {name}{memory}"
+
+
 class LocalCluster:
     """Shards in shared memory and ``workers`` OS processes running :class:`DownpourWorker`."""
 
@@ -373,7 +386,7 @@ class LocalCluster:
                 self.clocks.retire(worker_id)  # a dead worker must not hold the others back (ssp, sync)
             if proc.exitcode != 0 and not self._control[0]:
                 self._reported_dead.add(worker_id)  # (a worker sends its failure before it exits: read above)
-                events.append(WorkerEvent("died", worker_id, f"exit code {proc.exitcode}", worker_id in self._failed))
+                events.append(WorkerEvent("died", worker_id, exit_detail(proc.exitcode), worker_id in self._failed))
         return records, events
 
     def alive(self) -> int:

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from downpour.backends import shm
 from downpour.backends.chaos import parse_chaos
-from downpour.backends.local import WorkerEvent, out_of_memory
+from downpour.backends.local import WorkerEvent
 from downpour.backends.ray_actors import (
     RemoteShard,
     ShardServer,
@@ -66,7 +66,7 @@ from downpour.backends.ray_actors import (
 )
 from downpour.backends.ray_coordinator import Coordinator
 from downpour.config import Config
-from downpour.errors import DownpourError
+from downpour.errors import DownpourError, out_of_memory
 from downpour.ps.policies import Sync, config_policy, policy_rule
 from downpour.ps.sharding import contiguous_bounds
 
