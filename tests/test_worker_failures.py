@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import FAST, read_jsonl
@@ -91,3 +92,11 @@ def test_out_of_memory_tells_failed_allocations_from_other_errors() -> None:
     assert out_of_memory(MemoryError()) == "an allocation failed"
     assert out_of_memory(failures["bug"]) is None
     assert out_of_memory(ValueError("not enough memory")) is None
+
+
+@pytest.mark.parametrize(("size", "said"), [(512, "512 bytes"), (16384, "16.0 KiB"), (3 * 2**19, "1.5 MiB"),
+                                            (5 * 2**29, "2.5 GiB")])  # fmt: skip
+def test_a_failed_allocation_names_its_size_in_a_unit_that_does_not_round_it_to_zero(size: int, said: str) -> None:
+    """torch's allocator names the bytes it tried: a small one read 'could not allocate 0.0 MiB'."""
+    failure = RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {size} bytes.")
+    assert out_of_memory(failure) == f"could not allocate {said}"

@@ -30,8 +30,12 @@ _TRIED_BYTES = re.compile(r"tried to allocate (\d+) bytes")
 
 
 def human_size(size: float) -> str:
-    """``size`` bytes in MiB below 1 GiB (``312.5 MiB``), else in GiB (``2.6 GiB``)."""
-    return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    """``size`` bytes in the largest unit that keeps it at least 1: ``512 bytes``, ``16.0 KiB``, ``312.5 MiB``,
+    ``2.6 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:,.1f} {unit}"
+    return f"{size:.0f} bytes"
 
 
 def out_of_memory(exc: BaseException) -> str | None:
