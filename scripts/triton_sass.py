@@ -38,7 +38,7 @@ def compile_kernel(fn, constants: dict, arch: int, num_warps: int, num_stages: i
         name: "constexpr" if name in constants else "*fp32" if name.endswith("_ptr") else "i32" for name in fn.arg_names
     }
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}  # as launches do
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 

@@ -443,7 +443,7 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
             *stride, BLOCK_B=examples, PRECISION=precision, **band,
         )  # fmt: skip
 
-    run(tuning or _autotuned("forward", tf32, x, (tuple(x.shape), maps, kernel, stride), run))
+    _run_fitting(run, tuning or _autotuned("forward", tf32, x, maps, (tuple(x.shape), kernel, stride), run))
     return out
 
 
@@ -478,7 +478,7 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
             *stride, BLOCK_B=block_b, PRECISION=precision, ONE_B_BLOCK=batch <= block_b, **band,
         )  # fmt: skip
 
-    run(tuning or _autotuned("weight_grad", tf32, x, (tuple(x.shape), maps, kernel, stride), run))
+    _run_fitting(run, tuning or _autotuned("weight_grad", tf32, x, maps, (tuple(x.shape), kernel, stride), run))
     return grad_w
 
 
@@ -516,13 +516,43 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
             num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
 
-    key = (tuple(out.shape), maps, kernel, stride)
-    run(tuning or (_autotuned("transpose", tf32, out, key, run) if banded else {}))
+    key = (tuple(out.shape), kernel, stride)
+    _run_fitting(run, tuning or (_autotuned("transpose", tf32, out, maps, key, run) if banded else {}))
     return out
 
 
-def _autotuned(kernel: str, tf32: bool, like: Tensor, key: tuple[Any, ...],
+def _autotuned(kernel: str, tf32: bool, like: Tensor, maps: int, key: tuple[Any, ...],
                run: Callable[[dict[str, Any]], None]) -> dict[str, Any]:  # fmt: skip
-    """The launch settings of ``kernel`` for this shape: the fastest of its :data:`_CANDIDATES` on ``like``'s
-    device, timed by the first call (:mod:`downpour.nn.triton_autotune`), or the measured ones when that is off."""
-    return triton_autotune.choose(kernel, (tf32, like.device.index, *key), _CANDIDATES[kernel, tf32], run, like.device)
+    """The launch settings of ``kernel`` for this shape: the fastest of its :data:`_CANDIDATES` that suit ``maps``
+    (:func:`_suits`) on ``like``'s device, timed by the first call (:mod:`downpour.nn.triton_autotune`), or the
+    measured ones when that is off."""
+    candidates = [setting for setting in _CANDIDATES[kernel, tf32] if _suits(kernel, setting, maps)]
+    return triton_autotune.choose(kernel, (tf32, like.device.index, maps, *key), candidates, run, like.device)
+
+
+def _suits(kernel: str, setting: dict[str, Any], maps: int) -> bool:
+    """Whether a candidate's product is no wider than the measured setting's for ``maps`` maps (a band of 4
+    locations of 256 maps each would need more shared memory than any card has), and, for the transpose, at least
+    16 wide, as ``tl.dot`` needs. The measured setting (``{}``) always suits."""
+    block_m = _pow2(maps, 1, MAX_MAPS)
+    if kernel == "transpose":
+        width = setting.get("block_lx", max(1, 32 // block_m)) * block_m
+        return 16 <= width <= max(32, block_m)
+    width = max(_pow2(setting.get("block_l", max(1, 128 // block_m)), 1, 1 << 16), 16 // block_m) * block_m
+    return width <= max(128, block_m)
+
+
+def _run_fitting(run: Callable[[dict[str, Any]], None], setting: dict[str, Any]) -> None:
+    """``run(setting)``, with fewer pipeline stages when this card's shared memory cannot hold its three (the
+    settings were measured on an H100; smaller cards, or TF32 with over 128 maps, need fewer). A setting that names
+    its stages runs with them or fails."""
+    from triton.runtime.errors import OutOfResources
+
+    tries = [setting] if "num_stages" in setting else [setting, *({**setting, "num_stages": n} for n in (2, 1))]
+    for attempt, launch in enumerate(tries, start=1):
+        try:
+            run(launch)
+            return
+        except OutOfResources:
+            if attempt == len(tries):
+                raise

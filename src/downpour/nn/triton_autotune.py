@@ -5,7 +5,8 @@ card, so on the first call for a shape every candidate runs a few times and the 
 process. Unlike ``@triton.autotune`` this also runs under Triton's interpreter, so the CPU tests exercise it.
 
 ``DOWNPOUR_TRITON_AUTOTUNE=0`` turns it off (always the first candidate: the settings measured on an H100, and
-bit-for-bit the same sums on every run); ``=1`` turns it on off CUDA too (slow: for tests). Unset: on for CUDA.
+bit-for-bit the same sums on every run); ``=1`` turns it on off CUDA too (slow: for tests). Unset or empty: on for
+CUDA.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ _CHOSEN: dict[tuple[Hashable, ...], Choice] = {}
 
 def enabled(device: torch.device) -> bool:
     """Whether calls on ``device`` choose their settings by timing (see the module's docstring)."""
-    value = os.environ.get(ENVIRONMENT)
-    if value is None:
+    value = os.environ.get(ENVIRONMENT, "")
+    if value == "":
         return device.type == "cuda"
     if value not in ("0", "1"):
         raise ValueError(f"{ENVIRONMENT} must be 0 (off) or 1 (on), got {value!r}")
@@ -67,10 +68,12 @@ def choose(kernel: str, key: tuple[Hashable, ...], candidates: Sequence[dict[str
 
 
 def _launch_errors() -> tuple[type[BaseException], ...]:
+    """What a setting this card cannot run raises before anything is written: Triton refusing to compile it, ptxas
+    refusing its code (newer Triton), or too much shared memory or too many registers for the card."""
     from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime import errors
 
-    return CompilationError, OutOfResources
+    return tuple(e for e in (CompilationError, errors.OutOfResources, getattr(errors, "PTXASError", None)) if e)
 
 
 def _milliseconds(run: Callable[[], None], device: torch.device) -> float | None:
