@@ -77,23 +77,22 @@ def _launch_errors() -> tuple[type[BaseException], ...]:
 
 
 def _milliseconds(run: Callable[[], None], device: torch.device) -> float | None:
-    """The fastest of a few rounds of ``run`` in ms after one call that compiles it; None when it cannot run."""
+    """The fastest of a few rounds of ``run`` in ms after one call that compiles it (on the CPU, where the
+    interpreter compiles nothing and takes seconds per call, that one call); None when it cannot run."""
+    cuda = device.type == "cuda"
+    start = time.perf_counter()
     try:
         run()
     except _launch_errors():
         return None
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    sync()
-    rounds, repeats = (3, 10) if device.type == "cuda" else (1, 1)  # the interpreter takes seconds per call
+    if not cuda:
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize(device)
     best = float("inf")
-    for _ in range(rounds):
+    for _ in range(3):
         start = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(10):
             run()
-        sync()
-        best = min(best, (time.perf_counter() - start) / repeats)
+        torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 10)
     return best * 1e3
