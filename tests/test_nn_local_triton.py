@@ -285,7 +285,7 @@ def test_candidates_suit_the_maps_they_run_with() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of PyTorch ship it)")
 def test_flat_candidates_compile_for_an_h100(tmp_path: Path) -> None:
-    """Triton compiles a flat candidate of each kernel and precision at the cat shape for sm_90 with its own ptxas,
+    """Triton compiles a flat float32 candidate of each kernel at the cat shape for sm_90 with its own ptxas,
     no GPU needed: the interpreter does not check what the compiler refuses (tl.dot sides, constructs), so this is
     CI's only check of that. None spills (the measured float32 forward does: why the candidates exist)."""
     spec = importlib.util.spec_from_file_location("triton_sass", Path(__file__).parents[1] / "scripts/triton_sass.py")
@@ -294,6 +294,8 @@ def test_flat_candidates_compile_for_an_h100(tmp_path: Path) -> None:
     from downpour.nn import local_triton as lt
 
     for (kernel, tf32), candidates in lt._CANDIDATES.items():
+        if tf32:
+            continue  # the same kernels with another precision constant: compiled on the GPU machine's tests
         setting = next(c for c in candidates if c.get("flat"))
         fn, constants, _, _, launch = sass.plan(kernel, setting, tf32)
         compiled = sass.compile_kernel(fn, constants, 90, launch["num_warps"], 3)

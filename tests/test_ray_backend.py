@@ -291,45 +291,6 @@ def test_policies_with_their_own_worker_loop_train_on_ray(ray_cluster: str, digi
         assert max(staleness) <= 3
 
 
-@pytest.mark.parametrize("shared_memory", [True], ids=["mapped"])  # actor calls: the same check, 13 s more
-def test_easgd_goes_on_when_a_shard_comes_back_older_than_the_workers_last_exchange(
-    ray_cluster: str, digits: Dataset, tmp_path: Path, shared_memory: bool
-) -> None:
-    """EASGD, shard 0's actor killed well after a checkpoint: it comes back at the checkpoint's version, below the
-    ``last_version`` its workers hold. Shard.exchange refuses a last_version beyond the shard's version, so a
-    worker must never bring one: each finds the shard restored (its mapped file's owner gone, or a reply from a
-    new incarnation), takes the restored center and its version, and exchanges on from there. No worker fails,
-    with the shard mapped or reached through the actor."""
-    config = _config(0)  # no step budget: the test stops the run
-    config.ps.policy, config.ps.lr = "easgd", 0.005
-    cluster, held_out, _ = _cluster(config, digits, shared_memory=shared_memory)
-    killed: dict[str, Any] = {}
-    records: list[tuple] = []  # (t, worker, shard, version, staleness, loss, applied)
-
-    def tick(elapsed: float) -> None:
-        if "checkpoint" not in killed and cluster.steps() >= 20:
-            killed["checkpoint"] = _checkpoint(cluster, held_out, tmp_path).snapshots[0]["version"]
-        elif "checkpoint" in killed and "shard_t" not in killed and cluster.steps() >= 60:
-            killed["shard_t"] = time.time() - cluster.t0
-            cluster.kill_shard(0)
-        elif "shard_t" in killed and "stop" not in killed:
-            after = [r for r in records if r[2] == 0 and r[6] and r[0] > killed["shard_t"]]
-            if len({r[1] for r in after}) == 2 and len(after) >= 20:  # both workers exchange with the restored shard
-                killed["stop"] = True
-                cluster.request_stop()
-
-    try:
-        events = _train(cluster, seconds=120, tick=tick, records=records)
-        restores, lost = cluster.restores(), cluster.lost_updates
-    finally:
-        cluster.close()
-    assert "stop" in killed, (killed, len(records), [(e.kind, e.detail) for e in events])
-    assert [(e.kind, e.detail) for e in events if e.kind in ("error", "died", "restarted")] == []
-    assert [r[:3] for r in restores] == [(0, 1, killed["checkpoint"])]
-    assert lost > 0  # the workers had exchanged with versions the restore undid
-    assert all(r[4] >= 0 for r in records if r[6])  # every applied exchange counted a real staleness
-
-
 def test_ray_config_keys_and_policies_are_checked() -> None:
     """cluster.address and cluster.chaos are checked when the config is read (every policy runs on Ray)."""
     from downpour.config import load
