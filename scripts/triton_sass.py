@@ -97,7 +97,7 @@ def plan(kernel: str, setting: dict, tf32: bool) -> tuple:
     precision = "tf32" if tf32 else "ieee"
     if kernel == "transpose":
         tile_h, tile_w = launch["tile"]
-        block_lx = launch.get("block_lx", max(1, 32 // MAPS))
+        block_lx = lt._block_lx(launch, MAPS)
         flat = bool(launch.get("flat", False))
         constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=BATCH, BLOCK_M=MAPS,
                          BLOCK_LX=block_lx, FLAT=flat, PRECISION=precision)  # fmt: skip

@@ -273,7 +273,7 @@ def test_candidates_suit_the_maps_they_run_with() -> None:
     from downpour.nn import local_triton as lt
 
     def suited(kernel: str, tf32: bool, maps: int) -> list[dict]:
-        return [c for c in lt._CANDIDATES[kernel, tf32] if lt._suits(kernel, c, maps)]
+        return [c for c in lt._CANDIDATES[kernel, tf32] if lt._suits(kernel, tf32, c, maps)]
 
     for (kernel, tf32), candidates in lt._CANDIDATES.items():
         assert suited(kernel, tf32, 8) == list(candidates)

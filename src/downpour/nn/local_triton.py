@@ -426,15 +426,14 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
         return out
     tf32, precision = _precision(tf32)
     block_b = tuning.get("block_b", _pow2(batch, 16, 64))
-    block_m = _pow2(maps, 1, MAX_MAPS)
-    block_l = tuning.get("block_l", max(1, 128 // block_m))
-    if not _banded(kernel, stride, block_l):
+    if not _banded(kernel, stride, _band_launch("forward", maps, tf32, tuning)["LOCS"]):
         _forward_rows_kernel[(locations, triton.cdiv(batch, block_b))](
             x, weight, out, batch, channels, maps, patch, locations, out_hw[1], *x.stride(), *kernel, *stride,
             BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024), PRECISION=precision,
             num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return out
+
     def run(setting: dict[str, Any]) -> None:
         band = _band_launch("forward", maps, tf32, setting)
         examples = setting.get("block_b", block_b)
@@ -460,9 +459,7 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
     grad_w = x.new_empty(weight_shape)
     g = g.reshape(batch, maps, locations)  # (B, M, L), a view when possible
     tf32, precision = _precision(tf32)
-    block_m = _pow2(maps, 1, MAX_MAPS)
-    block_l = tuning.get("block_l", max(1, 128 // block_m))
-    if not _banded(kernel, stride, block_l):
+    if not _banded(kernel, stride, _band_launch("weight_grad", maps, tf32, tuning)["LOCS"]):
         _weight_grad_rows_kernel[(locations,)](
             x, g, grad_w, batch, channels, maps, patch, out_hw[1], *x.stride(), *g.stride(), *kernel, *stride,
             BLOCK_B=tuning.get("block_b", 32), BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
@@ -470,6 +467,7 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
             num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return grad_w
+
     def run(setting: dict[str, Any]) -> None:
         band = _band_launch("weight_grad", maps, tf32, setting)
         block_b = setting.get("block_b", _pow2(batch, 16, 64))
@@ -505,7 +503,7 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
 
     def run(setting: dict[str, Any]) -> None:
         launch = {**_TUNED["transpose", tf32], **setting} if banded else {"tile": (4, 4), "num_warps": 4, **setting}
-        block_lx = launch.get("block_lx", max(1, 32 // block_m))  # the product's inner side: block_lx locations × maps
+        block_lx = _block_lx(launch, block_m)
         block_b = launch.get("block_b", _pow2(batch, 16, 64))
         tile_h, tile_w = launch["tile"]
         grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
@@ -526,20 +524,25 @@ def _autotuned(kernel: str, tf32: bool, like: Tensor, maps: int, key: tuple[Any,
     """The launch settings of ``kernel`` for this shape: the fastest of its :data:`_CANDIDATES` that suit ``maps``
     (:func:`_suits`) on ``like``'s device, timed by the first call (:mod:`downpour.nn.triton_autotune`), or the
     measured ones when that is off."""
-    candidates = [setting for setting in _CANDIDATES[kernel, tf32] if _suits(kernel, setting, maps)]
+    candidates = [setting for setting in _CANDIDATES[kernel, tf32] if _suits(kernel, tf32, setting, maps)]
     return triton_autotune.choose(kernel, (tf32, like.device.index, maps, *key), candidates, run, like.device)
 
 
-def _suits(kernel: str, setting: dict[str, Any], maps: int) -> bool:
+def _block_lx(launch: dict[str, Any], block_m: int) -> int:
+    """Locations of a row per transpose product: the product's inner side is ``block_lx × block_m``."""
+    return launch.get("block_lx", max(1, 32 // block_m))
+
+
+def _suits(kernel: str, tf32: bool, setting: dict[str, Any], maps: int) -> bool:
     """Whether a candidate's product is no wider than the measured setting's for ``maps`` maps (a band of 4
     locations of 256 maps each would need more shared memory than any card has), and, for the transpose, at least
     16 wide, as ``tl.dot`` needs. The measured setting (``{}``) always suits."""
     block_m = _pow2(maps, 1, MAX_MAPS)
     if kernel == "transpose":
-        width = setting.get("block_lx", max(1, 32 // block_m)) * block_m
+        width = _block_lx(setting, block_m) * block_m
         return 16 <= width <= max(32, block_m)
-    width = max(_pow2(setting.get("block_l", max(1, 128 // block_m)), 1, 1 << 16), 16 // block_m) * block_m
-    return width <= max(128, block_m)
+    band = _band_launch(kernel, maps, tf32, setting)
+    return band["BLOCK_L"] * band["BLOCK_M"] <= max(128, block_m)
 
 
 def _run_fitting(run: Callable[[dict[str, Any]], None], setting: dict[str, Any]) -> None:
