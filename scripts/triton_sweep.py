@@ -5,7 +5,9 @@ Run on the GPU machine:  PYTHONPATH=src:/tmp/site python3 scripts/triton_sweep.p
 Check it on a CPU first:  TRITON_INTERPRET=1 PYTHONPATH=src .venv/bin/python scripts/triton_sweep.py --small
 
 Prints, in this order (so a timeout still leaves the important part):
-1. layer step ms (default _TUNED), fp32 and TF32, unfold+bmm and conv2d, same process;
+1. layer step ms (default _TUNED), fp32 and TF32, unfold+bmm (fp32 and TF32) and conv2d, same process, timed as
+   ``downpour bench layers`` times them (GPU time per step, steps back to back, fresh gradients), and the fp32 layer
+   and unfold+bmm once more as the README's first H100 table was timed (a sync after each step, gradients added up);
 2. per kernel and precision: every setting's ms and error vs float64 (one JSON line each);
 3. the winners, the layer step with them patched in, the layer step choosing its own settings among
    local_triton._CANDIDATES (DOWNPOUR_TRITON_AUTOTUNE=1), and the ratios to unfold+bmm;
@@ -19,6 +21,7 @@ import time
 
 import torch
 
+from downpour.bench import steps as steps_mod
 from downpour.bench.layers import unfold_bmm
 from downpour.nn import LocallyConnected2d, triton_autotune
 from downpour.nn import local_triton as lt
@@ -38,7 +41,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def fastest_ms(fn, repeats: int = 30) -> float:
+def synced_ms(fn, repeats: int = 30) -> float:
+    """The README's first H100 table's method: a synchronization after every step, gradients accumulating."""
     fn()
     sync()
     best = float("inf")
@@ -48,6 +52,11 @@ def fastest_ms(fn, repeats: int = 30) -> float:
         sync()
         best = min(best, time.perf_counter() - t)
     return best * 1e3
+
+
+def fastest_ms(fn, repeats: int = 30) -> float:
+    """``downpour bench layers``' method: GPU time per step, steps queued back to back."""
+    return steps_mod.fastest_ms(fn, 1 if SMALL else repeats, DEVICE)
 
 
 def bench_ms(fn) -> float:
@@ -86,6 +95,7 @@ layer = LocallyConnected2d(C, M, S, K).to(DEVICE)
 xg = x.clone().requires_grad_(True)
 conv = torch.nn.Conv2d(C, M, K, bias=False).to(DEVICE)
 wl = w.transpose(1, 2).contiguous().requires_grad_(True)
+layer_step = steps_mod.training_step(lambda: layer(xg), xg, layer.weight)
 PRECISIONS = (("fp32", "highest"), ("tf32", "high"))
 
 
@@ -93,19 +103,25 @@ def layer_steps(tag: str) -> dict:
     out = {}
     for label, precision in PRECISIONS:
         torch.set_float32_matmul_precision(precision)
-        out[f"layer_{label}_ms"] = fastest_ms(lambda: layer(xg).sum().backward())
+        out[f"layer_{label}_ms"] = fastest_ms(layer_step)
     torch.set_float32_matmul_precision("highest")
     results[tag] = out
     emit(**{tag: out})
     return out
 
 
-# 1. The layer as it is, against unfold+bmm and conv2d (TF32 allowed for cuDNN, as the bench does).
+# 1. The layer as it is, against unfold+bmm (also in TF32) and conv2d (TF32 allowed for cuDNN, as the bench does).
 base = layer_steps("default")
-results["unfold_bmm_ms"] = fastest_ms(lambda: unfold_bmm(xg, wl, K, 1).sum().backward())
+results["layer_fp32_synced_ms"] = synced_ms(lambda: layer(xg).sum().backward())  # the old method, for comparison
+unfold_step = steps_mod.training_step(lambda: unfold_bmm(xg, wl, K, 1), xg, wl)
+results["unfold_bmm_ms"] = fastest_ms(unfold_step)
+torch.set_float32_matmul_precision("high")
+results["unfold_bmm_tf32_ms"] = fastest_ms(unfold_step)
+torch.set_float32_matmul_precision("highest")
+results["unfold_bmm_synced_ms"] = synced_ms(lambda: unfold_bmm(xg, wl, K, 1).sum().backward())
 torch.backends.cudnn.allow_tf32 = True
-results["conv2d_ms"] = fastest_ms(lambda: conv(xg).sum().backward())
-emit(unfold_bmm_ms=results["unfold_bmm_ms"], conv2d_ms=results["conv2d_ms"])
+results["conv2d_ms"] = fastest_ms(steps_mod.training_step(lambda: conv(xg), xg, conv.weight))
+emit(**{key: value for key, value in results.items() if key.endswith("_ms")})
 
 # 2. Settings, most promising first (the flat narrow bands), kernel by kernel.
 runs = {
@@ -171,7 +187,8 @@ results["autotuned_choices"] = {str(k): {"setting": c.setting, "ms": c.milliseco
 emit(autotuned_choices=results["autotuned_choices"])
 for label, _ in PRECISIONS:
     steps = {"default": base, "tuned": best, "autotuned": auto}
-    emit(**{f"{label}: unfold_bmm / layer, {name}": results["unfold_bmm_ms"] / ms[f"layer_{label}_ms"]
+    baseline = results["unfold_bmm_ms" if label == "fp32" else "unfold_bmm_tf32_ms"]
+    emit(**{f"{label}: unfold_bmm ({label}) / layer, {name}": baseline / ms[f"layer_{label}_ms"]
             for name, ms in steps.items()})  # fmt: skip
 
 # 4. CPU-side cost of a step where the GPU has almost nothing to do (stride 18 is like this): many steps queued

@@ -58,3 +58,24 @@ def test_bench_layers_json_reports_every_row(cli: Callable[..., CliResult]) -> N
     losses = report["skip_loss"]
     assert losses[0]["loss_change"] == 0.0 and losses[0]["final_loss"] == losses[0]["final_loss_without_skip"]
     assert all(row["final_loss"] > 0 for row in losses)
+
+
+def test_training_step_starts_each_step_from_fresh_gradients() -> None:
+    """The timed step is a training step's work: after any number of steps the gradients are one step's, not a sum
+    (accumulating would add a pass over all of an untied layer's weights to every timing)."""
+    import torch
+
+    from downpour.bench.steps import fastest_ms, training_step
+    from downpour.nn import LocallyConnected2d
+
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(1, 2, 6, 3)
+    x = torch.randn(2, 1, 6, 6, requires_grad=True)
+    layer(x).sum().backward()
+    once_w, once_x = layer.weight.grad.clone(), x.grad.clone()
+    calls = []
+    step = training_step(lambda: calls.append(1) or layer(x), x, layer.weight)
+    assert fastest_ms(step, repeats=3, device="cpu") > 0
+    assert len(calls) == 4  # one warm-up run, then the timed ones
+    torch.testing.assert_close(layer.weight.grad, once_w, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, once_x, rtol=0, atol=0)

@@ -1,13 +1,14 @@
 """``downpour bench layers``: LocallyConnected2d against the usual unfold + bmm, and untied against tied.
 
-Times are forward + backward in fp32, the fastest of several repetitions, all measured side by side in one run.
+Times are forward + backward in fp32, the fastest of several repetitions, all measured side by side in one run, of
+a training step's work: gradients start at None as after ``optimizer.zero_grad()``, and on CUDA the GPU's time per
+step with the steps queued back to back (:mod:`downpour.bench.steps`).
 Memory is what autograd keeps between the passes (saved tensors), counted with ``saved_tensors_hooks``; PyTorch
 does not track CPU allocations, and a process's peak resident set was dominated by one-time allocations.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from downpour.bench import skip as bench_skip
+from downpour.bench.steps import fastest_ms, training_step
 from downpour.nn import LocallyConnected2d
 
 # The issue's shapes: (batch, channels, size, kernel, stride, maps)
@@ -33,22 +35,6 @@ def unfold_bmm(x: torch.Tensor, weight_lpm: torch.Tensor, kernel: int, stride: i
     return out.permute(1, 2, 0).reshape(batch, maps, out_size, out_size)
 
 
-def _fastest_ms(step: Callable[[], None], repeats: int, device: str) -> float:
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    step()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
 def _implementations(shape: tuple[int, ...], device: str) -> dict[str, Callable[[], None]]:
     batch, channels, size, kernel, stride, maps = shape
     torch.manual_seed(0)
@@ -57,30 +43,35 @@ def _implementations(shape: tuple[int, ...], device: str) -> dict[str, Callable[
     conv = torch.nn.Conv2d(channels, maps, kernel, stride, bias=False).to(device)
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
     steps = {
-        "ours": lambda: layer(x).sum().backward(),
-        "unfold_bmm": lambda: unfold_bmm(x, weight_lpm, kernel, stride).sum().backward(),
-        "conv2d": lambda: conv(x).sum().backward(),
+        "ours": training_step(lambda: layer(x), x, layer.weight),
+        "unfold_bmm": training_step(lambda: unfold_bmm(x, weight_lpm, kernel, stride), x, weight_lpm),
+        "conv2d": training_step(lambda: conv(x), x, conv.weight),
     }
     if device == "cuda":  # the band-wise bmm kernels that "auto" uses without Triton, and TF32 products
         bands = LocallyConnected2d(channels, maps, size, kernel, stride, implementation="bands").to(device)
-        steps["ours_bands"] = lambda: bands(x).sum().backward()
-        steps["ours_tf32"] = lambda: _with_tf32(lambda: layer(x).sum().backward())
+        steps["ours_bands"] = training_step(lambda: bands(x), x, bands.weight)
+        steps["ours_tf32"] = _with_tf32(steps["ours"])
+        steps["unfold_bmm_tf32"] = _with_tf32(steps["unfold_bmm"])  # its bmm in TF32 too: like against like
     return steps
 
 
-def _with_tf32(step: Callable[[], None]) -> None:
-    """Run ``step`` with PyTorch's float32 products allowed to use TF32 (what cuDNN's conv2d does by default)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        step()
-    finally:
-        torch.set_float32_matmul_precision(before)
+def _with_tf32(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` run with PyTorch's float32 products allowed to use TF32 (what cuDNN's conv2d does by default)."""
+
+    def tf32_step() -> None:
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            step()
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    return tf32_step
 
 
 def time_layers(shape: tuple[int, ...], device: str = "cpu", repeats: int = 5) -> dict[str, float]:
     """Milliseconds per forward + backward for ours, unfold + bmm and tied conv2d of the same shape."""
-    return {name: _fastest_ms(step, repeats, device) for name, step in _implementations(shape, device).items()}
+    return {name: fastest_ms(step, repeats, device) for name, step in _implementations(shape, device).items()}
 
 
 def saved_for_backward_mb(impl: str, shape: tuple[int, ...]) -> float:
@@ -132,7 +123,8 @@ def untied_vs_tied(shape: tuple[int, ...], repeats: int = 3) -> list[dict[str, A
         )
         params = sum(p.numel() for p in layer.parameters())
         flops = 2 * locations * m * patch  # multiply-adds per example, forward
-        ms = _fastest_ms(lambda layer=layer, x=x: layer(x).sum().backward(), repeats, "cpu") / batch
+        ms = fastest_ms(training_step(lambda layer=layer, x=x: layer(x), x, *layer.parameters()), repeats, "cpu")
+        ms /= batch
         rows.append({"layer": name, "maps": m, "params": params, "bytes": params * 4, "flops_per_example": flops,
                      "fwd_bwd_ms_per_example": ms})  # fmt: skip
     return rows
@@ -197,6 +189,7 @@ def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
         "speedup_vs_unfold_bmm": gpu["unfold_bmm"] / gpu["ours"],
         "ours_vs_conv2d": gpu["conv2d"] / gpu["ours"],
         "tf32_speedup_vs_unfold_bmm": gpu["unfold_bmm"] / gpu["ours_tf32"],
+        "tf32_speedup_vs_unfold_bmm_tf32": gpu["unfold_bmm_tf32"] / gpu["ours_tf32"],
         "conv2d_tf32": torch.backends.cudnn.allow_tf32,
         "arithmetic_gflop": 3 * 2 * batch * out * out * maps * channels * kernel * kernel / 1e9,
     }
@@ -268,6 +261,7 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
                 (f"downpour ({g['kernels']}), TF32", "ours_tf32"),
                 ("downpour band-wise bmm", "ours_bands"),
                 ("unfold + bmm", "unfold_bmm"),
+                ("unfold + bmm, TF32", "unfold_bmm_tf32"),
                 (conv_name, "conv2d"),
             ]
             for name, k in rows:

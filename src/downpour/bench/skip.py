@@ -12,12 +12,13 @@ same start on the same batches at each τ; its final cost on held-out crops is e
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from downpour import config as config_mod
+from downpour.bench.steps import training_step
 from downpour.data import load_dataset
 from downpour.data.sources import natural_patches
 from downpour.models.cat import CatNetwork
@@ -32,7 +33,7 @@ def _crops(count: int, size: int, seed: int) -> torch.Tensor:
     return x - x.mean(dim=(1, 2, 3), keepdim=True)
 
 
-def _paired_times(dense: Any, skip: Any, repeats: int) -> tuple[float, float, float]:
+def _paired_times(dense: Callable[[], None], skip: Callable[[], None], repeats: int) -> tuple[float, float, float]:
     """``repeats`` alternating pairs: the fastest of each (ms) and the median of the pairs' ratios skip ÷ dense
     (robust to a burst of load on this shared machine, which a ratio of two minimums is not)."""
     best, ratios = [float("inf"), float("inf")], []
@@ -60,7 +61,9 @@ def time_saved(shape: tuple[int, ...], repeats: int = 5) -> list[dict[str, float
         tau = float(torch.quantile(variance, q)) if q > 0 else 0.0
         active = active_fields(x, layer.kernel_size, layer.stride, tau)
         dense_ms, skip_ms, ratio = _paired_times(  # the skip's time includes planning its pairs (as every batch)
-            lambda: layer(x).sum().backward(), lambda active=active: layer(x, active).sum().backward(), repeats
+            training_step(lambda: layer(x), x, layer.weight),
+            training_step(lambda active=active: layer(x, active), x, layer.weight),
+            repeats,
         )
         plan = layer.skip_plan(active, batch)
         skipped = plan.skipped_fraction if plan is not None else 0.0
