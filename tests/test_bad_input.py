@@ -340,3 +340,17 @@ def test_keys_the_design_reads_are_not_warned_of() -> None:
     assert config_mod.ignored_keys(cat) == []
     conv = config_mod.load(None, ["model.name=conv"])  # its design default model.receptive_field = 8 is read
     assert config_mod.ignored_keys(conv) == []
+
+
+@pytest.mark.parametrize("command", [("train", "--seconds", "1"), ("bench", "layers"), ("study", "optima")])
+def test_a_bad_autotune_switch_is_refused_before_anything_runs(cli: Cli, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               command: tuple[str, ...]) -> None:  # fmt: skip
+    """``DOWNPOUR_TRITON_AUTOTUNE`` is read by the CUDA kernels, deep inside a run: a typo is refused in one line at
+    the start, on any machine, and nothing is written."""
+    monkeypatch.setenv("DOWNPOUR_TRITON_AUTOTUNE", "yes")
+    out = tmp_path / "run"
+    result = cli(*command, "--out", str(out)) if command[0] != "bench" else cli(*command)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "downpour: error: DOWNPOUR_TRITON_AUTOTUNE must be 0 (off) or 1 (on), got 'yes'"
+    assert not out.exists()

@@ -123,6 +123,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     config, out, resume = _train_config(args)  # config errors come back at once, before torch is imported
     for note in config_mod.ignored_keys(config):
         warn(console, note)
+    _check_environment()
     from downpour.train import headline, raise_if_diverged, run_training, summary_json
 
     summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)
@@ -135,6 +136,13 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     if summary["worker_deaths"] >= config.cluster.workers:
         return 1
     return 0
+
+
+def _check_environment() -> None:
+    """Refuse a bad environment switch before a run starts (see :func:`downpour.nn.triton_autotune.switch`)."""
+    from downpour.nn import triton_autotune
+
+    triton_autotune.switch()
 
 
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
@@ -192,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     try:
+        if args.command in ("bench", "study"):  # they run models: torch is imported anyway (train: once its config
+            _check_environment()  # is read, so that config errors come back without waiting for torch)
         if args.command == "train":
             return _cmd_train(args, console)
         if args.command == "bench":

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from downpour.errors import ConfigError
+
 ENVIRONMENT = "DOWNPOUR_TRITON_AUTOTUNE"
 
 
@@ -33,14 +35,22 @@ class Choice:
 _CHOSEN: dict[tuple[Hashable, ...], Choice] = {}
 
 
+def switch() -> bool | None:
+    """``DOWNPOUR_TRITON_AUTOTUNE``: True for 1, False for 0, None when unset or empty (on for CUDA only).
+
+    Any other value is a :class:`~downpour.errors.ConfigError` that names the variable; ``downpour train``,
+    ``bench`` and ``study`` check it before they start, not at the first CUDA call inside a run.
+    """
+    value = os.environ.get(ENVIRONMENT, "")
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{ENVIRONMENT} must be 0 (off) or 1 (on), got {value!r}")
+    return None if value == "" else value == "1"
+
+
 def enabled(device: torch.device) -> bool:
     """Whether calls on ``device`` choose their settings by timing (see the module's docstring)."""
-    value = os.environ.get(ENVIRONMENT, "")
-    if value == "":
-        return device.type == "cuda"
-    if value not in ("0", "1"):
-        raise ValueError(f"{ENVIRONMENT} must be 0 (off) or 1 (on), got {value!r}")
-    return value == "1"
+    on = switch()
+    return device.type == "cuda" if on is None else on
 
 
 def chosen() -> dict[tuple[Hashable, ...], Choice]:
