@@ -419,3 +419,25 @@ def test_sync_push_refuses_a_version_the_shard_never_had(fetched: int) -> None:
         shard.push(torch.tensor([float("nan"), 0.0, 0.0]), fetched_version=fetched, worker=0)
     assert (shard.version, shard.rejected, shard.dropped, shard.aggregator.pending) == (0, 0, 0, 0)
     assert shard.push(torch.ones(3), fetched_version=0, worker=0) == PushResult(True, 0, 1)  # version 0 is fine
+
+
+@pytest.mark.parametrize("fetched", [1, 100, -1])
+def test_sync_close_round_refuses_a_version_the_shard_never_had(fetched: int) -> None:
+    """Closing the round of a version the shard never had raises instead of answering: a negative version read as
+    already closed, and one from the future closed the current round early (one push of a quorum of two)."""
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    class TwoLive:
+        def live(self) -> int:
+            return 2
+
+    shard = SyncShard(0, 0, torch.zeros(3), SGD(lr=1.0), policy=Sync(workers=2), roster=TwoLive())
+    shard.push(torch.ones(3), fetched_version=0, worker=0)
+    with pytest.raises(ValueError, match=rf"^shard 0: a round closed for version {fetched}, but the shard is at "
+                                         r"version 0 \(must be 0 to 0\)$"):  # fmt: skip
+        shard.close_round(fetched, force=True)
+    assert (shard.version, shard.aggregator.pending) == (0, 1)
+    assert not shard.close_round(0)  # one of two pushes: the round stays open
+    shard.push(torch.ones(3), fetched_version=0, worker=1)
+    assert shard.close_round(0) and shard.version == 1 and shard.close_round(0)

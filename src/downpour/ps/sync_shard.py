@@ -107,9 +107,13 @@ class SyncShard(Shard):
 
     def close_round(self, fetched_version: int, *, force: bool = False) -> bool:
         """True once the round of ``fetched_version`` is closed: close it now if the arrived pushes reach the
-        quorum (or, with ``force``, if any has arrived: the run is stopping). Cheap when nothing changed."""
+        quorum (or, with ``force``, if any has arrived: the run is stopping). Cheap when nothing changed. A
+        ``fetched_version`` the shard never had is a ValueError: a negative one would read as closed, a future one
+        would close the current round for it."""
         meta = self._m()
-        if int(meta[_VERSION0 + meta[_ACTIVE]]) > fetched_version:  # a lock-free hint; versions only grow
+        current = int(meta[_VERSION0 + meta[_ACTIVE]])
+        self._check_had(current, fetched_version, "a round closed for version")  # still true later: versions grow
+        if current > fetched_version:  # a lock-free hint; versions only grow
             return True
         if not force and self.aggregator.pending < self.quorum():
             return False
