@@ -3,6 +3,7 @@ flat bands (commit 24982d6) first, then time the whole layer step with each kern
 
 Run on the GPU machine:  PYTHONPATH=src:/tmp/site python3 scripts/triton_sweep.py $OUT/triton_sweep.json
 Check it on a CPU first:  TRITON_INTERPRET=1 PYTHONPATH=src .venv/bin/python scripts/triton_sweep.py --small
+``--sweep-seconds=N`` (default 300): part 2 starts no new setting after N seconds from the start.
 
 Prints, in this order (so a timeout still leaves the important part):
 1. layer step ms (default _TUNED), fp32 and TF32, unfold+bmm (fp32 and TF32) and conv2d, same process, timed as
@@ -32,7 +33,8 @@ SMALL = "--small" in sys.argv
 DEVICE = "cpu" if SMALL else "cuda"
 B, C, S, K, M = (4, 1, 12, 6, 8) if SMALL else (64, 1, 96, 18, 8)
 OUT_PATH = next((a for a in sys.argv[1:] if not a.startswith("--")), "/tmp/triton_sweep.json")
-DEADLINE = time.monotonic() + (120 if SMALL else 300)
+SWEEP_SECONDS = next((float(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--sweep-seconds=")), 300.0)
+DEADLINE = time.monotonic() + (120 if SMALL else SWEEP_SECONDS)  # part 2 stops starting settings after this
 results: dict = {"shape": [B, C, S, K, M], "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
 
 
