@@ -189,19 +189,28 @@ def _autotuned_layer(device: str, lt: Any, triton_autotune: Any) -> dict[str, ob
 
 
 def _compare_somewhere() -> dict[str, object]:
+    """:func:`compare`, :func:`tuned` and :func:`autotuned` on CUDA, or else each in its own interpreter subprocess,
+    all three at once (the interpreter runs on one core; this machine has two)."""
+    parts = ("compare", "tuned", "autotuned")
     if torch.cuda.is_available():
-        return {"cases": compare("cuda"), "tuned": tuned("cuda"), "autotuned": autotuned("cuda")}
-    code = (
-        "import importlib.util, json, sys\n"
+        return {"cases" if part == "compare" else part: globals()[part]("cuda") for part in parts}
+    load = (
+        "import importlib.util, json\n"
         f"spec = importlib.util.spec_from_file_location('triton_checks', {str(Path(__file__))!r})\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "print(json.dumps({'cases': module.compare('cpu'), 'tuned': module.tuned('cpu'),"
-        " 'autotuned': module.autotuned('cpu')}))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    running = {
+        part: subprocess.Popen([sys.executable, "-c", f"{load}print(json.dumps(module.{part}('cpu')))"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for part in parts
+    }  # fmt: skip
+    results: dict[str, object] = {}
+    for part, process in running.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+        results["cases" if part == "compare" else part] = json.loads(out.strip().splitlines()[-1])
+    return results
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of PyTorch ship it)")

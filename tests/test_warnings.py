@@ -13,13 +13,23 @@ from PIL import Image
 from skimage import data
 
 
+def _start(*args: str, columns: int) -> subprocess.Popen[str]:
+    """``python -m downpour ARGS`` started with stderr a pipe ``columns`` characters wide."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": str(columns)}
+    return subprocess.Popen([sys.executable, "-m", "downpour", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+
+
+def _warnings_of(process: subprocess.Popen[str]) -> list[str]:
+    """The ``warning:`` lines of a command started by :func:`_start`, once it has succeeded."""
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr
+    return [line for line in stderr.splitlines() if line.startswith("warning: ")]
+
+
 def _warnings(*args: str, columns: int) -> list[str]:
     """The ``warning:`` lines of ``python -m downpour ARGS`` run with stderr a pipe ``columns`` characters wide."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": str(columns)}
-    result = subprocess.run([sys.executable, "-m", "downpour", *args], capture_output=True, text=True, timeout=240,
-                            env=env)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    return _warnings_of(_start(*args, columns=columns))
 
 
 def test_long_warnings_are_one_line_in_a_narrow_console_and_keep_their_brackets(tmp_path: Path) -> None:
@@ -56,14 +66,16 @@ def test_a_skip_variance_that_zeroes_every_field_is_warned_of_before_training(tm
     zeroed 100.0%" at its end); at τ = 0.02, where some fields vary, there is none. (The simulator; the local
     backend, and its --resume, call the same function before their workers start.)"""
     run_dir = tmp_path / "run"
-    warnings = _warnings("train", "--backend", "sim", "--workers", "1", "--out", str(run_dir), *CAT,
-                         "--set", "model.skip_variance=1e9", columns=40)  # fmt: skip
-    assert warnings == ["warning: model.skip_variance = 1e+09 zeroes every receptive field of the held-out examples "
-                        "(none varies that much): the network outputs zeros and learns nothing; lower "
-                        "model.skip_variance"]  # fmt: skip
+    every, some = (  # both at once: each is one process on one core
+        _start("train", "--backend", "sim", "--workers", "1", "--out", str(out), *CAT, "--set",
+               f"model.skip_variance={tau}", columns=40)
+        for out, tau in ((run_dir, "1e9"), (tmp_path / "some", "0.02"))
+    )  # fmt: skip
+    assert _warnings_of(every) == ["warning: model.skip_variance = 1e+09 zeroes every receptive field of the held-out "
+                                   "examples (none varies that much): the network outputs zeros and learns nothing; "
+                                   "lower model.skip_variance"]  # fmt: skip
     assert json.loads((run_dir / "summary.json").read_text())["skip_variance"]["zeroed_fraction"] == 1.0
-    assert _warnings("train", "--backend", "sim", "--workers", "1", "--out", str(tmp_path / "some"), *CAT,
-                     "--set", "model.skip_variance=0.02", columns=40) == []  # fmt: skip
+    assert _warnings_of(some) == []
 
 
 def test_status_lines_are_one_line_and_printed_as_they_are() -> None:
