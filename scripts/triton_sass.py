@@ -94,7 +94,7 @@ def warps_per_sm(code: dict, warps: int) -> int:
 def plan(kernel: str, setting: dict, tf32: bool) -> tuple:
     """The kernel function, its constants, the number of programs and its loops' trip counts at the cat shape."""
     launch = {**lt._TUNED[kernel, tf32], **setting}
-    precision = "tf32" if tf32 else "ieee"
+    precision = launch.get("precision", "tf32" if tf32 else "ieee")
     if kernel == "transpose":
         tile_h, tile_w = launch["tile"]
         block_lx = lt._block_lx(launch, MAPS)
@@ -106,7 +106,7 @@ def plan(kernel: str, setting: dict, tf32: bool) -> tuple:
         return lt._transpose_kernel, constants, math.ceil(SIZE / tile_h) * math.ceil(SIZE / tile_w), trips, launch
     band = lt._band_launch(kernel, MAPS, tf32, setting)
     warps, stages = band.pop("num_warps"), band.pop("num_stages")
-    constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, BLOCK_B=BATCH, PRECISION=precision, **band)
+    constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, BLOCK_B=BATCH, **band)  # band holds PRECISION
     span = band["LOCS"] - 1 + KERNEL
     chunk = band["BLOCK_K"]
     trips = [math.ceil(KERNEL * span / chunk)] if band["FLAT"] else [math.ceil(span / chunk), KERNEL]

@@ -9,7 +9,9 @@ Prints, in this order (so a timeout still leaves the important part):
 1. layer step ms (default _TUNED), fp32 and TF32, unfold+bmm (fp32 and TF32) and conv2d, same process, timed as
    ``downpour bench layers`` times them (GPU time per step, steps back to back, fresh gradients), and the fp32 layer
    and unfold+bmm once more as the README's first H100 table was timed (a sync after each step, gradients added up);
-2. per kernel and precision: every setting's ms and error vs float64 (one JSON line each);
+2. per kernel and precision: every setting's ms and error vs float64 (one JSON line each): first the autotune
+   candidates, in float32 also with ``precision="tf32x3"`` (3 TF32 products per product on tensor cores: does it
+   keep float32's accuracy, < 2e-6, and how fast is it?), then a wider sweep until ``--sweep-seconds``;
 3. the winners, the layer step with them patched in, the layer step choosing its own settings among
    local_triton._CANDIDATES (DOWNPOUR_TRITON_AUTOTUNE=1), and the ratios to unfold+bmm;
 4. CPU-side cost per step at a tiny shape (launch overhead: what stride 18 is made of).
@@ -125,43 +127,56 @@ torch.backends.cudnn.allow_tf32 = True
 results["conv2d_ms"] = fastest_ms(steps_mod.training_step(lambda: conv(xg), xg, conv.weight))
 emit(**{key: value for key, value in results.items() if key.endswith("_ms")})
 
-# 2. Settings, most promising first (the flat narrow bands), kernel by kernel.
+# 2. Settings: first every kernel's autotune candidates (and in float32 each of them in "tf32x3"), then a wider sweep.
 runs = {
     "forward": lambda **kw: lt.lc_forward(x, w, *geo, **kw),
     "weight_grad": lambda **kw: lt.lc_weight_grad(g, x, w.shape, *geo, **kw),
     "transpose": lambda **kw: lt.lc_transpose(g, w, (C, S, S), (K, K), (1, 1), **kw),
 }
-grids = {
-    "forward": [{}] + [
+X3 = {"precision": "tf32x3"}  # three TF32 products per product: about float32's accuracy on tensor cores
+grids = {  # the wider sweep, after every kernel's candidates
+    "forward": [
         dict(flat=True, block_l=bl, block_k=bk, num_warps=nw)
         for bl in (2, 4, 8, 15) for bk in (32, 64) for nw in (4, 8)
     ],
-    "weight_grad": [{}] + [
+    "weight_grad": [
         dict(flat=True, block_l=bl, block_k=bk, num_warps=nw)
         for bl in (2, 4, 8, 15) for bk in (16, 32) for nw in (4, 8)
     ],
-    "transpose": [{}] + [
+    "transpose": [
         dict(flat=True, tile=tile, block_lx=lx, num_warps=4)
         for tile in ((4, 4), (2, 8), (4, 8)) for lx in (2, 4)
     ] + [dict(tile=(4, 4), num_warps=4), dict(tile=(2, 8), num_warps=4)],
 }  # fmt: skip
+
+
+def first_pass(tf32: bool) -> list[tuple[str, dict]]:
+    """Each kernel's autotune candidates (the measured setting first), and in float32 the same in "tf32x3"."""
+    out = []
+    for name in runs:
+        candidates = [dict(c) for c in lt._CANDIDATES[name, tf32]]
+        out += [(name, c) for c in candidates] + ([] if tf32 else [(name, {**c, **X3}) for c in candidates])
+    return out
+
+
+plan = [(tf32, name, setting) for tf32 in (False, True) for name, setting in first_pass(tf32)]
+plan += [(tf32, name, setting) for tf32 in (False, True) for name, grid in grids.items() for setting in grid
+         if (tf32, name, setting) not in plan]  # fmt: skip
 if SMALL:
-    grids = {name: grid[:3] for name, grid in grids.items()}
+    plan = [item for item in plan if item[2] in ({}, X3)]
 rows = []
-for label, _ in PRECISIONS:
-    tf32 = label == "tf32"
-    for name, grid in grids.items():
-        for setting in grid:
-            if time.monotonic() > DEADLINE:
-                break
-            try:
-                ms = bench_ms(lambda name=name, setting=setting, tf32=tf32: runs[name](tf32=tf32, **setting))
-                err = rel(runs[name](tf32=tf32, **setting), ref[name])
-            except Exception as exc:  # an invalid combination (e.g. shared memory): record it and go on
-                emit(kernel=name, tf32=tf32, setting=setting, error=repr(exc)[:200])
-                continue
-            rows.append({"kernel": name, "tf32": tf32, "setting": setting, "ms": ms, "err": err})
-            emit(**rows[-1])
+for tf32, name, setting in plan:
+    if time.monotonic() > DEADLINE:
+        emit(deadline=f"{len(plan) - len(rows)} settings not timed")
+        break
+    try:
+        ms = bench_ms(lambda name=name, setting=setting, tf32=tf32: runs[name](tf32=tf32, **setting))
+        err = rel(runs[name](tf32=tf32, **setting), ref[name])
+    except Exception as exc:  # an invalid combination (e.g. shared memory): record it and go on
+        emit(kernel=name, tf32=tf32, setting=setting, error=repr(exc)[:200])
+        continue
+    rows.append({"kernel": name, "tf32": tf32, "setting": setting, "ms": ms, "err": err})
+    emit(**rows[-1])
 results["rows"] = rows
 
 ORIGINAL_TUNED = {key: dict(value) for key, value in lt._TUNED.items()}

@@ -143,7 +143,44 @@ def tuned(device: str) -> dict[str, float]:
                 runs["forward"](block_kk=16)
             except ValueError as exc:
                 diffs["refusal"] = str(exc)
+            try:
+                runs["forward"](precision="fp16")
+            except ValueError as exc:
+                diffs["precision refusal"] = str(exc)
+            diffs["precision launched"] = _launched_precisions(runs)
     return diffs
+
+
+def _launched_precisions(runs: dict[str, Any]) -> dict[str, str]:
+    """The ``PRECISION`` each kernel was launched with when asked for ``precision="tf32x3"`` (the interpreter computes
+    every precision in float32, so only the launch shows whether the setting reached the kernel)."""
+    from downpour.nn import local_triton as lt
+
+    seen: dict[str, str] = {}
+
+    class Spy:
+        def __init__(self, name: str, kernel: Any) -> None:
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid: Any) -> Any:
+            def launch(*args: Any, **kwargs: Any) -> Any:
+                seen[self.name] = kwargs["PRECISION"]
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    names = {
+        "forward": "_forward_band_kernel", "weight_grad": "_weight_grad_band_kernel", "transpose": "_transpose_kernel",
+    }  # fmt: skip
+    originals = {name: getattr(lt, attribute) for name, attribute in names.items()}
+    try:
+        for name, attribute in names.items():
+            setattr(lt, attribute, Spy(name, originals[name]))
+            runs[name](precision="tf32x3")
+    finally:
+        for name, attribute in names.items():
+            setattr(lt, attribute, originals[name])
+    return seen
 
 
 def autotuned(device: str) -> dict[str, object]:
@@ -219,11 +256,13 @@ def test_triton_kernels_equal_the_per_location_loop() -> None:
     misspelt one is refused by name; settings chosen by timing the candidates give the same results too."""
     checks = _compare_somewhere()
     tuned_diffs = checks["tuned"]
-    assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 3 * len(FLAT_CASES) + 1
+    assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 3 * len(FLAT_CASES) + 3
     for key, diff in tuned_diffs.items():
-        if key != "refusal":
+        if "refusal" not in key and "launched" not in key:
             assert diff < 1e-4, f"{key} differs by {diff}"
     assert "Unknown forward launch settings ['block_kk']" in tuned_diffs["refusal"]
+    assert tuned_diffs["precision refusal"] == "Unknown forward precision 'fp16' (one of ieee, tf32, tf32x3)"
+    assert tuned_diffs["precision launched"] == dict.fromkeys(("forward", "weight_grad", "transpose"), "tf32x3")
     autotuned = checks["autotuned"]
     for name, error in autotuned["errors"].items():
         assert error < 2e-6, f"autotuned {name} off by {error:.2e} relative"
@@ -311,3 +350,12 @@ def test_flat_candidates_compile_for_an_h100(tmp_path: Path) -> None:
         code = sass.machine_code(compiled, str(tmp_path / "kernel.cubin"))
         assert code["stack"] == 0 and code["shared"] <= 227 * 1024, (kernel, tf32, setting, code)
         assert code["loops"], (kernel, tf32, setting)  # the chunk loop is there, found in the machine code
+        if kernel == "forward":  # "tf32x3" reaches the products: tensor-core instructions instead of float32 FMAs
+            mixes = {}
+            for precision in ("ieee", "tf32x3"):
+                fn, constants, _, _, launch = sass.plan(kernel, {**setting, "precision": precision}, tf32)
+                code = sass.machine_code(sass.compile_kernel(fn, constants, 90, launch["num_warps"], 3),
+                                         str(tmp_path / "kernel.cubin"))  # fmt: skip
+                loop = code["loops"][0]
+                mixes[precision] = (loop.get("FFMA", 0) > 0, loop.get("HMMA", 0) + loop.get("HGMMA", 0) > 0)
+            assert mixes == {"ieee": (True, False), "tf32x3": (False, True)}, mixes

@@ -26,6 +26,9 @@ patch is ever written to memory.
 Precision follows PyTorch's own switch for float32 products, ``torch.set_float32_matmul_precision``: at its
 default ("highest") the products are true float32 (``input_precision="ieee"``) and match the CPU path; at "high"
 or "medium" they use TF32 tensor cores (about 1e-3 relative error, what cuDNN's convolutions use by default).
+A launch setting ``precision="tf32x3"`` (for sweeps; no default uses it yet) runs each product as three TF32
+products on tensor cores, about float32's accuracy. Compiled for sm_90, the candidates' loops then issue 10-70%
+fewer instructions than in float32 FMAs, but neither its speed nor its error has been measured on a GPU.
 Without Triton (or without CUDA) :data:`AVAILABLE` is False and the layer uses its band-wise ``bmm`` kernels.
 """
 
@@ -377,10 +380,13 @@ _CANDIDATES = {
 
 _NUM_STAGES = 3  # Triton's default software pipelining depth
 _TUNING = {
-    "forward": {"block_b", "block_l", "flat", "block_k", "num_warps", "num_stages"},
-    "weight_grad": {"block_b", "block_l", "flat", "block_k", "num_warps", "num_stages"},
-    "transpose": {"block_b", "block_lx", "tile", "flat", "num_warps", "num_stages"},
+    "forward": {"block_b", "block_l", "flat", "block_k", "num_warps", "num_stages", "precision"},
+    "weight_grad": {"block_b", "block_l", "flat", "block_k", "num_warps", "num_stages", "precision"},
+    "transpose": {"block_b", "block_lx", "tile", "flat", "num_warps", "num_stages", "precision"},
 }
+# tl.dot's input precisions: true float32 (FMA), TF32 tensor cores, and three TF32 products per product
+# (a = a_hi + a_lo; a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi), about float32's accuracy on tensor cores.
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 def _check_tuning(kernel: str, tuning: dict[str, Any]) -> None:
@@ -388,6 +394,8 @@ def _check_tuning(kernel: str, tuning: dict[str, Any]) -> None:
     unknown = set(tuning) - _TUNING[kernel]
     if unknown:
         raise ValueError(f"Unknown {kernel} launch settings {sorted(unknown)} (it takes {sorted(_TUNING[kernel])})")
+    if tuning.get("precision", "ieee") not in PRECISIONS:
+        raise ValueError(f"Unknown {kernel} precision {tuning['precision']!r} (one of {', '.join(PRECISIONS)})")
 
 
 def _precision(tf32: bool | None) -> tuple[bool, str]:
@@ -397,14 +405,15 @@ def _precision(tf32: bool | None) -> tuple[bool, str]:
 
 def _band_launch(kernel: str, maps: int, tf32: bool, tuning: dict[str, Any]) -> dict[str, Any]:
     """A banded kernel's compile-time shape and launch settings: ``LOCS`` locations per band (``block_l``, any
-    count), held in ``BLOCK_L`` (a power of two) columns of ``BLOCK_M`` maps each, at least 16 in all for ``tl.dot``."""
+    count), held in ``BLOCK_L`` (a power of two) columns of ``BLOCK_M`` maps each, at least 16 in all for ``tl.dot``;
+    the products' ``PRECISION`` (``tf32`` decides unless the settings name one)."""
     launch = {**_TUNED[kernel, tf32], **tuning}
     block_m = _pow2(maps, 1, MAX_MAPS)
     locs = launch.get("block_l", max(1, 128 // block_m))
     return dict(
         LOCS=locs, BLOCK_L=max(_pow2(locs, 1, 1 << 16), 16 // block_m), BLOCK_M=block_m, BLOCK_K=launch["block_k"],
-        FLAT=bool(launch.get("flat", False)), num_warps=launch["num_warps"],
-        num_stages=launch.get("num_stages", _NUM_STAGES),
+        FLAT=bool(launch.get("flat", False)), PRECISION=launch.get("precision", _precision(tf32)[1]),
+        num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
     )  # fmt: skip
 
 
@@ -415,7 +424,8 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     ``tf32``: None follows :func:`tf32_enabled`. ``tuning`` overrides launch settings, for benchmarks and sweeps:
     ``block_b`` (examples per program), ``block_l`` (locations per band), ``block_k`` (band columns per product),
     ``flat`` (run the band's kernel rows as one sequence of columns instead of chunking each row's span, so no
-    chunk is padded per row), ``num_warps``, ``num_stages``.
+    chunk is padded per row), ``num_warps``, ``num_stages``, ``precision`` (one of :data:`PRECISIONS`, instead of
+    the one ``tf32`` gives: for sweeps that try ``"tf32x3"``).
     """
     _check_tuning("forward", tuning)
     batch, channels = x.shape[:2]
@@ -429,8 +439,9 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     if not _banded(kernel, stride, _band_launch("forward", maps, tf32, tuning)["LOCS"]):
         _forward_rows_kernel[(locations, triton.cdiv(batch, block_b))](
             x, weight, out, batch, channels, maps, patch, locations, out_hw[1], *x.stride(), *kernel, *stride,
-            BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024), PRECISION=precision,
-            num_warps=tuning.get("num_warps", 4), num_stages=tuning.get("num_stages", _NUM_STAGES),
+            BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
+            PRECISION=tuning.get("precision", precision), num_warps=tuning.get("num_warps", 4),
+            num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return out
 
@@ -439,7 +450,7 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
         examples = setting.get("block_b", block_b)
         _forward_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, examples))](
             x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
-            *stride, BLOCK_B=examples, PRECISION=precision, **band,
+            *stride, BLOCK_B=examples, **band,
         )  # fmt: skip
 
     _run_fitting(run, tuning or _autotuned("forward", tf32, x, maps, (tuple(x.shape), kernel, stride), run))
@@ -463,7 +474,7 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
         _weight_grad_rows_kernel[(locations,)](
             x, g, grad_w, batch, channels, maps, patch, out_hw[1], *x.stride(), *g.stride(), *kernel, *stride,
             BLOCK_B=tuning.get("block_b", 32), BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
-            PRECISION=precision, num_warps=tuning.get("num_warps", 4),
+            PRECISION=tuning.get("precision", precision), num_warps=tuning.get("num_warps", 4),
             num_stages=tuning.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
         return grad_w
@@ -473,7 +484,7 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
         block_b = setting.get("block_b", _pow2(batch, 16, 64))
         _weight_grad_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)](
             x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
-            *stride, BLOCK_B=block_b, PRECISION=precision, ONE_B_BLOCK=batch <= block_b, **band,
+            *stride, BLOCK_B=block_b, ONE_B_BLOCK=batch <= block_b, **band,
         )  # fmt: skip
 
     _run_fitting(run, tuning or _autotuned("weight_grad", tf32, x, maps, (tuple(x.shape), kernel, stride), run))
@@ -486,7 +497,8 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
 
     ``tuning``: ``tile`` (input pixels per program, ``(rows, columns)``), ``block_b``, ``block_lx`` (locations of
     a row per product, times the maps rounded up to a power of two), ``flat`` (chunk all the locations that touch
-    the tile as one sequence instead of row by row), ``num_warps``, ``num_stages``.
+    the tile as one sequence instead of row by row), ``num_warps``, ``num_stages``, ``precision`` (as in
+    :func:`lc_forward`).
     """
     _check_tuning("transpose", tuning)
     batch, maps, out_h, out_w = g.shape
@@ -510,7 +522,7 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
         _transpose_kernel[grid](
             g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride,
             TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=block_lx,
-            FLAT=bool(launch.get("flat", False)), PRECISION=precision,
+            FLAT=bool(launch.get("flat", False)), PRECISION=launch.get("precision", precision),
             num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
 
