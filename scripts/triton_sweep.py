@@ -3,7 +3,7 @@ flat bands (commit 24982d6) first, then time the whole layer step with each kern
 
 Run on the GPU machine:  PYTHONPATH=src:/tmp/site python3 scripts/triton_sweep.py $OUT/triton_sweep.json
 Check it on a CPU first:  TRITON_INTERPRET=1 PYTHONPATH=src .venv/bin/python scripts/triton_sweep.py --small
-``--sweep-seconds=N`` (default 300): part 2 starts no new setting after N seconds from the start.
+``--sweep-seconds N`` (default 300): part 2 starts no new setting after N seconds from the start.
 
 Prints, in this order (so a timeout still leaves the important part):
 1. layer step ms (default _TUNED), fp32 and TF32, unfold+bmm (fp32 and TF32) and conv2d, same process, timed as
@@ -17,9 +17,9 @@ Prints, in this order (so a timeout still leaves the important part):
 4. CPU-side cost per step at a tiny shape (launch overhead: what stride 18 is made of).
 """
 
+import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -31,12 +31,16 @@ from downpour.nn import local_triton as lt
 
 os.environ[triton_autotune.ENVIRONMENT] = "0"  # the measured settings unless a setting is given, until part 3
 
-SMALL = "--small" in sys.argv
+ARGS = argparse.ArgumentParser(description="Sweep the Triton kernels' launch settings (a developer tool).")
+ARGS.add_argument("out", nargs="?", default="/tmp/triton_sweep.json", help="where the JSON goes")
+ARGS.add_argument("--small", action="store_true", help="a tiny shape on the CPU (under TRITON_INTERPRET=1)")
+ARGS.add_argument("--sweep-seconds", type=float, default=300.0, help="part 2 starts no setting after this")
+OPTIONS = ARGS.parse_args()
+SMALL = OPTIONS.small
 DEVICE = "cpu" if SMALL else "cuda"
 B, C, S, K, M = (4, 1, 12, 6, 8) if SMALL else (64, 1, 96, 18, 8)
-OUT_PATH = next((a for a in sys.argv[1:] if not a.startswith("--")), "/tmp/triton_sweep.json")
-SWEEP_SECONDS = next((float(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--sweep-seconds=")), 300.0)
-DEADLINE = time.monotonic() + (120 if SMALL else SWEEP_SECONDS)  # part 2 stops starting settings after this
+OUT_PATH = OPTIONS.out
+DEADLINE = time.monotonic() + (120 if SMALL else OPTIONS.sweep_seconds)  # part 2 stops starting settings after this
 results: dict = {"shape": [B, C, S, K, M], "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
 
 
@@ -215,11 +219,12 @@ tiny = {"layer_k18_s18": LocallyConnected2d(1, M, 36, K, K).to(DEVICE), "conv2d_
         bias=False).to(DEVICE)}  # fmt: skip
 steps = 3 if SMALL else 300
 for name, module in tiny.items():
-    module(tiny_x).sum().backward()
+    tiny_step = steps_mod.training_step(lambda module=module: module(tiny_x), tiny_x, *module.parameters())
+    tiny_step()
     sync()
     t = time.perf_counter()
     for _ in range(steps):
-        module(tiny_x).sum().backward()
+        tiny_step()
     sync()
     results[f"host_us_per_step_{name}"] = (time.perf_counter() - t) / steps * 1e6
 small_w = torch.randn(4, M, P, device=DEVICE)

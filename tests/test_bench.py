@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from conftest import CliResult, downpour
 
@@ -55,6 +56,12 @@ def test_bench_layers_json_reports_every_row(cli: Callable[..., CliResult]) -> N
         assert row["skipped_fraction"] == pytest.approx(row["zeroed_fraction"])  # on the CPU: every flat field
         assert row["dense_ms"] > 0 and row["skip_ms"] > 0
     assert skip[0]["skipped_fraction"] == 0.0 and skip[-1]["skipped_fraction"] > 0.3
+    if torch.cuda.is_available():  # the GPU machine: every implementation timed, TF32 against TF32 too
+        for key in ("cuda", "cuda_non_overlapping"):
+            gpu = report[key]
+            for name in ("ours", "ours_tf32", "ours_bands", "unfold_bmm", "unfold_bmm_tf32", "conv2d"):
+                assert gpu[f"{name}_ms"] > 0, (key, name)
+            assert gpu["tf32_speedup_vs_unfold_bmm_tf32"] == gpu["unfold_bmm_tf32_ms"] / gpu["ours_tf32_ms"]
     losses = report["skip_loss"]
     assert losses[0]["loss_change"] == 0.0 and losses[0]["final_loss"] == losses[0]["final_loss_without_skip"]
     assert all(row["final_loss"] > 0 for row in losses)
@@ -63,8 +70,6 @@ def test_bench_layers_json_reports_every_row(cli: Callable[..., CliResult]) -> N
 def test_training_step_starts_each_step_from_fresh_gradients() -> None:
     """The timed step is a training step's work: after any number of steps the gradients are one step's, not a sum
     (accumulating would add a pass over all of an untied layer's weights to every timing)."""
-    import torch
-
     from downpour.bench.steps import fastest_ms, training_step
     from downpour.nn import LocallyConnected2d
 

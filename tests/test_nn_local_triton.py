@@ -243,10 +243,16 @@ def _compare_somewhere() -> dict[str, object]:
         for part in parts
     }  # fmt: skip
     results: dict[str, object] = {}
-    for part, process in running.items():
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-3000:]
-        results["cases" if part == "compare" else part] = json.loads(out.strip().splitlines()[-1])
+    try:
+        for part, process in running.items():
+            out, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err[-3000:]
+            results["cases" if part == "compare" else part] = json.loads(out.strip().splitlines()[-1])
+    finally:  # a failure or a timeout leaves no interpreter running on
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     return results
 
 

@@ -20,10 +20,18 @@ def _start(*args: str, columns: int) -> subprocess.Popen[str]:
                             text=True, env=env)  # fmt: skip
 
 
-def _warnings_of(process: subprocess.Popen[str]) -> list[str]:
-    """The ``warning:`` lines of a command started by :func:`_start`, once it has succeeded."""
-    _, stderr = process.communicate(timeout=240)
-    assert process.returncode == 0, stderr
+def _warnings_of(process: subprocess.Popen[str], *others: subprocess.Popen[str]) -> list[str]:
+    """The ``warning:`` lines of a command started by :func:`_start`, once it has succeeded; if it fails or hangs,
+    it and ``others`` (started alongside) are killed, so that no process outlives the test."""
+    try:
+        _, stderr = process.communicate(timeout=240)
+        assert process.returncode == 0, stderr
+    except BaseException:
+        for running in (process, *others):
+            if running.poll() is None:
+                running.kill()
+                running.communicate()
+        raise
     return [line for line in stderr.splitlines() if line.startswith("warning: ")]
 
 
@@ -71,11 +79,12 @@ def test_a_skip_variance_that_zeroes_every_field_is_warned_of_before_training(tm
                f"model.skip_variance={tau}", columns=40)
         for out, tau in ((run_dir, "1e9"), (tmp_path / "some", "0.02"))
     )  # fmt: skip
-    assert _warnings_of(every) == ["warning: model.skip_variance = 1e+09 zeroes every receptive field of the held-out "
-                                   "examples (none varies that much): the network outputs zeros and learns nothing; "
-                                   "lower model.skip_variance"]  # fmt: skip
+    found_every, found_some = _warnings_of(every, some), _warnings_of(some)
+    assert found_every == ["warning: model.skip_variance = 1e+09 zeroes every receptive field of the held-out "
+                           "examples (none varies that much): the network outputs zeros and learns nothing; lower "
+                           "model.skip_variance"]  # fmt: skip
     assert json.loads((run_dir / "summary.json").read_text())["skip_variance"]["zeroed_fraction"] == 1.0
-    assert _warnings_of(some) == []
+    assert found_some == []
 
 
 def test_status_lines_are_one_line_and_printed_as_they_are() -> None:

@@ -267,3 +267,4 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
             for name, k in rows:
                 table.add_row(name, f"{g[f'{k}_ms']:.3f}", f"{g['unfold_bmm_ms'] / g[f'{k}_ms']:.1f}")
             console.print(table)
+            console.print(f"TF32 against unfold + bmm also in TF32: {g['tf32_speedup_vs_unfold_bmm_tf32']:.1f}x")

@@ -11,9 +11,11 @@ import torch
 def training_step(forward: Callable[[], torch.Tensor], *leaves: torch.Tensor) -> Callable[[], None]:
     """``forward().sum().backward()``, with the gradients of ``leaves`` set to None first.
 
-    That is how ``optimizer.zero_grad()`` leaves them (its default since PyTorch 2.0), so each step writes fresh
-    gradients. Without the reset, every step after the first would also add its gradients into the old ones: for an
-    untied layer, one more read and write of all its weights, which no training loop pays.
+    That is how ``optimizer.zero_grad()`` leaves them in plain PyTorch (``set_to_none``, its default since 2.0), so
+    each step writes fresh gradients. Without the reset, every step after the first would also add its gradients
+    into the old ones: for an untied layer, one more read and write of all its weights. (Downpour's own workers do
+    pay a pass like that: they keep gradients in one flat buffer, zero it, and autograd adds into it. The timing
+    leaves it out for every implementation alike.)
     """
 
     def step() -> None:
@@ -27,14 +29,15 @@ def training_step(forward: Callable[[], torch.Tensor], *leaves: torch.Tensor) ->
 def fastest_ms(step: Callable[[], None], repeats: int, device: str) -> float:
     """Milliseconds of the fastest of ``repeats`` runs of ``step``, after one run to warm up.
 
-    On the CPU: wall-clock time. On CUDA: the GPU's own time between two CUDA events around each step, with the steps
-    queued back to back and one synchronization at the end, as ``triton.testing.do_bench`` measures. The host
+    On the CPU: wall-clock time. On CUDA: the GPU's own time between two CUDA events around each step, as
+    ``triton.testing.do_bench`` uses, with the steps queued back to back and one synchronization at the end (unlike
+    ``do_bench``: no flush of the L2 cache between steps, and the fastest step rather than the mean). The host
     prepares the next step while the GPU runs the current one, as it does in training. A step whose kernels take
     less time than the host needs to issue them is still measured at the host's pace, because the GPU waits between
     the events.
     """
     step()
-    if device != "cuda":
+    if torch.device(device).type != "cuda":
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
