@@ -222,7 +222,7 @@ def _wait_for_pushes(run_dir: Path, proc: subprocess.Popen[str], timeout: float 
 
 def test_a_worker_killed_mid_run_is_reported_and_the_others_go_on(run_dir: Path) -> None:
     """SIGKILL one of three worker processes: the run says so, finishes, and its loss still falls."""
-    proc = _start(run_dir, "--workers", "3", "--seconds", "20", "--set", "train.checkpoint_every=2")
+    proc = _start(run_dir, "--workers", "3", "--seconds", "12", "--set", "train.checkpoint_every=2")
     records = _wait_for_pushes(run_dir, proc)
     pids = next(r for r in records if r["event"] == "start")["pids"]
     steps_at_kill = max(r["step"] for r in records if r["event"] == "throughput")
