@@ -4,8 +4,9 @@ ptxas and print what their machine code (SASS) needs, for every launch candidate
     PYTHONPATH=src .venv/bin/python scripts/triton_sass.py [--arch 90]
 
 Per kernel and setting, at the cat shape (batch 64, 1 channel, 96x96, kernel 18, stride 1, 8 maps):
-registers per thread, spilled bytes per thread (stack), shared memory, warps that fit one SM (occupancy), the
-instructions in each loop, and an issue-slot estimate: the instructions all warps execute / (4 per clock per SM x
+registers per thread, spilled bytes per thread (stack), shared memory, warps that fit one SM (occupancy), warps per
+SM the launch supplies on average ("launched": programs x warps / 132; below what fits, SMs wait on latency: the
+measured transpose supplies about 9), the instructions in each loop, and an issue-slot estimate: the instructions all warps execute / (4 per clock per SM x
 132 SMs x 1.755 GHz). The estimate ignores latency and memory: in float32 the H100's measured times were 1.7-1.8x
 it for kernels that fit 12 warps per SM, and 3.7x for the forward that spilled (README). It ranks settings; it
 does not time them. Triton here may be newer than on the GPU machine, so its code may differ a little.
@@ -95,27 +96,30 @@ def plan(kernel: str, setting: dict, tf32: bool) -> tuple:
     """The kernel function, its constants, the number of programs and its loops' trip counts at the cat shape."""
     launch = {**lt._TUNED[kernel, tf32], **setting}
     precision = launch.get("precision", "tf32" if tf32 else "ieee")
+    block_b = launch.get("block_b", BATCH)
+    batch_blocks = math.ceil(BATCH / block_b)  # the forward and the transpose split the batch over programs
     if kernel == "transpose":
         tile_h, tile_w = launch["tile"]
         block_lx = lt._block_lx(launch, MAPS)
         flat = bool(launch.get("flat", False))
-        constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=BATCH, BLOCK_M=MAPS,
+        constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=MAPS,
                          BLOCK_LX=block_lx, FLAT=flat, PRECISION=precision)  # fmt: skip
         rows, columns = KERNEL + tile_h - 1, KERNEL + tile_w - 1  # locations touching an inner tile
         trips = [math.ceil(rows * columns / block_lx)] if flat else [math.ceil(columns / block_lx), rows]
-        return lt._transpose_kernel, constants, math.ceil(SIZE / tile_h) * math.ceil(SIZE / tile_w), trips, launch
+        programs = math.ceil(SIZE / tile_h) * math.ceil(SIZE / tile_w) * batch_blocks
+        return lt._transpose_kernel, constants, programs, trips, launch
     band = lt._band_launch(kernel, MAPS, tf32, setting)
     warps, stages = band.pop("num_warps"), band.pop("num_stages")
-    constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, BLOCK_B=BATCH, **band)  # band holds PRECISION
+    constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, BLOCK_B=block_b, **band)  # band holds PRECISION
     span = band["LOCS"] - 1 + KERNEL
     chunk = band["BLOCK_K"]
     trips = [math.ceil(KERNEL * span / chunk)] if band["FLAT"] else [math.ceil(span / chunk), KERNEL]
-    if kernel == "weight_grad":
-        constants["ONE_B_BLOCK"] = True
-        trips = [1, *trips]  # the loop over batch blocks runs once
+    if kernel == "weight_grad":  # the batch is its sum: one program per band, the batch in blocks inside it
+        constants["ONE_B_BLOCK"] = batch_blocks == 1
+        trips, batch_blocks = [batch_blocks, *trips], 1
     fn = lt._forward_band_kernel if kernel == "forward" else lt._weight_grad_band_kernel
     launch = {**launch, "num_warps": warps, "num_stages": stages}
-    return fn, constants, OUT * math.ceil(OUT / band["LOCS"]), trips, launch
+    return fn, constants, OUT * math.ceil(OUT / band["LOCS"]) * batch_blocks, trips, launch
 
 
 def main() -> None:
@@ -123,7 +127,7 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     arch = parser.parse_args().arch
     print(f"{'kernel':11s} {'tf32':5s} {'setting':58s} {'regs':>4s} {'spill':>5s} {'smem':>5s} {'warps/SM':>8s} "
-          f"{'loop sizes':>14s} {'issue ms':>8s}")  # fmt: skip
+          f"{'launched':>8s} {'loop sizes':>14s} {'issue ms':>8s}")  # fmt: skip
     for (kernel, tf32), candidates in lt._CANDIDATES.items():
         for setting in candidates:
             fn, constants, programs, trips, launch = plan(kernel, setting, tf32)
@@ -133,8 +137,8 @@ def main() -> None:
             ms = issue_ms(code, programs, launch["num_warps"], trips)
             shown = str(setting or f"measured {lt._TUNED[kernel, tf32]}")
             print(f"{kernel:11s} {tf32!s:5s} {shown:58s} {code['registers']:4d} {code['stack']:5d} "
-                  f"{code['shared'] // 1024:4d}K {warps_per_sm(code, launch['num_warps']):8d} {sizes:>14s} "
-                  f"{ms:8.3f}")  # fmt: skip
+                  f"{code['shared'] // 1024:4d}K {warps_per_sm(code, launch['num_warps']):8d} "
+                  f"{programs * launch['num_warps'] / SMS:8.1f} {sizes:>14s} {ms:8.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

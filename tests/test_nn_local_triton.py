@@ -321,8 +321,8 @@ def test_autotune_switch_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_candidates_suit_the_maps_they_run_with() -> None:
     """The timed candidates are only those whose product fits the maps: all at the cat layer's 8 maps; at 256 maps
-    only the measured settings (a band of 4 locations of 256 maps needs 4x the shared memory an H100 has); the
-    flat transpose's product is at least 16 wide (``tl.dot``), so not at 1-4 maps."""
+    only the measured settings and the transpose's batch split (a band of 4 locations of 256 maps needs 4x the
+    shared memory an H100 has); the flat transpose's product is at least 16 wide (``tl.dot``), so not at 1-4 maps."""
     pytest.importorskip("triton")
     from downpour.nn import local_triton as lt
 
@@ -331,9 +331,10 @@ def test_candidates_suit_the_maps_they_run_with() -> None:
 
     for (kernel, tf32), candidates in lt._CANDIDATES.items():
         assert suited(kernel, tf32, 8) == list(candidates)
-        assert suited(kernel, tf32, 256) == [{}]
+        assert suited(kernel, tf32, 256) == [c for c in candidates if not c.get("flat")]  # the measured, a batch split
+    assert {"block_b": 32} in lt._CANDIDATES["transpose", False]  # a batch split has the measured product's width
     for maps in (1, 2, 3, 4):
-        assert suited("transpose", False, maps) == [{}]
+        assert suited("transpose", False, maps) == [c for c in lt._CANDIDATES["transpose", False] if not c.get("flat")]
     assert len(suited("forward", False, 64)) == 2  # bands of 2 locations (128 wide) suit; of 4 (256) do not
 
 
