@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +34,23 @@ class CliResult(NamedTuple):
     returncode: int
     stdout: str
     stderr: str
+
+
+def finish_all(processes: Mapping[str, subprocess.Popen[str]], timeout: float) -> dict[str, CliResult]:
+    """Wait for ``processes`` (started together, to run side by side) and return what each returned and printed.
+    If one does not finish within ``timeout`` seconds, or anything else fails, every one still running is killed
+    and reaped: no process outlives the test."""
+    results = {}
+    try:
+        for key, process in processes.items():
+            stdout, stderr = process.communicate(timeout=timeout)
+            results[key] = CliResult(process.returncode, stdout, stderr)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return results
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from conftest import finish_all
 from downpour import config as config_mod
 from downpour.cli import main
 from downpour.config import Config, from_dict, load, overrides_to_dict, parse_override, validate
@@ -345,17 +346,9 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subpro
             out,
             command,
         )
-    results = {}
-    try:
-        for name, (proc, out, command) in procs.items():
-            stdout, stderr = proc.communicate(timeout=120)
-            results[name] = (subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), out)
-    finally:
-        for proc, _, _ in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    return results
+    finished = finish_all({name: proc for name, (proc, _, _) in procs.items()}, timeout=120)
+    return {name: (subprocess.CompletedProcess(command, *finished[name]), out)
+            for name, (_, out, command) in procs.items()}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(SUBPROCESS_CASES))

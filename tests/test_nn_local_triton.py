@@ -242,17 +242,12 @@ def _compare_somewhere() -> dict[str, object]:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for part in parts
     }  # fmt: skip
+    from conftest import finish_all  # here: this module is also loaded by the subprocesses, outside pytest
+
     results: dict[str, object] = {}
-    try:
-        for part, process in running.items():
-            out, err = process.communicate(timeout=300)
-            assert process.returncode == 0, err[-3000:]
-            results["cases" if part == "compare" else part] = json.loads(out.strip().splitlines()[-1])
-    finally:  # a failure or a timeout leaves no interpreter running on
-        for process in running.values():
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+    for part, done in finish_all(running, timeout=300).items():
+        assert done.returncode == 0, done.stderr[-3000:]
+        results["cases" if part == "compare" else part] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
 
 

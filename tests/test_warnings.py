@@ -12,6 +12,8 @@ from pathlib import Path
 from PIL import Image
 from skimage import data
 
+from conftest import CliResult, finish_all
+
 
 def _start(*args: str, columns: int) -> subprocess.Popen[str]:
     """``python -m downpour ARGS`` started with stderr a pipe ``columns`` characters wide."""
@@ -20,24 +22,15 @@ def _start(*args: str, columns: int) -> subprocess.Popen[str]:
                             text=True, env=env)  # fmt: skip
 
 
-def _warnings_of(process: subprocess.Popen[str], *others: subprocess.Popen[str]) -> list[str]:
-    """The ``warning:`` lines of a command started by :func:`_start`, once it has succeeded; if it fails or hangs,
-    it and ``others`` (started alongside) are killed, so that no process outlives the test."""
-    try:
-        _, stderr = process.communicate(timeout=240)
-        assert process.returncode == 0, stderr
-    except BaseException:
-        for running in (process, *others):
-            if running.poll() is None:
-                running.kill()
-                running.communicate()
-        raise
-    return [line for line in stderr.splitlines() if line.startswith("warning: ")]
+def _warnings_of(done: CliResult) -> list[str]:
+    """The ``warning:`` lines of a command that succeeded."""
+    assert done.returncode == 0, done.stderr
+    return [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
 
 
 def _warnings(*args: str, columns: int) -> list[str]:
     """The ``warning:`` lines of ``python -m downpour ARGS`` run with stderr a pipe ``columns`` characters wide."""
-    return _warnings_of(_start(*args, columns=columns))
+    return _warnings_of(finish_all({"run": _start(*args, columns=columns)}, timeout=240)["run"])
 
 
 def test_long_warnings_are_one_line_in_a_narrow_console_and_keep_their_brackets(tmp_path: Path) -> None:
@@ -79,7 +72,8 @@ def test_a_skip_variance_that_zeroes_every_field_is_warned_of_before_training(tm
                f"model.skip_variance={tau}", columns=40)
         for out, tau in ((run_dir, "1e9"), (tmp_path / "some", "0.02"))
     )  # fmt: skip
-    found_every, found_some = _warnings_of(every, some), _warnings_of(some)
+    finished = finish_all({"every": every, "some": some}, timeout=240)
+    found_every, found_some = _warnings_of(finished["every"]), _warnings_of(finished["some"])
     assert found_every == ["warning: model.skip_variance = 1e+09 zeroes every receptive field of the held-out "
                            "examples (none varies that much): the network outputs zeros and learns nothing; lower "
                            "model.skip_variance"]  # fmt: skip
