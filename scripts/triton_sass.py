@@ -3,13 +3,14 @@ ptxas and print what their machine code (SASS) needs, for every launch candidate
 
     PYTHONPATH=src .venv/bin/python scripts/triton_sass.py [--arch 90]
 
-Per kernel and setting, at the cat shape (batch 64, 1 channel, 96x96, kernel 18, stride 1, 8 maps):
-registers per thread, spilled bytes per thread (stack), shared memory, warps that fit one SM (occupancy), warps per
-SM the launch supplies on average ("launched": programs x warps / 132; below what fits, SMs wait on latency: the
-measured transpose supplies about 9), the instructions in each loop, and an issue-slot estimate: the instructions all warps execute / (4 per clock per SM x
-132 SMs x 1.755 GHz). The estimate ignores latency and memory: in float32 the H100's measured times were 1.7-1.8x
-it for kernels that fit 12 warps per SM, and 3.7x for the forward that spilled (README). It ranks settings; it
-does not time them. Triton here may be newer than on the GPU machine, so its code may differ a little.
+Per kernel and setting, at the cat shape (batch 64, 1 channel, 96x96, kernel 18, stride 1, 8 maps): registers per
+thread, spilled bytes per thread (stack), shared memory, warps that fit one SM (occupancy), warps per SM the launch
+supplies on average ("launched": programs x warps / 132; below what fits, SMs wait on latency: the measured
+transpose supplies about 9), the instructions in each loop, and an issue-slot estimate: the instructions all warps
+execute / (4 per clock per SM x 132 SMs x 1.755 GHz). The estimate ignores latency and memory: in float32 the H100's
+measured times were 1.7-1.8x it for kernels that fit 12 warps per SM, and 3.7x for the forward that spilled
+(README). It ranks settings; it does not time them. Triton here may be newer than on the GPU machine, so its code
+may differ a little.
 """
 
 from __future__ import annotations

@@ -257,6 +257,25 @@ if AVAILABLE:
                 tl.store(gw_n[:, None] + w_off + j, acc, mask=inside)
 
     @triton.jit
+    def _gathered_product(
+        acc, g_ptr, w_ptr, offs_b, mask_b, loc, m, mask_k, mask_t, i_kw, j, inside, w_base, M, P, sgb, sgm, sgl,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # One chunk of the transpose: acc (BLOCK_B, T) += g[b, (loc, m)] (BLOCK_B, K) @ W[(loc, m), pixel] (K, T),
+        # each pixel's weight at row offset i·KW and column j of its field (zero where it lies outside: ``inside``).
+        gv = tl.load(
+            g_ptr + offs_b[:, None] * sgb + m[None, :] * sgm + loc[None, :] * sgl,
+            mask=mask_b[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # (BLOCK_B, K)
+        wv = tl.load(
+            w_ptr + (loc * M * P + m * P + w_base)[:, None] + i_kw + j,
+            mask=mask_k[:, None] & mask_t[None, :] & inside,
+            other=0.0,
+        )  # (K, T)
+        return acc + tl.dot(gv, wv, input_precision=PRECISION)
+
+    @triton.jit
     def _transpose_kernel(
         g_ptr, w_ptr, out_ptr,
         B, C, H, W, M, P, H_OUT, W_OUT,
@@ -295,41 +314,22 @@ if AVAILABLE:
                 lx = lx_lo + (kk // BLOCK_M) % NLX
                 m = kk % BLOCK_M
                 mask_k = (ly < ly_hi) & (lx < lx_hi) & (m < M) & (kk < NLY * NLX * BLOCK_M)
-                loc = ly * W_OUT + lx
-                gv = tl.load(
-                    g_ptr + offs_b[:, None] * sgb + m[None, :] * sgm + loc[None, :] * sgl,
-                    mask=mask_b[:, None] & mask_k[None, :],
-                    other=0.0,
-                )  # (BLOCK_B, K)
                 i = py[None, :] - (ly * SH)[:, None]  # (K, T)
                 j = px[None, :] - (lx * SW)[:, None]
                 inside = (i >= 0) & (i < KH) & (j >= 0) & (j < KW)
-                wv = tl.load(
-                    w_ptr + (loc * M * P + m * P + c * KH * KW)[:, None] + i * KW + j,
-                    mask=mask_k[:, None] & mask_t[None, :] & inside,
-                    other=0.0,
-                )  # (K, T)
-                acc += tl.dot(gv, wv, input_precision=PRECISION)
+                acc = _gathered_product(acc, g_ptr, w_ptr, offs_b, mask_b, ly * W_OUT + lx, m, mask_k, mask_t,
+                                        i * KW, j, inside, c * KH * KW, M, P, sgb, sgm, sgl, PRECISION)  # fmt: skip
         else:  # row of locations by row, each row's locations in chunks
             for ly in range(ly_lo, ly_hi):
                 i = py - ly * SH  # (T,)
                 for lx0 in range(lx_lo, lx_hi, BLOCK_LX):
                     lx = lx0 + k_lx  # (K,)
                     mask_k = (lx < lx_hi) & (k_m < M)
-                    loc = ly * W_OUT + lx
-                    gv = tl.load(
-                        g_ptr + offs_b[:, None] * sgb + k_m[None, :] * sgm + loc[None, :] * sgl,
-                        mask=mask_b[:, None] & mask_k[None, :],
-                        other=0.0,
-                    )  # (BLOCK_B, K)
                     j = px[None, :] - (lx * SW)[:, None]  # (K, T)
                     inside = (i[None, :] >= 0) & (i[None, :] < KH) & (j >= 0) & (j < KW)
-                    wv = tl.load(
-                        w_ptr + (loc * M * P + k_m * P + c * KH * KW)[:, None] + (i * KW)[None, :] + j,
-                        mask=mask_k[:, None] & mask_t[None, :] & inside,
-                        other=0.0,
-                    )  # (K, T)
-                    acc += tl.dot(gv, wv, input_precision=PRECISION)
+                    acc = _gathered_product(acc, g_ptr, w_ptr, offs_b, mask_b, ly * W_OUT + lx, k_m, mask_k, mask_t,
+                                            (i * KW)[None, :], j, inside, c * KH * KW, M, P, sgb, sgm, sgl,
+                                            PRECISION)  # fmt: skip
         out = out_ptr + offs_b[:, None] * (C * H * W) + c * (H * W) + (py * W + px)[None, :]
         tl.store(out, acc, mask=mask_b[:, None] & mask_t[None, :])
 
