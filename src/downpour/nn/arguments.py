@@ -28,6 +28,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # True is an int, never a size
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _sizes_ok(values: Any, length: int) -> bool:
+    """Whether ``values`` is a sequence (not a string) of ``length`` integers >= 1."""
+    ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) == length
+    return ok and all(_is_int(v) and v >= 1 for v in values)
+
+
 def integer(owner: str, name: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
     """``value`` as an ``int`` when it is an integer (a bool is not) in ``minimum..maximum``; else a ``ValueError``."""
     allowed = f"an integer >= {minimum}" if maximum is None else f"an integer {minimum}..{maximum}"
@@ -39,8 +49,7 @@ def integer(owner: str, name: str, value: Any, *, minimum: int = 1, maximum: int
 def number(owner: str, name: str, value: Any, *, positive: bool = False) -> float:
     """``value`` as a ``float`` when it is a finite real number ``>= 0`` (``> 0`` with ``positive``); else a
     ``ValueError`` (NaN and ±inf included)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > 0 if positive else value >= 0)
+    ok = _is_real(value) and math.isfinite(value) and (value > 0 if positive else value >= 0)
     require(ok, owner, name, value, f"a finite number {'>' if positive else '>='} 0")
     return float(value)
 
@@ -53,16 +62,14 @@ def flag(owner: str, name: str, value: object) -> bool:
 
 def sizes(owner: str, name: str, value: Any, length: int) -> tuple[int, ...]:
     """``value`` as a tuple when it is a sequence of ``length`` integers >= 1 (e.g. a ``(C, H, W)`` shape)."""
-    ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == length
-    require(ok and all(_is_int(v) and v >= 1 for v in value), owner, name, value, f"{length} integers >= 1")
+    require(_sizes_ok(value, length), owner, name, value, f"{length} integers >= 1")
     return tuple(int(v) for v in value)
 
 
 def pair(owner: str, name: str, value: Any) -> tuple[int, int]:
     """``(value, value)`` for one integer >= 1, ``value`` as a tuple for a pair of them; else a ``ValueError``."""
     values = (value, value) if _is_int(value) else value
-    ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 2
-    require(ok and all(_is_int(v) and v >= 1 for v in values), owner, name, value, "an integer >= 1 or a pair of them")
+    require(_sizes_ok(values, 2), owner, name, value, "an integer >= 1 or a pair of them")
     return int(values[0]), int(values[1])
 
 
@@ -86,5 +93,5 @@ def penalty(owner: str, value: object, *, sigmoid: bool) -> None:
         require(sigmoid, owner, "penalty", value, f"none, l1, l2 or rica (kl needs sigmoid hidden units; {owner}'s "
                 "are linear)")  # fmt: skip
         target = value.target
-        ok = isinstance(target, numbers.Real) and not isinstance(target, bool) and 0 < target < 1
-        require(ok, owner, "penalty target", target, "a kl target ρ in (0, 1), exclusive")
+        require(_is_real(target) and 0 < target < 1, owner, "penalty target", target,
+                "a kl target ρ in (0, 1), exclusive")  # fmt: skip
