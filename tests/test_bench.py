@@ -19,7 +19,7 @@ def test_bench_ps_json_has_every_figure_and_consistent_ratios() -> None:
     report = json.loads(result.stdout)
     keys = (
         "plain_examples_per_s", "hogwild_2w_examples_per_s", "local_1w_examples_per_s", "local_2w_examples_per_s",
-        "push_pull_gbps", "memcpy_gbps",
+        "push_pull_gbps", "memcpy_gbps", "server_process_push_pull_gbps",
     )  # fmt: skip
     for key in keys:
         assert report[key] > 0, key
@@ -29,6 +29,25 @@ def test_bench_ps_json_has_every_figure_and_consistent_ratios() -> None:
     paired = sorted(a / b for a, b in zip(windows["local2"], windows["hogwild"], strict=True))
     assert ratios["local_2w_vs_hogwild"] == sum(paired) / 2  # median of the per-round ratios
     assert report["workload"]["num_params"] == 256 * 256
+    shared_vs_pipes = report["push_pull_gbps"] / report["server_process_push_pull_gbps"]
+    assert ratios["shared_memory_vs_server_process"] == pytest.approx(shared_vs_pipes)
+
+
+def test_server_processes_apply_every_push_and_stop() -> None:
+    """The design-not-taken servers of ``bench ps``: started once, timed in several windows, each push applied
+    (values = -lr·update per push so far), and every server process gone after ``close``."""
+    from downpour.bench.transport import ServerProcesses
+
+    with ServerProcesses(1001, 2) as servers:
+        assert servers.push_pull_gbps(0.05) > 0 and servers.push_pull_gbps(0.05) > 0
+        values = [v.copy() for v in servers._values]  # the buffers are refilled in place
+        servers._round_trip()
+        after = list(servers._values)
+        processes = list(servers._servers)
+    assert [len(v) for v in after] == [501, 500]
+    for before, now in zip(values, after, strict=True):
+        assert before.max() < 0 and torch.allclose(torch.from_numpy(now - before), torch.tensor(-1e-6), atol=1e-9)
+    assert all(not proc.is_alive() and proc.exitcode == 0 for proc in processes)
 
 
 def test_bench_layers_json_reports_every_row(cli: Callable[..., CliResult]) -> None:

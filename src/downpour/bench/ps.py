@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from downpour.bench.runners import LocalBackend, PlainLoops, Runner, alternate, close_all, start_all
-from downpour.bench.transport import fastest_block_gbps, server_process_push_pull_gbps
+from downpour.bench.transport import ServerProcesses, fastest_block_gbps
 from downpour.config import Config
 from downpour.data import load_dataset
 from downpour.models import build_model
@@ -121,12 +121,11 @@ def run(*, seconds: float = 0.5, rounds: int = 12) -> dict[str, Any]:
     finally:
         close_all(runners)
     transfers: dict[str, list[float]] = {}
-    for _ in range(min(3, rounds)):  # the fastest of up to three windows (a short run takes fewer)
-        for key, value in push_pull(num_params, 2, seconds=min(0.5, seconds)).items():
-            transfers.setdefault(key, []).append(value)
-        transfers.setdefault("server_process_push_pull_gbps", []).append(
-            server_process_push_pull_gbps(num_params, 2, seconds=min(0.5, seconds))
-        )
+    with ServerProcesses(num_params, 2) as servers:
+        for _ in range(min(3, rounds)):  # the fastest of up to three windows (a short run takes fewer)
+            for key, value in push_pull(num_params, 2, seconds=min(0.5, seconds)).items():
+                transfers.setdefault(key, []).append(value)
+            transfers.setdefault("server_process_push_pull_gbps", []).append(servers.push_pull_gbps(min(0.5, seconds)))
     best = {k: max(v) for k, v in transfers.items()}  # timeit's rule for the micro-benchmarks: the fastest
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {
