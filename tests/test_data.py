@@ -65,6 +65,32 @@ def test_zca_matrix_whitens_correlated_gaussians() -> None:
     assert torch.allclose(covariance, torch.eye(5), atol=2e-2)
 
 
+def test_small_eigendecompositions_run_on_one_thread_and_the_count_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to SINGLE_THREAD_EIGH_MAX_DIM dimensions ``eigh`` runs single-threaded (parallel LAPACK stalls for seconds on
+    shared cores); above it, on the caller's threads. Either way the caller's thread count is restored, also after an
+    error inside the block."""
+    from downpour.data import whitening
+    from downpour.threads import torch_threads
+
+    seen: list[tuple[int, int]] = []
+    real_eigh = torch.linalg.eigh
+
+    def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append((matrix.shape[0], torch.get_num_threads()))
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    monkeypatch.setattr(whitening, "SINGLE_THREAD_EIGH_MAX_DIM", 8)  # so that a small matrix is "large"
+    with torch_threads(2):
+        zca_matrix(torch.randn(100, 8), eps=1e-3)
+        zca_matrix(torch.randn(100, 9), eps=1e-3)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(DataError, match="no variance"), torch_threads(1):
+            zca_matrix(torch.ones(10, 3), eps=1e-3)
+        assert torch.get_num_threads() == 2
+    assert seen == [(8, 1), (9, 2), (3, 1)]
+
+
 def test_worker_slices_are_disjoint_and_cover_every_example() -> None:
     """Each worker reads only its own contiguous range; together they read every example once."""
     for workers in (1, 2, 3, 7):

@@ -34,6 +34,7 @@ from downpour.report.filters import save_filter_grid
 from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
 from downpour.report.tensorboard import open_metrics_log
+from downpour.threads import torch_threads
 
 EVALUATIONS = 50  # held-out evaluations per run
 
@@ -68,18 +69,14 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
     held_out_loss = HeldOutLoss(config, dataset)
     rule = make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
     policy = config_policy(config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.cluster.threads_per_worker or 1)  # small products: one thread is fastest
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with rundir.exclusive(out):
-            config_mod.write(config, out / rundir.CONFIG)
-            if dataset.whitening is not None:
-                rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
-            return _simulate_run(config, out, settings, model, signature, held_out_loss, rule, policy, dataset,
-                                 console=console, show_progress=show_progress)  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    # Small products: one thread is fastest.
+    with torch_threads(config.cluster.threads_per_worker or 1), rundir.exclusive(out):
+        config_mod.write(config, out / rundir.CONFIG)
+        if dataset.whitening is not None:
+            rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
+        return _simulate_run(config, out, settings, model, signature, held_out_loss, rule, policy, dataset,
+                             console=console, show_progress=show_progress)  # fmt: skip
 
 
 def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch.nn.Module,

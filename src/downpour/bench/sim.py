@@ -30,6 +30,7 @@ from downpour.errors import DownpourError
 from downpour.models import build_model
 from downpour.ps.policies import Policy, make_policy
 from downpour.ps.rules import Rule, make_rule
+from downpour.threads import torch_threads
 
 
 def workload(*, features: int = 64, batch_size: int = 32, seed: int = 0,
@@ -116,9 +117,7 @@ def run(
     ``ratio`` is the median over repeats of sim seconds / plain seconds; ``in_run_ratio`` the median of sim
     seconds / seconds inside the simulator's own gradient calls.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # both sides single-threaded, as a worker process would be
-    try:
+    with torch_threads(1):  # both sides single-threaded, as a worker process would be
         params, grad = workload(features=features, batch_size=batch_size, workers=workers)
         settings = SimSettings(
             workers=workers,
@@ -135,8 +134,6 @@ def run(
             interleaved(params, grad, rule, make_policy(policy, workers=workers, lr=lr), settings, lr=lr, chunk=chunk)
             for _ in range(repeats)
         ]
-    finally:
-        torch.set_num_threads(threads)
     sim_s = statistics.median(r["sim_s"] for r in runs)
     plain_s = statistics.median(r["plain_s"] for r in runs)
     evals = int(runs[0]["grad_evals"])

@@ -47,6 +47,7 @@ from downpour.ps.flat import flat_copy
 from downpour.ps.policies import EASGD, POLICIES, Sync, make_policy
 from downpour.ps.rules import make_rule
 from downpour.ps.staleness import StalenessHistogram
+from downpour.threads import torch_threads
 from downpour.train import HeldOutLoss
 
 DEFAULT_POLICIES = ("downpour", "sync", "ssp:4", "staleness-lr", "dc-asgd", "easgd")
@@ -344,10 +345,8 @@ def run_study(
 
         staleness_local.check_grid(grid.workers)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small products: one thread is fastest, and leaves the other core to others
     start = time.perf_counter()
-    try:
+    with torch_threads(1):  # small products: one thread is fastest, and leaves the other core to others
         dataset = load_dataset(config.data, seed=config.train.seed)
         if max(grid.workers) > dataset.train.shape[0]:
             raise ConfigError(
@@ -367,8 +366,6 @@ def run_study(
                         runs.append(_one_run(config, dataset, held_out, name, n, index, steps))
                     if progress is not None:
                         progress(len(runs), total, runs[-1])
-    finally:
-        torch.set_num_threads(threads)
     result: dict[str, Any] = {
         "study": "staleness",
         "grid": {"policies": grid.policies, "workers": grid.workers, "seeds": grid.seeds, "steps": steps},
