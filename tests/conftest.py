@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import torch
 
 from downpour.cli import main
+from downpour.threads import torch_threads
 
 # Small but real: patches from the bundled photos, fewer of them so that data loading is quick.
 FAST = ["--set", "data.examples=6000", "--set", "data.held_out=512", "--no-progress"]
@@ -77,14 +77,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """One intra-op torch thread for the test, as in a simulated or local-backend worker (small products run
-    fastest so, and a busy 2-core machine stays usable)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """The suite's own process computes on one intra-op thread, as a local-backend worker or driver does. Its tensors
+    are small, and it shares this machine's two cores with the Ray cluster and the commands it starts: there two
+    OpenMP threads wait at every barrier for one the system has descheduled (the layer, pooling and eval tests took
+    119 s so, 36 s on one thread). Tests of several threads ask for them (``downpour.threads.torch_threads``)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -33,8 +33,6 @@ DESIGNS = {  # name -> extra model keys for 8x8 digits
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.fixture(scope="module")
 def digits() -> torch.Tensor:

@@ -34,6 +34,7 @@ from downpour.models import build_model
 from downpour.ps.flat import FlatParameters, flat_copy
 from downpour.ps.worker import epoch_batches
 from downpour.study.staleness import run_study, study_config
+from downpour.threads import torch_threads
 from downpour.train import _worker_seeds, run_training
 
 SMALL = [
@@ -67,9 +68,7 @@ def _synchronous_sgd(config: Config, rounds: int) -> torch.Tensor:
     slices = [dataset.train[worker_slice(count, n, w)] for w in range(n)]
     streams = [epoch_batches(slices[w], batch, np.random.default_rng(seeds[w])) for w in range(n)]
     params = flat_copy(model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers (cluster.threads_per_worker = 1): the same kernels, the same sums
-    try:
+    with torch_threads(1):  # as the workers (cluster.threads_per_worker = 1): the same kernels, the same sums
         for _ in range(rounds):
             total = None
             for stream in streams:
@@ -78,8 +77,6 @@ def _synchronous_sgd(config: Config, rounds: int) -> torch.Tensor:
                 model.loss(next(stream)).backward()
                 total = flat.grads.clone() if total is None else total.add_(flat.grads)
             params = torch.add(params, total.div(n), alpha=-config.ps.lr)
-    finally:
-        torch.set_num_threads(threads)
     return params
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,18 +13,6 @@ from downpour.nn.pooling import L2Pool2d
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """gradcheck makes hundreds of calls on tiny tensors, where intra-op threads only add overhead (a lot of it on a
-    busy machine); run them on one thread and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,7 +77,6 @@ def test_l2pool_output_shape(
     assert L2Pool2d(k, stride, padding=padding)(torch.ones(shape)).shape == expected
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_l2pool_gradcheck() -> None:
     x = _randn(2, 2, 6, 5, seed=1).requires_grad_()
     assert torch.autograd.gradcheck(L2Pool2d(3, 2, padding=1), (x,))
@@ -218,7 +204,6 @@ def test_lcn_window_sums_to_one_and_is_a_non_persistent_buffer() -> None:
     assert "window" in dict(module.named_buffers())
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_lcn_gradcheck() -> None:
     x = _randn(2, 2, 6, 5, seed=4).requires_grad_()
     assert torch.autograd.gradcheck(LocalContrastNorm2d(3, sigma=1.0), (x,))

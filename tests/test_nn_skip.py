@@ -13,6 +13,7 @@ from downpour.errors import ConfigError
 from downpour.models.cat import CatNetwork
 from downpour.nn import LocallyConnected2d, local_pairs
 from downpour.nn.skip import active_fields, field_variance
+from downpour.threads import torch_threads
 
 GEOMETRIES = [
     # (in_channels, out_channels, in_size, kernel, stride)
@@ -115,12 +116,8 @@ def test_float32_batches_split_over_threads_equal_the_dense_layer(threads: int) 
     x[: 12, :, :13] *= 1e-3
     active = active_fields(x, layer.kernel_size, layer.stride, 0.05)
     assert 0.2 < 1 - active.float().mean() < 0.6 and int(active.sum()) > 4096  # several parts per call
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         _check_against_dense(layer, x, active, 2e-5)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_no_active_field_and_a_single_one() -> None:

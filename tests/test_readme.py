@@ -142,7 +142,7 @@ def _run_statement(statement: ast.stmt, namespace: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize("first, code", _cases(_blocks("python")))
-def test_python_block_runs_and_its_values_hold(first: int, code: str, one_torch_thread: None) -> None:
+def test_python_block_runs_and_its_values_hold(first: int, code: str) -> None:
     """One fresh namespace per block, so each must be self-contained (users copy one block at a time); the global
     torch RNG is restored afterwards. One torch thread: the simulator block's thousands of tiny products took 45 times
     longer on two threads of a busy 2-core machine. Tracebacks name README.md and its line numbers."""

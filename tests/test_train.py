@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import FAST, CliResult, downpour, read_jsonl
 from downpour.cli import main
+from downpour.threads import torch_threads
 
 
 def _summary(run_dir: Path) -> dict:
@@ -90,6 +91,27 @@ def test_resume_continues_versions_rule_state_and_steps(run_dir: Path, cli: Call
     assert [s["step"] for s in starts] == [0, 300]
     versions = [p["version"] for p in read_jsonl(run_dir / "metrics.jsonl") if p["event"] == "push" and p["shard"] == 0]
     assert sorted(versions) == list(range(1, 601))
+
+
+def test_the_driver_computes_on_one_thread_while_its_workers_run(run_dir: Path, cli: Callable[..., CliResult],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the local backend the workers use the cores: the driver's held-out losses run on one intra-op thread (two
+    wait at OpenMP barriers on shared cores, 10x slower), and the caller's thread count comes back afterwards."""
+    from downpour import train
+
+    seen = []
+    measure = train.HeldOutLoss.__call__
+
+    def spy(self: train.HeldOutLoss, params: torch.Tensor) -> float:
+        seen.append(torch.get_num_threads())
+        return measure(self, params)
+
+    monkeypatch.setattr(train.HeldOutLoss, "__call__", spy)
+    with torch_threads(2):
+        result = cli("train", "--workers", "1", "--steps", "20", "--seconds", "120", "--out", str(run_dir), *FAST)
+        assert torch.get_num_threads() == 2
+    assert result.returncode == 0, result.stderr
+    assert len(seen) >= 2 and set(seen) == {1}  # the initial and the final loss at least
 
 
 def test_a_clock_that_runs_out_during_start_up_is_reported(run_dir: Path, cli: Callable[..., CliResult]) -> None:
