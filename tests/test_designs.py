@@ -33,7 +33,6 @@ DESIGNS = {  # name -> extra model keys for 8x8 digits
 }
 
 
-
 @pytest.fixture(scope="module")
 def digits() -> torch.Tensor:
     return load_dataset(DataConfig(source="digits"), seed=0).train  # (N, 64), whitened

@@ -113,7 +113,7 @@ def test_float32_batches_split_over_threads_equal_the_dense_layer(threads: int) 
     torch.manual_seed(1)
     layer = LocallyConnected2d(2, 3, 26, 5, 1)
     x = torch.randn(24, 2, 26, 26)
-    x[: 12, :, :13] *= 1e-3
+    x[:12, :, :13] *= 1e-3
     active = active_fields(x, layer.kernel_size, layer.stride, 0.05)
     assert 0.2 < 1 - active.float().mean() < 0.6 and int(active.sum()) > 4096  # several parts per call
     with torch_threads(threads):

@@ -93,8 +93,9 @@ def test_resume_continues_versions_rule_state_and_steps(run_dir: Path, cli: Call
     assert sorted(versions) == list(range(1, 601))
 
 
-def test_the_driver_computes_on_one_thread_while_its_workers_run(run_dir: Path, cli: Callable[..., CliResult],
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_driver_computes_on_one_thread_while_its_workers_run(
+    run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On the local backend the workers use the cores: the driver's held-out losses run on one intra-op thread (two
     wait at OpenMP barriers on shared cores, 10x slower), and the caller's thread count comes back afterwards."""
     from downpour import train
@@ -251,8 +252,10 @@ def test_a_worker_killed_mid_run_is_reported_and_the_others_go_on(run_dir: Path)
     os.kill(pids[1], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    assert "worker 1 died (killed by SIGKILL (also what the system's out-of-memory killer sends: see dmesg)); the " \
-        "others go on" in stderr  # one line, not "exit code -9"
+    assert (
+        "worker 1 died (killed by SIGKILL (also what the system's out-of-memory killer sends: see dmesg)); the "
+        "others go on" in stderr
+    )  # one line, not "exit code -9"
     summary = _summary(run_dir)
     assert summary["worker_deaths"] == 1
     assert summary["steps"] > steps_at_kill  # the survivors kept pushing

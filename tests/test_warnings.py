@@ -57,8 +57,10 @@ def test_long_warnings_are_one_line_in_a_narrow_console_and_keep_their_brackets(
     assert unread.endswith("; listed in summary.json under data_files)"), unread
 
 
-CAT = ["--set", "model.name=cat", "--set", "data.source=natural-images", "--set", "data.examples=400", "--set",
-       "data.held_out=64", "--set", "model.receptive_field=10", "--steps", "4", "--seconds", "0", "--no-progress"]
+CAT = [
+    "--set", "model.name=cat", "--set", "data.source=natural-images", "--set", "data.examples=400", "--set",
+    "data.held_out=64", "--set", "model.receptive_field=10", "--steps", "4", "--seconds", "0", "--no-progress",
+]  # fmt: skip
 
 
 def test_a_skip_variance_that_zeroes_every_field_is_warned_of_before_training(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from downpour.errors import out_of_memory
 # The interpreter the driver starts its workers with: it imports what a worker imports, then ends its address space
 # {margin} bytes above what it has mapped, and runs what multiprocessing's spawn asked of it
 # ([interpreter flags...] -c CODE --multiprocessing-fork) in this same process.
-WORKER_PYTHON = '''#!{python}
+WORKER_PYTHON = """#!{python}
 import resource
 import sys
 
@@ -34,7 +34,7 @@ args = sys.argv[1:]
 code = args.index("-c")
 sys.argv = ["-c", *args[code + 2 :]]
 exec(compile(args[code + 1], "<string>", "exec"), {{"__name__": "__main__"}})
-'''
+"""
 
 # ``downpour ARGS`` with the workers started through WORKER_PYTHON (argv[1]); the driver itself has no limit.
 DRIVER = """import multiprocessing

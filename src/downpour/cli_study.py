@@ -25,8 +25,12 @@ def add_study(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--workers", default="1,8,64,1000", help="comma-separated worker counts")
     st.add_argument("--seeds", default="10", help="seeds per (policy, workers)")
     st.add_argument("--steps", type=int, help="gradients per run (default: the study's, 1500)")
-    st.add_argument("--backend", choices=("sim", "local"), default="sim",
-                    help="sim: the discrete-event simulator; local: real worker processes (time axis: wall seconds)")
+    st.add_argument(
+        "--backend",
+        choices=("sim", "local"),
+        default="sim",
+        help="sim: the discrete-event simulator; local: real worker processes (time axis: wall seconds)",
+    )
     st.add_argument("--out", type=Path, required=True, help="report directory")
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
     op = which.add_parser("optima", help="sync vs async on a task with known minima: which minimum, significance")

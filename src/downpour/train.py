@@ -323,7 +323,7 @@ def prepare_run_dir(out: Path, *, resume: bool) -> None:
 def run_training(
     config: Config, out: Path, *, resume: bool = False, console: Console | None = None, show_progress: bool = True,
     dataset: Dataset | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """Train ``config`` into the run directory ``out`` (continuing it when ``resume``); return the summary.
 
     ``dataset``: what ``load_dataset(config.data, seed=config.train.seed)`` returns, when the caller already has it
@@ -413,7 +413,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                 interrupted, session_seconds = _watch(
                     cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0,
                     held_out_loss=held_out_loss,
-                )
+                )  # fmt: skip
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the watch loop took over
                 interrupted = True
         with routed(signal.SIG_IGN):  # shutting down: a second Ctrl-C must not lose the final checkpoint

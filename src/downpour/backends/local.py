@@ -94,7 +94,7 @@ def check_local_workers(workers: int) -> None:
         raise ConfigError(
             f"invalid cluster.workers: {workers} (the local backend runs each worker as an OS process that imports "
             f"torch, about {WORKER_MEMORY_BYTES // 2**20} MB each; {available_memory() / 2**30:.1f} GB available "
-            f"here holds at most {limit}; use cluster.backend = \"sim\" for more workers)"
+            f'here holds at most {limit}; use cluster.backend = "sim" for more workers)'
         )
 
 

@@ -473,7 +473,8 @@ def table_markdown(result: dict[str, Any]) -> str:
         )
     else:
         lines.append(
-            "Simulated cluster: " + ", ".join(f"{k} {v:g}" for k, v in sim.items() if k not in ("seed", "seconds"))
+            "Simulated cluster: "
+            + ", ".join(f"{k} {v:g}" for k, v in sim.items() if k not in ("seed", "seconds"))
             + "."
         )
     if sim and not sim.get("compute_sigma") and not sim.get("stragglers") and not sim.get("network_sigma"):
