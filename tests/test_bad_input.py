@@ -292,6 +292,32 @@ def test_report_out_errors_name_the_users_path(cli: Cli, tiny_run: Path, tmp_pat
     assert ".tmp-" not in err
 
 
+@pytest.mark.parametrize("out", [".", "/", ".."])
+def test_report_out_that_names_no_file_is_one_line(
+    cli: Cli, tiny_run: Path, out: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``.``, ``/`` and ``..`` have no file name to write (a traceback from ``Path.with_name`` before)."""
+    monkeypatch.chdir(tiny_run)
+    before = sorted(path.name for path in tiny_run.iterdir())
+    _one_error_line(cli("report", str(tiny_run), "--out", out), "Is a directory", out)
+    assert sorted(path.name for path in tiny_run.iterdir()) == before  # no temporary file left behind
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--steps", "1", "--out", ""], ["train", "--resume", ""], ["report", ""], ["report", "x", "--out", ""],
+    ["eval", "probe", ""], ["detect", "x", ""], ["study", "optima", "--out", ""],
+])  # fmt: skip
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(cli: Cli, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      command: list[str]) -> None:  # fmt: skip
+    """``Path("")`` is ``.``: an unset shell variable in ``--out "$RUN"`` wrote a whole run into the working
+    directory. Every path argument refuses it, before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    result = cli(*command)
+    assert result.returncode == 2 and "an empty path" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # 12. detect on a non-image or a directory; study --out an existing file
 
 

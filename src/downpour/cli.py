@@ -17,6 +17,7 @@ from rich.console import Console
 from downpour import config as config_mod
 from downpour import rundir
 from downpour.cli_eval import add_eval, cmd_detect, cmd_eval, cmd_viz
+from downpour.cli_paths import path_argument
 from downpour.cli_report import add_report, cmd_report
 from downpour.cli_study import add_study, cmd_study
 from downpour.console import warn
@@ -37,7 +38,7 @@ SHORTHANDS = {
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with Downpour SGD", description="Train a model with Downpour SGD.")
-    p.add_argument("--config", type=Path, help="TOML file with [data] [model] [train] [ps] [cluster] sections")
+    p.add_argument("--config", type=path_argument, help="TOML file with [data] [model] [train] [ps] [cluster] sections")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -46,8 +47,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one config key (repeatable)",
     )
-    p.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument("--out", type=path_argument, help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--resume", type=path_argument, metavar="RUN_DIR", help="continue a stopped run")
     p.add_argument("--workers", type=str, help="cluster.workers")
     p.add_argument("--shards", type=str, help="ps.shards")
     p.add_argument("--backend", type=str, help="cluster.backend")

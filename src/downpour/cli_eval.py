@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
+from downpour.cli_paths import path_argument
 from downpour.errors import DownpourError
 
 
@@ -31,28 +31,28 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run (writes RUN_DIR/eval/)", description=__doc__)
     which = p.add_subparsers(dest="eval", required=True)
     face = which.add_parser("face-neuron", help="best single unit at faces vs non-faces: held-out, jittered, baselines")
-    face.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    face.add_argument("run_dir", type=path_argument, metavar="RUN_DIR")
     face.add_argument("--splits", type=int, default=10, help="random stratified halves to average over")
     face.add_argument("--seed", type=int, default=0, help="seed of the halves, the jitter and the random filters")
     face.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     probe = which.add_parser("probe", help="logistic regression on frozen features vs raw pixels")
-    probe.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    probe.add_argument("run_dir", type=path_argument, metavar="RUN_DIR")
     probe.add_argument("--data", default="digits", help="labelled data set (digits: scikit-learn's 8x8 digits)")
     probe.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
 
     viz = sub.add_parser("viz", help="first-layer filters and optimal stimuli of units (PNG in RUN_DIR/eval/)")
-    viz.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    viz.add_argument("run_dir", type=path_argument, metavar="RUN_DIR")
     viz.add_argument("--units", type=_units, help="comma-separated units (default: the face unit and the first 7)")
     viz.add_argument("--steps", type=int, default=100, help="gradient-ascent steps of the optimal stimulus")
     viz.add_argument("--json", action="store_true", help="print the result as JSON")
 
     detect = sub.add_parser("detect", help="one unit's response over a larger image, as a heat map")
-    detect.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    detect.add_argument("image", type=Path, metavar="IMAGE")
+    detect.add_argument("run_dir", type=path_argument, metavar="RUN_DIR")
+    detect.add_argument("image", type=path_argument, metavar="IMAGE")
     detect.add_argument("--unit", type=int, help="unit to map (default: the face unit if evaluated, else 0)")
     detect.add_argument("--stride", type=int, help="pixels between windows (default: a quarter of the input side)")
     detect.add_argument("--scale", type=float, default=1.0, help="resize the image by this factor first")
-    detect.add_argument("--out", type=Path, help="PNG to write (default: RUN_DIR/eval/detect_<image>.png)")
+    detect.add_argument("--out", type=path_argument, help="PNG to write (default: RUN_DIR/eval/detect_<image>.png)")
     detect.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

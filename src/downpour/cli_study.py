@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from downpour.cli_paths import path_argument
 from downpour.errors import DownpourError
 
 
@@ -19,7 +20,7 @@ def add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="studies (on the simulator by default) that write a report", description=__doc__)
     which = p.add_subparsers(dest="study", required=True)
     st = which.add_parser("staleness", help="policies x workers x seeds: loss, staleness, final-loss spread")
-    st.add_argument("--config", type=Path, help="TOML file over the study's defaults (model, data, rule, sim_*)")
+    st.add_argument("--config", type=path_argument, help="TOML over the study's defaults (model, data, rule, sim_*)")
     st.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     st.add_argument("--policies", default="downpour,sync,ssp:4,staleness-lr,dc-asgd,easgd", help="comma-separated")
     st.add_argument("--workers", default="1,8,64,1000", help="comma-separated worker counts")
@@ -31,20 +32,20 @@ def add_study(sub: argparse._SubParsersAction) -> None:
         default="sim",
         help="sim: the discrete-event simulator; local: real worker processes (time axis: wall seconds)",
     )
-    st.add_argument("--out", type=Path, required=True, help="report directory")
+    st.add_argument("--out", type=path_argument, required=True, help="report directory")
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
     op = which.add_parser("optima", help="sync vs async on a task with known minima: which minimum, significance")
     op.add_argument("--workers", type=int, default=64, help="simulated workers")
     op.add_argument("--seeds", type=int, default=100, help="paired runs (the same start for both policies)")
     op.add_argument("--steps", type=int, default=4000, help="pushes per run")
     op.add_argument("--first-seed", type=int, default=0, help="first seed (for a replication on new seeds)")
-    op.add_argument("--out", type=Path, required=True, help="report directory")
+    op.add_argument("--out", type=path_argument, required=True, help="report directory")
     op.add_argument("--json", action="store_true", help="also print the result as JSON")
     de = which.add_parser("designs", help="designs x first layers x penalties, same data and budget: probe, faces")
     de.add_argument("--steps", type=int, default=1000, help="pushes per run (the same budget for every run)")
     de.add_argument("--seconds", type=float, default=60.0, help="wall-clock cap per run")
     de.add_argument("--workers", type=int, default=2, help="workers per run (local backend)")
-    de.add_argument("--out", type=Path, required=True, help="report directory")
+    de.add_argument("--out", type=path_argument, required=True, help="report directory")
     de.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

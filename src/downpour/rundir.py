@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -45,7 +46,7 @@ def exclusive(out: Path) -> Iterator[None]:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (no temporary file is left
     behind when either step fails)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_beside(path)
     try:
         with open(tmp, "w") as handle:
             handle.write(text)
@@ -58,6 +59,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _temporary_beside(path: Path) -> Path:
+    """The temporary file that an atomic write of ``path`` renames over it. A path that names a directory (``.``,
+    ``/``, ``..``, or one that exists) is refused as the rename would be: there is no file name to write."""
+    if path.name in ("", "..") or path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (cannot write a file over it):", str(path))
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _about(exc: OSError, path: Path) -> OSError:
@@ -74,7 +83,7 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     """Write tensors as safetensors, atomically and durably (temporary file, fsync, then rename)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_beside(path)
     try:
         save_file(tensors, str(tmp))
         fd = os.open(tmp, os.O_RDONLY)
