@@ -166,6 +166,19 @@ def test_resume_refuses_another_model_and_overwrites_nothing(finished_run: Path,
     assert _files(finished_run) == files
 
 
+@pytest.mark.parametrize("steps", ["20", "5"])
+def test_resume_with_a_step_budget_already_spent_is_refused(finished_run: Path, cli: Callable[..., CliResult],
+                                                           steps: str) -> None:  # fmt: skip
+    """``--resume RUN --steps N`` with N at or below the run's step would start the workers, train nothing, count a
+    session and overwrite the summary's throughput with 0: it is a one-line error that leaves the run as it was."""
+    files = _files(finished_run)
+    result = cli("train", "--resume", str(finished_run), "--steps", steps, "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"downpour: error: run {finished_run} is already at step 20, and train.steps = "
+                                     f"{steps}: nothing to train (raise --steps, or 0 for no limit)")  # fmt: skip
+    assert _files(finished_run) == files
+
+
 def test_a_run_started_in_the_same_directory_meanwhile_is_not_overwritten(
     run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:

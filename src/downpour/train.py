@@ -357,6 +357,11 @@ def run_training(
         previous_config = None
         if resume:  # every check that can refuse the checkpoint runs here, before anything is written
             checkpoint, run_state = _load_previous(out, config, signature)
+            if 0 < config.train.steps <= run_state.steps:
+                raise DownpourError(
+                    f"run {out} is already at step {run_state.steps:,}, and train.steps = "
+                    f"{config.train.steps:,}: nothing to train (raise --steps, or 0 for no limit)"
+                )
             previous_config = (out / rundir.CONFIG).read_text()
         config_mod.write(config, out / rundir.CONFIG)
         if dataset.whitening is not None:
