@@ -230,6 +230,31 @@ def test_detect_maps_a_unit_over_an_image(rica_run: Path, photo: Path, tmp_path:
     assert code == 0 and "per megapixel" in out and (rica_run / "eval" / "detect_astronaut.png").exists()
 
 
+def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> None:
+    """imageio returns frames for GIF (even one frame: ``(1, H, W, 3)``) and multi-page TIFF; a picture is read as
+    its first frame, in gray or colour, not refused as "not a gray or colour picture"."""
+    from PIL import Image
+
+    from downpour.eval.images import read_image
+
+    rng = np.random.default_rng(0)
+    first, second = (rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) for _ in range(2))
+    paths = {
+        "palette.gif": lambda p: Image.fromarray(first).convert("P").save(p),
+        "gray.gif": lambda p: Image.fromarray(first[..., 0]).save(p),
+        "animated.gif": lambda p: Image.fromarray(first).convert("P").save(
+            p, save_all=True, append_images=[Image.fromarray(second).convert("P")]),
+        "pages.tiff": lambda p: Image.fromarray(first).save(p, save_all=True, append_images=[Image.fromarray(second)]),
+    }  # fmt: skip
+    for name, write in paths.items():
+        write(tmp_path / name)
+        expected = np.asarray(Image.open(tmp_path / name).convert("RGB"), dtype=np.float32) / 255  # frame 0
+        colour = read_image(tmp_path / name, 3)
+        assert colour.shape == (3, 20, 30), name
+        np.testing.assert_allclose(colour, np.moveaxis(expected, -1, 0), atol=1e-6, err_msg=name)
+        assert read_image(tmp_path / name, 1).shape == (1, 20, 30), name
+
+
 def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     broken = tmp_path / "broken.png"

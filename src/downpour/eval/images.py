@@ -76,7 +76,8 @@ def _has_image_signature(path: Path) -> bool:
 
 
 def read_image(path: Path, channels: int) -> np.ndarray:
-    """An image file as a float32 array ``(channels, H, W)`` in [0, 1]; an unreadable file raises DataError."""
+    """An image file as a float32 array ``(channels, H, W)`` in [0, 1] (of an animation or a multi-page file: its
+    first frame); an unreadable file raises DataError."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"image {path} is a directory (name one image file)")
@@ -90,6 +91,8 @@ def read_image(path: Path, channels: int) -> np.ndarray:
                             "and WebP are read)") from None  # fmt: skip
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
     image = np.asarray(image)
+    if image.ndim == 4 or (image.ndim == 3 and image.shape[-1] not in (3, 4)):  # frames: GIF, multi-page TIFF
+        image = image[0]  # the first, as a viewer shows it: (H, W[, C])
     if image.ndim == 3 and image.shape[-1] in (3, 4):
         image = image[..., :3]
     elif image.ndim != 2:
