@@ -55,6 +55,21 @@ def test_same_seed_same_data_and_other_seed_other_data() -> None:
     assert not torch.equal(a.train, c.train)
 
 
+@pytest.mark.parametrize(("examples", "held_out"), [(4, 1), (9, 2), (100, 25), (4003, 1000), (6000, 1024)])
+def test_data_examples_is_the_number_of_training_examples(examples: int, held_out: int) -> None:
+    """``data.examples`` training examples exactly; the default held-out set is cut besides them, at most a quarter
+    of them (a fifth of all). It used to be a fifth of examples + 1024, the rest training: 1 asked gave 820."""
+    dataset = load_dataset(DataConfig(source="natural-patches", examples=examples, whiten=False), seed=0)
+    assert (dataset.train.shape[0], dataset.held_out.shape[0]) == (examples, held_out)
+    images = load_dataset(DataConfig(source="natural-images", examples=examples, held_out=1, image_size=8), seed=0)
+    assert (images.train.shape[0], images.held_out.shape[0]) == (examples, 1)  # a held_out that is set is kept
+
+
+def test_too_few_examples_to_hold_any_out_says_what_to_raise() -> None:
+    with pytest.raises(DataError, match=r"too few examples \(1\) to hold any out; raise data.examples"):
+        load_dataset(DataConfig(source="natural-patches", examples=1), seed=0)
+
+
 def test_zca_matrix_whitens_correlated_gaussians() -> None:
     """ZCA of correlated data gives identity covariance (up to the regulariser)."""
     generator = torch.Generator().manual_seed(0)

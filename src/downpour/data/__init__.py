@@ -54,15 +54,21 @@ def _check_memory(config: DataConfig, count: int, values: int) -> None:
         )
 
 
+def _generated_held_out(config: DataConfig) -> int:
+    """Held-out examples to cut besides the ``data.examples`` training ones: ``data.held_out``, the default capped at
+    a quarter of ``data.examples`` (a fifth of all that is cut), so that training gets exactly ``data.examples``."""
+    return min(config.held_out, config.examples // 4) if config.held_out == DEFAULT_HELD_OUT else config.held_out
+
+
 def _bundled_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    count = config.examples + _generated_held_out(config)
     if config.source in GENERATED_SOURCES:
         side = config.patch_size if config.source == "natural-patches" else config.image_size
         channels = 1 if config.source == "natural-patches" else config.channels
-        _check_memory(config, config.examples + config.held_out, channels * side * side)
+        _check_memory(config, count, channels * side * side)
     if config.source == "natural-patches":
-        return sources.natural_patches(config.examples + config.held_out, config.patch_size, rng)
+        return sources.natural_patches(count, config.patch_size, rng)
     if config.source == "natural-images":
-        count = config.examples + config.held_out
         return sources.natural_patches(count, config.image_size, rng, channels=config.channels)
     if config.source == "lfw-faces":
         return sources.lfw_faces()
@@ -84,7 +90,8 @@ def _held_out_count(config: DataConfig, count: int) -> int:
         )
     held_count = min(config.held_out, most)
     if held_count < 1 or count - held_count < 1:
-        raise DataError(f"data.source {config.source!r} has too few examples ({count}) to hold any out")
+        more = "; raise data.examples" if config.source in GENERATED_SOURCES else ""
+        raise DataError(f"data.source {config.source!r} has too few examples ({count}) to hold any out{more}")
     return held_count
 
 
