@@ -84,6 +84,31 @@ def test_empty_batch_and_mismatched_dtype() -> None:
         layer(torch.zeros(1, 1, 8, 8, dtype=torch.float64))
 
 
+def test_autocast_runs_the_layer_in_its_weights_precision() -> None:
+    """Inside ``torch.autocast`` (bfloat16 on the CPU) a model of conv → locally connected → L2 pooling → contrast
+    normalization runs: the layer takes the conv's bfloat16 output in its float32 weights' precision (it raised a
+    dtype error before), equals the same float32 layer on that input, and its gradients reach its float32 weights."""
+    from downpour.nn import L2Pool2d, LocalContrastNorm2d
+
+    torch.manual_seed(4)
+    conv, layer = torch.nn.Conv2d(1, 2, 3), LocallyConnected2d(2, 4, 10, 3)
+    model = torch.nn.Sequential(conv, layer, L2Pool2d(2), LocalContrastNorm2d(3))
+    x = torch.randn(3, 1, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = conv(x)
+        out = model(x)
+        transposed = layer.transpose(torch.randn(3, 4, 8, 8, dtype=torch.bfloat16))
+    assert hidden.dtype == torch.bfloat16 and out.dtype == torch.float32 and transposed.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = layer(hidden)
+    torch.testing.assert_close(under, layer(hidden.float()), rtol=0, atol=0)  # float32 products, not bfloat16 ones
+    out.square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"torch\.bfloat16 on cpu, its weights are torch\.float32"):
+        layer(hidden)  # outside autocast a mismatch is still the caller's to resolve
+
+
 def test_transpose_checks_its_weight() -> None:
     """Decoding weights of another shape are refused, not silently truncated."""
     layer = LocallyConnected2d(1, 2, 8, 3)

@@ -13,6 +13,7 @@ saving them, and folds the input gradient back with one strided add per kernel o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import lru_cache
@@ -158,6 +159,12 @@ class _TritonKernels(_BandKernels):
         return _kernels().lc_weight_grad(g, x, weight_shape, self.out_hw, self.kernel, self.stride)
 
 
+def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager[None]:
+    """Autocast off for the kernels (their products stay in the dtype they were given), when it is on for ``x``."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
 class _Product(torch.autograd.Function):
     """``h = W x`` through one kernel set (band-wise, Triton or skipping); backward ``x̄ = Wᵀh̄``, ``W̄ = h̄ ⊗ x``."""
 
@@ -171,8 +178,9 @@ class _Product(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernels write with out=: no double backward
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_x = ctx.kernels.transpose(grad_out, weight) if ctx.needs_input_grad[0] else None
-        grad_w = ctx.kernels.weight_grad(grad_out, x, weight.shape) if ctx.needs_input_grad[1] else None
+        with _without_autocast(grad_out):
+            grad_x = ctx.kernels.transpose(grad_out, weight) if ctx.needs_input_grad[0] else None
+            grad_w = ctx.kernels.weight_grad(grad_out, x, weight.shape) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
@@ -189,8 +197,9 @@ class _TransposedProduct(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         h, weight = ctx.saved_tensors
-        grad_h = ctx.kernels.forward(grad_out, weight) if ctx.needs_input_grad[0] else None
-        grad_w = ctx.kernels.weight_grad(h, grad_out, weight.shape) if ctx.needs_input_grad[1] else None
+        with _without_autocast(grad_out):
+            grad_h = ctx.kernels.forward(grad_out, weight) if ctx.needs_input_grad[0] else None
+            grad_w = ctx.kernels.weight_grad(h, grad_out, weight.shape) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None
 
 
@@ -258,10 +267,12 @@ class LocallyConnected2d(nn.Module):
             raise ValueError(
                 f"LocallyConnected2d expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
             )
+        x = self._autocast_input(x)
         self._check_like_weight(x, "input")
         plan = self.skip_plan(active, x.shape[0])
         kernels, skipping = self._kernel_set(x, plan)
-        out = _Product.apply(x, self.weight, kernels)
+        with _without_autocast(x):
+            out = _Product.apply(x, self.weight, kernels)
         if plan is not None and not skipping:  # kernels without skipping (CUDA, half precision): compute, then zero
             out = out.masked_fill(~plan.active.unsqueeze(1), 0.0)  # exactly 0, as the pair kernels give
         return out + self.bias if self.bias is not None else out
@@ -302,6 +313,14 @@ class LocallyConnected2d(nn.Module):
                 f"{active.dtype} {tuple(active.shape)} on {active.device}"
             )
 
+    def _autocast_input(self, x: Tensor) -> Tensor:
+        """``x`` in the weights' dtype inside a ``torch.autocast`` region of its device, else as it is: under autocast
+        the layer computes in its weights' precision, as autocast's float32 operations do (its CUDA kernels are
+        float32 Triton ones, with TF32 when PyTorch allows; a float16 input would fall back to slow batched matmuls)."""
+        if x.dtype != self.weight.dtype and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            return x.to(self.weight.dtype)
+        return x
+
     def _check_like_weight(self, x: Tensor, what: str) -> None:
         if x.dtype != self.weight.dtype or x.device != self.weight.device:
             raise ValueError(
@@ -325,13 +344,15 @@ class LocallyConnected2d(nn.Module):
         if w.shape != self.weight.shape:
             raise ValueError(f"LocallyConnected2d.transpose expected weight of shape {tuple(self.weight.shape)}, "
                              f"got {tuple(w.shape)}")  # fmt: skip
+        h, w = self._autocast_input(h), self._autocast_input(w)
         self._check_like_weight(h, "transpose input")
         self._check_like_weight(w, "transpose weight")
         plan = self.skip_plan(active, h.shape[0])
         kernels, skipping = self._kernel_set(h, plan)
         if plan is not None and not skipping:
             h = h.masked_fill(~plan.active.unsqueeze(1), 0.0)
-        return _TransposedProduct.apply(h, w, kernels)
+        with _without_autocast(h):
+            return _TransposedProduct.apply(h, w, kernels)
 
     def _triton(self, x: Tensor) -> bool:
         """Whether this call runs the Triton kernels (see :attr:`implementation`)."""
