@@ -207,9 +207,12 @@ def test_a_diverged_resume_keeps_the_last_good_checkpoint(run: Path, cli: Callab
 
 
 def test_periodic_checkpoints_of_a_diverged_session_are_not_saved(run: Path, cli: Callable[..., CliResult]) -> None:
-    """Checkpoints every 0.2 s of a diverging 400-step session: none replaces step 20's values. (Steps, not
-    seconds, end it: the workers' start-up may take seconds on a loaded machine.)"""
+    """Checkpoints every 0.2 s of a diverging 400-step session: none replaces step 20's checkpoint, byte for byte.
+    Those due while the workers start (still step 20) are not saved either: they used to rewrite state.json with the
+    diverging lr beside the kept config.toml. (Steps, not seconds, end it: the workers' start-up may take seconds on
+    a loaded machine.)"""
     before = load_file(str(_params_path(run)))
+    checkpoint_files = {p: b for p, b in _files(run).items() if p.parent.name == "checkpoint"}
     result = cli("train", "--resume", str(run), "--steps", "400", "--seconds", "600", "--set", "ps.lr=1e30",
                  "--set", "train.checkpoint_every=0.2", "--no-progress")  # fmt: skip
     assert result.returncode == 2, result.stderr
@@ -223,6 +226,8 @@ def test_periodic_checkpoints_of_a_diverged_session_are_not_saved(run: Path, cli
     after = load_file(str(_params_path(run)))
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], before[name]) for name in before)
+    assert {p: b for p, b in _files(run).items() if p.parent.name == "checkpoint"} == checkpoint_files
+    assert state["config"]["ps"]["lr"] != 1e30
 
 
 def test_a_first_session_that_diverges_saves_its_checkpoint_and_says_so(

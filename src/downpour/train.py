@@ -235,7 +235,7 @@ class Taken:
     loss: float  # held-out loss of the snapshots' values
     values_finite: bool  # no parameter is NaN or Inf
     diverged: bool  # a tensor (parameters or rule state) is NaN or Inf, or the held-out loss is not finite
-    saved: bool  # written into the run directory
+    saved: bool  # written into the run directory (not when it diverged, or nothing was pushed since the last one)
 
 
 def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state: RunState, seeds: list[int],
@@ -255,7 +255,11 @@ def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state:
     diverged = not (values_finite and state_finite and math.isfinite(loss))
     if not diverged:
         cluster.set_restore_points(snapshots)
-    saved = not diverged or (final and run_state.checkpoint_step is None)
+    # A periodic checkpoint at the step of the one in the run directory has nothing new to save, and would only stamp
+    # that one with this session's config (a resume whose workers are still starting, then diverge, would leave a
+    # state.json naming the diverging settings beside the config.toml that trained its values).
+    unchanged = not final and step == run_state.checkpoint_step
+    saved = (not diverged and not unchanged) or (final and run_state.checkpoint_step is None)
     if saved:
         _save_checkpoint(out, snapshots, step, config, run_state, seeds, signature)
         run_state.checkpoint_step = step
@@ -608,7 +612,7 @@ def _watch(
                 if taken is not None:
                     metrics.write("checkpoint", t=now - t0, step=taken.step, held_out_loss=taken.loss,
                                   saved=taken.saved, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
-                    if not taken.saved:
+                    if taken.diverged:
                         warn(console, f"held-out loss {taken.loss:.4g} at step {taken.step}: not saved over the "
                                       f"checkpoint of step {run_state.checkpoint_step}")  # fmt: skip
                     next_checkpoint = now + train.checkpoint_every
