@@ -110,6 +110,7 @@ BAD_STATES = {
     "negative session": (_set("rng.session", -1), "rng.session must be an integer from 0 to 2**53, got -1"),
     "NaN elapsed": (_set("elapsed_s", float("nan")), "elapsed_s must be a finite number >= 0, got nan"),
     "text initial loss": (_set("initial_loss", "x"), "initial_loss must be a finite number or null, got 'x'"),
+    "text diverged": (_set("diverged", "no"), "diverged must be true or false, got 'no'"),
     "boolean deaths": (_set("worker_deaths", True), "worker_deaths must be an integer"),
     "negative lost updates": (_set("lost_updates", -2), "lost_updates must be an integer"),
     "model a string": (_set("model", "rica"), "model must be an object, got 'rica'"),
@@ -239,10 +240,18 @@ def test_a_first_session_that_diverges_saves_its_checkpoint_and_says_so(
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())
     assert ("training diverged: held-out loss nan at step 20; saved its checkpoint (there was no earlier one to "
-            "keep); lower ps.lr") in message, message  # fmt: skip
+            "keep; it cannot be resumed); lower ps.lr") in message, message  # fmt: skip
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["diverged"] is True and summary["final_loss"] is None and summary["checkpoint_step"] == 20
     assert json.loads(_state_path(run_dir).read_text())["step"] == 20
+    # Its values are huge (lr 1e30): resumed with any lr it diverged again. Resuming is refused, nothing is written.
+    files = _files(run_dir)
+    again = cli("train", "--resume", str(run_dir), "--steps", "40", "--set", "ps.lr=0.02", "--no-progress")
+    assert again.returncode == 2 and again.stderr.strip() == (
+        f"downpour: error: run {run_dir} cannot be resumed: its checkpoint (step 20) was saved after training "
+        "diverged in its first session, with no earlier one to keep; start a new run with a lower ps.lr (it was 1e+30)"
+    )
+    assert _files(run_dir) == files
 
 
 def _shard() -> Shard:

@@ -155,6 +155,16 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tupl
     ):
         raise CheckpointError(f"corrupt checkpoint {where}: initial_loss must be a finite number or null, "
                               f"got {initial_loss!r}")  # fmt: skip
+    diverged = saved.get("diverged", False)
+    if not isinstance(diverged, bool):
+        raise CheckpointError(f"corrupt checkpoint {where}: diverged must be true or false, got {diverged!r}")
+    if diverged:
+        ps = saved["config"].get("ps")
+        lr = f" (it was {ps['lr']:g})" if isinstance(ps, dict) and isinstance(ps.get("lr"), int | float) else ""
+        raise DownpourError(
+            f"run {out} cannot be resumed: its checkpoint (step {saved.get('step')}) was saved after training "
+            f"diverged in its first session, with no earlier one to keep; start a new run with a lower ps.lr{lr}"
+        )
     histogram = saved.get("staleness_histogram", [])
     if not isinstance(histogram, list):
         raise CheckpointError(f"corrupt checkpoint {where}: staleness_histogram must be a list, got {histogram!r}")
@@ -207,8 +217,11 @@ def _save_checkpoint(
     run_state: RunState,
     seeds: list[int],
     signature: dict[str, Any],
+    *,
+    diverged: bool = False,
 ) -> None:
-    """Write ``snapshots`` (taken before ``step`` was read, so no shard holds a push the step does not count)."""
+    """Write ``snapshots`` (taken before ``step`` was read, so no shard holds a push the step does not count);
+    ``diverged``: saved although training diverged (a first session's, with no earlier checkpoint to keep)."""
     state = {
         "model": {"name": config.model.name, **signature},
         "rule": config.ps.rule,
@@ -222,6 +235,7 @@ def _save_checkpoint(
         "config": config.to_dict(),
         "rng": {"seed": config.train.seed, "session": run_state.session, "worker_seeds": seeds},
         "saved_at": time.time(),
+        "diverged": diverged,
     }
     ckpt.save(out / rundir.CHECKPOINT, snapshots, state)
 
@@ -261,7 +275,7 @@ def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state:
     unchanged = not final and step == run_state.checkpoint_step
     saved = (not diverged and not unchanged) or (final and run_state.checkpoint_step is None)
     if saved:
-        _save_checkpoint(out, snapshots, step, config, run_state, seeds, signature)
+        _save_checkpoint(out, snapshots, step, config, run_state, seeds, signature, diverged=diverged)
         run_state.checkpoint_step = step
     return Taken(snapshots, step, loss, values_finite, diverged, saved)
 
@@ -285,7 +299,7 @@ def _divergence(taken: Taken, run_state: RunState, config: Config, *, resume: bo
     return divergence_line(taken.loss, taken.values_finite, taken.step, kept, config.ps.lr)
 
 
-SAVED_FIRST_CHECKPOINT = "saved its checkpoint (there was no earlier one to keep)"
+SAVED_FIRST_CHECKPOINT = "saved its checkpoint (there was no earlier one to keep; it cannot be resumed)"
 
 
 def divergence_line(loss: float, values_finite: bool, step: int, kept: str, lr: float) -> str:
