@@ -361,6 +361,30 @@ def test_design_only_keys_are_warned_of_when_ignored(cli: Cli, tmp_path: Path) -
     ]
 
 
+def test_source_only_keys_and_sim_shards_are_warned_of_when_ignored() -> None:
+    """Data keys the chosen source never reads, and ps.shards on the simulator (one parameter vector), each get their
+    line; the same keys where they are read get none."""
+    ignored = config_mod.load(None, ["data.source=digits", "data.examples=500", "data.patch_size=12",
+                                     "data.image_size=24", "data.frame_stride=3", "data.max_side=64",
+                                     "data.cache_dir=/tmp/x", "cluster.backend=sim", "ps.shards=4"])  # fmt: skip
+    assert [line.split(" applies")[0] for line in config_mod.ignored_keys(ignored)] == [
+        "data.patch_size", "data.image_size", "data.examples", "data.frame_stride", "data.max_side", "data.cache_dir",
+        "ps.shards",
+    ]  # fmt: skip
+    assert config_mod.ignored_keys(ignored)[-1] == ("ps.shards applies only to the local and Ray backends (the "
+                                                    "simulator keeps one parameter vector); ignored (ps.shards = 4 "
+                                                    "with cluster.backend = 'sim')")  # fmt: skip
+    read = {
+        "natural-patches": ["data.examples=500", "data.patch_size=12"],
+        "natural-images": ["data.examples=500", "data.image_size=24", "data.channels=3"],
+        "video:clips": ["data.examples=500", "data.image_size=24", "data.frame_stride=3", "data.max_side=64"],
+        "folder:pictures": ["data.examples=500", "data.image_size=24", "data.max_side=64"],
+        "torchvision:CIFAR10": ["data.examples=500", "data.image_size=24", "data.cache_dir=/tmp/x"],
+    }
+    for source, keys in read.items():
+        assert config_mod.ignored_keys(config_mod.load(None, [f"data.source={source}", *keys, "ps.shards=4"])) == []
+
+
 def test_keys_the_design_reads_are_not_warned_of() -> None:
     cat = config_mod.load(None, ["model.name=cat", "model.pool=3", "model.skip_variance=0.1", "data.channels=3"])
     assert config_mod.ignored_keys(cat) == []

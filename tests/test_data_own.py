@@ -75,6 +75,8 @@ def test_crops_of_own_pictures_feed_rica_and_cat(pictures: Path) -> None:
     assert torch.equal(dataset.train, again.train)  # the seed fixes the crops
     rica = build_model(ModelConfig(name="rica", features=8), dataset.dim, seed=0, shape=dataset.shape)
     assert torch.isfinite(rica.loss(dataset.train[:32]))
+    default_held_out = load_dataset(DataConfig(source=f"folder:{pictures}", image_size=16, examples=40), seed=0)
+    assert (len(default_held_out.train), len(default_held_out.held_out)) == (40, 10)  # data.examples, exactly
     cat_data = load_dataset(DataConfig(source=f"folder:{pictures}", image_size=24, examples=64, held_out=16), seed=0)
     cat_config = ModelConfig(name="cat", receptive_field=8, maps=2, pool=3, lcn=3)
     cat = build_model(cat_config, cat_data.dim, seed=0, shape=cat_data.shape)

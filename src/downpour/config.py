@@ -277,6 +277,16 @@ DESIGN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
     "pcd": ("rbm",),
 }
 CHANNEL_SOURCES = ("natural-images", *(f"{kind}:" for kind in OWN_SOURCES))  # data.channels: these read colour
+# Data keys that only some sources read (prefixes of data.source), and how the warning names those sources.
+SOURCE_ONLY_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "patch_size": (("natural-patches",), "data.source=natural-patches"),
+    "image_size": (CHANNEL_SOURCES, "data.source=natural-images and users' own pictures"),
+    "channels": (CHANNEL_SOURCES, "data.source=natural-images and users' own pictures"),
+    "examples": (("natural-patches", *CHANNEL_SOURCES), "sources cut into examples (not lfw-faces or digits)"),
+    "frame_stride": (("video:",), "data.source=video:..."),
+    "max_side": (("folder:", "video:"), "data.source=folder:... and video:..."),
+    "cache_dir": (("torchvision:",), "data.source=torchvision:..."),
+}
 
 
 def ignored_keys(config: Config) -> list[str]:
@@ -288,9 +298,14 @@ def ignored_keys(config: Config) -> list[str]:
         if config.model.name not in designs and value != getattr(defaults, key):
             lines.append(f"model.{key} applies only to model.name={' or '.join(designs)}; ignored "
                          f"(model.{key} = {value!r} with model.name = {config.model.name!r})")  # fmt: skip
-    if config.data.channels != DataConfig.channels and not config.data.source.startswith(CHANNEL_SOURCES):
-        lines.append(f"data.channels applies only to data.source=natural-images and users' own pictures; ignored "
-                     f"(data.channels = {config.data.channels} with data.source = {config.data.source!r})")  # fmt: skip
+    for key, (sources, which) in SOURCE_ONLY_KEYS.items():
+        value = getattr(config.data, key)
+        if value != getattr(DataConfig, key) and not config.data.source.startswith(sources):
+            lines.append(f"data.{key} applies only to {which}; ignored "
+                         f"(data.{key} = {value!r} with data.source = {config.data.source!r})")  # fmt: skip
+    if config.cluster.backend == "sim" and config.ps.shards != PSConfig.shards:
+        lines.append(f"ps.shards applies only to the local and Ray backends (the simulator keeps one parameter "
+                     f"vector); ignored (ps.shards = {config.ps.shards} with cluster.backend = 'sim')")  # fmt: skip
     return lines
 
 

@@ -16,7 +16,7 @@ from downpour.data.whitening import remove_example_mean, zca_matrix
 from downpour.errors import ConfigError, DataError
 
 DEFAULT_HELD_OUT = DataConfig.held_out  # capped at a fifth of the data without a word (it suits large sources)
-GENERATED_SOURCES = ("natural-patches", "natural-images")  # data.examples + data.held_out are cut from the photos
+GENERATED_SOURCES = ("natural-patches", "natural-images")  # cut from the bundled photos (users' sources are cut too)
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Dataset:
 
 def _raw_examples(config: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, own.ReadReport | None]:
     if ":" in config.source:  # users' own data: folder:, video:, torchvision:
-        return own.own_examples(config, rng)
+        return own.own_examples(config, rng, config.examples + _generated_held_out(config))
     return _bundled_examples(config, rng), None
 
 
@@ -86,11 +86,11 @@ def _held_out_count(config: DataConfig, count: int) -> int:
         raise DataError(
             f"data.held_out = {config.held_out} is more than a fifth of the {count} examples of data.source "
             f"{config.source!r} (at most {most} can be held out): lower data.held_out"
-            + (" or raise data.examples" if config.source in GENERATED_SOURCES else "")
+            + (" or raise data.examples" if config.source in GENERATED_SOURCES or ":" in config.source else "")
         )
     held_count = min(config.held_out, most)
     if held_count < 1 or count - held_count < 1:
-        more = "; raise data.examples" if config.source in GENERATED_SOURCES else ""
+        more = "; raise data.examples" if config.source in GENERATED_SOURCES or ":" in config.source else ""
         raise DataError(f"data.source {config.source!r} has too few examples ({count}) to hold any out{more}")
     return held_count
 

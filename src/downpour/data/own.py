@@ -180,11 +180,10 @@ def read_torchvision(name: str, config: DataConfig) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
-def own_examples(config: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, ReadReport | None]:
-    """``data.examples + data.held_out`` crops ``(N, C, image_size, image_size)`` float32 in [0, 1] from the user's
-    source, and the report of files read (None for torchvision sets)."""
+def own_examples(config: DataConfig, rng: np.random.Generator, count: int) -> tuple[np.ndarray, ReadReport | None]:
+    """``count`` crops ``(N, C, image_size, image_size)`` float32 in [0, 1] from the user's source (``data.examples``
+    and the held-out ones), and the report of files read (None for torchvision sets)."""
     kind, _, where = config.source.partition(":")
-    count = config.examples + config.held_out
     size = config.image_size
     where_text = f"data.source {config.source} (data.image_size = {size}; data.max_side = {config.max_side})"
     if kind == "torchvision":
