@@ -156,6 +156,12 @@ def test_eval_face_neuron_writes_json_and_picture(rica_run: Path, capsys: pytest
     face_neuron.print_table(result, console)
     table = console.export_text()
     assert "raw pixel" in table and f"{result['heldout_accuracy']:.3f}" in table
+    assert "3 splits" in table and table.count("±") == 2 * (1 + len(baselines))
+    one = {**result, "splits": 1}  # one split has no spread: no "± 0.000"
+    console = Console(record=True, width=120)
+    face_neuron.print_table(one, console)
+    table = console.export_text()
+    assert "1 split," in table and "±" not in table
 
 
 def test_face_neuron_and_probe_on_a_cat_network(cat_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

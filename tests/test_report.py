@@ -208,3 +208,17 @@ def test_tensorboard_missing_is_one_line_before_anything_is_written(
     assert err.startswith("downpour: error: train.tensorboard = true needs the tensorboard package")
     assert err.count("\n") == 1 and "pip install 'downpour-sgd[tensorboard]'" in err
     assert not out.exists()
+
+
+def test_the_live_bar_counts_pushes_as_the_closing_line_counts_updates() -> None:
+    """The bar's count is the global step (pushes across workers), named so: with 2 shards the closing line's
+    "updates applied" is twice as many, and the bar used to call its count "updates" too."""
+    from rich.console import Console
+
+    from downpour.report.live import LiveProgress
+
+    out = io.StringIO()
+    with LiveProgress(steps=100, seconds=0, console=Console(file=out, width=160), enabled=True) as bar:
+        bar.update(steps=40, elapsed=1.0, rate=1000.0, loss=2.5, stale=0.5, pushes=40)
+    text = out.getvalue()
+    assert "40 pushes" in text and "updates" not in text, text

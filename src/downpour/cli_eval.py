@@ -107,7 +107,8 @@ def cmd_detect(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(result, indent=2))
     else:
         rows, cols = result["map_shape"]
-        print(f"unit {result['unit']}: {result['windows']:,} windows ({rows}x{cols}, stride {result['stride']}) in "
+        windows = f"{result['windows']:,} window{'s' if result['windows'] != 1 else ''}"
+        print(f"unit {result['unit']}: {windows} ({rows}x{cols}, stride {result['stride']}) in "
               f"{result['seconds']:.2f} s, {result['seconds_per_megapixel']:.2f} s per megapixel; "
               f"heat map: {result['heat_map']}")  # fmt: skip
     return 0

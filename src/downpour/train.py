@@ -24,7 +24,7 @@ from downpour import rundir
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.config import Config
 from downpour.console import say, warn
-from downpour.data import Dataset, load_dataset, unread_warning, worker_slice
+from downpour.data import Dataset, capped_batch_warning, load_dataset, unread_warning, worker_slice
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
 from downpour.ps.flat import FlatParameters, flat_copy
@@ -362,6 +362,8 @@ def run_training(
     if (note := unread_warning(dataset)) is not None:
         warn(console, note)
     worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
+    if (note := capped_batch_warning(len(dataset.train), config.cluster.workers, config.train.batch_size)) is not None:
+        warn(console, note)
     model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
     signature = model_signature(model)
     contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
@@ -608,7 +610,7 @@ def _watch(
                     rate=rate,
                     loss=cluster.recent_loss(),
                     stale=run_state.staleness.summary()["mean"],
-                    updates=cluster.steps(),
+                    pushes=cluster.steps(),
                 )
                 # A checkpoint measures the held-out loss of its snapshot: an eval due in the same poll reports it.
                 taken = None

@@ -134,6 +134,17 @@ def worker_slice(num_examples: int, workers: int, worker: int) -> slice:
     return slice(worker * num_examples // workers, (worker + 1) * num_examples // workers)
 
 
+def capped_batch_warning(num_examples: int, workers: int, batch_size: int) -> str | None:
+    """One line when ``batch_size`` exceeds the smallest worker's share of the examples: its epochs then draw
+    batches of its whole share (:func:`~downpour.ps.worker.epoch_batches`), smaller than asked."""
+    smallest = num_examples // workers
+    if batch_size <= smallest:
+        return None
+    return (f"train.batch_size = {batch_size} is more than the {smallest} examples of a worker's share "
+            f"({num_examples} over {workers} workers): its batches hold {smallest}; lower train.batch_size or "
+            "raise data.examples")  # fmt: skip
+
+
 def unread_warning(dataset: Dataset) -> str | None:
     """One line naming the data files that could not be read (None when all were, or for bundled sources)."""
     report = dataset.read_report

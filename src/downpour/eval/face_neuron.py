@@ -169,13 +169,18 @@ def run(run_dir: Path, *, splits: int = 10, seed: int = 0) -> dict[str, Any]:
 
 def print_table(result: dict[str, Any], console: Any) -> None:
     """The model's unit against the baselines: held-out, jittered held-out and (model only) in-sample accuracy."""
-    rows = [["model: best unit", f"{result['heldout_accuracy']:.3f} ± {result['heldout_std']:.3f}",
-             f"{result['jitter_heldout_accuracy']:.3f} ± {result['jitter_heldout_std']:.3f}",
+
+    def spread(mean: float, std: float) -> str:  # one split has no spread to show
+        return f"{mean:.3f} ± {std:.3f}" if result["splits"] > 1 else f"{mean:.3f}"
+
+    rows = [["model: best unit", spread(result["heldout_accuracy"], result["heldout_std"]),
+             spread(result["jitter_heldout_accuracy"], result["jitter_heldout_std"]),
              f"{result['insample_accuracy']:.3f}", str(result["features"])]]  # fmt: skip
     for name, base in result["baselines"].items():
-        rows.append([name.replace("_", " "), f"{base['heldout_accuracy']:.3f} ± {base['heldout_std']:.3f}",
-                     f"{base['jitter_heldout_accuracy']:.3f} ± {base['jitter_heldout_std']:.3f}", "",
+        rows.append([name.replace("_", " "), spread(base["heldout_accuracy"], base["heldout_std"]),
+                     spread(base["jitter_heldout_accuracy"], base["jitter_heldout_std"]), "",
                      str(base["candidates"])])  # fmt: skip
-    title = (f"face neuron: {result['run_dir']} ({result['model']}), {result['splits']} splits, seed {result['seed']}, "
+    splits = f"{result['splits']} split{'s' if result['splits'] != 1 else ''}"
+    title = (f"face neuron: {result['run_dir']} ({result['model']}), {splits}, seed {result['seed']}, "
              f"most chosen unit {result['most_chosen_unit']}")  # fmt: skip
     print_rows(title, ["", "held-out", "jittered held-out", "in-sample", "candidates"], rows, console)

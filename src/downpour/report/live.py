@@ -1,4 +1,5 @@
-"""The live progress bar of ``downpour train``: examples/s, loss, mean staleness and updates."""
+"""The live progress bar of ``downpour train``: examples/s, loss, mean staleness and pushes (the global step;
+every shard applies an update per push, so the closing line's "updates applied" is pushes × shards)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ class LiveProgress:
             TextColumn("{task.fields[rate]:>8,.0f} ex/s"),
             TextColumn("loss {task.fields[loss]:.4g}"),
             TextColumn("stale {task.fields[stale]:.2f}"),
-            TextColumn("{task.fields[updates]:,} updates"),
+            TextColumn("{task.fields[pushes]:,} pushes"),
             TimeElapsedColumn(),
             console=console,
             disable=not enabled,
             transient=False,
         )
         total = steps if self.by_steps else seconds
-        self.task = self.progress.add_task("train", total=total, rate=0.0, loss=float("nan"), stale=0.0, updates=0)
+        self.task = self.progress.add_task("train", total=total, rate=0.0, loss=float("nan"), stale=0.0, pushes=0)
 
     def __enter__(self) -> LiveProgress:
         self.progress.start()
@@ -33,10 +34,10 @@ class LiveProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def update(self, *, steps: int, elapsed: float, rate: float, loss: float, stale: float, updates: int) -> None:
+    def update(self, *, steps: int, elapsed: float, rate: float, loss: float, stale: float, pushes: int) -> None:
         """Redraw with the latest numbers."""
         completed = steps if self.by_steps else elapsed
-        self.progress.update(self.task, completed=completed, rate=rate, loss=loss, stale=stale, updates=updates)
+        self.progress.update(self.task, completed=completed, rate=rate, loss=loss, stale=stale, pushes=pushes)
 
 
 class SimulatedProgress:
