@@ -112,7 +112,7 @@ def test_training_on_a_folder_warns_and_reports_the_skipped_files(
     page = (out / "report.html").read_text()  # written by the simulator's train too
     assert "2 of 4 data files could not be read" in page
     assert page.count("data:image/png;base64,") == 3  # loss, staleness, filters: the simulator logs no throughput
-    assert "the simulator logs none" in page
+    assert "a simulated run logs none" in page
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,20 @@ def test_report_command_shows_evaluations_and_survives_a_cut_off_log(
     assert "1 lines of metrics.jsonl could not be read" in page
 
 
+def test_a_run_without_its_metrics_log_says_so(local_run: Path, tmp_path: Path) -> None:
+    """A local run whose metrics.jsonl was deleted: the page says the file is missing, not that "the simulator logs
+    none" (it used to blame the simulator for a local run's missing throughput)."""
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    (run / "metrics.jsonl").unlink()
+    out = tmp_path / "page.html"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "metrics.jsonl is missing from the run directory" in page and "the simulator logs none" not in page
+    page = (local_run / "report.html").read_text()
+    assert "is missing from the run directory" not in page
+
+
 def test_report_on_a_directory_that_is_no_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"downpour: error: {tmp_path} is not a run directory: it holds no config.toml\n"

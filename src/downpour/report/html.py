@@ -135,8 +135,8 @@ def _summary_section(run_dir: Path) -> str:
     return notes + _table(summary)
 
 
-def _log_notes(log: RunLog) -> str:
-    items = []
+def _log_notes(log: RunLog, *, log_missing: bool = False) -> str:
+    items = [f"{rundir.METRICS} is missing from the run directory: no curves or events to show"] if log_missing else []
     for event in log.events:
         if event.get("event") in ("worker_died", "worker_error"):
             detail = str(event.get("detail", "")).strip().splitlines()
@@ -184,7 +184,7 @@ def build_report(run_dir: Path) -> str:
         for s, h in log.staleness.items()
     )
     sections = [
-        ("Summary", _summary_section(run_dir) + _log_notes(log)),
+        ("Summary", _summary_section(run_dir) + _log_notes(log, log_missing=not (run_dir / rundir.METRICS).exists())),
         ("Loss", _figure(plots.loss_figure(log), "loss curves",
                          "Mini-batch loss of each push (dots: thinned to 20,000) with its running mean, and the loss "
                          "on the fixed held-out batch (at the start, every train.eval_every seconds when set, about 50 "
@@ -192,7 +192,8 @@ def build_report(run_dir: Path) -> str:
                          "No losses in metrics.jsonl yet.")),
         ("Throughput", _figure(plots.throughput_figure(log), "throughput",
                                "Examples per second, each second (zero while the worker processes start up).",
-                               "No throughput events: the simulator logs none (its rate is in the summary).")),
+                               "No throughput events in metrics.jsonl (a simulated run logs none: its rate is "
+                               "in the summary).")),
         ("Staleness", _figure(plots.staleness_figure(log), "staleness histograms",
                               f"Applied updates by staleness, per shard ({stale}).", "No applied pushes logged.")),
         ("First-layer filters", _figure(filters, "filters", rundir.FILTERS,
