@@ -238,7 +238,8 @@ def test_detect_maps_a_unit_over_an_image(rica_run: Path, photo: Path, tmp_path:
 
 def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> None:
     """imageio returns frames for GIF (even one frame: ``(1, H, W, 3)``) and multi-page TIFF; a picture is read as
-    its first frame, in gray or colour, not refused as "not a gray or colour picture"."""
+    its first frame, in gray or colour, not refused as "not a gray or colour picture". Grey with alpha ``(H, W, 2)``
+    is its grey (the frames' rule must not take its 20 rows for 20 frames)."""
     from PIL import Image
 
     from downpour.eval.images import read_image
@@ -251,10 +252,15 @@ def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> 
         "animated.gif": lambda p: Image.fromarray(first).convert("P").save(
             p, save_all=True, append_images=[Image.fromarray(second).convert("P")]),
         "pages.tiff": lambda p: Image.fromarray(first).save(p, save_all=True, append_images=[Image.fromarray(second)]),
+        "grey-pages.tiff": lambda p: Image.fromarray(first[..., 0]).save(
+            p, save_all=True, append_images=[Image.fromarray(second[..., 0])]),
+        "grey-alpha.png": lambda p: Image.fromarray(first[..., :2].copy(), mode="LA").save(p),
     }  # fmt: skip
     for name, write in paths.items():
         write(tmp_path / name)
         expected = np.asarray(Image.open(tmp_path / name).convert("RGB"), dtype=np.float32) / 255  # frame 0
+        if name == "grey-alpha.png":  # its grey level, without the alpha
+            expected = np.repeat(first[..., :1], 3, axis=-1).astype(np.float32) / 255
         colour = read_image(tmp_path / name, 3)
         assert colour.shape == (3, 20, 30), name
         np.testing.assert_allclose(colour, np.moveaxis(expected, -1, 0), atol=1e-6, err_msg=name)

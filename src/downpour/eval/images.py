@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from skimage import io, transform
 
 from downpour.errors import DataError
@@ -75,6 +76,27 @@ def _has_image_signature(path: Path) -> bool:
     return head.startswith(_SIGNATURES)
 
 
+def _frame_count(path: Path) -> int:
+    """Frames (GIF) or pages (TIFF) in the file, as Pillow counts them; 1 when it cannot tell."""
+    try:
+        with Image.open(path) as picture:
+            return int(getattr(picture, "n_frames", 1))
+    except Exception:  # Pillow cannot open every format imageio reads
+        return 1
+
+
+def _first_picture(image: np.ndarray, frames: int) -> np.ndarray:
+    """``(H, W[, C])`` from what imageio read: the first of several frames (GIFs come as ``(N, H, W, C)`` even with
+    one frame, multi-page grey TIFFs as ``(N, H, W)``), and grey plus alpha ``(H, W, 2)`` as grey."""
+    several = image.ndim == 3 and frames > 1 and image.shape[0] == frames
+    one_grey = image.ndim == 3 and image.shape[0] == 1 and image.shape[-1] not in (2, 3, 4)
+    if image.ndim == 4 or several or one_grey:
+        image = image[0]
+    if image.ndim == 3 and image.shape[-1] == 2:
+        image = image[..., 0]
+    return image
+
+
 def read_image(path: Path, channels: int) -> np.ndarray:
     """An image file as a float32 array ``(channels, H, W)`` in [0, 1] (of an animation or a multi-page file: its
     first frame); an unreadable file raises DataError."""
@@ -90,9 +112,7 @@ def read_image(path: Path, channels: int) -> np.ndarray:
             raise DataError(f"not an image: {path} (its contents are no picture format; PNG, JPEG, GIF, BMP, TIFF "
                             "and WebP are read)") from None  # fmt: skip
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
-    image = np.asarray(image)
-    if image.ndim == 4 or (image.ndim == 3 and image.shape[-1] not in (3, 4)):  # frames: GIF, multi-page TIFF
-        image = image[0]  # the first, as a viewer shows it: (H, W[, C])
+    image = _first_picture(np.asarray(image), _frame_count(path))
     if image.ndim == 3 and image.shape[-1] in (3, 4):
         image = image[..., :3]
     elif image.ndim != 2:
