@@ -252,6 +252,13 @@ def test_a_first_session_that_diverges_saves_its_checkpoint_and_says_so(
         "diverged in its first session, with no earlier one to keep; start a new run with a lower ps.lr (it was 1e+30)"
     )
     assert _files(run_dir) == files
+    # Most diverged runs hold NaN values: the same line, not the checkpoint's NaN check, speaks.
+    tensors = load_file(str(_params_path(run_dir)))
+    save_file({name: torch.full_like(t, float("nan")) for name, t in tensors.items()}, str(_params_path(run_dir)))
+    files = _files(run_dir)
+    again = cli("train", "--resume", str(run_dir), "--steps", "40", "--set", "ps.lr=0.02", "--no-progress")
+    assert again.returncode == 2 and "cannot be resumed: its checkpoint (step 20)" in again.stderr, again.stderr
+    assert _files(run_dir) == files
 
 
 def _shard() -> Shard:

@@ -136,6 +136,17 @@ def load(directory: Path) -> Checkpoint:
     return Checkpoint(tensors, state)
 
 
+def saved_diverged(directory: Path) -> dict[str, Any] | None:
+    """The state of the checkpoint in ``directory`` when it says it was saved after training diverged (a first
+    session's, with no earlier one to keep), else None; read before :func:`load`, whose checks (its NaN values)
+    would otherwise speak first. A state that cannot be read is :func:`load`'s to report."""
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("diverged") is True else None
+
+
 def count(value: Any, name: str, where: Path) -> int:
     """``value`` when it is an integer in ``[0, MAX_COUNT]`` (a version, step or counter); else a
     :class:`CheckpointError` naming ``name`` in the checkpoint file ``where``."""

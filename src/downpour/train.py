@@ -144,6 +144,14 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tupl
     """The run's checkpoint and counters, every field checked: a checkpoint this refuses (CheckpointError naming
     the field) is refused before anything in ``out`` is written."""
     where = out / rundir.CHECKPOINT / ckpt.STATE_FILE
+    if (diverged := ckpt.saved_diverged(out / rundir.CHECKPOINT)) is not None:
+        config_saved = diverged.get("config")
+        ps = config_saved.get("ps") if isinstance(config_saved, dict) else None
+        lr = f" (it was {ps['lr']:g})" if isinstance(ps, dict) and isinstance(ps.get("lr"), int | float) else ""
+        raise DownpourError(
+            f"run {out} cannot be resumed: its checkpoint (step {diverged.get('step')}) was saved after training "
+            f"diverged in its first session, with no earlier one to keep; start a new run with a lower ps.lr{lr}"
+        )
     checkpoint = ckpt.load(out / rundir.CHECKPOINT)
     saved = checkpoint.state
     _require_objects(saved, where)
@@ -155,16 +163,8 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tupl
     ):
         raise CheckpointError(f"corrupt checkpoint {where}: initial_loss must be a finite number or null, "
                               f"got {initial_loss!r}")  # fmt: skip
-    diverged = saved.get("diverged", False)
-    if not isinstance(diverged, bool):
-        raise CheckpointError(f"corrupt checkpoint {where}: diverged must be true or false, got {diverged!r}")
-    if diverged:
-        ps = saved["config"].get("ps")
-        lr = f" (it was {ps['lr']:g})" if isinstance(ps, dict) and isinstance(ps.get("lr"), int | float) else ""
-        raise DownpourError(
-            f"run {out} cannot be resumed: its checkpoint (step {saved.get('step')}) was saved after training "
-            f"diverged in its first session, with no earlier one to keep; start a new run with a lower ps.lr{lr}"
-        )
+    if not isinstance(saved.get("diverged", False), bool):  # True was refused above
+        raise CheckpointError(f"corrupt checkpoint {where}: diverged must be true or false, got {saved['diverged']!r}")
     histogram = saved.get("staleness_histogram", [])
     if not isinstance(histogram, list):
         raise CheckpointError(f"corrupt checkpoint {where}: staleness_histogram must be a list, got {histogram!r}")
