@@ -65,6 +65,19 @@ def test_data_examples_is_the_number_of_training_examples(examples: int, held_ou
     assert (images.train.shape[0], images.held_out.shape[0]) == (examples, 1)  # a held_out that is set is kept
 
 
+def test_the_old_rule_differs_only_for_small_examples_with_the_default_held_out() -> None:
+    """Runs from before data.examples was exact resume where the old rule cut the same counts: an explicit held_out,
+    or 4096 examples and more with the default; lfw-faces and digits were never cut (None)."""
+    from downpour.data import counts_before_exact_examples
+
+    for config in (DataConfig(examples=300, held_out=60, whiten=False), DataConfig(examples=4096, whiten=False),
+                   DataConfig(source="natural-images", examples=5000, image_size=8, whiten=False)):  # fmt: skip
+        dataset = load_dataset(config, seed=0)
+        assert counts_before_exact_examples(config) == (len(dataset.train), len(dataset.held_out))
+    assert counts_before_exact_examples(DataConfig(examples=400)) == (1140, 284)
+    assert counts_before_exact_examples(DataConfig(source="digits")) is None
+
+
 def test_too_few_examples_to_hold_any_out_says_what_to_raise() -> None:
     with pytest.raises(DataError, match=r"too few examples \(1\) to hold any out; raise data.examples"):
         load_dataset(DataConfig(source="natural-patches", examples=1), seed=0)

@@ -24,7 +24,14 @@ from downpour import rundir
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.config import Config
 from downpour.console import say, warn
-from downpour.data import Dataset, capped_batch_warning, load_dataset, unread_warning, worker_slice
+from downpour.data import (
+    Dataset,
+    capped_batch_warning,
+    counts_before_exact_examples,
+    load_dataset,
+    unread_warning,
+    worker_slice,
+)
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
 from downpour.ps.flat import FlatParameters, flat_copy
@@ -60,6 +67,7 @@ class RunState:
     lost_updates: int = 0
     lost_before: int = 0  # lost_updates of the earlier sessions (not saved: read back as lost_updates)
     checkpoint_step: int | None = None  # step of the checkpoint in the run directory (not saved; None: none yet)
+    data_counts: dict[str, int] = field(default_factory=dict)  # training and held-out examples (its split's check)
 
 
 class TrainingDiverged(DownpourError):
@@ -140,7 +148,25 @@ def _worker_seeds(seed: int, session: int, workers: int) -> list[int]:
     return [int(child.generate_state(1)[0]) for child in children]
 
 
-def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tuple[ckpt.Checkpoint, RunState]:
+def _check_same_examples(saved: dict[str, Any], config: Config, dataset: Dataset, out: Path) -> None:
+    """Refuse to resume on a different split of the data: ``data_counts`` in the checkpoint (or, in one written
+    before it was recorded, the counts the rule of that time gave) must be what ``dataset`` holds."""
+    counts = (len(dataset.train), len(dataset.held_out))
+    recorded = saved.get("data_counts")
+    if isinstance(recorded, dict):
+        before = (recorded.get("train"), recorded.get("held_out"))
+    else:
+        before = counts_before_exact_examples(config.data) or counts
+    if before != counts:
+        raise DownpourError(
+            f"run {out} was trained on {before[0]} training and {before[1]} held-out examples; its config now cuts "
+            f"{counts[0]} and {counts[1]} (data.examples became exact on 2026-11-27), so it cannot be resumed on the "
+            "same examples: start a new run"
+        )
+
+
+def _load_previous(out: Path, config: Config, signature: dict[str, Any],
+                   dataset: Dataset) -> tuple[ckpt.Checkpoint, RunState]:  # fmt: skip
     """The run's checkpoint and counters, every field checked: a checkpoint this refuses (CheckpointError naming
     the field) is refused before anything in ``out`` is written."""
     where = out / rundir.CHECKPOINT / ckpt.STATE_FILE
@@ -156,6 +182,7 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any]) -> tupl
     saved = checkpoint.state
     _require_objects(saved, where)
     _check_compatible(saved, config, signature, out / rundir.CHECKPOINT)
+    _check_same_examples(saved, config, dataset, out)
     _check_snapshots(checkpoint, config, signature, where)
     initial_loss = saved.get("initial_loss")
     if initial_loss is not None and (
@@ -236,6 +263,7 @@ def _save_checkpoint(
         "rng": {"seed": config.train.seed, "session": run_state.session, "worker_seeds": seeds},
         "saved_at": time.time(),
         "diverged": diverged,
+        "data_counts": run_state.data_counts,
     }
     ckpt.save(out / rundir.CHECKPOINT, snapshots, state)
 
@@ -376,13 +404,14 @@ def run_training(
         run_state = RunState()
         previous_config = None
         if resume:  # every check that can refuse the checkpoint runs here, before anything is written
-            checkpoint, run_state = _load_previous(out, config, signature)
+            checkpoint, run_state = _load_previous(out, config, signature, dataset)
             if 0 < config.train.steps <= run_state.steps:
                 raise DownpourError(
                     f"run {out} is already at step {run_state.steps:,}, and train.steps = "
                     f"{config.train.steps:,}: nothing to train (raise --steps, or 0 for no limit)"
                 )
             previous_config = (out / rundir.CONFIG).read_text()
+        run_state.data_counts = {"train": len(dataset.train), "held_out": len(dataset.held_out)}
         config_mod.write(config, out / rundir.CONFIG)
         if dataset.whitening is not None:
             rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)

@@ -60,6 +60,17 @@ def _generated_held_out(config: DataConfig) -> int:
     return min(config.held_out, config.examples // 4) if config.held_out == DEFAULT_HELD_OUT else config.held_out
 
 
+def counts_before_exact_examples(config: DataConfig) -> tuple[int, int] | None:
+    """(training, held-out) examples that a source cut into examples gave before ``data.examples`` was exact (runs
+    made before 2026-11-27): ``data.examples + data.held_out`` were cut and a fifth at most held out; None for the
+    sources of fixed size (lfw-faces, digits), which this did not change."""
+    if config.source not in GENERATED_SOURCES and ":" not in config.source:
+        return None
+    count = config.examples + config.held_out
+    held = min(config.held_out, count // 5)
+    return count - held, held
+
+
 def _bundled_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
     count = config.examples + _generated_held_out(config)
     if config.source in GENERATED_SOURCES:
