@@ -39,7 +39,8 @@ class LocalContrastNorm2d(nn.Module):
       ``max(mean σ, σ) >= ε`` the output is exactly the paper's rule, hence exactly invariant to a positive rescaling
       of the input. The floor is in the units of the input.
     * Each example's mean level is subtracted before the windows are summed. That leaves ``v`` unchanged (every
-      window sums to 1) but keeps float32's precision for pixel values far from 0: a flat input gives exactly 0.
+      window sums to 1) but keeps float32's precision for pixel values far from 0: a flat input gives 0 up to the
+      rounding of its mean (exactly 0 for whole pixel values such as 255; a flat 0.1 gave 4e-11 in float32).
     * Gradients: ``σ`` is computed with a square root whose gradient is 0 (instead of ``0 · ∞ = NaN``) where the local
       sum of squares is exactly 0, so flat regions and flat inputs back-propagate finite gradients.
 
