@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -53,16 +52,6 @@ BUSY = {"compute_sigma": 0.5, "stragglers": 0.25, "straggler_slowdown": 4.0, "ne
 def _run(policy: str, workers: int, steps: int, *, lr: float = 0.05, seed: int = 0, **timing: float) -> SimResult:
     settings = SimSettings(workers=workers, steps=steps, seed=seed, **timing)
     return simulate(W0, make_rule("sgd", lr=lr), make_policy(policy, workers=workers, lr=lr), PROBLEM, settings)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread, as in a simulated (or local-backend) worker: with two threads on a busy 2-core machine,
-    OpenMP's spinning made the 1,000-worker run 70x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,6 @@ from downpour.study.optima import (
 
 TASKS = [TiltedWells(), TiltedWells(tilts=(0.5, -0.2, 0.05), noise=3.0, batch_size=4), TiltedWells(tilts=(1.2,))]
 SMALL = {"workers": 8, "seeds": 12, "steps": 300, "lr": 0.01}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: the machine is small and shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

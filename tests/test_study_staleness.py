@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,6 @@ from downpour.study.staleness import (
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PICTURES = ("loss_vs_updates.png", "loss_vs_time.png", "staleness_histograms.png", "final_loss.png")
 TINY = ["data.examples=1000", "data.held_out=128", "model.features=16", "train.batch_size=8"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread (the study sets it too; this covers the tests' own torch work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- flags ----------------------------------------------------------------------------------------------------

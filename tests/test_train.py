@@ -96,8 +96,9 @@ def test_resume_continues_versions_rule_state_and_steps(run_dir: Path, cli: Call
 def test_the_driver_computes_on_one_thread_while_its_workers_run(
     run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the local backend the workers use the cores: the driver's held-out losses run on one intra-op thread (two
-    wait at OpenMP barriers on shared cores, 10x slower), and the caller's thread count comes back afterwards."""
+    """On the local backend the workers use the cores: while they run, the driver's held-out losses (evals every
+    0.05 s here) run on one intra-op thread (two wait at OpenMP barriers on shared cores, 10x slower); before they
+    start and after they stop (the initial and the final loss) it has the caller's threads back."""
     from downpour import train
 
     seen = []
@@ -109,10 +110,11 @@ def test_the_driver_computes_on_one_thread_while_its_workers_run(
 
     monkeypatch.setattr(train.HeldOutLoss, "__call__", spy)
     with torch_threads(2):
-        result = cli("train", "--workers", "1", "--steps", "20", "--seconds", "120", "--out", str(run_dir), *FAST)
+        result = cli("train", "--workers", "1", "--steps", "300", "--seconds", "120", "--out", str(run_dir),
+                     "--set", "train.eval_every=0.05", *FAST)  # fmt: skip
         assert torch.get_num_threads() == 2
     assert result.returncode == 0, result.stderr
-    assert len(seen) >= 2 and set(seen) == {1}  # the initial and the final loss at least
+    assert len(seen) >= 3 and (seen[0], seen[-1]) == (2, 2) and set(seen[1:-1]) == {1}, seen
 
 
 def test_a_clock_that_runs_out_during_start_up_is_reported(run_dir: Path, cli: Callable[..., CliResult]) -> None:

@@ -415,19 +415,18 @@ def run_training(
         config_mod.write(config, out / rundir.CONFIG)
         if dataset.whitening is not None:
             rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
-        with torch_threads(_driver_threads(config)):
-            summary = _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
-                                     resume=resume, console=console, show_progress=show_progress)  # fmt: skip
+        summary = _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
+                                 resume=resume, console=console, show_progress=show_progress)  # fmt: skip
         if previous_config is not None and _keeps_previous_config(run_state, summary["diverged"], resume=resume):
             rundir.atomic_write_text(out / rundir.CONFIG, previous_config)  # a plain --resume goes on from there
         return summary
 
 
 def _driver_threads(config: Config) -> int:
-    """The driver's intra-op threads during a session: one on the local backend, whose workers use the machine's
-    cores (on cores it shares, a parallel held-out loss waits at OpenMP barriers for descheduled threads: 60-120 ms
-    instead of 5-13 ms for the default RICA), and PyTorch's default on Ray, whose driver may have a machine to itself.
-    """
+    """The driver's intra-op threads while its workers run: one on the local backend, whose workers use the
+    machine's cores (on cores it shares, a parallel held-out loss waits at OpenMP barriers for descheduled threads:
+    60-120 ms instead of 5-13 ms for the default RICA); on Ray, whose driver may have a machine to itself, as many
+    as it had."""
     return 1 if config.cluster.backend == "local" else torch.get_num_threads()
 
 
@@ -456,7 +455,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                     raise CheckpointError(f"corrupt checkpoint in {out}: shard {shard.index} lacks {sorted(missing)}")
                 shard.restore(snap)
             cluster.budget.set(run_state.steps)
-        with routed(_interrupt):
+        with routed(_interrupt), torch_threads(_driver_threads(config)):  # the driver beside its running workers
             try:
                 cluster.start()
                 metrics.write(
@@ -593,7 +592,8 @@ def _watch(
 
     Every ``train.eval_every`` seconds (when set) an ``eval`` row records the held-out loss of the shards' current
     values (the center, under easgd). Every ``train.checkpoint_every`` seconds a checkpoint is saved unless it
-    diverged (:func:`_checkpoint_now`: its held-out loss is measured, one forward pass of the held-out batch). When
+    diverged or nothing was pushed since the last one (:func:`_checkpoint_now`: its held-out loss is measured, one
+    forward pass of the held-out batch). When
     both fall due in one poll, the ``eval`` row reports the checkpoint's snapshot: one snapshot, one forward pass.
     """
     train = config.train

@@ -27,6 +27,7 @@ from downpour.ps.locks import FileLock
 from downpour.ps.rules import make_rule
 from downpour.ps.shard import Shard
 from downpour.ps.sharding import contiguous_bounds
+from downpour.threads import torch_threads
 
 
 def workload() -> Config:
@@ -46,8 +47,7 @@ def push_pull(num_params: int, shards: int, *, seconds: float) -> dict[str, floa
     move the same bytes in the same transfers (per shard: the update in, the values out) with ``Tensor.copy_``;
     ``memcpy_one_call_gbps`` moves them in one call, the best case for a copy.
     """
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
+    with torch_threads(1), tempfile.TemporaryDirectory() as tmp:
         rule = make_rule("sgd", lr=1e-3)
         bounds = contiguous_bounds(num_params, shards)
         shard_list = [
