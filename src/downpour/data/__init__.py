@@ -49,7 +49,7 @@ def _check_memory(config: DataConfig, count: int, values: int) -> None:
     needed, available = 3 * 4 * count * values, available_memory()
     if needed > available:
         raise DataError(
-            f"data.examples = {config.examples} (+ data.held_out = {config.held_out}) examples of {values} values "
+            f"data.examples = {config.examples} (+ {count - config.examples} held out) examples of {values} values "
             f"need about {needed / 2**30:,.1f} GiB; {available / 2**30:,.1f} GiB is available: reduce data.examples"
         )
 
