@@ -385,20 +385,6 @@ def test_source_only_keys_and_sim_shards_are_warned_of_when_ignored() -> None:
         assert config_mod.ignored_keys(config_mod.load(None, [f"data.source={source}", *keys, "ps.shards=4"])) == []
 
 
-def test_a_batch_larger_than_a_workers_share_is_warned_of(cli: Cli, tmp_path: Path) -> None:
-    """The workers' epochs cap a batch at their share of the examples: said, not silently done."""
-    from downpour.data import capped_batch_warning
-
-    result = cli("train", "--workers", "2", "--steps", "4", "--seconds", "120", "--out", str(tmp_path / "run"),
-                 "--set", "data.source=digits", "--set", "data.held_out=64", "--set", "train.batch_size=1000",
-                 "--no-progress")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    said = ("warning: train.batch_size = 1000 is more than the 866 examples of a worker's share (1733 over 2 "
-            "workers): its batches hold 866; lower train.batch_size or raise data.examples")  # fmt: skip
-    assert said in " ".join(result.stderr.split()), result.stderr
-    assert capped_batch_warning(1733, 2, 866) is None and capped_batch_warning(1733, 2, 867) is not None
-
-
 def test_keys_the_design_reads_are_not_warned_of() -> None:
     cat = config_mod.load(None, ["model.name=cat", "model.pool=3", "model.skip_variance=0.1", "data.channels=3"])
     assert config_mod.ignored_keys(cat) == []

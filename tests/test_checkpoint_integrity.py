@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from conftest import CliResult, read_jsonl
 from downpour import checkpoint as ckpt
 from downpour.cli import main
-from downpour.errors import CheckpointError
+from downpour.data import load_dataset
+from downpour.errors import CheckpointError, DownpourError
 from downpour.ps.rules import make_rule
 from downpour.ps.shard import Shard
 
@@ -282,28 +283,34 @@ def test_push_refuses_a_version_the_shard_never_had(fetched: int) -> None:
     assert shard.push(torch.ones(3), fetched_version=2).staleness == 0  # the current version is fine
 
 
-def test_resume_refuses_a_run_cut_into_other_examples(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
-    """The checkpoint records its training and held-out counts, and a resume that would cut others is refused. A
-    checkpoint from before they were recorded is checked against the rule of its time: data.examples = 400 with the
-    default held_out cut 1424 and held out 284, where the same config now gives exactly 400 and 100."""
-    run_dir = tmp_path / "run"
-    first = cli("train", "--workers", "1", "--steps", "5", "--seconds", "600", "--out", str(run_dir),
-                "--set", "data.examples=400", "--no-progress")  # fmt: skip
-    assert first.returncode == 0, first.stderr
-    state = json.loads(_state_path(run_dir).read_text())
-    assert state["data_counts"] == {"train": 400, "held_out": 100}
-    for counts, said in [(None, "1140 training and 284 held-out"), ({"train": 399, "held_out": 100},
-                                                                    "399 training and 100 held-out")]:  # fmt: skip
-        if counts is None:
-            del state["data_counts"]
-        else:
-            state["data_counts"] = counts
-        _state_path(run_dir).write_text(json.dumps(state))
-        files = _files(run_dir)
-        result = cli("train", "--resume", str(run_dir), "--steps", "10", "--no-progress")
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.strip() == (
-            f"downpour: error: run {run_dir} was trained on {said} examples; its config now cuts 400 and 100 "
-            "(data.examples became exact on 2026-11-27), so it cannot be resumed on the same examples: start a new run"
-        )
-        assert _files(run_dir) == files
+def test_resume_refuses_a_run_cut_into_other_examples(run: Path, cli: Callable[..., CliResult]) -> None:
+    """The checkpoint records its training and held-out counts, and a resume that would cut others is refused, the
+    run left as it was. A checkpoint from before they were recorded is checked against the rule of its time:
+    data.examples = 400 with the default held_out cut 1424 and held out 284, where that config now gives exactly 400
+    and 100 (checked on the driver's own function, without a run)."""
+    from downpour import train
+    from downpour.config import Config
+
+    state = json.loads(_state_path(run).read_text())
+    assert state["data_counts"] == {"train": 2000, "held_out": 256}
+    state["data_counts"] = {"train": 1999, "held_out": 256}
+    _state_path(run).write_text(json.dumps(state))
+    files = _files(run)
+    result = cli("train", "--resume", str(run), "--steps", "40", "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"downpour: error: run {run} was trained on 1999 training and 256 held-out examples; its config now cuts 2000 "
+        "and 256 (data.examples became exact on 2026-11-27), so it cannot be resumed on the same examples: start a "
+        "new run"
+    )
+    assert _files(run) == files
+
+    config = Config()
+    config.data.examples, config.data.whiten = 400, False
+    dataset = load_dataset(config.data, seed=0)
+    del state["data_counts"]
+    with pytest.raises(DownpourError, match=r"was trained on 1140 training and 284 held-out examples; its config "
+                                            r"now cuts 400 and 100"):  # fmt: skip
+        train._check_same_examples(state, config, dataset, run)
+    config.data.held_out = 100  # set: the old rule cut the same
+    train._check_same_examples(state, config, load_dataset(config.data, seed=0), run)

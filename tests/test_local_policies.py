@@ -24,7 +24,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import downpour, read_jsonl
+from conftest import CliResult, read_jsonl
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour.config import Config
@@ -175,13 +175,14 @@ def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path
     assert sum(shard["version"] for shard in state["shards"]) == summary["updates_applied"]
 
 
-def test_staleness_study_on_the_local_backend_writes_its_report(tmp_path: Path) -> None:
-    """A tiny grid through the real command: one run directory per (policy, workers, seed), the report files, and
-    wall-clock times; a worker count the machine cannot hold as processes is refused before any run."""
+def test_staleness_study_on_the_local_backend_writes_its_report(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    """A tiny grid through the command (in this process; its workers are real processes): one run directory per
+    (policy, workers, seed), the report files, and wall-clock times; a worker count the machine cannot hold as
+    processes is refused before any run."""
     out = tmp_path / "study"
-    result = downpour("study", "staleness", "--backend", "local", "--policies", "downpour,sync", "--workers", "2",
-                      "--seeds", "1", "--steps", "40", "--set", "data.examples=2000", "--set", "data.held_out=64",
-                      "--no-progress", "--out", str(out))  # fmt: skip
+    result = cli("study", "staleness", "--backend", "local", "--policies", "downpour,sync", "--workers", "2",
+                 "--seeds", "1", "--steps", "40", "--set", "data.examples=2000", "--set", "data.held_out=64",
+                 "--no-progress", "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
     for name in ("results.json", "table.md", "loss_vs_updates.png", "loss_vs_time.png", "staleness_histograms.png",
                  "final_loss.png"):  # fmt: skip

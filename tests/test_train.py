@@ -97,9 +97,11 @@ def test_the_driver_computes_on_one_thread_while_its_workers_run(
     run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On the local backend the workers use the cores: while they run, the driver's held-out losses (evals every
-    0.05 s here) run on one intra-op thread (two wait at OpenMP barriers on shared cores, 10x slower); before they
-    start and after they stop (the initial and the final loss) it has the caller's threads back."""
+    0.05 s here, from the workers' start-up on) run on one intra-op thread (two wait at OpenMP barriers on shared
+    cores, 10x slower); before they start and after they stop (the initial and the final loss) it has the caller's
+    threads back. The same run asks for batches larger than a worker's share of the digits: it is warned of."""
     from downpour import train
+    from downpour.data import capped_batch_warning
 
     seen = []
     measure = train.HeldOutLoss.__call__
@@ -110,11 +112,16 @@ def test_the_driver_computes_on_one_thread_while_its_workers_run(
 
     monkeypatch.setattr(train.HeldOutLoss, "__call__", spy)
     with torch_threads(2):
-        result = cli("train", "--workers", "1", "--steps", "300", "--seconds", "120", "--out", str(run_dir),
-                     "--set", "train.eval_every=0.05", *FAST)  # fmt: skip
+        result = cli("train", "--workers", "2", "--steps", "4", "--seconds", "120", "--out", str(run_dir),
+                     "--set", "train.eval_every=0.05", "--set", "data.source=digits", "--set", "data.held_out=64",
+                     "--set", "train.batch_size=1000", "--no-progress")  # fmt: skip
         assert torch.get_num_threads() == 2
     assert result.returncode == 0, result.stderr
     assert len(seen) >= 3 and (seen[0], seen[-1]) == (2, 2) and set(seen[1:-1]) == {1}, seen
+    said = ("warning: train.batch_size = 1000 is more than the 866 examples of a worker's share (1733 over 2 "
+            "workers): its batches hold 866; lower train.batch_size or raise data.examples")  # fmt: skip
+    assert said in " ".join(result.stderr.split()), result.stderr
+    assert capped_batch_warning(1733, 2, 866) is None and capped_batch_warning(1733, 2, 867) is not None
 
 
 def test_a_clock_that_runs_out_during_start_up_is_reported(run_dir: Path, cli: Callable[..., CliResult]) -> None:
