@@ -593,8 +593,8 @@ def _watch(
     Every ``train.eval_every`` seconds (when set) an ``eval`` row records the held-out loss of the shards' current
     values (the center, under easgd). Every ``train.checkpoint_every`` seconds a checkpoint is saved unless it
     diverged or nothing was pushed since the last one (:func:`_checkpoint_now`: its held-out loss is measured, one
-    forward pass of the held-out batch). When
-    both fall due in one poll, the ``eval`` row reports the checkpoint's snapshot: one snapshot, one forward pass.
+    forward pass of the held-out batch). When both fall due in one poll, the ``eval`` row reports the checkpoint's
+    snapshot: one snapshot, one forward pass.
     """
     train = config.train
     start = time.time()

@@ -37,7 +37,7 @@ class Dataset:
 
 def _raw_examples(config: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, own.ReadReport | None]:
     if ":" in config.source:  # users' own data: folder:, video:, torchvision:
-        return own.own_examples(config, rng, config.examples + _generated_held_out(config))
+        return own.own_examples(config, rng, config.examples + _held_out_to_cut(config))
     return _bundled_examples(config, rng), None
 
 
@@ -54,7 +54,13 @@ def _check_memory(config: DataConfig, count: int, values: int) -> None:
         )
 
 
-def _generated_held_out(config: DataConfig) -> int:
+def _cut_into_examples(source: str) -> bool:
+    """Whether ``source`` is cut into ``data.examples`` crops (the bundled photos, users' own data), rather than a
+    set of fixed size (lfw-faces, digits)."""
+    return source in GENERATED_SOURCES or ":" in source
+
+
+def _held_out_to_cut(config: DataConfig) -> int:
     """Held-out examples to cut besides the ``data.examples`` training ones: ``data.held_out``, the default capped at
     a quarter of ``data.examples`` (a fifth of all that is cut), so that training gets exactly ``data.examples``."""
     return min(config.held_out, config.examples // 4) if config.held_out == DEFAULT_HELD_OUT else config.held_out
@@ -64,7 +70,7 @@ def counts_before_exact_examples(config: DataConfig) -> tuple[int, int] | None:
     """(training, held-out) examples that a source cut into examples gave before ``data.examples`` was exact (runs
     made before 2026-11-27): ``data.examples + data.held_out`` were cut and a fifth at most held out; None for the
     sources of fixed size (lfw-faces, digits), which this did not change."""
-    if config.source not in GENERATED_SOURCES and ":" not in config.source:
+    if not _cut_into_examples(config.source):
         return None
     count = config.examples + config.held_out
     held = min(config.held_out, count // 5)
@@ -72,7 +78,7 @@ def counts_before_exact_examples(config: DataConfig) -> tuple[int, int] | None:
 
 
 def _bundled_examples(config: DataConfig, rng: np.random.Generator) -> np.ndarray:
-    count = config.examples + _generated_held_out(config)
+    count = config.examples + _held_out_to_cut(config)
     if config.source in GENERATED_SOURCES:
         side = config.patch_size if config.source == "natural-patches" else config.image_size
         channels = 1 if config.source == "natural-patches" else config.channels
@@ -97,11 +103,11 @@ def _held_out_count(config: DataConfig, count: int) -> int:
         raise DataError(
             f"data.held_out = {config.held_out} is more than a fifth of the {count} examples of data.source "
             f"{config.source!r} (at most {most} can be held out): lower data.held_out"
-            + (" or raise data.examples" if config.source in GENERATED_SOURCES or ":" in config.source else "")
+            + (" or raise data.examples" if _cut_into_examples(config.source) else "")
         )
     held_count = min(config.held_out, most)
     if held_count < 1 or count - held_count < 1:
-        more = "; raise data.examples" if config.source in GENERATED_SOURCES or ":" in config.source else ""
+        more = "; raise data.examples" if _cut_into_examples(config.source) else ""
         raise DataError(f"data.source {config.source!r} has too few examples ({count}) to hold any out{more}")
     return held_count
 
