@@ -17,15 +17,16 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from downpour.backends.processes import worker_context
 from downpour.ps.locks import FileLock
 from downpour.ps.rules import SGD, Adagrad
 from downpour.ps.shard import PushResult, Shard
 
 TIMEOUT_S = 60.0  # generous bound for a step of a child process, so that a broken test fails, never hangs
-# Spawned children import torch before they reach the barrier: seconds when idle, but it once took over a minute on
-# this 2-core machine while other test runs loaded it. A broken child still fails the test, after this long.
+# Children may import torch before they reach the barrier (where they are spawned, not forked from the fork server):
+# seconds when idle, but it once took over a minute on this 2-core machine while other test runs loaded it. A broken
+# child still fails the test, after this long.
 START_TIMEOUT_S = 300.0
 
 
@@ -281,10 +282,10 @@ def _push_worker(shards: list[Shard], worker: int, pushes: int, barrier: Any, re
 def test_pushes_from_several_processes_are_all_applied_exactly(tmp_path: Path) -> None:
     """Three processes push into shared shards under FileLocks at once: no push is lost or applied twice.
 
-    Two children are spawned (each costs a torch import, seconds on a small machine); the test process itself is
-    the third pusher, released by the same barrier.
+    Two children are started as local workers are (:func:`worker_context`); the test process itself is the third
+    pusher, released by the same barrier.
     """
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     shards = [
         Shard(i, 5 * i, torch.full((5,), 1000.0), SGD(lr=1.0), lock=FileLock(tmp_path / f"shard{i}.lock"), shared=True)
         for i in range(2)
@@ -322,6 +323,7 @@ def test_pushes_from_several_processes_are_all_applied_exactly(tmp_path: Path) -
 # The lock holder is a plain Python child (no torch import, so it starts in milliseconds) using FileLock itself.
 _HOLDER = """
 import sys, time
+from downpour.backends.processes import worker_context
 from downpour.ps.locks import FileLock
 lock = FileLock(sys.argv[1])
 lock.__enter__()

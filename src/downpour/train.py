@@ -22,6 +22,7 @@ from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
+from downpour.backends.processes import worker_context
 from downpour.config import Config
 from downpour.console import say, warn
 from downpour.data import (
@@ -385,6 +386,7 @@ def run_training(
     prepare_run_dir(out, resume=resume)
     if config.cluster.backend == "local":  # Ray places its worker actors on the cluster's machines
         check_local_workers(config.cluster.workers)
+        worker_context()  # the fork server (where there is one) imports torch while the data loads
     if dataset is None:
         dataset = load_dataset(config.data, seed=config.train.seed)
     if (note := unread_warning(dataset)) is not None:
@@ -443,9 +445,10 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         held_out_loss(initial)  # for its skip statistics only: a field flat at τ is flat whatever the parameters
     warn_if_every_field_is_flat(held_out_loss, config, console)
     metrics = open_metrics_log(out, tensorboard=config.train.tensorboard)
-    interrupted = False
+    interrupted = starved = False
     session_seconds = 0.0
     session_examples_start = run_state.examples
+    session_steps_start = run_state.steps
     cluster = _build_cluster(config, dataset, initial, seeds, t0)
     try:
         if checkpoint is not None:
@@ -463,7 +466,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                     workers=config.cluster.workers, shards=config.ps.shards, pids=cluster.pids(),
                     initial_loss=run_state.initial_loss,
                 )  # fmt: skip
-                interrupted, session_seconds = _watch(
+                interrupted, session_seconds, starved = _watch(
                     cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0,
                     held_out_loss=held_out_loss,
                 )  # fmt: skip
@@ -479,6 +482,8 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
             snapshots, final_loss, steps = taken.snapshots, taken.loss, taken.step
             metrics.write("end", t=time.time() - t0, step=steps, final_loss=final_loss, interrupted=interrupted,
                           diverged=taken.diverged, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
+        if starved:
+            _warn_starved(console, config.train.seconds, steps - session_steps_start)
     finally:
         cluster.close()
         metrics.close()
@@ -525,6 +530,14 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         warn(console, f"{summary['updates_rejected']:,} of {attempted:,} updates were rejected (NaN or Inf); "
                       f"training diverged: lower ps.lr (now {config.ps.lr})")  # fmt: skip
     return summary
+
+
+def _warn_starved(console: Console, seconds: float, trained: int) -> None:
+    """Say that ``train.seconds`` ran out before any worker finished a step, and what the session trained: nothing,
+    or only the mini-batches in flight, which the workers finish and push when they are stopped."""
+    what = "nothing" if trained <= 0 else f"only the {trained} step{'s' if trained > 1 else ''} in flight"
+    warn(console, f"train.seconds = {seconds:g} ran out before any worker finished a step (their start-up and first "
+                  f"mini-batch took longer): this session trained {what}; raise --seconds")  # fmt: skip
 
 
 def log_push_records(records: list[tuple], metrics: rundir.MetricsLog, run_state: RunState) -> None:
@@ -587,8 +600,10 @@ def _watch(
     t0: float,
     *,
     held_out_loss: HeldOutLoss,
-) -> tuple[bool, float]:
-    """Poll the cluster until the budget is spent, every worker has stopped, or Ctrl-C; return what happened.
+) -> tuple[bool, float, bool]:
+    """Poll the cluster until the budget is spent, every worker has stopped, or Ctrl-C; return whether Ctrl-C
+    ended it, the seconds the workers worked, and whether ``train.seconds`` ran out before any worker finished a
+    step.
 
     Every ``train.eval_every`` seconds (when set) an ``eval`` row records the held-out loss of the shards' current
     values (the center, under easgd). Every ``train.checkpoint_every`` seconds a checkpoint is saved unless it
@@ -605,7 +620,7 @@ def _watch(
     last_examples, last_rate_time, rate = 0, start, 0.0
     examples_before = run_state.examples
     first_work = None  # when the first examples were done: worker start-up is not throughput
-    interrupted = False
+    interrupted = starved = False
     with LiveProgress(steps=train.steps, seconds=train.seconds, console=console, enabled=show_progress) as bar:
         try:
             while True:
@@ -662,10 +677,7 @@ def _watch(
                                       f"checkpoint of step {run_state.checkpoint_step}")  # fmt: skip
                     next_checkpoint = now + train.checkpoint_every
                 if train.seconds and now - start >= train.seconds:
-                    if first_work is None:  # the clock counts the workers' start-up: it can run out first
-                        warn(console, f"train.seconds = {train.seconds:g} ran out before any worker finished a step "
-                                      "(their start-up took it all): this session trained nothing; "
-                                      "raise --seconds")  # fmt: skip
+                    starved = first_work is None  # the clock counts the workers' start-up and first mini-batch
                     break
                 if train.steps and cluster.steps() >= train.steps:
                     break
@@ -676,7 +688,7 @@ def _watch(
         except KeyboardInterrupt:
             interrupted = True
             say(console, "interrupted: stopping workers and writing a final checkpoint")
-    return interrupted, time.time() - (first_work if first_work is not None else start)
+    return interrupted, time.time() - (first_work if first_work is not None else start), starved
 
 
 def headline(summary: dict[str, Any]) -> str:

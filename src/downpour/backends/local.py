@@ -5,8 +5,11 @@ under the shard's ``flock`` lock: no server process, no copy through a pipe, no 
 README (``downpour bench ps``) is why: a push is one slice of the flat gradient and a rule kernel, nothing more.
 Records of applied pushes travel to the driver in small batches through one one-way pipe per worker, whose write
 end only that worker holds: a worker that dies, even in the middle of a message, reads as end-of-file, never as a
-hang. A worker whose driver has died stops on its own (the kernel's parent-death signal, and a check of its
-parent's pid). Under ``sync``, workers start training together, once every one has built its model (or died).
+hang. Workers start from a fork server with torch imported already (:mod:`downpour.backends.processes`), so a
+run does not wait seconds per worker for an import. A worker whose driver has died stops on its own: the fork
+server exits with the driver and the kernel's parent-death signal follows, and a worker also reads its
+:class:`~downpour.backends.processes.DriverLink` reaching end-of-file. Under ``sync``, workers start training
+together, once every one has built its model (or died).
 
 Every policy runs here (:mod:`downpour.ps.policies`): the push policies through the shard's rule; ``ssp`` with
 shared clocks (:mod:`downpour.ps.clocks`); ``sync`` with :class:`~downpour.ps.sync_shard.SyncShard` s, which
@@ -31,9 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 from torch import Tensor
 
+from downpour.backends.processes import DriverLink, adopt_environment, driver_gone, worker_context
 from downpour.config import Config
 from downpour.errors import ConfigError, out_of_memory
 from downpour.models import build_model
@@ -50,7 +53,7 @@ from downpour.signals import routed
 
 _FLUSH_SECONDS = 0.2
 _FLUSH_RECORDS = 256  # about 8 KB a message: well inside a pipe's buffer
-_PARENT_CHECK_SECONDS = 1.0
+_DRIVER_CHECK_SECONDS = 1.0
 _START_POLL_SECONDS = 0.01
 
 
@@ -67,7 +70,8 @@ def _die_with_parent() -> None:
 
 WORKER_MEMORY_BYTES = 250 * 2**20
 """Memory one worker process needs, roughly: ~150 MB of private memory once it has imported torch (measured:
-``Pss_Anon`` of a fresh worker), plus its model, gradients and mini-batches."""
+``Pss_Anon`` of a freshly spawned worker), plus its model, gradients and mini-batches. Workers forked from the fork
+server share the imported modules' pages, so this errs on the safe side there."""
 
 
 def available_memory() -> int:
@@ -131,7 +135,8 @@ class _WorkerSpec:
     records: Any  # the write end of this worker's one-way pipe to the driver
     t0: float
     threads: int
-    parent_pid: int
+    driver: Any  # the read end of the driver's DriverLink: end-of-file once the driver is gone
+    environment: dict[str, str]  # the driver's environment when it started the worker
     clocks: Tensor | None = None  # (workers,) int64 shared clocks under ps.policy = "ssp" or "sync"
 
 
@@ -158,21 +163,22 @@ def _worker_main(spec: _WorkerSpec) -> None:
     """Entry point of one worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us cleanly
     _die_with_parent()
-    if os.getppid() != spec.parent_pid:  # the driver died before we got here
+    if driver_gone(spec.driver):  # the driver died before we got here
         return
+    adopt_environment(spec.environment)
     torch.set_num_threads(spec.threads)
     control = spec.control.numpy()
     progress = spec.progress.numpy()
     batcher = _Batcher(spec.records)
-    next_parent_check = [time.monotonic() + _PARENT_CHECK_SECONDS]
+    next_driver_check = [time.monotonic() + _DRIVER_CHECK_SECONDS]
 
     def should_stop() -> bool:
         if control[0]:
             return True
         now = time.monotonic()
-        if now >= next_parent_check[0]:  # the driver was killed: do not live on as an orphan
-            next_parent_check[0] = now + _PARENT_CHECK_SECONDS
-            return os.getppid() != spec.parent_pid
+        if now >= next_driver_check[0]:  # the driver was killed: do not live on as an orphan
+            next_driver_check[0] = now + _DRIVER_CHECK_SECONDS
+            return driver_gone(spec.driver)
         return False
 
     def report(examples: int, loss: float) -> None:
@@ -210,7 +216,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
         while isinstance(policy, Sync) and progress[:, 2].sum() < len(progress) and not should_stop():
             time.sleep(_START_POLL_SECONDS)
         worker.run()
-        if os.getppid() == spec.parent_pid:
+        if not driver_gone(spec.driver):
             batcher.flush()
         gc.freeze()  # exiting: skip the final collections over torch's objects (about a second the driver waits)
     except BrokenPipeError:  # the driver is gone: nobody to report to
@@ -282,7 +288,8 @@ class LocalCluster:
         self.shape = shape
         self.worker_seeds = list(worker_seeds)
         self.t0 = t0
-        self._ctx = mp.get_context("spawn")
+        self._ctx = worker_context()
+        self._driver = DriverLink(self._ctx)
         self._control = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._progress = torch.zeros(workers, 3, dtype=torch.float64).share_memory_()
         self._pipes = [self._ctx.Pipe(duplex=False) for _ in range(workers)]  # (read end, write end) per worker
@@ -313,7 +320,8 @@ class LocalCluster:
                 records=self._pipes[worker_id][1],
                 t0=self.t0,
                 threads=threads,
-                parent_pid=os.getpid(),
+                driver=self._driver.reader,
+                environment=dict(os.environ),
                 clocks=None if self.clocks is None else self.clocks.clocks,
             )
             proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
@@ -322,6 +330,7 @@ class LocalCluster:
                 proc.start()
             self._procs.append(proc)
             self._pipes[worker_id][1].close()  # the worker holds the only write end: its death reads as EOF
+        self._driver.close_reader()
 
     def request_stop(self) -> None:
         """Ask every worker to stop after its current step."""
@@ -355,7 +364,8 @@ class LocalCluster:
         return records + more, events + more_events
 
     def close(self) -> None:
-        """Release the pipes and lock files."""
+        """Release the pipes and lock files, and let any worker still running go."""
+        self._driver.release()
         for reader, _ in self._pipes:
             reader.close()
         shutil.rmtree(self._lock_dir, ignore_errors=True)

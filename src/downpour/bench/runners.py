@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from torch import Tensor
 
 from downpour import rundir
 from downpour.backends.local import LocalCluster
+from downpour.backends.processes import worker_context
 from downpour.bench.baselines import shared_model, train_forever
 from downpour.config import Config
 from downpour.models import build_model
@@ -65,7 +65,7 @@ class PlainLoops(Runner):
         model = shared_model(config.model, examples.shape[1])
         self._counter = torch.zeros(processes, dtype=torch.int64).share_memory_()
         self._stop = torch.zeros(1, dtype=torch.int64).share_memory_()
-        ctx = mp.get_context("spawn")
+        ctx = worker_context()
         args = (model, examples.share_memory_(), self._counter, self._stop, config.train.batch_size, config.ps.lr)
         self._procs = [ctx.Process(target=train_forever, args=(rank, processes, *args)) for rank in range(processes)]
         for proc in self._procs:
