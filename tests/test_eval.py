@@ -21,6 +21,7 @@ from downpour import config as config_mod
 from downpour.cli import main
 from downpour.data import load_dataset
 from downpour.errors import DownpourError
+from downpour.eval.detect import default_map_name
 from downpour.eval.images import fit_images, jitter_images
 from downpour.eval.selectivity import best_unit, half_splits, heldout_accuracy
 from downpour.eval.stimulus import optimal_stimuli
@@ -233,7 +234,9 @@ def test_detect_maps_a_unit_over_an_image(rica_run: Path, photo: Path, tmp_path:
     window = torch.from_numpy(image[:, 8:24, 20:36].copy())[None]  # row 2, column 5: (1, 1, 16, 16)
     assert responses[2, 5] == pytest.approx(float(trained.features(window)[0, 3]), rel=1e-4, abs=1e-5)
     code, out, _ = _cli(capsys, "detect", str(rica_run), str(photo))
-    assert code == 0 and "per megapixel" in out and (rica_run / "eval" / "detect_astronaut.png").exists()
+    assert code == 0 and "per megapixel" in out and (rica_run / "eval" / "detect_astronaut-png.png").exists()
+    names = {default_map_name(Path(name)) for name in ("a.bmp", "a.webp", "dir/a.png", "a")}
+    assert len(names) == 4 and "detect_a.png" in names  # one map per picture, none over another's
 
 
 def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> None:

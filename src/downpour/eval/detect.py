@@ -123,11 +123,19 @@ def default_unit(trained: TrainedRun) -> int:
     return int(face["most_chosen_unit"]) if face and isinstance(face.get("most_chosen_unit"), int) else 0
 
 
+def default_map_name(image_path: Path) -> str:
+    """The heat map's file name for ``image_path``: ``detect_<name>-<extension>.png`` (``a.bmp`` and ``a.webp``
+    get a map each), or ``detect_<name>.png`` for a file without an extension."""
+    extension = image_path.suffix.lstrip(".")
+    return f"detect_{image_path.stem}-{extension}.png" if extension else f"detect_{image_path.name}.png"
+
+
 def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int | None = None,
         scale: float = 1.0, out: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Scan ``image_path`` (resized by ``scale``) with ``run_dir``'s network; save the heat map of ``unit``.
 
-    ``stride`` defaults to a quarter of the model's input side; ``out`` to ``RUN_DIR/eval/detect_<image>.png``.
+    ``stride`` defaults to a quarter of the model's input side; ``out`` to ``RUN_DIR/eval/``
+    :func:`default_map_name`.
     """
     check_scale(scale)  # the flags first: loading the run takes seconds
     if out is not None:
@@ -146,7 +154,7 @@ def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int
     responses = response_map(trained, image, unit, stride=stride)
     seconds = time.perf_counter() - start
     megapixels = image.shape[1] * image.shape[2] / 1e6
-    out = out if out is not None else eval_dir(run_dir) / f"detect_{Path(image_path).stem}.png"
+    out = out if out is not None else eval_dir(run_dir) / default_map_name(Path(image_path))
     title = f"unit {unit} of {trained.run_dir.name} over {Path(image_path).name}"
     save_heat_map(image, responses, trained.input_shape[1:], stride, out, title)
     return {
