@@ -1,26 +1,24 @@
-"""How local workers start (downpour.backends.processes): from the fork server on Linux, told of their driver's
-death by a pipe, in the driver's environment, with Ctrl-C left to the driver."""
+"""How local workers start (downpour.backends.processes): from the fork server on Linux, with Ctrl-C left to the
+driver, told of their driver's death, in the driver's environment; spawned where the fork server cannot start."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from downpour.backends.processes import (
-    DriverLink,
-    adopt_environment,
-    driver_gone,
-    fork_server_available,
-    worker_context,
-)
-from downpour.signals import routed
+from downpour.backends.processes import adopt_environment, driver_alive, fork_server_available, worker_context
 
 TIMEOUT_S = 60.0
+TESTS = Path(__file__).parent
+needs_fork_server = pytest.mark.skipif(not fork_server_available(), reason="the fork server is for Linux")
 
 
 def _report_start(environment: dict[str, str] | None, answers: Any) -> None:
@@ -35,70 +33,93 @@ def _report_start(environment: dict[str, str] | None, answers: Any) -> None:
     answers.close()
 
 
-def _wait_for_driver_gone(link: Any, answers: Any) -> None:
-    """Child: say it is waiting, then wait until the driver's link reads as gone; exit 0 then, 3 after a minute."""
-    answers.send(driver_gone(link))
+def _wait_for_driver_to_go(marker: str) -> None:
+    """Child (without the parent-death signal): poll :func:`driver_alive` until it says no, then write ``marker``."""
     deadline = time.monotonic() + TIMEOUT_S
-    while not driver_gone(link):
+    while driver_alive():
         if time.monotonic() > deadline:
             raise SystemExit(3)
-        time.sleep(0.01)
+        time.sleep(0.02)
+    Path(marker).write_text("gone")
 
 
-def _start(target: Any, *args: Any) -> tuple[Any, Any]:
-    """Start ``target(*args, answers)`` as local workers start; return the process and the read end of answers."""
+# A driver in its own process, with Python's own Ctrl-C handler: it starts the fork server and two children, says
+# how the first one started, and waits to be killed.
+_DRIVER = """
+import json, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever the test process does with Ctrl-C
+from downpour.backends.processes import worker_context
+from test_processes import _report_start, _wait_for_driver_to_go
+if __name__ == "__main__":
     context = worker_context()
     reader, writer = context.Pipe(duplex=False)
-    proc = context.Process(target=target, args=(*args, writer))
-    proc.start()
-    writer.close()
-    return proc, reader
+    reporter = context.Process(target=_report_start, args=(None, writer))
+    reporter.start()
+    ignored, _, preloaded, parent = reader.recv()
+    waiter = context.Process(target=_wait_for_driver_to_go, args=(sys.argv[1],))
+    waiter.start()
+    print(json.dumps({"ignored": ignored, "preloaded": preloaded, "parent": parent, "waiter": waiter.pid}), flush=True)
+    reporter.join()
+    import time
+    time.sleep(600)
+"""
 
 
-def _finish(proc: Any) -> int:
-    proc.join(timeout=TIMEOUT_S)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    return proc.exitcode
+@needs_fork_server
+def test_workers_fork_with_torch_imported_ctrl_c_ignored_and_see_their_driver_die(tmp_path: Path) -> None:
+    """In a driver that handles Ctrl-C itself: a worker process is forked from the fork server with the worker's
+    modules (torch among them) imported already, not spawned to import them for seconds; it starts with Ctrl-C
+    ignored until it sets its own handlers; and one without the parent-death signal still sees the driver die,
+    though its parent is the fork server."""
+    marker = tmp_path / "driver-gone"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(marker)], stdout=subprocess.PIPE, text=True,
+                              env=env, start_new_session=True)  # fmt: skip
+    try:
+        line = driver.stdout.readline() if driver.stdout else ""
+        assert line, "the driver reported nothing"
+        started = json.loads(line)
+        assert started["preloaded"]
+        assert started["parent"] != driver.pid  # the fork server's child, not the driver's
+        assert started["ignored"]
+        assert not marker.exists()  # the waiter sees its driver alive
+        driver.kill()
+        driver.wait(timeout=TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the worker never saw its driver die"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
 
 
-@pytest.mark.skipif(not fork_server_available(), reason="the fork server is for Linux")
-def test_workers_start_from_a_fork_server_with_torch_imported_and_ctrl_c_ignored() -> None:
-    """A worker's process is forked from the fork server with the worker's modules (torch among them) imported
-    already, not spawned to import them for seconds, and starts with Ctrl-C ignored until it sets its own
-    handlers, though the driver itself handles Ctrl-C."""
-    with routed(signal.default_int_handler, [signal.SIGINT]):  # the driver (this process) handles Ctrl-C
-        proc, answers = _start(_report_start, None)
-    ignored, _, preloaded, parent = answers.recv()
-    assert _finish(proc) == 0
-    assert preloaded
-    assert parent != os.getpid()  # the fork server's child, not the driver's
-    assert ignored
-
-
-@pytest.mark.skipif(not fork_server_available(), reason="the fork server is for Linux")
+@needs_fork_server
 def test_a_worker_runs_in_the_drivers_environment_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fork server keeps the environment it started with; a worker adopts the driver's as it is now."""
-    worker_context()  # the fork server is running, started before the variable below exists
+    context = worker_context()  # the fork server is running, started before the variable below exists
     monkeypatch.setenv("DOWNPOUR_TEST_PROBE", "set after the fork server started")
-    as_forked, answers = _start(_report_start, None)
-    seen_as_forked = answers.recv()[1]
-    adopted, answers = _start(_report_start, dict(os.environ))
-    seen_adopted = answers.recv()[1]
-    assert _finish(as_forked) == 0 and _finish(adopted) == 0
-    assert seen_as_forked is None  # why workers must adopt it
-    assert seen_adopted == "set after the fork server started"
+    seen = []
+    for environment in (None, dict(os.environ)):
+        reader, writer = context.Pipe(duplex=False)
+        proc = context.Process(target=_report_start, args=(environment, writer))
+        proc.start()
+        writer.close()
+        seen.append(reader.recv()[1])
+        proc.join(timeout=TIMEOUT_S)
+        assert proc.exitcode == 0
+    assert seen == [None, "set after the fork server started"]  # why workers adopt it
 
 
-def test_a_worker_sees_its_driver_go_whoever_its_parent_is() -> None:
-    """The driver link reads as open while the driver holds it, and as gone once the driver lets go (what its
-    death does too), though the worker's parent (the fork server) lives on."""
-    link = DriverLink(worker_context())
-    proc, answers = _start(_wait_for_driver_gone, link.reader)
-    link.close_reader()
-    assert answers.recv() is False  # the child saw the driver there
-    time.sleep(0.3)
-    assert proc.is_alive()  # and keeps waiting while it is
-    link.release()
-    assert _finish(proc) == 0
+@needs_fork_server
+def test_workers_are_spawned_where_the_fork_server_cannot_listen(tmp_path: Path) -> None:
+    """Under a temporary directory too long for a Unix socket's path, the fork server cannot start: workers are
+    spawned instead of the run failing."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    probe = "from downpour.backends.processes import worker_context; print(worker_context().get_start_method())"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=TIMEOUT_S,
+                            env={**os.environ, "TMPDIR": str(deep)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "spawn"

@@ -18,6 +18,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import read_jsonl
+from downpour.backends.processes import fork_server_available
 from downpour.cli import main
 from downpour.report.html import write_report_after_training
 from downpour.report.runlog import read_run_log
@@ -37,10 +38,12 @@ PROBE = (
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short real run of the local backend (2 workers, 2 shards) with a finished page and TensorBoard files.
-    It trains for 2.5 s, not a number of steps: throughput is logged each second from the first push, and the
-    workers start in a fraction of one (thousands of steps a second here)."""
+    It trains for some seconds, not a number of steps: throughput is logged each second from the first push.
+    Workers forked from the fork server start in a fraction of a second (and train thousands of steps a second
+    here); spawned ones import torch for seconds first."""
     out = tmp_path_factory.mktemp("report") / "run"
-    assert main(["train", "--out", str(out), "--steps", "0", "--seconds", "2.5", "--tensorboard", *SMALL]) == 0
+    seconds = "2.5" if fork_server_available() else "8"
+    assert main(["train", "--out", str(out), "--steps", "0", "--seconds", seconds, "--tensorboard", *SMALL]) == 0
     return out
 
 

@@ -323,7 +323,6 @@ def test_pushes_from_several_processes_are_all_applied_exactly(tmp_path: Path) -
 # The lock holder is a plain Python child (no torch import, so it starts in milliseconds) using FileLock itself.
 _HOLDER = """
 import sys, time
-from downpour.backends.processes import worker_context
 from downpour.ps.locks import FileLock
 lock = FileLock(sys.argv[1])
 lock.__enter__()

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, CliResult, downpour, read_jsonl
+from downpour.backends.processes import fork_server_available
 from downpour.cli import main
 from downpour.threads import torch_threads
 
@@ -312,17 +313,72 @@ def test_ctrl_c_stops_cleanly_and_writes_a_final_checkpoint(run_dir: Path) -> No
     assert sum(s["version"] for s in state["shards"]) == summary["updates_applied"]
 
 
+def _fork_server_of(pid: int, timeout: float = 60) -> int:
+    """The pid of the fork server that process ``pid`` started, once it has."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[-1].split()[1])
+                command = (stat.parent / "cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid and b"forkserver" in command:
+                return int(stat.parent.name)
+        time.sleep(0.05)
+    raise AssertionError("the driver started no fork server")
+
+
+@pytest.mark.skipif(not fork_server_available(), reason="the fork server is for Linux")
+def test_ctrl_c_while_the_fork_server_imports_torch_stops_the_run(run_dir: Path) -> None:
+    """The first workers' start waits seconds for the fork server to import torch: a Ctrl-C then still stops the
+    run at once (exit 130, no traceback), and the fork server leaves with the driver. The Ctrl-C comes 2 s after
+    the fork server appears: here the driver is then waiting for the import (measured: sent 1.5-2.5 s after, it
+    was lost before this was fixed; 1 s after, it came during the data's loading). Sent earlier or later, it must
+    stop the run all the same."""
+    proc = _start(run_dir, "--workers", "2", "--seconds", "120")
+    server = _fork_server_of(proc.pid)
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert _wait_gone([server])
+
+
+@pytest.mark.skipif(not fork_server_available(), reason="the fork server is for Linux")
+def test_a_killed_fork_server_is_named_as_what_took_every_worker(run_dir: Path) -> None:
+    """The fork server's death takes its workers along (their parent-death signal): each death is reported with
+    that cause, not as the exit code 255 that multiprocessing makes up, and the run ends with its checkpoint and
+    exit status 1, as when every worker dies."""
+    proc = _start(run_dir, "--workers", "2", "--seconds", "120")
+    server = _fork_server_of(proc.pid)
+    _wait_for_pushes(run_dir, proc)
+    os.kill(server, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    said = " ".join(stderr.split())
+    for worker in (0, 1):
+        assert f"worker {worker} died (killed with the fork server it was started from, which is gone)" in said
+    assert "every worker has died; stopping the run" in said
+    summary = _summary(run_dir)
+    assert summary["worker_deaths"] == 2 and summary["steps"] > 0
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == summary["steps"]
+
+
 def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
     run_dir: Path, cli: Callable[..., CliResult]
 ) -> None:
-    """SIGKILL the driver: its workers exit by themselves (no orphans), and --resume continues from the last
-    checkpoint, whose step counts every push its shards hold."""
+    """SIGKILL the driver: its workers exit by themselves (no orphans), even one that is stopped (Ctrl-Z'd) and so
+    cannot check on its driver, and --resume continues from the last checkpoint, whose step counts every push its
+    shards hold."""
     proc = _start(run_dir, "--workers", "2", "--seconds", "120", "--set", "train.checkpoint_every=1")
     records = _wait_for_pushes(run_dir, proc)
     pids = next(r for r in records if r["event"] == "start")["pids"]
     deadline = time.monotonic() + 60
     while not (run_dir / "checkpoint" / "state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    os.kill(pids[0], signal.SIGSTOP)
     proc.kill()
     proc.communicate(timeout=30)
     assert _wait_gone(pids), "worker processes outlived their driver"

@@ -682,6 +682,9 @@ def _watch(
                 if train.steps and cluster.steps() >= train.steps:
                     break
                 if cluster.alive() == 0:
+                    records, new_events = cluster.poll()  # workers that died since this loop's poll: said here,
+                    log_push_records(records, metrics, run_state)  # not taken for a stop's exits once it is asked
+                    _log_events(new_events, metrics, run_state, console, t0)
                     if run_state.worker_deaths >= config.cluster.workers:
                         console.print("[red]every worker has died; stopping the run[/]")
                     break

@@ -7,9 +7,9 @@ Records of applied pushes travel to the driver in small batches through one one-
 end only that worker holds: a worker that dies, even in the middle of a message, reads as end-of-file, never as a
 hang. Workers start from a fork server with torch imported already (:mod:`downpour.backends.processes`), so a
 run does not wait seconds per worker for an import. A worker whose driver has died stops on its own: the fork
-server exits with the driver and the kernel's parent-death signal follows, and a worker also reads its
-:class:`~downpour.backends.processes.DriverLink` reaching end-of-file. Under ``sync``, workers start training
-together, once every one has built its model (or died).
+server exits with the driver and the kernel's parent-death signal follows (spawned workers get it from the driver
+directly), and a worker also checks its driver each second. Under ``sync``, workers start training together, once
+every one has built its model (or died).
 
 Every policy runs here (:mod:`downpour.ps.policies`): the push policies through the shard's rule; ``ssp`` with
 shared clocks (:mod:`downpour.ps.clocks`); ``sync`` with :class:`~downpour.ps.sync_shard.SyncShard` s, which
@@ -36,7 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from downpour.backends.processes import DriverLink, adopt_environment, driver_gone, worker_context
+from downpour.backends.processes import (
+    adopt_environment,
+    become_worker,
+    driver_alive,
+    fork_server_gone,
+    worker_context,
+)
 from downpour.config import Config
 from downpour.errors import ConfigError, out_of_memory
 from downpour.models import build_model
@@ -55,17 +61,6 @@ _FLUSH_SECONDS = 0.2
 _FLUSH_RECORDS = 256  # about 8 KB a message: well inside a pipe's buffer
 _DRIVER_CHECK_SECONDS = 1.0
 _START_POLL_SECONDS = 0.01
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a no-op."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
 
 
 WORKER_MEMORY_BYTES = 250 * 2**20
@@ -135,7 +130,6 @@ class _WorkerSpec:
     records: Any  # the write end of this worker's one-way pipe to the driver
     t0: float
     threads: int
-    driver: Any  # the read end of the driver's DriverLink: end-of-file once the driver is gone
     environment: dict[str, str]  # the driver's environment when it started the worker
     clocks: Tensor | None = None  # (workers,) int64 shared clocks under ps.policy = "ssp" or "sync"
 
@@ -161,9 +155,8 @@ class _Batcher:
 
 def _worker_main(spec: _WorkerSpec) -> None:
     """Entry point of one worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it stops us cleanly
-    _die_with_parent()
-    if driver_gone(spec.driver):  # the driver died before we got here
+    become_worker()  # Ctrl-C is the driver's to handle (it stops us cleanly); we die with the driver
+    if not driver_alive():  # the driver died before we got here
         return
     adopt_environment(spec.environment)
     torch.set_num_threads(spec.threads)
@@ -178,7 +171,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
         now = time.monotonic()
         if now >= next_driver_check[0]:  # the driver was killed: do not live on as an orphan
             next_driver_check[0] = now + _DRIVER_CHECK_SECONDS
-            return driver_gone(spec.driver)
+            return not driver_alive()
         return False
 
     def report(examples: int, loss: float) -> None:
@@ -216,7 +209,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
         while isinstance(policy, Sync) and progress[:, 2].sum() < len(progress) and not should_stop():
             time.sleep(_START_POLL_SECONDS)
         worker.run()
-        if not driver_gone(spec.driver):
+        if driver_alive():
             batcher.flush()
         gc.freeze()  # exiting: skip the final collections over torch's objects (about a second the driver waits)
     except BrokenPipeError:  # the driver is gone: nobody to report to
@@ -289,7 +282,7 @@ class LocalCluster:
         self.worker_seeds = list(worker_seeds)
         self.t0 = t0
         self._ctx = worker_context()
-        self._driver = DriverLink(self._ctx)
+        self._forked = self._ctx.get_start_method() == "forkserver"
         self._control = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._progress = torch.zeros(workers, 3, dtype=torch.float64).share_memory_()
         self._pipes = [self._ctx.Pipe(duplex=False) for _ in range(workers)]  # (read end, write end) per worker
@@ -300,37 +293,48 @@ class LocalCluster:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start one process per worker, each reading only its own slice of the training examples."""
+        """Start one process per worker, each reading only its own slice of the training examples.
+
+        A Ctrl-C (or SIGTERM) that arrives meanwhile is raised as ``KeyboardInterrupt`` once every worker has
+        started, so that :meth:`stop` knows them all: the first fork waits for the fork server to import torch,
+        seconds in which the run must stay interruptible. Spawned workers would inherit a handler's default, so
+        there SIGINT is ignored around each start instead (a spawn returns at once).
+        """
         from downpour.data import worker_slice
 
         workers = self.config.cluster.workers
         threads = worker_threads(self.config)
-        for worker_id in range(workers):
-            spec = _WorkerSpec(
-                worker_id=worker_id,
-                config=self.config,
-                input_dim=self.input_dim,
-                shape=self.shape,
-                shards=self.shards,
-                examples=self.train[worker_slice(self.train.shape[0], workers, worker_id)],
-                seed=self.worker_seeds[worker_id],
-                budget=self.budget,
-                control=self._control,
-                progress=self._progress,
-                records=self._pipes[worker_id][1],
-                t0=self.t0,
-                threads=threads,
-                driver=self._driver.reader,
-                environment=dict(os.environ),
-                clocks=None if self.clocks is None else self.clocks.clocks,
-            )
-            proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
-            proc.daemon = True
-            with routed(signal.SIG_IGN, [signal.SIGINT]):  # the child inherits SIGINT ignored: no Ctrl-C mid-import
+        deferred: list[int] = []
+        if self._forked:
+            handler, signals = (lambda signum, frame: deferred.append(signum)), [signal.SIGINT, signal.SIGTERM]
+        else:  # the child inherits SIGINT ignored: no Ctrl-C mid-import
+            handler, signals = signal.SIG_IGN, [signal.SIGINT]
+        with routed(handler, signals):
+            for worker_id in range(workers):
+                spec = _WorkerSpec(
+                    worker_id=worker_id,
+                    config=self.config,
+                    input_dim=self.input_dim,
+                    shape=self.shape,
+                    shards=self.shards,
+                    examples=self.train[worker_slice(self.train.shape[0], workers, worker_id)],
+                    seed=self.worker_seeds[worker_id],
+                    budget=self.budget,
+                    control=self._control,
+                    progress=self._progress,
+                    records=self._pipes[worker_id][1],
+                    t0=self.t0,
+                    threads=threads,
+                    environment=dict(os.environ),
+                    clocks=None if self.clocks is None else self.clocks.clocks,
+                )
+                proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
+                proc.daemon = True
                 proc.start()
-            self._procs.append(proc)
-            self._pipes[worker_id][1].close()  # the worker holds the only write end: its death reads as EOF
-        self._driver.close_reader()
+                self._procs.append(proc)
+                self._pipes[worker_id][1].close()  # the worker holds the only write end: its death reads as EOF
+        if deferred:
+            raise KeyboardInterrupt
 
     def request_stop(self) -> None:
         """Ask every worker to stop after its current step."""
@@ -364,8 +368,7 @@ class LocalCluster:
         return records + more, events + more_events
 
     def close(self) -> None:
-        """Release the pipes and lock files, and let any worker still running go."""
-        self._driver.release()
+        """Release the pipes and lock files."""
         for reader, _ in self._pipes:
             reader.close()
         shutil.rmtree(self._lock_dir, ignore_errors=True)
@@ -396,7 +399,10 @@ class LocalCluster:
                 self.clocks.retire(worker_id)  # a dead worker must not hold the others back (ssp, sync)
             if proc.exitcode != 0 and not self._control[0]:
                 self._reported_dead.add(worker_id)  # (a worker sends its failure before it exits: read above)
-                events.append(WorkerEvent("died", worker_id, exit_detail(proc.exitcode), worker_id in self._failed))
+                detail = exit_detail(proc.exitcode)
+                if self._forked and proc.exitcode == 255 and fork_server_gone():
+                    detail = "killed with the fork server it was started from, which is gone"
+                events.append(WorkerEvent("died", worker_id, detail, worker_id in self._failed))
         return records, events
 
     def alive(self) -> int:

@@ -5,20 +5,24 @@ anything, and a local run pays that once per worker (and a test suite once per r
 are instead forked from ``multiprocessing``'s fork server, started once per driver with
 :data:`PRELOADED_MODULES` imported: a worker then costs a fork, and shares torch's pages with its siblings.
 
-The fork server is a clean process (it never runs a torch operation, so no OpenMP thread pool is forked), it
-talks to the driver through a Unix socket in a private temporary directory (no network port), and it exits when
-the driver does. Because a worker's parent is then the fork server, a worker learns of its driver's death from a
-pipe (:class:`DriverLink`), not from its parent's pid. Elsewhere (macOS, Windows, Python 3.11.0 whose fork server
-listened on an abstract socket), workers are spawned as before.
+The fork server is a clean process (it never runs a torch operation, so no OpenMP thread pool is forked) and talks
+to the driver through a Unix socket in a private temporary directory (no network port). A worker calls
+:func:`become_worker` first: it then dies with the fork server (the kernel's parent-death signal), and the fork
+server exits when the driver does, even while workers compute, sleep or are stopped. A worker also reads its
+driver's death from the pipe that ``multiprocessing`` keeps to the driver (:func:`driver_alive`), since its parent
+is the fork server. Elsewhere (macOS, Windows, Python 3.11.0 whose fork server listened on an abstract socket, a
+temporary directory whose path is too long for a socket), workers are spawned, each importing torch itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -30,58 +34,86 @@ PRELOADED_MODULES = ["downpour.backends.local"]
 
 
 def fork_server_available() -> bool:
-    """Whether workers start from the fork server here: Linux, on a Python whose fork server uses a socket file."""
+    """Whether workers can start from the fork server here: Linux, on a Python whose fork server uses a socket
+    file (3.11.1 on)."""
     return sys.platform == "linux" and sys.version_info >= (3, 11, 1)
 
 
 def worker_context() -> Any:
     """The ``multiprocessing`` context to start worker processes with: the fork server with torch preloaded where
-    :func:`fork_server_available`, else ``spawn``. Either way the target and its arguments are pickled (tensors
-    in shared memory travel as file descriptors), and nothing of the caller's own state is inherited.
+    :func:`fork_server_available` and it starts, else ``spawn``. Either way the target and its arguments are
+    pickled (tensors in shared memory travel as file descriptors), and nothing of the caller's state is inherited.
 
-    The fork server is started here if it is not running yet, so that it imports torch while the caller goes on,
-    and with Ctrl-C ignored, which its children inherit until a worker sets its own handlers (Ctrl-C is the
-    driver's to handle)."""
+    The fork server is started here if it is not running yet, so that it imports torch while the caller goes on
+    (its first fork waits for that), and with Ctrl-C ignored, which its children inherit until they set their own
+    handlers (Ctrl-C is the driver's to handle)."""
     if not fork_server_available():
         return mp.get_context("spawn")
     server = multiprocessing.forkserver._forkserver
     preload = list(getattr(server, "_preload_modules", []))  # keep what the caller asked for, if anything
     multiprocessing.forkserver.set_forkserver_preload(preload + [m for m in PRELOADED_MODULES if m not in preload])
-    with routed(signal.SIG_IGN, [signal.SIGINT]):
-        multiprocessing.forkserver.ensure_running()
+    try:
+        with routed(signal.SIG_IGN, [signal.SIGINT]):
+            multiprocessing.forkserver.ensure_running()
+    except OSError:  # e.g. "AF_UNIX path too long" under a long TMPDIR: spawned workers need no socket
+        return mp.get_context("spawn")
     return mp.get_context("forkserver")
 
 
-class DriverLink:
-    """A pipe whose only write end the driver holds: a worker reads end-of-file once the driver is gone, whoever
-    the worker's parent is. ``reader`` goes to the workers; :meth:`release` is the driver letting them go."""
-
-    def __init__(self, context: Any) -> None:
-        self.reader, self._writer = context.Pipe(duplex=False)
-
-    def close_reader(self) -> None:
-        """Close the driver's copy of the read end, once every worker has its own."""
-        self.reader.close()
-
-    def release(self) -> None:
-        """Close both ends: every worker still reading sees the driver gone."""
-        self.reader.close()
-        self._writer.close()
-
-
-def driver_gone(reader: Any) -> bool:
-    """In a worker: whether the driver has closed its end of a :class:`DriverLink` (or died). Nothing is ever sent
-    on the link, so a readable end is an end-of-file."""
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a no-op."""
     try:
-        return bool(reader.poll())
-    except (OSError, EOFError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def become_worker() -> None:
+    """In a worker, first thing: leave Ctrl-C to the driver, die with the parent, and let the fork server exit
+    with the driver.
+
+    A forked child inherits a write end of the pipe by which the fork server learns that its driver is gone
+    (``multiprocessing`` passes it on for children that fork servers of their own); as long as any worker held it,
+    the server, and so the parent-death signal, would wait for the last worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    server = multiprocessing.forkserver._forkserver
+    alive = getattr(server, "_forkserver_alive_fd", None)  # None in a spawned worker
+    if alive is not None:
+        with contextlib.suppress(OSError):
+            os.close(alive)
+        server._forkserver_alive_fd = None
+
+
+def fork_server_gone() -> bool:
+    """In the driver: whether the fork server it started has exited or been killed (its children died with it,
+    and their exit status is lost: ``multiprocessing`` reports 255). False when there is none."""
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:  # not os.waitpid: reaping the server is multiprocessing's to do
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
         return True
+    return state in ("Z", "X")
+
+
+def driver_alive() -> bool:
+    """In a worker: whether the process that started it still holds the pipe ``multiprocessing`` keeps to each
+    child (closed by the driver's death), whoever the worker's parent is. True outside a started child."""
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
 
 
 def adopt_environment(environment: dict[str, str]) -> None:
     """In a worker: take the driver's environment as it was when the worker was started. A forked worker
     inherits the fork server's, which is the driver's as it was when the server started; a spawned one inherits
-    the driver's already, so this changes nothing there."""
+    the driver's already, so this changes nothing there. Variables that libraries read once, when torch is
+    imported (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), keep the fork server's values; a worker sets its thread
+    count itself (``cluster.threads_per_worker``)."""
     if dict(os.environ) != environment:
         os.environ.clear()
         os.environ.update(environment)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from downpour.backends.processes import become_worker, driver_alive
 from downpour.config import ModelConfig
+
+DRIVER_CHECK_STEPS = 100
 
 
 def train_forever(rank: int, stride: int, model: torch.nn.Module, examples: Tensor, counter: Tensor, stop: Tensor,
@@ -17,13 +20,16 @@ def train_forever(rank: int, stride: int, model: torch.nn.Module, examples: Tens
     """A plain training loop with ``torch.optim.Adagrad`` on ``model`` until ``stop[0]`` is set.
 
     One process running it is the plain single-process loop; two running it on one shared-memory model, each with
-    its own optimizer and no lock, are PyTorch's Hogwild example. ``counter[rank]`` counts examples done.
+    its own optimizer and no lock, are PyTorch's Hogwild example. ``counter[rank]`` counts examples done. It also
+    stops when its driver is gone (checked every :data:`DRIVER_CHECK_STEPS` steps, as a local worker checks each
+    second).
     """
+    become_worker()
     torch.set_num_threads(1)
     optimizer = torch.optim.Adagrad(model.parameters(), lr=lr)
     batches = examples.shape[0] // batch_size
     i = rank
-    while not stop[0]:
+    while not stop[0] and (i // stride % DRIVER_CHECK_STEPS or driver_alive()):
         optimizer.zero_grad(set_to_none=False)
         model.loss(examples[(i % batches) * batch_size :][:batch_size]).backward()
         optimizer.step()

@@ -109,13 +109,11 @@ def run(*, seconds: float = 0.5, rounds: int = 12) -> dict[str, Any]:
     train = dataset.train
     num_params = flat_copy(build_model(config.model, dataset.dim, seed=0)).numel()
     runners: list[Runner] = []
-    try:
-        runners = [
-            PlainLoops("plain", workload(), train.clone(), processes=1),
-            PlainLoops("hogwild", workload(), train.clone(), processes=2),
-            LocalBackend("local1", workload(), train, workers=1),
-            LocalBackend("local2", workload(), train, workers=2),
-        ]
+    try:  # each runner joins the list as soon as it has started, so that an interrupted start stops it too
+        runners.append(PlainLoops("plain", workload(), train.clone(), processes=1))
+        runners.append(PlainLoops("hogwild", workload(), train.clone(), processes=2))
+        runners.append(LocalBackend("local1", workload(), train, workers=1))
+        runners.append(LocalBackend("local2", workload(), train, workers=2))
         start_all(runners)
         rates = alternate(runners, rounds=rounds, window=seconds)
     finally:

@@ -68,8 +68,13 @@ class PlainLoops(Runner):
         ctx = worker_context()
         args = (model, examples.share_memory_(), self._counter, self._stop, config.train.batch_size, config.ps.lr)
         self._procs = [ctx.Process(target=train_forever, args=(rank, processes, *args)) for rank in range(processes)]
-        for proc in self._procs:
-            proc.start()
+        try:
+            for proc in self._procs:
+                proc.start()
+        except BaseException:  # Ctrl-C while the first fork waited for the fork server: stop those started
+            self._procs = [proc for proc in self._procs if proc.pid is not None]
+            self.close()
+            raise
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
@@ -105,7 +110,11 @@ class LocalBackend(Runner):
         )
         self._metrics = rundir.MetricsLog(Path(self._tmp.name) / rundir.METRICS)
         self._state = RunState()
-        self.cluster.start()
+        try:
+            self.cluster.start()
+        except BaseException:  # Ctrl-C while the workers started: the benchmark does not know this runner yet
+            self.close()
+            raise
 
     def pids(self) -> list[int]:
         return self.cluster.pids()
