@@ -25,6 +25,7 @@ import gc
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -41,6 +42,8 @@ from downpour.backends.processes import (
     become_worker,
     driver_alive,
     fork_server_gone,
+    fork_server_pid,
+    kill_fork_server,
     worker_context,
 )
 from downpour.config import Config
@@ -283,6 +286,7 @@ class LocalCluster:
         self.t0 = t0
         self._ctx = worker_context()
         self._forked = self._ctx.get_start_method() == "forkserver"
+        self._server_pid = fork_server_pid() if self._forked else None
         self._control = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._progress = torch.zeros(workers, 3, dtype=torch.float64).share_memory_()
         self._pipes = [self._ctx.Pipe(duplex=False) for _ in range(workers)]  # (read end, write end) per worker
@@ -297,16 +301,26 @@ class LocalCluster:
 
         A Ctrl-C (or SIGTERM) that arrives meanwhile is raised as ``KeyboardInterrupt`` once every worker has
         started, so that :meth:`stop` knows them all: the first fork waits for the fork server to import torch,
-        seconds in which the run must stay interruptible. Spawned workers would inherit a handler's default, so
-        there SIGINT is ignored around each start instead (a spawn returns at once).
+        seconds in which the run must stay interruptible. A second one does not wait: it kills the fork server, and
+        with it every worker it forked. Spawned workers would inherit a handler's default, so there SIGINT is
+        ignored around each start instead (a spawn returns at once).
         """
         from downpour.data import worker_slice
 
         workers = self.config.cluster.workers
         threads = worker_threads(self.config)
         deferred: list[int] = []
+
+        def defer(signum: int, frame: Any) -> None:
+            deferred.append(signum)
+            if len(deferred) > 1:
+                kill_fork_server(self._server_pid)
+                raise KeyboardInterrupt
+            print("interrupted: stopping once the workers have started (again to stop at once)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
         if self._forked:
-            handler, signals = (lambda signum, frame: deferred.append(signum)), [signal.SIGINT, signal.SIGTERM]
+            handler, signals = defer, [signal.SIGINT, signal.SIGTERM]
         else:  # the child inherits SIGINT ignored: no Ctrl-C mid-import
             handler, signals = signal.SIG_IGN, [signal.SIGINT]
         with routed(handler, signals):
@@ -330,7 +344,12 @@ class LocalCluster:
                 )
                 proc = self._ctx.Process(target=_worker_main, args=(spec,), name=f"downpour-worker-{worker_id}")
                 proc.daemon = True
-                proc.start()
+                try:
+                    proc.start()
+                except (EOFError, OSError):  # the fork server died; after a deferred signal, that is no error
+                    if deferred:
+                        break
+                    raise
                 self._procs.append(proc)
                 self._pipes[worker_id][1].close()  # the worker holds the only write end: its death reads as EOF
         if deferred:
@@ -368,9 +387,12 @@ class LocalCluster:
         return records + more, events + more_events
 
     def close(self) -> None:
-        """Release the pipes and lock files."""
+        """Release the pipes, locks and lock files."""
         for reader, _ in self._pipes:
             reader.close()
+        for lock in [shard.lock for shard in self.shards] + [self.budget.lock]:
+            if isinstance(lock, FileLock):
+                lock.close()
         shutil.rmtree(self._lock_dir, ignore_errors=True)
 
     # -- observation -----------------------------------------------------------------------------------------
@@ -400,7 +422,7 @@ class LocalCluster:
             if proc.exitcode != 0 and not self._control[0]:
                 self._reported_dead.add(worker_id)  # (a worker sends its failure before it exits: read above)
                 detail = exit_detail(proc.exitcode)
-                if self._forked and proc.exitcode == 255 and fork_server_gone():
+                if self._forked and proc.exitcode == 255 and fork_server_gone(self._server_pid):
                     detail = "killed with the fork server it was started from, which is gone"
                 events.append(WorkerEvent("died", worker_id, detail, worker_id in self._failed))
         return records, events

@@ -45,15 +45,15 @@ def worker_context() -> Any:
     pickled (tensors in shared memory travel as file descriptors), and nothing of the caller's state is inherited.
 
     The fork server is started here if it is not running yet, so that it imports torch while the caller goes on
-    (its first fork waits for that), and with Ctrl-C ignored, which its children inherit until they set their own
-    handlers (Ctrl-C is the driver's to handle)."""
+    (its first fork waits for that), and with Ctrl-C and SIGTERM ignored: it follows its driver, not a signal to
+    the process group, which the driver handles (its children ignore Ctrl-C until they set their own handlers)."""
     if not fork_server_available():
         return mp.get_context("spawn")
     server = multiprocessing.forkserver._forkserver
     preload = list(getattr(server, "_preload_modules", []))  # keep what the caller asked for, if anything
     multiprocessing.forkserver.set_forkserver_preload(preload + [m for m in PRELOADED_MODULES if m not in preload])
     try:
-        with routed(signal.SIG_IGN, [signal.SIGINT]):
+        with routed(signal.SIG_IGN, [signal.SIGINT, signal.SIGTERM]):
             multiprocessing.forkserver.ensure_running()
     except OSError:  # e.g. "AF_UNIX path too long" under a long TMPDIR: spawned workers need no socket
         return mp.get_context("spawn")
@@ -72,13 +72,16 @@ def _die_with_parent() -> None:
 
 
 def become_worker() -> None:
-    """In a worker, first thing: leave Ctrl-C to the driver, die with the parent, and let the fork server exit
-    with the driver.
+    """In a worker, first thing: leave Ctrl-C to the driver (SIGTERM kills the worker, as by default), die with
+    the parent, and let the fork server exit with the driver. Does nothing in a process that no one started.
 
     A forked child inherits a write end of the pipe by which the fork server learns that its driver is gone
     (``multiprocessing`` passes it on for children that fork servers of their own); as long as any worker held it,
     the server, and so the parent-death signal, would wait for the last worker."""
+    if multiprocessing.parent_process() is None:  # the driver itself: its fork server is its own to keep
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it; a worker need not
     _die_with_parent()
     server = multiprocessing.forkserver._forkserver
     alive = getattr(server, "_forkserver_alive_fd", None)  # None in a spawned worker
@@ -88,10 +91,21 @@ def become_worker() -> None:
         server._forkserver_alive_fd = None
 
 
-def fork_server_gone() -> bool:
-    """In the driver: whether the fork server it started has exited or been killed (its children died with it,
-    and their exit status is lost: ``multiprocessing`` reports 255). False when there is none."""
-    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+def fork_server_pid() -> int | None:
+    """In the driver: the process id of the fork server now serving it, if one was started."""
+    return getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+
+
+def kill_fork_server(pid: int | None) -> None:
+    """SIGKILL the fork server ``pid`` (its children die with it): for a driver that cannot wait for it."""
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def fork_server_gone(pid: int | None) -> bool:
+    """In the driver: whether the fork server ``pid`` has exited or been killed (its children died with it, and
+    their exit status is lost: ``multiprocessing`` reports 255). False for None."""
     if pid is None:
         return False
     try:  # not os.waitpid: reaping the server is multiprocessing's to do

@@ -35,6 +35,12 @@ class FileLock:
     ) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
 
+    def close(self) -> None:
+        """Close this process's descriptor (releasing the lock if held); the next use opens a new one."""
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = self._pid = None
+
     def __getstate__(self) -> dict[str, object]:
         return {"path": self.path}
 
