@@ -240,6 +240,6 @@ def test_the_live_bar_counts_pushes_as_the_closing_line_counts_updates() -> None
 
     out = io.StringIO()
     with LiveProgress(steps=100, seconds=0, console=Console(file=out, width=160), enabled=True) as bar:
-        bar.update(steps=40, elapsed=1.0, rate=1000.0, loss=2.5, stale=0.5, pushes=40)
+        bar.update(steps=40, elapsed=1.0, rate=1000.0, loss=2.5, stale=0.5)
     text = out.getvalue()
     assert "40 pushes" in text and "updates" not in text, text

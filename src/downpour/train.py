@@ -621,14 +621,19 @@ def _watch(
     examples_before = run_state.examples
     first_work = None  # when the first examples were done: worker start-up is not throughput
     interrupted = starved = False
+
+    def collect() -> None:
+        """Log the push records and worker events that arrived since the last poll."""
+        records, events = cluster.poll()
+        log_push_records(records, metrics, run_state)
+        _log_events(events, metrics, run_state, console, t0)
+
     with LiveProgress(steps=train.steps, seconds=train.seconds, console=console, enabled=show_progress) as bar:
         try:
             while True:
                 time.sleep(_POLL_SECONDS)
                 now = time.time()
-                records, new_events = cluster.poll()
-                log_push_records(records, metrics, run_state)
-                _log_events(new_events, metrics, run_state, console, t0)
+                collect()
                 run_state.elapsed_s = elapsed_before + (now - start)
                 examples = cluster.examples_done()
                 if first_work is None and examples > 0:
@@ -654,7 +659,6 @@ def _watch(
                     rate=rate,
                     loss=cluster.recent_loss(),
                     stale=run_state.staleness.summary()["mean"],
-                    pushes=cluster.steps(),
                 )
                 # A checkpoint measures the held-out loss of its snapshot: an eval due in the same poll reports it.
                 taken = None
@@ -682,9 +686,7 @@ def _watch(
                 if train.steps and cluster.steps() >= train.steps:
                     break
                 if cluster.alive() == 0:
-                    records, new_events = cluster.poll()  # workers that died since this loop's poll: said here,
-                    log_push_records(records, metrics, run_state)  # not taken for a stop's exits once it is asked
-                    _log_events(new_events, metrics, run_state, console, t0)
+                    collect()  # workers that died since this loop's poll: said here, not taken for a stop's exits
                     if run_state.worker_deaths >= config.cluster.workers:
                         console.print("[red]every worker has died; stopping the run[/]")
                     break

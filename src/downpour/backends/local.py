@@ -422,7 +422,7 @@ class LocalCluster:
             if proc.exitcode != 0 and not self._control[0]:
                 self._reported_dead.add(worker_id)  # (a worker sends its failure before it exits: read above)
                 detail = exit_detail(proc.exitcode)
-                if self._forked and proc.exitcode == 255 and fork_server_gone(self._server_pid):
+                if proc.exitcode == 255 and fork_server_gone(self._server_pid):  # None when spawned: False
                     detail = "killed with the fork server it was started from, which is gone"
                 events.append(WorkerEvent("died", worker_id, detail, worker_id in self._failed))
         return records, events

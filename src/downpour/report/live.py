@@ -34,10 +34,10 @@ class LiveProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def update(self, *, steps: int, elapsed: float, rate: float, loss: float, stale: float, pushes: int) -> None:
-        """Redraw with the latest numbers."""
+    def update(self, *, steps: int, elapsed: float, rate: float, loss: float, stale: float) -> None:
+        """Redraw with the latest numbers (``steps``: the global step, shown as pushes)."""
         completed = steps if self.by_steps else elapsed
-        self.progress.update(self.task, completed=completed, rate=rate, loss=loss, stale=stale, pushes=pushes)
+        self.progress.update(self.task, completed=completed, rate=rate, loss=loss, stale=stale, pushes=steps)
 
 
 class SimulatedProgress:
