@@ -1,5 +1,5 @@
-"""Developer tool for a CUDA machine (not part of the package): sweep the Triton kernels' launch settings, the
-flat bands (commit 24982d6) first, then time the whole layer step with each kernel's winner patched into ``_TUNED``.
+"""Developer tool for a CUDA machine (not part of the package): sweep the Triton kernels' launch settings around
+the measured ones, then time the whole layer step with each kernel's winner patched into ``_TUNED``.
 
 Run on the GPU machine:  PYTHONPATH=src:/tmp/site python3 scripts/triton_sweep.py $OUT/triton_sweep.json
 Check it on a CPU first:  TRITON_INTERPRET=1 PYTHONPATH=src .venv/bin/python scripts/triton_sweep.py --small
@@ -10,11 +10,13 @@ Prints, in this order (so a timeout still leaves the important part):
    ``downpour bench layers`` times them (GPU time per step, steps back to back, fresh gradients), and the fp32 layer
    and unfold+bmm once more as the README's first H100 table was timed (a sync after each step, gradients added up);
 2. per kernel and precision: every setting's ms and error vs float64 (one JSON line each): first the autotune
-   candidates, in float32 also with ``precision="tf32x3"`` (3 TF32 products per product on tensor cores: does it
-   keep float32's accuracy, < 2e-6, and how fast is it?), then a wider sweep until ``--sweep-seconds``;
+   candidates, then a wider sweep around the measured settings until ``--sweep-seconds`` (``--x3`` also times
+   every float32 candidate with ``precision="tf32x3"``, 3 TF32 products per product: on an H100 on 2026-11-27
+   they kept float32's accuracy but took 1.0-2.1x as long as float32 FMAs);
 3. the winners, the layer step with them patched in, the layer step choosing its own settings among
    local_triton._CANDIDATES (DOWNPOUR_TRITON_AUTOTUNE=1), and the ratios to unfold+bmm;
-4. CPU-side cost per step at a tiny shape (launch overhead: what stride 18 is made of).
+4. CPU-side cost per step at a tiny shape (launch overhead: what stride 18 is made of), a Triton launch alone, and
+   the host's profile of the cat layer's step (cProfile, the functions that took most of its own time).
 """
 
 import argparse
@@ -35,12 +37,13 @@ ARGS = argparse.ArgumentParser(description="Sweep the Triton kernels' launch set
 ARGS.add_argument("out", nargs="?", default="/tmp/triton_sweep.json", help="where the JSON goes")
 ARGS.add_argument("--small", action="store_true", help="a tiny shape on the CPU (under TRITON_INTERPRET=1)")
 ARGS.add_argument("--sweep-seconds", type=float, default=300.0, help="part 2 starts no setting after this")
+ARGS.add_argument("--x3", action="store_true", help="also time every float32 candidate in precision 'tf32x3'")
 OPTIONS = ARGS.parse_args()
 SMALL = OPTIONS.small
 DEVICE = "cpu" if SMALL else "cuda"
 B, C, S, K, M = (4, 1, 12, 6, 8) if SMALL else (64, 1, 96, 18, 8)
 OUT_PATH = OPTIONS.out
-DEADLINE = time.monotonic() + (120 if SMALL else OPTIONS.sweep_seconds)  # part 2 stops starting settings after this
+DEADLINE = time.monotonic() + (min(120, OPTIONS.sweep_seconds) if SMALL else OPTIONS.sweep_seconds)  # part 2 stops starting settings after this
 results: dict = {"shape": [B, C, S, K, M], "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
 
 
@@ -138,36 +141,39 @@ runs = {
     "transpose": lambda **kw: lt.lc_transpose(g, w, (C, S, S), (K, K), (1, 1), **kw),
 }
 X3 = {"precision": "tf32x3"}  # three TF32 products per product: about float32's accuracy on tensor cores
-grids = {  # the wider sweep, after every kernel's candidates
-    "forward": [
-        dict(flat=True, block_l=bl, block_k=bk, num_warps=nw)
-        for bl in (2, 4, 8, 15) for bk in (32, 64) for nw in (4, 8)
-    ],
-    "weight_grad": [
-        dict(flat=True, block_l=bl, block_k=bk, num_warps=nw)
-        for bl in (2, 4, 8, 15) for bk in (16, 32) for nw in (4, 8)
-    ],
-    "transpose": [dict(block_b=16), dict(tile=(4, 4), block_b=32), dict(flat=True, tile=(8, 8), block_lx=2, block_b=16),
-                  dict(flat=True, tile=(4, 4), block_lx=2, num_warps=2, block_b=32)] + [
-        dict(flat=True, tile=tile, block_lx=lx, num_warps=4)
-        for tile in ((4, 4), (2, 8), (4, 8)) for lx in (2, 4)
-    ] + [dict(tile=(4, 4), num_warps=4), dict(tile=(2, 8), num_warps=4)],
+# The wider sweep, after every kernel's candidates: around the settings measured on an H100 on 2026-11-27 (flat
+# bands of 8 locations for the float32 forward, 15 for the rest; the transpose's tiles of 4x8 or 8x8 pixels),
+# float32 first. Settings that name no band or tile take the measured one.
+grids = {
+    (False, "forward"): [dict(block_l=bl, block_k=bk) for bl in (6, 7, 10, 12) for bk in (16, 32)]
+    + [dict(block_k=16), dict(num_warps=2), dict(num_stages=2), dict(num_stages=4), dict(block_b=32)],
+    (False, "weight_grad"): [dict(block_l=12), dict(block_k=64), dict(block_l=12, block_k=16), dict(block_k=64,
+                             num_warps=8), dict(num_stages=2), dict(num_stages=4), dict(block_b=32)],
+    (False, "transpose"): [dict(tile=tile, num_warps=nw) for tile in ((4, 8), (8, 8), (4, 16), (2, 16), (8, 4))
+                           for nw in (2, 4, 8)]
+    + [dict(block_lx=2), dict(block_lx=8), dict(num_stages=2), dict(num_stages=4), dict(block_b=32, num_warps=2)],
+    (True, "forward"): [dict(block_l=16), dict(block_k=128), dict(num_warps=4, block_k=128), dict(num_stages=2),
+                        dict(num_stages=4), dict(block_b=32), dict(block_l=12, block_k=64)],
+    (True, "weight_grad"): [dict(block_k=64), dict(block_k=64, num_warps=8), dict(num_stages=2), dict(num_stages=4),
+                            dict(block_b=32), dict(block_l=12)],
+    (True, "transpose"): [dict(tile=tile, num_warps=nw) for tile in ((8, 8), (4, 8), (8, 16), (4, 16)) for nw in (4, 8)]
+    + [dict(num_stages=2), dict(num_stages=4), dict(block_lx=8)],
 }  # fmt: skip
-grids["forward"][:0] = [dict(block_b=32), dict(flat=True, block_l=4, block_k=32, num_warps=4, block_b=32)]
-# (batch splits first: the transpose's measured settings leave an H100 with about 9 warps per SM, triton_sass.py)
 
 
 def first_pass(tf32: bool) -> list[tuple[str, dict]]:
-    """Each kernel's autotune candidates (the measured setting first), and in float32 the same in "tf32x3"."""
+    """Each kernel's autotune candidates (the measured setting first), and with ``--x3`` in float32 the same in
+    "tf32x3"."""
     out = []
     for name in runs:
         candidates = [dict(c) for c in lt._CANDIDATES[name, tf32]]
-        out += [(name, c) for c in candidates] + ([] if tf32 else [(name, {**c, **X3}) for c in candidates])
+        x3 = OPTIONS.x3 and not tf32
+        out += [(name, c) for c in candidates] + ([(name, {**c, **X3}) for c in candidates] if x3 else [])
     return out
 
 
 plan = [(tf32, name, setting) for tf32 in (False, True) for name, setting in first_pass(tf32)]
-plan += [(tf32, name, setting) for tf32 in (False, True) for name, grid in grids.items() for setting in grid
+plan += [(tf32, name, setting) for (tf32, name), grid in grids.items() for setting in grid
          if (tf32, name, setting) not in plan]  # fmt: skip
 if SMALL:
     plan = [item for item in plan if item[2] in ({}, X3)]
@@ -198,6 +204,7 @@ for label, _ in PRECISIONS:
             default = next((r["ms"] for r in ok if r["setting"] == {}), None)
             winners[f"{name} {label}"] = {"setting": top["setting"], "ms": top["ms"], "default_ms": default}
             lt._TUNED[name, tf32] = {**lt._TUNED[name, tf32], **top["setting"]}
+lt.forget_plans()  # the layer's launches were resolved with the old _TUNED
 results["winners"] = winners
 results["tuned_after"] = {f"{k[0]} {k[1]}": v for k, v in lt._TUNED.items()}
 emit(winners=winners)
@@ -205,6 +212,7 @@ best = layer_steps("tuned")
 os.environ[triton_autotune.ENVIRONMENT] = "1"  # the layer's own choice among local_triton._CANDIDATES
 for (name, tf32), _ in list(lt._TUNED.items()):
     lt._TUNED[name, tf32] = dict(ORIGINAL_TUNED[name, tf32])
+lt.forget_plans()
 auto = layer_steps("autotuned")
 results["autotuned_choices"] = {str(k): {"setting": c.setting, "ms": c.milliseconds}
                                 for k, c in triton_autotune.chosen().items()}  # fmt: skip
@@ -236,7 +244,31 @@ for _ in range(steps):
     lt.lc_forward(tiny_x.detach(), small_w, (2, 2), (K, K), (K, K))
 sync()
 results["host_us_per_lc_forward_launch"] = (time.perf_counter() - t) / steps * 1e6
+tiny_key = ((2, 1, 36, 36), (K, K), (K, K), (2, 2), 4)  # input shape, kernel, stride, output size, locations
+fn, grid, constants = next(plan for key, plan in lt._PLANS.items() if key[0] == "forward" and key[5:] == tiny_key)
+tiny_out = torch.empty(2, M, 2, 2, device=DEVICE)
+launch_args = (tiny_x.detach(), small_w, tiny_out, 2, 1, M, P, 4, 36, 2, *tiny_x.stride(), K, K, K, K)
+t = time.perf_counter()
+for _ in range(steps):
+    fn[grid](*launch_args, **constants)  # Triton's own launch, without downpour's wrapper
+sync()
+results["host_us_per_triton_launch"] = (time.perf_counter() - t) / steps * 1e6
 emit(**{k: v for k, v in results.items() if k.startswith("host_us")})
+if not SMALL:  # where the host's time goes in the cat layer's step (float32): the 12 largest own times
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(steps):
+        layer_step()
+    sync()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
+    results["host_profile"] = text.getvalue()
+    print(text.getvalue(), flush=True)
 with open(OUT_PATH, "w") as handle:
     json.dump(results, handle, indent=1, default=str)
 print("wrote", OUT_PATH)

@@ -148,6 +148,20 @@ def tuned(device: str) -> dict[str, float]:
             except ValueError as exc:
                 diffs["precision refusal"] = str(exc)
             diffs["precision launched"] = _launched_precisions(runs)
+    # Launches are resolved once per shape and kept: the same input with a smaller output (fewer locations, as a
+    # caller of these functions may ask) must be a launch of its own, not the larger one's grid.
+    x = torch.randn(3, 1, 12, 12, device=device)
+    for call, out_hw in enumerate(((4, 4), (2, 2), (4, 4))):
+        weight = torch.randn(out_hw[0] * out_hw[1], 8, 9, device=device)
+        g = torch.randn(3, 8, *out_hw, device=device)
+        x_used = x[..., : 3 * out_hw[0], : 3 * out_hw[1]].double().requires_grad_(True)
+        w64 = weight.double().requires_grad_(True)
+        ref = locally_connected_reference(x_used, w64, (3, 3), (3, 3))
+        ref.backward(g.double())
+        got = lt.lc_forward(x, weight, out_hw, (3, 3), (3, 3), tf32=False)
+        got_w = lt.lc_weight_grad(g, x, weight.shape, out_hw, (3, 3), (3, 3), tf32=False)
+        diffs[f"forward, call {call}, output {out_hw}"] = float((got.double() - ref.detach()).abs().max())
+        diffs[f"weight_grad, call {call}, output {out_hw}"] = float((got_w.double() - w64.grad).abs().max())
     return diffs
 
 
@@ -257,7 +271,7 @@ def test_triton_kernels_equal_the_per_location_loop() -> None:
     misspelt one is refused by name; settings chosen by timing the candidates give the same results too."""
     checks = _compare_somewhere()
     tuned_diffs = checks["tuned"]
-    assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 3 * len(FLAT_CASES) + 3
+    assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 3 * len(FLAT_CASES) + 3 + 6
     for key, diff in tuned_diffs.items():
         if "refusal" not in key and "launched" not in key:
             assert diff < 1e-4, f"{key} differs by {diff}"
@@ -317,7 +331,8 @@ def test_autotune_switch_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> No
 def test_candidates_suit_the_maps_they_run_with() -> None:
     """The timed candidates are only those whose product fits the maps: all at the cat layer's 8 maps; at 256 maps
     only the measured settings and the transpose's batch split (a band of 4 locations of 256 maps needs 4x the
-    shared memory an H100 has); the flat transpose's product is at least 16 wide (``tl.dot``), so not at 1-4 maps."""
+    shared memory an H100 has); the flat transpose's product is at least 16 wide (``tl.dot``), so not at 1-4 maps.
+    The measured band (``block_l`` for 8 maps) holds fewer locations as maps grow: never over 128 columns."""
     pytest.importorskip("triton")
     from downpour.nn import local_triton as lt
 
@@ -326,18 +341,24 @@ def test_candidates_suit_the_maps_they_run_with() -> None:
 
     for (kernel, tf32), candidates in lt._CANDIDATES.items():
         assert suited(kernel, tf32, 8) == list(candidates)
-        assert suited(kernel, tf32, 256) == [c for c in candidates if not c.get("flat")]  # the measured, a batch split
-    assert {"block_b": 32} in lt._CANDIDATES["transpose", False]  # a batch split has the measured product's width
+        assert suited(kernel, tf32, 256) == ([{}, {"block_b": 32}] if kernel == "transpose" else [{}])
     for maps in (1, 2, 3, 4):
         assert suited("transpose", False, maps) == [c for c in lt._CANDIDATES["transpose", False] if not c.get("flat")]
-    assert len(suited("forward", False, 64)) == 2  # bands of 2 locations (128 wide) suit; of 4 (256) do not
+    assert [c.get("block_l") for c in suited("forward", False, 16)] == [None, 8, 4]  # 16 locations: 256 wide
+    widths = {}
+    for maps in (1, 8, 16, 100, 256):
+        band = lt._band_launch("weight_grad", maps, False, {})
+        widths[maps] = (band["LOCS"], band["BLOCK_L"] * band["BLOCK_M"])
+    assert widths == {1: (15, 16), 8: (15, 128), 16: (8, 128), 100: (1, 128), 256: (1, 256)}
+    assert lt._band_launch("weight_grad", 16, False, {"block_l": 15})["LOCS"] == 15  # a setting given is kept
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of PyTorch ship it)")
 def test_flat_candidates_compile_for_an_h100(tmp_path: Path) -> None:
-    """Triton compiles a flat float32 candidate of each kernel at the cat shape for sm_90 with its own ptxas,
-    no GPU needed: the interpreter does not check what the compiler refuses (tl.dot sides, constructs), so this is
-    CI's only check of that. None spills (the measured float32 forward does: why the candidates exist)."""
+    """Triton compiles each kernel's flat float32 setting at the cat shape for sm_90 with its own ptxas (the
+    measured forward and weight gradient, the transpose's flat candidate), no GPU needed: the interpreter does not
+    check what the compiler refuses (tl.dot sides, constructs) or the shared memory a launch needs, so this is CI's
+    only check of that."""
     spec = importlib.util.spec_from_file_location("triton_sass", Path(__file__).parents[1] / "scripts/triton_sass.py")
     sass = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sass)
@@ -346,11 +367,12 @@ def test_flat_candidates_compile_for_an_h100(tmp_path: Path) -> None:
     for (kernel, tf32), candidates in lt._CANDIDATES.items():
         if tf32:
             continue  # the same kernels with another precision constant: compiled on the GPU machine's tests
-        setting = next(c for c in candidates if c.get("flat"))
+        setting = {} if lt._TUNED[kernel, tf32].get("flat") else next(c for c in candidates if c.get("flat"))
         fn, constants, _, _, launch = sass.plan(kernel, setting, tf32)
+        assert constants["FLAT"], (kernel, setting)
         compiled = sass.compile_kernel(fn, constants, 90, launch["num_warps"], 3)
         code = sass.machine_code(compiled, str(tmp_path / "kernel.cubin"))
-        assert code["stack"] == 0 and code["shared"] <= 227 * 1024, (kernel, tf32, setting, code)
+        assert code["shared"] <= 227 * 1024, (kernel, tf32, setting, code)  # an H100's shared memory per block
         assert code["loops"], (kernel, tf32, setting)  # the chunk loop is there, found in the machine code
         if kernel == "forward":  # "tf32x3" reaches the products: tensor-core instructions instead of float32 FMAs
             mixes = {}

@@ -175,10 +175,13 @@ def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
     batch, channels, size, kernel, stride, maps = shape
     gpu = time_layers(shape, "cuda", repeats)
     out = (size - kernel) // stride + 1
-    launch = [  # what the first calls chose for this batch shape, with every candidate's ms (None: could not run)
+    # What the first calls chose for this shape, with every candidate's ms (None: could not run). A choice's key is
+    # (name, tf32, device, maps, input shape, kernel, stride, ...); kernels without candidates choose nothing.
+    this_shape = ((batch, channels, size, size), (kernel, kernel), (stride, stride))
+    launch = [
         {"kernel": key[0], "tf32": key[1], "setting": choice.setting, "candidates_ms": choice.milliseconds}
         for key, choice in triton_autotune.chosen().items()
-        if (batch, channels, size, size) in key  # each key holds the input's shape
+        if key[4:7] == this_shape
     ]
     return {
         "launch_settings": launch,

@@ -73,12 +73,13 @@ if AVAILABLE:
     @triton.jit
     def _forward_rows_kernel(
         x_ptr, w_ptr, out_ptr,
-        B, C, M, P, L, W_OUT,
+        B, C, M, P, L, W, W_OUT,
         sxb, sxc, sxh, sxw,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         # One location per program, one kernel row at a time: contiguous runs of KW inputs and KW weights.
+        # (W, the input's width, is unused: the banded kernel's arguments, so that both launch alike.)
         loc = tl.program_id(0)
         oy = loc // W_OUT
         ox = loc % W_OUT
@@ -104,12 +105,12 @@ if AVAILABLE:
     @triton.jit
     def _weight_grad_rows_kernel(
         x_ptr, g_ptr, gw_ptr,
-        B, C, M, P, W_OUT,
+        B, C, M, P, W, W_OUT,
         sxb, sxc, sxh, sxw, sgb, sgm, sgl,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        loc = tl.program_id(0)
+        loc = tl.program_id(0)  # (W unused, as in the forward's kernel per location)
         oy = loc // W_OUT
         ox = loc % W_OUT
         offs_m = tl.arange(0, BLOCK_M)
@@ -348,35 +349,37 @@ def _banded(kernel: tuple[int, int], stride: tuple[int, int], block_l: int) -> b
     return (block_l - 1) * stride[1] + kernel[1] <= 4 * kernel[1]
 
 
-# Launch settings per kernel, fastest of a sweep on an H100 at (64, 1, 96, 96), kernel 18, 8 maps (README).
+# Launch settings per kernel: the fastest of a sweep on an H100 (80GB HBM3, torch 2.11, Triton 3.6, 2026-11-27) at
+# (64, 1, 96, 96), kernel 18, stride 1, 8 maps (scripts/triton_sweep.py; README). ``block_l`` is for 8 maps: with
+# more maps a band holds fewer locations (:func:`_band_launch`), so that its product stays 128 columns wide.
 _TUNED = {
-    ("forward", False): dict(block_k=16, num_warps=4),
-    ("forward", True): dict(block_k=64, num_warps=8),
-    ("weight_grad", False): dict(block_k=16, num_warps=4),
-    ("weight_grad", True): dict(block_k=16, num_warps=8),
+    ("forward", False): dict(flat=True, block_l=8, block_k=32, num_warps=4),
+    ("forward", True): dict(flat=True, block_l=15, block_k=64, num_warps=8),
+    ("weight_grad", False): dict(flat=True, block_l=15, block_k=32, num_warps=4),
+    ("weight_grad", True): dict(flat=True, block_l=15, block_k=32, num_warps=4),
     ("transpose", False): dict(tile=(4, 8), num_warps=4),
     ("transpose", True): dict(tile=(8, 8), num_warps=8),
 }
 
 
 # Candidates that the first call for a shape times on CUDA (downpour.nn.triton_autotune), the measured settings
-# first. The others come from the sm_90 SASS that Triton compiles for them (no GPU needed to compile): at the cat
-# shape the float32 forward's measured setting needs 255 registers and spills 488 bytes per thread, so only 8 warps
-# fit an SM; the flat narrow bands need 110-150 registers, no spill, 12-16 warps, and about 40% fewer instructions.
-# The transpose's measured settings run 288 programs (float32) or 144 (TF32) of 4 or 8 warps: about 9 warps per SM
-# on an H100's 132, too few to hide latency; halving its batch block (block_b=32) doubles them.
+# first, then the runners-up of that sweep and the settings measured before it (kernel rows one at a time, bands of
+# 16 locations), which other cards may prefer. Each names every band setting, so it means the same whatever _TUNED
+# holds. Measured there (do_bench, ms, in this order): forward fp32 0.218, 0.235, 0.270, 0.455; TF32 0.114, 0.114,
+# 0.146; weight gradient fp32 0.164, 0.224, 0.247; TF32 0.106, 0.121, 0.178; transpose fp32 0.302, 0.393, 0.441;
+# TF32 0.200, 0.279, 0.283.
 _CANDIDATES = {
-    ("forward", False): ({}, dict(flat=True, block_l=4, block_k=32, num_warps=8),
-                         dict(flat=True, block_l=2, block_k=32, num_warps=4),
-                         dict(flat=True, block_l=4, block_k=32, num_warps=4)),
-    ("forward", True): ({}, dict(flat=True, block_l=8, block_k=32, num_warps=4),
-                        dict(flat=True, block_l=4, block_k=32, num_warps=4)),
-    ("weight_grad", False): ({}, dict(flat=True, block_l=4, block_k=16, num_warps=4),
-                             dict(flat=True, block_l=8, block_k=16, num_warps=4)),
-    ("weight_grad", True): ({}, dict(flat=True, block_l=8, block_k=16, num_warps=4),
-                            dict(flat=True, block_l=4, block_k=16, num_warps=4)),
-    ("transpose", False): ({}, dict(block_b=32), dict(flat=True, tile=(8, 8), block_lx=2, num_warps=4)),
-    ("transpose", True): ({}, dict(block_b=32), dict(flat=True, tile=(8, 8), block_lx=2, num_warps=4)),
+    ("forward", False): ({}, dict(flat=True, block_l=8, block_k=32, num_warps=8),
+                         dict(flat=True, block_l=4, block_k=32, num_warps=4),
+                         dict(flat=False, block_l=16, block_k=16, num_warps=4)),
+    ("forward", True): ({}, dict(flat=True, block_l=15, block_k=32, num_warps=8),
+                        dict(flat=False, block_l=16, block_k=64, num_warps=8)),
+    ("weight_grad", False): ({}, dict(flat=True, block_l=15, block_k=16, num_warps=4),
+                             dict(flat=False, block_l=16, block_k=16, num_warps=4)),
+    ("weight_grad", True): ({}, dict(flat=True, block_l=15, block_k=32, num_warps=8),
+                            dict(flat=False, block_l=16, block_k=16, num_warps=8)),
+    ("transpose", False): ({}, dict(flat=True, tile=(4, 8), block_lx=2, num_warps=4), dict(block_b=32)),
+    ("transpose", True): ({}, dict(flat=True, tile=(8, 8), block_lx=2, num_warps=4), dict(block_b=32)),
 }  # fmt: skip
 
 
@@ -407,11 +410,14 @@ def _precision(tf32: bool | None) -> tuple[bool, str]:
 
 def _band_launch(kernel: str, maps: int, tf32: bool, tuning: dict[str, Any]) -> dict[str, Any]:
     """A banded kernel's compile-time shape and launch settings: ``LOCS`` locations per band (``block_l``, any
-    count), held in ``BLOCK_L`` (a power of two) columns of ``BLOCK_M`` maps each, at least 16 in all for ``tl.dot``;
-    the products' ``PRECISION`` (``tf32`` decides unless the settings name one)."""
-    launch = {**_TUNED[kernel, tf32], **tuning}
+    count; the measured one shrinks with more maps, at most 128 columns in all), held in ``BLOCK_L`` (a power of
+    two) columns of ``BLOCK_M`` maps each, at least 16 in all for ``tl.dot``; the products' ``PRECISION`` (``tf32``
+    decides unless the settings name one)."""
+    tuned = _TUNED[kernel, tf32]
+    launch = {**tuned, **tuning}
     block_m = _pow2(maps, 1, MAX_MAPS)
-    locs = launch.get("block_l", max(1, 128 // block_m))
+    widest = max(1, 128 // block_m)  # locations whose maps fill a product 128 columns wide
+    locs = tuning["block_l"] if "block_l" in tuning else min(tuned.get("block_l", widest), widest)
     return dict(
         LOCS=locs, BLOCK_L=max(_pow2(locs, 1, 1 << 16), 16 // block_m), BLOCK_M=block_m, BLOCK_K=launch["block_k"],
         FLAT=bool(launch.get("flat", False)), PRECISION=launch.get("precision", _precision(tf32)[1]),
@@ -437,25 +443,21 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     if out.numel() == 0:
         return out
     tf32, precision = _precision(tf32)
-    block_b = tuning.get("block_b", _pow2(batch, 16, 64))
-    if not _banded(kernel, stride, _band_launch("forward", maps, tf32, tuning)["LOCS"]):
-        _forward_rows_kernel[(locations, triton.cdiv(batch, block_b))](
-            x, weight, out, batch, channels, maps, patch, locations, out_hw[1], *x.stride(), *kernel, *stride,
-            BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
-            PRECISION=tuning.get("precision", precision), num_warps=tuning.get("num_warps", 4),
-            num_stages=tuning.get("num_stages", _NUM_STAGES),
-        )  # fmt: skip
-        return out
 
-    def run(setting: dict[str, Any]) -> None:
+    def prepare(setting: dict[str, Any]) -> _Launch:
         band = _band_launch("forward", maps, tf32, setting)
-        examples = setting.get("block_b", block_b)
-        _forward_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, examples))](
-            x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
-            *stride, BLOCK_B=examples, **band,
-        )  # fmt: skip
+        block_b = setting.get("block_b", _pow2(batch, 16, 64))
+        if _banded(kernel, stride, band["LOCS"]):
+            grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, block_b))
+            return _forward_band_kernel, grid, dict(BLOCK_B=block_b, **band)
+        rows = dict(BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
+                    PRECISION=setting.get("precision", precision), num_warps=setting.get("num_warps", 4),
+                    num_stages=setting.get("num_stages", _NUM_STAGES))  # fmt: skip
+        return _forward_rows_kernel, (locations, triton.cdiv(batch, block_b)), rows
 
-    _run_fitting(run, tuning or _autotuned("forward", tf32, x, maps, (tuple(x.shape), kernel, stride), run))
+    args = (x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
+            *stride)  # fmt: skip
+    _launch("forward", (tf32, maps, tuple(x.shape), kernel, stride, out_hw, locations), x, args, prepare, tuning)
     return out
 
 
@@ -472,24 +474,22 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
     grad_w = x.new_empty(weight_shape)
     g = g.reshape(batch, maps, locations)  # (B, M, L), a view when possible
     tf32, precision = _precision(tf32)
-    if not _banded(kernel, stride, _band_launch("weight_grad", maps, tf32, tuning)["LOCS"]):
-        _weight_grad_rows_kernel[(locations,)](
-            x, g, grad_w, batch, channels, maps, patch, out_hw[1], *x.stride(), *g.stride(), *kernel, *stride,
-            BLOCK_B=tuning.get("block_b", 32), BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
-            PRECISION=tuning.get("precision", precision), num_warps=tuning.get("num_warps", 4),
-            num_stages=tuning.get("num_stages", _NUM_STAGES),
-        )  # fmt: skip
-        return grad_w
 
-    def run(setting: dict[str, Any]) -> None:
+    def prepare(setting: dict[str, Any]) -> _Launch:
         band = _band_launch("weight_grad", maps, tf32, setting)
-        block_b = setting.get("block_b", _pow2(batch, 16, 64))
-        _weight_grad_band_kernel[(out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)](
-            x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
-            *stride, BLOCK_B=block_b, ONE_B_BLOCK=batch <= block_b, **band,
-        )  # fmt: skip
+        if _banded(kernel, stride, band["LOCS"]):
+            block_b = setting.get("block_b", _pow2(batch, 16, 64))
+            grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)
+            return _weight_grad_band_kernel, grid, dict(BLOCK_B=block_b, ONE_B_BLOCK=batch <= block_b, **band)
+        rows = dict(BLOCK_B=setting.get("block_b", 32), BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
+                    PRECISION=setting.get("precision", precision), num_warps=setting.get("num_warps", 4),
+                    num_stages=setting.get("num_stages", _NUM_STAGES))  # fmt: skip
+        return _weight_grad_rows_kernel, (locations,), rows
 
-    _run_fitting(run, tuning or _autotuned("weight_grad", tf32, x, maps, (tuple(x.shape), kernel, stride), run))
+    args = (x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
+            *stride)  # fmt: skip
+    key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, tuple(weight_shape))
+    _launch("weight_grad", key, x, args, prepare, tuning)
     return grad_w
 
 
@@ -515,22 +515,60 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
     banded = _banded(kernel, stride, 16)
     block_m = _pow2(maps, 1, MAX_MAPS)
 
-    def run(setting: dict[str, Any]) -> None:
+    def prepare(setting: dict[str, Any]) -> _Launch:
         launch = {**_TUNED["transpose", tf32], **setting} if banded else {"tile": (4, 4), "num_warps": 4, **setting}
-        block_lx = _block_lx(launch, block_m)
         block_b = launch.get("block_b", _pow2(batch, 16, 64))
         tile_h, tile_w = launch["tile"]
         grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
-        _transpose_kernel[grid](
-            g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride,
-            TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=block_lx,
+        return _transpose_kernel, grid, dict(
+            TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=_block_lx(launch, block_m),
             FLAT=bool(launch.get("flat", False)), PRECISION=launch.get("precision", precision),
             num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
 
-    key = (tuple(out.shape), kernel, stride)
-    _run_fitting(run, tuning or (_autotuned("transpose", tf32, out, maps, key, run) if banded else {}))
+    args = (g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride)
+    key = (tf32, maps, tuple(out.shape), kernel, stride, (out_h, out_w), locations)
+    _launch("transpose", key, out, args, prepare, tuning)
     return out
+
+
+_Launch = tuple[Any, tuple[int, ...], dict[str, Any]]  # a jitted kernel, its grid, its compile-time arguments
+_PLANS: dict[tuple[Any, ...], _Launch] = {}  # the launch each kernel and shape resolved to, kept for the process
+
+
+def forget_plans() -> None:
+    """Forget the launches resolved so far (for sweeps that change :data:`_TUNED` or :data:`_CANDIDATES`)."""
+    _PLANS.clear()
+
+
+def _launch(kernel: str, key: tuple[Any, ...], like: Tensor, args: tuple[Any, ...],
+            prepare: Callable[[dict[str, Any]], _Launch], tuning: dict[str, Any]) -> None:  # fmt: skip
+    """Launch ``kernel`` on ``args`` laid out by ``prepare(setting)``: with ``tuning`` when it names settings;
+    else with the setting resolved on the first call for ``key`` (``(tf32, maps, *shapes)``: everything the launch
+    depends on but the tensors' addresses and strides) on ``like``'s device:
+    the fastest of the candidates when timing is on and the measured setting runs a banded or tiled kernel
+    (:func:`_autotuned`; the one-program-per-location kernels have no candidates), with the pipeline stages that
+    fit (:func:`_run_fitting`). The resolved launch is kept, so that a later call for the same shape only
+    launches: no settings are merged and no candidates are looked at again, which cost the host about as much
+    as Triton's own launch."""
+
+    def run(setting: dict[str, Any]) -> None:
+        fn, grid, constants = prepare(setting)
+        fn[grid](*args, **constants)
+
+    if tuning:
+        _run_fitting(run, tuning)
+        return
+    plan_key = (kernel, like.device, triton_autotune.enabled(like.device), *key)
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        tf32, maps, *shape = key
+        autotune = prepare({})[0] in (_forward_band_kernel, _weight_grad_band_kernel, _transpose_kernel)
+        chosen = _autotuned(kernel, tf32, like, maps, tuple(shape), run) if autotune else {}
+        _PLANS[plan_key] = prepare(_run_fitting(run, chosen))
+        return
+    fn, grid, constants = plan
+    fn[grid](*args, **constants)
 
 
 def _autotuned(kernel: str, tf32: bool, like: Tensor, maps: int, key: tuple[Any, ...],
@@ -559,17 +597,18 @@ def _suits(kernel: str, tf32: bool, setting: dict[str, Any], maps: int) -> bool:
     return band["BLOCK_L"] * band["BLOCK_M"] <= max(128, block_m)
 
 
-def _run_fitting(run: Callable[[dict[str, Any]], None], setting: dict[str, Any]) -> None:
+def _run_fitting(run: Callable[[dict[str, Any]], None], setting: dict[str, Any]) -> dict[str, Any]:
     """``run(setting)``, with fewer pipeline stages when this card's shared memory cannot hold its three (the
     settings were measured on an H100; smaller cards, or TF32 with over 128 maps, need fewer). A setting that names
-    its stages runs with them or fails."""
+    its stages runs with them or fails. Returns the setting that ran."""
     from triton.runtime.errors import OutOfResources
 
     tries = [setting] if "num_stages" in setting else [setting, *({**setting, "num_stages": n} for n in (2, 1))]
-    for attempt, launch in enumerate(tries, start=1):
+    for launch in tries[:-1]:
         try:
             run(launch)
-            return
+            return launch
         except OutOfResources:
-            if attempt == len(tries):
-                raise
+            continue
+    run(tries[-1])
+    return tries[-1]
