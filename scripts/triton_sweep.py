@@ -43,7 +43,8 @@ SMALL = OPTIONS.small
 DEVICE = "cpu" if SMALL else "cuda"
 B, C, S, K, M = (4, 1, 12, 6, 8) if SMALL else (64, 1, 96, 18, 8)
 OUT_PATH = OPTIONS.out
-DEADLINE = time.monotonic() + (min(120, OPTIONS.sweep_seconds) if SMALL else OPTIONS.sweep_seconds)  # part 2 stops starting settings after this
+SWEEP_SECONDS = min(120, OPTIONS.sweep_seconds) if SMALL else OPTIONS.sweep_seconds
+DEADLINE = time.monotonic() + SWEEP_SECONDS  # part 2 starts no setting after this
 results: dict = {"shape": [B, C, S, K, M], "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
@@ -159,6 +159,13 @@ class _TritonKernels(_BandKernels):
         return _kernels().lc_weight_grad(g, x, weight_shape, self.out_hw, self.kernel, self.stride)
 
 
+@cache
+def _dense_kernels(triton: bool, in_chw: tuple[int, int, int], out_hw: tuple[int, int], kernel: tuple[int, int],
+                   stride: tuple[int, int]) -> _Kernels:  # fmt: skip
+    """The dense kernel set of one geometry, made once: the layer asks for it on every call."""
+    return (_TritonKernels if triton else _BandKernels)(in_chw, out_hw, kernel, stride)
+
+
 def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager[None]:
     """Autocast off for the kernels (their products stay in the dtype they were given), when it is on for ``x``."""
     device = x.device.type
@@ -281,14 +288,15 @@ class LocallyConnected2d(nn.Module):
         """The :class:`~downpour.nn.skip.SkipPlan` of a ``(batch, H_out, W_out)`` bool mask (None when every field
         is active: the dense kernels, bit for bit). Build it once to share it between :meth:`forward` and
         :meth:`transpose` of one batch."""
+        if active is None:  # the common case, first: this runs on every call
+            return None
         from downpour.nn.skip import SkipPlan
 
-        if active is None or isinstance(active, SkipPlan):
-            if active is not None:
-                self._check_active(active.active, batch)
-                if (active.kernel, active.stride) != (self.kernel_size, self.stride):
-                    raise ValueError(f"LocallyConnected2d got a SkipPlan for kernel {active.kernel}, stride "
-                                     f"{active.stride}; this layer has {self.kernel_size}, {self.stride}")  # fmt: skip
+        if isinstance(active, SkipPlan):
+            self._check_active(active.active, batch)
+            if (active.kernel, active.stride) != (self.kernel_size, self.stride):
+                raise ValueError(f"LocallyConnected2d got a SkipPlan for kernel {active.kernel}, stride "
+                                 f"{active.stride}; this layer has {self.kernel_size}, {self.stride}")  # fmt: skip
             return active
         self._check_active(active, batch)
         return None if bool(active.all()) else SkipPlan(active, self.kernel_size, self.stride, self.weight.dtype)
@@ -302,8 +310,7 @@ class LocallyConnected2d(nn.Module):
             skipping = plan.kernels(in_chw, self.out_size, x.dtype)
         if skipping is not None:
             return skipping, True
-        dense = _TritonKernels if self._triton(x) else _BandKernels
-        return dense(in_chw, self.out_size, self.kernel_size, self.stride), False
+        return _dense_kernels(self._triton(x), in_chw, self.out_size, self.kernel_size, self.stride), False
 
     def _check_active(self, active: Tensor, batch: int) -> None:
         expected = (batch, *self.out_size)

@@ -349,35 +349,35 @@ def _banded(kernel: tuple[int, int], stride: tuple[int, int], block_l: int) -> b
     return (block_l - 1) * stride[1] + kernel[1] <= 4 * kernel[1]
 
 
-# Launch settings per kernel: the fastest of a sweep on an H100 (80GB HBM3, torch 2.11, Triton 3.6, 2026-11-27) at
+# Launch settings per kernel: the fastest of two sweeps on an H100 (80GB HBM3, torch 2.11, Triton 3.6, 2026-11-27) at
 # (64, 1, 96, 96), kernel 18, stride 1, 8 maps (scripts/triton_sweep.py; README). ``block_l`` is for 8 maps: with
 # more maps a band holds fewer locations (:func:`_band_launch`), so that its product stays 128 columns wide.
 _TUNED = {
     ("forward", False): dict(flat=True, block_l=8, block_k=32, num_warps=4),
     ("forward", True): dict(flat=True, block_l=15, block_k=64, num_warps=8),
-    ("weight_grad", False): dict(flat=True, block_l=15, block_k=32, num_warps=4),
-    ("weight_grad", True): dict(flat=True, block_l=15, block_k=32, num_warps=4),
+    ("weight_grad", False): dict(flat=True, block_l=15, block_k=32, num_warps=4, num_stages=2),
+    ("weight_grad", True): dict(flat=True, block_l=15, block_k=32, num_warps=4, num_stages=2),
     ("transpose", False): dict(tile=(4, 8), num_warps=4),
     ("transpose", True): dict(tile=(8, 8), num_warps=8),
 }
 
 
 # Candidates that the first call for a shape times on CUDA (downpour.nn.triton_autotune), the measured settings
-# first, then the runners-up of that sweep and the settings measured before it (kernel rows one at a time, bands of
-# 16 locations), which other cards may prefer. Each names every band setting, so it means the same whatever _TUNED
-# holds. Measured there (do_bench, ms, in this order): forward fp32 0.218, 0.235, 0.270, 0.455; TF32 0.114, 0.114,
-# 0.146; weight gradient fp32 0.164, 0.224, 0.247; TF32 0.106, 0.121, 0.178; transpose fp32 0.302, 0.393, 0.441;
-# TF32 0.200, 0.279, 0.283.
+# first, then runners-up of those sweeps and the settings measured before them (kernel rows one at a time, bands of
+# 16 locations), which other cards may prefer. Each names its band and pipeline, so it means the same whatever
+# _TUNED holds. Measured there (triton.testing.do_bench, ms, in this order): forward fp32 0.213, 0.235, 0.270, 0.455;
+# TF32 0.114, 0.115, 0.147; weight gradient fp32 0.156, 0.224, 0.247; TF32 0.091, 0.122, 0.178; transpose fp32
+# 0.302, 0.393, 0.441; TF32 0.198, 0.279, 0.283.
 _CANDIDATES = {
     ("forward", False): ({}, dict(flat=True, block_l=8, block_k=32, num_warps=8),
                          dict(flat=True, block_l=4, block_k=32, num_warps=4),
                          dict(flat=False, block_l=16, block_k=16, num_warps=4)),
     ("forward", True): ({}, dict(flat=True, block_l=15, block_k=32, num_warps=8),
                         dict(flat=False, block_l=16, block_k=64, num_warps=8)),
-    ("weight_grad", False): ({}, dict(flat=True, block_l=15, block_k=16, num_warps=4),
-                             dict(flat=False, block_l=16, block_k=16, num_warps=4)),
-    ("weight_grad", True): ({}, dict(flat=True, block_l=15, block_k=32, num_warps=8),
-                            dict(flat=False, block_l=16, block_k=16, num_warps=8)),
+    ("weight_grad", False): ({}, dict(flat=True, block_l=15, block_k=16, num_warps=4, num_stages=3),
+                             dict(flat=False, block_l=16, block_k=16, num_warps=4, num_stages=3)),
+    ("weight_grad", True): ({}, dict(flat=True, block_l=15, block_k=32, num_warps=8, num_stages=3),
+                            dict(flat=False, block_l=16, block_k=16, num_warps=8, num_stages=3)),
     ("transpose", False): ({}, dict(flat=True, tile=(4, 8), block_lx=2, num_warps=4), dict(block_b=32)),
     ("transpose", True): ({}, dict(flat=True, tile=(8, 8), block_lx=2, num_warps=4), dict(block_b=32)),
 }  # fmt: skip
@@ -435,7 +435,8 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     chunk is padded per row), ``num_warps``, ``num_stages``, ``precision`` (one of :data:`PRECISIONS`, instead of
     the one ``tf32`` gives: for sweeps that try ``"tf32x3"``).
     """
-    _check_tuning("forward", tuning)
+    if tuning:
+        _check_tuning("forward", tuning)
     batch, channels = x.shape[:2]
     locations, maps, patch = weight.shape
     weight = weight.contiguous()
@@ -466,7 +467,8 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
                    **tuning: Any) -> Tensor:  # fmt: skip
     """Weight gradient ``(L, M, P)`` from response gradients ``g`` ``(B, M, H_out, W_out)`` and input ``x``;
     ``tuning`` as in :func:`lc_forward`."""
-    _check_tuning("weight_grad", tuning)
+    if tuning:
+        _check_tuning("weight_grad", tuning)
     locations, maps, patch = weight_shape
     batch, channels = x.shape[:2]
     if batch == 0:
@@ -502,7 +504,8 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
     the tile as one sequence instead of row by row), ``num_warps``, ``num_stages``, ``precision`` (as in
     :func:`lc_forward`).
     """
-    _check_tuning("transpose", tuning)
+    if tuning:
+        _check_tuning("transpose", tuning)
     batch, maps, out_h, out_w = g.shape
     channels, height, width = in_chw
     locations, _, patch = weight.shape
