@@ -12,7 +12,7 @@ Prints, in this order (so a timeout still leaves the important part):
 2. per kernel and precision: every setting's ms and error vs float64 (one JSON line each): first the autotune
    candidates, then a wider sweep around the measured settings until ``--sweep-seconds`` (``--x3`` also times
    every float32 candidate with ``precision="tf32x3"``, 3 TF32 products per product: on an H100 on 2026-11-27
-   they kept float32's accuracy but took 1.0-2.1x as long as float32 FMAs);
+   they kept float32's accuracy, but each kernel's fastest took 1.5-2.1x as long as its fastest in float32);
 3. the winners, the layer step with them patched in, the layer step choosing its own settings among
    local_triton._CANDIDATES (DOWNPOUR_TRITON_AUTOTUNE=1), and the ratios to unfold+bmm;
 4. CPU-side cost per step at a tiny shape (launch overhead: what stride 18 is made of), a Triton launch alone, and
