@@ -25,10 +25,12 @@ run)
     start=$(date +%s)
     stamp() { echo "== $1 at $(($(date +%s) - start)) s"; }
     nvidia-smi --query-gpu=name,driver_version,temperature.gpu --format=csv,noheader
-    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)
+assert torch.cuda.is_available(), 'no CUDA device: these checks are for a GPU machine'" || exit 1
     stamp tests
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_nn_local_triton.py 2>&1 | tee "$out/pytest.txt" |
         tail -4
+    echo "tests rc=${PIPESTATUS[0]}"
     stamp "bench layers"
     timeout 150 python3 -m downpour bench layers --json >"$out/bench_layers.json" 2>"$out/bench_layers.err"
     echo "bench rc=$?"

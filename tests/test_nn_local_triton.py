@@ -150,16 +150,21 @@ def tuned(device: str) -> dict[str, float]:
             diffs["precision launched"] = _launched_precisions(runs)
     # Launches are resolved once per shape and kept: the same input with a smaller output (fewer locations, as a
     # caller of these functions may ask) must be a launch of its own, not the larger one's grid.
+    # The smaller output first: a later call reusing its grid would leave part of the larger output unwritten.
     x = torch.randn(3, 1, 12, 12, device=device)
-    for call, out_hw in enumerate(((4, 4), (2, 2), (4, 4))):
-        weight = torch.randn(out_hw[0] * out_hw[1], 8, 9, device=device)
+    calls = [((3, 3), out_hw) for out_hw in ((2, 2), (4, 4), (2, 2))]  # one program per location (stride = kernel)
+    calls += [((1, 1), out_hw) for out_hw in ((3, 3), (7, 7))]  # banded: kernel 6, stride 1
+    for call, (step, out_hw) in enumerate(calls):
+        k = 3 if step == (3, 3) else 6
+        weight = torch.randn(out_hw[0] * out_hw[1], 8, k * k, device=device)
         g = torch.randn(3, 8, *out_hw, device=device)
-        x_used = x[..., : 3 * out_hw[0], : 3 * out_hw[1]].double().requires_grad_(True)
+        used = ((out_hw[0] - 1) * step[0] + k, (out_hw[1] - 1) * step[1] + k)
+        x_used = x[..., : used[0], : used[1]].double().requires_grad_(True)
         w64 = weight.double().requires_grad_(True)
-        ref = locally_connected_reference(x_used, w64, (3, 3), (3, 3))
+        ref = locally_connected_reference(x_used, w64, (k, k), step)
         ref.backward(g.double())
-        got = lt.lc_forward(x, weight, out_hw, (3, 3), (3, 3), tf32=False)
-        got_w = lt.lc_weight_grad(g, x, weight.shape, out_hw, (3, 3), (3, 3), tf32=False)
+        got = lt.lc_forward(x, weight, out_hw, (k, k), step, tf32=False)
+        got_w = lt.lc_weight_grad(g, x, weight.shape, out_hw, (k, k), step, tf32=False)
         diffs[f"forward, call {call}, output {out_hw}"] = float((got.double() - ref.detach()).abs().max())
         diffs[f"weight_grad, call {call}, output {out_hw}"] = float((got_w.double() - w64.grad).abs().max())
     return diffs
@@ -271,7 +276,7 @@ def test_triton_kernels_equal_the_per_location_loop() -> None:
     misspelt one is refused by name; settings chosen by timing the candidates give the same results too."""
     checks = _compare_somewhere()
     tuned_diffs = checks["tuned"]
-    assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 3 * len(FLAT_CASES) + 3 + 6
+    assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 3 * len(FLAT_CASES) + 3 + 10
     for key, diff in tuned_diffs.items():
         if "refusal" not in key and "launched" not in key:
             assert diff < 1e-4, f"{key} differs by {diff}"
@@ -328,11 +333,31 @@ def test_autotune_switch_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> No
     assert triton_autotune.choose("forward", ("key",), [{"a": 1}, {"a": 2}], lambda s: None, cpu) == {"a": 1}  # off
 
 
+def test_forgetting_the_plans_forgets_the_choices_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A choice is timed once per shape and kept; ``forget_plans`` (for sweeps that change the settings) drops the
+    resolved launches and the choices, so that the next call times the candidates again."""
+    pytest.importorskip("triton")
+    from downpour.nn import local_triton as lt
+    from downpour.nn import triton_autotune
+
+    monkeypatch.setenv(triton_autotune.ENVIRONMENT, "1")
+    timed: list[dict] = []
+    candidates = [{"a": 1}, {"a": 2}]
+    for _ in range(2):
+        triton_autotune.choose("probe", ("shape",), candidates, timed.append, torch.device("cpu"))
+    assert timed == candidates and ("probe", "shape") in triton_autotune.chosen()  # timed once, then kept
+    lt._PLANS["probe", "shape"] = (None, (1,), {})
+    lt.forget_plans()
+    assert ("probe", "shape") not in lt._PLANS and ("probe", "shape") not in triton_autotune.chosen()
+    triton_autotune.choose("probe", ("shape",), candidates, timed.append, torch.device("cpu"))
+    assert timed == candidates * 2
+
+
 def test_candidates_suit_the_maps_they_run_with() -> None:
     """The timed candidates are only those whose product fits the maps: all at the cat layer's 8 maps; at 256 maps
-    only the measured settings and the transpose's batch split (a band of 4 locations of 256 maps needs 4x the
-    shared memory an H100 has); the flat transpose's product is at least 16 wide (``tl.dot``), so not at 1-4 maps.
-    The measured band (``block_l`` for 8 maps) holds fewer locations as maps grow: never over 128 columns."""
+    only the measured settings and one more (a band of 4 locations of 256 maps needs 4x the shared memory an H100
+    has); the flat transpose's product is at least 16 wide (``tl.dot``), so not at 1-4 maps. The measured band
+    (``block_l`` for 8 maps) holds fewer locations as maps grow: never over 128 columns."""
     pytest.importorskip("triton")
     from downpour.nn import local_triton as lt
 
@@ -341,10 +366,12 @@ def test_candidates_suit_the_maps_they_run_with() -> None:
 
     for (kernel, tf32), candidates in lt._CANDIDATES.items():
         assert suited(kernel, tf32, 8) == list(candidates)
-        assert suited(kernel, tf32, 256) == ([{}, {"block_b": 32}] if kernel == "transpose" else [{}])
+        # at 256 maps: the measured settings, and the transpose's batch split or the bands' earlier pipeline
+        assert suited(kernel, tf32, 256) == [candidates[0], candidates[-1]]
+        assert "block_l" not in candidates[-1]  # its band width follows the maps
     for maps in (1, 2, 3, 4):
         assert suited("transpose", False, maps) == [c for c in lt._CANDIDATES["transpose", False] if not c.get("flat")]
-    assert [c.get("block_l") for c in suited("forward", False, 16)] == [None, 8, 4]  # 16 locations: 256 wide
+    assert [c.get("block_l") for c in suited("forward", False, 16)] == [None, 8, 4, None]
     widths = {}
     for maps in (1, 8, 16, 100, 256):
         band = lt._band_launch("weight_grad", maps, False, {})

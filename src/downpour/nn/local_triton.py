@@ -362,22 +362,24 @@ _TUNED = {
 }
 
 
-# Candidates that the first call for a shape times on CUDA (downpour.nn.triton_autotune), the measured settings
-# first, then runners-up of those sweeps and the settings measured before them (kernel rows one at a time, bands of
-# 16 locations), which other cards may prefer. Each names its band and pipeline, so it means the same whatever
-# _TUNED holds. Measured there (triton.testing.do_bench, ms, in this order): forward fp32 0.213, 0.235, 0.270, 0.455;
-# TF32 0.114, 0.115, 0.147; weight gradient fp32 0.156, 0.224, 0.247; TF32 0.091, 0.122, 0.178; transpose fp32
-# 0.302, 0.393, 0.441; TF32 0.198, 0.279, 0.283.
+# Candidates that the first call for a shape times on CUDA (downpour.nn.triton_autotune): the measured settings
+# first, then runners-up of those sweeps, which name their band, and last the banded kernels' pipeline measured
+# before them (kernel rows one at a time, shorter chunks), at the measured band width for the maps: the one
+# candidate beside the measured settings that suits many maps (at 256 maps the flat weight gradient spills 272-456
+# bytes per thread where that pipeline spilled 0-24; neither is timed there). Measured at 8 maps
+# (triton.testing.do_bench, ms, in this order, the last candidate with its bands of 16 locations): forward fp32
+# 0.213, 0.235, 0.270, 0.455; TF32 0.114, 0.115, 0.147; weight gradient fp32 0.156, 0.224, 0.247; TF32 0.091,
+# 0.122, 0.178; transpose fp32 0.302, 0.393, 0.441; TF32 0.198, 0.279, 0.283.
 _CANDIDATES = {
     ("forward", False): ({}, dict(flat=True, block_l=8, block_k=32, num_warps=8),
                          dict(flat=True, block_l=4, block_k=32, num_warps=4),
-                         dict(flat=False, block_l=16, block_k=16, num_warps=4)),
+                         dict(flat=False, block_k=16, num_warps=4)),
     ("forward", True): ({}, dict(flat=True, block_l=15, block_k=32, num_warps=8),
-                        dict(flat=False, block_l=16, block_k=64, num_warps=8)),
+                        dict(flat=False, block_k=64, num_warps=8)),
     ("weight_grad", False): ({}, dict(flat=True, block_l=15, block_k=16, num_warps=4, num_stages=3),
-                             dict(flat=False, block_l=16, block_k=16, num_warps=4, num_stages=3)),
+                             dict(flat=False, block_k=16, num_warps=4, num_stages=3)),
     ("weight_grad", True): ({}, dict(flat=True, block_l=15, block_k=32, num_warps=8, num_stages=3),
-                            dict(flat=False, block_l=16, block_k=16, num_warps=8, num_stages=3)),
+                            dict(flat=False, block_k=16, num_warps=8, num_stages=3)),
     ("transpose", False): ({}, dict(flat=True, tile=(4, 8), block_lx=2, num_warps=4), dict(block_b=32)),
     ("transpose", True): ({}, dict(flat=True, tile=(8, 8), block_lx=2, num_warps=4), dict(block_b=32)),
 }  # fmt: skip
@@ -458,7 +460,8 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
 
     args = (x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
             *stride)  # fmt: skip
-    _launch("forward", (tf32, maps, tuple(x.shape), kernel, stride, out_hw, locations), x, args, prepare, tuning)
+    key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, locations)
+    _launch("forward", key, x, args, prepare, tuning, banded=lambda: prepare({})[0] is _forward_band_kernel)
     return out
 
 
@@ -491,7 +494,7 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
     args = (x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
             *stride)  # fmt: skip
     key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, tuple(weight_shape))
-    _launch("weight_grad", key, x, args, prepare, tuning)
+    _launch("weight_grad", key, x, args, prepare, tuning, banded=lambda: prepare({})[0] is _weight_grad_band_kernel)
     return grad_w
 
 
@@ -531,7 +534,7 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
 
     args = (g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride)
     key = (tf32, maps, tuple(out.shape), kernel, stride, (out_h, out_w), locations)
-    _launch("transpose", key, out, args, prepare, tuning)
+    _launch("transpose", key, out, args, prepare, tuning, banded=lambda: banded)
     return out
 
 
@@ -540,20 +543,23 @@ _PLANS: dict[tuple[Any, ...], _Launch] = {}  # the launch each kernel and shape 
 
 
 def forget_plans() -> None:
-    """Forget the launches resolved so far (for sweeps that change :data:`_TUNED` or :data:`_CANDIDATES`)."""
+    """Forget the launches resolved and the candidates chosen so far (for sweeps that change :data:`_TUNED` or
+    :data:`_CANDIDATES`)."""
     _PLANS.clear()
+    triton_autotune.forget()
 
 
 def _launch(kernel: str, key: tuple[Any, ...], like: Tensor, args: tuple[Any, ...],
-            prepare: Callable[[dict[str, Any]], _Launch], tuning: dict[str, Any]) -> None:  # fmt: skip
+            prepare: Callable[[dict[str, Any]], _Launch], tuning: dict[str, Any], *,
+            banded: Callable[[], bool]) -> None:  # fmt: skip
     """Launch ``kernel`` on ``args`` laid out by ``prepare(setting)``: with ``tuning`` when it names settings;
     else with the setting resolved on the first call for ``key`` (``(tf32, maps, *shapes)``: everything the launch
-    depends on but the tensors' addresses and strides) on ``like``'s device:
-    the fastest of the candidates when timing is on and the measured setting runs a banded or tiled kernel
-    (:func:`_autotuned`; the one-program-per-location kernels have no candidates), with the pipeline stages that
-    fit (:func:`_run_fitting`). The resolved launch is kept, so that a later call for the same shape only
-    launches: no settings are merged and no candidates are looked at again, which cost the host about as much
-    as Triton's own launch."""
+    depends on but the tensors' addresses and strides) on ``like``'s device. That is the fastest of the candidates
+    when timing is on and ``banded()`` (:func:`_autotuned`; the candidates were measured on overlapping fields:
+    where fields barely overlap, a step is mostly the host's time and timing them would pick by noise), with the
+    pipeline stages that fit (:func:`_run_fitting`). The resolved launch is kept, so that a later call for the
+    same shape only launches: no settings are merged and no candidates are looked at again, which cost the host
+    about as much as Triton's own launch."""
 
     def run(setting: dict[str, Any]) -> None:
         fn, grid, constants = prepare(setting)
@@ -566,8 +572,7 @@ def _launch(kernel: str, key: tuple[Any, ...], like: Tensor, args: tuple[Any, ..
     plan = _PLANS.get(plan_key)
     if plan is None:
         tf32, maps, *shape = key
-        autotune = prepare({})[0] in (_forward_band_kernel, _weight_grad_band_kernel, _transpose_kernel)
-        chosen = _autotuned(kernel, tf32, like, maps, tuple(shape), run) if autotune else {}
+        chosen = _autotuned(kernel, tf32, like, maps, tuple(shape), run) if banded() else {}
         _PLANS[plan_key] = prepare(_run_fitting(run, chosen))
         return
     fn, grid, constants = plan

@@ -53,6 +53,11 @@ def enabled(device: torch.device) -> bool:
     return device.type == "cuda" if on is None else on
 
 
+def forget() -> None:
+    """Forget every choice made so far in this process: the next call for each shape times its candidates again."""
+    _CHOSEN.clear()
+
+
 def chosen() -> dict[tuple[Hashable, ...], Choice]:
     """Every choice made so far in this process, by ``(kernel, *shape key)``."""
     return dict(_CHOSEN)
