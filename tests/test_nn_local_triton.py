@@ -150,6 +150,19 @@ def tuned(device: str) -> dict[str, float]:
             diffs["precision launched"] = _launched_precisions(runs)
     # Launches are resolved once per shape and kept: the same input with a smaller output (fewer locations, as a
     # caller of these functions may ask) must be a launch of its own, not the larger one's grid.
+    # Second derivatives (the backward passes run through the same kernels): a gradient penalty's weight gradient.
+    batch, cin, cout, size, kernel, stride = CASES[0]
+    layer = LocallyConnected2d(cin, cout, size, kernel, stride, implementation="triton").to(device)
+    x = torch.randn(batch, cin, size, size, device=device, requires_grad=True)
+    w64 = layer.weight.detach().double().cpu().requires_grad_(True)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    for ours, xx, weight in ((True, x, layer.weight), (False, x64, w64)):
+        out = layer(xx) if ours else locally_connected_reference(xx, weight, layer.kernel_size, layer.stride)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), xx, create_graph=True)
+        grad.pow(2).sum().backward()
+    diffs["double backward, weight"] = float((layer.weight.grad.double().cpu() - w64.grad).abs().max()
+                                             / w64.grad.abs().max())  # fmt: skip
+    diffs["double backward, input"] = float((x.grad.double().cpu() - x64.grad).abs().max() / x64.grad.abs().max())
     # The smaller output first: a later call reusing its grid would leave part of the larger output unwritten.
     x = torch.randn(3, 1, 12, 12, device=device)
     calls = [((3, 3), out_hw) for out_hw in ((2, 2), (4, 4), (2, 2))]  # one program per location (stride = kernel)
@@ -276,7 +289,7 @@ def test_triton_kernels_equal_the_per_location_loop() -> None:
     misspelt one is refused by name; settings chosen by timing the candidates give the same results too."""
     checks = _compare_somewhere()
     tuned_diffs = checks["tuned"]
-    assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 3 * len(FLAT_CASES) + 3 + 10
+    assert len(tuned_diffs) == sum(map(len, TUNED.values())) + 3 * len(FLAT_CASES) + 3 + 12
     for key, diff in tuned_diffs.items():
         if "refusal" not in key and "launched" not in key:
             assert diff < 1e-4, f"{key} differs by {diff}"

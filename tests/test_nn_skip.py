@@ -77,6 +77,10 @@ def test_skipping_passes_gradcheck() -> None:
                                     (x, weight))  # fmt: skip
     h = torch.randn(3, 2, 10, 10, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda hh, ww: layer.transpose(hh, ww, plan), (h, weight))
+    # second derivatives through the pair kernels too (the weight gradient as a product of its own)
+    assert torch.autograd.gradgradcheck(lambda xx, ww: torch.func.functional_call(layer, {"weight": ww}, (xx, plan)),
+                                        (x, weight))  # fmt: skip
+    assert torch.autograd.gradgradcheck(lambda hh, ww: layer.transpose(hh, ww, plan), (h, weight))
 
 
 def test_tau_zero_is_identical_to_no_skip() -> None:

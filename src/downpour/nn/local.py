@@ -173,7 +173,12 @@ def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager[None]:
 
 
 class _Product(torch.autograd.Function):
-    """``h = W x`` through one kernel set (band-wise, Triton or skipping); backward ``x̄ = Wᵀh̄``, ``W̄ = h̄ ⊗ x``."""
+    """``h = W x`` through one kernel set (band-wise, Triton or skipping); backward ``x̄ = Wᵀh̄``, ``W̄ = h̄ ⊗ x``.
+
+    The three products are each other's gradients, so the backward passes are differentiable too (double backward,
+    e.g. a gradient penalty): under ``create_graph`` they run through these Functions, else straight through the
+    kernels.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
@@ -182,12 +187,11 @@ class _Product(torch.autograd.Function):
         return kernels.forward(x, weight)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels write with out=: no double backward
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         with _without_autocast(grad_out):
-            grad_x = ctx.kernels.transpose(grad_out, weight) if ctx.needs_input_grad[0] else None
-            grad_w = ctx.kernels.weight_grad(grad_out, x, weight.shape) if ctx.needs_input_grad[1] else None
+            grad_x = _transposed(grad_out, weight, ctx.kernels) if ctx.needs_input_grad[0] else None
+            grad_w = _weight_grad(grad_out, x, weight.shape, ctx.kernels) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
@@ -201,13 +205,48 @@ class _TransposedProduct(torch.autograd.Function):
         return kernels.transpose(h, weight)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         h, weight = ctx.saved_tensors
         with _without_autocast(grad_out):
-            grad_h = ctx.kernels.forward(grad_out, weight) if ctx.needs_input_grad[0] else None
-            grad_w = ctx.kernels.weight_grad(h, grad_out, weight.shape) if ctx.needs_input_grad[1] else None
+            grad_h = _product(grad_out, weight, ctx.kernels) if ctx.needs_input_grad[0] else None
+            grad_w = _weight_grad(h, grad_out, weight.shape, ctx.kernels) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None
+
+
+class _WeightGrad(torch.autograd.Function):
+    """``W̄ = g ⊗ x`` (summed over the batch) as a function of the response gradients ``g`` and inputs ``x``, for
+    double backward; backward with ``V`` shaped like the weights: ``ḡ = V x``, ``x̄ = Vᵀg``."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, x: Tensor, kernels: _Kernels, weight_shape: torch.Size) -> Tensor:
+        ctx.kernels = kernels
+        ctx.save_for_backward(g, x)
+        return kernels.weight_grad(g, x, weight_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        g, x = ctx.saved_tensors
+        with _without_autocast(grad_out):
+            grad_g = _product(x, grad_out, ctx.kernels) if ctx.needs_input_grad[0] else None
+            grad_x = _transposed(g, grad_out, ctx.kernels) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_x, None, None
+
+
+def _product(x: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
+    """``W x``, differentiable when grad mode is on (inside a backward pass: only under ``create_graph``)."""
+    return _Product.apply(x, weight, kernels) if torch.is_grad_enabled() else kernels.forward(x, weight)
+
+
+def _transposed(h: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
+    """``Wᵀh``, differentiable when grad mode is on."""
+    return _TransposedProduct.apply(h, weight, kernels) if torch.is_grad_enabled() else kernels.transpose(h, weight)
+
+
+def _weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, kernels: _Kernels) -> Tensor:
+    """``g ⊗ x``, differentiable when grad mode is on."""
+    if torch.is_grad_enabled():
+        return _WeightGrad.apply(g, x, kernels, weight_shape)
+    return kernels.weight_grad(g, x, weight_shape)
 
 
 def _bands(out_h: int, out_w: int, patch: int, batch: int, itemsize: int) -> list[slice]:
