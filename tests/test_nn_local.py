@@ -134,6 +134,26 @@ def test_double_backward_passes_gradgradcheck(cin, cout, size, kernel, stride) -
     assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) > 0
 
 
+def test_torch_compile_gives_the_same_results_without_warnings() -> None:
+    """A model holding the layer compiles with ``torch.compile`` (the kernels run as a graph break) and computes what
+    the layer computes, forward and backward, without any warning from the compiler."""
+    import warnings
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(LocallyConnected2d(1, 4, 12, 3), torch.nn.Tanh())
+    x = torch.randn(2, 1, 12, 12, requires_grad=True)
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), (x, model[0].weight))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(model, backend="aot_eager")(x)  # no C++ compiler needed: what is traced is the same
+        got_grads = torch.autograd.grad(got.pow(2).sum(), (x, model[0].weight))
+    assert [str(w.message) for w in caught] == []
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_float32_matches_float64() -> None:
     """The fp32 path agrees with fp64 to fp32 precision."""
     torch.manual_seed(3)

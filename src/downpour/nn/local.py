@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from functools import cache, lru_cache
+from functools import lru_cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
@@ -157,13 +157,6 @@ class _TritonKernels(_BandKernels):
 
     def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
         return _kernels().lc_weight_grad(g, x, weight_shape, self.out_hw, self.kernel, self.stride)
-
-
-@cache
-def _dense_kernels(triton: bool, in_chw: tuple[int, int, int], out_hw: tuple[int, int], kernel: tuple[int, int],
-                   stride: tuple[int, int]) -> _Kernels:  # fmt: skip
-    """The dense kernel set of one geometry, made once: the layer asks for it on every call."""
-    return (_TritonKernels if triton else _BandKernels)(in_chw, out_hw, kernel, stride)
 
 
 def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager[None]:
@@ -349,7 +342,8 @@ class LocallyConnected2d(nn.Module):
             skipping = plan.kernels(in_chw, self.out_size, x.dtype)
         if skipping is not None:
             return skipping, True
-        return _dense_kernels(self._triton(x), in_chw, self.out_size, self.kernel_size, self.stride), False
+        dense = _TritonKernels if self._triton(x) else _BandKernels
+        return dense(in_chw, self.out_size, self.kernel_size, self.stride), False
 
     def _check_active(self, active: Tensor, batch: int) -> None:
         expected = (batch, *self.out_size)
