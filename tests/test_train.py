@@ -447,26 +447,6 @@ def test_a_run_directory_in_use_is_refused(run_dir: Path, cli: Callable[..., Cli
         proc.communicate(timeout=60)
 
 
-def test_resuming_a_run_that_is_still_starting_says_so(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
-    """A driver holds its run directory's lock from before it loads the data, but writes config.toml only after:
-    a resume in that window is told the directory is in use, not that it is no run directory. The check leaves the
-    lock as it found it."""
-    from downpour import rundir
-
-    result = cli("train", "--resume", str(tmp_path), "--no-progress")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"cannot resume {tmp_path}: it holds no config.toml (not a run directory)" in result.stderr
-    with rundir.exclusive(tmp_path):  # what a starting driver holds while it loads the data
-        result = cli("train", "--resume", str(tmp_path), "--no-progress")
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert "it is in use by another downpour process (a run still starting: no config.toml yet)" in result.stderr
-        assert rundir.in_use(tmp_path)
-    assert not rundir.in_use(tmp_path)
-    with rundir.exclusive(tmp_path):  # the checks released the lock they took for a moment
-        pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written by the refused resumes
-
-
 def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     """``--out`` naming an existing file: exit 2, no traceback, the file untouched."""
     target = tmp_path / "not-a-dir"

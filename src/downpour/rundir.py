@@ -43,30 +43,6 @@ def exclusive(out: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def in_use(out: Path) -> bool:
-    """Whether a training session holds ``out/.lock`` now (see :func:`exclusive`). The check takes the lock for a
-    moment when it is free."""
-    try:
-        fd = os.open(out / LOCK, os.O_RDONLY)
-    except OSError:  # no lock file: no session ever started there
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def not_resumable(out: Path) -> str:
-    """Why ``out``, which holds no config file, cannot be resumed: a run still starting there (its driver holds the
-    lock while it loads the data, before the config is written), or no run at all."""
-    if in_use(out):
-        return f"cannot resume {out}: it is in use by another downpour process (a run still starting: no {CONFIG} yet)"
-    return f"cannot resume {out}: it holds no {CONFIG} (not a run directory)"
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (no temporary file is left
     behind when either step fails)."""

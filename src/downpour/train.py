@@ -361,7 +361,7 @@ def prepare_run_dir(out: Path, *, resume: bool) -> None:
         raise DownpourError(f"run directory {out} exists and is not a directory")
     if resume:
         if not (out / rundir.CONFIG).exists():
-            raise CheckpointError(rundir.not_resumable(out))
+            raise CheckpointError(f"cannot resume {out}: no {rundir.CONFIG} there")
         return
     if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
