@@ -201,25 +201,25 @@ def test_resume_with_a_step_budget_already_spent_is_refused(finished_run: Path, 
 def test_a_run_started_in_the_same_directory_meanwhile_is_not_overwritten(
     run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two drivers started on one new ``--out`` at once: both find it free before loading their data (seconds),
-    but only one may train there. Here the other driver's run appears while this one loads its data: it is refused
-    under the run directory's lock and the other run's files stay as they were."""
+    """Two drivers started on one new ``--out`` at once: both find it free, but only one may train there. Here the
+    other driver's run appears after this one's first check and before it claims the directory (where it starts
+    its worker processes' fork server): it is refused under the run directory's lock and the other run's files
+    stay as they were."""
     import downpour.train as train_module
 
-    real_load = train_module.load_dataset
+    real_context = train_module.worker_context
 
-    def load_while_another_driver_starts(*args: object, **kwargs: object) -> object:
-        dataset = real_load(*args, **kwargs)
+    def context_while_another_driver_starts(*args: object, **kwargs: object) -> object:
         run_dir.mkdir(parents=True)
         (run_dir / "config.toml").write_text("# the other driver's run\n")
-        return dataset
+        return real_context(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "load_dataset", load_while_another_driver_starts)
+    monkeypatch.setattr(train_module, "worker_context", context_while_another_driver_starts)
     result = cli("train", "--steps", "20", "--out", str(run_dir), *FAST)
     assert result.returncode == 2, result.stderr
     assert "already holds a run" in result.stderr
     assert (run_dir / "config.toml").read_text() == "# the other driver's run\n"
-    assert not (run_dir / "checkpoint").exists()
+    assert sorted(path.name for path in run_dir.iterdir()) == [".lock", "config.toml"]
 
 
 def test_new_run_into_an_existing_run_directory_is_refused(finished_run: Path, cli: Callable[..., CliResult]) -> None:
@@ -445,6 +445,86 @@ def test_a_run_directory_in_use_is_refused(run_dir: Path, cli: Callable[..., Cli
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.communicate(timeout=60)
+
+
+def test_a_run_holds_its_directory_while_its_data_loads(tmp_path: Path, cli: Callable[..., CliResult],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """From before its data loads, a run holds its directory: a resume meanwhile is told it is in use (not that it
+    holds no run), a second driver on the same ``--out`` is refused, and the run itself then trains normally."""
+    from downpour import rundir, train
+
+    out = tmp_path / "run"
+    seen: dict[str, object] = {}
+    load = train.load_dataset
+
+    def load_and_look(*args: object, **kwargs: object) -> object:
+        seen["in use"] = rundir.in_use(out)
+        seen["resume"] = cli("train", "--resume", str(out), "--no-progress")
+        seen["second"] = cli("train", "--steps", "5", "--out", str(out), *FAST)  # a second driver, same --out
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(train, "load_dataset", load_and_look)
+    result = cli("train", "--steps", "5", "--out", str(out), *FAST)
+    assert result.returncode == 0, result.stderr
+    resumed = seen["resume"]
+    assert seen["in use"] is True and resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert "it is in use by another downpour process (a run still starting: no config.toml yet)" in resumed.stderr
+    second = seen["second"]
+    assert second.returncode == 2 and "is in use by another downpour process" in second.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+    assert not rundir.in_use(out)
+
+
+@pytest.mark.parametrize("backend", ["local", "sim"])
+def test_a_run_refused_as_its_data_loads_leaves_nothing(
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """A run refused after it claimed its directory (here: its data cannot be read) removes the directories it made
+    (parents too), and a resume of a directory that never held a run says so."""
+    from downpour import train
+    from downpour.errors import DownpourError
+
+    def unreadable(*args: object, **kwargs: object) -> object:
+        raise DownpourError("the data cannot be read")
+
+    monkeypatch.setattr(train, "load_dataset", unreadable)
+    monkeypatch.setattr("downpour.train_sim.load_dataset", unreadable)
+    out = tmp_path / "new" / "deeper" / "run"
+    result = cli("train", "--steps", "5", "--out", str(out), "--set", f"cluster.backend={backend}", *FAST)
+    assert result.returncode == 2 and "the data cannot be read" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    result = cli("train", "--resume", str(tmp_path), "--no-progress")
+    assert f"cannot resume {tmp_path}: it holds no config.toml (not a run directory)" in result.stderr
+
+
+def test_a_lock_held_for_a_moment_is_waited_out(tmp_path: Path) -> None:
+    """Another command's in-use check holds the lock for a moment: a driver starting then waits it out, while a
+    lock held longer (a run) is refused."""
+    import threading
+
+    from downpour import rundir
+    from downpour.errors import DownpourError
+
+    def hold(path: Path, seconds: float, taken: threading.Event) -> None:
+        with rundir.exclusive(path):
+            taken.set()
+            time.sleep(seconds)
+
+    for seconds, refused in ((0.05, False), (1.0, True)):
+        path = tmp_path / f"held-{seconds}"
+        path.mkdir()
+        taken = threading.Event()
+        holder = threading.Thread(target=hold, args=(path, seconds, taken))
+        holder.start()
+        taken.wait(5)
+        try:
+            with rundir.exclusive(path):
+                got = True
+        except DownpourError as exc:
+            got = False
+            assert "is in use by another downpour process" in str(exc)
+        holder.join()
+        assert got is not refused, seconds
 
 
 def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path: Path, cli: Callable[..., CliResult]) -> None:

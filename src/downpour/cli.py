@@ -113,7 +113,7 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bo
         if args.out is not None and args.out != args.resume:
             raise DownpourError("--resume continues RUN_DIR in place; drop --out")
         if not (args.resume / rundir.CONFIG).is_file():
-            raise DownpourError(f"cannot resume {args.resume}: it holds no {rundir.CONFIG} (not a run directory)")
+            raise DownpourError(rundir.not_resumable(args.resume))
         config = config_mod.load(args.resume / rundir.CONFIG, overrides)
         return config, args.resume, True
     config = config_mod.load(args.config, overrides)

@@ -29,18 +29,69 @@ if TYPE_CHECKING:  # the CLI imports this module before torch: config errors mus
 LOCK = ".lock"
 
 
+_LOCK_PATIENCE_SECONDS = 0.2  # a lock held only for a moment (another command's in_use check) is waited out
+
+
 @contextlib.contextmanager
 def exclusive(out: Path) -> Iterator[None]:
     """Hold ``out/.lock`` for a whole training session: a second driver on the same run directory is refused."""
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DownpourError(f"run directory {out} is in use by another downpour process") from None
+        deadline = time.monotonic() + _LOCK_PATIENCE_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DownpourError(f"run directory {out} is in use by another downpour process") from None
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def claimed(out: Path) -> Iterator[None]:
+    """Create ``out`` (and missing parents) and hold it (:func:`exclusive`) for a training session, from before its
+    data loads, so that a second command sees the run at once. When the session fails while ``out`` holds nothing
+    but the lock, the directories this made are removed again: a refused run leaves nothing behind."""
+    made = [path for path in (out, *out.parents) if not path.exists()]  # the deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        try:
+            yield
+        except BaseException:
+            if made and [path.name for path in out.iterdir()] == [LOCK]:
+                (out / LOCK).unlink()
+                for path in made:
+                    with contextlib.suppress(OSError):  # not empty (another process wrote there): kept
+                        path.rmdir()
+            raise
+
+
+def in_use(out: Path) -> bool:
+    """Whether another training session holds ``out/.lock`` now (see :func:`exclusive`; a session in this process
+    counts as another). The check takes the lock for a moment when it is free; :func:`exclusive` waits that out."""
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:  # no lock file: no session ever started there
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def not_resumable(out: Path) -> str:
+    """Why ``out``, which holds no config file, cannot be resumed: a run still starting there (its driver holds the
+    lock while it loads the data, before it writes the config), or no run at all."""
+    if in_use(out):
+        return f"cannot resume {out}: it is in use by another downpour process (a run still starting: no {CONFIG} yet)"
+    return f"cannot resume {out}: it holds no {CONFIG} (not a run directory)"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -355,13 +355,15 @@ def _count_lost(cluster: Any, run_state: RunState) -> None:
         run_state.lost_updates = run_state.lost_before + lost
 
 
-def prepare_run_dir(out: Path, *, resume: bool) -> None:
-    """Make sure ``out`` can hold a new run (or holds one to resume); never overwrite an existing run."""
+def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
+    """Make sure ``out`` can hold a new run (or holds one to resume); never overwrite an existing run. ``locked``:
+    this process holds ``out``'s lock (so a missing config is not another run still starting)."""
     if out.exists() and not out.is_dir():
         raise DownpourError(f"run directory {out} exists and is not a directory")
     if resume:
         if not (out / rundir.CONFIG).exists():
-            raise CheckpointError(f"cannot resume {out}: no {rundir.CONFIG} there")
+            missing = f"cannot resume {out}: it holds no {rundir.CONFIG} (not a run directory)"
+            raise CheckpointError(missing if locked else rundir.not_resumable(out))
         return
     if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
@@ -387,21 +389,20 @@ def run_training(
     if config.cluster.backend == "local":  # Ray places its worker actors on the cluster's machines
         check_local_workers(config.cluster.workers)
         worker_context()  # the fork server (where there is one) imports torch while the data loads
-    if dataset is None:
-        dataset = load_dataset(config.data, seed=config.train.seed)
-    if (note := unread_warning(dataset)) is not None:
-        warn(console, note)
-    worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
-    if (note := capped_batch_warning(len(dataset.train), config.cluster.workers, config.train.batch_size)) is not None:
-        warn(console, note)
-    model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
-    signature = model_signature(model)
-    contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
-    held_out_loss = HeldOutLoss(config, dataset)
-
-    out.mkdir(parents=True, exist_ok=True)
-    with rundir.exclusive(out):
-        prepare_run_dir(out, resume=resume)  # again, now that no other driver can: one may have started a run here
+    with rundir.claimed(out):  # from before the data loads: a second command sees this run at once
+        prepare_run_dir(out, resume=resume, locked=True)  # again, now that no other driver can: one may have started
+        if dataset is None:
+            dataset = load_dataset(config.data, seed=config.train.seed)
+        if (note := unread_warning(dataset)) is not None:
+            warn(console, note)
+        worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
+        if (note := capped_batch_warning(len(dataset.train), config.cluster.workers,
+                                         config.train.batch_size)) is not None:  # fmt: skip
+            warn(console, note)
+        model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
+        signature = model_signature(model)
+        contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
+        held_out_loss = HeldOutLoss(config, dataset)
         checkpoint = None
         run_state = RunState()
         previous_config = None

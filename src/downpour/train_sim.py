@@ -60,23 +60,24 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
         raise DownpourError(f"cannot resume {out}: simulated runs are deterministic; rerun with a new --out")
     prepare_run_dir(out, resume=False)
     settings = sim_settings(config)
-    dataset = load_dataset(config.data, seed=config.train.seed)
-    if (note := unread_warning(dataset)) is not None:
-        warn(console, note)
-    worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
-    model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
-    signature = model_signature(model)
-    held_out_loss = HeldOutLoss(config, dataset)
-    rule = make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
-    policy = config_policy(config)
-    out.mkdir(parents=True, exist_ok=True)
-    # Small products: one thread is fastest.
-    with torch_threads(config.cluster.threads_per_worker or 1), rundir.exclusive(out):
-        config_mod.write(config, out / rundir.CONFIG)
-        if dataset.whitening is not None:
-            rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
-        return _simulate_run(config, out, settings, model, signature, held_out_loss, rule, policy, dataset,
-                             console=console, show_progress=show_progress)  # fmt: skip
+    with rundir.claimed(out):  # from before the data loads: a second command sees this run at once
+        prepare_run_dir(out, resume=False, locked=True)  # again, now that no other driver can
+        dataset = load_dataset(config.data, seed=config.train.seed)
+        if (note := unread_warning(dataset)) is not None:
+            warn(console, note)
+        worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
+        model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
+        signature = model_signature(model)
+        held_out_loss = HeldOutLoss(config, dataset)
+        rule = make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
+        policy = config_policy(config)
+        # Small products: one thread is fastest.
+        with torch_threads(config.cluster.threads_per_worker or 1):
+            config_mod.write(config, out / rundir.CONFIG)
+            if dataset.whitening is not None:
+                rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
+            return _simulate_run(config, out, settings, model, signature, held_out_loss, rule, policy, dataset,
+                                 console=console, show_progress=show_progress)  # fmt: skip
 
 
 def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch.nn.Module,
