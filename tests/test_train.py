@@ -447,15 +447,18 @@ def test_a_run_directory_in_use_is_refused(run_dir: Path, cli: Callable[..., Cli
         proc.communicate(timeout=60)
 
 
-def test_a_run_holds_its_directory_while_its_data_loads(tmp_path: Path, cli: Callable[..., CliResult],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+@pytest.mark.parametrize("backend", ["local", "sim"])
+def test_a_run_holds_its_directory_while_its_data_loads(
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
     """From before its data loads, a run holds its directory: a resume meanwhile is told it is in use (not that it
     holds no run), a second driver on the same ``--out`` is refused, and the run itself then trains normally."""
-    from downpour import rundir, train
+    from downpour import rundir, train, train_sim
 
     out = tmp_path / "run"
     seen: dict[str, object] = {}
-    load = train.load_dataset
+    module = train if backend == "local" else train_sim
+    load = module.load_dataset
 
     def load_and_look(*args: object, **kwargs: object) -> object:
         seen["in use"] = rundir.in_use(out)
@@ -463,8 +466,8 @@ def test_a_run_holds_its_directory_while_its_data_loads(tmp_path: Path, cli: Cal
         seen["second"] = cli("train", "--steps", "5", "--out", str(out), *FAST)  # a second driver, same --out
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(train, "load_dataset", load_and_look)
-    result = cli("train", "--steps", "5", "--out", str(out), *FAST)
+    monkeypatch.setattr(module, "load_dataset", load_and_look)
+    result = cli("train", "--steps", "5", "--out", str(out), "--set", f"cluster.backend={backend}", *FAST)
     assert result.returncode == 0, result.stderr
     resumed = seen["resume"]
     assert seen["in use"] is True and resumed.returncode == 2 and "Traceback" not in resumed.stderr
@@ -475,26 +478,46 @@ def test_a_run_holds_its_directory_while_its_data_loads(tmp_path: Path, cli: Cal
     assert not rundir.in_use(out)
 
 
-@pytest.mark.parametrize("backend", ["local", "sim"])
+@pytest.mark.parametrize(("backend", "stop"), [("local", "error"), ("sim", "error"), ("local", "ctrl-c")])
 def test_a_run_refused_as_its_data_loads_leaves_nothing(
-    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch, backend: str
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch, backend: str, stop: str
 ) -> None:
-    """A run refused after it claimed its directory (here: its data cannot be read) removes the directories it made
-    (parents too), and a resume of a directory that never held a run says so."""
+    """A run refused after it claimed its directory (here: its data cannot be read, or Ctrl-C) removes the
+    directories it made (parents too), and a resume of a directory that never held a run says so."""
     from downpour import train
     from downpour.errors import DownpourError
 
     def unreadable(*args: object, **kwargs: object) -> object:
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
         raise DownpourError("the data cannot be read")
 
     monkeypatch.setattr(train, "load_dataset", unreadable)
     monkeypatch.setattr("downpour.train_sim.load_dataset", unreadable)
     out = tmp_path / "new" / "deeper" / "run"
     result = cli("train", "--steps", "5", "--out", str(out), "--set", f"cluster.backend={backend}", *FAST)
-    assert result.returncode == 2 and "the data cannot be read" in result.stderr
+    assert result.returncode == (130 if stop == "ctrl-c" else 2), result.stderr
+    assert stop == "ctrl-c" or "the data cannot be read" in result.stderr
     assert list(tmp_path.iterdir()) == []
     result = cli("train", "--resume", str(tmp_path), "--no-progress")
     assert f"cannot resume {tmp_path}: it holds no config.toml (not a run directory)" in result.stderr
+
+
+def test_a_run_that_fails_after_writing_its_config_keeps_its_directory(
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a run that wrote nothing is removed: one that fails once its config is written keeps its files."""
+    from downpour import train
+    from downpour.errors import DownpourError
+
+    def fails(*args: object, **kwargs: object) -> object:
+        raise DownpourError("the session failed")
+
+    monkeypatch.setattr(train, "_train_session", fails)
+    out = tmp_path / "run"
+    result = cli("train", "--steps", "5", "--out", str(out), *FAST)
+    assert result.returncode == 2 and "the session failed" in result.stderr
+    assert {".lock", "config.toml"} <= {path.name for path in out.iterdir()}
 
 
 def test_a_lock_held_for_a_moment_is_waited_out(tmp_path: Path) -> None:
@@ -506,7 +529,7 @@ def test_a_lock_held_for_a_moment_is_waited_out(tmp_path: Path) -> None:
     from downpour.errors import DownpourError
 
     def hold(path: Path, seconds: float, taken: threading.Event) -> None:
-        with rundir.exclusive(path):
+        with rundir.claimed(path):
             taken.set()
             time.sleep(seconds)
 
@@ -518,13 +541,47 @@ def test_a_lock_held_for_a_moment_is_waited_out(tmp_path: Path) -> None:
         holder.start()
         taken.wait(5)
         try:
-            with rundir.exclusive(path):
+            with rundir.claimed(path):
                 got = True
         except DownpourError as exc:
             got = False
             assert "is in use by another downpour process" in str(exc)
         holder.join()
         assert got is not refused, seconds
+
+
+def test_a_driver_waiting_while_a_refused_run_removes_the_directory_claims_it_afresh(tmp_path: Path) -> None:
+    """Driver A claims a new directory and is refused (its data cannot be read) while driver B waits for the lock:
+    A removes what it made, and B must then hold a lock on a directory that exists, not on A's removed lock file,
+    so that a third driver is refused."""
+    import threading
+
+    from downpour import rundir
+
+    out = tmp_path / "new" / "run"
+    waiting, holding, release = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def driver_b() -> None:
+        waiting.set()
+        with rundir.claimed(out):
+            seen["exists"] = (out / rundir.LOCK).exists()
+            holding.set()
+            release.wait(10)
+
+    with pytest.raises(RuntimeError, match="data cannot be read"), rundir.claimed(out):
+        b = threading.Thread(target=driver_b)
+        b.start()
+        waiting.wait(5)
+        time.sleep(0.05)  # B is in its wait for the lock (0.2 s at most)
+        raise RuntimeError("the data cannot be read")
+    assert holding.wait(5), "driver B never got the directory"
+    try:
+        assert seen["exists"] is True and rundir.in_use(out)  # a third driver sees B's run
+    finally:
+        release.set()
+        b.join(5)
+    assert not rundir.in_use(out)
 
 
 def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path: Path, cli: Callable[..., CliResult]) -> None:

@@ -32,47 +32,64 @@ LOCK = ".lock"
 _LOCK_PATIENCE_SECONDS = 0.2  # a lock held only for a moment (another command's in_use check) is waited out
 
 
-@contextlib.contextmanager
-def exclusive(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` for a whole training session: a second driver on the same run directory is refused."""
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + _LOCK_PATIENCE_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise DownpourError(f"run directory {out} is in use by another downpour process") from None
-                time.sleep(0.01)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+def _lock(out: Path) -> int:
+    """A descriptor of ``out/.lock`` holding its lock, for a whole training session (a second driver on the same run
+    directory is refused; closing the descriptor releases it): waits up to :data:`_LOCK_PATIENCE_SECONDS` for another
+    holder, then refuses. A lock file that its holder removed while this waited (its run was refused: see
+    :func:`claimed`) is not taken: it is opened again (FileNotFoundError once ``out`` is gone too)."""
+    deadline = time.monotonic() + _LOCK_PATIENCE_SECONDS
+    while True:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise DownpourError(f"run directory {out} is in use by another downpour process") from None
+            time.sleep(0.01)
+            continue
+        held = os.fstat(fd)
+        try:
+            current = os.stat(out / LOCK)
+        except FileNotFoundError:
+            current = None
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # a removed lock file: locking it would claim nothing
 
 
 @contextlib.contextmanager
 def claimed(out: Path) -> Iterator[None]:
-    """Create ``out`` (and missing parents) and hold it (:func:`exclusive`) for a training session, from before its
+    """Create ``out`` (and missing parents) and hold its lock (:func:`_lock`) for a training session, from before its
     data loads, so that a second command sees the run at once. When the session fails while ``out`` holds nothing
-    but the lock, the directories this made are removed again: a refused run leaves nothing behind."""
-    made = [path for path in (out, *out.parents) if not path.exists()]  # the deepest first
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
+    but the lock, the directories this made are removed again: a refused run leaves nothing behind. (A driver that
+    was waiting for the lock meanwhile makes the directory again.)"""
+    for _ in range(10):
+        made = [path for path in (out, *out.parents) if not path.exists()]  # the deepest first
+        out.mkdir(parents=True, exist_ok=True)
         try:
-            yield
-        except BaseException:
-            if made and [path.name for path in out.iterdir()] == [LOCK]:
-                (out / LOCK).unlink()
-                for path in made:
-                    with contextlib.suppress(OSError):  # not empty (another process wrote there): kept
-                        path.rmdir()
-            raise
+            fd = _lock(out)
+            break
+        except FileNotFoundError:  # removed by a run refused as this one waited for its lock
+            continue
+    else:
+        raise DownpourError(f"run directory {out} keeps disappearing: another process removes it")
+    try:
+        yield
+    except BaseException:
+        if made and [path.name for path in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+            for path in made:
+                with contextlib.suppress(OSError):  # not empty (another process wrote there): kept
+                    path.rmdir()
+        raise
+    finally:
+        os.close(fd)
 
 
 def in_use(out: Path) -> bool:
-    """Whether another training session holds ``out/.lock`` now (see :func:`exclusive`; a session in this process
-    counts as another). The check takes the lock for a moment when it is free; :func:`exclusive` waits that out."""
+    """Whether another training session holds ``out/.lock`` now (see :func:`claimed`; a session in this process
+    counts as another). The check takes the lock for a moment when it is free; :func:`_lock` waits that out."""
     try:
         fd = os.open(out / LOCK, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:  # no lock file: no session ever started there
