@@ -503,6 +503,29 @@ def test_a_run_refused_as_its_data_loads_leaves_nothing(
     assert f"cannot resume {tmp_path}: it holds no config.toml (not a run directory)" in result.stderr
 
 
+@pytest.mark.parametrize("backend", ["local", "sim"])
+def test_sigterm_while_the_data_loads_leaves_nothing(tmp_path: Path, backend: str) -> None:
+    """A real SIGTERM to a driver while it loads its data (sent by the driver itself from inside the loading, in a
+    process of its own) stops it as Ctrl-C does: exit 130, the directories it made removed."""
+    out = tmp_path / "new" / "run"
+    script = (
+        "import os, signal, sys, time\n"
+        "from downpour import train, train_sim\n"
+        "from downpour.cli import main\n"
+        "def load(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "    raise AssertionError('SIGTERM did not stop the loading')\n"
+        f"module = train if {backend!r} == 'local' else train_sim\n"
+        "module.load_dataset = load\n"
+        f"sys.exit(main(['train', '--steps', '5', '--out', {str(out)!r}, '--no-progress', '--set', "
+        f"'cluster.backend={backend}']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
 def test_a_run_that_fails_after_writing_its_config_keeps_its_directory(
     tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:

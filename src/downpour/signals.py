@@ -24,3 +24,8 @@ def routed(handler: Any, signals: Iterable[signal.Signals] = (signal.SIGINT, sig
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def as_interrupt(signum: int, frame: Any) -> None:
+    """A handler for :func:`routed` that raises ``KeyboardInterrupt``: the signal stops a run as Ctrl-C does."""
+    raise KeyboardInterrupt

@@ -44,7 +44,7 @@ from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
 from downpour.report.live import LiveProgress
 from downpour.report.tensorboard import open_metrics_log, require_tensorboard
-from downpour.signals import routed
+from downpour.signals import as_interrupt, routed
 from downpour.threads import torch_threads
 
 _POLL_SECONDS = 0.05
@@ -77,10 +77,6 @@ class TrainingDiverged(DownpourError):
 
 FAULT_COUNTERS = ("worker_restarts", "shard_restores", "lost_updates")
 WORKER_MEMORY_HINT = "reduce train.batch_size or the model (model.features), or run fewer cluster.workers"
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 class HeldOutLoss:
@@ -389,7 +385,9 @@ def run_training(
     if config.cluster.backend == "local":  # Ray places its worker actors on the cluster's machines
         check_local_workers(config.cluster.workers)
         worker_context()  # the fork server (where there is one) imports torch while the data loads
-    with rundir.claimed(out):  # from before the data loads: a second command sees this run at once
+    # The directory is claimed from before the data loads, so that a second command sees this run at once; a SIGTERM
+    # meanwhile stops it as Ctrl-C does (the session routes both itself), so that a refused claim is cleaned up.
+    with routed(as_interrupt, [signal.SIGTERM]), rundir.claimed(out):
         prepare_run_dir(out, resume=resume, locked=True)  # again, now that no other driver can: one may have started
         if dataset is None:
             dataset = load_dataset(config.data, seed=config.train.seed)
@@ -459,7 +457,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                     raise CheckpointError(f"corrupt checkpoint in {out}: shard {shard.index} lacks {sorted(missing)}")
                 shard.restore(snap)
             cluster.budget.set(run_state.steps)
-        with routed(_interrupt), torch_threads(_driver_threads(config)):  # the driver beside its running workers
+        with routed(as_interrupt), torch_threads(_driver_threads(config)):  # the driver beside its running workers
             try:
                 cluster.start()
                 metrics.write(

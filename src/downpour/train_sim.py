@@ -11,6 +11,7 @@ A simulated run is deterministic and quick, so it is not resumed: rerun it (same
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from downpour.report.filters import save_filter_grid
 from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
 from downpour.report.tensorboard import open_metrics_log
+from downpour.signals import as_interrupt, routed
 from downpour.threads import torch_threads
 
 EVALUATIONS = 50  # held-out evaluations per run
@@ -60,7 +62,8 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
         raise DownpourError(f"cannot resume {out}: simulated runs are deterministic; rerun with a new --out")
     prepare_run_dir(out, resume=False)
     settings = sim_settings(config)
-    with rundir.claimed(out):  # from before the data loads: a second command sees this run at once
+    # Claimed from before the data loads (a second command sees this run at once); SIGTERM stops it as Ctrl-C does.
+    with routed(as_interrupt, [signal.SIGTERM]), rundir.claimed(out):
         prepare_run_dir(out, resume=False, locked=True)  # again, now that no other driver can
         dataset = load_dataset(config.data, seed=config.train.seed)
         if (note := unread_warning(dataset)) is not None:
