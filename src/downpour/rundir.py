@@ -103,10 +103,11 @@ def in_use(out: Path) -> bool:
     return False
 
 
-def not_resumable(out: Path) -> str:
+def not_resumable(out: Path, *, ours: bool = False) -> str:
     """Why ``out``, which holds no config file, cannot be resumed: a run still starting there (its driver holds the
-    lock while it loads the data, before it writes the config), or no run at all."""
-    if in_use(out):
+    lock while it loads the data, before it writes the config), or no run at all. ``ours``: this process holds the
+    lock itself (:func:`claimed`), so no other run can be starting there."""
+    if not ours and in_use(out):
         return f"cannot resume {out}: it is in use by another downpour process (a run still starting: no {CONFIG} yet)"
     return f"cannot resume {out}: it holds no {CONFIG} (not a run directory)"
 

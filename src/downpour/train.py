@@ -6,10 +6,12 @@ shard or worker directly, so every backend gets the same run directory, progress
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,11 +360,21 @@ def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
         raise DownpourError(f"run directory {out} exists and is not a directory")
     if resume:
         if not (out / rundir.CONFIG).exists():
-            missing = f"cannot resume {out}: it holds no {rundir.CONFIG} (not a run directory)"
-            raise CheckpointError(missing if locked else rundir.not_resumable(out))
+            raise CheckpointError(rundir.not_resumable(out, ours=locked))
         return
     if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
+
+
+@contextlib.contextmanager
+def claimed_run_dir(out: Path, *, resume: bool) -> Iterator[None]:
+    """Hold ``out`` for a training session from before its data loads (:func:`rundir.claimed`), so that a second
+    command sees this run at once, and check it again (:func:`prepare_run_dir`) now that no other driver can start
+    one there. A SIGTERM meanwhile stops the run as Ctrl-C does (the session routes both itself), so that a refused
+    claim is cleaned up."""
+    with routed(as_interrupt, [signal.SIGTERM]), rundir.claimed(out):
+        prepare_run_dir(out, resume=resume, locked=True)
+        yield
 
 
 def run_training(
@@ -385,10 +397,7 @@ def run_training(
     if config.cluster.backend == "local":  # Ray places its worker actors on the cluster's machines
         check_local_workers(config.cluster.workers)
         worker_context()  # the fork server (where there is one) imports torch while the data loads
-    # The directory is claimed from before the data loads, so that a second command sees this run at once; a SIGTERM
-    # meanwhile stops it as Ctrl-C does (the session routes both itself), so that a refused claim is cleaned up.
-    with routed(as_interrupt, [signal.SIGTERM]), rundir.claimed(out):
-        prepare_run_dir(out, resume=resume, locked=True)  # again, now that no other driver can: one may have started
+    with claimed_run_dir(out, resume=resume):
         if dataset is None:
             dataset = load_dataset(config.data, seed=config.train.seed)
         if (note := unread_warning(dataset)) is not None:

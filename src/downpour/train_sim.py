@@ -11,7 +11,6 @@ A simulated run is deterministic and quick, so it is not resumed: rerun it (same
 from __future__ import annotations
 
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from downpour.report.filters import save_filter_grid
 from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
 from downpour.report.tensorboard import open_metrics_log
-from downpour.signals import as_interrupt, routed
 from downpour.threads import torch_threads
 
 EVALUATIONS = 50  # held-out evaluations per run
@@ -56,15 +54,18 @@ def sim_settings(config: Config) -> SimSettings:
 def run_sim_training(config: Config, out: Path, *, resume: bool, console: Console,
                      show_progress: bool) -> dict[str, Any]:  # fmt: skip
     """Simulate ``config``'s run into the run directory ``out``; return the summary."""
-    from downpour.train import HeldOutLoss, model_signature, prepare_run_dir  # the local backend's helpers
+    from downpour.train import (  # the local backend's helpers
+        HeldOutLoss,
+        claimed_run_dir,
+        model_signature,
+        prepare_run_dir,
+    )
 
     if resume:
         raise DownpourError(f"cannot resume {out}: simulated runs are deterministic; rerun with a new --out")
     prepare_run_dir(out, resume=False)
     settings = sim_settings(config)
-    # Claimed from before the data loads (a second command sees this run at once); SIGTERM stops it as Ctrl-C does.
-    with routed(as_interrupt, [signal.SIGTERM]), rundir.claimed(out):
-        prepare_run_dir(out, resume=False, locked=True)  # again, now that no other driver can
+    with claimed_run_dir(out, resume=False):
         dataset = load_dataset(config.data, seed=config.train.seed)
         if (note := unread_warning(dataset)) is not None:
             warn(console, note)

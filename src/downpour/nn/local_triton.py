@@ -427,6 +427,15 @@ def _band_launch(kernel: str, maps: int, tf32: bool, tuning: dict[str, Any]) -> 
     )  # fmt: skip
 
 
+def _rows_launch(setting: dict[str, Any], maps: int, kernel: tuple[int, int], precision: str,
+                 block_b: int) -> dict[str, Any]:  # fmt: skip
+    """The compile-time arguments and launch settings of a kernel that runs one program per location (fields that
+    barely overlap): all of a location's maps, one kernel row of ``kernel`` at a time."""
+    return dict(BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
+                PRECISION=setting.get("precision", precision), num_warps=setting.get("num_warps", 4),
+                num_stages=setting.get("num_stages", _NUM_STAGES))  # fmt: skip
+
+
 def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
                stride: tuple[int, int], *, tf32: bool | None = None, **tuning: Any) -> Tensor:  # fmt: skip
     """Responses ``(B, M, H_out, W_out)`` of input ``x`` ``(B, C, H, W)`` (any strides) to weights ``(L, M, P)``.
@@ -453,9 +462,7 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
         if _banded(kernel, stride, band["LOCS"]):
             grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, block_b))
             return _forward_band_kernel, grid, dict(BLOCK_B=block_b, **band)
-        rows = dict(BLOCK_B=block_b, BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
-                    PRECISION=setting.get("precision", precision), num_warps=setting.get("num_warps", 4),
-                    num_stages=setting.get("num_stages", _NUM_STAGES))  # fmt: skip
+        rows = _rows_launch(setting, maps, kernel, precision, block_b)
         return _forward_rows_kernel, (locations, triton.cdiv(batch, block_b)), rows
 
     args = (x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
@@ -486,9 +493,7 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
             block_b = setting.get("block_b", _pow2(batch, 16, 64))
             grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)
             return _weight_grad_band_kernel, grid, dict(BLOCK_B=block_b, ONE_B_BLOCK=batch <= block_b, **band)
-        rows = dict(BLOCK_B=setting.get("block_b", 32), BLOCK_M=_block_m(maps), BLOCK_KW=_pow2(kernel[1], 16, 1024),
-                    PRECISION=setting.get("precision", precision), num_warps=setting.get("num_warps", 4),
-                    num_stages=setting.get("num_stages", _NUM_STAGES))  # fmt: skip
+        rows = _rows_launch(setting, maps, kernel, precision, setting.get("block_b", 32))
         return _weight_grad_rows_kernel, (locations,), rows
 
     args = (x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
