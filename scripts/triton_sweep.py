@@ -28,7 +28,7 @@ import torch
 
 from downpour.bench import steps as steps_mod
 from downpour.bench.layers import unfold_bmm
-from downpour.nn import LocallyConnected2d, triton_autotune
+from downpour.nn import LocallyConnected2d, triton_autotune, triton_launch
 from downpour.nn import local_triton as lt
 
 os.environ[triton_autotune.ENVIRONMENT] = "0"  # the measured settings unless a setting is given, until part 3
@@ -122,8 +122,30 @@ def layer_steps(tag: str) -> dict:
     return out
 
 
-# 1. The layer as it is, against unfold+bmm (also in TF32) and conv2d (TF32 allowed for cuDNN, as the bench does).
+def triton_launches(on: bool) -> None:
+    """Launch through Triton's own path (``on`` False) or the plans' direct one, from the next call on."""
+    triton_launch.DIRECT["enabled"] = on
+    lt.forget_plans()
+
+
+def direct_runners() -> int:
+    """How many specializations the plans launch directly (0: every launch went through Triton's own path)."""
+    return sum(plan.direct() for plan in lt._PLANS.values())
+
+
+# 1. The layer as it is, against unfold+bmm (also in TF32) and conv2d (TF32 allowed for cuDNN, as the bench does);
+# then with Triton's own launch instead of the plans' direct one, and direct again (alternated: a noisy host).
 base = layer_steps("default")
+results["direct_runners"] = direct_runners()
+for tag, on in (
+    ("triton_launch", False),
+    ("direct_launch", True),
+    ("triton_launch_2", False),
+    ("direct_launch_2", True),
+):
+    triton_launches(on)
+    layer_steps(tag)
+emit(direct_runners=results["direct_runners"], direct_warned=not triton_launch.DIRECT["enabled"])
 results["layer_fp32_synced_ms"] = synced_ms(lambda: layer(xg).sum().backward())  # the old method, for comparison
 unfold_step = steps_mod.training_step(lambda: unfold_bmm(xg, wl, K, 1), xg, wl)
 results["unfold_bmm_ms"] = fastest_ms(unfold_step)
@@ -225,28 +247,42 @@ for label, _ in PRECISIONS:
             for name, ms in steps.items()})  # fmt: skip
 
 # 4. CPU-side cost of a step where the GPU has almost nothing to do (stride 18 is like this): many steps queued
-# without a sync in between, so the time per step is what the host spends issuing it.
+# without a sync in between, so the time per step is what the host spends issuing it; the layer with Triton's own
+# launch and with the plans' direct one, alternated.
 tiny_x = torch.randn(2, 1, 36, 36, device=DEVICE, requires_grad=True)
 tiny = {"layer_k18_s18": LocallyConnected2d(1, M, 36, K, K).to(DEVICE), "conv2d_k18_s18": torch.nn.Conv2d(1, M, K, K,
         bias=False).to(DEVICE)}  # fmt: skip
 steps = 3 if SMALL else 300
-for name, module in tiny.items():
-    tiny_step = steps_mod.training_step(lambda module=module: module(tiny_x), tiny_x, *module.parameters())
-    tiny_step()
+for round_ in (1, 2):
+    for name, module in tiny.items():
+        for on in (False, True) if name.startswith("layer") else (True,):
+            triton_launches(on)
+            tiny_step = steps_mod.training_step(lambda module=module: module(tiny_x), tiny_x, *module.parameters())
+            tiny_step()
+            tiny_step()  # the second call makes the direct runner (and checks it)
+            sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                tiny_step()
+            sync()
+            label = name if not name.startswith("layer") else f"{name}_{'direct' if on else 'triton'}_launch"
+            results[f"host_us_per_step_{label}_{round_}"] = (time.perf_counter() - t) / steps * 1e6
+small_w = torch.randn(4, M, P, device=DEVICE)
+for on in (False, True, False, True):
+    triton_launches(on)
+    for _ in range(2):
+        lt.lc_forward(tiny_x.detach(), small_w, (2, 2), (K, K), (K, K))
     sync()
     t = time.perf_counter()
     for _ in range(steps):
-        tiny_step()
+        lt.lc_forward(tiny_x.detach(), small_w, (2, 2), (K, K), (K, K))
     sync()
-    results[f"host_us_per_step_{name}"] = (time.perf_counter() - t) / steps * 1e6
-small_w = torch.randn(4, M, P, device=DEVICE)
-t = time.perf_counter()
-for _ in range(steps):
-    lt.lc_forward(tiny_x.detach(), small_w, (2, 2), (K, K), (K, K))
-sync()
-results["host_us_per_lc_forward_launch"] = (time.perf_counter() - t) / steps * 1e6
+    label = "direct" if on else "triton"
+    results[f"host_us_per_lc_forward_{label}_launch"] = min(results.get(f"host_us_per_lc_forward_{label}_launch",
+                                                            1e9), (time.perf_counter() - t) / steps * 1e6)  # fmt: skip
 tiny_key = ((2, 1, 36, 36), (K, K), (K, K), (2, 2), 4)  # input shape, kernel, stride, output size, locations
-fn, grid, constants = next(plan for key, plan in lt._PLANS.items() if key[0] == "forward" and key[5:] == tiny_key)
+tiny_plan = next(plan for key, plan in lt._PLANS.items() if key[0] == "forward" and key[5:] == tiny_key)
+fn, grid, constants = tiny_plan.fn, tiny_plan.grid, tiny_plan.constants
 tiny_out = torch.empty(2, M, 2, 2, device=DEVICE)
 launch_args = (tiny_x.detach(), small_w, tiny_out, 2, 1, M, P, 4, 36, 2, *tiny_x.stride(), K, K, K, K)
 t = time.perf_counter()

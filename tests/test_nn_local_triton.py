@@ -423,3 +423,50 @@ def test_flat_candidates_compile_for_an_h100(tmp_path: Path) -> None:
                 loop = code["loops"][0]
                 mixes[precision] = (loop.get("FFMA", 0) > 0, loop.get("HMMA", 0) + loop.get("HGMMA", 0) > 0)
             assert mixes == {"ieee": (True, False), "tf32x3": (False, True)}, mixes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: compiled kernels exist only there")
+def test_direct_launches_equal_tritons_own_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Later calls launch Triton's compiled kernels directly (downpour.nn.triton_launch): on this Triton version the
+    check against Triton's own launch passes (no warning), every kernel of the layer step is launched directly, and
+    its outputs and gradients equal those of Triton's own launch bit for bit, for each specialization: a contiguous
+    input and ``sum()``'s expanded gradient (stride 0), then a slice of a wider input and a dense gradient."""
+    import warnings
+
+    from downpour.nn import local_triton as lt
+    from downpour.nn import triton_autotune, triton_launch
+
+    monkeypatch.setenv(triton_autotune.ENVIRONMENT, "0")  # the same settings both ways: equal bits
+    torch.manual_seed(3)
+    layer = LocallyConnected2d(1, 8, 20, 6, implementation="triton").cuda()
+    wide = torch.randn(4, 1, 20, 23, device="cuda")
+    inputs = [wide[..., :20].contiguous(), wide[..., 2:22]]
+    grads = [None, torch.randn(4, 8, 15, 15, device="cuda")]
+
+    def steps() -> list[torch.Tensor]:
+        results = []
+        for x, g in zip(inputs, grads, strict=True):
+            for _ in range(3):  # the first call resolves the plan, the second makes and checks the direct runner
+                layer.weight.grad = None
+                x_leaf = x.detach().requires_grad_(True)
+                out = layer(x_leaf)
+                out.sum().backward() if g is None else out.backward(g)
+            results += [out.detach(), x_leaf.grad, layer.weight.grad]
+        return results
+
+    try:
+        triton_launch.DIRECT["enabled"] = False
+        lt.forget_plans()
+        own = steps()
+        triton_launch.DIRECT["enabled"] = True
+        lt.forget_plans()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            direct = steps()
+        runners = {key[0]: plan.direct() for key, plan in lt._PLANS.items()}
+    finally:
+        triton_launch.DIRECT["enabled"] = True
+        lt.forget_plans()
+    assert runners == {"forward": 2, "weight_grad": 2, "transpose": 2}, runners
+    for ours, theirs in zip(direct, own, strict=True):
+        assert torch.equal(ours, theirs)

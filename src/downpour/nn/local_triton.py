@@ -29,6 +29,8 @@ or "medium" they use TF32 tensor cores (about 1e-3 relative error, what cuDNN's 
 A launch setting ``precision="tf32x3"`` (for sweeps; no default uses it) runs each product as three TF32 products
 on tensor cores. On an H100 it kept float32's accuracy, but each kernel's fastest such setting took 1.5-2.1x as
 long as its fastest in float32 FMAs.
+Each kernel resolves its launch once per shape and process (:func:`_launch`); later calls launch the kernel Triton
+compiled directly, without its per-call binding (:mod:`downpour.nn.triton_launch`).
 Without Triton (or without CUDA) :data:`AVAILABLE` is False and the layer uses its band-wise ``bmm`` kernels.
 """
 
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from downpour.nn import triton_autotune
+from downpour.nn import triton_autotune, triton_launch
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds have none and never need it.
     import triton
@@ -468,7 +470,8 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     args = (x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
             *stride)  # fmt: skip
     key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, locations)
-    _launch("forward", key, x, args, prepare, tuning, banded=lambda: prepare({})[0] is _forward_band_kernel)
+    spec = (x.stride(), *_pointers(x, weight, out))  # the rest of args is fixed by key
+    _launch("forward", key, x, args, prepare, tuning, spec, banded=lambda: prepare({})[0] is _forward_band_kernel)
     return out
 
 
@@ -499,7 +502,9 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
     args = (x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
             *stride)  # fmt: skip
     key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, tuple(weight_shape))
-    _launch("weight_grad", key, x, args, prepare, tuning, banded=lambda: prepare({})[0] is _weight_grad_band_kernel)
+    spec = (x.stride(), g.stride(), *_pointers(x, g, grad_w))
+    _launch("weight_grad", key, x, args, prepare, tuning, spec,
+            banded=lambda: prepare({})[0] is _weight_grad_band_kernel)  # fmt: skip
     return grad_w
 
 
@@ -539,12 +544,18 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
 
     args = (g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride)
     key = (tf32, maps, tuple(out.shape), kernel, stride, (out_h, out_w), locations)
-    _launch("transpose", key, out, args, prepare, tuning, banded=lambda: banded)
+    spec = (g.stride(), *_pointers(g, weight, out))
+    _launch("transpose", key, out, args, prepare, tuning, spec, banded=lambda: banded)
     return out
 
 
 _Launch = tuple[Any, tuple[int, ...], dict[str, Any]]  # a jitted kernel, its grid, its compile-time arguments
-_PLANS: dict[tuple[Any, ...], _Launch] = {}  # the launch each kernel and shape resolved to, kept for the process
+_PLANS: dict[tuple[Any, ...], triton_launch.Plan] = {}  # the launch each kernel and shape resolved to, for the process
+
+
+def _pointers(*tensors: Tensor) -> tuple[tuple[torch.dtype, int], ...]:
+    """What Triton specializes a pointer argument on: its dtype and its address modulo 16."""
+    return tuple((tensor.dtype, tensor.data_ptr() % 16) for tensor in tensors)
 
 
 def forget_plans() -> None:
@@ -555,7 +566,7 @@ def forget_plans() -> None:
 
 
 def _launch(kernel: str, key: tuple[Any, ...], like: Tensor, args: tuple[Any, ...],
-            prepare: Callable[[dict[str, Any]], _Launch], tuning: dict[str, Any], *,
+            prepare: Callable[[dict[str, Any]], _Launch], tuning: dict[str, Any], spec: tuple[Any, ...], *,
             banded: Callable[[], bool]) -> None:  # fmt: skip
     """Launch ``kernel`` on ``args`` laid out by ``prepare(setting)``: with ``tuning`` when it names settings;
     else with the setting resolved on the first call for ``key`` (``(tf32, maps, *shapes)``: everything the launch
@@ -564,7 +575,8 @@ def _launch(kernel: str, key: tuple[Any, ...], like: Tensor, args: tuple[Any, ..
     where fields barely overlap, a step is mostly the host's time and timing them would pick by noise), with the
     pipeline stages that fit (:func:`_run_fitting`). The resolved launch is kept, so that a later call for the
     same shape only launches: no settings are merged and no candidates are looked at again, which cost the host
-    about as much as Triton's own launch."""
+    about as much as Triton's own launch. ``spec`` (the arguments' strides, dtypes and pointer alignments) lets the
+    plan launch Triton's compiled kernel directly (:class:`~downpour.nn.triton_launch.Plan`)."""
 
     def run(setting: dict[str, Any]) -> None:
         fn, grid, constants = prepare(setting)
@@ -578,10 +590,9 @@ def _launch(kernel: str, key: tuple[Any, ...], like: Tensor, args: tuple[Any, ..
     if plan is None:
         tf32, maps, *shape = key
         chosen = _autotuned(kernel, tf32, like, maps, tuple(shape), run) if banded() else {}
-        _PLANS[plan_key] = prepare(_run_fitting(run, chosen))
+        _PLANS[plan_key] = triton_launch.Plan(*prepare(_run_fitting(run, chosen)))
         return
-    fn, grid, constants = plan
-    fn[grid](*args, **constants)
+    plan.launch(args, spec)
 
 
 def _autotuned(kernel: str, tf32: bool, like: Tensor, maps: int, key: tuple[Any, ...],
