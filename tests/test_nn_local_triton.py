@@ -426,11 +426,13 @@ def test_flat_candidates_compile_for_an_h100(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: compiled kernels exist only there")
-def test_direct_launches_equal_tritons_own_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("kernel", "stride"), [(6, 1), (5, 5)])  # banded kernels; one program per location
+def test_direct_launches_equal_tritons_own_on_cuda(monkeypatch: pytest.MonkeyPatch, kernel: int, stride: int) -> None:
     """Later calls launch Triton's compiled kernels directly (downpour.nn.triton_launch): on this Triton version the
     check against Triton's own launch passes (no warning), every kernel of the layer step is launched directly, and
     its outputs and gradients equal those of Triton's own launch bit for bit, for each specialization: a contiguous
-    input and ``sum()``'s expanded gradient (stride 0), then a slice of a wider input and a dense gradient."""
+    input and ``sum()``'s expanded gradient (stride 0), then a slice of a wider input and a dense gradient. Every
+    call gets new numbers, so that an output left unwritten (holding a freed buffer's old bits) cannot pass."""
     import warnings
 
     from downpour.nn import local_triton as lt
@@ -438,20 +440,21 @@ def test_direct_launches_equal_tritons_own_on_cuda(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setenv(triton_autotune.ENVIRONMENT, "0")  # the same settings both ways: equal bits
     torch.manual_seed(3)
-    layer = LocallyConnected2d(1, 8, 20, 6, implementation="triton").cuda()
-    wide = torch.randn(4, 1, 20, 23, device="cuda")
-    inputs = [wide[..., :20].contiguous(), wide[..., 2:22]]
-    grads = [None, torch.randn(4, 8, 15, 15, device="cuda")]
+    layer = LocallyConnected2d(1, 8, 20, kernel, stride, implementation="triton").cuda()
+    calls = 4  # the first resolves the plan, the second makes and checks the direct runner, two more use it
+    wides = torch.randn(2, calls, 4, 1, 20, 23, device="cuda")  # per specialization and call
+    grads = torch.randn(calls, 4, 8, *layer.out_size, device="cuda")
 
     def steps() -> list[torch.Tensor]:
         results = []
-        for x, g in zip(inputs, grads, strict=True):
-            for _ in range(3):  # the first call resolves the plan, the second makes and checks the direct runner
+        for spec in range(2):
+            for call in range(calls):
+                wide = wides[spec, call]
+                x = (wide[..., :20].contiguous() if spec == 0 else wide[..., 2:22]).requires_grad_(True)
                 layer.weight.grad = None
-                x_leaf = x.detach().requires_grad_(True)
-                out = layer(x_leaf)
-                out.sum().backward() if g is None else out.backward(g)
-            results += [out.detach(), x_leaf.grad, layer.weight.grad]
+                out = layer(x)
+                out.sum().backward() if spec == 0 else out.backward(grads[call])
+                results += [out.detach(), x.grad, layer.weight.grad]
         return results
 
     try:
@@ -468,5 +471,6 @@ def test_direct_launches_equal_tritons_own_on_cuda(monkeypatch: pytest.MonkeyPat
         triton_launch.DIRECT["enabled"] = True
         lt.forget_plans()
     assert runners == {"forward": 2, "weight_grad": 2, "transpose": 2}, runners
-    for ours, theirs in zip(direct, own, strict=True):
-        assert torch.equal(ours, theirs)
+    assert len(direct) == len(own) == 2 * calls * 3
+    for index, (ours, theirs) in enumerate(zip(direct, own, strict=True)):
+        assert torch.equal(ours, theirs), f"result {index} (specialization, call, tensor) differs"

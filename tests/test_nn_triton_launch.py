@@ -33,6 +33,10 @@ class Compiled:
             self.jit.grids.append(grid)
             if self.mode == "refuses" or len(values) != len(Jit.arg_names):
                 raise TypeError(f"function takes exactly {len(Jit.arg_names)} arguments ({len(values)} given)")
+            if self.mode == "fails":
+                raise RuntimeError("CUDA error: invalid resource handle")
+            if self.mode == "writes nothing":
+                return
             x, _, out, n, scale, _ = values
             n = n if self.constant_n is None else self.constant_n  # compiled for n = 1: any other n is ignored
             shift = 1.0 if self.mode == "differs" else 0.0
@@ -94,11 +98,18 @@ def test_a_checked_runner_launches_later_calls_directly() -> None:
     assert (jit.launches, plan.direct()) == (3, 3)
 
 
-@pytest.mark.parametrize(("mode", "reason"), [("differs", "results differed"), ("refuses", "refused: TypeError")])
-def test_a_runner_that_fails_its_check_turns_direct_launches_off(mode: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "reason", "x"),
+    [
+        ("differs", "results differed", torch.randn(8)),
+        ("writes nothing", "results differed", torch.zeros(8)),  # even where Triton's output is all zeros
+        ("refuses", "refused: TypeError", torch.randn(8)),
+        ("fails", "refused: RuntimeError: CUDA error", torch.randn(8)),
+    ],
+)
+def test_a_runner_that_fails_its_check_turns_direct_launches_off(mode: str, reason: str, x: torch.Tensor) -> None:
     jit = Jit(mode)
     plan = Plan(jit, (4,), CONSTANTS)
-    x = torch.randn(8)
     with pytest.warns(RuntimeWarning, match=f"does not work with this Triton version.*{reason}"):
         first = call(plan, x)
     assert torch.equal(first, x * 3 + 2)  # the output Triton's launch wrote, not the check's
@@ -109,6 +120,20 @@ def test_a_runner_that_fails_its_check_turns_direct_launches_off(mode: str, reas
         for p in (plan, other, plan):
             assert torch.equal(call(p, x), x * 3 + 2)
     assert jit.launches == 4 and other.direct() == 0
+
+
+def test_turning_direct_launches_off_stops_the_runners_made() -> None:
+    """``DIRECT["enabled"] = False`` (a failed check elsewhere, or by hand to time Triton's own launch) holds for
+    plans that already launch directly too."""
+    jit = Jit()
+    plan = Plan(jit, (4,), CONSTANTS)
+    x = torch.randn(8)
+    call(plan, x)
+    call(plan, x)
+    assert (jit.launches, plan.direct()) == (1, 1)
+    triton_launch.DIRECT["enabled"] = False
+    assert torch.equal(call(plan, x), x * 3 + 2)
+    assert jit.launches == 2
 
 
 def test_no_compiled_kernel_means_tritons_own_launch_every_time() -> None:

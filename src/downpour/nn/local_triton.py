@@ -575,8 +575,9 @@ def _launch(kernel: str, key: tuple[Any, ...], like: Tensor, args: tuple[Any, ..
     where fields barely overlap, a step is mostly the host's time and timing them would pick by noise), with the
     pipeline stages that fit (:func:`_run_fitting`). The resolved launch is kept, so that a later call for the
     same shape only launches: no settings are merged and no candidates are looked at again, which cost the host
-    about as much as Triton's own launch. ``spec`` (the arguments' strides, dtypes and pointer alignments) lets the
-    plan launch Triton's compiled kernel directly (:class:`~downpour.nn.triton_launch.Plan`)."""
+    about as much as Triton's own launch. ``spec`` (the arguments' strides, dtypes and pointer alignments; with the
+    current CUDA device, where Triton compiles and launches) lets the plan launch Triton's compiled kernel directly
+    (:class:`~downpour.nn.triton_launch.Plan`)."""
 
     def run(setting: dict[str, Any]) -> None:
         fn, grid, constants = prepare(setting)
@@ -592,7 +593,7 @@ def _launch(kernel: str, key: tuple[Any, ...], like: Tensor, args: tuple[Any, ..
         chosen = _autotuned(kernel, tf32, like, maps, tuple(shape), run) if banded() else {}
         _PLANS[plan_key] = triton_launch.Plan(*prepare(_run_fitting(run, chosen)))
         return
-    plan.launch(args, spec)
+    plan.launch(args, (*spec, torch.cuda.current_device()) if like.is_cuda else spec)  # Triton launches there
 
 
 def _autotuned(kernel: str, tf32: bool, like: Tensor, maps: int, key: tuple[Any, ...],

@@ -46,7 +46,7 @@ class Plan:
         """Run the kernel on ``args`` (its positional arguments, the tensors and integers that vary per call).
         ``spec`` must differ whenever Triton would specialize ``args`` differently (see the module's docstring)."""
         runner = self._runners.get(spec)
-        if runner is not None and runner is not _SLOW:
+        if runner is not None and runner is not _SLOW and DIRECT["enabled"]:
             runner(*args)
             return
         compiled = self.fn[self.grid](*args, **self.constants)
@@ -68,17 +68,22 @@ def checked_runner(compiled: Any, fn: Any, grid: tuple[int, ...], constants: dic
         return None
     try:
         tail = runner_tail(fn, len(args), constants)
+        if len(args) + len(tail) != len(fn.arg_names):  # later Triton releases would not notice a wrong count
+            raise TypeError(f"{len(args) + len(tail)} arguments for a kernel of {len(fn.arg_names)} parameters")
         runner = compiled[(*grid, 1, 1)[:3]]  # the runner reads three grid sizes
 
         def launch(*call_args: Any) -> None:
             runner(*call_args, *tail)
 
         expected = args[OUTPUT]
-        scratch = torch.empty_like(expected)
+        scratch = expected.clone()
+        _bits(scratch).bitwise_not_()  # every bit wrong: a launch that leaves an element unwritten cannot pass
         launch(*args[:OUTPUT], scratch, *args[OUTPUT + 1 :])
         same = _bits(scratch).equal(_bits(expected))
         reason = "its results differed from Triton's own launch"
-    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+    except torch.OutOfMemoryError:
+        return None  # no room for the check's output now: Triton's own launch, for this specialization
+    except Exception as exc:  # whatever went wrong, Triton's own launch still works
         same, reason = False, f"it was refused: {type(exc).__name__}: {exc}"
     if same:
         return launch
@@ -99,12 +104,14 @@ def runner_tail(fn: Any, positional: int, constants: dict[str, Any]) -> tuple[An
 
 
 def _bits(tensor: Tensor) -> Tensor:
-    """``tensor``'s bits as integers, so that NaNs compare equal to themselves."""
+    """``tensor``'s bits as integers (a view of the contiguous ``tensor``), so that NaNs compare equal to
+    themselves."""
     integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-    return tensor.contiguous().view(integer)
+    return tensor.view(integer)
 
 
 def _capturing(args: tuple[Any, ...]) -> bool:
-    """Whether a CUDA graph is being captured on the current stream (no check launch may synchronize then)."""
+    """Whether a CUDA graph is being captured on the current stream (no check launch may synchronize then; a
+    capture in global mode on another thread is not seen)."""
     tensor = args[OUTPUT]
     return bool(tensor.is_cuda and torch.cuda.is_current_stream_capturing())
