@@ -8,6 +8,7 @@ import torch
 from downpour.nn import LocallyConnected2d
 from downpour.nn import local as local_mod
 from downpour.nn.local import locally_connected_reference
+from downpour.nn.skip import active_fields
 
 GEOMETRIES = [
     # (in_channels, out_channels, in_size, kernel, stride)
@@ -132,6 +133,81 @@ def test_double_backward_passes_gradgradcheck(cin, cout, size, kernel, stride) -
     (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     grad.pow(2).sum().backward()
     assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) > 0
+
+
+FUNC_GEOMETRIES = [(1, 2, 7, 3, 1), (2, 3, (6, 7), (3, 2), (1, 2))]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # PyTorch's forward-AD set-up, not ours
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), FUNC_GEOMETRIES)
+def test_forward_mode_derivatives_pass_gradcheck(cin, cout, size, kernel, stride) -> None:
+    """Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) of the layer and of its transpose, in the
+    input and the weights, agrees with finite differences, and forward-over-reverse second derivatives too."""
+    layer, x = _layer_and_input(cin, cout, size, kernel, stride, batch=2, seed=4, bias=True)
+    x.requires_grad_(True)
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+
+    def forward(xx, ww, bb):
+        return torch.func.functional_call(layer, {"weight": ww, "bias": bb}, (xx,))
+
+    assert torch.autograd.gradcheck(forward, (x, weight, bias), check_forward_ad=True, check_batched_grad=False)
+    h = torch.randn(2, cout, *layer.out_size, dtype=torch.float64, requires_grad=True)
+    transpose = layer.transpose
+    assert torch.autograd.gradcheck(transpose, (h, weight), check_forward_ad=True, check_batched_grad=False)
+    assert torch.autograd.gradgradcheck(forward, (x, weight, bias), check_fwd_over_rev=True)
+    assert torch.autograd.gradgradcheck(transpose, (h, weight), check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), FUNC_GEOMETRIES)
+def test_torch_func_transforms_equal_plain_autograd(cin, cout, size, kernel, stride) -> None:
+    """``torch.func``: per-example gradients (``vmap(grad)``), an ensemble of weights (``vmap`` over stacked weights),
+    a mapped transpose, Jacobians both ways and a Hessian, each against plain autograd one example or one weight
+    at a time (float64)."""
+    from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
+
+    layer, x = _layer_and_input(cin, cout, size, kernel, stride, batch=3, seed=5)
+    weight = layer.weight.detach().clone()
+
+    def loss(params, example):
+        return functional_call(layer, params, (example.unsqueeze(0),)).tanh().pow(2).sum()
+
+    per_example = vmap(grad(loss), in_dims=(None, 0))({"weight": weight}, x)["weight"]
+    expected = []
+    for example in x:
+        leaf = weight.clone().requires_grad_(True)
+        expected.append(torch.autograd.grad(loss({"weight": leaf}, example), leaf)[0])
+    torch.testing.assert_close(per_example, torch.stack(expected), rtol=1e-12, atol=1e-12)
+
+    weights = torch.randn(4, *weight.shape, dtype=torch.float64)
+    ensemble = vmap(lambda w: functional_call(layer, {"weight": w}, (x,)))(weights)
+    torch.testing.assert_close(ensemble, torch.stack([functional_call(layer, {"weight": w}, (x,)) for w in weights]))
+    h = torch.randn(5, 3, cout, *layer.out_size, dtype=torch.float64)
+    mapped = vmap(lambda hh: layer.transpose(hh, weight))(h)
+    torch.testing.assert_close(mapped, torch.stack([layer.transpose(hh, weight) for hh in h]))
+
+    def outputs(w):
+        return layer.transpose(functional_call(layer, {"weight": w}, (x[:1],)), w)
+
+    torch.testing.assert_close(jacfwd(outputs)(weight), jacrev(outputs)(weight))
+
+    def scalar(example):
+        return functional_call(layer, {"weight": weight}, (example,)).tanh().pow(2).sum()
+
+    torch.testing.assert_close(hessian(scalar)(x[:1]), torch.autograd.functional.hessian(scalar, x[:1]))
+
+
+def test_vmap_with_a_skip_plan_equals_the_plain_call() -> None:
+    """Under ``vmap`` a skip plan (made for one batch) runs on each mapped batch in turn, so that the plan's examples
+    stay its own; flat fields still output zero."""
+    layer, x = _layer_and_input(1, 2, 9, 3, 1, batch=3, seed=6)
+    x[0, :, :5, :5] = 0.0  # a flat corner in one example
+    plan = layer.skip_plan(active_fields(x, layer.kernel_size, layer.stride, 1e-3), 3)
+    assert plan is not None and not bool(plan.active.all())
+    scaled = torch.stack([x, 2 * x])
+    mapped = torch.func.vmap(lambda xx: layer(xx, plan))(scaled)
+    torch.testing.assert_close(mapped, torch.stack([layer(x, plan), layer(2 * x, plan)]))
+    assert (mapped[:, 0, :, 0, 0] == 0).all()
 
 
 def test_torch_compile_gives_the_same_results_without_warnings() -> None:

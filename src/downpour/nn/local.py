@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
@@ -165,18 +166,45 @@ def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager[None]:
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
-class _Product(torch.autograd.Function):
+class _Linear(torch.autograd.Function):
+    """Base of the layer's three products, written in ``setup_context`` form so that ``torch.func``'s transforms
+    can use them. ``Function.apply`` binds such a Function's arguments to its signature with :mod:`inspect` on every
+    call (15 µs per call on this project's 2-core machine, about what the rest of a CUDA step's host side costs
+    per kernel): the products skip that when no ``torch.func`` transform is active, since they are always called
+    with every argument in place."""
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[object, ...], output: Tensor) -> None:
+        first, second, ctx.kernels, *weight_shape = inputs  # two tensors, the kernel set (_WeightGrad: the shape)
+        ctx.weight_shape = weight_shape[0] if weight_shape else None
+        ctx.save_for_backward(first, second)
+        ctx.save_for_forward(first, second)
+
+    @classmethod
+    def apply(cls, *args: object) -> Tensor:
+        if _transforms_active is None or _transforms_active():
+            return super().apply(*args)  # binds, then the vmap and jvp rules below
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))  # PyTorch's own apply, unbound
+
+
+try:  # what Function.apply itself calls (PyTorch 2.4-2.13); a PyTorch without them gets Function.apply throughout
+    from torch._C import _are_functorch_transforms_active as _transforms_active  # a torch.func transform running?
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead  # tensors of a finished transform
+except ImportError:  # pragma: no cover - depends on the PyTorch version
+    _transforms_active = _unwrap_dead = None
+
+
+class _Product(_Linear):
     """``h = W x`` through one kernel set (band-wise, Triton or skipping); backward ``x̄ = Wᵀh̄``, ``W̄ = h̄ ⊗ x``.
 
     The three products are each other's gradients, so the backward passes are differentiable too (double backward,
     e.g. a gradient penalty): under ``create_graph`` they run through these Functions, else straight through the
-    kernels.
+    kernels. Each is linear in each input, so its forward-mode derivative is the same product of the tangents
+    (``jvp``), and ``torch.func.vmap`` runs it on the mapped examples as one larger batch where it can (``vmap``).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
-        ctx.kernels = kernels
-        ctx.save_for_backward(x, weight)
+    def forward(x: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
         return kernels.forward(x, weight)
 
     @staticmethod
@@ -187,14 +215,21 @@ class _Product(torch.autograd.Function):
             grad_w = _weight_grad(grad_out, x, weight.shape, ctx.kernels) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
+    @staticmethod
+    def jvp(ctx, x_tangent: Tensor | None, weight_tangent: Tensor | None, _: None) -> Tensor:
+        return _tangent(_Product, ctx, x_tangent, weight_tangent)
 
-class _TransposedProduct(torch.autograd.Function):
+    @staticmethod
+    def vmap(info, in_dims: tuple[int | None, ...], x: Tensor, weight: Tensor, kernels: _Kernels) -> tuple[Tensor, int]:
+        return _mapped(info.batch_size, in_dims[:2], (x, weight), lambda xx, ww: _Product.apply(xx, ww, kernels),
+                       batch_like=(True, False), foldable=_any_batch(kernels)), 0  # fmt: skip
+
+
+class _TransposedProduct(_Linear):
     """``x = Wᵀh`` through one kernel set; backward ``h̄ = W x̄``, ``W̄ = h ⊗ x̄``."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
-        ctx.kernels = kernels
-        ctx.save_for_backward(h, weight)
+    def forward(h: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
         return kernels.transpose(h, weight)
 
     @staticmethod
@@ -205,15 +240,23 @@ class _TransposedProduct(torch.autograd.Function):
             grad_w = _weight_grad(h, grad_out, weight.shape, ctx.kernels) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None
 
+    @staticmethod
+    def jvp(ctx, h_tangent: Tensor | None, weight_tangent: Tensor | None, _: None) -> Tensor:
+        return _tangent(_TransposedProduct, ctx, h_tangent, weight_tangent)
 
-class _WeightGrad(torch.autograd.Function):
+    @staticmethod
+    def vmap(info, in_dims: tuple[int | None, ...], h: Tensor, weight: Tensor, kernels: _Kernels) -> tuple[Tensor, int]:
+        return _mapped(info.batch_size, in_dims[:2], (h, weight),
+                       lambda hh, ww: _TransposedProduct.apply(hh, ww, kernels), batch_like=(True, False),
+                       foldable=_any_batch(kernels)), 0  # fmt: skip
+
+
+class _WeightGrad(_Linear):
     """``W̄ = g ⊗ x`` (summed over the batch) as a function of the response gradients ``g`` and inputs ``x``, for
     double backward; backward with ``V`` shaped like the weights: ``ḡ = V x``, ``x̄ = Vᵀg``."""
 
     @staticmethod
-    def forward(ctx, g: Tensor, x: Tensor, kernels: _Kernels, weight_shape: torch.Size) -> Tensor:
-        ctx.kernels = kernels
-        ctx.save_for_backward(g, x)
+    def forward(g: Tensor, x: Tensor, kernels: _Kernels, weight_shape: torch.Size) -> Tensor:
         return kernels.weight_grad(g, x, weight_shape)
 
     @staticmethod
@@ -223,6 +266,55 @@ class _WeightGrad(torch.autograd.Function):
             grad_g = _product(x, grad_out, ctx.kernels) if ctx.needs_input_grad[0] else None
             grad_x = _transposed(g, grad_out, ctx.kernels) if ctx.needs_input_grad[1] else None
         return grad_g, grad_x, None, None
+
+    @staticmethod
+    def jvp(ctx, g_tangent: Tensor | None, x_tangent: Tensor | None, _: None, __: None) -> Tensor:
+        return _tangent(_WeightGrad, ctx, g_tangent, x_tangent)
+
+    @staticmethod
+    def vmap(info, in_dims: tuple[int | None, ...], g: Tensor, x: Tensor, kernels: _Kernels,
+             weight_shape: torch.Size) -> tuple[Tensor, int]:  # fmt: skip
+        # the batch is summed over: mapped examples cannot join it, so each runs on its own
+        return _mapped(info.batch_size, in_dims[:2], (g, x), lambda gg, xx: _WeightGrad.apply(gg, xx, kernels,
+                       weight_shape), batch_like=(False, False), foldable=False), 0  # fmt: skip
+
+
+def _tangent(product: type[_Linear], ctx, first_tangent: Tensor | None, second_tangent: Tensor | None) -> Tensor:
+    """The forward-mode derivative of ``product``, linear in each of its two tensors ``(a, b)`` (saved in ``ctx``):
+    ``product(ȧ, b) + product(a, ḃ)``, leaving out a term whose tangent is None (zeros if both are)."""
+    first, second = ctx.saved_tensors
+    rest = (ctx.kernels,) if ctx.weight_shape is None else (ctx.kernels, ctx.weight_shape)
+    terms = []
+    if first_tangent is not None:
+        terms.append(product.apply(first_tangent, second, *rest))
+    if second_tangent is not None:
+        terms.append(product.apply(first, second_tangent, *rest))
+    if not terms:
+        return torch.zeros_like(product.forward(first, second, *rest))
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _any_batch(kernels: _Kernels) -> bool:
+    """Whether ``kernels`` take a batch of any size (the dense ones; a skip plan is made for one batch)."""
+    return isinstance(kernels, _BandKernels)
+
+
+def _mapped(size: int, dims: tuple[int | None, ...], tensors: tuple[Tensor, ...], product: Callable[..., Tensor], *,
+            batch_like: tuple[bool, ...], foldable: bool) -> Tensor:  # fmt: skip
+    """``product`` under ``torch.func.vmap``: ``size`` mapped copies, each tensor mapped along ``dims[i]`` (None: the
+    same for all), the result ``(size, ...)``. When only inputs marked ``batch_like`` (batch-first, each example on
+    its own) are mapped and ``foldable``, the mapped copies run as one batch ``size`` times as large; otherwise one
+    after another."""
+    mapped = [dim is not None for dim in dims]
+    if foldable and all(like or not m for like, m in zip(batch_like, mapped, strict=True)):
+        flat = [t.movedim(d, 0).flatten(0, 1) if d is not None else t for t, d in zip(tensors, dims, strict=True)]
+        out = product(*flat)  # (size·B, ...)
+        return out.unflatten(0, (size, -1))  # (size, B, ...)
+    pieces = [
+        product(*(t.select(d, i) if d is not None else t for t, d in zip(tensors, dims, strict=True)))
+        for i in range(size)
+    ]
+    return torch.stack(pieces)
 
 
 def _product(x: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
