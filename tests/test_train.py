@@ -526,6 +526,40 @@ def test_sigterm_while_the_data_loads_leaves_nothing(tmp_path: Path, backend: st
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_mid_simulation_keeps_what_was_simulated(tmp_path: Path) -> None:
+    """A real SIGTERM to a simulated run (sent by the driver itself after the 40th push, in a process of its own)
+    ends the simulation after the push in progress, and the run is written out like a finished one: its push rows,
+    checkpoint, summary (interrupted) and report; exit 130."""
+    out = tmp_path / "run"
+    script = (
+        "import os, signal, sys\n"
+        "from downpour import train_sim\n"
+        "from downpour.cli import main\n"
+        "real = train_sim.simulate\n"
+        "def simulate(*args, stop, **kwargs):\n"
+        "    asked = [0]\n"
+        "    def stop_after():\n"
+        "        asked[0] += 1\n"
+        "        if asked[0] == 40:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return stop()\n"
+        "    return real(*args, stop=stop_after, **kwargs)\n"
+        "train_sim.simulate = simulate\n"
+        f"sys.exit(main(['train', '--steps', '100000', '--seconds', '0', '--out', {str(out)!r}, '--no-progress', "
+        "'--set', 'cluster.backend=sim', '--set', 'cluster.workers=4']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "interrupted: stopped the simulation after" in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and 40 <= summary["steps"] <= 41
+    assert summary["checkpoint_step"] == summary["steps"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(row["event"] == "push" for row in rows) == summary["steps"]
+    assert rows[-1]["event"] == "end" and rows[-1]["interrupted"] is True
+    assert (out / "checkpoint" / "state.json").exists() and (out / "report.html").exists()
+
+
 def test_a_run_that_fails_after_writing_its_config_keeps_its_directory(
     tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,3 +29,18 @@ def routed(handler: Any, signals: Iterable[signal.Signals] = (signal.SIGINT, sig
 def as_interrupt(signum: int, frame: Any) -> None:
     """A handler for :func:`routed` that raises ``KeyboardInterrupt``: the signal stops a run as Ctrl-C does."""
     raise KeyboardInterrupt
+
+
+class StopRequest:
+    """A handler for :func:`routed` that only records the signal: the work in progress finishes, and the caller,
+    which asks :meth:`requested` between pieces of work, then stops and keeps what was done."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def requested(self) -> bool:
+        """Whether a signal asked to stop."""
+        return self.signal is not None

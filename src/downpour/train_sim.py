@@ -23,7 +23,7 @@ from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.sim import ModelGradient, SimSettings, simulate
 from downpour.config import Config
-from downpour.console import warn
+from downpour.console import say, warn
 from downpour.data import load_dataset, unread_warning, worker_slice
 from downpour.errors import DownpourError
 from downpour.models import build_model
@@ -34,6 +34,7 @@ from downpour.report.filters import save_filter_grid
 from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
 from downpour.report.tensorboard import open_metrics_log
+from downpour.signals import StopRequest, routed
 from downpour.threads import torch_threads
 
 EVALUATIONS = 50  # held-out evaluations per run
@@ -80,13 +81,15 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
             config_mod.write(config, out / rundir.CONFIG)
             if dataset.whitening is not None:
                 rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
-            return _simulate_run(config, out, settings, model, signature, held_out_loss, rule, policy, dataset,
-                                 console=console, show_progress=show_progress)  # fmt: skip
+            stop = StopRequest()  # from here Ctrl-C or SIGTERM ends the simulation after the push in progress
+            with routed(stop):  # and what was simulated is written out like a finished run's
+                return _simulate_run(config, out, settings, model, signature, held_out_loss, rule, policy, dataset,
+                                     stop, console=console, show_progress=show_progress)  # fmt: skip
 
 
 def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch.nn.Module,
-                  signature: dict[str, Any], held_out_loss: Any, rule: Any, policy: Any, dataset: Any, *,
-                  console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
+                  signature: dict[str, Any], held_out_loss: Any, rule: Any, policy: Any, dataset: Any,
+                  stop: StopRequest, *, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     from downpour.report.live import SimulatedProgress
     from downpour.train import SAVED_FIRST_CHECKPOINT, divergence_line, warn_if_every_field_is_flat
 
@@ -107,8 +110,12 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
                 metrics.write("eval", t=round(t, 6), step=pushes, held_out_loss=loss)
                 progress(pushes, t, loss)
 
-            result = simulate(initial, rule, policy, grad, settings, observe=observe, observe_every=every)
+            result = simulate(initial, rule, policy, grad, settings, observe=observe, observe_every=every,
+                              stop=stop.requested)  # fmt: skip
+        interrupted = stop.requested()
         r = result.records
+        if interrupted:
+            say(console, f"interrupted: stopped the simulation after {len(r):,} pushes; writing its checkpoint")
         for i in range(len(r)):
             metrics.write(
                 "push", t=round(float(r.t[i]), 6), worker=int(r.worker[i]), shard=0, version=int(r.version[i]),
@@ -117,7 +124,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         final_loss = held_out_loss(result.params)
         values_finite = bool(torch.isfinite(result.params).all())
         diverged = not (math.isfinite(final_loss) and values_finite)
-        metrics.write("end", t=round(result.sim_time, 6), step=len(r), final_loss=final_loss, interrupted=False)
+        metrics.write("end", t=round(result.sim_time, 6), step=len(r), final_loss=final_loss, interrupted=interrupted)
     finally:
         metrics.close()
     histogram = result.staleness_histogram()
@@ -146,7 +153,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         "simulated_seconds": result.sim_time, "gradient_evaluations": result.grad_evals,
         "updates_applied": applied, "updates_rejected": result.rejected, "updates_dropped": result.dropped,
         "stragglers": len(result.stragglers), "staleness": histogram.summary(), "worker_deaths": 0,
-        "interrupted": False, "diverged": diverged, "checkpoint_step": len(r), "sessions": 1,
+        "interrupted": interrupted, "diverged": diverged, "checkpoint_step": len(r), "sessions": 1,
         **({"divergence": divergence_line(final_loss, values_finite, len(r), SAVED_FIRST_CHECKPOINT, config.ps.lr)}
            if diverged else {}),  # a simulated run has no earlier checkpoint to keep
         **({"data_files": dataset.read_report} if dataset.read_report else {}),

@@ -247,6 +247,7 @@ class Simulation:
         *,
         observe: Callable[[float, int, Tensor], None] | None = None,
         observe_every: int = 0,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         settings.validate()
         if params.dim() != 1:
@@ -256,7 +257,7 @@ class Simulation:
                 f"invalid cluster.workers: {settings.workers} (the sync policy was built for {policy.workers})"
             )
         self.rule, self.policy, self.grad, self.settings = rule, policy, grad, settings
-        self.observe, self.observe_every = observe, observe_every
+        self.observe, self.observe_every, self.stop = observe, observe_every, stop
         self.params = params.detach().clone()
         self.state = ShardState(self.params, {name: torch.zeros_like(self.params) for name in rule.state_names})
         self.version = 0
@@ -325,7 +326,7 @@ class Simulation:
         n = len(self._cols[0])
         if self._observe_every and n % self._observe_every == 0:
             self.observe(t, n, self.params)  # type: ignore[misc]
-        return n >= self._stop_at
+        return n >= self._stop_at or (self.stop is not None and self.stop())
 
     def _pop(self) -> tuple[float, int] | None:
         """The next event ``(time, worker)``, or None when the simulated-time budget is spent."""
@@ -505,13 +506,16 @@ def simulate(
     *,
     observe: Callable[[float, int, Tensor], None] | None = None,
     observe_every: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> SimResult:
     """Run one simulation (see the module docstring); ``params`` is copied, never modified.
 
     ``observe(t, pushes, params)``, when given, is called every ``observe_every`` pushes (for held-out loss
-    against simulated time and updates); it must not modify ``params``.
+    against simulated time and updates); it must not modify ``params``. ``stop()``, when given, is asked after
+    every push (under sync: every round) whether to end the run there (Ctrl-C): the result holds what was simulated.
     """
-    return Simulation(params, rule, policy, grad, settings, observe=observe, observe_every=observe_every).run()
+    return Simulation(params, rule, policy, grad, settings, observe=observe, observe_every=observe_every,
+                      stop=stop).run()  # fmt: skip
 
 
 __all__ = [
