@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,7 +218,7 @@ def test_a_run_started_in_the_same_directory_meanwhile_is_not_overwritten(
     monkeypatch.setattr(train_module, "worker_context", context_while_another_driver_starts)
     result = cli("train", "--steps", "20", "--out", str(run_dir), *FAST)
     assert result.returncode == 2, result.stderr
-    assert "already holds a run" in result.stderr
+    assert "holds a run that stopped before its first checkpoint" in result.stderr  # no driver holds its lock
     assert (run_dir / "config.toml").read_text() == "# the other driver's run\n"
     assert sorted(path.name for path in run_dir.iterdir()) == [".lock", "config.toml"]
 
@@ -229,6 +230,36 @@ def test_new_run_into_an_existing_run_directory_is_refused(finished_run: Path, c
     assert result.returncode == 2
     assert "already holds a run" in result.stderr
     assert _files(finished_run) == files
+
+
+@pytest.mark.parametrize("backend", ["local", "sim"])
+def test_a_run_stopped_before_its_first_checkpoint_is_trained_again(
+    tmp_path: Path, cli: Callable[..., CliResult], backend: str
+) -> None:
+    """A run killed (or whose cluster could not start) before its first checkpoint holds its config and some metric
+    rows but nothing to resume from: ``--out`` there says so, and ``--resume`` trains it again from step 0 in the
+    same directory (the earlier rows stay), on the local and the simulated backend alike."""
+    run_dir = tmp_path / "run"
+    sim = ["--set", "cluster.backend=sim"] if backend == "sim" else []
+    assert cli("train", "--steps", "10", "--out", str(run_dir), *FAST, *sim).returncode == 0
+    shutil.rmtree(run_dir / "checkpoint")  # what a driver killed before its first checkpoint leaves
+    (run_dir / "summary.json").unlink()
+    rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
+    refused = cli("train", "--steps", "10", "--out", str(run_dir), *FAST, *sim)
+    assert refused.returncode == 2
+    assert f"holds a run that stopped before its first checkpoint; --resume {run_dir} trains it again" in refused.stderr
+    result = cli("train", "--resume", str(run_dir), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "stopped before its first checkpoint: training it again from step 0" in result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["checkpoint_step"] == 10 and not summary["interrupted"]
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert rows[: len(rows_before)] == rows_before
+    starts = [json.loads(row) for row in rows if '"event":"start"' in row]
+    assert len(starts) == 2 and starts[1]["step"] == 0 and starts[1]["resume"] is False
+    if backend == "sim":  # a simulated run with its checkpoint is still not resumed
+        again = cli("train", "--resume", str(run_dir), "--no-progress")
+        assert again.returncode == 2 and "simulated runs are deterministic" in again.stderr
 
 
 def _start(run_dir: Path, *args: str) -> subprocess.Popen[str]:

@@ -362,8 +362,20 @@ def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
         if not (out / rundir.CONFIG).exists():
             raise CheckpointError(rundir.not_resumable(out, ours=locked))
         return
-    if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
+    if (out / rundir.CHECKPOINT).exists():
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
+    if (out / rundir.CONFIG).exists() and locked:  # no checkpoint, no live driver (unlocked: one may be starting)
+        raise DownpourError(f"run directory {out} holds a run that stopped before its first checkpoint; "
+                            f"--resume {out} trains it again from step 0, or use another --out")  # fmt: skip
+
+
+def stopped_before_checkpoint(out: Path, console: Console) -> bool:
+    """Whether the run in ``out`` (held by this process) has no checkpoint: it stopped (killed, or failed to start
+    its cluster) before its first one, so that resuming it means training it again from step 0 (which it says)."""
+    if (out / rundir.CHECKPOINT).exists():
+        return False
+    warn(console, f"run {out} stopped before its first checkpoint: training it again from step 0")
+    return True
 
 
 @contextlib.contextmanager
@@ -413,6 +425,8 @@ def run_training(
         checkpoint = None
         run_state = RunState()
         previous_config = None
+        if resume and stopped_before_checkpoint(out, console):
+            resume = False  # as a new run would, in the same directory (its earlier rows stay in metrics.jsonl)
         if resume:  # every check that can refuse the checkpoint runs here, before anything is written
             checkpoint, run_state = _load_previous(out, config, signature, dataset)
             if 0 < config.train.steps <= run_state.steps:

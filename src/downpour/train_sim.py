@@ -5,7 +5,8 @@ Same run directory as the local backend (``config.toml``, ``metrics.jsonl``, ``s
 ``filters.png``): one ``push`` row per simulated push (its simulated time, worker, version, staleness), an
 ``eval`` row with the held-out loss about 50 times per run, and the final parameters as a checkpoint that the
 evaluation tools read like any other. ``train.steps`` counts pushes; ``train.seconds`` is *simulated* time.
-A simulated run is deterministic and quick, so it is not resumed: rerun it (same seed, same result).
+A simulated run is deterministic and quick, so it is not resumed: rerun it (same seed, same result). One killed
+before it wrote its checkpoint is simulated again from the start by ``--resume``, in its own directory.
 """
 
 from __future__ import annotations
@@ -60,13 +61,17 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
         claimed_run_dir,
         model_signature,
         prepare_run_dir,
+        stopped_before_checkpoint,
     )
 
-    if resume:
-        raise DownpourError(f"cannot resume {out}: simulated runs are deterministic; rerun with a new --out")
-    prepare_run_dir(out, resume=False)
+    deterministic = f"cannot resume {out}: simulated runs are deterministic; rerun with a new --out"
+    if resume and (out / rundir.CHECKPOINT).exists():
+        raise DownpourError(deterministic)
+    prepare_run_dir(out, resume=resume)
     settings = sim_settings(config)
-    with claimed_run_dir(out, resume=False):
+    with claimed_run_dir(out, resume=resume):
+        if resume and not stopped_before_checkpoint(out, console):  # a checkpoint appeared before the claim
+            raise DownpourError(deterministic)
         dataset = load_dataset(config.data, seed=config.train.seed)
         if (note := unread_warning(dataset)) is not None:
             warn(console, note)
