@@ -219,6 +219,23 @@ def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> No
     assert (log.rejected, log.sessions, log.bad_lines) == (1, 2, 1)
 
 
+def test_a_session_after_a_cut_off_row_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
+    """A driver killed mid-row leaves a cut-off last line; the next session's first row must not be glued to it (it
+    would be lost with it, and the report would miss that session)."""
+    from downpour.rundir import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event":"start","t":0.1,"step":0,"resume":false,"initial_loss":50.0}\n{"event":"push","t"')
+    log = MetricsLog(path)
+    log.write("start", t=0.2, step=0, resume=True, initial_loss=40.0)
+    log.close()
+    assert path.read_text().splitlines()[-1] == '{"event":"start","t":0.2,"step":0,"resume":true,"initial_loss":40.0}'
+    read = read_run_log(path)
+    assert (read.sessions, read.bad_lines) == (2, 1)
+    MetricsLog(path).close()  # a file that ends its last row: nothing added
+    assert path.read_text().endswith('"initial_loss":40.0}\n') and path.read_text().count("\n") == 3
+
+
 def test_tensorboard_missing_is_one_line_before_anything_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

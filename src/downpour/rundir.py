@@ -197,6 +197,8 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._handle = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
+        if _ends_mid_line(path):  # a killed driver's cut-off last row: this session's rows start on a line of their own
+            self._handle.write("\n")
 
     def write(self, event: str, **fields: Any) -> None:
         """Append one event."""
@@ -210,6 +212,15 @@ class MetricsLog:
     def close(self) -> None:
         """Flush and close."""
         self._handle.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether the file at ``path`` is not empty and its last byte is not a newline."""
+    with open(path, "rb") as handle:
+        if handle.seek(0, os.SEEK_END) == 0:
+            return False
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) != b"\n"
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
