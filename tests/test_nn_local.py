@@ -230,6 +230,47 @@ def test_torch_compile_gives_the_same_results_without_warnings() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_outputs_are_laid_out_as_convolutions_give_them() -> None:
+    """The layer's and its transpose's outputs are contiguous (``.view`` works on them, as after ``nn.Conv2d``),
+    with skipping too; a batch of 0 goes through forward, backward and the transpose; on the meta device the layer
+    gives shapes (autocast has no meta device to ask about)."""
+    layer = LocallyConnected2d(1, 8, 12, 5, bias=True)
+    x = torch.randn(4, 1, 12, 12)
+    active = torch.rand(4, 8, 8) < 0.5
+    for out in (layer(x), layer(x, active), layer.transpose(torch.randn(4, 8, 8, 8)),
+                layer.transpose(torch.randn(4, 8, 8, 8), None, active)):  # fmt: skip
+        assert out.is_contiguous()
+        assert out.view(4, -1).shape[1] == out[0].numel()
+    empty = torch.randn(0, 1, 12, 12, requires_grad=True)
+    layer(empty).sum().backward()
+    assert empty.grad.shape == empty.shape and float(layer.weight.grad.abs().sum()) == 0.0
+    assert layer.transpose(torch.randn(0, 8, 8, 8)).shape == (0, 1, 12, 12)
+    meta = LocallyConnected2d(1, 2, 6, 3).to("meta")
+    assert meta(torch.empty(2, 1, 6, 6, device="meta")).shape == (2, 2, 4, 4)
+
+
+def test_torch_compile_compiles_once_and_composes_with_vmap() -> None:
+    """Calls after the first reuse what ``torch.compile`` made (an ``apply`` bound anew on every call once made it
+    recompile each time until its limit), and ``torch.compile`` of ``vmap`` of the layer works on the plain
+    "eager" backend too."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(LocallyConnected2d(1, 4, 12, 3), torch.nn.Tanh())
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(2, 1, 12, 12, requires_grad=True)
+    compiled(x).sum().backward()
+    compiled(x).sum().backward()
+    frames = counters["frames"]["total"]  # Python frames Dynamo has compiled so far
+    for _ in range(4):
+        compiled(x).sum().backward()
+    assert counters["frames"]["total"] == frames
+    layer = LocallyConnected2d(1, 4, 12, 3)
+    batches = torch.randn(3, 2, 1, 12, 12)
+    mapped = torch.compile(torch.func.vmap(layer), backend="eager")(batches)
+    torch.testing.assert_close(mapped, torch.stack([layer(b) for b in batches]))
+
+
 def test_float32_matches_float64() -> None:
     """The fp32 path agrees with fp64 to fp32 precision."""
     torch.manual_seed(3)

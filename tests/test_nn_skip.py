@@ -3,6 +3,9 @@ one field at a time, on one thread or several), and τ = 0 changes nothing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +216,80 @@ def test_pair_kernels_refuse_what_does_not_fit_their_pairs() -> None:
     assert torch.equal(half(x, plan), half(x).masked_fill(~active.unsqueeze(1), 0))
     with pytest.raises(ValueError, match=r"transpose weight is torch\.float32"):
         layer.double().transpose(torch.zeros(4, 2, 4, 4, dtype=torch.float64), torch.zeros(16, 2, 9), plan)
+
+
+def test_flat_fields_output_zero_with_a_bias_too() -> None:
+    """ "Fields marked False output zero": with ``bias=True`` as well (the bias is added, then flat fields zeroed), on
+    the pair kernels (float64) and where fields are computed and zeroed (float16 is not skipped)."""
+    for dtype in (torch.float64, torch.float16):
+        layer = LocallyConnected2d(1, 2, 6, 3, bias=True).to(dtype)
+        torch.nn.init.ones_(layer.bias)
+        active = torch.zeros(2, 4, 4, dtype=torch.bool)
+        active[0, 1, 2] = True
+        out = layer(torch.randn(2, 1, 6, 6, dtype=dtype), active)
+        assert (out.permute(1, 0, 2, 3)[:, ~active] == 0).all()  # (maps, flat fields)
+        assert (out[0, :, 1, 2] != 0).all()
+
+
+def test_field_variance_keeps_its_precision_far_from_zero() -> None:
+    """Raw 0-255 pixels: E[x²] − E[x]² in float32 lost the variance of fields around 200 (5x off); in float64 the
+    float32 result matches the float64 one. A field holding NaN counts as active (its NaN shows in the output)."""
+    x = 200 + 0.05 * torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = field_variance(x, (4, 4), (4, 4))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), field_variance(x.double(), (4, 4), (4, 4)), rtol=1e-5, atol=0)
+    x[0, 0, 0, 0] = float("nan")
+    active = active_fields(x, (4, 4), (4, 4), 1.0)  # every finite field is flat at τ = 1
+    assert active.tolist() == [[[True, False], [False, False]]]
+    layer = LocallyConnected2d(3, 2, 8, 4, 4)
+    assert torch.isnan(layer(x, active)[0, :, 0, 0]).all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # PyTorch's forward-AD set-up, not ours
+def test_torch_func_transforms_with_a_skip_plan_equal_autograd() -> None:
+    """``grad``, ``jvp`` and ``jacrev`` through a layer given a skip plan or a mask (planning reads the mask as a
+    NumPy array, which a tensor made inside a transform has none of) agree with plain autograd and with each other
+    (float64)."""
+    from torch.func import functional_call, grad, jacrev, jvp
+
+    layer = LocallyConnected2d(1, 2, 9, 3).double()
+    x = _flat_in_places(1, (9, 9), batch=3)
+    active = active_fields(x, layer.kernel_size, layer.stride, 1e-4)
+    assert 0 < int(active.sum()) < active.numel()
+    weight = layer.weight.detach().clone()
+    direction = torch.randn_like(weight)
+    for mask in (active, layer.skip_plan(active, 3)):
+
+        def outputs(w, mask=mask):
+            return functional_call(layer, {"weight": w}, (x, mask))
+
+        def loss(w, outputs=outputs):
+            return outputs(w).pow(2).sum()
+
+        leaf = weight.clone().requires_grad_(True)
+        expected = torch.autograd.grad(loss(leaf), leaf)[0]
+        torch.testing.assert_close(grad(loss)(weight), expected)
+        torch.testing.assert_close(jvp(loss, (weight,), (direction,))[1], (expected * direction).sum())
+        along = torch.tensordot(jacrev(outputs)(weight), direction, dims=3)  # J·v, from the rows of J
+        torch.testing.assert_close(along, jvp(outputs, (weight,), (direction,))[1])
+        assert (along.permute(1, 0, 2, 3)[:, ~active] == 0).all()
+
+
+def test_torch_compile_of_a_layer_given_a_mask_in_a_fresh_process() -> None:
+    """``torch.compile`` of a call with a skip mask, in a process where Numba has compiled nothing yet (planning's
+    first compile of its loops used to run inside Dynamo's tracing and fail there): the same values and gradients
+    as the call itself."""
+    script = (
+        "import torch\n"
+        "from downpour.nn import LocallyConnected2d\n"
+        "torch.manual_seed(0)\n"
+        "layer = LocallyConnected2d(1, 2, 6, 3)\n"
+        "x, active = torch.randn(4, 1, 6, 6, requires_grad=True), torch.rand(4, 4, 4) < 0.5\n"
+        "got = torch.compile(lambda x, a: layer(x, a).sum(), backend='aot_eager')(x, active)\n"
+        "(grad,) = torch.autograd.grad(got, x)\n"
+        "expected = layer(x, active).sum()\n"
+        "assert torch.allclose(got, expected) and torch.allclose(grad, torch.autograd.grad(expected, x)[0])\n"
+        "print('same')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-3000:]

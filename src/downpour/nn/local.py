@@ -76,6 +76,8 @@ def _lc_transpose(g_t: Tensor, weight: Tensor, in_chw: tuple[int, int, int], ker
     out_h, out_w, maps, batch = g_t.shape
     channels, kh, sh = in_chw[0], kernel[0], stride[0]
     x_t = g_t.new_zeros(*in_chw, batch)
+    if batch == 0:
+        return x_t
     for rows in _bands(out_h, out_w, weight.shape[2], batch, g_t.element_size()):
         r = rows.stop - rows.start
         g_band = g_t[rows].reshape(r * out_w, maps, batch)  # (R·W_out, M, B)
@@ -134,12 +136,13 @@ class _BandKernels:
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, M, H_out, W_out)``."""
         x_t = x.permute(1, 2, 3, 0).contiguous()  # (C, H, W, B): the batch innermost
-        return _lc_forward(x_t, weight, self.out_hw, self.kernel, self.stride).permute(3, 2, 0, 1)  # a view
+        out_t = _lc_forward(x_t, weight, self.out_hw, self.kernel, self.stride)  # (H_out, W_out, M, B)
+        return out_t.permute(3, 2, 0, 1).contiguous()  # as convolutions give it: `.view` works on it
 
     def transpose(self, g: Tensor, weight: Tensor) -> Tensor:
         """``(B, M, H_out, W_out) -> (B, C, H, W)``."""
         g_t = g.permute(2, 3, 1, 0).contiguous()  # (H_out, W_out, M, B)
-        return _lc_transpose(g_t, weight, self.in_chw, self.kernel, self.stride).permute(3, 0, 1, 2)
+        return _lc_transpose(g_t, weight, self.in_chw, self.kernel, self.stride).permute(3, 0, 1, 2).contiguous()
 
     def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
         """``(L, M, P)`` from response gradients ``(B, M, H_out, W_out)`` and inputs ``(B, C, H, W)``."""
@@ -163,15 +166,21 @@ class _TritonKernels(_BandKernels):
 def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager[None]:
     """Autocast off for the kernels (their products stay in the dtype they were given), when it is on for ``x``."""
     device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    return torch.autocast(device, enabled=False) if _autocasting(device) else contextlib.nullcontext()
+
+
+def _autocasting(device: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device`` (a device type autocast does not know, such as "meta", never
+    is: PyTorch raises for it)."""
+    try:
+        return torch.is_autocast_enabled(device)
+    except RuntimeError:
+        return False
 
 
 class _Linear(torch.autograd.Function):
     """Base of the layer's three products, written in ``setup_context`` form so that ``torch.func``'s transforms
-    can use them. ``Function.apply`` binds such a Function's arguments to its signature with :mod:`inspect` on every
-    call (15 µs per call on this project's 2-core machine, about what the rest of a CUDA step's host side costs
-    per kernel): the products skip that when no ``torch.func`` transform is active, since they are always called
-    with every argument in place."""
+    can use them (applied through :func:`_apply`)."""
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[object, ...], output: Tensor) -> None:
@@ -180,18 +189,24 @@ class _Linear(torch.autograd.Function):
         ctx.save_for_backward(first, second)
         ctx.save_for_forward(first, second)
 
-    @classmethod
-    def apply(cls, *args: object) -> Tensor:
-        if _transforms_active is None or _transforms_active():
-            return super().apply(*args)  # binds, then the vmap and jvp rules below
-        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))  # PyTorch's own apply, unbound
+
+def _apply(function: type[_Linear], *args: object) -> Tensor:
+    """``function.apply(*args)``. For a Function in ``setup_context`` form, ``Function.apply`` binds the arguments
+    to its signature with :mod:`inspect` on every call (15 µs here, tripling the products' own host cost); the
+    products are always called with every argument in place, so they skip that when neither ``torch.compile`` nor
+    a ``torch.func`` transform is at work (both need ``Function.apply`` itself)."""
+    if torch.compiler.is_compiling() or _transforms_active is None or _transforms_active():
+        return function.apply(*args)
+    return _FUNCTION_BASE_APPLY.__get__(None, function)(*_unwrap_dead(args))  # PyTorch's own apply, unbound
 
 
 try:  # what Function.apply itself calls (PyTorch 2.4-2.13); a PyTorch without them gets Function.apply throughout
     from torch._C import _are_functorch_transforms_active as _transforms_active  # a torch.func transform running?
     from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead  # tensors of a finished transform
-except ImportError:  # pragma: no cover - depends on the PyTorch version
-    _transforms_active = _unwrap_dead = None
+
+    _FUNCTION_BASE_APPLY = torch._C._FunctionBase.__dict__["apply"]  # the classmethod Function.apply ends in
+except (ImportError, AttributeError, KeyError):  # pragma: no cover - depends on the PyTorch version
+    _transforms_active = _unwrap_dead = _FUNCTION_BASE_APPLY = None
 
 
 class _Product(_Linear):
@@ -319,18 +334,20 @@ def _mapped(size: int, dims: tuple[int | None, ...], tensors: tuple[Tensor, ...]
 
 def _product(x: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
     """``W x``, differentiable when grad mode is on (inside a backward pass: only under ``create_graph``)."""
-    return _Product.apply(x, weight, kernels) if torch.is_grad_enabled() else kernels.forward(x, weight)
+    return _apply(_Product, x, weight, kernels) if torch.is_grad_enabled() else kernels.forward(x, weight)
 
 
 def _transposed(h: Tensor, weight: Tensor, kernels: _Kernels) -> Tensor:
     """``Wᵀh``, differentiable when grad mode is on."""
-    return _TransposedProduct.apply(h, weight, kernels) if torch.is_grad_enabled() else kernels.transpose(h, weight)
+    if torch.is_grad_enabled():
+        return _apply(_TransposedProduct, h, weight, kernels)
+    return kernels.transpose(h, weight)
 
 
 def _weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, kernels: _Kernels) -> Tensor:
     """``g ⊗ x``, differentiable when grad mode is on."""
     if torch.is_grad_enabled():
-        return _WeightGrad.apply(g, x, kernels, weight_shape)
+        return _apply(_WeightGrad, g, x, kernels, weight_shape)
     return kernels.weight_grad(g, x, weight_shape)
 
 
@@ -403,10 +420,12 @@ class LocallyConnected2d(nn.Module):
         plan = self.skip_plan(active, x.shape[0])
         kernels, skipping = self._kernel_set(x, plan)
         with _without_autocast(x):
-            out = _Product.apply(x, self.weight, kernels)
-        if plan is not None and not skipping:  # kernels without skipping (CUDA, half precision): compute, then zero
-            out = out.masked_fill(~plan.active.unsqueeze(1), 0.0)  # exactly 0, as the pair kernels give
-        return out + self.bias if self.bias is not None else out
+            out = _apply(_Product, x, self.weight, kernels)
+        if self.bias is not None:
+            out = out + self.bias
+        if plan is not None and (self.bias is not None or not skipping):  # flat fields output exactly 0 (the pair
+            out = out.masked_fill(~plan.active.unsqueeze(1), 0.0)  # kernels give it; elsewhere they are computed)
+        return out
 
     def skip_plan(self, active: Tensor | SkipPlan | None, batch: int) -> SkipPlan | None:
         """The :class:`~downpour.nn.skip.SkipPlan` of a ``(batch, H_out, W_out)`` bool mask (None when every field
@@ -449,7 +468,7 @@ class LocallyConnected2d(nn.Module):
         """``x`` in the weights' dtype inside a ``torch.autocast`` region of its device, else as it is: under autocast
         the layer computes in its weights' precision, as autocast's float32 operations do (its CUDA kernels are
         float32 Triton ones, with TF32 when PyTorch allows; a float16 input would fall back to slow batched matmuls)."""
-        if x.dtype != self.weight.dtype and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        if x.dtype != self.weight.dtype and x.is_floating_point() and _autocasting(x.device.type):
             return x.to(self.weight.dtype)
         return x
 
@@ -484,7 +503,7 @@ class LocallyConnected2d(nn.Module):
         if plan is not None and not skipping:
             h = h.masked_fill(~plan.active.unsqueeze(1), 0.0)
         with _without_autocast(h):
-            return _TransposedProduct.apply(h, w, kernels)
+            return _apply(_TransposedProduct, h, w, kernels)
 
     def _triton(self, x: Tensor) -> bool:
         """Whether this call runs the Triton kernels (see :attr:`implementation`)."""

@@ -17,6 +17,7 @@ each patch in place and pay nothing for a skipped field.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -196,7 +197,8 @@ class FieldPairs:
     @classmethod
     def of(cls, active: Tensor) -> FieldPairs:
         """The pairs of a CPU bool mask ``(B, H_out, W_out)``."""
-        mask = active.reshape(active.shape[0], math.prod(active.shape[1:])).contiguous().numpy()  # (B, L)
+        with _plain_tensors():
+            mask = active.reshape(active.shape[0], math.prod(active.shape[1:])).contiguous().numpy()  # (B, L)
         return cls(*mask.shape, *_compiled().pairs(mask))
 
     @property
@@ -242,6 +244,12 @@ def _flat(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().view(t.shape[0], math.prod(t.shape[1:])).numpy()
 
 
+def _plain_tensors() -> contextlib.AbstractContextManager[None]:
+    """Tensors as they are, outside ``torch.func``'s transforms (inside one, a tensor made there has no storage to
+    read as a NumPy array): for the plans, which only read masks and index tables."""
+    return torch._C._DisableFuncTorch()
+
+
 class PairKernels:
     """The layer's three products over active pairs only (the ``_Kernels`` of :mod:`downpour.nn.local`): zero at
     inactive fields in every one of them. CPU, float32 or float64."""
@@ -254,7 +262,8 @@ class PairKernels:
         if not fits or pairs.locations != out_hw[0] * out_hw[1]:  # the kernels do not check bounds: refuse here
             raise ValueError(f"PairKernels: {pairs.locations} locations, output {out_hw} with kernel {kernel}, "
                              f"stride {stride} do not fit an input {in_chw}")  # fmt: skip
-        self.offsets = fold_index((1, 1), in_chw, kernel, stride).numpy()  # (P,): the first field's, flattened
+        with _plain_tensors():  # (fold_index keeps what it makes: never a transform's wrapped tensor)
+            self.offsets = fold_index((1, 1), in_chw, kernel, stride).numpy()  # (P,): the first field's, flattened
 
     def _geometry(self) -> tuple[int, int, int, int]:
         return self.in_chw[2], self.stride[0], self.stride[1], self.out_hw[1]
@@ -271,6 +280,7 @@ class PairKernels:
                              f"of its dtype; got {t.dtype} {tuple(t.shape)} on {t.device}, weights "
                              f"{dtype} {tuple(weight_shape)}")  # fmt: skip
 
+    @torch.compiler.disable  # Numba compiling its loops inside torch.compile's tracing fails: run them as they are
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, M, H_out, W_out)``."""
         self._check(x, self.in_chw, weight.shape, weight.dtype)
@@ -280,6 +290,7 @@ class PairKernels:
              p.loc_examples, _flat(out), *self._geometry())  # fmt: skip
         return out
 
+    @torch.compiler.disable
     def transpose(self, h: Tensor, weight: Tensor) -> Tensor:
         """``(B, M, H_out, W_out) -> (B, C, H, W)``, ``h`` read at active fields only."""
         self._check(h, (weight.shape[1], *self.out_hw), weight.shape, weight.dtype)
@@ -289,6 +300,7 @@ class PairKernels:
              p.loc_examples, _flat(out), *self._geometry())  # fmt: skip
         return out
 
+    @torch.compiler.disable
     def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
         """``(L, M, P)`` from response gradients ``(B, M, H_out, W_out)`` (read at active fields) and inputs."""
         self._check(g, (weight_shape[1], *self.out_hw), weight_shape, x.dtype)
