@@ -196,6 +196,13 @@ def test_staleness_study_on_the_local_backend_writes_its_report(tmp_path: Path, 
         assert Path(run["run_dir"]).is_dir() and run["final_loss"] < run["initial_loss"]
         assert len(run["curve"]["loss"]) >= 2 and run["sim_time"] > 0
     assert "wall time (median)" in (out / "table.md").read_text()
+    again = cli("study", "staleness", "--backend", "local", "--policies", "downpour", "--workers", "2", "--seeds",
+                "1", "--steps", "20", "--set", "data.examples=2000", "--set", "data.held_out=64", "--no-progress",
+                "--out", str(out))  # fmt: skip
+    assert again.returncode == 0, again.stderr  # a rerun into the same --out: its runs get directories of their own
+    (rerun,) = json.loads((out / "results.json").read_text())["runs"]
+    assert Path(rerun["run_dir"]).name == "downpour-w2-s0-2" and rerun["pushes"] == 20
+    assert Path(by_policy["downpour"]["run_dir"]).is_dir()  # the first study's run is still there
 
     with pytest.raises(ConfigError, match=r"invalid --workers: 1000000 with --backend local: .*MB each"):
         run_study(study_config(), policies=["downpour"], workers=[1_000_000], seeds=1, out=tmp_path / "no",

@@ -40,3 +40,10 @@ def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) 
     bad = cli("study", "staleness", "--set", "cluster.backend=ray", "--out", str(tmp_path / "z"))  # ran on sim
     assert bad.returncode == 2 and "cluster.backend = 'ray' is not how this study chooses" in bad.stderr
     assert "pass --backend" in bad.stderr and not (tmp_path / "z").exists()
+    # the study's default config already says "local": named by hand, it must still agree with --backend (sim)
+    bad = cli("study", "staleness", "--set", "cluster.backend=local", "--out", str(tmp_path / "w"))
+    assert bad.returncode == 2 and "cluster.backend = 'local' is not how" in bad.stderr and "now sim" in bad.stderr
+    config = tmp_path / "study.toml"
+    config.write_text('[cluster]\nbackend = "local"\n')
+    bad = cli("study", "staleness", "--config", str(config), "--out", str(tmp_path / "v"))
+    assert bad.returncode == 2 and "cluster.backend = 'local' is not how" in bad.stderr

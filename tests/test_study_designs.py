@@ -64,8 +64,8 @@ def test_the_command_refuses_a_bad_budget_in_one_line(tmp_path: Path, capsys: py
 
 
 def test_a_rerun_keeps_the_cells_that_trained_their_whole_budget(tmp_path: Path) -> None:
-    from downpour.rundir import write_json
-    from downpour.study.designs import _finished_rows, _fresh
+    from downpour.rundir import fresh_path, write_json
+    from downpour.study.designs import _finished_rows
 
     setup = {"data": "digits", "steps": 1000}
     full = _row("design", "rbm", 0.9, 0.8)
@@ -78,5 +78,5 @@ def test_a_rerun_keeps_the_cells_that_trained_their_whole_budget(tmp_path: Path)
         _finished_rows(tmp_path, {**setup, "steps": 10})
     (tmp_path / "run").mkdir()
     (tmp_path / "run-2").mkdir()
-    assert _fresh(tmp_path / "run") == tmp_path / "run-3"  # a rerun never overwrites a run
-    assert _fresh(tmp_path / "other") == tmp_path / "other"
+    assert fresh_path(tmp_path / "run") == tmp_path / "run-3"  # a rerun never overwrites a run
+    assert fresh_path(tmp_path / "other") == tmp_path / "other"

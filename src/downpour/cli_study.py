@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,18 @@ def _check_out(out: Path) -> None:
         raise DownpourError(f"invalid --out: {out} is a file, not a directory (the report directory to write)")
 
 
+def _names_backend(path: Path | None, overrides: list[str] | None) -> bool:
+    """Whether the config file or a ``--set`` names ``cluster.backend`` (the study's default is one of the backends
+    it runs on, so the value alone cannot tell)."""
+    if any(item.partition("=")[0].strip() == "cluster.backend" for item in overrides or []):
+        return True
+    if path is None:
+        return False
+    with open(path, "rb") as handle:  # read and checked by study_config already
+        cluster = tomllib.load(handle).get("cluster", {})
+    return isinstance(cluster, dict) and "backend" in cluster
+
+
 def cmd_study(args: argparse.Namespace, console: Console) -> int:
     """Run the study named on the command line."""
     _check_out(args.out)
@@ -83,7 +96,7 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         from downpour.study import staleness
 
         config = staleness.study_config(args.config, args.set)
-        if config.cluster.backend not in (args.backend, staleness.study_config().cluster.backend):
+        if _names_backend(args.config, args.set) and config.cluster.backend != args.backend:
             raise DownpourError(f"cluster.backend = {config.cluster.backend!r} is not how this study chooses its "
                                 f"backend: pass --backend (sim or local; now {args.backend})")  # fmt: skip
         grid = staleness.parse_grid(args.policies, args.workers, args.seeds)

@@ -180,6 +180,15 @@ def new_run_dir(root: Path = Path("runs")) -> Path:
     raise DownpourError(f"could not make a new run directory under {root}")
 
 
+def fresh_path(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... if something is already there (a rerun never overwrites a run)."""
+    candidate, index = path, 1
+    while candidate.exists():
+        index += 1
+        candidate = path.with_name(f"{path.name}-{index}")
+    return candidate
+
+
 def json_safe(value: Any) -> Any:
     """JSON has no NaN or Inf: write them as null (recursively through dicts and lists)."""
     if isinstance(value, float) and not math.isfinite(value):

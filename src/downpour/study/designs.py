@@ -233,15 +233,6 @@ def _finished_rows(out: Path, setup: dict[str, Any]) -> dict[tuple, dict[str, An
     return {_key(row): row for row in rows if "error" not in row and row.get("steps", 0) >= setup["steps"]}
 
 
-def _fresh(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3``, ... if a run is already there (a rerun never overwrites a run)."""
-    candidate, index = path, 1
-    while candidate.exists():
-        index += 1
-        candidate = path.with_name(f"{path.name}-{index}")
-    return candidate
-
-
 def run_designs_study(*, seconds: float, out: Path, steps: int = 1000, workers: int = 2,
                       cells: list[Cell] | None = None,
                       progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:  # fmt: skip
@@ -263,7 +254,7 @@ def run_designs_study(*, seconds: float, out: Path, steps: int = 1000, workers: 
             progress(index, len(cells), cell.name)
         row = done.get(_key(cell))
         if row is None:  # not run yet, failed, or cut short (by the wall-clock cap): train it (again)
-            row = run_cell(cell, base, _fresh(out / "runs" / cell.name))
+            row = run_cell(cell, base, rundir.fresh_path(out / "runs" / cell.name))
         rows.append(row)
         rundir.write_json(out / "results.json", {"setup": setup, "rows": rows, "complete": False})
     if progress is not None:

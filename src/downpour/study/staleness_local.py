@@ -26,6 +26,7 @@ import numpy as np
 from rich.console import Console
 
 from downpour import config as config_mod
+from downpour import rundir
 from downpour.backends.local import check_local_workers
 from downpour.config import Config
 from downpour.errors import ConfigError
@@ -76,7 +77,7 @@ def local_run(config: Config, dataset: Any, name: str, workers: int, seed_index:
     from downpour.train import run_training
 
     run = run_config(config, name, workers, seed_index, pushes)
-    run_dir = Path(out) / "runs" / f"{name.replace(':', '_')}-w{workers}-s{seed_index}"
+    run_dir = rundir.fresh_path(Path(out) / "runs" / f"{name.replace(':', '_')}-w{workers}-s{seed_index}")
     quiet = Console(stderr=True, quiet=True)
     summary = run_training(run, run_dir, console=quiet, show_progress=False, dataset=dataset)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
