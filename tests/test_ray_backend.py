@@ -312,6 +312,32 @@ def test_ray_config_keys_and_policies_are_checked() -> None:
             assert word in str(error.value), (overrides, str(error.value))
 
 
+def test_an_address_where_nothing_answers_is_one_line_at_once(tmp_path: Path) -> None:
+    """``ray.init`` retries an unreachable head for minutes; the run checks the port first and says so in one line
+    (exit 2, in seconds), and the directory it made can then be trained again with ``--resume``."""
+    import socket
+
+    from downpour.backends.ray import unreachable
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert unreachable(f"127.0.0.1:{listening.getsockname()[1]}") is None
+    assert "nothing accepts connections at 127.0.0.1" in unreachable(f"127.0.0.1:{closed}")
+    assert unreachable(f"ray://127.0.0.1:{closed}") is None  # a Ray client address: Ray's to check
+    started = time.monotonic()
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "downpour", "train", "--backend", "ray", "--set",
+                           f"cluster.address=127.0.0.1:{closed}", "--steps", "5", "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and time.monotonic() - started < 60, done.stderr[-2000:]
+    assert f"cannot reach Ray at cluster.address = '127.0.0.1:{closed}': nothing accepts connections" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def _orphan_shard_files() -> list[str]:
     """Shard files under /dev/shm whose owning actor process is gone."""
     from downpour.backends import shm

@@ -41,6 +41,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -116,6 +117,28 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+def unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at the Ray head ``address`` ("host:port", or "auto" as Ray resolves it), or None when
+    something accepts a connection there (or the address is one to leave to Ray: a client ``ray://`` address, or
+    "auto" with no cluster found, which Ray reports at once). ``ray.init`` itself retries an unreachable head for
+    minutes, printing its own warnings, instead of failing."""
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            address = canonicalize_bootstrap_address("auto") or ""
+        except Exception:  # any failure here is ray.init's to report
+            return None
+    host, colon, port = address.rpartition(":")
+    if "://" in address or not colon or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"nothing accepts connections at {host}:{port} ({exc.strerror or exc})"
+
+
 @contextlib.contextmanager
 def _keep_loopback() -> Iterator[None]:
     """While starting or joining Ray, keep 127.0.0.1 as this node's address instead of resolving it.
@@ -186,6 +209,8 @@ def connect(address: str = "", *, num_cpus: int | None = None, object_store_byte
             raise DownpourError(f"cannot start a local Ray instance: {_first(exc)}") from None
         return temp_dir
     try:
+        if (reason := unreachable(address)) is not None:
+            raise ConnectionError(reason)
         with _keep_loopback() if address != "auto" and _is_loopback(address) else contextlib.nullcontext():
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RayError, RuntimeError, ValueError) as exc:
