@@ -219,6 +219,33 @@ def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> No
     assert (log.rejected, log.sessions, log.bad_lines) == (1, 2, 1)
 
 
+def test_rows_with_fields_no_driver_writes_are_counted_not_read(local_run: Path, tmp_path: Path) -> None:
+    """Valid JSON with a field of the wrong type (edited by hand, or another tool's file) is skipped and counted like
+    a cut-off line, never a traceback; a staleness beyond the rows in the file would ask for a histogram of that
+    many bins (745 GiB for 99,999,999,999)."""
+    path = tmp_path / "metrics.jsonl"
+    good = [
+        {"event": "start", "t": 0.0, "step": 0, "resume": False, "initial_loss": 9.0},
+        {"event": "push", "t": 1.0, "worker": 0, "shard": 0, "staleness": 1, "loss": 5.0, "applied": True},
+    ]
+    odd = [
+        {"event": "push", "t": 1.0, "worker": 0, "shard": None, "staleness": 0, "loss": 5.0, "applied": True},
+        {"event": "push", "t": 1.0, "worker": 0, "shard": 0, "staleness": 99999999999, "loss": 5.0, "applied": True},
+        {"event": "push", "t": 1.0, "worker": 0, "shard": 0, "staleness": "1", "loss": 5.0, "applied": True},
+        {"event": "start", "t": 0.0, "step": "abc", "resume": True},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in [*good, *odd]))
+    log = read_run_log(path)
+    assert (log.sessions, log.bad_lines, log.push_step.tolist()) == (1, 4, [1])
+    assert log.staleness[0].counts.tolist() == [0, 1]
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in odd))
+    assert main(["report", str(run), "--out", str(tmp_path / "page.html")]) == 0
+    assert "4 lines of metrics.jsonl could not be read" in (tmp_path / "page.html").read_text()
+
+
 def test_a_session_after_a_cut_off_row_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
     """A driver killed mid-row leaves a cut-off last line; the next session's first row must not be glued to it (it
     would be lost with it, and the report would miss that session)."""

@@ -30,11 +30,29 @@ class RunLog:
     held_out_loss: np.ndarray  # (H,)
     sessions: int
     events: list[dict[str, Any]] = field(default_factory=list)  # worker_died / worker_error / checkpoint rows
-    bad_lines: int = 0  # lines that are not JSON objects (a cut-off last line of a killed driver)
+    bad_lines: int = 0  # lines that are not JSON objects (a cut-off last line of a killed driver), or hold fields no
+    # driver writes (a shard that is not a count, a staleness beyond the rows in the file)
 
 
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+def _checked(row: dict[str, Any], kind: Any, most: int) -> dict[str, int]:
+    """The integer fields a row of ``kind`` is read for: a push's shard and staleness (at most ``most``, the rows in
+    the file: no push waited for more pushes than there are), a start's step. ValueError if one is not a
+    non-negative integer (a rejected push's staleness is not read)."""
+    wanted: dict[str, Any] = {}
+    if kind == "push":
+        wanted["shard"] = row.get("shard", 0)
+        if row.get("applied", True):
+            wanted["staleness"] = row.get("staleness", 0)
+    elif kind == "start":
+        wanted["step"] = row.get("step", 0) or 0
+    for name, value in wanted.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (name == "staleness" and value > most):
+            raise ValueError(f"{name} = {value!r}")
+    return wanted
 
 
 def read_run_log(path: Path) -> RunLog:
@@ -67,10 +85,15 @@ def read_run_log(path: Path) -> RunLog:
             bad += 1
             continue
         kind = row.get("event")
+        try:
+            checked = _checked(row, kind, most=len(lines))
+        except ValueError:  # a row of the right shape with a field no driver writes: counted, not read
+            bad += 1
+            continue
         if kind == "push":
-            shard = int(row.get("shard", 0))
+            shard = checked["shard"]
             if row.get("applied", True):
-                staleness.setdefault(shard, []).append(int(row.get("staleness", 0)))
+                staleness.setdefault(shard, []).append(checked["staleness"])
             else:
                 rejected += 1
             if shard == 0:
@@ -83,7 +106,7 @@ def read_run_log(path: Path) -> RunLog:
         elif kind in ("start", "eval", "end"):
             if kind == "start":
                 sessions += 1
-                step_offset, counted, t_offset = int(row.get("step", 0) or 0), 0, last_t
+                step_offset, counted, t_offset = checked["step"], 0, last_t
             key = {"start": "initial_loss", "eval": "held_out_loss", "end": "final_loss"}[kind]
             if kind != "start" or not row.get("resume"):  # a resumed session repeats no initial loss
                 held_step.append(_number(row.get("step")))
