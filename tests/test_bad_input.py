@@ -385,6 +385,26 @@ def test_source_only_keys_and_sim_shards_are_warned_of_when_ignored() -> None:
         assert config_mod.ignored_keys(config_mod.load(None, [f"data.source={source}", *keys, "ps.shards=4"])) == []
 
 
+def test_backend_and_policy_only_keys_are_warned_of_when_ignored() -> None:
+    """The simulator's cluster.sim_* keys on another backend, train.eval_every on the simulator, and a policy's own
+    key (ps.staleness_bound, ...) under another policy each get their line; where they are read, none."""
+    ignored = config_mod.load(None, ["cluster.sim_stragglers=0.5", "cluster.sim_network_mean=0.1",
+                                     "ps.staleness_bound=5", "ps.backup_workers=1", "ps.dc_lambda=0.1",
+                                     "ps.easgd_tau=8"])  # fmt: skip
+    lines = config_mod.ignored_keys(ignored)
+    assert [line.split(" applies")[0] for line in lines] == [
+        "cluster.sim_stragglers", "cluster.sim_network_mean", "ps.staleness_bound", "ps.backup_workers",
+        "ps.dc_lambda", "ps.easgd_tau",
+    ]  # fmt: skip
+    assert lines[2] == ("ps.staleness_bound applies only to ps.policy = 'ssp'; ignored (ps.staleness_bound = 5 with "
+                        "ps.policy = 'downpour')")  # fmt: skip
+    sim = config_mod.load(None, ["cluster.backend=sim", "train.eval_every=2", "cluster.sim_stragglers=0.5"])
+    assert [line.split(" applies")[0] for line in config_mod.ignored_keys(sim)] == ["train.eval_every"]
+    for policy, key in [("ssp", "ps.staleness_bound=5"), ("sync", "ps.backup_workers=1"),
+                        ("dc-asgd", "ps.dc_lambda=0.1"), ("easgd", "ps.easgd_tau=8")]:  # fmt: skip
+        assert config_mod.ignored_keys(config_mod.load(None, [f"ps.policy={policy}", key])) == []
+
+
 def test_keys_the_design_reads_are_not_warned_of() -> None:
     cat = config_mod.load(None, ["model.name=cat", "model.pool=3", "model.skip_variance=0.1", "data.channels=3"])
     assert config_mod.ignored_keys(cat) == []

@@ -306,7 +306,25 @@ def ignored_keys(config: Config) -> list[str]:
     if config.cluster.backend == "sim" and config.ps.shards != PSConfig.shards:
         lines.append(f"ps.shards applies only to the local and Ray backends (the simulator keeps one parameter "
                      f"vector); ignored (ps.shards = {config.ps.shards} with cluster.backend = 'sim')")  # fmt: skip
+    if config.cluster.backend == "sim" and config.train.eval_every != TrainConfig.eval_every:
+        lines.append(
+            f"train.eval_every applies only to the local and Ray backends (a simulated run evaluates 50 "
+            f"times); ignored (train.eval_every = {config.train.eval_every:g} with cluster.backend = 'sim')"
+        )
+    for key, value in vars(config.cluster).items():
+        if key.startswith("sim_") and config.cluster.backend != "sim" and value != getattr(ClusterConfig, key):
+            lines.append(f"cluster.{key} applies only to cluster.backend = 'sim'; ignored (cluster.{key} = "
+                         f"{value!r} with cluster.backend = {config.cluster.backend!r})")  # fmt: skip
+    for key, policy in POLICY_ONLY_KEYS.items():
+        value = getattr(config.ps, key)
+        if config.ps.policy != policy and value != getattr(PSConfig, key):
+            lines.append(f"ps.{key} applies only to ps.policy = {policy!r}; ignored (ps.{key} = {value!r} with "
+                         f"ps.policy = {config.ps.policy!r})")  # fmt: skip
     return lines
+
+
+POLICY_ONLY_KEYS = {"staleness_bound": "ssp", "backup_workers": "sync", "dc_lambda": "dc-asgd", "easgd_rho": "easgd",
+                    "easgd_tau": "easgd"}  # fmt: skip
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
