@@ -111,3 +111,19 @@ def test_a_simulated_run_is_not_resumed(run_dir: Path, cli: Callable[..., CliRes
     assert first.returncode == 0, first.stderr
     again = cli("train", "--backend", "sim", "--workers", "4", "--steps", "50", *FAST, "--resume", str(run_dir))
     assert again.returncode == 2 and "simulated runs are deterministic" in again.stderr
+    files = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    local = cli("train", "--resume", str(run_dir), "--set", "cluster.backend=local", "--set", "ps.shards=1", *FAST)
+    assert local.returncode == 2, local.stderr
+    assert "it was simulated (cluster.backend = 'sim'), and simulated runs are deterministic" in local.stderr
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file() and path.name != ".lock"} == {
+        path: data for path, data in files.items() if path.name != ".lock"
+    }
+
+
+def test_a_simulated_run_whose_time_ends_before_its_first_push_says_so(
+    run_dir: Path, cli: Callable[..., CliResult]
+) -> None:
+    result = cli("train", "--backend", "sim", "--seconds", "0.5", "--steps", "0", *FAST, "--out", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert ("train.seconds = 0.5 simulated seconds ran out before the first push (one takes about 1): this run "
+            "trained nothing; raise --seconds") in result.stderr  # fmt: skip

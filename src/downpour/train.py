@@ -179,6 +179,9 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any],
         )
     checkpoint = ckpt.load(out / rundir.CHECKPOINT)
     saved = checkpoint.state
+    if saved.get("backend") == "sim":  # its own checks would blame whatever differs, e.g. data counts it has none of
+        raise DownpourError(f"cannot resume {out}: it was simulated (cluster.backend = 'sim'), and simulated runs are "
+                            "deterministic; rerun with a new --out")  # fmt: skip
     _require_objects(saved, where)
     _check_compatible(saved, config, signature, out / rundir.CHECKPOINT)
     _check_same_examples(saved, config, dataset, out)

@@ -121,6 +121,10 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         r = result.records
         if interrupted:
             say(console, f"interrupted: stopped the simulation after {len(r):,} pushes; writing its checkpoint")
+        elif len(r) == 0:
+            cycle = config.cluster.sim_compute_mean + 2 * config.cluster.sim_network_mean  # fetch, compute, push
+            warn(console, f"train.seconds = {settings.seconds:g} simulated seconds ran out before the first push "
+                          f"(one takes about {cycle:g}): this run trained nothing; raise --seconds")  # fmt: skip
         for i in range(len(r)):
             metrics.write(
                 "push", t=round(float(r.t[i]), 6), worker=int(r.worker[i]), shard=0, version=int(r.version[i]),
