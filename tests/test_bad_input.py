@@ -424,3 +424,26 @@ def test_a_bad_autotune_switch_is_refused_before_anything_runs(cli: Cli, tmp_pat
     assert result.returncode == 2
     assert result.stderr.strip() == "downpour: error: DOWNPOUR_TRITON_AUTOTUNE must be 0 (off) or 1 (on), got 'yes'"
     assert not out.exists()
+
+
+def test_a_full_disk_while_saving_tensors_is_an_os_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """safetensors reports its writer's I/O errors as its own exception type; a full disk must reach the command's
+    one-line error like any OSError (it was a traceback), and leave no temporary file behind."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from downpour import rundir
+
+    def full(tensors: object, filename: str) -> None:
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    target = tmp_path / "weights.safetensors"
+    with pytest.raises(OSError) as error:
+        rundir.save_tensors({"w": torch.zeros(2)}, target)
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []

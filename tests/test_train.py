@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -237,26 +236,28 @@ def test_a_run_stopped_before_its_first_checkpoint_is_trained_again(
     tmp_path: Path, cli: Callable[..., CliResult], backend: str
 ) -> None:
     """A run killed (or whose cluster could not start) before its first checkpoint holds its config and some metric
-    rows but nothing to resume from: ``--out`` there says so, and ``--resume`` trains it again from step 0 in the
-    same directory (the earlier rows stay), on the local and the simulated backend alike."""
+    rows but nothing to resume from, perhaps a save cut off before its state.json: ``--out`` there says so, and
+    ``--resume`` trains it again from step 0 in the same directory, on the local and the simulated backend alike.
+    The stopped session's rows move to ``aborted/``, so that the report and curves are the new session's own."""
     run_dir = tmp_path / "run"
     sim = ["--set", "cluster.backend=sim"] if backend == "sim" else []
     assert cli("train", "--steps", "10", "--out", str(run_dir), *FAST, *sim).returncode == 0
-    shutil.rmtree(run_dir / "checkpoint")  # what a driver killed before its first checkpoint leaves
+    (run_dir / "checkpoint" / "state.json").unlink()  # a save cut off before its commit point (a kill, a full disk)
     (run_dir / "summary.json").unlink()
-    rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows_before = (run_dir / "metrics.jsonl").read_text()
     refused = cli("train", "--steps", "10", "--out", str(run_dir), *FAST, *sim)
     assert refused.returncode == 2
     assert f"holds a run that stopped before its first checkpoint; --resume {run_dir} trains it again" in refused.stderr
     result = cli("train", "--resume", str(run_dir), "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert "stopped before its first checkpoint: training it again from step 0" in result.stderr
+    assert (f"stopped before its first checkpoint: training it again from step 0 (the stopped session's metrics "
+            f"moved to {run_dir / 'aborted'})") in result.stderr  # fmt: skip
+    assert (run_dir / "aborted" / "metrics.jsonl").read_text() == rows_before
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["checkpoint_step"] == 10 and not summary["interrupted"]
-    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert rows[: len(rows_before)] == rows_before
-    starts = [json.loads(row) for row in rows if '"event":"start"' in row]
-    assert len(starts) == 2 and starts[1]["step"] == 0 and starts[1]["resume"] is False
+    starts = [json.loads(row) for row in (run_dir / "metrics.jsonl").read_text().splitlines() if '"start"' in row]
+    assert len(starts) == 1 and starts[0]["step"] == 0 and starts[0]["resume"] is False
+    assert [path.name for path in (run_dir / "checkpoint").glob("params-*")] != []  # the new run's, committed
     if backend == "sim":  # a simulated run with its checkpoint is still not resumed
         again = cli("train", "--resume", str(run_dir), "--no-progress")
         assert again.returncode == 2 and "simulated runs are deterministic" in again.stderr

@@ -127,3 +127,6 @@ def test_a_simulated_run_whose_time_ends_before_its_first_push_says_so(
     assert result.returncode == 0, result.stderr
     assert ("train.seconds = 0.5 simulated seconds ran out before the first push (one takes about 1): this run "
             "trained nothing; raise --seconds") in result.stderr  # fmt: skip
+    easgd = cli("train", "--backend", "sim", "--seconds", "3", "--steps", "0", "--set", "ps.policy=easgd", *FAST,
+                "--out", str(run_dir.with_name("easgd")))  # fmt: skip
+    assert "(one takes about 4)" in easgd.stderr  # ps.easgd_tau = 4 local steps per push

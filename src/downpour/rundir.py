@@ -150,6 +150,7 @@ def _about(exc: OSError, path: Path) -> OSError:
 
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     """Write tensors as safetensors, atomically and durably (temporary file, fsync, then rename)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tmp = _temporary_beside(path)
@@ -164,6 +165,11 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _about(exc, path) from None
+    except SafetensorError as exc:  # its own writer's I/O errors (a full disk): said as the OSError they are
+        tmp.unlink(missing_ok=True)
+        full = "No space left on device" in str(exc)
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device:" if full else
+                      f"Could not write ({exc}):", str(path)) from None  # fmt: skip
 
 
 def new_run_dir(root: Path = Path("runs")) -> Path:

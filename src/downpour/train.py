@@ -45,7 +45,7 @@ from downpour.report.filters import save_filter_grid
 from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
 from downpour.report.live import LiveProgress
-from downpour.report.tensorboard import open_metrics_log, require_tensorboard
+from downpour.report.tensorboard import TENSORBOARD_DIR, open_metrics_log, require_tensorboard
 from downpour.signals import as_interrupt, routed
 from downpour.threads import torch_threads
 
@@ -365,19 +365,35 @@ def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
         if not (out / rundir.CONFIG).exists():
             raise CheckpointError(rundir.not_resumable(out, ours=locked))
         return
-    if (out / rundir.CHECKPOINT).exists():
+    if has_checkpoint(out):
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
     if (out / rundir.CONFIG).exists() and locked:  # no checkpoint, no live driver (unlocked: one may be starting)
         raise DownpourError(f"run directory {out} holds a run that stopped before its first checkpoint; "
                             f"--resume {out} trains it again from step 0, or use another --out")  # fmt: skip
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether the run directory ``out`` holds a committed checkpoint (its ``state.json``, written last: a save cut
+    off before it, by a kill or a full disk, leaves files that commit nothing)."""
+    return (out / rundir.CHECKPOINT / ckpt.STATE_FILE).is_file()
+
+
 def stopped_before_checkpoint(out: Path, console: Console) -> bool:
     """Whether the run in ``out`` (held by this process) has no checkpoint: it stopped (killed, or failed to start
-    its cluster) before its first one, so that resuming it means training it again from step 0 (which it says)."""
-    if (out / rundir.CHECKPOINT).exists():
+    its cluster) before its first one, so that resuming it means training it again from step 0. Then the rows and
+    TensorBoard files of the session that stopped move to ``out/aborted`` (``aborted-2``, ...): the restarted run's
+    report and curves are its own. Says so."""
+    if has_checkpoint(out):
         return False
-    warn(console, f"run {out} stopped before its first checkpoint: training it again from step 0")
+    moved = [out / name for name in (rundir.METRICS, TENSORBOARD_DIR) if (out / name).exists()]
+    aside = ""
+    if moved:
+        aborted = rundir.fresh_path(out / "aborted")
+        aborted.mkdir()
+        for path in moved:
+            path.rename(aborted / path.name)
+        aside = f" (the stopped session's metrics moved to {aborted})"
+    warn(console, f"run {out} stopped before its first checkpoint: training it again from step 0{aside}")
     return True
 
 

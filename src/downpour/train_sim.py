@@ -59,13 +59,14 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
     from downpour.train import (  # the local backend's helpers
         HeldOutLoss,
         claimed_run_dir,
+        has_checkpoint,
         model_signature,
         prepare_run_dir,
         stopped_before_checkpoint,
     )
 
     deterministic = f"cannot resume {out}: simulated runs are deterministic; rerun with a new --out"
-    if resume and (out / rundir.CHECKPOINT).exists():
+    if resume and has_checkpoint(out):
         raise DownpourError(deterministic)
     prepare_run_dir(out, resume=resume)
     settings = sim_settings(config)
@@ -122,7 +123,8 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         if interrupted:
             say(console, f"interrupted: stopped the simulation after {len(r):,} pushes; writing its checkpoint")
         elif len(r) == 0:
-            cycle = config.cluster.sim_compute_mean + 2 * config.cluster.sim_network_mean  # fetch, compute, push
+            computes = config.ps.easgd_tau if config.ps.policy == "easgd" else 1  # easgd: tau steps per push
+            cycle = computes * config.cluster.sim_compute_mean + 2 * config.cluster.sim_network_mean  # the fastest
             warn(console, f"train.seconds = {settings.seconds:g} simulated seconds ran out before the first push "
                           f"(one takes about {cycle:g}): this run trained nothing; raise --seconds")  # fmt: skip
         for i in range(len(r)):
@@ -152,6 +154,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
     save_filter_grid(final_model.filters(), filter_shape, out / rundir.FILTERS)
     gabor_fit = gabor_fraction(final_model.filters(), filter_shape)  # first-layer filters with Gabor R² > 0.8
     wall = time.time() - t0
+    interrupted = stop.requested()  # also a signal during the write-out, which finishes first: exit 130, as asked
     summary = {
         "run_dir": str(out), "model": config.model.name, "data": config.data.source, "backend": "sim",
         "policy": config.ps.policy, "workers": settings.workers, "shards": 1, "num_params": signature["num_params"],
