@@ -115,6 +115,34 @@ def test_training_on_a_folder_warns_and_reports_the_skipped_files(
     assert "a simulated run logs none" in page
 
 
+def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
+    pictures: Path, tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """The checkpoint keeps a digest of the pictures read: a picture added (the counts of examples stay, since
+    crops are cut to data.examples) is refused before anything is written; the same pictures copied anew (new
+    dates) resume."""
+    out = tmp_path / "run"
+    common = ["--set", "data.image_size=8", "--no-progress"]
+    first = cli("train", "--out", str(out), "--steps", "20", "--set", f"data.source=folder:{pictures}", "--set",
+                "data.examples=500", "--set", "data.held_out=100", "--set", "model.features=8", *common)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    digest = json.loads((out / "checkpoint" / "state.json").read_text())["data_counts"]["pictures_digest"]
+    assert digest == json.loads((out / "summary.json").read_text())["data_files"]["digest"] and len(digest) == 64
+    files = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".lock"}
+    Image.fromarray(data.coins()[:80, :80]).save(pictures / "coins.png")
+    refused = cli("train", "--resume", str(out), "--steps", "40", *common)
+    assert refused.returncode == 2
+    assert "holds other pictures than when run" in refused.stderr and "start a new run" in refused.stderr
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".lock"} == files
+    (pictures / "coins.png").unlink()
+    for path in pictures.rglob("*"):  # the same pictures, written again: new modification times
+        if path.is_file():
+            path.write_bytes(path.read_bytes())
+    resumed = cli("train", "--resume", str(out), "--steps", "40", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

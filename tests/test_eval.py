@@ -268,6 +268,10 @@ def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> 
         assert colour.shape == (3, 20, 30), name
         np.testing.assert_allclose(colour, np.moveaxis(expected, -1, 0), atol=1e-6, err_msg=name)
         assert read_image(tmp_path / name, 1).shape == (1, 20, 30), name
+    Image.fromarray(first).convert("CMYK").save(tmp_path / "print.jpg", quality=100)  # a print workflow's JPEG
+    expected = np.asarray(Image.open(tmp_path / "print.jpg").convert("RGB"), dtype=np.float32) / 255
+    np.testing.assert_allclose(read_image(tmp_path / "print.jpg", 3), np.moveaxis(expected, -1, 0), atol=1e-6)
+    assert np.corrcoef(read_image(tmp_path / "print.jpg", 1).ravel(), first.mean(-1).ravel())[0, 1] > 0.9  # no negative
 
 
 def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_path: Path,
@@ -284,6 +288,8 @@ def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_pa
         (("detect", str(tmp_path / "norun"), str(photo)), "does not exist"),
         (("eval", "face-neuron", str(tmp_path / "norun")), "does not exist"),
         (("eval", "face-neuron", str(rica_run), "--splits", "0"), "invalid --splits: 0"),
+        (("detect", str(rica_run), str(photo), "--stride", str(1 << 63)), "invalid --stride: 9223372036854775808"),
+        (("detect", str(rica_run), str(photo), "--out", str(tmp_path / "heat.pgf")), "heat.pgf"),  # needs LaTeX
     ]
     for argv, message in cases:
         code, _, err = _cli(capsys, *argv)

@@ -102,8 +102,8 @@ def cmd_detect(args: argparse.Namespace, console: Console) -> int:
     """Run ``detect``: a unit's heat map over an image, with its time per megapixel."""
     from downpour.eval import detect
 
-    if args.stride is not None and args.stride < 1:
-        raise DownpourError(f"invalid --stride: {args.stride} (must be at least 1)")
+    if args.stride is not None and not 1 <= args.stride <= detect.MAX_STRIDE:
+        raise DownpourError(f"invalid --stride: {args.stride} (must be 1..{detect.MAX_STRIDE})")
     result = detect.run(args.run_dir, args.image, unit=args.unit, stride=args.stride, scale=args.scale, out=args.out)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -70,7 +70,8 @@ class RunState:
     lost_updates: int = 0
     lost_before: int = 0  # lost_updates of the earlier sessions (not saved: read back as lost_updates)
     checkpoint_step: int | None = None  # step of the checkpoint in the run directory (not saved; None: none yet)
-    data_counts: dict[str, int] = field(default_factory=dict)  # training and held-out examples (its split's check)
+    data_counts: dict[str, Any] = field(default_factory=dict)  # training and held-out examples (its split's check),
+    # and for users' folders and videos the digest of the pictures read
 
 
 class TrainingDiverged(DownpourError):
@@ -161,6 +162,13 @@ def _check_same_examples(saved: dict[str, Any], config: Config, dataset: Dataset
             f"run {out} was trained on {before[0]} training and {before[1]} held-out examples; its config now cuts "
             f"{counts[0]} and {counts[1]} (data.examples became exact on 2026-11-27), so it cannot be resumed on the "
             "same examples: start a new run"
+        )
+    then = recorded.get("pictures_digest") if isinstance(recorded, dict) else None  # users' folders and videos
+    now = (dataset.read_report or {}).get("digest")
+    if then and now and then != now:
+        raise DownpourError(
+            f"data.source {config.data.source!r} holds other pictures than when run {out} was saved (files added, "
+            "removed or changed), so it cannot be resumed on the same examples: start a new run, or restore the files"
         )
 
 
@@ -455,6 +463,8 @@ def run_training(
                 )
             previous_config = (out / rundir.CONFIG).read_text()
         run_state.data_counts = {"train": len(dataset.train), "held_out": len(dataset.held_out)}
+        if dataset.read_report and dataset.read_report.get("digest"):
+            run_state.data_counts["pictures_digest"] = dataset.read_report["digest"]
         config_mod.write(config, out / rundir.CONFIG)
         if dataset.whitening is not None:
             rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)

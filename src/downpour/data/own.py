@@ -19,6 +19,7 @@ without a video stream) is skipped and counted in a :class:`ReadReport`; the run
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class ReadReport:
     files: int = 0
     pictures: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    digest: str = ""  # of the pictures read (pictures_digest)
 
     def summary(self) -> dict[str, Any]:
         """For ``summary.json``: counts, and the first ``SHOWN_SKIPS`` skipped files as ``"path: reason"``."""
@@ -52,6 +54,7 @@ class ReadReport:
             "skipped": len(self.skipped),
             "pictures": self.pictures,
             "skipped_files": [f"{path}: {reason}" for path, reason in self.skipped[:SHOWN_SKIPS]],
+            "digest": self.digest,
         }
 
 
@@ -200,4 +203,15 @@ def own_examples(config: DataConfig, rng: np.random.Generator, count: int) -> tu
     if not pictures:
         raise DataError(f"data.source {config.source}: none of its {report.files} files could be read "
                         f"(first: {report.skipped[0][0]}: {report.skipped[0][1]})")  # fmt: skip
+    report.digest = pictures_digest(pictures)
     return random_crops(pictures, count, size, rng, where=where_text), report
+
+
+def pictures_digest(pictures: list[np.ndarray]) -> str:
+    """SHA-256 of the decoded pictures in order, each with its shape: what the crops are cut from, so that a run is
+    only resumed on the same pictures (files added, removed or edited change it; a copy with new dates does not)."""
+    digest = hashlib.sha256()
+    for picture in pictures:
+        digest.update(np.asarray(picture.shape, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(picture).tobytes())
+    return digest.hexdigest()

@@ -26,13 +26,14 @@ from downpour.runs import TrainedRun, load_run
 
 WINDOWS_PER_BATCH = 2048
 MAX_MEGAPIXELS = 100  # the largest (resized) image scanned: 10000x10000 pixels, 400 MB per channel in float32
+MAX_STRIDE = 1 << 20  # pixels between windows: beyond any image scanned (a stride past the image gives one window)
 
 
 def heat_map_formats() -> list[str]:
     """The file suffixes matplotlib can write a heat map as (png, pdf, svg, jpg, ...)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    return sorted(FigureCanvasBase.get_supported_filetypes())
+    return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})  # pgf needs a LaTeX installation
 
 
 def check_out(out: Path) -> None:
@@ -142,8 +143,8 @@ def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int
         check_out(Path(out))
     trained = load_run(run_dir)
     stride = max(1, trained.input_shape[1] // 4) if stride is None else stride
-    if stride < 1:
-        raise DownpourError(f"invalid --stride: {stride} (must be at least 1)")
+    if not 1 <= stride <= MAX_STRIDE:
+        raise DownpourError(f"invalid --stride: {stride} (must be 1..{MAX_STRIDE})")
     unit = default_unit(trained) if unit is None else unit
     image = read_image(image_path, trained.input_shape[0])  # (C, H, W)
     height, width = scaled_size(image.shape[1], image.shape[2], scale)

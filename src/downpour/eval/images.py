@@ -97,6 +97,19 @@ def _first_picture(image: np.ndarray, frames: int) -> np.ndarray:
     return image
 
 
+def _cmyk_as_rgb(path: Path) -> np.ndarray | None:
+    """A CMYK picture (JPEGs from print workflows) converted to RGB as training's reader converts it; None for any
+    other file (read as it is). Read as it is, its first three channels (C, M, Y) would be taken for R, G, B: the
+    negative of the picture."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB")) if image.mode == "CMYK" else None
+    except (UnidentifiedImageError, OSError, ValueError):  # not a picture PIL knows: the main reader says what
+        return None
+
+
 def read_image(path: Path, channels: int) -> np.ndarray:
     """An image file as a float32 array ``(channels, H, W)`` in [0, 1] (of an animation or a multi-page file: its
     first frame); an unreadable file raises DataError."""
@@ -106,7 +119,8 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
     try:
-        image = io.imread(path)
+        image = _cmyk_as_rgb(path)
+        image = io.imread(path) if image is None else image
     except Exception as exc:  # imageio raises many kinds for a corrupt or unknown file
         if not _has_image_signature(path):
             raise DataError(f"not an image: {path} (its contents are no picture format; PNG, JPEG, GIF, BMP, TIFF "
