@@ -115,6 +115,45 @@ def test_training_on_a_folder_warns_and_reports_the_skipped_files(
     assert "a simulated run logs none" in page
 
 
+def test_pictures_over_pillows_size_limit_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses pictures over its pixel limit (179 million by default: below some phones' 200 MP photos) and
+    warns over half of it; a folder source and ``detect``'s reader read them, shrunk to data.max_side, without a
+    warning. The limit is lowered here so that the pictures can be small; a JPEG also decodes at a reduced size."""
+    import warnings
+
+    from PIL import Image
+
+    from downpour.data.own import ReadReport, read_folder
+    from downpour.eval.images import read_image
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.fromarray(data.camera()[:100, :100]).save(folder / "over.png")  # 10,000 pixels: over twice the limit
+    Image.fromarray(data.astronaut()[:60, :50]).save(folder / "warned.jpg")  # 3,000: over the limit, warned
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(folder / "over.png")
+    report = ReadReport("folder:big")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pictures = read_folder(folder, channels=1, max_side=32, report=report)
+        assert read_image(folder / "over.png", 1).shape == (1, 100, 100)
+    assert report.skipped == [] and sorted(p.shape for p in pictures) == [(1, 32, 27), (1, 32, 32)]
+    assert Image.MAX_IMAGE_PIXELS == 2_000  # Pillow's limit as it was, outside the readers
+
+
+def test_a_broken_link_is_counted_and_reported(pictures: Path) -> None:
+    """A link named like a picture whose target is gone is one more file that cannot be read (it was left out of
+    the counts without a word)."""
+    from downpour.data.own import ReadReport, read_folder
+
+    (pictures / "gone.png").symlink_to(pictures / "moved-away.png")
+    report = ReadReport("folder:pictures")
+    read_folder(pictures, channels=1, max_side=0, report=report)
+    assert (report.files, len(report.skipped), report.pictures) == (5, 3, 2)
+    assert any(path.endswith("gone.png") and "FileNotFoundError" in why for path, why in report.skipped)
+
+
 def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     pictures: Path, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:

@@ -18,9 +18,13 @@ without a video stream) is skipped and counted in a :class:`ReadReport`; the run
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import math
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,20 +85,50 @@ def _to_array(image: Any, channels: int, max_side: int) -> np.ndarray:
     return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))  # (C, H, W)
 
 
+LARGEST_PICTURE = 1_000_000_000  # pixels (Pillow's own limit is 179 million, below some phones' 200 MP photos)
+
+
+@contextlib.contextmanager
+def large_pictures() -> Iterator[None]:
+    """Pillow refuses pictures over 179 million pixels as possible "decompression bombs" (and warns over 89
+    million): within this block, pictures up to :data:`LARGEST_PICTURE` pixels are read without a warning. (A
+    JPEG is decoded at a reduced size where ``data.max_side`` allows, see :func:`_open_small`.)"""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = LARGEST_PICTURE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
+def _open_small(image: Any, max_side: int) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 of its size when that still leaves its longer side at least
+    ``max_side`` (0: full size): a 200 MP photo then never exists in memory at full size."""
+    if max_side and image.format == "JPEG":
+        scale = max_side / max(image.size)
+        image.draft(None, (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))  # mode as it is
+
+
 def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadReport) -> list[np.ndarray]:
     """Every picture under ``folder`` as uint8 ``(C, H, W)``; unreadable files are skipped into ``report``."""
     from PIL import Image
 
     if not folder.is_dir():
         raise DataError(f"data.source {report.source}: {folder} is not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICTURE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICTURE_SUFFIXES and (p.is_file() or
+                   p.is_symlink()))  # a broken link is a file that cannot be read: counted and reported  # fmt: skip
     if not paths:
         raise DataError(f"data.source {report.source}: no {', '.join(PICTURE_SUFFIXES)} files under {folder}")
     images = []
     report.files += len(paths)
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with large_pictures(), Image.open(path) as image:
+                _open_small(image, max_side)
                 image.load()  # decode now: a truncated or corrupt file fails here, not later
                 images.append(_to_array(image, channels, max_side))
         except Exception as exc:  # any decoder failure of one file must not end the run

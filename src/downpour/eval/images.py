@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 from skimage import io, transform
 
+from downpour.data.own import large_pictures
 from downpour.errors import DataError
 
 
@@ -119,8 +120,9 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
     try:
-        image = _cmyk_as_rgb(path)
-        image = io.imread(path) if image is None else image
+        with large_pictures():
+            image = _cmyk_as_rgb(path)
+            image = io.imread(path) if image is None else image
     except Exception as exc:  # imageio raises many kinds for a corrupt or unknown file
         if not _has_image_signature(path):
             raise DataError(f"not an image: {path} (its contents are no picture format; PNG, JPEG, GIF, BMP, TIFF "
