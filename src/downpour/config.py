@@ -287,6 +287,9 @@ SOURCE_ONLY_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "max_side": (("folder:", "video:"), "data.source=folder:... and video:..."),
     "cache_dir": (("torchvision:",), "data.source=torchvision:..."),
 }
+# Server keys that only one push policy reads.
+POLICY_ONLY_KEYS: dict[str, str] = {"staleness_bound": "ssp", "backup_workers": "sync", "dc_lambda": "dc-asgd",
+                                    "easgd_rho": "easgd", "easgd_tau": "easgd"}  # fmt: skip
 
 
 def ignored_keys(config: Config) -> list[str]:
@@ -321,10 +324,6 @@ def ignored_keys(config: Config) -> list[str]:
             lines.append(f"ps.{key} applies only to ps.policy = {policy!r}; ignored (ps.{key} = {value!r} with "
                          f"ps.policy = {config.ps.policy!r})")  # fmt: skip
     return lines
-
-
-POLICY_ONLY_KEYS = {"staleness_bound": "ssp", "backup_workers": "sync", "dc_lambda": "dc-asgd", "easgd_rho": "easgd",
-                    "easgd_tau": "easgd"}  # fmt: skip
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:

@@ -453,7 +453,7 @@ def run_training(
         run_state = RunState()
         previous_config = None
         if resume and stopped_before_checkpoint(out, console):
-            resume = False  # as a new run would, in the same directory (its earlier rows stay in metrics.jsonl)
+            resume = False  # as a new run would, in the same directory (its earlier rows moved to aborted/)
         if resume:  # every check that can refuse the checkpoint runs here, before anything is written
             checkpoint, run_state = _load_previous(out, config, signature, dataset)
             if 0 < config.train.steps <= run_state.steps:

@@ -125,14 +125,15 @@ def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadRepor
         raise DataError(f"data.source {report.source}: no {', '.join(PICTURE_SUFFIXES)} files under {folder}")
     images = []
     report.files += len(paths)
-    for path in paths:
-        try:
-            with large_pictures(), Image.open(path) as image:
-                _open_small(image, max_side)
-                image.load()  # decode now: a truncated or corrupt file fails here, not later
-                images.append(_to_array(image, channels, max_side))
-        except Exception as exc:  # any decoder failure of one file must not end the run
-            report.skipped.append((str(path), f"{type(exc).__name__}: {exc}"))
+    with large_pictures():
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    _open_small(image, max_side)
+                    image.load()  # decode now: a truncated or corrupt file fails here, not later
+                    images.append(_to_array(image, channels, max_side))
+            except Exception as exc:  # any decoder failure of one file must not end the run
+                report.skipped.append((str(path), f"{type(exc).__name__}: {exc}"))
     report.pictures += len(images)
     return images
 

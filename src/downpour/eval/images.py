@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from skimage import io, transform
 
 from downpour.data.own import large_pictures
@@ -102,8 +102,6 @@ def _cmyk_as_rgb(path: Path) -> np.ndarray | None:
     """A CMYK picture (JPEGs from print workflows) converted to RGB as training's reader converts it; None for any
     other file (read as it is). Read as it is, its first three channels (C, M, Y) would be taken for R, G, B: the
     negative of the picture."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB")) if image.mode == "CMYK" else None
