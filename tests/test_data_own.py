@@ -66,6 +66,30 @@ def test_a_folder_is_read_recursively_and_corrupt_files_are_counted(pictures: Pa
     assert [im.shape for im in colour] == [(3, 30, 40), (3, 40, 36), (3, 32, 32)]  # longer side at most max_side
 
 
+def test_colour_becomes_the_same_gray_in_every_source_and_in_evaluation(tmp_path: Path) -> None:
+    """A gray model trained on a folder, on the bundled photos or on a torchvision set, and tested on a picture
+    (face-neuron test, detect), must see one gray: BT.709 luminance, as scikit-image's rgb2gray (not Pillow's "L",
+    whose green weighs 0.587, nor the channels' mean)."""
+    from skimage import color
+
+    from downpour.data.sources import bundled_photos
+    from downpour.eval.images import fit_images, read_image
+
+    astronaut = data.astronaut()  # (512, 512, 3) uint8
+    Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
+    folder = own.read_folder(tmp_path, channels=1, max_side=0, report=own.ReadReport("x"))[0][0] / 255.0  # (H, W)
+    expected = color.rgb2gray(astronaut)
+    np.testing.assert_allclose(folder, expected, atol=0.5 / 255 + 1e-6)  # stored as 8 bits
+    np.testing.assert_allclose(read_image(tmp_path / "astronaut.png", 1)[0], expected, atol=1e-5)
+    fitted = fit_images(astronaut.transpose(2, 0, 1)[None] / 255.0, (1, 512, 512))  # (1, 1, 512, 512)
+    np.testing.assert_allclose(fitted[0, 0], expected, atol=1e-5)
+    np.testing.assert_allclose(bundled_photos()[1], expected, atol=1e-5)  # PHOTOS[1] is the astronaut
+    green = np.zeros((4, 4, 3), np.uint8)
+    green[..., 1] = 200
+    Image.fromarray(green).save(tmp_path / "green.png")
+    assert own.read_folder(tmp_path, channels=1, max_side=0, report=own.ReadReport("x"))[1][0, 0, 0] == 143  # .7154
+
+
 def test_crops_of_own_pictures_feed_rica_and_cat(pictures: Path) -> None:
     config = DataConfig(source=f"folder:{pictures}", image_size=16, examples=400, held_out=80, whiten=False)
     dataset = load_dataset(config, seed=0)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from downpour.config import DataConfig
+from downpour.data.gray import luminance
 from downpour.data.sources import random_crops
 from downpour.errors import DataError
 
@@ -74,15 +75,21 @@ def _shrink(image: Any, max_side: int) -> Any:
 
 
 def _to_array(image: Any, channels: int, max_side: int) -> np.ndarray:
-    """A PIL image as uint8 ``(C, H, W)``: grayscale (luminance) or RGB, shrunk to ``max_side``."""
+    """A PIL image as uint8 ``(C, H, W)``: gray (:func:`~downpour.data.gray.luminance`, not Pillow's own "L"
+    weights) or RGB, shrunk to ``max_side``."""
     from PIL import Image
 
     if image.mode.startswith("I"):  # 16-bit grayscale: PIL's own conversion would clip everything above 255
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((values / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8))
-    image = _shrink(image.convert("L" if channels == 1 else "RGB"), max_side)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))  # (C, H, W)
+    if not (image.mode == "L" and channels == 1):  # colour becomes gray below, by the luminance all sources use
+        image = image.convert("RGB")
+    array = np.asarray(_shrink(image, max_side), dtype=np.uint8)  # (H, W) gray or (H, W, 3)
+    if array.ndim == 2:
+        return array[None]  # (1, H, W)
+    if channels == 1:
+        return luminance(array, channel_axis=-1).round().astype(np.uint8).transpose(2, 0, 1)  # (1, H, W)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))  # (3, H, W)
 
 
 LARGEST_PICTURE = 1_000_000_000  # pixels (Pillow's own limit is 179 million, below some phones' 200 MP photos)
@@ -213,8 +220,7 @@ def read_torchvision(name: str, config: DataConfig) -> np.ndarray:
             "downloaded on first use, so the first run needs the internet (or copy a download there)"
         ) from None
     if config.channels == 1:
-        weights = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)  # ITU-R 709 luminance, as rgb2gray
-        images = np.einsum("nchw,c->nhw", images.astype(np.float32), weights).round().astype(np.uint8)[:, None]
+        images = luminance(images, channel_axis=1).round().astype(np.uint8)  # (N, 1, H, W)
     return np.ascontiguousarray(images)
 
 

@@ -6,8 +6,9 @@ Each loader returns raw examples as a float32 array ``(N, C, H, W)`` with values
 from __future__ import annotations
 
 import numpy as np
-from skimage import color, data
+from skimage import data
 
+from downpour.data.gray import luminance
 from downpour.errors import DataError
 
 # Natural photographs and textures that ship inside scikit-image (no network needed).
@@ -32,8 +33,10 @@ COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"
 
 
 def _grayscale(image: np.ndarray) -> np.ndarray:
+    if image.dtype.kind in "ui":
+        image = image.astype(np.float32) / np.iinfo(image.dtype).max
     if image.ndim == 3:
-        image = color.rgb2gray(image[..., :3])
+        image = luminance(image[..., :3], channel_axis=-1)[..., 0]  # (H, W)
     image = image.astype(np.float32)
     if image.max() > 1.0:
         image /= 255.0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from skimage import transform
 
+from downpour.data.gray import luminance
 from downpour.errors import DownpourError
 from downpour.eval.images import read_image
 from downpour.eval.results import eval_dir, read_result
@@ -100,7 +101,7 @@ def save_heat_map(image: np.ndarray, responses: np.ndarray, window: tuple[int, i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gray = image.mean(axis=0)  # (H, W)
+    gray = luminance(image, channel_axis=0)[0] if len(image) == 3 else image[0]  # (H, W)
     height, width = gray.shape
     rows, cols = responses.shape
     extent = (window[1] / 2 - stride / 2, window[1] / 2 + (cols - 0.5) * stride,  # window centres, pixel units

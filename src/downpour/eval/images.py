@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from skimage import io, transform
 
+from downpour.data.gray import luminance
 from downpour.data.own import large_pictures
 from downpour.errors import DataError
 
@@ -17,7 +18,7 @@ def fit_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Resize images ``(N, H, W)`` or ``(N, C, H, W)`` in [0, 1] to ``shape`` ``(C', H', W')``: ``(N, C', H', W')``.
 
     Each image is resized (anti-aliased when shrinking, bilinear when enlarging) to the model's side; one gray
-    channel is repeated for a colour model and colour is averaged for a gray one.
+    channel is repeated for a colour model, and colour becomes gray for a gray one by the luminance training uses.
     """
     channels, height, width = shape
     if images.ndim == 3:
@@ -26,7 +27,7 @@ def fit_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
         raise DataError(f"expected images (N, H, W) or (N, C, H, W), got shape {images.shape}")
     if images.shape[1] != channels:
         if channels == 1:
-            images = images.mean(axis=1, keepdims=True)  # (N, 1, H, W)
+            images = luminance(images, channel_axis=1)  # (N, 1, H, W)
         elif images.shape[1] == 1:
             images = np.repeat(images, channels, axis=1)  # (N, C, H, W)
         else:
