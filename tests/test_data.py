@@ -65,6 +65,23 @@ def test_data_examples_is_the_number_of_training_examples(examples: int, held_ou
     assert (images.train.shape[0], images.held_out.shape[0]) == (examples, 1)  # a held_out that is set is kept
 
 
+@pytest.mark.parametrize(("source", "examples"), [("natural-patches", 9), ("natural-patches", 403),
+                                                 ("natural-images", 404), ("digits", 50), ("lfw-faces", 50)])
+def test_config_toml_records_the_held_out_count_and_it_cuts_the_same_examples(source: str, examples: int) -> None:
+    """The default data.held_out is capped without a word; config.toml records the count instead (as_recorded), and
+    that count, now an explicit value, must cut the very same training and held-out examples on --resume."""
+    from downpour.data import as_recorded
+
+    config = DataConfig(source=source, examples=examples, image_size=8, whiten=False)
+    dataset = load_dataset(config, seed=5)
+    recorded = as_recorded(config, dataset)
+    assert recorded.held_out == len(dataset.held_out) < config.held_out
+    again = load_dataset(recorded, seed=5)
+    assert torch.equal(again.train, dataset.train) and torch.equal(again.held_out, dataset.held_out)
+    explicit = DataConfig(source=source, examples=examples, image_size=8, held_out=1, whiten=False)
+    assert as_recorded(explicit, load_dataset(explicit, seed=5)) is explicit  # a value that was set is what it held
+
+
 def test_the_old_rule_differs_only_for_small_examples_with_the_default_held_out() -> None:
     """Runs from before data.examples was exact resume where the old rule cut the same counts: an explicit held_out,
     or 4096 examples and more with the default; lfw-faces and digits were never cut (None)."""

@@ -183,12 +183,14 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
 ) -> None:
     """The checkpoint keeps a digest of the pictures read: a picture added (the counts of examples stay, since
     crops are cut to data.examples) is refused before anything is written; the same pictures copied anew (new
-    dates) resume."""
+    dates) resume. (The default data.held_out, capped at a quarter of data.examples, is recorded as the count it
+    held out, which cuts the same examples again.)"""
     out = tmp_path / "run"
     common = ["--set", "data.image_size=8", "--no-progress"]
     first = cli("train", "--out", str(out), "--steps", "20", "--set", f"data.source=folder:{pictures}", "--set",
-                "data.examples=500", "--set", "data.held_out=100", "--set", "model.features=8", *common)  # fmt: skip
+                "data.examples=500", "--set", "model.features=8", *common)  # fmt: skip
     assert first.returncode == 0, first.stderr
+    assert "held_out = 125\n" in (out / "config.toml").read_text()  # the default 1024, capped: what was held out
     digest = json.loads((out / "checkpoint" / "state.json").read_text())["data_counts"]["pictures_digest"]
     assert digest == json.loads((out / "summary.json").read_text())["data_files"]["digest"] and len(digest) == 64
     files = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".lock"}

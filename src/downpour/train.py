@@ -7,6 +7,7 @@ shard or worker directly, so every backend gets the same run directory, progress
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -29,6 +30,7 @@ from downpour.config import Config
 from downpour.console import say, warn
 from downpour.data import (
     Dataset,
+    as_recorded,
     capped_batch_warning,
     counts_before_exact_examples,
     load_dataset,
@@ -439,6 +441,7 @@ def run_training(
     with claimed_run_dir(out, resume=resume):
         if dataset is None:
             dataset = load_dataset(config.data, seed=config.train.seed)
+        config = dataclasses.replace(config, data=as_recorded(config.data, dataset))  # config.toml: the real held_out
         if (note := unread_warning(dataset)) is not None:
             warn(console, note)
         worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here

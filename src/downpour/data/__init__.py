@@ -3,6 +3,7 @@ and disjoint per-worker shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -110,6 +111,14 @@ def _held_out_count(config: DataConfig, count: int) -> int:
         more = "; raise data.examples" if _cut_into_examples(config.source) else ""
         raise DataError(f"data.source {config.source!r} has too few examples ({count}) to hold any out{more}")
     return held_count
+
+
+def as_recorded(config: DataConfig, dataset: Dataset) -> DataConfig:
+    """``config`` as a run's ``config.toml`` records it: ``data.held_out`` is the number of examples held out. Only
+    the default can differ from that (it is capped at a fifth of the data without a word); the count in its place
+    cuts the very same examples again on ``--resume``."""
+    held = len(dataset.held_out)
+    return config if config.held_out == held else dataclasses.replace(config, held_out=held)
 
 
 def _check_variance(flat: Tensor, source: str) -> None:
