@@ -65,8 +65,10 @@ def test_data_examples_is_the_number_of_training_examples(examples: int, held_ou
     assert (images.train.shape[0], images.held_out.shape[0]) == (examples, 1)  # a held_out that is set is kept
 
 
-@pytest.mark.parametrize(("source", "examples"), [("natural-patches", 9), ("natural-patches", 403),
-                                                 ("natural-images", 404), ("digits", 50), ("lfw-faces", 50)])
+@pytest.mark.parametrize(
+    ("source", "examples"),
+    [("natural-patches", 9), ("natural-patches", 403), ("natural-images", 404), ("digits", 50), ("lfw-faces", 50)],
+)
 def test_config_toml_records_the_held_out_count_and_it_cuts_the_same_examples(source: str, examples: int) -> None:
     """The default data.held_out is capped without a word; config.toml records the count instead (as_recorded), and
     that count, now an explicit value, must cut the very same training and held-out examples on --resume."""
