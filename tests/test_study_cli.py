@@ -37,6 +37,9 @@ def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) 
     bad = cli("study", "optima", "--seeds", "0", "--out", str(tmp_path / "y"))
     assert bad.returncode == 2 and "invalid --seeds: 0" in bad.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    bad = cli("study", "staleness", "--steps", "0", "--policies", "downpour", "--out", str(tmp_path / "u"))
+    assert bad.returncode == 2 and "invalid --steps: 0" in bad.stderr
+    assert "study" not in bad.stdout + bad.stderr.replace("downpour: error", "")  # no bar drawn before the error
     bad = cli("study", "staleness", "--set", "cluster.backend=ray", "--out", str(tmp_path / "z"))  # ran on sim
     assert bad.returncode == 2 and "cluster.backend = 'ray' is not how this study chooses" in bad.stderr
     assert "pass --backend" in bad.stderr and not (tmp_path / "z").exists()

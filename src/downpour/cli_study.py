@@ -100,6 +100,8 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
             raise DownpourError(f"cluster.backend = {config.cluster.backend!r} is not how this study chooses its "
                                 f"backend: pass --backend (sim or local; now {args.backend})")  # fmt: skip
         grid = staleness.parse_grid(args.policies, args.workers, args.seeds)
+        staleness.check_study(config, policies=grid.policies, workers=grid.workers, seeds=grid.seeds,
+                              steps=args.steps, backend=args.backend)  # bad settings: before the bar  # fmt: skip
         with _bar(console, not args.no_progress) as bar:
             task = bar.add_task("study", total=len(grid.policies) * len(grid.workers) * grid.seeds, run="")
 

@@ -309,6 +309,30 @@ def run_record(*, policy: str, workers: int, seed_index: int, seed: int, pushes:
     }
 
 
+def check_study(config: Config, *, policies: list[str], workers: list[int], seeds: int, steps: int | None,
+                backend: str) -> tuple[Grid, int]:  # fmt: skip
+    """Every setting of a study checked before its first run (and before a progress bar is drawn): the grid and the
+    gradients per run (``steps``, default ``train.steps`` when set, else :data:`DEFAULT_STEPS`); ConfigError names
+    what is wrong."""
+    if steps is None:
+        steps = config.train.steps or DEFAULT_STEPS
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"invalid --steps: {steps!r} (gradients per run, a positive integer)")
+    grid = parse_grid(",".join(policies), ",".join(str(n) for n in workers), seeds)
+    for name in grid.policies:  # every (policy, N)
+        for n in grid.workers:
+            _policy(config, name, n)
+            _settings(config, n, 1, config.train.seed)
+    make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
+    if backend not in ("sim", "local"):
+        raise ConfigError(f"invalid --backend: {backend!r} (choose sim or local)")
+    if backend == "local":
+        from downpour.study import staleness_local
+
+        staleness_local.check_grid(grid.workers)
+    return grid, steps
+
+
 def run_study(
     config: Config,
     *,
@@ -328,22 +352,9 @@ def run_study(
     (:func:`study_config` gives the study's defaults). Returns the results (what ``results.json`` holds, plus
     ``wall_s`` and ``files``, the report's paths). Deterministic: the same call gives the same results.
     """
-    if steps is None:
-        steps = config.train.steps or DEFAULT_STEPS
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"invalid --steps: {steps!r} (gradients per run, a positive integer)")
-    grid = parse_grid(",".join(policies), ",".join(str(n) for n in workers), seeds)
-    for name in grid.policies:  # every (policy, N) is checked before the first run starts
-        for n in grid.workers:
-            _policy(config, name, n)
-            _settings(config, n, 1, config.train.seed)
-    make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
-    if backend not in ("sim", "local"):
-        raise ConfigError(f"invalid --backend: {backend!r} (choose sim or local)")
+    grid, steps = check_study(config, policies=policies, workers=workers, seeds=seeds, steps=steps, backend=backend)
     if backend == "local":
         from downpour.study import staleness_local
-
-        staleness_local.check_grid(grid.workers)
 
     start = time.perf_counter()
     with torch_threads(1):  # small products: one thread is fastest, and leaves the other core to others
@@ -719,6 +730,7 @@ __all__ = [
     "DEFAULT_WORKERS",
     "STUDY_DEFAULTS",
     "Grid",
+    "check_study",
     "parse_grid",
     "quantile",
     "run_study",
