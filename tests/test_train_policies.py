@@ -90,6 +90,9 @@ def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path, cli: Calla
     ("args", "message"),
     [
         (["--set", "ps.policy=sync", "--set", "ps.n_fetch=2"], "invalid ps.n_fetch: 2 (sync fetches once per round"),
+        (["--set", "ps.policy=ssp", "--set", "ps.n_fetch=4"], "invalid ps.n_fetch: 4 (ssp bounds staleness by waiting"),
+        (["--set", "ps.policy=dc-asgd", "--set", "ps.local_apply=true"],
+         "invalid ps.local_apply: True (dc-asgd compensates a push against the weights its worker fetched"),
         (["--set", "ps.policy=easgd", "--set", "ps.n_push=4"], "invalid ps.n_push: 4 (easgd takes ps.easgd_tau"),
         (["--set", "ps.policy=bogus"], "invalid ps.policy: 'bogus' (choose one of"),
         (["--backend", "sim", "--set", "ps.n_push=2"], "invalid ps.n_push: 2 (the sim backend models one gradient"),

@@ -403,6 +403,11 @@ def validate(config: Config) -> None:
     _require(c.backend in BACKENDS, "cluster.backend", c.backend, f"choose one of {', '.join(BACKENDS)}")
     _require(p.n_fetch == 1 or p.policy != "sync", "ps.n_fetch", p.n_fetch,
              "sync fetches once per round, after the round closes: leave it at 1")  # fmt: skip
+    _require(p.n_fetch == 1 or p.policy != "ssp", "ps.n_fetch", p.n_fetch,
+             "ssp bounds staleness by waiting before each fetch, so every clock must fetch: leave it at 1")  # fmt: skip
+    _require(not p.local_apply or p.policy != "dc-asgd", "ps.local_apply", p.local_apply,
+             "dc-asgd compensates a push against the weights its worker fetched, which local steps would have "
+             "moved: leave it false")  # fmt: skip
     if p.policy == "easgd":
         for key, value, default in (("ps.n_fetch", p.n_fetch, 1), ("ps.n_push", p.n_push, 1),
                                     ("ps.local_apply", p.local_apply, False)):  # fmt: skip
