@@ -274,6 +274,24 @@ def test_nan_pushes_are_rejected_and_counted() -> None:
     result = simulate(W0, make_rule("sgd", lr=0.05), make_policy("downpour"), grad, SimSettings(workers=4, steps=400))
     assert result.rejected == 100 and np.all(result.records.staleness[~result.records.applied] == -1)
     assert torch.isfinite(result.params).all() and PROBLEM.loss(result.params) < PROBLEM.loss(W0) / 10
+    # sync, as a real shard: the NaN push is rejected yet counts toward its round, whose mean is the other three's
+    synced = simulate(W0, make_rule("sgd", lr=0.05), make_policy("sync", workers=4), grad, SimSettings(workers=4,
+                      steps=400))  # fmt: skip
+    records = synced.records
+    assert synced.rejected == 100 and records.applied.sum() == 300 and synced.dropped == 0
+    assert np.all(records.applied == (records.worker != 0)) and np.all(records.staleness[records.worker == 0] == -1)
+    assert np.all(np.bincount(records.version[records.applied])[1:] == 3)  # 100 rounds of three pushes each
+    assert PROBLEM.loss(synced.params) < PROBLEM.loss(W0) / 10
+
+
+@pytest.mark.parametrize("policy", ["sync", "sync:1", "sync:3"])
+def test_sync_records_exactly_the_step_budget(policy: str) -> None:
+    """train.steps counts pushes under sync too: a budget that ends mid-round closes that round with the pushes that
+    arrived (as the local backend does), instead of recording the whole round beyond the budget."""
+    for steps in (5, 7, 33):
+        result = _run(policy, 4, steps, **BUSY)
+        assert len(result.records) == steps, (policy, steps)
+        assert result.records.applied.sum() + result.dropped == steps
 
 
 def test_model_gradient_reads_only_the_workers_slice() -> None:

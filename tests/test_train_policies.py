@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import FAST, CliResult, downpour, read_jsonl
 
@@ -48,6 +49,27 @@ def test_a_simulated_run_that_diverges_says_so(run_dir: Path, cli: Callable[...,
     message = " ".join(result.stderr.split())
     assert "downpour: error: training diverged: held-out loss nan at step 50; saved its checkpoint" in message
     assert "lower ps.lr (now 1e+30)" in message and "Traceback" not in message
+
+
+def test_a_simulated_run_with_rejected_updates_warns_and_checkpoints_the_rule_state(
+    run_dir: Path, cli: Callable[..., CliResult]
+) -> None:
+    """easgd at α = lr·ρ = 0.95 on digits: every worker's copy blows up and its exchanges are rejected. The
+    simulator warns as the local backend does (it used to exit 0 without a word); and its checkpoint holds the
+    server rule's state (Adagrad's sums of squares, as a local run's checkpoint does), not an empty one."""
+    result = cli("train", "--backend", "sim", "--steps", "40", "--no-progress", "--set", "data.source=digits", "--set",
+                 "ps.policy=easgd", "--set", "ps.lr=0.19", "--out", str(run_dir), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["updates_rejected"] > 0.5 * (summary["updates_applied"] + summary["updates_rejected"])
+    message = " ".join(result.stderr.split())
+    assert f"warning: {summary['updates_rejected']} of " in message and "lower ps.lr (now 0.19)" in message
+    plain = cli("train", "--backend", "sim", "--workers", "4", "--steps", "40", *FAST, "--out", str(run_dir / "p"))
+    assert plain.returncode == 0 and "rejected (NaN or Inf)" not in plain.stderr
+    state = json.loads((run_dir / "p" / "checkpoint" / "state.json").read_text())
+    tensors = load_file(str(run_dir / "p" / "checkpoint" / state["params_file"]))
+    assert set(tensors) == {"shard0.values", "shard0.state.sum_sq"}  # ps.rule = adagrad, the default
+    assert float(tensors["shard0.state.sum_sq"].min()) >= 0 and float(tensors["shard0.state.sum_sq"].sum()) > 0
 
 
 @pytest.mark.parametrize("policy", ["sync", "ssp", "easgd"])
@@ -91,8 +113,10 @@ def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path, cli: Calla
     [
         (["--set", "ps.policy=sync", "--set", "ps.n_fetch=2"], "invalid ps.n_fetch: 2 (sync fetches once per round"),
         (["--set", "ps.policy=ssp", "--set", "ps.n_fetch=4"], "invalid ps.n_fetch: 4 (ssp bounds staleness by waiting"),
-        (["--set", "ps.policy=dc-asgd", "--set", "ps.local_apply=true"],
-         "invalid ps.local_apply: True (dc-asgd compensates a push against the weights its worker fetched"),
+        (
+            ["--set", "ps.policy=dc-asgd", "--set", "ps.local_apply=true"],
+            "invalid ps.local_apply: True (dc-asgd compensates a push against the weights its worker fetched",
+        ),
         (["--set", "ps.policy=easgd", "--set", "ps.n_push=4"], "invalid ps.n_push: 4 (easgd takes ps.easgd_tau"),
         (["--set", "ps.policy=bogus"], "invalid ps.policy: 'bogus' (choose one of"),
         (["--backend", "sim", "--set", "ps.n_push=2"], "invalid ps.n_push: 2 (the sim backend models one gradient"),

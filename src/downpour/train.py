@@ -579,11 +579,17 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
     }
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: warn(console, text))
+    warn_if_rejected(console, summary, config)
+    return summary
+
+
+def warn_if_rejected(console: Console, summary: dict[str, Any], config: Config) -> None:
+    """Warn when more than 1% of the updates were rejected (NaN or Inf) in a run not reported as diverged (that
+    one's own line says so)."""
     attempted = summary["updates_applied"] + summary["updates_rejected"]
-    if not taken.diverged and summary["updates_rejected"] > 0.01 * attempted:  # diverged: its own line says so
+    if not summary["diverged"] and summary["updates_rejected"] > 0.01 * attempted:
         warn(console, f"{summary['updates_rejected']:,} of {attempted:,} updates were rejected (NaN or Inf); "
                       f"training diverged: lower ps.lr (now {config.ps.lr})")  # fmt: skip
-    return summary
 
 
 def _warn_starved(console: Console, seconds: float, trained: int) -> None:

@@ -99,7 +99,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
                   signature: dict[str, Any], held_out_loss: Any, rule: Any, policy: Any, dataset: Any,
                   stop: StopRequest, *, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     from downpour.report.live import SimulatedProgress
-    from downpour.train import SAVED_FIRST_CHECKPOINT, divergence_line, warn_if_every_field_is_flat
+    from downpour.train import SAVED_FIRST_CHECKPOINT, divergence_line, warn_if_every_field_is_flat, warn_if_rejected
 
     t0 = time.time()
     initial = flat_copy(model)
@@ -149,7 +149,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         "config": config.to_dict(), "rng": {"seed": config.train.seed, "session": 0, "worker_seeds": []},
         "saved_at": time.time(), "backend": "sim", "resumable": False,
     }  # fmt: skip
-    snapshot = {"values": result.params, "state": {}, "version": applied, "rejected": result.rejected}
+    snapshot = {"values": result.params, "state": result.rule_state, "version": applied, "rejected": result.rejected}
     ckpt.save(out / rundir.CHECKPOINT, [snapshot], state)
     final_model = held_out_loss.model  # holds the final parameters since final_loss was measured
     filter_shape = getattr(final_model, "filter_shape", dataset.shape)
@@ -174,4 +174,5 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
     }  # fmt: skip
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: warn(console, text))
+    warn_if_rejected(console, summary, config)
     return summary

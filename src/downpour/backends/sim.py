@@ -37,7 +37,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -145,6 +145,7 @@ class SimResult:
     dropped: int  # late pushes dropped by sync with backup workers
     stragglers: np.ndarray  # indices of the slow workers
     peak_copies: int  # most fetched copies of the parameters held at once (at most one per in-flight worker)
+    rule_state: dict[str, Tensor] = field(default_factory=dict)  # the server rule's state (Adagrad's sum of g²)
 
     def staleness_histogram(self) -> StalenessHistogram:
         """Staleness of every applied push."""
@@ -383,12 +384,15 @@ class Simulation:
         return t
 
     def _run_sync(self) -> float:
-        """sync: the mean of one push per worker, once N − b have arrived; late pushes dropped."""
+        """sync: the mean of one push per worker, once N − b have arrived; late pushes dropped. As on a real shard, a
+        push holding NaN or Inf is rejected but counts toward the round, and a round whose mean the rule refuses
+        rejects its pushes; when ``train.steps`` (or the simulated time) runs out mid-round, the round closes with
+        the pushes that arrived, so that exactly ``train.steps`` pushes are recorded."""
         policy = self.policy
         assert isinstance(policy, Sync)
         aggregator = policy.aggregator(self.params.numel(), dtype=self.params.dtype)
         rounds = [0] * self.settings.workers  # the aggregator round each worker fetched in
-        pending: list[tuple[int, int, float]] = []  # (worker, fetched version, loss) of this round
+        pending: list[tuple[int, int, float, bool]] = []  # (worker, fetched version, loss, finite) of this round
         snapshots = self._snapshots
         for w in range(self.settings.workers):
             self._start(w, 0.0)
@@ -407,28 +411,41 @@ class Simulation:
             loss, update = self.grad(snapshots.get(fetched), w, self.rng)
             self.grad_evals += 1
             snapshots.release(fetched)
-            mean = aggregator.add(update, worker=w, fetched_version=rounds[w])
-            pending.append((w, fetched, loss))
+            finite = all_finite(update)
+            self.rejected += not finite
+            mean = aggregator.add(update if finite else None, worker=w, fetched_version=rounds[w])
+            pending.append((w, fetched, loss, finite))
+            if mean is None and len(self._cols[0]) + len(pending) >= self._stop_at:
+                mean = aggregator.close(1)  # the step budget ends mid-round: it closes with the pushes that arrived
             if mean is None:
                 continue  # waits at the barrier
-            stop = False
-            if all_finite(mean):
-                meta = PushMeta(-1, self.version, self.version)
-                apply_rule(self.rule, meta, mean, self.state, self.state)
-                self.version += 1
-                for u, fetched_u, loss_u in pending:
-                    stop = self._record(t, u, fetched_u, self.version - 1 - fetched_u, loss_u, True) or stop
-            else:
-                self.rejected += len(pending)
-                for u, fetched_u, loss_u in pending:
-                    stop = self._record(t, u, fetched_u, -1, loss_u, False) or stop
-            if stop:
+            if self._close_round(t, mean, pending):
                 break
-            for u, _, _ in pending:
+            for u, *_ in pending:
                 rounds[u] = aggregator.version_
                 self._start(u, t)
             pending.clear()
+        else:
+            if pending and (mean := aggregator.close(1)) is not None:  # the time ran out mid-round
+                self._close_round(t, mean, pending)
         return t
+
+    def _close_round(self, t: float, mean: Tensor, pending: list[tuple[int, int, float, bool]]) -> bool:
+        """Apply a closed sync round's ``mean`` (refused when no push was finite, or when it is not) and record its
+        pushes; True when the run should stop."""
+        stop = False
+        if any(finite for *_, finite in pending) and all_finite(mean):
+            meta = PushMeta(-1, self.version, self.version)
+            apply_rule(self.rule, meta, mean, self.state, self.state)
+            self.version += 1
+            for u, fetched_u, loss_u, finite in pending:
+                staleness = self.version - 1 - fetched_u if finite else -1
+                stop = self._record(t, u, fetched_u, staleness, loss_u, finite) or stop
+        else:
+            self.rejected += sum(finite for *_, finite in pending)  # the NaN ones were counted on arrival
+            for u, fetched_u, loss_u, _ in pending:
+                stop = self._record(t, u, fetched_u, -1, loss_u, False) or stop
+        return stop
 
     def _run_easgd(self) -> float:
         """easgd: tau local SGD steps per cycle, then the elastic exchange with the center."""
@@ -494,6 +511,7 @@ class Simulation:
             self.dropped,
             self.stragglers,
             self._snapshots.peak,
+            self.state.state,
         )
 
 
