@@ -111,6 +111,26 @@ def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(
     assert not torch.equal(final[first.stop :], initial[first.stop :])
 
 
+def test_each_worker_seeds_its_own_sampling_noise() -> None:
+    """Workers build their model from train.seed (the same initial values everywhere); seed_sampling then gives
+    each its own Gibbs noise from its worker seed (all drew the same noise, replayed on every resume). Models that
+    draw nothing are left as they are."""
+    from downpour.models import seed_sampling
+
+    v = torch.randn(16, 10, generator=torch.Generator().manual_seed(1))
+    models = [build_model(ModelConfig(name="rbm", features=6, cd_k=1), 10, seed=0) for _ in range(3)]
+    for model, worker_seed in zip(models, (11, 12, 11), strict=True):
+        seed_sampling(model, worker_seed)
+    assert all(torch.equal(model.weight, models[0].weight) for model in models)
+    for model in models:
+        model.loss(v).backward()  # the gradient is CD-1's: from sampled hidden units
+    assert not torch.equal(models[0].weight.grad, models[1].weight.grad)
+    assert torch.equal(models[0].weight.grad, models[2].weight.grad)
+    rica, again = (build_model(ModelConfig(name="rica", features=6), 10, seed=0) for _ in range(2))
+    seed_sampling(rica, 11)
+    assert torch.equal(rica.weight, again.weight)
+
+
 def test_rbm_gradient_is_the_negative_cd1_update() -> None:
     """∂loss/∂θ = −(⟨v hᵀ⟩_data − ⟨v hᵀ⟩_recon) with hidden probabilities (Hinton 2002), and the value is the
     mean-field reconstruction error."""

@@ -48,7 +48,7 @@ from downpour.backends.processes import (
 )
 from downpour.config import Config
 from downpour.errors import ConfigError, out_of_memory
-from downpour.models import build_model
+from downpour.models import build_model, seed_sampling
 from downpour.ps.budget import GlobalSteps
 from downpour.ps.clocks import SharedClocks
 from downpour.ps.locks import FileLock
@@ -183,6 +183,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
 
     try:
         model = build_model(spec.config.model, spec.input_dim, seed=spec.config.train.seed, shape=spec.shape)
+        seed_sampling(model, spec.seed)  # the same initial values everywhere, each worker's own sampling noise
         policy = config_policy(spec.config)
         clocks = None if spec.clocks is None else SharedClocks(
             spec.clocks.numel(), bound=spec.config.ps.staleness_bound, clocks=spec.clocks

@@ -25,7 +25,7 @@ from downpour.backends.local import worker_settings
 from downpour.backends.ray_coordinator import Roster
 from downpour.config import Config
 from downpour.errors import DownpourError
-from downpour.models import build_model
+from downpour.models import build_model, seed_sampling
 from downpour.ps.policies import EASGD, Sync, config_policy, policy_rule
 from downpour.ps.shard import PushResult, Shard
 from downpour.ps.sync_shard import SyncShard
@@ -687,7 +687,9 @@ class WorkerActor:
         budget = _LeasedSteps(self.coordinator, self.config.train.steps, lease=1 if sync else _LEASE_MAX)
         ssp = policy.name == "ssp"
         # the first process draws the local backend's batches (its worker seed); a restarted one draws new ones
-        seed = self.seed if incarnation == 0 else np.random.SeedSequence([self.seed, incarnation])
+        restarted = np.random.SeedSequence([self.seed, incarnation]) if incarnation else None
+        seed = self.seed if restarted is None else restarted
+        seed_sampling(model, self.seed if restarted is None else int(restarted.generate_state(1)[0]))
         common: dict[str, Any] = {
             "rng": np.random.default_rng(seed),
             "budget": budget,

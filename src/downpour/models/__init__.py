@@ -17,7 +17,15 @@ from downpour.models.rica import RICA
 from downpour.objectives import resolve_penalty
 from downpour.penalty_spec import PenaltySpec
 
-__all__ = ["RICA", "CatNetwork", "ConvAutoencoder", "GaussianBernoulliRBM", "SparseAutoencoder", "build_model"]
+__all__ = [
+    "RICA",
+    "CatNetwork",
+    "ConvAutoencoder",
+    "GaussianBernoulliRBM",
+    "SparseAutoencoder",
+    "build_model",
+    "seed_sampling",
+]
 
 DESIGNS = ("rica", "cat", "sparse-ae", "rbm", "conv")
 
@@ -68,3 +76,12 @@ def build_model(config: ModelConfig, input_dim: int, *, seed: int, shape: tuple[
         field = getattr(model, "filter_shape", None) or _flat_shape(input_dim, shape)
     apply_first_layer(model, model.weight, config, field, seed=seed, design=name)  # type: ignore[arg-type]
     return model
+
+
+def seed_sampling(model: nn.Module, seed: int) -> None:
+    """Seed what ``model`` draws while it trains (the RBM's Gibbs sampling; the other models draw nothing) from a
+    worker's own ``seed``: built from ``train.seed`` alone, every worker would draw the same noise, and a resumed
+    session would replay the first one's."""
+    sampler = getattr(model, "sampler", None)
+    if isinstance(sampler, torch.Generator):
+        sampler.manual_seed(seed)
