@@ -270,3 +270,49 @@ def test_histogram_empty_summary() -> None:
     """No pushes counted: all zeros."""
     assert StalenessHistogram().summary() == {"mean": 0.0, "p50": 0, "p99": 0, "max": 0}
     assert StalenessHistogram().percentile(50) == 0
+
+
+class _HalfBroken(torch.nn.Module):
+    """Two parameters of 4 values: ``a``'s gradient is NaN, ``b``'s finite (each lands in its own shard)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(4))
+        self.b = torch.nn.Parameter(torch.ones(4))
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return (self.a * float("nan")).sum() + (self.b * batch.mean()).pow(2).sum()
+
+
+@pytest.mark.parametrize("policy", ["downpour", "sync", "easgd"])
+def test_a_push_holding_nan_anywhere_is_refused_by_every_shard(policy: str) -> None:
+    """Each shard checks only its own slice: a gradient whose NaN lies in shard 0's slice had shard 1 apply the rest
+    (and an EASGD worker's diverged slice reset while the other was exchanged). The whole push is refused now,
+    by every shard, as one shard refuses it; the values stay as they were."""
+    from downpour.ps.clocks import SharedClocks
+    from downpour.ps.policies import EASGD, Sync
+    from downpour.ps.sync_shard import SyncShard
+    from downpour.ps.worker_rounds import ElasticWorker, SyncWorker
+
+    initial = flat_copy(_HalfBroken())
+    bounds = contiguous_bounds(initial.numel(), 2)
+    records: list[PushRecord] = []
+    kind, extra = DownpourWorker, {}
+    if policy == "sync":
+        roster = SharedClocks(1, bound=0)
+        shards = [SyncShard(i, lo, initial[lo:hi].clone(), SGD(lr=0.1), policy=Sync(workers=1), roster=roster)
+                  for i, (lo, hi) in enumerate(bounds)]  # fmt: skip
+        kind, extra = SyncWorker, {"roster": roster}
+    else:
+        shards = [Shard(i, lo, initial[lo:hi].clone(), SGD(lr=0.1)) for i, (lo, hi) in enumerate(bounds)]
+        if policy == "easgd":
+            kind, extra = ElasticWorker, {"policy": EASGD(lr=0.1, rho=1.0, tau=2)}
+    worker = kind(0, _HalfBroken(), shards, _examples(), WorkerSettings(batch_size=8), rng=np.random.default_rng(0),
+                  budget=GlobalSteps(limit=3), should_stop=lambda: False, record=records.append, **extra)  # fmt: skip
+    worker.run()
+    assert len(records) == 3 * 2 and not any(record.applied for record in records)
+    assert [shard.snapshot()["rejected"] for shard in shards] == [3, 3]
+    for shard, (lo, hi) in zip(shards, bounds, strict=True):
+        out = torch.empty(hi - lo)
+        shard.fetch_into(out)
+        assert torch.equal(out, initial[lo:hi])

@@ -9,6 +9,7 @@ parameters that others have changed since the fetch: its staleness, which the sh
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from downpour.ps.clocks import SharedClocks
 from downpour.ps.flat import FlatParameters
-from downpour.ps.shard import PushResult
+from downpour.ps.shard import PushResult, all_finite
 
 
 class ShardClient(Protocol):
@@ -80,6 +81,14 @@ def epoch_batches(examples: Tensor, batch_size: int, rng: np.random.Generator) -
         order = torch.from_numpy(rng.permutation(count))
         for start in range(0, count - batch_size + 1, batch_size):
             yield examples.index_select(0, order[start : start + batch_size])  # (B, D)
+
+
+def refuse_whole(values: Tensor, shards: Sequence[object]) -> None:
+    """Make every shard refuse what a worker sends (an update, or EASGD's own parameters) when it holds NaN or Inf
+    anywhere: each shard checks only its own slice, so with several shards the finite slices would be applied (or
+    exchanged) and the others refused. ``values`` is then all NaN; each shard rejects and counts it."""
+    if len(shards) > 1 and not all_finite(values):
+        values.fill_(math.nan)
 
 
 class DownpourWorker:
@@ -189,6 +198,7 @@ class DownpourWorker:
                 # When the next step would fetch anyway, fetch under the same lock as the push (push-pull).
                 # (Not under SSP: there the fetch waits for the slowest worker, so it comes after the wait.)
                 fetched_with_push = self.steps_ % s.n_fetch == 0 and self.ssp is None
+                refuse_whole(accumulated, self.shards)
                 self._push(updates, versions, local, mean_loss, then_fetch=fetched_with_push)
                 if self.ssp is not None:
                     self.ssp.tick(self.worker_id)

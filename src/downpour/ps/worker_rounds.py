@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from downpour.ps.policies import EASGD
-from downpour.ps.worker import DownpourWorker, PushRecord
+from downpour.ps.worker import DownpourWorker, PushRecord, refuse_whole
 
 _POLL_SECONDS = 0.0005
 
@@ -42,6 +42,7 @@ class SyncWorker(DownpourWorker):
             loss_sum = sum(self._step(batches, accumulated, apply_lr=apply_lr) for _ in range(s.n_push))
             if not self.budget.reserve():
                 break
+            refuse_whole(accumulated, self.shards)
             self._push(updates, versions, local, loss_sum / s.n_push, then_fetch=False)
             if s.n_push > 1:
                 accumulated.zero_()
@@ -78,6 +79,7 @@ class ElasticWorker(DownpourWorker):
             loss_sum = sum(self._step(batches, None, apply_lr=policy.lr) for _ in range(policy.tau))
             if not self.budget.reserve():
                 break
+            refuse_whole(self.flat.values, self.shards)  # every shard resets it to the center
             for shard, values in zip(self.shards, local, strict=True):
                 result = shard.exchange(
                     values, alpha=policy.alpha, worker=self.worker_id, last_version=versions[shard.index]
