@@ -87,7 +87,9 @@ def test_sync_equals_synchronous_sgd_on_the_same_batches(workers: int, run_dir: 
     config = _config("ps.policy=sync", f"cluster.workers={workers}", f"train.steps={rounds * workers}")
     summary = _train(config, run_dir)
     assert summary["policy"] == "sync" and summary["steps"] == rounds * workers
-    assert summary["updates_applied"] == rounds * config.ps.shards  # one version per round on every shard
+    assert summary["updates_applied"] == rounds * workers * config.ps.shards  # pushes applied, as other policies'
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert [(shard["version"], shard["applied"]) for shard in state["shards"]] == [(rounds, rounds * workers)] * 2
     torch.testing.assert_close(_final_params(run_dir), _synchronous_sgd(config, rounds), rtol=1e-5, atol=1e-6)
     pushes = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row["event"] == "push"]
     assert all(row["applied"] and row["staleness"] == 0 for row in pushes)
@@ -172,7 +174,11 @@ def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path
     assert summary["staleness"]["max"] == 0 and summary["updates_rejected"] == 0
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["step"] == summary["steps"]
-    assert sum(shard["version"] for shard in state["shards"]) == summary["updates_applied"]
+    assert sum(shard["applied"] for shard in state["shards"]) == summary["updates_applied"]
+    pushes = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row["event"] == "push"]
+    assert sum(row["applied"] for row in pushes) <= summary["updates_applied"]  # the killed worker's unsent rows
+    survivor = [row for row in pushes if row["worker"] == 0 and row["applied"]]  # is in every round, one per shard
+    assert len(survivor) == sum(shard["version"] for shard in state["shards"])
 
 
 def test_staleness_study_on_the_local_backend_writes_its_report(tmp_path: Path, cli: Callable[..., CliResult]) -> None:

@@ -445,6 +445,7 @@ def test_sync_on_ray_is_synchronous_sgd_and_survives_a_killed_worker_and_a_resto
     assert stopping < 10  # every worker left its round and ended when asked
     assert faults["worker_restarts"] == 1 and [e.worker for e in events if e.kind == "restarted"] == [1]
     snapshots = killed["snapshots"]
+    assert all(snapshot["applied"] == 2 * snapshot["version"] for snapshot in snapshots)  # pushes: 2 per round
     for shard, snapshot in enumerate(snapshots):  # (size,) slices of the flat parameters
         replayed = _synchronous_sgd(config, snapshot["version"])[cluster.bounds[shard][0] : cluster.bounds[shard][1]]
         torch.testing.assert_close(snapshot["values"], replayed, rtol=1e-5, atol=1e-6)

@@ -442,3 +442,37 @@ def test_sync_close_round_refuses_a_version_the_shard_never_had(fetched: int) ->
     assert not shard.close_round(0)  # one of two pushes: the round stays open
     shard.push(torch.ones(3), fetched_version=0, worker=1)
     assert shard.close_round(0) and shard.version == 1 and shard.close_round(0)
+
+
+def test_sync_counts_pushes_applied_and_rejects_every_push_of_a_refused_round() -> None:
+    """A sync round's outcome is per push, as on other shards: a round whose mean the rule refuses (lr 1e38 makes
+    the values overflow) rejects both its pushes and applies none (it was counted 1 rejected, 1 applied, and its
+    pushes said applied); a round whose pushes were all NaN rejects them once; an applied round counts its pushes.
+    round_applied tells the worker which, and a restored snapshot keeps the count."""
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    class TwoLive:
+        def live(self) -> int:
+            return 2
+
+    def shard(lr: float) -> SyncShard:
+        return SyncShard(0, 0, torch.zeros(3), SGD(lr=lr), policy=Sync(workers=2), roster=TwoLive())
+
+    huge = shard(1e38)
+    for worker in (0, 1):
+        assert huge.push(torch.full((3,), 10.0), 0, worker).applied  # accepted into the round
+    assert (huge.version, huge.rejected, huge.applied, huge.round_applied(0)) == (1, 2, 0, False)
+    assert huge.snapshot()["values"].tolist() == [0.0, 0.0, 0.0]
+    plain = shard(0.5)
+    for worker in (0, 1):
+        plain.push(torch.full((3,), float("nan")), 0, worker)  # both refused on arrival
+    for worker in (0, 1):
+        plain.push(torch.full((3,), 2.0), 1, worker)
+    assert not plain.round_applied(0) and plain.round_applied(1) and not plain.round_applied(2)  # 2: still open
+    snapshot = plain.snapshot()
+    assert (snapshot["version"], snapshot["rejected"], snapshot["applied"]) == (2, 2, 2)
+    assert snapshot["values"].tolist() == [-1.0, -1.0, -1.0]
+    again = shard(0.5)
+    again.restore(snapshot)
+    assert (again.version, again.rejected, again.applied) == (2, 2, 2)

@@ -48,6 +48,7 @@ class Checkpoint:
                     "version": info["version"],
                     "rejected": info["rejected"],
                     "dropped": info.get("dropped", 0),  # late pushes of a sync shard (absent before sync ran locally)
+                    **({"applied": info["applied"]} if "applied" in info else {}),  # a sync shard's applied pushes
                 }
             )
         return snapshots
@@ -63,8 +64,9 @@ def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]
         for name, tensor in snap["state"].items():
             tensors[f"shard{index}.state.{name}"] = tensor.contiguous()
         info = {"version": snap["version"], "rejected": snap["rejected"], "size": snap["values"].numel()}
-        if "dropped" in snap:  # a sync shard's late pushes
-            info["dropped"] = snap["dropped"]
+        for key in ("dropped", "applied"):  # a sync shard's late pushes and applied pushes
+            if key in snap:
+                info[key] = snap[key]
         shard_info.append(info)
     serial = _next_serial(directory)
     params_name = f"params-{serial:08d}.safetensors"
@@ -112,7 +114,7 @@ def load(directory: Path) -> Checkpoint:
     for index, info in enumerate(shards):
         if not isinstance(info, dict):
             raise CheckpointError(f"corrupt checkpoint {state_path}: shards[{index}] must be an object, got {info!r}")
-        for key in ("version", "rejected", "size", *(("dropped",) if "dropped" in info else ())):
+        for key in ("version", "rejected", "size", *(key for key in ("dropped", "applied") if key in info)):
             count(info.get(key), f"shards[{index}].{key}", state_path)
     params_path = directory / params_name
     try:

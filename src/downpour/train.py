@@ -564,7 +564,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "steps": steps,
         "examples": run_state.examples,
         "seconds": run_state.elapsed_s,
-        "updates_applied": sum(s["version"] for s in snapshots),
+        "updates_applied": sum(s.get("applied", s["version"]) for s in snapshots),  # sync: pushes, not rounds
         "updates_rejected": sum(s["rejected"] for s in snapshots),
         "updates_dropped": sum(s.get("dropped", 0) for s in snapshots),  # late pushes (sync with backup workers)
         "staleness": run_state.staleness.summary(),

@@ -210,16 +210,24 @@ class ShardServer:
                     self._changed.wait(left)
 
     def push_round(self, update: np.ndarray, fetched_version: int, worker: int, incarnation: int, timeout_s: float
-                   ) -> tuple[bool, int, int, int, tuple[int, np.ndarray] | None]:  # fmt: skip
+                   ) -> tuple[bool, int, int, int, tuple[int, np.ndarray, bool] | None]:  # fmt: skip
         """``ps.policy = "sync"``: :meth:`push`, then :meth:`await_round` up to ``timeout_s``, then the values the
-        round produced: ``(applied, staleness, version, incarnation, (version, values) once the round has closed,
-        else None)``. One call per shard and round where a push, a wait and a fetch would take three."""
+        round produced: ``(accepted, staleness, version, incarnation, (version, values, whether the round's mean was
+        applied) once the round has closed, else None)``. One call per shard and round where a push, a wait, a fetch
+        and the round's outcome would take four."""
         applied, staleness, version, _, _ = self.push(update, fetched_version, worker, incarnation, False)
         closed, current = self.await_round(fetched_version, incarnation, False, timeout_s)
         if not closed:
             return applied, staleness, version, current, None
         out = torch.empty(self.size, dtype=torch.float32)
-        return applied, staleness, version, current, (self.shard.fetch_into(out), out.numpy())
+        outcome = self.round_applied(fetched_version, incarnation)
+        return applied, staleness, version, current, (self.shard.fetch_into(out), out.numpy(), outcome)
+
+    def round_applied(self, fetched_version: int, incarnation: int) -> bool:
+        """``ps.policy = "sync"``: whether the round of ``fetched_version`` closed with its mean applied
+        (:meth:`SyncShard.round_applied`); a round of another incarnation died with it: False."""
+        assert isinstance(self.shard, SyncShard)
+        return incarnation == self.incarnation and self.shard.round_applied(fetched_version)
 
     def roster_update(self, worker: int, incarnation: int, live: bool) -> None:
         """``ps.policy = "sync"``: worker ``worker`` (its ``incarnation``-th ``run``) joined or left the rounds
@@ -275,6 +283,7 @@ class RemoteShard:
         self.shared_memory = True
         # sync: (the round's fetched version, incarnation, version, values) that the last push_round brought back
         self.closed: tuple[int, int, int, np.ndarray] | None = None
+        self.round_outcome: tuple[int, bool] | None = None  # sync: (fetched version, applied) the reply knew
 
     def connect(self, node_id: str, *, shared_memory: bool = True) -> None:
         """Ask the shard actor (waiting while Ray restarts it) where it is; map its file when on ``node_id`` (and
@@ -382,13 +391,22 @@ class RemoteShard:
         """``ps.policy = "sync"``: start :meth:`ShardServer.push_round`; :meth:`accept_push_round` takes its reply."""
         return self.handle.push_round.remote(update.numpy(), fetched_version, worker, self.incarnation, ROUND_WAIT_S)
 
-    def accept_push_round(self, reply: tuple[bool, int, int, int, tuple[int, np.ndarray] | None],
+    def accept_push_round(self, reply: tuple[bool, int, int, int, tuple[int, np.ndarray, bool] | None],
                           fetched_version: int) -> PushResult:  # fmt: skip
         """Turn a push_round reply into a :class:`PushResult`; keep the round's values for the next fetch."""
         applied, staleness, version, incarnation, after = reply
         self._note(incarnation, version)
         self.closed = None if after is None else (fetched_version, incarnation, after[0], after[1])
+        self.round_outcome = None if after is None else (fetched_version, after[2])
         return PushResult(applied, staleness, version)
+
+    def round_applied(self, fetched_version: int) -> bool:
+        """``ps.policy = "sync"``, once the round of ``fetched_version`` has closed: whether its mean was applied
+        (the interface of :meth:`SyncShard.round_applied`): what the push's reply said when the round had closed by
+        then, else by an actor call."""
+        if self.round_outcome is not None and self.round_outcome[0] == fetched_version:
+            return self.round_outcome[1]
+        return bool(ray.get(self.handle.round_applied.remote(fetched_version, self.incarnation)))
 
     def close_round(self, fetched_version: int, *, force: bool = False) -> bool:
         """``ps.policy = "sync"``: True once the shard has closed the round of ``fetched_version`` (the interface of
@@ -533,8 +551,8 @@ class _FanOutSyncWorker(_FanOutWorker, SyncWorker):
               then_fetch: bool) -> None:  # fmt: skip
         refs = [shard.push_round_async(update, versions[shard.index], self.worker_id)
                 for shard, update in zip(self.shards, updates, strict=True)]  # fmt: skip
-        for shard, ref in zip(self.shards, refs, strict=True):
-            self._record(shard, shard.accept_push_round(ray.get(ref), versions[shard.index]), loss)
+        self._round = [(shard, shard.accept_push_round(ray.get(ref), versions[shard.index]), loss)
+                       for shard, ref in zip(self.shards, refs, strict=True)]  # recorded once closed  # fmt: skip
         self.pushes_ += 1
 
     def _fetch(self, versions: list[int], local: list[Tensor]) -> None:

@@ -42,7 +42,7 @@ from downpour.errors import ConfigError
 from downpour.ps.rules import SGD, Adagrad, PushMeta, Rule, ShardState, adagrad, make_rule, sgd
 
 POLICIES = ("downpour", "sync", "ssp", "staleness-lr", "dc-asgd", "easgd")
-_AGG_VERSION, _AGG_DROPPED, _AGG_ARRIVED, _AGG_SUMMED, _AGG_ORDER = range(5)  # SyncAggregator's counters
+_AGG_VERSION, _AGG_DROPPED, _AGG_ARRIVED, _AGG_SUMMED, _AGG_CLOSED_SUMMED, _AGG_ORDER = range(6)  # its counters
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,8 +250,9 @@ class SyncAggregator:
         Sync(workers=workers, backup_workers=backup_workers)  # validates
         self.workers, self.backup_workers = workers, backup_workers
         self._sum = torch.zeros(size, dtype=dtype)
-        # [version, dropped, arrived, summed, arrival order (workers), arrived-this-round flag (workers)]
-        self._ints = torch.zeros(4 + 2 * workers, dtype=torch.int64)
+        # [version, dropped, arrived, summed, summed in the round closed last, arrival order (workers),
+        #  arrived-this-round flag (workers)]
+        self._ints = torch.zeros(_AGG_ORDER + 2 * workers, dtype=torch.int64)
         self._np: np.ndarray | None = None
 
     def _i(self) -> np.ndarray:
@@ -285,6 +286,11 @@ class SyncAggregator:
     def pending(self) -> int:
         """Pushes that have arrived for the current version (rejected ones included)."""
         return int(self._i()[_AGG_ARRIVED])
+
+    @property
+    def closed_summed(self) -> int:
+        """Finite pushes in the mean of the round closed last (0: every push of it was refused)."""
+        return int(self._i()[_AGG_CLOSED_SUMMED])
 
     @property
     def arrived(self) -> tuple[int, ...]:
@@ -349,6 +355,7 @@ class SyncAggregator:
         summed = int(ints[_AGG_SUMMED])
         mean = self._sum.div(summed) if summed else torch.zeros_like(self._sum)
         ints[_AGG_ORDER + self.workers :] = 0
+        ints[_AGG_CLOSED_SUMMED] = summed
         ints[_AGG_ARRIVED] = ints[_AGG_SUMMED] = 0
         ints[_AGG_VERSION] += 1
         return mean

@@ -224,14 +224,17 @@ class Shard:
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of values, rule state, version and rejected count (for checkpoints)."""
         with self.lock:
-            meta = self._m()
-            live = int(meta[_ACTIVE])
-            return {
-                "values": self._values[live].clone(),
-                "state": {name: t[live].clone() for name, t in self._state.items()},
-                "version": int(meta[_VERSION0 + live]),
-                "rejected": int(meta[_REJECTED]),
-            }
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> dict[str, Any]:
+        meta = self._m()
+        live = int(meta[_ACTIVE])
+        return {
+            "values": self._values[live].clone(),
+            "state": {name: t[live].clone() for name, t in self._state.items()},
+            "version": int(meta[_VERSION0 + live]),
+            "rejected": int(meta[_REJECTED]),
+        }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Load what :meth:`snapshot` returned (values, rule state, version, rejected count)."""

@@ -13,6 +13,11 @@ worker waiting for the round calls :meth:`SyncShard.close_round`, which closes i
 reach that quorum, or at once (with whatever arrived) when the run is stopping. So the version counts *rounds
 closed*: a round whose mean was refused closes too, without changing the values.
 
+What was applied is counted per push, as on a shard of the other policies: ``applied`` counts the pushes whose
+round's mean was applied; a refused push (NaN or Inf) and every push of a round whose mean the rule refused (it
+would make a value NaN or Inf) count in ``rejected``. Whether a push was applied is known only once its round has
+closed: :meth:`SyncShard.round_applied` says so, for the last :data:`ROUNDS_KEPT` rounds.
+
 Killing a worker in the middle of adding its push (a few microseconds) may leave part of that push in the round's
 sum; everything else keeps the :class:`~downpour.ps.shard.Shard` guarantees (double buffer, atomic publish).
 """
@@ -22,11 +27,16 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from downpour.ps.policies import Sync
 from downpour.ps.rules import PushMeta, Rule
 from downpour.ps.shard import _ACTIVE, _REJECTED, _VERSION0, PushResult, Shard, all_finite
+
+ROUNDS_KEPT = 1024  # rounds whose outcome round_applied can still tell (a worker asks right after its round closed)
+_APPLIED, _OUTCOMES = 0, 1  # the counters: pushes applied, then the outcome ring (v + 1: applied, -(v + 1): not)
 
 
 class LiveWorkers(Protocol):
@@ -55,8 +65,26 @@ class SyncShard(Shard):
         super().__init__(index, start, initial, rule, lock=lock, shared=shared)
         self.policy, self.roster = policy, roster
         self.aggregator = policy.aggregator(self.size)
+        self._rounds = torch.zeros(_OUTCOMES + ROUNDS_KEPT, dtype=torch.int64)  # [applied pushes, outcome ring]
+        self._rounds_np: np.ndarray | None = None
         if shared:
             self.aggregator.share_memory_()
+            self._rounds.share_memory_()
+
+    def _r(self) -> np.ndarray:
+        if self._rounds_np is None:  # a NumPy view of the shared counters, as Shard._m
+            self._rounds_np = self._rounds.numpy()
+        return self._rounds_np
+
+    @property
+    def applied(self) -> int:
+        """Pushes whose round's mean was applied so far."""
+        return int(self._r()[_APPLIED])
+
+    def round_applied(self, fetched_version: int) -> bool:
+        """Whether the round of ``fetched_version`` closed with its mean applied (False while it is open, when its
+        mean was refused or every push of it was, and for a round more than :data:`ROUNDS_KEPT` ago)."""
+        return int(self._r()[_OUTCOMES + fetched_version % ROUNDS_KEPT]) == fetched_version + 1
 
     @property
     def dropped(self) -> int:
@@ -127,25 +155,44 @@ class SyncShard(Shard):
             return True
 
     def _publish(self, mean: Tensor) -> None:
-        """Apply the round's mean with the server rule and publish the next version (under the lock)."""
-        meta = self._m()
+        """Apply the round's mean with the server rule and publish the next version (under the lock). A round whose
+        pushes were all refused, or whose mean would make a value NaN or Inf, closes without changing the values;
+        the pushes of the latter count as rejected (the refused ones were counted on arrival)."""
+        meta, rounds = self._m(), self._r()
         live = int(meta[_ACTIVE])
         version = int(meta[_VERSION0 + live])
-        spare = 1 - live
-        out = self._buffer(spare)
-        self.rule(PushMeta(-1, version, version), mean, self._buffer(live), out)
-        if not all_finite(out.values):
-            meta[_REJECTED] += 1
-            meta[_VERSION0 + live] = version + 1  # the round is over; the values stay as they were
-            return
-        meta[_VERSION0 + spare] = version + 1
-        meta[_ACTIVE] = spare  # the commit point
+        summed = self.aggregator.closed_summed
+        ring = _OUTCOMES + version % ROUNDS_KEPT
+        if summed:
+            spare = 1 - live
+            out = self._buffer(spare)
+            self.rule(PushMeta(-1, version, version), mean, self._buffer(live), out)
+            if all_finite(out.values):
+                rounds[_APPLIED] += summed
+                rounds[ring] = version + 1
+                meta[_VERSION0 + spare] = version + 1
+                meta[_ACTIVE] = spare  # the commit point
+                return
+            meta[_REJECTED] += summed
+        rounds[ring] = -(version + 1)
+        meta[_VERSION0 + live] = version + 1  # the round is over; the values stay as they were
 
     def snapshot(self) -> dict[str, Any]:
-        """As :meth:`Shard.snapshot`, with ``dropped`` (late pushes) too."""
-        return {**super().snapshot(), "dropped": self.aggregator.dropped_}
+        """As :meth:`Shard.snapshot`, with ``dropped`` (late pushes) and ``applied`` (pushes applied) too."""
+        with self.lock:
+            return {**self._snapshot_locked(), "dropped": self.aggregator.dropped_, "applied": self.applied}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
-        """As :meth:`Shard.restore`; the aggregator then collects for the restored version."""
+        """As :meth:`Shard.restore`; the aggregator then collects for the restored version. A snapshot without
+        ``applied`` (saved before it was counted) counts its rounds as the pushes applied."""
         super().restore(snapshot)
         self.aggregator.restore(version=int(snapshot["version"]), dropped=int(snapshot.get("dropped", 0)))
+        with self.lock:
+            rounds = self._r()
+            rounds[:] = 0
+            rounds[_APPLIED] = int(snapshot.get("applied", snapshot["version"]))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_rounds_np"] = None  # a per-process view, rebuilt lazily
+        return state

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from downpour.ps.policies import EASGD
+from downpour.ps.shard import PushResult
 from downpour.ps.worker import DownpourWorker, PushRecord, refuse_whole
 
 _POLL_SECONDS = 0.0005
@@ -37,6 +38,7 @@ class SyncWorker(DownpourWorker):
         versions = [0] * len(self.shards)
         accumulated, local, updates, batches = self._buffers()
         apply_lr = s.local_lr if s.local_apply else 0.0
+        self._round: list[tuple[Any, PushResult, float]] = []  # this round's pushes, recorded once it closed
         while not self.should_stop():
             self._fetch(versions, local)
             loss_sum = sum(self._step(batches, accumulated, apply_lr=apply_lr) for _ in range(s.n_push))
@@ -46,8 +48,29 @@ class SyncWorker(DownpourWorker):
             self._push(updates, versions, local, loss_sum / s.n_push, then_fetch=False)
             if s.n_push > 1:
                 accumulated.zero_()
-            if not self._await_rounds(versions):
+            going_on = self._await_rounds(versions)
+            self._record_round(versions)
+            if not going_on:
                 break
+
+    def _push(self, updates: list[Any], versions: list[int], local: list[Any], loss: float, *,
+              then_fetch: bool) -> None:  # fmt: skip
+        """Push to every shard's round; the rows are written once the rounds have closed (:meth:`_record_round`):
+        only then is it known whether a round's mean was applied."""
+        self._round = [
+            (shard, shard.push(update, versions[shard.index], self.worker_id), loss)
+            for shard, update in zip(self.shards, updates, strict=True)
+        ]
+        self.pushes_ += 1
+
+    def _record_round(self, versions: list[int]) -> None:
+        """The push rows of the round just closed (or closed as the run stops): a push counts as applied when it
+        was accepted into its round and the round's mean was applied (:meth:`SyncShard.round_applied`)."""
+        for shard, result, loss in self._round:
+            applied = result.applied and shard.round_applied(versions[shard.index])
+            staleness = result.staleness if applied or not result.applied else -1  # -1: its round's mean refused
+            self.record(PushRecord(self.clock(), self.worker_id, shard.index, result.version, staleness, loss, applied))
+        self._round = []
 
     def _await_rounds(self, versions: list[int]) -> bool:
         """Wait until every shard has closed the round this worker pushed to; False when the run is stopping
