@@ -205,7 +205,8 @@ def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> No
         {"event": "end", "t": 4.0, "step": 3, "final_loss": 7.0},
         {"event": "start", "t": 0.2, "step": 3, "resume": True, "initial_loss": 50.0},  # a resumed session
         {"event": "push", "t": 1.0, "worker": 0, "shard": 0, "staleness": 0, "loss": 6.0, "applied": True},
-        {"event": "push", "t": 1.0, "worker": 0, "shard": 1, "staleness": 5, "loss": 6.0, "applied": False},
+        {"event": "push", "t": 1.0, "worker": 0, "shard": 1, "staleness": -1, "loss": 6.0, "applied": False},
+        {"event": "push", "t": 1.1, "worker": 1, "shard": 1, "staleness": 5, "loss": None, "applied": False},  # late
         {"event": "throughput", "t": 1.5, "examples_per_s": 90.0, "step": 4},
         {"event": "end", "t": 2.0, "step": 4, "final_loss": 5.5},
     ]  # fmt: skip
@@ -216,7 +217,11 @@ def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> No
     assert log.held_out_step.tolist() == [0, 3, 4] and log.held_out_loss.tolist() == [50.0, 7.0, 5.5]
     assert log.throughput_t.tolist() == [2.0, 5.5]  # the second session starts where the first ended (t = 4)
     assert log.staleness[0].counts.tolist() == [2, 1, 1] and log.staleness[1].counts.tolist() == [1, 1, 1]
-    assert (log.rejected, log.sessions, log.bad_lines) == (1, 2, 1)
+    assert (log.rejected, log.not_applied, log.sessions, log.bad_lines) == (1, 1, 2, 1)  # a late push is no NaN
+    from downpour.report.html import _log_notes
+
+    notes = _log_notes(log)
+    assert "1 updates rejected by the shards (NaN or Inf)" in notes and "1 pushes not applied: late ones" in notes
 
 
 def test_rows_with_fields_no_driver_writes_are_counted_not_read(local_run: Path, tmp_path: Path) -> None:

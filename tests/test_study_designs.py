@@ -80,3 +80,16 @@ def test_a_rerun_keeps_the_cells_that_trained_their_whole_budget(tmp_path: Path)
     (tmp_path / "run-2").mkdir()
     assert fresh_path(tmp_path / "run") == tmp_path / "run-3"  # a rerun never overwrites a run
     assert fresh_path(tmp_path / "other") == tmp_path / "other"
+
+
+def test_a_diverged_cell_is_a_failed_row_not_a_result(tmp_path: Path) -> None:
+    """ps.lr = 1e30: the run diverges; its row says so (and names the rejected updates) instead of showing a probe
+    and a face score of features trained into NaN, and the table reads "failed"."""
+    from downpour import config as config_mod
+    from downpour.study.designs import run_cell
+
+    base = config_mod.from_dict({"ps": {"lr": 1e30}}, base_config(60, steps=40, workers=1))
+    row = run_cell(Cell("design", "rica"), base, tmp_path / "cell")
+    assert row["error"].startswith("training diverged (held-out loss ") and "lower ps.lr" in row["error"]
+    assert "probe" not in row and "face" not in row
+    assert "| failed: training diverged" in table_markdown([row])

@@ -275,7 +275,9 @@ DESIGN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
     "receptive_field": ("cat", "conv"),
     "cd_k": ("rbm",),
     "pcd": ("rbm",),
+    "features": ("rica", "sparse-ae", "rbm", "conv"),  # the cat network's width is model.maps per location
 }
+SPARSITY_DESIGNS = ("rica", "conv", "cat")  # whose default penalty is rica:λ with λ = model.sparsity
 CHANNEL_SOURCES = ("natural-images", *(f"{kind}:" for kind in OWN_SOURCES))  # data.channels: these read colour
 # Data keys that only some sources read (prefixes of data.source), and how the warning names those sources.
 SOURCE_ONLY_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -301,6 +303,12 @@ def ignored_keys(config: Config) -> list[str]:
         if config.model.name not in designs and value != getattr(defaults, key):
             lines.append(f"model.{key} applies only to model.name={' or '.join(designs)}; ignored "
                          f"(model.{key} = {value!r} with model.name = {config.model.name!r})")  # fmt: skip
+    model = config.model
+    if model.sparsity != defaults.sparsity and (model.penalty != "default" or model.name not in SPARSITY_DESIGNS):
+        why = (f"model.penalty = {model.penalty!r} names the penalty" if model.penalty != "default"
+               else f"model.name = {model.name!r} has another default penalty")  # fmt: skip
+        lines.append(f"model.sparsity is λ of the rica penalty that {', '.join(SPARSITY_DESIGNS)} use by default; "
+                     f"ignored ({why}; model.sparsity = {model.sparsity!r})")  # fmt: skip
     for key, (sources, which) in SOURCE_ONLY_KEYS.items():
         value = getattr(config.data, key)
         if value != getattr(DataConfig, key) and not config.data.source.startswith(sources):
@@ -318,6 +326,13 @@ def ignored_keys(config: Config) -> list[str]:
         if key.startswith("sim_") and config.cluster.backend != "sim" and value != getattr(ClusterConfig, key):
             lines.append(f"cluster.{key} applies only to cluster.backend = 'sim'; ignored (cluster.{key} = "
                          f"{value!r} with cluster.backend = {config.cluster.backend!r})")  # fmt: skip
+    ps = config.ps
+    if ps.policy == "easgd" and ps.rule != PSConfig.rule:
+        lines.append(f"ps.rule is the shards' update rule, which easgd's elastic exchange replaces; ignored "
+                     f"(ps.rule = {ps.rule!r} with ps.policy = 'easgd')")  # fmt: skip
+    elif ps.adagrad_eps != PSConfig.adagrad_eps and (ps.rule != "adagrad" or ps.policy == "easgd"):
+        lines.append(f"ps.adagrad_eps applies only to ps.rule = 'adagrad'; ignored (ps.adagrad_eps = "
+                     f"{ps.adagrad_eps!r} with ps.rule = {ps.rule!r}, ps.policy = {ps.policy!r})")  # fmt: skip
     for key, policy in POLICY_ONLY_KEYS.items():
         value = getattr(config.ps, key)
         if config.ps.policy != policy and value != getattr(PSConfig, key):

@@ -76,8 +76,14 @@ def evaluate(trained: TrainedRun, *, splits: int = 10, seed: int = 0) -> dict[st
     """The face-neuron test of ``trained`` (see the module docstring); the result dict of :func:`run`."""
     if splits < 1:
         raise DownpourError(f"invalid --splits: {splits} (must be at least 1)")
-    if seed < 0:
-        raise DownpourError(f"invalid --seed: {seed} (must be >= 0)")
+    if not 0 <= seed < 2**64:  # torch's generators take 64 bits
+        raise DownpourError(f"invalid --seed: {seed} (must be 0 .. 2**64 - 1)")
+    if trained.config.data.source == "lfw-faces":
+        raise DownpourError(
+            f"run {trained.run_dir} was trained on data.source = 'lfw-faces', the very faces this test scores: its "
+            "held-out accuracy would count faces its features (and whitening) were fitted on; test a run trained on "
+            "other pictures (natural-images, natural-patches, a folder or video of your own)"
+        )
     raw, labels = lfw_labelled()  # (200, 1, 25, 25), 1 = face
     jittered_raw = jitter_images(raw[:, 0], np.random.default_rng(seed))[:, None]  # (200, 1, 25, 25)
     images = {"clean": fit_images(raw, trained.input_shape), "jitter": fit_images(jittered_raw, trained.input_shape)}

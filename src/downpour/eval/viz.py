@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from downpour.eval.results import eval_dir, read_result, write_result
 from downpour.eval.stimulus import optimal_stimuli
 from downpour.report.filters import save_filter_grid
@@ -16,11 +18,13 @@ DEFAULT_UNITS = 8
 
 
 def default_units(trained: TrainedRun) -> list[int]:
-    """The face-neuron test's most chosen unit (when the run has been evaluated) and the first units."""
-    units = list(range(DEFAULT_UNITS))
+    """The face-neuron test's most chosen unit (when the run has been evaluated) and the first units (at most
+    :data:`DEFAULT_UNITS` in all, fewer when the model has fewer)."""
+    width = trained.features(torch.zeros(1, *trained.input_shape)).shape[1]  # the model's units
+    units = list(range(min(DEFAULT_UNITS, width)))
     face = read_result(trained.run_dir, "face_neuron")
     if face is not None and isinstance(face.get("most_chosen_unit"), int):
-        units = [face["most_chosen_unit"], *[u for u in units if u != face["most_chosen_unit"]][: DEFAULT_UNITS - 1]]
+        units = [face["most_chosen_unit"], *[u for u in units if u != face["most_chosen_unit"]][: len(units) - 1]]
     return units
 
 

@@ -143,6 +143,9 @@ def _log_notes(log: RunLog, *, log_missing: bool = False) -> str:
             items.append(f"worker {event.get('worker')}: {event['event']} — {detail[-1] if detail else ''}")
     if log.rejected:
         items.append(f"{log.rejected:,} updates rejected by the shards (NaN or Inf)")
+    if log.not_applied:
+        items.append(f"{log.not_applied:,} pushes not applied: late ones that sync dropped (backup workers), or lost "
+                     "with a shard restored from its checkpoint")  # fmt: skip
     if log.bad_lines:
         items.append(f"{log.bad_lines} lines of metrics.jsonl could not be read and were skipped")
     if not items:

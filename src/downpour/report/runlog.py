@@ -23,13 +23,14 @@ class RunLog:
     push_step: np.ndarray  # (P,) global step of each push (counted on its lowest shard, continuing across sessions)
     push_loss: np.ndarray  # (P,) the worker's mini-batch loss (NaN when not finite)
     staleness: dict[int, StalenessHistogram]  # shard -> histogram of its applied updates
-    rejected: int  # updates a shard refused (NaN or Inf)
+    rejected: int  # updates a shard refused (NaN or Inf): unapplied pushes of staleness -1
     throughput_t: np.ndarray  # (T,) seconds since the run started (sessions of a resumed run follow each other)
     throughput: np.ndarray  # (T,) examples/s over the last second
     held_out_step: np.ndarray  # (H,) global step of each held-out loss (start, eval rows, end)
     held_out_loss: np.ndarray  # (H,)
     sessions: int
     events: list[dict[str, Any]] = field(default_factory=list)  # worker_died / worker_error / checkpoint rows
+    not_applied: int = 0  # other unapplied pushes: late ones that sync dropped, those lost with a restored shard
     bad_lines: int = 0  # lines that are not JSON objects (a cut-off last line of a killed driver), or hold fields no
     # driver writes (a shard that is not a count, a staleness beyond the rows in the file)
 
@@ -60,7 +61,7 @@ def read_run_log(path: Path) -> RunLog:
     push_step: list[int] = []
     push_loss: list[float] = []
     staleness: dict[int, list[int]] = {}
-    rejected = 0
+    rejected = not_applied = 0
     thr_t: list[float] = []
     thr: list[float] = []
     held_step: list[float] = []
@@ -94,8 +95,10 @@ def read_run_log(path: Path) -> RunLog:
             shard = checked["shard"]
             if row.get("applied", True):
                 staleness.setdefault(shard, []).append(checked["staleness"])
-            else:
+            elif row.get("staleness") == -1:  # a shard refused it
                 rejected += 1
+            else:
+                not_applied += 1
             if shard == 0:
                 counted += 1
                 push_step.append(step_offset + counted)
@@ -125,6 +128,7 @@ def read_run_log(path: Path) -> RunLog:
         push_loss=np.asarray(push_loss, dtype=np.float64),
         staleness=histograms,
         rejected=rejected,
+        not_applied=not_applied,
         throughput_t=np.asarray(thr_t, dtype=np.float64),
         throughput=np.asarray(thr, dtype=np.float64),
         held_out_step=np.asarray(held_step, dtype=np.float64),

@@ -108,6 +108,9 @@ def run_cell(cell: Cell, base: Config, run_dir: Path) -> dict[str, Any]:
         row.update(steps=summary["steps"], initial_loss=summary["initial_loss"], final_loss=summary["final_loss"],
                    gabor_fraction=summary["gabor_fit"]["fraction"], gabor_median_r2=summary["gabor_fit"]["median_r2"],
                    rejected=summary["updates_rejected"])  # fmt: skip
+        if summary["diverged"]:  # its features are NaN or meaningless: no probe, no face test, the row says why
+            raise DownpourError(f"training diverged (held-out loss {summary['final_loss']}, "
+                                f"{summary['updates_rejected']:,} updates rejected): lower ps.lr")  # fmt: skip
         probed = probe.run(run_dir, data="digits")
         row.update(features=probed["features"], probe=probed["accuracy"], probe_raw=probed["raw_pixels_accuracy"])
         faces = face_neuron.run(run_dir)
