@@ -50,3 +50,16 @@ def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) 
     config.write_text('[cluster]\nbackend = "local"\n')
     bad = cli("study", "staleness", "--config", str(config), "--out", str(tmp_path / "v"))
     assert bad.returncode == 2 and "cluster.backend = 'local' is not how" in bad.stderr
+
+
+def test_help_names_every_study_and_each_options_default(cli: Callable[..., CliResult]) -> None:
+    """--help is where a user looks first: it names every study, shows defaults (they were only in the README),
+    and no reST ``marks``."""
+    study = cli("study", "--help")
+    assert study.returncode == 0 and "designs comparison" in " ".join(study.stdout.split()) and "``" not in study.stdout
+    bench = cli("bench", "sim", "--help")
+    assert "(default: 1000)" in " ".join(bench.stdout.split()) and "(default: 3000)" in " ".join(bench.stdout.split())
+    face = " ".join(cli("eval", "face-neuron", "--help").stdout.split())
+    assert "(default: 10)" in face and "(default: 0)" in face and "--json print the result as JSON" in face
+    detect = " ".join(cli("detect", "--help").stdout.split())
+    assert "picture to write, by its suffix: .png, .pdf, .svg" in detect and "(default: 1.0)" in detect

@@ -681,3 +681,15 @@ def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path: Path, cli: Callabl
     assert result.returncode == 2
     assert "not a directory" in result.stderr and "Traceback" not in result.stderr
     assert target.read_text() == "keep me"
+
+
+def test_throughput_leaves_start_up_out_but_never_divides_by_an_instant() -> None:
+    """examples/s counts from the first poll that saw work, without the examples that poll saw; a window of work
+    shorter than a second (train.seconds = 0.01: 24 steps seen at once) is measured over the whole session instead,
+    where it gave 8 million examples/s."""
+    from downpour.train import WorkWindow
+
+    assert WorkWindow(start=0.0, first_seen=2.0, first_examples=100).rate(1100, stopped=12.0) == 100.0
+    assert WorkWindow(start=0.0, first_seen=2.0, first_examples=100).rate(1100, stopped=2.05) == 1100 / 2.05
+    assert WorkWindow(start=0.0, first_seen=None, first_examples=0).rate(0, stopped=3.0) == 0.0
+    assert WorkWindow(start=5.0, first_seen=None, first_examples=0).rate(0, stopped=5.0) == 0.0

@@ -72,6 +72,20 @@ def test_a_simulated_run_with_rejected_updates_warns_and_checkpoints_the_rule_st
     assert float(tensors["shard0.state.sum_sq"].min()) >= 0 and float(tensors["shard0.state.sum_sq"].sum()) > 0
 
 
+def test_a_loss_that_blows_up_without_nan_is_warned_of(run_dir: Path, cli: Callable[..., CliResult]) -> None:
+    """200 simulated workers at a fixed Adagrad rate of 0.5: every value stays finite, so nothing is rejected and
+    the run is not "diverged", yet the loss ends 1e11 times where it began (the README's 1,000-worker example did
+    this at lr 0.02). The run says so instead of exiting 0 in silence."""
+    result = cli("train", "--backend", "sim", "--workers", "200", "--steps", "400", "--no-progress", "--set",
+                 "data.source=digits", "--set", "ps.lr=0.5", "--out", str(run_dir), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert not summary["diverged"] and summary["final_loss"] > 10 * summary["initial_loss"]
+    message = " ".join(result.stderr.split())
+    assert f"warning: the held-out loss grew from {summary['initial_loss']:.4g} to " in message
+    assert "ps.policy = 'staleness-lr'" in message
+
+
 @pytest.mark.parametrize("policy", ["sync", "ssp", "easgd"])
 def test_every_policy_runs_on_the_simulator(policy: str, run_dir: Path, cli: Callable[..., CliResult]) -> None:
     result = cli("train", "--backend", "sim", "--workers", "8", "--steps", "160", *FAST, "--set",
@@ -157,3 +171,15 @@ def test_a_simulated_run_whose_time_ends_before_its_first_push_says_so(
     easgd = cli("train", "--backend", "sim", "--seconds", "3", "--steps", "0", "--set", "ps.policy=easgd", *FAST,
                 "--out", str(run_dir.with_name("easgd")))  # fmt: skip
     assert "(one takes about 4)" in easgd.stderr  # ps.easgd_tau = 4 local steps per push
+
+
+def test_run_training_takes_the_run_directory_as_a_string(tmp_path: Path) -> None:
+    """The README's API example names the directory; a string was an AttributeError deep inside."""
+    from rich.console import Console
+
+    from downpour import config as config_mod
+    from downpour.train import run_training
+
+    config = config_mod.load(None, ["cluster.backend=sim", "train.steps=5", "data.source=digits"])
+    summary = run_training(config, str(tmp_path / "run"), console=Console(quiet=True), show_progress=False)
+    assert summary["steps"] == 5 and (tmp_path / "run" / "summary.json").exists()

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -87,9 +88,32 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+class _ShowsDefaults(argparse.HelpFormatter):
+    """Help that names each option's default, where it has one worth naming (not None or False) and its text does
+    not name it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (not text or "default" in text or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or not action.option_strings):  # fmt: skip
+            return action.help  # (a flag's False, an unset option's None: nothing worth naming)
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the command (subcommands included) shows the options' defaults in its help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _ShowsDefaults)
+        if kwargs.get("description"):  # module docstrings: reST's ``code`` marks read as noise in a terminal
+            kwargs["description"] = kwargs["description"].replace("``", "")
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``downpour`` command."""
-    parser = argparse.ArgumentParser(prog="downpour", description=__doc__.splitlines()[0].replace("``", ""))
+    parser = _Parser(prog="downpour", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_bench(sub)

@@ -53,7 +53,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     detect.add_argument("--stride", type=int, help="pixels between windows (default: a quarter of the input side)")
     detect.add_argument("--scale", type=float, default=1.0, help="resize the image by this factor first")
     detect.add_argument(
-        "--out", type=path_argument, help="PNG to write (default: RUN_DIR/eval/detect_<name>-<ext>.png)"
+        "--out",
+        type=path_argument,
+        help="picture to write, by its suffix: .png, .pdf, .svg, .jpg, ... "
+        "(default: RUN_DIR/eval/detect_<name>-<ext>.png)",
     )
     detect.add_argument("--json", action="store_true", help="print the result as JSON")
 

@@ -1,4 +1,5 @@
-"""``downpour study``: the staleness grid and the local-optima test (each writes a report into ``--out``)."""
+"""``downpour study``: the staleness grid, the local-optima test and the designs comparison (each writes a report
+into ``--out``)."""
 
 from __future__ import annotations
 

@@ -99,7 +99,12 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
                   signature: dict[str, Any], held_out_loss: Any, rule: Any, policy: Any, dataset: Any,
                   stop: StopRequest, *, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     from downpour.report.live import SimulatedProgress
-    from downpour.train import SAVED_FIRST_CHECKPOINT, divergence_line, warn_if_every_field_is_flat, warn_if_rejected
+    from downpour.train import (
+        SAVED_FIRST_CHECKPOINT,
+        divergence_line,
+        warn_if_every_field_is_flat,
+        warn_if_training_failed,
+    )
 
     t0 = time.time()
     initial = flat_copy(model)
@@ -174,5 +179,5 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
     }  # fmt: skip
     rundir.write_json(out / rundir.SUMMARY, summary)
     write_report_after_training(out, lambda text: warn(console, text))
-    warn_if_rejected(console, summary, config)
+    warn_if_training_failed(console, summary, config)
     return summary
