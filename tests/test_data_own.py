@@ -203,9 +203,16 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     for path in pictures.rglob("*"):  # the same pictures, written again: new modification times
         if path.is_file():
             path.write_bytes(path.read_bytes())
+    config_toml, state_json = out / "config.toml", out / "checkpoint" / "state.json"  # as a run saved before
+    config_toml.write_text(config_toml.read_text().replace("held_out = 125", "held_out = 1024"))  # the count was
+    state = json.loads(state_json.read_text())  # recorded: the default, capped without a word
+    state["config"]["data"]["held_out"] = 1024
+    state_json.write_text(json.dumps(state))
+    assert "held_out = 1024" in (out / "config.toml").read_text()
     resumed = cli("train", "--resume", str(out), "--steps", "40", *common)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
+    assert "held_out = 125\n" in (out / "config.toml").read_text()
 
 
 @pytest.mark.parametrize(

@@ -469,10 +469,13 @@ def test_sync_counts_pushes_applied_and_rejects_every_push_of_a_refused_round() 
         plain.push(torch.full((3,), float("nan")), 0, worker)  # both refused on arrival
     for worker in (0, 1):
         plain.push(torch.full((3,), 2.0), 1, worker)
-    assert not plain.round_applied(0) and plain.round_applied(1) and not plain.round_applied(2)  # 2: still open
+    assert (plain.round_applied(0), plain.round_applied(1), plain.round_applied(2)) == (False, True, None)  # 2: open
     snapshot = plain.snapshot()
     assert (snapshot["version"], snapshot["rejected"], snapshot["applied"]) == (2, 2, 2)
     assert snapshot["values"].tolist() == [-1.0, -1.0, -1.0]
     again = shard(0.5)
     again.restore(snapshot)
     assert (again.version, again.rejected, again.applied) == (2, 2, 2)
+    assert again.round_applied(1) is None  # the outcomes before a restore are not known
+    again.restore({key: value for key, value in snapshot.items() if key != "applied"})  # a checkpoint of before
+    assert again.applied == 2 * 2  # 2 rounds of a quorum of 2: the estimate for a snapshot that did not count

@@ -284,14 +284,26 @@ def test_nan_pushes_are_rejected_and_counted() -> None:
     assert PROBLEM.loss(synced.params) < PROBLEM.loss(W0) / 10
 
 
-@pytest.mark.parametrize("policy", ["sync", "sync:1", "sync:3"])
+@pytest.mark.parametrize("policy", ["downpour", "sync"])
+def test_an_update_whose_result_overflows_is_refused_as_by_a_real_shard(policy: str) -> None:
+    """Finite gradients at lr 1e38 make the values Inf: a real shard computes into its spare buffer and refuses to
+    publish that; the simulator applied it in place (and then reported the run diverged)."""
+    result = simulate(W0 + 10.0, make_rule("sgd", lr=3e38), make_policy(policy, workers=2), PROBLEM,
+                      SimSettings(workers=2, steps=10))  # fmt: skip
+    assert not result.records.applied.any() and result.rejected == 10
+    assert torch.equal(result.params, W0 + 10.0)
+
+
+@pytest.mark.parametrize("policy", ["sync", "sync:1", "sync:2", "sync:3"])
 def test_sync_records_exactly_the_step_budget(policy: str) -> None:
     """train.steps counts pushes under sync too: a budget that ends mid-round closes that round with the pushes that
     arrived (as the local backend does), instead of recording the whole round beyond the budget."""
-    for steps in (5, 7, 33):
-        result = _run(policy, 4, steps, **BUSY)
-        assert len(result.records) == steps, (policy, steps)
-        assert result.records.applied.sum() + result.dropped == steps
+    for steps in range(3, 48, 3):
+        for seed in range(3):  # a late push that reaches the budget closes the open round too (45 steps, seed 2)
+            result = _run(policy, 4, steps, seed=seed, **BUSY)
+            assert len(result.records) == steps, (policy, steps, seed)
+            assert result.records.applied.sum() + result.dropped == steps
+            assert result.grad_evals == steps - result.dropped  # every gradient computed is applied and recorded
 
 
 def test_model_gradient_reads_only_the_workers_slice() -> None:

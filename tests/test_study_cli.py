@@ -37,6 +37,22 @@ def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) 
     bad = cli("study", "optima", "--seeds", "0", "--out", str(tmp_path / "y"))
     assert bad.returncode == 2 and "invalid --seeds: 0" in bad.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    bad = cli(
+        "study",
+        "staleness",
+        "--backend",
+        "local",
+        "--policies",
+        "downpour,ssp",
+        "--workers",
+        "2",
+        "--set",
+        "ps.n_fetch=2",
+        "--out",
+        str(tmp_path / "t"),
+    )  # the ssp runs would refuse it after downpour's had run
+    assert bad.returncode == 2 and "invalid ps.n_fetch: 2 (ssp bounds staleness" in bad.stderr
+    assert not (tmp_path / "t").exists()
     bad = cli("study", "staleness", "--steps", "0", "--policies", "downpour", "--out", str(tmp_path / "u"))
     assert bad.returncode == 2 and "invalid --steps: 0" in bad.stderr
     assert "study" not in bad.stdout + bad.stderr.replace("downpour: error", "")  # no bar drawn before the error
@@ -57,6 +73,7 @@ def test_help_names_every_study_and_each_options_default(cli: Callable[..., CliR
     and no reST ``marks``."""
     study = cli("study", "--help")
     assert study.returncode == 0 and "designs comparison" in " ".join(study.stdout.split()) and "``" not in study.stdout
+    assert "(default: [])" not in cli("train", "--help").stdout  # --set, repeatable, has nothing to name
     bench = cli("bench", "sim", "--help")
     assert "(default: 1000)" in " ".join(bench.stdout.split()) and "(default: 3000)" in " ".join(bench.stdout.split())
     face = " ".join(cli("eval", "face-neuron", "--help").stdout.split())

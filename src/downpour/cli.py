@@ -95,9 +95,9 @@ class _ShowsDefaults(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if (not text or "default" in text or default is None or default is argparse.SUPPRESS
+        if (not text or "default" in text or default is None or default is argparse.SUPPRESS or default == []
                 or isinstance(default, bool) or not action.option_strings):  # fmt: skip
-            return action.help  # (a flag's False, an unset option's None: nothing worth naming)
+            return action.help  # (a flag's False, an unset option's None, a repeatable one's []: nothing to name)
         return f"{text} (default: %(default)s)"
 
 

@@ -443,7 +443,6 @@ def run_training(
     with claimed_run_dir(out, resume=resume):
         if dataset is None:
             dataset = load_dataset(config.data, seed=config.train.seed)
-        config = dataclasses.replace(config, data=as_recorded(config.data, dataset))  # config.toml: the real held_out
         if (note := unread_warning(dataset)) is not None:
             warn(console, note)
         worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
@@ -467,6 +466,9 @@ def run_training(
                     f"{config.train.steps:,}: nothing to train (raise --steps, or 0 for no limit)"
                 )
             previous_config = (out / rundir.CONFIG).read_text()
+        # config.toml records the real held-out count (after the checks against the checkpoint's config: one saved
+        # before it was recorded says 1024 where the cap held out fewer, and resumes on the same examples)
+        config = dataclasses.replace(config, data=as_recorded(config.data, dataset))
         run_state.data_counts = {"train": len(dataset.train), "held_out": len(dataset.held_out)}
         if dataset.read_report and dataset.read_report.get("digest"):
             run_state.data_counts["pictures_digest"] = dataset.read_report["digest"]

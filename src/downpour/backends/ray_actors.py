@@ -27,7 +27,7 @@ from downpour.config import Config
 from downpour.errors import DownpourError
 from downpour.models import build_model, seed_sampling
 from downpour.ps.policies import EASGD, Sync, config_policy, policy_rule
-from downpour.ps.shard import PushResult, Shard
+from downpour.ps.shard import LOST, PushResult, Shard
 from downpour.ps.sync_shard import SyncShard
 from downpour.ps.worker import DownpourWorker, PushRecord
 from downpour.ps.worker_rounds import ElasticWorker, SyncWorker
@@ -57,8 +57,9 @@ def roster_update(targets: list[Any], worker: int, incarnation: int, live: bool)
 
 
 def _counts(snapshot: dict[str, Any]) -> dict[str, int]:
-    """A snapshot's counters: version, rejected, and a sync shard's late pushes (``dropped``) when it has them."""
-    return {key: int(snapshot[key]) for key in ("version", "rejected", "dropped") if key in snapshot}
+    """A snapshot's counters: version, rejected, and a sync shard's late pushes (``dropped``) and applied pushes
+    (``applied``) when it has them."""
+    return {key: int(snapshot[key]) for key in ("version", "rejected", "dropped", "applied") if key in snapshot}
 
 
 def snapshot_to_wire(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +167,7 @@ class ShardServer:
         out = torch.empty(self.size, dtype=torch.float32) if pull else None
         if incarnation != self.incarnation:
             version = self.shard.fetch_into(out) if out is not None else self.shard.version
-            return False, -1, version, self.incarnation, out.numpy() if out is not None else None
+            return False, LOST, version, self.incarnation, out.numpy() if out is not None else None
         received = torch.empty(self.size, dtype=torch.float32) if self.sync else self._update  # sync: threads
         np.copyto(received.numpy(), update)
         fetched = None
@@ -210,7 +211,7 @@ class ShardServer:
                     self._changed.wait(left)
 
     def push_round(self, update: np.ndarray, fetched_version: int, worker: int, incarnation: int, timeout_s: float
-                   ) -> tuple[bool, int, int, int, tuple[int, np.ndarray, bool] | None]:  # fmt: skip
+                   ) -> tuple[bool, int, int, int, tuple[int, np.ndarray, bool | None] | None]:  # fmt: skip
         """``ps.policy = "sync"``: :meth:`push`, then :meth:`await_round` up to ``timeout_s``, then the values the
         round produced: ``(accepted, staleness, version, incarnation, (version, values, whether the round's mean was
         applied) once the round has closed, else None)``. One call per shard and round where a push, a wait, a fetch
@@ -223,11 +224,11 @@ class ShardServer:
         outcome = self.round_applied(fetched_version, incarnation)
         return applied, staleness, version, current, (self.shard.fetch_into(out), out.numpy(), outcome)
 
-    def round_applied(self, fetched_version: int, incarnation: int) -> bool:
+    def round_applied(self, fetched_version: int, incarnation: int) -> bool | None:
         """``ps.policy = "sync"``: whether the round of ``fetched_version`` closed with its mean applied
-        (:meth:`SyncShard.round_applied`); a round of another incarnation died with it: False."""
+        (:meth:`SyncShard.round_applied`); None for a round of another incarnation (it died with it)."""
         assert isinstance(self.shard, SyncShard)
-        return incarnation == self.incarnation and self.shard.round_applied(fetched_version)
+        return self.shard.round_applied(fetched_version) if incarnation == self.incarnation else None
 
     def roster_update(self, worker: int, incarnation: int, live: bool) -> None:
         """``ps.policy = "sync"``: worker ``worker`` (its ``incarnation``-th ``run``) joined or left the rounds
@@ -243,7 +244,7 @@ class ShardServer:
         np.copyto(self._fetched.numpy(), local)
         if incarnation != self.incarnation:
             version = self.shard.fetch_into(self._fetched)
-            return False, -1, version, self.incarnation, self._fetched.numpy().copy()
+            return False, LOST, version, self.incarnation, self._fetched.numpy().copy()
         result = self.shard.exchange(self._fetched, alpha=alpha, worker=worker, last_version=last_version)
         return result.applied, result.staleness, result.version, self.incarnation, self._fetched.numpy().copy()
 
@@ -283,7 +284,7 @@ class RemoteShard:
         self.shared_memory = True
         # sync: (the round's fetched version, incarnation, version, values) that the last push_round brought back
         self.closed: tuple[int, int, int, np.ndarray] | None = None
-        self.round_outcome: tuple[int, bool] | None = None  # sync: (fetched version, applied) the reply knew
+        self.round_outcome: tuple[int, bool | None] | None = None  # sync: (fetched version, applied) a reply knew
 
     def connect(self, node_id: str, *, shared_memory: bool = True) -> None:
         """Ask the shard actor (waiting while Ray restarts it) where it is; map its file when on ``node_id`` (and
@@ -381,7 +382,7 @@ class RemoteShard:
             if result is not None:
                 return result
             self.reconnect()
-            return PushResult(False, -1, self.fetch_into(fetch_into) if fetch_into is not None else fetched_version)
+            return PushResult(False, LOST, self.fetch_into(fetch_into) if fetch_into is not None else fetched_version)
         ref = self.push_async(
             update, fetched_version, worker, pull=fetch_into is not None, fetched_values=fetched_values
         )
@@ -391,7 +392,7 @@ class RemoteShard:
         """``ps.policy = "sync"``: start :meth:`ShardServer.push_round`; :meth:`accept_push_round` takes its reply."""
         return self.handle.push_round.remote(update.numpy(), fetched_version, worker, self.incarnation, ROUND_WAIT_S)
 
-    def accept_push_round(self, reply: tuple[bool, int, int, int, tuple[int, np.ndarray, bool] | None],
+    def accept_push_round(self, reply: tuple[bool, int, int, int, tuple[int, np.ndarray, bool | None] | None],
                           fetched_version: int) -> PushResult:  # fmt: skip
         """Turn a push_round reply into a :class:`PushResult`; keep the round's values for the next fetch."""
         applied, staleness, version, incarnation, after = reply
@@ -400,13 +401,13 @@ class RemoteShard:
         self.round_outcome = None if after is None else (fetched_version, after[2])
         return PushResult(applied, staleness, version)
 
-    def round_applied(self, fetched_version: int) -> bool:
+    def round_applied(self, fetched_version: int) -> bool | None:
         """``ps.policy = "sync"``, once the round of ``fetched_version`` has closed: whether its mean was applied
-        (the interface of :meth:`SyncShard.round_applied`): what the push's reply said when the round had closed by
-        then, else by an actor call."""
+        (the interface of :meth:`SyncShard.round_applied`; None: not known): what the push's reply said when the
+        round had closed by then, else by an actor call."""
         if self.round_outcome is not None and self.round_outcome[0] == fetched_version:
             return self.round_outcome[1]
-        return bool(ray.get(self.handle.round_applied.remote(fetched_version, self.incarnation)))
+        return ray.get(self.handle.round_applied.remote(fetched_version, self.incarnation))
 
     def close_round(self, fetched_version: int, *, force: bool = False) -> bool:
         """``ps.policy = "sync"``: True once the shard has closed the round of ``fetched_version`` (the interface of
@@ -429,7 +430,7 @@ class RemoteShard:
                 self._note(self.incarnation, result.version)
                 return result
             self.reconnect()  # the center died with its actor: start again from the restored one
-            return PushResult(False, -1, self.fetch_into(local))
+            return PushResult(False, LOST, self.fetch_into(local))
         reply = ray.get(self.handle.exchange.remote(local.numpy(), alpha, worker, last_version, self.incarnation))
         applied, staleness, version, incarnation, values = reply
         np.copyto(local.numpy(), values)
@@ -502,7 +503,7 @@ class _FanOutWorker(DownpourWorker):
             result = shard.push_direct(update, fetched, self.worker_id, fetch_into=values if then_fetch else None,
                                        fetched_values=values)  # fmt: skip
             if result is None:  # the shard actor died: this push dies with it; take up its restored incarnation
-                result = PushResult(False, -1, fetched)
+                result = PushResult(False, LOST, fetched)
                 shard.reconnect()
                 versions[shard.index] = shard.fetch_into(values)
             elif then_fetch:

@@ -261,6 +261,9 @@ class Simulation:
         self.observe, self.observe_every, self.stop = observe, observe_every, stop
         self.params = params.detach().clone()
         self.state = ShardState(self.params, {name: torch.zeros_like(self.params) for name in rule.state_names})
+        # the rule writes into a spare buffer, published only when its values are finite, as on a real shard
+        self._spare = ShardState(torch.empty_like(self.params), {name: torch.empty_like(self.params)
+                                                                 for name in rule.state_names})  # fmt: skip
         self.version = 0
         self.grad_evals = self.rejected = self.dropped = 0
         n, s = settings.workers, settings
@@ -329,6 +332,15 @@ class Simulation:
             self.observe(t, n, self.params)  # type: ignore[misc]
         return n >= self._stop_at or (self.stop is not None and self.stop())
 
+    def _publish(self) -> bool:
+        """Make the spare buffer the rule just wrote the live one, as a real shard publishes, unless a value in it
+        is NaN or Inf (a finite update can overflow): then the push (or round) is refused and the values stay."""
+        if not all_finite(self._spare.values):
+            return False
+        self.state, self._spare = self._spare, self.state
+        self.params = self.state.values
+        return True
+
     def _pop(self) -> tuple[float, int] | None:
         """The next event ``(time, worker)``, or None when the simulated-time budget is spent."""
         if not self._heap:
@@ -340,7 +352,7 @@ class Simulation:
 
     def _run_async(self) -> float:
         """downpour, staleness-lr, dc-asgd and ssp: each push applied on arrival."""
-        policy, state, grad, rng = self.policy, self.state, self.grad, self.rng
+        policy, grad, rng = self.policy, self.grad, self.rng
         server_rule = PolicyRule(self.rule, policy)  # what a real shard would hold
         table = policy.clock_table(self.settings.workers) if isinstance(policy, SSP) else None
         waiting: list[int] = []
@@ -354,9 +366,11 @@ class Simulation:
             snap = snapshots.get(fetched)
             loss, update = grad(snap, w, rng)
             self.grad_evals += 1
-            if all_finite(update):
-                meta = PushMeta(w, fetched, self.version)
-                server_rule(meta, update, state, state, fetched=snap)  # in place: current and out are one buffer
+            meta = PushMeta(w, fetched, self.version)
+            finite = all_finite(update)
+            if finite:
+                server_rule(meta, update, self.state, self._spare, fetched=snap)
+            if finite and self._publish():
                 self.version += 1
                 stop = self._record(t, w, fetched, meta.staleness, loss, True)
             else:
@@ -403,7 +417,10 @@ class Simulation:
             if not aggregator.accepts(rounds[w]):
                 self.dropped = aggregator.dropped_
                 snapshots.release(fetched)
-                if self._record(t, w, fetched, self.version - fetched, math.nan, False):
+                stop = self._record(t, w, fetched, self.version - fetched, math.nan, False)
+                if stop or len(self._cols[0]) + len(pending) >= self._stop_at:  # the round's pushes are recorded too
+                    if pending and (mean := aggregator.close(1)) is not None:
+                        self._close_round(t, mean, pending)
                     break
                 rounds[w] = aggregator.version_
                 self._start(w, t)
@@ -434,9 +451,10 @@ class Simulation:
         """Apply a closed sync round's ``mean`` (refused when no push was finite, or when it is not) and record its
         pushes; True when the run should stop."""
         stop = False
-        if any(finite for *_, finite in pending) and all_finite(mean):
-            meta = PushMeta(-1, self.version, self.version)
-            apply_rule(self.rule, meta, mean, self.state, self.state)
+        usable = any(finite for *_, finite in pending) and all_finite(mean)
+        if usable:
+            apply_rule(self.rule, PushMeta(-1, self.version, self.version), mean, self.state, self._spare)
+        if usable and self._publish():
             self.version += 1
             for u, fetched_u, loss_u, finite in pending:
                 staleness = self.version - 1 - fetched_u if finite else -1

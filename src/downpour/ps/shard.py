@@ -26,11 +26,14 @@ from downpour.ps.rules import PushMeta, Rule, ShardState
 _ACTIVE, _VERSION0, _VERSION1, _REJECTED = range(4)
 
 
+LOST = -2  # the staleness of a push that reached no live shard (one that died or was restored from its checkpoint)
+
+
 class PushResult(NamedTuple):
     """What happened to one push on one shard."""
 
     applied: bool
-    staleness: int  # version at apply − version fetched (-1 when rejected)
+    staleness: int  # version at apply − version fetched (-1 when rejected; LOST when it reached no live shard)
     version: int  # the shard's version after this push
 
 

@@ -81,10 +81,12 @@ class SyncShard(Shard):
         """Pushes whose round's mean was applied so far."""
         return int(self._r()[_APPLIED])
 
-    def round_applied(self, fetched_version: int) -> bool:
-        """Whether the round of ``fetched_version`` closed with its mean applied (False while it is open, when its
-        mean was refused or every push of it was, and for a round more than :data:`ROUNDS_KEPT` ago)."""
-        return int(self._r()[_OUTCOMES + fetched_version % ROUNDS_KEPT]) == fetched_version + 1
+    def round_applied(self, fetched_version: int) -> bool | None:
+        """Whether the round of ``fetched_version`` closed with its mean applied: True; False when its mean was
+        refused (or every push of it was); None when that is not known (the round is open, or closed more than
+        :data:`ROUNDS_KEPT` rounds ago, or before a restore)."""
+        slot = int(self._r()[_OUTCOMES + fetched_version % ROUNDS_KEPT])
+        return True if slot == fetched_version + 1 else False if slot == -(fetched_version + 1) else None
 
     @property
     def dropped(self) -> int:
@@ -184,13 +186,14 @@ class SyncShard(Shard):
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """As :meth:`Shard.restore`; the aggregator then collects for the restored version. A snapshot without
-        ``applied`` (saved before it was counted) counts its rounds as the pushes applied."""
+        ``applied`` (saved before it was counted) estimates it as rounds times the quorum."""
         super().restore(snapshot)
         self.aggregator.restore(version=int(snapshot["version"]), dropped=int(snapshot.get("dropped", 0)))
         with self.lock:
             rounds = self._r()
             rounds[:] = 0
-            rounds[_APPLIED] = int(snapshot.get("applied", snapshot["version"]))
+            # a snapshot saved before pushes were counted: its rounds times the quorum (exact without late pushes)
+            rounds[_APPLIED] = int(snapshot.get("applied", int(snapshot["version"]) * self.policy.quorum))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from downpour.ps.policies import EASGD
-from downpour.ps.shard import PushResult
+from downpour.ps.shard import LOST, PushResult
 from downpour.ps.worker import DownpourWorker, PushRecord, refuse_whole
 
 _POLL_SECONDS = 0.0005
@@ -67,8 +67,10 @@ class SyncWorker(DownpourWorker):
         """The push rows of the round just closed (or closed as the run stops): a push counts as applied when it
         was accepted into its round and the round's mean was applied (:meth:`SyncShard.round_applied`)."""
         for shard, result, loss in self._round:
-            applied = result.applied and shard.round_applied(versions[shard.index])
-            staleness = result.staleness if applied or not result.applied else -1  # -1: its round's mean refused
+            outcome = shard.round_applied(versions[shard.index]) if result.applied else None
+            applied = outcome is True
+            # 0, or a late, refused or repeated push's own; -1: its round's mean was refused; LOST: not known
+            staleness = result.staleness if applied or not result.applied else -1 if outcome is False else LOST
             self.record(PushRecord(self.clock(), self.worker_id, shard.index, result.version, staleness, loss, applied))
         self._round = []
 

@@ -330,6 +330,9 @@ def check_study(config: Config, *, policies: list[str], workers: list[int], seed
         from downpour.study import staleness_local
 
         staleness_local.check_grid(grid.workers)
+        for name in grid.policies:  # each run's own config, validated as train validates it (ssp with n_fetch > 1)
+            for n in grid.workers:
+                staleness_local.run_config(config, name, n, 0, _pushes(_policy(config, name, n), steps))
     return grid, steps
 
 
