@@ -181,9 +181,10 @@ def test_small_run_classifies_and_counts_its_end_points(small_run: dict) -> None
 
 def test_learning_rates_are_matched_per_gradient_or_per_update(small_run: dict) -> None:
     sync, downpour = small_run["arms"]
-    assert (sync["lr"], sync["steps"], sync["pushes"], sync["updates"]) == (8 * 0.01, 300, 300, 38)  # 37 rounds of 8,
-    # and the budget's last 4 pushes close a round of their own (the whole round was taken past the budget: 304)
-    assert (downpour["lr"], downpour["steps"], downpour["pushes"], downpour["updates"]) == (0.01, 300, 300, 300)
+    # 300 pushes asked of 8 workers: 296 for every arm, 37 whole rounds (a round of the 4 left over would take
+    # sync's full step on half a round's gradients; the simulator once took the whole round past the budget: 304)
+    assert (sync["lr"], sync["steps"], sync["pushes"], sync["updates"]) == (8 * 0.01, 296, 296, 37)
+    assert (downpour["lr"], downpour["steps"], downpour["pushes"], downpour["updates"]) == (0.01, 296, 296, 296)
     per_update = run_optima(workers=4, seeds=2, steps=50, lr=0.01, lr_match="update")
     sync, downpour = per_update["arms"]
     assert (sync["lr"], sync["steps"], sync["updates"]) == (0.01, 200, 50)
@@ -193,16 +194,18 @@ def test_learning_rates_are_matched_per_gradient_or_per_update(small_run: dict) 
 def test_an_arm_with_one_worker_is_plain_sequential_sgd() -> None:
     result = run_optima(workers=8, seeds=3, steps=150, lr=0.01, policies=("sync", "downpour@1"), trace_seeds=0)
     arm = result["arms"][1]
-    assert (arm["name"], arm["workers"], arm["updates"]) == ("downpour@1", 1, 150)
+    assert (arm["name"], arm["workers"], arm["updates"]) == ("downpour@1", 1, 144)  # 18 whole rounds of sync's 8
     task = TiltedWells()
     for seed, end in zip(arm["seeds"], arm["end"], strict=True):
         x = torch.from_numpy(start_point(seed, 2, 1.6))
         rng = np.random.default_rng(seed)  # the simulator's mini-batch stream
-        for _ in range(150):
+        for _ in range(144):
             x = x - 0.01 * task(x, 0, rng)[1]
         torch.testing.assert_close(torch.tensor(end, dtype=torch.float64), x, rtol=1e-12, atol=1e-12)
     with pytest.raises(ConfigError, match="@"):
         run_optima(workers=2, seeds=1, steps=10, policies=("sync", "downpour@0"))
+    with pytest.raises(ConfigError, match=r"invalid steps: 5 \(fewer than one round of the sync arms' 8 pushes\)"):
+        run_optima(workers=8, seeds=1, steps=5)
 
 
 def test_the_same_policy_in_both_arms_shows_no_difference() -> None:

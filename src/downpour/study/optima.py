@@ -361,6 +361,24 @@ def _arm_policy(spec: str, workers: int) -> tuple[str, int]:
     return name, int(count)
 
 
+def _whole_rounds(steps: int, policies: Sequence[str], workers: int, lr: float) -> int:
+    """The largest budget up to ``steps`` pushes that is a whole number of rounds for every ``sync`` arm (every arm
+    then gets it, so that all compute the same number of gradients). A last round of the leftover pushes would
+    take sync's full-size step on the mean of fewer gradients: over 300 seeds at 64 workers (4,000 pushes: 62
+    rounds and 32 pushes) that alone made sync's final losses worse than downpour's (Wilcoxon p = 6e-12, against
+    0.067 with whole rounds)."""
+    quorums = []
+    for spec in policies:
+        name, count = _arm_policy(spec, workers)
+        policy = make_policy(name, workers=count, lr=lr)
+        if isinstance(policy, Sync):
+            quorums.append(count - policy.backup_workers)
+    unit = math.lcm(*quorums) if quorums else 1
+    if steps < unit:
+        raise ConfigError(f"invalid steps: {steps} (fewer than one round of the sync arms' {unit} pushes)")
+    return steps - steps % unit
+
+
 def _arm_names(policies: Sequence[str]) -> list[str]:
     names: list[str] = []
     for policy in policies:
@@ -420,6 +438,8 @@ def run_optima(
     if not (math.isfinite(start_box) and start_box > 0):
         raise ConfigError(f"invalid start_box: {start_box!r} (must be > 0)")
     names = _arm_names(policies)
+    if lr_match == "gradient":
+        steps = _whole_rounds(steps, policies, workers, lr)
     minima = task.minima()
     seed_list = list(range(first_seed, first_seed + seeds))
     starts = np.stack([start_point(s, task.dim, start_box) for s in seed_list])  # (S, d)
