@@ -204,8 +204,12 @@ def test_an_arm_with_one_worker_is_plain_sequential_sgd() -> None:
         torch.testing.assert_close(torch.tensor(end, dtype=torch.float64), x, rtol=1e-12, atol=1e-12)
     with pytest.raises(ConfigError, match="@"):
         run_optima(workers=2, seeds=1, steps=10, policies=("sync", "downpour@0"))
-    with pytest.raises(ConfigError, match=r"invalid steps: 5 \(fewer than one round of the sync arms' 8 pushes\)"):
+    with pytest.raises(ConfigError, match=r"invalid steps: 5 \(fewer than 8 pushes: a whole number of rounds"):
         run_optima(workers=8, seeds=1, steps=5)
+    with pytest.raises(ConfigError, match=r"'sync:2' with lr_match='gradient' \(a sync arm with backup workers"):
+        run_optima(workers=8, seeds=1, steps=300, policies=("sync:2", "downpour"))
+    whole = run_optima(workers=8, seeds=1, steps=300, policies=("sync:2", "downpour"), lr_match="update")
+    assert whole["arms"][1]["updates"] == 300  # per update, sync:2 runs its rounds: nothing to cut
 
 
 def test_the_same_policy_in_both_arms_shows_no_difference() -> None:

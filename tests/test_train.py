@@ -684,12 +684,14 @@ def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path: Path, cli: Callabl
 
 
 def test_throughput_leaves_start_up_out_but_never_divides_by_an_instant() -> None:
-    """examples/s counts from the first poll that saw work, without the examples that poll saw; a window of work
-    shorter than a second (train.seconds = 0.01: 24 steps seen at once) is measured over the whole session instead,
-    where it gave 8 million examples/s."""
+    """examples/s counts from the first poll that saw work to the watch's last poll, without the examples the first
+    saw and without the workers' shutdown; a window of work shorter than a second (train.seconds = 0.01: 24 steps
+    seen at once) is measured over the whole session instead, where it gave 8 million examples/s."""
     from downpour.train import WorkWindow
 
-    assert WorkWindow(start=0.0, first_seen=2.0, first_examples=100).rate(1100, stopped=12.0) == 100.0
-    assert WorkWindow(start=0.0, first_seen=2.0, first_examples=100).rate(1100, stopped=2.05) == 1100 / 2.05
+    window = WorkWindow(start=0.0, first_seen=2.0, first_examples=100, last_seen=12.0, last_examples=1100)
+    assert window.rate(1150, stopped=17.0) == 100.0  # the shutdown (to 17 s, 50 examples in flight) is left out
+    short = WorkWindow(start=0.0, first_seen=2.0, first_examples=100, last_seen=2.05, last_examples=1100)
+    assert short.rate(1100, stopped=2.2) == 1100 / 2.2
     assert WorkWindow(start=0.0, first_seen=None, first_examples=0).rate(0, stopped=3.0) == 0.0
     assert WorkWindow(start=5.0, first_seen=None, first_examples=0).rate(0, stopped=5.0) == 0.0

@@ -668,19 +668,24 @@ _MIN_RATE_SECONDS = 1.0  # a shorter window of work is measured with the workers
 
 class WorkWindow(NamedTuple):
     """When a session's workers worked: the watch began at ``start``; ``first_seen`` is the poll that first saw
-    examples done (None: none were), ``first_examples`` how many it saw."""
+    examples done (None: none were) and ``first_examples`` how many it saw; ``last_seen`` and ``last_examples``
+    the same at the watch's last poll."""
 
     start: float
     first_seen: float | None
     first_examples: int
+    last_seen: float | None = None
+    last_examples: int = 0
 
     def rate(self, examples: int, stopped: float) -> float:
-        """Examples per second from the first poll that saw work to ``stopped`` (worker start-up is not
-        throughput), counting only the examples done after that poll. A window under :data:`_MIN_RATE_SECONDS`
-        (a budget of a fraction of a second) holds too few polls to measure: then the whole session, start-up
-        included (it gave 8 million examples/s for 24 steps in 0.05 s)."""
-        if self.first_seen is not None and stopped - self.first_seen >= _MIN_RATE_SECONDS:
-            return max(0, examples - self.first_examples) / (stopped - self.first_seen)
+        """Examples per second between the first poll that saw work and the watch's last poll: neither the
+        workers' start-up nor their shutdown (up to seconds of draining and joining) is throughput. A window
+        under :data:`_MIN_RATE_SECONDS` (a budget of a fraction of a second) holds too few polls to measure: then
+        all ``examples`` over the whole session to ``stopped``, start-up included (the first poll's window alone
+        gave 8 million examples/s for 24 steps in 0.05 s)."""
+        first, last = self.first_seen, self.last_seen
+        if first is not None and last is not None and last - first >= _MIN_RATE_SECONDS:
+            return max(0, self.last_examples - self.first_examples) / (last - first)
         return examples / (stopped - self.start) if stopped > self.start else 0.0
 
 
@@ -717,6 +722,8 @@ def _watch(
     last_examples, last_rate_time, rate = 0, start, 0.0
     examples_before = run_state.examples
     first_work, first_examples = None, 0  # when the first examples were seen: worker start-up is not throughput
+    last_seen: float | None = None  # and at the last poll: neither is the workers' shutdown
+    last_examples_seen = 0
     interrupted = starved = False
 
     def collect() -> None:
@@ -733,6 +740,7 @@ def _watch(
                 collect()
                 run_state.elapsed_s = elapsed_before + (now - start)
                 examples = cluster.examples_done()
+                last_seen, last_examples_seen = now, examples
                 if first_work is None and examples > 0:
                     first_work, last_rate_time, last_examples = now, now, examples
                     first_examples = examples
@@ -791,7 +799,7 @@ def _watch(
         except KeyboardInterrupt:
             interrupted = True
             say(console, "interrupted: stopping workers and writing a final checkpoint")
-    return interrupted, WorkWindow(start, first_work, first_examples), starved
+    return interrupted, WorkWindow(start, first_work, first_examples, last_seen, last_examples_seen), starved
 
 
 def headline(summary: dict[str, Any]) -> str:

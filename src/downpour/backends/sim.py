@@ -20,7 +20,8 @@ as the simulator's own work for a push), the durations from two streams of their
 bit-identical parameters and records.
 
 Policies: ``downpour``, ``staleness-lr`` and ``dc-asgd`` apply each push on arrival through
-:class:`~downpour.ps.policies.PolicyRule` (the policy, then the server rule, in place); ``ssp`` does too, but a
+:class:`~downpour.ps.policies.PolicyRule` (the policy, then the server rule, into a spare buffer that becomes the
+live one, as on a shard); ``ssp`` does too, but a
 worker more than ``staleness_bound`` clocks ahead of the slowest waits (in simulated time) until it catches up;
 ``sync`` applies the mean once ``N − b`` pushes for the current version have arrived, the others waiting at the
 barrier, and drops late pushes (without computing their gradient); ``easgd`` runs ``tau`` local SGD steps per
@@ -29,7 +30,7 @@ are one shard: every shard of a real server would see the same staleness here, s
 at once.
 
 A push whose update (or, under ``easgd``, local copy) holds NaN or Inf is rejected and counted, as by a real
-shard; unlike a shard, the simulator does not refuse a finite update that overflows the parameters.
+shard, and so is a finite update whose result would overflow the parameters (under ``sync``: the round's mean).
 """
 
 from __future__ import annotations

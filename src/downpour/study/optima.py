@@ -371,11 +371,17 @@ def _whole_rounds(steps: int, policies: Sequence[str], workers: int, lr: float) 
     for spec in policies:
         name, count = _arm_policy(spec, workers)
         policy = make_policy(name, workers=count, lr=lr)
+        if isinstance(policy, Sync) and policy.backup_workers:
+            raise ConfigError(
+                f"invalid policies: {spec!r} with lr_match='gradient' (a sync arm with backup workers drops late "
+                "pushes, which count toward the budget, so its rounds cannot be whole: use lr_match='update')"
+            )
         if isinstance(policy, Sync):
-            quorums.append(count - policy.backup_workers)
+            quorums.append(count)
     unit = math.lcm(*quorums) if quorums else 1
     if steps < unit:
-        raise ConfigError(f"invalid steps: {steps} (fewer than one round of the sync arms' {unit} pushes)")
+        raise ConfigError(f"invalid steps: {steps} (fewer than {unit} pushes: a whole number of rounds of every sync "
+                          f"arm, whose rounds take {', '.join(map(str, quorums))})")  # fmt: skip
     return steps - steps % unit
 
 
@@ -490,7 +496,7 @@ def run_optima(
                 "workers": arm_workers,
                 "lr": arm_lr,
                 "steps": arm_steps,
-                "pushes": int(max(pushes)),  # pushes handled (the most over seeds; sync finishes its last round)
+                "pushes": int(max(pushes)),  # pushes handled (the most over seeds)
                 "updates": int(max(updates)),  # server updates applied (the most over seeds)
                 "seeds": seed_list,
                 "start": starts.tolist(),
