@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from skimage import data
 
 from conftest import CliResult
@@ -244,7 +245,7 @@ def test_missing_or_empty_sources_are_clear_errors(tmp_path: Path, pictures: Pat
     with pytest.raises(DataError, match="none of its 1 files could be read"):
         load_dataset(DataConfig(source=f"folder:{tmp_path / 'bad'}"), seed=0)
     with pytest.raises(DataError, match="is at least 200 pixels on its shorter side"):
-        load_dataset(DataConfig(source=f"folder:{pictures}", image_size=200), seed=0)
+        load_dataset(DataConfig(source=f"folder:{pictures}", image_size=200, examples=500), seed=0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
@@ -255,3 +256,80 @@ def test_torchvision_sets_without_torchvision_are_a_clear_error(tmp_path: Path) 
     text = str(caught.value)
     assert "torchvision:CIFAR10 needs torchvision" in text and "pip install 'downpour-sgd[torchvision]'" in text
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded
+
+
+def test_portrait_photos_and_videos_are_read_upright(tmp_path: Path) -> None:
+    """A phone stores a portrait photo sideways with an EXIF orientation tag, and a portrait video sideways with a
+    display matrix: both were trained on sideways (and detect drew its map over the sideways photo). Training's
+    reader and evaluation's now turn them as a viewer does."""
+    from downpour.eval.images import read_image
+
+    stored = np.zeros((40, 60), np.uint8)  # 60 wide, 40 tall as stored
+    stored[:, :30] = 200  # its left half bright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(stored).save(folder / "portrait.jpg", exif=exif, quality=100)
+    viewed = np.asarray(ImageOps.exif_transpose(Image.open(folder / "portrait.jpg")))  # (60, 40), as a viewer shows
+    trained = own.read_folder(folder, channels=1, max_side=0, report=own.ReadReport("x"))[0][0]
+    assert trained.shape == (60, 40) and viewed.shape == (60, 40)
+    np.testing.assert_array_equal(trained, viewed)
+    assert trained[:30].mean() > 150 > 50 > trained[30:].mean()  # the left half, turned clockwise, is the top
+    np.testing.assert_allclose(read_image(folder / "portrait.jpg", 1)[0], viewed / 255.0, atol=1e-6)
+
+    video = tmp_path / "portrait.mp4"
+    with av.open(str(video), "w") as container:  # 64 wide, 48 tall as stored, its left half bright
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        frame = np.zeros((48, 64, 3), np.uint8)
+        frame[:, :32] = 200
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    data = bytearray(video.read_bytes())  # the matrix a phone writes for portrait: a = 0, b = 1, c = -1, d = 0
+    identity = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    at = data.find(identity, data.find(b"tkhd"))
+    data[at : at + 36] = struct.pack(">9I", 0, 0x10000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000)
+    video.write_bytes(bytes(data))
+    frames = own.read_video(video, stride=1, channels=1, max_side=0)
+    assert frames[0].shape == (1, 64, 48)  # upright: 48 wide, 64 tall
+    assert frames[0][0, :28].mean() > 150 > 50 > frames[0][0, 36:].mean()  # the left half, turned clockwise
+
+
+def test_repeated_crops_and_own_data_memory_are_warned_of_and_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One 64x64 picture holds 2,401 crops of side 16: 50,000 training crops repeat them, and every held-out crop
+    was bit-identical to a training one without a word. Own data was never checked against the memory either."""
+    from downpour.data import data_warnings
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(data.camera()[:64, :64]).save(folder / "small.png")
+    config = DataConfig(source=f"folder:{folder}", image_size=16, examples=5000, whiten=False)
+    lines = data_warnings(load_dataset(config, seed=0))
+    assert len(lines) == 1 and "hold 2,401 distinct crops for 5,000 training examples: about 88% of the" in lines[0]
+    roomy = DataConfig(source=f"folder:{folder}", image_size=16, examples=40, held_out=10, whiten=False)
+    assert data_warnings(load_dataset(roomy, seed=0)) == []  # 40 of 2,401: about 2%
+    monkeypatch.setattr("downpour.backends.local.available_memory", lambda: 10 * 2**20)
+    with pytest.raises(DataError, match=r"data.examples = 5000 \(\+ 1024 held out\)|data.examples = 5000 \(\+ 1250"):
+        load_dataset(config, seed=0)
+
+
+def test_palette_transparency_reads_without_pillows_warning_and_held_out_limits_say_a_quarter(
+    tmp_path: Path,
+) -> None:
+    import warnings
+
+    folder = tmp_path / "palette"
+    folder.mkdir()
+    picture = Image.fromarray(data.camera()[:40, :40]).convert("P")
+    picture.info["transparency"] = bytes(range(256))  # transparency "expressed in bytes"
+    picture.save(folder / "p.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's UserWarning leaked into the command's output
+        assert own.read_folder(folder, channels=1, max_side=0, report=own.ReadReport("x"))[0].shape == (1, 40, 40)
+    with pytest.raises(DataError, match=r"data.held_out = 64 is more than a quarter of data.examples = 100 \(at most "
+                                        r"25 can be held out\)"):  # fmt: skip
+        load_dataset(DataConfig(examples=100, held_out=64, whiten=False), seed=0)

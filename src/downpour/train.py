@@ -33,8 +33,8 @@ from downpour.data import (
     as_recorded,
     capped_batch_warning,
     counts_before_exact_examples,
+    data_warnings,
     load_dataset,
-    unread_warning,
     worker_slice,
 )
 from downpour.errors import CheckpointError, DownpourError
@@ -443,7 +443,7 @@ def run_training(
     with claimed_run_dir(out, resume=resume):
         if dataset is None:
             dataset = load_dataset(config.data, seed=config.train.seed)
-        if (note := unread_warning(dataset)) is not None:
+        for note in data_warnings(dataset):
             warn(console, note)
         worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
         if (note := capped_batch_warning(len(dataset.train), config.cluster.workers,

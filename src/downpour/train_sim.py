@@ -26,7 +26,7 @@ from downpour import rundir
 from downpour.backends.sim import ModelGradient, SimSettings, simulate
 from downpour.config import Config
 from downpour.console import say, warn
-from downpour.data import as_recorded, load_dataset, unread_warning, worker_slice
+from downpour.data import as_recorded, data_warnings, load_dataset, worker_slice
 from downpour.errors import DownpourError
 from downpour.models import build_model
 from downpour.ps.flat import flat_copy
@@ -76,7 +76,7 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
             raise DownpourError(deterministic)
         dataset = load_dataset(config.data, seed=config.train.seed)
         config = dataclasses.replace(config, data=as_recorded(config.data, dataset))  # config.toml: the real held_out
-        if (note := unread_warning(dataset)) is not None:
+        for note in data_warnings(dataset):
             warn(console, note)
         worker_slice(dataset.train.shape[0], config.cluster.workers, 0)  # more workers than examples fails here
         model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)

@@ -33,7 +33,7 @@ import numpy as np
 
 from downpour.config import DataConfig
 from downpour.data.gray import luminance
-from downpour.data.sources import random_crops
+from downpour.data.sources import crop_positions, random_crops
 from downpour.errors import DataError
 
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -49,6 +49,7 @@ class ReadReport:
     pictures: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     digest: str = ""  # of the pictures read (pictures_digest)
+    crop_positions: int = 0  # distinct crops the pictures hold (random crops repeat beyond a fraction of it)
 
     def summary(self) -> dict[str, Any]:
         """For ``summary.json``: counts, and the first ``SHOWN_SKIPS`` skipped files as ``"path: reason"``."""
@@ -60,6 +61,7 @@ class ReadReport:
             "pictures": self.pictures,
             "skipped_files": [f"{path}: {reason}" for path, reason in self.skipped[:SHOWN_SKIPS]],
             "digest": self.digest,
+            "crop_positions": self.crop_positions,
         }
 
 
@@ -83,7 +85,9 @@ def _to_array(image: Any, channels: int, max_side: int) -> np.ndarray:
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((values / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8))
     if not (image.mode == "L" and channels == 1):  # colour becomes gray below, by the luminance all sources use
-        image = image.convert("RGB")
+        with warnings.catch_warnings():  # a palette with transparency in bytes: Pillow's advice is not the user's
+            warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+            image = image.convert("RGB")
     array = np.asarray(_shrink(image, max_side), dtype=np.uint8)  # (H, W) gray or (H, W, 3)
     if array.ndim == 2:
         return array[None]  # (1, H, W)
@@ -103,13 +107,22 @@ def large_pictures() -> Iterator[None]:
     from PIL import Image
 
     before = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = LARGEST_PICTURE
+    Image.MAX_IMAGE_PIXELS = LARGEST_PICTURE // 2  # Pillow refuses beyond twice its limit (warns beyond it)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = before
+
+
+def upright(image: Any) -> Any:
+    """A PIL image turned as its EXIF orientation says (a phone's portrait photo is stored sideways with a tag),
+    or the image itself when it has none."""
+    from PIL import ImageOps
+
+    turned = ImageOps.exif_transpose(image)
+    return image if turned is None else turned
 
 
 def _open_small(image: Any, max_side: int) -> None:
@@ -138,7 +151,7 @@ def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadRepor
                 with Image.open(path) as image:
                     _open_small(image, max_side)
                     image.load()  # decode now: a truncated or corrupt file fails here, not later
-                    images.append(_to_array(image, channels, max_side))
+                    images.append(_to_array(upright(image), channels, max_side))
             except Exception as exc:  # any decoder failure of one file must not end the run
                 report.skipped.append((str(path), f"{type(exc).__name__}: {exc}"))
     report.pictures += len(images)
@@ -165,7 +178,10 @@ def read_video(path: Path, *, stride: int, channels: int, max_side: int) -> list
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
             if index % stride == 0:
-                frames.append(_to_array(frame.to_image(), channels, max_side))
+                picture = frame.to_image()
+                if frame.rotation % 360:  # a phone's portrait video: stored sideways, turned by its display matrix
+                    picture = picture.rotate(frame.rotation, expand=True)  # (both count degrees counterclockwise)
+                frames.append(_to_array(picture, channels, max_side))
     if not frames:
         raise DataError("no frame could be decoded")
     return frames
@@ -245,6 +261,7 @@ def own_examples(config: DataConfig, rng: np.random.Generator, count: int) -> tu
         raise DataError(f"data.source {config.source}: none of its {report.files} files could be read "
                         f"(first: {report.skipped[0][0]}: {report.skipped[0][1]})")  # fmt: skip
     report.digest = pictures_digest(pictures)
+    report.crop_positions = crop_positions(pictures, size)
     return random_crops(pictures, count, size, rng, where=where_text), report
 
 

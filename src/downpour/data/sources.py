@@ -57,6 +57,17 @@ def bundled_colour_photos() -> list[np.ndarray]:
     return photos
 
 
+def _positions(images: list[np.ndarray], size: int) -> list[int]:
+    """Each picture's number of crop positions of side ``size`` (0 for one smaller than that)."""
+    return [max(0, p.shape[1] - size + 1) * max(0, p.shape[2] - size + 1) for p in images]
+
+
+def crop_positions(images: list[np.ndarray], size: int) -> int:
+    """How many distinct crops of side ``size`` the pictures ``(C, H, W)`` hold: the most :func:`random_crops` can
+    cut without repeating one."""
+    return sum(_positions(images, size))
+
+
 def random_crops(images: list[np.ndarray], count: int, size: int, rng: np.random.Generator, *,
                  where: str = "the pictures") -> np.ndarray:  # fmt: skip
     """``count`` square crops of side ``size`` cut at uniformly random places from ``images`` (each ``(C, H, W)``,
@@ -68,7 +79,7 @@ def random_crops(images: list[np.ndarray], count: int, size: int, rng: np.random
     images = [p for p in images if min(p.shape[1:]) >= size]
     if not images:
         raise DataError(f"no picture in {where} is at least {size} pixels on its shorter side")
-    positions = np.array([(p.shape[1] - size + 1) * (p.shape[2] - size + 1) for p in images], dtype=np.float64)
+    positions = np.array(_positions(images, size), dtype=np.float64)
     per_image = rng.multinomial(count, positions / positions.sum())
     pieces = []
     for image, n in zip(images, per_image, strict=True):

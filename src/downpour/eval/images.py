@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from skimage import io, transform
 
 from downpour.data.gray import luminance
-from downpour.data.own import large_pictures
+from downpour.data.own import large_pictures, upright
 from downpour.errors import DataError
 
 
@@ -99,13 +99,18 @@ def _first_picture(image: np.ndarray, frames: int) -> np.ndarray:
     return image
 
 
-def _cmyk_as_rgb(path: Path) -> np.ndarray | None:
-    """A CMYK picture (JPEGs from print workflows) converted to RGB as training's reader converts it; None for any
-    other file (read as it is). Read as it is, its first three channels (C, M, Y) would be taken for R, G, B: the
-    negative of the picture."""
+def _as_training_reads(path: Path) -> np.ndarray | None:
+    """The pictures that must be read as training's reader reads them, not as they are stored: a CMYK picture (JPEGs
+    from print workflows) converted to RGB (read as it is, its C, M, Y would be taken for R, G, B: the negative),
+    and one with an EXIF orientation (a phone's portrait photo) turned upright. None for any other file."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB")) if image.mode == "CMYK" else None
+            turned = upright(image)
+            if image.mode == "CMYK":
+                return np.asarray(turned.convert("RGB"))
+            if turned is not image:
+                return np.asarray(turned if turned.mode in ("L", "LA", "RGB", "RGBA") else turned.convert("RGB"))
+            return None
     except (UnidentifiedImageError, OSError, ValueError):  # not a picture PIL knows: the main reader says what
         return None
 
@@ -120,7 +125,7 @@ def read_image(path: Path, channels: int) -> np.ndarray:
         raise DataError(f"image {path} does not exist")
     try:
         with large_pictures():
-            image = _cmyk_as_rgb(path)
+            image = _as_training_reads(path)
             image = io.imread(path) if image is None else image
     except Exception as exc:  # imageio raises many kinds for a corrupt or unknown file
         if not _has_image_signature(path):
