@@ -77,6 +77,7 @@ def test_load_run_rebuilds_the_trained_model_and_its_preprocessing(rica_run: Pat
     dataset = load_dataset(trained.config.data, seed=trained.config.train.seed)
     assert trained.input_shape == dataset.shape == (1, 16, 16)
     assert torch.equal(trained.whitening, dataset.whitening)
+    assert trained.centre is None and dataset.centre is None  # data.whiten_centre is off by default
     assert float(trained.model.loss(dataset.held_out)) == pytest.approx(summary["final_loss"], rel=1e-4)
     assert summary["final_loss"] < 0.7 * summary["initial_loss"]  # the fixture run did learn
     images = torch.rand(5, 1, 16, 16)

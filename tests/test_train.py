@@ -695,3 +695,36 @@ def test_throughput_leaves_start_up_out_but_never_divides_by_an_instant() -> Non
     assert short.rate(1100, stopped=2.2) == 1100 / 2.2
     assert WorkWindow(start=0.0, first_seen=None, first_examples=0).rate(0, stopped=3.0) == 0.0
     assert WorkWindow(start=5.0, first_seen=None, first_examples=0).rate(0, stopped=5.0) == 0.0
+
+
+def test_a_run_whitened_around_its_mean_saves_loads_and_resumes_with_it(
+    run_dir: Path, cli: Callable[..., CliResult]
+) -> None:
+    """data.whiten_centre: whitening.safetensors keeps the training mean beside the ZCA matrix; a loaded run
+    preprocesses with both (its held-out examples come out as training made them), and --resume keeps them. Without
+    the key (the default, and every run before it), the file holds the matrix alone."""
+    from safetensors.torch import save_file
+
+    from downpour.data import load_dataset
+    from downpour.errors import DownpourError
+    from downpour.runs import load_run
+
+    args = ["--workers", "1", "--set", "data.source=digits", "--no-progress"]
+    first = cli("train", "--steps", "20", "--out", str(run_dir), *args, "--set", "data.whiten_centre=true")
+    assert first.returncode == 0, first.stderr
+    path = run_dir / "whitening.safetensors"
+    saved = load_file(str(path))
+    assert set(saved) == {"zca", "mean"} and float(saved["mean"].norm()) > 1.0  # digits: a mean far from zero
+    trained = load_run(run_dir)
+    dataset = load_dataset(trained.config.data, seed=trained.config.train.seed)
+    torch.testing.assert_close(trained.centre, dataset.centre)
+    raw = dataset.train[:3] @ torch.linalg.inv(dataset.whitening) + dataset.centre  # (3, 64) mean-removed pixels
+    torch.testing.assert_close(trained.preprocess(raw.reshape(3, 1, 8, 8)), dataset.train[:3], atol=1e-4, rtol=1e-4)
+    resumed = cli("train", "--resume", str(run_dir), "--steps", "40", *args[:-1])
+    assert resumed.returncode == 0, resumed.stderr
+    torch.testing.assert_close(load_file(str(path))["mean"], saved["mean"])
+    plain = cli("train", "--steps", "10", "--out", str(run_dir / "plain"), *args)
+    assert plain.returncode == 0 and set(load_file(str(run_dir / "plain" / "whitening.safetensors"))) == {"zca"}
+    save_file({"zca": saved["zca"]}, str(path))  # a centred run's file without its mean: refused, not misread
+    with pytest.raises(DownpourError, match=r"data\.whiten_centre = true but .* holds no 'mean'"):
+        load_run(run_dir)

@@ -49,6 +49,7 @@ class DataConfig:
     held_out: int = 1024  # examples kept out of every worker's shard, for initial/final loss
     whiten: bool = True  # ZCA whitening (its matrix is saved with the run)
     whiten_eps: float = 1.0  # ZCA regularizer, as a fraction of the mean eigenvalue (keeps pixel noise down)
+    whiten_centre: bool = False  # ZCA: remove the training examples' mean of each value first (Coates & Ng 2011)
     frame_stride: int = 30  # video: keep every frame_stride-th frame
     max_side: int = 512  # folder / video: shrink pictures whose longer side exceeds this (0 = never)
     cache_dir: str = ""  # torchvision: where sets are downloaded ("" = $XDG_CACHE_HOME/downpour or ~/.cache/downpour)
@@ -309,6 +310,9 @@ def ignored_keys(config: Config) -> list[str]:
                else f"model.name = {model.name!r} has another default penalty")  # fmt: skip
         lines.append(f"model.sparsity is λ of the rica penalty that {', '.join(SPARSITY_DESIGNS)} use by default; "
                      f"ignored ({why}; model.sparsity = {model.sparsity!r})")  # fmt: skip
+    if config.data.whiten_centre and not config.data.whiten:
+        lines.append("data.whiten_centre applies only with data.whiten = true; ignored (data.whiten_centre = True "
+                     "with data.whiten = False)")  # fmt: skip
     for key, (sources, which) in SOURCE_ONLY_KEYS.items():
         value = getattr(config.data, key)
         if value != getattr(DataConfig, key) and not config.data.source.startswith(sources):

@@ -50,6 +50,7 @@ class TrainedRun:
     input_shape: tuple[int, int, int]  # (C, H, W) of one example
     whitening: Tensor | None  # (D, D) ZCA matrix applied after per-example mean removal, or None
     step: int  # the global step of the loaded checkpoint
+    centre: Tensor | None = None  # (D,) the training mean removed before whitening (data.whiten_centre), or None
 
     @property
     def input_dim(self) -> int:
@@ -64,7 +65,9 @@ class TrainedRun:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise DownpourError(f"expected images (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         flat = remove_example_mean(x.float().reshape(x.shape[0], -1))  # (N, D)
-        return flat @ self.whitening if self.whitening is not None else flat  # ZCA is symmetric
+        if self.whitening is None:
+            return flat
+        return (flat - self.centre if self.centre is not None else flat) @ self.whitening  # ZCA is symmetric
 
     @torch.no_grad()
     def features(self, x: Tensor, *, batch_size: int = 256) -> Tensor:
@@ -73,10 +76,13 @@ class TrainedRun:
         return torch.cat(pieces) if pieces else torch.empty(0, 0)  # (N, F)
 
 
-def _load_whitening(run_dir: Path, dim: int) -> Tensor:
+def _load_whitening(run_dir: Path, dim: int) -> tuple[Tensor, Tensor | None]:
+    """The run's ZCA matrix ``(D, D)`` and the training mean removed before it ``(D,)`` (None unless the run was
+    trained with ``data.whiten_centre``)."""
     path = run_dir / rundir.WHITENING
     try:
-        zca = load_file(str(path)).get("zca")
+        tensors = load_file(str(path))
+        zca, mean = tensors.get("zca"), tensors.get("mean")
     except FileNotFoundError:
         raise CheckpointError(f"run {run_dir} was trained with data.whiten = true but {path} is missing") from None
     except (SafetensorError, OSError, ValueError) as exc:
@@ -87,7 +93,10 @@ def _load_whitening(run_dir: Path, dim: int) -> Tensor:
     if not bool(torch.isfinite(zca).all()):
         raise CheckpointError(f"whitening matrix {path} holds NaN or Inf values (the data had no variance?); "
                               "train the run again")  # fmt: skip
-    return zca.float()
+    if mean is not None and (tuple(mean.shape) != (dim,) or not bool(torch.isfinite(mean).all())):
+        raise CheckpointError(f"whitening mean in {path} has shape {tuple(mean.shape)} or non-finite values; "
+                              f"expected ({dim},)")  # fmt: skip
+    return zca.float(), None if mean is None else mean.float()
 
 
 def load_run(run_dir: Path) -> TrainedRun:
@@ -128,5 +137,8 @@ def load_run(run_dir: Path) -> TrainedRun:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)  # evaluation never trains; gradients with respect to the input still flow
-    whitening = _load_whitening(run_dir, dim) if config.data.whiten else None
-    return TrainedRun(run_dir, config, model, shape, whitening, int(checkpoint.state.get("step", 0)))
+    whitening, centre = _load_whitening(run_dir, dim) if config.data.whiten else (None, None)
+    if config.data.whiten_centre and config.data.whiten and centre is None:
+        raise CheckpointError(f"run {run_dir} was trained with data.whiten_centre = true but "
+                              f"{run_dir / rundir.WHITENING} holds no 'mean'")  # fmt: skip
+    return TrainedRun(run_dir, config, model, shape, whitening, int(checkpoint.state.get("step", 0)), centre)

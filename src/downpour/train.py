@@ -474,7 +474,7 @@ def run_training(
             run_state.data_counts["pictures_digest"] = dataset.read_report["digest"]
         config_mod.write(config, out / rundir.CONFIG)
         if dataset.whitening is not None:
-            rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
+            rundir.save_tensors(dataset.whitening_tensors(), out / rundir.WHITENING)
         summary = _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
                                  resume=resume, console=console, show_progress=show_progress)  # fmt: skip
         if previous_config is not None and _keeps_previous_config(run_state, summary["diverged"], resume=resume):

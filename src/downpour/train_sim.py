@@ -88,7 +88,7 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
         with torch_threads(config.cluster.threads_per_worker or 1):
             config_mod.write(config, out / rundir.CONFIG)
             if dataset.whitening is not None:
-                rundir.save_tensors({"zca": dataset.whitening.contiguous()}, out / rundir.WHITENING)
+                rundir.save_tensors(dataset.whitening_tensors(), out / rundir.WHITENING)
             stop = StopRequest()  # from here Ctrl-C or SIGTERM ends the simulation after the push in progress
             with routed(stop):  # and what was simulated is written out like a finished run's
                 return _simulate_run(config, out, settings, model, signature, held_out_loss, rule, policy, dataset,

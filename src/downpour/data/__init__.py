@@ -29,6 +29,14 @@ class Dataset:
     shape: tuple[int, int, int]  # (C, H, W) of one example
     whitening: Tensor | None  # (D, D) ZCA matrix applied after mean removal, or None
     read_report: dict | None = None  # users' folders and videos: files read and skipped (downpour.data.own)
+    centre: Tensor | None = None  # (D,) the training mean removed before whitening (data.whiten_centre), or None
+
+    def whitening_tensors(self) -> dict[str, Tensor]:
+        """What ``whitening.safetensors`` holds for this data: the ZCA matrix, and the mean removed before it when
+        ``data.whiten_centre`` is on."""
+        assert self.whitening is not None
+        tensors = {"zca": self.whitening.contiguous()}
+        return tensors if self.centre is None else {**tensors, "mean": self.centre.contiguous()}
 
     @property
     def dim(self) -> int:
@@ -143,7 +151,10 @@ def _check_variance(flat: Tensor, source: str) -> None:
 
 
 def load_dataset(config: DataConfig, *, seed: int) -> Dataset:
-    """Load ``data.source``, split off the held-out set, remove example means and (optionally) ZCA-whiten."""
+    """Load ``data.source``, split off the held-out set, remove example means and (optionally) ZCA-whiten. With
+    ``data.whiten_centre`` the training examples' mean of each value is removed before the ZCA matrix is applied
+    (as Coates & Ng 2011 do); without it (the default) whitened digits carry their mean's offset, whose squared
+    norm is 30.7 against a covariance trace of 17.7 (natural patches: about 0)."""
     rng = np.random.default_rng(seed)
     raw, report = _raw_examples(config, rng)  # (N, C, H, W)
     shape = tuple(int(s) for s in raw.shape[1:])
@@ -153,12 +164,15 @@ def load_dataset(config: DataConfig, *, seed: int) -> Dataset:
     flat = remove_example_mean(flat)
     _check_variance(flat, config.source)
     held_out, train = flat[:held_count], flat[held_count:]
-    whitening = None
+    whitening = mean = None
     if config.whiten:
         whitening = zca_matrix(train, eps=config.whiten_eps, what=f"data.source {config.source!r}")
+        if config.whiten_centre:
+            mean = train.double().mean(dim=0).float()  # (D,) of the training examples only
+            train, held_out = train - mean, held_out - mean
         train, held_out = train @ whitening, held_out @ whitening  # ZCA is symmetric
     summary = report.summary() if report is not None else None
-    return Dataset(train.contiguous(), held_out.contiguous(), shape, whitening, summary)  # type: ignore[arg-type]
+    return Dataset(train.contiguous(), held_out.contiguous(), shape, whitening, summary, mean)  # type: ignore[arg-type]
 
 
 def worker_slice(num_examples: int, workers: int, worker: int) -> slice:
