@@ -208,6 +208,7 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     config_toml.write_text(config_toml.read_text().replace("held_out = 125", "held_out = 1024"))  # the count was
     state = json.loads(state_json.read_text())  # recorded: the default, capped without a word
     state["config"]["data"]["held_out"] = 1024
+    del state["config"]["data"]["whiten_centre"]  # nor did it know this key: its default then
     state_json.write_text(json.dumps(state))
     assert "held_out = 1024" in (out / "config.toml").read_text()
     resumed = cli("train", "--resume", str(out), "--steps", "40", *common)
@@ -295,6 +296,15 @@ def test_portrait_photos_and_videos_are_read_upright(tmp_path: Path) -> None:
     frames = own.read_video(video, stride=1, channels=1, max_side=0)
     assert frames[0].shape == (1, 64, 48)  # upright: 48 wide, 64 tall
     assert frames[0][0, :28].mean() > 150 > 50 > frames[0][0, 36:].mean()  # the left half, turned clockwise
+    data[at : at + 36] = struct.pack(">9I", 0xFFFF0000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)  # a mirror (h-flip)
+    video.write_bytes(bytes(data))
+    frames = own.read_video(video, stride=1, channels=1, max_side=0)  # PyAV calls it rotation -180: not turned
+    assert frames[0].shape == (1, 48, 64) and frames[0][0, :, :28].mean() > 150 > 50 > frames[0][0, :, 36:].mean()
+    deep = (np.arange(40 * 60).reshape(40, 60) * 27).astype(np.uint16)  # 16-bit gray, values up to 64,773
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # no tag: evaluation reads it as before, not clipped white
+    np.testing.assert_allclose(read_image(tmp_path / "deep.png", 1)[0], deep / 65535.0, atol=1e-6)
+    Image.fromarray(deep).save(tmp_path / "deep-tagged.png", exif=exif)
+    np.testing.assert_allclose(read_image(tmp_path / "deep-tagged.png", 1)[0], np.rot90(deep, -1) / 65535.0, atol=1e-6)
 
 
 def test_repeated_crops_and_own_data_memory_are_warned_of_and_refused(
@@ -312,6 +322,11 @@ def test_repeated_crops_and_own_data_memory_are_warned_of_and_refused(
     assert len(lines) == 1 and "hold 2,401 distinct crops for 5,000 training examples: about 88% of the" in lines[0]
     roomy = DataConfig(source=f"folder:{folder}", image_size=16, examples=40, held_out=10, whiten=False)
     assert data_warnings(load_dataset(roomy, seed=0)) == []  # 40 of 2,401: about 2%
+    small_set = np.repeat(np.asarray(data.camera()[:32, :32])[None, None], 50, axis=0)  # (50, 1, 32, 32) uint8
+    monkeypatch.setattr(own, "read_torchvision", lambda name, config: small_set)  # a set's pictures, downloaded
+    cifar = DataConfig(source="torchvision:CIFAR10", image_size=30, channels=1, examples=2000, whiten=False)
+    lines = data_warnings(load_dataset(cifar, seed=0))  # 50 pictures x 9 positions for 2,000 crops
+    assert len(lines) == 1 and "of torchvision:CIFAR10 hold 450 distinct crops" in lines[0]
     monkeypatch.setattr("downpour.backends.local.available_memory", lambda: 10 * 2**20)
     with pytest.raises(DataError, match=r"data.examples = 5000 \(\+ 1024 held out\)|data.examples = 5000 \(\+ 1250"):
         load_dataset(config, seed=0)

@@ -26,7 +26,7 @@ from downpour import config as config_mod
 from downpour import rundir
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.backends.processes import worker_context
-from downpour.config import Config
+from downpour.config import Config, DataConfig
 from downpour.console import say, warn
 from downpour.data import (
     Dataset,
@@ -136,9 +136,10 @@ def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str
         problems.append(f"rule {state.get('rule')!r} vs ps.rule={config.ps.rule!r}")
     saved_config = state.get("config", {})
     # The data and the seed fix the training examples and the held-out batch that every loss is measured on.
-    for key, value in config.to_dict()["data"].items():
-        if saved_config.get("data", {}).get(key) != value:
-            problems.append(f"data.{key} {saved_config.get('data', {}).get(key)!r} vs {value!r}")
+    saved_data = saved_config.get("data", {})
+    for key, value in config.to_dict()["data"].items():  # a key newer than the checkpoint had its default then
+        if saved_data.get(key, getattr(DataConfig, key)) != value:
+            problems.append(f"data.{key} {saved_data.get(key)!r} vs {value!r}")
     if saved_config.get("train", {}).get("seed") != config.train.seed:
         problems.append(f"train.seed {saved_config.get('train', {}).get('seed')!r} vs {config.train.seed!r}")
     if problems:

@@ -118,11 +118,24 @@ def large_pictures() -> Iterator[None]:
 
 def upright(image: Any) -> Any:
     """A PIL image turned as its EXIF orientation says (a phone's portrait photo is stored sideways with a tag),
-    or the image itself when it has none."""
+    or the image itself when it has none (Pillow 13 would return a copy, which evaluation takes for a turned
+    picture)."""
     from PIL import ImageOps
 
+    if image.getexif().get(0x0112, 1) not in range(2, 9):  # 1: as stored
+        return image
     turned = ImageOps.exif_transpose(image)
     return image if turned is None else turned
+
+
+def _mirrors(frame: Any) -> bool:
+    """Whether a video frame's display matrix mirrors it (determinant < 0): PyAV then reports a mirror as a
+    rotation (an h-flip as -180), so such a frame is left as stored rather than turned upside down."""
+    for side in frame.side_data:
+        if "DISPLAYMATRIX" in str(side.type):
+            a, b, _, c, d = np.frombuffer(bytes(side)[:20], dtype="<i4").astype(np.float64) / 65536.0
+            return a * d - b * c < 0
+    return False
 
 
 def _open_small(image: Any, max_side: int) -> None:
@@ -179,7 +192,7 @@ def read_video(path: Path, *, stride: int, channels: int, max_side: int) -> list
         for index, frame in enumerate(container.decode(stream)):
             if index % stride == 0:
                 picture = frame.to_image()
-                if frame.rotation % 360:  # a phone's portrait video: stored sideways, turned by its display matrix
+                if frame.rotation % 360 and not _mirrors(frame):  # a phone's portrait video: stored sideways
                     picture = picture.rotate(frame.rotation, expand=True)  # (both count degrees counterclockwise)
                 frames.append(_to_array(picture, channels, max_side))
     if not frames:
@@ -242,12 +255,14 @@ def read_torchvision(name: str, config: DataConfig) -> np.ndarray:
 
 def own_examples(config: DataConfig, rng: np.random.Generator, count: int) -> tuple[np.ndarray, ReadReport | None]:
     """``count`` crops ``(N, C, image_size, image_size)`` float32 in [0, 1] from the user's source (``data.examples``
-    and the held-out ones), and the report of files read (None for torchvision sets)."""
+    and the held-out ones), and the report of files read (for torchvision sets: the pictures and their crops)."""
     kind, _, where = config.source.partition(":")
     size = config.image_size
     where_text = f"data.source {config.source} (data.image_size = {size}; data.max_side = {config.max_side})"
     if kind == "torchvision":
-        return random_crops(list(read_torchvision(where, config)), count, size, rng, where=where_text), None
+        images = list(read_torchvision(where, config))
+        report = ReadReport(config.source, pictures=len(images), crop_positions=crop_positions(images, size))
+        return random_crops(images, count, size, rng, where=where_text), report  # (its positions: data_warnings)
     report = ReadReport(config.source)
     if kind == "folder":
         pictures = read_folder(Path(where).expanduser(), channels=config.channels, max_side=config.max_side,
