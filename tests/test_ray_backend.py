@@ -450,11 +450,24 @@ def test_sync_on_ray_is_synchronous_sgd_and_survives_a_killed_worker_and_a_resto
         replayed = _synchronous_sgd(config, snapshot["version"])[cluster.bounds[shard][0] : cluster.bounds[shard][1]]
         torch.testing.assert_close(snapshot["values"], replayed, rtol=1e-5, atol=1e-6)
     assert faults["shard_restores"] == 1 and restores[0][:3] == (0, 1, snapshots[0]["version"])
+    assert faults["lost_updates"] % 2 == 0  # whole rounds of 2 pushes (it counted rounds: a half of the pushes)
     applied = [r for r in records if r[6]]
     assert all(r[4] == 0 for r in applied)  # sync: every applied push was computed on the version it closed
     after_restore = [r for r in applied if r[2] == 0 and r[0] > killed["shard_t"]]
     assert {r[1] for r in after_restore} == {0, 1}  # the restored shard's rounds went on with both workers
     assert final_loss < 0.5 * initial_loss  # (plain SGD at a small rate: slower than the other tests' adagrad)
+
+
+def test_a_sync_shards_lost_updates_count_pushes_not_rounds() -> None:
+    """A sync shard's version counts rounds: a restore that undid 318 rounds of 2 pushes lost 636 updates, the unit
+    of updates_applied (the hunt's run reported 317). The pushes per round come from the restore point."""
+    cluster = RayCluster.__new__(RayCluster)  # the counting alone, without a cluster
+    cluster._restores = [(1, 1, 753, 0.0)]  # shard 1 came back at version 753 ...
+    cluster._seen = {(1, 0): 1071}  # ... after its dead incarnation had reached 1071
+    cluster._pushes_per_round = {0: 2.0, 1: 1506 / 753}  # its restore point: 1,506 pushes in 753 rounds
+    assert cluster.lost_updates == 636
+    cluster._pushes_per_round = {0: 1.0, 1: 1.0}  # any other policy: a version is one update
+    assert cluster.lost_updates == 318
 
 
 def test_sync_roster_keeps_each_workers_latest_incarnation_and_snapshots_carry_dropped_pushes() -> None:

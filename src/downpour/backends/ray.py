@@ -326,6 +326,9 @@ class RayCluster:
         self._stopping = False
         self._restores_logged = 0
         self._restores: list[tuple[int, int, int, float]] = []
+        # sync: pushes per round so far, per shard (from its restore point; before one, the quorum)
+        quorum = config.cluster.workers - config.ps.backup_workers if config.ps.policy == "sync" else 1
+        self._pushes_per_round: dict[int, float] = dict.fromkeys(range(config.ps.shards), float(quorum))
         self._restores_ref: Any = None
         self._chaos_t0: float | None = None
         self._chaos_rng = random.Random(config.train.seed)
@@ -640,6 +643,8 @@ class RayCluster:
             raise ValueError(f"{len(snapshots)} snapshots for {len(self.shards)} shards")
         for i, snapshot in enumerate(snapshots):
             self._set_restore_point(i, ray.put(snapshot_to_wire(snapshot)))
+            if "applied" in snapshot and snapshot["version"] > 0:  # a sync shard: its rounds hold several pushes
+                self._pushes_per_round[i] = snapshot["applied"] / snapshot["version"]
 
     def _set_restore_point(self, index: int, ref: Any) -> None:
         self._restore_points[index] = ref  # owned by the driver (it lives while this reference does); a restarted
@@ -679,11 +684,14 @@ class RayCluster:
     @property
     def lost_updates(self) -> int:
         """Applied updates that restores undid: per restore, the version the dead incarnation reached (the highest
-        any worker or snapshot saw) minus the version restored."""
-        lost = 0
+        any worker or snapshot saw) minus the version restored. A sync shard's version counts rounds: its lost
+        rounds count as the pushes per round of its restore point (exact while every round holds the quorum; an
+        estimate when rounds were smaller, with workers dead)."""
+        lost = 0.0
         for shard, incarnation, version, _ in self._restores:
-            lost += max(0, self._seen.get((shard, incarnation - 1), version) - version)
-        return lost
+            rounds = max(0, self._seen.get((shard, incarnation - 1), version) - version)
+            lost += rounds * self._pushes_per_round[shard]
+        return round(lost)
 
     def restores(self) -> list[tuple[int, int, int, float]]:
         """Every shard restore seen so far: ``(shard, incarnation, restored version, unix time)``."""
