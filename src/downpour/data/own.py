@@ -85,9 +85,7 @@ def _to_array(image: Any, channels: int, max_side: int) -> np.ndarray:
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((values / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8))
     if not (image.mode == "L" and channels == 1):  # colour becomes gray below, by the luminance all sources use
-        with warnings.catch_warnings():  # a palette with transparency in bytes: Pillow's advice is not the user's
-            warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
-            image = image.convert("RGB")
+        image = image.convert("RGB")
     array = np.asarray(_shrink(image, max_side), dtype=np.uint8)  # (H, W) gray or (H, W, 3)
     if array.ndim == 2:
         return array[None]  # (1, H, W)
@@ -101,9 +99,10 @@ LARGEST_PICTURE = 1_000_000_000  # pixels (Pillow's own limit is 179 million, be
 
 @contextlib.contextmanager
 def large_pictures() -> Iterator[None]:
-    """Pillow refuses pictures over 179 million pixels as possible "decompression bombs" (and warns over 89
-    million): within this block, pictures up to :data:`LARGEST_PICTURE` pixels are read without a warning. (A
-    JPEG is decoded at a reduced size where ``data.max_side`` allows, see :func:`_open_small`.)"""
+    """The block in which users' pictures are read. Pillow refuses pictures over 179 million pixels as possible
+    "decompression bombs" (and warns over 89 million): here pictures up to :data:`LARGEST_PICTURE` pixels are read
+    without a warning. (A JPEG is decoded at a reduced size where ``data.max_side`` allows, see
+    :func:`_open_small`.) Pillow's advice on palettes with transparency in bytes is not the user's either."""
     from PIL import Image
 
     before = Image.MAX_IMAGE_PIXELS
@@ -111,6 +110,7 @@ def large_pictures() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = before

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +111,7 @@ def _as_training_reads(path: Path) -> np.ndarray | None:
             if turned is image:
                 return None
             if turned.mode in ("P", "PA", "1", "YCbCr", "LAB", "HSV"):
-                with warnings.catch_warnings():  # a palette's transparency in bytes: Pillow's advice is not the user's
-                    warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
-                    turned = turned.convert("RGB")
+                turned = turned.convert("RGB")
             return np.asarray(turned)  # L, LA, RGB, RGBA, and 16-bit or float gray, scaled as the main reader does
     except (UnidentifiedImageError, OSError, ValueError):  # not a picture PIL knows: the main reader says what
         return None
@@ -131,10 +128,7 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     try:
         with large_pictures():
             image = _as_training_reads(path)
-            if image is None:
-                with warnings.catch_warnings():  # Pillow's advice on palettes with transparency is not the user's
-                    warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
-                    image = io.imread(path)
+            image = io.imread(path) if image is None else image
     except Exception as exc:  # imageio raises many kinds for a corrupt or unknown file
         if not _has_image_signature(path):
             raise DataError(f"not an image: {path} (its contents are no picture format; PNG, JPEG, GIF, BMP, TIFF "
