@@ -743,8 +743,7 @@ def _watch(
                 examples = cluster.examples_done()
                 last_seen, last_examples_seen = now, examples
                 if first_work is None and examples > 0:
-                    first_work, last_rate_time, last_examples = now, now, examples
-                    first_examples = examples
+                    first_work, first_examples, last_rate_time, last_examples = now, examples, now, examples
                     next_rate = now + _THROUGHPUT_SECONDS
                 run_state.examples = examples_before + examples
                 if now >= next_rate:

@@ -168,7 +168,7 @@ def load_dataset(config: DataConfig, *, seed: int) -> Dataset:
     if config.whiten:
         whitening = zca_matrix(train, eps=config.whiten_eps, what=f"data.source {config.source!r}")
         if config.whiten_centre:
-            mean = train.double().mean(dim=0).float()  # (D,) of the training examples only
+            mean = train.mean(dim=0, dtype=torch.float64).float()  # (D,) of the training examples only, no copy
             train, held_out = train - mean, held_out - mean
         train, held_out = train @ whitening, held_out @ whitening  # ZCA is symmetric
     summary = report.summary() if report is not None else None
