@@ -200,11 +200,19 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     assert refused.returncode == 2
     assert "holds other pictures than when run" in refused.stderr and "start a new run" in refused.stderr
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".lock"} == files
+    state_json = out / "checkpoint" / "state.json"  # as saved before the reader was recorded (it decoded otherwise)
+    state = json.loads(state_json.read_text())
+    assert state["data_counts"]["pictures_reader"] == 2
+    del state["data_counts"]["pictures_reader"]
+    state_json.write_text(json.dumps(state))
+    refused = cli("train", "--resume", str(out), "--steps", "40", *common)
+    assert refused.returncode == 2
+    assert "saved by an earlier downpour that decoded pictures differently" in refused.stderr
     (pictures / "coins.png").unlink()
     for path in pictures.rglob("*"):  # the same pictures, written again: new modification times
         if path.is_file():
             path.write_bytes(path.read_bytes())
-    config_toml, state_json = out / "config.toml", out / "checkpoint" / "state.json"  # as a run saved before
+    config_toml = out / "config.toml"  # as a run saved before
     config_toml.write_text(config_toml.read_text().replace("held_out = 125", "held_out = 1024"))  # the count was
     state = json.loads(state_json.read_text())  # recorded: the default, capped without a word
     state["config"]["data"]["held_out"] = 1024
@@ -215,6 +223,7 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
     assert "held_out = 125\n" in (out / "config.toml").read_text()
+    assert json.loads(state_json.read_text())["data_counts"]["pictures_reader"] == 2  # the same digest: resumed
 
 
 @pytest.mark.parametrize(

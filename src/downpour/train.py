@@ -37,6 +37,7 @@ from downpour.data import (
     load_dataset,
     worker_slice,
 )
+from downpour.data.own import READER_VERSION
 from downpour.errors import CheckpointError, DownpourError
 from downpour.models import build_model
 from downpour.ps.flat import FlatParameters, flat_copy
@@ -169,6 +170,14 @@ def _check_same_examples(saved: dict[str, Any], config: Config, dataset: Dataset
     then = recorded.get("pictures_digest") if isinstance(recorded, dict) else None  # users' folders and videos
     now = (dataset.read_report or {}).get("digest")
     if then and now and then != now:
+        reader = recorded.get("pictures_reader", 1)  # written before it was recorded: the first reader
+        if reader != READER_VERSION:
+            raise DownpourError(
+                f"run {out} was saved by an earlier downpour that decoded pictures differently (before 2026-11-27: "
+                "gray by BT.601 weights, EXIF orientation and video rotation ignored), or files in "
+                f"{config.data.source!r} changed since; either way it cannot be resumed on the same examples: "
+                "start a new run"
+            )
         raise DownpourError(
             f"data.source {config.data.source!r} holds other pictures than when run {out} was saved (files added, "
             "removed or changed), so it cannot be resumed on the same examples: start a new run, or restore the files"
@@ -473,6 +482,7 @@ def run_training(
         run_state.data_counts = {"train": len(dataset.train), "held_out": len(dataset.held_out)}
         if dataset.read_report and dataset.read_report.get("digest"):
             run_state.data_counts["pictures_digest"] = dataset.read_report["digest"]
+            run_state.data_counts["pictures_reader"] = READER_VERSION
         config_mod.write(config, out / rundir.CONFIG)
         if dataset.whitening is not None:
             rundir.save_tensors(dataset.whitening_tensors(), out / rundir.WHITENING)

@@ -37,6 +37,9 @@ from downpour.data.sources import crop_positions, random_crops
 from downpour.errors import DataError
 
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# How pictures are decoded, recorded beside their digest: 1 until 2026-11-27 (gray by Pillow's BT.601 weights, EXIF
+# orientation and video rotation ignored), 2 since (gray by BT.709, pictures and frames turned upright)
+READER_VERSION = 2
 SHOWN_SKIPS = 20  # skipped files named in the summary (all are counted)
 
 
