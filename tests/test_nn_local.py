@@ -290,6 +290,35 @@ def test_wrong_input_shape_names_expected_and_actual() -> None:
         layer(torch.zeros(1, 48, 48))
 
 
+def test_inputs_that_are_not_floating_point_tensors_are_named() -> None:
+    """A NumPy array or an integer tensor is a TypeError naming what came, in forward and transpose."""
+    import numpy as np
+
+    layer = LocallyConnected2d(1, 2, 9, 3)
+    with pytest.raises(TypeError, match=r"LocallyConnected2d expects a floating-point torch.Tensor, got numpy"):
+        layer(np.zeros((1, 1, 9, 9), dtype=np.float32))
+    with pytest.raises(TypeError, match=r"LocallyConnected2d.transpose expects .* got a torch.int64 one"):
+        layer.transpose(torch.ones(1, 2, 7, 7, dtype=torch.long))
+
+
+def test_factory_arguments_and_reset_parameters() -> None:
+    """``device=``/``dtype=`` as ``nn.Conv2d`` takes them; a layer built on ``meta`` (as the full layout is) and
+    materialised with ``to_empty`` gets its initial weights from ``reset_parameters``, the same as a fresh layer's
+    for the same seed."""
+    layer = LocallyConnected2d(1, 2, 9, 3, bias=True, device="cpu", dtype=torch.float64)
+    assert layer.weight.dtype == layer.bias.dtype == torch.float64
+    torch.manual_seed(7)
+    fresh = LocallyConnected2d(1, 4, 12, 5, bias=True)
+    with torch.device("meta"):
+        meta = LocallyConnected2d(1, 4, 12, 5, bias=True)
+    assert meta.weight.is_meta
+    meta = meta.to_empty(device="cpu")
+    torch.manual_seed(7)
+    meta.reset_parameters()
+    assert torch.equal(meta.weight, fresh.weight) and torch.equal(meta.bias, torch.zeros(4, 8, 8))
+    assert fresh.weight.abs().max() <= 1 / 5  # ±1/sqrt(25)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

@@ -320,3 +320,48 @@ def test_l2_pool_propagates_nan() -> None:
     x[0, 0, 0, 0] = float("nan")
     out = Pool(2, stride=2, epsilon=1e-6)(x)
     assert torch.isnan(out[0, 0, 0, 0]) and torch.isfinite(out[0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("layer", [L2Pool2d(2), LocalContrastNorm2d(3)], ids=["l2pool", "lcn"])
+def test_inputs_that_are_not_floating_point_tensors_are_named(layer: torch.nn.Module) -> None:
+    """A NumPy array or an integer tensor is a TypeError naming what came (not an AttributeError or torch's
+    'could not infer output dtype' from inside)."""
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"expects a floating-point torch.Tensor, got numpy.ndarray"):
+        layer(np.zeros((1, 1, 6, 6), dtype=np.float32))
+    with pytest.raises(TypeError, match=r"got a torch.int64 one"):
+        layer(torch.ones(1, 1, 6, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs_are_pooled_in_float32(dtype: torch.dtype) -> None:
+    """A 5×5 window of 60s has norm 300, yet its sum of squares (90,000) overflows float16; 1e-4 squared underflows.
+    Both are computed in float32 and returned in the input's dtype, with the float32 gradient."""
+    out = L2Pool2d(5)(torch.full((1, 1, 5, 5), 60.0, dtype=dtype))
+    assert out.dtype == dtype and out.item() == pytest.approx(300.0, rel=1e-2)
+    small = torch.full((1, 1, 2, 2), 1e-4, dtype=dtype, requires_grad=True)
+    pooled = L2Pool2d(2)(small)
+    pooled.sum().backward()
+    assert pooled.item() == pytest.approx(2e-4, rel=1e-2)
+    assert small.grad is not None and torch.allclose(small.grad.float(), torch.full((1, 1, 2, 2), 0.5), rtol=1e-2)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 0.01), (torch.bfloat16, 0.05)])
+def test_16_bit_inputs_are_normalized_in_float32(dtype: torch.dtype, tolerance: float) -> None:
+    """Stripes of 0 and 1000 in float16 gave σ = inf and an all-zero output; now the output is float32's rounded to
+    the input's dtype, and the input gradients are within ``tolerance`` of float64's (relative to their largest;
+    computed in 16 bits they were off by 0.11 in float16 and 0.19 in bfloat16)."""
+    torch.manual_seed(0)
+    stripes = torch.tensor([[[[0.0, 1000.0, 0.0, 1000.0]] * 4]])
+    assert LocalContrastNorm2d(3)(stripes.to(dtype)).abs().max().item() == pytest.approx(1.0, rel=1e-2)
+    x = (torch.rand(2, 3, 12, 12) * 4 + 2).to(dtype)  # positive maps, like L2 pooling's
+    x16, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    g = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    y16, y64 = LocalContrastNorm2d(5)(x16), LocalContrastNorm2d(5)(x64)
+    (y16 * g.to(dtype)).sum().backward()
+    (y64 * g.to(dtype).double()).sum().backward()
+    assert y16.dtype == dtype and torch.equal(y16, LocalContrastNorm2d(5)(x.float()).to(dtype))
+    assert x16.grad is not None and x64.grad is not None
+    error = (x16.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()
+    assert error < tolerance

@@ -15,6 +15,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from downpour.penalty_spec import PENALTIES, PenaltySpec
 
 
@@ -71,6 +73,14 @@ def pair(owner: str, name: str, value: Any) -> tuple[int, int]:
     values = (value, value) if _is_int(value) else value
     require(_sizes_ok(values, 2), owner, name, value, "an integer >= 1 or a pair of them")
     return int(values[0]), int(values[1])
+
+
+def floating_tensor(owner: str, x: object) -> None:
+    """A ``TypeError`` unless ``x`` is a floating-point ``torch.Tensor`` (what a layer's input must be)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner} expects a floating-point torch.Tensor, got {type(x).__module__}.{type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner} expects a floating-point torch.Tensor, got a {x.dtype} one (e.g. x.float())")
 
 
 def instance(owner: str, name: str, value: object, cls: type, what: str, *, optional: bool = False) -> None:

@@ -8,7 +8,7 @@ The usual implementation (``F.unfold`` then ``torch.bmm`` with autograd) materia
 per-location products in the slow orientation and folds gradients back with ``F.fold``. This one keeps the batch
 as the innermost dimension (so each location's product is ``(M, P) @ (P, B)``), works through the output in bands
 of rows (so patches never exist all at once), recomputes each band's patches in the backward pass instead of
-saving them, and folds the input gradient back with one strided add per kernel offset.
+saving them, and folds each band's input gradient back with one ``index_add_``.
 """
 
 from __future__ import annotations
@@ -379,6 +379,9 @@ class LocallyConnected2d(nn.Module):
         stride: int | tuple[int, int] = 1,
         bias: bool = False,
         implementation: str = "auto",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if implementation not in IMPLEMENTATIONS:
@@ -398,10 +401,19 @@ class LocallyConnected2d(nn.Module):
         )
         locations = self.out_size[0] * self.out_size[1]
         patch = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        bound = 1.0 / math.sqrt(patch)
-        weight = torch.empty(locations, self.out_channels, patch).uniform_(-bound, bound)  # (L, M, P)
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(torch.zeros(self.out_channels, *self.out_size)) if bias else None
+        where = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(locations, self.out_channels, patch, **where))  # (L, M, P)
+        self.bias = nn.Parameter(torch.empty(self.out_channels, *self.out_size, **where)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights uniform in ``±1/sqrt(C·kh·kw)`` (as ``nn.Linear`` over one field), bias 0; also for a layer built
+        on the ``meta`` device and materialised with ``to_empty``."""
+        bound = 1.0 / math.sqrt(self.weight.shape[-1])
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.zero_()
 
     def forward(self, x: Tensor, active: Tensor | SkipPlan | None = None) -> Tensor:
         """``(B, C, H, W) -> (B, out_channels, H_out, W_out)``.
@@ -410,6 +422,7 @@ class LocallyConnected2d(nn.Module):
         float64), are not computed (see :mod:`downpour.nn.skip`; :func:`~downpour.nn.skip.active_fields` makes the
         mask). A :class:`~downpour.nn.skip.SkipPlan` from :meth:`skip_plan` does the same without planning again.
         """
+        check.floating_tensor(type(self).__name__, x)
         expected = (self.in_channels, *self.in_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -485,6 +498,7 @@ class LocallyConnected2d(nn.Module):
         With ``weight`` (same shape as :attr:`weight`), use it instead: RICA's separate decoding weights ``W₂``.
         With ``active`` (as in :meth:`forward`), fields marked False are treated as zero and skipped.
         """
+        check.floating_tensor(f"{type(self).__name__}.transpose", h)
         expected = (self.out_channels, *self.out_size)
         if h.dim() != 4 or tuple(h.shape[1:]) != expected:
             raise ValueError(

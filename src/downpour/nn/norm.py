@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from downpour.nn import arguments as check
-from downpour.nn.pooling import _sqrt_zero_grad_at_zero
+from downpour.nn.pooling import _sqrt_zero_grad_at_zero, widened
 
 __all__ = ["LocalContrastNorm2d"]
 
@@ -44,6 +44,8 @@ class LocalContrastNorm2d(nn.Module):
     * Gradients: ``σ`` is computed with a square root whose gradient is 0 (instead of ``0 · ∞ = NaN``) where the local
       sum of squares is exactly 0, so flat regions and flat inputs back-propagate finite gradients.
 
+    float16 and bfloat16 inputs are normalized in float32 and the result returned in their dtype.
+
     Both window sums are one single-channel ``conv2d`` each: by linearity, ``Σ_{c,p,q} (g_pq / C) · x[c, …]`` is the
     2-D Gaussian ``g`` convolved with the channel mean of ``x`` (and padding commutes with the channel mean).
     """
@@ -74,6 +76,7 @@ class LocalContrastNorm2d(nn.Module):
         return F.conv2d(m, weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        check.floating_tensor(type(self).__name__, x)
         if x.dim() != 4:
             raise ValueError(
                 f"LocalContrastNorm2d expects input of shape (B, C, H, W) (4-D), got shape {tuple(x.shape)}"
@@ -84,16 +87,17 @@ class LocalContrastNorm2d(nn.Module):
                 f"LocalContrastNorm2d: reflect padding by kernel_size // 2 = {pad} needs H and W > {pad}, "
                 f"got input shape {tuple(x.shape)}"
             )
-        weight = self.window.to(dtype=x.dtype, device=x.device)
+        wide = widened(x)  # float16 squares overflow (σ = inf turned every output into 0)
+        weight = self.window.to(dtype=wide.dtype, device=x.device)
         # Every window sums to 1, so v does not change when each example's mean level is taken out first; in float32
         # that keeps the local differences' precision (a flat 255 gave |y| up to 0.76, a faint texture on a level of
         # 200 was off by 0.45).
-        x = x - x.mean(dim=(1, 2, 3), keepdim=True)  # (B, C, H, W) minus (B, 1, 1, 1)
-        v = x - self._local_sum(x, weight)
+        wide = wide - wide.mean(dim=(1, 2, 3), keepdim=True)  # (B, C, H, W) minus (B, 1, 1, 1)
+        v = wide - self._local_sum(wide, weight)
         sigma = _sqrt_zero_grad_at_zero(self._local_sum(v * v, weight))
         mean_sigma = sigma.mean(dim=(-2, -1), keepdim=True)
         divisor = torch.maximum(sigma, mean_sigma).clamp_min(self.epsilon)
-        return v / divisor
+        return (v / divisor).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, sigma={self.sigma}, epsilon={self.epsilon}"

@@ -24,6 +24,13 @@ def _sqrt_zero_grad_at_zero(s: Tensor) -> Tensor:
     return torch.where(zero, torch.zeros_like(s), torch.sqrt(torch.where(zero, torch.ones_like(s), s)))
 
 
+def widened(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is float16 or bfloat16, else ``x`` itself. Sums of squares of 16-bit values overflow
+    (float16 ends at 65504: a 5×5 window of 60s does) and lose precision; so compute in float32 and return in ``x``'s
+    dtype, as PyTorch's own norms do."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class L2Pool2d(nn.Module):
     """``out[b, c, i, j] = sqrt(ε + Σ_{(p, q) ∈ window(i, j)} x[b, c, p, q]²)`` (Hyvärinen et al. 2009; Le et al. 2012).
 
@@ -31,7 +38,8 @@ class L2Pool2d(nn.Module):
     overlapping) on the input zero-padded by ``padding`` on every side, so ``H_out = (H + 2·padding − kernel_size) //
     stride + 1`` (likewise ``W_out``), as for convolutions. Input ``(B, C, H, W)``, output ``(B, C, H_out, W_out)``.
 
-    The sum of squares is ``avg_pool2d(x², divisor_override=1)`` (one fused pooling call, no Python loops).
+    The sum of squares is ``avg_pool2d(x², divisor_override=1)`` (one fused pooling call, no Python loops); float16
+    and bfloat16 inputs are pooled in float32 and the result returned in their dtype.
 
     Gradient at zero windows: ``sqrt`` has an infinite slope at 0, so with ``epsilon = 0`` a naive ``torch.sqrt`` turns
     an all-zero window (e.g. zero input, or a window lying wholly in the padding) into ``0 · ∞ = NaN`` gradients. This
@@ -50,6 +58,7 @@ class L2Pool2d(nn.Module):
         self.epsilon = check.number(owner, "epsilon", epsilon)
 
     def forward(self, x: Tensor) -> Tensor:
+        check.floating_tensor(type(self).__name__, x)
         if x.dim() != 4:
             raise ValueError(f"L2Pool2d expects input of shape (B, C, H, W) (4-D), got shape {tuple(x.shape)}")
         k, p = self.kernel_size, self.padding
@@ -59,13 +68,14 @@ class L2Pool2d(nn.Module):
                 f"L2Pool2d: padded input {height}×{width} (input {tuple(x.shape)}, padding={p}) is smaller than "
                 f"kernel_size={k}"
             )
-        squares = x * x
+        wide = widened(x)
+        squares = wide * wide
         if p > k // 2:
             # avg_pool2d refuses padding above half the kernel; zeros add nothing to a sum of squares, so pad by hand.
             squares = F.pad(squares, (p, p, p, p))
             p = 0
         sums = F.avg_pool2d(squares, k, self.stride, p, divisor_override=1)
-        return _sqrt_zero_grad_at_zero(sums + self.epsilon if self.epsilon else sums)
+        return _sqrt_zero_grad_at_zero(sums + self.epsilon if self.epsilon else sums).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, epsilon={self.epsilon}"
