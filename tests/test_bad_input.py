@@ -487,3 +487,20 @@ def test_a_full_disk_while_saving_tensors_is_an_os_error(tmp_path: Path, monkeyp
         rundir.save_tensors({"w": torch.zeros(2)}, target)
     assert error.value.errno == errno.ENOSPC and error.value.filename == str(target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ray_missing_is_one_line_before_anything_is_written(
+    tmp_path: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Ray (the ``[ray]`` extra), ``train --backend ray`` is refused before the run directory is made (it
+    used to load the data and leave config.toml, metrics.jsonl and whitening behind), and ``bench ps --backend ray``
+    says the same in one line instead of a ModuleNotFoundError traceback."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # as where Ray is not installed: find_spec and import fail
+    out = tmp_path / "run"
+    refused = cli("train", "--backend", "ray", "--steps", "5", "--out", str(out), "--no-progress")
+    assert refused.returncode == 2
+    assert "cluster.backend = \"ray\" needs Ray: pip install 'downpour-sgd[ray]'" in refused.stderr
+    assert not out.exists()
+    bench = cli("bench", "ps", "--backend", "ray", "--seconds", "0.1", "--rounds", "1")
+    assert bench.returncode == 2 and "Traceback" not in bench.stderr
+    assert "bench ps --backend ray needs Ray: pip install 'downpour-sgd[ray]'" in bench.stderr

@@ -180,6 +180,9 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
         from downpour.bench import ps as bench_ps  # after the flags, and only for this benchmark (it imports torch)
 
         if args.backend == "ray":
+            from downpour.backends import require_ray
+
+            require_ray("bench ps --backend ray")
             from downpour.bench import ray_ps as bench_ps  # type: ignore[no-redef]
 
             result = bench_ps.run(seconds=args.seconds, rounds=args.rounds, address=args.address)

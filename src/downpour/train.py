@@ -24,6 +24,7 @@ from rich.console import Console
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour import rundir
+from downpour.backends import require_ray
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.backends.processes import worker_context
 from downpour.config import Config, DataConfig
@@ -442,6 +443,8 @@ def run_training(
     console = console or Console(stderr=True)
     if config.train.tensorboard:
         require_tensorboard()  # before anything is written into the run directory
+    if config.cluster.backend == "ray":
+        require_ray()  # likewise
     if config.cluster.backend == "sim":
         from downpour.train_sim import run_sim_training
 

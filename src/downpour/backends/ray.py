@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from downpour.backends import shm
+from downpour.backends import ray_missing, shm
 from downpour.backends.chaos import parse_chaos
 from downpour.backends.local import WorkerEvent
 from downpour.backends.ray_actors import (
@@ -76,7 +76,7 @@ try:
     from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError:  # pragma: no cover - exercised only where Ray is missing
-    raise DownpourError("cluster.backend = \"ray\" needs Ray: pip install 'downpour-sgd[ray]'") from None
+    raise ray_missing() from None
 
 __all__ = [
     "Coordinator",

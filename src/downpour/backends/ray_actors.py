@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from downpour.backends import shm
+from downpour.backends import ray_missing, shm
 from downpour.backends.local import worker_settings
 from downpour.backends.ray_coordinator import Roster
 from downpour.config import Config
-from downpour.errors import DownpourError
 from downpour.models import build_model, seed_sampling
 from downpour.ps.policies import EASGD, Sync, config_policy, policy_rule
 from downpour.ps.shard import LOST, PushResult, Shard
@@ -35,7 +34,7 @@ from downpour.ps.worker_rounds import ElasticWorker, SyncWorker
 try:
     import ray
 except ImportError:  # pragma: no cover - exercised only where Ray is missing
-    raise DownpourError("cluster.backend = \"ray\" needs Ray: pip install 'downpour-sgd[ray]'") from None
+    raise ray_missing() from None
 
 _LEASE_MAX = 32  # steps a worker claims from the coordinator at most at once
 _ATTACH_TIMEOUT_S = 120.0  # how long a worker waits for a shard actor that Ray is restarting
