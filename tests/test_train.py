@@ -728,3 +728,27 @@ def test_a_run_whitened_around_its_mean_saves_loads_and_resumes_with_it(
     save_file({"zca": saved["zca"]}, str(path))  # a centred run's file without its mean: refused, not misread
     with pytest.raises(DownpourError, match=r"data\.whiten_centre = true but .* holds no 'mean'"):
         load_run(run_dir)
+
+
+def test_a_script_calling_run_training_unguarded_is_told_why_its_workers_died(tmp_path: Path) -> None:
+    """Local workers start by importing the caller's main module again; a script calling run_training at module
+    level has every worker die at start (multiprocessing's bootstrapping error). The run ends with 0 steps and says
+    the cause and the fix (the README's API section says the same)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import dataclasses\n"
+        "from downpour.config import Config\n"
+        "from downpour.train import run_training\n"
+        "cfg = Config()\n"
+        "cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5),\n"
+        "                          data=dataclasses.replace(cfg.data, examples=4000, held_out=256))\n"
+        f"summary = run_training(cfg, {str(tmp_path / 'run')!r}, show_progress=False)\n"
+        "print('steps', summary['steps'], 'deaths', summary['worker_deaths'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env,
+                         cwd=tmp_path)  # fmt: skip
+    assert "steps 0 deaths 2" in ran.stdout, ran.stderr[-2000:]
+    said = " ".join(ran.stderr.split())
+    assert 'unguarded.py calls run_training at module level, each worker ran it again as it imported the script: ' \
+           'call it under `if __name__ == "__main__":`' in said  # fmt: skip

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -807,12 +808,27 @@ def _watch(
                 if cluster.alive() == 0:
                     collect()  # workers that died since this loop's poll: said here, not taken for a stop's exits
                     if run_state.worker_deaths >= config.cluster.workers:
-                        console.print("[red]every worker has died; stopping the run[/]")
+                        hint = _unguarded_hint(first_work is None)
+                        console.print(f"[red]every worker has died; stopping the run[/]{hint}")
                     break
         except KeyboardInterrupt:
             interrupted = True
             say(console, "interrupted: stopping workers and writing a final checkpoint")
     return interrupted, WorkWindow(start, first_work, first_examples, last_seen, last_examples_seen), starved
+
+
+def _unguarded_hint(no_work: bool) -> str:
+    """A hint for the commonest cause of every local worker dying before any work (``no_work``): a script calling
+    :func:`run_training` at module level, which each worker process runs again as it imports the script (Python's
+    spawn rule; it raises "An attempt has been made to start a new process before ...")."""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    names = vars(main).values() if main is not None else ()
+    calls = any(value is run_training or value is sys.modules[__name__] for value in names)  # not `downpour` itself
+    if not no_work or script is None or not calls:
+        return ""
+    return (f" (if {Path(script).name} calls run_training at module level, each worker ran it again as it imported "
+            'the script: call it under `if __name__ == "__main__":`)')  # fmt: skip
 
 
 def headline(summary: dict[str, Any]) -> str:
