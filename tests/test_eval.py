@@ -258,6 +258,23 @@ def test_detect_maps_a_unit_over_an_image(rica_run: Path, photo: Path, tmp_path:
     assert len(names) == 4 and "detect_a.png" in names  # one map per picture, none over another's
 
 
+def test_pictures_leave_the_callers_matplotlib_backend_alone(tmp_path: Path) -> None:
+    """The heat map, the face-neuron picture and the studies' figures are drawn on matplotlib Figures, not through
+    pyplot: a notebook's backend stays its own (``matplotlib.use("Agg")`` inside them switched it for the caller)."""
+    import matplotlib
+
+    from downpour.eval.detect import save_heat_map
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("pdf")
+        save_heat_map(np.zeros((1, 20, 20)), np.ones((3, 3)), (8, 8), 6, tmp_path / "map.png", "unit 0")
+        assert matplotlib.get_backend() == "pdf"
+        assert (tmp_path / "map.png").read_bytes()[:8] == PNG
+    finally:
+        matplotlib.use(before)
+
+
 def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> None:
     """imageio returns frames for GIF (even one frame: ``(1, H, W, 3)``) and multi-page TIFF; a picture is read as
     its first frame, in gray or colour, not refused as "not a gray or colour picture". Grey with alpha ``(H, W, 2)``

@@ -96,17 +96,15 @@ def response_map(trained: TrainedRun, image: np.ndarray, unit: int, *, stride: i
 def save_heat_map(image: np.ndarray, responses: np.ndarray, window: tuple[int, int], stride: int, path: Path,
                   title: str) -> None:  # fmt: skip
     """The image in gray with the response map over it (each window's value at its centre, interpolated)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a caller's backend and open figures stay as they were
 
     gray = luminance(image, channel_axis=0)[0] if len(image) == 3 else image[0]  # (H, W)
     height, width = gray.shape
     rows, cols = responses.shape
     extent = (window[1] / 2 - stride / 2, window[1] / 2 + (cols - 0.5) * stride,  # window centres, pixel units
               window[0] / 2 + (rows - 0.5) * stride, window[0] / 2 - stride / 2)  # fmt: skip
-    fig, ax = plt.subplots(figsize=(8, 8 * height / width))
+    fig = Figure(figsize=(8, 8 * height / width))
+    ax = fig.subplots()
     ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=(0, width, height, 0))
     shown = ax.imshow(responses, cmap="inferno", alpha=0.55, extent=extent, interpolation="bilinear")
     ax.set_xlim(0, width)
@@ -116,7 +114,6 @@ def save_heat_map(image: np.ndarray, responses: np.ndarray, window: tuple[int, i
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="response")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def default_unit(trained: TrainedRun) -> int:

@@ -133,14 +133,12 @@ def evaluate(trained: TrainedRun, *, splits: int = 10, seed: int = 0) -> dict[st
 
 def save_picture(trained: TrainedRun, result: dict[str, Any], path: Path) -> None:
     """Histogram of the in-sample unit's responses to faces and non-faces, beside held-out accuracies."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a caller's backend and open figures stay as they were
 
     raw, labels = lfw_labelled()
     values = trained.features(torch.from_numpy(fit_images(raw, trained.input_shape)))[:, result["insample_unit"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    (left, right) = fig.subplots(1, 2)
     bins = np.linspace(float(values.min()), float(values.max()), 25)
     left.hist(values[labels == 1].numpy(), bins=bins, alpha=0.6, label="faces")
     left.hist(values[labels == 0].numpy(), bins=bins, alpha=0.6, label="non-faces")
@@ -161,7 +159,6 @@ def save_picture(trained: TrainedRun, result: dict[str, Any], path: Path) -> Non
     right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run(run_dir: Path, *, splits: int = 10, seed: int = 0) -> dict[str, Any]:

@@ -721,19 +721,18 @@ def _markdown(result: dict[str, Any]) -> str:
 
 def _pictures(result: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a caller's backend and open figures stay as they were
 
     task = TiltedWells(**{k: tuple(v) if k == "tilts" else v for k, v in result["settings"]["task"].items()})
     minima = task.minima()
     arms = result["arms"]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "oxs^vD*P"
     paths = []
 
     # the landscape, in the first two coordinates (the others at the global minimum)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
     lim = max(2.0, result["settings"]["start_box"] + 0.3)
     grid = np.linspace(-lim, lim, 241)
     gx, gy = np.meshgrid(grid, grid)
@@ -785,10 +784,10 @@ def _pictures(result: dict[str, Any], out: Path) -> list[Path]:
     ax.legend(loc="lower right", fontsize=8)
     paths.append(out / "optima_landscape.png")
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
     # final-loss distributions and the paired differences
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    (left, right) = fig.subplots(1, 2)
     losses = [_rankable(np.asarray(arm["final_loss"], float))[0] for arm in arms]
     left.boxplot(losses, showfliers=False)
     left.set_xticks(range(1, len(arms) + 1), [arm["name"] for arm in arms])
@@ -815,10 +814,10 @@ def _pictures(result: dict[str, Any], out: Path) -> list[Path]:
     right.set_title("paired differences")
     paths.append(out / "optima_final_loss.png")
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
     # runs per minimum
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     labels = [m.name for m in minima] + ["diverged"]
     width = 0.8 / len(arms)
     for k, arm in enumerate(arms):
@@ -837,7 +836,6 @@ def _pictures(result: dict[str, Any], out: Path) -> list[Path]:
     ax.legend()
     paths.append(out / "optima_minima.png")
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return paths
 
 

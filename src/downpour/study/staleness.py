@@ -560,13 +560,10 @@ def _cells(result: dict[str, Any]) -> dict[tuple[str, int], list[dict[str, Any]]
 
 def _save(fig: Any, path: Path, *, bottom: float, hspace: float = 0.2, wspace: float = 0.2) -> Path:
     """Fixed margins in inches (``tight_layout`` costs seconds on a busy machine), then write the PNG."""
-    import matplotlib.pyplot as plt
-
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=0.85 / width, right=1 - 0.15 / width, bottom=bottom / height, top=1 - 0.75 / height,
                         hspace=hspace, wspace=wspace)  # fmt: skip
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -590,12 +587,14 @@ def _mark_cap(ax: Any, cap: float) -> None:
 
 def _curves_figure(result: dict[str, Any], xkey: str, xlabel: str, title: str, path: Path) -> Path:
     """One panel per worker count, one line per policy: median held-out loss over seeds with an IQR band."""
-    import matplotlib.pyplot as plt
+    import matplotlib
+    from matplotlib.figure import Figure
 
     grid, cells, cap = result["grid"], _cells(result), _cap(result)
     workers = grid["workers"]
-    fig, axes = plt.subplots(1, len(workers), figsize=(4.3 * len(workers), 4.0), squeeze=False)
-    colors = plt.get_cmap("tab10")
+    fig = Figure(figsize=(4.3 * len(workers), 4.0))
+    axes = fig.subplots(1, len(workers), squeeze=False)
+    colors = matplotlib.colormaps["tab10"]
     for col, n in enumerate(workers):
         ax = axes[0, col]
         for i, name in enumerate(grid["policies"]):
@@ -622,11 +621,12 @@ def _curves_figure(result: dict[str, Any], xkey: str, xlabel: str, title: str, p
 
 def _staleness_figure(result: dict[str, Any], path: Path) -> Path:
     """A grid of staleness histograms: one row per policy, one column per worker count (pooled over seeds)."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     grid, cells = result["grid"], _cells(result)
     rows, cols = len(grid["policies"]), len(grid["workers"])
-    fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 2.3 * rows), squeeze=False)
+    fig = Figure(figsize=(3.5 * cols, 2.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for r, name in enumerate(grid["policies"]):
         for c, n in enumerate(grid["workers"]):
             ax = axes[r, c]
@@ -654,13 +654,12 @@ def _staleness_figure(result: dict[str, Any], path: Path) -> Path:
 
 def _final_loss_figure(result: dict[str, Any], path: Path) -> Path:
     """One panel per worker count: final held-out loss per policy over seeds (box + points; diverged as red x)."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     grid, cells, cap = result["grid"], _cells(result), _cap(result)
     workers, policies = grid["workers"], grid["policies"]
-    fig, axes = plt.subplots(
-        1, len(workers), figsize=(max(4.0, 0.5 * len(policies) + 1.0) * len(workers), 4.4), squeeze=False
-    )
+    fig = Figure(figsize=(max(4.0, 0.5 * len(policies) + 1.0) * len(workers), 4.4))
+    axes = fig.subplots(1, len(workers), squeeze=False)
     for col, n in enumerate(workers):
         ax = axes[0, col]
         capped = False
@@ -691,10 +690,7 @@ def _final_loss_figure(result: dict[str, Any], path: Path) -> Path:
 
 
 def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
-    """The report's four PNGs (matplotlib, Agg backend) in ``out``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """The report's four PNGs (matplotlib figures without pyplot) in ``out``; returns their paths."""
     steps = result["grid"]["steps"]
     when = "wall-clock" if result.get("backend") == "local" else "simulated"
     return [
