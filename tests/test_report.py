@@ -141,6 +141,21 @@ def test_a_run_without_its_metrics_log_says_so(local_run: Path, tmp_path: Path) 
     assert "is missing from the run directory" not in page
 
 
+def test_a_run_without_throughput_rows_says_why_without_blaming_the_simulator(local_run: Path, tmp_path: Path) -> None:
+    """A local run that trained for under a second has no throughput rows (they come once a second); the page says
+    so and where the rate is, instead of calling it a simulated run."""
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert any('"throughput"' in line for line in lines)
+    metrics.write_text("".join(f"{line}\n" for line in lines if '"throughput"' not in line))
+    out = tmp_path / "page.html"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    page = " ".join(out.read_text().split())
+    assert "a run that trained for under a second has none" in page and "summary above gives the rate" in page
+
+
 def test_report_on_a_directory_that_is_no_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"downpour: error: {tmp_path} is not a run directory: it holds no config.toml\n"

@@ -195,8 +195,9 @@ def build_report(run_dir: Path) -> str:
                          "No losses in metrics.jsonl yet.")),
         ("Throughput", _figure(plots.throughput_figure(log), "throughput",
                                "Examples per second, each second (zero while the worker processes start up).",
-                               "No throughput events in metrics.jsonl (a simulated run logs none: its rate is "
-                               "in the summary).")),
+                               "No throughput rows in metrics.jsonl: they are written once a second, so a run "
+                               "that trained for under a second has none, and a simulated run logs none; the "
+                               "summary above gives the rate.")),
         ("Staleness", _figure(plots.staleness_figure(log), "staleness histograms",
                               f"Applied updates by staleness, per shard ({stale}).", "No applied pushes logged.")),
         ("First-layer filters", _figure(filters, "filters", rundir.FILTERS,
