@@ -81,6 +81,8 @@ def test_empty_batch_and_mismatched_dtype() -> None:
     """A batch of 0 gives an empty output; a float64 input to a float32 layer is a clear error."""
     layer = LocallyConnected2d(1, 2, 8, 3)
     assert layer(torch.zeros(0, 1, 8, 8)).shape == (0, 2, 6, 6)
+    reference = locally_connected_reference(torch.zeros(0, 1, 8, 8), layer.weight, layer.kernel_size, layer.stride)
+    assert reference.shape == (0, 2, 6, 6)  # the reference too (its reshape(0, -1) raised)
     with pytest.raises(ValueError, match=r"torch\.float64 on cpu, its weights are torch\.float32"):
         layer(torch.zeros(1, 1, 8, 8, dtype=torch.float64))
 

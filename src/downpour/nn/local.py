@@ -548,6 +548,6 @@ def locally_connected_reference(x: Tensor, weight: Tensor, kernel: tuple[int, in
     out = x.new_zeros(batch, weight.shape[1], out_h, out_w)
     for y in range(out_h):
         for xx in range(out_w):
-            patch = x[:, :, y * sh : y * sh + kh, xx * sw : xx * sw + kw].reshape(batch, -1)  # (B, P)
+            patch = x[:, :, y * sh : y * sh + kh, xx * sw : xx * sw + kw].reshape(batch, weight.shape[2])  # (B, P)
             out[:, :, y, xx] = patch @ weight[y * out_w + xx].t()
     return out
