@@ -57,6 +57,26 @@ def test_bad_budgets_are_refused() -> None:
         base_config(10, steps=0)
 
 
+def test_seed_and_settings_reach_every_run_except_what_the_grid_fixes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--seed`` and ``--set`` apply to every cell's config (a replication on other seeds, or with centred
+    whitening); the keys the grid or the evaluation fixes are refused, naming why, before anything is written."""
+    base = base_config(10, seed=5, overrides=["data.whiten_centre=true", "ps.lr=0.01"])
+    assert (base.train.seed, base.data.whiten_centre, base.ps.lr, base.data.source) == (5, True, 0.01, "digits")
+    for setting, why in [("model.features=3", "each cell sets its own model keys"),
+                         ("data.source=natural-patches", "the probe scores the features on digits"),
+                         ("train.seed=3", "use --seed"), ("cluster.backend=sim", "local backend")]:  # fmt: skip
+        with pytest.raises(DownpourError, match=rf"--set {setting.split('=')[0]}: the designs study fixes it .*{why}"):
+            base_config(10, overrides=[setting])
+    with pytest.raises(DownpourError, match=r"invalid --seed: -1"):
+        base_config(10, seed=-1)
+    assert main(["study", "designs", "--set", "model.name=rbm", "--out", str(tmp_path / "s")]) == 2
+    assert "--set model.name: the designs study fixes it" in capsys.readouterr().err
+    assert main(["study", "designs", "--set", "ps.lr=fast", "--out", str(tmp_path / "s")]) == 2
+    assert "ps.lr" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
 def test_the_command_refuses_a_bad_budget_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["study", "designs", "--steps", "0", "--out", str(tmp_path / "study")]) == 2
     assert capsys.readouterr().err.strip() == "downpour: error: invalid --steps: 0 (must be at least 1)"

@@ -48,6 +48,9 @@ def add_study(sub: argparse._SubParsersAction) -> None:
     de.add_argument("--steps", type=int, default=1000, help="pushes per run (the same budget for every run)")
     de.add_argument("--seconds", type=float, default=60.0, help="wall-clock cap per run")
     de.add_argument("--workers", type=int, default=2, help="workers per run (local backend)")
+    de.add_argument("--seed", type=int, default=0, help="seed of every run (data split, weights, batches)")
+    de.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a key of every run (not model.*, data.source or the backend)")  # fmt: skip
     de.add_argument("--out", type=path_argument, required=True, help="report directory")
     de.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -134,12 +137,13 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
     if args.study == "designs":
         from downpour.study import designs
 
-        base = designs.base_config(args.seconds, steps=args.steps, workers=args.workers)  # bad flags: before the bar
+        base = designs.base_config(args.seconds, steps=args.steps, workers=args.workers, seed=args.seed,
+                                   overrides=args.set)  # bad flags: before the bar  # fmt: skip
         _check_design_workers(base)
         with _bar(console, not args.no_progress) as bar:
             task = bar.add_task("study", total=len(designs.default_grid()), run="")
             result = designs.run_designs_study(seconds=args.seconds, steps=args.steps, out=args.out,
-                                               workers=args.workers,
+                                               workers=args.workers, seed=args.seed, overrides=args.set,
                                                progress=lambda done, total, name: bar.update(task, completed=done,
                                                                                              run=name))  # fmt: skip
         print(f"report in {args.out}: report.md, table.md, results.json, runs/")

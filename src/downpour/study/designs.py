@@ -40,6 +40,14 @@ DESIGN_KEYS: dict[str, dict[str, Any]] = {  # what each design needs to fit 8x8 
 DEFAULT_PENALTIES = {"rica": "rica:0.1", "cat": "rica:0.1 (pooled)", "conv": "rica:0.1", "sparse-ae": "kl:0.05,3",
                      "rbm": "none"}  # fmt: skip
 QUESTIONS = ("design", "templates", "penalty")
+FIXED_KEYS = {  # what --set may not change, and why
+    "data.source": "the probe scores the features on digits",
+    "cluster.backend": "every cell trains on the local backend",
+    "cluster.workers": "use --workers",
+    "train.steps": "use --steps",
+    "train.seconds": "use --seconds",
+    "train.seed": "use --seed",
+}
 
 
 @dataclass(frozen=True)
@@ -79,20 +87,31 @@ def default_grid() -> list[Cell]:
     return cells
 
 
-def base_config(seconds: float, *, steps: int = 1000, workers: int = 2, seed: int = 0) -> Config:
+def base_config(seconds: float, *, steps: int = 1000, workers: int = 2, seed: int = 0,
+                overrides: list[str] | None = None) -> Config:  # fmt: skip
     """What every cell shares: digits, whitened; ``workers`` workers, 2 shards, Adagrad at 0.02; ``steps`` pushes,
-    at most ``seconds`` of wall clock."""
+    at most ``seconds`` of wall clock; ``seed`` for the data's split and shuffle, the weights and the batches;
+    ``overrides`` (``--set section.key=value``) over that, except what the grid and the evaluation fix: ``model.*``
+    (each cell's), the data source (the probe scores digits) and the backend."""
     if not seconds > 0:
         raise DownpourError(f"invalid --seconds: {seconds} (must be > 0)")
     if steps < 1:
         raise DownpourError(f"invalid --steps: {steps} (must be at least 1)")
     if workers < 1:
         raise DownpourError(f"invalid --workers: {workers} (must be at least 1)")
-    return config_mod.from_dict({
+    if not 0 <= seed < 2**64:
+        raise DownpourError(f"invalid --seed: {seed} (must be 0 .. 2**64 - 1)")
+    base = config_mod.from_dict({
         "data": {"source": "digits"},
         "train": {"seconds": float(seconds), "steps": steps, "seed": seed, "checkpoint_every": 3600.0},
         "cluster": {"workers": workers},
     })  # fmt: skip
+    nested = config_mod.overrides_to_dict(overrides or [])
+    for name in (f"{section}.{key}" for section, keys in nested.items() for key in keys):
+        why = "each cell sets its own model keys" if name.startswith("model.") else FIXED_KEYS.get(name)
+        if why is not None:
+            raise DownpourError(f"--set {name}: the designs study fixes it ({why})")
+    return config_mod.from_dict(nested, base) if nested else base
 
 
 def run_cell(cell: Cell, base: Config, run_dir: Path) -> dict[str, Any]:
@@ -197,8 +216,9 @@ def report_markdown(result: dict[str, Any]) -> str:
         "",
         f"Every run: `{setup['data']}`, {setup['workers']} workers, Adagrad lr {setup['lr']}, batch "
         f"{setup['batch_size']}, {setup['steps']:,} pushes (at most {setup['seconds']:g} s of wall clock) on the "
-        "local backend, "
-        f"{FEATURES} first-layer filters (conv: 32 maps, cat: 16 maps per location); held-out loss is each "
+        f"local backend, seed {setup.get('seed', 0)}, "
+        + (f"with {', '.join(f'`{item}`' for item in setup['set'])}, " if setup.get("set") else "")
+        + f"{FEATURES} first-layer filters (conv: 32 maps, cat: 16 maps per location); held-out loss is each "
         "design's own cost (not comparable across designs). Gabor-like: fraction of first-layer filters whose "
         "Gabor fit has R² > 0.8. Probe: logistic regression on the features, digits, fixed stratified 80/20 split. "
         "Face: the best single unit chosen on one half of lfw_subset and scored on the other (10 splits), clean "
@@ -236,18 +256,23 @@ def _finished_rows(out: Path, setup: dict[str, Any]) -> dict[tuple, dict[str, An
     return {_key(row): row for row in rows if "error" not in row and row.get("steps", 0) >= setup["steps"]}
 
 
-def run_designs_study(*, seconds: float, out: Path, steps: int = 1000, workers: int = 2,
-                      cells: list[Cell] | None = None,
+def run_designs_study(*, seconds: float, out: Path, steps: int = 1000, workers: int = 2, seed: int = 0,
+                      overrides: list[str] | None = None, cells: list[Cell] | None = None,
                       progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Train and evaluate every cell (default :func:`default_grid`) into ``out``; write the report; return it.
+    ``seed`` and ``overrides`` as :func:`base_config` takes them.
 
     Run again with the same ``out`` and settings, it keeps the cells that trained their whole budget and trains
     the others again (a run cut short by the wall-clock cap on a busy machine, a failed or unfinished one).
     """
-    base = base_config(seconds, steps=steps, workers=workers)
+    base = base_config(seconds, steps=steps, workers=workers, seed=seed, overrides=overrides)
     cells = cells if cells is not None else default_grid()
     setup = {"data": base.data.source, "workers": workers, "lr": base.ps.lr, "batch_size": base.train.batch_size,
              "seconds": seconds, "steps": steps, "features": FEATURES}  # fmt: skip
+    if seed:  # recorded only when given, so that a study written before they existed reruns into its --out
+        setup["seed"] = seed
+    if overrides:
+        setup["set"] = list(overrides)
     done = _finished_rows(out, setup)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
