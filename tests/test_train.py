@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -464,6 +465,33 @@ def test_resume_refuses_other_data_or_seed(finished_run: Path, cli: Callable[...
         assert result.returncode == 2, change
         assert "does not match" in result.stderr and "Traceback" not in result.stderr
     assert _files(finished_run) == files
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [("model.sparsity=100", "model.sparsity 0.1 vs 100"), ("model.penalty=l1:0.1", "model.penalty 'default' vs "),
+     ("model.init=gabor", "model.init 'learned' vs 'gabor'"), ("model.epsilon=0.5", "model.epsilon 0.01 vs 0.5")],
+)  # fmt: skip
+def test_resume_refuses_another_cost_or_start(finished_run: Path, cli: Callable[..., CliResult], setting: str,
+                                             named: str) -> None:  # fmt: skip
+    """The parameters' shapes alone let a changed penalty weight through: the run then reported its loss going
+    from 48 to 391 across two different objectives. Every model key the design reads must match."""
+    files = _files(finished_run)
+    result = cli("train", "--resume", str(finished_run), "--set", setting, "--no-progress")
+    assert result.returncode == 2 and "does not match" in result.stderr and named in result.stderr
+    assert _files(finished_run) == files
+
+
+def test_resume_takes_keys_the_run_does_not_read(finished_run: Path, tmp_path: Path,
+                                                 cli: Callable[..., CliResult]) -> None:  # fmt: skip
+    """Keys that the source or the design does not read (warned of as ignored) do not block a resume: a moved
+    torchvision cache, a cat-only key on rica."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    result = cli("train", "--resume", str(run), "--steps", "25", "--set", "data.cache_dir=/tmp/elsewhere", "--set",
+                 "model.maps=4", "--no-progress")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "ignored" in result.stderr and _summary(run)["steps"] == 25
 
 
 def test_a_run_directory_in_use_is_refused(run_dir: Path, cli: Callable[..., CliResult]) -> None:

@@ -295,17 +295,31 @@ POLICY_ONLY_KEYS: dict[str, str] = {"staleness_bound": "ssp", "backup_workers": 
                                     "easgd_rho": "easgd", "easgd_tau": "easgd"}  # fmt: skip
 
 
+def model_key_read(model: ModelConfig, key: str) -> bool:
+    """Whether ``model``'s design reads ``model.<key>`` (what :func:`ignored_keys` warns of when set, it does not)."""
+    if key in DESIGN_ONLY_KEYS and model.name not in DESIGN_ONLY_KEYS[key]:
+        return False
+    return key != "sparsity" or (model.penalty == "default" and model.name in SPARSITY_DESIGNS)
+
+
+def data_key_read(data: DataConfig, key: str) -> bool:
+    """Whether ``data``'s source and settings read ``data.<key>`` (as :func:`model_key_read`)."""
+    if key in SOURCE_ONLY_KEYS:
+        return data.source.startswith(SOURCE_ONLY_KEYS[key][0])
+    return key not in ("whiten_eps", "whiten_centre") or data.whiten
+
+
 def ignored_keys(config: Config) -> list[str]:
     """One line per key set away from its default that this run's design or data source never reads."""
     lines = []
     defaults = ModelConfig()
     for key, designs in DESIGN_ONLY_KEYS.items():
         value = getattr(config.model, key)
-        if config.model.name not in designs and value != getattr(defaults, key):
+        if not model_key_read(config.model, key) and value != getattr(defaults, key):
             lines.append(f"model.{key} applies only to model.name={' or '.join(designs)}; ignored "
                          f"(model.{key} = {value!r} with model.name = {config.model.name!r})")  # fmt: skip
     model = config.model
-    if model.sparsity != defaults.sparsity and (model.penalty != "default" or model.name not in SPARSITY_DESIGNS):
+    if model.sparsity != defaults.sparsity and not model_key_read(model, "sparsity"):
         why = (f"model.penalty = {model.penalty!r} names the penalty" if model.penalty != "default"
                else f"model.name = {model.name!r} has another default penalty")  # fmt: skip
         lines.append(f"model.sparsity is λ of the rica penalty that {', '.join(SPARSITY_DESIGNS)} use by default; "
@@ -313,9 +327,9 @@ def ignored_keys(config: Config) -> list[str]:
     if config.data.whiten_centre and not config.data.whiten:
         lines.append("data.whiten_centre applies only with data.whiten = true; ignored (data.whiten_centre = True "
                      "with data.whiten = False)")  # fmt: skip
-    for key, (sources, which) in SOURCE_ONLY_KEYS.items():
+    for key, (_, which) in SOURCE_ONLY_KEYS.items():
         value = getattr(config.data, key)
-        if value != getattr(DataConfig, key) and not config.data.source.startswith(sources):
+        if value != getattr(DataConfig, key) and not data_key_read(config.data, key):
             lines.append(f"data.{key} applies only to {which}; ignored "
                          f"(data.{key} = {value!r} with data.source = {config.data.source!r})")  # fmt: skip
     if config.cluster.backend == "sim" and config.ps.shards != PSConfig.shards:

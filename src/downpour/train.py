@@ -28,7 +28,7 @@ from downpour import rundir
 from downpour.backends import require_ray
 from downpour.backends.local import LocalCluster, WorkerEvent, check_local_workers
 from downpour.backends.processes import worker_context
-from downpour.config import Config, DataConfig
+from downpour.config import Config, DataConfig, ModelConfig, data_key_read, model_key_read
 from downpour.console import say, warn
 from downpour.data import (
     Dataset,
@@ -125,6 +125,10 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+# Model keys a resumed session may change: how it trains, not the network or its cost (recorded in its start row)
+RESUMABLE_MODEL_KEYS = ("cd_k", "freeze_first")
+
+
 def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str, Any], where: Path) -> None:
     """Refuse a checkpoint written for another model, shape, shard layout or rule (nothing is overwritten)."""
     saved_model = state.get("model", {})
@@ -138,11 +142,20 @@ def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str
     if state.get("rule") != config.ps.rule:
         problems.append(f"rule {state.get('rule')!r} vs ps.rule={config.ps.rule!r}")
     saved_config = state.get("config", {})
-    # The data and the seed fix the training examples and the held-out batch that every loss is measured on.
-    saved_data = saved_config.get("data", {})
+    # The data and the seed fix the training examples and the held-out batch that every loss is measured on; the
+    # model keys, the network and its cost (keys the source or design does not read aside, and where torchvision
+    # sets are cached).
+    saved_data, saved_model = saved_config.get("data", {}), saved_config.get("model", {})
     for key, value in config.to_dict()["data"].items():  # a key newer than the checkpoint had its default then
-        if saved_data.get(key, getattr(DataConfig, key)) != value:
-            problems.append(f"data.{key} {saved_data.get(key)!r} vs {value!r}")
+        if key == "cache_dir" or not data_key_read(config.data, key):
+            continue
+        if (before := saved_data.get(key, getattr(DataConfig, key))) != value:
+            problems.append(f"data.{key} {before!r} vs {value!r}")
+    for key, value in config.to_dict()["model"].items():
+        if key in RESUMABLE_MODEL_KEYS or not model_key_read(config.model, key):
+            continue
+        if (before := saved_model.get(key, getattr(ModelConfig, key))) != value:
+            problems.append(f"model.{key} {before!r} vs {value!r}")
     if saved_config.get("train", {}).get("seed") != config.train.seed:
         problems.append(f"train.seed {saved_config.get('train', {}).get('seed')!r} vs {config.train.seed!r}")
     if problems:
