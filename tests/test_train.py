@@ -482,6 +482,16 @@ def test_resume_refuses_another_cost_or_start(finished_run: Path, cli: Callable[
     assert _files(finished_run) == files
 
 
+def test_a_local_run_is_not_resumed_on_the_simulator(finished_run: Path, cli: Callable[..., CliResult]) -> None:
+    """``--backend sim`` on a local run: refused, saying which backend trained it (it said simulated runs are
+    deterministic, which is not why)."""
+    files = _files(finished_run)
+    result = cli("train", "--resume", str(finished_run), "--backend", "sim", "--no-progress")
+    assert result.returncode == 2
+    assert "it was trained on the local backend; resume it with --backend local" in result.stderr
+    assert _files(finished_run) == files
+
+
 def test_resume_takes_keys_the_run_does_not_read(finished_run: Path, tmp_path: Path,
                                                  cli: Callable[..., CliResult]) -> None:  # fmt: skip
     """Keys that the source or the design does not read (warned of as ignored) do not block a resume: a moved

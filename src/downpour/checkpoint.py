@@ -138,15 +138,27 @@ def load(directory: Path) -> Checkpoint:
     return Checkpoint(tensors, state)
 
 
+def _peek(directory: Path) -> dict[str, Any]:
+    """The checkpoint's state as JSON, unchecked ({} when it cannot be read: :func:`load` reports that)."""
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def saved_diverged(directory: Path) -> dict[str, Any] | None:
     """The state of the checkpoint in ``directory`` when it says it was saved after training diverged (a first
     session's, with no earlier one to keep), else None; read before :func:`load`, whose checks (its NaN values)
     would otherwise speak first. A state that cannot be read is :func:`load`'s to report."""
-    try:
-        state = json.loads((directory / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and state.get("diverged") is True else None
+    state = _peek(directory)
+    return state if state.get("diverged") is True else None
+
+
+def saved_backend(directory: Path) -> str | None:
+    """The backend that wrote the checkpoint in ``directory`` (None when unreadable or not recorded)."""
+    backend = _peek(directory).get("backend")
+    return backend if isinstance(backend, str) else None
 
 
 def count(value: Any, name: str, where: Path) -> int:

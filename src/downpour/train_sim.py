@@ -68,6 +68,11 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
 
     deterministic = f"cannot resume {out}: simulated runs are deterministic; rerun with a new --out"
     if resume and has_checkpoint(out):
+        backend = ckpt.saved_backend(out / rundir.CHECKPOINT)
+        if backend not in (None, "sim"):
+            raise DownpourError(f"cannot resume {out} on the simulator (cluster.backend = 'sim'): it was trained on "
+                                f"the {backend} backend; resume it with --backend {backend}, or simulate into a new "
+                                "--out")  # fmt: skip
         raise DownpourError(deterministic)
     prepare_run_dir(out, resume=resume)
     settings = sim_settings(config)
