@@ -156,8 +156,11 @@ def saved_diverged(directory: Path) -> dict[str, Any] | None:
 
 
 def saved_backend(directory: Path) -> str | None:
-    """The backend that wrote the checkpoint in ``directory`` (None when unreadable or not recorded)."""
-    backend = _peek(directory).get("backend")
+    """The backend that wrote the checkpoint in ``directory``: a simulated one says so, others by their config
+    (None when unreadable or not recorded)."""
+    state = _peek(directory)
+    cluster = state.get("config", {}).get("cluster") if isinstance(state.get("config"), dict) else None
+    backend = state.get("backend") or (cluster.get("backend") if isinstance(cluster, dict) else None)
     return backend if isinstance(backend, str) else None
 
 
