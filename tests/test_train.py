@@ -492,6 +492,22 @@ def test_a_local_run_is_not_resumed_on_the_simulator(finished_run: Path, cli: Ca
     assert _files(finished_run) == files
 
 
+def test_deaths_of_earlier_sessions_do_not_fail_a_clean_one(finished_run: Path, tmp_path: Path,
+                                                            cli: Callable[..., CliResult]) -> None:  # fmt: skip
+    """A run whose first session lost a worker, resumed with one worker that trains cleanly: exit 0 (the total,
+    1 death, was compared with 1 worker and the session exited 1); the summary keeps the total and this session's."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    state_json = run / "checkpoint" / "state.json"
+    state = json.loads(state_json.read_text())
+    state["worker_deaths"] = 1  # as a first session that lost one of its two workers saved it
+    state_json.write_text(json.dumps(state))
+    result = cli("train", "--resume", str(run), "--workers", "1", "--steps", "25", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    summary = _summary(run)
+    assert (summary["steps"], summary["worker_deaths"], summary["session_worker_deaths"]) == (25, 1, 0)
+
+
 def test_resume_takes_keys_the_run_does_not_read(finished_run: Path, tmp_path: Path,
                                                  cli: Callable[..., CliResult]) -> None:  # fmt: skip
     """Keys that the source or the design does not read (warned of as ignored) do not block a resume: a moved

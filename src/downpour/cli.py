@@ -158,7 +158,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     print(headline(summary), file=sys.stderr if args.json else sys.stdout)
     if summary["interrupted"]:
         return 130
-    if summary["worker_deaths"] >= config.cluster.workers:
+    if summary["session_worker_deaths"] >= config.cluster.workers:  # this session's: a resumed run counts all
         return 1
     return 0
 

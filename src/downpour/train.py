@@ -74,6 +74,7 @@ class RunState:
     shard_restores: int = 0
     lost_updates: int = 0
     lost_before: int = 0  # lost_updates of the earlier sessions (not saved: read back as lost_updates)
+    deaths_before: int = 0  # worker_deaths of the earlier sessions (likewise)
     checkpoint_step: int | None = None  # step of the checkpoint in the run directory (not saved; None: none yet)
     data_counts: dict[str, Any] = field(default_factory=dict)  # training and held-out examples (its split's check),
     # and for users' folders and videos the digest of the pictures read
@@ -295,6 +296,7 @@ def _save_checkpoint(
         "initial_loss": run_state.initial_loss if np.isfinite(run_state.initial_loss) else None,
         "staleness_histogram": run_state.staleness.counts.tolist(),
         "worker_deaths": run_state.worker_deaths,
+        "session_worker_deaths": run_state.worker_deaths - run_state.deaths_before,  # this session's alone
         **{key: getattr(run_state, key) for key in FAULT_COUNTERS},
         "config": config.to_dict(),
         "rng": {"seed": config.train.seed, "session": run_state.session, "worker_seeds": seeds},
@@ -523,6 +525,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                    resume: bool, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     seeds = _worker_seeds(config.train.seed, run_state.session, config.cluster.workers)
     run_state.lost_before = run_state.lost_updates
+    run_state.deaths_before = run_state.worker_deaths
     t0 = time.time()
     initial = flat_copy(model)
     if checkpoint is None:
@@ -602,6 +605,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         "updates_dropped": sum(s.get("dropped", 0) for s in snapshots),  # late pushes (sync with backup workers)
         "staleness": run_state.staleness.summary(),
         "worker_deaths": run_state.worker_deaths,
+        "session_worker_deaths": run_state.worker_deaths - run_state.deaths_before,  # this session's alone
         **{key: getattr(run_state, key) for key in FAULT_COUNTERS},
         "interrupted": interrupted,
         "diverged": taken.diverged,
@@ -820,7 +824,7 @@ def _watch(
                     break
                 if cluster.alive() == 0:
                     collect()  # workers that died since this loop's poll: said here, not taken for a stop's exits
-                    if run_state.worker_deaths >= config.cluster.workers:
+                    if run_state.worker_deaths - run_state.deaths_before >= config.cluster.workers:
                         hint = _unguarded_hint(first_work is None)
                         console.print(f"[red]every worker has died; stopping the run[/]{hint}")
                     break

@@ -177,6 +177,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
         "simulated_seconds": result.sim_time, "gradient_evaluations": result.grad_evals,
         "updates_applied": applied, "updates_rejected": result.rejected, "updates_dropped": result.dropped,
         "stragglers": len(result.stragglers), "staleness": histogram.summary(), "worker_deaths": 0,
+        "session_worker_deaths": 0,
         "interrupted": interrupted, "diverged": diverged, "checkpoint_step": len(r), "sessions": 1,
         **({"divergence": divergence_line(final_loss, values_finite, len(r), SAVED_FIRST_CHECKPOINT, config.ps.lr)}
            if diverged else {}),  # a simulated run has no earlier checkpoint to keep
