@@ -470,12 +470,15 @@ def test_resume_refuses_other_data_or_seed(finished_run: Path, cli: Callable[...
 @pytest.mark.parametrize(
     ("setting", "named"),
     [("model.sparsity=100", "model.sparsity 0.1 vs 100"), ("model.penalty=l1:0.1", "model.penalty 'default' vs "),
-     ("model.init=gabor", "model.init 'learned' vs 'gabor'"), ("model.epsilon=0.5", "model.epsilon 0.01 vs 0.5")],
+     ("model.init=gabor", "model.init 'learned' vs 'gabor'"), ("model.epsilon=0.5", "model.epsilon 0.01 vs 0.5"),
+     ("ps.policy=sync", "ps.policy 'downpour' vs 'sync' (a sync shard's version counts rounds")],
 )  # fmt: skip
 def test_resume_refuses_another_cost_or_start(finished_run: Path, cli: Callable[..., CliResult], setting: str,
                                              named: str) -> None:  # fmt: skip
     """The parameters' shapes alone let a changed penalty weight through: the run then reported its loss going
-    from 48 to 391 across two different objectives. Every model key the design reads must match."""
+    from 48 to 391 across two different objectives. Every model key the design reads must match. And a switch to
+    or from sync would mix versions that count rounds with versions that count pushes (updates_applied went from
+    160 to 240)."""
     files = _files(finished_run)
     result = cli("train", "--resume", str(finished_run), "--set", setting, "--no-progress")
     assert result.returncode == 2 and "does not match" in result.stderr and named in result.stderr

@@ -157,6 +157,10 @@ def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str
             continue
         if (before := saved_model.get(key, getattr(ModelConfig, key))) != value:
             problems.append(f"model.{key} {before!r} vs {value!r}")
+    before = saved_config.get("ps", {}).get("policy", "downpour")
+    if (before == "sync") != (config.ps.policy == "sync"):  # a sync shard's version counts rounds, others' pushes
+        problems.append(f"ps.policy {before!r} vs {config.ps.policy!r} (a sync shard's version counts rounds and "
+                        "another's counts pushes: a run cannot switch to or from sync)")  # fmt: skip
     if saved_config.get("train", {}).get("seed") != config.train.seed:
         problems.append(f"train.seed {saved_config.get('train', {}).get('seed')!r} vs {config.train.seed!r}")
     if problems:
