@@ -307,3 +307,30 @@ def test_the_live_bar_counts_pushes_as_the_closing_line_counts_updates() -> None
         bar.update(steps=40, elapsed=1.0, rate=1000.0, loss=2.5, stale=0.5)
     text = out.getvalue()
     assert "40 pushes" in text and "updates" not in text, text
+
+
+def test_pushes_past_the_checkpoint_a_later_session_resumed_from_are_left_out(tmp_path: Path) -> None:
+    """A driver killed at step 5 whose checkpoint was at step 3: its pushes 4 and 5 (one of them rejected) were
+    undone, and the resumed session goes on from step 3. They are left out of the steps, losses, staleness and
+    rejected counts (the report had more pushes than steps, its step axis went back, and it counted rejections
+    the summary did not), and the notes say how many."""
+    rows = [
+        {"event": "start", "t": 0.1, "step": 0, "resume": False, "initial_loss": 50.0},
+        *({"event": "push", "t": 1 + i, "worker": 0, "shard": s, "staleness": 1, "loss": 10.0 - i,
+           "applied": i != 4} | ({"staleness": -1} if i == 4 else {}) for i in range(5) for s in (0, 1)),
+        {"event": "start", "t": 0.2, "step": 3, "resume": True, "initial_loss": 50.0},  # from the checkpoint at 3
+        *({"event": "push", "t": 1.0, "worker": 0, "shard": s, "staleness": 0, "loss": 4.0, "applied": True}
+          for s in (0, 1)),
+        {"event": "end", "t": 2.0, "step": 4, "final_loss": 3.5},
+    ]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = read_run_log(path)
+    assert log.push_step.tolist() == [1, 2, 3, 4] and log.push_loss.tolist() == [10.0, 9.0, 8.0, 4.0]
+    assert log.staleness[0].counts.tolist() == [1, 3] and log.staleness[1].counts.tolist() == [1, 3]
+    assert (log.rejected, log.discarded, log.sessions) == (0, 2, 2)
+    from downpour.report.html import _log_notes
+
+    notes = _log_notes(log)
+    assert "2 pushes logged after the checkpoint that a later session resumed from are left out" in notes
+    assert "session 1 from step 3: settings unchanged" in notes

@@ -511,6 +511,42 @@ def test_deaths_of_earlier_sessions_do_not_fail_a_clean_one(finished_run: Path, 
     assert (summary["steps"], summary["worker_deaths"], summary["session_worker_deaths"]) == (25, 1, 0)
 
 
+def test_each_session_records_what_it_changed(finished_run: Path, tmp_path: Path,
+                                              cli: Callable[..., CliResult]) -> None:  # fmt: skip
+    """config.toml and the checkpoint keep only the latest settings; the start row of a resumed session records
+    what it changed, and the report lists each session with it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    result = cli("train", "--resume", str(run), "--steps", "30", "--set", "ps.lr=0.05", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    starts = [row for row in read_jsonl(run / "metrics.jsonl") if row["event"] == "start"]
+    assert [row.get("changed") for row in starts] == [None, {"ps.lr": [0.02, 0.05]}]  # not the budget's keys
+    page = " ".join((run / "report.html").read_text().split())
+    assert "session 0 from step 0" in page and "session 1 from step 20: ps.lr 0.02 → 0.05" in page
+
+
+def test_ctrl_c_while_workers_start_still_writes_the_start_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               cli: Callable[..., CliResult]) -> None:  # fmt: skip
+    """Ctrl-C arriving as the workers start: the session ends interrupted (exit 130) with its start row written,
+    so the report has the run's initial loss and counts its session (metrics.jsonl began with an end row)."""
+    from downpour.backends.local import LocalCluster
+
+    real_start = LocalCluster.start
+
+    def start_then_ctrl_c(self: LocalCluster) -> None:
+        real_start(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalCluster, "start", start_then_ctrl_c)
+    run = tmp_path / "run"
+    result = cli("train", "--out", str(run), "--steps", "20", *FAST)
+    assert result.returncode == 130, result.stderr
+    events = [row["event"] for row in read_jsonl(run / "metrics.jsonl")]
+    assert events[0] == "start" and events[-1] == "end"
+    start = read_jsonl(run / "metrics.jsonl")[0]
+    assert start["session"] == 0 and start["initial_loss"] > 0
+
+
 def test_resume_takes_keys_the_run_does_not_read(finished_run: Path, tmp_path: Path,
                                                  cli: Callable[..., CliResult]) -> None:  # fmt: skip
     """Keys that the source or the design does not read (warned of as ignored) do not block a resume: a moved

@@ -167,6 +167,24 @@ def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str
         raise CheckpointError(f"checkpoint {where} does not match this config: " + "; ".join(problems))
 
 
+UNRECORDED_CHANGES = ("train.steps", "train.seconds")  # each session's own budget: they change on every resume
+
+
+def _changes(saved: Any, config: Config) -> dict[str, list[Any]]:
+    """What this session's config changes from the one its checkpoint was saved with: ``{"ps.lr": [0.02, 0.05]}``
+    (the budget keys aside); recorded in its ``start`` row so that the run keeps what each session trained with."""
+    if not isinstance(saved, dict):
+        return {}
+    changes = {}
+    for section, values in config.to_dict().items():
+        before = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name not in UNRECORDED_CHANGES and key in before and before[key] != value:
+                changes[name] = [before[key], value]
+    return changes
+
+
 def _worker_seeds(seed: int, session: int, workers: int) -> list[int]:
     children = np.random.SeedSequence([seed, session]).spawn(workers)
     return [int(child.generate_state(1)[0]) for child in children]
@@ -551,20 +569,23 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                     raise CheckpointError(f"corrupt checkpoint in {out}: shard {shard.index} lacks {sorted(missing)}")
                 shard.restore(snap)
             cluster.budget.set(run_state.steps)
+        changed = _changes(checkpoint.state.get("config"), config) if checkpoint is not None else {}
+        start_row = {"session": run_state.session, "resume": resume, "step": run_state.steps,
+                     "workers": config.cluster.workers, "shards": config.ps.shards,
+                     "initial_loss": run_state.initial_loss, **({"changed": changed} if changed else {})}  # fmt: skip
         with routed(as_interrupt), torch_threads(_driver_threads(config)):  # the driver beside its running workers
             try:
                 cluster.start()
-                metrics.write(
-                    "start", t=time.time() - t0, session=run_state.session, resume=resume, step=run_state.steps,
-                    workers=config.cluster.workers, shards=config.ps.shards, pids=cluster.pids(),
-                    initial_loss=run_state.initial_loss,
-                )  # fmt: skip
+                metrics.write("start", t=time.time() - t0, **start_row, pids=cluster.pids())
+                start_row = {}
                 interrupted, window, starved = _watch(
                     cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0,
                     held_out_loss=held_out_loss,
                 )  # fmt: skip
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the watch loop took over
                 interrupted = True
+                if start_row:  # while the workers started: the session still has its start row (and the report
+                    metrics.write("start", t=time.time() - t0, **start_row)  # the run's initial loss)
         with routed(signal.SIG_IGN):  # shutting down: a second Ctrl-C must not lose the final checkpoint
             records, last_events = cluster.stop()
             stopped = time.time()  # the workers finished their last steps by now

@@ -135,6 +135,13 @@ def _summary_section(run_dir: Path) -> str:
     return notes + _table(summary)
 
 
+def _shown(pair: Any) -> str:
+    """A recorded change ``[before, after]`` as ``before → after``."""
+    if isinstance(pair, list) and len(pair) == 2:
+        return f"{pair[0]!r} → {pair[1]!r}"
+    return repr(pair)
+
+
 def _log_notes(log: RunLog, *, log_missing: bool = False) -> str:
     items = [f"{rundir.METRICS} is missing from the run directory: no curves or events to show"] if log_missing else []
     for event in log.events:
@@ -146,6 +153,15 @@ def _log_notes(log: RunLog, *, log_missing: bool = False) -> str:
     if log.not_applied:
         items.append(f"{log.not_applied:,} pushes not applied: late ones that sync dropped (backup workers), or lost "
                      "with a shard restored from its checkpoint")  # fmt: skip
+    if log.discarded:
+        items.append(f"{log.discarded:,} pushes logged after the checkpoint that a later session resumed from are "
+                     "left out of the counts and curves: that work was undone (a driver killed between checkpoints, "
+                     "or a session that diverged)")  # fmt: skip
+    for index, row in enumerate(log.starts if log.sessions > 1 else ()):
+        changed = row.get("changed") if isinstance(row.get("changed"), dict) else {}
+        what = "; ".join(f"{key} {_shown(pair)}" for key, pair in changed.items()) or "settings unchanged"
+        items.append(f"session {row.get('session', index)} from step {row.get('step', 0)}"
+                     + (f": {what}" if row.get("resume") else ""))  # fmt: skip
     if log.bad_lines:
         items.append(f"{log.bad_lines} lines of metrics.jsonl could not be read and were skipped")
     if not items:

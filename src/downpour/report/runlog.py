@@ -31,8 +31,14 @@ class RunLog:
     sessions: int
     events: list[dict[str, Any]] = field(default_factory=list)  # worker_died / worker_error / checkpoint rows
     not_applied: int = 0  # other unapplied pushes: late ones that sync dropped, those lost with a restored shard
+    starts: list[dict[str, Any]] = field(default_factory=list)  # each session's start row (its step, what changed)
+    discarded: int = 0  # pushes logged after the checkpoint that a later session resumed from (their work was lost:
+    # a killed driver, a diverged session), left out of every count and curve above
     bad_lines: int = 0  # lines that are not JSON objects (a cut-off last line of a killed driver), or hold fields no
     # driver writes (a shard that is not a count, a staleness beyond the rows in the file)
+
+
+_APPLIED, _REJECTED, _NOT_APPLIED = 0, 1, 2  # a push row's outcome: applied; refused (NaN or Inf); not applied
 
 
 def _number(value: Any) -> float:
@@ -57,11 +63,15 @@ def _checked(row: dict[str, Any], kind: Any, most: int) -> dict[str, int]:
 
 
 def read_run_log(path: Path) -> RunLog:
-    """Parse ``metrics.jsonl`` at ``path`` (a missing file reads as a run with no events)."""
-    push_step: list[int] = []
-    push_loss: list[float] = []
-    staleness: dict[int, list[int]] = {}
-    rejected = not_applied = 0
+    """Parse ``metrics.jsonl`` at ``path`` (a missing file reads as a run with no events).
+
+    A resumed session goes on from its checkpoint's step S; the pushes an earlier session logged after S (a driver
+    killed between checkpoints, a diverged session whose checkpoint was not saved) were undone with it, so they are
+    left out and counted in ``discarded``.
+    """
+    pushes: list[tuple[int, int, int, int, float]] = []  # (global step, shard, outcome, staleness, loss) per row
+    starts: list[dict[str, Any]] = []
+    discarded = 0
     thr_t: list[float] = []
     thr: list[float] = []
     held_step: list[float] = []
@@ -93,16 +103,13 @@ def read_run_log(path: Path) -> RunLog:
             continue
         if kind == "push":
             shard = checked["shard"]
+            counted += shard == 0  # a push's rows on other shards take the step of its row on shard 0
             if row.get("applied", True):
-                staleness.setdefault(shard, []).append(checked["staleness"])
-            elif row.get("staleness") == -1:  # a shard refused it
-                rejected += 1
-            else:
-                not_applied += 1
-            if shard == 0:
-                counted += 1
-                push_step.append(step_offset + counted)
-                push_loss.append(_number(row.get("loss")))
+                outcome = _APPLIED
+            else:  # staleness -1: a shard refused it (NaN or Inf); else late (sync) or lost with its shard
+                outcome = _REJECTED if row.get("staleness") == -1 else _NOT_APPLIED
+            loss = _number(row.get("loss"))
+            pushes.append((step_offset + counted, shard, outcome, checked.get("staleness", -1), loss))
         elif kind == "throughput":
             thr_t.append(t_offset + _number(row.get("t")))
             thr.append(_number(row.get("examples_per_s")))
@@ -110,6 +117,11 @@ def read_run_log(path: Path) -> RunLog:
             if kind == "start":
                 sessions += 1
                 step_offset, counted, t_offset = checked["step"], 0, last_t
+                starts.append(row)
+                if row.get("resume"):  # what earlier sessions logged past the checkpoint this one goes on from
+                    kept = [push for push in pushes if push[0] <= step_offset]
+                    discarded += sum(push[1] == 0 for push in pushes) - sum(push[1] == 0 for push in kept)
+                    pushes = kept
             key = {"start": "initial_loss", "eval": "held_out_loss", "end": "final_loss"}[kind]
             if kind != "start" or not row.get("resume"):  # a resumed session repeats no initial loss
                 held_step.append(_number(row.get("step")))
@@ -118,17 +130,24 @@ def read_run_log(path: Path) -> RunLog:
             events.append(row)
         if math.isfinite(_number(row.get("t"))):
             last_t = max(last_t, t_offset + _number(row.get("t")))
+    staleness: dict[int, list[int]] = {}
+    for _, shard, outcome, stale, _ in pushes:
+        if outcome == _APPLIED:
+            staleness.setdefault(shard, []).append(stale)
     histograms = {}
     for shard, values in sorted(staleness.items()):
         histogram = StalenessHistogram()
         histogram.add(np.asarray(values, dtype=np.int64))
         histograms[shard] = histogram
+    first_shard = [push for push in pushes if push[1] == 0]
     return RunLog(
-        push_step=np.asarray(push_step, dtype=np.int64),
-        push_loss=np.asarray(push_loss, dtype=np.float64),
+        push_step=np.asarray([push[0] for push in first_shard], dtype=np.int64),
+        push_loss=np.asarray([push[4] for push in first_shard], dtype=np.float64),
         staleness=histograms,
-        rejected=rejected,
-        not_applied=not_applied,
+        rejected=sum(push[2] == _REJECTED for push in pushes),
+        not_applied=sum(push[2] == _NOT_APPLIED for push in pushes),
+        starts=starts,
+        discarded=discarded,
         throughput_t=np.asarray(thr_t, dtype=np.float64),
         throughput=np.asarray(thr, dtype=np.float64),
         held_out_step=np.asarray(held_step, dtype=np.float64),
