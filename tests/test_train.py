@@ -244,8 +244,10 @@ def test_a_run_stopped_before_its_first_checkpoint_is_trained_again(
     sim = ["--set", "cluster.backend=sim"] if backend == "sim" else []
     assert cli("train", "--steps", "10", "--out", str(run_dir), *FAST, *sim).returncode == 0
     (run_dir / "checkpoint" / "state.json").unlink()  # a save cut off before its commit point (a kill, a full disk)
-    (run_dir / "summary.json").unlink()
-    rows_before = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "summary.json").unlink()  # and the rows written after it: the session's end row, which names it
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("".join(f"{row}\n" for row in metrics.read_text().splitlines() if '"event":"end"' not in row))
+    rows_before = metrics.read_text()
     refused = cli("train", "--steps", "10", "--out", str(run_dir), *FAST, *sim)
     assert refused.returncode == 2
     assert f"holds a run that stopped before its first checkpoint; --resume {run_dir} trains it again" in refused.stderr
@@ -545,6 +547,28 @@ def test_ctrl_c_while_workers_start_still_writes_the_start_row(tmp_path: Path, m
     assert events[0] == "start" and events[-1] == "end"
     start = read_jsonl(run / "metrics.jsonl")[0]
     assert start["session"] == 0 and start["initial_loss"] > 0
+
+
+@pytest.mark.parametrize("evidence", ["summary", "metrics"])
+def test_a_run_whose_checkpoint_was_deleted_is_not_trained_again_from_step_0(
+    finished_run: Path, tmp_path: Path, cli: Callable[..., CliResult], evidence: str
+) -> None:
+    """Without checkpoint/, --resume took the run for one stopped before its first checkpoint: it trained it again
+    from step 0 and moved its metrics aside. When the summary or metrics.jsonl (a session's end row, or for a killed
+    driver a periodic checkpoint's row) says a checkpoint was saved, it is refused instead, and nothing is touched."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "checkpoint")
+    if evidence == "metrics":
+        (run / "summary.json").unlink()
+        assert [row.get("checkpoint_step") for row in read_jsonl(run / "metrics.jsonl") if row["event"] == "end"] == [
+            20
+        ]
+    files = _files(run)
+    result = cli("train", "--resume", str(run), "--steps", "30", "--no-progress")
+    assert result.returncode == 2
+    assert "saved a checkpoint at step 20, but" in result.stderr and "is missing (deleted or moved)" in result.stderr
+    assert _files(run) == files
 
 
 def test_resume_takes_keys_the_run_does_not_read(finished_run: Path, tmp_path: Path,

@@ -444,6 +444,9 @@ def stopped_before_checkpoint(out: Path, console: Console) -> bool:
     report and curves are its own. Says so."""
     if has_checkpoint(out):
         return False
+    if (step := _checkpoint_recorded(out)) is not None:
+        raise DownpourError(f"run {out} saved a checkpoint at step {step:,}, but {out / rundir.CHECKPOINT} is missing "
+                            "(deleted or moved): restore it to resume, or start a new run")  # fmt: skip
     moved = [out / name for name in (rundir.METRICS, TENSORBOARD_DIR) if (out / name).exists()]
     aside = ""
     if moved:
@@ -454,6 +457,27 @@ def stopped_before_checkpoint(out: Path, console: Console) -> bool:
         aside = f" (the stopped session's metrics moved to {aborted})"
     warn(console, f"run {out} stopped before its first checkpoint: training it again from step 0{aside}")
     return True
+
+
+def _checkpoint_recorded(out: Path) -> int | None:
+    """The step of a checkpoint that ``out``'s summary or metrics say was saved (None when they say of none): a run
+    without its checkpoint then lost it, rather than stopping before its first."""
+    try:
+        summary = json.loads((out / rundir.SUMMARY).read_text())
+        step = summary.get("checkpoint_step") if isinstance(summary, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+            return step
+    except (OSError, ValueError):
+        pass
+    steps = []  # periodic checkpoints saved (their rows' step), and the one each session ended with
+    with contextlib.suppress(OSError), open(out / rundir.METRICS, "rb") as lines:
+        for line in lines:
+            if line.startswith((b'{"event":"checkpoint"', b'{"event":"end"')):
+                with contextlib.suppress(ValueError, AttributeError):
+                    row = json.loads(line)
+                    step = row.get("step") if row["event"] == "checkpoint" and row.get("saved") is True else None
+                    steps.append(row.get("checkpoint_step") if row["event"] == "end" else step)
+    return max((step for step in steps if isinstance(step, int) and step > 0), default=None)
 
 
 @contextlib.contextmanager
