@@ -571,6 +571,22 @@ def test_a_run_whose_checkpoint_was_deleted_is_not_trained_again_from_step_0(
     assert _files(run) == files
 
 
+def test_a_session_that_saved_nothing_keeps_its_number(finished_run: Path, tmp_path: Path,
+                                                      cli: Callable[..., CliResult]) -> None:  # fmt: skip
+    """A resumed session that diverged keeps the checkpoint it started from, which names the session before it;
+    the next one was numbered as the diverged one (same worker seeds, the report and summary disagreeing on the
+    sessions). It takes the next number."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    diverged = cli("train", "--resume", str(run), "--steps", "40", "--set", "ps.lr=1e30", "--no-progress")
+    assert diverged.returncode == 2 and "training diverged" in diverged.stderr
+    resumed = cli("train", "--resume", str(run), "--steps", "40", "--set", "ps.lr=0.02", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    starts = [row for row in read_jsonl(run / "metrics.jsonl") if row["event"] == "start"]
+    assert [(row["session"], row["step"]) for row in starts] == [(0, 0), (1, 20), (2, 20)]
+    assert _summary(run)["sessions"] == 3
+
+
 def test_resume_takes_keys_the_run_does_not_read(finished_run: Path, tmp_path: Path,
                                                  cli: Callable[..., CliResult]) -> None:  # fmt: skip
     """Keys that the source or the design does not read (warned of as ignored) do not block a resume: a moved

@@ -459,6 +459,13 @@ def stopped_before_checkpoint(out: Path, console: Console) -> bool:
     return True
 
 
+def _sessions_logged(out: Path) -> int:
+    """How many sessions ``out``'s metrics.jsonl has start rows of."""
+    with contextlib.suppress(OSError), open(out / rundir.METRICS, "rb") as lines:
+        return sum(line.startswith(b'{"event":"start"') for line in lines)
+    return 0
+
+
 def _checkpoint_recorded(out: Path) -> int | None:
     """The step of a checkpoint that ``out``'s summary or metrics say was saved (None when they say of none): a run
     without its checkpoint then lost it, rather than stopping before its first."""
@@ -535,6 +542,9 @@ def run_training(
             resume = False  # as a new run would, in the same directory (its earlier rows moved to aborted/)
         if resume:  # every check that can refuse the checkpoint runs here, before anything is written
             checkpoint, run_state = _load_previous(out, config, signature, dataset)
+            # a session that saved no checkpoint (killed before its first, or diverged) still had its number: the
+            # next one takes a new one, and with it other worker seeds
+            run_state.session = max(run_state.session, _sessions_logged(out))
             if 0 < config.train.steps <= run_state.steps:
                 raise DownpourError(
                     f"run {out} is already at step {run_state.steps:,}, and train.steps = "
