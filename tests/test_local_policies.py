@@ -181,6 +181,35 @@ def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path
     assert len(survivor) == sum(shard["version"] for shard in state["shards"])
 
 
+def test_ctrl_c_in_a_local_staleness_study_keeps_what_finished(tmp_path: Path, cli: Callable[..., CliResult],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Ctrl-C during the second run of a local study: that run is saved, cut short, and left out; the first one's
+    results are written as an incomplete study; exit 130. (The cut-short run was reported as a finished one, the
+    others ran on and the command exited 0.)"""
+    from downpour.backends.local import LocalCluster
+
+    real_start, started = LocalCluster.start, []
+
+    def start(self: LocalCluster) -> None:
+        real_start(self)
+        started.append(self)
+        if len(started) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C right after the second run's workers started
+
+    monkeypatch.setattr(LocalCluster, "start", start)
+    out = tmp_path / "study"
+    result = cli("study", "staleness", "--backend", "local", "--policies", "downpour", "--workers", "1,2", "--seeds",
+                 "1", "--steps", "30", "--set", "data.examples=2000", "--set", "data.held_out=64", "--no-progress",
+                 "--out", str(out))  # fmt: skip
+    assert result.returncode == 130, result.stderr
+    said = "".join(result.stderr.split())  # as the console wraps it
+    assert "".join(f"interrupted: {out}/results.json keeps the runs that finished".split()) in said
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and [run["workers"] for run in results["runs"]] == [1]
+    assert "Incomplete: interrupted after 1 of 2 runs" in (out / "table.md").read_text()
+    assert len(list((out / "runs").iterdir())) == 2  # the cut-short run's directory is kept
+
+
 def test_staleness_study_on_the_local_backend_writes_its_report(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     """A tiny grid through the command (in this process; its workers are real processes): one run directory per
     (policy, workers, seed), the report files, and wall-clock times; a worker count the machine cannot hold as
@@ -202,12 +231,12 @@ def test_staleness_study_on_the_local_backend_writes_its_report(tmp_path: Path, 
         assert Path(run["run_dir"]).is_dir() and run["final_loss"] < run["initial_loss"]
         assert len(run["curve"]["loss"]) >= 2 and run["sim_time"] > 0
     assert "wall time (median)" in (out / "table.md").read_text()
-    again = cli("study", "staleness", "--backend", "local", "--policies", "downpour", "--workers", "2", "--seeds",
-                "1", "--steps", "20", "--set", "data.examples=2000", "--set", "data.held_out=64", "--no-progress",
-                "--out", str(out))  # fmt: skip
+    again = cli("study", "staleness", "--backend", "local", "--policies", "downpour,sync", "--workers", "2",
+                "--seeds", "1", "--steps", "40", "--set", "data.examples=2000", "--set", "data.held_out=64",
+                "--no-progress", "--out", str(out))  # fmt: skip
     assert again.returncode == 0, again.stderr  # a rerun into the same --out: its runs get directories of their own
-    (rerun,) = json.loads((out / "results.json").read_text())["runs"]
-    assert Path(rerun["run_dir"]).name == "downpour-w2-s0-2" and rerun["pushes"] == 20
+    reruns = json.loads((out / "results.json").read_text())["runs"]
+    assert [Path(run["run_dir"]).name for run in reruns] == ["downpour-w2-s0-2", "sync-w2-s0-2"]
     assert Path(by_policy["downpour"]["run_dir"]).is_dir()  # the first study's run is still there
 
     with pytest.raises(ConfigError, match=r"invalid --workers: 1000000 with --backend local: .*MB each"):

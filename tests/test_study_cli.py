@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from conftest import CliResult, downpour
 
 
@@ -66,6 +68,45 @@ def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) 
     config.write_text('[cluster]\nbackend = "local"\n')
     bad = cli("study", "staleness", "--config", str(config), "--out", str(tmp_path / "v"))
     assert bad.returncode == 2 and "cluster.backend = 'local' is not how" in bad.stderr
+    for setting, flag in (("ps.policy=sync", "--policies"), ("cluster.workers=7", "--workers")):  # ran the grid's
+        bad = cli("study", "staleness", "--set", setting, "--out", str(tmp_path / "g"))  # and recorded these
+        assert bad.returncode == 2 and f"is set per run by the study's grid: pass {flag} instead" in bad.stderr
+    config.write_text("[cluster]\nworkers = 7\n")
+    bad = cli("study", "staleness", "--config", str(config), "--out", str(tmp_path / "g"))
+    assert bad.returncode == 2 and "cluster.workers is set per run" in bad.stderr and not (tmp_path / "g").exists()
+    for study in ("staleness", "optima", "designs"):  # found after the whole study had run
+        bad = cli("study", study, "--out", str(config / "report"))
+        assert bad.returncode == 2 and f"cannot be made: {config} is a file, not a directory" in bad.stderr
+
+
+def test_a_study_does_not_replace_another_ones_results(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    """A staleness or optima study rerun into its --out with the same settings repeats it; with other settings,
+    or into another study's folder, it is refused before any run (it replaced the earlier results silently)."""
+    out = tmp_path / "study"
+    grid = ["--policies", "downpour", "--workers", "1,2", "--seeds", "1", "--no-progress", "--out", str(out)]
+    assert cli("study", "staleness", "--steps", "40", *grid).returncode == 0
+    before = (out / "results.json").read_text()
+    assert cli("study", "staleness", "--steps", "40", *grid).returncode == 0  # the same settings: repeated
+    other = cli("study", "staleness", "--steps", "50", *grid)
+    assert other.returncode == 2 and "holds the results of another study or of other settings" in other.stderr
+    assert json.loads((out / "results.json").read_text())["grid"] == json.loads(before)["grid"]
+    optima = ["--workers", "4", "--seeds", "2", "--steps", "40", "--out", str(tmp_path / "optima")]
+    assert cli("study", "optima", *optima).returncode == 0
+    replication = cli("study", "optima", *optima, "--first-seed", "5")
+    assert replication.returncode == 2 and "(optima.json): use another --out" in replication.stderr
+    (tmp_path / "designs").mkdir()
+    (tmp_path / "designs" / "results.json").write_text('{"setup": {}, "rows": []}')  # a designs study's
+    bad = cli("study", "staleness", "--steps", "40", *grid[:-1], str(tmp_path / "designs"))
+    assert bad.returncode == 2 and "another study" in bad.stderr
+
+
+def test_optima_json_is_strict_json(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    """With one seed the odds ratio is NaN: --json printed ``NaN``, which strict parsers refuse; now null."""
+    result = cli("study", "optima", "--workers", "1", "--seeds", "1", "--steps", "10", "--json", "--out",
+                 str(tmp_path / "o"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    strict = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))
+    assert "odds_ratio" in json.dumps(strict)
 
 
 def test_help_names_every_study_and_each_options_default(cli: Callable[..., CliResult]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,25 @@ def test_a_diverged_cell_is_a_failed_row_not_a_result(tmp_path: Path) -> None:
     assert row["error"].startswith("training diverged (held-out loss ") and "lower ps.lr" in row["error"]
     assert "probe" not in row and "face" not in row
     assert "| failed: training diverged" in table_markdown([row])
+
+
+def test_ctrl_c_in_a_rerun_keeps_every_finished_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun into a study's --out cut short by Ctrl-C at its first cell to train: the earlier finished rows it
+    had not reached yet stay in results.json (it shrank from 21 rows to those reached, and the next rerun trained
+    the others again)."""
+    from downpour.rundir import write_json
+    from downpour.study import designs
+
+    cells = [designs.Cell("design", name) for name in ("rica", "sparse-ae", "rbm")]
+    setup = designs.run_designs_study(seconds=10, out=tmp_path / "empty", steps=1000, cells=[])["setup"]
+    finished = [_row("design", "sparse-ae", 0.9, 0.8), _row("design", "rbm", 0.9, 0.8)]  # whole budgets
+    write_json(tmp_path / "results.json", {"setup": setup, "rows": finished, "complete": False})
+
+    def ctrl_c(*args: object, **kwargs: object) -> dict:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(designs, "run_cell", ctrl_c)  # rica, the first cell, has no finished row: it trains
+    with pytest.raises(KeyboardInterrupt):
+        designs.run_designs_study(seconds=10, out=tmp_path, steps=1000, cells=cells)
+    kept = json.loads((tmp_path / "results.json").read_text())
+    assert kept["complete"] is False and [row["design"] for row in kept["rows"]] == ["sparse-ae", "rbm"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 from pathlib import Path
@@ -189,7 +188,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
         else:
             result = bench_ps.run(seconds=args.seconds, rounds=args.rounds)
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(rundir.json_text(result))
         else:
             bench_ps.print_table(result, Console(width=None if sys.stdout.isatty() else 120))
         return 0
@@ -202,7 +201,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
             raise DownpourError(f"bench layers needs --skip-steps >= 0, got {args.skip_steps}")
         result = bench_layers.run(repeats=args.repeats, memory=not args.no_memory, skip_steps=args.skip_steps)
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(rundir.json_text(result))
         else:
             bench_layers.print_tables(result, Console(width=None if sys.stdout.isatty() else 120))
         return 0
@@ -216,7 +215,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
             )
         result = bench_sim.run(workers=args.workers, steps=args.steps, repeats=args.repeats, policy=args.policy)
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(rundir.json_text(result))
         else:
             bench_sim.print_table(result, Console(width=None if sys.stdout.isatty() else 120))
         return 0

@@ -6,11 +6,11 @@ Each writes its results under ``RUN_DIR/eval/`` and prints a table, or JSON with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from rich.console import Console
 
+from downpour import rundir
 from downpour.cli_paths import path_argument
 from downpour.errors import DownpourError
 
@@ -72,7 +72,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
         result = face_neuron.run(args.run_dir, splits=args.splits, seed=args.seed)
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(rundir.json_text(result))
         else:
             face_neuron.print_table(result, _table_console())
         return 0
@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
         result = probe.run(args.run_dir, data=args.data)
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(rundir.json_text(result))
         else:
             probe.print_table(result, _table_console())
         return 0
@@ -94,7 +94,7 @@ def cmd_viz(args: argparse.Namespace, console: Console) -> int:
 
     result = viz.run(args.run_dir, units=args.units, steps=args.steps)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(rundir.json_text(result))
     else:
         print(f"filters: {result['filters_png']}")
         print(f"optimal stimuli of units {', '.join(map(str, result['units']))}: {result['stimuli_png']}")
@@ -109,7 +109,7 @@ def cmd_detect(args: argparse.Namespace, console: Console) -> int:
         raise DownpourError(f"invalid --stride: {args.stride} (must be 1..{detect.MAX_STRIDE})")
     result = detect.run(args.run_dir, args.image, unit=args.unit, stride=args.stride, scale=args.scale, out=args.out)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(rundir.json_text(result))
     else:
         rows, cols = result["map_shape"]
         windows = f"{result['windows']:,} window{'s' if result['windows'] != 1 else ''}"

@@ -4,15 +4,18 @@ into ``--out``)."""
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import os
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from downpour import rundir
 from downpour.cli_paths import path_argument
 from downpour.errors import DownpourError
 
@@ -71,27 +74,45 @@ def _check_design_workers(base: Any) -> None:
                             f"of data.source {base.data.source!r}; each worker reads its own slice)")  # fmt: skip
 
 
+@contextlib.contextmanager
+def _says_what_was_kept(console: Console, out: Path, kept: str) -> Iterator[None]:
+    """On Ctrl-C, say what ``out`` keeps, then stop as the command does (exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"interrupted: {out}/results.json keeps {kept}")
+        raise
+
+
 def _bar(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]study"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[run]}"),
                     TimeElapsedColumn(), console=console, disable=not enabled)  # fmt: skip
 
 
 def _check_out(out: Path) -> None:
-    """A study's report directory must be a directory or not exist yet: refused before hours of runs, not after."""
+    """A study's report directory must be a directory or one that can be made (its nearest existing folder is a
+    writable directory): refused before hours of runs, not after."""
     if out.exists() and not out.is_dir():
         raise DownpourError(f"invalid --out: {out} is a file, not a directory (the report directory to write)")
+    existing = next(parent for parent in (out.absolute(), *out.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise DownpourError(f"invalid --out: {out} cannot be made: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DownpourError(f"invalid --out: {out} cannot be written: {existing} is not writable")
 
 
-def _names_backend(path: Path | None, overrides: list[str] | None) -> bool:
-    """Whether the config file or a ``--set`` names ``cluster.backend`` (the study's default is one of the backends
-    it runs on, so the value alone cannot tell)."""
-    if any(item.partition("=")[0].strip() == "cluster.backend" for item in overrides or []):
-        return True
-    if path is None:
-        return False
-    with open(path, "rb") as handle:  # read and checked by study_config already
-        cluster = tomllib.load(handle).get("cluster", {})
-    return isinstance(cluster, dict) and "backend" in cluster
+def _named_keys(path: Path | None, overrides: list[str] | None) -> set[str]:
+    """The ``section.key`` names the config file or a ``--set`` gives (a default value alone cannot tell whether a
+    key was given)."""
+    named = {item.partition("=")[0].strip() for item in overrides or []}
+    if path is not None:
+        with open(path, "rb") as handle:  # read and checked by study_config already
+            for section, values in tomllib.load(handle).items():
+                named |= {f"{section}.{key}" for key in values} if isinstance(values, dict) else set()
+    return named
+
+
+GRID_KEYS = {"ps.policy": "--policies", "cluster.workers": "--workers"}  # what the staleness grid sets per run
 
 
 def cmd_study(args: argparse.Namespace, console: Console) -> int:
@@ -101,9 +122,14 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         from downpour.study import staleness
 
         config = staleness.study_config(args.config, args.set)
-        if _names_backend(args.config, args.set) and config.cluster.backend != args.backend:
+        named = _named_keys(args.config, args.set)
+        if "cluster.backend" in named and config.cluster.backend != args.backend:
             raise DownpourError(f"cluster.backend = {config.cluster.backend!r} is not how this study chooses its "
                                 f"backend: pass --backend (sim or local; now {args.backend})")  # fmt: skip
+        if clashes := sorted(named & GRID_KEYS.keys()):
+            raise DownpourError(
+                f"{clashes[0]} is set per run by the study's grid: pass {GRID_KEYS[clashes[0]]} instead"
+            )
         grid = staleness.parse_grid(args.policies, args.workers, args.seeds)
         staleness.check_study(config, policies=grid.policies, workers=grid.workers, seeds=grid.seeds,
                               steps=args.steps, backend=args.backend)  # bad settings: before the bar  # fmt: skip
@@ -114,8 +140,10 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
                 label = f"{run.get('policy')} x{run.get('workers')} seed {run.get('seed')}"
                 bar.update(task, completed=done, run=label)
 
-            staleness.run_study(config, policies=grid.policies, workers=grid.workers, seeds=grid.seeds, out=args.out,
-                                steps=args.steps, progress=progress, backend=args.backend)  # fmt: skip
+            with _says_what_was_kept(console, args.out, "the runs that finished (a study marked incomplete)"):
+                staleness.run_study(config, policies=grid.policies, workers=grid.workers, seeds=grid.seeds,
+                                    out=args.out, steps=args.steps, progress=progress,
+                                    backend=args.backend)  # fmt: skip
         print(f"report in {args.out}: table.md, results.json and the figures")
         print((args.out / "table.md").read_text())
         return 0
@@ -131,7 +159,7 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
                                    first_seed=args.first_seed, out=args.out,
                                    progress=lambda line: console.print(line))  # fmt: skip
         if args.json:
-            print(json.dumps(result, indent=2, default=str))
+            print(rundir.json_text(result))
         print(result["answer"], file=sys.stderr if args.json else sys.stdout)
         return 0
     if args.study == "designs":
@@ -140,12 +168,16 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         base = designs.base_config(args.seconds, steps=args.steps, workers=args.workers, seed=args.seed,
                                    overrides=args.set)  # bad flags: before the bar  # fmt: skip
         _check_design_workers(base)
-        with _bar(console, not args.no_progress) as bar:
+        kept = "every cell that finished; the same command trains the rest"
+        with _bar(console, not args.no_progress) as bar, _says_what_was_kept(console, args.out, kept):
             task = bar.add_task("study", total=len(designs.default_grid()), run="")
+
+            def cell_started(done: int, total: int, name: str) -> None:
+                bar.update(task, completed=done, run=name)
+
             result = designs.run_designs_study(seconds=args.seconds, steps=args.steps, out=args.out,
                                                workers=args.workers, seed=args.seed, overrides=args.set,
-                                               progress=lambda done, total, name: bar.update(task, completed=done,
-                                                                                             run=name))  # fmt: skip
+                                               progress=cell_started)  # fmt: skip
         print(f"report in {args.out}: report.md, table.md, results.json, runs/")
         print(result["table"])
         print("\n".join(f"- {line}" for line in result["answers"]))

@@ -206,6 +206,11 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def json_text(value: Any) -> str:
+    """``value`` as standard, indented JSON text (NaN and Inf as null: what ``--json`` prints)."""
+    return json.dumps(json_safe(value), indent=2, default=str, allow_nan=False)
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per event, appended (a resumed run continues the same file)."""
 

@@ -935,4 +935,4 @@ def raise_if_diverged(summary: dict[str, Any]) -> None:
 
 def summary_json(summary: dict[str, Any]) -> str:
     """The summary as standard JSON text (NaN and Inf as null, as in ``summary.json``)."""
-    return json.dumps(rundir.json_safe(summary), indent=2, default=str)
+    return rundir.json_text(summary)

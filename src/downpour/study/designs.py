@@ -124,6 +124,8 @@ def run_cell(cell: Cell, base: Config, run_dir: Path) -> dict[str, Any]:
     try:
         config = config_mod.from_dict({"model": cell.model_keys()}, base)
         summary = run_training(config, run_dir, console=Console(stderr=True, quiet=True), show_progress=False)
+        if summary["interrupted"]:  # Ctrl-C: the run is saved, cut short; not a result (a rerun trains it again)
+            raise KeyboardInterrupt
         row.update(steps=summary["steps"], initial_loss=summary["initial_loss"], final_loss=summary["final_loss"],
                    gabor_fraction=summary["gabor_fit"]["fraction"], gabor_median_r2=summary["gabor_fit"]["median_r2"],
                    rejected=summary["updates_rejected"])  # fmt: skip
@@ -280,11 +282,17 @@ def run_designs_study(*, seconds: float, out: Path, steps: int = 1000, workers: 
     for index, cell in enumerate(cells):
         if progress is not None:
             progress(index, len(cells), cell.name)
-        row = done.get(_key(cell))
+        row = done.pop(_key(cell), None)
         if row is None:  # not run yet, failed, or cut short (by the wall-clock cap): train it (again)
-            row = run_cell(cell, base, rundir.fresh_path(out / "runs" / cell.name))
+            try:
+                row = run_cell(cell, base, rundir.fresh_path(out / "runs" / cell.name))
+            except KeyboardInterrupt:  # Ctrl-C: what finished, this rerun's and earlier ones', stays in results.json
+                rundir.write_json(out / "results.json", {"setup": setup, "rows": [*rows, *done.values()],
+                                                         "complete": False})  # fmt: skip
+                raise
         rows.append(row)
-        rundir.write_json(out / "results.json", {"setup": setup, "rows": rows, "complete": False})
+        # the earlier study's finished rows not reached yet are kept too (a rerun cut short must not lose them)
+        rundir.write_json(out / "results.json", {"setup": setup, "rows": [*rows, *done.values()], "complete": False})
     if progress is not None:
         progress(len(cells), len(cells), "done")
     result = {"setup": setup, "rows": rows, "complete": True, "seconds": time.time() - start}

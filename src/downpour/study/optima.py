@@ -41,6 +41,7 @@ from downpour.backends.sim import SimSettings, simulate
 from downpour.errors import ConfigError
 from downpour.ps.policies import Sync, make_policy
 from downpour.ps.rules import make_rule
+from downpour.study.earlier import as_json, check_earlier
 
 _TILT_LIMIT = 8.0 / (3.0 * math.sqrt(3.0))  # |c| below this: (x² − 1)² + c·x has two minima
 DIVERGED = -1  # the class of a run that diverged
@@ -446,6 +447,12 @@ def run_optima(
     names = _arm_names(policies)
     if lr_match == "gradient":
         steps = _whole_rounds(steps, policies, workers, lr)
+    study_settings = {"workers": workers, "seeds": seeds, "first_seed": first_seed, "steps": steps, "lr": lr,
+                "lr_match": lr_match, "policies": list(policies), "start_box": start_box,
+                "compute_sigma": compute_sigma, "network_mean": network_mean, "alpha": alpha,
+                "task": asdict(task)}  # fmt: skip
+    if out is not None:  # before any run
+        check_earlier(Path(out) / "optima.json", lambda earlier: earlier.get("settings") == as_json(study_settings))
     minima = task.minima()
     seed_list = list(range(first_seed, first_seed + seeds))
     starts = np.stack([start_point(s, task.dim, start_box) for s in seed_list])  # (S, d)
@@ -524,20 +531,7 @@ def run_optima(
         f"network_mean={network_mean}, task={task!r})"
     )
     result: dict[str, Any] = {
-        "settings": {
-            "workers": workers,
-            "seeds": seeds,
-            "first_seed": first_seed,
-            "steps": steps,
-            "lr": lr,
-            "lr_match": lr_match,
-            "policies": list(policies),
-            "start_box": start_box,
-            "compute_sigma": compute_sigma,
-            "network_mean": network_mean,
-            "alpha": alpha,
-            "task": asdict(task),
-        },
+        "settings": study_settings,
         "task": {
             "formula": "f(x) = sum_i (x_i^2 - 1)^2 + c_i x_i; one example: c ~ N(c, noise^2 I)",
             "minima": [m._asdict() for m in minima],

@@ -47,6 +47,7 @@ from downpour.ps.flat import flat_copy
 from downpour.ps.policies import EASGD, POLICIES, Sync, make_policy
 from downpour.ps.rules import make_rule
 from downpour.ps.staleness import StalenessHistogram
+from downpour.study.earlier import as_json, check_earlier
 from downpour.threads import torch_threads
 from downpour.train import HeldOutLoss
 
@@ -356,6 +357,10 @@ def run_study(
     ``wall_s`` and ``files``, the report's paths). Deterministic: the same call gives the same results.
     """
     grid, steps = check_study(config, policies=policies, workers=workers, seeds=seeds, steps=steps, backend=backend)
+    settings = as_json({"study": "staleness", "backend": backend, "config": config.to_dict(),
+                        "grid": {"policies": grid.policies, "workers": grid.workers, "seeds": grid.seeds,
+                                 "steps": steps}})  # fmt: skip
+    check_earlier(Path(out) / "results.json", lambda earlier: {key: earlier.get(key) for key in settings} == settings)
     if backend == "local":
         from downpour.study import staleness_local
 
@@ -370,21 +375,33 @@ def run_study(
         held_out = HeldOutLoss(config, dataset)
         runs: list[dict[str, Any]] = []
         total = len(grid.policies) * len(grid.workers) * grid.seeds
-        for name in grid.policies:
-            for n in grid.workers:
-                for index in range(grid.seeds):
-                    if backend == "local":
-                        pushes = _pushes(_policy(config, name, n), steps)
-                        runs.append(staleness_local.local_run(config, dataset, name, n, index, pushes, out))
-                    else:
-                        runs.append(_one_run(config, dataset, held_out, name, n, index, steps))
-                    if progress is not None:
-                        progress(len(runs), total, runs[-1])
+        try:
+            for name in grid.policies:
+                for n in grid.workers:
+                    for index in range(grid.seeds):
+                        if backend == "local":
+                            pushes = _pushes(_policy(config, name, n), steps)
+                            runs.append(staleness_local.local_run(config, dataset, name, n, index, pushes, out))
+                        else:
+                            runs.append(_one_run(config, dataset, held_out, name, n, index, steps))
+                        if progress is not None:
+                            progress(len(runs), total, runs[-1])
+        except KeyboardInterrupt:  # Ctrl-C: the report of the runs that finished, marked incomplete, then stop
+            if runs:
+                _write_result(config, grid, steps, backend, runs, out, start, complete=False)
+            raise
+    return _write_result(config, grid, steps, backend, runs, out, start, complete=True)
+
+
+def _write_result(config: Config, grid: Grid, steps: int, backend: str, runs: list[dict[str, Any]], out: Path,
+                  start: float, *, complete: bool) -> dict[str, Any]:  # fmt: skip
+    """The study's results and report from ``runs`` (``complete``: every run of the grid finished)."""
     result: dict[str, Any] = {
         "study": "staleness",
         "grid": {"policies": grid.policies, "workers": grid.workers, "seeds": grid.seeds, "steps": steps},
         "config": config.to_dict(),
         "backend": backend,
+        "complete": complete,
         "runs": runs,
         "cells": summarize(runs),
     }
@@ -480,6 +497,10 @@ def table_markdown(result: dict[str, Any]) -> str:
         f"batch {t['batch_size']}; {grid['steps']:,} gradients per run (easgd: steps // τ exchanges); "
         f"{grid['seeds']} seeds (train.seed + 0..{grid['seeds'] - 1}).",
     ]
+    if result.get("complete") is False:
+        total = len(grid["policies"]) * len(grid["workers"]) * grid["seeds"]
+        lines.append(f"**Incomplete: interrupted after {len(result['runs'])} of {total} runs**; the cells below hold "
+                     "the runs that finished.")  # fmt: skip
     if result.get("backend", "sim") == "local":
         lines.append(
             "Local backend: every run is a real training session, worker processes pushing into shared-memory "
@@ -613,7 +634,8 @@ def _curves_figure(result: dict[str, Any], xkey: str, xlabel: str, title: str, p
         ax.set_title(f"{n:,} worker{'s' if n > 1 else ''}")
         ax.set_xlabel(xlabel)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if ax.get_legend_handles_labels()[1]:  # a panel of an interrupted study may hold no run
+            ax.legend(fontsize=7, loc="best")
     axes[0, 0].set_ylabel("held-out loss (median over seeds, IQR band)")
     fig.suptitle(title)
     return _save(fig, path, bottom=0.6, wspace=0.22)

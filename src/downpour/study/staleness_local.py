@@ -80,10 +80,13 @@ def local_run(config: Config, dataset: Any, name: str, workers: int, seed_index:
     run_dir = rundir.fresh_path(Path(out) / "runs" / f"{name.replace(':', '_')}-w{workers}-s{seed_index}")
     quiet = Console(stderr=True, quiet=True)
     summary = run_training(run, run_dir, console=quiet, show_progress=False, dataset=dataset)
+    if summary["interrupted"]:  # Ctrl-C: the run is saved, cut short; the study stops (and keeps what finished)
+        raise KeyboardInterrupt
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     pushes_seen = [row for row in rows if row["event"] == "push" and row["shard"] == 0]  # one row per push
     # time 0 = the first push: worker start-up (seconds of importing torch on a busy machine) is not training
-    start = min((row["t"] for row in pushes_seen), default=next(row["t"] for row in rows if row["event"] == "start"))
+    first_t = next((row["t"] for row in rows if row["event"] == "start"), 0.0)
+    start = min((row["t"] for row in pushes_seen), default=first_t)
     applied = [row for row in pushes_seen if row["applied"]]
     histogram = StalenessHistogram()
     histogram.add(np.asarray([row["staleness"] for row in applied], dtype=np.int64))

@@ -1,0 +1,31 @@
+"""A study writes its report over an earlier one in ``--out`` only when that one had the same settings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from downpour.errors import DownpourError
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists, other objects as their text), for comparisons."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_earlier(path: Path, same: Callable[[dict[str, Any]], bool]) -> None:
+    """Refuse, before any run, to replace the results at ``path`` (``results.json``, ``optima.json``) unless
+    ``same`` says they were made with these settings (rerunning a study is then repeating it); a file that is not
+    a study's results is refused too. Nothing else in its folder is read."""
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or not same(earlier):
+        raise DownpourError(f"{path.parent} holds the results of another study or of other settings ({path.name}): "
+                            "use another --out (a study replaces only its own results, made with the same "
+                            "settings)")  # fmt: skip
