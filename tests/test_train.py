@@ -587,6 +587,25 @@ def test_a_session_that_saved_nothing_keeps_its_number(finished_run: Path, tmp_p
     assert _summary(run)["sessions"] == 3
 
 
+def test_a_folder_that_is_no_run_keeps_its_files(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    """--out into a folder holding files of a run's names but no run: refused, its files untouched (report.html and
+    summary.json were replaced and the rows appended to its metrics.jsonl); unrelated files do not stop a run."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "report.html").write_text("my notes")
+    (folder / "metrics.jsonl").write_text("x\n")
+    files = _files(folder)
+    refused = cli("train", "--steps", "10", "--out", str(folder), *FAST)
+    assert refused.returncode == 2
+    assert "is not a run directory but holds metrics.jsonl, report.html" in refused.stderr
+    assert _files(folder) == files
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.txt").write_text("a run goes here")
+    assert cli("train", "--steps", "10", "--out", str(other), *FAST).returncode == 0
+    assert (other / "README.txt").read_text() == "a run goes here" and (other / "summary.json").exists()
+
+
 def test_resume_takes_keys_the_run_does_not_read(finished_run: Path, tmp_path: Path,
                                                  cli: Callable[..., CliResult]) -> None:  # fmt: skip
     """Keys that the source or the design does not read (warned of as ignored) do not block a resume: a moved

@@ -48,7 +48,7 @@ from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.staleness import StalenessHistogram
 from downpour.report.filters import save_filter_grid
 from downpour.report.gabor_fit import gabor_fraction
-from downpour.report.html import write_report_after_training
+from downpour.report.html import REPORT, write_report_after_training
 from downpour.report.live import LiveProgress
 from downpour.report.tensorboard import TENSORBOARD_DIR, open_metrics_log, require_tensorboard
 from downpour.signals import as_interrupt, routed
@@ -426,9 +426,16 @@ def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
         return
     if has_checkpoint(out):
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
-    if (out / rundir.CONFIG).exists() and locked:  # no checkpoint, no live driver (unlocked: one may be starting)
-        raise DownpourError(f"run directory {out} holds a run that stopped before its first checkpoint; "
-                            f"--resume {out} trains it again from step 0, or use another --out")  # fmt: skip
+    if (out / rundir.CONFIG).exists():
+        if locked:  # no checkpoint, no live driver (unlocked: one may be starting)
+            raise DownpourError(f"run directory {out} holds a run that stopped before its first checkpoint; "
+                                f"--resume {out} trains it again from step 0, or use another --out")  # fmt: skip
+        return
+    names = (rundir.METRICS, rundir.SUMMARY, rundir.CHECKPOINT, rundir.FILTERS, rundir.WHITENING, REPORT,
+             TENSORBOARD_DIR)  # fmt: skip
+    if taken := [name for name in names if (out / name).exists()]:  # a folder that is not a run: its files stay
+        raise DownpourError(f"--out {out} is not a run directory but holds {', '.join(taken)}, which a run would "
+                            "overwrite or append to: use another --out (an empty or new folder)")  # fmt: skip
 
 
 def has_checkpoint(out: Path) -> bool:
