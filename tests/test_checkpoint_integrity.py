@@ -131,6 +131,19 @@ def test_resume_refuses_nonsense_in_state_json(run: Path, cli: Callable[..., Cli
     _refused(cli, run, "corrupt checkpoint", str(_state_path(run)), expected)
 
 
+@pytest.mark.parametrize("case", ["model a string", "text step", "config.data a string"])
+def test_evaluation_refuses_nonsense_in_state_json_in_one_line(run: Path, cli: Callable[..., CliResult],
+                                                              case: str) -> None:  # fmt: skip
+    """viz and eval load the same checkpoint as --resume: the same one-line refusal, not an AttributeError or
+    ValueError traceback (the checks lived in the resume path only)."""
+    edit, expected = {**BAD_STATES, "text step": (_set("step", "abc"), "step must be an integer")}[case]
+    _edit_state(run, edit)
+    for command in (["viz", str(run)], ["eval", "probe", str(run)]):
+        result = cli(*command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "corrupt checkpoint" in result.stderr and expected in " ".join(result.stderr.split())
+
+
 def test_resume_refuses_nan_parameters(run: Path, cli: Callable[..., CliResult]) -> None:
     """The last 4 KB of the parameter file overwritten with 0xFF (float32 NaN): load refuses it, naming the file."""
     params = _params_path(run)

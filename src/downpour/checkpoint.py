@@ -105,6 +105,14 @@ def load(directory: Path) -> Checkpoint:
         raise CheckpointError(f"corrupt checkpoint file {state_path}: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "params_file" not in state:
         raise CheckpointError(f"{state_path} is not a downpour checkpoint (format {FORMAT})")
+    for name in ("model", "config", "rng"):  # objects that every reader takes fields of
+        if not isinstance(state.get(name), dict):
+            raise CheckpointError(f"corrupt checkpoint {state_path}: {name} must be an object, got {state.get(name)!r}")
+    for section in ("data", "train"):
+        if not isinstance(state["config"].get(section), dict):
+            raise CheckpointError(f"corrupt checkpoint {state_path}: config.{section} must be an object, got "
+                                  f"{state['config'].get(section)!r}")  # fmt: skip
+    count(state.get("step", 0), "step", state_path)
     params_name = state["params_file"]
     if not isinstance(params_name, str) or not params_name or Path(params_name).name != params_name:
         raise CheckpointError(f"corrupt checkpoint {state_path}: params_file must name a file, got {params_name!r}")

@@ -240,7 +240,6 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any],
     if saved.get("backend") == "sim":  # its own checks would blame whatever differs, e.g. data counts it has none of
         raise DownpourError(f"cannot resume {out}: it was simulated (cluster.backend = 'sim'), and simulated runs are "
                             "deterministic; rerun with a new --out")  # fmt: skip
-    _require_objects(saved, where)
     _check_compatible(saved, config, signature, out / rundir.CHECKPOINT)
     _check_same_examples(saved, config, dataset, out)
     _check_snapshots(checkpoint, config, signature, where)
@@ -269,17 +268,6 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any],
     )
     run_state.checkpoint_step = run_state.steps
     return checkpoint, run_state
-
-
-def _require_objects(saved: dict[str, Any], where: Path) -> None:
-    """The JSON objects of ``state.json`` that the checks read with ``.get`` must be objects."""
-    for name, value in (("model", saved.get("model")), ("config", saved.get("config")), ("rng", saved.get("rng"))):
-        if not isinstance(value, dict):
-            raise CheckpointError(f"corrupt checkpoint {where}: {name} must be an object, got {value!r}")
-    for section in ("data", "train"):
-        value = saved["config"].get(section)
-        if not isinstance(value, dict):
-            raise CheckpointError(f"corrupt checkpoint {where}: config.{section} must be an object, got {value!r}")
 
 
 def _check_snapshots(checkpoint: ckpt.Checkpoint, config: Config, signature: dict[str, Any], where: Path) -> None:
