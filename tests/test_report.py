@@ -334,3 +334,24 @@ def test_pushes_past_the_checkpoint_a_later_session_resumed_from_are_left_out(tm
     notes = _log_notes(log)
     assert "2 pushes logged after the checkpoint that a later session resumed from are left out" in notes
     assert "session 1 from step 3: settings unchanged" in notes
+
+
+def test_edited_files_give_notes_not_tracebacks(local_run: Path, tmp_path: Path) -> None:
+    """A summary whose counts are text, a start row whose step no driver writes (10**23), push losses of ±1e308
+    (which no figure can place): the page is written, with the reason where a figure could not be drawn."""
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["data_files"] = {"skipped": "3", "files": 5}
+    (run / "summary.json").write_text(json.dumps(summary))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    pushes = [row for row in rows if row["event"] == "push" and row["shard"] == 0]
+    pushes[0]["loss"], pushes[1]["loss"] = -1e308, 1e308
+    rows.append({"event": "start", "t": 0.0, "step": 10**23, "resume": True, "session": 9})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "page.html"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "3 of 5 data files could not be read" in page
+    assert "1 lines of metrics.jsonl could not be read" in page  # the start row
+    assert "This figure could not be drawn from metrics.jsonl (ValueError" in page

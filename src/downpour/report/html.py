@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,20 @@ def _img(png: bytes, alt: str, css: str = "") -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{extra}>'
 
 
-def _figure(png: bytes | None, alt: str, caption: str, missing: str, css: str = "") -> str:
-    if png is None:
-        return f'<p class="note">{html.escape(missing)}</p>'
+def _drawn(draw: Callable[[RunLog], bytes | None], log: RunLog) -> bytes | str | None:
+    """``draw(log)``, or the reason it could not be drawn (values a figure cannot place, such as ±1e308 from an
+    edited metrics.jsonl): the page says so instead of failing."""
+    try:
+        with warnings.catch_warnings():  # numpy's overflow warnings from such values: the note below says it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return draw(log)
+    except (ValueError, OverflowError) as exc:
+        return f"This figure could not be drawn from metrics.jsonl ({type(exc).__name__}: {exc})."
+
+
+def _figure(png: bytes | str | None, alt: str, caption: str, missing: str, css: str = "") -> str:
+    if png is None or isinstance(png, str):
+        return f'<p class="note">{html.escape(png if isinstance(png, str) else missing)}</p>'
     return f"<figure>{_img(png, alt, css)}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
@@ -130,8 +142,8 @@ def _summary_section(run_dir: Path) -> str:
     notes = ""
     files = summary.get("data_files")
     if isinstance(files, dict) and files.get("skipped"):
-        notes = (f'<p class="note">{files["skipped"]:,} of {files.get("files", 0):,} data files could not be read '
-                 "and were skipped (see data_files below).</p>")  # fmt: skip
+        notes = (f'<p class="note">{_format(files["skipped"])} of {_format(files.get("files", 0))} data files could '
+                 "not be read and were skipped (see data_files below).</p>")  # fmt: skip
     return notes + _table(summary)
 
 
@@ -204,17 +216,17 @@ def build_report(run_dir: Path) -> str:
     )
     sections = [
         ("Summary", _summary_section(run_dir) + _log_notes(log, log_missing=not (run_dir / rundir.METRICS).exists())),
-        ("Loss", _figure(plots.loss_figure(log), "loss curves",
+        ("Loss", _figure(_drawn(plots.loss_figure, log), "loss curves",
                          "Mini-batch loss of each push (dots: thinned to 20,000) with its running mean, and the loss "
                          "on the fixed held-out batch (at the start, every train.eval_every seconds when set, about 50 "
                          "times in a simulated run, and at the end).",
                          "No losses in metrics.jsonl yet.")),
-        ("Throughput", _figure(plots.throughput_figure(log), "throughput",
+        ("Throughput", _figure(_drawn(plots.throughput_figure, log), "throughput",
                                "Examples per second, each second (zero while the worker processes start up).",
                                "No throughput rows in metrics.jsonl: they are written once a second, so a run "
                                "that trained for under a second has none, and a simulated run logs none; the "
                                "summary above gives the rate.")),
-        ("Staleness", _figure(plots.staleness_figure(log), "staleness histograms",
+        ("Staleness", _figure(_drawn(plots.staleness_figure, log), "staleness histograms",
                               f"Applied updates by staleness, per shard ({stale}).", "No applied pushes logged.")),
         ("First-layer filters", _figure(filters, "filters", rundir.FILTERS,
                                         f"No {rundir.FILTERS} in the run directory (written at the end of training).",

@@ -38,6 +38,7 @@ class RunLog:
     # driver writes (a shard that is not a count, a staleness beyond the rows in the file)
 
 
+MAX_COUNT = 2**53  # a count beyond it is no driver's (as checkpoint.MAX_COUNT; not imported: it imports torch)
 _APPLIED, _REJECTED, _NOT_APPLIED = 0, 1, 2  # a push row's outcome: applied; refused (NaN or Inf); not applied
 
 
@@ -57,7 +58,8 @@ def _checked(row: dict[str, Any], kind: Any, most: int) -> dict[str, int]:
     elif kind == "start":
         wanted["step"] = row.get("step", 0) or 0
     for name, value in wanted.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (name == "staleness" and value > most):
+        too_large = value > (most if name == "staleness" else MAX_COUNT) if isinstance(value, int) else False
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or too_large:
             raise ValueError(f"{name} = {value!r}")
     return wanted
 
