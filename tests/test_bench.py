@@ -103,3 +103,13 @@ def test_training_step_starts_each_step_from_fresh_gradients() -> None:
     assert len(calls) == 4  # one warm-up run, then the timed ones
     torch.testing.assert_close(layer.weight.grad, once_w, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, once_x, rtol=0, atol=0)
+
+
+def test_a_round_whose_denominator_did_no_work_is_left_out_of_the_ratio() -> None:
+    """A window in which a configuration did no work (a tiny --seconds on a busy machine) divided by zero."""
+    import math
+
+    from downpour.bench.ps import paired_median
+
+    assert paired_median([10.0, 30.0, 5.0], [5.0, 0.0, 5.0]) == 1.5
+    assert math.isnan(paired_median([1.0], [0.0]))

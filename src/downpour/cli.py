@@ -171,9 +171,9 @@ def _check_environment() -> None:
 
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.bench == "ps":
-        if not (math.isfinite(args.seconds) and args.seconds > 0) or args.rounds < 1:
-            raise DownpourError(f"bench ps needs a finite --seconds > 0 and --rounds >= 1, got {args.seconds} and "
-                                f"{args.rounds}")  # fmt: skip
+        if not (math.isfinite(args.seconds) and args.seconds >= 0.1) or args.rounds < 1:
+            raise DownpourError(f"bench ps needs a finite --seconds >= 0.1 (a window must hold some work) and "
+                                f"--rounds >= 1, got {args.seconds} and {args.rounds}")  # fmt: skip
         if args.address and args.backend != "ray":
             raise DownpourError(f"--address {args.address} joins a Ray cluster: it needs --backend ray")
         from downpour.bench import ps as bench_ps  # after the flags, and only for this benchmark (it imports torch)

@@ -8,6 +8,7 @@ micro-benchmarks report their fastest block (timeit's rule). Compare ratios, not
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
@@ -80,9 +81,11 @@ def push_pull(num_params: int, shards: int, *, seconds: float) -> dict[str, floa
         }
 
 
-def _paired_median(numerator: list[float], denominator: list[float]) -> float:
-    """Median over rounds of the ratio within each round (neighbours in time)."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+def paired_median(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the ratio within each round (neighbours in time); rounds whose denominator did no
+    work are left out (NaN when none did)."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True) if b > 0]
+    return statistics.median(ratios) if ratios else math.nan
 
 
 def describe_workload(config: Config, num_params: int, *, seconds: float, rounds: int) -> dict[str, Any]:
@@ -134,10 +137,10 @@ def run(*, seconds: float = 0.5, rounds: int = 12) -> dict[str, Any]:
         "local_2w_examples_per_s": med["local2"],
         **best,
         "ratios": {
-            "local_1w_vs_plain": _paired_median(rates["local1"], rates["plain"]),
-            "local_2w_vs_plain": _paired_median(rates["local2"], rates["plain"]),
-            "local_2w_vs_hogwild": _paired_median(rates["local2"], rates["hogwild"]),
-            "hogwild_vs_plain": _paired_median(rates["hogwild"], rates["plain"]),
+            "local_1w_vs_plain": paired_median(rates["local1"], rates["plain"]),
+            "local_2w_vs_plain": paired_median(rates["local2"], rates["plain"]),
+            "local_2w_vs_hogwild": paired_median(rates["local2"], rates["hogwild"]),
+            "hogwild_vs_plain": paired_median(rates["hogwild"], rates["plain"]),
             "push_pull_vs_memcpy": best["push_pull_gbps"] / best["memcpy_gbps"],
             "push_pull_vs_memcpy_one_call": best["push_pull_gbps"] / best["memcpy_one_call_gbps"],
             "shared_memory_vs_server_process": best["push_pull_gbps"] / best["server_process_push_pull_gbps"],

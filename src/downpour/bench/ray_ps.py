@@ -43,7 +43,7 @@ from rich.table import Table
 from torch import Tensor
 
 from downpour import rundir
-from downpour.bench.ps import describe_workload, workload
+from downpour.bench.ps import describe_workload, paired_median, workload
 from downpour.bench.runners import LocalBackend, Runner, alternate, close_all, start_all
 from downpour.config import Config
 from downpour.data import load_dataset, worker_slice
@@ -273,11 +273,6 @@ def transport_cost(num_params: int, shards: int, *, calls: int = 300) -> dict[st
     }
 
 
-def _paired_median(numerator: list[float], denominator: list[float]) -> float:
-    """Median over rounds of the ratio within each round (neighbours in time)."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
-
-
 @contextlib.contextmanager
 def _stdout_to_stderr() -> Iterator[None]:
     """Send what anything writes to file descriptor 1 (Ray's raylet warnings among them) to stderr meanwhile, so
@@ -349,11 +344,11 @@ def _run(*, seconds: float, rounds: int, address: str) -> dict[str, Any]:
         "ray_2w_n4_examples_per_s": med["ray_2w_n4"],
         "ray_2w_calls_examples_per_s": med["ray_2w_calls"],
         "ratios": {
-            "ray_vs_doc_pattern": _paired_median(rates["ray_2w"], rates["ray_doc_pattern"]),
-            "ray_vs_local": _paired_median(rates["ray_2w"], rates["local_2w"]),
-            "ray_n4_vs_local": _paired_median(rates["ray_2w_n4"], rates["local_2w"]),
-            "ray_calls_vs_doc_pattern": _paired_median(rates["ray_2w_calls"], rates["ray_doc_pattern"]),
-            "ray_calls_vs_local": _paired_median(rates["ray_2w_calls"], rates["local_2w"]),
+            "ray_vs_doc_pattern": paired_median(rates["ray_2w"], rates["ray_doc_pattern"]),
+            "ray_vs_local": paired_median(rates["ray_2w"], rates["local_2w"]),
+            "ray_n4_vs_local": paired_median(rates["ray_2w_n4"], rates["local_2w"]),
+            "ray_calls_vs_doc_pattern": paired_median(rates["ray_2w_calls"], rates["ray_doc_pattern"]),
+            "ray_calls_vs_local": paired_median(rates["ray_2w_calls"], rates["local_2w"]),
         },
         "targets": {"ray_vs_doc_pattern": TARGET_VS_DOC_PATTERN, "ray_vs_local": TARGET_VS_LOCAL},
         "transport": transport,
