@@ -376,3 +376,10 @@ def test_a_config_error_comes_back_before_torch_is_imported() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["2", "False"], result.stderr
     assert "invalid ps.policy" in result.stderr
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Some Windows editors start UTF-8 files with a BOM: it was "not valid TOML ... at line 1, column 1"."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[train]\nsteps = 5\n")
+    assert config_mod.load(path).train.steps == 5

@@ -355,3 +355,13 @@ def test_edited_files_give_notes_not_tracebacks(local_run: Path, tmp_path: Path)
     assert "3 of 5 data files could not be read" in page
     assert "1 lines of metrics.jsonl could not be read" in page  # the start row
     assert "This figure could not be drawn from metrics.jsonl (ValueError" in page
+
+
+def test_a_page_under_a_file_names_the_page_not_a_temporary_file(local_run: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """--out below a file: the error named the hidden temporary file (the failed clean-up's error hid the real one)."""
+    afile = tmp_path / "notes.toml"
+    afile.write_text("x")
+    assert main(["report", str(local_run), "--out", str(afile / "page.html")]) == 2
+    err = capsys.readouterr().err
+    assert str(afile / "page.html") in err and ".tmp-" not in err

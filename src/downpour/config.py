@@ -233,7 +233,8 @@ def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file, turning a missing or malformed file into a :class:`ConfigError`."""
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
+            text = handle.read().decode("utf-8-sig")  # a byte-order mark (some Windows editors write one) is no key
+        return tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

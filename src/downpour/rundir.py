@@ -112,6 +112,13 @@ def not_resumable(out: Path, *, ours: bool = False) -> str:
     return f"cannot resume {out}: it holds no {CONFIG} (not a run directory)"
 
 
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file if it is there; a failure to (its folder is gone or not one) must not hide the
+    error that made the write fail."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (no temporary file is left
     behind when either step fails)."""
@@ -123,10 +130,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise _about(exc, path) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
 
 
@@ -163,10 +170,10 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise _about(exc, path) from None
     except SafetensorError as exc:  # its own writer's I/O errors (a full disk): said as the OSError they are
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         full = "No space left on device" in str(exc)
         raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device:" if full else
                       f"Could not write ({exc}):", str(path)) from None  # fmt: skip
