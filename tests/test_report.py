@@ -357,8 +357,9 @@ def test_edited_files_give_notes_not_tracebacks(local_run: Path, tmp_path: Path)
     assert "This figure could not be drawn from metrics.jsonl (ValueError" in page
 
 
-def test_a_page_under_a_file_names_the_page_not_a_temporary_file(local_run: Path, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_page_under_a_file_names_the_page_not_a_temporary_file(
+    local_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--out below a file: the error named the hidden temporary file (the failed clean-up's error hid the real one)."""
     afile = tmp_path / "notes.toml"
     afile.write_text("x")
