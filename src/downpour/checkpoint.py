@@ -105,13 +105,7 @@ def load(directory: Path) -> Checkpoint:
         raise CheckpointError(f"corrupt checkpoint file {state_path}: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "params_file" not in state:
         raise CheckpointError(f"{state_path} is not a downpour checkpoint (format {FORMAT})")
-    for name in ("model", "config", "rng"):  # objects that every reader takes fields of
-        if not isinstance(state.get(name), dict):
-            raise CheckpointError(f"corrupt checkpoint {state_path}: {name} must be an object, got {state.get(name)!r}")
-    for section in ("data", "train"):
-        if not isinstance(state["config"].get(section), dict):
-            raise CheckpointError(f"corrupt checkpoint {state_path}: config.{section} must be an object, got "
-                                  f"{state['config'].get(section)!r}")  # fmt: skip
+    require_objects(state, state_path, required=())
     count(state.get("step", 0), "step", state_path)
     params_name = state["params_file"]
     if not isinstance(params_name, str) or not params_name or Path(params_name).name != params_name:
@@ -144,6 +138,21 @@ def load(directory: Path) -> Checkpoint:
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"checkpoint {params_path} holds NaN or Inf parameters ({name})")
     return Checkpoint(tensors, state)
+
+
+OBJECTS = ("model", "config", "rng")  # the objects of state.json whose fields readers take
+
+
+def require_objects(state: dict[str, Any], where: Path, *, required: tuple[str, ...] = OBJECTS) -> None:
+    """The objects of ``state`` that readers take fields of are objects (those in ``required`` must be there;
+    the others may be missing), and so are the config's ``data`` and ``train``: else a :class:`CheckpointError`."""
+    for name in OBJECTS:
+        if (name in required or name in state) and not isinstance(state.get(name), dict):
+            raise CheckpointError(f"corrupt checkpoint {where}: {name} must be an object, got {state.get(name)!r}")
+    for section in ("data", "train") if isinstance(state.get("config"), dict) else ():
+        value = state["config"].get(section)
+        if (section in state["config"] or "config" in required) and not isinstance(value, dict):
+            raise CheckpointError(f"corrupt checkpoint {where}: config.{section} must be an object, got {value!r}")
 
 
 def _peek(directory: Path) -> dict[str, Any]:

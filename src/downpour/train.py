@@ -237,6 +237,7 @@ def _load_previous(out: Path, config: Config, signature: dict[str, Any],
         )
     checkpoint = ckpt.load(out / rundir.CHECKPOINT)
     saved = checkpoint.state
+    ckpt.require_objects(saved, where)  # a resume reads every one of them
     if saved.get("backend") == "sim":  # its own checks would blame whatever differs, e.g. data counts it has none of
         raise DownpourError(f"cannot resume {out}: it was simulated (cluster.backend = 'sim'), and simulated runs are "
                             "deterministic; rerun with a new --out")  # fmt: skip
