@@ -117,6 +117,8 @@ BAD_STATES = {
     "model a string": (_set("model", "rica"), "model must be an object, got 'rica'"),
     "config a string": (_set("config", "x"), "config must be an object, got 'x'"),
     "config.data a string": (_set("config.data", "x"), "config.data must be an object, got 'x'"),
+    "config.model a string": (_set("config.model", "oops"), "config.model must be an object, got 'oops'"),
+    "config.ps a list": (_set("config.ps", []), "config.ps must be an object, got []"),
     "rng missing": (_set("rng", None), "rng must be an object, got None"),
     "shards a number": (_set("shards", 2), "shards must be a list, got 2"),
     "shards of strings": (_set("shards", ["a", "b"]), "shards[0] must be an object, got 'a'"),

@@ -224,6 +224,9 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
     assert "held_out = 125\n" in (out / "config.toml").read_text()
     assert json.loads(state_json.read_text())["data_counts"]["pictures_reader"] == 2  # the same digest: resumed
+    last_start = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                  if row["event"] == "start"][-1]  # fmt: skip
+    assert "changed" not in last_start  # 1024 -> 125 is a recording of the count, not a change of settings
 
 
 @pytest.mark.parametrize(

@@ -203,7 +203,7 @@ def test_ctrl_c_in_a_local_staleness_study_keeps_what_finished(tmp_path: Path, c
                  "--out", str(out))  # fmt: skip
     assert result.returncode == 130, result.stderr
     said = "".join(result.stderr.split())  # as the console wraps it
-    assert "".join(f"interrupted: {out}/results.json keeps the runs that finished".split()) in said
+    assert "".join(f"interrupted: {out}/results.json holds the 1 runs that finished, marked incomplete".split()) in said
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is False and [run["workers"] for run in results["runs"]] == [1]
     assert "Incomplete: interrupted after 1 of 2 runs" in (out / "table.md").read_text()

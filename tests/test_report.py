@@ -318,6 +318,7 @@ def test_pushes_past_the_checkpoint_a_later_session_resumed_from_are_left_out(tm
         {"event": "start", "t": 0.1, "step": 0, "resume": False, "initial_loss": 50.0},
         *({"event": "push", "t": 1 + i, "worker": 0, "shard": s, "staleness": 1, "loss": 10.0 - i,
            "applied": i != 4} | ({"staleness": -1} if i == 4 else {}) for i in range(5) for s in (0, 1)),
+        {"event": "eval", "t": 5.5, "step": 5, "held_out_loss": 6.5},  # on the undone work: not on the curve
         {"event": "start", "t": 0.2, "step": 3, "resume": True, "initial_loss": 50.0},  # from the checkpoint at 3
         *({"event": "push", "t": 1.0, "worker": 0, "shard": s, "staleness": 0, "loss": 4.0, "applied": True}
           for s in (0, 1)),
@@ -329,6 +330,7 @@ def test_pushes_past_the_checkpoint_a_later_session_resumed_from_are_left_out(tm
     assert log.push_step.tolist() == [1, 2, 3, 4] and log.push_loss.tolist() == [10.0, 9.0, 8.0, 4.0]
     assert log.staleness[0].counts.tolist() == [1, 3] and log.staleness[1].counts.tolist() == [1, 3]
     assert (log.rejected, log.discarded, log.sessions) == (0, 2, 2)
+    assert log.held_out_step.tolist() == [0, 4] and log.held_out_loss.tolist() == [50.0, 3.5]
     from downpour.report.html import _log_notes
 
     notes = _log_notes(log)

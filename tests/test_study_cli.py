@@ -100,6 +100,38 @@ def test_a_study_does_not_replace_another_ones_results(tmp_path: Path, cli: Call
     assert bad.returncode == 2 and "another study" in bad.stderr
 
 
+def test_ctrl_c_while_repeating_a_study_keeps_the_complete_one(tmp_path: Path, cli: Callable[..., CliResult],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Ctrl-C during a repeat of a finished study (same settings) leaves its complete results as they were (they
+    were replaced by the repeat's few runs); Ctrl-C before any run of a new study says nothing was written. A
+    config file with a byte-order mark is read (its keys were read again without it: a TOML traceback)."""
+    from downpour.study import staleness
+
+    config = tmp_path / "bom.toml"
+    config.write_bytes(b"\xef\xbb\xbf[ps]\nlr = 0.03\n")
+    out = tmp_path / "study"
+    grid = ["--config", str(config), "--policies", "downpour", "--workers", "1,2", "--seeds", "2", "--steps", "30",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert cli("study", "staleness", *grid).returncode == 0
+    complete = (out / "results.json").read_text()
+    real_run, calls = staleness._one_run, []
+
+    def ctrl_c_on_the_third(*args: object, **kwargs: object) -> dict:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(staleness, "_one_run", ctrl_c_on_the_third)
+    repeat = cli("study", "staleness", *grid)
+    assert repeat.returncode == 130
+    assert (out / "results.json").read_text() == complete
+    assert "keeps the earlier complete study" in " ".join(repeat.stderr.split())
+    calls[:] = [1, 1]  # the next call is the third again: the first run of a new study
+    fresh = cli("study", "staleness", *grid[:-1], str(tmp_path / "fresh"))
+    assert fresh.returncode == 130 and "nothing was written" in " ".join(fresh.stderr.split())
+
+
 def test_optima_json_is_strict_json(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     """With one seed the odds ratio is NaN: --json printed ``NaN``, which strict parsers refuse; now null."""
     result = cli("study", "optima", "--workers", "1", "--seeds", "1", "--steps", "10", "--json", "--out",

@@ -72,6 +72,8 @@ def test_seed_and_settings_reach_every_run_except_what_the_grid_fixes(
             base_config(10, overrides=[setting])
     with pytest.raises(DownpourError, match=r"invalid --seed: -1"):
         base_config(10, seed=-1)
+    with pytest.raises(DownpourError, match=r"invalid --seed: 5000000000 \(must be 0 \.\. 4294967295\)"):
+        base_config(10, seed=5_000_000_000)
     assert main(["study", "designs", "--set", "model.name=rbm", "--out", str(tmp_path / "s")]) == 2
     assert "--set model.name: the designs study fixes it" in capsys.readouterr().err
     assert main(["study", "designs", "--set", "ps.lr=fast", "--out", str(tmp_path / "s")]) == 2

@@ -568,6 +568,8 @@ def test_a_run_whose_checkpoint_was_deleted_is_not_trained_again_from_step_0(
     result = cli("train", "--resume", str(run), "--steps", "30", "--no-progress")
     assert result.returncode == 2
     assert "saved a checkpoint at step 20, but" in result.stderr and "is missing (deleted or moved)" in result.stderr
+    again = cli("train", "--out", str(run), "--steps", "30", *FAST)  # not "--resume trains it again from step 0"
+    assert again.returncode == 2 and "holds a run whose checkpoint (step 20) is missing" in again.stderr
     assert _files(run) == files
 
 

@@ -149,7 +149,7 @@ def require_objects(state: dict[str, Any], where: Path, *, required: tuple[str, 
     for name in OBJECTS:
         if (name in required or name in state) and not isinstance(state.get(name), dict):
             raise CheckpointError(f"corrupt checkpoint {where}: {name} must be an object, got {state.get(name)!r}")
-    for section in ("data", "train") if isinstance(state.get("config"), dict) else ():
+    for section in ("data", "train", "model", "ps", "cluster") if isinstance(state.get("config"), dict) else ():
         value = state["config"].get(section)
         if (section in state["config"] or "config" in required) and not isinstance(value, dict):
             raise CheckpointError(f"corrupt checkpoint {where}: config.{section} must be an object, got {value!r}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,12 +75,23 @@ def _check_design_workers(base: Any) -> None:
 
 
 @contextlib.contextmanager
-def _says_what_was_kept(console: Console, out: Path, kept: str) -> Iterator[None]:
-    """On Ctrl-C, say what ``out`` keeps, then stop as the command does (exit 130)."""
+def _says_what_was_kept(console: Console, out: Path, rerun: str) -> Iterator[None]:
+    """On Ctrl-C, say what ``out/results.json`` holds now, then stop as the command does (exit 130)."""
     try:
         yield
     except KeyboardInterrupt:
-        console.print(f"interrupted: {out}/results.json keeps {kept}")
+        path = out / "results.json"
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            results = None
+        if not isinstance(results, dict):
+            console.print(f"interrupted before any run finished: nothing was written into {out}")
+        elif results.get("complete", True):
+            console.print(f"interrupted: {path} keeps the earlier complete study")
+        else:
+            rows = results.get("runs", results.get("rows", []))
+            console.print(f"interrupted: {path} holds the {len(rows)} runs that finished, marked incomplete; {rerun}")
         raise
 
 
@@ -106,9 +117,10 @@ def _named_keys(path: Path | None, overrides: list[str] | None) -> set[str]:
     key was given)."""
     named = {item.partition("=")[0].strip() for item in overrides or []}
     if path is not None:
-        with open(path, "rb") as handle:  # read and checked by study_config already
-            for section, values in tomllib.load(handle).items():
-                named |= {f"{section}.{key}" for key in values} if isinstance(values, dict) else set()
+        from downpour.config import read_toml
+
+        for section, values in read_toml(path).items():  # read and checked by study_config already
+            named |= {f"{section}.{key}" for key in values} if isinstance(values, dict) else set()
     return named
 
 
@@ -140,7 +152,7 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
                 label = f"{run.get('policy')} x{run.get('workers')} seed {run.get('seed')}"
                 bar.update(task, completed=done, run=label)
 
-            with _says_what_was_kept(console, args.out, "the runs that finished (a study marked incomplete)"):
+            with _says_what_was_kept(console, args.out, "rerun the command for a whole study"):
                 staleness.run_study(config, policies=grid.policies, workers=grid.workers, seeds=grid.seeds,
                                     out=args.out, steps=args.steps, progress=progress,
                                     backend=args.backend)  # fmt: skip
@@ -168,8 +180,8 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         base = designs.base_config(args.seconds, steps=args.steps, workers=args.workers, seed=args.seed,
                                    overrides=args.set)  # bad flags: before the bar  # fmt: skip
         _check_design_workers(base)
-        kept = "every cell that finished; the same command trains the rest"
-        with _bar(console, not args.no_progress) as bar, _says_what_was_kept(console, args.out, kept):
+        rerun = "the same command trains the rest"
+        with _bar(console, not args.no_progress) as bar, _says_what_was_kept(console, args.out, rerun):
             task = bar.add_task("study", total=len(designs.default_grid()), run="")
 
             def cell_started(done: int, total: int, name: str) -> None:

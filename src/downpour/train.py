@@ -167,7 +167,9 @@ def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str
         raise CheckpointError(f"checkpoint {where} does not match this config: " + "; ".join(problems))
 
 
-UNRECORDED_CHANGES = ("train.steps", "train.seconds")  # each session's own budget: they change on every resume
+# each session's own budget (they change on every resume); and data.held_out, which a resume cannot change (the same
+# split is checked): an older checkpoint says the default 1024 where config.toml now records the count held out
+UNRECORDED_CHANGES = ("train.steps", "train.seconds", "data.held_out")
 
 
 def _changes(saved: Any, config: Config) -> dict[str, list[Any]]:
@@ -417,6 +419,9 @@ def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
     if (out / rundir.CONFIG).exists():
         if locked:  # no checkpoint, no live driver (unlocked: one may be starting)
+            if (step := _checkpoint_recorded(out)) is not None:
+                raise DownpourError(f"run directory {out} holds a run whose checkpoint (step {step:,}) is missing "
+                                    "(deleted or moved): restore it, or use another --out")  # fmt: skip
             raise DownpourError(f"run directory {out} holds a run that stopped before its first checkpoint; "
                                 f"--resume {out} trains it again from step 0, or use another --out")  # fmt: skip
         return
@@ -433,16 +438,22 @@ def has_checkpoint(out: Path) -> bool:
     return (out / rundir.CHECKPOINT / ckpt.STATE_FILE).is_file()
 
 
-def stopped_before_checkpoint(out: Path, console: Console) -> bool:
+def stopped_before_checkpoint(out: Path, console: Console, *, resumable: bool = True) -> bool:
     """Whether the run in ``out`` (held by this process) has no checkpoint: it stopped (killed, or failed to start
     its cluster) before its first one, so that resuming it means training it again from step 0. Then the rows and
     TensorBoard files of the session that stopped move to ``out/aborted`` (``aborted-2``, ...): the restarted run's
-    report and curves are its own. Says so."""
+    report and curves are its own. Says so. A run whose summary or metrics say it saved a checkpoint lost it
+    instead: refused, with advice for a run that can be resumed (``resumable``) or a simulated one."""
     if has_checkpoint(out):
         return False
     if (step := _checkpoint_recorded(out)) is not None:
+        advice = (
+            "restore it to resume, or start a new run"
+            if resumable
+            else "a simulated run is not resumed: simulate into a new --out"
+        )
         raise DownpourError(f"run {out} saved a checkpoint at step {step:,}, but {out / rundir.CHECKPOINT} is missing "
-                            "(deleted or moved): restore it to resume, or start a new run")  # fmt: skip
+                            f"(deleted or moved): {advice}")  # fmt: skip
     moved = [out / name for name in (rundir.METRICS, TENSORBOARD_DIR) if (out / name).exists()]
     aside = ""
     if moved:

@@ -77,7 +77,8 @@ def run_sim_training(config: Config, out: Path, *, resume: bool, console: Consol
     prepare_run_dir(out, resume=resume)
     settings = sim_settings(config)
     with claimed_run_dir(out, resume=resume):
-        if resume and not stopped_before_checkpoint(out, console):  # a checkpoint appeared before the claim
+        # a checkpoint that appeared before the claim is refused as any other
+        if resume and not stopped_before_checkpoint(out, console, resumable=False):
             raise DownpourError(deterministic)
         dataset = load_dataset(config.data, seed=config.train.seed)
         config = dataclasses.replace(config, data=as_recorded(config.data, dataset))  # config.toml: the real held_out

@@ -124,6 +124,8 @@ def read_run_log(path: Path) -> RunLog:
                     kept = [push for push in pushes if push[0] <= step_offset]
                     discarded += sum(push[1] == 0 for push in pushes) - sum(push[1] == 0 for push in kept)
                     pushes = kept
+                    held = [(s, loss) for s, loss in zip(held_step, held_loss, strict=True) if s <= step_offset]
+                    held_step, held_loss = [s for s, _ in held], [loss for _, loss in held]
             key = {"start": "initial_loss", "eval": "held_out_loss", "end": "final_loss"}[kind]
             if kind != "start" or not row.get("resume"):  # a resumed session repeats no initial loss
                 held_step.append(_number(row.get("step")))

@@ -99,8 +99,8 @@ def base_config(seconds: float, *, steps: int = 1000, workers: int = 2, seed: in
         raise DownpourError(f"invalid --steps: {steps} (must be at least 1)")
     if workers < 1:
         raise DownpourError(f"invalid --workers: {workers} (must be at least 1)")
-    if not 0 <= seed < 2**64:
-        raise DownpourError(f"invalid --seed: {seed} (must be 0 .. 2**64 - 1)")
+    if not 0 <= seed <= config_mod.MAX_SEED:
+        raise DownpourError(f"invalid --seed: {seed} (must be 0 .. {config_mod.MAX_SEED})")
     base = config_mod.from_dict({
         "data": {"source": "digits"},
         "train": {"seconds": float(seconds), "steps": steps, "seed": seed, "checkpoint_every": 3600.0},

@@ -387,10 +387,18 @@ def run_study(
                         if progress is not None:
                             progress(len(runs), total, runs[-1])
         except KeyboardInterrupt:  # Ctrl-C: the report of the runs that finished, marked incomplete, then stop
-            if runs:
+            if runs and not _complete_results(Path(out) / "results.json"):  # a repeat cut short keeps the first
                 _write_result(config, grid, steps, backend, runs, out, start, complete=False)
             raise
     return _write_result(config, grid, steps, backend, runs, out, start, complete=True)
+
+
+def _complete_results(path: Path) -> bool:
+    """Whether ``path`` holds a whole study's results (those written before ``complete`` was recorded were)."""
+    try:
+        return bool(json.loads(path.read_text()).get("complete", True))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write_result(config: Config, grid: Grid, steps: int, backend: str, runs: list[dict[str, Any]], out: Path,
