@@ -104,6 +104,18 @@ def test_bad_penalty_strings_name_the_key_and_the_problem(text: str, message: st
     assert message in str(info.value)
 
 
+def test_kl_still_pushes_a_saturated_unit_back() -> None:
+    """A unit whose mean activation is below the clamp that keeps the logs finite (1e-6): its value is the clamped
+    one, but its gradient is not 0 (the clamp's), so a dead sigmoid unit is pushed back towards ρ. Through the
+    sigmoid that push stays bounded: about −ρ per pre-activation, as UFLDL's formula gives."""
+    pre = torch.full((4, 1), -16.0, requires_grad=True)  # sigmoid(-16) ≈ 1.1e-7
+    loss = kl_sparsity(torch.sigmoid(pre), target=0.05)
+    loss.backward()
+    assert pre.grad is not None and float(pre.grad.sum()) < -1e-3  # it was exactly 0
+    expected = 0.05 * math.log(0.05 / 1e-6) + 0.95 * math.log(0.95 / (1 - 1e-6))  # the clamped value
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_kl_on_a_linear_design_is_refused() -> None:
     with pytest.raises(ConfigError, match="kl needs sigmoid hidden units"):
         build_model(ModelConfig(name="rica", penalty="kl:0.05,3"), 64, seed=0)

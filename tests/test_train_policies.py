@@ -132,6 +132,18 @@ def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path, cli: Calla
             "invalid ps.local_apply: True (dc-asgd compensates a push against the weights its worker fetched",
         ),
         (["--set", "ps.policy=easgd", "--set", "ps.n_push=4"], "invalid ps.n_push: 4 (easgd takes ps.easgd_tau"),
+        (
+            ["--set", "ps.policy=dc-asgd", "--set", "ps.n_push=2"],  # λ(g1+g2)⊙(g1+g2): 2.42 where 2.35 was due
+            "invalid ps.n_push: 2 (dc-asgd compensates each gradient against the weights it was computed at",
+        ),
+        (
+            ["--set", "ps.policy=staleness-lr", "--set", "ps.n_push=2"],  # n_fetch 1: a fetch inside every push
+            "invalid ps.n_fetch: 1 (staleness-lr scales a push by its staleness, but with ps.n_push = 2",
+        ),
+        (
+            ["--set", "ps.policy=staleness-lr", "--set", "ps.n_push=2", "--set", "ps.n_fetch=3"],
+            "make ps.n_fetch a multiple of ps.n_push",
+        ),
         (["--set", "ps.policy=bogus"], "invalid ps.policy: 'bogus' (choose one of"),
         (["--backend", "sim", "--set", "ps.n_push=2"], "invalid ps.n_push: 2 (the sim backend models one gradient"),
         (["--backend", "sim", "--set", "cluster.sim_stragglers=2"], "invalid cluster.sim_stragglers: 2"),

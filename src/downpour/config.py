@@ -442,6 +442,13 @@ def validate(config: Config) -> None:
     _require(not p.local_apply or p.policy != "dc-asgd", "ps.local_apply", p.local_apply,
              "dc-asgd compensates a push against the weights its worker fetched, which local steps would have "
              "moved: leave it false")  # fmt: skip
+    _require(p.n_push == 1 or p.policy != "dc-asgd", "ps.n_push", p.n_push,
+             "dc-asgd compensates each gradient against the weights it was computed at; a sum of several would "
+             "be compensated as one (its square holds their cross terms): leave it at 1")  # fmt: skip
+    _require(p.n_fetch % p.n_push == 0 or p.policy != "staleness-lr", "ps.n_fetch", p.n_fetch,
+             f"staleness-lr scales a push by its staleness, but with ps.n_push = {p.n_push} a fetch would fall "
+             "between the gradients of one push, which then hold several stalenesses: make ps.n_fetch a multiple "
+             "of ps.n_push")  # fmt: skip
     if p.policy == "easgd":
         for key, value, default in (("ps.n_fetch", p.n_fetch, 1), ("ps.n_push", p.n_push, 1),
                                     ("ps.local_apply", p.local_apply, False)):  # fmt: skip

@@ -61,7 +61,9 @@ def kl_sparsity(activations: Tensor, *, target: float) -> Tensor:
     if not 0 < target < 1:
         raise ValueError(f"Invalid target: {target} (must be in (0, 1))")
     mean = activations.transpose(0, 1).flatten(1).mean(1) if activations.dim() > 2 else activations.mean(0)  # (K,)
-    mean = mean.clamp(_KL_CLAMP, 1 - _KL_CLAMP)
+    # kept off 0 and 1 for the logs, but with the gradient of the unclamped mean: a clamp's zero gradient left a
+    # saturated unit (ρ̂ < 1e-6) without the push back towards ρ that UFLDL's gradient gives it
+    mean = mean + (mean.clamp(_KL_CLAMP, 1 - _KL_CLAMP) - mean).detach()
     kl = target * torch.log(target / mean) + (1 - target) * torch.log((1 - target) / (1 - mean))
     return kl.sum()
 
