@@ -538,6 +538,8 @@ class RayCluster:
                 oom = out_of_memory(cause)  # said in one line, as the local backend's workers do
                 events.append(WorkerEvent("error", worker_id, str(cause)) if oom is None else
                               WorkerEvent("out_of_memory", worker_id, oom))  # fmt: skip
+                # and it is gone, as a local worker whose process exits after the error: a death, said already
+                events.append(WorkerEvent("died", worker_id, "its run failed", said=True))
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True
                 self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back

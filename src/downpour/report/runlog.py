@@ -84,7 +84,8 @@ def read_run_log(path: Path) -> RunLog:
     step_offset = 0  # the global step when the current session started
     t_offset = 0.0  # seconds of earlier sessions, so that a resumed run's times continue
     last_t = 0.0
-    counted = 0  # pushes this session: a push is one record per shard, counted once, on shard 0
+    counted: dict[int, int] = {}  # rows this session per shard: a push's row on each shard takes its step (the
+    # Ray backend writes a push's rows in no fixed shard order)
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     for line in lines:
         if not line.strip():
@@ -105,20 +106,20 @@ def read_run_log(path: Path) -> RunLog:
             continue
         if kind == "push":
             shard = checked["shard"]
-            counted += shard == 0  # a push's rows on other shards take the step of its row on shard 0
+            counted[shard] = counted.get(shard, 0) + 1  # each shard has one row per push, in push order
             if row.get("applied", True):
                 outcome = _APPLIED
             else:  # staleness -1: a shard refused it (NaN or Inf); else late (sync) or lost with its shard
                 outcome = _REJECTED if row.get("staleness") == -1 else _NOT_APPLIED
             loss = _number(row.get("loss"))
-            pushes.append((step_offset + counted, shard, outcome, checked.get("staleness", -1), loss))
+            pushes.append((step_offset + counted[shard], shard, outcome, checked.get("staleness", -1), loss))
         elif kind == "throughput":
             thr_t.append(t_offset + _number(row.get("t")))
             thr.append(_number(row.get("examples_per_s")))
         elif kind in ("start", "eval", "end"):
             if kind == "start":
                 sessions += 1
-                step_offset, counted, t_offset = checked["step"], 0, last_t
+                step_offset, counted, t_offset = checked["step"], {}, last_t
                 starts.append(row)
                 if row.get("resume"):  # what earlier sessions logged past the checkpoint this one goes on from
                     kept = [push for push in pushes if push[0] <= step_offset]
