@@ -608,6 +608,20 @@ def test_a_folder_that_is_no_run_keeps_its_files(tmp_path: Path, cli: Callable[.
     assert (other / "README.txt").read_text() == "a run goes here" and (other / "summary.json").exists()
 
 
+def test_a_resumed_session_that_cannot_start_leaves_the_config_as_it_was(
+    finished_run: Path, tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """A resume whose cluster cannot start (a Ray head that is not there) had already written its --set values into
+    config.toml: a plain --resume then trained silently with them. The run's config is now left as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = (run / "config.toml").read_text()
+    result = cli("train", "--resume", str(run), "--steps", "30", "--backend", "ray", "--set",
+                 "cluster.address=127.0.0.1:1", "--set", "ps.lr=0.5", "--no-progress")  # fmt: skip
+    assert result.returncode == 2 and "127.0.0.1:1" in result.stderr, result.stderr
+    assert (run / "config.toml").read_text() == before
+
+
 def test_resume_takes_keys_the_run_does_not_read(finished_run: Path, tmp_path: Path,
                                                  cli: Callable[..., CliResult]) -> None:  # fmt: skip
     """Keys that the source or the design does not read (warned of as ignored) do not block a resume: a moved

@@ -568,8 +568,14 @@ def run_training(
         config_mod.write(config, out / rundir.CONFIG)
         if dataset.whitening is not None:
             rundir.save_tensors(dataset.whitening_tensors(), out / rundir.WHITENING)
-        summary = _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
-                                 resume=resume, console=console, show_progress=show_progress)  # fmt: skip
+        resumed_from = run_state.checkpoint_step
+        try:
+            summary = _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
+                                     resume=resume, console=console, show_progress=show_progress)  # fmt: skip
+        except BaseException:  # e.g. a Ray cluster that cannot be reached, Ctrl-C while it starts
+            if previous_config is not None and run_state.checkpoint_step == resumed_from:  # no checkpoint of its
+                rundir.atomic_write_text(out / rundir.CONFIG, previous_config)  # own: the run is as it was left
+            raise
         if previous_config is not None and _keeps_previous_config(run_state, summary["diverged"], resume=resume):
             rundir.atomic_write_text(out / rundir.CONFIG, previous_config)  # a plain --resume goes on from there
         return summary
