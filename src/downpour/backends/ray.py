@@ -207,6 +207,11 @@ def connect(address: str = "", *, num_cpus: int | None = None, object_store_byte
         except (ConnectionError, RayError, RuntimeError, ValueError) as exc:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise DownpourError(f"cannot start a local Ray instance: {_first(exc)}") from None
+        except BaseException:  # Ctrl-C while Ray starts: stop what started, leave no directory behind
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
         return temp_dir
     try:
         if (reason := unreachable(address)) is not None:
