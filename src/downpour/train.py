@@ -309,7 +309,6 @@ def _save_checkpoint(
         "initial_loss": run_state.initial_loss if np.isfinite(run_state.initial_loss) else None,
         "staleness_histogram": run_state.staleness.counts.tolist(),
         "worker_deaths": run_state.worker_deaths,
-        "session_worker_deaths": run_state.worker_deaths - run_state.deaths_before,  # this session's alone
         **{key: getattr(run_state, key) for key in FAULT_COUNTERS},
         "config": config.to_dict(),
         "rng": {"seed": config.train.seed, "session": run_state.session, "worker_seeds": seeds},
