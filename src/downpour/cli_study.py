@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from downpour import config as config_mod
 from downpour import rundir
 from downpour.cli_paths import path_argument
 from downpour.errors import DownpourError
@@ -112,18 +113,6 @@ def _check_out(out: Path) -> None:
         raise DownpourError(f"invalid --out: {out} cannot be written: {existing} is not writable")
 
 
-def _named_keys(path: Path | None, overrides: list[str] | None) -> set[str]:
-    """The ``section.key`` names the config file or a ``--set`` gives (a default value alone cannot tell whether a
-    key was given)."""
-    named = {item.partition("=")[0].strip() for item in overrides or []}
-    if path is not None:
-        from downpour.config import read_toml
-
-        for section, values in read_toml(path).items():  # read and checked by study_config already
-            named |= {f"{section}.{key}" for key in values} if isinstance(values, dict) else set()
-    return named
-
-
 GRID_KEYS = {"ps.policy": "--policies", "cluster.workers": "--workers"}  # what the staleness grid sets per run
 
 
@@ -134,7 +123,7 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         from downpour.study import staleness
 
         config = staleness.study_config(args.config, args.set)
-        named = _named_keys(args.config, args.set)
+        named = config_mod.named_keys(args.config, args.set)  # checked by study_config already
         if "cluster.backend" in named and config.cluster.backend != args.backend:
             raise DownpourError(f"cluster.backend = {config.cluster.backend!r} is not how this study chooses its "
                                 f"backend: pass --backend (sim or local; now {args.backend})")  # fmt: skip

@@ -252,6 +252,17 @@ DESIGN_DEFAULTS: dict[str, dict[str, Any]] = {
 _NAMES_TOO = {"data.patch_size": "data.source"}  # naming the patch size chooses natural-patches
 
 
+def _named(raw: dict[str, Any]) -> set[str]:
+    """The ``section.key`` names a nested config (a TOML file's, ``--set``'s) gives."""
+    return {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict) for key in values}
+
+
+def named_keys(path: Path | None, overrides: list[str] | None) -> set[str]:
+    """The ``section.key`` names the config file at ``path`` and the ``--set`` overrides give (a key's value alone
+    cannot tell whether it was given)."""
+    return _named(read_toml(path) if path is not None else {}) | _named(overrides_to_dict(overrides or []))
+
+
 def load(path: Path | None = None, overrides: list[str] | None = None, *,
          base: dict[str, dict[str, Any]] | None = None) -> Config:  # fmt: skip
     """Defaults, then ``base`` (a command's own defaults, nested like the TOML file), then the TOML file (if any),
@@ -259,7 +270,7 @@ def load(path: Path | None = None, overrides: list[str] | None = None, *,
     config, given = Config(), set()
     for raw in (base or {}, read_toml(path) if path is not None else {}, overrides_to_dict(overrides or [])):
         config = from_dict(raw, config, check=False)
-        given |= {f"{section}.{key}" for section, values in raw.items() for key in values}
+        given |= _named(raw)
     given |= {_NAMES_TOO[key] for key in given if key in _NAMES_TOO}
     design_defaults: dict[str, dict[str, Any]] = {}
     for dotted, value in DESIGN_DEFAULTS.get(config.model.name, {}).items():
