@@ -331,8 +331,9 @@ class RayCluster:
         self._stopping = False
         self._restores_logged = 0
         self._restores: list[tuple[int, int, int, float]] = []
+        policy = config_policy(config)
         # sync: pushes per round so far, per shard (from its restore point; before one, the quorum)
-        quorum = config.cluster.workers - config.ps.backup_workers if config.ps.policy == "sync" else 1
+        quorum = policy.quorum if isinstance(policy, Sync) else 1
         self._pushes_per_round: dict[int, float] = dict.fromkeys(range(config.ps.shards), float(quorum))
         self._restores_ref: Any = None
         self._chaos_t0: float | None = None
@@ -340,7 +341,7 @@ class RayCluster:
         self._chaos_next = 0
         self.chaos_log: list[tuple[float, str, int]] = []  # (time.monotonic(), kind, target) of each fault injected
         self.worker_restarts = 0
-        self._sync = isinstance(config_policy(config), Sync)
+        self._sync = isinstance(policy, Sync)
         try:
             rule = policy_rule(config)
             self._send_fetched = bool(getattr(rule, "needs_fetched", False))

@@ -378,7 +378,7 @@ def _whole_rounds(steps: int, policies: Sequence[str], workers: int, lr: float) 
                 "pushes, which count toward the budget, so its rounds cannot be whole: use lr_match='update')"
             )
         if isinstance(policy, Sync):
-            quorums.append(count)
+            quorums.append(policy.quorum)
     unit = math.lcm(*quorums) if quorums else 1
     if steps < unit:
         raise ConfigError(f"invalid steps: {steps} (fewer than {unit} pushes: a whole number of rounds of every sync "
@@ -461,7 +461,7 @@ def run_optima(
         base_name, arm_workers = _arm_policy(policy_name, workers)
         policy = make_policy(base_name, workers=arm_workers, lr=lr)
         is_sync = isinstance(policy, Sync)
-        quorum = arm_workers - policy.backup_workers if is_sync else 1
+        quorum = policy.quorum if isinstance(policy, Sync) else 1
         arm_lr = lr * quorum if (is_sync and lr_match == "gradient") else lr
         arm_steps = steps * quorum if (is_sync and lr_match == "update") else steps
         rule = make_rule("sgd", lr=arm_lr)
