@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from downpour.data import worker_slice
 from downpour.errors import ConfigError
 from downpour.ps.flat import FlatParameters
-from downpour.ps.policies import EASGD, SSP, Policy, PolicyRule, Sync, apply_rule
+from downpour.ps.policies import EASGD, SSP, Policy, PolicyRule, Sync, SyncAggregator, apply_rule
 from downpour.ps.rules import PushMeta, Rule, ShardState
 from downpour.ps.shard import all_finite
 from downpour.ps.staleness import StalenessHistogram
@@ -57,6 +57,7 @@ GradFn = Callable[[Tensor, int, np.random.Generator], tuple[float, Tensor]]
 before the next call, so it may be a buffer that the callable reuses."""
 
 _BLOCK = 4096  # random durations are drawn in blocks of this many
+RoundPushes = list[tuple[int, int, float, bool]]  # a sync round's pushes: (worker, fetched version, loss, finite)
 
 
 @dataclass(frozen=True)
@@ -407,7 +408,7 @@ class Simulation:
         assert isinstance(policy, Sync)
         aggregator = policy.aggregator(self.params.numel(), dtype=self.params.dtype)
         rounds = [0] * self.settings.workers  # the aggregator round each worker fetched in
-        pending: list[tuple[int, int, float, bool]] = []  # (worker, fetched version, loss, finite) of this round
+        pending: RoundPushes = []
         snapshots = self._snapshots
         for w in range(self.settings.workers):
             self._start(w, 0.0)
@@ -419,9 +420,8 @@ class Simulation:
                 self.dropped = aggregator.dropped_
                 snapshots.release(fetched)
                 stop = self._record(t, w, fetched, self.version - fetched, math.nan, False)
-                if stop or len(self._cols[0]) + len(pending) >= self._stop_at:  # the round's pushes are recorded too
-                    if pending and (mean := aggregator.close(1)) is not None:
-                        self._close_round(t, mean, pending)
+                if stop or self._budget_reached(pending):  # the round's pushes are recorded too
+                    self._close_cut_short(t, aggregator, pending)
                     break
                 rounds[w] = aggregator.version_
                 self._start(w, t)
@@ -433,7 +433,7 @@ class Simulation:
             self.rejected += not finite
             mean = aggregator.add(update if finite else None, worker=w, fetched_version=rounds[w])
             pending.append((w, fetched, loss, finite))
-            if mean is None and len(self._cols[0]) + len(pending) >= self._stop_at:
+            if mean is None and self._budget_reached(pending):
                 mean = aggregator.close(1)  # the step budget ends mid-round: it closes with the pushes that arrived
             if mean is None:
                 continue  # waits at the barrier
@@ -443,12 +443,20 @@ class Simulation:
                 rounds[u] = aggregator.version_
                 self._start(u, t)
             pending.clear()
-        else:
-            if pending and (mean := aggregator.close(1)) is not None:  # the time ran out mid-round
-                self._close_round(t, mean, pending)
+        else:  # the time ran out mid-round
+            self._close_cut_short(t, aggregator, pending)
         return t
 
-    def _close_round(self, t: float, mean: Tensor, pending: list[tuple[int, int, float, bool]]) -> bool:
+    def _budget_reached(self, pending: RoundPushes) -> bool:
+        """Whether the pushes recorded and those of the open round reach the step budget."""
+        return len(self._cols[0]) + len(pending) >= self._stop_at
+
+    def _close_cut_short(self, t: float, aggregator: SyncAggregator, pending: RoundPushes) -> None:
+        """Close the open round with the pushes that arrived, when the budget or the time ends it early."""
+        if pending and (mean := aggregator.close(1)) is not None:
+            self._close_round(t, mean, pending)
+
+    def _close_round(self, t: float, mean: Tensor, pending: RoundPushes) -> bool:
         """Apply a closed sync round's ``mean`` (refused when no push was finite, or when it is not) and record its
         pushes; True when the run should stop."""
         stop = False
