@@ -145,7 +145,8 @@ OBJECTS = ("model", "config", "rng")  # the objects of state.json whose fields r
 
 def require_objects(state: dict[str, Any], where: Path, *, required: tuple[str, ...] = OBJECTS) -> None:
     """The objects of ``state`` that readers take fields of are objects (those in ``required`` must be there;
-    the others may be missing), and so are the config's ``data`` and ``train``: else a :class:`CheckpointError`."""
+    the others may be missing), and so are the config's sections that readers take fields of (``data``, ``train``,
+    ``model``, ``ps``, ``cluster``; required when ``config`` is): else a :class:`CheckpointError`."""
     for name in OBJECTS:
         if (name in required or name in state) and not isinstance(state.get(name), dict):
             raise CheckpointError(f"corrupt checkpoint {where}: {name} must be an object, got {state.get(name)!r}")

@@ -279,6 +279,10 @@ def run_designs_study(*, seconds: float, out: Path, steps: int = 1000, workers: 
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     rows: list[dict[str, Any]] = []
+
+    def save_so_far() -> None:  # with the earlier study's finished rows not reached yet: a rerun cut short keeps them
+        rundir.write_json(out / "results.json", {"setup": setup, "rows": [*rows, *done.values()], "complete": False})
+
     for index, cell in enumerate(cells):
         if progress is not None:
             progress(index, len(cells), cell.name)
@@ -287,12 +291,10 @@ def run_designs_study(*, seconds: float, out: Path, steps: int = 1000, workers: 
             try:
                 row = run_cell(cell, base, rundir.fresh_path(out / "runs" / cell.name))
             except KeyboardInterrupt:  # Ctrl-C: what finished, this rerun's and earlier ones', stays in results.json
-                rundir.write_json(out / "results.json", {"setup": setup, "rows": [*rows, *done.values()],
-                                                         "complete": False})  # fmt: skip
+                save_so_far()
                 raise
         rows.append(row)
-        # the earlier study's finished rows not reached yet are kept too (a rerun cut short must not lose them)
-        rundir.write_json(out / "results.json", {"setup": setup, "rows": [*rows, *done.values()], "complete": False})
+        save_so_far()
     if progress is not None:
         progress(len(cells), len(cells), "done")
     result = {"setup": setup, "rows": rows, "complete": True, "seconds": time.time() - start}

@@ -448,9 +448,9 @@ def run_optima(
     if lr_match == "gradient":
         steps = _whole_rounds(steps, policies, workers, lr)
     study_settings = {"workers": workers, "seeds": seeds, "first_seed": first_seed, "steps": steps, "lr": lr,
-                "lr_match": lr_match, "policies": list(policies), "start_box": start_box,
-                "compute_sigma": compute_sigma, "network_mean": network_mean, "alpha": alpha,
-                "task": asdict(task)}  # fmt: skip
+                      "lr_match": lr_match, "policies": list(policies), "start_box": start_box,
+                      "compute_sigma": compute_sigma, "network_mean": network_mean, "alpha": alpha,
+                      "task": asdict(task)}  # fmt: skip
     if out is not None:  # before any run
         check_earlier(Path(out) / "optima.json", lambda earlier: earlier.get("settings") == as_json(study_settings))
     minima = task.minima()
