@@ -357,9 +357,9 @@ def run_study(
     ``wall_s`` and ``files``, the report's paths). Deterministic: the same call gives the same results.
     """
     grid, steps = check_study(config, policies=policies, workers=workers, seeds=seeds, steps=steps, backend=backend)
-    settings = as_json({"study": "staleness", "backend": backend, "config": config.to_dict(),
-                        "grid": {"policies": grid.policies, "workers": grid.workers, "seeds": grid.seeds,
-                                 "steps": steps}})  # fmt: skip
+    grid_json = {"policies": grid.policies, "workers": grid.workers, "seeds": grid.seeds, "steps": steps}
+    header = {"study": "staleness", "grid": grid_json, "config": config.to_dict(), "backend": backend}
+    settings = as_json(header)
     check_earlier(Path(out) / "results.json", lambda earlier: {key: earlier.get(key) for key in settings} == settings)
     if backend == "local":
         from downpour.study import staleness_local
@@ -388,9 +388,9 @@ def run_study(
                             progress(len(runs), total, runs[-1])
         except KeyboardInterrupt:  # Ctrl-C: the report of the runs that finished, marked incomplete, then stop
             if runs and not _complete_results(Path(out) / "results.json"):  # a repeat cut short keeps the first
-                _write_result(config, grid, steps, backend, runs, out, start, complete=False)
+                _write_result(config, header, runs, out, start, complete=False)
             raise
-    return _write_result(config, grid, steps, backend, runs, out, start, complete=True)
+    return _write_result(config, header, runs, out, start, complete=True)
 
 
 def _complete_results(path: Path) -> bool:
@@ -401,19 +401,12 @@ def _complete_results(path: Path) -> bool:
         return False
 
 
-def _write_result(config: Config, grid: Grid, steps: int, backend: str, runs: list[dict[str, Any]], out: Path,
-                  start: float, *, complete: bool) -> dict[str, Any]:  # fmt: skip
-    """The study's results and report from ``runs`` (``complete``: every run of the grid finished)."""
-    result: dict[str, Any] = {
-        "study": "staleness",
-        "grid": {"policies": grid.policies, "workers": grid.workers, "seeds": grid.seeds, "steps": steps},
-        "config": config.to_dict(),
-        "backend": backend,
-        "complete": complete,
-        "runs": runs,
-        "cells": summarize(runs),
-    }
-    if backend == "sim":
+def _write_result(config: Config, header: dict[str, Any], runs: list[dict[str, Any]], out: Path, start: float, *,
+                  complete: bool) -> dict[str, Any]:  # fmt: skip
+    """The study's results and report from ``header`` (the study, its config, backend and grid) and ``runs``
+    (``complete``: every run of the grid finished)."""
+    result: dict[str, Any] = {**header, "complete": complete, "runs": runs, "cells": summarize(runs)}
+    if header["backend"] == "sim":
         simulated = vars(_settings(config, 1, 1, 0))
         result["simulator"] = {k: v for k, v in simulated.items() if k not in ("workers", "steps")}
     result["wall_s"] = time.perf_counter() - start
