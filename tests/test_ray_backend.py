@@ -111,6 +111,14 @@ def _checkpoint(cluster: RayCluster, held_out: HeldOutLoss, out: Path, run_state
                            model_signature(held_out.model), held_out, final=False)  # fmt: skip
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _final_loss(cluster: RayCluster, held_out: HeldOutLoss) -> tuple[float, list[dict[str, Any]]]:
     snapshots = cluster.snapshots()
     return held_out(torch.cat([s["values"] for s in snapshots])), snapshots
@@ -200,6 +208,47 @@ def test_killed_worker_and_killed_shard_are_restarted_and_training_goes_on(ray_c
     assert 0 < faults["lost_updates"] <= 1.5 * max(per_interval)
     assert any(e.kind == "shard_restored" for e in events)
     assert final_loss < 0.25 * initial_loss
+
+
+def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet_polled(
+        ray_cluster: str, digits: Dataset, tmp_path: Path) -> None:  # fmt: skip
+    """Checkpoints taken while the workers push: each one's step is at least every shard's version (each push goes
+    to both shards, so a version above the step would be a push the step misses; the polls report counts up to a
+    poll late). Then one taken at once after a shard actor is killed, before any poll has reported its restore,
+    still counts the restore and the updates it lost, in the run state and in the saved state.json."""
+    cluster, held_out, _ = _cluster(_config(0), digits)
+    run_state = RunState()
+    taken: list[Taken] = []
+    after_kill: list[Taken] = []
+
+    def tick(elapsed: float) -> None:
+        if cluster.examples_done() == 0 or after_kill:
+            return
+        if len(taken) < 6:
+            taken.append(_checkpoint(cluster, held_out, tmp_path, run_state))
+            time.sleep(0.1)
+            return
+        (pid,) = cluster.actor_pids()["shards"][:1]
+        cluster.kill_shard(0)
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:  # its snapshot then comes from the restored actor
+            time.sleep(0.01)
+        after_kill.append(_checkpoint(cluster, held_out, tmp_path, run_state))
+        cluster.request_stop()
+
+    try:
+        _train(cluster, seconds=120, tick=tick)
+    finally:
+        cluster.close()
+    assert len(taken) == 6 and after_kill, (len(taken), len(after_kill))
+    for checkpoint in taken:
+        versions = [snap["version"] for snap in checkpoint.snapshots]
+        assert checkpoint.step >= max(versions) > 0, (checkpoint.step, versions)
+    assert taken[-1].step > taken[0].step
+    assert run_state.shard_restores == 1 and run_state.lost_updates > 0, run_state
+    saved = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert saved["shard_restores"] == 1 and saved["lost_updates"] == run_state.lost_updates
+    assert saved["step"] == after_kill[0].step
 
 
 def test_a_diverged_checkpoint_never_becomes_a_shards_restore_point(ray_cluster: str, digits: Dataset,

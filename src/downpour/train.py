@@ -74,6 +74,7 @@ class RunState:
     shard_restores: int = 0
     lost_updates: int = 0
     lost_before: int = 0  # lost_updates of the earlier sessions (not saved: read back as lost_updates)
+    restores_before: int = 0  # shard_restores of the earlier sessions (likewise)
     deaths_before: int = 0  # worker_deaths of the earlier sessions (likewise)
     checkpoint_step: int | None = None  # step of the checkpoint in the run directory (not saved; None: none yet)
     data_counts: dict[str, Any] = field(default_factory=dict)  # training and held-out examples (its split's check),
@@ -339,7 +340,7 @@ def _checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state:
     keeps a checkpoint). Snapshots that did not diverge become the shards' restore points (what a Ray shard actor
     that dies comes back at); diverged ones never do, even when saved."""
     snapshots = cluster.snapshots()
-    _count_lost(cluster, run_state)
+    _count_restores(cluster, run_state)
     step = cluster.steps()
     params = torch.cat([snap["values"] for snap in snapshots])
     values_finite = bool(torch.isfinite(params).all())
@@ -398,11 +399,15 @@ def _build_cluster(config: Config, dataset: Dataset, initial: torch.Tensor, seed
     return LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0, shape=dataset.shape)
 
 
-def _count_lost(cluster: Any, run_state: RunState) -> None:
-    """Bring ``run_state.lost_updates`` up to date: earlier sessions' plus this session's (Ray backend only)."""
-    lost = getattr(cluster, "lost_updates", None)
-    if lost is not None:
-        run_state.lost_updates = run_state.lost_before + lost
+def _count_restores(cluster: Any, run_state: RunState) -> None:
+    """Bring ``run_state.shard_restores`` and ``lost_updates`` up to date from the cluster (Ray backend only):
+    earlier sessions' plus this session's, including a restore the polls have not reported yet that the snapshots
+    just taken came after."""
+    faults = getattr(cluster, "faults", None)
+    if faults is not None:
+        counts = faults()
+        run_state.shard_restores = run_state.restores_before + counts["shard_restores"]
+        run_state.lost_updates = run_state.lost_before + counts["lost_updates"]
 
 
 def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
@@ -593,6 +598,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                    resume: bool, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     seeds = _worker_seeds(config.train.seed, run_state.session, config.cluster.workers)
     run_state.lost_before = run_state.lost_updates
+    run_state.restores_before = run_state.shard_restores
     run_state.deaths_before = run_state.worker_deaths
     t0 = time.time()
     initial = flat_copy(model)
@@ -755,9 +761,8 @@ def _log_events(
         elif event.kind == "restarted":  # Ray backend: the worker actor's process died and Ray restarted it
             run_state.worker_restarts += 1
             say(console, f"worker {event.worker} died ({event.detail}); restarted")
-        elif event.kind == "shard_restored":  # Ray backend: ``worker`` is the shard's index
-            run_state.shard_restores += 1
-            say(console, event.detail)
+        elif event.kind == "shard_restored":  # Ray backend: ``worker`` is the shard's index (counted by
+            say(console, event.detail)  # _count_restores, from the cluster)
             metrics.write("shard_restored", t=time.time() - t0, shard=event.worker, detail=event.detail)
             continue
         elif event.kind == "chaos":  # Ray backend: cluster.chaos injected a fault (``worker``: the target's index)

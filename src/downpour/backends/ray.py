@@ -497,7 +497,9 @@ class RayCluster:
         state = self._workers[worker_id]
         if state.failing and reply["incarnation"] == state.incarnation:
             state.failing = False  # the restarted process runs the latest ``run``
-        self._progress[(worker_id, reply["incarnation"])] = (reply["examples"], reply["pushes"])
+        key = (worker_id, reply["incarnation"])  # counts only grow: a later one (_refresh_counts) stands
+        examples, pushes = self._progress.get(key, (0, 0))
+        self._progress[key] = (max(examples, reply["examples"]), max(pushes, reply["pushes"]))
         if math.isfinite(reply["loss"]):
             state.loss = reply["loss"]
         for key, version in reply["seen"].items():
@@ -638,10 +640,30 @@ class RayCluster:
         chosen = list(range(len(self.shards))) if indices is None else list(indices)
         refs = [self.shards[i].handle.snapshot.remote() for i in chosen]
         out = []
+        restored = False
         for i, (incarnation, wire) in zip(chosen, ray.get(refs), strict=True):
             self._seen[(i, incarnation)] = max(self._seen.get((i, incarnation), -1), int(wire["version"]))
+            restored |= incarnation > sum(shard == i for shard, *_ in self._restores)
             out.append(snapshot_from_wire(wire))
+        if restored:  # a restore the polls have not reported yet: the checkpoint counts it (and the updates lost)
+            self._restores = max(self._restores, ray.get(self.coordinator.restores.remote()), key=len)
+        self._refresh_counts()
         return out
+
+    def _refresh_counts(self) -> None:
+        """Bring each running worker's counts up to date (polls report them up to a poll interval late), so that
+        :meth:`steps` and :attr:`lost_updates` read after a snapshot count every push it holds (a worker counts a
+        push before sending it) and every version a dead shard reached. A worker that does not answer in time
+        (restarting) keeps its last counts; its records wait for the next poll."""
+        running = [(worker_id, state) for worker_id, state in enumerate(self._workers) if not state.done]
+        refs = [state.handle.counts.remote() for _, state in running]
+        if not refs:
+            return
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=_POLL_TIMEOUT_S)[0])
+        for (worker_id, _), ref in zip(running, refs, strict=True):
+            if ref in ready:
+                with contextlib.suppress(RayError):  # died since: its counts stay as last polled
+                    self._apply_poll(worker_id, {"records": [], **ray.get(ref)})
 
     def set_restore_points(self, snapshots: Sequence[dict[str, Any]]) -> None:
         """Make ``snapshots`` (one per shard, from :meth:`snapshots`) what a shard actor that dies comes back at.

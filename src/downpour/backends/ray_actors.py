@@ -491,6 +491,7 @@ class _FanOutWorker(DownpourWorker):
     def _push(self, updates: list[Tensor], versions: list[int], local: list[Tensor], loss: float, *,
               then_fetch: bool) -> None:  # fmt: skip
         self._versions, self._local = versions, local
+        self.pushes_ += 1  # before any shard applies it: a snapshot never holds a push the count misses
         sent = 0
         for shard, update, values in zip(self.shards, updates, local, strict=True):
             fetched = versions[shard.index]
@@ -508,7 +509,6 @@ class _FanOutWorker(DownpourWorker):
             elif then_fetch:
                 versions[shard.index] = result.version
             self._record(shard, result, loss)
-        self.pushes_ += 1
         self._drain(self.depth * sent)
 
     def _record(self, shard: RemoteShard, result: PushResult, loss: float) -> None:
@@ -549,11 +549,11 @@ class _FanOutSyncWorker(_FanOutWorker, SyncWorker):
 
     def _push(self, updates: list[Tensor], versions: list[int], local: list[Tensor], loss: float, *,
               then_fetch: bool) -> None:  # fmt: skip
+        self.pushes_ += 1  # before the round can close (see _FanOutWorker._push)
         refs = [shard.push_round_async(update, versions[shard.index], self.worker_id)
                 for shard, update in zip(self.shards, updates, strict=True)]  # fmt: skip
         self._round = [(shard, shard.accept_push_round(ray.get(ref), versions[shard.index]), loss)
                        for shard, ref in zip(self.shards, refs, strict=True)]  # recorded once closed  # fmt: skip
-        self.pushes_ += 1
 
     def _fetch(self, versions: list[int], local: list[Tensor]) -> None:
         pending = [(shard, shard.fetch_async()) for shard in self.shards if shard.closed is None]
@@ -739,10 +739,13 @@ class WorkerActor:
         """Records since the last poll, and this incarnation's examples, latest loss, pushes and versions seen."""
         with self._lock:
             records, self._records = self._records, []
+        return {"records": records, **self.counts()}
+
+    def counts(self) -> dict[str, Any]:
+        """What :meth:`poll` reports but the records: incarnation, examples, latest loss, pushes and versions seen."""
         worker = self._worker
         return {
             "incarnation": self.incarnation,
-            "records": records,
             "examples": self._examples,
             "loss": self._loss,
             "pushes": worker.pushes_ if worker is not None else 0,

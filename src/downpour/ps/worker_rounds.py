@@ -105,6 +105,7 @@ class ElasticWorker(DownpourWorker):
             if not self.budget.reserve():
                 break
             refuse_whole(self.flat.values, self.shards)  # every shard resets it to the center
+            self.pushes_ += 1  # before any shard takes it: a snapshot never holds an exchange the count misses
             for shard, values in zip(self.shards, local, strict=True):
                 result = shard.exchange(
                     values, alpha=policy.alpha, worker=self.worker_id, last_version=versions[shard.index]
@@ -114,4 +115,3 @@ class ElasticWorker(DownpourWorker):
                     PushRecord(self.clock(), self.worker_id, shard.index, result.version, result.staleness,
                                loss_sum / policy.tau, result.applied)
                 )  # fmt: skip
-            self.pushes_ += 1
