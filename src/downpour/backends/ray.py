@@ -99,6 +99,7 @@ MAX_RESTARTS = 100  # per actor; Ray's own limit and the driver's
 # schedules a zero-resource actor on the caller's node and would ignore its (soft) node affinity.
 _ACTOR_CPUS = 0.01
 _POLL_TIMEOUT_S = 10.0
+_COUNTS_TIMEOUT_S = 2.0  # how long a checkpoint waits for the workers' counts (a live actor answers in milliseconds)
 _RETRY_S = 0.25  # between calls of ``run`` on a worker that Ray is restarting
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -654,12 +655,12 @@ class RayCluster:
         """Bring each running worker's counts up to date (polls report them up to a poll interval late), so that
         :meth:`steps` and :attr:`lost_updates` read after a snapshot count every push it holds (a worker counts a
         push before sending it) and every version a dead shard reached. A worker that does not answer in time
-        (restarting) keeps its last counts; its records wait for the next poll."""
-        running = [(worker_id, state) for worker_id, state in enumerate(self._workers) if not state.done]
+        (restarting) keeps its last counts, and so does one known to be restarting, which pushed nothing since."""
+        running = [(i, state) for i, state in enumerate(self._workers) if not (state.done or state.failing)]
         refs = [state.handle.counts.remote() for _, state in running]
         if not refs:
             return
-        ready = set(ray.wait(refs, num_returns=len(refs), timeout=_POLL_TIMEOUT_S)[0])
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=_COUNTS_TIMEOUT_S)[0])
         for (worker_id, _), ref in zip(running, refs, strict=True):
             if ref in ready:
                 with contextlib.suppress(RayError):  # died since: its counts stay as last polled
