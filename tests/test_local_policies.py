@@ -178,7 +178,32 @@ def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path
     pushes = [row for row in read_jsonl(run_dir / "metrics.jsonl") if row["event"] == "push"]
     assert sum(row["applied"] for row in pushes) <= summary["updates_applied"]  # the killed worker's unsent rows
     survivor = [row for row in pushes if row["worker"] == 0 and row["applied"]]  # is in every round, one per shard
-    assert len(survivor) == sum(shard["version"] for shard in state["shards"])
+    assert len(survivor) == sum(shard["version"] for shard in state["shards"]), stderr  # says a worker killed at stop
+
+
+def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
+    """A worker that cannot stop (here Ctrl-Z'd) is killed when ``stop``'s wait runs out, and said to be: its unsent
+    push rows are lost, which the report's counts would otherwise show with no cause. Not a death (it was asked to
+    stop)."""
+    from downpour.backends.local import LocalCluster
+
+    config = _config("cluster.workers=2", "train.steps=1000000")
+    data = load_dataset(config.data, seed=config.train.seed)
+    model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
+    cluster = LocalCluster(config, data.train.clone(), flat_copy(model), worker_seeds=[1, 2], t0=time.time(),
+                           shape=data.shape)  # fmt: skip
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 60
+        while cluster.examples_done() == 0 and time.monotonic() < deadline:
+            cluster.poll()
+            time.sleep(0.05)
+        os.kill(cluster.pids()[1], signal.SIGSTOP)
+        _, events = cluster.stop(timeout=1.0)
+    finally:
+        cluster.close()
+    assert [(event.kind, event.worker) for event in events] == [("stuck", 1)], events
+    assert events[0].detail == "did not stop within 1 s of being asked; killed, its unsent push rows lost"
 
 
 def test_ctrl_c_in_a_local_staleness_study_keeps_what_finished(tmp_path: Path, cli: Callable[..., CliResult],

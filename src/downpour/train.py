@@ -756,6 +756,8 @@ def _log_events(
         elif event.kind == "error":
             last_line = event.detail.strip().splitlines()[-1] if event.detail.strip() else "unknown error"
             say(console, f"worker {event.worker} failed: {last_line}", "red")
+        elif event.kind == "stuck":  # a worker the end of the session had to kill: the report's counts fall short
+            warn(console, f"worker {event.worker} {event.detail}")
         elif event.kind == "out_of_memory":
             say(console, f"worker {event.worker} ran out of memory: {event.detail} ({WORKER_MEMORY_HINT})", "red")
         elif event.kind == "restarted":  # Ray backend: the worker actor's process died and Ray restarted it

@@ -233,9 +233,9 @@ def _worker_main(spec: _WorkerSpec) -> None:
 
 @dataclass
 class WorkerEvent:
-    """Something the driver should log about a worker (``died``, ``error``, ``out_of_memory``; on the Ray backend
-    also ``restarted``, ``shard_restored``, ``chaos``). ``said``: a death whose cause the worker reported already
-    (``error``, ``out_of_memory``): counted, not told again."""
+    """Something the driver should log about a worker (``died``, ``error``, ``out_of_memory``, ``stuck``: killed
+    when it did not stop in time; on the Ray backend also ``restarted``, ``shard_restored``, ``chaos``). ``said``:
+    a death whose cause the worker reported already (``error``, ``out_of_memory``): counted, not told again."""
 
     kind: str
     worker: int
@@ -380,9 +380,11 @@ class LocalCluster:
             drain(time.monotonic() + grace)
         self.request_stop()
         drain(time.monotonic() + timeout)
-        for proc in self._procs:
+        for worker_id, proc in enumerate(self._procs):
             if proc.is_alive():
                 proc.kill()
+                detail = f"did not stop within {timeout:g} s of being asked; killed, its unsent push rows lost"
+                events.append(WorkerEvent("stuck", worker_id, detail))
             proc.join(timeout=5)
         more, more_events = self.poll()
         return records + more, events + more_events
