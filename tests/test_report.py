@@ -224,6 +224,8 @@ def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> No
         {"event": "push", "t": 1.1, "worker": 1, "shard": 1, "staleness": 5, "loss": None, "applied": False},  # late
         {"event": "throughput", "t": 1.5, "examples_per_s": 90.0, "step": 4},
         {"event": "end", "t": 2.0, "step": 4, "final_loss": 5.5},
+        {"event": "worker_stuck", "t": 2.1, "worker": 1, "detail": "did not stop within 10 s of being asked"},
+        {"event": "shard_restored", "t": 2.2, "shard": 0, "detail": "shard 0 restored at version 3 (incarnation 1)"},
     ]  # fmt: skip
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"event": "push", "t"')
@@ -237,6 +239,8 @@ def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> No
 
     notes = _log_notes(log)
     assert "1 updates rejected by the shards (NaN or Inf)" in notes and "1 pushes not applied: late ones" in notes
+    assert "worker 1: killed as it did not stop — did not stop within 10 s of being asked" in notes
+    assert "shard 0: restored from its checkpoint (Ray) — shard 0 restored at version 3 (incarnation 1)" in notes
 
 
 def test_rows_with_fields_no_driver_writes_are_counted_not_read(local_run: Path, tmp_path: Path) -> None:

@@ -154,12 +154,24 @@ def _shown(pair: Any) -> str:
     return repr(pair)
 
 
+_FAULT_ROWS = {  # the metrics rows of faults the report lists, and what each is called there
+    "worker_died": "died",
+    "worker_error": "failed",
+    "worker_out_of_memory": "ran out of memory",
+    "worker_stuck": "killed as it did not stop",
+    "worker_restarted": "restarted (Ray)",
+    "shard_restored": "restored from its checkpoint (Ray)",
+}
+
+
 def _log_notes(log: RunLog, *, log_missing: bool = False) -> str:
     items = [f"{rundir.METRICS} is missing from the run directory: no curves or events to show"] if log_missing else []
     for event in log.events:
-        if event.get("event") in ("worker_died", "worker_error"):
+        kind = event.get("event")
+        if kind in _FAULT_ROWS:
             detail = str(event.get("detail", "")).strip().splitlines()
-            items.append(f"worker {event.get('worker')}: {event['event']} — {detail[-1] if detail else ''}")
+            who = f"shard {event.get('shard')}" if kind == "shard_restored" else f"worker {event.get('worker')}"
+            items.append(f"{who}: {_FAULT_ROWS[kind]} — {detail[-1] if detail else ''}")
     if log.rejected:
         items.append(f"{log.rejected:,} updates rejected by the shards (NaN or Inf)")
     if log.not_applied:
