@@ -303,7 +303,7 @@ def test_resume_refuses_a_run_cut_into_other_examples(run: Path, cli: Callable[.
     run left as it was. A checkpoint from before they were recorded is checked against the rule of its time:
     data.examples = 400 with the default held_out cut 1424 and held out 284, where that config now gives exactly 400
     and 100 (checked on the driver's own function, without a run)."""
-    from downpour import train
+    from downpour import resume
     from downpour.config import Config
 
     state = json.loads(_state_path(run).read_text())
@@ -326,6 +326,6 @@ def test_resume_refuses_a_run_cut_into_other_examples(run: Path, cli: Callable[.
     del state["data_counts"]
     with pytest.raises(DownpourError, match=r"was trained on 1140 training and 284 held-out examples; its config "
                                             r"now cuts 400 and 100"):  # fmt: skip
-        train._check_same_examples(state, config, dataset, run)
+        resume._check_same_examples(state, config, dataset, run)
     config.data.held_out = 100  # set: the old rule cut the same
-    train._check_same_examples(state, config, load_dataset(config.data, seed=0), run)
+    resume._check_same_examples(state, config, load_dataset(config.data, seed=0), run)

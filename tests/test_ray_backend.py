@@ -33,9 +33,12 @@ from downpour.backends.ray import RayCluster, connect  # noqa: E402
 from downpour.config import Config  # noqa: E402
 from downpour.data import Dataset, load_dataset  # noqa: E402
 from downpour.errors import ConfigError  # noqa: E402
+from downpour.held_out import HeldOutLoss  # noqa: E402
 from downpour.models import build_model  # noqa: E402
 from downpour.ps.flat import flat_copy  # noqa: E402
-from downpour.train import HeldOutLoss, RunState, Taken, _checkpoint_now, _worker_seeds, model_signature  # noqa: E402
+from downpour.resume import RunState, model_signature  # noqa: E402
+from downpour.train import _worker_seeds  # noqa: E402
+from downpour.watch import Taken, checkpoint_now  # noqa: E402
 from test_local_policies import _synchronous_sgd  # noqa: E402
 
 
@@ -103,11 +106,11 @@ def _train(cluster: RayCluster, *, seconds: float, tick: Callable[[float], None]
 
 
 def _checkpoint(cluster: RayCluster, held_out: HeldOutLoss, out: Path, run_state: RunState | None = None) -> Taken:
-    """What the driver does every train.checkpoint_every seconds (:func:`downpour.train._checkpoint_now`): snapshot,
+    """What the driver does every train.checkpoint_every seconds (:func:`downpour.watch.checkpoint_now`): snapshot,
     measure, save into ``out`` unless diverged, and hand a snapshot that did not diverge to the shards as their
     restore point."""
     config = cluster.config
-    return _checkpoint_now(out, cluster, config, run_state or RunState(), cluster.worker_seeds,  # type: ignore[arg-type]
+    return checkpoint_now(out, cluster, config, run_state or RunState(), cluster.worker_seeds,  # type: ignore[arg-type]
                            model_signature(held_out.model), held_out, final=False)  # fmt: skip
 
 

@@ -103,17 +103,17 @@ def test_the_driver_computes_on_one_thread_while_its_workers_run(
     0.05 s here, from the workers' start-up on) run on one intra-op thread (two wait at OpenMP barriers on shared
     cores, 10x slower); before they start and after they stop (the initial and the final loss) it has the caller's
     threads back. The same run asks for batches larger than a worker's share of the digits: it is warned of."""
-    from downpour import train
+    from downpour import held_out
     from downpour.data import capped_batch_warning
 
     seen = []
-    measure = train.HeldOutLoss.__call__
+    measure = held_out.HeldOutLoss.__call__
 
-    def spy(self: train.HeldOutLoss, params: torch.Tensor) -> float:
+    def spy(self: held_out.HeldOutLoss, params: torch.Tensor) -> float:
         seen.append(torch.get_num_threads())
         return measure(self, params)
 
-    monkeypatch.setattr(train.HeldOutLoss, "__call__", spy)
+    monkeypatch.setattr(held_out.HeldOutLoss, "__call__", spy)
     with torch_threads(2):
         result = cli("train", "--workers", "2", "--steps", "4", "--seconds", "120", "--out", str(run_dir),
                      "--set", "train.eval_every=0.05", "--set", "data.source=digits", "--set", "data.held_out=64",

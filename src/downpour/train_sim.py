@@ -28,6 +28,7 @@ from downpour.config import Config
 from downpour.console import say, warn
 from downpour.data import as_recorded, data_warnings, load_dataset, worker_slice
 from downpour.errors import DownpourError
+from downpour.held_out import HeldOutLoss, warn_if_every_field_is_flat
 from downpour.models import build_model
 from downpour.ps.flat import flat_copy
 from downpour.ps.policies import config_policy
@@ -36,6 +37,7 @@ from downpour.report.filters import save_filter_grid
 from downpour.report.gabor_fit import gabor_fraction
 from downpour.report.html import write_report_after_training
 from downpour.report.tensorboard import open_metrics_log
+from downpour.resume import claimed_run_dir, has_checkpoint, model_signature, prepare_run_dir, stopped_before_checkpoint
 from downpour.signals import StopRequest, routed
 from downpour.threads import torch_threads
 
@@ -57,15 +59,6 @@ def sim_settings(config: Config) -> SimSettings:
 def run_sim_training(config: Config, out: Path, *, resume: bool, console: Console,
                      show_progress: bool) -> dict[str, Any]:  # fmt: skip
     """Simulate ``config``'s run into the run directory ``out``; return the summary."""
-    from downpour.train import (  # the local backend's helpers
-        HeldOutLoss,
-        claimed_run_dir,
-        has_checkpoint,
-        model_signature,
-        prepare_run_dir,
-        stopped_before_checkpoint,
-    )
-
     deterministic = f"cannot resume {out}: simulated runs are deterministic; rerun with a new --out"
     if resume and has_checkpoint(out):
         backend = ckpt.saved_backend(out / rundir.CHECKPOINT)
@@ -105,12 +98,7 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
                   signature: dict[str, Any], held_out_loss: Any, rule: Any, policy: Any, dataset: Any,
                   stop: StopRequest, *, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
     from downpour.report.live import SimulatedProgress
-    from downpour.train import (
-        SAVED_FIRST_CHECKPOINT,
-        divergence_line,
-        warn_if_every_field_is_flat,
-        warn_if_training_failed,
-    )
+    from downpour.train import SAVED_FIRST_CHECKPOINT, divergence_line, warn_if_training_failed
 
     t0 = time.time()
     initial = flat_copy(model)

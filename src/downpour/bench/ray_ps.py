@@ -49,7 +49,8 @@ from downpour.config import Config
 from downpour.data import load_dataset, worker_slice
 from downpour.models import build_model
 from downpour.ps.flat import flat_copy
-from downpour.train import RunState, log_push_records
+from downpour.resume import RunState
+from downpour.watch import log_push_records
 
 TARGET_VS_DOC_PATTERN = 5.0
 TARGET_VS_LOCAL = 0.8

@@ -25,7 +25,8 @@ from downpour.bench.baselines import shared_model, train_forever
 from downpour.config import Config
 from downpour.models import build_model
 from downpour.ps.flat import flat_copy
-from downpour.train import RunState, log_push_records
+from downpour.resume import RunState
+from downpour.watch import log_push_records
 
 
 class Runner:

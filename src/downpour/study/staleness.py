@@ -42,6 +42,7 @@ from downpour.backends.sim import ModelGradient, SimSettings, WorkerBatches, sim
 from downpour.config import Config
 from downpour.data import load_dataset
 from downpour.errors import ConfigError
+from downpour.held_out import HeldOutLoss
 from downpour.models import RICA, build_model
 from downpour.ps.flat import flat_copy
 from downpour.ps.policies import EASGD, POLICIES, Sync, make_policy
@@ -49,7 +50,6 @@ from downpour.ps.rules import make_rule
 from downpour.ps.staleness import StalenessHistogram
 from downpour.study.earlier import as_json, check_earlier
 from downpour.threads import torch_threads
-from downpour.train import HeldOutLoss
 
 DEFAULT_POLICIES = ("downpour", "sync", "ssp:4", "staleness-lr", "dc-asgd", "easgd")
 DEFAULT_WORKERS = (1, 8, 64, 1000)

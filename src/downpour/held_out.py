@@ -1,0 +1,43 @@
+"""The loss of the fixed held-out batch for any flat parameter vector: what every checkpoint, eval row and
+summary of a run measures."""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+
+from downpour.config import Config
+from downpour.console import warn
+from downpour.data import Dataset
+from downpour.models import build_model
+from downpour.ps.flat import FlatParameters
+
+
+class HeldOutLoss:
+    """The model's loss on the fixed held-out batch for any flat parameter vector."""
+
+    def __init__(self, config: Config, dataset: Dataset) -> None:
+        self.model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
+        self.flat = FlatParameters(self.model)
+        self.batch = dataset.held_out
+        self.skip: dict[str, float] | None = None  # fields skipped in the last evaluation (model.skip_variance)
+
+    @torch.no_grad()
+    def __call__(self, params: torch.Tensor) -> float:
+        self.flat.values.copy_(params)
+        skip_summary = getattr(self.model, "skip_summary", None)
+        if skip_summary is not None:
+            skip_summary()  # start counting afresh
+        loss = float(self.model.loss(self.batch))
+        if skip_summary is not None:
+            self.skip = skip_summary()
+        return loss
+
+
+def warn_if_every_field_is_flat(held_out_loss: HeldOutLoss, config: Config, console: Console) -> None:
+    """Warn, before training, when ``model.skip_variance`` zeroed every receptive field of the held-out batch in its
+    last evaluation: no field varies that much, so the network outputs zeros and learns nothing."""
+    if held_out_loss.skip is not None and held_out_loss.skip["zeroed_fraction"] >= 1.0:
+        warn(console, f"model.skip_variance = {config.model.skip_variance:g} zeroes every receptive field of the "
+                      "held-out examples (none varies that much): the network outputs zeros and learns nothing; "
+                      "lower model.skip_variance")  # fmt: skip
