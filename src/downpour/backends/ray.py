@@ -35,17 +35,13 @@ Nothing is ever unpickled from a file: checkpoints stay safetensors + JSON, writ
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import logging
 import math
 import os
 import random
 import shutil
-import socket
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +61,7 @@ from downpour.backends.ray_actors import (
     snapshot_to_wire,
     sync_threads,
 )
+from downpour.backends.ray_connect import connect, first_line, unreachable
 from downpour.backends.ray_coordinator import Coordinator
 from downpour.config import Config
 from downpour.errors import DownpourError, out_of_memory
@@ -86,14 +83,9 @@ __all__ = [
     "WorkerActor",
     "connect",
     "parse_chaos",
+    "unreachable",
 ]
 
-INLINE_BYTES = 1 << 20  # max_direct_call_object_size of an instance we start: shards up to 256K floats go inline
-OBJECT_STORE_BYTES = 200 * 1024 * 1024  # shared-memory object store of an instance we start
-# Ray's settings for an instance we start (scripts/ray_cluster.sh passes the same to `ray start`): updates up to
-# INLINE_BYTES inline in the call; actor processes at the driver's priority (Ray's default, nice 15, has training
-# actors yield the CPU to every other process on the machine, which the local backend's workers do not).
-SYSTEM_CONFIG = {"max_direct_call_object_size": INLINE_BYTES, "worker_niceness": 0}
 MAX_RESTARTS = 100  # per actor; Ray's own limit and the driver's
 # CPUs a shard or worker actor asks for: nearly none (they are not CPU-bound reservations), but not zero, for Ray
 # schedules a zero-resource actor on the caller's node and would ignore its (soft) node affinity.
@@ -101,131 +93,6 @@ _ACTOR_CPUS = 0.01
 _POLL_TIMEOUT_S = 10.0
 _COUNTS_TIMEOUT_S = 2.0  # how long a checkpoint waits for the workers' counts (a live actor answers in milliseconds)
 _RETRY_S = 0.25  # between calls of ``run`` on a worker that Ray is restarting
-_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-# ---------------------------------------------------------------------------------------------------------------
-# Connecting
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def unreachable(address: str, timeout: float = 5.0) -> str | None:
-    """Why nothing answers at the Ray head ``address`` ("host:port", or "auto" as Ray resolves it), or None when
-    something accepts a connection there (or the address is one to leave to Ray: a client ``ray://`` address, or
-    "auto" with no cluster found, which Ray reports at once). ``ray.init`` itself retries an unreachable head for
-    minutes, printing its own warnings, instead of failing."""
-    if address == "auto":
-        try:
-            from ray._private.services import canonicalize_bootstrap_address
-
-            address = canonicalize_bootstrap_address("auto") or ""
-        except Exception:  # any failure here is ray.init's to report
-            return None
-    host, colon, port = address.rpartition(":")
-    if "://" in address or not colon or not port.isdigit():
-        return None
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return None
-    except OSError as exc:
-        return f"nothing accepts connections at {host}:{port} ({exc.strerror or exc})"
-
-
-@contextlib.contextmanager
-def _keep_loopback() -> Iterator[None]:
-    """While starting or joining Ray, keep 127.0.0.1 as this node's address instead of resolving it.
-
-    Ray binds its servers to the node's address, and resolves 127.0.0.1 to the machine's routable address first
-    (so that other machines could join). Its switch for single-machine clusters, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
-    (named for the platforms where it is the default), keeps the loopback address: read by this process at Ray's
-    import, and by every process Ray starts from its environment.
-    """
-    from ray._private import ray_constants
-
-    saved_env, saved_flag = os.environ.get(_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(_LOOPBACK_ENV, None)
-        else:
-            os.environ[_LOOPBACK_ENV] = saved_env
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Silence one logger's warnings for a moment."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def connect(address: str = "", *, num_cpus: int | None = None, object_store_bytes: int = OBJECT_STORE_BYTES
-            ) -> str | None:  # fmt: skip
-    """Connect this process to Ray, or start a private instance; return that instance's temporary directory.
-
-    ``address`` ``""`` starts a local instance bound to 127.0.0.1 (``num_cpus``, default all cores; no dashboard;
-    a ``object_store_bytes`` object store; updates up to :data:`INLINE_BYTES` inline), with token authentication
-    (Ray's default for a new instance); ``"auto"`` or ``"host:port"`` connects (with the token Ray finds when
-    ``RAY_AUTH_MODE=token``). Returns None when connecting, or when this process is connected already.
-    """
-    if ray.is_initialized():
-        return None
-    mode = os.environ.get("RAY_AUTH_MODE", "token")
-    if address == "" and mode.lower() != "token":
-        raise DownpourError(f"RAY_AUTH_MODE={mode} would start Ray without token authentication; unset it")
-    if address == "":
-        temp_dir = tempfile.mkdtemp(prefix="downpour-ray-")
-        try:
-            with _keep_loopback(), _quiet("ray._private.authentication.authentication_token_setup"):
-                ray.init(
-                    address="local",
-                    _node_ip_address="127.0.0.1",
-                    include_dashboard=False,
-                    num_cpus=num_cpus or os.cpu_count() or 1,
-                    object_store_memory=object_store_bytes,
-                    _system_config=SYSTEM_CONFIG,
-                    _temp_dir=temp_dir,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,
-                )
-        except (ConnectionError, RayError, RuntimeError, ValueError) as exc:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            raise DownpourError(f"cannot start a local Ray instance: {_first(exc)}") from None
-        except BaseException:  # Ctrl-C while Ray starts: stop what started, leave no directory behind
-            with contextlib.suppress(Exception):
-                ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            raise
-        return temp_dir
-    try:
-        if (reason := unreachable(address)) is not None:
-            raise ConnectionError(reason)
-        with _keep_loopback() if address != "auto" and _is_loopback(address) else contextlib.nullcontext():
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    except (ConnectionError, RayError, RuntimeError, ValueError) as exc:
-        raise DownpourError(
-            f"cannot reach Ray at cluster.address = {address!r}: {_first(exc)} (is it running? if it uses token "
-            "authentication, export RAY_AUTH_MODE=token and the token: RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
-        ) from None
-    return None
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Wire format: snapshots as NumPy arrays (Ray moves them as buffers)
@@ -429,7 +296,7 @@ class RayCluster:
         try:
             ray.get([state.handle.where.remote() for state in self._workers])
         except RayError as exc:
-            raise DownpourError(f"a Ray worker actor did not start: {_first(exc)}") from None
+            raise DownpourError(f"a Ray worker actor did not start: {first_line(exc)}") from None
         for state in self._workers:
             state.run = state.handle.run.remote(0)
 
@@ -553,7 +420,7 @@ class RayCluster:
                 state.done = True
                 self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back
                 self._leave_rounds(worker_id, state.incarnation)
-                events.append(WorkerEvent("died", worker_id, _first(exc)))
+                events.append(WorkerEvent("died", worker_id, first_line(exc)))
             except RayActorError as exc:  # the process died and Ray restarts it (or is restarting it)
                 self._leave_rounds(worker_id, state.incarnation)  # its restarted process joins them again
                 if self._stopping:
@@ -562,7 +429,7 @@ class RayCluster:
                 if not state.failing:  # one restart per death, however many calls fail while it comes back
                     state.failing = True
                     self.worker_restarts += 1
-                    events.append(WorkerEvent("restarted", worker_id, _first(exc)))
+                    events.append(WorkerEvent("restarted", worker_id, first_line(exc)))
                 state.retry_at = now + _RETRY_S
         return events
 
@@ -765,9 +632,3 @@ class RayCluster:
             self.chaos_log.append((time.monotonic(), kind, target))
             events.append(WorkerEvent("chaos", target, f"{kind} at {when:g}s (cluster.chaos)"))
         return events
-
-
-def _first(exc: BaseException) -> str:
-    """The first line of an exception's message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -301,7 +301,7 @@ def run(*, seconds: float = 0.5, rounds: int = 12, address: str = "") -> dict[st
 def _run(*, seconds: float, rounds: int, address: str) -> dict[str, Any]:
     import ray
 
-    from downpour.backends.ray import INLINE_BYTES, connect
+    from downpour.backends.ray_connect import INLINE_BYTES, connect
 
     config = workload()
     dataset = load_dataset(config.data, seed=0)
