@@ -71,6 +71,8 @@ def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) 
     for setting, flag in (("ps.policy=sync", "--policies"), ("cluster.workers=7", "--workers")):  # ran the grid's
         bad = cli("study", "staleness", "--set", setting, "--out", str(tmp_path / "g"))  # and recorded these
         assert bad.returncode == 2 and f"is set per run by the study's grid: pass {flag} instead" in bad.stderr
+    bad = cli("study", "staleness", "--set", "train.seconds=5", "--out", str(tmp_path / "g"))  # was dropped unsaid
+    assert bad.returncode == 2 and "train.seconds is not this study's budget: every run computes --steps" in bad.stderr
     config.write_text("[cluster]\nworkers = 7\n")
     bad = cli("study", "staleness", "--config", str(config), "--out", str(tmp_path / "g"))
     assert bad.returncode == 2 and "cluster.workers is set per run" in bad.stderr and not (tmp_path / "g").exists()

@@ -72,7 +72,14 @@ def test_run_study_checks_the_grid_before_running(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"invalid --steps: 0"):
         run_study(config, policies=["downpour"], workers=[1], seeds=1, out=tmp_path, steps=0)
     with pytest.raises(ConfigError, match=r"invalid --policies: 'sync:2' with 2 workers"):
-        run_study(config, policies=["downpour", "sync:2"], workers=[4, 2], seeds=1, out=tmp_path, steps=10)
+        run_study(config, policies=["downpour", "sync:2"], workers=[2], seeds=1, out=tmp_path, steps=10)
+    with pytest.raises(ConfigError, match=r"invalid --policies: 'sync:1' \(backup workers drop late pushes, which "):
+        run_study(config, policies=["downpour", "sync:1"], workers=[4], seeds=1, out=tmp_path, steps=10)
+    for setting, key in (("ps.n_fetch=4", "ps.n_fetch"), ("ps.n_push=2", "ps.n_push"), ("ps.local_apply=true",
+                                                                                      "ps.local_apply")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"invalid {key}: .*(sim backend)"):
+            run_study(study_config(overrides=[*TINY, setting]), policies=["staleness-lr"], workers=[2], seeds=1,
+                      out=tmp_path, steps=10)  # fmt: skip
     with pytest.raises(ConfigError, match=r"invalid --workers: 5000 \(more than the 1000 training examples"):
         run_study(config, policies=["downpour"], workers=[5000], seeds=1, out=tmp_path, steps=10)
     assert not (tmp_path / "results.json").exists()
@@ -181,6 +188,7 @@ def test_tiny_grid_writes_every_file(tiny: tuple[Path, dict[str, Any]]) -> None:
         ("downpour", 1), ("downpour", 4), ("easgd", 1), ("easgd", 4)
     ]  # fmt: skip
     assert saved["grid"] == {"policies": ["downpour", "easgd"], "workers": [1, 4], "seeds": 2, "steps": 40}
+    assert saved["backend"] == saved["config"]["cluster"]["backend"] == "sim"  # it recorded "local", the default
 
     table = (out / "table.md").read_text()
     assert "| policy | workers | final loss median | IQR (q25–q75) | diverged | staleness mean |" in table

@@ -114,6 +114,7 @@ def _check_out(out: Path) -> None:
 
 
 GRID_KEYS = {"ps.policy": "--policies", "cluster.workers": "--workers"}  # what the staleness grid sets per run
+BUDGET_KEYS = ("train.seconds",)  # a training budget the study has none of: each run computes --steps gradients
 
 
 def cmd_study(args: argparse.Namespace, console: Console) -> int:
@@ -131,6 +132,8 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
             raise DownpourError(
                 f"{clashes[0]} is set per run by the study's grid: pass {GRID_KEYS[clashes[0]]} instead"
             )
+        if clashes := sorted(named & set(BUDGET_KEYS)):
+            raise DownpourError(f"{clashes[0]} is not this study's budget: every run computes --steps gradients")
         grid = staleness.parse_grid(args.policies, args.workers, args.seeds)
         staleness.check_study(config, policies=grid.policies, workers=grid.workers, seeds=grid.seeds,
                               steps=args.steps, backend=args.backend)  # bad settings: before the bar  # fmt: skip

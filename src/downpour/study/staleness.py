@@ -27,6 +27,7 @@ above its initial held-out loss.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -307,6 +308,11 @@ def run_record(*, policy: str, workers: int, seed_index: int, seed: int, pushes:
     }
 
 
+def _on_backend(config: Config, backend: str) -> Config:
+    """``config`` as the study's runs use it: on ``backend`` (the study's flag, not ``cluster.backend``)."""
+    return dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, backend=backend))
+
+
 def check_study(config: Config, *, policies: list[str], workers: list[int], seeds: int, steps: int | None,
                 backend: str) -> tuple[Grid, int]:  # fmt: skip
     """Every setting of a study checked before its first run (and before a progress bar is drawn): the grid and the
@@ -319,11 +325,19 @@ def check_study(config: Config, *, policies: list[str], workers: list[int], seed
     grid = parse_grid(",".join(policies), ",".join(str(n) for n in workers), seeds)
     for name in grid.policies:  # every (policy, N)
         for n in grid.workers:
-            _policy(config, name, n)
+            policy = _policy(config, name, n)
+            if isinstance(policy, Sync) and policy.backup_workers:
+                raise ConfigError(
+                    f"invalid --policies: {name!r} (backup workers drop late pushes, which count toward the push "
+                    "budget: such runs would compute fewer gradients than the others, and the budget would cut "
+                    "their last round short; study backup workers with `downpour train --set ps.backup_workers=B`)"
+                )
             _settings(config, n, 1, config.train.seed)
     make_rule(config.ps.rule, lr=config.ps.lr, adagrad_eps=config.ps.adagrad_eps)
     if backend not in ("sim", "local"):
         raise ConfigError(f"invalid --backend: {backend!r} (choose sim or local)")
+    if backend == "sim":  # what the simulator cannot model, refused as `train --backend sim` refuses it
+        config_mod.validate(_on_backend(config, "sim"))
     if backend == "local":
         from downpour.study import staleness_local
 
@@ -355,7 +369,8 @@ def run_study(
     """
     grid, steps = check_study(config, policies=policies, workers=workers, seeds=seeds, steps=steps, backend=backend)
     grid_json = {"policies": grid.policies, "workers": grid.workers, "seeds": grid.seeds, "steps": steps}
-    header = {"study": "staleness", "grid": grid_json, "config": config.to_dict(), "backend": backend}
+    header = {"study": "staleness", "grid": grid_json, "config": _on_backend(config, backend).to_dict(),
+              "backend": backend}  # fmt: skip
     settings = as_json(header)
     check_earlier(Path(out) / "results.json", lambda earlier: {key: earlier.get(key) for key in settings} == settings)
     if backend == "local":

@@ -99,7 +99,8 @@ def table_markdown(result: dict[str, Any]) -> str:
         "",
         f"Model `{m['name']}` ({m['features']} features) on `{d['source']}` (patch {d['patch_size']}, "
         f"{d['examples']:,} examples, {d['held_out']} held out); rule `{p['rule']}`, lr {p['lr']:g}, "
-        f"batch {t['batch_size']}; {grid['steps']:,} gradients per run (easgd: steps // τ exchanges); "
+        f"batch {t['batch_size']}; {grid['steps']:,} gradients per run (easgd: steps // τ exchanges; sync: whole "
+        "rounds of N, steps // N · N, at least one); "
         f"{grid['seeds']} seeds (train.seed + 0..{grid['seeds'] - 1}).",
     ]
     if result.get("complete") is False:
