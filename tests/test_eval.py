@@ -6,6 +6,7 @@ tiny cat network. Every command then runs end to end through ``downpour.cli.main
 
 from __future__ import annotations
 
+import math
 import json
 import shutil
 from pathlib import Path
@@ -231,6 +232,31 @@ def test_optimal_stimulus_of_a_linear_unit_is_its_whitened_filter(rica_run: Path
     radius = stimuli.flatten(1).norm(dim=1)
     assert torch.allclose(radius, torch.full_like(radius, 0.1 * 16), rtol=1e-4)  # on the norm bound
     assert torch.allclose(responses, trained.features(stimuli + 0.5)[torch.arange(2), [2, 7]], rtol=1e-4)
+
+
+def test_optimal_stimulus_of_a_network_that_skips_faint_fields_leaves_its_start(cat_run: Path) -> None:
+    """With ``model.skip_variance`` at a threshold above every field of a faint picture, a search that started
+    faint (a tenth of the bound) had every field zeroed, no gradient, and returned its random start with response
+    0; starting on the bound, it climbs."""
+    from downpour.eval.stimulus import _project
+    from downpour.nn.skip import field_variance
+
+    trained = load_run(cat_run)
+    stages = [m for m in trained.model.modules() if hasattr(m, "encoder") and hasattr(m, "skip_variance")]
+    encoder = stages[0].encoder
+    radius = 0.1 * math.sqrt(trained.input_dim)
+    start = torch.randn(2, *trained.input_shape, generator=torch.Generator().manual_seed(0))
+
+    def variances(scale: float) -> torch.Tensor:
+        z = trained.preprocess(_project(start, scale * radius) + 0.5).view(-1, *trained.input_shape)  # (U, C, H, W)
+        return field_variance(z, encoder.kernel_size, encoder.stride)
+
+    threshold = 3 * float(variances(0.1).max())
+    assert float((variances(1.0) >= threshold).float().mean()) > 0.5  # on the bound most fields are computed
+    for stage in stages:
+        stage.skip_variance = threshold
+    _, responses = optimal_stimuli(trained, [0, 1], steps=30)
+    assert torch.all(responses.abs() > 1e-3), responses
 
 
 def test_detect_maps_a_unit_over_an_image(rica_run: Path, photo: Path, tmp_path: Path,

@@ -51,7 +51,9 @@ def optimal_stimuli(
     check_units(units, width)
     radius = CONTRAST * math.sqrt(trained.input_dim) if radius is None else radius
     generator = torch.Generator().manual_seed(seed)
-    x = _project(torch.randn(len(units), *trained.input_shape, generator=generator), 0.1 * radius)
+    # the search starts on the bound: a fainter start can leave every field of a model that skips flat ones
+    # (model.skip_variance) zeroed, with no gradient to leave it by
+    x = _project(torch.randn(len(units), *trained.input_shape, generator=generator), radius)
     index = torch.tensor(units)
     for step in range(steps):
         x.requires_grad_(True)
