@@ -6,8 +6,8 @@ tiny cat network. Every command then runs end to end through ``downpour.cli.main
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -95,6 +95,11 @@ def test_load_run_refuses_missing_corrupt_and_mismatched_runs(rica_run: Path, tm
     config_text = (copy / "config.toml").read_text()
     (copy / "config.toml").write_text(config_text.replace("features = 64", "features = 32"))
     with pytest.raises(DownpourError, match="does not fit the model"):
+        load_run(copy)
+    # the same shapes, other data: another run's checkpoint (it would be scored through the wrong preprocessing,
+    # and could bring weights fitted on the face test's own faces past its refusal)
+    (copy / "config.toml").write_text(config_text.replace("seed = 0", "seed = 3"))
+    with pytest.raises(DownpourError, match=r"was saved by a run trained otherwise than .*\(train\.seed 0 vs 3\)"):
         load_run(copy)
     (copy / "config.toml").write_text(config_text)
     (copy / "whitening.safetensors").write_bytes(b"not safetensors")

@@ -321,6 +321,36 @@ def data_key_read(data: DataConfig, key: str) -> bool:
     return key not in ("whiten_eps", "whiten_centre") or data.whiten
 
 
+# Model keys a resumed session may change: how it trains, not the network or its cost (recorded in its start row)
+RESUMABLE_MODEL_KEYS = ("cd_k", "freeze_first")
+
+
+def trained_differently(saved: Any, config: Config, *, ignoring: tuple[str, ...] = ()) -> list[str]:
+    """What fixes a run's examples, network and cost and differs between ``saved`` (a checkpoint's recorded config,
+    as a dict) and ``config``: ``["data.source 'natural-patches' vs 'natural-images'", ...]``. Compared: the data
+    keys the source reads (but where torchvision sets are cached), the model keys the design reads (but
+    :data:`RESUMABLE_MODEL_KEYS`) and ``train.seed``, but those named in ``ignoring`` (``"data.held_out"``); a key
+    newer than the checkpoint had its default then."""
+    saved = saved if isinstance(saved, dict) else {}
+    saved_data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    saved_model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    saved_train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+    problems = []
+    for key, value in config.to_dict()["data"].items():
+        if key == "cache_dir" or f"data.{key}" in ignoring or not data_key_read(config.data, key):
+            continue
+        if (before := saved_data.get(key, getattr(DataConfig, key))) != value:
+            problems.append(f"data.{key} {before!r} vs {value!r}")
+    for key, value in config.to_dict()["model"].items():
+        if key in RESUMABLE_MODEL_KEYS or not model_key_read(config.model, key):
+            continue
+        if (before := saved_model.get(key, getattr(ModelConfig, key))) != value:
+            problems.append(f"model.{key} {before!r} vs {value!r}")
+    if saved_train.get("seed") != config.train.seed:
+        problems.append(f"train.seed {saved_train.get('seed')!r} vs {config.train.seed!r}")
+    return problems
+
+
 def ignored_keys(config: Config) -> list[str]:
     """One line per key set away from its default that this run's design or data source never reads."""
     lines = []

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from downpour import checkpoint as ckpt
 from downpour import rundir
-from downpour.config import Config, DataConfig, ModelConfig, data_key_read, model_key_read
+from downpour.config import Config, trained_differently
 from downpour.console import warn
 from downpour.data import Dataset, counts_before_exact_examples
 from downpour.data.own import READER_VERSION
@@ -65,10 +65,6 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-# Model keys a resumed session may change: how it trains, not the network or its cost (recorded in its start row)
-RESUMABLE_MODEL_KEYS = ("cd_k", "freeze_first")
-
-
 def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str, Any], where: Path) -> None:
     """Refuse a checkpoint written for another model, shape, shard layout or rule (nothing is overwritten)."""
     saved_model = state.get("model", {})
@@ -83,25 +79,12 @@ def _check_compatible(state: dict[str, Any], config: Config, signature: dict[str
         problems.append(f"rule {state.get('rule')!r} vs ps.rule={config.ps.rule!r}")
     saved_config = state.get("config", {})
     # The data and the seed fix the training examples and the held-out batch that every loss is measured on; the
-    # model keys, the network and its cost (keys the source or design does not read aside, and where torchvision
-    # sets are cached).
-    saved_data, saved_model = saved_config.get("data", {}), saved_config.get("model", {})
-    for key, value in config.to_dict()["data"].items():  # a key newer than the checkpoint had its default then
-        if key == "cache_dir" or not data_key_read(config.data, key):
-            continue
-        if (before := saved_data.get(key, getattr(DataConfig, key))) != value:
-            problems.append(f"data.{key} {before!r} vs {value!r}")
-    for key, value in config.to_dict()["model"].items():
-        if key in RESUMABLE_MODEL_KEYS or not model_key_read(config.model, key):
-            continue
-        if (before := saved_model.get(key, getattr(ModelConfig, key))) != value:
-            problems.append(f"model.{key} {before!r} vs {value!r}")
+    # model keys, the network and its cost.
+    problems += trained_differently(saved_config, config)
     before = saved_config.get("ps", {}).get("policy", "downpour")
     if (before == "sync") != (config.ps.policy == "sync"):  # a sync shard's version counts rounds, others' pushes
         problems.append(f"ps.policy {before!r} vs {config.ps.policy!r} (a sync shard's version counts rounds and "
                         "another's counts pushes: a run cannot switch to or from sync)")  # fmt: skip
-    if saved_config.get("train", {}).get("seed") != config.train.seed:
-        problems.append(f"train.seed {saved_config.get('train', {}).get('seed')!r} vs {config.train.seed!r}")
     if problems:
         raise CheckpointError(f"checkpoint {where} does not match this config: " + "; ".join(problems))
 

@@ -102,8 +102,8 @@ def _load_whitening(run_dir: Path, dim: int) -> tuple[Tensor, Tensor | None]:
 def load_run(run_dir: Path) -> TrainedRun:
     """Read ``run_dir``'s ``config.toml``, latest checkpoint and whitening matrix; rebuild the model (eval mode).
 
-    A missing or corrupt run directory, or a checkpoint that does not fit the config's model, raises a
-    :class:`DownpourError` naming the file.
+    A missing or corrupt run directory, or a checkpoint that does not fit the config's model or was trained on
+    other data, another cost or seed (another run's), raises a :class:`DownpourError` naming the file.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -125,6 +125,13 @@ def load_run(run_dir: Path) -> TrainedRun:
         raise CheckpointError(
             f"checkpoint {run_dir / rundir.CHECKPOINT} does not fit the model of {run_dir / rundir.CONFIG}: "
             f"saved {saved.get('name')!r} {saved.get('param_shapes')} vs {config.model.name!r} {expected}"
+        )
+    # another run's weights? (config.toml records the count held out, where a checkpoint saved before it was
+    # recorded says the default)
+    if problems := config_mod.trained_differently(checkpoint.state.get("config"), config, ignoring=("data.held_out",)):
+        raise CheckpointError(
+            f"checkpoint {run_dir / rundir.CHECKPOINT} was saved by a run trained otherwise than "
+            f"{run_dir / rundir.CONFIG} says ({'; '.join(problems)}): it is another run's, or the files were edited"
         )
     pieces = [snap["values"].reshape(-1) for snap in checkpoint.shard_snapshots()]
     values = torch.cat(pieces) if pieces else torch.empty(0)  # (num_params,): the shards in order
