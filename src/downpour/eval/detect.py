@@ -37,9 +37,12 @@ def heat_map_formats() -> list[str]:
     return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})  # pgf needs a LaTeX installation
 
 
-def check_out(out: Path) -> None:
-    """Refuse an ``--out`` that no heat map could be written to, before any work: an unknown suffix, a directory, or a
-    missing parent directory."""
+def check_out(out: Path, image: Path | None = None) -> None:
+    """Refuse an ``--out`` that no heat map could be written to, before any work: an unknown suffix, a directory, a
+    missing parent directory, or the scanned ``image`` itself (the map would replace the user's picture)."""
+    if image is not None and out.resolve() == image.resolve():
+        raise DownpourError(f"invalid --out: {out} is the picture being scanned; the heat map would replace it "
+                            "(name another file)")  # fmt: skip
     suffix = out.suffix.lstrip(".").lower()
     formats = heat_map_formats()
     if suffix not in formats:
@@ -138,7 +141,7 @@ def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int
     """
     check_scale(scale)  # the flags first: loading the run takes seconds
     if out is not None:
-        check_out(Path(out))
+        check_out(Path(out), Path(image_path))
     trained = load_run(run_dir)
     stride = max(1, trained.input_shape[1] // 4) if stride is None else stride
     if not 1 <= stride <= MAX_STRIDE:

@@ -139,8 +139,9 @@ def read_image(path: Path, channels: int) -> np.ndarray:
         image = image[..., :3]
     elif image.ndim != 2:
         raise DataError(f"image {path} has shape {image.shape}; expected a gray or colour picture")
-    if image.dtype.kind in "ui":
-        image = image.astype(np.float32) / np.iinfo(image.dtype).max
+    if image.dtype.kind in "ui":  # 8 bits, or 16 and 32-bit gray (Pillow's "I" modes): scaled as training scales it
+        top = 255.0 if image.dtype.itemsize == 1 else 65535.0
+        image = np.clip(image.astype(np.float32) / top, 0.0, 1.0)
     else:
         image = image.astype(np.float32) / (255.0 if image.max() > 1.0 else 1.0)
     image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)  # (C, H, W)
