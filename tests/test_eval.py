@@ -164,12 +164,35 @@ def test_eval_face_neuron_writes_json_and_picture(rica_run: Path, capsys: pytest
     face_neuron.print_table(result, console)
     table = console.export_text()
     assert "raw pixel" in table and f"{result['heldout_accuracy']:.3f}" in table
-    assert "3 splits" in table and table.count("±") == 2 * (1 + len(baselines))
+    assert "3 splits" in table and table.count("±") == 3 * (1 + len(baselines))
     one = {**result, "splits": 1}  # one split has no spread: no "± 0.000"
     console = Console(record=True, width=120)
     face_neuron.print_table(one, console)
     table = console.export_text()
     assert "1 split," in table and "±" not in table
+
+
+def test_face_neuron_invariance_keeps_the_unit_and_threshold_chosen_on_clean_pictures(rica_run: Path) -> None:
+    """``invariance_accuracy`` is Le et al.'s test of a face unit's invariance: the rule chosen on the clean training
+    half, scored on the jittered test half (``jitter_heldout_accuracy`` chooses again on jittered pictures, and so
+    seldom scores the same unit)."""
+    from downpour.data.sources import lfw_labelled
+    from downpour.eval import face_neuron
+
+    trained = load_run(rica_run)
+    result = face_neuron.evaluate(trained, splits=3, seed=0)
+    raw, labels = lfw_labelled()
+    clean = trained.features(torch.from_numpy(fit_images(raw, trained.input_shape))).numpy()
+    jittered_raw = jitter_images(raw[:, 0], np.random.default_rng(0))[:, None]
+    jittered = trained.features(torch.from_numpy(fit_images(jittered_raw, trained.input_shape))).numpy()
+    expected = []
+    for train, test in half_splits(labels, 3, 0):
+        rule = best_unit(clean[train], labels[train])
+        expected.append(float((rule.predict(jittered[test]) == labels[test]).mean()))
+    assert result["invariance_accuracy"] == pytest.approx(np.mean(expected), abs=1e-12)
+    assert result["invariance_std"] == pytest.approx(np.std(expected), abs=1e-12)
+    for base in result["baselines"].values():
+        assert 0.4 <= base["invariance_accuracy"] <= 1.0
 
 
 def test_face_neuron_refuses_a_run_trained_on_its_faces_and_a_seed_out_of_range(
@@ -306,6 +329,26 @@ def test_pictures_leave_the_callers_matplotlib_backend_alone(tmp_path: Path) -> 
         matplotlib.use(before)
 
 
+def test_deep_gray_pictures_are_scaled_as_training_scales_them(tmp_path: Path) -> None:
+    """16 and 32-bit gray (Pillow's "I;16" and "I" modes, e.g. a 16-bit scan stored as int32) are scaled by 65,535
+    as the folder reader scales them; a 32-bit one was divided by 2**31 - 1, and so reached detect 32,768x too
+    dark."""
+    from PIL import Image
+
+    from downpour.data.own import _to_array
+    from downpour.eval.images import read_image
+
+    values = np.random.default_rng(0).integers(0, 65536, (12, 14))
+    for name, write in (("deep.tif", lambda p: Image.fromarray(values.astype(np.int32), mode="I").save(p)),
+                        ("deep.png", lambda p: Image.fromarray(values.astype(np.uint16)).save(p))):  # fmt: skip
+        write(tmp_path / name)
+        read = read_image(tmp_path / name, 1)
+        np.testing.assert_allclose(read[0], values / 65535.0, atol=1e-6, err_msg=name)
+        with Image.open(tmp_path / name) as image:
+            trained_on = _to_array(image, 1, 0)[0] / 255.0  # (H, W): training's 8 bits of the same picture
+        np.testing.assert_allclose(read[0], trained_on, atol=0.5 / 255 + 1e-6, err_msg=name)
+
+
 def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> None:
     """imageio returns frames for GIF (even one frame: ``(1, H, W, 3)``) and multi-page TIFF; a picture is read as
     its first frame, in gray or colour, not refused as "not a gray or colour picture". Grey with alpha ``(H, W, 2)``
@@ -358,8 +401,11 @@ def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_pa
         (("eval", "face-neuron", str(rica_run), "--splits", "0"), "invalid --splits: 0"),
         (("detect", str(rica_run), str(photo), "--stride", str(1 << 63)), "invalid --stride: 9223372036854775808"),
         (("detect", str(rica_run), str(photo), "--out", str(tmp_path / "heat.pgf")), "heat.pgf"),  # needs LaTeX
+        (("detect", str(rica_run), str(photo), "--out", str(photo)), "is the picture being scanned"),
     ]
+    before = photo.read_bytes()
     for argv, message in cases:
         code, _, err = _cli(capsys, *argv)
         assert code == 2, argv
         assert message in err and len(err.strip().splitlines()) == 1, err
+    assert photo.read_bytes() == before  # --out the picture itself replaced it with its heat map

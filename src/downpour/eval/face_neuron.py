@@ -6,7 +6,10 @@ chosen on the test set itself (81.7%). Here, on scikit-image's ``lfw_subset`` (1
 
 * ``insample_accuracy``: that protocol — unit, threshold and polarity chosen and scored on all 200 images;
 * ``heldout_accuracy``: chosen on a random stratified half, scored on the other half, mean over ``splits`` halves;
-* ``jitter_heldout_accuracy``: the same, with every image scaled 0.8–1.2, rotated ±15° and shifted ±4 px;
+* ``jitter_heldout_accuracy``: the same, with every image scaled 0.8–1.2, rotated ±15° and shifted ±4 px (unit
+  and threshold chosen on jittered pictures too: does *some* unit separate jittered faces?);
+* ``invariance_accuracy``: the paper's invariance test (its Fig. 6): the unit and threshold chosen on the clean
+  training half, scored on the jittered test half (does *the* face unit survive the jitter?);
 * ``baselines``: the held-out protocol on the same halves for the best raw pixel, the best PCA component (fitted
   on the training half), the best of as many random linear filters as the model has units (applied to the same
   preprocessed input as the model), and a logistic-regression probe on raw pixels.
@@ -37,39 +40,54 @@ NAME = "face_neuron"
 MAX_RANDOM_FILTERS = 4096
 
 Split = tuple[np.ndarray, np.ndarray]
-# A held-out scorer: (all images' values or pixels, labels, train rows, test rows) -> (accuracy, chosen unit or -1)
-Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[float, int]]
+# A held-out scorer: (all images' values or pixels, labels, train rows, test rows, values to score the test rows on
+# when not those) -> (accuracy, chosen unit or -1)
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], tuple[float, int]]
 
 
-def _pca_scorer(pixels: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[float, int]:
+def _pca_scorer(pixels: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
+                scored_on: np.ndarray | None = None) -> tuple[float, int]:  # fmt: skip
     """PCA fitted on the training half's pixels (unsupervised); then the best single component, held out."""
     mean = pixels[train].mean(axis=0)
     _, _, components = np.linalg.svd(pixels[train] - mean, full_matrices=False)  # (k, D), k = min(n, D)
     projected = (pixels - mean) @ components.T  # (N, k)
-    return heldout_accuracy(projected, labels, train, test)
+    scored = None if scored_on is None else (scored_on - mean) @ components.T  # (N, k)
+    return heldout_accuracy(projected, labels, train, test, scored)
 
 
-def _probe_scorer(pixels: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[float, int]:
+def _probe_scorer(pixels: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
+                  scored_on: np.ndarray | None = None) -> tuple[float, int]:  # fmt: skip
     """Logistic regression (standardised pixels, L2, C = 1) fitted on the training half, scored on the other."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     probe.fit(pixels[train], labels[train])
-    return float(probe.score(pixels[test], labels[test])), -1
+    scored = pixels if scored_on is None else scored_on
+    return float(probe.score(scored[test], labels[test])), -1
 
 
-def _over_splits(values: np.ndarray, labels: np.ndarray, splits: list[Split], scorer: Scorer) -> tuple[list, list]:
+def _over_splits(values: np.ndarray, labels: np.ndarray, splits: list[Split], scorer: Scorer,
+                 scored_on: np.ndarray | None = None) -> tuple[list, list]:  # fmt: skip
     with threadpool_limits(limits=1):  # 100-image problems only lose time to BLAS threads
-        scores = [scorer(values, labels, train, test) for train, test in splits]
+        scores = [scorer(values, labels, train, test, scored_on) for train, test in splits]
     return [accuracy for accuracy, _ in scores], [unit for _, unit in scores]
 
 
-def _summary(clean: list[float], jittered: list[float], candidates: int) -> dict[str, Any]:
-    return {
+def _summary(values: dict[str, np.ndarray], labels: np.ndarray, splits: list[Split], scorer: Scorer,
+             candidates: int) -> tuple[dict[str, Any], list, list]:  # fmt: skip
+    """One candidate set's three held-out scores over ``splits`` (clean, jittered, the clean rule on jittered
+    pictures), and the units chosen on clean and on jittered pictures."""
+    clean, units = _over_splits(values["clean"], labels, splits, scorer)
+    jittered, jitter_units = _over_splits(values["jitter"], labels, splits, scorer)
+    invariant, _ = _over_splits(values["clean"], labels, splits, scorer, scored_on=values["jitter"])
+    summary = {
         "heldout_accuracy": float(np.mean(clean)),
         "heldout_std": float(np.std(clean)),
         "jitter_heldout_accuracy": float(np.mean(jittered)),
         "jitter_heldout_std": float(np.std(jittered)),
+        "invariance_accuracy": float(np.mean(invariant)),
+        "invariance_std": float(np.std(invariant)),
         "candidates": candidates,
     }
+    return summary, units, jitter_units
 
 
 def evaluate(trained: TrainedRun, *, splits: int = 10, seed: int = 0) -> dict[str, Any]:
@@ -95,8 +113,7 @@ def evaluate(trained: TrainedRun, *, splits: int = 10, seed: int = 0) -> dict[st
                           generator=torch.Generator().manual_seed(seed))  # fmt: skip
     random_responses = {k: (trained.preprocess(torch.from_numpy(v)) @ filters.t()).numpy() for k, v in images.items()}
 
-    model_clean, units = _over_splits(features["clean"], labels, halves, heldout_accuracy)
-    model_jitter, jitter_units = _over_splits(features["jitter"], labels, halves, heldout_accuracy)
+    model, units, jitter_units = _summary(features, labels, halves, heldout_accuracy, width)
     insample = best_unit(features["clean"], labels)
     baselines = {}
     for name, values, scorer, candidates in (
@@ -105,9 +122,7 @@ def evaluate(trained: TrainedRun, *, splits: int = 10, seed: int = 0) -> dict[st
         ("random_filter", random_responses, heldout_accuracy, filters.shape[0]),
         ("pixel_probe", pixels, _probe_scorer, 1),
     ):
-        clean, _ = _over_splits(values["clean"], labels, halves, scorer)
-        jittered, _ = _over_splits(values["jitter"], labels, halves, scorer)
-        baselines[name] = _summary(clean, jittered, candidates)
+        baselines[name] = _summary(values, labels, halves, scorer, candidates)[0]
     return {
         "test": "face-neuron",
         "run_dir": str(trained.run_dir),
@@ -119,7 +134,7 @@ def evaluate(trained: TrainedRun, *, splits: int = 10, seed: int = 0) -> dict[st
         "splits": splits,
         "seed": seed,
         "chance": 0.5,
-        **_summary(model_clean, model_jitter, width),
+        **model,
         "units": units,
         "jitter_units": jitter_units,
         "most_chosen_unit": Counter(units).most_common(1)[0][0],
@@ -149,8 +164,9 @@ def save_picture(trained: TrainedRun, result: dict[str, Any], path: Path) -> Non
     names = ["model unit", *result["baselines"]]
     rows = [result, *result["baselines"].values()]
     y = np.arange(len(names))
-    right.barh(y + 0.2, [r["heldout_accuracy"] for r in rows], height=0.4, label="held-out")
-    right.barh(y - 0.2, [r["jitter_heldout_accuracy"] for r in rows], height=0.4, label="held-out, jittered")
+    right.barh(y + 0.27, [r["heldout_accuracy"] for r in rows], height=0.27, label="held-out")
+    right.barh(y, [r["jitter_heldout_accuracy"] for r in rows], height=0.27, label="held-out, jittered")
+    right.barh(y - 0.27, [r["invariance_accuracy"] for r in rows], height=0.27, label="clean rule, jittered")
     right.set_yticks(y, names)
     right.invert_yaxis()
     right.axvline(0.5, color="k", linewidth=1)
@@ -171,19 +187,22 @@ def run(run_dir: Path, *, splits: int = 10, seed: int = 0) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any], console: Any) -> None:
-    """The model's unit against the baselines: held-out, jittered held-out and (model only) in-sample accuracy."""
+    """The model's unit against the baselines: held-out, jittered held-out, the clean rule on jittered pictures
+    and (model only) in-sample accuracy."""
 
     def spread(mean: float, std: float) -> str:  # one split has no spread to show
         return f"{mean:.3f} ± {std:.3f}" if result["splits"] > 1 else f"{mean:.3f}"
 
-    rows = [["model: best unit", spread(result["heldout_accuracy"], result["heldout_std"]),
-             spread(result["jitter_heldout_accuracy"], result["jitter_heldout_std"]),
-             f"{result['insample_accuracy']:.3f}", str(result["features"])]]  # fmt: skip
+    def scores(row: dict[str, Any]) -> list[str]:
+        return [spread(row["heldout_accuracy"], row["heldout_std"]),
+                spread(row["jitter_heldout_accuracy"], row["jitter_heldout_std"]),
+                spread(row["invariance_accuracy"], row["invariance_std"])]  # fmt: skip
+
+    rows = [["model: best unit", *scores(result), f"{result['insample_accuracy']:.3f}", str(result["features"])]]
     for name, base in result["baselines"].items():
-        rows.append([name.replace("_", " "), spread(base["heldout_accuracy"], base["heldout_std"]),
-                     spread(base["jitter_heldout_accuracy"], base["jitter_heldout_std"]), "",
-                     str(base["candidates"])])  # fmt: skip
+        rows.append([name.replace("_", " "), *scores(base), "", str(base["candidates"])])
     splits = f"{result['splits']} split{'s' if result['splits'] != 1 else ''}"
     title = (f"face neuron: {result['run_dir']} ({result['model']}), {splits}, seed {result['seed']}, "
              f"most chosen unit {result['most_chosen_unit']}")  # fmt: skip
-    print_rows(title, ["", "held-out", "jittered held-out", "in-sample", "candidates"], rows, console)
+    header = ["", "held-out", "jittered held-out", "clean rule, jittered", "in-sample", "candidates"]
+    print_rows(title, header, rows, console)

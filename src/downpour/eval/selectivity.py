@@ -62,10 +62,13 @@ def best_unit(values: np.ndarray, labels: np.ndarray) -> UnitRule:
     return UnitRule(unit, float(threshold), polarity, float(per_unit[unit]))
 
 
-def heldout_accuracy(values: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[float, int]:
-    """Choose the best unit rule on rows ``train``, score it on rows ``test``: ``(accuracy, unit)``."""
+def heldout_accuracy(values: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
+                     scored_on: np.ndarray | None = None) -> tuple[float, int]:  # fmt: skip
+    """Choose the best unit rule on rows ``train``, score it on rows ``test``: ``(accuracy, unit)``. ``scored_on``:
+    other values of the same examples to score it on (the same pictures transformed: is the unit invariant?)."""
     rule = best_unit(values[train], labels[train])
-    return float((rule.predict(values[test]) == labels[test]).mean()), rule.unit
+    scored = values if scored_on is None else scored_on
+    return float((rule.predict(scored[test]) == labels[test]).mean()), rule.unit
 
 
 def half_splits(labels: np.ndarray, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
