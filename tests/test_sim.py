@@ -103,6 +103,16 @@ def test_downpour_lognormal_mean_staleness_is_about_n_minus_1() -> None:
     assert later.max() > n  # a slow draw sees many more
 
 
+@pytest.mark.parametrize(("fraction", "workers", "count"), [(0.1, 4, 1), (0.1, 5, 1), (0.25, 10, 3), (0.5, 1, 1),
+                                                             (0.3, 10, 3), (0.0, 8, 0), (1.0, 6, 6)])  # fmt: skip
+def test_straggler_count_rounds_half_up_and_a_positive_fraction_gives_one(fraction: float, workers: int,
+                                                                          count: int) -> None:  # fmt: skip
+    """``round`` took 0.1 × 5 = 0.5 and 0.25 × 10 = 2.5 to the even 0 and 2, and 0.1 of 4 workers to none, silently
+    simulating no straggler where one was asked for."""
+    result = _run("downpour", workers, 10, stragglers=fraction, straggler_slowdown=4.0)
+    assert len(result.stragglers) == count
+
+
 def test_stragglers_see_more_staleness_than_fast_workers() -> None:
     """A worker 4x slower is overtaken by ~4x as many pushes; stragglers are chosen by the seed."""
     result = _run("downpour", 20, 3000, stragglers=0.25, straggler_slowdown=4.0)

@@ -318,3 +318,9 @@ def test_a_diverging_arm_is_counted_as_diverged(tmp_path: Path) -> None:
     assert result["comparisons"][0]["global_minimum"]["p"] == 1.0
     write_report(result, tmp_path)  # non-finite values become null: strict JSON still
     json.loads((tmp_path / "optima.json").read_text(), parse_constant=_strict)
+
+
+def test_the_reproduce_line_names_the_first_seed() -> None:
+    """A study from seed 100 printed a Python call to reproduce it, though ``--first-seed`` exists."""
+    result = run_optima(workers=4, seeds=2, steps=40, first_seed=100)
+    assert result["command"] == "downpour study optima --workers 4 --seeds 2 --steps 40 --first-seed 100"

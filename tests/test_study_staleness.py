@@ -51,6 +51,7 @@ def test_parse_grid_reads_the_three_flags() -> None:
         ("", "1", 1, "invalid --policies: ''"),
         ("downpour,,sync", "1", 1, "invalid --policies: 'downpour,,sync'"),
         ("sync,sync", "1", 1, "sync is listed twice"),
+        ("ssp:4,ssp:04", "1", 1, "ssp:04 is listed twice"),
         ("downpour", "x", 1, "invalid --workers: 'x' (comma-separated positive integers)"),
         ("downpour", "1,0", 1, "invalid --workers: '0'"),
         ("downpour", "8,-1", 1, "invalid --workers: '-1'"),

@@ -123,7 +123,7 @@ class ClusterConfig:
     # sim backend: the simulated cluster (simulated seconds; train.seconds is then simulated time too)
     sim_compute_mean: float = 1.0  # mean seconds per gradient
     sim_compute_sigma: float = 0.0  # 0: constant; > 0: lognormal with this sigma of the log, same mean
-    sim_stragglers: float = 0.0  # fraction of workers that are slower
+    sim_stragglers: float = 0.0  # fraction of workers that are slower (rounded half up; at least one when > 0)
     sim_straggler_slowdown: float = 1.0  # how many times slower they compute
     sim_network_mean: float = 0.0  # mean one-way message delay
     sim_network_sigma: float = 0.0  # 0: constant; > 0: lognormal

@@ -70,7 +70,7 @@ class SimSettings:
     seconds: float = 0.0  # simulated seconds; 0 = no limit
     compute_mean: float = 1.0  # mean simulated seconds per gradient
     compute_sigma: float = 0.0  # 0: constant; > 0: lognormal with this sigma (of the log), same mean
-    stragglers: float = 0.0  # fraction of workers (chosen at random) that are slower
+    stragglers: float = 0.0  # fraction of workers (chosen at random) slower; rounded half up, at least 1 if > 0
     straggler_slowdown: float = 1.0  # how many times slower the stragglers compute
     network_mean: float = 0.0  # mean one-way delay of a message (fetch or push)
     network_sigma: float = 0.0  # 0: constant; > 0: lognormal
@@ -271,7 +271,9 @@ class Simulation:
         n, s = settings.workers, settings
         self.rng = np.random.default_rng(s.seed)  # the mini-batch stream, passed to every gradient call
         timing = np.random.default_rng(np.random.SeedSequence([s.seed, 1]))
-        count = round(s.stragglers * n)
+        # rounded half up (Python's round() took 0.5 and 2.5 to the even 0 and 2), and at least one when the fraction
+        # is above 0: 0.1 of 4 workers must not silently mean none
+        count = max(math.floor(s.stragglers * n + 0.5), 1 if s.stragglers > 0 else 0)
         self.stragglers = np.sort(timing.choice(n, size=count, replace=False)) if count else np.zeros(0, np.int64)
         self._means = [s.compute_mean] * n
         for w in self.stragglers.tolist():

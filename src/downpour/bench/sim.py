@@ -3,8 +3,8 @@
 Both sides call the same gradient callable (the ``rica`` model on scikit-learn's digits, through
 :class:`~downpour.backends.sim.ModelGradient`) the same number of times. The plain loop does nothing else but an
 in-place SGD step with one random stream; the simulator adds everything it is: the event heap, random durations
-(lognormal compute times, stragglers, network delay), one fetched copy per in-flight version, a random stream per
-worker, the policy and server rule, the NaN/Inf check and the per-push records.
+(lognormal compute times, stragglers, network delay, from streams of their own), one fetched copy per in-flight
+version, the policy and server rule, the NaN/Inf check and the per-push records.
 
 A shared 2-core machine drifts by ±25% over seconds, so the two sides take turns every ``chunk`` pushes (tens of
 milliseconds) within one simulated run: the simulator's ``observe`` hook hands over to the plain loop, which makes

@@ -274,14 +274,16 @@ def _command(
     task: TiltedWells,
 ) -> str | None:
     """The ``downpour study optima`` command line for these settings, or None when one of them has no flag."""
-    other = (lr, tuple(policies), lr_match, start_box, first_seed, compute_sigma, network_mean, task)
-    plain = (DEFAULTS["lr"], ("sync", "downpour"), "gradient", 1.6, 0, 0.5, 0.0, TiltedWells())
+    other = (lr, tuple(policies), lr_match, start_box, compute_sigma, network_mean, task)
+    plain = (DEFAULTS["lr"], ("sync", "downpour"), "gradient", 1.6, 0.5, 0.0, TiltedWells())
     if other != plain:
         return None
     args = ["downpour", "study", "optima"]
     for flag, value in (("--workers", workers), ("--seeds", seeds), ("--steps", steps)):
         if value != DEFAULTS[flag[2:]]:
             args += [flag, str(value)]
+    if first_seed:
+        args += ["--first-seed", str(first_seed)]
     return shlex.join(args)
 
 

@@ -98,6 +98,12 @@ def _policy_help() -> str:
     return "comma-separated, from downpour, sync[:backup], ssp[:bound], staleness-lr, dc-asgd[:lambda], easgd[:tau]"
 
 
+def _policy_key(name: str) -> tuple[str, float | None]:
+    """A policy name as what it runs: its base and the number after ``:`` (``ssp:04`` is ``ssp:4``)."""
+    base, _, arg = name.partition(":")
+    return base, float(arg) if arg else None
+
+
 def parse_grid(policies: str, workers: str, seeds: int | str) -> Grid:
     """Read the ``--policies``, ``--workers`` and ``--seeds`` flags; a bad one raises :class:`ConfigError` naming
     the flag and the value."""
@@ -111,7 +117,8 @@ def parse_grid(policies: str, workers: str, seeds: int | str) -> Grid:
             make_policy(name, workers=1 << 30, lr=1e-9)  # checks the parameter after ':'
         except ConfigError as exc:
             raise ConfigError(f"invalid --policies: {name!r} ({exc})") from None
-    duplicate = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    same = [_policy_key(name) for name in names]  # ssp:4 and ssp:04 are one policy
+    duplicate = next((name for i, name in enumerate(names) if same[i] in same[:i]), None)
     if duplicate is not None:
         raise ConfigError(f"invalid --policies: {policies!r} ({duplicate} is listed twice)")
 
