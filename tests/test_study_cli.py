@@ -155,3 +155,25 @@ def test_help_names_every_study_and_each_options_default(cli: Callable[..., CliR
     assert "(default: 10)" in face and "(default: 0)" in face and "--json print the result as JSON" in face
     detect = " ".join(cli("detect", "--help").stdout.split())
     assert "picture to write, by its suffix: .png, .pdf, .svg" in detect and "(default: 1.0)" in detect
+
+
+def test_ctrl_c_in_the_optima_study_says_what_was_kept(tmp_path: Path, cli: Callable[..., CliResult],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Ctrl-C after the first of the two default arms: exit 130, nothing to compare, and the command says so (it
+    said nothing)."""
+    from downpour.study import optima
+
+    real, calls = optima._run_arm, []
+
+    def run_arm(*args: object, **kwargs: object) -> dict:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(optima, "_run_arm", run_arm)
+    out = tmp_path / "optima"
+    result = cli("study", "optima", "--workers", "4", "--seeds", "2", "--steps", "40", "--out", str(out))
+    assert result.returncode == 130, result.stderr
+    assert "interrupted before two arms finished: nothing was written into" in " ".join(result.stderr.split())
+    assert not (out / "optima.json").exists()

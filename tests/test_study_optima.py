@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -324,3 +325,30 @@ def test_the_reproduce_line_names_the_first_seed() -> None:
     """A study from seed 100 printed a Python call to reproduce it, though ``--first-seed`` exists."""
     result = run_optima(workers=4, seeds=2, steps=40, first_seed=100)
     assert result["command"] == "downpour study optima --workers 4 --seeds 2 --steps 40 --first-seed 100"
+
+
+def test_ctrl_c_keeps_the_arms_that_finished_when_two_can_be_compared(tmp_path: Path) -> None:
+    """Ctrl-C after two of three arms: their comparison is written, marked incomplete; after one arm there is
+    nothing to compare and nothing is written. (Every finished arm was thrown away.)"""
+    said: list[str] = []
+
+    def interrupt_after(arms: int) -> Callable[[str], None]:
+        def progress(line: str) -> None:
+            said.append(line)
+            if len(said) == arms:
+                raise KeyboardInterrupt
+
+        return progress
+
+    three = ("sync", "downpour", "downpour@1")
+    with pytest.raises(KeyboardInterrupt):
+        run_optima(workers=4, seeds=2, steps=40, policies=three, out=tmp_path / "two", progress=interrupt_after(2))
+    saved = json.loads((tmp_path / "two" / "optima.json").read_text())
+    assert saved["complete"] is False and len(saved["arms"]) == 2 and len(saved["comparisons"]) == 1
+    assert "**Incomplete: interrupted after 2 of 3 arms**" in (tmp_path / "two" / "optima.md").read_text()
+    said.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_optima(workers=4, seeds=2, steps=40, policies=three, out=tmp_path / "one", progress=interrupt_after(1))
+    assert not (tmp_path / "one").exists() or not (tmp_path / "one" / "optima.json").exists()
+    finished = run_optima(workers=4, seeds=2, steps=40, policies=three, out=tmp_path / "two")  # the same settings
+    assert finished["complete"] is True and len(finished["arms"]) == 3

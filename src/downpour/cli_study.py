@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from downpour import config as config_mod
 from downpour import rundir
 from downpour.cli_paths import path_argument
 from downpour.errors import DownpourError
+from downpour.study.earlier import complete_results, read_results
 
 
 def add_study(sub: argparse._SubParsersAction) -> None:
@@ -76,23 +76,22 @@ def _check_design_workers(base: Any) -> None:
 
 
 @contextlib.contextmanager
-def _says_what_was_kept(console: Console, out: Path, rerun: str) -> Iterator[None]:
-    """On Ctrl-C, say what ``out/results.json`` holds now, then stop as the command does (exit 130)."""
+def _says_what_was_kept(console: Console, out: Path, rerun: str, *, name: str = "results.json", what: str = "runs",
+                        needed: str = "any run") -> Iterator[None]:  # fmt: skip
+    """On Ctrl-C, say what ``out/<name>`` holds now (how many ``what`` finished; nothing before ``needed`` had),
+    then stop as the command does (exit 130)."""
     try:
         yield
     except KeyboardInterrupt:
-        path = out / "results.json"
-        try:
-            results = json.loads(path.read_text())
-        except (OSError, ValueError):
-            results = None
-        if not isinstance(results, dict):
-            console.print(f"interrupted before any run finished: nothing was written into {out}")
-        elif results.get("complete", True):
+        path = out / name
+        results = read_results(path)
+        if results is None:
+            console.print(f"interrupted before {needed} finished: nothing was written into {out}")
+        elif complete_results(path):
             console.print(f"interrupted: {path} keeps the earlier complete study")
         else:
-            rows = results.get("runs", results.get("rows", []))
-            console.print(f"interrupted: {path} holds the {len(rows)} runs that finished, marked incomplete; {rerun}")
+            rows = results.get("runs", results.get("rows", results.get("arms", [])))
+            console.print(f"interrupted: {path} holds the {len(rows)} {what} that finished, marked incomplete; {rerun}")
         raise
 
 
@@ -159,9 +158,11 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
             raise DownpourError(f"invalid --first-seed: {args.first_seed} (must be >= 0)")
         from downpour.study import optima  # after the flags: importing torch takes seconds
 
-        result = optima.run_optima(workers=args.workers, seeds=args.seeds, steps=args.steps,
-                                   first_seed=args.first_seed, out=args.out,
-                                   progress=lambda line: console.print(line))  # fmt: skip
+        rerun = "rerun the command for a whole study (two arms are needed to compare)"
+        with _says_what_was_kept(console, args.out, rerun, name="optima.json", what="arms", needed="two arms"):
+            result = optima.run_optima(workers=args.workers, seeds=args.seeds, steps=args.steps,
+                                       first_seed=args.first_seed, out=args.out,
+                                       progress=lambda line: console.print(line))  # fmt: skip
         if args.json:
             print(rundir.json_text(result))
         print(result["answer"], file=sys.stderr if args.json else sys.stdout)

@@ -29,3 +29,19 @@ def check_earlier(path: Path, same: Callable[[dict[str, Any]], bool]) -> None:
         raise DownpourError(f"{path.parent} holds the results of another study or of other settings ({path.name}): "
                             "use another --out (a study replaces only its own results, made with the same "
                             "settings)")  # fmt: skip
+
+
+def read_results(path: Path) -> dict[str, Any] | None:
+    """The study results at ``path`` (``results.json``, ``optima.json``), or None where there are none readable."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def complete_results(path: Path) -> bool:
+    """Whether ``path`` holds a whole study's results (those written before ``complete`` was recorded did): a
+    repeat cut short by Ctrl-C leaves them as they are."""
+    results = read_results(path)
+    return results is not None and bool(results.get("complete", True))

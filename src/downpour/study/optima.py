@@ -39,7 +39,7 @@ from downpour.backends.sim import SimSettings, simulate
 from downpour.errors import ConfigError
 from downpour.ps.policies import Sync, make_policy
 from downpour.ps.rules import make_rule
-from downpour.study.earlier import as_json, check_earlier
+from downpour.study.earlier import as_json, check_earlier, complete_results
 from downpour.study.optima_report import answer_sentence, write_report
 from downpour.study.paired_tests import compare_arms, mcnemar_exact, stuart_maxwell, wilcoxon_paired
 from downpour.study.tilted_wells import DIVERGED, Minimum, TiltedWells, tilted_well_roots
@@ -163,101 +163,119 @@ def run_optima(
     minima = task.minima()
     seed_list = list(range(first_seed, first_seed + seeds))
     starts = np.stack([start_point(s, task.dim, start_box) for s in seed_list])  # (S, d)
-    arms = []
-    for name, policy_name in zip(names, policies, strict=True):
-        base_name, arm_workers = _arm_policy(policy_name, workers)
-        policy = make_policy(base_name, workers=arm_workers, lr=lr)
-        is_sync = isinstance(policy, Sync)
-        quorum = policy.quorum if isinstance(policy, Sync) else 1
-        arm_lr = lr * quorum if (is_sync and lr_match == "gradient") else lr
-        arm_steps = steps * quorum if (is_sync and lr_match == "update") else steps
-        rule = make_rule("sgd", lr=arm_lr)
-        ends, rejected, traces, sim_time, updates, pushes = [], [], [], [], [], []
-        for k, seed in enumerate(seed_list):
-            settings = SimSettings(
-                workers=arm_workers,
-                steps=arm_steps,
-                compute_sigma=compute_sigma,
-                network_mean=network_mean,
-                seed=seed,
-            )
-            path: list[list[float]] = []
-            keep = k < trace_seeds
-            observe = (lambda t, n, p, path=path: path.append(p.tolist())) if keep else None
-            every = max(1, arm_steps // 400) if keep else 0
-            params = torch.from_numpy(starts[k].copy())
-            result = simulate(params, rule, policy, task, settings, observe=observe, observe_every=every)
-            ends.append(result.params.tolist())
-            rejected.append(result.rejected)
-            sim_time.append(result.sim_time)
-            updates.append(result.records.version[-1] if len(result.records) else 0)
-            pushes.append(len(result.records))
-            if keep:
-                traces.append([starts[k].tolist(), *path])
-        end = np.asarray(ends, dtype=np.float64)  # (S, d)
-        minimum = task.classify(end)
-        minimum = np.where(np.asarray(rejected) > 0, DIVERGED, minimum)
-        final_loss = task.loss(end)
-        final_loss = np.where(np.isfinite(final_loss), final_loss, np.inf)
-        counts = {m.name: int((minimum == k).sum()) for k, m in enumerate(minima)}
-        counts["diverged"] = int((minimum == DIVERGED).sum())
-        start_min = task.classify(starts)
-        finite = final_loss[np.isfinite(final_loss)]
-        arms.append(
-            {
-                "name": name,
-                "policy": policy_name,
-                "workers": arm_workers,
-                "lr": arm_lr,
-                "steps": arm_steps,
-                "pushes": int(max(pushes)),  # pushes handled (the most over seeds)
-                "updates": int(max(updates)),  # server updates applied (the most over seeds)
-                "seeds": seed_list,
-                "start": starts.tolist(),
-                "end": end.tolist(),
-                "start_minimum": start_min.tolist(),
-                "minimum": minimum.tolist(),
-                "final_loss": final_loss.tolist(),
-                "distance": task.distance_to_minimum(end).tolist(),
-                "rejected": rejected,
-                "sim_time_mean": float(np.mean(sim_time)),
-                "counts": counts,
-                "escaped_to_better": int(((minimum >= 0) & (minimum < start_min)).sum()),
-                "fell_to_worse": int((minimum > start_min).sum()),
-                "final_loss_median": float(np.median(final_loss)),
-                "final_loss_mean": float(np.mean(finite)) if len(finite) else math.nan,
-                "traces": traces,
-            }
+    arms: list[dict[str, Any]] = []
+
+    def finish(*, complete: bool) -> dict[str, Any]:
+        """The result of the arms run so far (``complete``: all of them), its report written into ``out``."""
+        comparisons = [compare_arms(arms[0], arm, categories=len(minima)) for arm in arms[1:]]
+        call = (
+            f"run_optima(workers={workers}, seeds={seeds}, steps={steps}, lr={lr}, policies={tuple(policies)!r}, "
+            f"lr_match={lr_match!r}, start_box={start_box}, first_seed={first_seed}, compute_sigma={compute_sigma}, "
+            f"network_mean={network_mean}, task={task!r})"
         )
-        if progress is not None:
-            progress(f"{name}: {counts} ({time.perf_counter() - started:.1f} s)")
-    comparisons = [compare_arms(arms[0], arm, categories=len(minima)) for arm in arms[1:]]
-    call = (
-        f"run_optima(workers={workers}, seeds={seeds}, steps={steps}, lr={lr}, policies={tuple(policies)!r}, "
-        f"lr_match={lr_match!r}, start_box={start_box}, first_seed={first_seed}, compute_sigma={compute_sigma}, "
-        f"network_mean={network_mean}, task={task!r})"
-    )
-    result: dict[str, Any] = {
-        "settings": study_settings,
-        "task": {
-            "formula": "f(x) = sum_i (x_i^2 - 1)^2 + c_i x_i; one example: c ~ N(c, noise^2 I)",
-            "minima": [m._asdict() for m in minima],
-            "basin_boundaries": [r[1] for r in task.roots()],
-            "barriers": task.barriers(),
-            "gradient_noise": task.gradient_noise,
-        },
-        "arms": arms,
-        "comparisons": comparisons,
-        "call": call,
-        "command": _command(
-            workers, seeds, steps, lr, policies, lr_match, start_box, first_seed, compute_sigma, network_mean, task
-        ),
+        result: dict[str, Any] = {
+            "settings": study_settings,
+            "complete": complete,
+            "task": {
+                "formula": "f(x) = sum_i (x_i^2 - 1)^2 + c_i x_i; one example: c ~ N(c, noise^2 I)",
+                "minima": [m._asdict() for m in minima],
+                "basin_boundaries": [r[1] for r in task.roots()],
+                "barriers": task.barriers(),
+                "gradient_noise": task.gradient_noise,
+            },
+            "arms": arms,
+            "comparisons": comparisons,
+            "call": call,
+            "command": _command(
+                workers, seeds, steps, lr, policies, lr_match, start_box, first_seed, compute_sigma, network_mean, task
+            ),
+        }
+        result["answer"] = answer_sentence(result, alpha=alpha)
+        result["seconds"] = time.perf_counter() - started
+        if out is not None:
+            result["files"] = [str(p) for p in write_report(result, Path(out))]
+        return result
+
+    try:
+        for name, policy_name in zip(names, policies, strict=True):
+            arms.append(_run_arm(name, policy_name, workers=workers, steps=steps, lr=lr, lr_match=lr_match,
+                                 starts=starts, seed_list=seed_list, task=task, compute_sigma=compute_sigma,
+                                 network_mean=network_mean, trace_seeds=trace_seeds))  # fmt: skip
+            if progress is not None:
+                progress(f"{name}: {arms[-1]['counts']} ({time.perf_counter() - started:.1f} s)")
+    except KeyboardInterrupt:  # Ctrl-C: the arms that finished, when two can be compared, as an incomplete study
+        if out is not None and len(arms) >= 2 and not complete_results(Path(out) / "optima.json"):
+            finish(complete=False)
+        raise
+    return finish(complete=True)
+
+
+def _run_arm(name: str, policy_name: str, *, workers: int, steps: int, lr: float, lr_match: str,
+             starts: np.ndarray, seed_list: list[int], task: TiltedWells, compute_sigma: float,
+             network_mean: float, trace_seeds: int) -> dict[str, Any]:  # fmt: skip
+    """One arm of :func:`run_optima`: ``policy_name`` from every start of ``starts`` (one per seed)."""
+    base_name, arm_workers = _arm_policy(policy_name, workers)
+    policy = make_policy(base_name, workers=arm_workers, lr=lr)
+    is_sync = isinstance(policy, Sync)
+    quorum = policy.quorum if isinstance(policy, Sync) else 1
+    arm_lr = lr * quorum if (is_sync and lr_match == "gradient") else lr
+    arm_steps = steps * quorum if (is_sync and lr_match == "update") else steps
+    rule = make_rule("sgd", lr=arm_lr)
+    ends, rejected, traces, sim_time, updates, pushes = [], [], [], [], [], []
+    for k, seed in enumerate(seed_list):
+        settings = SimSettings(
+            workers=arm_workers,
+            steps=arm_steps,
+            compute_sigma=compute_sigma,
+            network_mean=network_mean,
+            seed=seed,
+        )
+        path: list[list[float]] = []
+        keep = k < trace_seeds
+        observe = (lambda t, n, p, path=path: path.append(p.tolist())) if keep else None
+        every = max(1, arm_steps // 400) if keep else 0
+        params = torch.from_numpy(starts[k].copy())
+        result = simulate(params, rule, policy, task, settings, observe=observe, observe_every=every)
+        ends.append(result.params.tolist())
+        rejected.append(result.rejected)
+        sim_time.append(result.sim_time)
+        updates.append(result.records.version[-1] if len(result.records) else 0)
+        pushes.append(len(result.records))
+        if keep:
+            traces.append([starts[k].tolist(), *path])
+    end = np.asarray(ends, dtype=np.float64)  # (S, d)
+    minimum = task.classify(end)
+    minimum = np.where(np.asarray(rejected) > 0, DIVERGED, minimum)
+    final_loss = task.loss(end)
+    final_loss = np.where(np.isfinite(final_loss), final_loss, np.inf)
+    counts = {m.name: int((minimum == k).sum()) for k, m in enumerate(task.minima())}
+    counts["diverged"] = int((minimum == DIVERGED).sum())
+    start_min = task.classify(starts)
+    finite = final_loss[np.isfinite(final_loss)]
+    return {
+        "name": name,
+        "policy": policy_name,
+        "workers": arm_workers,
+        "lr": arm_lr,
+        "steps": arm_steps,
+        "pushes": int(max(pushes)),  # pushes handled (the most over seeds)
+        "updates": int(max(updates)),  # server updates applied (the most over seeds)
+        "seeds": seed_list,
+        "start": starts.tolist(),
+        "end": end.tolist(),
+        "start_minimum": start_min.tolist(),
+        "minimum": minimum.tolist(),
+        "final_loss": final_loss.tolist(),
+        "distance": task.distance_to_minimum(end).tolist(),
+        "rejected": rejected,
+        "sim_time_mean": float(np.mean(sim_time)),
+        "counts": counts,
+        "escaped_to_better": int(((minimum >= 0) & (minimum < start_min)).sum()),
+        "fell_to_worse": int((minimum > start_min).sum()),
+        "final_loss_median": float(np.median(final_loss)),
+        "final_loss_mean": float(np.mean(finite)) if len(finite) else math.nan,
+        "traces": traces,
     }
-    result["answer"] = answer_sentence(result, alpha=alpha)
-    result["seconds"] = time.perf_counter() - started
-    if out is not None:
-        result["files"] = [str(p) for p in write_report(result, Path(out))]
-    return result
 
 
 def _command(

@@ -91,11 +91,16 @@ def write_report(result: dict[str, Any], out: Path) -> list[Path]:
 def _markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     minima = result["task"]["minima"]
+    incomplete = []  # Ctrl-C: the arms that finished (two at least)
+    if result.get("complete") is False:
+        incomplete = [f"**Incomplete: interrupted after {len(result['arms'])} of {len(s['policies'])} arms**; the "
+                      "comparisons hold the arms that finished.", ""]  # fmt: skip
     lines = [
         "# The local-optima test",
         "",
         f"**Answer.** {result['answer']}",
         "",
+        *incomplete,
         f"Reproduce: `{result['command']}`" if result.get("command") else f"Reproduce: `{result['call']}`",
         "",
         f"Task: `{result['task']['formula']}` with tilts c = {list(s['task']['tilts'])}, noise = {s['task']['noise']}"

@@ -28,7 +28,6 @@ above its initial held-out loss.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from downpour.ps.flat import flat_copy
 from downpour.ps.policies import EASGD, POLICIES, Sync, make_policy
 from downpour.ps.rules import make_rule
 from downpour.ps.staleness import StalenessHistogram
-from downpour.study.earlier import as_json, check_earlier
+from downpour.study.earlier import as_json, check_earlier, complete_results
 from downpour.study.staleness_report import finite_or_none, quantile, summarize, table_markdown, write_report
 from downpour.threads import torch_threads
 
@@ -406,18 +405,10 @@ def run_study(
                         if progress is not None:
                             progress(len(runs), total, runs[-1])
         except KeyboardInterrupt:  # Ctrl-C: the report of the runs that finished, marked incomplete, then stop
-            if runs and not _complete_results(Path(out) / "results.json"):  # a repeat cut short keeps the first
+            if runs and not complete_results(Path(out) / "results.json"):  # a repeat cut short keeps the first
                 _write_result(config, header, runs, out, start, complete=False)
             raise
     return _write_result(config, header, runs, out, start, complete=True)
-
-
-def _complete_results(path: Path) -> bool:
-    """Whether ``path`` holds a whole study's results (those written before ``complete`` was recorded were)."""
-    try:
-        return bool(json.loads(path.read_text()).get("complete", True))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _write_result(config: Config, header: dict[str, Any], runs: list[dict[str, Any]], out: Path, start: float, *,
