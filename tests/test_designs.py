@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +87,36 @@ def test_a_frozen_first_layer_stays_exactly_equal_on_the_simulator(policy: str, 
                       SimSettings(workers=4, steps=24, seed=0))  # fmt: skip
     assert torch.equal(result.params[first], start[first])  # not one bit moved
     assert not torch.equal(result.params[first.stop :], start[first.stop :])  # the rest trained
+
+
+@pytest.mark.parametrize("design", ["sparse-ae", "rbm", "cat"])
+def test_a_frozen_first_layer_stays_frozen_in_a_copy_and_out_of_an_optimizers_reach(design: str) -> None:
+    """Outside the parameter server: a deep copy keeps the freeze (a gradient hook was lost with the copy: |grad|
+    about 104), and ``trainable_parameters`` leaves the frozen layer out of an optimizer, whose decoupled weight
+    decay moved it by 7e-4 in 10 steps though its gradient was zero."""
+    import copy
+
+    from downpour.models import trainable_parameters
+
+    shape = (1, 8, 8) if design != "cat" else (1, 12, 12)
+    extra = {"receptive_field": 6, "maps": 2, "pool": 3, "lcn": 3} if design == "cat" else {"features": 16}
+    model = build_model(ModelConfig(name=design, init="gabor", freeze_first=True, **extra), 64 if design != "cat"
+                        else 144, seed=0, shape=shape)  # fmt: skip
+    (name,) = model.frozen
+    x = torch.randn(8, 64 if design != "cat" else 144, generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    twin.loss(x).backward()
+    grads = dict(twin.named_parameters())
+    assert torch.count_nonzero(grads[name].grad) == 0
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for n, p in grads.items() if n != name)
+    frozen = model.get_parameter(name).detach().clone()
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-3, weight_decay=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.loss(x).backward()
+        optimizer.step()
+    assert torch.equal(model.get_parameter(name), frozen)
+    assert len(trainable_parameters(model)) == len(list(model.parameters())) - 1
 
 
 def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(
@@ -194,3 +225,38 @@ def test_bad_design_keys_are_one_line_errors(run_dir: Path, capsys: pytest.Captu
     stderr = capsys.readouterr().err
     assert status == 2 and "kl needs sigmoid hidden units" in stderr
     assert len(stderr.strip().splitlines()) == 1 and not run_dir.exists()
+
+
+def test_flat_designs_name_a_wrong_input_shape() -> None:
+    """RICA, the sparse autoencoder and the RBM said "mat1 and mat2 shapes cannot be multiplied" (or gave an
+    IndexError) for examples of the wrong size; now they name what they expected, as the image designs do."""
+    from downpour.models import RICA, GaussianBernoulliRBM, SparseAutoencoder
+
+    for model in (RICA(64, 8), SparseAutoencoder(64, 8), GaussianBernoulliRBM(64, 8)):
+        name = type(model).__name__
+        for bad in (torch.randn(2, 65), torch.randn(64)):
+            for call in (model.loss, model):
+                with pytest.raises(
+                    ValueError, match=re.escape(f"{name} expected (B, 64) examples, got {tuple(bad.shape)}")
+                ):
+                    call(bad)
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 8)  # images of 64 values are examples too
+
+
+def test_the_rbm_samples_in_the_models_dtype_and_keeps_its_chain_across_a_conversion() -> None:
+    """Its Gibbs noise came from a CPU generator in float32 whatever the model's device and dtype, and its PCD
+    chain, a plain attribute, stayed behind when the model was converted: bfloat16 and double() failed."""
+    from downpour.models import GaussianBernoulliRBM
+
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    rbm = GaussianBernoulliRBM(6, 3, pcd=True)
+    rbm.loss(x).backward()
+    rbm.double()
+    rbm.loss(x.double()).backward()  # the chain follows the model
+    assert rbm.chain is not None and rbm.chain.dtype == torch.float64
+    half = GaussianBernoulliRBM(6, 3, pcd=True).to(torch.bfloat16)
+    assert torch.isfinite(half.loss(x.to(torch.bfloat16)).float())
+    same = [GaussianBernoulliRBM(6, 3, cd_k=2, seed=5) for _ in range(2)]
+    same[1].double()
+    losses = [float(m.loss(x.to(m.weight.dtype)).detach()) for m in same]  # one noise stream, whatever the dtype
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

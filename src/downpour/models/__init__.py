@@ -11,7 +11,7 @@ from downpour.models.autoencoder import DEFAULT_PENALTY as SPARSE_AE_PENALTY
 from downpour.models.autoencoder import SparseAutoencoder
 from downpour.models.cat import CatNetwork, build_cat
 from downpour.models.conv import ConvAutoencoder
-from downpour.models.first_layer import apply_first_layer
+from downpour.models.first_layer import apply_first_layer, trainable_parameters
 from downpour.models.rbm import GaussianBernoulliRBM
 from downpour.models.rica import RICA
 from downpour.objectives import resolve_penalty
@@ -25,6 +25,7 @@ __all__ = [
     "SparseAutoencoder",
     "build_model",
     "seed_sampling",
+    "trainable_parameters",
 ]
 
 DESIGNS = ("rica", "cat", "sparse-ae", "rbm", "conv")

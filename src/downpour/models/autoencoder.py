@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from downpour.models.shapes import as_flat
 from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
@@ -47,11 +48,11 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Hidden activations ``σ(W₁x + b₁)``: ``(B, D) -> (B, K)``."""
-        return torch.sigmoid(x.flatten(1) @ self.weight.t() + self.bias)
+        return torch.sigmoid(as_flat(x, self.input_dim, type(self).__name__) @ self.weight.t() + self.bias)
 
     def loss(self, x: Tensor) -> Tensor:
         """The sparse-autoencoder cost on a batch ``(B, D)``."""
-        x = x.flatten(1)  # (B, D)
+        x = as_flat(x, self.input_dim, type(self).__name__)  # (B, D)
         h = self(x)  # (B, K)
         reconstruction = h @ self.decoder_weight.t() + self.decoder_bias  # (B, D)
         cost = 0.5 * squared_reconstruction(reconstruction, x)

@@ -48,18 +48,43 @@ def _zero(grad: Tensor) -> Tensor:
     return torch.zeros_like(grad)
 
 
+class FrozenParameter(nn.Parameter):
+    """A parameter whose gradient is always zeros: a hook registered as it is made, so that a copy
+    (``copy.deepcopy`` makes a new parameter, without the hooks of the old one) is frozen too. An optimizer with
+    decoupled weight decay (AdamW) still shrinks it: give one :func:`trainable_parameters`."""
+
+    def __new__(cls, data: Tensor | None = None, requires_grad: bool = True) -> FrozenParameter:
+        parameter = super().__new__(cls, data, requires_grad)
+        parameter.register_hook(_zero)
+        return parameter
+
+    def __reduce_ex__(self, protocol: object) -> tuple:  # pickled as itself (nn.Parameter's rebuilds a plain one)
+        return (FrozenParameter, (self.data, self.requires_grad))
+
+
 def freeze(module: nn.Module, parameter: nn.Parameter, *, design: str) -> None:
-    """Keep ``parameter`` fixed: its gradient becomes zeros (it stays in the flat vector); the names of frozen
-    parameters are listed in ``module.frozen``. Refused when nothing else of ``module`` would train."""
+    """Keep ``parameter`` fixed: it becomes a :class:`FrozenParameter` (its gradient zeros; it stays in the flat
+    vector); the names of frozen parameters are listed in ``module.frozen``. Refused when nothing else of
+    ``module`` would train."""
     others = [p for p in module.parameters() if p is not parameter and p.requires_grad]
     if not others:
         raise ConfigError(
             f"invalid model.freeze_first: true ({design} has nothing but its first layer to train; "
             "use model.name = sparse-ae, rbm or cat)"
         )
-    parameter.register_hook(_zero)
     names = [name for name, p in module.named_parameters() if p is parameter]
+    for name in names:
+        path, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(path) if path else module
+        setattr(owner, attribute, FrozenParameter(parameter.data, parameter.requires_grad))
     module.frozen = [*getattr(module, "frozen", []), *names]
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """``module``'s parameters but its frozen ones (``module.frozen``): what to give a ``torch.optim`` optimizer,
+    whose weight decay would otherwise move a frozen layer (downpour's own rules do not)."""
+    frozen = set(getattr(module, "frozen", ()))
+    return [p for name, p in module.named_parameters() if name not in frozen]
 
 
 def apply_first_layer(module: nn.Module, weight: nn.Parameter, config: object, shape: tuple[int, int, int], *,

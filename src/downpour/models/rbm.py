@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from downpour.models.shapes import as_flat
 from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
@@ -60,7 +61,7 @@ class GaussianBernoulliRBM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Hidden probabilities ``p(h = 1 | v)``: ``(B, D) -> (B, K)``."""
-        return torch.sigmoid(x.flatten(1) @ self.weight.t() + self.hidden_bias)
+        return torch.sigmoid(as_flat(x, self.input_dim, type(self).__name__) @ self.weight.t() + self.hidden_bias)
 
     def free_energy(self, v: Tensor) -> Tensor:
         """``F(v)`` per example ``(B,)``."""
@@ -71,10 +72,12 @@ class GaussianBernoulliRBM(nn.Module):
         """``steps`` rounds of h ~ p(h | v), v ~ p(v | h) (or v = E[v | h]) from ``v`` ``(B, D)``."""
         for _ in range(steps):
             p = self(v)
-            h = (torch.rand(p.shape, generator=self.sampler) < p).to(v.dtype)  # (B, K) binary
+            # the sampler is a CPU generator (one stream on every device): its draws move to the model's device
+            noise = torch.rand(p.shape, generator=self.sampler).to(p.device)  # (B, K)
+            h = (noise < p).to(v.dtype)  # (B, K) binary
             v = h @ self.weight + self.visible_bias  # (B, D): the mean of p(v | h)
             if sample_visible:
-                v = v + torch.randn(v.shape, generator=self.sampler)
+                v = v + torch.randn(v.shape, generator=self.sampler).to(v)
         return v
 
     def reconstruction_error(self, v: Tensor) -> Tensor:
@@ -84,14 +87,17 @@ class GaussianBernoulliRBM(nn.Module):
     def loss(self, x: Tensor) -> Tensor:
         """Value: the reconstruction error (+ penalty and weight decay); gradient: the negative CD-k (or PCD)
         update (+ the penalty's and decay's gradients)."""
-        v = x.flatten(1)  # (B, D)
-        extra = regularised(torch.zeros((), dtype=v.dtype), penalty(self.penalty, self(v), epsilon=self.epsilon),
+        v = as_flat(x, self.input_dim, type(self).__name__)  # (B, D)
+        extra = regularised(torch.zeros((), dtype=v.dtype, device=v.device),
+                            penalty(self.penalty, self(v), epsilon=self.epsilon),
                             decay_term(self.weight_decay, [self.weight]))  # fmt: skip
         if not torch.is_grad_enabled():
             return self.reconstruction_error(v) + extra
         if self.pcd:
             if self.chain is None or self.chain.shape != v.shape:
                 self.chain = v.detach().clone()
+            elif self.chain.dtype != v.dtype or self.chain.device != v.device:  # the model moved: its chain too
+                self.chain = self.chain.to(v)
             negative = self.gibbs(self.chain, self.cd_k, sample_visible=True)
             self.chain = negative
         else:

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from downpour.models.shapes import as_flat
 from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
@@ -45,12 +46,12 @@ class RICA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Feature responses ``Wx``: ``(B, D) -> (B, K)``."""
-        return x.flatten(1) @ self.weight.t()
+        return as_flat(x, self.input_dim, type(self).__name__) @ self.weight.t()
 
     def loss(self, x: Tensor) -> Tensor:
         """The RICA objective on a batch ``(B, D)`` (with ``model.penalty`` in place of the smooth L1 if set, plus
         ``model.weight_decay``)."""
-        x = x.flatten(1)  # (B, D)
+        x = as_flat(x, self.input_dim, type(self).__name__)  # (B, D)
         h = x @ self.weight.t()  # (B, K)
         reconstruction = h @ self.weight  # (B, D)
         cost = squared_reconstruction(reconstruction, x)
