@@ -52,17 +52,10 @@ from torch import Tensor
 from downpour.backends import ray_missing, shm
 from downpour.backends.chaos import parse_chaos
 from downpour.backends.local import WorkerEvent
-from downpour.backends.ray_actors import (
-    RemoteShard,
-    ShardServer,
-    WorkerActor,
-    roster_update,
-    snapshot_from_wire,
-    snapshot_to_wire,
-    sync_threads,
-)
+from downpour.backends.ray_actors import ShardServer, roster_update, snapshot_from_wire, snapshot_to_wire, sync_threads
 from downpour.backends.ray_connect import connect, first_line, unreachable
 from downpour.backends.ray_coordinator import Coordinator
+from downpour.backends.ray_workers import RemoteShard, WorkerActor
 from downpour.config import Config
 from downpour.errors import DownpourError, out_of_memory
 from downpour.ps.policies import Sync, config_policy, policy_rule
