@@ -368,6 +368,11 @@ def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> 
         "grey-pages.tiff": lambda p: Image.fromarray(first[..., 0]).save(
             p, save_all=True, append_images=[Image.fromarray(second[..., 0])]),
         "grey-alpha.png": lambda p: Image.fromarray(first[..., :2].copy(), mode="LA").save(p),
+        # 3 or 4 grey frames: imageio gave (N, H, W), and skimage took the frames for colour channels
+        "grey-3.png": lambda p: Image.fromarray(first[..., 0]).save(
+            p, save_all=True, append_images=[Image.fromarray(first[..., 1]), Image.fromarray(second[..., 0])]),
+        "grey-4.tiff": lambda p: Image.fromarray(first[..., 0]).save(
+            p, save_all=True, append_images=[Image.fromarray(x[..., i]) for x in (first, second) for i in (1, 2)][:3]),
     }  # fmt: skip
     for name, write in paths.items():
         write(tmp_path / name)

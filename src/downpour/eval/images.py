@@ -78,21 +78,12 @@ def _has_image_signature(path: Path) -> bool:
     return head.startswith(_SIGNATURES)
 
 
-def _frame_count(path: Path) -> int:
-    """Frames (GIF) or pages (TIFF) in the file, as Pillow counts them; 1 when it cannot tell."""
-    try:
-        with Image.open(path) as picture:
-            return int(getattr(picture, "n_frames", 1))
-    except Exception:  # Pillow cannot open every format imageio reads
-        return 1
-
-
-def _first_picture(image: np.ndarray, frames: int) -> np.ndarray:
-    """``(H, W[, C])`` from what imageio read: the first of several frames (GIFs come as ``(N, H, W, C)`` even with
-    one frame, multi-page grey TIFFs as ``(N, H, W)``), and grey plus alpha ``(H, W, 2)`` as grey."""
-    several = image.ndim == 3 and frames > 1 and image.shape[0] == frames
+def _first_picture(image: np.ndarray) -> np.ndarray:
+    """``(H, W[, C])`` from what imageio read of a one-frame file (files of several frames or pages are read by
+    Pillow: :func:`_as_training_reads`): a GIF comes as ``(1, H, W, C)``, a one-page grey file may come as
+    ``(1, H, W)``; grey plus alpha ``(H, W, 2)`` is its grey."""
     one_grey = image.ndim == 3 and image.shape[0] == 1 and image.shape[-1] not in (2, 3, 4)
-    if image.ndim == 4 or several or one_grey:
+    if image.ndim == 4 or one_grey:
         image = image[0]
     if image.ndim == 3 and image.shape[-1] == 2:
         image = image[..., 0]
@@ -102,13 +93,15 @@ def _first_picture(image: np.ndarray, frames: int) -> np.ndarray:
 def _as_training_reads(path: Path) -> np.ndarray | None:
     """The pictures that must be read as training's reader reads them, not as they are stored: a CMYK picture (JPEGs
     from print workflows) converted to RGB (read as it is, its C, M, Y would be taken for R, G, B: the negative),
-    and one with an EXIF orientation (a phone's portrait photo) turned upright. None for any other file."""
+    one with an EXIF orientation (a phone's portrait photo) turned upright, and one of several frames or pages as
+    its first (imageio reads them all, and 3 or 4 gray frames came back as one picture's colour channels). None for
+    any other file."""
     try:
         with Image.open(path) as image:
             turned = upright(image)
             if image.mode == "CMYK":
                 return np.asarray(turned.convert("RGB"))
-            if turned is image:
+            if turned is image and getattr(image, "n_frames", 1) == 1:
                 return None
             if turned.mode in ("P", "PA", "1", "YCbCr", "LAB", "HSV"):
                 turned = turned.convert("RGB")
@@ -127,14 +120,14 @@ def read_image(path: Path, channels: int) -> np.ndarray:
         raise DataError(f"image {path} does not exist")
     try:
         with large_pictures():
-            image = _as_training_reads(path)
+            image = _as_training_reads(path)  # (H, W[, C]): one picture
             image = io.imread(path) if image is None else image
     except Exception as exc:  # imageio raises many kinds for a corrupt or unknown file
         if not _has_image_signature(path):
             raise DataError(f"not an image: {path} (its contents are no picture format; PNG, JPEG, GIF, BMP, TIFF "
                             "and WebP are read)") from None  # fmt: skip
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
-    image = _first_picture(np.asarray(image), _frame_count(path))
+    image = _first_picture(np.asarray(image))
     if image.ndim == 3 and image.shape[-1] in (3, 4):
         image = image[..., :3]
     elif image.ndim != 2:
