@@ -131,8 +131,9 @@ def test_zca_matrix_whitens_correlated_gaussians() -> None:
 
 def test_small_eigendecompositions_run_on_one_thread_and_the_count_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to SINGLE_THREAD_EIGH_MAX_DIM dimensions ``eigh`` runs single-threaded (parallel LAPACK stalls for seconds on
-    shared cores); above it, on the caller's threads. Either way the caller's thread count is restored, also after an
-    error inside the block."""
+    shared cores); above it, on EIGH_THREADS whatever the caller's (its result depends on its thread count: a run's
+    values followed OMP_NUM_THREADS). Either way the caller's thread count is restored, also after an error inside
+    the block."""
     from downpour.data import whitening
     from downpour.threads import torch_threads
 
@@ -152,7 +153,10 @@ def test_small_eigendecompositions_run_on_one_thread_and_the_count_comes_back(mo
         with pytest.raises(DataError, match="no variance"), torch_threads(1):
             zca_matrix(torch.ones(10, 3), eps=1e-3)
         assert torch.get_num_threads() == 2
-    assert seen == [(8, 1), (9, 2), (3, 1)]
+    with torch_threads(1):
+        zca_matrix(torch.randn(100, 9), eps=1e-3)  # one thread asked for: still EIGH_THREADS
+        assert torch.get_num_threads() == 1
+    assert seen == [(8, 1), (9, whitening.EIGH_THREADS), (3, 1), (9, whitening.EIGH_THREADS)]
 
 
 def test_worker_slices_are_disjoint_and_cover_every_example() -> None:

@@ -11,6 +11,10 @@ from downpour.threads import torch_threads
 # Up to this many dimensions the eigendecomposition runs on one thread: two threads save at most about 0.1 s on
 # an idle machine (1024: 0.33 s against 0.2), and on busy shared cores they stalled for 0.6-8 s (256-768).
 SINGLE_THREAD_EIGH_MAX_DIM = 1024
+# Beyond it, on this many threads whatever the machine or OMP_NUM_THREADS: eigh's result depends on its thread
+# count, and with it every value of a run (a simulated run must be bit-identical for its seed). 3072 dimensions
+# (32x32 colour): 4.9 s on 2 threads against 9.0 s on one, here.
+EIGH_THREADS = 2
 
 
 def remove_example_mean(x: Tensor) -> Tensor:
@@ -27,7 +31,7 @@ def zca_matrix(x: Tensor, *, eps: float, what: str = "the data") -> Tensor:
     x64 = x.double()
     centred = x64 - x64.mean(dim=0, keepdim=True)
     covariance = centred.t() @ centred / max(1, x.shape[0] - 1)  # (D, D)
-    threads = 1 if covariance.shape[0] <= SINGLE_THREAD_EIGH_MAX_DIM else torch.get_num_threads()
+    threads = 1 if covariance.shape[0] <= SINGLE_THREAD_EIGH_MAX_DIM else EIGH_THREADS
     with torch_threads(threads):
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     eigenvalues = eigenvalues.clamp_min(0)
