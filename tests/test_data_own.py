@@ -179,6 +179,27 @@ def test_a_broken_link_is_counted_and_reported(pictures: Path) -> None:
     assert any(path.endswith("gone.png") and "FileNotFoundError" in why for path, why in report.skipped)
 
 
+def test_linked_folders_are_read_once_and_a_link_loop_ends(pictures: Path, tmp_path: Path) -> None:
+    """A linked subfolder is read (Path.rglob skipped it without a word, though globs of videos follow links); a link
+    back up ends, and a file reached twice (a link beside its target, or a folder linked twice) is one example."""
+    from downpour.data.own import ReadReport, picture_paths, read_folder, video_paths
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(data.camera()[:64, :64]).save(elsewhere / "linked.png")
+    (pictures / "photos").symlink_to(elsewhere, target_is_directory=True)
+    (pictures / "photos-again").symlink_to(elsewhere, target_is_directory=True)
+    (pictures / "nested" / "up").symlink_to(pictures, target_is_directory=True)  # a loop
+    (pictures / "same.png").symlink_to(pictures / "camera.png")
+    names = [path.relative_to(pictures).as_posix() for path in picture_paths(pictures)]
+    assert names == ["camera.png", "cut.png", "nested/astronaut.JPG", "nested/broken.jpg", "photos/linked.png"]
+    report = ReadReport("folder:pictures")
+    images = read_folder(pictures, channels=1, max_side=0, report=report)
+    assert (report.files, report.pictures) == (5, 3) and images[2].shape == (1, 64, 64)
+    write_video(tmp_path / "clip.mp4", 3)
+    assert video_paths(str(tmp_path / "**" / "**" / "*.mp4")) == [tmp_path / "clip.mp4"]  # matched 3 times
+
+
 def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     pictures: Path, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:

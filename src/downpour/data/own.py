@@ -155,8 +155,7 @@ def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadRepor
 
     if not folder.is_dir():
         raise DataError(f"data.source {report.source}: {folder} is not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PICTURE_SUFFIXES and (p.is_file() or
-                   p.is_symlink()))  # a broken link is a file that cannot be read: counted and reported  # fmt: skip
+    paths = picture_paths(folder)
     if not paths:
         raise DataError(f"data.source {report.source}: no {', '.join(PICTURE_SUFFIXES)} files under {folder}")
     images = []
@@ -174,12 +173,37 @@ def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadRepor
     return images
 
 
+def picture_paths(folder: Path) -> list[Path]:
+    """The picture files under ``folder``, recursively and through linked folders (each real folder once, so a link
+    loop ends), sorted, each real file once (a link to a picture beside it is not a second example). A broken link
+    is kept: a file that cannot be read, counted and reported."""
+    candidates = []
+    seen_folders: set[str] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_folders:
+            folders[:] = []  # a link back to a folder already walked
+            continue
+        seen_folders.add(real)
+        folders.sort()  # walked in sorted order: a folder reached twice is named by its first route
+        candidates += [Path(root) / name for name in files if Path(name).suffix.lower() in PICTURE_SUFFIXES]
+    found: dict[str, Path] = {}
+    for path in sorted(candidates):  # the first name in sorted order stands for a file reached twice
+        found.setdefault(os.path.realpath(path) if path.exists() else str(path), path)
+    return sorted(found.values())
+
+
 def video_paths(pattern: str) -> list[Path]:
-    """The files ``pattern`` names: one file, or the sorted matches of a glob (``~`` expanded, ``**`` recursive)."""
+    """The files ``pattern`` names: one file, or the sorted matches of a glob (``~`` expanded, ``**`` recursive),
+    each real file once (``**/**/*.mp4`` matched one file three times)."""
     expanded = os.path.expanduser(pattern)
     if Path(expanded).is_file():
         return [Path(expanded)]
-    return sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+    found: dict[str, Path] = {}
+    for match in sorted(glob.glob(expanded, recursive=True)):
+        if Path(match).is_file():
+            found.setdefault(os.path.realpath(match), Path(match))
+    return sorted(found.values())
 
 
 def read_video(path: Path, *, stride: int, channels: int, max_side: int) -> list[np.ndarray]:
