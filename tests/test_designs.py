@@ -117,6 +117,10 @@ def test_a_frozen_first_layer_stays_frozen_in_a_copy_and_out_of_an_optimizers_re
         optimizer.step()
     assert torch.equal(model.get_parameter(name), frozen)
     assert len(trainable_parameters(model)) == len(list(model.parameters())) - 1
+    model.requires_grad_(False)  # as load_run leaves a trained model: a hook could not be registered on a copy
+    assert type(copy.deepcopy(model).get_parameter(name)).__name__ == "FrozenParameter"
+    wrapper = torch.nn.Sequential(model)  # frozen found by type inside a model of the user's
+    assert all(p is not model.get_parameter(name) for p in trainable_parameters(wrapper))
 
 
 def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(

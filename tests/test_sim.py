@@ -104,7 +104,8 @@ def test_downpour_lognormal_mean_staleness_is_about_n_minus_1() -> None:
 
 
 @pytest.mark.parametrize(("fraction", "workers", "count"), [(0.1, 4, 1), (0.1, 5, 1), (0.25, 10, 3), (0.5, 1, 1),
-                                                             (0.3, 10, 3), (0.0, 8, 0), (1.0, 6, 6)])  # fmt: skip
+                                                             (0.3, 10, 3), (0.0, 8, 0), (1.0, 6, 6), (0.58, 25, 15),
+                                                             (0.29, 50, 15)])  # fmt: skip
 def test_straggler_count_rounds_half_up_and_a_positive_fraction_gives_one(fraction: float, workers: int,
                                                                           count: int) -> None:  # fmt: skip
     """``round`` took 0.1 × 5 = 0.5 and 0.25 × 10 = 2.5 to the even 0 and 2, and 0.1 of 4 workers to none, silently

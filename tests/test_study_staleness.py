@@ -76,6 +76,9 @@ def test_run_study_checks_the_grid_before_running(tmp_path: Path) -> None:
         run_study(config, policies=["downpour", "sync:2"], workers=[2], seeds=1, out=tmp_path, steps=10)
     with pytest.raises(ConfigError, match=r"invalid --policies: 'sync:1' \(backup workers drop late pushes, which "):
         run_study(config, policies=["downpour", "sync:1"], workers=[4], seeds=1, out=tmp_path, steps=10)
+    with pytest.raises(ConfigError, match=r"invalid --policies: 'sync' with ps.backup_workers = 1 \(backup workers"):
+        run_study(study_config(overrides=[*TINY, "ps.backup_workers=1"]), policies=["sync"], workers=[4], seeds=1,
+                  out=tmp_path, steps=10)  # fmt: skip
     for setting, key in (("ps.n_fetch=4", "ps.n_fetch"), ("ps.n_push=2", "ps.n_push"), ("ps.local_apply=true",
                                                                                       "ps.local_apply")):  # fmt: skip
         with pytest.raises(ConfigError, match=rf"invalid {key}: .*(sim backend)"):

@@ -21,7 +21,7 @@ from downpour import rundir
 from downpour.config import Config, trained_differently
 from downpour.console import warn
 from downpour.data import Dataset, counts_before_exact_examples
-from downpour.data.own import READER_VERSION
+from downpour.data.own import READER_CHANGES, READER_VERSION
 from downpour.errors import CheckpointError, DownpourError
 from downpour.ps.policies import policy_rule
 from downpour.ps.sharding import contiguous_bounds
@@ -128,12 +128,11 @@ def _check_same_examples(saved: dict[str, Any], config: Config, dataset: Dataset
     now = (dataset.read_report or {}).get("digest")
     if then and now and then != now:
         reader = recorded.get("pictures_reader", 1)  # written before it was recorded: the first reader
-        if reader != READER_VERSION:
+        if isinstance(reader, int) and reader < READER_VERSION:
+            changes = " and ".join(READER_CHANGES[v] for v in range(max(1, reader), READER_VERSION))
             raise DownpourError(
-                f"run {out} was saved by an earlier downpour that decoded pictures differently (before 2026-11-27: "
-                "gray by BT.601 weights, EXIF orientation and video rotation ignored), or files in "
-                f"{config.data.source!r} changed since; either way it cannot be resumed on the same examples: "
-                "start a new run"
+                f"run {out} was saved by an earlier downpour that {changes}, or files in {config.data.source!r} "
+                "changed since; either way it cannot be resumed on the same examples: start a new run"
             )
         raise DownpourError(
             f"data.source {config.data.source!r} holds other pictures than when run {out} was saved (files added, "

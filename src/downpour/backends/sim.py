@@ -39,6 +39,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -271,9 +272,9 @@ class Simulation:
         n, s = settings.workers, settings
         self.rng = np.random.default_rng(s.seed)  # the mini-batch stream, passed to every gradient call
         timing = np.random.default_rng(np.random.SeedSequence([s.seed, 1]))
-        # rounded half up (Python's round() took 0.5 and 2.5 to the even 0 and 2), and at least one when the fraction
-        # is above 0: 0.1 of 4 workers must not silently mean none
-        count = max(math.floor(s.stragglers * n + 0.5), 1 if s.stragglers > 0 else 0)
+        # rounded half up, of the fraction as written (Python's round() took 0.5 and 2.5 to the even 0 and 2, and
+        # 0.58 × 25 is 14.4999… in floats), and at least one when it is above 0: 0.1 of 4 must not silently mean none
+        count = max(math.floor(Fraction(repr(s.stragglers)) * n + Fraction(1, 2)), 1 if s.stragglers > 0 else 0)
         self.stragglers = np.sort(timing.choice(n, size=count, replace=False)) if count else np.zeros(0, np.int64)
         self._means = [s.compute_mean] * n
         for w in self.stragglers.tolist():

@@ -37,9 +37,15 @@ from downpour.data.sources import crop_positions, random_crops
 from downpour.errors import DataError
 
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# How pictures are decoded, recorded beside their digest: 1 until 2026-11-27 (gray by Pillow's BT.601 weights, EXIF
-# orientation and video rotation ignored), 2 since (gray by BT.709, pictures and frames turned upright)
-READER_VERSION = 2
+# How pictures are found and decoded, recorded beside their digest (what changed since each earlier version: a run
+# saved by one may see other pictures in the same files)
+READER_CHANGES = {
+    1: "decoded pictures differently (before 2026-11-27: gray by BT.601 weights, EXIF orientation and video "
+    "rotation ignored)",
+    2: "listed folders differently (before 2026-11-28: linked subfolders not followed, a file reached twice read "
+    "twice)",
+}
+READER_VERSION = 3
 SHOWN_SKIPS = 20  # skipped files named in the summary (all are counted)
 
 

@@ -54,9 +54,9 @@ class FrozenParameter(nn.Parameter):
     decoupled weight decay (AdamW) still shrinks it: give one :func:`trainable_parameters`."""
 
     def __new__(cls, data: Tensor | None = None, requires_grad: bool = True) -> FrozenParameter:
-        parameter = super().__new__(cls, data, requires_grad)
+        parameter = super().__new__(cls, data, True)  # a hook needs a tensor that requires grad
         parameter.register_hook(_zero)
-        return parameter
+        return parameter.requires_grad_(requires_grad)  # a loaded run's parameters do not (it keeps the hook)
 
     def __reduce_ex__(self, protocol: object) -> tuple:  # pickled as itself (nn.Parameter's rebuilds a plain one)
         return (FrozenParameter, (self.data, self.requires_grad))
@@ -81,10 +81,11 @@ def freeze(module: nn.Module, parameter: nn.Parameter, *, design: str) -> None:
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """``module``'s parameters but its frozen ones (``module.frozen``): what to give a ``torch.optim`` optimizer,
-    whose weight decay would otherwise move a frozen layer (downpour's own rules do not)."""
+    """``module``'s parameters but its frozen ones (named in ``module.frozen``, or :class:`FrozenParameter`s of a model
+    inside yours): what to give a ``torch.optim`` optimizer, whose weight decay would otherwise move a frozen layer
+    (downpour's own rules do not)."""
     frozen = set(getattr(module, "frozen", ()))
-    return [p for name, p in module.named_parameters() if name not in frozen]
+    return [p for name, p in module.named_parameters() if name not in frozen and not isinstance(p, FrozenParameter)]
 
 
 def apply_first_layer(module: nn.Module, weight: nn.Parameter, config: object, shape: tuple[int, int, int], *,

@@ -314,6 +314,15 @@ def run_record(*, policy: str, workers: int, seed_index: int, seed: int, pushes:
     }
 
 
+def _as_ran(results: dict[str, Any]) -> dict[str, Any]:
+    """Earlier results with their config's ``cluster.backend`` the backend their runs used (results written before
+    2026-11-28 recorded the default, ``"local"``, for simulated runs), so that repeating such a study is allowed."""
+    config, backend = results.get("config"), results.get("backend")
+    if not (isinstance(config, dict) and isinstance(config.get("cluster"), dict) and isinstance(backend, str)):
+        return results
+    return {**results, "config": {**config, "cluster": {**config["cluster"], "backend": backend}}}
+
+
 def _on_backend(config: Config, backend: str) -> Config:
     """``config`` as the study's runs use it: on ``backend`` (the study's flag, not ``cluster.backend``)."""
     return dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, backend=backend))
@@ -333,8 +342,9 @@ def check_study(config: Config, *, policies: list[str], workers: list[int], seed
         for n in grid.workers:
             policy = _policy(config, name, n)
             if isinstance(policy, Sync) and policy.backup_workers:
+                how = f"{name!r}" if ":" in name else f"{name!r} with ps.backup_workers = {policy.backup_workers}"
                 raise ConfigError(
-                    f"invalid --policies: {name!r} (backup workers drop late pushes, which count toward the push "
+                    f"invalid --policies: {how} (backup workers drop late pushes, which count toward the push "
                     "budget: such runs would compute fewer gradients than the others, and the budget would cut "
                     "their last round short; study backup workers with `downpour train --set ps.backup_workers=B`)"
                 )
@@ -378,7 +388,8 @@ def run_study(
     header = {"study": "staleness", "grid": grid_json, "config": _on_backend(config, backend).to_dict(),
               "backend": backend}  # fmt: skip
     settings = as_json(header)
-    check_earlier(Path(out) / "results.json", lambda earlier: {key: earlier.get(key) for key in settings} == settings)
+    check_earlier(Path(out) / "results.json", lambda earlier: {key: _as_ran(earlier).get(key) for key in settings}
+                  == settings)  # fmt: skip
     if backend == "local":
         from downpour.study import staleness_local
 
