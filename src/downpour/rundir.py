@@ -251,5 +251,6 @@ def _ends_mid_line(path: Path) -> bool:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON (NaN and Inf become null)."""
-    path.write_text(json.dumps(json_safe(payload), indent=2, default=str) + "\n")
+    """Write ``payload`` as indented JSON (NaN and Inf become null), atomically: a driver killed mid-write leaves the
+    previous file, not a cut-off one."""
+    atomic_write_text(path, json.dumps(json_safe(payload), indent=2, default=str) + "\n")

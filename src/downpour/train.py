@@ -228,6 +228,7 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
             try:
                 cluster.start()
                 metrics.write("start", t=time.time() - t0, **start_row, pids=cluster.pids())
+                metrics.flush()  # the session's number and initial loss survive a kill (sessions_logged counts them)
                 start_row = {}
                 interrupted, window, starved = watch(
                     cluster, config, out, metrics, run_state, seeds, signature, console, show_progress, t0,

@@ -264,6 +264,7 @@ def watch(
                 # A checkpoint measures the held-out loss of its snapshot: an eval due in the same poll reports it.
                 taken = None
                 if now >= next_checkpoint:
+                    metrics.flush()  # the rows so far reach the file before the checkpoint that counts their work
                     taken = checkpoint_now(out, cluster, config, run_state, seeds, signature, held_out_loss,
                                             final=False)  # fmt: skip
                 if now >= next_eval:
@@ -277,6 +278,7 @@ def watch(
                 if taken is not None:
                     metrics.write("checkpoint", t=now - t0, step=taken.step, held_out_loss=taken.loss,
                                   saved=taken.saved, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
+                    metrics.flush()  # a driver killed now keeps the row of the checkpoint it saved
                     if taken.diverged:
                         warn(console, f"held-out loss {taken.loss:.4g} at step {taken.step}: not saved over the "
                                       f"checkpoint of step {run_state.checkpoint_step}")  # fmt: skip
