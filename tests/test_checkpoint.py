@@ -203,3 +203,20 @@ def test_crash_before_commit_leaves_old_checkpoint(tmp_path: Path) -> None:
     loaded = ckpt.load(tmp_path)
     assert loaded.state["params_file"] == "params-00000000.safetensors"
     assert loaded.shard_snapshots()[0]["values"][0].item() == pytest.approx(-0.1)
+
+
+def test_a_flipped_bit_inside_the_parameters_is_refused(tmp_path: Path) -> None:
+    """A byte changed inside the tensors' data leaves a sound, finite file that every other check passes: the
+    SHA-256 recorded in state.json refuses it (a resumed run took a flip for training that blew up: 48.6 -> 3e12).
+    A checkpoint saved before the digest was recorded still loads."""
+    params = _save_one(tmp_path)
+    data = bytearray(params.read_bytes())
+    data[-7] ^= 0x04  # in shard 0's last values: a finite float still
+    params.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="its contents are not those saved") as info:
+        ckpt.load(tmp_path)
+    assert str(params) in str(info.value)
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["params_sha256"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert ckpt.load(tmp_path).state["step"] == 1

@@ -175,6 +175,7 @@ def _rewrite_shard0(run_dir: Path, values: torch.Tensor, state: dict[str, torch.
     tensors.update({f"shard0.state.{name}": t for name, t in state.items()})
     save_file(tensors, str(params))
     _edit_state(run_dir, _set("shards.0.size", values.numel()))
+    _edit_state(run_dir, _set("params_sha256", ckpt.file_sha256(params)))
 
 
 def test_resume_refuses_a_shard_of_another_size_before_writing_anything(

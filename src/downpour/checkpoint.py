@@ -7,6 +7,7 @@ killed at any moment leaves either the old checkpoint or the new one, never a mi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -71,12 +72,20 @@ def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]
     serial = _next_serial(directory)
     params_name = f"params-{serial:08d}.safetensors"
     save_tensors(tensors, directory / params_name)
-    full_state = {"format": FORMAT, **state, "shards": shard_info, "params_file": params_name}
+    full_state = {"format": FORMAT, **state, "shards": shard_info, "params_file": params_name,
+                  "params_sha256": file_sha256(directory / params_name)}  # fmt: skip
     atomic_write_text(directory / STATE_FILE, json.dumps(full_state, indent=1))
     for stale in [*directory.glob("params-*.safetensors"), *directory.glob(".*.tmp-*")]:
         if stale.name != params_name:  # older parameters, and temporary files of an interrupted save
             stale.unlink(missing_ok=True)
     return directory / STATE_FILE
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path``, in hex: recorded with each parameters file, checked when it is loaded (a
+    flipped bit inside the tensors' data passes every other check)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _next_serial(directory: Path) -> int:
@@ -137,6 +146,10 @@ def load(directory: Path) -> Checkpoint:
             raise CheckpointError(f"corrupt checkpoint {params_path}: {name} holds {tensor.dtype}, not floats")
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"checkpoint {params_path} holds NaN or Inf parameters ({name})")
+    recorded = state.get("params_sha256")  # absent in checkpoints saved before 2026-11-28
+    if recorded is not None and recorded != file_sha256(params_path):
+        raise CheckpointError(f"corrupt checkpoint parameters {params_path}: its contents are not those saved (their "
+                              f"SHA-256 in {STATE_FILE} differs): changed or damaged since")  # fmt: skip
     return Checkpoint(tensors, state)
 
 
