@@ -330,3 +330,14 @@ def test_resume_refuses_a_run_cut_into_other_examples(run: Path, cli: Callable[.
         resume._check_same_examples(state, config, dataset, run)
     config.data.held_out = 100  # set: the old rule cut the same
     resume._check_same_examples(state, config, load_dataset(config.data, seed=0), run)
+
+
+def test_resume_refuses_a_config_toml_cut_short(run: Path, cli: Callable[..., CliResult]) -> None:
+    """downpour writes every key into config.toml: a file cut off mid-way (here after ``batch_size``, its value cut
+    too) still parses, and resumed with the defaults of every key lost, and recorded them; it is refused, naming
+    the keys missing, and nothing in the run changes."""
+    config = run / "config.toml"
+    text = config.read_text()
+    cut = text.index("batch_size = ") + len("batch_size = 1")
+    config.write_text(text[:cut] + "\n")
+    _refused(cli, run, "config.toml lacks", "which the run's checkpoint recorded: the file was cut short or edited")

@@ -549,6 +549,7 @@ def test_each_session_records_what_it_changed(finished_run: Path, tmp_path: Path
     shutil.copytree(finished_run, run)
     result = cli("train", "--resume", str(run), "--steps", "30", "--set", "ps.lr=0.05", "--no-progress")
     assert result.returncode == 0, result.stderr
+    assert "resumed with ps.lr 0.02 -> 0.05" in result.stderr  # said before it trains, not only recorded
     starts = [row for row in read_jsonl(run / "metrics.jsonl") if row["event"] == "start"]
     assert [row.get("changed") for row in starts] == [None, {"ps.lr": [0.02, 0.05]}]  # not the budget's keys
     page = " ".join((run / "report.html").read_text().split())

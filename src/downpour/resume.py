@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from downpour import checkpoint as ckpt
+from downpour import config as config_mod
 from downpour import rundir
 from downpour.config import Config, trained_differently
 from downpour.console import warn
@@ -140,6 +141,26 @@ def _check_same_examples(saved: dict[str, Any], config: Config, dataset: Dataset
         )
 
 
+def _check_config_whole(out: Path, saved_config: Any, where: Path) -> None:
+    """Refuse a run whose ``config.toml`` lacks keys its checkpoint recorded: downpour writes every key, so a missing
+    one was cut off or deleted, and the resumed session would train with its default in place of the run's setting
+    (a config.toml cut after ``batch_size = 1`` of 128 resumed with batches of 1, and recorded that)."""
+    if not isinstance(saved_config, dict):
+        return
+    written = config_mod.named_keys(out / rundir.CONFIG, None)
+    known = Config().to_dict()
+    missing = [f"{section}.{key}" for section, values in saved_config.items()
+               if isinstance(values, dict) and section in known
+               for key in values if key in known[section] and f"{section}.{key}" not in written]  # fmt: skip
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(
+            f"{out / rundir.CONFIG} lacks {shown}, which the run's checkpoint recorded: the file was cut short or "
+            f"edited, and resuming would train with defaults in their place; restore those lines (the run's values are "
+            f'under "config" in {where})'
+        )
+
+
 def load_previous(out: Path, config: Config, signature: dict[str, Any],
                    dataset: Dataset) -> tuple[ckpt.Checkpoint, RunState]:  # fmt: skip
     """The run's checkpoint and counters, every field checked: a checkpoint this refuses (CheckpointError naming
@@ -156,6 +177,7 @@ def load_previous(out: Path, config: Config, signature: dict[str, Any],
     checkpoint = ckpt.load(out / rundir.CHECKPOINT)
     saved = checkpoint.state
     ckpt.require_objects(saved, where)  # a resume reads every one of them
+    _check_config_whole(out, saved.get("config"), where)
     if saved.get("backend") == "sim":  # its own checks would blame whatever differs, e.g. data counts it has none of
         raise DownpourError(f"cannot resume {out}: it was simulated (cluster.backend = 'sim'), and simulated runs are "
                             "deterministic; rerun with a new --out")  # fmt: skip

@@ -25,7 +25,7 @@ from downpour.backends import require_ray
 from downpour.backends.local import LocalCluster, check_local_workers
 from downpour.backends.processes import worker_context
 from downpour.config import Config
-from downpour.console import warn
+from downpour.console import say, warn
 from downpour.data import (
     Dataset,
     as_recorded,
@@ -221,6 +221,9 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                 shard.restore(snap)
             cluster.budget.set(run_state.steps)
         changed = changes_from(checkpoint.state.get("config"), config) if checkpoint is not None else {}
+        if changed:  # said, not only recorded: a change the user did not mean shows before it trains
+            say(console, "resumed with " + "; ".join(f"{key} {before!r} -> {after!r}"
+                                                     for key, (before, after) in changed.items()))  # fmt: skip
         start_row = {"session": run_state.session, "resume": resume, "step": run_state.steps,
                      "workers": config.cluster.workers, "shards": config.ps.shards,
                      "initial_loss": run_state.initial_loss, **({"changed": changed} if changed else {})}  # fmt: skip
