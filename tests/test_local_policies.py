@@ -206,6 +206,57 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
     assert events[0].detail == "did not stop within 1 s of being asked; killed, its unsent push rows lost"
 
 
+def _holds_flock(pid: int, path: str) -> bool:
+    """Whether process ``pid`` holds an flock on ``path`` (from /proc/locks: pid, then major:minor:inode)."""
+    if not os.path.exists(path):  # made by the first process that takes it
+        return False
+    inode = os.stat(path).st_ino
+    with open("/proc/locks") as locks:
+        rows = [line.split() for line in locks]  # "1: FLOCK ADVISORY WRITE <pid> <major:minor:inode> 0 EOF"
+    return any(len(row) > 5 and row[1] == "FLOCK" and row[4] == str(pid) and row[5].endswith(f":{inode}")
+               for row in rows)  # fmt: skip
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="finds the lock's holder in Linux's /proc/locks")
+def test_a_snapshot_gives_up_on_a_shard_a_stopped_worker_holds() -> None:
+    """A worker stopped (Ctrl-Z'd) while it held a shard's lock hung the driver's next checkpoint, and its time
+    budget with it; a snapshot with ``wait`` gives up with ShardBusy naming the shard, and once the worker goes on
+    the shard reads again."""
+    from downpour.backends.local import LocalCluster
+    from downpour.ps.shard import ShardBusy
+
+    config = _config("cluster.workers=1", "ps.shards=1", "train.steps=1000000")
+    data = load_dataset(config.data, seed=config.train.seed)
+    model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
+    cluster = LocalCluster(config, data.train.clone(), flat_copy(model), worker_seeds=[1], t0=time.time(),
+                           shape=data.shape)  # fmt: skip
+    held = False
+    try:
+        cluster.start()
+        (pid,) = cluster.pids()
+        lock = cluster.shards[0].lock.path
+        deadline = time.monotonic() + 60
+        while not held and time.monotonic() < deadline:  # stop it at a moment it holds the lock (mid-push)
+            cluster.poll()
+            os.kill(pid, signal.SIGSTOP)
+            held = _holds_flock(pid, lock)
+            if not held:
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.001)
+        assert held, "the worker was never caught holding its shard's lock"
+        started = time.monotonic()
+        with pytest.raises(ShardBusy, match=r"shard 0 stayed locked for 0.5 s: a worker holds it"):
+            cluster.snapshots(wait=0.5)
+        assert time.monotonic() - started < 5
+        os.kill(pid, signal.SIGCONT)
+        assert cluster.snapshots(wait=5)[0]["version"] > 0
+    finally:
+        if held:
+            os.kill(cluster.pids()[0], signal.SIGCONT)
+        cluster.stop(timeout=5)
+        cluster.close()
+
+
 def test_ctrl_c_in_a_local_staleness_study_keeps_what_finished(tmp_path: Path, cli: Callable[..., CliResult],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Ctrl-C during the second run of a local study: that run is saved, cut short, and left out; the first one's

@@ -20,11 +20,15 @@ from downpour.backends.local import LocalCluster, WorkerEvent
 from downpour.config import Config
 from downpour.console import say, warn
 from downpour.held_out import HeldOutLoss
+from downpour.ps.shard import ShardBusy
 from downpour.report.live import LiveProgress
 from downpour.resume import FAULT_COUNTERS, RunState
 
 _POLL_SECONDS = 0.05
 _THROUGHPUT_SECONDS = 1.0
+# How long a periodic checkpoint or eval waits for a shard's lock (a push holds it for milliseconds) before it is
+# skipped: a worker stopped (Ctrl-Z'd) or hung while it held the lock hung the driver and its time budget with it
+SNAPSHOT_WAIT_S = 5.0
 WORKER_MEMORY_HINT = "reduce train.batch_size or the model (model.features), or run fewer cluster.workers"
 
 
@@ -79,7 +83,7 @@ def checkpoint_now(out: Path, cluster: LocalCluster, config: Config, run_state: 
     session's last checkpoint, saved even when diverged if there is no earlier one (nothing to lose, and the run
     keeps a checkpoint). Snapshots that did not diverge become the shards' restore points (what a Ray shard actor
     that dies comes back at); diverged ones never do, even when saved."""
-    snapshots = cluster.snapshots()
+    snapshots = cluster.snapshots() if final else cluster.snapshots(wait=SNAPSHOT_WAIT_S)
     _count_restores(cluster, run_state)
     step = cluster.steps()
     params = torch.cat([snap["values"] for snap in snapshots])
@@ -263,18 +267,26 @@ def watch(
                 )
                 # A checkpoint measures the held-out loss of its snapshot: an eval due in the same poll reports it.
                 taken = None
-                if now >= next_checkpoint:
-                    metrics.flush()  # the rows so far reach the file before the checkpoint that counts their work
-                    taken = checkpoint_now(out, cluster, config, run_state, seeds, signature, held_out_loss,
-                                            final=False)  # fmt: skip
-                if now >= next_eval:
-                    if taken is not None:
-                        step, loss = taken.step, taken.loss
-                    else:
-                        step = cluster.steps()
-                        loss = held_out_loss(torch.cat([snap["values"] for snap in cluster.snapshots()]))
-                    metrics.write("eval", t=now - t0, step=step, examples=run_state.examples, held_out_loss=loss)
-                    next_eval = now + train.eval_every
+                try:
+                    if now >= next_checkpoint:
+                        metrics.flush()  # the rows so far reach the file before the checkpoint that counts their work
+                        taken = checkpoint_now(out, cluster, config, run_state, seeds, signature, held_out_loss,
+                                                final=False)  # fmt: skip
+                    if now >= next_eval:
+                        if taken is not None:
+                            step, loss = taken.step, taken.loss
+                        else:
+                            step = cluster.steps()
+                            values = [snap["values"] for snap in cluster.snapshots(wait=SNAPSHOT_WAIT_S)]
+                            loss = held_out_loss(torch.cat(values))
+                        metrics.write("eval", t=now - t0, step=step, examples=run_state.examples, held_out_loss=loss)
+                        next_eval = now + train.eval_every
+                except ShardBusy as exc:  # skipped, said; the budget still counts, and stop() kills the holder
+                    warn(console, f"checkpoint or eval skipped: {exc}")
+                    metrics.write("snapshot_skipped", t=time.time() - t0, detail=str(exc))
+                    waited = time.time()  # the next tries count from the end of this one's wait
+                    next_checkpoint = max(next_checkpoint, waited + train.checkpoint_every)
+                    next_eval = max(next_eval, waited + train.eval_every) if train.eval_every else next_eval
                 if taken is not None:
                     metrics.write("checkpoint", t=now - t0, step=taken.step, held_out_loss=taken.loss,
                                   saved=taken.saved, checkpoint_step=run_state.checkpoint_step)  # fmt: skip

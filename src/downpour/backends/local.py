@@ -446,9 +446,10 @@ class LocalCluster:
         """The global step: pushes applied across all workers."""
         return self.budget.value
 
-    def snapshots(self) -> list[dict[str, Any]]:
-        """A consistent copy of every shard (each shard consistent on its own, as in Downpour)."""
-        return [shard.snapshot() for shard in self.shards]
+    def snapshots(self, *, wait: float | None = None) -> list[dict[str, Any]]:
+        """A consistent copy of every shard (each shard consistent on its own, as in Downpour). ``wait``: seconds to
+        wait for each shard's lock before :class:`~downpour.ps.shard.ShardBusy` (None: however long)."""
+        return [shard.snapshot(wait=wait) for shard in self.shards]
 
     def set_restore_points(self, snapshots: Sequence[dict[str, Any]]) -> None:
         """Nothing to do: these shards live in shared memory and never die on their own, so nothing is restored

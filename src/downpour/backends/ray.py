@@ -495,9 +495,10 @@ class RayCluster:
         """The global step: pushes made across all workers (as last reported), plus those of earlier sessions."""
         return self._steps_before + sum(pushes for _, pushes in self._progress.values())
 
-    def snapshots(self, indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    def snapshots(self, indices: Sequence[int] | None = None, *, wait: float | None = None) -> list[dict[str, Any]]:
         """A consistent copy of every shard (each on its own, as in Downpour). None becomes a restore point until
-        the driver has judged it (:meth:`set_restore_points`)."""
+        the driver has judged it (:meth:`set_restore_points`). ``wait`` is the local backend's (a shard actor
+        answers, or dies and is restarted: no lock of a stopped worker to wait on)."""
         chosen = list(range(len(self.shards))) if indices is None else list(indices)
         refs = [self.shards[i].handle.snapshot.remote() for i in chosen]
         out = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -33,6 +34,23 @@ class FileLock:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+
+    def acquire_within(self, seconds: float) -> bool:
+        """Take the lock if it comes free within ``seconds`` (True), else give up (False): for a reader that must
+        not wait forever on a holder that never lets go (a worker stopped, Ctrl-Z'd, while it held it)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                fcntl.flock(self._descriptor(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.001)
+
+    def release(self) -> None:
+        """Release a lock taken with :meth:`acquire_within`."""
         fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
 
     def close(self) -> None:

@@ -11,8 +11,10 @@ shared-memory tensors and a :class:`~downpour.ps.locks.FileLock` so that worker 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from downpour.errors import DownpourError
 from downpour.ps.policies import easgd_exchange
 from downpour.ps.rules import PushMeta, Rule, ShardState
 
@@ -41,6 +44,10 @@ def all_finite(tensor: Tensor) -> bool:
     """Whether every value is finite. A NaN or Inf anywhere makes the float32 sum non-finite; so can an overflow
     of huge finite values, which the exact (slow) check then tells apart."""
     return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+class ShardBusy(DownpourError):
+    """A shard's lock stayed held longer than a reader would wait (:meth:`Shard.snapshot`)."""
 
 
 class Shard:
@@ -224,10 +231,28 @@ class Shard:
             meta[_ACTIVE] = spare  # the commit point
             return PushResult(True, version - last_version, version + 1)
 
-    def snapshot(self) -> dict[str, Any]:
-        """A consistent copy of values, rule state, version and rejected count (for checkpoints)."""
-        with self.lock:
+    def snapshot(self, *, wait: float | None = None) -> dict[str, Any]:
+        """A consistent copy of values, rule state, version and rejected count (for checkpoints). ``wait``: give up
+        after this many seconds with :class:`ShardBusy` when a process holds the shard's lock that long (a worker
+        stopped while it held it), instead of waiting forever."""
+        with self._held(wait):
             return self._snapshot_locked()
+
+    @contextlib.contextmanager
+    def _held(self, wait: float | None) -> Iterator[None]:
+        """The shard's lock, held; taken within ``wait`` seconds or :class:`ShardBusy` (None: however long)."""
+        acquire = getattr(self.lock, "acquire_within", None)  # a FileLock; an in-process lock is never left held
+        if wait is None or acquire is None:
+            with self.lock:
+                yield
+            return
+        if not acquire(wait):
+            raise ShardBusy(f"shard {self.index} stayed locked for {wait:g} s: a worker holds it and does not let go "
+                            "(stopped, or hung)")  # fmt: skip
+        try:
+            yield
+        finally:
+            self.lock.release()  # type: ignore[attr-defined]
 
     def _snapshot_locked(self) -> dict[str, Any]:
         meta = self._m()

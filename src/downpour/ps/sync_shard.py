@@ -179,9 +179,9 @@ class SyncShard(Shard):
         rounds[ring] = -(version + 1)
         meta[_VERSION0 + live] = version + 1  # the round is over; the values stay as they were
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, wait: float | None = None) -> dict[str, Any]:
         """As :meth:`Shard.snapshot`, with ``dropped`` (late pushes) and ``applied`` (pushes applied) too."""
-        with self.lock:
+        with self._held(wait):
             return {**self._snapshot_locked(), "dropped": self.aggregator.dropped_, "applied": self.applied}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
