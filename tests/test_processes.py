@@ -123,3 +123,28 @@ def test_workers_are_spawned_where_the_fork_server_cannot_listen(tmp_path: Path)
                             env={**os.environ, "TMPDIR": str(deep)})  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "spawn"
+
+
+def test_lock_folders_of_dead_drivers_are_removed_and_others_kept() -> None:
+    """A driver killed with SIGKILL leaves its shard-lock folder in the temporary directory (a hunt found 46); the
+    next driver removes those whose driver is gone, and keeps a live driver's and one named without a pid."""
+    import tempfile
+
+    from downpour.backends.local import LOCK_DIR_PREFIX, remove_dead_lock_dirs
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    root = Path(tempfile.gettempdir())
+    dead = Path(tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{dead_pid}-"))
+    (dead / "shard0").write_text("")
+    alive = Path(tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{os.getppid()}-"))
+    unnamed = Path(tempfile.mkdtemp(prefix=LOCK_DIR_PREFIX, dir=root))  # as named before the pid was in the name
+    try:
+        assert remove_dead_lock_dirs() >= 1
+        assert not dead.exists() and alive.exists() and unnamed.exists()
+    finally:
+        for path in (dead, alive, unnamed):
+            if path.exists():
+                for child in path.iterdir():
+                    child.unlink()
+                path.rmdir()

@@ -600,6 +600,10 @@ def test_a_run_whose_checkpoint_was_deleted_is_not_trained_again_from_step_0(
     again = cli("train", "--out", str(run), "--steps", "30", *FAST)  # not "--resume trains it again from step 0"
     assert again.returncode == 2 and "holds a run whose checkpoint (step 20) is missing" in again.stderr
     assert _files(run) == files
+    shutil.copytree(finished_run / "checkpoint", run / "checkpoint")  # the folder and parameters, but no state.json
+    (run / "checkpoint" / "state.json").unlink()
+    result = cli("train", "--resume", str(run), "--steps", "30", "--no-progress")
+    assert result.returncode == 2 and "state.json is missing" in " ".join(result.stderr.split()), result.stderr
 
 
 def test_a_session_that_saved_nothing_keeps_its_number(finished_run: Path, tmp_path: Path,

@@ -271,7 +271,9 @@ def stopped_before_checkpoint(out: Path, console: Console, *, resumable: bool = 
             if resumable
             else "a simulated run is not resumed: simulate into a new --out"
         )
-        raise DownpourError(f"run {out} saved a checkpoint at step {step:,}, but {out / rundir.CHECKPOINT} is missing "
+        missing = out / rundir.CHECKPOINT  # or its state.json alone, the file that commits a checkpoint
+        missing = missing / ckpt.STATE_FILE if missing.is_dir() else missing
+        raise DownpourError(f"run {out} saved a checkpoint at step {step:,}, but {missing} is missing "
                             f"(deleted or moved): {advice}")  # fmt: skip
     moved = [out / name for name in (rundir.METRICS, TENSORBOARD_DIR) if (out / name).exists()]
     aside = ""

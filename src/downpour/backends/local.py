@@ -31,6 +31,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -231,6 +232,30 @@ def _worker_main(spec: _WorkerSpec) -> None:
         raise SystemExit(1) from None
 
 
+LOCK_DIR_PREFIX = "downpour-locks-"  # then the driver's pid: a folder whose driver is gone can be removed
+
+
+def remove_dead_lock_dirs() -> int:
+    """Remove the shard-lock folders in the temporary directory whose driver process is gone (a driver killed with
+    SIGKILL cannot remove its own); return how many. A folder of a live process, another user's, or one named
+    before the pid was in the name is left alone."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{LOCK_DIR_PREFIX}*-*"):
+        pid = path.name[len(LOCK_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or pid reused): not ours to judge
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += not path.exists()
+    return removed
+
+
 @dataclass
 class WorkerEvent:
     """Something the driver should log about a worker (``died``, ``error``, ``out_of_memory``, ``stuck``: killed
@@ -263,7 +288,8 @@ class LocalCluster:
                  shape: tuple[int, ...] | None = None):  # fmt: skip
         self.config = config
         self.bounds = contiguous_bounds(initial.numel(), config.ps.shards)
-        self._lock_dir = tempfile.mkdtemp(prefix="downpour-locks-")
+        remove_dead_lock_dirs()  # left by drivers killed with SIGKILL, which could not remove their own
+        self._lock_dir = tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{os.getpid()}-")
         rule = policy_rule(config)
         policy = config_policy(config)
         workers = config.cluster.workers
