@@ -236,6 +236,8 @@ def test_a_snapshot_gives_up_on_a_shard_a_stopped_worker_holds() -> None:
         (pid,) = cluster.pids()
         lock = cluster.shards[0].lock.path
         deadline = time.monotonic() + 60
+        while cluster.snapshots()[0]["version"] == 0 and time.monotonic() < deadline:  # its first push applied
+            time.sleep(0.01)
         while not held and time.monotonic() < deadline:  # stop it at a moment it holds the lock (mid-push)
             cluster.poll()
             os.kill(pid, signal.SIGSTOP)
