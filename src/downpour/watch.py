@@ -275,9 +275,9 @@ def watch(
                     if now >= next_eval:
                         if taken is not None:
                             step, loss = taken.step, taken.loss
-                        else:
-                            step = cluster.steps()
+                        else:  # the step read after the snapshot, as a checkpoint's: it counts the pushes there
                             values = [snap["values"] for snap in cluster.snapshots(wait=SNAPSHOT_WAIT_S)]
+                            step = cluster.steps()
                             loss = held_out_loss(torch.cat(values))
                         metrics.write("eval", t=now - t0, step=step, examples=run_state.examples, held_out_loss=loss)
                         next_eval = now + train.eval_every

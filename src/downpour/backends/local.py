@@ -45,6 +45,7 @@ from downpour.backends.processes import (
     fork_server_gone,
     fork_server_pid,
     kill_fork_server,
+    process_gone,
     worker_context,
 )
 from downpour.config import Config
@@ -242,15 +243,8 @@ def remove_dead_lock_dirs() -> int:
     removed = 0
     for path in Path(tempfile.gettempdir()).glob(f"{LOCK_DIR_PREFIX}*-*"):
         pid = path.name[len(LOCK_DIR_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or pid reused): not ours to judge
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # alive, another user's
-            continue
+        if not pid.isdigit() or int(pid) == os.getpid() or not process_gone(int(pid)):
+            continue  # alive (or its pid reused, or another user's): not ours to judge
         shutil.rmtree(path, ignore_errors=True)
         removed += not path.exists()
     return removed

@@ -115,6 +115,18 @@ def fork_server_gone(pid: int | None) -> bool:
     return state in ("Z", "X")
 
 
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists on this machine (one that signal 0 cannot reach, another user's, counts as
+    existing): the test for leftovers of a killed driver that nobody else may still be using."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def driver_alive() -> bool:
     """In a worker: whether the process that started it still holds the pipe ``multiprocessing`` keeps to each
     child (closed by the driver's death), whoever the worker's parent is. True outside a started child."""

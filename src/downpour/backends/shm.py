@@ -22,6 +22,7 @@ import tempfile
 import numpy as np
 import torch
 
+from downpour.backends.processes import process_gone
 from downpour.ps.locks import FileLock
 from downpour.ps.rules import Rule
 from downpour.ps.shard import Shard
@@ -129,12 +130,11 @@ def collect_orphans(prefix: str = "downpour-") -> int:
             continue
         try:
             pid = int(np.fromfile(path, dtype=np.int64, count=1)[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            unlink(path)
-            removed += 1
         except (OSError, ValueError, IndexError):  # unreadable, or being created: leave it
             continue
+        if process_gone(pid):
+            unlink(path)
+            removed += 1
     return removed
 
 

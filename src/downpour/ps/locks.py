@@ -34,7 +34,7 @@ class FileLock:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+        self.release()
 
     def acquire_within(self, seconds: float) -> bool:
         """Take the lock if it comes free within ``seconds`` (True), else give up (False): for a reader that must
@@ -50,7 +50,7 @@ class FileLock:
                 time.sleep(0.001)
 
     def release(self) -> None:
-        """Release a lock taken with :meth:`acquire_within`."""
+        """Release the lock (taken with ``with``, or :meth:`acquire_within`)."""
         fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
 
     def close(self) -> None:
