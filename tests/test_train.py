@@ -377,6 +377,27 @@ def test_ctrl_c_stops_cleanly_and_writes_a_final_checkpoint(run_dir: Path) -> No
     assert sum(s["version"] for s in state["shards"]) == summary["updates_applied"]
 
 
+def test_ctrl_c_again_and_again_while_the_run_winds_down_loses_nothing(run_dir: Path) -> None:
+    """Ctrl-C pressed again and again (every 0.1 s) until the driver exits: the first stops the run, the others
+    are ignored while it stops its workers, checkpoints and writes its summary and report (a press during the
+    summary's filter picture used to end the run without summary.json and report.html)."""
+    proc = _start(run_dir, "--workers", "2", "--seconds", "120")
+    pids = next(r for r in _wait_for_pushes(run_dir, proc) if r["event"] == "start")["pids"]
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.1)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (130, -signal.SIGINT), stderr  # a press after the last line: the shell says 130
+    assert "Traceback" not in stderr
+    assert _wait_gone(pids)
+    summary = _summary(run_dir)
+    assert summary["interrupted"] is True
+    assert (run_dir / "report.html").stat().st_size > 0
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == summary["steps"] > 0
+
+
 def _fork_server_of(pid: int, timeout: float = 60) -> int:
     """The pid of the fork server that process ``pid`` started, once it has."""
     deadline = time.monotonic() + timeout
@@ -439,6 +460,7 @@ def test_a_killed_fork_server_is_named_as_what_took_every_worker(run_dir: Path) 
     for worker in (0, 1):
         assert f"worker {worker} died (killed with the fork server it was started from, which is gone)" in said
     assert "every worker has died; stopping the run" in said
+    assert "the others go on" not in said.rsplit("died (", 1)[1]  # not after the last worker's death
     summary = _summary(run_dir)
     assert summary["worker_deaths"] == 2 and summary["steps"] > 0
     assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"] == summary["steps"]

@@ -7,6 +7,7 @@ shard or worker directly, so every backend gets the same run directory, progress
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -173,8 +174,10 @@ def run_training(
             rundir.save_tensors(dataset.whitening_tensors(), out / rundir.WHITENING)
         resumed_from = run_state.checkpoint_step
         try:
-            summary = _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
-                                     resume=resume, console=console, show_progress=show_progress)  # fmt: skip
+            with contextlib.ExitStack() as winding_down:  # signals ignored from the workers' stop to the report
+                summary = _train_session(config, out, dataset, model, signature, held_out_loss, checkpoint, run_state,
+                                         winding_down, resume=resume, console=console,
+                                         show_progress=show_progress)  # fmt: skip
         except BaseException:  # e.g. a Ray cluster that cannot be reached, Ctrl-C while it starts
             if previous_config is not None and run_state.checkpoint_step == resumed_from:  # no checkpoint of its
                 rundir.atomic_write_text(out / rundir.CONFIG, previous_config)  # own: the run is as it was left
@@ -193,8 +196,12 @@ def _driver_threads(config: Config) -> int:
 
 
 def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.Module, signature: dict[str, Any],
-                   held_out_loss: HeldOutLoss, checkpoint: ckpt.Checkpoint | None, run_state: RunState, *,
-                   resume: bool, console: Console, show_progress: bool) -> dict[str, Any]:  # fmt: skip
+                   held_out_loss: HeldOutLoss, checkpoint: ckpt.Checkpoint | None, run_state: RunState,
+                   winding_down: contextlib.ExitStack, *, resume: bool, console: Console,
+                   show_progress: bool) -> dict[str, Any]:  # fmt: skip
+    """One session: train until the budget, Ctrl-C or the workers' deaths, checkpoint, and write the summary and
+    report. From the workers' stop on, Ctrl-C and SIGTERM are ignored until ``winding_down`` (the caller's) closes:
+    a second Ctrl-C must lose neither the final checkpoint nor the summary and report."""
     seeds = _worker_seeds(config.train.seed, run_state.session, config.cluster.workers)
     run_state.lost_before = run_state.lost_updates
     run_state.restores_before = run_state.shard_restores
@@ -241,17 +248,17 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
                 interrupted = True
                 if start_row:  # while the workers started: the session still has its start row (and the report
                     metrics.write("start", t=time.time() - t0, **start_row)  # the run's initial loss)
-        with routed(signal.SIG_IGN):  # shutting down: a second Ctrl-C must not lose the final checkpoint
-            records, last_events = cluster.stop()
-            stopped = time.time()  # the workers finished their last steps by now
-            log_push_records(records, metrics, run_state)
-            log_events(last_events, metrics, run_state, console, t0)
-            cluster_examples = cluster.examples_done()
-            run_state.examples = session_examples_start + cluster_examples
-            taken = checkpoint_now(out, cluster, config, run_state, seeds, signature, held_out_loss, final=True)
-            snapshots, final_loss, steps = taken.snapshots, taken.loss, taken.step
-            metrics.write("end", t=time.time() - t0, step=steps, final_loss=final_loss, interrupted=interrupted,
-                          diverged=taken.diverged, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
+        winding_down.enter_context(routed(signal.SIG_IGN))  # shutting down
+        records, last_events = cluster.stop()
+        stopped = time.time()  # the workers finished their last steps by now
+        log_push_records(records, metrics, run_state)
+        log_events(last_events, metrics, run_state, console, t0, config.cluster.workers)
+        cluster_examples = cluster.examples_done()
+        run_state.examples = session_examples_start + cluster_examples
+        taken = checkpoint_now(out, cluster, config, run_state, seeds, signature, held_out_loss, final=True)
+        snapshots, final_loss, steps = taken.snapshots, taken.loss, taken.step
+        metrics.write("end", t=time.time() - t0, step=steps, final_loss=final_loss, interrupted=interrupted,
+                      diverged=taken.diverged, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
         if starved:
             _warn_starved(console, config.train.seconds, steps - session_steps_start)
     finally:

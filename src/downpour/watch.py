@@ -136,13 +136,21 @@ def log_push_records(records: list[tuple], metrics: rundir.MetricsLog, run_state
 
 
 def log_events(
-    events: list[WorkerEvent], metrics: rundir.MetricsLog, run_state: RunState, console: Console, t0: float
+    events: list[WorkerEvent],
+    metrics: rundir.MetricsLog,
+    run_state: RunState,
+    console: Console,
+    t0: float,
+    workers: int,
 ) -> None:
+    """Say and log the worker events of a poll; ``workers`` (the session's) tells whether its deaths left others."""
+    deaths = sum(event.kind == "died" for event in events)
+    others = run_state.worker_deaths - run_state.deaths_before + deaths < workers
     for event in events:
         if event.kind == "died":
             run_state.worker_deaths += 1
             if not event.said:  # a worker that failed said why already
-                say(console, f"worker {event.worker} died ({event.detail}); the others go on")
+                say(console, f"worker {event.worker} died ({event.detail})" + ("; the others go on" if others else ""))
         elif event.kind == "error":
             last_line = event.detail.strip().splitlines()[-1] if event.detail.strip() else "unknown error"
             say(console, f"worker {event.worker} failed: {last_line}", "red")
@@ -230,7 +238,7 @@ def watch(
         """Log the push records and worker events that arrived since the last poll."""
         records, events = cluster.poll()
         log_push_records(records, metrics, run_state)
-        log_events(events, metrics, run_state, console, t0)
+        log_events(events, metrics, run_state, console, t0, config.cluster.workers)
 
     with LiveProgress(steps=train.steps, seconds=train.seconds, console=console, enabled=show_progress) as bar:
         try:
