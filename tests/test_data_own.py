@@ -223,7 +223,7 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".lock"} == files
     state_json = out / "checkpoint" / "state.json"  # as saved before the reader was recorded (it decoded otherwise)
     state = json.loads(state_json.read_text())
-    assert state["data_counts"]["pictures_reader"] == 3
+    assert state["data_counts"]["pictures_reader"] == 4
     state["data_counts"]["pictures_reader"] = 2  # as saved before linked folders were followed
     state_json.write_text(json.dumps(state))
     refused = cli("train", "--resume", str(out), "--steps", "40", *common)
@@ -234,7 +234,7 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     refused = cli("train", "--resume", str(out), "--steps", "40", *common)
     assert refused.returncode == 2
     assert "saved by an earlier downpour that decoded pictures differently" in refused.stderr
-    assert "and listed folders differently" in refused.stderr
+    assert "and listed folders differently" in refused.stderr and "and read float gray pictures" in refused.stderr
     (pictures / "coins.png").unlink()
     for path in pictures.rglob("*"):  # the same pictures, written again: new modification times
         if path.is_file():
@@ -250,7 +250,7 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
     assert "held_out = 125\n" in (out / "config.toml").read_text()
-    assert json.loads(state_json.read_text())["data_counts"]["pictures_reader"] == 3  # the same digest: resumed
+    assert json.loads(state_json.read_text())["data_counts"]["pictures_reader"] == 4  # the same digest: resumed
     last_start = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                   if row["event"] == "start"][-1]  # fmt: skip
     assert "changed" not in last_start  # 1024 -> 125 is a recording of the count, not a change of settings

@@ -349,6 +349,30 @@ def test_deep_gray_pictures_are_scaled_as_training_scales_them(tmp_path: Path) -
         np.testing.assert_allclose(read[0], trained_on, atol=0.5 / 255 + 1e-6, err_msg=name)
 
 
+def test_float_pictures_are_read_alike_by_training_and_evaluation(tmp_path: Path) -> None:
+    """A float gray TIFF (Pillow's "F" mode) in [0, 1] is that picture, in training as in evaluation (training read
+    it through Pillow's conversion, which clips to 0..255: black); one on 0..255 is scaled by 255 in both; NaN is
+    black and values beyond the scale are clipped."""
+    from PIL import Image
+
+    from downpour.data.own import _to_array
+    from downpour.eval.images import read_image
+
+    unit = np.random.default_rng(1).random((12, 14)).astype(np.float32)
+    wide = unit * 255.0
+    wide[0, :3] = (np.nan, 300.0, -5.0)
+    expected_wide = unit.copy()
+    expected_wide[0, :3] = (0.0, 1.0, 0.0)
+    for name, values, expected in (("unit.tif", unit, unit), ("wide.tif", wide, expected_wide)):
+        Image.fromarray(values, mode="F").save(tmp_path / name)
+        read = read_image(tmp_path / name, 1)[0]
+        np.testing.assert_allclose(read, expected, atol=1e-6, err_msg=name)
+        with Image.open(tmp_path / name) as image:
+            assert image.mode == "F"
+            trained_on = _to_array(image, 1, 0)[0] / 255.0  # (H, W): training's 8 bits of the same picture
+        np.testing.assert_allclose(trained_on, expected, atol=0.5 / 255 + 1e-6, err_msg=name)
+
+
 def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> None:
     """imageio returns frames for GIF (even one frame: ``(1, H, W, 3)``) and multi-page TIFF; a picture is read as
     its first frame, in gray or colour, not refused as "not a gray or colour picture". Grey with alpha ``(H, W, 2)``

@@ -16,3 +16,14 @@ def luminance(images: np.ndarray, channel_axis: int) -> np.ndarray:
     weights = np.asarray(LUMINANCE, dtype=np.float32)
     moved = np.moveaxis(images.astype(np.float32, copy=False), channel_axis, -1)  # (..., 3)
     return np.expand_dims(moved @ weights, channel_axis)
+
+
+def float_picture_unit(values: np.ndarray) -> np.ndarray:
+    """A float picture (gray in Pillow's "F" mode, as TIFFs store it, or any that imageio reads as floats) as
+    float32 in [0, 1]: a picture whose finite values all lie in [0, 1] is taken as stored on that scale, any other
+    as on 0..255; NaN counts as black, and what lies outside the scale is clipped. Training and evaluation read
+    float pictures by this one rule."""
+    values = np.asarray(values, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    top = 255.0 if finite.size and finite.max() > 1.0 else 1.0
+    return np.clip(np.nan_to_num(values / top, nan=0.0), 0.0, 1.0)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from downpour.config import DataConfig
-from downpour.data.gray import luminance
+from downpour.data.gray import float_picture_unit, luminance
 from downpour.data.sources import crop_positions, random_crops
 from downpour.errors import DataError
 
@@ -44,8 +44,9 @@ READER_CHANGES = {
     "rotation ignored)",
     2: "listed folders differently (before 2026-11-28: linked subfolders not followed, a file reached twice read "
     "twice)",
+    3: "read float gray pictures differently (a TIFF of floats in [0, 1] read as black)",
 }
-READER_VERSION = 3
+READER_VERSION = 4
 SHOWN_SKIPS = 20  # skipped files named in the summary (all are counted)
 
 
@@ -93,6 +94,8 @@ def _to_array(image: Any, channels: int, max_side: int) -> np.ndarray:
     if image.mode.startswith("I"):  # 16-bit grayscale: PIL's own conversion would clip everything above 255
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray((values / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":  # float gray: Pillow's conversion clips to 0..255, so a [0, 1] picture came out black
+        image = Image.fromarray((float_picture_unit(np.asarray(image)) * 255.0).round().astype(np.uint8))
     if not (image.mode == "L" and channels == 1):  # colour becomes gray below, by the luminance all sources use
         image = image.convert("RGB")
     array = np.asarray(_shrink(image, max_side), dtype=np.uint8)  # (H, W) gray or (H, W, 3)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from skimage import io, transform
 
-from downpour.data.gray import luminance
+from downpour.data.gray import float_picture_unit, luminance
 from downpour.data.own import large_pictures, upright
 from downpour.errors import DataError
 
@@ -135,7 +135,7 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     if image.dtype.kind in "ui":  # 8 bits, or 16 and 32-bit gray (Pillow's "I" modes): scaled as training scales it
         top = 255.0 if image.dtype.itemsize == 1 else 65535.0
         image = np.clip(image.astype(np.float32) / top, 0.0, 1.0)
-    else:
-        image = image.astype(np.float32) / (255.0 if image.max() > 1.0 else 1.0)
+    else:  # float gray, or a float colour picture: the rule training reads float pictures by
+        image = float_picture_unit(image)
     image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)  # (C, H, W)
     return fit_images(image[None], (channels, *image.shape[1:]))[0]  # channels converted, size unchanged
