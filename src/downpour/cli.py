@@ -267,8 +267,14 @@ def entry() -> None:
     final garbage collections over every object torch created (about a second here; all output is written and
     closed by then, and exit handlers still run). Not where Triton was imported (``torch.optim`` imports it through
     ``torch._dynamo`` when it is installed): its objects are freed only by those collections, and nanobind prints
-    every one still alive at exit as a "leak"."""
+    every one still alive at exit as a "leak".
+
+    A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM routed to one) that passed through an ``exec`` of a string on its
+    way to :func:`main` (scipy's imports make such calls while a run loads its data) leaves a flag in CPython that
+    makes ``python -m downpour`` die by SIGINT at exit, though :func:`main` handled it and returned 130; one ``exec``
+    of a string clears that flag, so the status returned is the one the process ends with."""
     status = main()
+    exec("None")  # clears CPython's record of an interrupt that an exec'd string passed on (see above)
     if "triton" not in sys.modules:
         gc.freeze()
     raise SystemExit(status)
