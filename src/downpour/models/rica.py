@@ -1,7 +1,9 @@
 """Reconstruction ICA (Le, Karpenko, Ngiam & Ng, NIPS 2011).
 
 ``loss(x) = mean ‖WᵀWx − x‖² + λ · mean Σⱼ sqrt(ε + (Wx)ⱼ²)``: a soft reconstruction cost in place of ICA's hard
-orthonormality constraint, so overcomplete bases train with plain (unconstrained) gradient steps.
+orthonormality constraint, so overcomplete bases train with plain (unconstrained) gradient steps. λ weights the
+penalty, as in the 2012 paper's stage cost; the 2011 paper writes λ on the reconstruction term instead
+(``λ‖WᵀWx − x‖² + Σ g(Wx)``), the same objective rescaled: its λ is 1/λ here.
 """
 
 from __future__ import annotations
