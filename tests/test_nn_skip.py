@@ -127,6 +127,29 @@ def test_float32_batches_split_over_threads_equal_the_dense_layer(threads: int) 
         _check_against_dense(layer, x, active, 2e-5)
 
 
+def test_weight_gradient_of_trailing_flat_locations_is_zero_on_two_threads() -> None:
+    """The weight gradient's rows are filled in by the kernels (the output starts uninitialised), one range of
+    locations per thread, the ranges split at equal numbers of active pairs. When the last locations are flat in
+    every example, the split's last edge falls before the end: the last part must still reach the last location,
+    or those rows keep whatever the memory held. Enough active pairs (> 4096) to split over two threads."""
+    generator = torch.Generator().manual_seed(4)
+    layer = LocallyConnected2d(1, 2, 26, 5)  # 22x22 locations, fields of rows y..y+4
+    x = torch.randn(24, 1, 26, 26, generator=generator)
+    x[:, :, 18:] = 0.5  # input rows 18..25 flat everywhere: location rows 18..21 are flat in every example
+    active = active_fields(x, layer.kernel_size, layer.stride, 1e-6)
+    flat_rows = ~active.any(0).flatten()  # (L,): locations flat in every example
+    assert int(active.sum()) > 4096 and flat_rows.nonzero().min() == 18 * 22 and bool(flat_rows[18 * 22 :].all())
+    g = torch.randn(24, 2, 22, 22, generator=generator)
+    (expected,) = torch.autograd.grad((layer(x) * active.unsqueeze(1) * g).sum(), layer.weight)
+    for _ in range(3):  # fresh outputs, not always on zeroed memory
+        garbage = torch.full_like(layer.weight, float("nan"))
+        del garbage
+        with torch_threads(2):
+            (got,) = torch.autograd.grad((layer(x, active) * g).sum(), layer.weight)
+        assert torch.equal(got[flat_rows], torch.zeros_like(got[flat_rows]))
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
 def test_no_active_field_and_a_single_one() -> None:
     layer = LocallyConnected2d(1, 2, 9, 3).double()
     x = torch.randn(3, 1, 9, 9, dtype=torch.float64)
