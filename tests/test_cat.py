@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import CliResult
-from downpour.config import DataConfig
+from downpour.config import DataConfig, ModelConfig
 from downpour.data import Dataset, load_dataset
 from downpour.errors import ConfigError
+from downpour.models import build_model
 from downpour.models.cat import CatNetwork, layout_report
 
 
@@ -59,6 +61,126 @@ def test_shapes_through_the_stages(tied: bool) -> None:
     assert net(x).shape == (3, 4, 40 - 5 - 2 - 5 - 2, 40 - 5 - 2 - 5 - 2)
     assert net.filters().shape[1] == 1 * 6 * 6
     assert net.filter_shape == (1, 6, 6)
+
+
+def _responses(x: torch.Tensor, weight: torch.Tensor, field: int) -> torch.Tensor:
+    """``W₁x`` written out: location ``l``'s maps are ``W[l] · patch_l(x)`` (``weight`` ``(L, M, P)``, or one
+    ``(M, C, f, f)`` template bank for every location): ``(B, M, R, R)``."""
+    patches = F.unfold(x, field)  # (B, C·f·f, L), patches in row-major order of their places
+    side = x.shape[-1] - field + 1
+    per_place = weight.flatten(1).expand(patches.shape[-1], -1, -1) if weight.dim() == 4 else weight  # (L, M, P)
+    return torch.einsum("lmp,bpl->bml", per_place, patches).unflatten(2, (side, side))
+
+
+def _reconstruction(h: torch.Tensor, weight: torch.Tensor, field: int, size: int) -> torch.Tensor:
+    """``W₂ᵀh`` written out: each place's maps sent back through its weights and summed where fields overlap."""
+    per_place = weight.flatten(1).expand(h.shape[2] * h.shape[3], -1, -1) if weight.dim() == 4 else weight
+    return F.fold(torch.einsum("lmp,bml->bpl", per_place, h.flatten(2)), (size, size), field)
+
+
+def _paper_cost(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *, field: int, pool: int, sparsity: float,
+                epsilon: float) -> torch.Tensor:  # fmt: skip
+    """Le et al. 2012's stage cost, mean over examples: ``‖W₂ᵀW₁x − x‖² + λ Σⱼ sqrt(ε + Hⱼ(W₁x)²)``, Hⱼ(h)² the
+    sum of h² over pooling window j (``pool × pool``, stride 1)."""
+    h = _responses(x, w1, field)
+    error = (_reconstruction(h, w2, field, x.shape[-1]) - x).pow(2).sum(dim=(1, 2, 3))
+    window_sums = F.avg_pool2d(h.pow(2), pool, 1, divisor_override=1)
+    return (error + sparsity * torch.sqrt(epsilon + window_sums).sum(dim=(1, 2, 3))).mean()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_stage_cost_and_its_gradients_are_the_papers_formula(tied: bool) -> None:
+    """The stage cost (value and gradients for W₁ and W₂) is the reconstruction-ICA cost written out above, with
+    distinct W₁ and W₂ and an ε large enough to count (ε = 0.5): the ε inside the pooled penalty, the decoder's
+    own weights (not flipped templates) and the gradient through both weights."""
+    torch.manual_seed(0)
+    net = CatNetwork((2, 11, 11), receptive_field=4, maps=3, pool=3, lcn=3, tied=tied, sparsity=0.3,
+                     epsilon=0.5).double()  # fmt: skip
+    stage = net.stages[0]
+    with torch.no_grad():
+        stage.decoder_weight.normal_(0, 0.2)  # W₂ ≠ W₁
+    x = torch.randn(3, 2, 11, 11, dtype=torch.float64)
+    cost, _ = stage.cost(x)
+    got = torch.autograd.grad(cost, (stage.encoder.weight, stage.decoder_weight))
+    w1 = stage.encoder.weight.detach().clone().requires_grad_()
+    w2 = stage.decoder_weight.detach().clone().requires_grad_()
+    expected_cost = _paper_cost(x, w1, w2, field=4, pool=3, sparsity=0.3, epsilon=0.5)
+    expected = torch.autograd.grad(expected_cost, (w1, w2))
+    torch.testing.assert_close(cost.detach(), expected_cost.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_stage_decodes_with_the_adjoint_of_its_encoder(tied: bool) -> None:
+    """With W₂ = W₁ the decoder is the encoder's transpose: ``⟨W₁x, h⟩ = ⟨x, W₂ᵀh⟩`` for any x and h (tied: the
+    transposed convolution of the same templates, not of the templates flipped)."""
+    torch.manual_seed(1)
+    stage = CatNetwork((2, 10, 10), receptive_field=4, maps=3, pool=2, lcn=3, tied=tied).double().stages[0]
+    with torch.no_grad():
+        stage.decoder_weight.copy_(stage.encoder.weight)
+    x = torch.randn(2, 2, 10, 10, dtype=torch.float64)
+    h = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        left, right = (stage.encode(x) * h).sum(), (x * stage.decode(h)).sum()
+    assert float(left) == pytest.approx(float(right), rel=1e-12)
+    assert abs(float(left)) > 1e-3  # not a trivial 0 = 0
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_network_loss_is_the_sum_of_its_stage_costs_on_normalised_outputs(greedy: bool) -> None:
+    """Each stage learns on the previous stage's output, which is the contrast-normalised pooled responses (the
+    stage's forward), not its pooled responses before normalisation: loss = cost₁(x) + cost₂(stage₁(x))."""
+    torch.manual_seed(2)
+    net = CatNetwork((1, 20, 20), stages=2, receptive_field=4, maps=3, pool=2, lcn=3, greedy=greedy).double()
+    x = torch.randn(3, 1, 20, 20, dtype=torch.float64)
+    first, second = net.stages
+    with torch.no_grad():
+        expected = first.cost(x)[0] + second.cost(first(x))[0]
+        unnormalised = first.cost(x)[0] + second.cost(first.pool(first.encode(x)))[0]
+        got = net.loss(x)
+    assert float(got) == pytest.approx(float(expected), rel=1e-12)
+    assert abs(float(unnormalised) - float(expected)) > 1e-3 * abs(float(expected))  # the test can tell them apart
+
+
+def test_a_stage_zeroes_the_responses_of_flat_fields_in_its_forward() -> None:
+    """With ``skip_variance = τ > 0``, fields whose input variance is below τ output zero in the stage's output as in
+    its cost: forward = norm(pool(W₁x with flat fields' responses zeroed)), which differs from the dense stage."""
+    torch.manual_seed(3)
+    net = CatNetwork((1, 16, 16), receptive_field=4, maps=2, pool=2, lcn=3, skip_variance=1e-4).double()
+    stage = net.stages[0]
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    x[:, :, :8] = 0.3  # the top half flat: fields lying in rows 0..7 have variance 0
+    h = _responses(x, stage.encoder.weight.detach(), 4)  # (B, 2, 13, 13)
+    variance = F.unfold(x, 4).var(dim=1, unbiased=False).view(2, 13, 13)  # each field's input variance
+    kept = h * (variance >= 1e-4).unsqueeze(1)
+    assert 0 < int((variance < 1e-4).sum()) < variance.numel()
+    with torch.no_grad():
+        got = stage(x)
+        expected = stage.norm(stage.pool(kept))
+        dense = stage.norm(stage.pool(h))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got, dense, atol=1e-3)
+
+
+def test_gabor_templates_start_both_the_encoder_and_the_decoder() -> None:
+    """``model.init = gabor`` puts templates in W₁, and W₂ starts equal to W₁ as in the default init (a decoder
+    left at the random weights it was built with reconstructs through other filters than it encodes with)."""
+    config = ModelConfig(name="cat", init="gabor", receptive_field=6, maps=4, pool=2, lcn=3)
+    stage = build_model(config, 144, seed=0, shape=(1, 12, 12)).stages[0]
+    default = build_model(ModelConfig(name="cat", receptive_field=6, maps=4, pool=2, lcn=3), 144, seed=0,
+                          shape=(1, 12, 12)).stages[0]  # fmt: skip
+    assert not torch.equal(stage.encoder.weight, default.encoder.weight)  # the templates replaced the default
+    assert torch.equal(stage.decoder_weight, stage.encoder.weight)
+
+
+def test_a_pooled_map_as_small_as_the_lcn_radius_is_refused() -> None:
+    """Reflect padding by lcn // 2 needs maps larger than lcn // 2: pooled to exactly lcn // 2 (2x2 for lcn = 5) is
+    refused at build, naming model.lcn; one more pixel (3x3) builds and runs."""
+    with pytest.raises(ConfigError, match=r"invalid model\.lcn: 5 \(stage 1 pools to 2x2"):
+        CatNetwork((1, 8, 8), receptive_field=5, pool=3, lcn=5)  # 8 - 5 + 1 = 4 responses, pooled to 2
+    net = CatNetwork((1, 9, 9), receptive_field=5, pool=3, lcn=5)
+    assert net(torch.randn(2, 81)).shape == (2, 8, 3, 3)
 
 
 def _first_stage_grad(net: CatNetwork, x: torch.Tensor, only_first: bool) -> torch.Tensor:
