@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import CliResult
@@ -19,6 +20,7 @@ from downpour.config import DataConfig, ModelConfig
 from downpour.data import load_dataset
 from downpour.errors import ConfigError
 from downpour.models import build_model
+from downpour.penalty_spec import PenaltySpec
 from downpour.ps.flat import flat_copy
 from downpour.ps.policies import POLICIES, make_policy
 from downpour.ps.rules import SGD, Adagrad
@@ -191,6 +193,159 @@ def test_rbm_gradient_is_the_negative_cd1_update() -> None:
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     with torch.no_grad():
         assert float(model.loss(v)) == pytest.approx(float(expected), rel=1e-5)  # evaluation: no chain, same value
+
+
+def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(loss, params)
+
+
+def test_rica_cost_and_gradient_are_its_formula_with_its_own_epsilon_and_weight_decay() -> None:
+    """RICA's cost, ``mean ‖WᵀWx − x‖² + λ mean Σⱼ sqrt(ε + (Wx)ⱼ²) + ½ λ_wd Σ W²``, written out here with an ε that
+    is not the default (0.5) and weight decay on: value and gradient (the reconstruction's gradient reaches W
+    through both its encoding and its decoding use)."""
+    from downpour.models import RICA
+
+    model = RICA(12, 5, sparsity=0.3, epsilon=0.5, weight_decay=0.2,
+                 generator=torch.Generator().manual_seed(0)).double()  # fmt: skip
+    x = torch.randn(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss = model.loss(x)
+    w = model.weight.detach().clone().requires_grad_()
+    h = x @ w.t()  # (B, K)
+    expected = ((h @ w - x) ** 2).sum(1).mean() + 0.3 * torch.sqrt(0.5 + h**2).sum(1).mean() + 0.1 * (w**2).sum()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+    torch.testing.assert_close(_grads(loss, [model.weight])[0], _grads(expected, [w])[0], rtol=1e-10, atol=1e-12)
+    no_decay = RICA(12, 5, sparsity=0.3, epsilon=0.5, generator=torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():  # the decay term alone: ½ · 0.2 · Σ W²
+        assert float(model.loss(x) - no_decay.loss(x)) == pytest.approx(0.1 * float((w**2).sum()), rel=1e-10)
+
+
+def test_sparse_autoencoder_cost_and_gradients_are_the_ufldl_formula() -> None:
+    """``J = mean ½‖W₂σ(W₁x + b₁) + b₂ − x‖² + β Σⱼ KL(ρ ‖ ρ̂ⱼ) + ½λ(‖W₁‖² + ‖W₂‖²)`` written out here (UFLDL, with
+    the linear decoder's own weights W₂): value and the gradients of all four parameters, W₂'s not zero."""
+    from downpour.models import SparseAutoencoder
+
+    model = SparseAutoencoder(10, 4, penalty=PenaltySpec("kl", 3.0, 0.1), weight_decay=0.05,
+                              generator=torch.Generator().manual_seed(0)).double()  # fmt: skip
+    with torch.no_grad():
+        model.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+        model.decoder_bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = [model.weight, model.bias, model.decoder_weight, model.decoder_bias]
+    loss = model.loss(x)
+    mine = [p.detach().clone().requires_grad_() for p in params]
+    w1, b1, w2, b2 = mine
+    h = torch.sigmoid(x @ w1.t() + b1)  # (B, K)
+    rho, rho_hat = 0.1, h.mean(0)
+    kl = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    expected = 0.5 * ((h @ w2.t() + b2 - x) ** 2).sum(1).mean() + 3.0 * kl + 0.025 * ((w1**2).sum() + (w2**2).sum())
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+    got = _grads(loss, params)
+    for a, b in zip(got, _grads(expected, mine), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert float(got[2].abs().sum()) > 1e-3  # the decoder's weights learn
+
+
+def _conv_responses(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``W ∗ x`` written out: every template dotted with every patch, ``(B, K, R, R)``."""
+    side = x.shape[-1] - w.shape[-1] + 1
+    return torch.einsum("kp,bpl->bkl", w.flatten(1), F.unfold(x, w.shape[-1])).unflatten(2, (side, side))
+
+
+def test_conv_autoencoder_features_loss_and_gradient_are_its_formula() -> None:
+    """The tied convolutional autoencoder written out: features ``sqrt(ε + h²)`` (ε = 0.5, large enough to tell from
+    |h|), and ``mean ‖Wᵀh − x‖² + λ Σ sqrt(ε + h²) + ½λ_wd Σ W²`` with Wᵀh each place's responses sent back
+    through the same templates (unflipped) and summed where fields overlap; value and gradient."""
+    from downpour.models import ConvAutoencoder
+
+    model = ConvAutoencoder((2, 9, 9), features=3, receptive_field=4, sparsity=0.2, epsilon=0.5, weight_decay=0.1,
+                            generator=torch.Generator().manual_seed(0)).double()  # fmt: skip
+    x = torch.randn(3, 2, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = model.weight.detach().clone().requires_grad_()
+    h = _conv_responses(x, w)  # (B, K, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.sqrt(0.5 + h**2).flatten(1), rtol=1e-12, atol=1e-12)
+    back = F.fold(torch.einsum("kp,bkl->bpl", w.flatten(1), h.flatten(2)), (9, 9), 4)  # (B, C, 9, 9)
+    expected = ((back - x) ** 2).sum(dim=(1, 2, 3)).mean() + 0.2 * torch.sqrt(0.5 + h**2).sum(dim=(1, 2, 3)).mean()
+    expected = expected + 0.05 * (w**2).sum()
+    loss = model.loss(x)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+    torch.testing.assert_close(_grads(loss, [model.weight])[0], _grads(expected, [w])[0], rtol=1e-10, atol=1e-12)
+
+
+def _cd_update(model: torch.nn.Module, v: torch.Tensor, negative: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The negative CD update −(⟨·⟩_data − ⟨·⟩_negative) of W, b, c (Hinton 2002), hidden probabilities."""
+    w, b = model.weight.detach(), model.hidden_bias.detach()
+    p0, pk = torch.sigmoid(v @ w.t() + b), torch.sigmoid(negative @ w.t() + b)
+    return {"weight": -(p0.t() @ v - pk.t() @ negative) / len(v), "hidden_bias": -(p0 - pk).mean(0),
+            "visible_bias": -(v - negative).mean(0)}  # fmt: skip
+
+
+def _gibbs_by_hand(model: torch.nn.Module, v: torch.Tensor, steps: int, sampler: torch.Generator, *,
+                   sample_visible: bool) -> torch.Tensor:  # fmt: skip
+    """``steps`` rounds of h ~ p(h | v) then v = Wᵀh + c (+ unit Gaussian noise when the visible units are
+    sampled), drawing from ``sampler`` in the model's order (hidden uniforms, then visible normals)."""
+    w, b, c = model.weight.detach(), model.hidden_bias.detach(), model.visible_bias.detach()
+    for _ in range(steps):
+        p = torch.sigmoid(v @ w.t() + b)
+        v = (torch.rand(p.shape, generator=sampler) < p).to(v.dtype) @ w + c
+        if sample_visible:
+            v = v + torch.randn(v.shape, generator=sampler)
+    return v
+
+
+def _rbm_with_strong_weights(**kwargs: object) -> torch.nn.Module:
+    from downpour.models import GaussianBernoulliRBM
+
+    model = GaussianBernoulliRBM(10, 6, seed=0, **kwargs)
+    with torch.no_grad():
+        model.hidden_bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        model.visible_bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+        model.weight.mul_(50)  # hidden probabilities far from ½: the chains move
+    return model
+
+
+def test_rbm_cd2_gradient_runs_two_mean_field_gibbs_steps() -> None:
+    """``cd_k = 2``: the negative phase is two Gibbs steps from the data, visible units at their mean (CD), replayed
+    here from a copy of the model's sampler; one step gives another update."""
+    model = _rbm_with_strong_weights(cd_k=2)
+    v = torch.randn(7, 10, generator=torch.Generator().manual_seed(1))
+    sampler = torch.Generator().set_state(model.sampler.get_state())
+    model.loss(v).backward()
+    negative = _gibbs_by_hand(model, v, 2, sampler, sample_visible=False)
+    for name, expected in _cd_update(model, v, negative).items():
+        torch.testing.assert_close(getattr(model, name).grad, expected, rtol=1e-5, atol=1e-5)
+    one_step = _gibbs_by_hand(model, v, 1, torch.Generator().set_state(model.sampler.get_state()), sample_visible=False)
+    assert not torch.allclose(_cd_update(model, v, one_step)["weight"], model.weight.grad, atol=1e-3)
+
+
+def test_pcd_chains_persist_across_updates_and_sample_their_visible_units() -> None:
+    """PCD (Tieleman 2008): the first update starts the chains at the data, each later one continues them from where
+    the last ended, and the chains sample their visible units (a real Markov chain); the gradient is the CD update
+    against the chain's state, replayed here from a copy of the sampler."""
+    model = _rbm_with_strong_weights(pcd=True, cd_k=1)
+    sampler = torch.Generator().set_state(model.sampler.get_state())
+    chain = None
+    for seed in (1, 2, 3):
+        v = torch.randn(5, 10, generator=torch.Generator().manual_seed(seed))
+        model.zero_grad()
+        model.loss(v).backward()
+        start = v if chain is None else chain
+        chain = _gibbs_by_hand(model, start, 1, sampler, sample_visible=True)
+        torch.testing.assert_close(model.chain, chain, rtol=1e-5, atol=1e-5)
+        for name, expected in _cd_update(model, v, chain).items():
+            torch.testing.assert_close(getattr(model, name).grad, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(chain, start, atol=0.1)  # the chain moved
+
+
+def test_rbm_weights_start_at_hintons_small_gaussian() -> None:
+    """Hinton's guide (§8): weights drawn from N(0, 0.01²); biases 0."""
+    from downpour.models import GaussianBernoulliRBM
+
+    model = GaussianBernoulliRBM(200, 100, seed=0)
+    weight = model.weight.detach()
+    assert float(weight.mean()) == pytest.approx(0.0, abs=5e-4)
+    assert float(weight.std()) == pytest.approx(0.01, rel=0.03)
+    assert not model.hidden_bias.any() and not model.visible_bias.any()
 
 
 @pytest.mark.parametrize("design", ["rica", "sparse-ae", "rbm", "conv", "cat"])
