@@ -26,7 +26,8 @@ from downpour.eval.detect import default_map_name
 from downpour.eval.images import fit_images, jitter_images
 from downpour.eval.selectivity import best_unit, half_splits, heldout_accuracy
 from downpour.eval.stimulus import optimal_stimuli
-from downpour.runs import load_run
+from downpour.models.rica import RICA as RicaModel
+from downpour.runs import TrainedRun, load_run
 from downpour.train import run_training
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -63,6 +64,24 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     io.imsave(path, (fit_images(data.astronaut().transpose(2, 0, 1)[None] / 255.0, (3, 64, 64))[0].transpose(1, 2, 0)
                      * 255).astype(np.uint8))  # fmt: skip
     return path
+
+
+def _untrained(model: torch.nn.Module, shape: tuple[int, int, int],
+               whitening: torch.Tensor | None = None) -> TrainedRun:  # fmt: skip
+    """A :class:`TrainedRun` around ``model`` as built (no training, no run directory): for the protocols' own
+    arithmetic, where a trained model adds seconds and nothing else."""
+    return TrainedRun(Path("untrained"), config_mod.from_dict({}), model.eval(), shape, whitening, 0)
+
+
+class _NoiseFeatures(torch.nn.Module):
+    """A "model" whose features are Gaussian noise, whatever the picture: they carry no information about it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width, self.generator = width, torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(len(x), self.width, generator=self.generator)
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -131,6 +150,142 @@ def test_best_unit_finds_a_planted_unit_of_either_polarity() -> None:
     assert unit == 17 and accuracy > 0.9
     noise = rng.normal(size=(80, 30))
     assert heldout_accuracy(noise, labels, train, test)[0] < best_unit(noise[train], labels[train]).accuracy
+
+
+def test_best_unit_never_cuts_between_equal_values() -> None:
+    """A threshold cannot fall between two equal values: for 0, 0, 1 labelled 0, 1, 1 the best realisable rule gets
+    2 of 3 right (a cut between the two zeros would claim all 3). On data full of ties, each rule's accuracy is that
+    of its own predictions."""
+    values, labels = np.array([[0.0], [0.0], [1.0]]), np.array([0, 1, 1])
+    rule = best_unit(values, labels)
+    assert rule.accuracy == pytest.approx(2 / 3)
+    assert float((rule.predict(values) == labels).mean()) == pytest.approx(2 / 3)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        tied = rng.integers(0, 3, size=(15, 4)).astype(np.float64)  # three levels: ties everywhere
+        y = rng.integers(0, 2, size=15)
+        rule = best_unit(tied, y)
+        assert rule.accuracy == pytest.approx(float((rule.predict(tied) == y).mean()))
+
+
+def test_half_splits_draw_a_new_split_each_time() -> None:
+    """``count`` random halves are ``count`` different halves (their spread is what the ± reports), each a
+    stratified partition of the examples; the same seed gives the same halves."""
+    labels = np.r_[np.ones(30, dtype=np.int64), np.zeros(30, dtype=np.int64)]
+    splits = half_splits(labels, 6, seed=4)
+    trains = {tuple(train) for train, _ in splits}
+    assert len(trains) == 6
+    for train, test in splits:
+        assert np.array_equal(np.sort(np.r_[train, test]), np.arange(60))
+        assert labels[train].sum() == labels[test].sum() == 15
+    again = half_splits(labels, 6, seed=4)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(splits, again, strict=True))
+
+
+def test_jittered_held_out_accuracy_chooses_its_unit_on_jittered_values() -> None:
+    """``jitter_heldout_accuracy`` chooses unit and threshold on the jittered pictures' values: with a unit that
+    separates the classes only in the jittered values (pure noise in the clean ones), it finds that unit and scores
+    high, while the clean held-out accuracy stays near chance."""
+    from downpour.eval.face_neuron import _summary
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(50, dtype=np.int64), np.zeros(50, dtype=np.int64)]
+    clean = rng.normal(size=(100, 8))
+    jittered = rng.normal(size=(100, 8))
+    jittered[:, 5] += 4.0 * labels  # unit 5 tells faces apart, in the jittered values only
+    summary, _, jitter_units = _summary({"clean": clean, "jitter": jittered}, labels, half_splits(labels, 4, 0),
+                                        heldout_accuracy, 8)  # fmt: skip
+    assert jitter_units == [5, 5, 5, 5] and summary["jitter_heldout_accuracy"] > 0.9
+    assert summary["heldout_accuracy"] < 0.75
+
+
+def test_the_pixel_probe_and_pca_baselines_are_fitted_on_the_training_half_only() -> None:
+    """The baselines learn from the training half alone: their scores on the test half do not change when the
+    test rows of the input they are fitted on are replaced by noise (scored on the original rows), and a probe on
+    noise pixels with 30x more dimensions than test rows scores near chance (fitted on the test rows, it would
+    score 1.0)."""
+    from downpour.data.sources import lfw_labelled
+    from downpour.eval.face_neuron import _pca_scorer, _probe_scorer
+
+    raw, labels = lfw_labelled()
+    pixels = raw.reshape(200, -1).astype(np.float64)  # (200, 625)
+    rng = np.random.default_rng(1)
+    for train, test in half_splits(labels, 3, seed=2):
+        spoiled = pixels.copy()
+        spoiled[test] = rng.normal(scale=5.0, size=(len(test), pixels.shape[1]))
+        for scorer in (_pca_scorer, _probe_scorer):
+            assert scorer(spoiled, labels, train, test, pixels) == scorer(pixels, labels, train, test, pixels)
+    noise = rng.normal(size=pixels.shape)
+    accuracies = [_probe_scorer(noise, labels, train, test)[0] for train, test in half_splits(labels, 3, seed=2)]
+    assert np.mean(accuracies) < 0.7
+
+
+def test_face_neuron_in_sample_rule_is_chosen_and_scored_on_all_images() -> None:
+    """The paper's in-sample protocol chooses unit, threshold and polarity on all 200 images: the reported rule,
+    applied to every image here, gets exactly the reported accuracy."""
+    from downpour.data.sources import lfw_labelled
+    from downpour.eval import face_neuron
+
+    trained = _untrained(RicaModel(64, 16, generator=torch.Generator().manual_seed(0)), (1, 8, 8))
+    result = face_neuron.evaluate(trained, splits=1, seed=0)
+    raw, labels = lfw_labelled()
+    features = trained.features(torch.from_numpy(fit_images(raw, trained.input_shape))).numpy()  # (200, 16)
+    values = features[:, result["insample_unit"]]
+    predicted = result["insample_polarity"] * (values - result["insample_threshold"]) > 0
+    assert result["insample_accuracy"] == pytest.approx(float((predicted == labels).mean()), abs=1e-12)
+    assert result["insample_accuracy"] < 1.0  # 16 random units do not separate these faces perfectly
+
+
+def test_face_neuron_random_filters_see_the_models_preprocessed_input() -> None:
+    """The random-filter baseline is applied to the same preprocessed input as the model: with a preprocessing
+    that leaves nothing of the pictures (a zero whitening matrix) its responses are all 0 and it scores chance,
+    exactly, though the raw pixels tell these faces apart."""
+    from downpour.eval import face_neuron
+
+    trained = _untrained(RicaModel(64, 16, generator=torch.Generator().manual_seed(0)), (1, 8, 8), torch.zeros(64, 64))
+    result = face_neuron.evaluate(trained, splits=2, seed=0)
+    random_filter = result["baselines"]["random_filter"]
+    assert random_filter["heldout_accuracy"] == random_filter["jitter_heldout_accuracy"] == 0.5
+    assert result["baselines"]["raw_pixel"]["heldout_accuracy"] > 0.75
+
+
+def test_probe_is_fitted_on_the_training_split_only() -> None:
+    """Features of pure noise, 200 per image: a probe fitted on the training 80% scores about chance (0.1) on the
+    other 20%; one fitted on the test examples themselves would all but memorise them."""
+    from downpour.eval.probe import evaluate
+
+    result = evaluate(_untrained(_NoiseFeatures(200), (1, 8, 8)))
+    assert result["features"] == 200 and result["test_examples"] == 360
+    assert result["accuracy"] < 2.5 * result["chance"]
+    assert result["raw_pixels_accuracy"] > 0.9  # the digits themselves are easy
+
+
+def test_detect_batches_of_rows_give_the_same_map_as_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows are run in batches of whole rows: with one row of windows per batch each strip starts at its own
+    row of windows (``first · stride`` pixels down), so the map is the one of a single batch and each value is the
+    unit's response to its window cut out by hand."""
+    from downpour.eval import detect
+
+    trained = _untrained(RicaModel(64, 6, generator=torch.Generator().manual_seed(0)), (1, 8, 8))
+    image = np.random.default_rng(0).random((1, 30, 26)).astype(np.float32)
+    whole = detect.response_map(trained, image, 2, stride=3)  # (8, 7), one batch
+    monkeypatch.setattr(detect, "WINDOWS_PER_BATCH", 10)  # one row of 7 windows per batch
+    by_rows = detect.response_map(trained, image, 2, stride=3)
+    assert whole.shape == by_rows.shape == ((30 - 8) // 3 + 1, (26 - 8) // 3 + 1)
+    np.testing.assert_allclose(by_rows, whole, rtol=1e-6, atol=1e-6)
+    for i, j in ((0, 0), (3, 2), (7, 6)):
+        window = torch.from_numpy(image[:, 3 * i : 3 * i + 8, 3 * j : 3 * j + 8].copy())[None]
+        assert by_rows[i, j] == pytest.approx(float(trained.features(window)[0, 2]), rel=1e-5, abs=1e-6)
+
+
+def test_optimal_stimuli_are_mean_free() -> None:
+    """The stimuli are centred images on the norm bound ("the returned images are mean-free"): the search starts
+    from a random image, whose mean the projection must remove."""
+    trained = _untrained(RicaModel(64, 6, generator=torch.Generator().manual_seed(0)), (1, 8, 8))
+    stimuli, _ = optimal_stimuli(trained, [0, 3], steps=5)
+    flat = stimuli.flatten(1)
+    assert torch.allclose(flat.mean(dim=1), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(flat.norm(dim=1), torch.full((2,), 0.1 * 8), rtol=1e-4)
 
 
 def test_jitter_is_seeded_and_keeps_images_in_range() -> None:
@@ -308,6 +463,8 @@ def test_detect_maps_a_unit_over_an_image(rica_run: Path, photo: Path, tmp_path:
     assert responses[2, 5] == pytest.approx(float(trained.features(window)[0, 3]), rel=1e-4, abs=1e-5)
     code, out, _ = _cli(capsys, "detect", str(rica_run), str(photo))
     assert code == 0 and "per megapixel" in out and (rica_run / "eval" / "detect_astronaut-png.png").exists()
+    code, out, _ = _cli(capsys, "detect", str(rica_run), str(photo), "--json")  # the stride: a quarter of 16 px
+    assert code == 0 and json.loads(out)["stride"] == 4 and json.loads(out)["map_shape"] == [13, 13]
     names = {default_map_name(Path(name)) for name in ("a.bmp", "a.webp", "dir/a.png", "a")}
     assert len(names) == 4 and "detect_a.png" in names  # one map per picture, none over another's
 
