@@ -137,6 +137,18 @@ def test_a_bad_penalty_names_what_is_wrong(cls: Callable[..., Any], kwargs: dict
         cls(**VALID[cls] | kwargs)
 
 
+@pytest.mark.parametrize("target", [0.0, 1.0])
+@pytest.mark.parametrize("cls", [SparseAutoencoder, GaussianBernoulliRBM])
+def test_a_kl_target_at_either_end_is_refused(cls: Callable[..., Any], target: float) -> None:
+    """The kl target ρ is a mean activation strictly inside (0, 1): 0 and 1 themselves are refused up front (the
+    penalty would take the log of 0 at its target), naming the class and the value."""
+    expected = (
+        rf"^Invalid penalty target for {cls.__name__}: must be a kl target ρ in \(0, 1\), exclusive, got {target}$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        cls(**VALID[cls] | {"penalty": PenaltySpec("kl", 3.0, target)})
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [

@@ -321,6 +321,19 @@ def test_factory_arguments_and_reset_parameters() -> None:
     assert fresh.weight.abs().max() <= 1 / 5  # ±1/sqrt(25)
 
 
+def test_initial_weights_fill_plus_minus_one_over_root_fan_in() -> None:
+    """Weights start uniform in ±1/sqrt(C·kh·kw), as ``nn.Linear`` over one field: with 3 channels of 4x4 fields
+    (bound 1/sqrt(48)) and 40,000 weights, the largest reaches within 1% of the bound and the mean |w| is about
+    half of it."""
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(3, 5, 23, 4)  # 400 locations, 5 maps, 48 values per field
+    bound = 1 / 48**0.5
+    weight = layer.weight.detach()
+    assert weight.numel() == 400 * 5 * 48
+    assert bound * 0.99 < float(weight.abs().max()) <= bound
+    assert float(weight.abs().mean()) == pytest.approx(bound / 2, rel=0.02)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

@@ -268,6 +268,20 @@ def test_field_variance_keeps_its_precision_far_from_zero() -> None:
     assert torch.isnan(layer(x, active)[0, :, 0, 0]).all()
 
 
+def test_field_variance_is_taken_over_channels_and_pixels_together() -> None:
+    """Each field's variance "over its channels and pixels": one variance of all the field's values together. A
+    field constant within each channel at a different level per channel (0, 1, 2) is not flat: its variance is that
+    of its 48 values, 2/3 (a mean of per-channel variances would call it 0). On random fields it is the population
+    variance of each unfolded patch."""
+    levels = torch.arange(3, dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    got = field_variance(levels, (4, 4), (4, 4))
+    assert got.shape == (1, 1, 1) and float(got) == pytest.approx(2 / 3) == float(levels.var(unbiased=False))
+    assert bool(active_fields(levels, (4, 4), (4, 4), 0.5).all())  # computed, not skipped as flat
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.unfold(x, (3, 2), stride=(2, 1)).var(dim=1, unbiased=False).view(2, 4, 7)
+    torch.testing.assert_close(field_variance(x, (3, 2), (2, 1)), expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # PyTorch's forward-AD set-up, not ours
 def test_torch_func_transforms_with_a_skip_plan_equal_autograd() -> None:
     """``grad``, ``jvp`` and ``jacrev`` through a layer given a skip plan or a mask (planning reads the mask as a

@@ -104,6 +104,38 @@ def test_bad_penalty_strings_name_the_key_and_the_problem(text: str, message: st
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["kl:0,3", "kl:1,3"])
+def test_kl_targets_at_the_ends_of_the_interval_are_refused(text: str) -> None:
+    """ρ must lie strictly between 0 and 1: at ρ = 0 or 1 one of KL's two terms is 0 · log 0 and the other pushes
+    every unit to saturate. ``model.penalty`` names the key."""
+    with pytest.raises(ConfigError, match=f"invalid model.penalty: '{text}'") as info:
+        config_mod.from_dict({"model": {"penalty": text}})
+    assert "between 0 and 1, exclusive" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [PenaltySpec("none"), PenaltySpec("l1", 0.25), PenaltySpec("l2", 3.0), PenaltySpec("rica", 0.1),
+     PenaltySpec("kl", 3.0, 0.05), PenaltySpec("kl", 0.5, 0.2)],
+)  # fmt: skip
+def test_a_penalty_prints_as_the_string_that_parses_back_to_it(spec: PenaltySpec) -> None:
+    """``str(spec)`` is the ``model.penalty`` form (``kl:ρ,β``: target first, then weight) that parses back to the same
+    penalty, as a run's written config and summaries rely on."""
+    assert parse_penalty(str(spec)) == spec
+    assert str(PenaltySpec("kl", 3.0, 0.05)) == "kl:0.05,3"
+
+
+def test_kl_on_maps_averages_each_map_over_examples_and_positions() -> None:
+    """For a convolutional map every position is one more example of that map (a unit per map, not per position):
+    the KL of ``(B, K, H, W)`` activations is that of the ``(B·H·W, K)`` matrix of their values."""
+    h = torch.rand(3, 4, 5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.8 + 0.1
+    as_examples = h.permute(0, 2, 3, 1).reshape(-1, 4)  # (90, 4)
+    rho_hat = as_examples.mean(0)
+    by_hand = (0.1 * torch.log(0.1 / rho_hat) + 0.9 * torch.log(0.9 / (1 - rho_hat))).sum()
+    assert float(kl_sparsity(h, target=0.1)) == pytest.approx(float(by_hand), rel=1e-12)
+    assert float(kl_sparsity(as_examples, target=0.1)) == pytest.approx(float(by_hand), rel=1e-12)
+
+
 def test_kl_still_pushes_a_saturated_unit_back() -> None:
     """A unit whose mean activation is below the clamp that keeps the logs finite (1e-6): its value is the clamped
     one, but its gradient is not 0 (the clamp's), so a dead sigmoid unit is pushed back towards ρ. Through the
