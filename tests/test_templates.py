@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from downpour.nn.templates import difference_of_gaussians, dog_bank, gabor, gabor_bank, templates
+from downpour.nn.templates import (
+    difference_of_gaussians,
+    dog_bank,
+    gabor,
+    gabor_bank,
+    gabor_frequencies,
+    templates,
+)
 from downpour.report.gabor_fit import fit_gabor, fit_gabors, gabor_fraction
 
 
@@ -42,6 +49,37 @@ def test_difference_of_gaussians_is_centre_surround_and_sums_to_zero() -> None:
     assert abs(float(on.sum())) < 1e-6
     assert torch.equal(difference_of_gaussians(9, sigma=1.0, on=False), -on)
     assert dog_bank(16, centers=2).shape == (4 * 3 * 2, 16, 16)  # 4 places × σ 0.5, 1, 2 (≤ 16/6) × on/off
+
+
+def test_gabor_frequencies_are_octaves_from_the_nyquist_margin_to_the_field() -> None:
+    """Octave-spaced frequencies whose wavelength fits the field (1/2.5, 1/5, 1/10, ... ≥ 1/size): each wavelength
+    twice the last, from 2.5 px up to the field's side."""
+    assert gabor_frequencies(24) == pytest.approx([1 / 2.5, 1 / 5, 1 / 10, 1 / 20])
+    assert gabor_frequencies(40) == pytest.approx([1 / 2.5, 1 / 5, 1 / 10, 1 / 20, 1 / 40])
+    assert gabor_frequencies(3) == pytest.approx([1 / 2.5])
+
+
+@pytest.mark.parametrize("frequency", [0.1, 0.2])
+def test_gabor_bank_envelopes_have_sigma_half_a_wavelength(frequency: float) -> None:
+    """The bank's envelope σ is 0.5/f (about one octave of bandwidth), measured on the template: at θ = 0 and
+    phase 0 the carrier is 1 along the middle column, so that column is the Gaussian envelope alone, and σ follows
+    from how it falls d pixels from the centre: v(d)/v(0) = exp(−d²/2σ²)."""
+    template = gabor_bank(25, orientations=1, frequencies=[frequency], phases=(0.0,))[0]  # (25, 25), centre (12, 12)
+    column = template[:, 12]
+    for d in (2, 4):
+        sigma = math.sqrt(-(d**2) / (2 * math.log(float(column[12 + d] / column[12]))))
+        assert sigma == pytest.approx(0.5 / frequency, rel=1e-9)
+
+
+def test_difference_of_gaussians_subtracts_a_surround_ratio_times_wider() -> None:
+    """``G_σ − G_{ratio·σ}``, each normalised to unit sum, written out here: the surround's width is ratio·σ (its
+    variance (ratio·σ)²)."""
+    size, sigma, ratio = 15, 1.5, 2.5
+    axis = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    r2 = axis.view(-1, 1) ** 2 + axis.view(1, -1) ** 2
+    centre, surround = torch.exp(-r2 / (2 * sigma**2)), torch.exp(-r2 / (2 * (ratio * sigma) ** 2))
+    expected = centre / centre.sum() - surround / surround.sum()
+    torch.testing.assert_close(difference_of_gaussians(size, sigma=sigma, ratio=ratio), expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["gabor", "dog", "random"])
