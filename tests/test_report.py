@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -364,6 +366,36 @@ def test_edited_files_give_notes_not_tracebacks(local_run: Path, tmp_path: Path)
     assert "3 of 5 data files could not be read" in page
     assert "1 lines of metrics.jsonl could not be read" in page  # the start row
     assert "This figure could not be drawn from metrics.jsonl (ValueError" in page
+
+
+def test_report_out_never_replaces_what_is_no_page(local_run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """``report --out`` is refused, before any work and leaving every file as it was, for a run's own file (a page
+    written over checkpoint/state.json lost the run), a name not ending in .html, and a path that exists as other
+    than a file (a pipe here; /dev/null became a 5.8 MB file). A link to a page is written through; the run's own
+    report.html may be named."""
+    run = tmp_path / "run"
+    shutil.copytree(local_run, run)
+    files = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    pipe = tmp_path / "pipe.html"
+    os.mkfifo(pipe)
+    refused = {
+        run / "checkpoint" / "state.json": "is inside run",
+        run / "eval" / "page.html": "is inside run",
+        tmp_path / "page.txt": "end the name in .html",
+        pipe: "exists and is not a file",
+    }
+    for out, why in refused.items():
+        assert main(["report", str(run), "--out", str(out)]) == 2, out
+        assert why in capsys.readouterr().err, out
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == files
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and not (tmp_path / "page.txt").exists()
+    page, link = tmp_path / "page.html", tmp_path / "link.html"
+    page.write_text("old")
+    link.symlink_to(page)
+    assert main(["report", str(run), "--out", str(link)]) == 0
+    assert link.is_symlink() and page.read_text().startswith("<!DOCTYPE html>")
+    assert main(["report", str(run), "--out", str(run / "report.html")]) == 0
 
 
 def test_a_page_under_a_file_names_the_page_not_a_temporary_file(

@@ -256,9 +256,29 @@ def build_report(run_dir: Path) -> str:
     )
 
 
+PAGE_SUFFIXES = (".html", ".htm")
+
+
+def checked_out(out: Path, run_dir: Path) -> Path:
+    """The file ``report --out`` names, refused before any work unless a page belongs there: its name must end in
+    .html or .htm, and it must not be one of the run's own files (a page written over ``checkpoint/state.json``
+    lost the run), nor something that exists as other than a file (a directory, a device such as /dev/null, a
+    pipe: the page replaced it with a file). A link to a page is followed: the page it points to is written."""
+    target, run = out.resolve(), Path(run_dir).resolve()
+    if target.is_relative_to(run) and target != run / REPORT:
+        raise DownpourError(f"invalid --out: {out} is inside run {run_dir}, whose files it could replace (write "
+                            f"{Path(run_dir) / REPORT}, or a page outside the run)")  # fmt: skip
+    if target.exists() and not target.is_file():
+        raise DownpourError(f"invalid --out: {out} exists and is not a file (name the page to write)")
+    if out.suffix.lower() not in PAGE_SUFFIXES:
+        raise DownpourError(f"invalid --out: {out} (the report is a web page: end the name in .html)")
+    return target if out.is_symlink() else out
+
+
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the report on ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``), atomically; return its path."""
-    path = Path(out) if out is not None else Path(run_dir) / REPORT
+    """Write the report on ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``; see :func:`checked_out`),
+    atomically; return its path."""
+    path = checked_out(Path(out), Path(run_dir)) if out is not None else Path(run_dir) / REPORT
     text = build_report(run_dir)
     rundir.atomic_write_text(path, text)
     return path
