@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from downpour.backends.chaos import parse_chaos  # noqa: E402
 from downpour.backends.ray import RayCluster, connect  # noqa: E402
+from downpour.backends.ray_connect import disconnect  # noqa: E402
 from downpour.config import Config  # noqa: E402
 from downpour.data import Dataset, load_dataset  # noqa: E402
 from downpour.errors import ConfigError  # noqa: E402
@@ -52,10 +53,50 @@ def ray_cluster() -> Iterator[str]:
         yield address or ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-        if temp_dir is not None:
-            import shutil
+        disconnect(temp_dir)
 
-            shutil.rmtree(temp_dir, ignore_errors=True)
+
+_PRIVATE_INSTANCES = """
+import json, os, stat
+import ray
+from downpour.backends.ray_connect import connect, disconnect
+
+@ray.remote
+def add(a, b):
+    return a + b
+
+before = os.environ.get("RAY_AUTH_TOKEN_PATH")
+seen, tokens = {}, []
+for run in range(2):
+    temp_dir = connect("", num_cpus=1)
+    token = os.path.join(temp_dir, "auth_token")
+    tokens.append(open(token).read())
+    seen[run] = {"sum": ray.get(add.remote(run, 3)), "mode": stat.S_IMODE(os.stat(token).st_mode),
+                 "dir_mode": stat.S_IMODE(os.stat(temp_dir).st_mode),
+                 "env": os.environ.get("RAY_AUTH_TOKEN_PATH") == token}
+    disconnect(temp_dir)
+    seen[run].update(removed=not os.path.exists(temp_dir), restored=os.environ.get("RAY_AUTH_TOKEN_PATH") == before)
+print(json.dumps({"runs": seen, "fresh": tokens[0] != tokens[1] and len(tokens[0]) == 64}))
+"""
+
+
+def test_a_private_instance_has_a_fresh_token_only_its_user_can_read(tmp_path: Path) -> None:
+    """A private Ray instance (no ``cluster.address``) authenticates with a token of its own, written 0600 in its
+    0700 temporary directory and removed with it; a second instance gets another. Left to Ray, a new instance
+    wrote ``~/.ray/auth_token`` readable by every user and reused it for every later instance. Ray's own processes
+    (a task's worker) still authenticate, and the process gets its own token settings back afterwards."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("DOWNPOUR_RAY_ADDRESS", "RAY_ADDRESS")}
+    result = subprocess.run([sys.executable, "-c", _PRIVATE_INSTANCES], env={**env, "HOME": str(home)},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    for run, expected_sum in (("0", 3), ("1", 4)):
+        assert seen["runs"][run] == {"sum": expected_sum, "mode": 0o600, "dir_mode": 0o700, "env": True,
+                                     "removed": True, "restored": True}, seen  # fmt: skip
+    assert seen["fresh"] is True
+    assert not (home / ".ray" / "auth_token").exists()
 
 
 def _config(steps: int) -> Config:

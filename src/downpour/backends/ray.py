@@ -38,7 +38,6 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from downpour.backends import ray_missing, shm
 from downpour.backends.chaos import parse_chaos
 from downpour.backends.local import WorkerEvent
 from downpour.backends.ray_actors import ShardServer, roster_update, snapshot_from_wire, snapshot_to_wire, sync_threads
-from downpour.backends.ray_connect import connect, first_line, unreachable
+from downpour.backends.ray_connect import connect, disconnect, first_line, unreachable
 from downpour.backends.ray_coordinator import Coordinator
 from downpour.backends.ray_workers import RemoteShard, WorkerActor
 from downpour.config import Config
@@ -344,12 +343,9 @@ class RayCluster:
         self._workers, self._example_refs = [], []
         self._restore_points = []
         if self._owns_ray:
-            with contextlib.suppress(Exception):
-                ray.shutdown()
+            disconnect(self._temp_dir)
             self._owns_ray = False
-        if self._temp_dir is not None:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
-            self._temp_dir = None
+        self._temp_dir = None
         if getattr(self, "_name", None):
             shm.unlink_cluster(self._name)  # files of dead incarnations on this machine
 

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -28,6 +29,8 @@ OBJECT_STORE_BYTES = 200 * 1024 * 1024  # shared-memory object store of an insta
 # actors yield the CPU to every other process on the machine, which the local backend's workers do not).
 SYSTEM_CONFIG = {"max_direct_call_object_size": INLINE_BYTES, "worker_niceness": 0}
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # where Ray's processes find the token (else ~/.ray/auth_token)
+_token_env_before: dict[str, str | None] = {}  # this process's own token settings, while a private instance runs
 
 
 def _is_loopback(address: str) -> bool:
@@ -100,7 +103,8 @@ def _quiet(logger_name: str) -> Iterator[None]:
 
 def connect(address: str = "", *, num_cpus: int | None = None, object_store_bytes: int = OBJECT_STORE_BYTES
             ) -> str | None:  # fmt: skip
-    """Connect this process to Ray, or start a private instance; return that instance's temporary directory.
+    """Connect this process to Ray, or start a private instance; return that instance's temporary directory (its
+    token and Ray's own directory, in a directory only this user can enter; :func:`disconnect` removes it).
 
     ``address`` ``""`` starts a local instance bound to 127.0.0.1 (``num_cpus``, default all cores; no dashboard;
     a ``object_store_bytes`` object store; updates up to :data:`INLINE_BYTES` inline), with token authentication
@@ -115,6 +119,7 @@ def connect(address: str = "", *, num_cpus: int | None = None, object_store_byte
     if address == "":
         temp_dir = tempfile.mkdtemp(prefix="downpour-ray-")
         try:
+            _use_own_token(temp_dir)
             with _keep_loopback(), _quiet("ray._private.authentication.authentication_token_setup"):
                 ray.init(
                     address="local",
@@ -123,17 +128,16 @@ def connect(address: str = "", *, num_cpus: int | None = None, object_store_byte
                     num_cpus=num_cpus or os.cpu_count() or 1,
                     object_store_memory=object_store_bytes,
                     _system_config=SYSTEM_CONFIG,
-                    _temp_dir=temp_dir,
+                    _temp_dir=os.path.join(temp_dir, "ray"),  # Ray makes it 0777; temp_dir stays 0700
                     logging_level=logging.WARNING,
                     log_to_driver=False,
                 )
         except (ConnectionError, RayError, RuntimeError, ValueError) as exc:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            disconnect(temp_dir)
             raise DownpourError(f"cannot start a local Ray instance: {first_line(exc)}") from None
         except BaseException:  # Ctrl-C while Ray starts: stop what started, leave no directory behind
             with contextlib.suppress(Exception):
-                ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
+                disconnect(temp_dir)
             raise
         return temp_dir
     try:
@@ -147,6 +151,47 @@ def connect(address: str = "", *, num_cpus: int | None = None, object_store_byte
             "authentication, export RAY_AUTH_MODE=token and the token: RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         ) from None
     return None
+
+
+def disconnect(temp_dir: str | None) -> None:
+    """Shut down the private instance :func:`connect` started (``temp_dir``, what it returned; None: this process
+    connected to a cluster it did not start, and stays connected), remove its directory and token, and give this
+    process back the token settings it had."""
+    if temp_dir is None:
+        return
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    for name, value in _token_env_before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _token_env_before.clear()
+    _forget_cached_token()
+
+
+def _use_own_token(temp_dir: str) -> None:
+    """Give the private instance about to start a token of its own: fresh, in ``temp_dir`` (made 0700 by mkdtemp),
+    readable by this user only. Left to Ray, a new instance writes ``~/.ray/auth_token`` readable by every user of
+    the machine and reuses it for every later instance, so one read of it would open all of them; each Ray process
+    finds the token through the environment it inherits."""
+    path = os.path.join(temp_dir, "auth_token")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as token:
+        token.write(secrets.token_hex(32))
+    if not _token_env_before:  # the settings of this process before any private instance
+        _token_env_before.update({name: os.environ.get(name) for name in _TOKEN_ENV})
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    _forget_cached_token()
+
+
+def _forget_cached_token() -> None:
+    """Have Ray read its token again (it caches the first one read in this process)."""
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def first_line(exc: BaseException) -> str:

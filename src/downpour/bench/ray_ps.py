@@ -301,7 +301,7 @@ def run(*, seconds: float = 0.5, rounds: int = 12, address: str = "") -> dict[st
 def _run(*, seconds: float, rounds: int, address: str) -> dict[str, Any]:
     import ray
 
-    from downpour.backends.ray_connect import INLINE_BYTES, connect
+    from downpour.backends.ray_connect import INLINE_BYTES, connect, disconnect
 
     config = workload()
     dataset = load_dataset(config.data, seed=0)
@@ -326,11 +326,7 @@ def _run(*, seconds: float, rounds: int, address: str) -> dict[str, Any]:
         transport = transport_cost(num_params, 2)
     finally:
         close_all(runners)
-        if temp_dir is not None:
-            ray.shutdown()
-            import shutil
-
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        disconnect(temp_dir)
     med = {name: statistics.median(values) for name, values in rates.items()}
     return {
         "workload": {
