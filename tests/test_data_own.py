@@ -387,3 +387,33 @@ def test_palette_transparency_reads_without_pillows_warning_and_held_out_limits_
     with pytest.raises(DataError, match=r"data.held_out = 64 is more than a quarter of data.examples = 100 \(at most "
                                         r"25 can be held out\)"):  # fmt: skip
         load_dataset(DataConfig(examples=100, held_out=64, whiten=False), seed=0)
+
+
+def test_a_named_pipe_named_like_a_picture_is_skipped_not_waited_on(pictures: Path) -> None:
+    """Opening a named pipe for reading waits for a writer: ``mkfifo DIR/f.png`` made training on ``folder:DIR``
+    hang before it began. It is counted and reported as skipped, and the pictures beside it are read."""
+    import os
+    import threading
+
+    pipe = pictures / "nested" / "pipe.png"
+    os.mkfifo(pipe)
+    (pictures / "linked-pipe.jpg").symlink_to(pipe)  # a link to it: the same file, reached first by this name
+    report = own.ReadReport(f"folder:{pictures}")
+    read: list[list[np.ndarray]] = []
+    reader = threading.Thread(target=lambda: read.append(own.read_folder(pictures, channels=1, max_side=0,
+                                                                         report=report)), daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(timeout=15)  # two small pictures: well under a second
+    if reader.is_alive():  # a regression: let the blocked open go on (to an empty read), then fail
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=30)
+        pytest.fail(f"reading a folder with a named pipe in it waited on the pipe ({pipe})")
+    assert [image.shape for image in read[0]] == [(1, 120, 160), (1, 100, 90)]  # camera.png, nested/astronaut.JPG
+    summary = report.summary()
+    assert (summary["files"], summary["read"], summary["skipped"], summary["pictures"]) == (5, 2, 3, 2)
+    assert (str(pictures / "linked-pipe.jpg"), "not a regular file but a named pipe: not opened") in report.skipped
+    alone = pictures.parent / "only-a-pipe"
+    alone.mkdir()
+    os.mkfifo(alone / "f.png")
+    with pytest.raises(DataError, match=r"none of its 1 files could be read \(first: .*f.png: not a regular file"):
+        load_dataset(DataConfig(source=f"folder:{alone}"), seed=0)

@@ -13,7 +13,8 @@ exceeds ``data.max_side`` is shrunk to it (area-averaged). Training examples are
 ``natural-images`` source: ``data.examples + data.held_out`` square crops of side ``data.image_size`` at uniformly
 random places (:func:`downpour.data.sources.random_crops`), so ``rica`` learns on them with ``data.image_size = 16``
 and ``cat`` with the default 32 or more. A file that cannot be read (corrupt, truncated, not a picture, a video
-without a video stream) is skipped and counted in a :class:`ReadReport`; the run goes on with the rest.
+without a video stream, a named pipe or device named like a picture) is skipped and counted in a
+:class:`ReadReport`; the run goes on with the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import glob
 import hashlib
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -171,6 +173,9 @@ def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadRepor
     report.files += len(paths)
     with large_pictures():
         for path in paths:
+            if kind := _not_regular(path):  # opening a named pipe waits for a writer: training hung before it began
+                report.skipped.append((str(path), f"not a regular file but {kind}: not opened"))
+                continue
             try:
                 with Image.open(path) as image:
                     _open_small(image, max_side)
@@ -182,10 +187,25 @@ def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadRepor
     return images
 
 
+def _not_regular(path: Path) -> str:
+    """What ``path`` is when, after links, it is not a regular file ("a named pipe", ...), else "" (a regular file,
+    or a broken link, whose opening then says what is wrong)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device"}  # fmt: skip
+    return next((kind for test, kind in kinds.items() if test(mode)), "another kind of file")
+
+
 def picture_paths(folder: Path) -> list[Path]:
-    """The picture files under ``folder``, recursively and through linked folders (each real folder once, so a link
-    loop ends), sorted, each real file once (a link to a picture beside it is not a second example). A broken link
-    is kept: a file that cannot be read, counted and reported."""
+    """The entries named like pictures under ``folder``, recursively and through linked folders (each real folder
+    once, so a link loop ends), sorted, each real file once (a link to a picture beside it is not a second example).
+    A broken link, and anything but a regular file (a named pipe, a device), is kept: a file that cannot be read,
+    counted and reported (:func:`read_folder` never opens the latter)."""
     candidates = []
     seen_folders: set[str] = set()
     for root, folders, files in os.walk(folder, followlinks=True):
