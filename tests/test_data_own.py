@@ -289,12 +289,13 @@ def test_missing_or_empty_sources_are_clear_errors(tmp_path: Path, pictures: Pat
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
-def test_torchvision_sets_without_torchvision_are_a_clear_error(tmp_path: Path) -> None:
-    config = DataConfig(source="torchvision:CIFAR10", cache_dir=str(tmp_path))
+def test_stl10_without_torchvision_is_a_clear_error(tmp_path: Path) -> None:
+    """(CIFAR10 is read without torchvision: test_cifar10_is_read_from_its_binary_files_without_torchvision.)"""
+    config = DataConfig(source="torchvision:STL10", cache_dir=str(tmp_path))
     with pytest.raises(DataError) as caught:
         load_dataset(config, seed=0)
     text = str(caught.value)
-    assert "torchvision:CIFAR10 needs torchvision" in text and "pip install 'downpour-sgd[torchvision]'" in text
+    assert "torchvision:STL10 needs torchvision" in text and "pip install 'downpour-sgd[torchvision]'" in text
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded
 
 
@@ -417,3 +418,107 @@ def test_a_named_pipe_named_like_a_picture_is_skipped_not_waited_on(pictures: Pa
     os.mkfifo(alone / "f.png")
     with pytest.raises(DataError, match=r"none of its 1 files could be read \(first: .*f.png: not a regular file"):
         load_dataset(DataConfig(source=f"folder:{alone}"), seed=0)
+
+
+def write_cifar_batch(path: Path, pictures: np.ndarray, labels: list[int]) -> None:
+    """A batch file in CIFAR-10's binary format, written record by record from ``pictures`` as a viewer shows them,
+    ``(N, 32, 32, 3)`` uint8 (row 0 at the top, channels red, green, blue): one label byte, then the red plane, the
+    green and the blue, each row by row."""
+    with open(path, "wb") as file:
+        for picture, label in zip(pictures, labels, strict=True):
+            file.write(bytes([label]))
+            for channel in range(3):
+                file.write(bytes(int(value) for row in picture[:, :, channel] for value in row))
+
+
+def cifar_folder(root: Path) -> np.ndarray:
+    """``root/cifar-10-batches-bin`` with 2, 1, 1, 1 and 2 pictures in ``data_batch_1.bin`` ... ``_5.bin`` (and a
+    test batch, not read), their first picture red in its top-left corner and blue along its bottom row; the
+    pictures as a viewer shows them, ``(7, 32, 32, 3)``."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    pictures = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    pictures[0] = 0
+    pictures[0, :4, :4, 0] = 255  # red, top left
+    pictures[0, 31, :, 2] = 200  # blue, the bottom row
+    starts = [0, 2, 3, 4, 5, 7]
+    for batch in range(5):
+        chunk = pictures[starts[batch] : starts[batch + 1]]
+        write_cifar_batch(folder / f"data_batch_{batch + 1}.bin", chunk, [batch, 9][: len(chunk)])
+    write_cifar_batch(folder / "test_batch.bin", np.zeros((1, 32, 32, 3), np.uint8), [3])
+    return pictures
+
+
+def test_cifar10_is_read_from_its_binary_files_without_torchvision(tmp_path: Path) -> None:
+    """torchvision's CIFAR10 unpickles its batch files; the binary distribution is read with numpy instead, from the
+    folder its archive extracts to under data.cache_dir (here written by the test: nothing is downloaded)."""
+    pictures = cifar_folder(tmp_path / "CIFAR10")
+    before = sorted(tmp_path.rglob("*"))
+    config = DataConfig(source="torchvision:CIFAR10", cache_dir=str(tmp_path), channels=3)
+    images = own.read_torchvision("CIFAR10", config)
+    assert images.shape == (7, 3, 32, 32) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, pictures.transpose(0, 3, 1, 2))  # in order, channels first
+    assert images[0, 0, :4, :4].min() == 255 and images[0, 0].sum() == 16 * 255  # red, top left
+    assert (images[0, 2, 31] == 200).all() and images[0, 2, :31].max() == 0 and images[0, 1].max() == 0
+    gray = own.read_torchvision("CIFAR10", DataConfig(source="torchvision:CIFAR10", cache_dir=str(tmp_path)))
+    assert gray.shape == (7, 1, 32, 32) and gray[0, 0, 0, 0] == 54  # BT.709: 0.2126 * 255
+    dataset = load_dataset(DataConfig(source="torchvision:CIFAR10", cache_dir=str(tmp_path), image_size=32,
+                                      examples=40, held_out=10, whiten=False), seed=0)  # fmt: skip
+    assert dataset.read_report["pictures"] == 7 and dataset.train.shape == (40, 32 * 32)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing downloaded or written
+
+
+def test_a_truncated_or_wrong_cifar10_file_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    cifar_folder(tmp_path / "CIFAR10")
+    config = DataConfig(source="torchvision:CIFAR10", cache_dir=str(tmp_path))
+    batch = tmp_path / "CIFAR10" / "cifar-10-batches-bin" / "data_batch_3.bin"
+    whole = batch.read_bytes()
+    batch.write_bytes(whole[:-100])  # a download cut short
+    with pytest.raises(DataError) as caught:
+        own.read_torchvision("CIFAR10", config)
+    assert f"{batch} is not a CIFAR-10 binary batch: its 2,973 bytes are not a whole number of 3,073-byte" in str(
+        caught.value
+    )
+    assert "\n" not in str(caught.value) and f"delete {batch.parent} to download" in str(caught.value)
+    batch.write_bytes(bytes([200]) + whole[1:])  # a label byte beyond 9: another file of the same size
+    with pytest.raises(DataError, match=r"data_batch_3.bin is not a CIFAR-10 binary batch: record 0 has label 200"):
+        own.read_torchvision("CIFAR10", config)
+    batch.unlink()
+    with pytest.raises(DataError, match=r"cannot read .*data_batch_3.bin \(FileNotFoundError"):
+        own.read_torchvision("CIFAR10", config)
+
+
+def test_the_cifar10_archive_is_checked_and_only_its_batch_files_are_extracted(tmp_path: Path) -> None:
+    """The download path, from a test-made archive at a file:// address (nothing comes from the internet): its MD5
+    is checked before anything is extracted, only the batch files are written, each under a name chosen by the
+    reader, and an archive copied into the cache folder by hand is used without a download."""
+    import hashlib
+    import tarfile
+
+    from downpour.data import cifar
+
+    pictures = cifar_folder(tmp_path / "made")
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "made" / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+        tar.add(tmp_path / "made" / "cifar-10-batches-bin" / "test_batch.bin", arcname="../outside.bin")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    root = tmp_path / "cache" / "CIFAR10"
+    with pytest.raises(DataError, match=rf"came with MD5 {md5}, not 0123456789abcdef0123456789abcdef"):
+        cifar.train_images(root, "torchvision:CIFAR10", url=archive.as_uri(), md5="0123456789abcdef" * 2)
+    assert list(root.iterdir()) == []  # neither the download nor a folder left behind
+    images = cifar.train_images(root, "torchvision:CIFAR10", url=archive.as_uri(), md5=md5)
+    np.testing.assert_array_equal(images, pictures.transpose(0, 3, 1, 2))
+    assert sorted(path.name for path in root.rglob("*")) == sorted(
+        ["cifar-10-binary.tar.gz", "cifar-10-batches-bin", "test_batch.bin"]
+        + [f"data_batch_{i}.bin" for i in range(1, 6)]
+    )
+    assert not (tmp_path / "cache" / "outside.bin").exists()
+    copied = tmp_path / "copied" / "CIFAR10"
+    copied.mkdir(parents=True)
+    (copied / "cifar-10-binary.tar.gz").write_bytes(archive.read_bytes())
+    nowhere = (tmp_path / "nowhere.tar.gz").as_uri()
+    assert len(cifar.train_images(copied, "torchvision:CIFAR10", url=nowhere, md5=md5)) == 7
+    offline = r"CIFAR10: could not download .*nowhere.tar.gz into .*\(or copy cifar-10-binary.tar.gz there\)"
+    with pytest.raises(DataError, match=offline):
+        cifar.train_images(tmp_path / "offline", "torchvision:CIFAR10", url=nowhere, md5=md5)

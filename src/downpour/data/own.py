@@ -5,8 +5,9 @@
 - ``folder:PATH``: every ``.jpg``, ``.jpeg`` and ``.png`` under ``PATH`` (recursively, in sorted order);
 - ``video:PATH_OR_GLOB``: one video file, or every file a glob matches (``**`` recurses); one frame every
   ``data.frame_stride`` frames, decoded by PyAV (FFmpeg);
-- ``torchvision:STL10`` (its 5,000 ``train`` images, 96×96; labels unused) or ``torchvision:CIFAR10`` (its 50,000
-  ``train`` images, 32×32), downloaded on first use into ``data.cache_dir``.
+- ``torchvision:STL10`` (its 5,000 ``train`` images, 96×96; labels unused; read by torchvision) or
+  ``torchvision:CIFAR10`` (its 50,000 ``train`` images, 32×32; read from its binary distribution by
+  :mod:`downpour.data.cifar`, without torchvision), downloaded on first use into ``data.cache_dir``.
 
 Each picture becomes grayscale (``data.channels = 1``) or RGB (``3``); a picture or frame whose longer side
 exceeds ``data.max_side`` is shrunk to it (area-averaged). Training examples are then cut exactly as for the bundled
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from downpour.config import DataConfig
+from downpour.data import cifar
 from downpour.data.gray import float_picture_unit, luminance
 from downpour.data.sources import crop_positions, random_crops
 from downpour.errors import DataError
@@ -281,8 +283,20 @@ def cache_root(config: DataConfig) -> Path:
 
 
 def read_torchvision(name: str, config: DataConfig) -> np.ndarray:
-    """The ``train`` images of torchvision's ``name`` set as uint8 ``(N, C, H, W)`` (downloaded on first use)."""
+    """The ``train`` images of the ``name`` set (``STL10`` or ``CIFAR10``) as uint8 ``(N, C, H, W)``, downloaded
+    on first use into ``data.cache_dir``/``name``."""
     source = f"torchvision:{name}"
+    root = cache_root(config) / name
+    # CIFAR10: its binary distribution, read here (torchvision's CIFAR10 unpickles the batch files of another one)
+    images = cifar.train_images(root, source) if name == "CIFAR10" else _torchvision_stl10(root, source)
+    if config.channels == 1:
+        images = luminance(images, channel_axis=1).round().astype(np.uint8)  # (N, 1, H, W)
+    return np.ascontiguousarray(images)
+
+
+def _torchvision_stl10(root: Path, source: str) -> np.ndarray:
+    """STL-10's 5,000 ``train`` images as uint8 ``(N, 3, 96, 96)``, by torchvision (which reads its binary files
+    with numpy), downloaded on first use into ``root``."""
     try:
         import torchvision
     except Exception as exc:  # missing, or built for another torch (then it fails with other errors than ImportError)
@@ -290,23 +304,13 @@ def read_torchvision(name: str, config: DataConfig) -> np.ndarray:
             f"data.source {source} needs torchvision, which does not import here ({type(exc).__name__}: {exc}); "
             "install one built for your torch: pip install 'downpour-sgd[torchvision]'"
         ) from None
-    root = cache_root(config) / name
     try:
-        if name == "CIFAR10":
-            images = torchvision.datasets.CIFAR10(str(root), train=True, download=True).data  # (N, 32, 32, 3)
-            images = np.asarray(images).transpose(0, 3, 1, 2)  # (N, 3, 32, 32)
-        else:
-            images = np.asarray(
-                torchvision.datasets.STL10(str(root), split="train", download=True).data
-            )  # (N, 3, 96, 96)
+        return np.asarray(torchvision.datasets.STL10(str(root), split="train", download=True).data)
     except (OSError, RuntimeError, ValueError) as exc:  # offline (URLError is an OSError), a broken download
         raise DataError(
             f"data.source {source}: could not download or read it into {root} ({type(exc).__name__}: {exc}); it is "
             "downloaded on first use, so the first run needs the internet (or copy a download there)"
         ) from None
-    if config.channels == 1:
-        images = luminance(images, channel_axis=1).round().astype(np.uint8)  # (N, 1, H, W)
-    return np.ascontiguousarray(images)
 
 
 def own_examples(config: DataConfig, rng: np.random.Generator, count: int) -> tuple[np.ndarray, ReadReport | None]:
