@@ -199,8 +199,10 @@ def test_resume_refuses_a_shard_without_its_rule_state_before_writing_anything(
 def test_a_diverged_resume_keeps_the_last_good_checkpoint(run: Path, cli: Callable[..., CliResult]) -> None:
     """ps.lr = 1e30 makes the held-out loss NaN (the shards accept the huge finite values): the good checkpoint and
     the config.toml that trained it are kept byte for byte, the summary says so, exit 2 with one line; a plain
-    --resume then goes on from the kept step."""
+    --resume then goes on from the kept step. The filter picture and the summary's Gabor fit are of the kept
+    checkpoint's weights, not of those thrown away."""
     kept = {p: b for p, b in _files(run).items() if p.parent.name == "checkpoint" or p.name == "config.toml"}
+    filters, gabor_fit = (run / "filters.png").read_bytes(), json.loads((run / "summary.json").read_text())["gabor_fit"]
     result = cli("train", "--resume", str(run), "--steps", "40", "--set", "ps.lr=1e30", "--no-progress")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -213,6 +215,7 @@ def test_a_diverged_resume_keeps_the_last_good_checkpoint(run: Path, cli: Callab
     summary = json.loads((run / "summary.json").read_text())
     assert summary["diverged"] is True and summary["final_loss"] is None
     assert summary["steps"] == 40 and summary["checkpoint_step"] == 20
+    assert (run / "filters.png").read_bytes() == filters and summary["gabor_fit"] == gabor_fit
     end = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "end"][-1]
     assert end["diverged"] is True and end["checkpoint_step"] == 20
 

@@ -265,7 +265,10 @@ def _train_session(config: Config, out: Path, dataset: Dataset, model: torch.nn.
         cluster.close()
         metrics.close()
 
-    final_model = held_out_loss.model  # holds the final parameters since final_loss was measured
+    if taken.diverged and not taken.saved:  # the picture and Gabor fit of the checkpoint kept, not of the thrown away
+        kept = ckpt.load(out / rundir.CHECKPOINT).shard_snapshots()
+        held_out_loss.flat.values.copy_(torch.cat([snapshot["values"] for snapshot in kept]))
+    final_model = held_out_loss.model  # holds the final parameters since final_loss was measured (or the kept ones)
     filter_shape = getattr(final_model, "filter_shape", dataset.shape)
     save_filter_grid(final_model.filters(), filter_shape, out / rundir.FILTERS)
     gabor_fit = gabor_fraction(final_model.filters(), filter_shape)  # first-layer filters with Gabor R² > 0.8
