@@ -229,6 +229,28 @@ def test_easgd_many_workers_converges_and_is_stale() -> None:
     assert PROBLEM.loss(result.params) < 2 * PROBLEM.optimum()
 
 
+def test_a_stop_between_an_easgd_cycles_local_steps_ends_the_run() -> None:
+    """``stop()`` is asked between EASGD's local steps, not only after an exchange: with tau = 10⁹ one cycle would
+    hold up Ctrl-C for good (a run needed kill -9). A stop during the first cycle ends the run at once: no record,
+    the center as it started. (A gradient taken long after the stop fails the test instead of running for days.)"""
+    asked, taken = [], []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 20
+
+    def gradient(w: Tensor, worker: int, rng: np.random.Generator) -> tuple[float, Tensor]:
+        taken.append(1)
+        assert len(taken) < 1000, "the stop was not asked between local steps"
+        return PROBLEM(w, worker, rng)
+
+    policy = EASGD(lr=0.05, rho=4.0, tau=10**9)
+    result = simulate(W0, make_rule("sgd", lr=0.05), policy, gradient, SimSettings(workers=1, steps=0, seconds=1e9),
+                      stop=stop)  # fmt: skip
+    assert len(result.records) == 0 and torch.equal(result.params, W0)
+    assert len(asked) == 21 and len(taken) == 20
+
+
 def test_dc_asgd_with_zero_lambda_is_downpour_and_with_lambda_differs() -> None:
     """The compensation is wired in: λ = 0 gives downpour's bits, λ > 0 other ones."""
     plain = _run("downpour", 8, 300, **BUSY)

@@ -493,6 +493,8 @@ class Simulation:
             x = local[w]
             loss_sum = 0.0
             for _ in range(tau):
+                if self.stop is not None and self.stop():  # asked between local steps too: a cycle of a huge tau
+                    return t  # would hold up Ctrl-C for good; its steps, never exchanged, change nothing
                 loss, update = grad(x, w, rng)
                 x.add_(update, alpha=-lr)
                 loss_sum += loss
