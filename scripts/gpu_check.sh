@@ -19,9 +19,10 @@ run)
     out="${OUT:-gpu_out}"
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    site=$(mktemp -d "${TMPDIR:-/tmp}/downpour-site.XXXXXX") # private: not a fixed name another user could make first
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         .devrun/whl/*.whl || exit 1
-    export PYTHONPATH=src:/tmp/site
+    export PYTHONPATH="src:$site"
     start=$(date +%s)
     stamp() { echo "== $1 at $(($(date +%s) - start)) s"; }
     nvidia-smi --query-gpu=name,driver_version,temperature.gpu --format=csv,noheader

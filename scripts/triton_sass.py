@@ -21,6 +21,7 @@ import math
 import os
 import re
 import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -44,11 +45,19 @@ def compile_kernel(fn, constants: dict, arch: int, num_warps: int, num_stages: i
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def machine_code(compiled, path: str = "/tmp/downpour_kernel.cubin") -> dict:
+def machine_code(compiled) -> dict:
     """Registers, spilled bytes, shared memory, instruction count, and the loops (backward branches) with their
-    sizes, from ``cuobjdump`` and ``nvdisasm``."""
-    with open(path, "wb") as handle:
-        handle.write(compiled.asm["cubin"])
+    sizes, from ``cuobjdump`` and ``nvdisasm`` (run on the kernel's cubin in a private temporary directory, not a
+    fixed name in /tmp that anyone could have made a link)."""
+    with tempfile.TemporaryDirectory(prefix="downpour-sass-") as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        return {**_read_machine_code(path), "shared": compiled.metadata.shared}
+
+
+def _read_machine_code(path: str) -> dict:
+    """What :func:`machine_code` says of the cubin at ``path``, but its shared memory."""
     usage = subprocess.run([f"{TOOLS}/cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
     registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     sass = subprocess.run([f"{TOOLS}/nvdisasm", "-c", path], capture_output=True, text=True).stdout
@@ -72,7 +81,7 @@ def machine_code(compiled, path: str = "/tmp/downpour_kernel.cubin") -> dict:
             body = collections.Counter(op.split(".")[0] for at, op, _ in instructions if start <= at <= offset)
             if sum(body.values()) > 1:
                 loops.append(body)
-    return {"registers": registers, "stack": stack, "shared": compiled.metadata.shared, "count": len(instructions),
+    return {"registers": registers, "stack": stack, "count": len(instructions),
             "loops": sorted(loops, key=lambda body: sum(body.values()))}  # fmt: skip
 
 

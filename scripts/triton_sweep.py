@@ -1,7 +1,7 @@
 """Developer tool for a CUDA machine (not part of the package): sweep the Triton kernels' launch settings around
 the measured ones, then time the whole layer step with each kernel's winner patched into ``_TUNED``.
 
-Run on the GPU machine:  PYTHONPATH=src:/tmp/site python3 scripts/triton_sweep.py $OUT/triton_sweep.json
+Run on the GPU machine by scripts/gpu_check.sh (which installs its wheels in a private folder on PYTHONPATH).
 Check it on a CPU first:  TRITON_INTERPRET=1 PYTHONPATH=src .venv/bin/python scripts/triton_sweep.py --small
 ``--sweep-seconds N`` (default 300): part 2 starts no new setting after N seconds from the start.
 
