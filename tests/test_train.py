@@ -214,6 +214,23 @@ def test_resume_refuses_another_model_and_overwrites_nothing(finished_run: Path,
     assert _files(finished_run) == files
 
 
+def test_resume_refuses_a_run_file_that_is_a_directory_before_training(
+    finished_run: Path, tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """A run whose summary.json (or filters.png) became a directory is refused before training, with the file named:
+    the session trained and checkpointed first, then failed to write its summary and left the old one stale."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "summary.json").unlink()
+    (run / "summary.json").mkdir()
+    files = _files(run)
+    result = cli("train", "--resume", str(run), "--steps", "40", "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert "holds summary.json as other than a file" in result.stderr and "Traceback" not in result.stderr
+    assert _files(run) == files
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 20
+
+
 @pytest.mark.parametrize("steps", ["20", "5"])
 def test_resume_with_a_step_budget_already_spent_is_refused(finished_run: Path, cli: Callable[..., CliResult],
                                                            steps: str) -> None:  # fmt: skip

@@ -233,6 +233,10 @@ def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
     if resume:
         if not (out / rundir.CONFIG).exists():
             raise CheckpointError(rundir.not_resumable(out, ours=locked))
+        written = (rundir.METRICS, rundir.SUMMARY, rundir.FILTERS, rundir.WHITENING, REPORT)  # what a session writes
+        if odd := [name for name in written if (out / name).exists() and not (out / name).is_file()]:
+            raise DownpourError(f"run {out} holds {', '.join(odd)} as other than a file, which the resumed session "
+                                "would have to replace after training: move it away first")  # fmt: skip
         return
     if has_checkpoint(out):
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
