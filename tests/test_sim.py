@@ -415,3 +415,93 @@ def test_bench_sim_reports_both_sides() -> None:
     console = Console(record=True, width=120)
     bench_sim.print_table(result, console)
     assert "20 workers" in console.export_text()
+
+
+# ---- durations: the documented distributions, measured on one worker's cycle --------------------------------
+
+
+def _zero_grad(w: Tensor, worker: int, rng: np.random.Generator) -> tuple[float, Tensor]:
+    """No gradient work at all: these tests are about simulated time only."""
+    return 0.0, torch.zeros_like(w)
+
+
+def _cycles(policy: str, steps: int, **timing: float) -> np.ndarray:
+    """One worker's simulated seconds from each fetch to its push (one worker: each push starts the next cycle)."""
+    settings = SimSettings(workers=1, steps=steps, seed=11, **timing)
+    result = simulate(W0, make_rule("sgd", lr=0.05), make_policy(policy, workers=1, lr=0.05), _zero_grad, settings)
+    return np.diff(np.concatenate([[0.0], result.records.t]))
+
+
+def test_lognormal_compute_times_keep_the_mean_and_have_sigma_of_the_log() -> None:
+    """``compute_sigma > 0``: "lognormal with this sigma (of the log), same mean" (README, SimSettings). With one
+    worker and no network each cycle is one compute time: mean ``compute_mean`` = 2, std of its log 0.5, so the
+    median is 2·exp(−σ²/2) = 1.765. (Factors exp(σz) have median 2 and mean 2.27 instead.)"""
+    cycles = _cycles("downpour", 6000, compute_mean=2.0, compute_sigma=0.5)
+    assert cycles.mean() == pytest.approx(2.0, rel=0.03)  # standard error ~0.7%
+    assert np.log(cycles).std() == pytest.approx(0.5, rel=0.05)
+    assert np.median(cycles) == pytest.approx(2.0 * math.exp(-0.125), rel=0.03)
+
+
+def test_constant_network_delay_is_paid_on_the_fetch_and_on_the_push() -> None:
+    """``arrival = t + delay + compute + delay``: compute 1 s and a 0.25 s one-way delay give a push every 1.5 s,
+    each fetched (``fetched_t``) 1.5 s before it arrives, at the previous push."""
+    settings = SimSettings(workers=1, steps=6, network_mean=0.25)
+    result = simulate(W0, make_rule("sgd", lr=0.05), make_policy("downpour"), _zero_grad, settings)
+    assert result.records.t.tolist() == [1.5, 3.0, 4.5, 6.0, 7.5, 9.0]
+    assert result.records.fetched_t.tolist() == [0.0, 1.5, 3.0, 4.5, 6.0, 7.5]
+
+
+def test_lognormal_network_delays_are_two_independent_draws_of_the_same_mean() -> None:
+    """Fetch and push each take their own lognormal delay of mean ``network_mean``: with compute fixed at 1 s and
+    a 0.5 s mean delay (σ = 0.5) a cycle lasts 1 + 0.5·(f₁ + f₂), mean 2 and variance 0.25·2·(e^{σ²} − 1) = 0.142
+    (one factor drawn for both delays would double the variance)."""
+    cycles = _cycles("downpour", 6000, network_mean=0.5, network_sigma=0.5)
+    variance = 0.25 * 2 * (math.exp(0.25) - 1)
+    assert cycles.mean() == pytest.approx(2.0, rel=0.02)
+    assert cycles.var() == pytest.approx(variance, rel=0.15)  # standard error ~4%
+    assert cycles.min() > 1.0
+
+
+def test_easgd_cycle_computes_tau_gradients_each_with_its_own_time() -> None:
+    """An EASGD worker computes ``tau`` gradients per exchange: constant 1 s computes give an exchange every
+    ``tau`` = 3 s; lognormal ones (σ = 0.5, tau = 4) give a cycle that is the sum of 4 independent draws: mean 4,
+    variance 4·(e^{σ²} − 1) = 1.14 (one draw scaled by 4 would have variance 4.5)."""
+    assert _cycles("easgd:3", 5).tolist() == [3.0] * 5
+    cycles = _cycles("easgd:4", 3000, compute_sigma=0.5)
+    assert cycles.mean() == pytest.approx(4.0, rel=0.03)
+    assert cycles.var() == pytest.approx(4 * (math.exp(0.25) - 1), rel=0.2)  # standard error ~5%
+
+
+def test_easgd_records_the_mean_loss_of_its_tau_local_steps() -> None:
+    """SimRecords.loss under easgd is the mean mini-batch loss over the tau local steps (replayed by hand, as in
+    the one-worker hand loop above), not the last step's loss."""
+    lr, rho, tau = 0.05, 4.0, 3
+    result = simulate(W0, make_rule("sgd", lr=lr), EASGD(lr=lr, rho=rho, tau=tau), PROBLEM,
+                      SimSettings(workers=1, steps=10, seed=5))  # fmt: skip
+    x, center, rng = W0.clone(), W0.clone(), np.random.default_rng(5)
+    means = []
+    for _ in range(10):
+        losses = []
+        for _ in range(tau):
+            loss, g = PROBLEM(x, 0, rng)
+            x.add_(g, alpha=-lr)
+            losses.append(loss)
+        easgd_exchange(x, center, alpha=lr * rho)
+        means.append(sum(losses) / tau)
+    np.testing.assert_allclose(result.records.loss, means, rtol=1e-12)
+    assert result.records.loss[0] != losses[0]  # the local steps' losses differ: the mean is not any one of them
+
+
+def test_ssp_wakes_a_waiting_worker_when_the_slowest_catches_up() -> None:
+    """SSP with bound 0, two workers, one 2x slower, constant 1 s computes: the fast worker finishes at t = 1 and
+    must wait; the slow one finishes at t = 2, which frees both, and so on in lockstep: a push every second,
+    alternating fast/slow, every cycle fetched at an even second. (A waiting worker left asleep deadlocks the run.)"""
+    settings = SimSettings(workers=2, steps=10, stragglers=0.5, straggler_slowdown=2.0)
+    result = simulate(W0, make_rule("sgd", lr=0.05), make_policy("ssp:0"), _zero_grad, settings)
+    (slow,) = result.stragglers.tolist()
+    fast = 1 - slow
+    records = result.records
+    assert records.t.tolist() == [float(k) for k in range(1, 11)]
+    assert records.worker.tolist() == [fast, slow] * 5
+    assert records.fetched_t.tolist() == [0.0, 0.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, 8.0, 8.0]
+    assert records.staleness.tolist() == [0, 1] * 5  # the slow one's push always lands after the fast one's
