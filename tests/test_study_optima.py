@@ -16,6 +16,8 @@ from downpour.errors import ConfigError
 from downpour.study.optima import (
     DIVERGED,
     TiltedWells,
+    answer_sentence,
+    compare_arms,
     mcnemar_exact,
     run_optima,
     start_point,
@@ -147,6 +149,16 @@ def test_basins_are_exact_for_the_gradient_flow() -> None:
     np.testing.assert_allclose(x, locations[task.classify(starts)], atol=1e-6)
 
 
+def test_a_point_exactly_on_a_basin_boundary_goes_to_the_right_well() -> None:
+    """The documented tie rule of :meth:`classify`: ``x = M`` goes to the right well, the next float below to the
+    left one (default tilts: the corner ``M`` itself is m3's, the right well in both coordinates)."""
+    task = TiltedWells()
+    corner = np.asarray([r[1] for r in task.roots()])
+    assert task.classify(corner) == 3
+    assert task.classify(np.nextafter(corner, -np.inf)) == 0
+    assert task.classify([corner[0], -1.0]) == 2 and task.classify([-1.0, corner[1]]) == 1
+
+
 # ---- the paired study ---------------------------------------------------------------------------------------
 
 
@@ -262,6 +274,86 @@ def test_wilcoxon_paired_signs_and_ties() -> None:
     assert rounding["ties"] == 30 and rounding["p"] == 1.0
     diverged = wilcoxon_paired(base, np.where(np.arange(30) < 20, np.inf, base))
     assert diverged["other_higher"] == 20 and diverged["ties"] == 10 and 0.0 <= diverged["p"] <= 1.0
+
+
+def test_mcnemar_with_discordant_pairs_both_ways() -> None:
+    """2 pairs where only the base hit, 6 where only the other did: the odds ratio is other_only / base_only = 3,
+    and the exact two-sided p is P(X ≤ 2 or X ≥ 6), X ~ Bin(8, ½) = 2·(1 + 8 + 28)/256."""
+    base = np.array([True] * 5 + [True] * 2 + [False] * 6 + [False] * 3)
+    other = np.array([True] * 5 + [False] * 2 + [True] * 6 + [False] * 3)
+    result = mcnemar_exact(base, other)
+    assert (result["base_only"], result["other_only"], result["base_hits"], result["other_hits"]) == (2, 6, 7, 11)
+    assert result["odds_ratio"] == 3.0
+    assert result["p"] == pytest.approx(74 / 256, rel=1e-12)
+    assert mcnemar_exact(other, base)["odds_ratio"] == pytest.approx(1 / 3)
+
+
+def test_wilcoxon_paired_exact_two_sided_p_median_and_effect_by_hand() -> None:
+    """Differences (other − base) 0.3, −0.1, 0.5, 0.7, −0.2, 0.9, 1.1, 6.0: ranks of |d| are 1..8 with the two
+    negative ones at ranks 1 and 2, so W₋ = 3, W₊ = 33, r = (33 − 3)/36. Exact two-sided p: the sign patterns with
+    W₋ ≤ 3 are the rank sets {}, {1}, {2}, {3}, {1, 2}, so p = 2·5/256. Median difference (0.5 + 0.7)/2 = 0.6
+    (the mean, 1.15, is pulled up by the 6.0)."""
+    diffs = np.array([0.3, -0.1, 0.5, 0.7, -0.2, 0.9, 1.1, 6.0])
+    base = np.linspace(1.0, 2.0, 8)
+    result = wilcoxon_paired(base, base + diffs)
+    assert (result["pairs"], result["other_lower"], result["other_higher"], result["ties"]) == (8, 2, 6, 0)
+    assert result["p"] == pytest.approx(10 / 256, rel=1e-9)
+    assert result["rank_biserial"] == pytest.approx(30 / 36)
+    assert result["median_difference"] == pytest.approx(0.6)
+    assert result["mean_difference"] == pytest.approx(1.15)
+    mirrored = wilcoxon_paired(base + diffs, base)  # the same pairs seen from the other arm: same p, sign flipped
+    assert mirrored["p"] == pytest.approx(result["p"]) and mirrored["rank_biserial"] == pytest.approx(-30 / 36)
+
+
+def test_wilcoxon_tie_tolerance_is_relative_to_the_base_value() -> None:
+    """A difference within ``tie·(1 + |base|)`` counts as zero: around 1e8 that is 0.1, so +0.05 on every pair is
+    rounding (all ties, p = 1) while +0.5 is a difference."""
+    base = 1e8 + 1e3 * np.arange(10)
+    within = wilcoxon_paired(base, base + 0.05)
+    assert within["ties"] == 10 and within["p"] == 1.0 and within["rank_biserial"] == 0.0
+    beyond = wilcoxon_paired(base, base + 0.5)
+    assert beyond["other_higher"] == 10 and beyond["p"] < 0.01
+
+
+def test_stuart_maxwell_p_value_and_a_class_that_only_agrees() -> None:
+    """Two classes with 3 and 9 discordant pairs: χ² = 36/12 = 3 on 1 degree of freedom, p = erfc(√(3/2))
+    (computed without scipy). Adding a class that both arms always agree on changes nothing: its row and column of
+    S are zero, so df = rank(S) stays 1 (2 degrees of freedom would give p = e^{−3/2})."""
+    base = np.array([0] * 20 + [0] * 3 + [1] * 9 + [1] * 8)
+    other = np.array([0] * 20 + [1] * 3 + [0] * 9 + [1] * 8)
+    expected_p = math.erfc(math.sqrt(1.5))
+    two = stuart_maxwell(base, other, 2)
+    assert two["p"] == pytest.approx(expected_p, rel=1e-9)
+    agree = np.full(5, 2)
+    three = stuart_maxwell(np.concatenate([base, agree]), np.concatenate([other, agree]), 3)
+    assert three["table"][2] == [0, 0, 5]
+    assert three["statistic"] == pytest.approx(3.0) and three["df"] == 1
+    assert three["p"] == pytest.approx(expected_p, rel=1e-9)
+
+
+def _arm(name: str, minimum: list[int], final_loss: list[float]) -> dict:
+    """An arm as :func:`run_optima` records it, with just what the comparison and the answer read."""
+    counts = {f"m{k}": minimum.count(k) for k in range(4)}
+    return {"name": name, "minimum": minimum, "final_loss": final_loss, "counts": {**counts, "diverged": 0},
+            "escaped_to_better": 0, "fell_to_worse": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize("downpour_first", [False, True])
+def test_the_answer_names_the_arm_that_did_better(downpour_first: bool) -> None:
+    """12 paired seeds: downpour reaches the global minimum in 11, sync in 2 (9 discordant pairs, all one way:
+    McNemar p = 2/2⁹), and downpour ends lower in every pair (Wilcoxon p = 2/2¹²). Whichever arm is the base, the
+    sentence must say downpour reached it more often and ended lower."""
+    sync = _arm("sync", [0, 0] + [2] * 10, [-0.4 + 0.001 * k for k in range(2)] + [0.2 + 0.01 * k for k in range(10)])
+    downpour = _arm("downpour", [0] * 11 + [2], [-0.41 + 0.002 * k for k in range(11)] + [0.1])
+    base, other = (downpour, sync) if downpour_first else (sync, downpour)
+    comparison = compare_arms(base, other, categories=4)
+    assert comparison["global_minimum"]["p"] == pytest.approx(2 / 2**9)
+    assert comparison["final_loss"]["p"] == pytest.approx(2 / 2**12)
+    answer = answer_sentence({"arms": [base, other], "settings": {"seeds": 12}, "comparisons": [comparison]})
+    assert "Downpour reached the global minimum significantly more often than sync" in answer
+    assert "final losses are significantly lower for downpour" in answer
+    lower, higher = (0, 12) if downpour_first else (12, 0)
+    assert f"({other['name']} lower in {lower} pairs, {base['name']} in {higher}, 0 ties" in answer
 
 
 def test_bad_settings_are_refused() -> None:
