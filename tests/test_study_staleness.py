@@ -21,12 +21,15 @@ from downpour.study.staleness import (
     STUDY_DEFAULTS,
     Grid,
     RICAGradient,
+    divergence_reasons,
     parse_grid,
     quantile,
     run_study,
     study_config,
     summarize,
+    table_markdown,
 )
+from downpour.study.staleness_report import _band
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PICTURES = ("loss_vs_updates.png", "loss_vs_time.png", "staleness_histograms.png", "final_loss.png")
@@ -115,6 +118,58 @@ def test_quantile_and_summary_keep_diverged_runs() -> None:
     assert row["diverged"] == 0.5 and row["final_loss_median"] is None  # median of (1, 2, inf, inf) is inf
     assert row["final_loss_q25"] == pytest.approx(1.75) and row["final_loss_q75"] is None
     assert row["staleness_mean"] == pytest.approx(0.75) and row["staleness_p99"] == 1
+
+
+def _run(final: float | None, values: list[int], counts: list[int], seed_index: int = 0) -> dict[str, Any]:
+    """One run's record with what the summary and the table read."""
+    return {"policy": "downpour", "workers": 8, "seed_index": seed_index, "final_loss": final, "initial_loss": 5.0,
+            "diverged": False, "sim_time": 3.0, "staleness": {"values": values, "counts": counts}}  # fmt: skip
+
+
+def test_summary_pools_the_seeds_staleness_and_reports_its_p99() -> None:
+    """Two seeds: 90 pushes of staleness 1, then 8 of staleness 1 and 2 of staleness 7. Pooled: 100 pushes,
+    mean (98 + 14)/100 = 1.12, median 1, and p99 7 (98 pushes are at or below 1, fewer than 99)."""
+    (row,) = summarize([_run(1.0, [1], [90]), _run(2.0, [1, 7], [8, 2], seed_index=1)])
+    assert row["staleness_mean"] == pytest.approx(1.12)
+    assert row["staleness_p99"] == 7
+
+
+def test_table_shows_each_cell_in_its_column() -> None:
+    """The row of a cell holds, under their headers: the median of the final losses 1 and 2 (1.5), their
+    quartiles by linear interpolation (1.25–1.75), the staleness mean (1.1) and p99 (7) pooled over seeds."""
+    runs = [_run(1.0, [1], [90]), _run(2.0, [1, 7], [8, 2], seed_index=1)]
+    grid = {"policies": ["downpour"], "workers": [8], "seeds": 2, "steps": 100}
+    result = {"grid": grid, "config": study_config(overrides=TINY).to_dict(), "runs": runs, "cells": summarize(runs)}
+    lines = table_markdown(result).splitlines()
+    header = next(line for line in lines if line.startswith("| policy |"))
+    (row,) = [line for line in lines if line.startswith("| downpour |")]
+    cells = dict(zip(header.strip("|").split("|"), row.strip("|").split("|"), strict=True))
+    cells = {name.strip(): value.strip() for name, value in cells.items()}
+    assert cells["final loss median"] == "1.5"
+    assert cells["IQR (q25–q75)"] == "1.25–1.75"
+    assert cells["staleness mean"] == "1.1"
+    assert cells["staleness p99"] == "7"
+    assert cells["diverged"] == "0%"
+
+
+def test_loss_bands_are_the_quartiles_and_median_over_runs() -> None:
+    """Three runs with flat curves at losses 1, 2 and 4: on the log scale the band is the median ln 2 and the
+    quartiles halfway between neighbours, so the plotted lower edge is √2, the line 2, the upper edge 2√2."""
+    runs = [{"curve": {"grads": [0, 10], "loss": [v, v]}} for v in (1.0, 2.0, 4.0)]
+    x, median, q25, q75 = _band(runs, "grads", cap=100.0, points=5)
+    np.testing.assert_allclose(x, [0.0, 2.5, 5.0, 7.5, 10.0])
+    np.testing.assert_allclose(median, 2.0)
+    np.testing.assert_allclose(q25, math.sqrt(2.0))
+    np.testing.assert_allclose(q75, 2.0 * math.sqrt(2.0))
+
+
+def test_a_run_that_ends_above_its_initial_loss_diverged() -> None:
+    """The documented definition: a non-finite final loss, a rejected push, or a final loss above the initial one,
+    however little above."""
+    assert divergence_reasons(10.0, 10.01, 0) == ["final loss above the initial loss"]
+    assert divergence_reasons(10.0, 10.0, 0) == [] and divergence_reasons(10.0, 9.0, 0) == []
+    assert divergence_reasons(10.0, math.nan, 0) == ["non-finite held-out loss"]
+    assert divergence_reasons(10.0, 9.0, 2) == ["2 pushes rejected (NaN/Inf)"]
 
 
 # ---- the closed-form RICA gradient --------------------------------------------------------------------------
