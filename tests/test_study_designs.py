@@ -51,6 +51,20 @@ def test_answers_order_each_question_by_the_measurements() -> None:
     assert "failed: diverged" in table
 
 
+def test_table_columns_and_the_best_probe_line_read_the_right_numbers() -> None:
+    """Each number sits under its header (face held-out 0.700 and jittered 0.600 are different columns), and the
+    best probe overall is the highest probe accuracy of every evaluated row (rbm at 0.970, not sparse-ae's 0.900)."""
+    rows = [_row("design", "sparse-ae", 0.90, 0.7), _row("design", "rbm", 0.97, 0.8)]
+    lines = table_markdown(rows).splitlines()
+    header = [name.strip() for name in lines[0].strip("|").split("|")]
+    row = dict(zip(header, (value.strip() for value in lines[2].strip("|").split("|")), strict=True))
+    assert (row["design"], row["probe (digits)"], row["face, held-out"], row["face, jittered"]) == (
+        "sparse-ae", "0.900", "0.700", "0.600",
+    )  # fmt: skip
+    best = next(line for line in answers(rows) if line.startswith("best probe overall"))
+    assert best.startswith("best probe overall: rbm / learned / none at 0.970;")
+
+
 def test_bad_budgets_are_refused() -> None:
     with pytest.raises(DownpourError, match=r"invalid --seconds: 0"):
         base_config(0)
