@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import read_jsonl
 from downpour.backends.processes import fork_server_available
 from downpour.cli import main
-from downpour.report.html import write_report_after_training
+from downpour.report.html import build_report, write_report_after_training
 from downpour.report.runlog import read_run_log
 from downpour.report.tensorboard import BLOCK
 
@@ -407,3 +407,18 @@ def test_a_page_under_a_file_names_the_page_not_a_temporary_file(
     assert main(["report", str(local_run), "--out", str(afile / "page.html")]) == 2
     err = capsys.readouterr().err
     assert str(afile / "page.html") in err and ".tmp-" not in err
+
+
+def test_the_staleness_caption_gives_each_shards_mean_and_p99(tmp_path: Path) -> None:
+    """The page's staleness numbers, per shard, from a hand-written log: shard 0 applied 98 updates of staleness 1
+    and 2 of staleness 7 (mean 1.12; p99 7, as only 98 of 100 are at or below 1), shard 1 applied 10 updates at 0
+    and 10 at 3 (mean 1.50, p99 3). A rejected push is not counted."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("# hand-written run\n")
+    rows = [{"event": "push", "shard": 0, "staleness": s, "applied": True, "loss": 1.0} for s in [1] * 98 + [7] * 2]
+    rows += [{"event": "push", "shard": 1, "staleness": s, "applied": True, "loss": 1.0} for s in [0, 3] * 10]
+    rows.append({"event": "push", "shard": 0, "staleness": -1, "applied": False, "loss": 1.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    page = build_report(run)
+    assert "shard 0: 100 updates, mean 1.12, p99 7, shard 1: 20 updates, mean 1.50, p99 3" in page
