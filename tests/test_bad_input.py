@@ -4,6 +4,7 @@ small real files and in-process ``downpour`` calls."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -505,3 +506,99 @@ def test_ray_missing_is_one_line_before_anything_is_written(
     bench = cli("bench", "ps", "--backend", "ray", "--seconds", "0.1", "--rounds", "1")
     assert bench.returncode == 2 and "Traceback" not in bench.stderr
     assert "bench ps --backend ray needs Ray: pip install 'downpour-sgd[ray]'" in bench.stderr
+
+
+# 14. detect reads a picture's size from its header: a huge one is refused, or shrunk as it is decoded
+
+
+def _blank_png(path: Path, width: int, height: int) -> None:
+    """A black 8-bit gray PNG of ``width`` x ``height``, written a block of rows at a time: a 144-megapixel picture
+    in 0.6 MB of file, without ever holding it in memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, rows = zlib.compressobj(1), bytes((width + 1) * 500)  # each row: filter byte 0, then its pixels
+    with open(path, "wb") as out:
+        out.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
+        body = b"".join(packer.compress(rows[: (width + 1) * min(500, height - top)]) for top in range(0, height, 500))
+        out.write(chunk(b"IDAT", body + packer.flush()) + chunk(b"IEND", b""))
+
+
+# ``downpour detect`` on a small picture (so that everything the command imports and loads is in the baseline), then
+# twice on a huge one; the peak memory (bytes) before and after each of those two.
+PEAK_DRIVER = """import json
+import resource
+import sys
+
+from downpour.cli import main
+
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+run, small, huge, out = sys.argv[1:]
+assert main(["detect", run, small, "--out", out]) == 0
+before = peak()
+refused = main(["detect", run, huge])
+after_refusal = peak()
+scanned = main(["detect", run, huge, "--scale", "0.1", "--out", out, "--json"])
+print("PEAKS", json.dumps([refused, scanned, before, after_refusal, peak()]))
+"""
+
+
+def test_detect_refuses_a_huge_picture_unread_and_shrinks_one_as_decoded(tiny_run: Path, picture: Path,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    """A 12000x12000 gray PNG (144 megapixels, 0.6 MB): at --scale 1 it is refused from its header, before a pixel
+    is decoded (a 20000x20000 one took 24 s and 3.9 GB to be refused); at --scale 0.1 it is decoded once as stored
+    (144 MB) and averaged down to 1200x1200 at once, never turned into 576 MB float copies (a 31600x31600 one ran
+    out of memory at a legal --scale 0.1)."""
+    huge, driver = tmp_path / "huge.png", tmp_path / "driver.py"
+    _blank_png(huge, 12000, 12000)
+    driver.write_text(PEAK_DRIVER)
+    result = subprocess.run(
+        [sys.executable, str(driver), str(tiny_run), str(picture), str(huge), str(tmp_path / "heat.png")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert "PEAKS " in result.stdout, result.stderr
+    _, _, rest = result.stdout.partition("\n")  # the small picture's line, then the JSON of the scan
+    shown, _, peaks = rest.rpartition("PEAKS ")
+    refused, scanned, before, after_refusal, after_scan = json.loads(peaks)
+    err = result.stderr.strip()
+    assert (refused, scanned) == (2, 0), result.stderr
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("downpour: error: invalid --scale: 1 (the 12000x12000 image would become 12000x12000 "
+                          "pixels; at most 100 megapixels are scanned)"), err  # fmt: skip
+    assert after_refusal - before < 64 * 2**20, (before, after_refusal)  # nothing decoded
+    assert after_scan - before < 2**30, (before, after_scan)
+    assert json.loads(shown)["image_shape"] == [1, 1200, 1200]
+
+
+def test_pictures_decoded_reduced_are_the_pictures_shrunk(tmp_path: Path) -> None:
+    """What detect scans at --scale 0.25 of a PNG (gray, colour, palette, 16-bit) and of a JPEG stored sideways
+    (EXIF orientation 6) is the picture read whole and then shrunk, within a few grey levels, and upright."""
+    from PIL import Image
+    from skimage import data
+
+    from downpour.eval.images import fit_images, read_image
+
+    astronaut = data.astronaut()[:, :480]  # (512, 480, 3): not square, so a turn would show
+    pictures = {"gray.png": Image.fromarray(astronaut[..., 1]), "colour.png": Image.fromarray(astronaut),
+                "palette.png": Image.fromarray(astronaut).convert("P"),
+                "deep.png": Image.fromarray(astronaut[..., 0].astype(np.uint16) * 257)}  # fmt: skip
+    for name, image in pictures.items():
+        image.save(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter left: shown turned right, 512 wide and 480 high
+    Image.fromarray(np.ascontiguousarray(np.rot90(astronaut))).save(tmp_path / "side.jpg", exif=exif, quality=95)
+    for name in (*pictures, "side.jpg"):
+        for channels in (1, 3):
+            whole = read_image(tmp_path / name, channels)
+            assert whole.shape[1:] == (512, 480), name
+            wanted = (channels, 128, 120)
+            reduced = read_image(tmp_path / name, channels, size=lambda h, w: (round(h / 4), round(w / 4)))
+            assert reduced.shape == wanted, (name, reduced.shape)
+            assert np.abs(reduced - fit_images(whole[None], wanted)[0]).mean() < 4 / 255, name

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from skimage import transform
 
 from downpour.data.gray import luminance
 from downpour.errors import DownpourError
@@ -147,11 +146,8 @@ def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int
     if not 1 <= stride <= MAX_STRIDE:
         raise DownpourError(f"invalid --stride: {stride} (must be 1..{MAX_STRIDE})")
     unit = default_unit(trained) if unit is None else unit
-    image = read_image(image_path, trained.input_shape[0])  # (C, H, W)
-    height, width = scaled_size(image.shape[1], image.shape[2], scale)
-    if scale != 1.0:
-        size = (image.shape[0], height, width)
-        image = transform.resize(image, size, order=1, anti_aliasing=scale < 1).astype(np.float32)
+    # (C, H', W'): refused from its header if too large, before a pixel is decoded; shrunk as it is decoded
+    image = read_image(image_path, trained.input_shape[0], size=lambda height, width: scaled_size(height, width, scale))
     start = time.perf_counter()
     responses = response_map(trained, image, unit, stride=stride)
     seconds = time.perf_counter() - start

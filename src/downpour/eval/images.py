@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -110,17 +111,76 @@ def _as_training_reads(path: Path) -> np.ndarray | None:
         return None
 
 
-def read_image(path: Path, channels: int) -> np.ndarray:
+# How Pillow turns a picture for each EXIF orientation (as ImageOps.exif_transpose does); 5 to 8 swap its sides.
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}  # fmt: skip
+_AS_RGB = ("P", "PA", "1", "YCbCr", "LAB", "HSV", "CMYK", "RGBA")  # read as RGB, as :func:`_as_training_reads` does
+
+
+def _stored_size(path: Path) -> tuple[int, int] | None:
+    """``(H, W)`` of the picture at ``path`` as its header stores it (before an EXIF turn, which keeps its pixel
+    count), read without decoding a pixel; None for a file Pillow cannot open (the reader then says why)."""
+    try:
+        with large_pictures(), Image.open(path) as image:
+            return image.height, image.width
+    except Exception:  # not a picture PIL knows, or one over Pillow's limit: the reader's own error speaks
+        return None
+
+
+def _read_reduced(path: Path, height: int, width: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The picture at ``path`` decoded at a reduced size no smaller than ``height`` x ``width`` (sides as stored),
+    where that halves it or more: a JPEG by its decoder (at 1/2, 1/4 or 1/8), then any picture averaged over blocks
+    of k x k pixels as soon as it is decoded, so that a picture scanned at a fraction of its size never exists at
+    full size as floats (a 1,000 MP gray PNG at ``--scale 0.1``: 1 GB, not 4 GB per float copy). Turned upright,
+    with the picture's own size ``(H, W)`` upright. None where it would not halve, and for a float picture (its
+    scale is decided on all its values: see :func:`~downpour.data.gray.float_picture_unit`) or a mode not read
+    here."""
+    with Image.open(path) as image:
+        if min(image.height // height, image.width // width) < 2 or image.mode == "F":
+            return None
+        whole = (image.height, image.width)  # before a JPEG's draft shrinks it
+        if image.format == "JPEG":
+            image.draft(None, (width, height))  # the largest of 1/2, 1/4, 1/8 that keeps at least this size
+        image.load()  # decoded as stored (8 or 16 bits a channel): the only full-size copy
+        orientation = image.getexif().get(0x0112, 1)
+        picture: Image.Image = image
+        if image.mode.startswith("I;16"):
+            picture = image.convert("I")  # 16-bit gray: Pillow reduces 32-bit integers, not 16-bit ones
+        elif image.mode == "LA":
+            picture = image.convert("L")  # its gray; the alpha is dropped, as read_image drops it
+        elif image.mode in _AS_RGB:
+            picture = image.convert("RGB")
+        elif image.mode not in ("L", "RGB", "I"):
+            return None
+        factor = min(picture.height // height, picture.width // width)
+        if factor >= 2:
+            picture = picture.reduce(factor)
+        if orientation in _TURNS:
+            picture = picture.transpose(_TURNS[orientation])
+        return np.asarray(picture), whole[::-1] if orientation in (5, 6, 7, 8) else whole
+
+
+def read_image(path: Path, channels: int, *, size: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray:
     """An image file as a float32 array ``(channels, H, W)`` in [0, 1] (of an animation or a multi-page file: its
-    first frame); an unreadable file raises DataError."""
+    first frame); an unreadable file raises DataError.
+
+    ``size`` maps the picture's ``(H, W)`` to the size to return it at, and may refuse it by raising: it is asked
+    from the file's header before any pixel is decoded (where Pillow reads the header), so a picture too large is
+    refused in a moment instead of after seconds and gigabytes; one wanted at half its size or less is decoded
+    reduced (:func:`_read_reduced`)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"image {path} is a directory (name one image file)")
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
+    stored = _stored_size(path) if size is not None else None
+    wanted = size(*stored) if size is not None and stored is not None else None  # may refuse it, before decoding
+    reduced = None
     try:
         with large_pictures():
-            image = _as_training_reads(path)  # (H, W[, C]): one picture
+            reduced = _read_reduced(path, *wanted) if wanted is not None else None
+            image = reduced[0] if reduced is not None else _as_training_reads(path)  # (H, W[, C]): one picture
             image = io.imread(path) if image is None else image
     except Exception as exc:  # imageio raises many kinds for a corrupt or unknown file
         if not _has_image_signature(path):
@@ -138,4 +198,7 @@ def read_image(path: Path, channels: int) -> np.ndarray:
     else:  # float gray, or a float colour picture: the rule training reads float pictures by
         image = float_picture_unit(image)
     image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)  # (C, H, W)
-    return fit_images(image[None], (channels, *image.shape[1:]))[0]  # channels converted, size unchanged
+    shape = reduced[1] if reduced is not None else image.shape[1:]  # the picture's own size, upright
+    if size is not None:
+        shape = size(*shape)  # a file Pillow cannot open is refused here, once decoded
+    return fit_images(image[None], (channels, *shape))[0]  # channels converted, resized to the size wanted
