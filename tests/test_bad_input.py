@@ -602,3 +602,30 @@ def test_pictures_decoded_reduced_are_the_pictures_shrunk(tmp_path: Path) -> Non
             reduced = read_image(tmp_path / name, channels, size=lambda h, w: (round(h / 4), round(w / 4)))
             assert reduced.shape == wanted, (name, reduced.shape)
             assert np.abs(reduced - fit_images(whole[None], wanted)[0]).mean() < 4 / 255, name
+
+
+# 15. detect on a float picture with NaN pixels
+
+
+def test_detect_maps_a_float_picture_with_nan_pixels_to_finite_responses(cli: Cli, tiny_run: Path,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    """A float gray TIFF (Pillow's "F" mode) with a block of NaN pixels is scanned as black there: every response
+    of the map is finite, and its maximum is where the command says."""
+    from PIL import Image
+
+    from downpour.eval.detect import response_map
+    from downpour.eval.images import read_image
+    from downpour.runs import load_run
+
+    values = np.random.default_rng(0).random((48, 48)).astype(np.float32) * 255
+    values[10:30, 10:30] = np.nan
+    tiff = tmp_path / "nan.tif"
+    Image.fromarray(values, mode="F").save(tiff)
+    result = cli("detect", str(tiny_run), str(tiff), "--stride", "2", "--out", str(tmp_path / "heat.png"), "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    image = read_image(tiff, 1)
+    assert np.isfinite(image).all() and (image[0, 10:30, 10:30] == 0).all()
+    responses = response_map(load_run(tiny_run), image, shown["unit"], stride=2)
+    assert responses.shape == tuple(shown["map_shape"]) and np.isfinite(responses).all()
+    assert shown["max_response_at"] == [int(v) * 2 for v in np.unravel_index(responses.argmax(), responses.shape)]
