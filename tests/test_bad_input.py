@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -629,3 +630,24 @@ def test_detect_maps_a_float_picture_with_nan_pixels_to_finite_responses(cli: Cl
     responses = response_map(load_run(tiny_run), image, shown["unit"], stride=2)
     assert responses.shape == tuple(shown["map_shape"]) and np.isfinite(responses).all()
     assert shown["max_response_at"] == [int(v) * 2 for v in np.unravel_index(responses.argmax(), responses.shape)]
+
+
+# 16. paths that look like rich markup
+
+
+def test_paths_with_brackets_are_shown_as_they_are(cli: Cli, tiny_run: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``mk[/]x`` ended ``eval probe`` in a MarkupError (exit 1, after its JSON was written) and ``runs/[v2]`` showed
+    as ``runs/`` in the table's title; a study interrupted with such an ``--out`` said so through rich markup too."""
+    from downpour.cli_study import _says_what_was_kept
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("mk[/]x", "runs/[v2]"):
+        shutil.copytree(tiny_run, name)
+        result = cli("eval", "probe", name)
+        assert result.returncode == 0, result.stderr
+        assert f"linear probe on digits: {name} (rica)" in result.stdout, result.stdout
+    console = Console(record=True, width=200)
+    with pytest.raises(KeyboardInterrupt), _says_what_was_kept(console, Path("out[/]x"), "rerun it"):
+        raise KeyboardInterrupt
+    assert "nothing was written into out[/]x" in console.export_text()

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from downpour import config as config_mod
 from downpour import rundir
 from downpour.cli_paths import path_argument
+from downpour.console import show
 from downpour.errors import DownpourError
 from downpour.study.earlier import complete_results, read_results
 
@@ -86,18 +87,19 @@ def _says_what_was_kept(console: Console, out: Path, rerun: str, *, name: str = 
         path = out / name
         results = read_results(path)
         if results is None:
-            console.print(f"interrupted before {needed} finished: nothing was written into {out}")
+            show(console, f"interrupted before {needed} finished: nothing was written into {out}")
         elif complete_results(path):
-            console.print(f"interrupted: {path} keeps the earlier complete study")
+            show(console, f"interrupted: {path} keeps the earlier complete study")
         else:
             rows = results.get("runs", results.get("rows", results.get("arms", [])))
-            console.print(f"interrupted: {path} holds the {len(rows)} {what} that finished, marked incomplete; {rerun}")
+            show(console, f"interrupted: {path} holds the {len(rows)} {what} that finished, marked incomplete; {rerun}")
         raise
 
 
 def _bar(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]study"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[run]}"),
-                    TimeElapsedColumn(), console=console, disable=not enabled)  # fmt: skip
+    label = TextColumn("{task.fields[run]}", markup=False)  # a run's label as it is
+    return Progress(TextColumn("[bold]study"), BarColumn(), MofNCompleteColumn(), label, TimeElapsedColumn(),
+                    console=console, disable=not enabled)  # fmt: skip
 
 
 def _check_out(out: Path) -> None:
@@ -162,7 +164,7 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         with _says_what_was_kept(console, args.out, rerun, name="optima.json", what="arms", needed="two arms"):
             result = optima.run_optima(workers=args.workers, seeds=args.seeds, steps=args.steps,
                                        first_seed=args.first_seed, out=args.out,
-                                       progress=lambda line: console.print(line))  # fmt: skip
+                                       progress=lambda line: show(console, line))  # fmt: skip
         if args.json:
             print(rundir.json_text(result))
         print(result["answer"], file=sys.stderr if args.json else sys.stdout)

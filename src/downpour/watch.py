@@ -312,7 +312,7 @@ def watch(
                     collect()  # workers that died since this loop's poll: said here, not taken for a stop's exits
                     if run_state.worker_deaths - run_state.deaths_before >= config.cluster.workers:
                         hint = _unguarded_hint(first_work is None)
-                        console.print(f"[red]every worker has died; stopping the run[/]{hint}")
+                        say(console, f"every worker has died; stopping the run{hint}", "red")
                     break
         except KeyboardInterrupt:
             interrupted = True

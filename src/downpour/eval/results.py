@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from downpour import rundir
@@ -39,10 +40,11 @@ def read_result(run_dir: Path, name: str) -> dict[str, Any] | None:
 
 
 def print_rows(title: str, columns: list[str], rows: list[list[str]], console: Console) -> None:
-    """A rich table: first column left-aligned, the others right-aligned."""
-    table = Table(title=title)
+    """A rich table: first column left-aligned, the others right-aligned. Every string is shown as it is: a run
+    directory ``runs/[v2]`` in the title is not taken for rich markup."""
+    table = Table(title=escape(title))
     for index, column in enumerate(columns):
-        table.add_column(column, justify="left" if index == 0 else "right")
+        table.add_column(escape(column), justify="left" if index == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
