@@ -651,3 +651,36 @@ def test_paths_with_brackets_are_shown_as_they_are(cli: Cli, tiny_run: Path, tmp
     with pytest.raises(KeyboardInterrupt), _says_what_was_kept(console, Path("out[/]x"), "rerun it"):
         raise KeyboardInterrupt
     assert "nothing was written into out[/]x" in console.export_text()
+
+
+# 17. JSON and TOML nested past Python's recursion limit
+
+
+def test_input_nested_too_deeply_is_one_line_naming_it(cli: Cli, tiny_run: Path, tmp_path: Path) -> None:
+    """``[[[...]]]`` 500 deep in a --set value or a config file, or 100,000 deep in a run's state.json or
+    summary.json, was a 3,000-line RecursionError traceback (a RuntimeError, and not one of memory)."""
+    deep_toml, deep_json = "[" * 500 + "]" * 500, "[" * 100_000 + "]" * 100_000
+    _one_error_line(cli(*TRAIN, "--out", str(tmp_path / "a"), "--set", f"data.source={deep_toml}"),
+                    "invalid data.source: its value nests too deeply to read")  # fmt: skip
+    config = tmp_path / "deep.toml"
+    config.write_text(f"[data]\nsource = {deep_toml}\n")
+    _one_error_line(cli(*TRAIN, "--out", str(tmp_path / "b"), "--config", str(config)),
+                    f"config file {config} is not valid TOML: it nests too deeply to read")  # fmt: skip
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoint" / "state.json").write_text(deep_json)
+    _one_error_line(cli("eval", "probe", str(run)),
+                    f"corrupt checkpoint file {run / 'checkpoint' / 'state.json'}: it nests too deeply")  # fmt: skip
+    shutil.rmtree(run)
+    shutil.copytree(tiny_run, run)
+    (run / "summary.json").write_text(deep_json)
+    _one_error_line(cli("report", str(run)), f"cannot write the report of {run}", "nests too deeply to read")
+
+
+def test_recursion_errors_of_bugs_are_not_taken_for_deep_input(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(args: object, console: object) -> int:
+        return bug(args, console)
+
+    monkeypatch.setattr(cli_mod, "_cmd_train", bug)
+    with pytest.raises(RecursionError):
+        cli("train")

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from downpour.errors import CheckpointError
+from downpour.errors import NESTS_TOO_DEEPLY, CheckpointError
 from downpour.rundir import atomic_write_text, save_tensors
 
 FORMAT = 1
@@ -112,6 +112,8 @@ def load(directory: Path) -> Checkpoint:
         state = json.loads(state_path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {state_path}: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"corrupt checkpoint file {state_path}: it {NESTS_TOO_DEEPLY}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "params_file" not in state:
         raise CheckpointError(f"{state_path} is not a downpour checkpoint (format {FORMAT})")
     require_objects(state, state_path, required=())
@@ -173,7 +175,7 @@ def _peek(directory: Path) -> dict[str, Any]:
     """The checkpoint's state as JSON, unchecked ({} when it cannot be read: :func:`load` reports that)."""
     try:
         state = json.loads((directory / STATE_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return state if isinstance(state, dict) else {}
 

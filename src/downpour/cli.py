@@ -21,7 +21,7 @@ from downpour.cli_paths import path_argument
 from downpour.cli_report import add_report, cmd_report
 from downpour.cli_study import add_study, cmd_study
 from downpour.console import warn
-from downpour.errors import DownpourError, out_of_memory
+from downpour.errors import NESTS_TOO_DEEPLY, DownpourError, nests_too_deeply, out_of_memory
 
 # What a failed allocation in the command itself (not in a worker) asks the user to make smaller.
 MEMORY_HINT = "reduce model.features / data.examples / data.image_size / train.batch_size, or the size of the input"
@@ -249,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file or directory that cannot be read or written: the input's fault, not a bug
         where = f" {exc.filename}" if exc.filename else ""
         print(f"downpour: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except RecursionError as exc:  # a JSON or TOML file nested past the limit, where its reader does not say which
+        if not nests_too_deeply(exc):
+            raise  # a bug, reported as one
+        print(f"downpour: error: a JSON or TOML file that the command reads {NESTS_TOO_DEEPLY}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:  # numpy's _ArrayMemoryError, torch's allocators
         detail = out_of_memory(exc)

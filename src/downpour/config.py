@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from downpour.errors import ConfigError
+from downpour.errors import NESTS_TOO_DEEPLY, ConfigError
 from downpour.penalty_spec import parse_penalty
 
 DATA_SOURCES = ("natural-patches", "natural-images", "lfw-faces", "digits")
@@ -217,6 +217,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw_value.strip()
+    except RecursionError:  # [[[[...]]]]: a RecursionError is no bare string either
+        raise ConfigError(f"invalid {parts[0]}.{parts[1]}: its value {NESTS_TOO_DEEPLY}") from None
     return parts[0], parts[1], value
 
 
@@ -239,6 +241,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is not valid TOML: it {NESTS_TOO_DEEPLY}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
 

@@ -1,5 +1,6 @@
 """Errors a user can cause and fix; the CLI prints them as one line and exits with status 2. Also
-:func:`out_of_memory`, which tells a failed allocation (the input too large for this machine) from a bug."""
+:func:`out_of_memory`, which tells a failed allocation (the input too large for this machine) from a bug, and
+:func:`nests_too_deeply`, which tells a JSON or TOML text nested past Python's recursion limit from one."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ _ALLOCATION_FAILED = re.compile(r"can't allocate memory|cannot allocate memory|n
 _TRIED_BYTES = re.compile(r"tried to allocate (\d+) bytes")
 
 
+# What a JSON or TOML text nested past Python's recursion limit (``[[[[...]]]]``, a few hundred deep) is told.
+NESTS_TOO_DEEPLY = "nests too deeply to read (brackets within brackets past Python's recursion limit)"
+
+
 def human_size(size: float) -> str:
     """``size`` bytes in the largest unit that keeps it at least 1: ``512 bytes``, ``16.0 KiB``, ``312.5 MiB``,
     ``2.6 GiB``."""
@@ -51,3 +56,16 @@ def out_of_memory(exc: BaseException) -> str | None:
         return f"could not allocate {human_size(int(tried.group(1)))}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else "an allocation failed"
+
+
+def nests_too_deeply(exc: BaseException) -> bool:
+    """Whether ``exc`` is the RecursionError of Python's JSON or TOML parser on a text nested past its recursion
+    limit: the input's fault, not a bug (a RecursionError anywhere else is one)."""
+    if not isinstance(exc, RecursionError):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_globals.get("__name__", "").partition(".")[0] in ("json", "tomllib"):
+            return True
+        frame = frame.tb_next
+    return False

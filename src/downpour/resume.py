@@ -306,13 +306,13 @@ def _checkpoint_recorded(out: Path) -> int | None:
         step = summary.get("checkpoint_step") if isinstance(summary, dict) else None
         if isinstance(step, int) and not isinstance(step, bool) and step > 0:
             return step
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # nested past the recursion limit: unreadable too
         pass
     steps = []  # periodic checkpoints saved (their rows' step), and the one each session ended with
     with contextlib.suppress(OSError), open(out / rundir.METRICS, "rb") as lines:
         for line in lines:
             if line.startswith((b'{"event":"checkpoint"', b'{"event":"end"')):
-                with contextlib.suppress(ValueError, AttributeError):
+                with contextlib.suppress(ValueError, AttributeError, RecursionError):
                     row = json.loads(line)
                     step = row.get("step") if row["event"] == "checkpoint" and row.get("saved") is True else None
                     steps.append(row.get("checkpoint_step") if row["event"] == "end" else step)

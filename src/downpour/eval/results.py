@@ -34,7 +34,7 @@ def read_result(run_dir: Path, name: str) -> dict[str, Any] | None:
     path = Path(run_dir) / EVAL_DIR / f"{name}.json"
     try:
         payload = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # nested past the recursion limit: unreadable too
         return None
     return payload if isinstance(payload, dict) else None
 

@@ -251,7 +251,7 @@ def _finished_rows(out: Path, setup: dict[str, Any]) -> dict[tuple, dict[str, An
     try:
         previous = json.loads(path.read_text())
         rows = previous["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise DownpourError(f"{path} is not a study's results ({exc}); use another --out") from None
     if previous.get("setup") != setup:
         raise DownpourError(f"{out} holds a study with other settings ({previous.get('setup')}); use another --out")

@@ -23,7 +23,7 @@ def check_earlier(path: Path, same: Callable[[dict[str, Any]], bool]) -> None:
         return
     try:
         earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # nested past the recursion limit: no study's results either
         earlier = None
     if not isinstance(earlier, dict) or not same(earlier):
         raise DownpourError(f"{path.parent} holds the results of another study or of other settings ({path.name}): "
@@ -35,7 +35,7 @@ def read_results(path: Path) -> dict[str, Any] | None:
     """The study results at ``path`` (``results.json``, ``optima.json``), or None where there are none readable."""
     try:
         results = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return results if isinstance(results, dict) else None
 
