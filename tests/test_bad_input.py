@@ -684,3 +684,42 @@ def test_recursion_errors_of_bugs_are_not_taken_for_deep_input(cli: Cli, monkeyp
     monkeypatch.setattr(cli_mod, "_cmd_train", bug)
     with pytest.raises(RecursionError):
         cli("train")
+
+
+# 18. a checkpoint's state.json that is there but no file; --out where no file can be made; a huge --scale
+
+
+@pytest.mark.parametrize("kind", ["directory", "loop"])
+def test_a_state_json_that_is_no_file_is_not_called_missing(cli: Cli, tiny_run: Path, tmp_path: Path,
+                                                            kind: str) -> None:  # fmt: skip
+    """A ``state.json`` that is a directory or a link in a loop was reported as "missing (deleted or moved)"."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = run / "checkpoint" / "state.json"
+    state.unlink()
+    if kind == "directory":
+        state.mkdir()
+    else:
+        state.symlink_to("state.json")
+    said = "is a directory, not a file" if kind == "directory" else "is a link in a loop that never reaches a file"
+    for command in (["train", "--resume", str(run), "--no-progress"], [*TRAIN, "--out", str(run)],
+                    ["eval", "probe", str(run)]):  # fmt: skip
+        result = cli(*command)
+        err = result.stderr.strip().splitlines()[-1]  # after the warnings a resume gives of the run's config
+        assert result.returncode == 2 and err.startswith("downpour: error: ") and f"{state} {said}" in err, err
+        assert "missing" not in err and "Traceback" not in result.stderr, err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a /proc file system")
+def test_an_out_where_no_file_can_be_made_is_not_said_to_disappear(cli: Cli) -> None:
+    err = _one_error_line(cli(*TRAIN, "--out", "/proc/self"), "run directory /proc/self cannot hold a run",
+                          "its lock file /proc/self/.lock cannot be created")  # fmt: skip
+    assert "disappearing" not in err
+
+
+def test_detect_says_a_huge_scale_in_a_few_digits(cli: Cli, tiny_run: Path, picture: Path) -> None:
+    err = _one_error_line(cli("detect", str(tiny_run), str(picture), "--scale", "1e300"),
+                          "invalid --scale: 1e+300 (the 40x40 image would become 4e+301x4e+301 pixels")  # fmt: skip
+    assert len(err) < 200, err
+    _one_error_line(cli("detect", str(tiny_run), str(picture), "--scale", "1e308"),
+                    "the 40x40 image would become too large to count")  # fmt: skip

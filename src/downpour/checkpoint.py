@@ -7,9 +7,12 @@ killed at any moment leaves either the old checkpoint or the new one, never a mi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +109,8 @@ def load(directory: Path) -> Checkpoint:
     (non-negative integers), each shard's tensors (present, of its size) and that every tensor is finite.
     """
     state_path = directory / STATE_FILE
+    if (problem := state_file_problem(directory)) is not None:
+        raise CheckpointError(f"cannot read the checkpoint at {directory}: {problem}")
     if not state_path.exists():
         raise CheckpointError(f"no checkpoint at {directory} (missing {STATE_FILE})")
     try:
@@ -153,6 +158,24 @@ def load(directory: Path) -> Checkpoint:
         raise CheckpointError(f"corrupt checkpoint parameters {params_path}: its contents are not those saved (their "
                               f"SHA-256 in {STATE_FILE} differs): changed or damaged since")  # fmt: skip
     return Checkpoint(tensors, state)
+
+
+def state_file_problem(directory: Path) -> str | None:
+    """What stands at ``directory/state.json`` in place of the file that commits a checkpoint, in a few words naming
+    it (a directory, a link in a loop, a link to nothing), or None where a file or nothing is there: a checkpoint
+    that is there but cannot be read is not reported as deleted or moved."""
+    path = directory / STATE_FILE
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a link in a loop that never reaches a file"
+        if os.path.islink(path):
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
+        return None  # nothing there (or its directory cannot be searched: the reader says so)
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory, not a file"
+    return None if stat.S_ISREG(mode) else f"{path} is not a regular file"
 
 
 OBJECTS = ("model", "config", "rng")  # the objects of state.json whose fields readers take

@@ -240,6 +240,9 @@ def prepare_run_dir(out: Path, *, resume: bool, locked: bool = False) -> None:
         return
     if has_checkpoint(out):
         raise DownpourError(f"run directory {out} already holds a run; use --resume {out} or another --out")
+    if (problem := ckpt.state_file_problem(out / rundir.CHECKPOINT)) is not None:
+        raise DownpourError(f"run directory {out} already holds a run, whose checkpoint cannot be read ({problem}): "
+                            "use another --out")  # fmt: skip
     if (out / rundir.CONFIG).exists():
         if locked:  # no checkpoint, no live driver (unlocked: one may be starting)
             if (step := _checkpoint_recorded(out)) is not None:
@@ -269,6 +272,8 @@ def stopped_before_checkpoint(out: Path, console: Console, *, resumable: bool = 
     instead: refused, with advice for a run that can be resumed (``resumable``) or a simulated one."""
     if has_checkpoint(out):
         return False
+    if (problem := ckpt.state_file_problem(out / rundir.CHECKPOINT)) is not None:  # there, not lost
+        raise CheckpointError(f"cannot read the checkpoint of run {out}: {problem}")
     if (step := _checkpoint_recorded(out)) is not None:
         advice = (
             "restore it to resume, or start a new run"

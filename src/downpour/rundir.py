@@ -70,9 +70,13 @@ def claimed(out: Path) -> Iterator[None]:
         try:
             fd = _lock(out)
             break
-        except FileNotFoundError:  # removed by a run refused as this one waited for its lock
+        except FileNotFoundError as exc:  # removed by a run refused as this one waited for its lock
+            missing = exc
             continue
     else:
+        if out.is_dir():  # there all along: no file can be made in it (a folder of /proc, say), not a removal
+            raise DownpourError(f"run directory {out} cannot hold a run: its lock file {out / LOCK} cannot be created "
+                                f"({missing.strerror})")  # fmt: skip
         raise DownpourError(f"run directory {out} keeps disappearing: another process removes it")
     try:
         yield

@@ -58,16 +58,22 @@ def check_scale(scale: float) -> None:
         raise DownpourError(f"invalid --scale: {scale} (must be a finite number > 0)")
 
 
+def _side(exact: float) -> int | float:
+    """A resized side in whole pixels (at least 1); one too long to round (``--scale 1e308`` makes it inf) as it is."""
+    return max(1, round(exact)) if exact < 2**63 else exact
+
+
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """``(height, width)`` resized by ``scale``; an image of more than :data:`MAX_MEGAPIXELS` is refused."""
+    """``(height, width)`` resized by ``scale``; an image of more than :data:`MAX_MEGAPIXELS` is refused (its sides
+    shown to 12 digits: ``--scale 1e300`` made them 300 digits long)."""
     check_scale(scale)
-    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    new_height, new_width = _side(height * scale), _side(width * scale)
     if new_height * new_width > MAX_MEGAPIXELS * 1e6:
-        raise DownpourError(
-            f"invalid --scale: {scale:g} (the {width}x{height} image would become {new_width}x{new_height} pixels; "
-            f"at most {MAX_MEGAPIXELS} megapixels are scanned)"
-        )
-    return new_height, new_width
+        finite = math.isfinite(new_height) and math.isfinite(new_width)
+        shown = f"{new_width:.12g}x{new_height:.12g} pixels" if finite else "too large to count"
+        raise DownpourError(f"invalid --scale: {scale:g} (the {width}x{height} image would become {shown}; at most "
+                            f"{MAX_MEGAPIXELS} megapixels are scanned)")  # fmt: skip
+    return int(new_height), int(new_width)
 
 
 @torch.no_grad()
