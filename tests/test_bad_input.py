@@ -288,21 +288,25 @@ def test_atomic_writes_name_the_users_path(tmp_path: Path) -> None:
 
 
 def test_report_out_errors_name_the_users_path(cli: Cli, tiny_run: Path, tmp_path: Path) -> None:
-    err = _one_error_line(cli("report", str(tiny_run), "--out", str(tmp_path)), "Is a directory", str(tmp_path))
+    err = _one_error_line(
+        cli("report", str(tiny_run), "--out", str(tmp_path)), "exists and is not a file", str(tmp_path)
+    )
     assert ".tmp-" not in err
     missing = tmp_path / "no" / "r.html"
     err = _one_error_line(cli("report", str(tiny_run), "--out", str(missing)), str(missing))
     assert ".tmp-" not in err
 
 
-@pytest.mark.parametrize("out", [".", "/", ".."])
+@pytest.mark.parametrize(("out", "why"), [(".", "is inside run"), ("/", "exists and is not a file"),
+                                          ("..", "exists and is not a file")])  # fmt: skip
 def test_report_out_that_names_no_file_is_one_line(
-    cli: Cli, tiny_run: Path, out: str, monkeypatch: pytest.MonkeyPatch
+    cli: Cli, tiny_run: Path, out: str, why: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``.``, ``/`` and ``..`` have no file name to write (a traceback from ``Path.with_name`` before)."""
+    """``.``, ``/`` and ``..`` have no file name to write (a traceback from ``Path.with_name`` before); ``.`` is
+    the run itself here."""
     monkeypatch.chdir(tiny_run)
     before = sorted(path.name for path in tiny_run.iterdir())
-    _one_error_line(cli("report", str(tiny_run), "--out", out), "Is a directory", out)
+    _one_error_line(cli("report", str(tiny_run), "--out", out), why, out)
     assert sorted(path.name for path in tiny_run.iterdir()) == before  # no temporary file left behind
 
 
@@ -673,8 +677,14 @@ def test_input_nested_too_deeply_is_one_line_naming_it(cli: Cli, tiny_run: Path,
                     f"corrupt checkpoint file {run / 'checkpoint' / 'state.json'}: it nests too deeply")  # fmt: skip
     shutil.rmtree(run)
     shutil.copytree(tiny_run, run)
-    (run / "summary.json").write_text(deep_json)
-    _one_error_line(cli("report", str(run)), f"cannot write the report of {run}", "nests too deeply to read")
+    (run / "summary.json").write_text(deep_json)  # the report says so on the page, as of any unreadable JSON
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write(deep_json + "\n")
+    result = cli("report", str(run))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    page = (run / "report.html").read_text()
+    assert "could not read summary.json: it nests too deeply to read" in page
+    assert "1 lines of metrics.jsonl could not be read" in page
 
 
 def test_recursion_errors_of_bugs_are_not_taken_for_deep_input(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:

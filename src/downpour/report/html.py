@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from downpour import rundir
-from downpour.errors import DownpourError
+from downpour.errors import NESTS_TOO_DEEPLY, DownpourError
 from downpour.report import plots
 from downpour.report.runlog import RunLog, read_run_log
 
@@ -119,6 +119,8 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         payload = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, f"could not read {path.name}: {exc}"
+    except RecursionError:
+        return None, f"could not read {path.name}: it {NESTS_TOO_DEEPLY}"
     if not isinstance(payload, dict):
         return None, f"{path.name} does not hold a JSON object"
     return payload, None

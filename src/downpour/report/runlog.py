@@ -92,7 +92,7 @@ def read_run_log(path: Path) -> RunLog:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: a line nested past the parser's limit
             bad += 1
             continue
         if not isinstance(row, dict):
