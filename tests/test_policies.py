@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from downpour.config import load as load_config
 from downpour.errors import ConfigError
 from downpour.ps.policies import (
     DCASGD,
@@ -21,9 +22,11 @@ from downpour.ps.policies import (
     Sync,
     SyncAggregator,
     apply_rule,
+    config_policy,
     dc_asgd,
     easgd_exchange,
     make_policy,
+    policy_rule,
     ssp_may_start,
     staleness_lr,
 )
@@ -183,6 +186,30 @@ def test_sync_aggregator_one_worker_is_exact() -> None:
         assert torch.equal(agg.add(g, worker=0, fetched_version=version), g)
 
 
+def test_sync_aggregator_a_refused_push_closes_the_round_but_is_not_in_the_mean() -> None:
+    """N = 2: worker 0's push was refused (NaN or Inf: ``None``), worker 1 pushes [2, 4]. The round closes on the
+    second arrival, and its mean is over the one finite push, [2, 4] / 1, not [2, 4] / 2 (which would train a run
+    with a diverging worker at half the rate without saying so); closed_summed says one push was in it."""
+    agg = SyncAggregator(2, workers=2)
+    assert agg.add(None, worker=0, fetched_version=0) is None
+    assert agg.pending == 1
+    mean = agg.add(_t([2.0, 4.0]), worker=1, fetched_version=0)
+    assert mean is not None
+    _close(mean, [2.0, 4.0], tol=0)
+    assert agg.closed_summed == 1 and agg.version_ == 1
+
+
+def test_sync_aggregator_never_closes_an_empty_round() -> None:
+    """close(q) closes only once max(1, q) pushes arrived: with nothing arrived, a quorum of 0 (every worker gone)
+    must not close a round of no pushes and publish a version nobody computed for."""
+    agg = SyncAggregator(2, workers=2)
+    assert agg.close(0) is None
+    assert agg.version_ == 0 and agg.pending == 0
+    agg.add(_t([1.0, 1.0]), worker=0, fetched_version=0, quorum=2)
+    _close(agg.close(0), [1.0, 1.0], tol=0)  # one arrived: now a quorum of 0 (rounded up to 1) closes it
+    assert agg.version_ == 1
+
+
 # ---- ssp ----------------------------------------------------------------------------------------------------
 
 
@@ -298,3 +325,60 @@ def test_a_real_shard_passes_the_workers_fetched_values_to_dc_asgd() -> None:
     out = torch.empty(2)
     shard.fetch_into(out)
     torch.testing.assert_close(out, torch.tensor([0.6, 1.9]))
+
+
+def test_the_dc_asgd_rule_leaves_the_callers_gradient_alone() -> None:
+    """DCASGD.adjust returns a new tensor: the pushed gradient is the worker's (it may reuse or log it), so the
+    compensation g + λ·g⊙g⊙(w_now − w_fetched) must not be written over it. g = [1, -2, 0.5], w_now = [1, 1, 1],
+    w_fetched = [0.5, 2, 1], λ = 0.1 → g' = [1.05, -2.4, 0.5]; SGD lr 0.1: w' = [0.895, 1.24, 0.95]; g unchanged."""
+    update = _t(DC_G)
+    adjusted = DCASGD(dc_lambda=0.1).adjust(update, _meta(3), values_now=_t(DC_NOW), values_fetched=_t(DC_FETCHED))
+    _close(adjusted.update, DC_EXPECTED)
+    assert adjusted.update is not update
+    _close(update, DC_G, tol=0)
+    rule = PolicyRule(SGD(lr=0.1), DCASGD(dc_lambda=0.1))
+    state, out = ShardState(_t(DC_NOW), {}), ShardState(torch.zeros(3), {})
+    rule(_meta(3), update, state, out, fetched=_t(DC_FETCHED))
+    _close(out.values, [0.895, 1.24, 0.95])
+    _close(update, DC_G, tol=0)
+
+
+# ---- a Config's policy: config_policy and policy_rule ------------------------------------------------------
+
+
+def test_config_policy_takes_every_ps_hyperparameter_from_the_config() -> None:
+    """The ``ps.*`` keys reach the policy: dc_lambda, easgd_rho (α = lr·rho) and tau, backup_workers against
+    cluster.workers, staleness_bound. None of the values is its default, so one dropped on the way shows."""
+    dc = config_policy(load_config(None, ["ps.policy=dc-asgd", "ps.dc_lambda=0.3"]))
+    assert isinstance(dc, DCASGD) and dc.dc_lambda == 0.3
+    easgd = config_policy(load_config(None, ["ps.policy=easgd", "ps.lr=0.01", "ps.easgd_rho=20", "ps.easgd_tau=7"]))
+    assert isinstance(easgd, EASGD) and easgd.alpha == pytest.approx(0.2) and easgd.tau == 7  # 0.01 · 20
+    sync = config_policy(load_config(None, ["ps.policy=sync", "cluster.workers=5", "ps.backup_workers=2"]))
+    assert isinstance(sync, Sync) and sync.workers == 5 and sync.quorum == 3  # N − b = 5 − 2
+    ssp = config_policy(load_config(None, ["ps.policy=ssp", "ps.staleness_bound=6"]))
+    assert isinstance(ssp, SSP) and ssp.staleness_bound == 6
+
+
+@pytest.mark.parametrize("policy", ["sync", "ssp", "staleness-lr", "dc-asgd", "easgd"])
+def test_policy_rule_puts_every_policy_but_downpour_in_front_of_the_rule(policy: str) -> None:
+    """policy_rule(config) is the bare rule only for downpour; for any other policy it is a PolicyRule holding
+    that policy (a bare rule would silently train it as plain downpour on the local and Ray backends)."""
+    config = load_config(None, ["ps.rule=sgd", "ps.lr=0.01", f"ps.policy={policy}"])
+    rule = policy_rule(config)
+    assert isinstance(rule, PolicyRule) and rule.policy.name == policy and isinstance(rule.rule, SGD)
+    assert isinstance(policy_rule(load_config(None, ["ps.rule=sgd"])), SGD)
+
+
+def test_a_shard_built_with_policy_rule_scales_a_stale_push_by_staleness_lr() -> None:
+    """ps.policy = staleness-lr, SGD lr 0.1: a Shard holding policy_rule(config) applies a push fetched 4 versions
+    ago at lr/4. Four zero pushes take the shard from version 0 to 4 (w stays [1, 1]); then g = [1, 1] fetched at
+    version 0 has staleness 4: w' = 1 − 0.1/4 = 0.975 (plain downpour would give 0.9)."""
+    config = load_config(None, ["ps.rule=sgd", "ps.lr=0.1", "ps.policy=staleness-lr"])
+    shard = Shard(0, 0, torch.ones(2), policy_rule(config))
+    for version in range(4):
+        shard.push(torch.zeros(2), fetched_version=version)
+    result = shard.push(torch.ones(2), fetched_version=0)
+    assert result.applied and result.staleness == 4
+    out = torch.empty(2)
+    shard.fetch_into(out)
+    _close(out, [0.975, 0.975])
