@@ -256,6 +256,14 @@ def test_infinite_lr_is_refused() -> None:
         load(None, ["ps.lr=inf"])
 
 
+@pytest.mark.parametrize("value", ["inf", "1e400"])
+def test_infinite_adagrad_eps_is_refused(value: str) -> None:
+    """An infinite eps makes every Adagrad step lr·g/(√G + ∞) = 0: a run that trains nothing while it says it ran
+    (1e400 overflows to inf as it is read). Refused by the config, naming ps.adagrad_eps."""
+    with pytest.raises(ConfigError, match=r"^invalid ps\.adagrad_eps: inf \(must be a finite number > 0\)$"):
+        load(None, ["ps.rule=adagrad", f"ps.adagrad_eps={value}"])
+
+
 # ---------------------------------------------------------------------------------------------- the CLI, in process
 
 # (arguments, tokens the one error line must hold). Run in process through ``cli.main`` (fast); a subset runs

@@ -105,6 +105,20 @@ def test_adagrad_eps_is_added_to_the_root() -> None:
     _close(out_g, [1.0])
 
 
+def test_adagrad_rule_adds_its_own_eps_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Adagrad class uses ps.adagrad_eps, not the 1e-8 default, on the fused float32 path and the reference one:
+    lr = 1, eps = 1, w = 0, G = 0, g = 1 → G' = 1, w' = 0 − 1·1/(√1 + 1) = −0.5 (eps 1e-8 would give −1). The
+    buffers are separate, as a shard's are (the fused path then copies the live buffer into the spare one)."""
+    for fused in (rules._FUSED_ADAGRAD, None):
+        monkeypatch.setattr(rules, "_FUSED_ADAGRAD", fused)
+        current = _state([0.0], [0.0])
+        out = _empty_like(current)
+        Adagrad(lr=1.0, eps=1.0)(META, torch.ones(1), current, out)
+        _close(out.values, [-0.5])
+        _close(out.state["sum_sq"], [1.0])
+        _close(current.values, [0.0], tol=0)  # the live buffer is not written
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_adagrad_rule_hand_values_two_steps(in_place: bool) -> None:
     """The ``Adagrad`` class (fused kernel for float32 when PyTorch has it) matches the hand values."""
@@ -192,9 +206,10 @@ def test_invalid_lr_raises_config_error(cls: type, lr: float) -> None:
     assert repr(lr) in str(info.value)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-8])
+@pytest.mark.parametrize("eps", [0.0, -1e-8, math.inf, math.nan])
 def test_invalid_adagrad_eps_raises_config_error(eps: float) -> None:
-    """eps must be > 0; the error names ``ps.adagrad_eps``."""
+    """eps must be a finite number > 0 (an infinite eps makes every step lr·g/∞ = 0: a run that trains nothing);
+    the error names ``ps.adagrad_eps``."""
     with pytest.raises(ConfigError, match=r"ps\.adagrad_eps") as info:
         Adagrad(lr=0.1, eps=eps)
     assert repr(eps) in str(info.value)

@@ -466,7 +466,8 @@ def validate(config: Config) -> None:
     _require(p.shards >= 1, "ps.shards", p.shards, "must be at least 1")
     _require(p.rule in RULES, "ps.rule", p.rule, f"choose one of {', '.join(RULES)}")
     _require(math.isfinite(p.lr) and p.lr > 0, "ps.lr", p.lr, "must be a finite number > 0")
-    _require(math.isfinite(p.adagrad_eps) and p.adagrad_eps > 0, "ps.adagrad_eps", p.adagrad_eps, "must be > 0")
+    _require(math.isfinite(p.adagrad_eps) and p.adagrad_eps > 0, "ps.adagrad_eps", p.adagrad_eps,
+             "must be a finite number > 0")  # fmt: skip
     _require(p.n_fetch >= 1, "ps.n_fetch", p.n_fetch, "must be at least 1")
     _require(p.n_push >= 1, "ps.n_push", p.n_push, "must be at least 1")
     _require(p.policy in POLICIES, "ps.policy", p.policy, f"choose one of {', '.join(POLICIES)}")

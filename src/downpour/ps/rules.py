@@ -88,8 +88,8 @@ class Adagrad:
     def __init__(self, *, lr: float, eps: float = 1e-8) -> None:
         if not (math.isfinite(lr) and lr > 0):
             raise ConfigError(f"invalid ps.lr: {lr!r} (must be a finite number > 0)")
-        if not eps > 0:
-            raise ConfigError(f"invalid ps.adagrad_eps: {eps!r} (must be > 0)")
+        if not (math.isfinite(eps) and eps > 0):  # an infinite eps makes every step lr·g/∞ = 0: nothing trains
+            raise ConfigError(f"invalid ps.adagrad_eps: {eps!r} (must be a finite number > 0)")
         self.lr, self.eps = lr, eps
         self._step = torch.zeros(())  # required by the fused kernel; unused with lr_decay = 0
 
