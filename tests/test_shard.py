@@ -479,3 +479,82 @@ def test_sync_counts_pushes_applied_and_rejects_every_push_of_a_refused_round() 
     assert again.round_applied(1) is None  # the outcomes before a restore are not known
     again.restore({key: value for key, value in snapshot.items() if key != "applied"})  # a checkpoint of before
     assert again.applied == 2 * 2  # 2 rounds of a quorum of 2: the estimate for a snapshot that did not count
+
+
+def test_an_exchange_holding_nan_resets_the_worker_to_the_center() -> None:
+    """easgd: a worker whose values diverged (NaN or Inf) sends them to the exchange; the shard refuses them
+    (counted, the center unchanged, no version) and writes the center into the worker's copy, so it starts again
+    from there instead of exchanging NaN forever."""
+    shard = _sgd_shard([1.0, 2.0, 3.0])
+    shard.exchange(torch.tensor([5.0, 2.0, 3.0]), alpha=0.25)  # d = 0.25·[4, 0, 0]: center [2, 2, 3], version 1
+    center = _values(shard)
+    assert center.tolist() == [2.0, 2.0, 3.0]
+    local = torch.tensor([float("nan"), 7.0, float("inf")])
+    assert shard.exchange(local, alpha=0.25, last_version=1) == PushResult(False, -1, 1)
+    assert torch.equal(local, center)
+    assert torch.equal(_values(shard), center) and shard.version == 1 and shard.rejected == 1
+
+
+def test_a_sync_round_closes_without_a_retired_worker() -> None:
+    """Sync, two workers, no backup: once worker 1 has retired (ended or died) in the shared clocks, the quorum is
+    min(N − b, live) = min(2, 1) = 1, so worker 0's push alone closes the round and its mean (the push itself) is
+    applied: w = 1 − 1·0.5 = 0.5 at version 1. Before the retirement the same push waits for the other one."""
+    from downpour.ps.clocks import SharedClocks
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    clocks = SharedClocks(2, bound=0)
+    shard = SyncShard(0, 0, torch.ones(2), SGD(lr=1.0), policy=Sync(workers=2), roster=clocks)
+    assert shard.quorum() == 2
+    shard.push(torch.full((2,), 0.5), fetched_version=0, worker=0)
+    assert shard.version == 0 and not shard.close_round(0)  # waiting for worker 1
+    clocks.retire(1)
+    assert shard.quorum() == 1
+    assert shard.close_round(0) and shard.version == 1  # the waiting worker closes its round alone
+    assert _values(shard).tolist() == [0.5, 0.5]
+    assert shard.push(torch.full((2,), 0.25), fetched_version=1, worker=0) == PushResult(True, 0, 2)
+    assert shard.version == 2 and _values(shard).tolist() == [0.25, 0.25]  # one push closes each later round
+
+
+def test_a_sync_shard_with_every_worker_gone_closes_no_empty_round() -> None:
+    """With every worker retired the quorum is 0; a round with no push must still not close (it would publish a
+    version no worker computed for, and count a round that applied nothing)."""
+    from downpour.ps.clocks import SharedClocks
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    clocks = SharedClocks(2, bound=0)
+    shard = SyncShard(0, 0, torch.ones(2), SGD(lr=1.0), policy=Sync(workers=2), roster=clocks)
+    clocks.retire(0)
+    clocks.retire(1)
+    assert shard.quorum() == 0
+    assert not shard.close_round(0) and not shard.close_round(0, force=True)
+    assert shard.version == 0 and shard.round_applied(0) is None
+
+
+def test_a_sync_shards_late_push_count_survives_a_snapshot_and_restore() -> None:
+    """Sync, two workers, one backup (quorum 1): worker 0 closes round 0 alone, then worker 1's five pushes computed
+    on version 0 are late: dropped and counted, 5. A snapshot holds dropped = 5, and a fresh shard restored from it
+    counts on from 5 (a resumed run's report of late pushes would otherwise restart at 0)."""
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    class TwoLive:
+        def live(self) -> int:
+            return 2
+
+    def shard() -> SyncShard:
+        return SyncShard(0, 0, torch.zeros(2), SGD(lr=1.0), policy=Sync(workers=2, backup_workers=1),
+                         roster=TwoLive())  # fmt: skip
+
+    first = shard()
+    assert first.push(torch.ones(2), fetched_version=0, worker=0) == PushResult(True, 0, 1)
+    for _ in range(5):
+        assert first.push(torch.ones(2), fetched_version=0, worker=1) == PushResult(False, 1, 1)
+    snapshot = first.snapshot()
+    assert (snapshot["version"], snapshot["dropped"], snapshot["applied"]) == (1, 5, 1)
+    again = shard()
+    again.restore(snapshot)
+    assert (again.version, again.dropped, again.applied) == (1, 5, 1)
+    again.push(torch.ones(2), fetched_version=0, worker=1)  # one more late push
+    assert again.dropped == 6
