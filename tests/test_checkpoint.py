@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -194,6 +196,7 @@ def test_stale_temp_files_do_not_break_load_or_save(tmp_path: Path) -> None:
     ckpt.save(tmp_path, [shard.snapshot()], {"step": 2})
     assert ckpt.load(tmp_path).shard_snapshots()[0]["values"].tolist() == [5.0] * 64
     assert len(_params_files(tmp_path)) == 1
+    assert not list(tmp_path.glob(".*.tmp-*"))  # and the save cleared them away: they would pile up run after run
 
 
 def test_crash_before_commit_leaves_old_checkpoint(tmp_path: Path) -> None:
@@ -220,3 +223,89 @@ def test_a_flipped_bit_inside_the_parameters_is_refused(tmp_path: Path) -> None:
     del state["params_sha256"]
     (tmp_path / "state.json").write_text(json.dumps(state))
     assert ckpt.load(tmp_path).state["step"] == 1
+
+
+def test_a_save_that_fails_at_its_commit_leaves_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """state.json is replaced by a rename, the commit point: when that rename fails (an I/O error), the save raises
+    and the previous checkpoint still loads whole (its state and its parameters), with no temporary file left.
+    Writing state.json in place instead would leave the new one, or half of it, behind a save that failed."""
+    _save_one(tmp_path)
+    real_replace = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        if Path(str(dst)).name == "state.json":
+            raise OSError(errno.EIO, "Input/output error (injected)", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    second = Shard(0, 0, torch.full((64,), 5.0), SGD(lr=1.0))
+    with pytest.raises(OSError, match="Input/output error"):
+        ckpt.save(tmp_path, [second.snapshot()], {"step": 2})
+    monkeypatch.undo()
+    loaded = ckpt.load(tmp_path)
+    assert loaded.state["step"] == 1 and loaded.state["params_file"] == "params-00000000.safetensors"
+    torch.testing.assert_close(loaded.shard_snapshots()[0]["values"], torch.arange(64.0) - 0.1)  # Adagrad's 1st step
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def _saved_with(directory: Path, values: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    ckpt.save(directory, [{"values": values, "state": state, "version": 0, "rejected": 0}], {"step": 0})
+
+
+def test_a_rule_state_tensor_of_another_shape_is_refused(tmp_path: Path) -> None:
+    """Each shard's rule state (Adagrad's sum of squares) must have the shape of its values: a (1,) sum_sq beside
+    4 values would broadcast into every parameter on restore. Refused, naming the tensor and its shape."""
+    _saved_with(tmp_path, torch.zeros(4), {"sum_sq": torch.ones(1)})
+    with pytest.raises(CheckpointError, match=r"shard0\.state\.sum_sq has shape \(1,\)"):
+        ckpt.load(tmp_path)
+
+
+def test_integer_parameters_are_refused(tmp_path: Path) -> None:
+    """Parameters are floats: an int32 tensor in the params file (written by something else) is refused, naming
+    it and its dtype, rather than restored into float32 shards as if nothing were wrong."""
+    _saved_with(tmp_path, torch.arange(4, dtype=torch.int32), {})
+    with pytest.raises(CheckpointError, match=r"shard0\.values holds torch\.int32, not floats"):
+        ckpt.load(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["dropped", "applied"])
+@pytest.mark.parametrize("value", [-1, 2.5, "7"])
+def test_a_sync_shards_counters_are_checked_as_the_others_are(tmp_path: Path, key: str, value: object) -> None:
+    """A sync shard's late-push and applied-push counts in state.json are counters like version and rejected: a
+    negative, fractional or text one is refused, naming the field (it would be restored as a count)."""
+    _save_one(tmp_path)
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["shards"][0][key] = value
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"shards\[0\]\.{key} must be an integer from 0 to 2\*\*53, got "):
+        ckpt.load(tmp_path)
+
+
+def test_a_sync_shards_late_push_count_survives_save_load_and_restore(tmp_path: Path) -> None:
+    """Sync, two workers, one backup (quorum 1): worker 0 closes round 0 alone; worker 1's five pushes computed on
+    version 0 are late, dropped = 5. Saved and loaded, the snapshot still says 5, and a sync shard restored from it
+    counts 5 (a resumed run's count of late pushes restarted at 0)."""
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    class TwoLive:
+        def live(self) -> int:
+            return 2
+
+    def shard() -> SyncShard:
+        return SyncShard(0, 0, torch.zeros(3), SGD(lr=1.0), policy=Sync(workers=2, backup_workers=1),
+                         roster=TwoLive())  # fmt: skip
+
+    first = shard()
+    first.push(torch.ones(3), fetched_version=0, worker=0)
+    for _ in range(5):
+        first.push(torch.ones(3), fetched_version=0, worker=1)
+    ckpt.save(tmp_path, [first.snapshot()], {"step": 6})
+    (snapshot,) = ckpt.load(tmp_path).shard_snapshots()
+    assert (snapshot["version"], snapshot["dropped"], snapshot["applied"]) == (1, 5, 1)
+    again = shard()
+    again.restore(snapshot)
+    assert (again.version, again.dropped, again.applied) == (1, 5, 1)
+    assert again.snapshot()["values"].tolist() == [-1.0, -1.0, -1.0]  # w = 0 − 1·mean of one push of ones
