@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from downpour.errors import ConfigError
 from downpour.models.rica import RICA
 from downpour.ps.budget import GlobalSteps
 from downpour.ps.flat import FlatParameters, flat_copy
@@ -96,6 +97,29 @@ def _run_worker(
     )
     worker.run()
     return worker, shards, records, budget
+
+
+@pytest.mark.parametrize(
+    ("params", "shards", "expected"),
+    [
+        (3, 3, [(0, 1), (1, 2), (2, 3)]),  # as many shards as parameters: one each
+        (7, 3, [(0, 3), (3, 5), (5, 7)]),  # 7 = 3 + 2 + 2: the first 7 % 3 = 1 shard is one longer
+        (6, 3, [(0, 2), (2, 4), (4, 6)]),
+        (5, 1, [(0, 5)]),
+    ],
+)
+def test_contiguous_bounds_cut_near_equal_slices(params: int, shards: int, expected: list[tuple[int, int]]) -> None:
+    """ps.shards contiguous slices covering every parameter once, sizes differing by at most one, the longer ones
+    first; one parameter per shard is allowed (it is the most shards a model can have)."""
+    assert contiguous_bounds(params, shards) == expected
+
+
+@pytest.mark.parametrize(("params", "shards"), [(2, 3), (5, 0)])
+def test_contiguous_bounds_refuse_an_empty_shard(params: int, shards: int) -> None:
+    """More shards than parameters would leave a shard with nothing; no shard at all holds nothing: both refused,
+    naming ps.shards."""
+    with pytest.raises(ConfigError, match=rf"invalid ps\.shards: {shards}"):
+        contiguous_bounds(params, shards)
 
 
 def _staleness_by_shard(records: list[PushRecord], num_shards: int) -> list[list[int]]:
