@@ -148,11 +148,20 @@ def test_ssp_on_the_local_backend_bounds_the_staleness(run_dir: Path, cli: Calla
         (["--backend", "sim", "--set", "ps.n_push=2"], "invalid ps.n_push: 2 (the sim backend models one gradient"),
         (["--backend", "sim", "--set", "cluster.sim_stragglers=2"], "invalid cluster.sim_stragglers: 2"),
         (["--set", "ps.backup_workers=2"], "invalid ps.backup_workers: 2 (must be >= 0 and < cluster.workers = 2)"),
+        (  # α = lr·rho = 0.1·10 = 1 exactly: the exchange would swap worker and center; it must be < 1
+            ["--set", "ps.policy=easgd", "--set", "ps.lr=0.1", "--set", "ps.easgd_rho=10"],
+            "invalid ps.easgd_rho: 10.0 (ps.lr · ps.easgd_rho must be < 1 (the elastic step α), got 1)",
+        ),
+        (["--set", "ps.policy=dc-asgd", "--set", "ps.dc_lambda=inf"], "invalid ps.dc_lambda: inf (must be >= 0)"),
+        (["--set", "ps.policy=ssp", "--set", "ps.staleness_bound=-1"], "invalid ps.staleness_bound: -1 (must be >= 0)"),
+        (["--set", "ps.policy=easgd", "--set", "ps.easgd_tau=0"], "invalid ps.easgd_tau: 0 (must be at least 1)"),
     ],
 )
 def test_bad_policy_settings_are_one_line_errors(
     args: list[str], message: str, run_dir: Path, cli: Callable[..., CliResult]
 ) -> None:
+    """A setting the policies cannot run with is refused by the config check, before anything is written: exit 2,
+    one line naming the key and the rule it breaks, and no run directory."""
     result = cli("train", "--steps", "10", *args, "--out", str(run_dir))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
