@@ -139,34 +139,62 @@ def test_easgd_trains_its_center_on_the_local_backend(run_dir: Path) -> None:
                 assert row["staleness"] == row["version"] - 1 - previous["version"]
 
 
-def _pushes_so_far(run_dir: Path, proc: subprocess.Popen[str], enough: Callable[[list[dict]], bool]) -> list[dict]:
-    """Poll the run's metrics until ``enough(push rows)``; return every row so far."""
-    deadline = time.monotonic() + 120
+def _rows_so_far(run_dir: Path, proc: subprocess.Popen[str], enough: Callable[[list[dict]], bool], *,
+                 within: float = 120.0, what: str = "the run did not push in time") -> list[dict]:  # fmt: skip
+    """Poll the run's metrics until ``enough(rows)``; return every row so far (AssertionError ``what`` after
+    ``within`` seconds)."""
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
         if (run_dir / "metrics.jsonl").exists():
             rows = read_jsonl(run_dir / "metrics.jsonl")
-            if enough([row for row in rows if row["event"] == "push"]):
+            if enough(rows):
                 return rows
-    raise AssertionError("the run did not push in time")
+    raise AssertionError(what)
+
+
+def _pushes_so_far(run_dir: Path, proc: subprocess.Popen[str], enough: Callable[[list[dict]], bool]) -> list[dict]:
+    """Poll the run's metrics until ``enough(push rows)``; return every row so far."""
+    return _rows_so_far(run_dir, proc, lambda rows: enough([row for row in rows if row["event"] == "push"]))
+
+
+def _rounds_closed_after_the_death(rows: list[dict], shard: int) -> list[int]:
+    """The versions of the rounds worker 0 saw closed (its applied push rows, written once a round has closed) on
+    ``shard`` after the driver reported worker 1 dead; [] before that report."""
+    died = [row["t"] for row in rows if row["event"] == "worker_died" and row["worker"] == 1]
+    return [row["version"] for row in rows if row["event"] == "push" and row["worker"] == 0 and row["shard"] == shard
+            and row["applied"] and died and row["t"] > died[0]]  # fmt: skip
 
 
 def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path) -> None:
-    """SIGKILL one of two sync workers: the survivor's rounds close without it (no deadlock). Then Ctrl-C (the same
-    stop request as the end of train.seconds) ends the run mid-round: exit 130, a final checkpoint, no stale push."""
+    """SIGKILL one of two sync workers: the survivor's rounds close without it (no deadlock): once the driver has
+    reported the death, worker 0 sees at least ten more rounds close on each shard, alone, before anything asks the
+    run to stop (counting its push rows alone did not show this: rows it had buffered before the kill were enough,
+    and a run whose rounds waited forever for the dead worker passed, its open round closed by the stop). Then
+    Ctrl-C (the same stop request as the end of train.seconds) ends the run mid-round: exit 130, a final
+    checkpoint, no stale push."""
     args = [sys.executable, "-m", "downpour", "train", "--out", str(run_dir), "--workers", "2", "--seconds", "0",
             "--steps", "100000", "--no-progress", *[x for o in SMALL for x in ("--set", o)], "--set",
             "ps.policy=sync"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
-    rows = _pushes_so_far(run_dir, proc, lambda pushes: len(pushes) >= 20)
-    pids = next(row for row in rows if row["event"] == "start")["pids"]
-    before = sum(row["event"] == "push" and row["worker"] == 0 for row in rows)
-    os.kill(pids[1], signal.SIGKILL)
-    _pushes_so_far(run_dir, proc, lambda pushes: sum(row["worker"] == 0 for row in pushes) >= before + 20)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        rows = _pushes_so_far(run_dir, proc, lambda pushes: len(pushes) >= 20)
+        pids = next(row for row in rows if row["event"] == "start")["pids"]
+        os.kill(pids[1], signal.SIGKILL)
+
+        def ten_rounds_alone(rows: list[dict]) -> bool:
+            return all(len(_rounds_closed_after_the_death(rows, shard)) >= 10 for shard in (0, 1))
+
+        _rows_so_far(run_dir, proc, ten_rounds_alone, within=60,
+                     what="no rounds closed after worker 1 died: the survivor waits for it")  # fmt: skip
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failed wait: the run (a process group of its own) must not outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     assert proc.returncode == 130, stderr
     assert "worker 1 died" in stderr and "Traceback" not in stderr
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -179,6 +207,10 @@ def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path
     assert sum(row["applied"] for row in pushes) <= summary["updates_applied"]  # the killed worker's unsent rows
     survivor = [row for row in pushes if row["worker"] == 0 and row["applied"]]  # is in every round, one per shard
     assert len(survivor) == sum(shard["version"] for shard in state["shards"]), stderr  # says a worker killed at stop
+    for shard in (0, 1):  # the rounds after the death follow on from those worker 1 was in, one version each
+        alone = _rounds_closed_after_the_death(read_jsonl(run_dir / "metrics.jsonl"), shard)
+        theirs = max(row["version"] for row in pushes if row["worker"] == 1 and row["shard"] == shard)
+        assert alone == list(range(alone[0], alone[0] + len(alone))) and alone[0] > theirs, (alone[:5], theirs)
 
 
 def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
