@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from skimage import data as skdata
+from sklearn.datasets import load_digits
 
 from downpour.config import DataConfig
-from downpour.data import load_dataset, worker_slice
+from downpour.data import load_dataset, sources, worker_slice
+from downpour.data.sources import crop_positions, random_crops
 from downpour.data.whitening import zca_matrix
 from downpour.errors import DataError
 
@@ -173,3 +177,87 @@ def test_more_workers_than_examples_is_a_clear_error() -> None:
     """A shard must hold at least one example."""
     with pytest.raises(DataError, match=r"cluster\.workers=5"):
         worker_slice(4, 5, 0)
+
+
+def test_zca_matrix_is_u_diag_inverse_sqrt_of_eigenvalues_plus_relative_eps_u_transposed() -> None:
+    """The ZCA matrix is ``U diag(1/sqrt(λ + ε·mean(λ))) Uᵀ`` of the sample covariance (``N − 1``), built here with
+    numpy from a hand-made data set, with a large ε so that ε inside the square root (not added after it), the
+    relative ε and the unbiased covariance each change the matrix well beyond rounding."""
+    # 6 examples of 3 values; columns centred by hand below, so the covariance is exact
+    x = np.array([[1.0, 2.0, 0.0], [3.0, -1.0, 1.0], [-2.0, 0.5, 2.0], [0.0, 1.0, -1.0], [4.0, 0.0, 0.5],
+                  [-1.0, -2.0, 1.5]])  # fmt: skip
+    centred = x - x.mean(axis=0)
+    covariance = centred.T @ centred / (len(x) - 1)
+    eigenvalues, u = np.linalg.eigh(covariance)
+    eps = 0.5
+    expected = u @ np.diag(1.0 / np.sqrt(eigenvalues + eps * eigenvalues.mean())) @ u.T
+    got = zca_matrix(torch.tensor(x, dtype=torch.float32), eps=eps).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_whitening_matrix_is_fitted_on_the_training_examples_only() -> None:
+    """The ZCA matrix kept with the data is the one of the training examples' covariance: fitting it on the
+    held-out examples too would leak them into the preprocessing the held-out loss is measured through. The
+    matrix is recomputed from the formula (numpy) on the mean-removed training digits of the same split."""
+    config = DataConfig(source="digits", held_out=300)  # a large held-out set, so that a leak shows
+    dataset = load_dataset(config, seed=2)
+    plain = load_dataset(DataConfig(source="digits", held_out=300, whiten=False), seed=2)  # same split, unwhitened
+    train = plain.train.double().numpy()
+    centred = train - train.mean(axis=0)
+    eigenvalues, u = np.linalg.eigh(centred.T @ centred / (len(train) - 1))
+    eigenvalues = np.clip(eigenvalues, 0, None)
+    expected = u @ np.diag(1.0 / np.sqrt(eigenvalues + config.whiten_eps * eigenvalues.mean())) @ u.T
+    assert dataset.whitening is not None
+    np.testing.assert_allclose(dataset.whitening.double().numpy(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_crops_count_every_position_up_to_the_edges() -> None:
+    """A picture of H×W holds (H − s + 1)·(W − s + 1) crops of side s, one no smaller than s yields them all, the
+    last row and column included, and a picture exactly s wide is its own single crop (counted by hand)."""
+    assert crop_positions([np.zeros((1, 5, 4)), np.zeros((1, 3, 3)), np.zeros((1, 2, 9))], 3) == 3 * 2 + 1 + 0
+    picture = np.arange(5 * 4, dtype=np.float32).reshape(1, 5, 4) / 20  # every pixel distinct: a crop's corner
+    crops = random_crops([picture], 600, 3, np.random.default_rng(0))  # (600, 1, 3, 3)
+    corners = {(int(np.argwhere(picture[0] == c[0, 0, 0])[0][0]), int(np.argwhere(picture[0] == c[0, 0, 0])[0][1]))
+               for c in crops}  # fmt: skip
+    assert corners == {(y, x) for y in range(3) for x in range(2)}  # 600 draws of 6 positions: each one comes up
+    exact = np.random.default_rng(1).random((1, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(random_crops([exact], 2, 4, np.random.default_rng(0)), np.stack([exact, exact]))
+
+
+def test_every_crop_position_of_every_picture_is_equally_likely() -> None:
+    """Pictures are drawn in proportion to their crop positions: a picture of 1 position beside one of 9 gives
+    about a tenth of the crops (binomial, n = 4000, p = 0.1: sd 19, so 400 ± 100 is 5 sd), not half."""
+    small, large = np.zeros((1, 2, 2), np.float32), np.ones((1, 4, 4), np.float32)  # 1 and 3·3 = 9 positions of 2
+    crops = random_crops([small, large], 4000, 2, np.random.default_rng(0))
+    assert 300 < int((crops.max(axis=(1, 2, 3)) == 0).sum()) < 500
+
+
+def test_bundled_sources_are_scaled_to_the_unit_interval() -> None:
+    """uint8 crops are divided by 255 (255 → exactly 1), the colour photos lie in [0, 1] with bright pixels
+    near 1, a float picture already in [0, 1] is kept as it is (even one whose brightest pixel is exactly 1),
+    digits are their 0-16 counts over 16, and lfw-faces is the face half of lfw_subset (the first 100)."""
+    white = np.full((1, 3, 3), 255, np.uint8)
+    np.testing.assert_array_equal(random_crops([white], 1, 3, np.random.default_rng(0)), np.ones((1, 1, 3, 3)))
+    for photo in sources.bundled_colour_photos():
+        assert photo.shape[0] == 3 and photo.min() >= 0.0 and 0.9 < photo.max() <= 1.0
+    unit = np.array([[0.0, 0.5], [0.25, 1.0]])
+    np.testing.assert_array_equal(sources._grayscale(unit), unit.astype(np.float32))
+    digits = sources.digits()
+    np.testing.assert_allclose(digits[:, 0] * 16, load_digits().images, atol=1e-5)
+    np.testing.assert_allclose(sources.lfw_faces()[:, 0], skdata.lfw_subset()[:100], atol=1e-6)
+
+
+def test_the_held_out_examples_of_a_fixed_source_are_drawn_at_random_by_the_seed() -> None:
+    """lfw-faces and digits are stored in order (digits by writer): the held-out set must be a seeded random draw
+    from all of them, not the first examples of the file, so other seeds hold out other digits. Each held-out
+    example is matched back to its row of sklearn's digits (its pixels, less their mean)."""
+    raw = torch.from_numpy(load_digits().images.reshape(-1, 64) / 16.0).float()
+    raw = raw - raw.mean(dim=1, keepdim=True)
+    drawn = []
+    for seed in (0, 1):
+        held = load_dataset(DataConfig(source="digits", held_out=100, whiten=False), seed=seed).held_out
+        rows = torch.cdist(held, raw).argmin(dim=1)  # the row of the file each held-out example is
+        assert torch.allclose(raw[rows], held, atol=1e-5)
+        drawn.append(set(rows.tolist()))
+    assert drawn[0] != drawn[1] and drawn[0] != set(range(100))
+    assert max(drawn[0]) > 1000  # spread over the file, not its first rows

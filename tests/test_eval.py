@@ -599,3 +599,16 @@ def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_pa
         assert code == 2, argv
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert photo.read_bytes() == before  # --out the picture itself replaced it with its heat map
+
+
+def test_preprocess_removes_each_example_mean_then_the_training_centre_then_whitens() -> None:
+    """Evaluation must feed the model what training fed it: each image's own mean removed, then the training mean
+    of each value (data.whiten_centre), then the ZCA matrix. Checked by hand on two 1×1×3 images with a diagonal
+    matrix, so that skipping, adding or reordering a step changes the numbers."""
+    images = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]]).view(2, 1, 1, 3)  # means 3 and 1
+    centre = torch.tensor([0.5, -1.0, 2.0])
+    zca = torch.diag(torch.tensor([2.0, 3.0, 0.5]))
+    trained = TrainedRun(Path("untrained"), config_mod.from_dict({}), torch.nn.Identity(), (1, 1, 3), zca, 0, centre)
+    # [1, 2, 6] − 3 = [−2, −1, 3]; − centre = [−2.5, 0, 1]; · diag = [−5, 0, 0.5]
+    # [0, 0, 3] − 1 = [−1, −1, 2]; − centre = [−1.5, 0, 0]; · diag = [−3, 0, 0]
+    torch.testing.assert_close(trained.preprocess(images), torch.tensor([[-5.0, 0.0, 0.5], [-3.0, 0.0, 0.0]]))
