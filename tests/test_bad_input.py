@@ -287,6 +287,34 @@ def test_atomic_writes_name_the_users_path(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
+def test_atomic_writes_are_durable_before_they_replace_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An atomic write syncs its temporary file to disk before renaming it over the old one (a crash after the
+    rename but before the data reached the disk would leave an empty or cut-off file in the old one's place), and
+    the old file keeps its contents until the rename: the order of the calls is checked, not only the result."""
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        assert path.read_text() == "old"  # not written over yet
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append("replace")
+        assert Path(dst) == path and Path(src) != path and Path(src).read_text() == "new"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(rundir.os, "fsync", fsync)
+    monkeypatch.setattr(rundir.os, "replace", replace)
+    rundir.atomic_write_text(path, "new")
+    assert calls == ["fsync", "replace"]
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
 def test_report_out_errors_name_the_users_path(cli: Cli, tiny_run: Path, tmp_path: Path) -> None:
     err = _one_error_line(
         cli("report", str(tiny_run), "--out", str(tmp_path)), "exists and is not a file", str(tmp_path)

@@ -309,3 +309,60 @@ def test_a_sync_shards_late_push_count_survives_save_load_and_restore(tmp_path: 
     again.restore(snapshot)
     assert (again.version, again.dropped, again.applied) == (1, 5, 1)
     assert again.snapshot()["values"].tolist() == [-1.0, -1.0, -1.0]  # w = 0 − 1·mean of one push of ones
+
+
+class _FakeCluster:
+    """What :func:`downpour.watch.checkpoint_now` reads of a cluster: one shard of three values at a given step,
+    and the restore points it is given (none yet: None)."""
+
+    def __init__(self, values: list[float], step: int) -> None:
+        self.values, self.step, self.restore_points = values, step, None
+
+    def snapshots(self, wait: float | None = None) -> list[dict]:
+        return [{"values": torch.tensor(self.values), "state": {}, "version": self.step, "rejected": 0}]
+
+    def steps(self) -> int:
+        return self.step
+
+    def set_restore_points(self, snapshots: list[dict]) -> None:
+        self.restore_points = snapshots
+
+
+def test_checkpoint_now_saves_what_is_new_and_never_a_diverged_snapshot_over_a_good_one(tmp_path: Path) -> None:
+    """When a checkpoint is written, walked through by hand: a periodic one at the step already on disk writes
+    nothing (it would only stamp that checkpoint with this session's config); a new finite step is saved and
+    becomes the restore point; a NaN snapshot is neither saved over it, periodic or final, nor a restore point;
+    a session's final checkpoint is saved at an unchanged step; and a first session's diverged final one is saved
+    (nothing to lose) and marked diverged. Called directly with a stand-in cluster, no training."""
+    from downpour.config import Config
+    from downpour.resume import RunState
+    from downpour.watch import checkpoint_now
+
+    def now(cluster: _FakeCluster, run_state: RunState, *, final: bool) -> tuple[bool, bool]:
+        taken = checkpoint_now(tmp_path, cluster, Config(), run_state, [1, 2], signature,
+                               lambda params: float(params.sum()), final=final)  # fmt: skip
+        return taken.saved, taken.diverged
+
+    def on_disk() -> tuple[int, bool] | None:
+        if not (tmp_path / "checkpoint" / ckpt.STATE_FILE).exists():
+            return None
+        state = json.loads((tmp_path / "checkpoint" / ckpt.STATE_FILE).read_text())  # load() refuses NaN values
+        return state["step"], state["diverged"]
+
+    signature = {"num_params": 3, "param_shapes": {"w": [3]}}
+    resumed = RunState(session=1, steps=20, checkpoint_step=20)  # a resume of the checkpoint of step 20
+    same = _FakeCluster([1.0, 2.0, 3.0], 20)
+    assert now(same, resumed, final=False) == (False, False) and on_disk() is None  # nothing new: nothing written
+    assert same.restore_points is not None  # its finite values are still the shards' restore point
+    good = _FakeCluster([1.0, 2.0, 4.0], 30)
+    assert now(good, resumed, final=False) == (True, False)
+    assert on_disk() == (30, False) and resumed.checkpoint_step == 30 and good.restore_points is not None
+    bad = _FakeCluster([1.0, float("nan"), 4.0], 40)
+    assert now(bad, resumed, final=False) == (False, True)
+    assert now(bad, resumed, final=True) == (False, True)
+    assert on_disk() == (30, False) and resumed.checkpoint_step == 30 and bad.restore_points is None
+    assert now(_FakeCluster([1.0, 2.0, 4.0], 30), resumed, final=True) == (True, False)  # final: saved at step 30
+
+    first = RunState()  # a first session, no checkpoint yet
+    assert now(_FakeCluster([float("inf"), 0.0, 0.0], 7), first, final=True) == (True, True)
+    assert on_disk() == (7, True) and first.checkpoint_step == 7

@@ -344,3 +344,81 @@ def test_resume_refuses_a_config_toml_cut_short(run: Path, cli: Callable[..., Cl
     cut = text.index("batch_size = ") + len("batch_size = 1")
     config.write_text(text[:cut] + "\n")
     _refused(cli, run, "config.toml lacks", "which the run's checkpoint recorded: the file was cut short or edited")
+
+
+def _dataset_of(train: int, held_out: int, digest: str | None = None) -> Any:
+    """A stand-in for a Dataset that holds ``train`` and ``held_out`` examples (only their counts are read) and,
+    for users' folders and videos, the digest of the pictures read."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(train=[0] * train, held_out=[0] * held_out,
+                           read_report=None if digest is None else {"digest": digest})  # fmt: skip
+
+
+def test_resume_refuses_other_held_out_examples_as_it_does_other_training_ones(tmp_path: Path) -> None:
+    """Both recorded counts must match, not only the training one: a checkpoint trained on 2000 examples with 256
+    held out is refused on a split that holds 2000 and 300 (every loss of the run was measured on the 256), and the
+    error names both pairs. The same split passes. Checked on the driver's function directly, without a run."""
+    from downpour import resume
+    from downpour.config import Config
+
+    saved = {"data_counts": {"train": 2000, "held_out": 256}}
+    resume._check_same_examples(saved, Config(), _dataset_of(2000, 256), tmp_path)  # the same split: resumed
+    with pytest.raises(DownpourError, match=r"was trained on 2000 training and 256 held-out examples; its config now "
+                                            r"cuts 2000 and 300"):  # fmt: skip
+        resume._check_same_examples(saved, Config(), _dataset_of(2000, 300), tmp_path)
+    with pytest.raises(DownpourError, match=r"was trained on 2000 training and 256 held-out examples; its config now "
+                                            r"cuts 1999 and 256"):  # fmt: skip
+        resume._check_same_examples(saved, Config(), _dataset_of(1999, 256), tmp_path)
+
+
+def test_resume_refuses_a_folder_whose_pictures_changed(tmp_path: Path) -> None:
+    """A users' folder whose pictures changed since the checkpoint (another digest of the files read, same counts)
+    is refused: the run would go on training on other examples. A checkpoint of the current reader says the files
+    changed; one of an earlier reader says the reader changed too. The same digest, or none recorded (a bundled
+    source), resumes."""
+    from downpour import resume
+    from downpour.config import Config
+    from downpour.data.own import READER_VERSION
+
+    config = Config()
+    counts = {"train": 50, "held_out": 10}
+    saved = {"data_counts": {**counts, "pictures_digest": "aaaa", "pictures_reader": READER_VERSION}}
+    resume._check_same_examples(saved, config, _dataset_of(50, 10, "aaaa"), tmp_path)
+    resume._check_same_examples({"data_counts": counts}, config, _dataset_of(50, 10, "bbbb"), tmp_path)
+    with pytest.raises(DownpourError, match=r"holds other pictures than when run .* was saved"):
+        resume._check_same_examples(saved, config, _dataset_of(50, 10, "bbbb"), tmp_path)
+    older = {"data_counts": {**counts, "pictures_digest": "aaaa", "pictures_reader": READER_VERSION - 1}}
+    with pytest.raises(DownpourError, match=r"was saved by an earlier downpour that"):
+        resume._check_same_examples(older, config, _dataset_of(50, 10, "bbbb"), tmp_path)
+
+
+def test_a_resume_without_its_metrics_log_still_numbers_its_session_after_the_checkpoints(
+    run: Path, cli: Callable[..., CliResult]
+) -> None:
+    """The session number comes from the checkpoint (its ``rng.session`` plus one), not only from the start rows of
+    metrics.jsonl: with the log moved away, the resumed session of a one-session run is still session 1 (the
+    workers' seeds derive from it, so a session 0 again would replay the first session's randomness), and its
+    checkpoint records 1."""
+    assert json.loads(_state_path(run).read_text())["rng"]["session"] == 0
+    (run / "metrics.jsonl").unlink()
+    result = cli("train", "--resume", str(run), "--steps", "25", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    starts = [row for row in read_jsonl(run / "metrics.jsonl") if row["event"] == "start"]
+    assert [(row["session"], row["step"]) for row in starts] == [(1, 20)]
+    assert json.loads(_state_path(run).read_text())["rng"]["session"] == 1
+
+
+def test_a_resume_carries_the_examples_and_seconds_of_earlier_sessions(
+    run: Path, cli: Callable[..., CliResult]
+) -> None:
+    """The run's example count and training time add up across sessions: the checkpoint's ``examples`` and
+    ``elapsed_s`` (set here to 1,000,000 examples and 1000 s, as a long first session saved them) are where the
+    resumed session's counting starts, so that its checkpoint and summary hold more, not this session's alone."""
+    _edit_state(run, lambda state: state.update(examples=1_000_000, elapsed_s=1000.0))
+    result = cli("train", "--resume", str(run), "--steps", "25", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    state = json.loads(_state_path(run).read_text())
+    assert state["step"] == 25
+    assert 1_000_000 < state["examples"] < 1_100_000 and 1000.0 < state["elapsed_s"] < 1600.0
+    assert json.loads((run / "summary.json").read_text())["examples"] == state["examples"]
