@@ -366,3 +366,25 @@ def test_checkpoint_now_saves_what_is_new_and_never_a_diverged_snapshot_over_a_g
     first = RunState()  # a first session, no checkpoint yet
     assert now(_FakeCluster([float("inf"), 0.0, 0.0], 7), first, final=True) == (True, True)
     assert on_disk() == (7, True) and first.checkpoint_step == 7
+
+
+def test_fault_counts_add_this_sessions_to_the_earlier_sessions() -> None:
+    """A resumed Ray run's shard restores and lost updates are the earlier sessions' (read back from the checkpoint)
+    plus the ones its cluster reports for this session: 2 + 1 restores and 5 + 3 lost updates; a second count with
+    the cluster reporting 2 and 4 gives 4 and 9 (the cluster's counts are this session's totals, not increments).
+    A local cluster (no ``faults``) leaves the counters as they were."""
+    from types import SimpleNamespace
+
+    from downpour.resume import RunState
+    from downpour.watch import _count_restores
+
+    run_state = RunState(restores_before=2, lost_before=5, shard_restores=2, lost_updates=5)
+    _count_restores(SimpleNamespace(), run_state)
+    assert (run_state.shard_restores, run_state.lost_updates) == (2, 5)
+    counts = {"shard_restores": 1, "lost_updates": 3}
+    cluster = SimpleNamespace(faults=lambda: counts)
+    _count_restores(cluster, run_state)
+    assert (run_state.shard_restores, run_state.lost_updates) == (3, 8)
+    counts.update(shard_restores=2, lost_updates=4)
+    _count_restores(cluster, run_state)
+    assert (run_state.shard_restores, run_state.lost_updates) == (4, 9)

@@ -1012,3 +1012,27 @@ def test_a_script_calling_run_training_unguarded_is_told_why_its_workers_died(tm
     said = " ".join(ran.stderr.split())
     assert 'unguarded.py calls run_training at module level, each worker ran it again as it imported the script: ' \
            'call it under `if __name__ == "__main__":`' in said  # fmt: skip
+
+
+def test_the_metrics_log_starts_a_new_line_after_a_cut_off_row_and_flushes_on_demand(tmp_path: Path) -> None:
+    """A driver killed mid-row leaves metrics.jsonl ending without a newline: the next session's first row starts
+    on a line of its own (else it would be glued to the cut row, and both lost to a reader). A file that ends in a
+    newline, or is empty, gets no blank line. A row written and flushed is on disk before the log is closed (the
+    driver flushes before each checkpoint, so that a kill keeps the rows of the work the checkpoint counts)."""
+    from downpour import rundir
+
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"event":"start","session":0}\n{"event":"push","t":1.')
+    log = rundir.MetricsLog(cut)
+    log.write("start", session=1)
+    log.flush()
+    assert cut.read_text().splitlines() == ['{"event":"start","session":0}', '{"event":"push","t":1.',
+                                            '{"event":"start","session":1}']  # fmt: skip
+    log.close()
+    for text in ("", '{"event":"end"}\n'):
+        whole = tmp_path / f"whole-{len(text)}.jsonl"
+        whole.write_text(text)
+        log = rundir.MetricsLog(whole)
+        log.write("start", session=2, loss=float("nan"))
+        log.close()
+        assert whole.read_text() == text + '{"event":"start","session":2,"loss":null}\n'
