@@ -422,3 +422,25 @@ def test_a_resume_carries_the_examples_and_seconds_of_earlier_sessions(
     assert state["step"] == 25
     assert 1_000_000 < state["examples"] < 1_100_000 and 1000.0 < state["elapsed_s"] < 1600.0
     assert json.loads((run / "summary.json").read_text())["examples"] == state["examples"]
+
+
+def test_a_checkpoint_of_another_shard_count_or_rule_is_refused_by_name(tmp_path: Path) -> None:
+    """The compatibility check names each difference between the checkpoint and this config: two shards saved where
+    ps.shards = 3, and another rule; a checkpoint of the same model, shards, rule and config passes. Called on the
+    driver's function with a hand-made state (no run)."""
+    from downpour import resume
+    from downpour.config import Config
+
+    config = Config()
+    config.ps.shards = 2
+    signature = {"num_params": 6, "param_shapes": {"w": [2, 3]}}
+    state = {"model": {"name": config.model.name, "param_shapes": {"w": [2, 3]}}, "shards": [{}, {}],
+             "rule": config.ps.rule, "config": config.to_dict()}  # fmt: skip
+    resume._check_compatible(state, config, signature, tmp_path)
+    config.ps.shards = 3
+    with pytest.raises(CheckpointError, match=r"does not match this config: 2 shards vs ps.shards=3$"):
+        resume._check_compatible(state, config, signature, tmp_path)
+    config.ps.shards = 2
+    other = "sgd" if config.ps.rule != "sgd" else "adagrad"
+    with pytest.raises(CheckpointError, match=rf"does not match this config: rule {other!r} vs ps.rule="):
+        resume._check_compatible({**state, "rule": other}, config, signature, tmp_path)

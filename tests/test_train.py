@@ -1036,3 +1036,16 @@ def test_the_metrics_log_starts_a_new_line_after_a_cut_off_row_and_flushes_on_de
         log.write("start", session=2, loss=float("nan"))
         log.close()
         assert whole.read_text() == text + '{"event":"start","session":2,"loss":null}\n'
+
+
+def test_a_folder_without_a_lock_file_is_not_in_use(tmp_path: Path) -> None:
+    """No lock file means no session ever started there: not in use, and a resume of it is told it is no run
+    directory rather than that another downpour process holds it. While a session holds it, it is in use."""
+    from downpour import rundir
+
+    assert rundir.in_use(tmp_path) is False
+    assert rundir.not_resumable(tmp_path) == f"cannot resume {tmp_path}: it holds no config.toml (not a run directory)"
+    out = tmp_path / "run"
+    with rundir.claimed(out):
+        assert rundir.in_use(out) is True
+    assert rundir.in_use(out) is False
