@@ -444,3 +444,42 @@ def test_a_checkpoint_of_another_shard_count_or_rule_is_refused_by_name(tmp_path
     other = "sgd" if config.ps.rule != "sgd" else "adagrad"
     with pytest.raises(CheckpointError, match=rf"does not match this config: rule {other!r} vs ps.rule="):
         resume._check_compatible({**state, "rule": other}, config, signature, tmp_path)
+
+
+def test_changes_from_records_only_keys_both_configs_hold_and_no_budget(tmp_path: Path) -> None:
+    """What a session changed is the keys its checkpoint recorded with another value: ps.lr 0.02 -> 0.05 is
+    recorded; a key the checkpoint lacks (written before the key existed) is no change; each session's budget
+    (train.steps, train.seconds) and data.held_out are never recorded; a checkpoint without a config dict gives
+    none."""
+    from downpour import resume
+    from downpour.config import Config
+
+    config = Config()
+    config.ps.lr = 0.05
+    config.train.steps, config.train.seconds, config.data.held_out = 999, 77.0, 128
+    saved = Config().to_dict()
+    saved["ps"]["lr"] = 0.02
+    del saved["ps"]["policy"]  # an older checkpoint's config, without it
+    del saved["model"]  # or without a whole section
+    assert resume.changes_from(saved, config) == {"ps.lr": [0.02, 0.05]}
+    assert resume.changes_from(None, config) == {}
+
+
+def test_a_config_toml_may_lack_keys_this_downpour_no_longer_knows(tmp_path: Path) -> None:
+    """Only keys this downpour knows must be in config.toml: a checkpoint recording a key since removed (here
+    ``train.retired``, and a whole ``legacy`` section) resumes, while a known key missing from the file is refused
+    by name."""
+    from downpour import config as config_mod
+    from downpour import resume
+    from downpour.config import Config
+
+    config_mod.write(Config(), tmp_path / "config.toml")
+    saved = Config().to_dict()
+    saved["train"]["retired"] = 3
+    saved["legacy"] = {"knob": 1}
+    resume._check_config_whole(tmp_path, saved, tmp_path / "state.json")
+    text = (tmp_path / "config.toml").read_text()
+    (tmp_path / "config.toml").write_text("\n".join(line for line in text.splitlines()
+                                                    if not line.startswith("lr ")) + "\n")  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"lacks ps\.lr, which the run's checkpoint recorded"):
+        resume._check_config_whole(tmp_path, saved, tmp_path / "state.json")

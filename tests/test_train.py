@@ -1049,3 +1049,52 @@ def test_a_folder_without_a_lock_file_is_not_in_use(tmp_path: Path) -> None:
     with rundir.claimed(out):
         assert rundir.in_use(out) is True
     assert rundir.in_use(out) is False
+
+
+def test_push_rows_count_applied_pushes_only_and_deaths_count_this_sessions_workers(tmp_path: Path) -> None:
+    """The staleness histogram counts applied pushes only (a rejected NaN push of staleness 3 is logged but not
+    counted): stalenesses 0, 2, 2 applied give counts [1, 0, 2]. A worker death in a resumed session whose run lost
+    one worker before (``deaths_before`` = 1, two workers now) leaves the other going, and says so: the earlier
+    session's deaths are not this session's. Called on the watch's functions directly."""
+    import io
+
+    from rich.console import Console
+
+    from downpour import rundir
+    from downpour.backends.local import WorkerEvent
+    from downpour.resume import RunState
+    from downpour.watch import log_events, log_push_records
+
+    metrics = rundir.MetricsLog(tmp_path / "metrics.jsonl")
+    run_state = RunState(worker_deaths=1, deaths_before=1)
+    records = [(0.1, 0, 0, 1, 0, 0.5, True), (0.2, 1, 0, 2, 2, 0.4, True), (0.3, 1, 1, 2, 3, None, False),
+               (0.4, 0, 1, 3, 2, 0.3, True)]  # fmt: skip
+    log_push_records(records, metrics, run_state)
+    assert run_state.staleness.counts.tolist() == [1, 0, 2]
+    said = io.StringIO()
+    log_events([WorkerEvent("died", 1, "exit code -9")], metrics, run_state, Console(file=said, width=200), 0.0, 2)
+    metrics.close()
+    assert run_state.worker_deaths == 2
+    assert said.getvalue().strip() == "worker 1 died (exit code -9); the others go on"
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [row["applied"] for row in rows if row["event"] == "push"] == [True, True, False, True]
+    assert [row["event"] for row in rows][-1] == "worker_died"
+
+
+def test_the_checkpoint_a_run_recorded_is_read_from_its_summary_or_its_rows(tmp_path: Path) -> None:
+    """Whether a run without its checkpoint lost one (refused) or stopped before its first (trained again) is read
+    from its summary's ``checkpoint_step`` or its rows: step 0 (or none) means no checkpoint; a saved periodic
+    checkpoint's step or an end row's checkpoint_step counts (the largest wins); an unsaved periodic one does not."""
+    from downpour.resume import _checkpoint_recorded
+
+    assert _checkpoint_recorded(tmp_path) is None  # neither file
+    (tmp_path / "summary.json").write_text('{"checkpoint_step": 0}')
+    assert _checkpoint_recorded(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"event":"checkpoint","step":9,"saved":false}\n'
+                                            '{"event":"end","checkpoint_step":0}\n')  # fmt: skip
+    assert _checkpoint_recorded(tmp_path) is None
+    with open(tmp_path / "metrics.jsonl", "a") as rows:
+        rows.write('{"event":"checkpoint","step":5,"saved":true}\n{"event":"end","checkpoint_step":8}\n')
+    assert _checkpoint_recorded(tmp_path) == 8
+    (tmp_path / "summary.json").write_text('{"checkpoint_step": 12}')
+    assert _checkpoint_recorded(tmp_path) == 12
