@@ -287,25 +287,16 @@ def test_a_sync_shards_late_push_count_survives_save_load_and_restore(tmp_path: 
     """Sync, two workers, one backup (quorum 1): worker 0 closes round 0 alone; worker 1's five pushes computed on
     version 0 are late, dropped = 5. Saved and loaded, the snapshot still says 5, and a sync shard restored from it
     counts 5 (a resumed run's count of late pushes restarted at 0)."""
-    from downpour.ps.policies import Sync
-    from downpour.ps.sync_shard import SyncShard
+    from test_shard import sync_shard_of_two
 
-    class TwoLive:
-        def live(self) -> int:
-            return 2
-
-    def shard() -> SyncShard:
-        return SyncShard(0, 0, torch.zeros(3), SGD(lr=1.0), policy=Sync(workers=2, backup_workers=1),
-                         roster=TwoLive())  # fmt: skip
-
-    first = shard()
+    first = sync_shard_of_two(torch.zeros(3), backup_workers=1)
     first.push(torch.ones(3), fetched_version=0, worker=0)
     for _ in range(5):
         first.push(torch.ones(3), fetched_version=0, worker=1)
     ckpt.save(tmp_path, [first.snapshot()], {"step": 6})
     (snapshot,) = ckpt.load(tmp_path).shard_snapshots()
     assert (snapshot["version"], snapshot["dropped"], snapshot["applied"]) == (1, 5, 1)
-    again = shard()
+    again = sync_shard_of_two(torch.zeros(3), backup_workers=1)
     again.restore(snapshot)
     assert (again.version, again.dropped, again.applied) == (1, 5, 1)
     assert again.snapshot()["values"].tolist() == [-1.0, -1.0, -1.0]  # w = 0 − 1·mean of one push of ones

@@ -402,19 +402,28 @@ def test_exchange_refuses_a_last_version_the_shard_never_had(last: int) -> None:
     assert result == PushResult(True, 1, 3)
 
 
+class _TwoLive:
+    """A roster of two workers, both live: what a sync shard asks for its quorum."""
+
+    def live(self) -> int:
+        return 2
+
+
+def sync_shard_of_two(values: torch.Tensor, *, lr: float = 1.0, backup_workers: int = 0) -> Any:
+    """Shard 0 holding ``values`` under ``ps.policy = "sync"`` with two live workers, plain SGD at ``lr``."""
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    return SyncShard(0, 0, values, SGD(lr=lr), policy=Sync(workers=2, backup_workers=backup_workers),
+                     roster=_TwoLive())  # fmt: skip
+
+
 @pytest.mark.parametrize("fetched", [1, 100, -1])
 def test_sync_push_refuses_a_version_the_shard_never_had(fetched: int) -> None:
     """A sync shard checks the fetched version as :meth:`Shard.push` does, before counting anything: a negative one
     was counted as a late (dropped) push with a made-up staleness, and one from the future was added to the round's
     count of refused pushes before the aggregator raised."""
-    from downpour.ps.policies import Sync
-    from downpour.ps.sync_shard import SyncShard
-
-    class TwoLive:
-        def live(self) -> int:
-            return 2
-
-    shard = SyncShard(0, 0, torch.zeros(3), SGD(lr=1.0), policy=Sync(workers=2), roster=TwoLive())
+    shard = sync_shard_of_two(torch.zeros(3))
     with pytest.raises(ValueError, match=rf"^shard 0: a push fetched at version {fetched}, but the shard is at "
                                          r"version 0 \(must be 0 to 0\)$"):  # fmt: skip
         shard.push(torch.tensor([float("nan"), 0.0, 0.0]), fetched_version=fetched, worker=0)
@@ -426,14 +435,7 @@ def test_sync_push_refuses_a_version_the_shard_never_had(fetched: int) -> None:
 def test_sync_close_round_refuses_a_version_the_shard_never_had(fetched: int) -> None:
     """Closing the round of a version the shard never had raises instead of answering: a negative version read as
     already closed, and one from the future closed the current round early (one push of a quorum of two)."""
-    from downpour.ps.policies import Sync
-    from downpour.ps.sync_shard import SyncShard
-
-    class TwoLive:
-        def live(self) -> int:
-            return 2
-
-    shard = SyncShard(0, 0, torch.zeros(3), SGD(lr=1.0), policy=Sync(workers=2), roster=TwoLive())
+    shard = sync_shard_of_two(torch.zeros(3))
     shard.push(torch.ones(3), fetched_version=0, worker=0)
     with pytest.raises(ValueError, match=rf"^shard 0: a round closed for version {fetched}, but the shard is at "
                                          r"version 0 \(must be 0 to 0\)$"):  # fmt: skip
@@ -449,22 +451,12 @@ def test_sync_counts_pushes_applied_and_rejects_every_push_of_a_refused_round() 
     the values overflow) rejects both its pushes and applies none (it was counted 1 rejected, 1 applied, and its
     pushes said applied); a round whose pushes were all NaN rejects them once; an applied round counts its pushes.
     round_applied tells the worker which, and a restored snapshot keeps the count."""
-    from downpour.ps.policies import Sync
-    from downpour.ps.sync_shard import SyncShard
-
-    class TwoLive:
-        def live(self) -> int:
-            return 2
-
-    def shard(lr: float) -> SyncShard:
-        return SyncShard(0, 0, torch.zeros(3), SGD(lr=lr), policy=Sync(workers=2), roster=TwoLive())
-
-    huge = shard(1e38)
+    huge = sync_shard_of_two(torch.zeros(3), lr=1e38)
     for worker in (0, 1):
         assert huge.push(torch.full((3,), 10.0), 0, worker).applied  # accepted into the round
     assert (huge.version, huge.rejected, huge.applied, huge.round_applied(0)) == (1, 2, 0, False)
     assert huge.snapshot()["values"].tolist() == [0.0, 0.0, 0.0]
-    plain = shard(0.5)
+    plain = sync_shard_of_two(torch.zeros(3), lr=0.5)
     for worker in (0, 1):
         plain.push(torch.full((3,), float("nan")), 0, worker)  # both refused on arrival
     for worker in (0, 1):
@@ -473,7 +465,7 @@ def test_sync_counts_pushes_applied_and_rejects_every_push_of_a_refused_round() 
     snapshot = plain.snapshot()
     assert (snapshot["version"], snapshot["rejected"], snapshot["applied"]) == (2, 2, 2)
     assert snapshot["values"].tolist() == [-1.0, -1.0, -1.0]
-    again = shard(0.5)
+    again = sync_shard_of_two(torch.zeros(3), lr=0.5)
     again.restore(snapshot)
     assert (again.version, again.rejected, again.applied) == (2, 2, 2)
     assert again.round_applied(1) is None  # the outcomes before a restore are not known
@@ -536,24 +528,13 @@ def test_a_sync_shards_late_push_count_survives_a_snapshot_and_restore() -> None
     """Sync, two workers, one backup (quorum 1): worker 0 closes round 0 alone, then worker 1's five pushes computed
     on version 0 are late: dropped and counted, 5. A snapshot holds dropped = 5, and a fresh shard restored from it
     counts on from 5 (a resumed run's report of late pushes would otherwise restart at 0)."""
-    from downpour.ps.policies import Sync
-    from downpour.ps.sync_shard import SyncShard
-
-    class TwoLive:
-        def live(self) -> int:
-            return 2
-
-    def shard() -> SyncShard:
-        return SyncShard(0, 0, torch.zeros(2), SGD(lr=1.0), policy=Sync(workers=2, backup_workers=1),
-                         roster=TwoLive())  # fmt: skip
-
-    first = shard()
+    first = sync_shard_of_two(torch.zeros(2), backup_workers=1)
     assert first.push(torch.ones(2), fetched_version=0, worker=0) == PushResult(True, 0, 1)
     for _ in range(5):
         assert first.push(torch.ones(2), fetched_version=0, worker=1) == PushResult(False, 1, 1)
     snapshot = first.snapshot()
     assert (snapshot["version"], snapshot["dropped"], snapshot["applied"]) == (1, 5, 1)
-    again = shard()
+    again = sync_shard_of_two(torch.zeros(2), backup_workers=1)
     again.restore(snapshot)
     assert (again.version, again.dropped, again.applied) == (1, 5, 1)
     again.push(torch.ones(2), fetched_version=0, worker=1)  # one more late push
