@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from downpour.errors import NESTS_TOO_DEEPLY, CheckpointError
-from downpour.rundir import atomic_write_text, save_tensors
+from downpour.rundir import atomic_write_text, read_json_object, save_tensors
 
 FORMAT = 1
 STATE_FILE = "state.json"
@@ -196,11 +196,7 @@ def require_objects(state: dict[str, Any], where: Path, *, required: tuple[str, 
 
 def _peek(directory: Path) -> dict[str, Any]:
     """The checkpoint's state as JSON, unchecked ({} when it cannot be read: :func:`load` reports that)."""
-    try:
-        state = json.loads((directory / STATE_FILE).read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return state if isinstance(state, dict) else {}
+    return read_json_object(directory / STATE_FILE) or {}
 
 
 def saved_diverged(directory: Path) -> dict[str, Any] | None:

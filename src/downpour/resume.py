@@ -306,13 +306,9 @@ def sessions_logged(out: Path) -> int:
 def _checkpoint_recorded(out: Path) -> int | None:
     """The step of a checkpoint that ``out``'s summary or metrics say was saved (None when they say of none): a run
     without its checkpoint then lost it, rather than stopping before its first."""
-    try:
-        summary = json.loads((out / rundir.SUMMARY).read_text())
-        step = summary.get("checkpoint_step") if isinstance(summary, dict) else None
-        if isinstance(step, int) and not isinstance(step, bool) and step > 0:
-            return step
-    except (OSError, ValueError, RecursionError):  # nested past the recursion limit: unreadable too
-        pass
+    step = (rundir.read_json_object(out / rundir.SUMMARY) or {}).get("checkpoint_step")
+    if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+        return step
     steps = []  # periodic checkpoints saved (their rows' step), and the one each session ended with
     with contextlib.suppress(OSError), open(out / rundir.METRICS, "rb") as lines:
         for line in lines:

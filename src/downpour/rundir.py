@@ -217,6 +217,16 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the file at ``path``, or None where there is none to read: no file, an unreadable one,
+    text that is no JSON (or nests past the parser's recursion limit, a RecursionError), or JSON that is no object."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 def json_text(value: Any) -> str:
     """``value`` as standard, indented JSON text (NaN and Inf as null: what ``--json`` prints)."""
     return json.dumps(json_safe(value), indent=2, default=str, allow_nan=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,7 @@ def write_result(run_dir: Path, name: str, payload: dict[str, Any]) -> Path:
 
 def read_result(run_dir: Path, name: str) -> dict[str, Any] | None:
     """``RUN_DIR/eval/<name>.json`` if it exists and is valid JSON, else None."""
-    path = Path(run_dir) / EVAL_DIR / f"{name}.json"
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):  # nested past the recursion limit: unreadable too
-        return None
-    return payload if isinstance(payload, dict) else None
+    return rundir.read_json_object(Path(run_dir) / EVAL_DIR / f"{name}.json")
 
 
 def print_rows(title: str, columns: list[str], rows: list[list[str]], console: Console) -> None:

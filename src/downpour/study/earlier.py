@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from downpour.errors import DownpourError
+from downpour.rundir import read_json_object
 
 
 def as_json(value: Any) -> Any:
@@ -21,11 +22,8 @@ def check_earlier(path: Path, same: Callable[[dict[str, Any]], bool]) -> None:
     a study's results is refused too. Nothing else in its folder is read."""
     if not path.exists():
         return
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):  # nested past the recursion limit: no study's results either
-        earlier = None
-    if not isinstance(earlier, dict) or not same(earlier):
+    earlier = read_results(path)
+    if earlier is None or not same(earlier):
         raise DownpourError(f"{path.parent} holds the results of another study or of other settings ({path.name}): "
                             "use another --out (a study replaces only its own results, made with the same "
                             "settings)")  # fmt: skip
@@ -33,11 +31,7 @@ def check_earlier(path: Path, same: Callable[[dict[str, Any]], bool]) -> None:
 
 def read_results(path: Path) -> dict[str, Any] | None:
     """The study results at ``path`` (``results.json``, ``optima.json``), or None where there are none readable."""
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return results if isinstance(results, dict) else None
+    return read_json_object(path)
 
 
 def complete_results(path: Path) -> bool:
