@@ -136,8 +136,7 @@ def connect(address: str = "", *, num_cpus: int | None = None, object_store_byte
             disconnect(temp_dir)
             raise DownpourError(f"cannot start a local Ray instance: {first_line(exc)}") from None
         except BaseException:  # Ctrl-C while Ray starts: stop what started, leave no directory behind
-            with contextlib.suppress(Exception):
-                disconnect(temp_dir)
+            disconnect(temp_dir)  # (it lets no failure of the shutdown through)
             raise
         return temp_dir
     try:
