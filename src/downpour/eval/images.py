@@ -91,6 +91,9 @@ def _first_picture(image: np.ndarray) -> np.ndarray:
     return image
 
 
+_TO_RGB = ("P", "PA", "1", "YCbCr", "LAB", "HSV")  # Pillow modes whose values are no gray or RGB: converted
+
+
 def _as_training_reads(path: Path) -> np.ndarray | None:
     """The pictures that must be read as training's reader reads them, not as they are stored: a CMYK picture (JPEGs
     from print workflows) converted to RGB (read as it is, its C, M, Y would be taken for R, G, B: the negative),
@@ -104,7 +107,7 @@ def _as_training_reads(path: Path) -> np.ndarray | None:
                 return np.asarray(turned.convert("RGB"))
             if turned is image and getattr(image, "n_frames", 1) == 1:
                 return None
-            if turned.mode in ("P", "PA", "1", "YCbCr", "LAB", "HSV"):
+            if turned.mode in _TO_RGB:
                 turned = turned.convert("RGB")
             return np.asarray(turned)  # L, LA, RGB, RGBA, and 16-bit or float gray, scaled as the main reader does
     except (UnidentifiedImageError, OSError, ValueError):  # not a picture PIL knows: the main reader says what
@@ -115,7 +118,7 @@ def _as_training_reads(path: Path) -> np.ndarray | None:
 _TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
           8: Image.Transpose.ROTATE_90}  # fmt: skip
-_AS_RGB = ("P", "PA", "1", "YCbCr", "LAB", "HSV", "CMYK", "RGBA")  # read as RGB, as :func:`_as_training_reads` does
+_AS_RGB = (*_TO_RGB, "CMYK", "RGBA")  # read as RGB, as :func:`_as_training_reads` reads them (its alpha dropped)
 
 
 def _stored_size(path: Path) -> tuple[int, int] | None:
