@@ -518,6 +518,29 @@ def test_runs_in_one_process_leave_no_descriptors_open(tmp_path: Path, cli: Call
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
+def _stop_once_its_checkpoint_is_logged(run_dir: Path, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """SIGSTOP the driver ``proc`` at a moment when metrics.jsonl holds the row of every push its checkpoint holds
+    (under downpour a shard's pushes are its versions 1..v), which a push's row reaches a moment after the push: the
+    rows a resume can count. Between tries the driver runs on for a moment (and may save a newer checkpoint)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.kill(proc.pid, signal.SIGSTOP)
+        state = run_dir / "checkpoint" / "state.json"
+        if state.exists():
+            versions = [shard["version"] for shard in json.loads(state.read_text())["shards"]]
+            logged: dict[int, set[int]] = {}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    row = json.loads(line)
+                    if row["event"] == "push" and row["applied"]:
+                        logged.setdefault(row["shard"], set()).add(row["version"])
+            if all(set(range(1, v + 1)) <= logged.get(i, set()) for i, v in enumerate(versions)):
+                return
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.3)
+    raise AssertionError("the driver never had its checkpoint's push rows on disk")
+
+
 def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
     run_dir: Path, cli: Callable[..., CliResult]
 ) -> None:
@@ -529,9 +552,7 @@ def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
     ) as proc:
         records = _wait_for_pushes(run_dir, proc)
         pids = next(r for r in records if r["event"] == "start")["pids"]
-        deadline = time.monotonic() + 60
-        while not (run_dir / "checkpoint" / "state.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _stop_once_its_checkpoint_is_logged(run_dir, proc)
         os.kill(pids[0], signal.SIGSTOP)
         proc.kill()
         proc.communicate(timeout=30)
@@ -541,9 +562,19 @@ def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
     assert all(shard["version"] <= state["step"] for shard in state["shards"])
     result = cli("train", "--resume", str(run_dir), "--steps", str(state["step"] + 100), "--no-progress")
     assert result.returncode == 0, result.stderr
+    missed = sum(shard["version"] for shard in state["shards"]) - sum(state["staleness_histogram"])
+    assert (f"counted {missed:,} pushes the checkpoint holds" in result.stderr) == (missed > 0), result.stderr
     summary = _summary(run_dir)
     assert summary["steps"] == state["step"] + 100
     assert summary["sessions"] == 2
+    # every push the shards hold is in the histogram, those whose rows the killed driver logged after its checkpoint
+    # too (counted from metrics.jsonl on resume); a shard's version counts its applied pushes
+    resumed = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert (
+        sum(resumed["staleness_histogram"])
+        == summary["updates_applied"]
+        == sum(shard["version"] for shard in resumed["shards"])
+    )
 
 
 def test_resume_refuses_other_data_or_seed(finished_run: Path, cli: Callable[..., CliResult]) -> None:

@@ -24,6 +24,7 @@ from downpour.console import warn
 from downpour.data import Dataset, counts_before_exact_examples
 from downpour.data.own import READER_CHANGES, READER_VERSION
 from downpour.errors import CheckpointError, DownpourError
+from downpour.late_pushes import missed_staleness
 from downpour.ps.policies import policy_rule
 from downpour.ps.sharding import contiguous_bounds
 from downpour.ps.staleness import StalenessHistogram
@@ -51,6 +52,8 @@ class RunState:
     restores_before: int = 0  # shard_restores of the earlier sessions (likewise)
     deaths_before: int = 0  # worker_deaths of the earlier sessions (likewise)
     checkpoint_step: int | None = None  # step of the checkpoint in the run directory (not saved; None: none yet)
+    push_rows: int = 0  # push rows this session has logged (saved: the rows its checkpoint's histogram counts)
+    missed_pushes: int = 0  # applied pushes the loaded checkpoint held but had not counted (not saved)
     data_counts: dict[str, Any] = field(default_factory=dict)  # training and held-out examples (its split's check),
     # and for users' folders and videos the digest of the pictures read
 
@@ -208,6 +211,12 @@ def load_previous(out: Path, config: Config, signature: dict[str, Any],
         **{key: ckpt.count(saved.get(key, 0), key, where) for key in FAULT_COUNTERS},
     )
     run_state.checkpoint_step = run_state.steps
+    if "push_rows" in saved:  # absent before checkpoints recorded it: nothing to recover
+        pushed = ckpt.count(saved["push_rows"], "push_rows", where)
+        versions = [info["version"] for info in saved["shards"]]
+        missed = missed_staleness(out / rundir.METRICS, run_state.session - 1, pushed, versions)
+        run_state.staleness.add(missed)
+        run_state.missed_pushes = int(missed.size)
     return checkpoint, run_state
 
 

@@ -156,6 +156,9 @@ def run_training(
             # a session that saved no checkpoint (killed before its first, or diverged) still had its number: the
             # next one takes a new one, and with it other worker seeds
             run_state.session = max(run_state.session, sessions_logged(out))
+            if run_state.missed_pushes:
+                say(console, f"counted {run_state.missed_pushes:,} pushes the checkpoint holds in its staleness "
+                             "histogram: the killed session logged them after saving it")  # fmt: skip
             if 0 < config.train.steps <= run_state.steps:
                 raise DownpourError(
                     f"run {out} is already at step {run_state.steps:,}, and train.steps = "

@@ -65,6 +65,7 @@ def _save_checkpoint(
         "elapsed_s": run_state.elapsed_s,
         "initial_loss": run_state.initial_loss if np.isfinite(run_state.initial_loss) else None,
         "staleness_histogram": run_state.staleness.counts.tolist(),
+        "push_rows": run_state.push_rows,  # the rows after these that hold pushes of this checkpoint: not counted
         "worker_deaths": run_state.worker_deaths,
         **{key: getattr(run_state, key) for key in FAULT_COUNTERS},
         "config": config.to_dict(),
@@ -116,8 +117,10 @@ def _count_restores(cluster: Any, run_state: RunState) -> None:
 
 
 def log_push_records(records: list[tuple], metrics: rundir.MetricsLog, run_state: RunState) -> None:
+    """Write a push row per record and count the applied pushes' staleness (and the session's push rows)."""
     if not records:
         return
+    run_state.push_rows += len(records)
     applied = []
     for t, worker, shard, version, staleness, loss, ok in records:
         metrics.write(
@@ -233,11 +236,14 @@ def watch(
     last_seen: float | None = None  # and at the last poll: neither is the workers' shutdown
     last_examples_seen = 0
     interrupted = starved = False
+    held: list[int] = []  # the shards' versions in the checkpoint saved last
 
     def collect() -> None:
         """Log the push records and worker events that arrived since the last poll."""
         records, events = cluster.poll()
         log_push_records(records, metrics, run_state)
+        if held and any(ok and version <= held[shard] for _, _, shard, version, _, _, ok in records):
+            metrics.flush()  # rows of pushes the saved checkpoint holds: on disk for a resume after a kill to count
         log_events(events, metrics, run_state, console, t0, config.cluster.workers)
 
     with LiveProgress(steps=train.steps, seconds=train.seconds, console=console, enabled=show_progress) as bar:
@@ -296,6 +302,8 @@ def watch(
                     next_checkpoint = max(next_checkpoint, waited + train.checkpoint_every)
                     next_eval = max(next_eval, waited + train.eval_every) if train.eval_every else next_eval
                 if taken is not None:
+                    if taken.saved:
+                        held = [snapshot["version"] for snapshot in taken.snapshots]
                     metrics.write("checkpoint", t=now - t0, step=taken.step, held_out_loss=taken.loss,
                                   saved=taken.saved, checkpoint_step=run_state.checkpoint_step)  # fmt: skip
                     metrics.flush()  # a driver killed now keeps the row of the checkpoint it saved

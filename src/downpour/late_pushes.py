@@ -1,0 +1,87 @@
+"""The pushes a checkpoint holds that its staleness histogram missed, read back from ``metrics.jsonl``.
+
+A worker's push rows reach the driver after its push was applied, so a periodic checkpoint's shards can hold pushes
+whose rows the driver logs only after saving it. A session that goes on counts them in its next checkpoint; one whose
+driver is killed (``kill -9``) does not, and a resume from that checkpoint would lack them for good. The checkpoint
+records how many push rows its session had logged (``push_rows``): the rows after those, up to the next session's
+start, whose push a shard applied at a version the checkpoint holds, are the ones it missed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_START = b'{"event":"start"'
+_PUSH = b'{"event":"push"'
+
+
+def missed_staleness(metrics: Path, session: int, push_rows: int, versions: Sequence[int]) -> np.ndarray:
+    """Staleness of each applied push that a checkpoint saved by ``session`` after ``push_rows`` of its push rows
+    holds (its shard's version then was ``versions[shard]``) but whose row came after: ``int64``, empty when none or
+    when ``metrics`` cannot be read. Rows that are cut off or malformed are passed over."""
+    missed: list[int] = []
+    try:
+        with open(metrics, "rb") as lines:
+            start = _last_start_of(lines, session)
+            if start is None:
+                return np.zeros(0, dtype=np.int64)
+            lines.seek(start)
+            next(lines)  # the session's start row
+            skipped = 0
+            for line in lines:
+                if line.startswith(_START):
+                    break  # the next session's rows: pushes applied after the checkpoint was restored
+                if not line.startswith(_PUSH):
+                    continue
+                if skipped < push_rows:  # counted in the checkpoint's histogram
+                    skipped += 1
+                    continue
+                if (staleness := _held_push(line, versions)) is not None:
+                    missed.append(staleness)
+    except OSError:
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(missed, dtype=np.int64)
+
+
+def _last_start_of(lines: Any, session: int) -> int | None:
+    """Offset of the last start row of ``session`` in the open file ``lines`` (None when it has none)."""
+    found = None
+    for offset, line in _with_offsets(lines):
+        if line.startswith(_START) and (row := _row(line)) is not None and _int(row.get("session")) == session:
+            found = offset
+    return found
+
+
+def _with_offsets(lines: Any) -> Iterator[tuple[int, bytes]]:
+    offset = 0
+    for line in lines:
+        yield offset, line
+        offset += len(line)
+
+
+def _held_push(line: bytes, versions: Sequence[int]) -> int | None:
+    """The staleness of the push row ``line`` when its push was applied at a version the checkpoint holds."""
+    row = _row(line)
+    if row is None or row.get("applied") is not True:
+        return None
+    shard, version, staleness = _int(row.get("shard")), _int(row.get("version")), _int(row.get("staleness"))
+    if shard is None or version is None or staleness is None or not 0 <= shard < len(versions) or staleness < 0:
+        return None
+    return staleness if 0 < version <= versions[shard] else None
+
+
+def _row(line: bytes) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
