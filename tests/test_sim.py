@@ -297,6 +297,16 @@ def test_simulated_seconds_budget_and_observe_hook() -> None:
     assert seen == [(float(k), 4 * k) for k in range(1, 6)]
 
 
+@pytest.mark.parametrize("policy", ["downpour", "sync"])
+def test_a_push_that_arrives_exactly_when_the_seconds_run_out_counts(policy: str) -> None:
+    """The budget is inclusive: with constant 1 s gradients and no network, pushes land at 1, 2 and 3 s, and a
+    budget of 3 s takes all three from each worker (2.999 s takes two)."""
+    for seconds, each in ((3.0, 3), (2.999, 2)):
+        settings = SimSettings(workers=2, steps=0, seconds=seconds)
+        result = simulate(W0, make_rule("sgd", lr=0.05), make_policy(policy, workers=2), PROBLEM, settings)
+        assert sorted(result.records.t.tolist()) == [float(t) for t in range(1, each + 1) for _ in range(2)]
+
+
 def test_nan_pushes_are_rejected_and_counted() -> None:
     """A worker whose gradients are NaN never touches the parameters; its pushes are counted as rejected."""
 

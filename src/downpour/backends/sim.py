@@ -347,7 +347,8 @@ class Simulation:
         return True
 
     def _pop(self) -> tuple[float, int] | None:
-        """The next event ``(time, worker)``, or None when the simulated-time budget is spent."""
+        """The next event ``(time, worker)``, or None when the simulated-time budget is spent (a push that arrives
+        at exactly ``train.seconds`` still counts: the budget is inclusive)."""
         if not self._heap:
             return None
         t, _, w = heapq.heappop(self._heap)
