@@ -131,20 +131,52 @@ def test_lock_folders_of_dead_drivers_are_removed_and_others_kept() -> None:
     import tempfile
 
     from downpour.backends.local import LOCK_DIR_PREFIX, remove_dead_lock_dirs
+    from downpour.backends.processes import ALIVE_FILE, hold_while_alive
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
     root = Path(tempfile.gettempdir())
-    dead = Path(tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{dead_pid}-"))
-    (dead / "shard0").write_text("")
+    dead = Path(tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{dead_pid}-"))  # as an earlier version made them:
+    (dead / "shard0").write_text("")  # judged by the pid in the name
     alive = Path(tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{os.getppid()}-"))
     unnamed = Path(tempfile.mkdtemp(prefix=LOCK_DIR_PREFIX, dir=root))  # as named before the pid was in the name
+    # made by a live driver in another pid namespace, where its pid names no process here: its lock says alive
+    elsewhere = Path(tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{dead_pid}-"))
+    held = hold_while_alive(str(elsewhere))
+    # a driver gone whose pid another process has now: its lock is free
+    reused = Path(tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{os.getppid()}-"))
+    (reused / ALIVE_FILE).write_text("")
     try:
-        assert remove_dead_lock_dirs() >= 1
+        assert remove_dead_lock_dirs() >= 2
         assert not dead.exists() and alive.exists() and unnamed.exists()
+        assert elsewhere.exists() and not reused.exists()
     finally:
-        for path in (dead, alive, unnamed):
+        os.close(held)
+        for path in (dead, alive, unnamed, elsewhere, reused):
             if path.exists():
                 for child in path.iterdir():
                     child.unlink()
                 path.rmdir()
+
+
+def test_a_drivers_lock_folder_is_locked_from_the_moment_it_has_its_name() -> None:
+    """The folder is made under a name no cleanup reads, locked, then renamed: once named with the driver's pid it
+    holds a locked owner.alive, which a driver's exit (closing the descriptor) frees."""
+    import shutil
+
+    from downpour.backends.local import LOCK_DIR_PREFIX, make_lock_dir
+    from downpour.backends.processes import ALIVE_FILE, owner_gone
+
+    folder, alive = make_lock_dir()
+    try:
+        assert Path(folder).name.startswith(f"{LOCK_DIR_PREFIX}{os.getpid()}-")
+        assert (Path(folder) / ALIVE_FILE).is_file()
+        assert not list(Path(folder).parent.glob(f"{LOCK_DIR_PREFIX}new-{Path(folder).name.rsplit('-', 1)[1]}"))
+        assert not owner_gone(folder, os.getpid())
+        os.close(alive)
+        alive = -1
+        assert owner_gone(folder, os.getpid())  # the lock decides, not the pid (which is alive)
+    finally:
+        if alive >= 0:
+            os.close(alive)
+        shutil.rmtree(folder, ignore_errors=True)

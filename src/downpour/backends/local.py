@@ -44,8 +44,9 @@ from downpour.backends.processes import (
     driver_alive,
     fork_server_gone,
     fork_server_pid,
+    hold_while_alive,
     kill_fork_server,
-    process_gone,
+    owner_gone,
     worker_context,
 )
 from downpour.config import Config
@@ -236,15 +237,26 @@ def _worker_main(spec: _WorkerSpec) -> None:
 LOCK_DIR_PREFIX = "downpour-locks-"  # then the driver's pid: a folder whose driver is gone can be removed
 
 
+def make_lock_dir() -> tuple[str, int]:
+    """A private folder for the shards' lock files, ``downpour-locks-PID-XXXX`` in the temporary directory, and
+    the descriptor that holds its ``owner.alive`` locked while this driver lives (:func:`hold_while_alive`). It is
+    made under a name without a pid and renamed once locked, so that no driver ever sees it unlocked."""
+    staging = tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}new-")
+    alive = hold_while_alive(staging)
+    folder = os.path.join(os.path.dirname(staging), f"{LOCK_DIR_PREFIX}{os.getpid()}-{staging.rsplit('-', 1)[1]}")
+    os.rename(staging, folder)
+    return folder, alive
+
+
 def remove_dead_lock_dirs() -> int:
     """Remove the shard-lock folders in the temporary directory whose driver process is gone (a driver killed with
-    SIGKILL cannot remove its own); return how many. A folder of a live process, another user's, or one named
+    SIGKILL cannot remove its own); return how many. A folder of a live driver, another user's, or one named
     before the pid was in the name is left alone."""
     removed = 0
     for path in Path(tempfile.gettempdir()).glob(f"{LOCK_DIR_PREFIX}*-*"):
         pid = path.name[len(LOCK_DIR_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or not process_gone(int(pid)):
-            continue  # alive (or its pid reused, or another user's): not ours to judge
+        if not pid.isdigit() or not owner_gone(path, int(pid)):
+            continue  # alive, or another user's: not ours to judge
         shutil.rmtree(path, ignore_errors=True)
         removed += not path.exists()
     return removed
@@ -283,7 +295,7 @@ class LocalCluster:
         self.config = config
         self.bounds = contiguous_bounds(initial.numel(), config.ps.shards)
         remove_dead_lock_dirs()  # left by drivers killed with SIGKILL, which could not remove their own
-        self._lock_dir = tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}{os.getpid()}-")
+        self._lock_dir, self._alive = make_lock_dir()
         rule = policy_rule(config)
         policy = config_policy(config)
         workers = config.cluster.workers
@@ -417,6 +429,12 @@ class LocalCluster:
             if isinstance(lock, FileLock):
                 lock.close()
         shutil.rmtree(self._lock_dir, ignore_errors=True)
+        self._release_lock_dir()
+
+    def _release_lock_dir(self) -> None:
+        if self._alive >= 0:
+            os.close(self._alive)
+            self._alive = -1
 
     # -- observation -----------------------------------------------------------------------------------------
     def poll(self) -> tuple[list[tuple], list[WorkerEvent]]:
@@ -482,3 +500,4 @@ class LocalCluster:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             shutil.rmtree(self._lock_dir, ignore_errors=True)
+            self._release_lock_dir()

@@ -17,6 +17,7 @@ temporary directory whose path is too long for a socket), workers are spawned, e
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -125,6 +126,37 @@ def process_gone(pid: int) -> bool:
     except OSError:
         return False
     return False
+
+
+ALIVE_FILE = "owner.alive"  # in a folder of leftovers-to-be: locked (flock) while the process that made it lives
+
+
+def hold_while_alive(folder: str) -> int:
+    """Create ``folder/owner.alive`` and lock it (``flock``) for as long as this process lives: the kernel releases
+    the lock however the process ends, SIGKILL included. Return its descriptor (closing it releases the lock)."""
+    fd = os.open(os.path.join(folder, ALIVE_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def owner_gone(folder: str | Path, pid: int) -> bool:
+    """Whether the process that made ``folder`` (its pid ``pid``) is gone: nothing holds the lock on its
+    ``owner.alive`` (:func:`hold_while_alive`). That holds across pid namespaces (containers sharing a temporary
+    directory, where another's live pid looks gone) and after a pid is reused. A folder without the file, made by
+    an earlier version, is judged by :func:`process_gone`."""
+    try:
+        fd = os.open(os.path.join(folder, ALIVE_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return process_gone(pid)
+    except OSError:
+        return False  # another user's, or unreadable: not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held (BlockingIOError), or a file system without flock: alive as far as we can tell
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def driver_alive() -> bool:
