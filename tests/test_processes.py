@@ -180,3 +180,28 @@ def test_a_drivers_lock_folder_is_locked_from_the_moment_it_has_its_name() -> No
         if alive >= 0:
             os.close(alive)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_fork_server_folders_of_killed_drivers_are_removed_and_no_others() -> None:
+    """``multiprocessing``'s ``pymp-*`` folder (the fork server's socket) outlives a driver killed with SIGKILL; a
+    later driver removes those a driver marked and is gone from, and keeps a live one's and any it did not mark."""
+    import tempfile
+
+    from downpour.backends.processes import ALIVE_FILE, hold_while_alive, remove_dead_temp_dirs
+
+    gone = Path(tempfile.mkdtemp(prefix="pymp-"))
+    (gone / ALIVE_FILE).write_text("")
+    (gone / "listener-x").write_text("")
+    live = Path(tempfile.mkdtemp(prefix="pymp-"))
+    held = hold_while_alive(str(live))
+    unmarked = Path(tempfile.mkdtemp(prefix="pymp-"))  # another program's: its owner may well be alive
+    try:
+        assert remove_dead_temp_dirs() >= 1
+        assert not gone.exists() and live.exists() and unmarked.exists()
+    finally:
+        os.close(held)
+        for path in (gone, live, unmarked):
+            if path.exists():
+                for child in path.iterdir():
+                    child.unlink()
+                path.rmdir()

@@ -552,6 +552,8 @@ def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
     ) as proc:
         records = _wait_for_pushes(run_dir, proc)
         pids = next(r for r in records if r["event"] == "start")["pids"]
+        marked = [os.readlink(fd) for fd in Path(f"/proc/{proc.pid}/fd").iterdir()]
+        fork_server_dirs = [Path(link).parent for link in marked if link.endswith("/owner.alive") and "/pymp-" in link]
         _stop_once_its_checkpoint_is_logged(run_dir, proc)
         os.kill(pids[0], signal.SIGSTOP)
         proc.kill()
@@ -560,8 +562,11 @@ def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
     state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     assert state["step"] > 0
     assert all(shard["version"] <= state["step"] for shard in state["shards"])
+    assert len(fork_server_dirs) == (1 if fork_server_available() else 0)
+    assert all(folder.exists() for folder in fork_server_dirs)  # a SIGKILL leaves it; the next driver removes it
     result = cli("train", "--resume", str(run_dir), "--steps", str(state["step"] + 100), "--no-progress")
     assert result.returncode == 0, result.stderr
+    assert not any(folder.exists() for folder in fork_server_dirs)
     missed = sum(shard["version"] for shard in state["shards"]) - sum(state["staleness_histogram"])
     assert (f"counted {missed:,} pushes the checkpoint holds" in result.stderr) == (missed > 0), result.stderr
     summary = _summary(run_dir)

@@ -47,6 +47,7 @@ from downpour.backends.processes import (
     hold_while_alive,
     kill_fork_server,
     owner_gone,
+    remove_dead_temp_dirs,
     worker_context,
 )
 from downpour.config import Config
@@ -295,6 +296,7 @@ class LocalCluster:
         self.config = config
         self.bounds = contiguous_bounds(initial.numel(), config.ps.shards)
         remove_dead_lock_dirs()  # left by drivers killed with SIGKILL, which could not remove their own
+        remove_dead_temp_dirs()  # and their fork servers' folders
         self._lock_dir, self._alive = make_lock_dir()
         rule = policy_rule(config)
         policy = config_policy(config)

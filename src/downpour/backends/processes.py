@@ -20,9 +20,12 @@ import contextlib
 import fcntl
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.util
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ def worker_context() -> Any:
             multiprocessing.forkserver.ensure_running()
     except OSError:  # e.g. "AF_UNIX path too long" under a long TMPDIR: spawned workers need no socket
         return mp.get_context("spawn")
+    _mark_temp_dir_alive()
     return mp.get_context("forkserver")
 
 
@@ -144,10 +148,17 @@ def owner_gone(folder: str | Path, pid: int) -> bool:
     ``owner.alive`` (:func:`hold_while_alive`). That holds across pid namespaces (containers sharing a temporary
     directory, where another's live pid looks gone) and after a pid is reused. A folder without the file, made by
     an earlier version, is judged by :func:`process_gone`."""
+    free = alive_lock_free(folder)
+    return process_gone(pid) if free is None else free
+
+
+def alive_lock_free(folder: str | Path) -> bool | None:
+    """Whether ``folder/owner.alive`` is there and unlocked (True: its owner is gone), locked or unreadable (False),
+    or missing (None)."""
     try:
         fd = os.open(os.path.join(folder, ALIVE_FILE), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return process_gone(pid)
+        return None
     except OSError:
         return False  # another user's, or unreadable: not ours to judge
     try:
@@ -157,6 +168,28 @@ def owner_gone(folder: str | Path, pid: int) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+_held_temp_dir: list[int] = []  # the descriptor that marks this process's multiprocessing folder alive
+
+
+def _mark_temp_dir_alive() -> None:
+    """Mark the folder ``multiprocessing`` keeps the fork server's socket in (``pymp-*`` in the temporary
+    directory, removed at a normal exit) as this process's while it lives, so that a later driver can remove it
+    after a SIGKILL (:func:`remove_dead_temp_dirs`)."""
+    if not _held_temp_dir:
+        _held_temp_dir.append(hold_while_alive(multiprocessing.util.get_temp_dir()))
+
+
+def remove_dead_temp_dirs() -> int:
+    """Remove the ``pymp-*`` folders that a downpour driver marked (:func:`_mark_temp_dir_alive`) and that outlived
+    it (killed with SIGKILL, it could not remove its own); return how many. Unmarked ones are not ours."""
+    removed = 0
+    for marker in Path(tempfile.gettempdir()).glob(f"pymp-*/{ALIVE_FILE}"):
+        if alive_lock_free(marker.parent):
+            shutil.rmtree(marker.parent, ignore_errors=True)
+            removed += not marker.parent.exists()
+    return removed
 
 
 def driver_alive() -> bool:
