@@ -91,7 +91,7 @@ class TrainConfig:
     seed: int = 0
     tensorboard: bool = False  # also write the metrics as TensorBoard event files into RUN_DIR/tensorboard/
     checkpoint_every: float = 30.0  # seconds between checkpoints
-    eval_every: float = 0.0  # local backend: seconds between held-out loss evaluations ("eval" rows); 0 = off
+    eval_every: float = 0.0  # local and Ray backends: seconds between held-out loss evaluations ("eval" rows); 0 = off
 
 
 @dataclass
