@@ -1,8 +1,9 @@
 """README.md stays true: every ```python block runs as written, each on its own, and a comment that is a value
 (``# 0``, ``# (32, 8, 37, 37)``, ``# PushResult(...)``) must be what its line gives; every ``downpour`` command in a
-```bash block parses with the command's own parser, and its ``--set`` keys and values pass the config's checks;
-the synopsis in "The CLI" names every subcommand and option as the parser has them; the TOML in "Configuration"
-shows the real defaults; the error transcripts are what the command prints. Nothing here trains or benchmarks."""
+```bash block or with options in a code span of the prose parses with the command's own parser, and its ``--set``
+keys and values pass the config's checks; the synopsis in "The CLI" names every subcommand and option as the parser
+has them; the TOML in "Configuration" shows the real defaults; the error transcripts are what the command prints.
+Nothing here trains or benchmarks."""
 
 from __future__ import annotations
 
@@ -76,7 +77,25 @@ def _commands() -> list[tuple[int, list[str]]]:
     return commands
 
 
-COMMANDS = _commands()
+INLINE = re.compile(r"`(downpour [^`]*--[^`]*)`")  # a command with options in a code span of the prose
+PLACEHOLDER = re.compile(r"(?:^|=)(?:\.\.\.|[A-Z])$")  # --seed N, ps.policy=P, ps.lr=...: a value left to the reader
+
+
+def _inline_commands() -> list[tuple[int, list[str]]]:
+    """The prose's ``downpour ...`` code spans that show options (a span may wrap a line), outside fenced blocks; a
+    span holding a placeholder value (``--seed N``, ``--set ps.lr=...``) is left out, a placeholder path (``RUN``,
+    ``--out DIR``) is not."""
+    fenced = [m.span() for m in FENCE.finditer(TEXT)]
+    commands = []
+    for m in INLINE.finditer(TEXT):
+        words = m.group(1).split()
+        if any(a <= m.start() < b for a, b in fenced) or any(PLACEHOLDER.search(word) for word in words):
+            continue
+        commands.append((TEXT.count("\n", 0, m.start()) + 1, words[1:]))
+    return commands
+
+
+COMMANDS = _commands() + _inline_commands()
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
