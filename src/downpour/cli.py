@@ -53,7 +53,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", type=str, help="ps.shards")
     p.add_argument("--backend", type=str, help="cluster.backend")
     p.add_argument("--seconds", type=str, help="train.seconds (wall-clock budget)")
-    p.add_argument("--steps", type=str, help="train.steps (pushes applied across all workers)")
+    p.add_argument("--steps", type=str, help="train.steps (pushes across all workers, rejected ones too)")
     p.add_argument("--seed", type=str, help="train.seed")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.add_argument("--tensorboard", action="store_true", help="train.tensorboard: also write RUN_DIR/tensorboard/")

@@ -87,7 +87,7 @@ class TrainConfig:
 
     batch_size: int = 128
     seconds: float = 60.0  # wall-clock budget; 0 means no limit
-    steps: int = 0  # pushes applied across all workers (the global step); 0 means no limit
+    steps: int = 0  # pushes across all workers, rejected ones too (the global step); 0 means no limit
     seed: int = 0
     tensorboard: bool = False  # also write the metrics as TensorBoard event files into RUN_DIR/tensorboard/
     checkpoint_every: float = 30.0  # seconds between checkpoints

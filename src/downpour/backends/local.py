@@ -483,7 +483,7 @@ class LocalCluster:
         return float(self._progress[:, 1].mean())
 
     def steps(self) -> int:
-        """The global step: pushes applied across all workers."""
+        """The global step: pushes across all workers (claimed before each push, so rejected ones count)."""
         return self.budget.value
 
     def snapshots(self, *, wait: float | None = None) -> list[dict[str, Any]]:
