@@ -161,3 +161,13 @@ def test_bench_sim_plain_loop_makes_as_many_gradient_calls_as_the_simulator() ->
                          chunk=7)  # fmt: skip
     assert totals["grad_evals"] == 100
     assert calls[0] == 2 * 100
+
+
+def test_arithmetic_of_a_layer_step() -> None:
+    """Forward, input gradient and weight gradient each do every multiply-add once: 3 · 2 · batch · locations ·
+    maps · patch FLOPs (batch 32, 41x41 locations, 8 maps, 8x8 patches: 5.16 GFLOP; at stride 8, 6x6 locations)."""
+    from downpour.bench.layers import arithmetic_gflop
+
+    assert arithmetic_gflop((32, 1, 48, 8, 1, 8)) == pytest.approx(6 * 32 * 1681 * 8 * 64 / 1e9)
+    assert arithmetic_gflop((32, 1, 48, 8, 8, 8)) == pytest.approx(6 * 32 * 36 * 8 * 64 / 1e9)
+    assert arithmetic_gflop((64, 3, 96, 18, 1, 8)) == pytest.approx(6 * 64 * 79 * 79 * 8 * 3 * 18 * 18 / 1e9)

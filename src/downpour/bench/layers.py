@@ -69,6 +69,14 @@ def _with_tf32(step: Callable[[], None]) -> Callable[[], None]:
     return tf32_step
 
 
+def arithmetic_gflop(shape: tuple[int, ...]) -> float:
+    """GFLOP of one forward + backward of the layer ``shape``: the forward, the input gradient and the weight
+    gradient each do every multiply-add once (2 FLOPs), ``batch · locations · maps · patch`` of them."""
+    batch, channels, size, kernel, stride, maps = shape
+    out = (size - kernel) // stride + 1
+    return 3 * 2 * batch * out * out * maps * channels * kernel * kernel / 1e9
+
+
 def time_layers(shape: tuple[int, ...], device: str = "cpu", repeats: int = 5) -> dict[str, float]:
     """Milliseconds per forward + backward for ours, unfold + bmm and tied conv2d of the same shape."""
     return {name: fastest_ms(step, repeats, device) for name, step in _implementations(shape, device).items()}
@@ -144,7 +152,7 @@ def run(*, repeats: int = 5, memory: bool = True, skip_steps: int = 150) -> dict
             "unfold_bmm_ms": cpu["unfold_bmm"],
             "conv2d_ms": cpu["conv2d"],
             "speedup_vs_unfold_bmm": cpu["unfold_bmm"] / cpu["ours"],
-            "arithmetic_gflop": 3 * 2 * b * ((s - k) // CPU_SHAPE[4] + 1) ** 2 * m * c * k * k / 1e9,  # fwd + 2 bwd
+            "arithmetic_gflop": arithmetic_gflop(CPU_SHAPE),
         },
         "cpu_non_overlapping": {
             "stride": k,
@@ -174,7 +182,6 @@ def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
 
     batch, channels, size, kernel, stride, maps = shape
     gpu = time_layers(shape, "cuda", repeats)
-    out = (size - kernel) // stride + 1
     # What the first calls chose for this shape, with every candidate's ms (None: could not run). A choice's key is
     # (name, tf32, device, maps, input shape, kernel, stride, ...); kernels without candidates choose nothing.
     this_shape = ((batch, channels, size, size), (kernel, kernel), (stride, stride))
@@ -194,7 +201,7 @@ def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
         "tf32_speedup_vs_unfold_bmm": gpu["unfold_bmm"] / gpu["ours_tf32"],
         "tf32_speedup_vs_unfold_bmm_tf32": gpu["unfold_bmm_tf32"] / gpu["ours_tf32"],
         "conv2d_tf32": torch.backends.cudnn.allow_tf32,
-        "arithmetic_gflop": 3 * 2 * batch * out * out * maps * channels * kernel * kernel / 1e9,
+        "arithmetic_gflop": arithmetic_gflop(shape),
     }
 
 
