@@ -63,6 +63,44 @@ def test_kl_sparsity_is_zero_at_the_target_and_matches_the_ufldl_formula() -> No
         kl_sparsity(torch.rand(4, 3), target=1.0)
 
 
+def test_kl_sparsity_refuses_a_target_of_zero() -> None:
+    """At ρ = 0 the first term is 0 · log(0/ρ̂) (NaN in floating point): the function refuses it as it does ρ = 1."""
+    with pytest.raises(ValueError, match=r"Invalid target: 0\.0"):
+        kl_sparsity(torch.rand(4, 3), target=0.0)
+
+
+def test_weight_decay_of_no_weights_is_refused() -> None:
+    """With no weight there is no tensor to return (no device or dtype for a 0): refused, not None into a cost."""
+    with pytest.raises(ValueError, match="at least one weight"):
+        weight_decay([])
+
+
+def test_penalty_weights_the_kl_term() -> None:
+    """``kl:ρ,β`` is β times the UFLDL sum over units: units averaging 0.2 (= ρ) and 0.5, β = 3."""
+    h = torch.tensor([[0.1, 0.4], [0.3, 0.6]], dtype=torch.float64)
+    by_hand = 3.0 * (0.2 * math.log(0.2 / 0.5) + 0.8 * math.log(0.8 / 0.5))
+    assert float(penalty(PenaltySpec("kl", 3.0, 0.2), h, epsilon=0.01)) == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("l1:", "l1 needs its weight after a colon"), ("rica: ", "rica needs its weight after a colon"),
+     ("kl:0.05,3,1", "kl takes a target and a weight"), ("l1:inf", "must be a finite number >= 0"),
+     ("l2:nan", "must be a finite number >= 0"), ("kl:0.05,inf", "the weight β must be a finite number")],
+)  # fmt: skip
+def test_more_bad_penalty_strings(text: str, message: str) -> None:
+    """An empty weight after the colon, a third kl number, an infinite or NaN weight (a run of NaN losses)."""
+    with pytest.raises(ConfigError, match=f"invalid model.penalty: '{text}'") as info:
+        config_mod.from_dict({"model": {"penalty": text}})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("spec", [PenaltySpec("l1", 0.125), PenaltySpec("rica", 1e-5), PenaltySpec("kl", 0.001, 0.01)])
+def test_a_small_weight_prints_as_the_string_that_parses_back_to_it(spec: PenaltySpec) -> None:
+    """Weights with more digits, or smaller, than two decimals print in full (a run's config.toml records them)."""
+    assert parse_penalty(str(spec)) == spec
+
+
 def test_pooled_penalty_and_weight_decay() -> None:
     value, grad = _value_and_grad(pooled_smooth_l1, [[1.0, 2.0], [3.0, 4.0]])
     assert value == pytest.approx(5.0) and torch.allclose(grad, torch.full((2, 2), 0.5, dtype=torch.float64))
