@@ -211,6 +211,55 @@ def test_bench_ps_refuses_an_address_without_ray(cli: Cli) -> None:
     _one_error_line(cli("bench", "ps", "--address", "10.0.0.1:6379"), "--address 10.0.0.1:6379", "--backend ray")
 
 
+@pytest.mark.parametrize(
+    ("command", "needles"),
+    [(("bench", "ps", "--rounds", "0"), ("--rounds >= 1", "got 0.5 and 0")),
+     (("bench", "layers", "--repeats", "0"), ("bench layers needs --repeats >= 1, got 0",)),
+     (("bench", "layers", "--skip-steps", "-1"), ("bench layers needs --skip-steps >= 0, got -1",)),
+     (("bench", "sim", "--workers", "0"), ("bench sim needs --workers, --steps and --repeats >= 1, got 0, 3000, 5",)),
+     (("bench", "sim", "--steps", "0"), ("got 1000, 0, 5",)),
+     (("bench", "sim", "--repeats", "0"), ("got 1000, 3000, 0",))],
+)  # fmt: skip
+def test_bench_counts_below_their_minimum_are_one_line(cli: Cli, command: tuple[str, ...],
+                                                       needles: tuple[str, ...]) -> None:  # fmt: skip
+    """A benchmark with no round, repeat or worker has nothing to report (a median of nothing, a division by 0)."""
+    _one_error_line(cli(*command), *needles)
+
+
+def test_resume_takes_neither_another_config_nor_another_out(cli: Cli, tmp_path: Path) -> None:
+    """``--resume RUN_DIR`` reads RUN_DIR's config.toml and writes into RUN_DIR: a ``--config`` or an ``--out``
+    elsewhere would be silently ignored, so each is refused (before RUN_DIR is even looked at)."""
+    run, other = str(tmp_path / "run"), str(tmp_path / "other")
+    _one_error_line(cli("train", "--resume", run, "--config", other), "--resume reads the run's own config.toml",
+                    "drop --config")  # fmt: skip
+    _one_error_line(cli("train", "--resume", run, "--out", other), "--resume continues RUN_DIR in place",
+                    "drop --out")  # fmt: skip
+    _one_error_line(cli("train", "--resume", run, "--out", run), str(tmp_path / "run"))  # the same: only not a run
+
+
+@pytest.mark.parametrize(("flag", "key"), [("--steps", "train.steps"), ("--seed", "train.seed"),
+                                         ("--workers", "cluster.workers")])  # fmt: skip
+def test_an_empty_shorthand_flag_is_refused_not_dropped(cli: Cli, tmp_path: Path, flag: str, key: str) -> None:
+    """``--steps "$STEPS"`` with the variable unset sets the key to '' (refused, naming it), rather than being
+    dropped as if the flag were not there and training with the default."""
+    out = tmp_path / "run"
+    _one_error_line(cli("train", flag, "", "--out", str(out), "--no-progress", "--backend", "sim"),
+                    f"{key} must be an integer, got ''")  # fmt: skip
+    assert not out.exists()
+
+
+def test_viz_units_are_comma_separated_numbers(cli: Cli) -> None:
+    """``--units`` takes unit numbers separated by commas, blanks and a trailing comma allowed; a list with no unit
+    is refused as argparse refuses a bad value (exit 2, naming the option), before any run is read."""
+    from downpour.cli_eval import _units
+
+    assert _units("3") == [3] and _units("0, 2,") == [0, 2]
+    result = cli("viz", "no-run", "--units", " , ")
+    assert result.returncode == 2 and "argument --units: expected at least one unit, got ' , '" in result.stderr
+    result = cli("viz", "no-run", "--units", "0,face")
+    assert result.returncode == 2 and "expected comma-separated unit numbers, got '0,face'" in result.stderr
+
+
 # 6. cluster.threads_per_worker
 
 

@@ -590,6 +590,7 @@ def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_pa
         (("eval", "face-neuron", str(tmp_path / "norun")), "does not exist"),
         (("eval", "face-neuron", str(rica_run), "--splits", "0"), "invalid --splits: 0"),
         (("detect", str(rica_run), str(photo), "--stride", str(1 << 63)), "invalid --stride: 9223372036854775808"),
+        (("detect", str(tmp_path / "norun"), str(photo), "--stride", "0"), "invalid --stride: 0 (must be 1.."),  # first
         (("detect", str(rica_run), str(photo), "--out", str(tmp_path / "heat.pgf")), "heat.pgf"),  # needs LaTeX
         (("detect", str(rica_run), str(photo), "--out", str(photo)), "is the picture being scanned"),
     ]

@@ -4,6 +4,7 @@ flag checks (in this process, through ``cli.main``)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) 
     assert bad.returncode == 2 and "invalid --workers: '0'" in bad.stderr
     bad = cli("study", "optima", "--seeds", "0", "--out", str(tmp_path / "y"))
     assert bad.returncode == 2 and "invalid --seeds: 0" in bad.stderr
+    bad = cli("study", "optima", "--first-seed", "-1", "--out", str(tmp_path / "y"))
+    assert bad.returncode == 2 and "invalid --first-seed: -1 (must be >= 0)" in bad.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     bad = cli(
         "study",
@@ -159,6 +162,9 @@ def test_help_names_every_study_and_each_options_default(cli: Callable[..., CliR
     assert "(default: 10)" in face and "(default: 0)" in face and "--json print the result as JSON" in face
     detect = " ".join(cli("detect", "--help").stdout.split())
     assert "picture to write, by its suffix: .png, .pdf, .svg" in detect and "(default: 1.0)" in detect
+    layers = " ".join(cli("bench", "layers", "--help").stdout.split())
+    assert "(default: 5)" in layers and "(default: 150)" in layers
+    assert "(default: False)" not in layers  # --json, --no-memory: flags, off unless given
 
 
 def test_ctrl_c_in_the_optima_study_says_what_was_kept(tmp_path: Path, cli: Callable[..., CliResult],
@@ -181,3 +187,20 @@ def test_ctrl_c_in_the_optima_study_says_what_was_kept(tmp_path: Path, cli: Call
     assert result.returncode == 130, result.stderr
     assert "interrupted before two arms finished: nothing was written into" in " ".join(result.stderr.split())
     assert not (out / "optima.json").exists()
+
+
+def test_a_study_out_in_a_folder_it_cannot_write_is_refused_up_front(
+    tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    """An --out under an existing folder this process may not write is refused before any run, rather than when the
+    report is written after the whole study: a read-only folder, or for root (whom modes do not stop) ``/proc/sys``."""
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    if os.access(folder, os.W_OK | os.X_OK):
+        folder = Path("/proc/sys")
+    if not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+        pytest.skip("no folder here that this process may not write")
+    out = folder / "report"
+    bad = cli("study", "optima", "--seeds", "1", "--out", str(out))
+    assert bad.returncode == 2
+    assert f"invalid --out: {out} cannot be written: {folder} is not writable" in bad.stderr
