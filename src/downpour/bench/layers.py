@@ -83,7 +83,8 @@ def time_layers(shape: tuple[int, ...], device: str = "cpu", repeats: int = 5) -
 
 
 def saved_for_backward_mb(impl: str, shape: tuple[int, ...]) -> float:
-    """MB that autograd keeps from the forward pass for the backward pass (parameters and the input excluded).
+    """MiB (2**20 bytes; the JSON keys say ``mb``) that autograd keeps from the forward pass for the backward pass
+    (parameters and the input excluded).
 
     This is the memory that grows with batch and layer size between the passes; it is not the whole peak (the
     transient buffers of either pass are not counted).
@@ -214,7 +215,7 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         f"{shape['channels']} channel, {shape['size']}x{shape['size']}, kernel {shape['kernel']}, "
         f"stride {shape['stride']}, {shape['maps']} maps"
     )
-    for column in ("implementation", "ms", "× ours", "saved for backward, MB"):
+    for column in ("implementation", "ms", "× ours", "saved for backward, MiB"):
         table.add_column(column, justify="left" if column == "implementation" else "right")
     peaks = {"ours": cpu.get("ours_saved_mb"), "unfold_bmm": cpu.get("unfold_bmm_saved_mb")}
     for name, key in (("downpour LocallyConnected2d", "ours"), ("unfold + bmm", "unfold_bmm"),
