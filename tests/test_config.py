@@ -391,3 +391,45 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf[train]\nsteps = 5\n")
     assert config_mod.load(path).train.steps == 5
+
+
+def test_chaos_schedule_parses_and_errors_name_the_key() -> None:
+    """``cluster.chaos`` reads KIND:TIME items in any order, sorted by time (minutes are 60 s); every mistake names
+    cluster.chaos, the value and what is wrong. Parsing needs no Ray: a config is checked where Ray is missing."""
+    from downpour.backends.chaos import parse_chaos
+
+    assert parse_chaos("") == []
+    assert parse_chaos("kill-shard:60s, kill-worker:30s") == [("kill-worker", 30.0), ("kill-shard", 60.0)]
+    assert parse_chaos("kill-worker:2m,kill-worker:1.5") == [("kill-worker", 1.5), ("kill-worker", 120.0)]
+    assert parse_chaos("kill-shard:.5s") == [("kill-shard", 0.5)]
+    for bad, words in [
+        ("kill-node:30s", ["kill-node", "kill-worker, kill-shard"]),
+        ("kill-worker", ["KIND:TIME"]),
+        ("kill-worker:", ["KIND:TIME"]),
+        ("kill-worker:soon", ["'soon'"]),
+        ("kill-worker:-5s", ["'-5s'", ">= 0"]),
+        ("kill-worker:30s,,kill-shard:60s", ["empty item"]),
+        ("kill-worker:30s,", ["empty item"]),
+        ("kill-worker:30h", ["'30h'"]),
+        ("kill-worker:" + "9" * 400, ["not finite"]),  # digits enough to overflow a float
+    ]:
+        with pytest.raises(ConfigError) as error:
+            parse_chaos(bad)
+        message = str(error.value)
+        assert message.startswith("invalid cluster.chaos: ") and repr(bad) in message
+        for word in words:
+            assert word in message, (bad, message)
+
+
+def test_a_chaos_schedule_is_checked_when_the_config_is_read() -> None:
+    """cluster.chaos is for the ray backend only, and a bad schedule is refused as the config is read."""
+    config = load(None, ["cluster.backend=ray", "cluster.chaos=kill-shard:2s"])
+    assert config.cluster.chaos == "kill-shard:2s"
+    for overrides, words in [
+        (["cluster.chaos=kill-worker:1s"], ["cluster.chaos", "ray backend only"]),
+        (["cluster.backend=ray", "cluster.chaos=kill-worker"], ["invalid cluster.chaos", "KIND:TIME"]),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            load(None, overrides)
+        for word in words:
+            assert word in str(error.value), (overrides, str(error.value))

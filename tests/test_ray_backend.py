@@ -28,7 +28,6 @@ ray = pytest.importorskip("ray")
 
 import torch  # noqa: E402
 
-from downpour.backends.chaos import parse_chaos  # noqa: E402
 from downpour.backends.ray import RayCluster, connect  # noqa: E402
 from downpour.backends.ray_connect import disconnect  # noqa: E402
 from downpour.config import Config  # noqa: E402
@@ -332,29 +331,13 @@ def test_a_diverged_checkpoint_never_becomes_a_shards_restore_point(ray_cluster:
     assert lost == bad.snapshots[0]["version"]
 
 
-def test_chaos_schedule_parses_and_errors_name_the_key() -> None:
-    """``cluster.chaos`` reads KIND:TIME items in any order; every mistake names cluster.chaos and the value."""
+def test_the_coordinators_clocks_retire_workers_as_the_local_backends_do() -> None:
+    """The coordinator's SSP clocks retire workers with the local backend's value (the chaos schedule's parser, which
+    needs no Ray, is tested in test_config)."""
     from downpour.backends.ray_coordinator import RETIRED
     from downpour.ps.clocks import RETIRED as LOCAL_RETIRED
 
-    assert RETIRED == LOCAL_RETIRED  # the coordinator's SSP clocks retire workers as the local backend's do
-    assert parse_chaos("") == []
-    assert parse_chaos("kill-shard:60s, kill-worker:30s") == [("kill-worker", 30.0), ("kill-shard", 60.0)]
-    assert parse_chaos("kill-worker:1.5,kill-worker:2m") == [("kill-worker", 1.5), ("kill-worker", 120.0)]
-    for bad, words in [
-        ("kill-node:30s", ["kill-node", "kill-worker, kill-shard"]),
-        ("kill-worker", ["KIND:TIME"]),
-        ("kill-worker:soon", ["'soon'"]),
-        ("kill-worker:-5s", ["'-5s'"]),
-        ("kill-worker:30s,,kill-shard:60s", ["empty item"]),
-        ("kill-worker:30h", ["'30h'"]),
-    ]:
-        with pytest.raises(ConfigError) as error:
-            parse_chaos(bad)
-        message = str(error.value)
-        assert message.startswith("invalid cluster.chaos: ") and repr(bad) in message
-        for word in words:
-            assert word in message
+    assert RETIRED == LOCAL_RETIRED
 
 
 @pytest.mark.parametrize("policy", ["ssp", "easgd"])
