@@ -539,3 +539,105 @@ def test_a_sync_shards_late_push_count_survives_a_snapshot_and_restore() -> None
     assert (again.version, again.dropped, again.applied) == (1, 5, 1)
     again.push(torch.ones(2), fetched_version=0, worker=1)  # one more late push
     assert again.dropped == 6
+
+
+# ---------------------------------------------------------------------------------------------- shard files (shm)
+
+
+def test_a_shard_file_holds_both_buffers_of_values_and_state_and_an_opener_sees_the_pushes(tmp_path: Path) -> None:
+    """A shard in a file (the Ray backend's fast path): the file is the header and meta (128 bytes) and two float32
+    buffers each of values and of the rule's state; a second process-style mapping of it sees the creator's pushes,
+    its version and incarnation, and an Adagrad push keeps the sum of squares apart from the values."""
+    from downpour.backends.shm import SharedShard
+
+    path = str(tmp_path / "c-shard0-3")
+    rule = Adagrad(lr=1.0, eps=1e-8)
+    owner = SharedShard(path, 0, 0, 3, rule, create=True, incarnation=3)
+    assert os.path.getsize(path) == 128 + 4 * (1 + 1) * 2 * 3  # header + meta, then (values, sum_sq) x 2 buffers
+    owner.shard.restore({"values": torch.tensor([1.0, 2.0, 3.0]), "state": {"sum_sq": torch.zeros(3)},
+                         "version": 0, "rejected": 0})  # fmt: skip
+    worker = SharedShard(path, 0, 0, 3, rule, create=False)
+    assert worker.incarnation == 3 and worker.alive()
+    worker.shard.push(torch.tensor([1.0, -2.0, 0.5]), fetched_version=0)
+    # Adagrad by hand: G = g²; w - lr g / (√G + eps) = w - sign(g)
+    snap = owner.shard.snapshot()
+    assert snap["version"] == 1
+    assert torch.allclose(snap["values"], torch.tensor([0.0, 3.0, 2.0]))
+    assert torch.allclose(snap["state"]["sum_sq"], torch.tensor([1.0, 4.0, 0.25]))
+    assert owner.incarnation == 3 and owner.alive()  # the shard's counters did not overwrite the header
+    worker.close()
+    owner.close()
+
+
+def test_a_shard_file_of_another_size_is_refused(tmp_path: Path) -> None:
+    """Opening a shard file with the wrong size (another shard, or a rule with other state) is a ValueError,
+    whether the file is shorter or longer than the shard asked for."""
+    from downpour.backends.shm import SharedShard
+
+    path = str(tmp_path / "c-shard0-0")
+    owner = SharedShard(path, 0, 0, 4, SGD(lr=1.0), create=True)
+    for size in (3, 5):
+        with pytest.raises(ValueError, match="not a shard of"):
+            SharedShard(path, 0, 0, size, SGD(lr=1.0), create=False)
+    with pytest.raises(ValueError, match="not a shard of"):
+        SharedShard(path, 0, 0, 4, Adagrad(lr=1.0), create=False)  # a sum of squares the file does not hold
+    owner.close()
+
+
+def test_a_retired_shard_file_reads_as_gone_and_only_the_others_are_removed(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    """A new incarnation of a shard retires and removes every other incarnation's file (and its lock file): a worker
+    still mapping an old one sees it gone; the new one stays, alive."""
+    from downpour.backends import shm
+
+    monkeypatch.setattr(shm, "shm_dir", lambda: str(tmp_path))
+    old_path, new_path = shm.segment_path("c", 0, 0), shm.segment_path("c", 0, 1)
+    other_shard = shm.segment_path("c", 1, 0)
+    old = shm.SharedShard(old_path, 0, 0, 2, SGD(lr=1.0), create=True)
+    old.shard.push(torch.ones(2), fetched_version=0)  # takes the lock: makes the lock file
+    assert os.path.exists(old_path + ".lock")
+    reader = shm.SharedShard(old_path, 0, 0, 2, SGD(lr=1.0), create=False)
+    new = shm.SharedShard(new_path, 0, 0, 2, SGD(lr=1.0), create=True, incarnation=1)
+    other = shm.SharedShard(other_shard, 1, 2, 2, SGD(lr=1.0), create=True)
+    shm.retire_others("c", 0, new_path)
+    assert not reader.alive()  # retired: its owner process (this one) is still alive
+    assert not os.path.exists(old_path) and not os.path.exists(old_path + ".lock")
+    assert os.path.exists(new_path) and new.alive() and new.incarnation == 1
+    assert os.path.exists(other_shard) and other.alive()  # another shard's file is not this shard's incarnation
+    for mapped in (reader, old, new, other):
+        mapped.close()
+
+
+def test_shard_files_of_dead_owners_are_collected_and_live_ones_kept(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    """A driver killed before it cleaned up leaves shard files behind: the next shard actor removes those whose
+    owner process is gone (and their lock files), keeps those of live owners, and the driver's clean-up removes
+    its own cluster's files."""
+    from downpour.backends import shm
+
+    monkeypatch.setattr(shm, "shm_dir", lambda: str(tmp_path))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    dead = shm.SharedShard(shm.segment_path("downpour-dead", 0, 0), 0, 0, 2, SGD(lr=1.0), create=True)
+    dead.shard.push(torch.ones(2), fetched_version=0)  # makes its lock file
+    dead.header[0] = dead_pid  # as if that process had created it
+    assert not dead.alive()
+    live = shm.SharedShard(shm.segment_path("downpour-live", 0, 0), 0, 0, 2, SGD(lr=1.0), create=True)
+    assert shm.collect_orphans() == 1
+    assert sorted(os.listdir(tmp_path)) == ["downpour-live-shard0-0"]
+    shm.unlink_cluster("downpour-live")
+    assert os.listdir(tmp_path) == []
+    dead.close()
+    live.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may signal every process: no process is another user's to it")
+def test_a_shard_file_whose_owner_pid_is_another_users_process_reads_as_gone(tmp_path: Path) -> None:
+    """The owner's pid, reused by another user's process (here init's, pid 1), means the owner is gone."""
+    from downpour.backends.shm import SharedShard
+
+    shard = SharedShard(str(tmp_path / "c-shard0-0"), 0, 0, 2, SGD(lr=1.0), create=True)
+    assert shard.alive()
+    shard.header[0] = 1
+    assert not shard.alive()
+    shard.close()
