@@ -8,13 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from downpour.backends.processes import adopt_environment, driver_alive, fork_server_available, worker_context
+from downpour.backends.processes import (
+    adopt_environment,
+    become_worker,
+    driver_alive,
+    fork_server_available,
+    worker_context,
+)
+from downpour.signals import routed
 
 TIMEOUT_S = 60.0
 TESTS = Path(__file__).parent
@@ -205,3 +213,93 @@ def test_fork_server_folders_of_killed_drivers_are_removed_and_no_others() -> No
                 for child in path.iterdir():
                     child.unlink()
                 path.rmdir()
+
+
+def _report_become_worker(answers: Any) -> None:
+    """Child: call :func:`become_worker` and send back what it set: SIGINT ignored, SIGTERM's default, the
+    parent-death signal (Linux's ``prctl(PR_GET_PDEATHSIG)``), and whether the fork server's alive pipe it had
+    inherited is still open."""
+    import ctypes
+    import multiprocessing.forkserver
+
+    inherited = multiprocessing.forkserver._forkserver._forkserver_alive_fd  # type: ignore[attr-defined]
+    become_worker()
+    death = ctypes.c_int(0)
+    ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(death))  # PR_GET_PDEATHSIG = 2
+    try:
+        os.fstat(inherited)
+        still_open = True
+    except (OSError, TypeError):
+        still_open = False
+    sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    answers.send((sigint == signal.SIG_IGN, sigterm == signal.SIG_DFL, death.value, inherited is not None, still_open))
+    answers.close()
+
+
+@needs_fork_server
+def test_a_worker_leaves_ctrl_c_to_the_driver_and_dies_with_its_parent() -> None:
+    """A forked worker, once it has called become_worker: Ctrl-C ignored, SIGTERM back to its default (the fork
+    server it came from ignores it), SIGKILL when its parent dies, and the fork server's alive pipe closed (held by a
+    worker, it kept the fork server, and so the workers, alive after the driver's death)."""
+    context = worker_context()
+    reader, writer = context.Pipe(duplex=False)
+    proc = context.Process(target=_report_become_worker, args=(writer,))
+    proc.start()
+    writer.close()
+    ignored, default_term, death, inherited, still_open = reader.recv()
+    proc.join(timeout=TIMEOUT_S)
+    assert proc.exitcode == 0
+    assert ignored and default_term
+    assert death == signal.SIGKILL
+    assert inherited and not still_open
+
+
+def test_adopting_the_drivers_environment_drops_what_it_no_longer_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked worker starts with the fork server's environment: a variable the driver has removed since is
+    removed, one it has set is set."""
+    monkeypatch.setenv("DOWNPOUR_TEST_STALE", "the fork server's")
+    monkeypatch.delenv("DOWNPOUR_TEST_PROBE", raising=False)
+    drivers = {key: value for key, value in os.environ.items() if key != "DOWNPOUR_TEST_STALE"}
+    drivers["DOWNPOUR_TEST_PROBE"] = "the driver's"
+    saved = dict(os.environ)
+    try:
+        adopt_environment(drivers)
+        assert dict(os.environ) == drivers
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_routed_signals_go_to_the_handler_in_the_block_and_back_after_it() -> None:
+    """Inside the block a signal reaches the given handler; after it the previous handler is back; outside the main
+    thread, where Python cannot set handlers, the block still runs, with the handlers as they were."""
+    before = signal.getsignal(signal.SIGUSR1)
+    seen: list[int] = []
+    with routed(lambda signum, frame: seen.append(signum), [signal.SIGUSR1]):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert seen == [signal.SIGUSR1]
+    assert signal.getsignal(signal.SIGUSR1) is before
+    ran: list[Any] = []
+
+    def in_a_thread() -> None:
+        with routed(signal.SIG_IGN, [signal.SIGUSR1]):
+            ran.append(signal.getsignal(signal.SIGUSR1))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(timeout=TIMEOUT_S)
+    assert ran == [before]
+
+
+def test_a_process_that_exists_is_not_gone_whoever_it_belongs_to() -> None:
+    """``process_gone`` judges leftovers of killed drivers: a finished process is gone; this one, and init (pid 1,
+    another user's process unless this is root, which signal 0 cannot reach), are not."""
+    from downpour.backends.processes import process_gone
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert process_gone(int(finished.stdout))
+    assert not process_gone(os.getpid())
+    assert not process_gone(1)
