@@ -216,8 +216,10 @@ def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path
 def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
     """A worker that cannot stop (here Ctrl-Z'd) is killed when ``stop``'s wait runs out, and said to be: its unsent
     push rows are lost, which the report's counts would otherwise show with no cause. Not a death (it was asked to
-    stop)."""
+    stop). It is stopped at a moment it holds no lock (a shard's or the step budget's): one stopped mid-push
+    keeps the other worker waiting for that lock, and both were then killed (this test failed so now and then)."""
     from downpour.backends.local import LocalCluster
+    from downpour.backends.processes import process_gone
 
     config = _config("cluster.workers=2", "train.steps=1000000")
     data = load_dataset(config.data, seed=config.train.seed)
@@ -230,11 +232,20 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
         while cluster.examples_done() == 0 and time.monotonic() < deadline:
             cluster.poll()
             time.sleep(0.05)
-        os.kill(cluster.pids()[1], signal.SIGSTOP)
+        stuck = cluster.pids()[1]
+        locks = [shard.lock.path for shard in cluster.shards] + [cluster.budget.lock.path]
+        while True:
+            os.kill(stuck, signal.SIGSTOP)
+            held = os.path.exists("/proc/locks") and any(_holds_flock(stuck, lock) for lock in locks)
+            if not held or time.monotonic() > deadline:
+                break
+            os.kill(stuck, signal.SIGCONT)
+            time.sleep(0.001)
         _, events = cluster.stop(timeout=1.0)
     finally:
         cluster.close()
     assert [(event.kind, event.worker) for event in events] == [("stuck", 1)], events
+    assert process_gone(stuck)  # killed (and reaped), not left stopped
     assert events[0].detail == "did not stop within 1 s of being asked; killed, its unsent push rows lost"
 
 
