@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -364,3 +365,133 @@ def test_staleness_study_on_the_local_backend_writes_its_report(tmp_path: Path, 
         run_study(study_config(), policies=["downpour"], workers=[1_000_000], seeds=1, out=tmp_path / "no",
                   backend="local")  # fmt: skip
     assert not (tmp_path / "no").exists()
+
+
+def _cluster(config: Config, train: torch.Tensor, seeds: list[int]) -> Any:
+    """A LocalCluster over ``train`` for a model built as a run builds it (``train`` of 64-value patches)."""
+    from downpour.backends.local import LocalCluster
+
+    model = build_model(config.model, train.shape[1], seed=config.train.seed)
+    return LocalCluster(config, train, flat_copy(model), worker_seeds=seeds, t0=time.time())
+
+
+def test_a_local_cluster_counts_its_workers_examples_pushes_and_latest_losses() -> None:
+    """Two workers, pushes of n_push = 2 mini-batches, on examples that are all one and the same patch and at a
+    learning rate too small to move a float32 parameter: every mini-batch loss is the same number L. While they
+    run, both processes are alive; once stopped: every push is recorded once (versions 1..V per shard), the
+    examples done are 2 mini-batches per push (a stop between a push's two steps leaves at most one more per
+    worker), the latest loss is the mean of the workers' latest, L, and closing removes the shard-lock folder."""
+    config = _config("cluster.workers=2", "train.steps=1000000", "ps.lr=1e-30", "ps.n_push=2")
+    patch = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+    cluster = _cluster(config, patch.repeat(200, 1), [1, 2])
+    lock_dir = os.path.dirname(cluster.shards[0].lock.path)
+    records: list[tuple] = []
+    try:
+        cluster.start()
+        assert cluster.alive() == 2
+        deadline = time.monotonic() + 60
+        while cluster.steps() < 20 and time.monotonic() < deadline:
+            more, events = cluster.poll()
+            records.extend(more)
+            assert events == []
+            time.sleep(0.02)
+        more, events = cluster.stop()
+        records.extend(more)
+        assert events == [] and cluster.alive() == 0
+    finally:
+        cluster.close()
+    assert not os.path.exists(lock_dir)
+    pushes = cluster.steps()
+    assert pushes >= 20 and len(records) == 2 * pushes  # one record per shard per push, none sent twice
+    for shard in (0, 1):
+        assert sorted(r[3] for r in records if r[2] == shard) == list(range(1, pushes + 1))  # (t, w, shard, version)
+    assert {r[1] for r in records} == {0, 1}
+    batch = config.train.batch_size
+    assert 2 * batch * pushes <= cluster.examples_done() <= 2 * batch * pushes + 2 * batch
+    losses = {r[5] for r in records}
+    assert len(losses) == 1  # the one patch, the unmoved parameters: one loss
+    (loss,) = losses
+    model = build_model(config.model, 64, seed=config.train.seed)
+    with torch.no_grad():
+        assert loss == pytest.approx(float(model.loss(patch.repeat(batch, 1))), rel=1e-5)
+    assert cluster.recent_loss() == pytest.approx(loss, rel=1e-12)
+
+
+def test_a_sync_worker_that_fails_before_it_starts_does_not_hold_the_others_back() -> None:
+    """Under ``sync`` the workers start together, once every one has built its model: one that fails on the way
+    (here worker 1, given a seed its random generator refuses) is said to have failed and died, counts as started,
+    and leaves the rounds to the survivor, which spends the step budget alone."""
+    config = _config("cluster.workers=2", "ps.policy=sync", "train.steps=20")
+    cluster = _cluster(config, torch.randn(200, 64, generator=torch.Generator().manual_seed(5)), [1, -1])
+    events: list[Any] = []
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 60
+        while cluster.steps() < 20 and time.monotonic() < deadline:
+            events.extend(cluster.poll()[1])
+            time.sleep(0.02)
+        assert cluster.steps() == 20, "the survivor never started: it waited for the failed worker"
+        events.extend(cluster.stop()[1])
+    finally:
+        cluster.close()
+    assert [(event.kind, event.worker) for event in events] == [("error", 1), ("died", 1)]
+    assert "ValueError" in events[0].detail and events[1].said
+
+
+def test_push_records_reach_the_driver_by_the_batch_or_once_a_batch_waited_long_enough(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker sends its push records through its pipe 256 at a time, or whatever it holds once 0.2 s have passed
+    since it last sent (a slow worker's rows still reach the metrics while it runs), each record once."""
+    from multiprocessing import Pipe
+
+    from downpour.backends import local
+    from downpour.ps.worker import PushRecord
+
+    def record(i: int) -> PushRecord:
+        return PushRecord(float(i), 0, 0, i + 1, 0, 0.5, True)
+
+    reader, writer = Pipe(duplex=False)
+    monkeypatch.setattr(local, "_FLUSH_SECONDS", 3600.0)  # by count alone
+    batcher = local._Batcher(writer)
+    for i in range(255):
+        batcher(record(i))
+    assert not reader.poll()
+    batcher(record(255))
+    assert reader.poll(10) and reader.recv() == [tuple(record(i)) for i in range(256)] and not reader.poll()
+    batcher(record(256))
+    batcher.flush()  # as a worker does when it ends
+    assert reader.poll(10) and reader.recv() == [tuple(record(256))] and not reader.poll()  # the first 256 not again
+
+    monkeypatch.setattr(local, "_FLUSH_SECONDS", 0.2)
+    monkeypatch.setattr(local, "_FLUSH_RECORDS", 10**9)  # by time alone
+    batcher = local._Batcher(writer)
+    batcher(record(0))
+    time.sleep(0.25)
+    batcher(record(1))  # 0.2 s after the batcher started, or after it sent record 0 alone: sent now either way
+    sent = []
+    while reader.poll():
+        sent.extend(reader.recv())
+    assert sent == [tuple(record(0)), tuple(record(1))]
+    writer.close()
+    reader.close()
+
+
+def test_workers_share_the_cores_and_the_memory_holds_what_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Intra-op threads per worker: cluster.threads_per_worker, or the cores shared out (at least one each). A
+    machine holds as many worker processes as its available memory has WORKER_MEMORY_BYTES (at least one): that
+    many is allowed, one more is refused."""
+    from downpour.backends import local
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert local.worker_threads(config_mod.load(None, ["cluster.workers=3"])) == 2  # 8 // 3
+    assert local.worker_threads(config_mod.load(None, ["cluster.workers=16"])) == 1  # half a core: one thread
+    assert local.worker_threads(config_mod.load(None, ["cluster.workers=3", "cluster.threads_per_worker=5"])) == 5
+    monkeypatch.setattr(local, "available_memory", lambda: 3 * local.WORKER_MEMORY_BYTES + 1)
+    assert local.max_local_workers() == 3
+    local.check_local_workers(3)
+    with pytest.raises(ConfigError, match=r"invalid cluster.workers: 4 .* holds at most 3"):
+        local.check_local_workers(4)
+    monkeypatch.setattr(local, "available_memory", lambda: local.WORKER_MEMORY_BYTES - 1)
+    assert local.max_local_workers() == 1  # one worker always runs: the run says if it cannot
+    local.check_local_workers(1)
