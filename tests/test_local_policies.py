@@ -9,12 +9,14 @@ own seeds and example slices); with ``N = 1`` that is plain SGD.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,7 @@ from rich.console import Console
 from conftest import CliResult, read_jsonl
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
+from downpour.backends.processes import fork_server_available
 from downpour.config import Config
 from downpour.data import load_dataset, worker_slice
 from downpour.errors import ConfigError
@@ -495,3 +498,77 @@ def test_workers_share_the_cores_and_the_memory_holds_what_it_can(monkeypatch: p
     monkeypatch.setattr(local, "available_memory", lambda: local.WORKER_MEMORY_BYTES - 1)
     assert local.max_local_workers() == 1  # one worker always runs: the run says if it cannot
     local.check_local_workers(1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="counts the driver's pipe ends in /proc/self/fd")
+def test_the_driver_keeps_no_write_end_of_a_workers_pipe() -> None:
+    """Each worker holds the only write end of its records pipe, so that its death (even mid-message) reads as
+    end-of-file in the driver, never as a wait for the rest of the message: once the workers have started, the
+    driver holds one end (the read end) of each new pipe."""
+
+    def pipe_ends() -> dict[str, int]:
+        ends: dict[str, int] = {}
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith("pipe:"):
+                    ends[target] = ends.get(target, 0) + 1
+        return ends
+
+    before = pipe_ends()
+    config = _config("cluster.workers=2", "train.steps=1000000")
+    cluster = _cluster(config, torch.randn(200, 64, generator=torch.Generator().manual_seed(5)), [1, 2])
+    try:
+        cluster.start()
+        new = {pipe: count for pipe, count in pipe_ends().items() if pipe not in before}
+        cluster.stop()
+    finally:
+        cluster.close()
+    assert len(new) >= 2 and set(new.values()) == {1}, new  # the records pipes, and the workers' sentinels
+
+
+@pytest.mark.skipif(not fork_server_available(), reason="the fork server is for Linux")
+@pytest.mark.parametrize(("presses", "server_dies"), [(1, False), (2, False), (1, True)])
+def test_ctrl_c_while_workers_start_stops_once_they_have_started_or_at_once_when_pressed_again(
+    presses: int, server_dies: bool
+) -> None:
+    """A Ctrl-C while the workers start (here the fork server is stopped, so the first start waits for it) is raised
+    once every worker has started, so that a stop finds them all; pressed again, it does not wait: the fork server
+    is killed, and the workers with it. A fork server that dies meanwhile (of something else) is no error then: the
+    Ctrl-C stops the run all the same. (Through ``downpour train``, when the signal lands in this window depends on
+    the machine's load.)"""
+    from downpour.backends.processes import fork_server_gone, fork_server_pid
+
+    config = _config("cluster.workers=2", "train.steps=1000000")
+    cluster = _cluster(config, torch.randn(200, 64, generator=torch.Generator().manual_seed(5)), [1, 2])
+    server = fork_server_pid()
+    assert server is not None
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def press_then_resume() -> None:
+        time.sleep(1.0)  # start() is waiting for the stopped fork server by then
+        for _ in range(presses):
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.3)
+        time.sleep(3.0)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL if server_dies else signal.SIGCONT)
+
+    os.kill(server, signal.SIGSTOP)
+    presser = threading.Thread(target=press_then_resume)
+    presser.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.start()
+        started = len(cluster.pids())
+    finally:
+        presser.join()
+        cluster.stop()
+        cluster.close()
+    if server_dies:
+        assert started == 0 and fork_server_gone(server)
+    elif presses == 1:
+        assert started == 2 and not fork_server_gone(server)
+    else:
+        assert started == 0 and fork_server_gone(server)
