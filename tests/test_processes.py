@@ -252,6 +252,10 @@ def test_a_worker_leaves_ctrl_c_to_the_driver_and_dies_with_its_parent() -> None
     assert ignored and default_term
     assert death == signal.SIGKILL
     assert inherited and not still_open
+    before = signal.getsignal(signal.SIGINT)
+    become_worker()  # in this process, which no one started: nothing changes
+    assert signal.getsignal(signal.SIGINT) is before
+    assert driver_alive()  # nor has it a driver to lose
 
 
 def test_adopting_the_drivers_environment_drops_what_it_no_longer_has(monkeypatch: pytest.MonkeyPatch) -> None:
