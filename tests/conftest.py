@@ -72,9 +72,13 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     return run
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Every JSON line of ``path``."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_jsonl(path: Path, *, growing: bool = False) -> list[dict]:
+    """Every JSON line of ``path``. ``growing``: a log that a running driver is writing, whose last line may be
+    half written (the log's buffer is flushed in pieces): that line is left out until its newline is there."""
+    text = path.read_text()
+    if growing and not text.endswith("\n"):
+        text = text.rpartition("\n")[0]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -152,7 +152,7 @@ def _rows_so_far(run_dir: Path, proc: subprocess.Popen[str], enough: Callable[[l
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
         if (run_dir / "metrics.jsonl").exists():
-            rows = read_jsonl(run_dir / "metrics.jsonl")
+            rows = read_jsonl(run_dir / "metrics.jsonl", growing=True)
             if enough(rows):
                 return rows
     raise AssertionError(what)

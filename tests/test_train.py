@@ -348,7 +348,7 @@ def _wait_for_pushes(run_dir: Path, proc: subprocess.Popen[str], timeout: float 
         assert proc.poll() is None, proc.communicate()
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists():
-            records = read_jsonl(metrics)
+            records = read_jsonl(metrics, growing=True)
             if any(r["event"] == "throughput" and r["step"] > 20 for r in records):
                 return records
         time.sleep(0.2)
