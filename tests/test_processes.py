@@ -307,3 +307,24 @@ def test_a_process_that_exists_is_not_gone_whoever_it_belongs_to() -> None:
     assert process_gone(int(finished.stdout))
     assert not process_gone(os.getpid())
     assert not process_gone(1)
+
+
+def test_a_fork_server_is_gone_once_it_has_exited_whether_reaped_or_not() -> None:
+    """``fork_server_gone`` tells a driver why its workers exited with 255: a process that exited and was reaped
+    (no /proc entry), or exited and waits to be reaped (a zombie), is gone; a running one is not, nor is None (no
+    fork server: spawned workers)."""
+    from downpour.backends.processes import fork_server_gone
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert fork_server_gone(int(finished.stdout))  # reaped by subprocess.run
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.02)  # until it has exited, not yet waited for
+        assert fork_server_gone(zombie.pid)
+    finally:
+        zombie.wait()
+    assert not fork_server_gone(os.getpid())
+    assert not fork_server_gone(None)
