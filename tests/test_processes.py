@@ -328,3 +328,21 @@ def test_a_fork_server_is_gone_once_it_has_exited_whether_reaped_or_not() -> Non
         zombie.wait()
     assert not fork_server_gone(os.getpid())
     assert not fork_server_gone(None)
+
+
+def test_a_stop_request_only_records_the_signal_and_as_interrupt_raises_keyboard_interrupt() -> None:
+    """The two handlers a run routes SIGINT and SIGTERM to: StopRequest records the signal and lets the work go on
+    (a simulation then stops between pushes); as_interrupt stops the block as Ctrl-C does."""
+    from downpour.signals import StopRequest, as_interrupt
+
+    stop = StopRequest()
+    assert not stop.requested() and stop.signal is None
+    with routed(stop, [signal.SIGUSR1]):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not stop.requested() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert stop.requested() and stop.signal == signal.SIGUSR1
+    with pytest.raises(KeyboardInterrupt), routed(as_interrupt, [signal.SIGUSR1]):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(5.0)  # the handler raises within it: a signal reaches Python's main thread at once
