@@ -420,6 +420,23 @@ def test_a_local_cluster_counts_its_workers_examples_pushes_and_latest_losses() 
     assert cluster.recent_loss() == pytest.approx(loss, rel=1e-12)
 
 
+def test_the_records_of_workers_that_ended_by_themselves_come_back_from_stop() -> None:
+    """Workers that spent the step budget end by themselves; a driver that had not read their last push records
+    yet gets them all from ``stop``: 40 pushes, one record per shard each, every version of each shard once."""
+    config = _config("cluster.workers=2", "train.steps=40")
+    cluster = _cluster(config, torch.randn(200, 64, generator=torch.Generator().manual_seed(5)), [1, 2])
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 60
+        while cluster.alive() and time.monotonic() < deadline:  # nothing read meanwhile
+            time.sleep(0.05)
+        records, events = cluster.stop()
+    finally:
+        cluster.close()
+    assert events == [] and cluster.steps() == 40
+    assert sorted((r[2], r[3]) for r in records) == [(shard, v) for shard in (0, 1) for v in range(1, 41)]
+
+
 def test_a_sync_worker_that_fails_before_it_starts_does_not_hold_the_others_back() -> None:
     """Under ``sync`` the workers start together, once every one has built its model: one that fails on the way
     (here worker 1, given a seed its random generator refuses) is said to have failed and died, counts as started,
