@@ -346,3 +346,38 @@ def test_a_stop_request_only_records_the_signal_and_as_interrupt_raises_keyboard
     with pytest.raises(KeyboardInterrupt), routed(as_interrupt, [signal.SIGUSR1]):
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(5.0)  # the handler raises within it: a signal reaches Python's main thread at once
+
+
+def test_a_cleanup_while_a_driver_marks_its_folder_leaves_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another driver cleaning up between the moment owner.alive is made and the moment it is locked finds no
+    unlocked owner.alive there: it leaves the live driver's fork-server folder (and its socket) alone."""
+    import fcntl
+    import tempfile
+
+    from downpour.backends import processes
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / "pymp-live"
+    folder.mkdir()
+    (folder / "listener-x").write_text("")  # stands for the fork server's socket
+    removed_meanwhile = []
+    real_flock = fcntl.flock
+
+    def flock_after_a_cleanup(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:  # the marking driver's lock: another driver cleans up just before it
+            removed_meanwhile.append(processes.remove_dead_temp_dirs())
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(processes.fcntl, "flock", flock_after_a_cleanup)
+    held = processes.hold_while_alive(str(folder))
+    try:
+        assert removed_meanwhile == [0]
+        assert (folder / "listener-x").exists() and (folder / processes.ALIVE_FILE).is_file()
+        assert sorted(path.name for path in folder.iterdir()) == ["listener-x", processes.ALIVE_FILE]
+        monkeypatch.setattr(processes.fcntl, "flock", real_flock)
+        assert processes.alive_lock_free(folder) is False
+    finally:
+        os.close(held)
+    assert processes.remove_dead_temp_dirs() == 1 and not folder.exists()  # once its owner is gone

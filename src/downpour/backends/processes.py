@@ -136,10 +136,14 @@ ALIVE_FILE = "owner.alive"  # in a folder of leftovers-to-be: locked (flock) whi
 
 
 def hold_while_alive(folder: str) -> int:
-    """Create ``folder/owner.alive`` and lock it (``flock``) for as long as this process lives: the kernel releases
-    the lock however the process ends, SIGKILL included. Return its descriptor (closing it releases the lock)."""
-    fd = os.open(os.path.join(folder, ALIVE_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Put ``folder/owner.alive`` there locked (``flock``) for as long as this process lives: the kernel releases
+    the lock however the process ends, SIGKILL included. Return its descriptor (closing it releases the lock).
+
+    The file is made and locked under a name of its own, then renamed: a driver cleaning up meanwhile never finds
+    it unlocked (it would remove a live folder, such as the fork server's)."""
+    fd, staging = tempfile.mkstemp(prefix=f".{ALIVE_FILE}-", dir=folder)  # 0600, closed on exec
     fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(staging, os.path.join(folder, ALIVE_FILE))
     return fd
 
 
