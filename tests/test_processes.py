@@ -381,3 +381,31 @@ def test_a_cleanup_while_a_driver_marks_its_folder_leaves_the_folder(
     finally:
         os.close(held)
     assert processes.remove_dead_temp_dirs() == 1 and not folder.exists()  # once its owner is gone
+
+
+def test_a_file_system_without_locks_still_runs_and_its_folders_are_judged_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where flock fails (NFS without its lock daemon: ENOLCK), a driver still gets its lock folder, judged by the
+    pid in its name as earlier versions' were, and its fork-server folder stays unmarked (left alone)."""
+    import errno
+    import fcntl
+    import tempfile
+
+    from downpour.backends import local, processes
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(processes.fcntl, "flock", no_locks)
+    folder, alive = local.make_lock_dir()
+    assert alive == -1
+    assert Path(folder).name.startswith(f"{local.LOCK_DIR_PREFIX}{os.getpid()}-")
+    assert list(Path(folder).iterdir()) == []  # no owner.alive (nor its staging file) that nothing holds
+    pymp = tmp_path / "pymp-x"
+    pymp.mkdir()
+    assert processes.hold_while_alive(str(pymp)) == -1 and list(pymp.iterdir()) == []
+    monkeypatch.setattr(processes.fcntl, "flock", fcntl.flock)
+    assert local.remove_dead_lock_dirs() == 0 and processes.remove_dead_temp_dirs() == 0  # this pid is alive
+    assert Path(folder).exists() and pymp.exists()

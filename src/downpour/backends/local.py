@@ -240,8 +240,9 @@ LOCK_DIR_PREFIX = "downpour-locks-"  # then the driver's pid: a folder whose dri
 
 def make_lock_dir() -> tuple[str, int]:
     """A private folder for the shards' lock files, ``downpour-locks-PID-XXXX`` in the temporary directory, and
-    the descriptor that holds its ``owner.alive`` locked while this driver lives (:func:`hold_while_alive`). It is
-    made under a name without a pid and renamed once locked, so that no driver ever sees it unlocked."""
+    the descriptor that holds its ``owner.alive`` locked while this driver lives (:func:`hold_while_alive`; -1
+    where the file system has no locks, and the folder is judged by its pid). It is made under a name without a pid
+    and renamed once locked, so that no driver ever sees it unlocked."""
     staging = tempfile.mkdtemp(prefix=f"{LOCK_DIR_PREFIX}new-")
     alive = hold_while_alive(staging)
     folder = os.path.join(os.path.dirname(staging), f"{LOCK_DIR_PREFIX}{os.getpid()}-{staging.rsplit('-', 1)[1]}")

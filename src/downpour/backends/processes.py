@@ -140,9 +140,16 @@ def hold_while_alive(folder: str) -> int:
     the lock however the process ends, SIGKILL included. Return its descriptor (closing it releases the lock).
 
     The file is made and locked under a name of its own, then renamed: a driver cleaning up meanwhile never finds
-    it unlocked (it would remove a live folder, such as the fork server's)."""
+    it unlocked (it would remove a live folder, such as the fork server's). Where the file system refuses the lock
+    (NFS without its lock daemon), the folder gets no ``owner.alive`` and the result is -1: it is then judged as
+    an earlier version's folders are, by :func:`process_gone` (a lock folder) or not at all (unmarked)."""
     fd, staging = tempfile.mkstemp(prefix=f".{ALIVE_FILE}-", dir=folder)  # 0600, closed on exec
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        os.unlink(staging)
+        return -1
     os.rename(staging, os.path.join(folder, ALIVE_FILE))
     return fd
 
