@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -1134,3 +1135,49 @@ def test_the_checkpoint_a_run_recorded_is_read_from_its_summary_or_its_rows(tmp_
     assert _checkpoint_recorded(tmp_path) == 8
     (tmp_path / "summary.json").write_text('{"checkpoint_step": 12}')
     assert _checkpoint_recorded(tmp_path) == 12
+
+
+def test_a_checkpoint_kept_when_its_session_diverged_later_counts_the_pushes_logged_after_it(
+    run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose final checkpoint diverges keeps its last periodic one, whose histogram lacks the pushes whose
+    rows came after it (as a killed driver's does); the session was not killed, and the rows are all on disk. The
+    resume counts them, and says so without blaming a kill."""
+    import downpour.train as train_module
+
+    taken = train_module.checkpoint_now
+
+    def final_diverges(*args: Any, final: bool, **kwargs: Any) -> Any:
+        if final:
+            measure = args[6]  # held_out_loss: measured, then reported as not finite
+
+            class NotFinite:
+                def __call__(self, params: torch.Tensor) -> float:
+                    measure(params)
+                    return float("nan")
+
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(measure, name)
+
+            args = (*args[:6], NotFinite(), *args[7:])
+        return taken(*args, final=final, **kwargs)
+
+    monkeypatch.setattr(train_module, "checkpoint_now", final_diverges)
+    diverged = cli("train", "--out", str(run_dir), "--workers", "2", "--seconds", "6", "--set",
+                   "train.checkpoint_every=1", *FAST)  # fmt: skip
+    monkeypatch.setattr(train_module, "checkpoint_now", taken)
+    assert diverged.returncode == 2 and "training diverged" in diverged.stderr, diverged.stderr
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["rng"]["session"] == 0 and state["step"] > 0
+    missed = sum(shard["version"] for shard in state["shards"]) - sum(state["staleness_histogram"])
+    result = cli("train", "--resume", str(run_dir), "--steps", str(state["step"] + 40), *FAST)
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    assert (f"counted {missed:,} pushes the checkpoint holds" in said) == (missed > 0), said
+    assert "killed session" not in said
+    resumed = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert (
+        sum(resumed["staleness_histogram"])
+        == _summary(run_dir)["updates_applied"]
+        == sum(shard["version"] for shard in resumed["shards"])
+    )

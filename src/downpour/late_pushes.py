@@ -2,9 +2,10 @@
 
 A worker's push rows reach the driver after its push was applied, so a periodic checkpoint's shards can hold pushes
 whose rows the driver logs only after saving it. A session that goes on counts them in its next checkpoint; one whose
-driver is killed (``kill -9``) does not, and a resume from that checkpoint would lack them for good. The checkpoint
-records how many push rows its session had logged (``push_rows``): the rows after those, up to the next session's
-start, whose push a shard applied at a version the checkpoint holds, are the ones it missed.
+driver is killed (``kill -9``) does not, nor does one whose next checkpoints diverged (not saved: the run keeps this
+one), and a resume from that checkpoint would lack them for good. The checkpoint records how many push rows its session
+had logged (``push_rows``): the rows after those, up to the next session's start, whose push a shard applied at a
+version the checkpoint holds, are the ones it missed.
 """
 
 from __future__ import annotations

@@ -158,7 +158,8 @@ def run_training(
             run_state.session = max(run_state.session, sessions_logged(out))
             if run_state.missed_pushes:
                 say(console, f"counted {run_state.missed_pushes:,} pushes the checkpoint holds in its staleness "
-                             "histogram: the killed session logged them after saving it")  # fmt: skip
+                             "histogram: their rows came after it, and no later checkpoint of its session was kept "
+                             "(killed, or diverged)")  # fmt: skip
             if 0 < config.train.steps <= run_state.steps:
                 raise DownpourError(
                     f"run {out} is already at step {run_state.steps:,}, and train.steps = "
