@@ -85,6 +85,7 @@ _ACTOR_CPUS = 0.01
 _POLL_TIMEOUT_S = 10.0
 _COUNTS_TIMEOUT_S = 2.0  # how long a checkpoint waits for the workers' counts (a live actor answers in milliseconds)
 _RETRY_S = 0.25  # between calls of ``run`` on a worker that Ray is restarting
+_DIED_UNSEEN = "Ray started another process for it"  # a restart counted from the processes started
 
 # ---------------------------------------------------------------------------------------------------------------
 # Wire format: snapshots as NumPy arrays (Ray moves them as buffers)
@@ -201,6 +202,10 @@ class RayCluster:
         self._chaos_next = 0
         self.chaos_log: list[tuple[float, str, int]] = []  # (time.monotonic(), kind, target) of each fault injected
         self.worker_restarts = 0
+        workers = config.cluster.workers
+        self._deaths_seen = [0] * workers  # per worker: process deaths its failed ``run`` calls told of
+        self._starts = [0] * workers  # per worker: its actor's processes started (the coordinator's count)
+        self._restarts = [0] * workers  # per worker: restarts reported so far (``restarted`` events)
         self._sync = isinstance(policy, Sync)
         try:
             rule = policy_rule(config)
@@ -417,8 +422,8 @@ class RayCluster:
                     continue
                 if not state.failing:  # one restart per death, however many calls fail while it comes back
                     state.failing = True
-                    self.worker_restarts += 1
-                    events.append(WorkerEvent("restarted", worker_id, first_line(exc)))
+                    self._deaths_seen[worker_id] += 1
+                    events += self._restarts_up_to_date(worker_id, first_line(exc))
                 state.retry_at = now + _RETRY_S
         return events
 
@@ -429,15 +434,30 @@ class RayCluster:
         if self._sync:
             roster_update([self.coordinator, *(shard.handle for shard in self.shards)], worker_id, incarnation, False)
 
+    def _restarts_up_to_date(self, worker_id: int, detail: str) -> list[WorkerEvent]:
+        """``restarted`` events for the restarts of ``worker_id`` not reported yet: as many as the deaths its
+        failed ``run`` calls told of, or as its actor's processes started after the first, whichever is more. The
+        second count also has a process that died before it answered a call (whose death no failed call tells
+        apart from the one before), and neither counts a death twice, whichever is seen first."""
+        restarts = max(self._deaths_seen[worker_id], self._starts[worker_id] - 1)
+        events = []
+        while self._restarts[worker_id] < restarts:
+            seen = self._restarts[worker_id] < self._deaths_seen[worker_id]
+            self._restarts[worker_id] += 1
+            self.worker_restarts += 1
+            events.append(WorkerEvent("restarted", worker_id, detail if seen else _DIED_UNSEEN))
+        return events
+
     def _update_restores(self, *, block: bool = False) -> list[WorkerEvent]:
+        """Events of the shard restores and worker restarts the coordinator knows of and the driver has not told."""
         if self._restores_ref is None:
-            self._restores_ref = self.coordinator.restores.remote()
+            self._restores_ref = self.coordinator.restores_and_starts.remote()
         ready, _ = ray.wait([self._restores_ref], timeout=_POLL_TIMEOUT_S if block else 0)
         if not ready:
             return []
         ref, self._restores_ref = self._restores_ref, None
         try:
-            self._restores = ray.get(ref)
+            self._restores, starts = ray.get(ref)
         except RayError:
             return []
         events = [
@@ -445,6 +465,9 @@ class RayCluster:
             for shard, inc, version, _ in self._restores[self._restores_logged :]
         ]
         self._restores_logged = len(self._restores)
+        self._starts = [max(a, b) for a, b in zip(self._starts, starts, strict=True)]
+        for worker_id in range(len(self._starts)):
+            events += self._restarts_up_to_date(worker_id, _DIED_UNSEEN)
         return events
 
     def poll(self) -> tuple[list[tuple], list[WorkerEvent]]:

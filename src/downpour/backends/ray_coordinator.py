@@ -62,6 +62,7 @@ class Coordinator:
         self._restores: list[tuple[int, int, int, float]] = []  # (shard, new incarnation, restored version, time)
         self._examples: dict[int, list[Any]] = {}  # per worker: [ObjectRef of its examples]
         self._clocks = [0] * workers  # ps.policy = "ssp": pushes per worker (downpour.ps.clocks)
+        self._starts = [0] * workers  # per worker: its actor's processes started (every one after the first restarts)
         self._roster = Roster(workers)  # ps.policy = "sync": the copy a restarted shard actor starts from
 
     def clocks(self) -> list[int]:
@@ -127,6 +128,14 @@ class Coordinator:
     def restores(self) -> list[tuple[int, int, int, float]]:
         """Every restore so far: ``(shard, incarnation, restored version, unix time)``."""
         return list(self._restores)
+
+    def worker_started(self, worker: int) -> None:
+        """A process of ``worker``'s actor has started (its constructor calls this first, on every restart)."""
+        self._starts[worker] += 1
+
+    def restores_and_starts(self) -> tuple[list[tuple[int, int, int, float]], list[int]]:
+        """:meth:`restores`, and how many processes each worker's actor has started."""
+        return list(self._restores), list(self._starts)
 
     def pid(self) -> int:
         """This actor's process id."""

@@ -432,6 +432,7 @@ class WorkerActor:
         self.worker_id, self.config, self.input_dim, self.shape = worker_id, config, input_dim, shape
         # Examples and actors are found through the coordinator and by name, not passed (see ShardServer).
         self.coordinator = ray.get_actor(coordinator_name)
+        ray.get(self.coordinator.worker_started.remote(worker_id))  # counted first: a restart that dies soon counts
         (ref,) = ray.get(self.coordinator.examples.remote(worker_id))
         self.examples = torch.from_numpy(np.array(ray.get(ref), dtype=np.float32))  # (N, D), a writable copy
         self.shards = [(start, size, ray.get_actor(name)) for start, size, name in shards]
