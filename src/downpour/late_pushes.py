@@ -10,15 +10,15 @@ version the checkpoint holds, are the ones it missed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-_START = b'{"event":"start"'
-_PUSH = b'{"event":"push"'
+from downpour.rundir import json_object, row_start
+
+_START, _PUSH = row_start("start"), row_start("push")
 
 
 def missed_staleness(metrics: Path, session: int, push_rows: int, versions: Sequence[int]) -> np.ndarray:
@@ -53,7 +53,7 @@ def _last_start_of(lines: Any, session: int) -> int | None:
     """Offset of the last start row of ``session`` in the open file ``lines`` (None when it has none)."""
     found = None
     for offset, line in _with_offsets(lines):
-        if line.startswith(_START) and (row := _row(line)) is not None and _int(row.get("session")) == session:
+        if line.startswith(_START) and (row := json_object(line)) is not None and _int(row.get("session")) == session:
             found = offset
     return found
 
@@ -67,21 +67,13 @@ def _with_offsets(lines: Any) -> Iterator[tuple[int, bytes]]:
 
 def _held_push(line: bytes, versions: Sequence[int]) -> int | None:
     """The staleness of the push row ``line`` when its push was applied at a version the checkpoint holds."""
-    row = _row(line)
+    row = json_object(line)
     if row is None or row.get("applied") is not True:
         return None
     shard, version, staleness = _int(row.get("shard")), _int(row.get("version")), _int(row.get("staleness"))
     if shard is None or version is None or staleness is None or not 0 <= shard < len(versions) or staleness < 0:
         return None
     return staleness if 0 < version <= versions[shard] else None
-
-
-def _row(line: bytes) -> dict[str, Any] | None:
-    try:
-        row = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    return row if isinstance(row, dict) else None
 
 
 def _int(value: Any) -> int | None:

@@ -5,7 +5,6 @@ whose checkpoint is gone), the checks a checkpoint must pass before anything is 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 from collections.abc import Iterator
@@ -308,7 +307,8 @@ def stopped_before_checkpoint(out: Path, console: Console, *, resumable: bool = 
 def sessions_logged(out: Path) -> int:
     """How many sessions ``out``'s metrics.jsonl has start rows of."""
     with contextlib.suppress(OSError), open(out / rundir.METRICS, "rb") as lines:
-        return sum(line.startswith(b'{"event":"start"') for line in lines)
+        start = rundir.row_start("start")
+        return sum(line.startswith(start) for line in lines)
     return 0
 
 
@@ -319,13 +319,12 @@ def _checkpoint_recorded(out: Path) -> int | None:
     if isinstance(step, int) and not isinstance(step, bool) and step > 0:
         return step
     steps = []  # periodic checkpoints saved (their rows' step), and the one each session ended with
+    ends = (rundir.row_start("checkpoint"), rundir.row_start("end"))
     with contextlib.suppress(OSError), open(out / rundir.METRICS, "rb") as lines:
         for line in lines:
-            if line.startswith((b'{"event":"checkpoint"', b'{"event":"end"')):
-                with contextlib.suppress(ValueError, AttributeError, RecursionError):
-                    row = json.loads(line)
-                    step = row.get("step") if row["event"] == "checkpoint" and row.get("saved") is True else None
-                    steps.append(row.get("checkpoint_step") if row["event"] == "end" else step)
+            if line.startswith(ends) and (row := rundir.json_object(line)) is not None:
+                step = row.get("step") if row["event"] == "checkpoint" and row.get("saved") is True else None
+                steps.append(row.get("checkpoint_step") if row["event"] == "end" else step)
     return max((step for step in steps if isinstance(step, int) and step > 0), default=None)
 
 

@@ -218,13 +218,29 @@ def json_safe(value: Any) -> Any:
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
-    """The JSON object in the file at ``path``, or None where there is none to read: no file, an unreadable one,
-    text that is no JSON (or nests past the parser's recursion limit, a RecursionError), or JSON that is no object."""
+    """The JSON object in the file at ``path``, or None where there is none to read: no file, an unreadable one, or
+    text that holds no JSON object (:func:`json_object`)."""
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        text = path.read_text()
+    except (OSError, ValueError):  # ValueError: not UTF-8
+        return None
+    return json_object(text)
+
+
+def json_object(text: str | bytes) -> dict[str, Any] | None:
+    """The JSON object ``text`` holds (a file, or one row of ``metrics.jsonl``), or None: text that is no JSON (or
+    nests past the parser's recursion limit, a RecursionError), or JSON that is no object."""
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError):
         return None
     return payload if isinstance(payload, dict) else None
+
+
+def row_start(event: str) -> bytes:
+    """How a ``metrics.jsonl`` row of ``event`` begins (:class:`MetricsLog` writes compact JSON, the event first):
+    what a reader scanning the log for rows of one kind matches, before parsing only those."""
+    return b'{"event":"' + event.encode() + b'"'
 
 
 def json_text(value: Any) -> str:
