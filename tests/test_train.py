@@ -530,11 +530,9 @@ def _stop_once_its_checkpoint_is_logged(run_dir: Path, proc: subprocess.Popen[st
         if state.exists():
             versions = [shard["version"] for shard in json.loads(state.read_text())["shards"]]
             logged: dict[int, set[int]] = {}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    row = json.loads(line)
-                    if row["event"] == "push" and row["applied"]:
-                        logged.setdefault(row["shard"], set()).add(row["version"])
+            for row in read_jsonl(run_dir / "metrics.jsonl", growing=True):
+                if row["event"] == "push" and row["applied"]:
+                    logged.setdefault(row["shard"], set()).add(row["version"])
             if all(set(range(1, v + 1)) <= logged.get(i, set()) for i, v in enumerate(versions)):
                 return
         os.kill(proc.pid, signal.SIGCONT)
