@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from downpour.nn import arguments as check
+from downpour.nn.geometry_state import GeometryState
 
 if TYPE_CHECKING:
     from downpour.nn.skip import SkipPlan
@@ -358,7 +359,7 @@ def _bands(out_h: int, out_w: int, patch: int, batch: int, itemsize: int) -> lis
     return [slice(start, min(out_h, start + rows)) for start in range(0, out_h, rows)]
 
 
-class LocallyConnected2d(nn.Module):
+class LocallyConnected2d(GeometryState):
     """``out_channels`` maps at every location of a ``(in_channels, H, W)`` input, weights untied across locations.
 
     ``out[b, m, y, x] = Σ_{c,i,j} W[y, x, m, c, i, j] · in[b, c, y·stride + i, x·stride + j] (+ bias[m, y, x])``
