@@ -100,10 +100,7 @@ def test_a_frozen_first_layer_stays_frozen_in_a_copy_and_out_of_an_optimizers_re
 
     from downpour.models import trainable_parameters
 
-    shape = (1, 8, 8) if design != "cat" else (1, 12, 12)
-    extra = {"receptive_field": 6, "maps": 2, "pool": 3, "lcn": 3} if design == "cat" else {"features": 16}
-    model = build_model(ModelConfig(name=design, init="gabor", freeze_first=True, **extra), 64 if design != "cat"
-                        else 144, seed=0, shape=shape)  # fmt: skip
+    model = _frozen_model(design)
     (name,) = model.frozen
     x = torch.randn(8, 64 if design != "cat" else 144, generator=torch.Generator().manual_seed(0))
     twin = copy.deepcopy(model)
@@ -123,6 +120,57 @@ def test_a_frozen_first_layer_stays_frozen_in_a_copy_and_out_of_an_optimizers_re
     assert type(copy.deepcopy(model).get_parameter(name)).__name__ == "FrozenParameter"
     wrapper = torch.nn.Sequential(model)  # frozen found by type inside a model of the user's
     assert all(p is not model.get_parameter(name) for p in trainable_parameters(wrapper))
+
+
+def _frozen_model(design: str) -> torch.nn.Module:
+    shape = (1, 8, 8) if design != "cat" else (1, 12, 12)
+    extra = {"receptive_field": 6, "maps": 2, "pool": 3, "lcn": 3} if design == "cat" else {"features": 16}
+    return build_model(ModelConfig(name=design, init="gabor", freeze_first=True, **extra), 64 if design != "cat"
+                       else 144, seed=0, shape=shape)  # fmt: skip
+
+
+def _assign_loaded(model: torch.nn.Module) -> torch.nn.Module:
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    return model
+
+
+def _emptied_from_meta(model: torch.nn.Module) -> torch.nn.Module:
+    return model.to("meta").to_empty(device="cpu")
+
+
+def _swapped_to_float64(model: torch.nn.Module) -> torch.nn.Module:
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        return model.to(torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+
+
+@pytest.mark.parametrize("design", ["sparse-ae", "rbm", "cat"])
+@pytest.mark.parametrize("replace", [_assign_loaded, _emptied_from_meta, _swapped_to_float64])
+def test_a_frozen_first_layer_stays_frozen_when_its_parameters_are_replaced(
+    design: str, replace: Callable[[torch.nn.Module], torch.nn.Module]
+) -> None:
+    """Each of these replaces the parameter objects with plain ``nn.Parameter``s, which dropped the freeze: the
+    first layer's gradient was about 800 after an assign-load and a swap. The module puts it back, and
+    ``trainable_parameters`` leaves it out of an optimizer's list."""
+    from downpour.models import trainable_parameters
+
+    model = _frozen_model(design)
+    (name,) = model.frozen
+    model = replace(model)
+    wrapper = torch.nn.Sequential(model)  # a model of the user's: frozen found by type, before anything ran
+    trainable = trainable_parameters(wrapper)
+    assert len(trainable) == len(list(model.parameters())) - 1
+    assert all(p is not model.get_parameter(name) for p in trainable)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(8, 64 if design != "cat" else 144, generator=torch.Generator().manual_seed(0)).to(dtype)
+    model.loss(x).backward()
+    frozen = model.get_parameter(name)
+    assert type(frozen).__name__ == "FrozenParameter"
+    assert frozen.grad is not None and torch.count_nonzero(frozen.grad) == 0
+    others = [p for n, p in model.named_parameters() if n != name]
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in others)
 
 
 def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(

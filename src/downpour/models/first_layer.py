@@ -62,10 +62,25 @@ class FrozenParameter(nn.Parameter):
         return (FrozenParameter, (self.data, self.requires_grad))
 
 
+class _KeepFrozen:
+    """A hook on the module that holds a frozen parameter, run before its ``forward`` and after it loads a state
+    dict: where the parameter was replaced by a plain one (``load_state_dict(assign=True)``, ``to_empty`` from the
+    ``meta`` device, a conversion under ``torch.__future__.set_swap_module_params_on_conversion``), it is made a
+    :class:`FrozenParameter` again, on the same storage. A class rather than a closure, so a module pickles."""
+
+    def __init__(self, attribute: str) -> None:
+        self.attribute = attribute
+
+    def __call__(self, owner: nn.Module, *_: object) -> None:
+        parameter = getattr(owner, self.attribute)
+        if isinstance(parameter, nn.Parameter) and not isinstance(parameter, FrozenParameter):
+            setattr(owner, self.attribute, FrozenParameter(parameter.data, parameter.requires_grad))
+
+
 def freeze(module: nn.Module, parameter: nn.Parameter, *, design: str) -> None:
     """Keep ``parameter`` fixed: it becomes a :class:`FrozenParameter` (its gradient zeros; it stays in the flat
-    vector); the names of frozen parameters are listed in ``module.frozen``. Refused when nothing else of
-    ``module`` would train."""
+    vector), and stays one where the module's parameters are replaced (:class:`_KeepFrozen`); the names of frozen
+    parameters are listed in ``module.frozen``. Refused when nothing else of ``module`` would train."""
     others = [p for p in module.parameters() if p is not parameter and p.requires_grad]
     if not others:
         raise ConfigError(
@@ -77,13 +92,20 @@ def freeze(module: nn.Module, parameter: nn.Parameter, *, design: str) -> None:
         path, _, attribute = name.rpartition(".")
         owner = module.get_submodule(path) if path else module
         setattr(owner, attribute, FrozenParameter(parameter.data, parameter.requires_grad))
+        keep = _KeepFrozen(attribute)
+        owner.register_forward_pre_hook(keep)
+        owner.register_load_state_dict_post_hook(keep)
     module.frozen = [*getattr(module, "frozen", []), *names]
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """``module``'s parameters but its frozen ones (named in ``module.frozen``, or :class:`FrozenParameter`s of a model
     inside yours): what to give a ``torch.optim`` optimizer, whose weight decay would otherwise move a frozen layer
-    (downpour's own rules do not)."""
+    (downpour's own rules do not). Frozen parameters replaced since their module last ran are frozen again first."""
+    for owner in module.modules():
+        for hook in list(owner._forward_pre_hooks.values()):
+            if isinstance(hook, _KeepFrozen):
+                hook(owner)
     frozen = set(getattr(module, "frozen", ()))
     return [p for name, p in module.named_parameters() if name not in frozen and not isinstance(p, FrozenParameter)]
 
