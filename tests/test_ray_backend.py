@@ -289,6 +289,37 @@ def test_a_worker_whose_restarted_process_dies_before_it_answers_counts_two_rest
     assert pids_after[1] not in (killed["first"], killed["second"])
 
 
+def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(ray_cluster: str,
+                                                                                 digits: Dataset) -> None:  # fmt: skip
+    """SIGKILL worker 1 a tenth into the run, between polls, so that it dies with pushes the driver has not heard
+    of, holding steps of the budget it claimed and had not used: the run still makes ``train.steps`` pushes and
+    counts them all. Before the shards kept push stamps, the killed run's unused lease (up to 32 steps) was never
+    given back and its unpolled pushes never counted: the shards ended 9 and 19 pushes short of 4,000 in two runs,
+    and without the stamps' count the step was 337 short."""
+    steps = 4000
+    cluster, _, _ = _cluster(_config(steps), digits)
+    killed: dict[str, Any] = {}
+
+    def tick(elapsed: float) -> None:
+        if "pid" not in killed and cluster.steps() >= 400:
+            killed["pid"] = pid = cluster.pids()[1]
+            time.sleep(0.2)  # the worker pushes on, unpolled
+            os.kill(pid, signal.SIGKILL)
+
+    try:
+        events = _train(cluster, seconds=120, tick=tick)
+        snapshots = cluster.snapshots()  # as the final checkpoint: the shards' stamps count every push they hold
+        step, faults = cluster.steps(), cluster.faults()
+    finally:
+        cluster.close()
+    assert "pid" in killed
+    assert faults["worker_restarts"] == 1 and [e.worker for e in events if e.kind == "restarted"] == [1], faults
+    made = [s["version"] + s["rejected"] for s in snapshots]  # every push to a shard is applied or refused
+    assert max(made) == steps  # the killed run's unused steps came back to the budget and were pushed
+    assert min(made) >= steps - 1  # (a push the kill cut off between the two shards reached only one)
+    assert step == steps
+
+
 def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet_polled(
         ray_cluster: str, digits: Dataset, tmp_path: Path) -> None:  # fmt: skip
     """Checkpoints taken while the workers push: each one's step is at least every shard's version (each push goes
@@ -553,7 +584,7 @@ def test_sync_on_ray_is_synchronous_sgd_and_survives_a_killed_worker_and_a_resto
         cluster.close()
     assert "stop" in killed, (killed, len(records), faults)  # rounds with both workers closed after the faults
     assert stopping < 10  # every worker left its round and ended when asked
-    assert faults["worker_restarts"] == 1 and [e.worker for e in events if e.kind == "restarted"] == [1]
+    assert faults["worker_restarts"] == 1 and [e.worker for e in events if e.kind == "restarted"] == [1], faults
     snapshots = killed["snapshots"]
     assert all(snapshot["applied"] == 2 * snapshot["version"] for snapshot in snapshots)  # pushes: 2 per round
     for shard, snapshot in enumerate(snapshots):  # (size,) slices of the flat parameters

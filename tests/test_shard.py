@@ -545,15 +545,16 @@ def test_a_sync_shards_late_push_count_survives_a_snapshot_and_restore() -> None
 
 
 def test_a_shard_file_holds_both_buffers_of_values_and_state_and_an_opener_sees_the_pushes(tmp_path: Path) -> None:
-    """A shard in a file (the Ray backend's fast path): the file is the header and meta (128 bytes) and two float32
-    buffers each of values and of the rule's state; a second process-style mapping of it sees the creator's pushes,
-    its version and incarnation, and an Adagrad push keeps the sum of squares apart from the values."""
+    """A shard in a file (the Ray backend's fast path): the file is the header, meta and push stamps (192 bytes for
+    one worker) and two float32 buffers each of values and of the rule's state; a second process-style mapping of it
+    sees the creator's pushes, its version and incarnation, and an Adagrad push keeps the sum of squares apart from
+    the values."""
     from downpour.backends.shm import SharedShard
 
     path = str(tmp_path / "c-shard0-3")
     rule = Adagrad(lr=1.0, eps=1e-8)
     owner = SharedShard(path, 0, 0, 3, rule, create=True, incarnation=3)
-    assert os.path.getsize(path) == 128 + 4 * (1 + 1) * 2 * 3  # header + meta, then (values, sum_sq) x 2 buffers
+    assert os.path.getsize(path) == 192 + 4 * (1 + 1) * 2 * 3  # header, meta, stamps, then (values, sum_sq) x 2
     owner.shard.restore({"values": torch.tensor([1.0, 2.0, 3.0]), "state": {"sum_sq": torch.zeros(3)},
                          "version": 0, "rejected": 0})  # fmt: skip
     worker = SharedShard(path, 0, 0, 3, rule, create=False)

@@ -26,6 +26,10 @@ lost are the shard's version
 before it died — the highest version any worker saw from that incarnation — minus the restored version: never more
 than the pushes applied since the last checkpoint.
 
+Counts. Every push carries its worker's push stamp (:mod:`~downpour.backends.push_stamps`), which each shard keeps
+per worker before applying it: the driver counts a dead worker's pushes since its last poll from the stamps that
+come with every snapshot, and a restarted worker reads them to give its dead run's unused steps back to the budget.
+
 Addresses. ``cluster.address = ""`` starts a private Ray instance for this run, bound to 127.0.0.1; ``"auto"`` or
 ``"host:port"`` connects to a running cluster (``ray start --head`` ...). Ray's token authentication stays on: a
 private instance uses it (Ray's default), and a connection does with ``RAY_AUTH_MODE=token`` (Ray's switch).
@@ -48,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from downpour.backends import ray_missing, shm
+from downpour.backends import push_stamps, ray_missing, shm
 from downpour.backends.chaos import parse_chaos
 from downpour.backends.local import WorkerEvent
 from downpour.backends.ray_actors import ShardServer, roster_update, snapshot_from_wire, snapshot_to_wire, sync_threads
@@ -86,6 +90,7 @@ _POLL_TIMEOUT_S = 10.0
 _COUNTS_TIMEOUT_S = 2.0  # how long a checkpoint waits for the workers' counts (a live actor answers in milliseconds)
 _RETRY_S = 0.25  # between calls of ``run`` on a worker that Ray is restarting
 _DIED_UNSEEN = "Ray started another process for it"  # a restart counted from the processes started
+_NO_RUN_AFTER = 2**22  # a run number above every run: settle all of a worker's runs
 
 # ---------------------------------------------------------------------------------------------------------------
 # Wire format: snapshots as NumPy arrays (Ray moves them as buffers)
@@ -362,6 +367,7 @@ class RayCluster:
         key = (worker_id, reply["incarnation"])  # counts only grow: a later one (_refresh_counts) stands
         examples, pushes = self._progress.get(key, (0, 0))
         self._progress[key] = (max(examples, reply["examples"]), max(pushes, reply["pushes"]))
+        self._count_stamped(worker_id, reply.get("earlier", {}))
         if math.isfinite(reply["loss"]):
             state.loss = reply["loss"]
         for key, version in reply["seen"].items():
@@ -412,6 +418,7 @@ class RayCluster:
                 events.append(WorkerEvent("died", worker_id, "its run failed", said=True))
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True
+                self._settle_dead(worker_id)
                 self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back
                 self._leave_rounds(worker_id, state.incarnation)
                 events.append(WorkerEvent("died", worker_id, first_line(exc)))
@@ -426,6 +433,24 @@ class RayCluster:
                     events += self._restarts_up_to_date(worker_id, first_line(exc))
                 state.retry_at = now + _RETRY_S
         return events
+
+    def _count_stamped(self, worker_id: int, counts: dict[int, int]) -> None:
+        """Count pushes of ``worker_id``'s runs that the shards' push stamps hold (``run -> count``): those a run
+        that died made after the driver last polled it (:mod:`~downpour.backends.push_stamps`)."""
+        for run, count in counts.items():
+            examples, pushes = self._progress.get((worker_id, run), (0, 0))
+            if count > pushes:
+                self._progress[(worker_id, run)] = (examples, count)
+
+    def _settle_dead(self, worker_id: int) -> None:
+        """A worker dead for good: count its last run's pushes from the shards' stamps, and give the steps it
+        claimed and did not use back to the budget (a restarted process would have done both)."""
+        refs = [shard.handle.push_stamps.remote() for shard in self.shards]
+        with contextlib.suppress(RayError, GetTimeoutError):
+            stamps = ray.get(refs, timeout=_POLL_TIMEOUT_S)
+            counts = push_stamps.counts_by_run(values[worker_id] for values in stamps)
+            self._count_stamped(worker_id, counts)
+            self.coordinator.settle.remote(worker_id, _NO_RUN_AFTER, counts)
 
     def _leave_rounds(self, worker_id: int, incarnation: int) -> None:
         """``ps.policy = "sync"``: the process running ``incarnation`` of a worker died; its rounds stop waiting
@@ -524,6 +549,8 @@ class RayCluster:
         restored = False
         for i, (incarnation, wire) in zip(chosen, ray.get(refs), strict=True):
             self._seen[(i, incarnation)] = max(self._seen.get((i, incarnation), -1), int(wire["version"]))
+            for worker_id, value in enumerate(wire["stamps"]):  # pushes a dead worker made after its last poll
+                self._count_stamped(worker_id, push_stamps.counts_by_run([value]))
             restored |= incarnation > sum(shard == i for shard, *_ in self._restores)
             out.append(snapshot_from_wire(wire))
         if restored:  # a restore the polls have not reported yet: the checkpoint counts it (and the updates lost)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from downpour.backends import ray_missing, shm
+from downpour.backends import push_stamps, ray_missing, shm
 from downpour.backends.ray_coordinator import Roster
 from downpour.config import Config
 from downpour.ps.policies import Sync, config_policy, policy_rule
@@ -115,6 +115,7 @@ class ShardServer:
             self._changed = threading.Condition()  # notified when a push arrives or the roster changes
             self._generation = 0
             self.path = ""
+            self.stamps = np.zeros(config.cluster.workers, dtype=np.int64)  # push_stamps, in this process
             self.shard: Shard = SyncShard(index, start, snapshot["values"], policy_rule(config), policy=policy,
                                           roster=self.roster, lock=threading.Lock())  # fmt: skip
             self.shard.restore(snapshot)
@@ -122,8 +123,9 @@ class ShardServer:
         self.path = shm.segment_path(cluster_name, index, self.incarnation)
         shm.unlink(self.path)  # left by an earlier try of this incarnation's constructor
         self._shared = shm.SharedShard(self.path, index, start, size, policy_rule(config), create=True,
-                                       incarnation=self.incarnation)  # fmt: skip
+                                       incarnation=self.incarnation, workers=config.cluster.workers)  # fmt: skip
         self.shard = self._shared.shard
+        self.stamps = self._shared.stamps  # push_stamps, in the file: workers on this node write theirs directly
         self.shard.restore(snapshot)
         shm.retire_others(cluster_name, index, self.path)  # workers still pushing into a dead incarnation stop
 
@@ -143,11 +145,14 @@ class ShardServer:
         return version, self.incarnation, out.numpy()
 
     def push(self, update: np.ndarray, fetched_version: int, worker: int, incarnation: int, pull: bool,
-             fetched_values: np.ndarray | None = None) -> tuple[bool, int, int, int, np.ndarray | None]:  # fmt: skip
+             fetched_values: np.ndarray | None = None, stamp: int = 0
+             ) -> tuple[bool, int, int, int, np.ndarray | None]:  # fmt: skip
         """Apply ``update``; return ``(applied, staleness, version, incarnation, values if pull else None)``.
+        ``stamp``: the worker's push stamp (:mod:`~downpour.backends.push_stamps`), kept first.
 
         A push computed against another incarnation (values this shard lost when it died) is not applied.
         """
+        push_stamps.note(self.stamps, worker, stamp)
         out = torch.empty(self.size, dtype=torch.float32) if pull else None
         if incarnation != self.incarnation:
             version = self.shard.fetch_into(out) if out is not None else self.shard.version
@@ -194,13 +199,14 @@ class ShardServer:
                         return False, self.incarnation
                     self._changed.wait(left)
 
-    def push_round(self, update: np.ndarray, fetched_version: int, worker: int, incarnation: int, timeout_s: float
+    def push_round(self, update: np.ndarray, fetched_version: int, worker: int, incarnation: int, timeout_s: float,
+                   stamp: int = 0
                    ) -> tuple[bool, int, int, int, tuple[int, np.ndarray, bool | None] | None]:  # fmt: skip
         """``ps.policy = "sync"``: :meth:`push`, then :meth:`await_round` up to ``timeout_s``, then the values the
         round produced: ``(accepted, staleness, version, incarnation, (version, values, whether the round's mean was
         applied) once the round has closed, else None)``. One call per shard and round where a push, a wait, a fetch
         and the round's outcome would take four."""
-        applied, staleness, version, _, _ = self.push(update, fetched_version, worker, incarnation, False)
+        applied, staleness, version, _, _ = self.push(update, fetched_version, worker, incarnation, False, None, stamp)
         closed, current = self.await_round(fetched_version, incarnation, False, timeout_s)
         if not closed:
             return applied, staleness, version, current, None
@@ -220,11 +226,13 @@ class ShardServer:
         if self.roster.update(worker, incarnation, live):
             self._notify()
 
-    def exchange(self, local: np.ndarray, alpha: float, worker: int, last_version: int, incarnation: int
-                 ) -> tuple[bool, int, int, int, np.ndarray]:  # fmt: skip
+    def exchange(self, local: np.ndarray, alpha: float, worker: int, last_version: int, incarnation: int,
+                 stamp: int = 0) -> tuple[bool, int, int, int, np.ndarray]:  # fmt: skip
         """EASGD's elastic exchange (:meth:`Shard.exchange`) with a worker's ``local`` values; return ``(applied,
         staleness, version, incarnation, the worker's new local values)``. A worker that exchanged with another
-        incarnation (a center this shard lost when it died) is sent the current center instead."""
+        incarnation (a center this shard lost when it died) is sent the current center instead. ``stamp`` as in
+        :meth:`push`."""
+        push_stamps.note(self.stamps, worker, stamp)
         np.copyto(self._fetched.numpy(), local)
         if incarnation != self.incarnation:
             version = self.shard.fetch_into(self._fetched)
@@ -233,8 +241,14 @@ class ShardServer:
         return result.applied, result.staleness, result.version, self.incarnation, self._fetched.numpy().copy()
 
     def snapshot(self) -> tuple[int, dict[str, Any]]:
-        """``(incarnation, wire snapshot)`` of values, rule state, version and rejected count."""
-        return self.incarnation, snapshot_to_wire(self.shard.snapshot())
+        """``(incarnation, wire snapshot)`` of values, rule state, version and rejected count, and under ``stamps``
+        the workers' push stamps, read after the values: they cover every push the values hold."""
+        wire = snapshot_to_wire(self.shard.snapshot())
+        return self.incarnation, {**wire, "stamps": self.stamps.tolist()}
+
+    def push_stamps(self) -> list[int]:
+        """Every worker's push stamp (:mod:`~downpour.backends.push_stamps`)."""
+        return self.stamps.tolist()
 
     def restore(self, wire: dict[str, Any]) -> None:
         """Load a wire snapshot (a resumed run's checkpoint)."""

@@ -64,6 +64,8 @@ class Coordinator:
         self._clocks = [0] * workers  # ps.policy = "ssp": pushes per worker (downpour.ps.clocks)
         self._starts = [0] * workers  # per worker: its actor's processes started (every one after the first restarts)
         self._roster = Roster(workers)  # ps.policy = "sync": the copy a restarted shard actor starts from
+        self._leased: dict[tuple[int, int], int] = {}  # (worker, run) -> steps granted and not given back
+        self._settled: set[tuple[int, int]] = set()  # runs whose unused steps came back (released or settled)
 
     def clocks(self) -> list[int]:
         """Every worker's SSP clock."""
@@ -89,19 +91,37 @@ class Coordinator:
         """Count the budget from ``value`` (on resume)."""
         self.claimed = value
 
-    def claim(self, most: int) -> int:
-        """Grant up to ``most`` steps (fewer as the budget runs out, so workers share its end); 0 when spent."""
+    def claim(self, most: int, worker: int = -1, run: int = 0) -> int:
+        """Grant up to ``most`` steps to ``worker``'s ``run`` (fewer as the budget runs out, so workers share its
+        end); 0 when spent."""
         if not self.limit:
             self.claimed += most
             return most
         remaining = self.limit - self.claimed
         granted = max(0, min(most, remaining, max(1, remaining // (2 * self.workers))))
         self.claimed += granted
+        self._leased[(worker, run)] = self._leased.get((worker, run), 0) + granted
         return granted
 
-    def release(self, unused: int) -> None:
-        """Give back steps claimed and not used (a worker that stops)."""
+    def release(self, unused: int, worker: int = -1, run: int = 0) -> None:
+        """Give back steps ``worker``'s ``run`` claimed and did not use (it stopped): its leases are settled."""
+        if (worker, run) in self._settled:
+            return
         self.claimed -= unused
+        self._leased[(worker, run)] = self._leased.get((worker, run), 0) - unused
+        self._settled.add((worker, run))
+
+    def settle(self, worker: int, run: int, used: dict[int, int]) -> int:
+        """``worker``'s runs before ``run`` that ended without :meth:`release` (their process was killed) give
+        back the steps they claimed beyond ``used`` (pushes per run, from the shards' stamps). Return the steps
+        given back."""
+        back = 0
+        for (w, r), leased in self._leased.items():
+            if w == worker and r < run and (w, r) not in self._settled:
+                back += max(0, leased - used.get(r, 0))
+                self._settled.add((w, r))
+        self.claimed -= back
+        return back
 
     def set_snapshot(self, shard: int, ref: list[Any]) -> None:
         """Keep ``ref`` (one ObjectRef in a list, so that Ray passes the reference) as ``shard``'s restore point."""

@@ -11,13 +11,14 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from downpour.backends import ray_missing, shm
+from downpour.backends import push_stamps, ray_missing, shm
 from downpour.backends.local import worker_settings
 from downpour.backends.ray_actors import roster_update
 from downpour.config import Config
@@ -46,10 +47,13 @@ class RemoteShard:
     in flight while it computes.
     """
 
-    def __init__(self, index: int, start: int, size: int, handle: Any, *, rule: Any, send_fetched: bool) -> None:
+    def __init__(self, index: int, start: int, size: int, handle: Any, *, rule: Any, send_fetched: bool,
+                 workers: int = 1, stamp: Callable[[], int] = lambda: 0) -> None:  # fmt: skip
         self.index, self.start, self.size, self.handle = index, start, size, handle
         self.rule = rule
         self.send_fetched = send_fetched  # the rule needs the values the update was computed at (dc-asgd)
+        self.workers = workers  # how many workers the shard keeps push stamps for (its file's layout)
+        self.stamp = stamp  # the worker's current push stamp (push_stamps), sent with every push
         self.incarnation = 0
         self.seen: dict[int, int] = {}  # incarnation -> highest version seen from it
         self.direct: shm.SharedShard | None = None
@@ -70,7 +74,8 @@ class RemoteShard:
         self.incarnation = incarnation
         if node == node_id and shared_memory and path:  # a sync shard has no file
             with contextlib.suppress(FileNotFoundError):  # retired already: use the actor (a later call remaps)
-                self.direct = shm.SharedShard(path, self.index, self.start, self.size, self.rule, create=False)
+                self.direct = shm.SharedShard(path, self.index, self.start, self.size, self.rule, create=False,
+                                              workers=self.workers)  # fmt: skip
 
     def reconnect(self) -> None:
         """:meth:`connect` again (the shard's actor died: find its restored incarnation)."""
@@ -124,6 +129,7 @@ class RemoteShard:
         if shard is None:
             return None
         fetched = fetched_values if self.send_fetched else None
+        push_stamps.note(self.direct.stamps, worker, self.stamp())  # type: ignore[union-attr]
         result = shard.push(update, fetched_version, worker, fetch_into=fetch_into, fetched_values=fetched)
         self._note(self.incarnation, result.version)
         return result
@@ -135,7 +141,8 @@ class RemoteShard:
         Ray serializes the arguments during this call, so the caller may overwrite ``update`` at once.
         """
         fetched = fetched_values.numpy() if self.send_fetched and fetched_values is not None else None
-        return self.handle.push.remote(update.numpy(), fetched_version, worker, self.incarnation, pull, fetched)
+        return self.handle.push.remote(update.numpy(), fetched_version, worker, self.incarnation, pull, fetched,
+                                       self.stamp())  # fmt: skip
 
     def accept_push(self, reply: tuple[bool, int, int, int, np.ndarray | None], out: Tensor | None) -> PushResult:
         """Turn a push reply into a :class:`PushResult`, copying the pulled values into ``out``."""
@@ -163,7 +170,8 @@ class RemoteShard:
 
     def push_round_async(self, update: Tensor, fetched_version: int, worker: int) -> Any:
         """``ps.policy = "sync"``: start :meth:`ShardServer.push_round`; :meth:`accept_push_round` takes its reply."""
-        return self.handle.push_round.remote(update.numpy(), fetched_version, worker, self.incarnation, ROUND_WAIT_S)
+        return self.handle.push_round.remote(update.numpy(), fetched_version, worker, self.incarnation, ROUND_WAIT_S,
+                                             self.stamp())  # fmt: skip
 
     def accept_push_round(self, reply: tuple[bool, int, int, int, tuple[int, np.ndarray, bool | None] | None],
                           fetched_version: int) -> PushResult:  # fmt: skip
@@ -199,12 +207,14 @@ class RemoteShard:
         if self.direct is not None:
             shard = self._live_direct()
             if shard is not None:
+                push_stamps.note(self.direct.stamps, worker, self.stamp())
                 result = shard.exchange(local, alpha=alpha, worker=worker, last_version=last_version)
                 self._note(self.incarnation, result.version)
                 return result
             self.reconnect()  # the center died with its actor: start again from the restored one
             return PushResult(False, LOST, self.fetch_into(local))
-        reply = ray.get(self.handle.exchange.remote(local.numpy(), alpha, worker, last_version, self.incarnation))
+        reply = ray.get(self.handle.exchange.remote(local.numpy(), alpha, worker, last_version, self.incarnation,
+                                                    self.stamp()))  # fmt: skip
         applied, staleness, version, incarnation, values = reply
         np.copyto(local.numpy(), values)
         self.incarnation = incarnation
@@ -390,10 +400,15 @@ class _LeasedSteps:
 
     Under ``sync`` the lease is one step: workers claim in lockstep, one push per round each, so that the budget
     ends on a round every worker pushed to when it is a multiple of the live workers (with longer leases one
-    worker could be left holding steps, and spend them in rounds of its own)."""
+    worker could be left holding steps, and spend them in rounds of its own).
 
-    def __init__(self, coordinator: Any, limit: int, *, lease: int = _LEASE_MAX) -> None:
+    Leases are granted to ``(worker, run)``: what a run that is killed never used, its restarted process gives
+    back (:meth:`~downpour.backends.ray_coordinator.Coordinator.settle`)."""
+
+    def __init__(self, coordinator: Any, limit: int, *, lease: int = _LEASE_MAX, worker: int = -1,
+                 run: int = 0) -> None:  # fmt: skip
         self.coordinator, self.limit, self.lease = coordinator, limit, lease
+        self.worker, self.run = worker, run
         self.credits = 0
         self.spent = False
 
@@ -404,7 +419,7 @@ class _LeasedSteps:
         if self.credits == 0:
             if self.spent:
                 return False
-            self.credits = int(ray.get(self.coordinator.claim.remote(self.lease)))
+            self.credits = int(ray.get(self.coordinator.claim.remote(self.lease, self.worker, self.run)))
             if self.credits == 0:
                 self.spent = True
                 return False
@@ -412,9 +427,10 @@ class _LeasedSteps:
         return True
 
     def release(self) -> None:
-        """Give unused steps back (without waiting: the coordinator takes calls in order)."""
-        if self.credits:
-            self.coordinator.release.remote(self.credits)
+        """Give unused steps back, and mark the run's leases settled (without waiting: the coordinator takes calls
+        in order)."""
+        if self.limit:
+            self.coordinator.release.remote(self.credits, self.worker, self.run)
             self.credits = 0
 
 
@@ -446,6 +462,7 @@ class WorkerActor:
         self._worker: DownpourWorker | None = None
         self._clients: list[RemoteShard] = []
         self.incarnation = -1
+        self._earlier: dict[int, int] = {}  # pushes of earlier runs the shards' stamps hold (run -> count)
 
     def _record(self, record: PushRecord) -> None:
         with self._lock:
@@ -468,16 +485,22 @@ class WorkerActor:
         self.incarnation = incarnation
         model = build_model(self.config.model, self.input_dim, seed=self.config.train.seed, shape=self.shape)
         rule = policy_rule(self.config)
+        workers = self.config.cluster.workers
+        self._worker = None
         self._clients = [
-            RemoteShard(index, start, size, handle, rule=rule, send_fetched=self.send_fetched)
+            RemoteShard(index, start, size, handle, rule=rule, send_fetched=self.send_fetched, workers=workers,
+                        stamp=lambda: push_stamps.stamp(incarnation, self._worker.pushes_ if self._worker else 0))
             for index, (start, size, handle) in enumerate(self.shards)
-        ]
+        ]  # fmt: skip
         node_id = ray.get_runtime_context().get_node_id()
         for client in self._clients:
             client.connect(node_id, shared_memory=self.shared_memory)
+        if incarnation:  # earlier runs of this worker: what their pushes the shards saw, and their unused leases back
+            self._settle_earlier(incarnation)
         policy = config_policy(self.config)
         sync = isinstance(policy, Sync)
-        budget = _LeasedSteps(self.coordinator, self.config.train.steps, lease=1 if sync else _LEASE_MAX)
+        budget = _LeasedSteps(self.coordinator, self.config.train.steps, lease=1 if sync else _LEASE_MAX,
+                              worker=self.worker_id, run=incarnation)  # fmt: skip
         ssp = policy.name == "ssp"
         # the first process draws the local backend's batches (its worker seed); a restarted one draws new ones
         restarted = np.random.SeedSequence([self.seed, incarnation]) if incarnation else None
@@ -510,6 +533,15 @@ class WorkerActor:
             budget.release()
         return self._worker.pushes_
 
+    def _settle_earlier(self, run: int) -> None:
+        """Before run ``run`` pushes: read this worker's stamps from every shard (the pushes of the run before it,
+        which may have died before the driver polled them) and have the coordinator give back what earlier runs
+        claimed and did not use."""
+        stamps = ray.get([handle.push_stamps.remote() for _, _, handle in self.shards], timeout=_ATTACH_TIMEOUT_S)
+        earlier = push_stamps.counts_by_run(values[self.worker_id] for values in stamps)
+        self._earlier = {r: count for r, count in earlier.items() if r < run}
+        ray.get(self.coordinator.settle.remote(self.worker_id, run, self._earlier))
+
     def poll(self) -> dict[str, Any]:
         """Records since the last poll, and this incarnation's examples, latest loss, pushes and versions seen."""
         with self._lock:
@@ -525,6 +557,7 @@ class WorkerActor:
             "loss": self._loss,
             "pushes": worker.pushes_ if worker is not None else 0,
             "seen": {(c.index, inc): v for c in self._clients for inc, v in c.seen.items()},
+            "earlier": dict(self._earlier),
         }
 
     def stop(self) -> None:

@@ -6,8 +6,10 @@ shard's :class:`~downpour.ps.locks.FileLock`, as the local backend's worker proc
 through Ray. Workers on other nodes reach the shard actor through Ray, which applies their pushes to the same
 memory under the same lock.
 
-Layout (bytes): a header of 8 int64 ``[owner pid, incarnation, retired, 0...]`` at 0, the shard's meta (4 int64) at
-64, then float32 ``(1 + len(state_names), 2, size)`` at 128: values, then each rule state, two buffers each.
+Layout (bytes): a header of 8 int64 ``[owner pid, incarnation, retired, workers, 0...]`` at 0, the shard's meta
+(4 int64) at 64, the workers' push stamps (int64, one a worker: :mod:`downpour.backends.push_stamps`) at 128, then
+from the next multiple of 64 float32 ``(1 + len(state_names), 2, size)``: values, then each rule state, two buffers
+each.
 A worker treats the shard as gone when its owner process has died or a newer incarnation marked it retired.
 """
 
@@ -27,8 +29,8 @@ from downpour.ps.locks import FileLock
 from downpour.ps.rules import Rule
 from downpour.ps.shard import Shard
 
-_HEADER, _META, _FLOATS = 0, 64, 128
-_PID, _INCARNATION, _RETIRED = range(3)
+_HEADER, _META, _STAMPS = 0, 64, 128
+_PID, _INCARNATION, _RETIRED, _WORKERS = range(4)
 
 
 def shm_dir() -> str:
@@ -41,31 +43,43 @@ def segment_path(cluster: str, shard: int, incarnation: int) -> str:
     return os.path.join(shm_dir(), f"{cluster}-shard{shard}-{incarnation}")
 
 
-def segment_bytes(size: int, state_names: tuple[str, ...]) -> int:
-    """Bytes of the file holding a shard of ``size`` values with the given rule state."""
-    return _FLOATS + 4 * (1 + len(state_names)) * 2 * size
+def _floats_at(workers: int) -> int:
+    """Where the float32 buffers start: after the stamps, on a 64-byte boundary."""
+    return -(-(_STAMPS + 8 * workers) // 64) * 64
+
+
+def segment_bytes(size: int, state_names: tuple[str, ...], workers: int = 1) -> int:
+    """Bytes of the file holding a shard of ``size`` values with the given rule state, pushed to by ``workers``."""
+    return _floats_at(workers) + 4 * (1 + len(state_names)) * 2 * size
 
 
 class SharedShard:
     """A :class:`Shard` mapped from its file: created by the shard actor (``create=True``), opened by workers."""
 
     def __init__(self, path: str, index: int, start: int, size: int, rule: Rule, *, create: bool,
-                 incarnation: int = 0) -> None:  # fmt: skip
+                 incarnation: int = 0, workers: int = 1) -> None:  # fmt: skip
         self.path = path
-        nbytes = segment_bytes(size, rule.state_names)
+        nbytes = segment_bytes(size, rule.state_names, workers)
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)  # FileNotFoundError when a worker comes too late: the shard is gone
         try:
             if create:
                 os.ftruncate(fd, nbytes)  # zero-filled
             elif os.fstat(fd).st_size != nbytes:
-                raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, not a shard of {size} values")
+                raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, not a shard of {size} values "
+                                 f"for {workers} workers")  # fmt: skip
             self._map = mmap.mmap(fd, nbytes)
         finally:
             os.close(fd)
         raw = torch.frombuffer(self._map, dtype=torch.uint8)  # (nbytes,) shares the mapping
         self.header = np.frombuffer(self._map, dtype=np.int64, count=8)
-        floats = raw[_FLOATS:].view(torch.float32).view(1 + len(rule.state_names), 2, size)  # (1 + S, 2, size)
+        if create:
+            self.header[_WORKERS] = workers
+        elif self.header[_WORKERS] != workers:  # one size can fit two counts: the stamps end on a 64-byte boundary
+            raise ValueError(f"{path} is a shard for {int(self.header[_WORKERS])} workers, not {workers}")
+        self.stamps = np.frombuffer(self._map, dtype=np.int64, count=workers, offset=_STAMPS)  # (workers,)
+        floats = raw[_floats_at(workers) :].view(torch.float32)
+        floats = floats.view(1 + len(rule.state_names), 2, size)  # (1 + S, 2, size)
         state = {name: floats[1 + i] for i, name in enumerate(rule.state_names)}
         meta = raw[_META : _META + 32].view(torch.int64)  # (4,)
         self.shard = Shard.over(index, start, rule, values=floats[0], state=state, meta=meta,

@@ -1,0 +1,79 @@
+"""Push stamps and the step leases they settle (the Ray backend's parts that need no Ray): the encoding, a shard
+file's stamps, and the coordinator giving back what a killed run claimed and never used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from downpour.backends import push_stamps, shm
+from downpour.backends.ray_coordinator import Coordinator
+from downpour.ps.rules import Adagrad
+
+
+def test_a_later_runs_stamp_is_above_every_stamp_of_an_earlier_run() -> None:
+    assert push_stamps.unstamp(push_stamps.stamp(3, 12345)) == (3, 12345)
+    assert push_stamps.unstamp(0) == (0, 0)
+    assert push_stamps.stamp(1, 1) > push_stamps.stamp(0, 2**40 - 1) > push_stamps.stamp(0, 7)
+    stamps = np.zeros(2, dtype=np.int64)
+    for value in (push_stamps.stamp(0, 5), push_stamps.stamp(0, 4), push_stamps.stamp(1, 1), push_stamps.stamp(0, 9)):
+        push_stamps.note(stamps, 1, value)  # a late push of a dead run never lowers a later run's stamp
+    assert stamps.tolist() == [0, push_stamps.stamp(1, 1)]
+
+
+def test_counts_by_run_takes_the_highest_count_per_run_over_shards() -> None:
+    values = [push_stamps.stamp(0, 40), push_stamps.stamp(0, 41), push_stamps.stamp(2, 3), 0, push_stamps.stamp(2, 1)]
+    assert push_stamps.counts_by_run(values) == {0: 41, 2: 3}
+    assert push_stamps.counts_by_run([0, 0]) == {}
+
+
+def test_a_shard_files_stamps_are_shared_and_apart_from_its_values(tmp_path: Path) -> None:
+    """Three workers' stamps between the meta and the floats: what one mapping writes the other reads, and writing
+    values and rule state (Adagrad's too) leaves them alone; a file opened for another number of workers is refused
+    by name."""
+    path = str(tmp_path / "c-shard0-0")
+    owner = shm.SharedShard(path, 0, 0, 5, Adagrad(lr=0.1), create=True, workers=3)
+    worker = shm.SharedShard(path, 0, 0, 5, Adagrad(lr=0.1), create=False, workers=3)
+    assert owner.stamps.tolist() == [0, 0, 0]
+    push_stamps.note(worker.stamps, 2, push_stamps.stamp(1, 9))
+    assert owner.stamps.tolist() == [0, 0, push_stamps.stamp(1, 9)]
+    owner.shard.restore({"values": torch.full((5,), 7.0), "state": {"sum_sq": torch.full((5,), 3.0)},
+                         "version": 4, "rejected": 1})  # fmt: skip
+    snapshot = worker.shard.snapshot()
+    assert snapshot["values"].tolist() == [7.0] * 5 and snapshot["version"] == 4
+    assert worker.stamps.tolist() == [0, 0, push_stamps.stamp(1, 9)]
+    with pytest.raises(ValueError, match="a shard for 3 workers, not 2"):  # of the same size
+        shm.SharedShard(path, 0, 0, 5, Adagrad(lr=0.1), create=False, workers=2)
+    assert shm.segment_bytes(5, ("sum_sq",), 3) == 192 + 4 * 2 * 2 * 5  # floats from byte 192 (128 + 24, up)
+    assert shm.segment_bytes(5, (), 8) == 192 + 4 * 2 * 5 and shm.segment_bytes(5, (), 9) == 256 + 4 * 2 * 5
+
+
+def test_a_killed_runs_unused_lease_comes_back_once_and_only_for_earlier_runs() -> None:
+    coordinator = Coordinator(limit=100, workers=2, shards=1)
+    assert coordinator.claim(32, 0, 0) == 25  # at most a quarter of what is left per claim (2 workers)
+    assert coordinator.claim(32, 1, 0) == 18
+    assert coordinator.claim(32, 1, 0) == 14
+    assert coordinator.claimed == 57
+    # worker 1's run 0 is killed after 15 pushes; its restarted process (run 2: run 1 failed at once) settles
+    assert coordinator.settle(1, 2, {0: 15}) == 32 - 15
+    assert coordinator.claimed == 40
+    assert coordinator.settle(1, 2, {0: 15}) == 0  # once
+    assert coordinator.claim(32, 1, 2) == 15
+    coordinator.release(4, 1, 2)  # run 2 stops with 4 unused: settled, so no later settle gives them back again
+    assert coordinator.claimed == 51
+    assert coordinator.settle(1, 9, {2: 0}) == 0
+    coordinator.release(12, 0, 0)  # worker 0 stops with 12 unused
+    assert coordinator.claimed == 39
+    coordinator.release(12, 0, 0)  # a repeated release is no second one
+    assert coordinator.claimed == 39
+    assert coordinator.settle(0, 9, {}) == 0  # nor does a settle after a release give back more
+    assert coordinator.claim(100, 0, 1) == 15  # what came back is granted again: 61 left
+
+
+def test_without_a_step_limit_nothing_is_leased_and_nothing_settled() -> None:
+    coordinator = Coordinator(limit=0, workers=1, shards=1)
+    assert coordinator.claim(32, 0, 0) == 32
+    assert coordinator.settle(0, 1, {}) == 0
