@@ -129,6 +129,18 @@ def _frozen_model(design: str) -> torch.nn.Module:
                        else 144, seed=0, shape=shape)  # fmt: skip
 
 
+@pytest.mark.parametrize("design", ["sparse-ae", "rbm", "cat"])
+def test_hand_made_templates_on_the_meta_device_are_one_clear_error(design: str) -> None:
+    """Templates are values (scaled to the design's own init), which a meta tensor cannot hold: building one there
+    raised torch's "Tensor.item() cannot be called on meta tensors". The learned init builds there."""
+    with torch.device("meta"):
+        with pytest.raises(ConfigError, match=r"invalid model\.init: 'gabor' on the meta device .* model\.init = "):
+            _frozen_model(design)
+        model = build_model(ModelConfig(name=design, features=16, receptive_field=6, maps=2, pool=3, lcn=3), 144,
+                            seed=0, shape=(1, 12, 12))  # fmt: skip
+    assert all(p.is_meta for p in model.parameters())
+
+
 def _assign_loaded(model: torch.nn.Module) -> torch.nn.Module:
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     return model

@@ -38,6 +38,10 @@ def set_first_layer(weight: Tensor, kind: str, shape: tuple[int, int, int], *, s
     dim = shape[0] * shape[1] * shape[2]
     if weight.shape[-1] * (weight.shape[-2] * weight.shape[-3] if weight.dim() == 4 else 1) != dim:
         raise ConfigError(f"invalid model.init: {kind!r} ({design}'s first layer is not made of {shape} filters)")
+    if weight.is_meta:  # templates are values, scaled to the design's own init: a meta tensor holds neither
+        raise ConfigError(f"invalid model.init: {kind!r} on the meta device ({design}'s first layer would get its "
+                          "templates' values, which a meta tensor cannot hold; build it on a real device, or with "
+                          "model.init = 'learned' to count its parameters)")  # fmt: skip
     scale = float(weight.reshape(-1, dim).norm(dim=1).mean())  # rows (…, C·f·f)
     count = weight.shape[1] if weight.dim() == 3 else weight.shape[0]  # untied (L, K, P): K at every location
     rows = template_rows(kind, count, shape, scale=scale, seed=seed)  # (K, C·f·f)
