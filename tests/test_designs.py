@@ -185,6 +185,26 @@ def test_a_frozen_first_layer_stays_frozen_when_its_parameters_are_replaced(
     assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in others)
 
 
+@pytest.mark.parametrize("design", ["sparse-ae", "cat"])
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
+def test_a_replaced_frozen_layer_first_run_inside_a_torch_func_transform(design: str, transform: str) -> None:
+    """The re-freezing pre-hook ran inside the transform, where making a FrozenParameter (requires_grad_) is
+    refused: the first grad / vmap / jvp after a swap raised. The transform runs; the next call outside freezes."""
+    model = _swapped_to_float64(_frozen_model(design))
+    (name,) = model.frozen
+    x = torch.randn(4, 64 if design != "cat" else 144, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if transform == "grad":
+        torch.func.grad(lambda z: model.loss(z))(x)
+    elif transform == "vmap":
+        torch.func.vmap(lambda z: model(z.unsqueeze(0)))(x)
+    else:
+        torch.func.jvp(model, (x,), (torch.ones_like(x),))
+    model.loss(x).backward()
+    frozen = model.get_parameter(name)
+    assert type(frozen).__name__ == "FrozenParameter"
+    assert frozen.grad is not None and torch.count_nonzero(frozen.grad) == 0
+
+
 def test_a_frozen_first_layer_stays_exactly_equal_through_the_parameter_server(
     run_dir: Path, cli: Callable[..., CliResult]
 ) -> None:

@@ -16,6 +16,11 @@ from downpour.nn.templates import templates
 
 _TEMPLATE_SEED_OFFSET = 7919  # "random" draws from its own stream, not the one of the design's default init
 
+try:  # a torch.func transform running? (PyTorch 2.4-2.13, as downpour.nn.local reads it)
+    from torch._C import _are_functorch_transforms_active as _transforms_active
+except ImportError:  # pragma: no cover - depends on the PyTorch version
+    _transforms_active = None
+
 
 def template_rows(kind: str, count: int, shape: tuple[int, int, int], *, scale: float, seed: int) -> Tensor:
     """``count`` ``kind`` templates ``(count, C·f·f)`` of norm ``scale`` (the mean norm of the design's own initial
@@ -70,12 +75,15 @@ class _KeepFrozen:
     """A hook on the module that holds a frozen parameter, run before its ``forward`` and after it loads a state
     dict: where the parameter was replaced by a plain one (``load_state_dict(assign=True)``, ``to_empty`` from the
     ``meta`` device, a conversion under ``torch.__future__.set_swap_module_params_on_conversion``), it is made a
-    :class:`FrozenParameter` again, on the same storage. A class rather than a closure, so a module pickles."""
+    :class:`FrozenParameter` again, on the same storage (not inside a ``torch.func`` transform, which refuses that: at
+    the next call outside one). A class rather than a closure, so a module pickles."""
 
     def __init__(self, attribute: str) -> None:
         self.attribute = attribute
 
     def __call__(self, owner: nn.Module, *_: object) -> None:
+        if not torch.compiler.is_compiling() and _transforms_active is not None and _transforms_active():
+            return  # a torch.func transform refuses the requires_grad_ freezing needs: done at the next call outside
         parameter = getattr(owner, self.attribute)
         if isinstance(parameter, nn.Parameter) and not isinstance(parameter, FrozenParameter):
             setattr(owner, self.attribute, FrozenParameter(parameter.data, parameter.requires_grad))
