@@ -50,6 +50,16 @@ def test_inside_a_model_the_refusal_names_the_layer(tmp_path: Path) -> None:
         target.load_state_dict(loaded)
 
 
+def test_the_refusal_names_which_of_several_layers_it_is() -> None:
+    """Stages of one class: the message named the class only, not which layer's weights were refused (PyTorch's size
+    mismatch names the key)."""
+    source = torch.nn.Sequential(LocallyConnected2d(1, 2, 48, 8), LocallyConnected2d(2, 2, 88, 8, stride=2))
+    target = torch.nn.Sequential(LocallyConnected2d(1, 2, 48, 8), LocallyConnected2d(2, 2, 48, 8))
+    refused = re.escape("LocallyConnected2d weights of another geometry (1._extra_state)")
+    with pytest.raises(RuntimeError, match=refused):
+        target.load_state_dict(source.state_dict())
+
+
 def test_the_same_geometry_round_trips_and_assign_keeps_the_check(tmp_path: Path) -> None:
     geometry = (2, 3, (9, 13), (3, 5), (2, 3))
     source, target = LocallyConnected2d(*geometry, bias=True), LocallyConnected2d(*geometry, bias=True)

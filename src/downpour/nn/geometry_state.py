@@ -46,7 +46,7 @@ class GeometryState(nn.Module):
                               error_msgs: list[str]) -> None:  # fmt: skip
         key = prefix + _EXTRA_STATE
         if key in state_dict:
-            problem = self._geometry_problem(state_dict[key])
+            problem = self._geometry_problem(state_dict[key], key)
             if problem:  # reported as PyTorch reports a size mismatch (even with strict=False), and nothing loads
                 error_msgs.append(problem)
                 return
@@ -55,16 +55,16 @@ class GeometryState(nn.Module):
         if key not in state_dict and key in missing_keys:  # saved before the geometry was: loads as it did then
             missing_keys.remove(key)
 
-    def _geometry_problem(self, state: Any) -> str:
-        """What is wrong with a saved geometry for this layer ("" when it fits)."""
+    def _geometry_problem(self, state: Any, key: str = _EXTRA_STATE) -> str:
+        """What is wrong with a saved geometry for this layer ("" when it fits), naming its state dict ``key``."""
         name = type(self).__name__
         ok = isinstance(state, Tensor) and not state.is_floating_point() and tuple(state.shape) == (_LENGTH,)
         if not ok:
             got = f"{state.dtype} {tuple(state.shape)}" if isinstance(state, Tensor) else type(state).__name__
-            return f"{name}'s saved geometry must be {_LENGTH} integers (an int64 tensor), got {got}"
+            return f"{name}'s saved geometry ({key}) must be {_LENGTH} integers (an int64 tensor), got {got}"
         c, m, h, w, kh, kw, sh, sw = (int(v) for v in state.tolist())
         if min(c, m, h, w, kh, kw, sh, sw) < 1 or kh > h or kw > w:
-            return f"{name}'s saved geometry is not a valid one: {state.tolist()}"
+            return f"{name}'s saved geometry ({key}) is not a valid one: {state.tolist()}"
         saved = {"in_channels": c, "out_channels": m, "in_size": (h, w), "kernel_size": (kh, kw), "stride": (sh, sw)}
         out_size = ((h - kh) // sh + 1, (w - kw) // sw + 1)
         ours = {field: getattr(self, field) for field in _FIELDS}
@@ -74,5 +74,5 @@ class GeometryState(nn.Module):
         def said(geometry: dict[str, Any], out: tuple[int, ...]) -> str:
             return ", ".join(f"{f}={geometry[f]}" for f in _FIELDS) + f" (output {out[0]}×{out[1]})"
 
-        return (f"{name} weights of another geometry: the state dict's layer has {said(saved, out_size)}, this one "
-                f"has {said(ours, tuple(self.out_size))}")  # fmt: skip
+        return (f"{name} weights of another geometry ({key}): the state dict's layer has {said(saved, out_size)}, "
+                f"this one has {said(ours, tuple(self.out_size))}")  # fmt: skip
