@@ -96,9 +96,10 @@ def test_a_state_dict_saved_without_a_geometry_still_loads_strictly() -> None:
 @pytest.mark.parametrize(
     ("state", "message"),
     [
-        (torch.tensor([1.0, 2, 12, 12, 4, 4, 1, 1]), "must be 8 integers .* got torch.float32 .8,."),
-        (torch.tensor([1, 2, 12, 12, 4, 4, 1]), r"must be 8 integers .* got torch.int64 \(7,\)"),
-        ("1,2,12,12,4,4,1,1", "must be 8 integers .* got str"),
+        (torch.tensor([1.5, 2, 12, 12, 4, 4, 1, 1]), r"must be 8 whole numbers, got torch.float32 \(8,\) \[1.5, "),
+        (torch.tensor([1, 2, 12, 12, 4, 4, 1]), r"must be 8 whole numbers, got torch.int64 \(7,\)"),
+        ("1,2,12,12,4,4,1,1", "must be 8 whole numbers, got str"),
+        (torch.zeros(8, dtype=torch.int64, device="meta"), r"must be 8 whole numbers, got torch.int64 \(8,\)$"),
         (torch.tensor([1, 2, 12, 12, 4, 4, 0, 1]), "not a valid one"),
         (torch.tensor([1, 2, 3, 12, 4, 4, 1, 1]), "not a valid one"),
     ],
@@ -109,3 +110,26 @@ def test_a_malformed_saved_geometry_is_named(state: object, message: str) -> Non
         layer.load_state_dict({"weight": torch.zeros_like(layer.weight), "_extra_state": state})
     with pytest.raises(ValueError, match=message):
         layer.set_extra_state(state)
+
+
+def test_a_state_dict_cast_whole_to_half_precision_still_loads() -> None:
+    """``{k: v.half() for ...}`` (a common way to save half-size weights) turns the geometry into floats too; its
+    numbers are still whole, so it loads, and a geometry that differs is still refused."""
+    source = LocallyConnected2d(1, 2, 12, 4)
+    halved = {k: v.half() for k, v in source.state_dict().items()}
+    target = LocallyConnected2d(1, 2, 12, 4).half()
+    target.load_state_dict(halved)
+    assert torch.equal(target.weight, source.weight.half())
+    with pytest.raises(RuntimeError, match=re.escape("stride=(1, 1)")):
+        LocallyConnected2d(1, 2, 22, 4, stride=2).half().load_state_dict(halved)
+
+
+def test_a_layer_made_on_the_meta_device_saves_a_geometry_that_loads() -> None:
+    """Under ``with torch.device("meta")`` the geometry was made on the meta device, without numbers to check."""
+    with torch.device("meta"):
+        planned = LocallyConnected2d(1, 2, 12, 4)
+    geometry = planned.state_dict()["_extra_state"]
+    assert geometry.device.type == "cpu" and geometry.dtype == torch.int64
+    real = LocallyConnected2d(1, 2, 12, 4)
+    real.load_state_dict({"weight": torch.ones_like(real.weight), "_extra_state": geometry})
+    assert bool((real.weight == 1).all())

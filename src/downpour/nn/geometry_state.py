@@ -32,8 +32,10 @@ class GeometryState(nn.Module):
     out_size: tuple[int, ...]
 
     def get_extra_state(self) -> Tensor:
-        """The geometry as int64 ``(8,)``: in_channels, out_channels, in_size, kernel_size, stride."""
-        return torch.tensor([self.in_channels, self.out_channels, *self.in_size, *self.kernel_size, *self.stride])
+        """The geometry as int64 ``(8,)``: in_channels, out_channels, in_size, kernel_size, stride (on the CPU, even
+        under ``with torch.device("meta")``: it must hold its numbers)."""
+        numbers = [self.in_channels, self.out_channels, *self.in_size, *self.kernel_size, *self.stride]
+        return torch.tensor(numbers, dtype=torch.int64, device="cpu")
 
     def set_extra_state(self, state: Any) -> None:
         """Check a saved geometry against this layer's (nothing to set: the geometry is the constructor's)."""
@@ -58,10 +60,13 @@ class GeometryState(nn.Module):
     def _geometry_problem(self, state: Any, key: str = _EXTRA_STATE) -> str:
         """What is wrong with a saved geometry for this layer ("" when it fits), naming its state dict ``key``."""
         name = type(self).__name__
-        ok = isinstance(state, Tensor) and not state.is_floating_point() and tuple(state.shape) == (_LENGTH,)
+        ok = isinstance(state, Tensor) and not state.is_meta and tuple(state.shape) == (_LENGTH,)
+        # a state dict cast whole (``{k: v.half() ...}``) holds them as floats: still whole numbers
+        ok = ok and all(float(v).is_integer() for v in state.tolist())
         if not ok:
             got = f"{state.dtype} {tuple(state.shape)}" if isinstance(state, Tensor) else type(state).__name__
-            return f"{name}'s saved geometry ({key}) must be {_LENGTH} integers (an int64 tensor), got {got}"
+            values = f" {state.tolist()}" if isinstance(state, Tensor) and not state.is_meta and state.dim() else ""
+            return f"{name}'s saved geometry ({key}) must be {_LENGTH} whole numbers, got {got}{values}"
         c, m, h, w, kh, kw, sh, sw = (int(v) for v in state.tolist())
         if min(c, m, h, w, kh, kw, sh, sw) < 1 or kh > h or kw > w:
             return f"{name}'s saved geometry ({key}) is not a valid one: {state.tolist()}"
