@@ -3,7 +3,12 @@ file's stamps, and the coordinator giving back what a killed run claimed and nev
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +16,7 @@ import torch
 
 from downpour.backends import push_stamps, shm
 from downpour.backends.ray_coordinator import Coordinator
-from downpour.ps.rules import Adagrad
+from downpour.ps.rules import SGD, Adagrad
 
 
 def test_a_later_runs_stamp_is_above_every_stamp_of_an_earlier_run() -> None:
@@ -77,3 +82,38 @@ def test_without_a_step_limit_nothing_is_leased_and_nothing_settled() -> None:
     coordinator = Coordinator(limit=0, workers=1, shards=1)
     assert coordinator.claim(32, 0, 0) == 32
     assert coordinator.settle(0, 1, {}) == 0
+
+
+def _push_once(client: Any, exchange: bool) -> None:
+    """In a forked process: one direct push (or EASGD exchange) of worker 1 into the mapped shard."""
+    if exchange:
+        client.exchange(torch.ones(4), alpha=0.5, worker=1)
+    else:
+        client.push_direct(torch.ones(4), 0, 1, fetch_into=None, fetched_values=None)
+
+
+@pytest.mark.parametrize("exchange", [False, True])
+def test_a_worker_killed_while_it_waits_for_the_shards_lock_has_not_stamped_that_push(
+        tmp_path: Path, exchange: bool) -> None:  # fmt: skip
+    """A same-node worker's stamp is written under the shard's lock with the push it counts: one killed while it
+    waits for the lock (another worker is pushing) leaves no stamp of a push the shard never got, which would count
+    a step no shard made and keep that step from the budget; a push that goes through is stamped."""
+    from downpour.backends.ray_workers import RemoteShard
+
+    path = str(tmp_path / "c-shard0-0")
+    owner = shm.SharedShard(path, 0, 0, 4, SGD(lr=0.1), create=True, workers=2)
+    owner.shard.restore({"values": torch.zeros(4), "state": {}, "version": 0, "rejected": 0})
+    client = RemoteShard(0, 0, 4, None, rule=SGD(lr=0.1), send_fetched=False, workers=2,
+                         stamp=lambda: push_stamps.stamp(0, 1))  # fmt: skip
+    client.direct = shm.SharedShard(path, 0, 0, 4, SGD(lr=0.1), create=False, workers=2)
+    child = multiprocessing.get_context("fork").Process(target=_push_once, args=(client, exchange))
+    with owner.shard.lock:  # worker 0 mid-push
+        child.start()
+        time.sleep(0.5)  # worker 1 is blocked on the lock
+        assert child.is_alive()
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join()
+    assert owner.shard.version == 0 and owner.shard.snapshot()["rejected"] == 0
+    assert push_stamps.counts_by_run(owner.stamps) == {}
+    _push_once(client, exchange)  # now in this process, the lock free: pushed and stamped
+    assert owner.shard.version == 1 and push_stamps.counts_by_run(owner.stamps) == {0: 1}

@@ -89,6 +89,13 @@ class RemoteShard:
             return self.direct.shard
         return None
 
+    def _stamper(self, worker: int) -> Callable[[], None]:
+        """Write ``worker``'s push stamp into the mapped file: called by the shard under its lock, right before the
+        push commits. Written before the lock was taken, the stamp of a push whose worker was killed while it waited
+        for the lock would count a push that no shard got (and keep its step from the budget)."""
+        stamps, value = self.direct.stamps, self.stamp()  # type: ignore[union-attr]
+        return lambda: push_stamps.note(stamps, worker, value)
+
     def _note(self, incarnation: int, version: int) -> None:
         if version > self.seen.get(incarnation, -1):
             self.seen[incarnation] = version
@@ -129,8 +136,8 @@ class RemoteShard:
         if shard is None:
             return None
         fetched = fetched_values if self.send_fetched else None
-        push_stamps.note(self.direct.stamps, worker, self.stamp())  # type: ignore[union-attr]
-        result = shard.push(update, fetched_version, worker, fetch_into=fetch_into, fetched_values=fetched)
+        result = shard.push(update, fetched_version, worker, fetch_into=fetch_into, fetched_values=fetched,
+                            on_commit=self._stamper(worker))  # fmt: skip
         self._note(self.incarnation, result.version)
         return result
 
@@ -207,8 +214,8 @@ class RemoteShard:
         if self.direct is not None:
             shard = self._live_direct()
             if shard is not None:
-                push_stamps.note(self.direct.stamps, worker, self.stamp())
-                result = shard.exchange(local, alpha=alpha, worker=worker, last_version=last_version)
+                result = shard.exchange(local, alpha=alpha, worker=worker, last_version=last_version,
+                                        on_commit=self._stamper(worker))  # fmt: skip
                 self._note(self.incarnation, result.version)
                 return result
             self.reconnect()  # the center died with its actor: start again from the restored one

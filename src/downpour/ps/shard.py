@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
@@ -27,6 +27,12 @@ from downpour.ps.policies import easgd_exchange
 from downpour.ps.rules import PushMeta, Rule, ShardState
 
 _ACTIVE, _VERSION0, _VERSION1, _REJECTED = range(4)
+
+
+def _call(hook: Callable[[], None] | None) -> None:
+    """Run a push's ``on_commit`` hook, if it has one."""
+    if hook is not None:
+        hook()
 
 
 LOST = -2  # the staleness of a push that reached no live shard (one that died or was restored from its checkpoint)
@@ -161,6 +167,7 @@ class Shard:
         *,
         fetch_into: Tensor | None = None,
         fetched_values: Tensor | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> PushResult:
         """Apply ``update`` (this shard's slice of a worker's accumulated gradient) with the shard's rule.
 
@@ -169,6 +176,8 @@ class Shard:
         the values the worker computed its gradient at, for a rule that needs them (``ps.policy = "dc-asgd"``).
         ``fetched_version`` must be a version this shard has had, ``0 <= fetched_version <= version`` (ValueError
         otherwise, nothing applied): one from the future or a negative one would fake the staleness.
+        ``on_commit``: called under the lock right before the push is committed or refused (the Ray backend's push
+        stamp, :mod:`~downpour.backends.push_stamps`: a process killed before then has not counted the push).
         """
         finite = self._finite_slice(update, "an update")
         with self.lock:
@@ -177,6 +186,7 @@ class Shard:
             version = int(meta[_VERSION0 + live])
             self._check_had(version, fetched_version, "a push fetched at version")
             if not finite:
+                _call(on_commit)
                 meta[_REJECTED] += 1
                 if fetch_into is not None:
                     fetch_into.copy_(self._buffer(live).values)
@@ -190,17 +200,20 @@ class Shard:
                 self.rule(push_meta, update, self._buffer(live), out)
             if not all_finite(out.values):
                 # A finite update that would overflow the parameters is refused too; the live buffer is untouched.
+                _call(on_commit)
                 meta[_REJECTED] += 1
                 if fetch_into is not None:
                     fetch_into.copy_(self._buffer(live).values)
                 return PushResult(False, -1, version)
             meta[_VERSION0 + spare] = version + 1
+            _call(on_commit)
             meta[_ACTIVE] = spare  # the commit point: one aligned 8-byte store
             if fetch_into is not None:
                 fetch_into.copy_(out.values)
             return PushResult(True, push_meta.staleness, version + 1)
 
-    def exchange(self, local: Tensor, *, alpha: float, worker: int = -1, last_version: int = 0) -> PushResult:
+    def exchange(self, local: Tensor, *, alpha: float, worker: int = -1, last_version: int = 0,
+                 on_commit: Callable[[], None] | None = None) -> PushResult:  # fmt: skip
         """The elastic exchange of ``ps.policy = "easgd"`` with this shard's slice of a worker's own parameters
         ``local`` ``(size,)``: ``d = α(x_i − x̃); x_i ← x_i − d; x̃ ← x̃ + d`` (:func:`easgd_exchange`, Zhang,
         Choromanska & LeCun 2015), both in place; the shard holds the center ``x̃``.
@@ -208,7 +221,7 @@ class Shard:
         ``last_version``: the shard's version after this worker's previous exchange (the staleness counts the
         other workers' exchanges since); as :meth:`push`'s ``fetched_version``, it must be ``0 <= last_version <=
         version`` (ValueError otherwise, nothing exchanged). A ``local`` holding NaN or Inf is refused and reset to
-        the center.
+        the center. ``on_commit`` as in :meth:`push`.
         """
         finite = self._finite_slice(local, "values")
         with self.lock:
@@ -218,6 +231,7 @@ class Shard:
             self._check_had(version, last_version, "an exchange with last_version")
             current = self._buffer(live)
             if not finite:
+                _call(on_commit)
                 meta[_REJECTED] += 1
                 local.copy_(current.values)  # a diverged worker starts again from the center
                 return PushResult(False, -1, version)
@@ -228,6 +242,7 @@ class Shard:
                 tensor.copy_(current.state[name])
             easgd_exchange(local, out.values, alpha=alpha)
             meta[_VERSION0 + spare] = version + 1
+            _call(on_commit)
             meta[_ACTIVE] = spare  # the commit point
             return PushResult(True, version - last_version, version + 1)
 
