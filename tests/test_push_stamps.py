@@ -62,20 +62,33 @@ def test_a_killed_runs_unused_lease_comes_back_once_and_only_for_earlier_runs() 
     assert coordinator.claim(32, 1, 0) == 18
     assert coordinator.claim(32, 1, 0) == 14
     assert coordinator.claimed == 57
-    # worker 1's run 0 is killed after 15 pushes; its restarted process (run 2: run 1 failed at once) settles
-    assert coordinator.settle(1, 2, {0: 15}) == 32 - 15
-    assert coordinator.claimed == 40
-    assert coordinator.settle(1, 2, {0: 15}) == 0  # once
-    assert coordinator.claim(32, 1, 2) == 15
+    # worker 1's run 0 is killed after 20 pushes (it claimed again once it had used the first 18); its restarted
+    # process (run 2: run 1 failed at once) settles
+    assert coordinator.settle(1, 2, {0: 20}) == 32 - 20
+    assert coordinator.claimed == 45
+    assert coordinator.settle(1, 2, {0: 20}) == 0  # once
+    assert coordinator.claim(32, 1, 2) == 13
     coordinator.release(4, 1, 2)  # run 2 stops with 4 unused: settled, so no later settle gives them back again
-    assert coordinator.claimed == 51
+    assert coordinator.claimed == 54
     assert coordinator.settle(1, 9, {2: 0}) == 0
     coordinator.release(12, 0, 0)  # worker 0 stops with 12 unused
-    assert coordinator.claimed == 39
+    assert coordinator.claimed == 42
     coordinator.release(12, 0, 0)  # a repeated release is no second one
-    assert coordinator.claimed == 39
+    assert coordinator.claimed == 42
     assert coordinator.settle(0, 9, {}) == 0  # nor does a settle after a release give back more
-    assert coordinator.claim(100, 0, 1) == 15  # what came back is granted again: 61 left
+    assert coordinator.claim(100, 0, 1) == 14  # what came back is granted again: 58 left
+
+
+def test_a_killed_run_whose_stamps_are_gone_gives_back_at_most_its_last_lease() -> None:
+    """A run claims a lease only once it has used the one before, so only its last lease can hold unused steps:
+    where the stamps that count its pushes are gone (every shard restored while it died), the settle gives back
+    that lease, not every step the run claimed and pushed."""
+    coordinator = Coordinator(limit=10_000, workers=1, shards=1)
+    assert [coordinator.claim(32, 0, 0) for _ in range(8)] == [32] * 8
+    assert coordinator.settle(0, 1, {}) == 32  # no stamp: the last lease, at most
+    assert coordinator.claimed == 7 * 32
+    assert coordinator.claim(32, 0, 1) == 32 and coordinator.claim(32, 0, 1) == 32
+    assert coordinator.settle(0, 2, {1: 40}) == 24  # a stamp within the last lease counts as before
 
 
 def test_without_a_step_limit_nothing_is_leased_and_nothing_settled() -> None:

@@ -65,6 +65,7 @@ class Coordinator:
         self._starts = [0] * workers  # per worker: its actor's processes started (every one after the first restarts)
         self._roster = Roster(workers)  # ps.policy = "sync": the copy a restarted shard actor starts from
         self._leased: dict[tuple[int, int], int] = {}  # (worker, run) -> steps granted and not given back
+        self._last: dict[tuple[int, int], int] = {}  # (worker, run) -> steps its latest claim was granted
         self._settled: set[tuple[int, int]] = set()  # runs whose unused steps came back (released or settled)
 
     def clocks(self) -> list[int]:
@@ -101,6 +102,7 @@ class Coordinator:
         granted = max(0, min(most, remaining, max(1, remaining // (2 * self.workers))))
         self.claimed += granted
         self._leased[(worker, run)] = self._leased.get((worker, run), 0) + granted
+        self._last[(worker, run)] = granted  # a worker claims once it has used its lease: all before were used
         return granted
 
     def release(self, unused: int, worker: int = -1, run: int = 0) -> None:
@@ -113,12 +115,14 @@ class Coordinator:
 
     def settle(self, worker: int, run: int, used: dict[int, int]) -> int:
         """``worker``'s runs before ``run`` that ended without :meth:`release` (their process was killed) give
-        back the steps they claimed beyond ``used`` (pushes per run, from the shards' stamps). Return the steps
-        given back."""
+        back the steps they claimed beyond ``used`` (pushes per run, from the shards' stamps), at most their last
+        lease: a worker claims only once it has used the lease before, so where the stamps are gone (every shard
+        restored while the run died) not every step the run claimed and pushed comes back. Return the steps given
+        back."""
         back = 0
         for (w, r), leased in self._leased.items():
             if w == worker and r < run and (w, r) not in self._settled:
-                back += max(0, leased - used.get(r, 0))
+                back += max(0, min(leased - used.get(r, 0), self._last.get((w, r), 0)))
                 self._settled.add((w, r))
         self.claimed -= back
         return back
