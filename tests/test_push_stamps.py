@@ -91,6 +91,17 @@ def test_a_killed_run_whose_stamps_are_gone_gives_back_at_most_its_last_lease() 
     assert coordinator.settle(0, 2, {1: 40}) == 24  # a stamp within the last lease counts as before
 
 
+def test_the_coordinator_keeps_the_dead_runs_pushes_it_was_told_for_the_driver() -> None:
+    """A restarted run reports its dead run's stamped pushes to the driver in its polls, but it may die too before
+    one reaches the driver, and its own pushes then overwrite those stamps: the coordinator keeps what settle was
+    told (the highest count per run), and the driver reads it with the restores."""
+    coordinator = Coordinator(limit=0, workers=2, shards=1)
+    coordinator.settle(1, 2, {0: 57})
+    coordinator.settle(1, 3, {0: 50, 2: 4})  # a lower count never replaces a higher one
+    coordinator.settle(0, 1, {})
+    assert coordinator.restores_and_starts()[2] == {(1, 0): 57, (1, 2): 4}
+
+
 def test_without_a_step_limit_nothing_is_leased_and_nothing_settled() -> None:
     coordinator = Coordinator(limit=0, workers=1, shards=1)
     assert coordinator.claim(32, 0, 0) == 32

@@ -280,9 +280,15 @@ def test_a_worker_whose_restarted_process_dies_before_it_answers_counts_two_rest
         events = _train(cluster, seconds=240, tick=tick, records=records)
         faults = cluster.faults()
         pids_after = cluster.pids()
+        snapshots = cluster.snapshots()
+        step = cluster.steps()
     finally:
         cluster.close()
     assert "t" in killed, (killed, faults)
+    # Every push that reached a shard is counted (the shards' stamps), and at most one more per death (a process
+    # counts a push before it sends it)
+    made = max(s["version"] + s["rejected"] for s in snapshots)
+    assert made <= step <= made + 2
     assert [r for r in records if r[1] == 1 and r[0] > killed["t"]], "worker 1 did not train after its restarts"
     assert faults["worker_restarts"] == 2
     assert [e.worker for e in events if e.kind == "restarted"] == [1, 1]

@@ -482,7 +482,7 @@ class RayCluster:
             return []
         ref, self._restores_ref = self._restores_ref, None
         try:
-            self._restores, starts = ray.get(ref)
+            self._restores, starts, stamped = ray.get(ref)
         except RayError:
             return []
         events = [
@@ -491,6 +491,8 @@ class RayCluster:
         ]
         self._restores_logged = len(self._restores)
         self._starts = [max(a, b) for a, b in zip(self._starts, starts, strict=True)]
+        for (worker_id, run), count in stamped.items():  # a dead run's pushes, as a restarted run read them
+            self._count_stamped(worker_id, {run: count})  # (that one may have died too before the driver polled it)
         for worker_id in range(len(self._starts)):
             events += self._restarts_up_to_date(worker_id, _DIED_UNSEEN)
         return events

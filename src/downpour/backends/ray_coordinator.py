@@ -67,6 +67,7 @@ class Coordinator:
         self._leased: dict[tuple[int, int], int] = {}  # (worker, run) -> steps granted and not given back
         self._last: dict[tuple[int, int], int] = {}  # (worker, run) -> steps its latest claim was granted
         self._settled: set[tuple[int, int]] = set()  # runs whose unused steps came back (released or settled)
+        self._stamped: dict[tuple[int, int], int] = {}  # (worker, run) -> its pushes, as settle was told them
 
     def clocks(self) -> list[int]:
         """Every worker's SSP clock."""
@@ -119,6 +120,8 @@ class Coordinator:
         lease: a worker claims only once it has used the lease before, so where the stamps are gone (every shard
         restored while the run died) not every step the run claimed and pushed comes back. Return the steps given
         back."""
+        for r, count in used.items():  # kept for the driver, which may never poll the restarted run that read them
+            self._stamped[(worker, r)] = max(count, self._stamped.get((worker, r), 0))
         back = 0
         for (w, r), leased in self._leased.items():
             if w == worker and r < run and (w, r) not in self._settled:
@@ -157,9 +160,10 @@ class Coordinator:
         """A process of ``worker``'s actor has started (its constructor calls this first, on every restart)."""
         self._starts[worker] += 1
 
-    def restores_and_starts(self) -> tuple[list[tuple[int, int, int, float]], list[int]]:
-        """:meth:`restores`, and how many processes each worker's actor has started."""
-        return list(self._restores), list(self._starts)
+    def restores_and_starts(self) -> tuple[list[tuple[int, int, int, float]], list[int], dict[tuple[int, int], int]]:
+        """:meth:`restores`, how many processes each worker's actor has started, and the pushes of dead runs that
+        :meth:`settle` was told (``(worker, run) -> count``)."""
+        return list(self._restores), list(self._starts), dict(self._stamped)
 
     def pid(self) -> int:
         """This actor's process id."""
