@@ -295,15 +295,17 @@ def test_a_worker_whose_restarted_process_dies_before_it_answers_counts_two_rest
     assert pids_after[1] not in (killed["first"], killed["second"])
 
 
-def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(ray_cluster: str,
-                                                                                 digits: Dataset) -> None:  # fmt: skip
+@pytest.mark.parametrize("restarts", [True, False])
+def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(ray_cluster: str, digits: Dataset,
+                                                                                 restarts: bool) -> None:  # fmt: skip
     """SIGKILL worker 1 a tenth into the run, between polls, so that it dies with pushes the driver has not heard
     of, holding steps of the budget it claimed and had not used: the run still makes ``train.steps`` pushes and
     counts them all. Before the shards kept push stamps, the killed run's unused lease (up to 32 steps) was never
     given back and its unpolled pushes never counted: the shards ended 9 and 19 pushes short of 4,000 in two runs,
-    and without the stamps' count the step was 337 short."""
+    and without the stamps' count the step was 337 short. Without restarts (``max_restarts = 0``) the worker is
+    dead for good: the driver reads its stamps and settles its lease, and worker 0 spends the budget."""
     steps = 4000
-    cluster, _, _ = _cluster(_config(steps), digits)
+    cluster, _, _ = _cluster(_config(steps), digits, **({} if restarts else {"max_restarts": 0}))
     killed: dict[str, Any] = {}
 
     def tick(elapsed: float) -> None:
@@ -319,7 +321,11 @@ def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(
     finally:
         cluster.close()
     assert "pid" in killed
-    assert faults["worker_restarts"] == 1 and [e.worker for e in events if e.kind == "restarted"] == [1], faults
+    assert faults["worker_restarts"] == int(restarts), faults
+    assert [e.worker for e in events if e.kind == "restarted"] == ([1] if restarts else [])
+    if not restarts:
+        (died,) = [e for e in events if e.kind == "died"]
+        assert died.worker == 1 and "did not answer" not in died.detail
     made = [s["version"] + s["rejected"] for s in snapshots]  # every push to a shard is applied or refused
     assert max(made) == steps  # the killed run's unused steps came back to the budget and were pushed
     assert min(made) >= steps - 1  # (a push the kill cut off between the two shards reached only one)

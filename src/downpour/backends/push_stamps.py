@@ -2,7 +2,7 @@
 
 A worker counts a push before any shard receives it, but the driver learns the count only when it polls the worker,
 so a worker actor that dies takes the pushes it made since its last poll with it. Each shard therefore keeps, per
-worker, the highest stamp it has seen, written before the push is applied: ``run << 40 | count``, where ``run`` is
+worker, the highest stamp it has seen, written before the push commits: ``run << 40 | count``, where ``run`` is
 the driver's number of the ``run`` call (:meth:`~downpour.backends.ray_workers.WorkerActor.run`) and ``count`` that
 call's pushes so far. One int64 a worker, so a plain store is atomic and a later run's stamp is larger than any of an
 earlier run's. The driver takes, per worker and run, the larger of its polled count and the stamps (which come with
@@ -33,8 +33,8 @@ def unstamp(value: int) -> tuple[int, int]:
 def note(stamps: np.ndarray, worker: int, value: int) -> None:
     """Keep ``value`` as ``worker``'s stamp in ``stamps`` (int64, one a worker) if it is higher.
 
-    Each worker writes only its own entry (its pushes are serial), so no lock is needed; through an actor, the
-    shard's one thread (or its lock) orders them."""
+    An entry has one writer at a time: a worker's pushes are serial, a worker on the shard's node writes its own
+    under the shard's lock just before its push commits, and the shard actor writes those pushed through it."""
     if value > stamps[worker]:
         stamps[worker] = value
 

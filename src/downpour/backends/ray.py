@@ -418,10 +418,11 @@ class RayCluster:
                 events.append(WorkerEvent("died", worker_id, "its run failed", said=True))
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True
-                self._settle_dead(worker_id)
+                settled = self._settle_dead(worker_id)
                 self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back
                 self._leave_rounds(worker_id, state.incarnation)
-                events.append(WorkerEvent("died", worker_id, first_line(exc)))
+                unsettled = "" if settled else "; a shard did not answer: its unused steps stay claimed"
+                events.append(WorkerEvent("died", worker_id, first_line(exc) + unsettled))
             except RayActorError as exc:  # the process died and Ray restarts it (or is restarting it)
                 self._leave_rounds(worker_id, state.incarnation)  # its restarted process joins them again
                 if self._stopping:
@@ -442,15 +443,19 @@ class RayCluster:
             if count > pushes:
                 self._progress[(worker_id, run)] = (examples, count)
 
-    def _settle_dead(self, worker_id: int) -> None:
+    def _settle_dead(self, worker_id: int) -> bool:
         """A worker dead for good: count its last run's pushes from the shards' stamps, and give the steps it
-        claimed and did not use back to the budget (a restarted process would have done both)."""
+        claimed and did not use back to the budget (a restarted process would have done both). False when a shard
+        did not answer within :data:`_POLL_TIMEOUT_S` (nothing settled)."""
         refs = [shard.handle.push_stamps.remote() for shard in self.shards]
-        with contextlib.suppress(RayError, GetTimeoutError):
+        try:
             stamps = ray.get(refs, timeout=_POLL_TIMEOUT_S)
-            counts = push_stamps.counts_by_run(values[worker_id] for values in stamps)
-            self._count_stamped(worker_id, counts)
-            self.coordinator.settle.remote(worker_id, _NO_RUN_AFTER, counts)
+        except (RayError, GetTimeoutError):
+            return False
+        counts = push_stamps.counts_by_run(values[worker_id] for values in stamps)
+        self._count_stamped(worker_id, counts)
+        self.coordinator.settle.remote(worker_id, _NO_RUN_AFTER, counts)
+        return True
 
     def _leave_rounds(self, worker_id: int, incarnation: int) -> None:
         """``ps.policy = "sync"``: the process running ``incarnation`` of a worker died; its rounds stop waiting
