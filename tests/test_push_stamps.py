@@ -1,5 +1,6 @@
-"""Push stamps and the step leases they settle (the Ray backend's parts that need no Ray): the encoding, a shard
-file's stamps, and the coordinator giving back what a killed run claimed and never used."""
+"""Push stamps and the step leases they settle, mostly without Ray: the encoding, a shard file's stamps, the
+coordinator giving back what a killed run claimed and never used, and (with Ray installed, for its worker-side
+client) where a same-node worker writes its stamp."""
 
 from __future__ import annotations
 
@@ -122,6 +123,7 @@ def test_a_worker_killed_while_it_waits_for_the_shards_lock_has_not_stamped_that
     """A same-node worker's stamp is written under the shard's lock with the push it counts: one killed while it
     waits for the lock (another worker is pushing) leaves no stamp of a push the shard never got, which would count
     a step no shard made and keep that step from the budget; a push that goes through is stamped."""
+    pytest.importorskip("ray")  # RemoteShard's module needs Ray (the [ray] extra); the rest of this file does not
     from downpour.backends.ray_workers import RemoteShard
 
     path = str(tmp_path / "c-shard0-0")
