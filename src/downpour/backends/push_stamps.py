@@ -6,8 +6,9 @@ worker, the highest stamp it has seen, written before the push commits: ``run <<
 the driver's number of the ``run`` call (:meth:`~downpour.backends.ray_workers.WorkerActor.run`) and ``count`` that
 call's pushes so far. One int64 a worker, so a plain store is atomic and a later run's stamp is larger than any of an
 earlier run's. The driver takes, per worker and run, the larger of its polled count and the stamps (which come with
-every snapshot), and a restarted worker reads its dead run's count from the shards to give back the steps of the
-budget that run claimed and never used (:meth:`~downpour.backends.ray_coordinator.Coordinator.settle`).
+every snapshot), and a restarted worker (the driver, for a worker dead for good) reads its dead run's count from the
+shards to give back the steps of the budget that run claimed and never used
+(:meth:`~downpour.backends.ray_coordinator.Coordinator.settle`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ than the pushes applied since the last checkpoint.
 
 Counts. Every push carries its worker's push stamp (:mod:`~downpour.backends.push_stamps`), which each shard keeps
 per worker before applying it: the driver counts a dead worker's pushes since its last poll from the stamps that
-come with every snapshot, and a restarted worker reads them to give its dead run's unused steps back to the budget.
+come with every snapshot, and a restarted worker reads them to give its dead run's unused steps back to the budget
+(for a worker dead for good, the driver does: :meth:`RayCluster._settle_dead`).
 
 Addresses. ``cluster.address = ""`` starts a private Ray instance for this run, bound to 127.0.0.1; ``"auto"`` or
 ``"host:port"`` connects to a running cluster (``ray start --head`` ...). Ray's token authentication stays on: a

@@ -410,7 +410,7 @@ class _LeasedSteps:
     worker could be left holding steps, and spend them in rounds of its own).
 
     Leases are granted to ``(worker, run)``: what a run that is killed never used, its restarted process gives
-    back (:meth:`~downpour.backends.ray_coordinator.Coordinator.settle`)."""
+    back, or the driver for a worker dead for good (:meth:`~downpour.backends.ray_coordinator.Coordinator.settle`)."""
 
     def __init__(self, coordinator: Any, limit: int, *, lease: int = _LEASE_MAX, worker: int = -1,
                  run: int = 0) -> None:  # fmt: skip

@@ -61,7 +61,8 @@ class GeometryState(nn.Module):
         """What is wrong with a saved geometry for this layer ("" when it fits), naming its state dict ``key``."""
         name = type(self).__name__
         ok = isinstance(state, Tensor) and not state.is_meta and tuple(state.shape) == (_LENGTH,)
-        # a state dict cast whole (``{k: v.half() ...}``) holds them as floats: still whole numbers
+        # a state dict cast whole (``{k: v.half() ...}``) holds them as floats: whole numbers, exact while the dtype
+        # holds them (float16 up to 2,048; bfloat16 only up to 256, beyond which a rounded geometry is refused)
         ok = ok and all(float(v).is_integer() for v in state.tolist())
         if not ok:
             got = f"{state.dtype} {tuple(state.shape)}" if isinstance(state, Tensor) else type(state).__name__
