@@ -64,7 +64,7 @@ class Coordinator:
         self._clocks = [0] * workers  # ps.policy = "ssp": pushes per worker (downpour.ps.clocks)
         self._starts = [0] * workers  # per worker: its actor's processes started (every one after the first restarts)
         self._roster = Roster(workers)  # ps.policy = "sync": the copy a restarted shard actor starts from
-        self._leased: dict[tuple[int, int], int] = {}  # (worker, run) -> steps granted and not given back
+        self._leased: dict[tuple[int, int], int] = {}  # (worker, run) -> steps granted (read while unsettled)
         self._last: dict[tuple[int, int], int] = {}  # (worker, run) -> steps its latest claim was granted
         self._settled: set[tuple[int, int]] = set()  # runs whose unused steps came back (released or settled)
         self._stamped: dict[tuple[int, int], int] = {}  # (worker, run) -> its pushes, as settle was told them
@@ -111,7 +111,6 @@ class Coordinator:
         if (worker, run) in self._settled:
             return
         self.claimed -= unused
-        self._leased[(worker, run)] = self._leased.get((worker, run), 0) - unused
         self._settled.add((worker, run))
 
     def settle(self, worker: int, run: int, used: dict[int, int]) -> int:
