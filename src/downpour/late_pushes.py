@@ -10,7 +10,7 @@ version the checkpoint holds, are the ones it missed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +24,21 @@ _START, _PUSH = row_start("start"), row_start("push")
 def missed_staleness(metrics: Path, session: int, push_rows: int, versions: Sequence[int]) -> np.ndarray:
     """Staleness of each applied push that a checkpoint saved by ``session`` after ``push_rows`` of its push rows
     holds (its shard's version then was ``versions[shard]``) but whose row came after: ``int64``, empty when none or
-    when ``metrics`` cannot be read. Rows that are cut off or malformed are passed over."""
+    when ``metrics`` cannot be read. Rows that are cut off or malformed are passed over.
+
+    One pass over the log: counting starts again at each start row of ``session`` (its last one counts) and stops
+    at the next start row (the next session's rows: pushes applied after the checkpoint was restored)."""
     missed: list[int] = []
+    counting, skipped = False, 0
     try:
         with open(metrics, "rb") as lines:
-            start = _last_start_of(lines, session)
-            if start is None:
-                return np.zeros(0, dtype=np.int64)
-            lines.seek(start)
-            next(lines)  # the session's start row
-            skipped = 0
             for line in lines:
                 if line.startswith(_START):
-                    break  # the next session's rows: pushes applied after the checkpoint was restored
-                if not line.startswith(_PUSH):
+                    counting = (row := json_object(line)) is not None and _int(row.get("session")) == session
+                    if counting:
+                        missed, skipped = [], 0
+                    continue
+                if not counting or not line.startswith(_PUSH):
                     continue
                 if skipped < push_rows:  # counted in the checkpoint's histogram
                     skipped += 1
@@ -47,22 +48,6 @@ def missed_staleness(metrics: Path, session: int, push_rows: int, versions: Sequ
     except OSError:
         return np.zeros(0, dtype=np.int64)
     return np.asarray(missed, dtype=np.int64)
-
-
-def _last_start_of(lines: Any, session: int) -> int | None:
-    """Offset of the last start row of ``session`` in the open file ``lines`` (None when it has none)."""
-    found = None
-    for offset, line in _with_offsets(lines):
-        if line.startswith(_START) and (row := json_object(line)) is not None and _int(row.get("session")) == session:
-            found = offset
-    return found
-
-
-def _with_offsets(lines: Any) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    for line in lines:
-        yield offset, line
-        offset += len(line)
 
 
 def _held_push(line: bytes, versions: Sequence[int]) -> int | None:
