@@ -36,9 +36,12 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 def compile_kernel(fn, constants: dict, arch: int, num_warps: int, num_stages: int):
-    """``fn`` compiled for ``sm_{arch}`` with its tensors float32 pointers and other arguments 32-bit integers."""
+    """``fn`` compiled for ``sm_{arch}`` with its tensors float32 pointers (a skip's int32 groups and int8 fields)
+    and other arguments 32-bit integers."""
+    pointers = {"order_ptr": "*i32", "count_ptr": "*i32", "field_ptr": "*i8"}
     signature = {
-        name: "constexpr" if name in constants else "*fp32" if name.endswith("_ptr") else "i32" for name in fn.arg_names
+        name: "constexpr" if name in constants else pointers.get(name, "*fp32" if name.endswith("_ptr") else "i32")
+        for name in fn.arg_names
     }
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
     options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}  # as launches do
@@ -102,30 +105,31 @@ def warps_per_sm(code: dict, warps: int) -> int:
     return max(blocks, 0) * warps
 
 
-def plan(kernel: str, setting: dict, tf32: bool) -> tuple:
-    """The kernel function, its constants, the number of programs and its loops' trip counts at the cat shape."""
+def plan(kernel: str, setting: dict, tf32: bool, skip: bool = False) -> tuple:
+    """The kernel function, its constants, the number of programs and its loops' trip counts at the cat shape
+    (``skip``: the kernel that skips flat fields, with every field active)."""
     launch = {**lt._TUNED[kernel, tf32], **setting}
     precision = launch.get("precision", "tf32" if tf32 else "ieee")
-    block_b = launch.get("block_b", BATCH)
+    block_b = launch.get("block_b", lt.SKIP_BLOCK_B if skip else BATCH)
     batch_blocks = math.ceil(BATCH / block_b)  # the forward and the transpose split the batch over programs
     if kernel == "transpose":
         tile_h, tile_w = launch["tile"]
         block_lx = lt._block_lx(launch, MAPS)
         flat = bool(launch.get("flat", False))
         constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=MAPS,
-                         BLOCK_LX=block_lx, FLAT=flat, PRECISION=precision)  # fmt: skip
+                         BLOCK_LX=block_lx, FLAT=flat, PRECISION=precision, SKIP=skip)  # fmt: skip
         rows, columns = KERNEL + tile_h - 1, KERNEL + tile_w - 1  # locations touching an inner tile
         trips = [math.ceil(rows * columns / block_lx)] if flat else [math.ceil(columns / block_lx), rows]
         programs = math.ceil(SIZE / tile_h) * math.ceil(SIZE / tile_w) * batch_blocks
         return lt._transpose_kernel, constants, programs, trips, launch
     band = lt._band_launch(kernel, MAPS, tf32, setting)
     warps, stages = band.pop("num_warps"), band.pop("num_stages")
-    constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, BLOCK_B=block_b, **band)  # band holds PRECISION
+    constants = dict(KH=KERNEL, KW=KERNEL, SH=1, SW=1, BLOCK_B=block_b, SKIP=skip, **band)  # band holds PRECISION
     span = band["LOCS"] - 1 + KERNEL
     chunk = band["BLOCK_K"]
     trips = [math.ceil(KERNEL * span / chunk)] if band["FLAT"] else [math.ceil(span / chunk), KERNEL]
     if kernel == "weight_grad":  # the batch is its sum: one program per band, the batch in blocks inside it
-        constants["ONE_B_BLOCK"] = batch_blocks == 1
+        constants["ONE_B_BLOCK"] = batch_blocks == 1 and not skip
         trips, batch_blocks = [batch_blocks, *trips], 1
     fn = lt._forward_band_kernel if kernel == "forward" else lt._weight_grad_band_kernel
     launch = {**launch, "num_warps": warps, "num_stages": stages}

@@ -29,6 +29,7 @@ from downpour.nn.geometry_state import GeometryState
 
 if TYPE_CHECKING:
     from downpour.nn.skip import SkipPlan
+    from downpour.nn.triton_skip import TritonSkip
 
 IMPLEMENTATIONS = ("auto", "triton", "bands")
 _BAND_BYTES = 4 << 20  # patches of one band of output rows: about 4 MB
@@ -152,16 +153,22 @@ class _BandKernels:
 
 
 class _TritonKernels(_BandKernels):
-    """The Triton kernels (:mod:`downpour.nn.local_triton`), which take the ordinary layouts directly."""
+    """The Triton kernels (:mod:`downpour.nn.local_triton`), which take the ordinary layouts directly; with ``skip``
+    (a :class:`~downpour.nn.triton_skip.TritonSkip` of one batch) they leave out flat fields."""
+
+    def __init__(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int], kernel: tuple[int, int],
+                 stride: tuple[int, int], skip: TritonSkip | None = None) -> None:  # fmt: skip
+        super().__init__(in_chw, out_hw, kernel, stride)
+        self.skip = skip
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return _kernels().lc_forward(x, weight, self.out_hw, self.kernel, self.stride)
+        return _kernels().lc_forward(x, weight, self.out_hw, self.kernel, self.stride, skip=self.skip)
 
     def transpose(self, g: Tensor, weight: Tensor) -> Tensor:
-        return _kernels().lc_transpose(g, weight, self.in_chw, self.kernel, self.stride)
+        return _kernels().lc_transpose(g, weight, self.in_chw, self.kernel, self.stride, skip=self.skip)
 
     def weight_grad(self, g: Tensor, x: Tensor, weight_shape: torch.Size) -> Tensor:
-        return _kernels().lc_weight_grad(g, x, weight_shape, self.out_hw, self.kernel, self.stride)
+        return _kernels().lc_weight_grad(g, x, weight_shape, self.out_hw, self.kernel, self.stride, skip=self.skip)
 
 
 def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager[None]:
@@ -312,7 +319,7 @@ def _tangent(product: type[_Linear], ctx, first_tangent: Tensor | None, second_t
 
 def _any_batch(kernels: _Kernels) -> bool:
     """Whether ``kernels`` take a batch of any size (the dense ones; a skip plan is made for one batch)."""
-    return isinstance(kernels, _BandKernels)
+    return isinstance(kernels, _BandKernels) and getattr(kernels, "skip", None) is None
 
 
 def _mapped(size: int, dims: tuple[int | None, ...], tensors: tuple[Tensor, ...], product: Callable[..., Tensor], *,
@@ -456,7 +463,11 @@ class LocallyConnected2d(GeometryState):
                                  f"{active.stride}; this layer has {self.kernel_size}, {self.stride}")  # fmt: skip
             return active
         self._check_active(active, batch)
-        return None if bool(active.all()) else SkipPlan(active, self.kernel_size, self.stride, self.weight.dtype)
+        if bool(active.all()):
+            return None
+        band = _kernels().forward_band(self.out_channels, self.kernel_size, self.stride) if (
+            self._triton(self.weight)) else None  # fmt: skip
+        return SkipPlan(active, self.kernel_size, self.stride, self.weight.dtype, triton_band=band)
 
     def _kernel_set(self, x: Tensor, plan: SkipPlan | None) -> tuple[_Kernels, bool]:
         """The kernels of one call on ``x`` and whether they skip inactive fields: the pair kernels of ``plan``
@@ -467,8 +478,10 @@ class LocallyConnected2d(GeometryState):
             skipping = plan.kernels(in_chw, self.out_size, x.dtype)
         if skipping is not None:
             return skipping, True
-        dense = _TritonKernels if self._triton(x) else _BandKernels
-        return dense(in_chw, self.out_size, self.kernel_size, self.stride), False
+        if self._triton(x):
+            skip = plan.triton if plan is not None else None
+            return _TritonKernels(in_chw, self.out_size, self.kernel_size, self.stride, skip), skip is not None
+        return _BandKernels(in_chw, self.out_size, self.kernel_size, self.stride), False
 
     def _check_active(self, active: Tensor, batch: int) -> None:
         expected = (batch, *self.out_size)

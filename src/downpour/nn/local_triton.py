@@ -36,14 +36,18 @@ Without Triton (or without CUDA) :data:`AVAILABLE` is False and the layer uses i
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from downpour.nn import triton_autotune, triton_launch
+
+if TYPE_CHECKING:
+    from downpour.nn.triton_skip import TritonSkip
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds have none and never need it.
     import triton
@@ -73,22 +77,39 @@ def _pow2(n: int, low: int, high: int) -> int:
 if AVAILABLE:
 
     @triton.jit
+    def _group_examples(order_ptr, count_ptr, group, block, B, BLOCK_B: tl.constexpr, SKIP: tl.constexpr):
+        # Block ``block`` of a program's examples: (indices, mask, how many the group computes). SKIP: the group's
+        # compacted examples (its order, :mod:`downpour.nn.triton_skip`), of which the first ``count`` are computed.
+        offs_b = block * BLOCK_B + tl.arange(0, BLOCK_B)
+        if SKIP:
+            count = tl.load(count_ptr + group)
+            mask_b = offs_b < count
+            offs_b = tl.load(order_ptr + group * B + offs_b, mask=mask_b, other=0)
+        else:
+            count = B
+            mask_b = offs_b < B
+        return offs_b, mask_b, count
+
+    @triton.jit
     def _forward_rows_kernel(
-        x_ptr, w_ptr, out_ptr,
+        x_ptr, w_ptr, out_ptr, order_ptr, count_ptr, field_ptr,
         B, C, M, P, L, W, W_OUT,
         sxb, sxc, sxh, sxw,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, PRECISION: tl.constexpr,
+        SKIP: tl.constexpr,
     ):  # fmt: skip
         # One location per program, one kernel row at a time: contiguous runs of KW inputs and KW weights.
         # (W, the input's width, is unused: the banded kernel's arguments, so that both launch alike.)
+        # SKIP: only the examples whose field here is active (the location's compacted examples; field_ptr unused).
         loc = tl.program_id(0)
         oy = loc // W_OUT
         ox = loc % W_OUT
-        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_b, mask_b, count = _group_examples(order_ptr, count_ptr, loc, tl.program_id(1), B, BLOCK_B, SKIP)
+        if SKIP and tl.program_id(1) * BLOCK_B >= count:
+            return  # none of this block's examples is active here
         offs_m = tl.arange(0, BLOCK_M)
         offs_j = tl.arange(0, BLOCK_KW)
-        mask_b = offs_b < B
         mask_j = offs_j < KW
         mask_x = mask_b[:, None] & mask_j[None, :]
         mask_w = mask_j[:, None] & (offs_m < M)[None, :]
@@ -106,13 +127,15 @@ if AVAILABLE:
 
     @triton.jit
     def _weight_grad_rows_kernel(
-        x_ptr, g_ptr, gw_ptr,
+        x_ptr, g_ptr, gw_ptr, order_ptr, count_ptr, field_ptr,
         B, C, M, P, W, W_OUT,
         sxb, sxc, sxh, sxw, sgb, sgm, sgl,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, PRECISION: tl.constexpr,
+        SKIP: tl.constexpr,
     ):  # fmt: skip
-        loc = tl.program_id(0)  # (W unused, as in the forward's kernel per location)
+        loc = tl.program_id(0)  # (W unused, as in the forward's kernel per location; SKIP: as there)
+        n_b = tl.load(count_ptr + loc) if SKIP else B  # the examples summed over: the first n_b of its order
         oy = loc // W_OUT
         ox = loc % W_OUT
         offs_m = tl.arange(0, BLOCK_M)
@@ -123,9 +146,11 @@ if AVAILABLE:
             c = row // KH
             i = row % KH
             acc = tl.zeros((BLOCK_M, BLOCK_KW), dtype=tl.float32)
-            for b0 in range(0, B, BLOCK_B):
+            for b0 in range(0, n_b, BLOCK_B):
                 offs_b = b0 + tl.arange(0, BLOCK_B)
-                mask_b = offs_b < B
+                mask_b = offs_b < n_b
+                if SKIP:
+                    offs_b = tl.load(order_ptr + loc * B + offs_b, mask=mask_b, other=0)
                 gv = tl.load(
                     g_ptr + offs_m[:, None] * sgm + offs_b[None, :] * sgb + loc * sgl,
                     mask=mask_m[:, None] & mask_b[None, :],
@@ -143,21 +168,24 @@ if AVAILABLE:
 
     @triton.jit
     def _forward_band_kernel(
-        x_ptr, w_ptr, out_ptr,
+        x_ptr, w_ptr, out_ptr, order_ptr, count_ptr, field_ptr,
         B, C, M, P, L, W, W_OUT,
         sxb, sxc, sxh, sxw,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, LOCS: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        FLAT: tl.constexpr, PRECISION: tl.constexpr,
+        FLAT: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr,
     ):  # fmt: skip
         # LOCS neighbouring locations of one output row as one product: the input rows they read
         # (B, span) times a banded matrix (span, LOCS·M) that holds each location's weights at its own offset.
+        # SKIP: only the band's compacted examples, and only their active fields are stored (``out`` starts zeroed).
         SPAN: tl.constexpr = (LOCS - 1) * SW + KW
         blocks_x = tl.cdiv(W_OUT, LOCS)
         oy = tl.program_id(0) // blocks_x
         ox0 = (tl.program_id(0) % blocks_x) * LOCS
-        offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
+        offs_b, mask_b, count = _group_examples(order_ptr, count_ptr, tl.program_id(0), tl.program_id(1), B, BLOCK_B,
+                                                SKIP)  # fmt: skip
+        if SKIP and tl.program_id(1) * BLOCK_B >= count:
+            return
         offs_n = tl.arange(0, BLOCK_L * BLOCK_M)
         n_l = offs_n // BLOCK_M
         lx = ox0 + n_l
@@ -198,18 +226,24 @@ if AVAILABLE:
                     wv = tl.load(w_n[None, :] + row * KW + j, mask=inside, other=0.0)  # (BLOCK_K, N), banded
                     acc += tl.dot(xv, wv, input_precision=PRECISION)
         out = out_ptr + offs_b[:, None] * (M * L) + (n_m * L + oy * W_OUT + lx)[None, :]
-        tl.store(out, acc, mask=mask_b[:, None] & mask_n[None, :])
+        keep = mask_b[:, None] & mask_n[None, :]
+        if SKIP:  # fields (L, B) int8: 1 where computed
+            keep = keep & (
+                tl.load(field_ptr + (oy * W_OUT + lx)[None, :] * B + offs_b[:, None], mask=keep, other=0) != 0
+            )
+        tl.store(out, acc, mask=keep)
 
     @triton.jit
     def _weight_grad_band_kernel(
-        x_ptr, g_ptr, gw_ptr,
+        x_ptr, g_ptr, gw_ptr, order_ptr, count_ptr, field_ptr,
         B, C, M, P, W, W_OUT,
         sxb, sxc, sxh, sxw, sgb, sgm, sgl,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, LOCS: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        FLAT: tl.constexpr, PRECISION: tl.constexpr, ONE_B_BLOCK: tl.constexpr,
+        FLAT: tl.constexpr, PRECISION: tl.constexpr, ONE_B_BLOCK: tl.constexpr, SKIP: tl.constexpr,
     ):  # fmt: skip
         # The same band as the forward kernel: (LOCS·M, B) @ (B, span), of which each location keeps its KW columns.
+        # SKIP: summed over the band's compacted examples only, their inactive fields' gradients taken as 0.
         SPAN: tl.constexpr = (LOCS - 1) * SW + KW
         ROWS = 1 if FLAT else C * KH  # FLAT: one pass over all rows' spans, (C·KH·span) columns in chunks
         CHUNKS = C * KH * SPAN if FLAT else SPAN
@@ -224,7 +258,8 @@ if AVAILABLE:
         g_n = g_ptr + n_m * sgm + (oy * W_OUT + lx) * sgl  # (N,)
         gw_n = gw_ptr + (oy * W_OUT + lx) * M * P + n_m * P  # (N,)
         offs_b0 = tl.arange(0, BLOCK_B)
-        if ONE_B_BLOCK:  # the whole batch fits one block: load the gradients once
+        n_b = tl.load(count_ptr + tl.program_id(0)) if SKIP else B  # (SKIP: the first n_b of the band's order)
+        if ONE_B_BLOCK:  # the whole batch fits one block: load the gradients once (not with SKIP)
             g_once = tl.load(
                 g_n[:, None] + offs_b0[None, :] * sgb, mask=mask_n[:, None] & (offs_b0 < B)[None, :], other=0.0
             )  # (N, BLOCK_B)
@@ -243,15 +278,19 @@ if AVAILABLE:
                     w_off = kernel_row * KW
                 mask_k = (offs_k < CHUNKS) & (col < W)
                 acc = tl.zeros((BLOCK_L * BLOCK_M, BLOCK_K), dtype=tl.float32)
-                for b0 in range(0, B, BLOCK_B):
+                for b0 in range(0, n_b, BLOCK_B):
                     offs_b = b0 + offs_b0
-                    mask_b = offs_b < B
+                    mask_b = offs_b < n_b
                     if ONE_B_BLOCK:
                         gv = g_once
                     else:
-                        gv = tl.load(
-                            g_n[:, None] + offs_b[None, :] * sgb, mask=mask_n[:, None] & mask_b[None, :], other=0.0
-                        )  # (N, BLOCK_B)
+                        mask_g = mask_n[:, None] & mask_b[None, :]
+                        if SKIP:
+                            offs_b = tl.load(order_ptr + tl.program_id(0) * B + offs_b, mask=mask_b, other=0)
+                            field = tl.load(field_ptr + (oy * W_OUT + lx)[:, None] * B + offs_b[None, :], mask=mask_g,
+                                            other=0)  # (N, BLOCK_B)  # fmt: skip
+                            mask_g = mask_g & (field != 0)
+                        gv = tl.load(g_n[:, None] + offs_b[None, :] * sgb, mask=mask_g, other=0.0)  # (N, BLOCK_B)
                     x_b = x_ptr + offs_b[:, None] * sxb
                     xv = tl.load(x_b + x_off[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)  # (BB, BK)
                     acc += tl.dot(gv, xv, input_precision=PRECISION)
@@ -261,16 +300,17 @@ if AVAILABLE:
 
     @triton.jit
     def _gathered_product(
-        acc, g_ptr, w_ptr, offs_b, mask_b, loc, m, mask_k, mask_t, i_kw, j, inside, w_base, M, P, sgb, sgm, sgl,
-        PRECISION: tl.constexpr,
+        acc, g_ptr, w_ptr, field_ptr, offs_b, mask_b, loc, m, mask_k, mask_t, i_kw, j, inside, w_base, B, M, P,
+        sgb, sgm, sgl, PRECISION: tl.constexpr, SKIP: tl.constexpr,
     ):  # fmt: skip
         # One chunk of the transpose: acc (BLOCK_B, T) += g[b, (loc, m)] (BLOCK_B, K) @ W[(loc, m), pixel] (K, T),
         # each pixel's weight at row offset i·KW and column j of its field (zero where it lies outside: ``inside``).
-        gv = tl.load(
-            g_ptr + offs_b[:, None] * sgb + m[None, :] * sgm + loc[None, :] * sgl,
-            mask=mask_b[:, None] & mask_k[None, :],
-            other=0.0,
-        )  # (BLOCK_B, K)
+        # SKIP: g of a field not computed (fields (L, B) int8 0) counts as 0.
+        mask_g = mask_b[:, None] & mask_k[None, :]
+        if SKIP:
+            mask_g = mask_g & (tl.load(field_ptr + loc[None, :] * B + offs_b[:, None], mask=mask_g, other=0) != 0)
+        gv = tl.load(g_ptr + offs_b[:, None] * sgb + m[None, :] * sgm + loc[None, :] * sgl, mask=mask_g,
+                     other=0.0)  # (BLOCK_B, K)  # fmt: skip
         wv = tl.load(
             w_ptr + (loc * M * P + m * P + w_base)[:, None] + i_kw + j,
             mask=mask_k[:, None] & mask_t[None, :] & inside,
@@ -280,20 +320,23 @@ if AVAILABLE:
 
     @triton.jit
     def _transpose_kernel(
-        g_ptr, w_ptr, out_ptr,
+        g_ptr, w_ptr, out_ptr, order_ptr, count_ptr, field_ptr,
         B, C, H, W, M, P, H_OUT, W_OUT,
         sgb, sgm, sgl,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_LX: tl.constexpr, FLAT: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, SKIP: tl.constexpr,
     ):  # fmt: skip
+        # SKIP: only the tile's compacted examples (those with an active field touching it; ``out`` starts zeroed).
         tiles_w = tl.cdiv(W, TILE_W)
         y0 = (tl.program_id(0) // tiles_w) * TILE_H
         x0 = (tl.program_id(0) % tiles_w) * TILE_W
         c = tl.program_id(1)
-        offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < B
+        offs_b, mask_b, count = _group_examples(order_ptr, count_ptr, tl.program_id(0), tl.program_id(2), B, BLOCK_B,
+                                                SKIP)  # fmt: skip
+        if SKIP and tl.program_id(2) * BLOCK_B >= count:
+            return
         offs_t = tl.arange(0, TILE_H * TILE_W)
         py = y0 + offs_t // TILE_W
         px = x0 + offs_t % TILE_W
@@ -320,8 +363,9 @@ if AVAILABLE:
                 i = py[None, :] - (ly * SH)[:, None]  # (K, T)
                 j = px[None, :] - (lx * SW)[:, None]
                 inside = (i >= 0) & (i < KH) & (j >= 0) & (j < KW)
-                acc = _gathered_product(acc, g_ptr, w_ptr, offs_b, mask_b, ly * W_OUT + lx, m, mask_k, mask_t,
-                                        i * KW, j, inside, c * KH * KW, M, P, sgb, sgm, sgl, PRECISION)  # fmt: skip
+                acc = _gathered_product(acc, g_ptr, w_ptr, field_ptr, offs_b, mask_b, ly * W_OUT + lx, m, mask_k,
+                                        mask_t, i * KW, j, inside, c * KH * KW, B, M, P, sgb, sgm, sgl, PRECISION,
+                                        SKIP)  # fmt: skip
         else:  # row of locations by row, each row's locations in chunks
             for ly in range(ly_lo, ly_hi):
                 i = py - ly * SH  # (T,)
@@ -330,9 +374,9 @@ if AVAILABLE:
                     mask_k = (lx < lx_hi) & (k_m < M)
                     j = px[None, :] - (lx * SW)[:, None]  # (K, T)
                     inside = (i[None, :] >= 0) & (i[None, :] < KH) & (j >= 0) & (j < KW)
-                    acc = _gathered_product(acc, g_ptr, w_ptr, offs_b, mask_b, ly * W_OUT + lx, k_m, mask_k, mask_t,
-                                            (i * KW)[None, :], j, inside, c * KH * KW, M, P, sgb, sgm, sgl,
-                                            PRECISION)  # fmt: skip
+                    acc = _gathered_product(acc, g_ptr, w_ptr, field_ptr, offs_b, mask_b, ly * W_OUT + lx, k_m,
+                                            mask_k, mask_t, (i * KW)[None, :], j, inside, c * KH * KW, B, M, P, sgb,
+                                            sgm, sgl, PRECISION, SKIP)  # fmt: skip
         out = out_ptr + offs_b[:, None] * (C * H * W) + c * (H * W) + (py * W + px)[None, :]
         tl.store(out, acc, mask=mask_b[:, None] & mask_t[None, :])
 
@@ -438,11 +482,20 @@ def _rows_launch(setting: dict[str, Any], maps: int, kernel: tuple[int, int], pr
                 num_stages=setting.get("num_stages", _NUM_STAGES))  # fmt: skip
 
 
+def forward_band(maps: int, kernel: tuple[int, int], stride: tuple[int, int]) -> int:
+    """How many neighbouring locations of a row one program of :func:`lc_forward` computes at its measured
+    settings (1: one location per program, where fields barely overlap); a skip's groups follow it."""
+    band = _band_launch("forward", maps, tf32_enabled(), {})
+    return band["LOCS"] if _banded(kernel, stride, band["LOCS"]) else 1
+
+
 def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple[int, int],
-               stride: tuple[int, int], *, tf32: bool | None = None, **tuning: Any) -> Tensor:  # fmt: skip
+               stride: tuple[int, int], *, tf32: bool | None = None, skip: TritonSkip | None = None,
+               **tuning: Any) -> Tensor:  # fmt: skip
     """Responses ``(B, M, H_out, W_out)`` of input ``x`` ``(B, C, H, W)`` (any strides) to weights ``(L, M, P)``.
 
-    ``tf32``: None follows :func:`tf32_enabled`. ``tuning`` overrides launch settings, for benchmarks and sweeps:
+    ``tf32``: None follows :func:`tf32_enabled`. ``skip``: fields not computed (0 in the output), see
+    :mod:`downpour.nn.triton_skip`. ``tuning`` overrides launch settings, for benchmarks and sweeps:
     ``block_b`` (examples per program), ``block_l`` (locations per band), ``block_k`` (band columns per product),
     ``flat`` (run the band's kernel rows as one sequence of columns instead of chunking each row's span, so no
     chunk is padded per row), ``num_warps``, ``num_stages``, ``precision`` (one of :data:`PRECISIONS`, instead of
@@ -453,33 +506,40 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
     batch, channels = x.shape[:2]
     locations, maps, patch = weight.shape
     weight = weight.contiguous()
-    out = x.new_empty(batch, maps, *out_hw)
+    out = x.new_empty(batch, maps, *out_hw) if skip is None else x.new_zeros(batch, maps, *out_hw)
     if out.numel() == 0:
         return out
     tf32, precision = _precision(tf32)
 
     def prepare(setting: dict[str, Any]) -> _Launch:
         band = _band_launch("forward", maps, tf32, setting)
-        block_b = setting.get("block_b", _pow2(batch, 16, 64))
+        block_b = setting.get("block_b", _pow2(batch, 16, 64) if skip is None else SKIP_BLOCK_B)
         if _banded(kernel, stride, band["LOCS"]):
             grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, block_b))
-            return _forward_band_kernel, grid, dict(BLOCK_B=block_b, **band)
+            return _forward_band_kernel, grid, dict(BLOCK_B=block_b, SKIP=skip is not None, **band)
         rows = _rows_launch(setting, maps, kernel, precision, block_b)
-        return _forward_rows_kernel, (locations, triton.cdiv(batch, block_b)), rows
+        return _forward_rows_kernel, (locations, triton.cdiv(batch, block_b)), dict(SKIP=skip is not None, **rows)
 
-    args = (x, weight, out, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(), *kernel,
-            *stride)  # fmt: skip
+    def arguments(groups: tuple[Tensor, ...]) -> tuple[Any, ...]:
+        return (x, weight, out, *groups, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(),
+                *kernel, *stride)  # fmt: skip
+
     key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, locations)
+    if skip is not None:
+        _launch_skipping("forward", key, x, prepare, tuning,
+                         lambda constants: arguments(skip.bands(constants.get("LOCS", 1))))  # fmt: skip
+        return out
     spec = (x.stride(), *_pointers(x, weight, out))  # the rest of args is fixed by key
-    _launch("forward", key, x, args, prepare, tuning, spec, banded=lambda: prepare({})[0] is _forward_band_kernel)
+    _launch("forward", key, x, arguments(_no_skip(x.device)), prepare, tuning, spec,
+            banded=lambda: prepare({})[0] is _forward_band_kernel)  # fmt: skip
     return out
 
 
 def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple[int, int],
                    kernel: tuple[int, int], stride: tuple[int, int], *, tf32: bool | None = None,
-                   **tuning: Any) -> Tensor:  # fmt: skip
-    """Weight gradient ``(L, M, P)`` from response gradients ``g`` ``(B, M, H_out, W_out)`` and input ``x``;
-    ``tuning`` as in :func:`lc_forward`."""
+                   skip: TritonSkip | None = None, **tuning: Any) -> Tensor:  # fmt: skip
+    """Weight gradient ``(L, M, P)`` from response gradients ``g`` ``(B, M, H_out, W_out)`` and input ``x``
+    (``skip``: the gradients of fields not computed count as 0); ``tuning`` as in :func:`lc_forward`."""
     if tuning:
         _check_tuning("weight_grad", tuning)
     locations, maps, patch = weight_shape
@@ -492,25 +552,34 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
 
     def prepare(setting: dict[str, Any]) -> _Launch:
         band = _band_launch("weight_grad", maps, tf32, setting)
+        block_b = setting.get("block_b", _pow2(batch, 16, 64) if skip is None else SKIP_BLOCK_B)
         if _banded(kernel, stride, band["LOCS"]):
-            block_b = setting.get("block_b", _pow2(batch, 16, 64))
             grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)
-            return _weight_grad_band_kernel, grid, dict(BLOCK_B=block_b, ONE_B_BLOCK=batch <= block_b, **band)
+            return _weight_grad_band_kernel, grid, dict(BLOCK_B=block_b, ONE_B_BLOCK=skip is None and batch <= block_b,
+                                                        SKIP=skip is not None, **band)  # fmt: skip
         rows = _rows_launch(setting, maps, kernel, precision, setting.get("block_b", 32))
-        return _weight_grad_rows_kernel, (locations,), rows
+        return _weight_grad_rows_kernel, (locations,), dict(SKIP=skip is not None, **rows)
 
-    args = (x, g, grad_w, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(), *kernel,
-            *stride)  # fmt: skip
+    def arguments(groups: tuple[Tensor, ...]) -> tuple[Any, ...]:
+        return (x, g, grad_w, *groups, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(),
+                *kernel, *stride)  # fmt: skip
+
     key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, tuple(weight_shape))
+    if skip is not None:
+        _launch_skipping("weight_grad", key, x, prepare, tuning,
+                         lambda constants: arguments(skip.bands(constants.get("LOCS", 1))))  # fmt: skip
+        return grad_w
     spec = (x.stride(), g.stride(), *_pointers(x, g, grad_w))
-    _launch("weight_grad", key, x, args, prepare, tuning, spec,
+    _launch("weight_grad", key, x, arguments(_no_skip(x.device)), prepare, tuning, spec,
             banded=lambda: prepare({})[0] is _weight_grad_band_kernel)  # fmt: skip
     return grad_w
 
 
 def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel: tuple[int, int],
-                 stride: tuple[int, int], *, tf32: bool | None = None, **tuning: Any) -> Tensor:  # fmt: skip
-    """``Wᵀg``: responses ``(B, M, H_out, W_out)`` back to the input space ``(B, C, H, W)``.
+                 stride: tuple[int, int], *, tf32: bool | None = None, skip: TritonSkip | None = None,
+                 **tuning: Any) -> Tensor:  # fmt: skip
+    """``Wᵀg``: responses ``(B, M, H_out, W_out)`` back to the input space ``(B, C, H, W)`` (``skip``: responses
+    of fields not computed count as 0).
 
     ``tuning``: ``tile`` (input pixels per program, ``(rows, columns)``), ``block_b``, ``block_lx`` (locations of
     a row per product, times the maps rounded up to a power of two), ``flat`` (chunk all the locations that touch
@@ -524,7 +593,7 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
     locations, _, patch = weight.shape
     weight = weight.contiguous()
     g = g.reshape(batch, maps, locations)  # (B, M, L)
-    out = g.new_empty(batch, channels, height, width)
+    out = g.new_empty(batch, channels, height, width) if skip is None else g.new_zeros(batch, channels, height, width)
     if out.numel() == 0:
         return out
     tf32, precision = _precision(tf32)
@@ -533,20 +602,65 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
 
     def prepare(setting: dict[str, Any]) -> _Launch:
         launch = {**_TUNED["transpose", tf32], **setting} if banded else {"tile": (4, 4), "num_warps": 4, **setting}
-        block_b = launch.get("block_b", _pow2(batch, 16, 64))
+        block_b = launch.get("block_b", _pow2(batch, 16, 64) if skip is None else SKIP_BLOCK_B)
         tile_h, tile_w = launch["tile"]
         grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
         return _transpose_kernel, grid, dict(
             TILE_H=tile_h, TILE_W=tile_w, BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_LX=_block_lx(launch, block_m),
-            FLAT=bool(launch.get("flat", False)), PRECISION=launch.get("precision", precision),
+            FLAT=bool(launch.get("flat", False)), PRECISION=launch.get("precision", precision), SKIP=skip is not None,
             num_warps=launch["num_warps"], num_stages=launch.get("num_stages", _NUM_STAGES),
         )  # fmt: skip
 
-    args = (g, weight, out, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(), *kernel, *stride)
+    def arguments(groups: tuple[Tensor, ...]) -> tuple[Any, ...]:
+        return (g, weight, out, *groups, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(),
+                *kernel, *stride)  # fmt: skip
+
     key = (tf32, maps, tuple(out.shape), kernel, stride, (out_h, out_w), locations)
+    if skip is not None:
+
+        def tiles(constants: dict[str, Any]) -> tuple[Any, ...]:
+            tile = (constants["TILE_H"], constants["TILE_W"])
+            return arguments(skip.tiles((height, width), tile, kernel, stride))
+
+        _launch_skipping("transpose", key, out, prepare, tuning, tiles)
+        return out
     spec = (g.stride(), *_pointers(g, weight, out))
-    _launch("transpose", key, out, args, prepare, tuning, spec, banded=lambda: banded)
+    _launch("transpose", key, out, arguments(_no_skip(g.device)), prepare, tuning, spec, banded=lambda: banded)
     return out
+
+
+SKIP_BLOCK_B = 16  # examples per program when skipping, unless timing chose another: the compaction's unit
+# Candidates a skip's first call for a shape times on CUDA (the first when timing is off): examples per program
+# (the transpose's and the forward's) or per step of a program's loop over them (the weight gradient's). Smaller
+# blocks leave out more of a group's flat examples; larger ones read each band's weights fewer times.
+_SKIP_CANDIDATES = ({"block_b": SKIP_BLOCK_B}, {"block_b": 32}, {"block_b": 64})
+
+
+@functools.lru_cache(maxsize=8)
+def _no_skip(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """What the kernels' three skip arguments get when nothing is skipped (unread; the same dtypes as a skip's, so
+    that both compile alike)."""
+    order = torch.zeros(1, dtype=torch.int32, device=device)
+    return order, order, torch.zeros(1, dtype=torch.int8, device=device)
+
+
+def _launch_skipping(kernel: str, key: tuple[Any, ...], like: Tensor, prepare: Callable[[dict[str, Any]], _Launch],
+                     tuning: dict[str, Any],
+                     arguments: Callable[[dict[str, Any]], tuple[Any, ...]]) -> None:  # fmt: skip
+    """Launch ``kernel`` with a skip: with ``tuning`` when it names settings, else with the fastest of
+    :data:`_SKIP_CANDIDATES` for ``key`` (``(tf32, maps, *shapes)``), timed on the first skipping call for it (on
+    that call's groups) when timing is on; never kept as a plan, as a skip's groups are made for one batch. Its
+    arguments follow the launch's compile-time constants (the groups are those of the band or tile it computes)."""
+
+    def run(setting: dict[str, Any]) -> None:
+        fn, grid, constants = prepare(setting)
+        fn[grid](*arguments(constants), **constants)
+
+    if not tuning:
+        tf32, maps, *shape = key
+        tuning = triton_autotune.choose(f"{kernel} skip", (tf32, like.device.index, maps, *shape), _SKIP_CANDIDATES,
+                                        run, like.device)  # fmt: skip
+    _run_fitting(run, tuning)
 
 
 _Launch = tuple[Any, tuple[int, ...], dict[str, Any]]  # a jitted kernel, its grid, its compile-time arguments

@@ -5,8 +5,13 @@ arithmetic is not done: the layer, its transpose and both gradients run over the
 example) pairs (:mod:`downpour.nn.local_pairs`, compiled loops), one field at a time. With τ = 0 no field is flat
 (variances are ≥ 0) and nothing changes.
 
-Where the pair kernels cannot run (CUDA tensors, float16/bfloat16, or Numba missing), the flat fields are zeroed
-but computed: :attr:`SkipPlan.skipped_fraction` is then 0, and no time is saved.
+On CUDA, where the layer runs Triton kernels (float32), each program leaves out the examples that have no active
+field in its group of locations (:mod:`downpour.nn.triton_skip`): a band of neighbouring locations of one row for
+the forward pass and the weight gradient, the locations touching a tile of input pixels for the transpose. Flat
+regions of a picture span many fields, so most skipped fields fall in wholly skipped bands.
+
+Where neither can run (other devices, float16/bfloat16, Numba missing on the CPU), the flat fields are zeroed but
+computed: :attr:`SkipPlan.skipped_fraction` is then 0, and no time is saved.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import Tensor
 
 from downpour.nn import arguments as check
 from downpour.nn import local_pairs
+from downpour.nn.triton_skip import TritonSkip
 
 
 def field_variance(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> Tensor:
@@ -42,11 +48,14 @@ class SkipPlan:
     and their backward passes (``LocallyConnected2d.skip_plan`` makes one).
 
     ``zeroed_fraction``: fields that output zero; ``skipped_fraction``: (location, example) products not computed
-    (the same on the CPU in float32/float64; 0 where the layer computes every field and zeroes).
+    (the same on the CPU in float32/float64; on CUDA those of the forward's bands with no active field; 0 where the
+    layer computes every field and zeroes). ``triton_band``: the layer's Triton forward computes bands of that
+    many locations (1: one location per program); None where it does not run Triton.
     """
 
     @torch.compiler.disable  # planning reads the mask on the CPU (Numba loops): torch.compile runs it as it is
-    def __init__(self, active: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dtype: torch.dtype) -> None:
+    def __init__(self, active: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dtype: torch.dtype,
+                 triton_band: int | None = None) -> None:  # fmt: skip
         check.instance("SkipPlan", "active", active, Tensor, "torch.Tensor")
         if active.dtype != torch.bool or active.dim() != 3:
             raise ValueError(f"Invalid active for SkipPlan: must be a (B, H_out, W_out) bool mask, got {active.dtype} "
@@ -54,12 +63,16 @@ class SkipPlan:
         check.instance("SkipPlan", "dtype", dtype, torch.dtype, "torch.dtype")
         kernel, stride = check.pair("SkipPlan", "kernel", kernel), check.pair("SkipPlan", "stride", stride)
         self.active, self.kernel, self.stride = active.clone(), kernel, stride  # frozen: the pairs are built once
-        self.skips = active.device.type == "cpu" and dtype in local_pairs.DTYPES and local_pairs.available()
+        self.triton = TritonSkip(self.active) if triton_band is not None else None
+        self.skips = self.triton is None and active.device.type == "cpu" and dtype in local_pairs.DTYPES and (
+            local_pairs.available())  # fmt: skip
         self.pairs = local_pairs.FieldPairs.of(active) if self.skips else None
         total = max(1, active.numel())
         computed = self.pairs.count if self.pairs is not None else int(active.sum())
         self.zeroed_fraction = 1.0 - computed / total
         self.skipped_fraction = self.zeroed_fraction if self.skips else 0.0
+        if self.triton is not None:
+            self.skipped_fraction = 1.0 - self.triton.computed_fraction(triton_band)
 
     @torch.compiler.disable
     def kernels(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int],
