@@ -29,7 +29,8 @@ run)
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)
 assert torch.cuda.is_available(), 'no CUDA device: these checks are for a GPU machine'" || exit 1
     stamp tests
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_nn_local_triton.py 2>&1 | tee "$out/pytest.txt" |
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_nn_local_triton.py tests/test_nn_triton_skip.py 2>&1 |
+        tee "$out/pytest.txt" |
         tail -4
     echo "tests rc=${PIPESTATUS[0]}"
     stamp "bench layers"
@@ -41,6 +42,9 @@ result = json.load(open(sys.argv[1]))
 for key in ("cuda", "cuda_non_overlapping"):
     print(key, json.dumps({k: v for k, v in result[key].items() if k != "launch_settings"}))
     print("  chose", [(c["kernel"], c["tf32"], c["setting"]) for c in result[key]["launch_settings"]])
+for row in result.get("cuda_skip_time", []):  # the variance skip: time saved against the fraction not computed
+    print("skip", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+print("skip chose", [(c["kernel"], c["setting"], c["candidates_ms"]) for c in result.get("cuda_skip_launch", [])])
 PY
     stamp sweep
     timeout $((${2:-90} + 120)) python3 scripts/triton_sweep.py "$out/triton_sweep.json" --sweep-seconds "${2:-90}" \

@@ -104,6 +104,12 @@ def test_bench_layers_json_reports_every_row(cli: Callable[..., CliResult]) -> N
             assert gpu["tf32_speedup_vs_unfold_bmm_tf32"] == gpu["unfold_bmm_tf32_ms"] / gpu["ours_tf32_ms"]
             locations = {"cuda": 79 * 79, "cuda_non_overlapping": 5 * 5}[key]  # 96x96, kernel 18, stride 1 or 18
             assert gpu["arithmetic_gflop"] == pytest.approx(3 * 2 * 64 * locations * 8 * 18 * 18 / 1e9)
+        gpu_skip = report["cuda_skip_time"]  # the Triton kernels leave out bands with no active field
+        assert [row["quantile"] for row in gpu_skip] == [0.0, 0.25, 0.5, 0.75, 0.9]
+        for row in gpu_skip:
+            assert abs(row["zeroed_fraction"] - row["quantile"]) < 0.02 and row["dense_ms"] > 0 and row["skip_ms"] > 0
+            assert 0.0 <= row["skipped_fraction"] <= row["zeroed_fraction"] + 1e-9
+        assert gpu_skip[-1]["skipped_fraction"] > 0.3  # flat regions span whole bands
     losses = report["skip_loss"]
     assert losses[0]["loss_change"] == 0.0 and losses[0]["final_loss"] == losses[0]["final_loss_without_skip"]
     assert all(row["final_loss"] > 0 for row in losses)
@@ -268,7 +274,9 @@ def test_skip_rows_report_the_time_saved_as_one_minus_the_median_ratio(monkeypat
     fractions zeroed follow the quantiles of the field variances (8 crops of 16x16, kernel 4: 8 · 169 fields)."""
     from downpour.bench import skip
 
-    def ratio_of_six_tenths(dense: Callable[[], None], skipping: Callable[[], None], repeats: int) -> tuple:
+    def ratio_of_six_tenths(dense: Callable[[], None], skipping: Callable[[], None], repeats: int,
+                            device: str) -> tuple:  # fmt: skip
+        assert device == "cpu"
         dense(), skipping()
         return 10.0, 6.0, 0.6
 
@@ -457,6 +465,7 @@ def _layers_result() -> dict:
         "skip_time": [skip_row],
         "skip_loss": [loss_row],
         "cuda": gpu,
+        "cuda_skip_time": [{**skip_row, "dense_ms": 1.5, "skip_ms": 0.875}],
     }
 
 
@@ -479,6 +488,8 @@ def test_layers_tables_print_each_number_in_its_column() -> None:
     assert rows["downpour (triton), TF32"] == ["0.500", "19.2"]
     assert rows["tied conv2d (cuDNN, TF32 on)"] == ["3.200", "3.0"]
     assert "TF32 against unfold + bmm also in TF32: 18.0x" in text
+    assert "variance skip on CUDA (a GPU)" in text
+    assert "0.25 (50%) │ 50.0% │ 50.0% │ 1.500 │ 0.875 │ 40.0% │ 0.80" in " ".join(text.split())  # ms to the µs
 
 
 def test_ps_table_prints_each_rate_with_its_own_ratio() -> None:

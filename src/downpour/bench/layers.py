@@ -173,7 +173,21 @@ def run(*, repeats: int = 5, memory: bool = True, skip_steps: int = 150) -> dict
         result["cuda"] = cuda_result(CUDA_SHAPE, max(repeats, 20))
         b, c, s, k, _, m = CUDA_SHAPE
         result["cuda_non_overlapping"] = cuda_result((b, c, s, k, k, m), max(repeats, 20))
+        result["cuda_skip_time"] = bench_skip.time_saved(CUDA_SHAPE, max(3 * repeats, 20), device="cuda")
+        result["cuda_skip_launch"] = skip_launch_settings()
     return result
+
+
+def skip_launch_settings() -> list[dict[str, Any]]:
+    """The launch settings the skipping Triton kernels chose by timing (kernel names end in " skip"), with every
+    candidate's ms, as :func:`cuda_result` reports the dense ones'."""
+    from downpour.nn import triton_autotune
+
+    return [
+        {"kernel": key[0], "tf32": key[1], "setting": choice.setting, "candidates_ms": choice.milliseconds}
+        for key, choice in triton_autotune.chosen().items()
+        if str(key[0]).endswith(" skip")
+    ]
 
 
 def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
@@ -206,6 +220,19 @@ def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
     }
 
 
+def _skip_table(where: str, rows: list[dict[str, float]], digits: int) -> Table:
+    """The time saved by the variance skip at each τ (``digits``: decimals of the milliseconds)."""
+    table = Table(title=f"{where}: tau at quantiles of the field variance")
+    for column in ("tau (quantile)", "fields zeroed", "not computed", "dense ms", "skip ms", "saved (median pair)",
+                   "saved / not computed"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(f"{row['tau']:.3g} ({row['quantile']:.0%})", f"{row['zeroed_fraction']:.1%}",
+                      f"{row['skipped_fraction']:.1%}", f"{row['dense_ms']:.{digits}f}", f"{row['skip_ms']:.{digits}f}",
+                      f"{row['saved_fraction']:.1%}", f"{row['saved_per_skipped']:.2f}")  # fmt: skip
+    return table
+
+
 def print_tables(result: dict[str, Any], console: Console) -> None:
     """The benchmark as tables."""
     cpu = result["cpu"]
@@ -236,15 +263,7 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         tied.add_row(row["layer"], f"{row['maps']:,}", f"{row['params']:,}", f"{row['bytes']:,}",
                      f"{row['flops_per_example']:,}", f"{row['fwd_bwd_ms_per_example']:.3f}")  # fmt: skip
     console.print(tied)
-    skip = Table(title="variance skip, CPU layer above on 48x48 photo crops: tau at quantiles of the field variance")
-    for column in ("tau (quantile)", "fields zeroed", "not computed", "dense ms", "skip ms", "saved (median pair)",
-                   "saved / not computed"):  # fmt: skip
-        skip.add_column(column, justify="right")
-    for row in result["skip_time"]:
-        skip.add_row(f"{row['tau']:.3g} ({row['quantile']:.0%})", f"{row['zeroed_fraction']:.1%}",
-                     f"{row['skipped_fraction']:.1%}", f"{row['dense_ms']:.1f}", f"{row['skip_ms']:.1f}",
-                     f"{row['saved_fraction']:.1%}", f"{row['saved_per_skipped']:.2f}")  # fmt: skip
-    console.print(skip)
+    console.print(_skip_table("variance skip, CPU layer above on 48x48 photo crops", result["skip_time"], 1))
     if "skip_loss" in result:
         loss = Table(title="variance skip and training: default cat network, same start and batches, Adam")
         for column in ("tau (quantile)", "fields zeroed", "not computed", "train s", "final loss", "change",
@@ -279,3 +298,6 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
                 table.add_row(name, f"{g[f'{k}_ms']:.3f}", f"{g['unfold_bmm_ms'] / g[f'{k}_ms']:.1f}")
             console.print(table)
             console.print(f"TF32 against unfold + bmm also in TF32: {g['tf32_speedup_vs_unfold_bmm_tf32']:.1f}x")
+    if "cuda_skip_time" in result:
+        console.print(_skip_table(f"variance skip on CUDA ({result['cuda']['device']}), the float32 layer above on "
+                                  "96x96 photo crops", result["cuda_skip_time"], 3))  # fmt: skip

@@ -3,7 +3,9 @@ does to training.
 
 Timing: the layer of the CPU benchmark (batch 32, 48×48 crops of the bundled photos with their means removed,
 kernel 8, 8 maps), forward + backward with and without the skip in ``repeats`` alternating pairs: the fastest of
-each, and the time saved as 1 − the median of the pairs' ratios; τ at quantiles of the crops' field variances.
+each, and the time saved as 1 − the median of the pairs' ratios; τ at quantiles of the crops' field variances. On
+CUDA the same at the CUDA benchmark's shape (batch 64, 96×96 crops, kernel 18, 8 maps), each step's wall-clock time
+up to a synchronization (so that the skip's planning on the GPU and the host counts).
 Loss: the default cat network (32×32 whitened crops, one stage) trained for a fixed number of Adam steps from the
 same start on the same batches at each τ; its final cost on held-out crops is evaluated the same way it was trained
 (flat fields zeroed) and, for comparison, without skipping.
@@ -33,28 +35,32 @@ def _crops(count: int, size: int, seed: int) -> torch.Tensor:
     return x - x.mean(dim=(1, 2, 3), keepdim=True)
 
 
-def _paired_times(dense: Callable[[], None], skip: Callable[[], None], repeats: int) -> tuple[float, float, float]:
+def _paired_times(dense: Callable[[], None], skip: Callable[[], None], repeats: int,
+                  device: str = "cpu") -> tuple[float, float, float]:  # fmt: skip
     """``repeats`` alternating pairs: the fastest of each (ms) and the median of the pairs' ratios skip ÷ dense
     (robust to a burst of load on this shared machine, which a ratio of two minimums is not)."""
     best, ratios = [float("inf"), float("inf")], []
     dense(), skip()
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    synchronize()
     for _ in range(repeats):
         seconds = []
         for index, step in enumerate((dense, skip)):
             start = time.perf_counter()
             step()
+            synchronize()
             seconds.append(time.perf_counter() - start)
             best[index] = min(best[index], seconds[-1])
         ratios.append(seconds[1] / seconds[0])
     return best[0] * 1e3, best[1] * 1e3, float(np.median(ratios))
 
 
-def time_saved(shape: tuple[int, ...], repeats: int = 5) -> list[dict[str, float]]:
+def time_saved(shape: tuple[int, ...], repeats: int = 5, device: str = "cpu") -> list[dict[str, float]]:
     """One row per τ: fractions of fields zeroed and not computed, dense and skipping times, time saved."""
     batch, channels, size, kernel, stride, maps = shape
     torch.manual_seed(0)
-    layer = LocallyConnected2d(channels, maps, size, kernel, stride)
-    x = _crops(batch, size, seed=0).requires_grad_(True)
+    layer = LocallyConnected2d(channels, maps, size, kernel, stride).to(device)
+    x = _crops(batch, size, seed=0).to(device).requires_grad_(True)  # (B, 1, S, S): grayscale, as the shapes are
     variance = field_variance(x.detach(), layer.kernel_size, layer.stride).flatten()
     rows = []
     for q in QUANTILES:
@@ -64,6 +70,7 @@ def time_saved(shape: tuple[int, ...], repeats: int = 5) -> list[dict[str, float
             training_step(lambda: layer(x), x, layer.weight),
             training_step(lambda active=active: layer(x, active), x, layer.weight),
             repeats,
+            device,
         )
         plan = layer.skip_plan(active, batch)
         skipped = plan.skipped_fraction if plan is not None else 0.0
