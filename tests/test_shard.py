@@ -613,23 +613,37 @@ def test_shard_files_of_dead_owners_are_collected_and_live_ones_kept(monkeypatch
                                                                      tmp_path: Path) -> None:  # fmt: skip
     """A driver killed before it cleaned up leaves shard files behind: the next shard actor removes those whose
     owner process is gone (and their lock files), keeps those of live owners, and the driver's clean-up removes
-    its own cluster's files."""
+    its own cluster's files. An owner holds a lock on its file while it lives, so pids do not decide: a live owner
+    whose pid looks gone (another pid namespace sharing /dev/shm) keeps its file, and a dead owner whose pid was
+    reused loses it. A file of an earlier version (no owner lock) is judged by its pid."""
     from downpour.backends import shm
 
     monkeypatch.setattr(shm, "shm_dir", lambda: str(tmp_path))
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
-    dead = shm.SharedShard(shm.segment_path("downpour-dead", 0, 0), 0, 0, 2, SGD(lr=1.0), create=True)
-    dead.shard.push(torch.ones(2), fetched_version=0)  # makes its lock file
-    dead.header[0] = dead_pid  # as if that process had created it
-    assert not dead.alive()
+    made_by_a_dead_process = (  # a real owner that exits: the kernel frees its lock
+        "import sys, torch\nfrom downpour.backends.shm import SharedShard\nfrom downpour.ps.rules import SGD\n"
+        "owner = SharedShard(sys.argv[1], 0, 0, 2, SGD(lr=1.0), create=True)\n"
+        "owner.shard.push(torch.ones(2), fetched_version=0)\n"  # makes its lock file
+        "owner.header[0] = int(sys.argv[2])\n"  # its pid reused: a live process's now
+    )  # fmt: skip
+    dead_path = shm.segment_path("downpour-dead", 0, 0)
+    done = subprocess.run([sys.executable, "-c", made_by_a_dead_process, dead_path, str(os.getpid())],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert os.path.exists(dead_path + ".lock")
     live = shm.SharedShard(shm.segment_path("downpour-live", 0, 0), 0, 0, 2, SGD(lr=1.0), create=True)
-    assert shm.collect_orphans() == 1
-    assert sorted(os.listdir(tmp_path)) == ["downpour-live-shard0-0"]
+    live.header[0] = dead_pid  # as seen from another pid namespace: its pid is nobody's here
+    old_dead = shm.SharedShard(shm.segment_path("downpour-old", 0, 0), 0, 0, 2, SGD(lr=1.0), create=True)
+    old_dead.header[4], old_dead.header[0] = 0, dead_pid  # an earlier version's file: no owner lock, pid gone
+    old_live = shm.SharedShard(shm.segment_path("downpour-older", 0, 0), 0, 0, 2, SGD(lr=1.0), create=True)
+    old_live.header[4] = 0  # pid: this process's
+    assert shm.collect_orphans() == 2
+    assert sorted(os.listdir(tmp_path)) == ["downpour-live-shard0-0", "downpour-older-shard0-0"]
     shm.unlink_cluster("downpour-live")
-    assert os.listdir(tmp_path) == []
-    dead.close()
-    live.close()
+    assert os.listdir(tmp_path) == ["downpour-older-shard0-0"]
+    for mapped in (live, old_dead, old_live):
+        mapped.close()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may signal every process: no process is another user's to it")

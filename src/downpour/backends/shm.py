@@ -6,16 +6,23 @@ shard's :class:`~downpour.ps.locks.FileLock`, as the local backend's worker proc
 through Ray. Workers on other nodes reach the shard actor through Ray, which applies their pushes to the same
 memory under the same lock.
 
-Layout (bytes): a header of 8 int64 ``[owner pid, incarnation, retired, workers, 0...]`` at 0, the shard's meta
+Layout (bytes): a header of 8 int64 ``[owner pid, incarnation, retired, workers, owner locked, 0...]`` at 0, the
+shard's meta
 (4 int64) at 64, the workers' push stamps (int64, one a worker: :mod:`downpour.backends.push_stamps`) at 128, then
 from the next multiple of 64 float32 ``(1 + len(state_names), 2, size)``: values, then each rule state, two buffers
 each.
 A worker treats the shard as gone when its owner process has died or a newer incarnation marked it retired.
+
+The owner holds an ``flock`` on its file while it lives ("owner locked" is 1 once it does): the kernel releases it
+however the owner ends, so a shard actor cleaning up after killed runs (:func:`collect_orphans`) tells a dead
+owner's file from a live one's even where pids mislead: another pid namespace sharing ``/dev/shm`` (a live owner's
+pid looks gone there) or a dead owner's pid reused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import mmap
 import os
@@ -30,7 +37,7 @@ from downpour.ps.rules import Rule
 from downpour.ps.shard import Shard
 
 _HEADER, _META, _STAMPS = 0, 64, 128
-_PID, _INCARNATION, _RETIRED, _WORKERS = range(4)
+_PID, _INCARNATION, _RETIRED, _WORKERS, _OWNER_LOCKED = range(5)
 
 
 def shm_dir() -> str:
@@ -59,22 +66,26 @@ class SharedShard:
     def __init__(self, path: str, index: int, start: int, size: int, rule: Rule, *, create: bool,
                  incarnation: int = 0, workers: int = 1) -> None:  # fmt: skip
         self.path = path
+        self._owner_fd = -1  # the owner's descriptor of its file, locked while it lives (module docstring)
         nbytes = segment_bytes(size, rule.state_names, workers)
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)  # FileNotFoundError when a worker comes too late: the shard is gone
         try:
             if create:
                 os.ftruncate(fd, nbytes)  # zero-filled
+                self._owner_fd = _locked(fd)
             elif os.fstat(fd).st_size != nbytes:
                 raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, not a shard of {size} values "
                                  f"for {workers} workers")  # fmt: skip
             self._map = mmap.mmap(fd, nbytes)
         finally:
-            os.close(fd)
+            if fd != self._owner_fd:
+                os.close(fd)
         raw = torch.frombuffer(self._map, dtype=torch.uint8)  # (nbytes,) shares the mapping
         self.header = np.frombuffer(self._map, dtype=np.int64, count=8)
         if create:
             self.header[_WORKERS] = workers
+            self.header[_OWNER_LOCKED] = int(self._owner_fd >= 0)  # before the pid: see collect_orphans
         elif self.header[_WORKERS] != workers:  # one size can fit two counts: the stamps end on a 64-byte boundary
             raise ValueError(f"{path} is a shard for {int(self.header[_WORKERS])} workers, not {workers}")
         self.stamps = np.frombuffer(self._map, dtype=np.int64, count=workers, offset=_STAMPS)  # (workers,)
@@ -109,10 +120,39 @@ class SharedShard:
         self.header[_RETIRED] = 1
 
     def close(self) -> None:
-        """Drop this process's mapping (tensors viewing it must be gone)."""
+        """Drop this process's mapping (tensors viewing it must be gone) and an owner's lock on its file (held by
+        the mapping too: its descriptor is a copy of the locked one)."""
         self.shard = None  # type: ignore[assignment]
         with contextlib.suppress(BufferError, ValueError):
             self._map.close()
+        if self._owner_fd >= 0:
+            os.close(self._owner_fd)
+            self._owner_fd = -1
+
+
+def _locked(fd: int) -> int:
+    """``fd``, locked (``flock``) for as long as it is open; -1 where the file system refuses the lock (the file is
+    then judged by its owner's pid)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return -1
+    return fd
+
+
+def _owner_gone(path: str) -> bool:
+    """Whether the process that made the shard file ``path`` is gone: its lock is free (an owner that locks its
+    file, :data:`_OWNER_LOCKED`), else its pid is gone. A file being made has neither yet (pid 0, which is never
+    gone): it is kept."""
+    header = np.fromfile(path, dtype=np.int64, count=8)  # OSError, or fewer values: being made or not ours
+    if int(header[_OWNER_LOCKED]) != 1:
+        return process_gone(int(header[_PID]))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the owner lives
+    finally:
+        os.close(fd)
+    return True
 
 
 def unlink(path: str) -> None:
@@ -136,17 +176,17 @@ def retire_others(cluster: str, shard: int, mine: str) -> None:
 
 
 def collect_orphans(prefix: str = "downpour-") -> int:
-    """Remove shard files on this machine whose owner process is gone (a driver killed before it could clean up);
-    return how many. Called by every new shard actor."""
+    """Remove shard files on this machine whose owner process is gone (a driver killed before it could clean up;
+    judged by the owner's lock, see the module's docstring); return how many. Called by every new shard actor."""
     removed = 0
     for path in glob.glob(os.path.join(shm_dir(), f"{prefix}*-shard*-*")):
         if path.endswith(".lock"):
             continue
         try:
-            pid = int(np.fromfile(path, dtype=np.int64, count=1)[0])
-        except (OSError, ValueError, IndexError):  # unreadable, or being created: leave it
+            gone = _owner_gone(path)
+        except (OSError, ValueError, IndexError):  # unreadable, locked, or being created: leave it
             continue
-        if process_gone(pid):
+        if gone:
             unlink(path)
             removed += 1
     return removed
