@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -371,6 +372,44 @@ def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet
     saved = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert saved["shard_restores"] == 1 and saved["lost_updates"] == run_state.lost_updates
     assert saved["step"] == after_kill[0].step
+
+
+def test_a_snapshot_gives_up_on_a_shard_whose_lock_a_process_on_its_node_holds(ray_cluster: str,
+                                                                                digits: Dataset) -> None:  # fmt: skip
+    """A worker on a shard's node pushes into the shard's file under its lock; stopped (Ctrl-Z'd) while it held
+    it, it hung the shard actor's snapshot, and the driver's next checkpoint with it. Here this process holds that
+    lock: a snapshot with ``wait`` gives up with ShardBusy naming the shard (the local backend's words), and once
+    the lock is let go the shard reads again."""
+    from downpour.ps.locks import FileLock
+    from downpour.ps.shard import ShardBusy
+
+    config = _config(0)
+    config.cluster.workers = 1
+    cluster, _, _ = _cluster(config, digits, seeds=[11])
+    try:
+        _, path, _ = ray.get(cluster.shards[1].handle.attach_info.remote())
+        lock = FileLock(path + ".lock")
+        assert lock.acquire_within(10)
+        outcome: dict[str, Any] = {}
+
+        def snapshot() -> None:
+            try:
+                outcome["snapshots"] = cluster.snapshots(wait=0.5)
+            except ShardBusy as exc:
+                outcome["busy"] = str(exc)
+
+        started = time.monotonic()
+        waiting = threading.Thread(target=snapshot, daemon=True)  # a snapshot that waits for ever must fail here
+        waiting.start()
+        waiting.join(timeout=60)
+        waited = time.monotonic() - started
+        lock.release()
+        assert not waiting.is_alive(), "the snapshot waited for the lock for over a minute"
+        assert outcome.get("busy", "").startswith("shard 1 stayed locked for 0.5 s: a worker holds it"), outcome
+        assert 0.5 <= waited < 30, waited
+        assert [snap["version"] for snap in cluster.snapshots(wait=0.5)] == [0, 0]
+    finally:
+        cluster.close()
 
 
 def test_a_diverged_checkpoint_never_becomes_a_shards_restore_point(ray_cluster: str, digits: Dataset,

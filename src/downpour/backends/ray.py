@@ -63,6 +63,7 @@ from downpour.backends.ray_workers import RemoteShard, WorkerActor
 from downpour.config import Config
 from downpour.errors import DownpourError, out_of_memory
 from downpour.ps.policies import Sync, config_policy, policy_rule
+from downpour.ps.shard import ShardBusy
 from downpour.ps.sharding import contiguous_bounds
 
 try:
@@ -549,13 +550,17 @@ class RayCluster:
 
     def snapshots(self, indices: Sequence[int] | None = None, *, wait: float | None = None) -> list[dict[str, Any]]:
         """A consistent copy of every shard (each on its own, as in Downpour). None becomes a restore point until
-        the driver has judged it (:meth:`set_restore_points`). ``wait`` is the local backend's (a shard actor
-        answers, or dies and is restarted: no lock of a stopped worker to wait on)."""
+        the driver has judged it (:meth:`set_restore_points`). ``wait``: a shard actor gives up after that many
+        seconds when a worker on its node holds its lock that long (stopped, or hung), and this raises
+        :class:`~downpour.ps.shard.ShardBusy`, as the local backend does; None waits however long."""
         chosen = list(range(len(self.shards))) if indices is None else list(indices)
-        refs = [self.shards[i].handle.snapshot.remote() for i in chosen]
+        refs = [self.shards[i].handle.snapshot.remote(wait) for i in chosen]
+        replies = ray.get(refs)
+        if busy := [wire["busy"] for _, wire in replies if "busy" in wire]:
+            raise ShardBusy("; ".join(busy))
         out = []
         restored = False
-        for i, (incarnation, wire) in zip(chosen, ray.get(refs), strict=True):
+        for i, (incarnation, wire) in zip(chosen, replies, strict=True):
             self._seen[(i, incarnation)] = max(self._seen.get((i, incarnation), -1), int(wire["version"]))
             for worker_id, value in enumerate(wire["stamps"]):  # pushes a dead worker made after its last poll
                 self._count_stamped(worker_id, push_stamps.counts_by_run([value]))

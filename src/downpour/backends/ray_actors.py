@@ -18,7 +18,7 @@ from downpour.backends import push_stamps, ray_missing, shm
 from downpour.backends.ray_coordinator import Roster
 from downpour.config import Config
 from downpour.ps.policies import Sync, config_policy, policy_rule
-from downpour.ps.shard import LOST, Shard
+from downpour.ps.shard import LOST, Shard, ShardBusy
 from downpour.ps.sync_shard import SyncShard
 
 try:
@@ -240,10 +240,15 @@ class ShardServer:
         result = self.shard.exchange(self._fetched, alpha=alpha, worker=worker, last_version=last_version)
         return result.applied, result.staleness, result.version, self.incarnation, self._fetched.numpy().copy()
 
-    def snapshot(self) -> tuple[int, dict[str, Any]]:
+    def snapshot(self, wait: float | None = None) -> tuple[int, dict[str, Any]]:
         """``(incarnation, wire snapshot)`` of values, rule state, version and rejected count, and under ``stamps``
-        the workers' push stamps, read after the values: they cover every push the values hold."""
-        wire = snapshot_to_wire(self.shard.snapshot())
+        the workers' push stamps, read after the values: they cover every push the values hold. ``wait``: give up
+        after that many seconds when a worker on this node holds the shard's lock that long (stopped, or hung): the
+        snapshot is then ``{"busy": why}``, which the driver raises as :class:`~downpour.ps.shard.ShardBusy`."""
+        try:
+            wire = snapshot_to_wire(self.shard.snapshot(wait=wait))
+        except ShardBusy as busy:
+            return self.incarnation, {"busy": str(busy)}
         return self.incarnation, {**wire, "stamps": self.stamps.tolist()}
 
     def push_stamps(self) -> list[int]:
