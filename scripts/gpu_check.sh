@@ -44,7 +44,6 @@ for key in ("cuda", "cuda_non_overlapping"):
     print("  chose", [(c["kernel"], c["tf32"], c["setting"]) for c in result[key]["launch_settings"]])
 for row in result.get("cuda_skip_time", []):  # the variance skip: time saved against the fraction not computed
     print("skip", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-print("skip chose", [(c["kernel"], c["setting"], c["candidates_ms"]) for c in result.get("cuda_skip_launch", [])])
 PY
     stamp sweep
     timeout $((${2:-90} + 120)) python3 scripts/triton_sweep.py "$out/triton_sweep.json" --sweep-seconds "${2:-90}" \

@@ -30,7 +30,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # non-overlapping fields (one program per location). Over 16 examples: more than one block of a group's examples.
 CASES = [
     (19, 1, 8, (9, 20), 6, 1),
-    (6, 2, 16, (7, 14), (3, 6), (2, 1)),
+    (18, 2, 16, (7, 14), (3, 6), (2, 1)),
     (17, 2, 3, (7, 9), (3, 4), (2, 1)),
     (18, 1, 2, 12, 4, 4),
 ]
@@ -89,18 +89,40 @@ def test_tile_groups_are_the_fields_that_touch_each_tile(in_hw, tile, kernel, st
             assert bool(grouped[b, index]) == any(touching), (b, y0, x0)
 
 
-def test_computed_fraction_counts_the_fields_of_computed_bands() -> None:
+def test_computed_fraction_counts_the_blocks_of_examples_each_band_computes() -> None:
+    """Per band, its active examples rounded up to blocks (a program computes a whole block), out of the blocks the
+    batch fills; with blocks of one example, the products of the (band, example) pairs with an active field."""
     active = torch.zeros(3, 2, 10, dtype=torch.bool)
     active[0, 0, 0] = True  # band 0 of row 0 (locations 0-3) computed for example 0
     active[1, 1, 9] = True  # the partial last band of row 1 (locations 8-9) for example 1
     active[2] = True  # everything for example 2
     skip = TritonSkip(active)
-    assert skip.computed_fraction(4) == pytest.approx((4 + 2 + 20) / 60)
-    assert skip.computed_fraction(1) == pytest.approx(22 / 60)
+    assert skip.computed_fraction(4, block=1) == pytest.approx((4 + 2 + 20) / 60)
+    assert skip.computed_fraction(1, block=1) == pytest.approx(22 / 60)
+    assert skip.computed_fraction(4) == 1.0  # 3 examples are one block of 16: a band with one active is computed
     order, count, fields = skip.bands(4)
     assert count.tolist() == [2, 1, 1, 1, 1, 2]  # per (row, band): example 2 everywhere, 0 and 1 in one band each
     assert fields.shape == (20, 3) and fields.dtype == torch.int8 and int(fields.sum()) == 22  # (L, B)
     assert skip.bands(4)[0] is order  # made once per grouping
+    many = torch.zeros(20, 1, 8, dtype=torch.bool)
+    many[:17, 0, :4] = True  # band 0: 17 examples, two blocks of 16
+    many[:4, 0, 4:] = True  # band 1: 4 examples, one block
+    assert TritonSkip(many).computed_fraction(4) == pytest.approx((2 * 4 + 1 * 4) / (2 * 8))
+
+
+def test_a_plan_that_would_leave_no_block_out_runs_the_dense_kernels() -> None:
+    """Where every band has an active field in every block of examples, nothing would be left out: the plan runs the
+    dense kernels (zeroing the flat fields) instead of paying for the compaction, and says nothing was skipped."""
+    from downpour.nn.skip import SkipPlan
+
+    active = torch.ones(20, 2, 8, dtype=torch.bool)
+    active[:, :, 1::2] = False  # half the fields flat, but each band of 4 has an active one for every example
+    plan = SkipPlan(active, (3, 3), (1, 1), torch.float32, triton_band=4)
+    assert plan.triton is None and plan.skipped_fraction == 0.0 and plan.zeroed_fraction == 0.5
+    active[:16, 0, :4] = False  # 16 examples flat in one band: one block left out
+    plan = SkipPlan(active, (3, 3), (1, 1), torch.float32, triton_band=4)
+    assert plan.triton is not None and plan.skipped_fraction == pytest.approx(4 * 16 / (2 * 16 * 16))
+    assert not plan.skips  # the CPU's pair kernels are not planned for a layer that runs Triton
 
 
 def skipping(device: str) -> list[dict[str, float]]:
@@ -149,8 +171,27 @@ def skipping(device: str) -> list[dict[str, float]]:
             "transpose_grad_weight": rel(layer.weight.grad, ref_tgw), "on_triton": plan.triton is not None,
             "zeroed_fraction": plan.zeroed_fraction, "skipped_fraction": plan.skipped_fraction,
             "flat_fraction": 1.0 - float(active.double().mean()), "other_blocks": blocks,
+            "blocks_left_out": _blocks_left_out(active, _forward_band(layer)),
         })  # fmt: skip
     return results
+
+
+def _forward_band(layer: LocallyConnected2d) -> int:
+    from downpour.nn import local_triton as lt
+
+    return lt.forward_band(layer.out_channels, layer.kernel_size, layer.stride)
+
+
+def _blocks_left_out(active: torch.Tensor, band: int, block: int = 16) -> float:
+    """The fraction of a forward's (location, example) products in blocks of ``block`` examples that a band of
+    ``band`` locations leaves out (its examples with no active field in it, ``block`` at a time), by loops."""
+    batch, out_h, out_w = active.shape
+    computed = 0
+    for y in range(out_h):
+        for x0 in range(0, out_w, band):
+            examples = sum(bool(active[b, y, x0 : x0 + band].any()) for b in range(batch))
+            computed += math.ceil(examples / block) * block * min(band, out_w - x0)
+    return 1.0 - computed / (math.ceil(batch / block) * block * out_h * out_w)
 
 
 def _other_blocks(layer: LocallyConnected2d, plan: object, x: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
@@ -189,9 +230,10 @@ def _skipping_somewhere() -> list[dict[str, float]]:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of PyTorch ship it)")
 def test_triton_kernels_skip_flat_fields_and_equal_the_loop_with_them_zeroed() -> None:
-    """The kernels leave out (group, example) pairs with no active field: the example with none is never read (its
-    NaN inputs would make the weight gradient NaN), and the results equal the float64 loop's with flat fields
-    zeroed; the plan reports the fraction of products not computed, between 0 and the fraction zeroed."""
+    """The kernels leave out the blocks of a group's examples with no active field: the example with none is never
+    read (its NaN inputs would make the weight gradient NaN), and the results equal the float64 loop's with flat
+    fields zeroed; the plan reports the fraction of the forward's products left out (whole blocks of 16 examples),
+    as loops count it."""
     results = _skipping_somewhere()
     assert len(results) == len(CASES)
     for case, result in zip(CASES, results, strict=True):
@@ -201,11 +243,10 @@ def test_triton_kernels_skip_flat_fields_and_equal_the_loop_with_them_zeroed() -
         assert result["on_triton"], case
         assert result["zeroed_fraction"] == pytest.approx(result["flat_fraction"])
         assert 0.0 < result["skipped_fraction"] <= result["zeroed_fraction"] + 1e-12, (case, result)
+        assert result["skipped_fraction"] == pytest.approx(result["blocks_left_out"]), (case, result)
     assert set(results[0]["other_blocks"]) == {"forward", "weight_grad", "transpose"}
     for name, diff in results[0]["other_blocks"].items():
         assert diff < 1e-5, f"{name} with 32 or 64 examples per block differs by {diff}"
-    per_location = results[3]  # one program per location: every flat field is left out
-    assert per_location["skipped_fraction"] == pytest.approx(per_location["zeroed_fraction"])
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (CUDA builds of PyTorch ship it)")

@@ -174,20 +174,7 @@ def run(*, repeats: int = 5, memory: bool = True, skip_steps: int = 150) -> dict
         b, c, s, k, _, m = CUDA_SHAPE
         result["cuda_non_overlapping"] = cuda_result((b, c, s, k, k, m), max(repeats, 20))
         result["cuda_skip_time"] = bench_skip.time_saved(CUDA_SHAPE, max(3 * repeats, 20), device="cuda")
-        result["cuda_skip_launch"] = skip_launch_settings()
     return result
-
-
-def skip_launch_settings() -> list[dict[str, Any]]:
-    """The launch settings the skipping Triton kernels chose by timing (kernel names end in " skip"), with every
-    candidate's ms, as :func:`cuda_result` reports the dense ones'."""
-    from downpour.nn import triton_autotune
-
-    return [
-        {"kernel": key[0], "tf32": key[1], "setting": choice.setting, "candidates_ms": choice.milliseconds}
-        for key, choice in triton_autotune.chosen().items()
-        if str(key[0]).endswith(" skip")
-    ]
 
 
 def cuda_result(shape: tuple[int, ...], repeats: int) -> dict[str, Any]:

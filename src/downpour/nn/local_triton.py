@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from downpour.nn import triton_autotune, triton_launch
+from downpour.nn import triton_autotune, triton_launch, triton_skip
 
 if TYPE_CHECKING:
     from downpour.nn.triton_skip import TritonSkip
@@ -60,6 +60,7 @@ AVAILABLE = triton is not None
 
 
 MAX_MAPS = 256  # one program holds all maps of a location; more would spill registers
+SKIP_BLOCK_B = triton_skip.BLOCK  # examples per program when skipping (tuning may name another, for sweeps)
 
 
 def usable(x: Tensor, maps: int) -> bool:
@@ -524,11 +525,10 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
         return (x, weight, out, *groups, batch, channels, maps, patch, locations, x.shape[3], out_hw[1], *x.stride(),
                 *kernel, *stride)  # fmt: skip
 
-    key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, locations)
     if skip is not None:
-        _launch_skipping("forward", key, x, prepare, tuning,
-                         lambda constants: arguments(skip.bands(constants.get("LOCS", 1))))  # fmt: skip
+        _launch_skipping(prepare, tuning, lambda constants: arguments(skip.bands(constants.get("LOCS", 1))))
         return out
+    key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, locations)
     spec = (x.stride(), *_pointers(x, weight, out))  # the rest of args is fixed by key
     _launch("forward", key, x, arguments(_no_skip(x.device)), prepare, tuning, spec,
             banded=lambda: prepare({})[0] is _forward_band_kernel)  # fmt: skip
@@ -564,11 +564,10 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
         return (x, g, grad_w, *groups, batch, channels, maps, patch, x.shape[3], out_hw[1], *x.stride(), *g.stride(),
                 *kernel, *stride)  # fmt: skip
 
-    key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, tuple(weight_shape))
     if skip is not None:
-        _launch_skipping("weight_grad", key, x, prepare, tuning,
-                         lambda constants: arguments(skip.bands(constants.get("LOCS", 1))))  # fmt: skip
+        _launch_skipping(prepare, tuning, lambda constants: arguments(skip.bands(constants.get("LOCS", 1))))
         return grad_w
+    key = (tf32, maps, tuple(x.shape), kernel, stride, out_hw, tuple(weight_shape))
     spec = (x.stride(), g.stride(), *_pointers(x, g, grad_w))
     _launch("weight_grad", key, x, arguments(_no_skip(x.device)), prepare, tuning, spec,
             banded=lambda: prepare({})[0] is _weight_grad_band_kernel)  # fmt: skip
@@ -615,25 +614,18 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
         return (g, weight, out, *groups, batch, channels, height, width, maps, patch, out_h, out_w, *g.stride(),
                 *kernel, *stride)  # fmt: skip
 
-    key = (tf32, maps, tuple(out.shape), kernel, stride, (out_h, out_w), locations)
     if skip is not None:
 
         def tiles(constants: dict[str, Any]) -> tuple[Any, ...]:
             tile = (constants["TILE_H"], constants["TILE_W"])
             return arguments(skip.tiles((height, width), tile, kernel, stride))
 
-        _launch_skipping("transpose", key, out, prepare, tuning, tiles)
+        _launch_skipping(prepare, tuning, tiles)
         return out
+    key = (tf32, maps, tuple(out.shape), kernel, stride, (out_h, out_w), locations)
     spec = (g.stride(), *_pointers(g, weight, out))
     _launch("transpose", key, out, arguments(_no_skip(g.device)), prepare, tuning, spec, banded=lambda: banded)
     return out
-
-
-SKIP_BLOCK_B = 16  # examples per program when skipping, unless timing chose another: the compaction's unit
-# Candidates a skip's first call for a shape times on CUDA (the first when timing is off): examples per program
-# (the transpose's and the forward's) or per step of a program's loop over them (the weight gradient's). Smaller
-# blocks leave out more of a group's flat examples; larger ones read each band's weights fewer times.
-_SKIP_CANDIDATES = ({"block_b": SKIP_BLOCK_B}, {"block_b": 32}, {"block_b": 64})
 
 
 @functools.lru_cache(maxsize=8)
@@ -644,22 +636,17 @@ def _no_skip(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     return order, order, torch.zeros(1, dtype=torch.int8, device=device)
 
 
-def _launch_skipping(kernel: str, key: tuple[Any, ...], like: Tensor, prepare: Callable[[dict[str, Any]], _Launch],
-                     tuning: dict[str, Any],
+def _launch_skipping(prepare: Callable[[dict[str, Any]], _Launch], tuning: dict[str, Any],
                      arguments: Callable[[dict[str, Any]], tuple[Any, ...]]) -> None:  # fmt: skip
-    """Launch ``kernel`` with a skip: with ``tuning`` when it names settings, else with the fastest of
-    :data:`_SKIP_CANDIDATES` for ``key`` (``(tf32, maps, *shapes)``), timed on the first skipping call for it (on
-    that call's groups) when timing is on; never kept as a plan, as a skip's groups are made for one batch. Its
-    arguments follow the launch's compile-time constants (the groups are those of the band or tile it computes)."""
+    """Launch a kernel with a skip: the measured settings with :data:`SKIP_BLOCK_B` examples per block (or
+    ``tuning``), never timed or kept as a plan (a skip's groups are made for one batch, and the block size decides
+    what is left out, which timing one batch's mask would fix for every later one). Its arguments follow the
+    launch's compile-time constants (the groups are those of the band or tile it computes)."""
 
     def run(setting: dict[str, Any]) -> None:
         fn, grid, constants = prepare(setting)
         fn[grid](*arguments(constants), **constants)
 
-    if not tuning:
-        tf32, maps, *shape = key
-        tuning = triton_autotune.choose(f"{kernel} skip", (tf32, like.device.index, maps, *shape), _SKIP_CANDIDATES,
-                                        run, like.device)  # fmt: skip
     _run_fitting(run, tuning)
 
 

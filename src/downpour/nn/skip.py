@@ -5,10 +5,10 @@ arithmetic is not done: the layer, its transpose and both gradients run over the
 example) pairs (:mod:`downpour.nn.local_pairs`, compiled loops), one field at a time. With τ = 0 no field is flat
 (variances are ≥ 0) and nothing changes.
 
-On CUDA, where the layer runs Triton kernels (float32), each program leaves out the examples that have no active
-field in its group of locations (:mod:`downpour.nn.triton_skip`): a band of neighbouring locations of one row for
-the forward pass and the weight gradient, the locations touching a tile of input pixels for the transpose. Flat
-regions of a picture span many fields, so most skipped fields fall in wholly skipped bands.
+On CUDA, where the layer runs Triton kernels (float32), each program leaves out the blocks of examples that have
+no active field in its group of locations (:mod:`downpour.nn.triton_skip`): a band of neighbouring locations of one
+row for the forward pass and the weight gradient, the locations touching a tile of input pixels for the transpose.
+A block is 16 examples, so a band's flat examples save time only 16 at a time.
 
 Where neither can run (other devices, float16/bfloat16, Numba missing on the CPU), the flat fields are zeroed but
 computed: :attr:`SkipPlan.skipped_fraction` is then 0, and no time is saved.
@@ -48,9 +48,10 @@ class SkipPlan:
     and their backward passes (``LocallyConnected2d.skip_plan`` makes one).
 
     ``zeroed_fraction``: fields that output zero; ``skipped_fraction``: (location, example) products not computed
-    (the same on the CPU in float32/float64; on CUDA those of the forward's bands with no active field; 0 where the
-    layer computes every field and zeroes). ``triton_band``: the layer's Triton forward computes bands of that
-    many locations (1: one location per program); None where it does not run Triton.
+    (the same on the CPU in float32/float64; on CUDA the forward's products in blocks of examples left out, see
+    :mod:`downpour.nn.triton_skip`; 0 where the layer computes every field and zeroes). ``triton_band``: the
+    layer's Triton forward computes bands of that many locations (1: one location per program); None where it does
+    not run Triton. A plan that would leave no block out runs the dense kernels (:attr:`triton` is None).
     """
 
     @torch.compiler.disable  # planning reads the mask on the CPU (Numba loops): torch.compile runs it as it is
@@ -64,7 +65,7 @@ class SkipPlan:
         kernel, stride = check.pair("SkipPlan", "kernel", kernel), check.pair("SkipPlan", "stride", stride)
         self.active, self.kernel, self.stride = active.clone(), kernel, stride  # frozen: the pairs are built once
         self.triton = TritonSkip(self.active) if triton_band is not None else None
-        self.skips = self.triton is None and active.device.type == "cpu" and dtype in local_pairs.DTYPES and (
+        self.skips = triton_band is None and active.device.type == "cpu" and dtype in local_pairs.DTYPES and (
             local_pairs.available())  # fmt: skip
         self.pairs = local_pairs.FieldPairs.of(active) if self.skips else None
         total = max(1, active.numel())
@@ -73,6 +74,8 @@ class SkipPlan:
         self.skipped_fraction = self.zeroed_fraction if self.skips else 0.0
         if self.triton is not None:
             self.skipped_fraction = 1.0 - self.triton.computed_fraction(triton_band)
+            if self.skipped_fraction <= 0.0:  # no block to leave out: the dense kernels, without the compaction
+                self.triton, self.skipped_fraction = None, 0.0
 
     @torch.compiler.disable
     def kernels(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int],

@@ -6,13 +6,16 @@ pixels) for a block of examples. With a skip mask, each group computes only the 
 in it: its examples are *compacted*, active ones first (``order``, per group), and a program whose block starts at
 or past the group's ``count`` returns at once. Inside a computed group, a field that is not active is still masked
 out (its response stays 0; its response gradient counts as 0), so the results equal the dense kernels' with flat
-fields zeroed; the products not computed are those of (group, example) pairs with no active field.
+fields zeroed. A program computes a block of :data:`BLOCK` examples at once (``tl.dot`` needs 16 rows at least), so
+what is left out is whole blocks: a group's examples past ``count`` rounded up to a block.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+BLOCK = 16  # examples a skipping program computes at once: the unit of what is left out
 
 
 def compact(group_active: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,11 +89,13 @@ class TritonSkip:
             self._groups[key] = compact(tile_groups(self.active, in_hw, tile, kernel, stride))
         return (*self._groups[key], self.fields)
 
-    def computed_fraction(self, locs: int) -> float:
-        """The fraction of (location, example) products a forward with bands of ``locs`` locations computes."""
+    def computed_fraction(self, locs: int, block: int = BLOCK) -> float:
+        """The fraction of its products a skipping forward with bands of ``locs`` locations computes: per band, its
+        active examples rounded up to whole blocks of ``block``, out of the blocks the whole batch fills."""
         _, count, _ = self.bands(locs)
-        out_w = self.active.shape[2]
+        out_h, out_w = self.active.shape[1:]
         widths = torch.full((-(-out_w // locs),), locs, dtype=torch.int64)  # locations in each band of a row
         widths[-1] = out_w - locs * (len(widths) - 1)
-        per_band = widths.repeat(self.active.shape[1]).to(count.device)  # (H_out·bands,)
-        return float((count.to(torch.int64) * per_band).sum()) / max(1, self.active.numel())
+        per_band = widths.repeat(out_h).to(count.device)  # (H_out·bands,)
+        blocks = (count.to(torch.int64) + block - 1) // block  # (H_out·bands,) blocks computed
+        return float((blocks * per_band).sum()) / max(1, -(-self.batch // block) * out_h * out_w)
