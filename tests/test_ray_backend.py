@@ -412,6 +412,44 @@ def test_a_snapshot_gives_up_on_a_shard_whose_lock_a_process_on_its_node_holds(r
         cluster.close()
 
 
+def test_a_snapshot_is_not_held_up_behind_a_call_that_waits_for_the_lock(ray_cluster: str,
+                                                                          digits: Dataset) -> None:  # fmt: skip
+    """A worker on another node fetches and pushes through the shard actor, under the same lock: while a stopped
+    worker on the shard's node held it, that call hung in the actor's only thread, and a snapshot queued behind it
+    never started, so its ``wait`` never began and the driver's checkpoint hung after all. The snapshot runs beside
+    such a call and gives up on time; the call goes on once the lock is let go."""
+    from downpour.ps.locks import FileLock
+    from downpour.ps.shard import ShardBusy
+
+    config = _config(0)
+    config.cluster.workers = 1
+    cluster, _, _ = _cluster(config, digits, seeds=[11])
+    try:
+        _, path, _ = ray.get(cluster.shards[1].handle.attach_info.remote())
+        lock = FileLock(path + ".lock")
+        assert lock.acquire_within(10)
+        fetch = cluster.shards[1].handle.fetch.remote()  # a worker on another node: waits for the lock in the actor
+        outcome: dict[str, Any] = {}
+
+        def snapshot() -> None:
+            try:
+                outcome["snapshots"] = cluster.snapshots(wait=0.5)
+            except ShardBusy as exc:
+                outcome["busy"] = str(exc)
+
+        waiting = threading.Thread(target=snapshot, daemon=True)
+        waiting.start()
+        waiting.join(timeout=30)
+        hung = waiting.is_alive()
+        lock.release()
+        assert not hung, "the snapshot waited behind a call that waits for the lock"
+        assert outcome.get("busy", "").startswith("shard 1 stayed locked for 0.5 s: a worker holds it"), outcome
+        assert ray.get(fetch, timeout=30)[0] == 0
+        assert [snap["version"] for snap in cluster.snapshots(wait=0.5)] == [0, 0]
+    finally:
+        cluster.close()
+
+
 def test_a_diverged_checkpoint_never_becomes_a_shards_restore_point(ray_cluster: str, digits: Dataset,
                                                                      tmp_path: Path) -> None:  # fmt: skip
     """ps.lr = 1e30: the first pushes make the held-out loss non-finite (the shards accept the huge finite values).

@@ -656,3 +656,22 @@ def test_a_shard_file_whose_owner_pid_is_another_users_process_reads_as_gone(tmp
     shard.header[0] = 1
     assert not shard.alive()
     shard.close()
+
+
+def test_a_view_of_a_shared_shard_takes_the_lock_apart_from_the_shard(tmp_path: Path) -> None:
+    """A Ray shard actor snapshots in a thread of its own while its main thread may hold the shard's lock (a push):
+    flock excludes descriptors, not threads, so the snapshot's view must take the lock through a descriptor of its
+    own, or it would read a half-made push (and its release would let go of the pusher's lock)."""
+    from downpour.backends import shm
+    from downpour.ps.shard import ShardBusy
+
+    owner = shm.SharedShard(str(tmp_path / "downpour-view-shard0-0"), 0, 0, 2, SGD(lr=1.0), create=True)
+    view = owner.view()
+    try:
+        with owner.shard.lock, pytest.raises(ShardBusy, match=r"shard 0 stayed locked for 0\.2 s"):
+            view.snapshot(wait=0.2)
+        owner.shard.push(torch.ones(2), fetched_version=0)
+        assert view.snapshot(wait=1)["version"] == 1
+    finally:
+        view = None
+        owner.close()

@@ -56,7 +56,14 @@ from torch import Tensor
 from downpour.backends import push_stamps, ray_missing, shm
 from downpour.backends.chaos import parse_chaos
 from downpour.backends.local import WorkerEvent
-from downpour.backends.ray_actors import ShardServer, roster_update, snapshot_from_wire, snapshot_to_wire, sync_threads
+from downpour.backends.ray_actors import (
+    SNAPSHOT_GROUP,
+    ShardServer,
+    roster_update,
+    snapshot_from_wire,
+    snapshot_to_wire,
+    sync_threads,
+)
 from downpour.backends.ray_connect import connect, disconnect, first_line, unreachable
 from downpour.backends.ray_coordinator import Coordinator
 from downpour.backends.ray_workers import RemoteShard, WorkerActor
@@ -229,7 +236,7 @@ class RayCluster:
                 state = {name: torch.zeros(stop - start) for name in rule.state_names}
                 start_point = {"values": initial[start:stop].clone(), "state": state, "version": 0, "rejected": 0}
                 self._set_restore_point(i, ray.put(snapshot_to_wire(start_point)))
-            shard_actor = ray.remote(ShardServer)
+            shard_actor = ray.remote(concurrency_groups={SNAPSHOT_GROUP: 1})(ShardServer)  # snapshots: a thread
             placements = _spread(self.nodes, len(self.bounds))
             # sync: threads, so that workers waiting for a round do not hold up the pushes that close it; otherwise
             # one, so that a worker's pipelined pushes are applied in the order it sent them

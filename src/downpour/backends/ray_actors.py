@@ -27,6 +27,11 @@ except ImportError:  # pragma: no cover - exercised only where Ray is missing
     raise ray_missing() from None
 
 
+# A shard actor's snapshots run in a thread of their own, beside the calls of workers on other nodes (which wait for
+# the shard's lock without a limit): queued behind one of those, a snapshot's ``wait`` never began
+SNAPSHOT_GROUP = "snapshot"
+
+
 def sync_threads(workers: int) -> int:
     """Threads of a sync shard actor: one per worker waiting for its round, and room for pushes and the driver."""
     return workers + 4
@@ -119,12 +124,14 @@ class ShardServer:
             self.shard: Shard = SyncShard(index, start, snapshot["values"], policy_rule(config), policy=policy,
                                           roster=self.roster, lock=threading.Lock())  # fmt: skip
             self.shard.restore(snapshot)
+            self._reader = self.shard  # a threading lock: shared by the snapshot's thread
             return
         self.path = shm.segment_path(cluster_name, index, self.incarnation)
         shm.unlink(self.path)  # left by an earlier try of this incarnation's constructor
         self._shared = shm.SharedShard(self.path, index, start, size, policy_rule(config), create=True,
                                        incarnation=self.incarnation, workers=config.cluster.workers)  # fmt: skip
         self.shard = self._shared.shard
+        self._reader = self._shared.view()  # the snapshot's thread takes the lock through a descriptor of its own
         self.stamps = self._shared.stamps  # push_stamps, in the file: workers on this node write theirs directly
         self.shard.restore(snapshot)
         shm.retire_others(cluster_name, index, self.path)  # workers still pushing into a dead incarnation stop
@@ -240,13 +247,16 @@ class ShardServer:
         result = self.shard.exchange(self._fetched, alpha=alpha, worker=worker, last_version=last_version)
         return result.applied, result.staleness, result.version, self.incarnation, self._fetched.numpy().copy()
 
+    @ray.method(concurrency_group=SNAPSHOT_GROUP)
     def snapshot(self, wait: float | None = None) -> tuple[int, dict[str, Any]]:
         """``(incarnation, wire snapshot)`` of values, rule state, version and rejected count, and under ``stamps``
         the workers' push stamps, read after the values: they cover every push the values hold. ``wait``: give up
         after that many seconds when a worker on this node holds the shard's lock that long (stopped, or hung): the
-        snapshot is then ``{"busy": why}``, which the driver raises as :class:`~downpour.ps.shard.ShardBusy`."""
+        snapshot is then ``{"busy": why}``, which the driver raises as :class:`~downpour.ps.shard.ShardBusy`. Runs in a
+        thread of its own (:data:`SNAPSHOT_GROUP`): a push or fetch of a worker on another node that waits for the
+        same lock in the actor's thread does not hold it up."""
         try:
-            wire = snapshot_to_wire(self.shard.snapshot(wait=wait))
+            wire = snapshot_to_wire(self._reader.snapshot(wait=wait))
         except ShardBusy as busy:
             return self.incarnation, {"busy": str(busy)}
         return self.incarnation, {**wire, "stamps": self.stamps.tolist()}

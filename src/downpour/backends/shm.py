@@ -95,8 +95,18 @@ class SharedShard:
         meta = raw[_META : _META + 32].view(torch.int64)  # (4,)
         self.shard = Shard.over(index, start, rule, values=floats[0], state=state, meta=meta,
                                 lock=FileLock(path + ".lock"))  # fmt: skip
+        self._over: tuple[int, int, Rule, torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = (
+            index, start, rule, floats[0], state, meta)  # fmt: skip
         if create:
             self.header[_PID], self.header[_INCARNATION] = os.getpid(), incarnation
+
+    def view(self) -> Shard:
+        """Another :class:`Shard` over the same memory, with a descriptor of the lock file of its own: for a second
+        thread of this process (``flock`` excludes descriptors, not threads, so two threads sharing one would both
+        hold the lock at once)."""
+        assert self._over is not None, "closed"
+        index, start, rule, values, state, meta = self._over
+        return Shard.over(index, start, rule, values=values, state=state, meta=meta, lock=FileLock(self.path + ".lock"))
 
     @property
     def incarnation(self) -> int:
@@ -123,6 +133,7 @@ class SharedShard:
         """Drop this process's mapping (tensors viewing it must be gone) and an owner's lock on its file (held by
         the mapping too: its descriptor is a copy of the locked one)."""
         self.shard = None  # type: ignore[assignment]
+        self._over = None
         with contextlib.suppress(BufferError, ValueError):
             self._map.close()
         if self._owner_fd >= 0:
