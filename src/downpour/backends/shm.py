@@ -130,8 +130,9 @@ class SharedShard:
         self.header[_RETIRED] = 1
 
     def close(self) -> None:
-        """Drop this process's mapping (tensors viewing it must be gone) and an owner's lock on its file (held by
-        the mapping too: its descriptor is a copy of the locked one)."""
+        """Drop this process's mapping (it stays while tensors or arrays view it, ``header`` and ``stamps``
+        included) and an owner's descriptor of its file. The owner's lock goes with both: the mapping holds a copy
+        of the locked descriptor."""
         self.shard = None  # type: ignore[assignment]
         self._over = None
         with contextlib.suppress(BufferError, ValueError):
