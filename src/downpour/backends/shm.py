@@ -7,10 +7,9 @@ through Ray. Workers on other nodes reach the shard actor through Ray, which app
 memory under the same lock.
 
 Layout (bytes): a header of 8 int64 ``[owner pid, incarnation, retired, workers, owner locked, 0...]`` at 0, the
-shard's meta
-(4 int64) at 64, the workers' push stamps (int64, one a worker: :mod:`downpour.backends.push_stamps`) at 128, then
-from the next multiple of 64 float32 ``(1 + len(state_names), 2, size)``: values, then each rule state, two buffers
-each.
+shard's meta (4 int64) at 64, the workers' push stamps (int64, one a worker: :mod:`downpour.backends.push_stamps`)
+at 128, then from the next multiple of 64 float32 ``(1 + len(state_names), 2, size)``: values, then each rule
+state, two buffers each.
 A worker treats the shard as gone when its owner process has died or a newer incarnation marked it retired.
 
 The owner holds an ``flock`` on its file while it lives ("owner locked" is 1 once it does): the kernel releases it
