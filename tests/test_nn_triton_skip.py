@@ -195,8 +195,8 @@ def _blocks_left_out(active: torch.Tensor, band: int, block: int = 16) -> float:
 
 
 def _other_blocks(layer: LocallyConnected2d, plan: object, x: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
-    """Per kernel, the largest difference of its skipping launch with 32 or 64 examples per block (the other launch
-    candidates) from its default launch."""
+    """Per kernel, the largest difference of its skipping launch with 32 or 64 examples per block (the ``block_b``
+    setting, for sweeps) from its default launch of 16."""
     from downpour.nn import local_triton as lt
 
     geometry, w, skip = (layer.kernel_size, layer.stride), layer.weight.detach(), plan.triton
