@@ -344,6 +344,30 @@ def test_a_stop_request_only_records_the_signal_and_as_interrupt_raises_keyboard
         time.sleep(5.0)  # the handler raises within it: a signal reaches Python's main thread at once
 
 
+def test_an_interrupt_inside_a_held_block_is_raised_when_the_block_ends() -> None:
+    """Ctrl-C while the driver logs push records it has received must not stop it half done (the records would be
+    lost): inside ``interrupts_held`` as_interrupt only notes the signal, and the block's end raises it, once;
+    nested blocks raise it at the outermost end; a block without a signal raises nothing."""
+    from downpour.signals import as_interrupt, interrupts_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), routed(as_interrupt, [signal.SIGUSR1]):
+        with interrupts_held():
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.2)  # the handler has run (a signal reaches Python's main thread at once)
+                done.append("inner")
+            done.append("outer")  # still held: the outer block has not ended
+        done.append("not reached")
+    assert done == ["inner", "outer"]
+    with routed(as_interrupt, [signal.SIGUSR1]), interrupts_held():
+        done.append("quiet")  # nothing pending from before: no KeyboardInterrupt
+    assert done[-1] == "quiet"
+    with pytest.raises(KeyboardInterrupt), routed(as_interrupt, [signal.SIGUSR1]):
+        os.kill(os.getpid(), signal.SIGUSR1)  # outside a held block: at once, as before
+        time.sleep(5.0)
+
+
 def test_a_cleanup_while_a_driver_marks_its_folder_leaves_the_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

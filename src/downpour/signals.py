@@ -26,9 +26,31 @@ def routed(handler: Any, signals: Iterable[signal.Signals] = (signal.SIGINT, sig
             signal.signal(sig, old)
 
 
+_HELD = {"depth": 0, "pending": False}  # interrupts_held: how deep, and whether a signal came meanwhile
+
+
 def as_interrupt(signum: int, frame: Any) -> None:
-    """A handler for :func:`routed` that raises ``KeyboardInterrupt``: the signal stops a run as Ctrl-C does."""
+    """A handler for :func:`routed` that raises ``KeyboardInterrupt``: the signal stops a run as Ctrl-C does (at
+    the end of an :func:`interrupts_held` block, when it arrives inside one)."""
+    if _HELD["depth"]:
+        _HELD["pending"] = True
+        return
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold :func:`as_interrupt`'s ``KeyboardInterrupt`` until the block ends: for short work that must not stop
+    half done (push records received from the workers but not yet written would be lost). Main thread only, as
+    signal handlers are."""
+    _HELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HELD["depth"] -= 1
+        if _HELD["depth"] == 0 and _HELD["pending"]:
+            _HELD["pending"] = False
+            raise KeyboardInterrupt
 
 
 class StopRequest:

@@ -23,6 +23,7 @@ from downpour.held_out import HeldOutLoss
 from downpour.ps.shard import ShardBusy
 from downpour.report.live import LiveProgress
 from downpour.resume import FAULT_COUNTERS, RunState
+from downpour.signals import interrupts_held
 
 _POLL_SECONDS = 0.05
 _THROUGHPUT_SECONDS = 1.0
@@ -239,12 +240,14 @@ def watch(
     held: list[int] = []  # the shards' versions in the checkpoint saved last
 
     def collect() -> None:
-        """Log the push records and worker events that arrived since the last poll."""
-        records, events = cluster.poll()
-        log_push_records(records, metrics, run_state)
-        if held and any(ok and version <= held[shard] for _, _, shard, version, _, _, ok in records):
-            metrics.flush()  # rows of pushes the saved checkpoint holds: on disk for a resume after a kill to count
-        log_events(events, metrics, run_state, console, t0, config.cluster.workers)
+        """Log the push records and worker events that arrived since the last poll. A Ctrl-C meanwhile waits until
+        they are logged: raised inside, it lost the records already received (458 rows of a sync run, once)."""
+        with interrupts_held():
+            records, events = cluster.poll()
+            log_push_records(records, metrics, run_state)
+            if held and any(ok and version <= held[shard] for _, _, shard, version, _, _, ok in records):
+                metrics.flush()  # rows of pushes the saved checkpoint holds: on disk for a resume after a kill
+            log_events(events, metrics, run_state, console, t0, config.cluster.workers)
 
     with LiveProgress(steps=train.steps, seconds=train.seconds, console=console, enabled=show_progress) as bar:
         try:
