@@ -374,39 +374,51 @@ def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet
     assert saved["step"] == after_kill[0].step
 
 
+def _snapshot_while_locked(cluster: RayCluster, *, queue_fetch: bool, timeout: float) -> dict[str, Any]:
+    """Hold shard 1's file lock in this process (as a worker on its node stopped mid-push would) and take
+    ``cluster.snapshots(wait=0.5)`` in a thread, waiting up to ``timeout`` s for it; with ``queue_fetch``, first
+    send the shard actor a fetch (what a worker on another node does), which waits for the lock in the actor. The
+    lock is let go before this returns: ``busy`` (the ShardBusy message) or ``snapshots``, ``hung`` (the snapshot
+    had not returned by then), ``waited`` (s) and ``fetch`` (its reference, or None)."""
+    from downpour.ps.locks import FileLock
+    from downpour.ps.shard import ShardBusy
+
+    _, path, _ = ray.get(cluster.shards[1].handle.attach_info.remote())
+    lock = FileLock(path + ".lock")
+    assert lock.acquire_within(10)
+    fetch = cluster.shards[1].handle.fetch.remote() if queue_fetch else None
+    outcome: dict[str, Any] = {"fetch": fetch}
+
+    def snapshot() -> None:
+        try:
+            outcome["snapshots"] = cluster.snapshots(wait=0.5)
+        except ShardBusy as exc:
+            outcome["busy"] = str(exc)
+
+    started = time.monotonic()
+    waiting = threading.Thread(target=snapshot, daemon=True)  # a snapshot that waits for ever must fail the test
+    waiting.start()
+    waiting.join(timeout=timeout)
+    outcome["waited"] = time.monotonic() - started
+    outcome["hung"] = waiting.is_alive()
+    lock.release()
+    return outcome
+
+
 def test_a_snapshot_gives_up_on_a_shard_whose_lock_a_process_on_its_node_holds(ray_cluster: str,
                                                                                 digits: Dataset) -> None:  # fmt: skip
     """A worker on a shard's node pushes into the shard's file under its lock; stopped (Ctrl-Z'd) while it held
     it, it hung the shard actor's snapshot, and the driver's next checkpoint with it. Here this process holds that
     lock: a snapshot with ``wait`` gives up with ShardBusy naming the shard (the local backend's words), and once
     the lock is let go the shard reads again."""
-    from downpour.ps.locks import FileLock
-    from downpour.ps.shard import ShardBusy
-
     config = _config(0)
     config.cluster.workers = 1
     cluster, _, _ = _cluster(config, digits, seeds=[11])
     try:
-        _, path, _ = ray.get(cluster.shards[1].handle.attach_info.remote())
-        lock = FileLock(path + ".lock")
-        assert lock.acquire_within(10)
-        outcome: dict[str, Any] = {}
-
-        def snapshot() -> None:
-            try:
-                outcome["snapshots"] = cluster.snapshots(wait=0.5)
-            except ShardBusy as exc:
-                outcome["busy"] = str(exc)
-
-        started = time.monotonic()
-        waiting = threading.Thread(target=snapshot, daemon=True)  # a snapshot that waits for ever must fail here
-        waiting.start()
-        waiting.join(timeout=60)
-        waited = time.monotonic() - started
-        lock.release()
-        assert not waiting.is_alive(), "the snapshot waited for the lock for over a minute"
+        outcome = _snapshot_while_locked(cluster, queue_fetch=False, timeout=60)
+        assert not outcome["hung"], "the snapshot waited for the lock for over a minute"
         assert outcome.get("busy", "").startswith("shard 1 stayed locked for 0.5 s: a worker holds it"), outcome
-        assert 0.5 <= waited < 30, waited
+        assert 0.5 <= outcome["waited"] < 30, outcome["waited"]
         assert [snap["version"] for snap in cluster.snapshots(wait=0.5)] == [0, 0]
     finally:
         cluster.close()
@@ -418,33 +430,14 @@ def test_a_snapshot_is_not_held_up_behind_a_call_that_waits_for_the_lock(ray_clu
     worker on the shard's node held it, that call hung in the actor's only thread, and a snapshot queued behind it
     never started, so its ``wait`` never began and the driver's checkpoint hung after all. The snapshot runs beside
     such a call and gives up on time; the call goes on once the lock is let go."""
-    from downpour.ps.locks import FileLock
-    from downpour.ps.shard import ShardBusy
-
     config = _config(0)
     config.cluster.workers = 1
     cluster, _, _ = _cluster(config, digits, seeds=[11])
     try:
-        _, path, _ = ray.get(cluster.shards[1].handle.attach_info.remote())
-        lock = FileLock(path + ".lock")
-        assert lock.acquire_within(10)
-        fetch = cluster.shards[1].handle.fetch.remote()  # a worker on another node: waits for the lock in the actor
-        outcome: dict[str, Any] = {}
-
-        def snapshot() -> None:
-            try:
-                outcome["snapshots"] = cluster.snapshots(wait=0.5)
-            except ShardBusy as exc:
-                outcome["busy"] = str(exc)
-
-        waiting = threading.Thread(target=snapshot, daemon=True)
-        waiting.start()
-        waiting.join(timeout=30)
-        hung = waiting.is_alive()
-        lock.release()
-        assert not hung, "the snapshot waited behind a call that waits for the lock"
+        outcome = _snapshot_while_locked(cluster, queue_fetch=True, timeout=30)
+        assert not outcome["hung"], "the snapshot waited behind a call that waits for the lock"
         assert outcome.get("busy", "").startswith("shard 1 stayed locked for 0.5 s: a worker holds it"), outcome
-        assert ray.get(fetch, timeout=30)[0] == 0
+        assert ray.get(outcome["fetch"], timeout=30)[0] == 0
         assert [snap["version"] for snap in cluster.snapshots(wait=0.5)] == [0, 0]
     finally:
         cluster.close()
