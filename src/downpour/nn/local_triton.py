@@ -483,6 +483,12 @@ def _rows_launch(setting: dict[str, Any], maps: int, kernel: tuple[int, int], pr
                 num_stages=setting.get("num_stages", _NUM_STAGES))  # fmt: skip
 
 
+def _examples_per_block(batch: int, skip: TritonSkip | None) -> int:
+    """A program's block of examples unless the launch settings name one: the batch up to 64 (16 at least, for
+    ``tl.dot``), or :data:`SKIP_BLOCK_B` with a skip (the unit of what it leaves out)."""
+    return _pow2(batch, 16, 64) if skip is None else SKIP_BLOCK_B
+
+
 def forward_band(maps: int, kernel: tuple[int, int], stride: tuple[int, int]) -> int:
     """How many neighbouring locations of a row one program of :func:`lc_forward` computes at its measured
     settings (1: one location per program, where fields barely overlap); a skip's groups follow it."""
@@ -514,7 +520,7 @@ def lc_forward(x: Tensor, weight: Tensor, out_hw: tuple[int, int], kernel: tuple
 
     def prepare(setting: dict[str, Any]) -> _Launch:
         band = _band_launch("forward", maps, tf32, setting)
-        block_b = setting.get("block_b", _pow2(batch, 16, 64) if skip is None else SKIP_BLOCK_B)
+        block_b = setting.get("block_b", _examples_per_block(batch, skip))
         if _banded(kernel, stride, band["LOCS"]):
             grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]), triton.cdiv(batch, block_b))
             return _forward_band_kernel, grid, dict(BLOCK_B=block_b, SKIP=skip is not None, **band)
@@ -552,7 +558,7 @@ def lc_weight_grad(g: Tensor, x: Tensor, weight_shape: torch.Size, out_hw: tuple
 
     def prepare(setting: dict[str, Any]) -> _Launch:
         band = _band_launch("weight_grad", maps, tf32, setting)
-        block_b = setting.get("block_b", _pow2(batch, 16, 64) if skip is None else SKIP_BLOCK_B)
+        block_b = setting.get("block_b", _examples_per_block(batch, skip))
         if _banded(kernel, stride, band["LOCS"]):
             grid = (out_hw[0] * triton.cdiv(out_hw[1], band["LOCS"]),)
             return _weight_grad_band_kernel, grid, dict(BLOCK_B=block_b, ONE_B_BLOCK=skip is None and batch <= block_b,
@@ -601,7 +607,7 @@ def lc_transpose(g: Tensor, weight: Tensor, in_chw: tuple[int, int, int], kernel
 
     def prepare(setting: dict[str, Any]) -> _Launch:
         launch = {**_TUNED["transpose", tf32], **setting} if banded else {"tile": (4, 4), "num_warps": 4, **setting}
-        block_b = launch.get("block_b", _pow2(batch, 16, 64) if skip is None else SKIP_BLOCK_B)
+        block_b = launch.get("block_b", _examples_per_block(batch, skip))
         tile_h, tile_w = launch["tile"]
         grid = (triton.cdiv(height, tile_h) * triton.cdiv(width, tile_w), channels, triton.cdiv(batch, block_b))
         return _transpose_kernel, grid, dict(
