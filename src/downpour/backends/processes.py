@@ -166,8 +166,14 @@ def owner_gone(folder: str | Path, pid: int) -> bool:
 def alive_lock_free(folder: str | Path) -> bool | None:
     """Whether ``folder/owner.alive`` is there and unlocked (True: its owner is gone), locked or unreadable (False),
     or missing (None)."""
+    return flock_free(os.path.join(folder, ALIVE_FILE))
+
+
+def flock_free(path: str | Path) -> bool | None:
+    """Whether nothing holds an ``flock`` on the file ``path`` (True: a process that kept it locked while it lived
+    is gone), something does or it cannot be read (False), or it is missing (None)."""
     try:
-        fd = os.open(os.path.join(folder, ALIVE_FILE), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError:

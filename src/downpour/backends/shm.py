@@ -30,7 +30,7 @@ import tempfile
 import numpy as np
 import torch
 
-from downpour.backends.processes import process_gone
+from downpour.backends.processes import flock_free, process_gone
 from downpour.ps.locks import FileLock
 from downpour.ps.rules import Rule
 from downpour.ps.shard import Shard
@@ -158,12 +158,7 @@ def _owner_gone(path: str) -> bool:
     header = np.fromfile(path, dtype=np.int64, count=8)  # OSError, or fewer values: being made or not ours
     if int(header[_OWNER_LOCKED]) != 1:
         return process_gone(int(header[_PID]))
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the owner lives
-    finally:
-        os.close(fd)
-    return True
+    return flock_free(path) is True  # held while the owner lives; unreadable or gone meanwhile: left alone
 
 
 def unlink(path: str) -> None:
