@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from downpour.backends.ray import RayCluster, connect  # noqa: E402
 from downpour.backends.ray_connect import disconnect  # noqa: E402
+from downpour.backends.ray_workers import PIPELINE_DEPTH  # noqa: E402
 from downpour.config import Config  # noqa: E402
 from downpour.data import Dataset, load_dataset  # noqa: E402
 from downpour.errors import ConfigError  # noqa: E402
@@ -304,10 +305,15 @@ def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(
     counts them all. Before the shards kept push stamps, the killed run's unused lease (up to 32 steps) was never
     given back and its unpolled pushes never counted: the shards ended 9 and 19 pushes short of 4,000 in two runs,
     and without the stamps' count the step was 337 short. Without restarts (``max_restarts = 0``) the worker is
-    dead for good: the driver reads its stamps and settles its lease, and worker 0 spends the budget."""
+    dead for good: the driver reads its stamps and settles its lease, and worker 0 spends the budget.
+
+    The push rows of the pushes the killed process made since its last poll come from its push log: read by its
+    restarted process, or by the driver when it is dead for good (both nodes of the test cluster share this
+    machine's /dev/shm). Without the logs, shard 0 lacked 99 and 101 rows of 4,000 in two runs."""
     steps = 4000
     cluster, _, _ = _cluster(_config(steps), digits, **({} if restarts else {"max_restarts": 0}))
     killed: dict[str, Any] = {}
+    records: list[tuple] = []
 
     def tick(elapsed: float) -> None:
         if "pid" not in killed and cluster.steps() >= 400:
@@ -316,7 +322,7 @@ def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(
             os.kill(pid, signal.SIGKILL)
 
     try:
-        events = _train(cluster, seconds=120, tick=tick)
+        events = _train(cluster, seconds=120, tick=tick, records=records)
         snapshots = cluster.snapshots()  # as the final checkpoint: the shards' stamps count every push they hold
         step, faults = cluster.steps(), cluster.faults()
     finally:
@@ -331,6 +337,13 @@ def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(
     assert max(made) == steps  # the killed run's unused steps came back to the budget and were pushed
     assert min(made) >= steps - 1  # (a push the kill cut off between the two shards reached only one)
     assert step == steps
+    (taken,) = [e for e in events if e.kind == "push_rows"]
+    assert taken.worker == 1 and taken.said and int(taken.detail.split()[0]) > 0, taken
+    # A row for every push but those the kill cut off before their rows: the one being pushed, and those still in
+    # flight to a shard on the other node (a row is written when the push's reply is taken)
+    for index, shard_made in enumerate(made):
+        rows = sum(1 for record in records if record[2] == index)
+        assert shard_made - 1 - PIPELINE_DEPTH <= rows <= shard_made, (index, rows, shard_made)
 
 
 def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet_polled(

@@ -15,10 +15,12 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from downpour.backends.processes import worker_context
+from downpour.backends.push_log import PushLog
 from downpour.ps.locks import FileLock
 from downpour.ps.rules import SGD, Adagrad
 from downpour.ps.shard import PushResult, Shard
@@ -638,12 +640,22 @@ def test_shard_files_of_dead_owners_are_collected_and_live_ones_kept(monkeypatch
     old_dead.header[4], old_dead.header[0] = 0, dead_pid  # an earlier version's file: no owner lock, pid gone
     old_live = shm.SharedShard(shm.segment_path("downpour-older", 0, 0), 0, 0, 2, SGD(lr=1.0), create=True)
     old_live.header[4] = 0  # pid: this process's
-    assert shm.collect_orphans() == 2
-    assert sorted(os.listdir(tmp_path)) == ["downpour-live-shard0-0", "downpour-older-shard0-0"]
+    # workers' push logs: a dead writer's silent for long goes too, a live one's stays for its driver's clean-up
+    dead_log = str(tmp_path / "downpour-dead-worker0-run0.rows")
+    done = subprocess.run([sys.executable, "-c", "import sys; from downpour.backends.push_log import PushLog; "
+                           "PushLog(sys.argv[1])", dead_log], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    np.memmap(dead_log, dtype=np.float64, mode="r+", shape=(8,))[4] = 0.0  # its last heartbeat: long ago
+    live_log = PushLog(str(tmp_path / "downpour-live-worker0-run0.rows"))
+    assert shm.collect_orphans() == 3
+    assert sorted(os.listdir(tmp_path)) == [
+        "downpour-live-shard0-0", "downpour-live-worker0-run0.rows", "downpour-older-shard0-0"
+    ]  # fmt: skip
     shm.unlink_cluster("downpour-live")
     assert os.listdir(tmp_path) == ["downpour-older-shard0-0"]
     for mapped in (live, old_dead, old_live):
         mapped.close()
+    live_log.close()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may signal every process: no process is another user's to it")

@@ -158,7 +158,7 @@ def log_events(
         elif event.kind == "error":
             last_line = event.detail.strip().splitlines()[-1] if event.detail.strip() else "unknown error"
             say(console, f"worker {event.worker} failed: {last_line}", "red")
-        elif event.kind == "stuck":  # a worker the end of the session had to kill: the report's counts fall short
+        elif event.kind == "stuck":  # a worker the end of the session had to kill (its unsent rows: its push log)
             warn(console, f"worker {event.worker} {event.detail}")
         elif event.kind == "out_of_memory":
             say(console, f"worker {event.worker} ran out of memory: {event.detail} ({WORKER_MEMORY_HINT})", "red")
@@ -169,6 +169,9 @@ def log_events(
             say(console, event.detail)  # _count_restores, from the cluster)
             metrics.write("shard_restored", t=time.time() - t0, shard=event.worker, detail=event.detail)
             continue
+        elif event.kind == "push_rows":  # a dead worker's rows that no batch brought, from its push log
+            if not event.said:  # some were lost
+                warn(console, f"worker {event.worker}: {event.detail}")
         elif event.kind == "chaos":  # Ray backend: cluster.chaos injected a fault (``worker``: the target's index)
             metrics.write("chaos", t=time.time() - t0, target=event.worker, detail=event.detail)
             continue

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from downpour.backends import push_log
 from downpour.backends.processes import (
     adopt_environment,
     become_worker,
@@ -135,6 +136,7 @@ class _WorkerSpec:
     control: Tensor  # (1,) int64: nonzero = stop
     progress: Tensor  # (workers, 3) float64: examples done, last loss, ready (1 once started; or dead)
     records: Any  # the write end of this worker's one-way pipe to the driver
+    log_path: str  # this worker's push log (push_log): its rows again, for the driver should the process die
     t0: float
     threads: int
     environment: dict[str, str]  # the driver's environment when it started the worker
@@ -142,13 +144,19 @@ class _WorkerSpec:
 
 
 class _Batcher:
-    """Collects push records and sends them to the driver in batches."""
+    """Collects push records and sends them to the driver in batches; keeps each in the worker's push log too
+    (:mod:`~downpour.backends.push_log`), from which the driver takes the rows of a batch the worker died before
+    sending."""
 
-    def __init__(self, records: Any) -> None:
+    def __init__(self, records: Any, log: push_log.PushLog | None = None) -> None:
         self.records, self.pending, self.last = records, [], time.monotonic()
+        self.log = log
 
     def __call__(self, record: PushRecord) -> None:
-        self.pending.append(tuple(record))
+        row = tuple(record)
+        if self.log is not None:
+            self.log.append(row)
+        self.pending.append(row)
         now = time.monotonic()
         if len(self.pending) >= _FLUSH_RECORDS or now - self.last >= _FLUSH_SECONDS:
             self.flush(now)
@@ -186,6 +194,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
         progress[spec.worker_id, 1] = loss
 
     try:
+        batcher.log = log = push_log.PushLog(spec.log_path)
         model = build_model(spec.config.model, spec.input_dim, seed=spec.config.train.seed, shape=spec.shape)
         seed_sampling(model, spec.seed)  # the same initial values everywhere, each worker's own sampling noise
         policy = config_policy(spec.config)
@@ -219,6 +228,7 @@ def _worker_main(spec: _WorkerSpec) -> None:
         worker.run()
         if driver_alive():
             batcher.flush()
+            log.close()  # every row sent: nothing to take from it
         gc.freeze()  # exiting: skip the final collections over torch's objects (about a second the driver waits)
     except BrokenPipeError:  # the driver is gone: nobody to report to
         raise SystemExit(1) from None
@@ -267,8 +277,10 @@ def remove_dead_lock_dirs() -> int:
 @dataclass
 class WorkerEvent:
     """Something the driver should log about a worker (``died``, ``error``, ``out_of_memory``, ``stuck``: killed
-    when it did not stop in time; on the Ray backend also ``restarted``, ``shard_restored``, ``chaos``). ``said``:
-    a death whose cause the worker reported already (``error``, ``out_of_memory``): counted, not told again."""
+    when it did not stop in time; ``push_rows``: rows of a dead worker taken from its push log; on the Ray backend
+    also ``restarted``, ``shard_restored``, ``chaos``). ``said``: a death whose cause the worker reported already
+    (``error``, ``out_of_memory``), counted, not told again; push rows that were all recovered (logged, not told).
+    """
 
     kind: str
     worker: int
@@ -330,6 +342,8 @@ class LocalCluster:
         self._reported_dead: set[int] = set()
         self._failed: set[int] = set()  # workers that reported why they failed (an error, out of memory)
         self._pipe_closed: set[int] = set()
+        self._rows_in = [0] * workers  # per worker: push rows received through its pipe (and from its log)
+        self._logs_read: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -373,6 +387,7 @@ class LocalCluster:
                     control=self._control,
                     progress=self._progress,
                     records=self._pipes[worker_id][1],
+                    log_path=self._log_path(worker_id),
                     t0=self.t0,
                     threads=threads,
                     environment=dict(os.environ),
@@ -418,7 +433,7 @@ class LocalCluster:
         for worker_id, proc in enumerate(self._procs):
             if proc.is_alive():
                 proc.kill()
-                detail = f"did not stop within {timeout:g} s of being asked; killed, its unsent push rows lost"
+                detail = f"did not stop within {timeout:g} s of being asked; killed"
                 events.append(WorkerEvent("stuck", worker_id, detail))
             proc.join(timeout=5)
         more, more_events = self.poll()
@@ -455,6 +470,7 @@ class LocalCluster:
                         self._failed.add(worker_id)
                     else:
                         records.extend(item)
+                        self._rows_in[worker_id] += len(item)
             except (EOFError, OSError):  # the worker exited (or died, perhaps mid-message): nothing more will come
                 self._pipe_closed.add(worker_id)
         for worker_id, proc in enumerate(self._procs):
@@ -469,7 +485,27 @@ class LocalCluster:
                 if proc.exitcode == 255 and fork_server_gone(self._server_pid):  # None when spawned: False
                     detail = "killed with the fork server it was started from, which is gone"
                 events.append(WorkerEvent("died", worker_id, detail, worker_id in self._failed))
+        for worker_id in sorted(self._pipe_closed - self._logs_read):
+            if self._procs[worker_id].exitcode is not None:  # gone: its log holds what its pipe never brought
+                self._logs_read.add(worker_id)
+                records += self._read_log(worker_id, events)
         return records, events
+
+    def _log_path(self, worker_id: int) -> str:
+        return os.path.join(self._lock_dir, f"worker{worker_id}.rows")
+
+    def _read_log(self, worker_id: int, events: list[WorkerEvent]) -> list[tuple]:
+        """The push rows of a dead worker that its pipe did not bring (it died between two batches, or was killed
+        as it did not stop), from its push log; a ``push_rows`` event says how many. Nothing for a worker that
+        ended normally: it sent every row and removed its log."""
+        got = push_log.recover(self._log_path(worker_id))
+        if got is None:
+            return []
+        rows, self._rows_in[worker_id], lost = push_log.take_new(self._rows_in[worker_id], *got)
+        if rows or lost:
+            detail = push_log.recovered_detail(len(rows), lost)
+            events.append(WorkerEvent("push_rows", worker_id, detail, said=not lost))  # told only when rows are lost
+        return rows
 
     def alive(self) -> int:
         """Worker processes still running."""

@@ -29,7 +29,10 @@ than the pushes applied since the last checkpoint.
 Counts. Every push carries its worker's push stamp (:mod:`~downpour.backends.push_stamps`), which each shard keeps
 per worker before applying it: the driver counts a dead worker's pushes since its last poll from the stamps that
 come with every snapshot, and a restarted worker reads them to give its dead run's unused steps back to the budget
-(for a worker dead for good, the driver does: :meth:`RayCluster._settle_dead`).
+(for a worker dead for good, the driver does: :meth:`RayCluster._settle_dead`). The rows of those pushes come back
+too: each run of a worker keeps its rows in a push log under ``/dev/shm`` (:mod:`~downpour.backends.push_log`),
+which its restarted process reads and sends with its polls (the driver, for a worker dead for good whose log is on
+the driver's machine), and the driver keeps the rows it had not received (:meth:`RayCluster._take_rows`).
 
 Addresses. ``cluster.address = ""`` starts a private Ray instance for this run, bound to 127.0.0.1; ``"auto"`` or
 ``"host:port"`` connects to a running cluster (``ray start --head`` ...). Ray's token authentication stays on: a
@@ -53,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from downpour.backends import push_stamps, ray_missing, shm
+from downpour.backends import push_log, push_stamps, ray_missing, shm
 from downpour.backends.chaos import parse_chaos
 from downpour.backends.local import WorkerEvent
 from downpour.backends.ray_actors import (
@@ -66,7 +69,7 @@ from downpour.backends.ray_actors import (
 )
 from downpour.backends.ray_connect import connect, disconnect, first_line, unreachable
 from downpour.backends.ray_coordinator import Coordinator
-from downpour.backends.ray_workers import RemoteShard, WorkerActor
+from downpour.backends.ray_workers import RemoteShard, WorkerActor, recover_logs
 from downpour.config import Config
 from downpour.errors import DownpourError, out_of_memory
 from downpour.ps.policies import Sync, config_policy, policy_rule
@@ -202,6 +205,9 @@ class RayCluster:
         self._example_refs: list[Any] = []
         self._progress: dict[tuple[int, int], tuple[int, int]] = {}  # (worker, incarnation) -> (examples, pushes)
         self._seen: dict[tuple[int, int], int] = {}  # (shard, incarnation) -> highest version seen
+        self._rows_in: dict[tuple[int, int], int] = {}  # (worker, incarnation) -> push rows received (push_log)
+        self._row_events: list[WorkerEvent] = []  # push rows taken from dead runs' logs, for the next poll to tell
+        self._late_rows: list[tuple] = []  # rows the driver read from the logs of workers dead for good, to return
         self._steps_before = 0
         self._stopping = False
         self._restores_logged = 0
@@ -297,6 +303,7 @@ class RayCluster:
                 threads,
                 self._send_fetched,
                 self.shared_memory,
+                self._name,
             )
             self._workers.append(_WorkerState(handle))
 
@@ -345,6 +352,8 @@ class RayCluster:
                     ray.kill(state.handle, no_restart=True)
                 state.done = True
         self._update_restores(block=True)
+        events += self._row_events  # rows from dead runs' logs that the last polls brought
+        self._row_events = []
         return records, events
 
     def close(self) -> None:
@@ -353,6 +362,9 @@ class RayCluster:
         shards = [shard.handle for shard in getattr(self, "shards", [])]
         with contextlib.suppress(Exception):  # each shard removes its file on its node
             ray.get([handle.release.remote() for handle in shards], timeout=_POLL_TIMEOUT_S)
+        live = [state.handle for state in self._workers if not state.failing]  # (a log left: unlink_cluster, orphans)
+        with contextlib.suppress(Exception):  # and each worker its push log (one dead for good fails at once)
+            ray.get([handle.release.remote() for handle in live], timeout=_COUNTS_TIMEOUT_S)
         handles += shards
         if getattr(self, "coordinator", None) is not None:
             handles.append(self.coordinator)
@@ -382,7 +394,20 @@ class RayCluster:
         for key, version in reply["seen"].items():
             if version > self._seen.get(key, -1):
                 self._seen[key] = version
-        return reply["records"]
+        return self._take_rows(worker_id, reply["chunks"])
+
+    def _take_rows(self, worker_id: int, chunks: list[tuple[int, int, list[tuple], bool]]) -> list[tuple]:
+        """The push rows of ``chunks`` (``(run, number of the first row, rows, recovered from a dead run's log)``)
+        that the driver has not received yet (a run's rows can come twice: polled, then read from its log)."""
+        out: list[tuple] = []
+        for run, first, rows, recovered in chunks:
+            key = (worker_id, run)
+            new, self._rows_in[key], lost = push_log.take_new(self._rows_in.get(key, 0), first, rows)
+            out += new
+            if recovered and (new or lost):
+                detail = push_log.recovered_detail(len(new), lost)
+                self._row_events.append(WorkerEvent("push_rows", worker_id, detail, said=not lost))
+        return out
 
     def _take_poll(self, state: _WorkerState, *, block: bool = False) -> list[tuple]:
         ref, state.poll = state.poll, None
@@ -428,6 +453,7 @@ class RayCluster:
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True
                 settled = self._settle_dead(worker_id)
+                self._late_rows += self._read_dead_logs(worker_id)
                 self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back
                 self._leave_rounds(worker_id, state.incarnation)
                 unsettled = "" if settled else "; a shard did not answer: its unused steps stay claimed"
@@ -465,6 +491,11 @@ class RayCluster:
         self._count_stamped(worker_id, counts)
         self.coordinator.settle.remote(worker_id, _NO_RUN_AFTER, counts)
         return True
+
+    def _read_dead_logs(self, worker_id: int) -> list[tuple]:
+        """A worker dead for good: the push rows of its runs that no poll brought, from their logs where they are
+        on this machine (a restarted process would have sent them; on another node they are lost)."""
+        return self._take_rows(worker_id, recover_logs(self._name, worker_id))
 
     def _leave_rounds(self, worker_id: int, incarnation: int) -> None:
         """``ps.policy = "sync"``: the process running ``incarnation`` of a worker died; its rounds stop waiting
@@ -516,8 +547,8 @@ class RayCluster:
 
         Never waits on a worker: a poll reply not yet in is taken next time. Also applies the chaos schedule.
         """
-        records: list[tuple] = []
         events = self._check_runs()
+        records, self._late_rows = self._late_rows, []
         pending = [state.poll for state in self._workers if state.poll is not None]
         ready = set(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else set()
         for state in self._workers:
@@ -526,6 +557,8 @@ class RayCluster:
             if state.poll is None and not state.done:
                 state.poll = state.handle.poll.remote()
         events += self._update_restores()
+        events += self._row_events
+        self._row_events = []
         if self._chaos_t0 is None and self.examples_done() > 0:
             self._chaos_t0 = time.monotonic()  # the schedule counts from the first examples trained
         events += self._apply_chaos()
@@ -591,7 +624,7 @@ class RayCluster:
         for (worker_id, _), ref in zip(running, refs, strict=True):
             if ref in ready:
                 with contextlib.suppress(RayError):  # died since: its counts stay as last polled
-                    self._apply_poll(worker_id, {"records": [], **ray.get(ref)})
+                    self._apply_poll(worker_id, {"chunks": [], **ray.get(ref)})
 
     def set_restore_points(self, snapshots: Sequence[dict[str, Any]]) -> None:
         """Make ``snapshots`` (one per shard, from :meth:`snapshots`) what a shard actor that dies comes back at.

@@ -7,6 +7,7 @@ fetches and pushes into the shards of its own node, pipelined actor calls to the
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from downpour.backends import push_stamps, ray_missing, shm
+from downpour.backends import push_log, push_stamps, ray_missing, shm
 from downpour.backends.local import worker_settings
 from downpour.backends.ray_actors import roster_update
 from downpour.config import Config
@@ -441,6 +442,25 @@ class _LeasedSteps:
             self.credits = 0
 
 
+def push_log_path(cluster: str, worker: int, run: int | str) -> str:
+    """The push log (:mod:`~downpour.backends.push_log`) of ``worker``'s run ``run`` in the cluster named
+    ``cluster``, on the node it runs on (``"*"`` for every run: a glob)."""
+    return os.path.join(shm.shm_dir(), f"{cluster}-worker{worker}-run{run}.rows")
+
+
+def recover_logs(cluster: str, worker: int, before: int | None = None) -> list[tuple[int, int, list[tuple], bool]]:
+    """The rows in the push logs of ``worker``'s dead runs on this node (those before run ``before``, or all), as
+    :meth:`WorkerActor.poll`'s chunks ``(run, number of the first row, rows, True)``; each log is removed once read.
+    A log whose writer lives is left."""
+    chunks = []
+    for path in glob.glob(push_log_path(cluster, worker, "*")):
+        run = int(path.rsplit("run", 1)[1].split(".", 1)[0])  # (the cluster's name has no "run" after its last one)
+        got = push_log.recover(path) if before is None or run < before else None
+        if got is not None:
+            chunks.append((run, *got, True))
+    return sorted(chunks)
+
+
 class WorkerActor:
     """One model replica in a Ray actor: :class:`_FanOutWorker` on its slice of the examples.
 
@@ -450,7 +470,7 @@ class WorkerActor:
 
     def __init__(self, worker_id: int, config: Config, input_dim: int, shape: tuple[int, ...] | None,
                  seed: int, shards: list[tuple[int, int, str]], coordinator_name: str, t0: float, threads: int,
-                 send_fetched: bool, shared_memory: bool = True) -> None:  # fmt: skip
+                 send_fetched: bool, shared_memory: bool = True, cluster_name: str = "downpour") -> None:  # fmt: skip
         torch.set_num_threads(threads)
         self.worker_id, self.config, self.input_dim, self.shape = worker_id, config, input_dim, shape
         # Examples and actors are found through the coordinator and by name, not passed (see ShardServer).
@@ -464,7 +484,11 @@ class WorkerActor:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._running = threading.Lock()
-        self._records: list[tuple] = []
+        self.cluster_name = cluster_name
+        self._records: list[tuple] = []  # rows of the current run not polled yet: numbered from _records_first
+        self._records_run, self._records_first = 0, 0
+        self._chunks: list[tuple[int, int, list[tuple], bool]] = []  # (run, first row, rows, from a dead run's log)
+        self._log: push_log.PushLog | None = None
         self._examples, self._loss = 0, float("nan")
         self._worker: DownpourWorker | None = None
         self._clients: list[RemoteShard] = []
@@ -472,8 +496,11 @@ class WorkerActor:
         self._earlier: dict[int, int] = {}  # pushes of earlier runs the shards' stamps hold (run -> count)
 
     def _record(self, record: PushRecord) -> None:
+        row = tuple(record)
         with self._lock:
-            self._records.append(tuple(record))
+            self._records.append(row)
+            if self._log is not None:
+                self._log.append(row)
 
     def _progress(self, examples: int, loss: float) -> None:
         self._examples += examples
@@ -502,6 +529,7 @@ class WorkerActor:
         node_id = ray.get_runtime_context().get_node_id()
         for client in self._clients:
             client.connect(node_id, shared_memory=self.shared_memory)
+        self._start_log(incarnation)
         if incarnation:  # earlier runs of this worker: what their pushes the shards saw, and their unused leases back
             self._settle_earlier(incarnation)
         policy = config_policy(self.config)
@@ -540,6 +568,27 @@ class WorkerActor:
             budget.release()
         return self._worker.pushes_
 
+    def _start_log(self, run: int) -> None:
+        """Keep run ``run``'s rows in a push log of its own (:mod:`~downpour.backends.push_log`), after taking those
+        of this worker's earlier runs that died on this node from their logs: :meth:`poll` sends them, and the
+        driver keeps the ones it lacks."""
+        recovered = recover_logs(self.cluster_name, self.worker_id, before=run)
+        with self._lock:
+            if self._records:  # rows of an earlier run of this process not polled yet
+                self._chunks.append((self._records_run, self._records_first, self._records, False))
+            self._chunks += recovered
+            self._records, self._records_run, self._records_first = [], run, 0
+            if self._log is not None:
+                self._log.close()
+            self._log = push_log.PushLog(push_log_path(self.cluster_name, self.worker_id, run))
+
+    def release(self) -> None:
+        """Remove this worker's push log (the run is over and its rows polled)."""
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
     def _settle_earlier(self, run: int) -> None:
         """Before run ``run`` pushes: read this worker's stamps from every shard (the pushes of the run before it,
         which may have died before the driver polled them) and have the coordinator give back what earlier runs
@@ -550,10 +599,16 @@ class WorkerActor:
         ray.get(self.coordinator.settle.remote(self.worker_id, run, self._earlier))
 
     def poll(self) -> dict[str, Any]:
-        """Records since the last poll, and this incarnation's examples, latest loss, pushes and versions seen."""
+        """Push rows since the last poll, as ``chunks`` of ``(run, number of the first row, rows, recovered)``
+        (recovered: from the log of an earlier run that died), and this incarnation's examples, latest loss,
+        pushes and versions seen."""
         with self._lock:
-            records, self._records = self._records, []
-        return {"records": records, **self.counts()}
+            chunks = [*self._chunks, (self._records_run, self._records_first, self._records, False)]
+            self._records_first += len(self._records)
+            self._chunks, self._records = [], []
+            if self._log is not None:
+                self._log.beat()
+        return {"chunks": chunks, **self.counts()}
 
     def counts(self) -> dict[str, Any]:
         """What :meth:`poll` reports but the records: incarnation, examples, latest loss, pushes and versions seen."""

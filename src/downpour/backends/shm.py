@@ -30,6 +30,7 @@ import tempfile
 import numpy as np
 import torch
 
+from downpour.backends import push_log
 from downpour.backends.processes import flock_free, process_gone
 from downpour.ps.locks import FileLock
 from downpour.ps.rules import Rule
@@ -183,8 +184,9 @@ def retire_others(cluster: str, shard: int, mine: str) -> None:
 
 def collect_orphans(prefix: str = "downpour-") -> int:
     """Remove shard files on this machine whose owner process is gone (a driver killed before it could clean up;
-    judged by the owner's lock, see the module's docstring); return how many. Called by every new shard actor."""
-    removed = 0
+    judged by the owner's lock, see the module's docstring), and workers' push logs left as long
+    (:func:`~downpour.backends.push_log.remove_orphans`); return how many. Called by every new shard actor."""
+    removed = push_log.remove_orphans(os.path.join(shm_dir(), f"{prefix}*-worker*-run*.rows"))
     for path in glob.glob(os.path.join(shm_dir(), f"{prefix}*-shard*-*")):
         if path.endswith(".lock"):
             continue
@@ -199,7 +201,9 @@ def collect_orphans(prefix: str = "downpour-") -> int:
 
 
 def unlink_cluster(cluster: str) -> None:
-    """Remove every shard file of ``cluster`` on this machine (the driver's clean-up)."""
-    for path in glob.glob(os.path.join(shm_dir(), f"{cluster}-shard*")):
+    """Remove every shard file and push log of ``cluster`` on this machine (the driver's clean-up)."""
+    for path in glob.glob(os.path.join(shm_dir(), f"{cluster}-shard*")) + glob.glob(
+        os.path.join(shm_dir(), f"{cluster}-worker*")
+    ):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -161,6 +161,7 @@ _FAULT_ROWS = {  # the metrics rows of faults the report lists, and what each is
     "worker_error": "failed",
     "worker_out_of_memory": "ran out of memory",
     "worker_stuck": "killed as it did not stop",
+    "worker_push_rows": "push rows recovered after it died",
     "worker_restarted": "restarted (Ray)",
     "shard_restored": "restored from its checkpoint (Ray)",
 }

@@ -1,0 +1,170 @@
+"""Push logs (:mod:`downpour.backends.push_log`): a worker's rows kept in a file, read back once the worker is dead.
+
+The writers here are real processes: a log is read only once the process that wrote it is gone (its ``flock`` is
+free), and the local backend's driver takes a killed worker's unsent rows from it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from downpour import config as config_mod
+from downpour.backends import push_log
+from downpour.data import load_dataset
+from downpour.models import build_model
+from downpour.ps.flat import flat_copy
+from downpour.ps.worker import PushRecord
+
+
+def _row(n: int) -> PushRecord:
+    return PushRecord(t=0.5 * n, worker=3, shard=n % 2, version=n + 1, staleness=n % 5 - 1, loss=1.0 / (n + 1),
+                      applied=n % 3 != 0)  # fmt: skip
+
+
+def _write_in_a_process(path: Path, rows: int, capacity: int, *, then: str = "exit") -> subprocess.Popen:
+    """A process that writes ``rows`` rows into a new log, then exits (``then="exit"``) or waits to be killed."""
+    code = (
+        "import sys, time\n"
+        "from downpour.backends import push_log\n"
+        "from test_push_log import _row\n"
+        f"log = push_log.PushLog({str(path)!r}, capacity={capacity})\n"
+        f"for n in range({rows}): log.append(_row(n))\n"
+        "print('written', flush=True)\n"
+        + ("time.sleep(600)\n" if then == "wait" else "")
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+    return proc
+
+
+def test_a_dead_writers_rows_come_back_in_order_as_records(tmp_path: Path) -> None:
+    path = tmp_path / "w.rows"
+    _write_in_a_process(path, 5, 16).wait(timeout=60)
+    first, rows = push_log.recover(str(path))  # type: ignore[misc]
+    assert first == 0
+    assert rows == [tuple(_row(n)) for n in range(5)]
+    assert [type(value) for value in rows[1]] == [float, int, int, int, int, float, bool]
+    assert not path.exists()  # read once: removed
+
+
+def test_a_ring_that_wrapped_keeps_its_latest_rows_but_the_slot_a_kill_could_have_torn(tmp_path: Path) -> None:
+    """Capacity 8, 21 rows: rows 13..20 sit in the ring, but row 13's slot is the one row 21 would have been
+    written into next: a process killed mid-write would have left half of it there, so row 13 is never read."""
+    path = tmp_path / "w.rows"
+    _write_in_a_process(path, 21, 8).wait(timeout=60)
+    first, rows = push_log.recover(str(path), remove=False)  # type: ignore[misc]
+    assert first == 14
+    assert rows == [tuple(_row(n)) for n in range(14, 21)]
+    assert path.exists()
+
+
+def test_a_live_writers_log_is_not_read_and_a_killed_ones_is(tmp_path: Path) -> None:
+    path = tmp_path / "w.rows"
+    proc = _write_in_a_process(path, 3, 16, then="wait")
+    try:
+        assert push_log.recover(str(path)) is None  # it may still write
+        assert path.exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    first, rows = push_log.recover(str(path))  # type: ignore[misc]
+    assert (first, len(rows)) == (0, 3)
+
+
+def test_files_that_are_not_logs_are_not_read(tmp_path: Path) -> None:
+    assert push_log.recover(str(tmp_path / "missing.rows")) is None
+    short = tmp_path / "short.rows"
+    short.write_bytes(b"\0" * 10)
+    assert push_log.recover(str(short)) is None
+    wrong_size = tmp_path / "size.rows"
+    _write_in_a_process(wrong_size, 2, 16).wait(timeout=60)
+    with open(wrong_size, "ab") as handle:
+        handle.write(b"\0" * 8)
+    assert push_log.recover(str(wrong_size)) is None and wrong_size.exists()
+
+
+def test_take_new_keeps_only_rows_the_driver_lacks_and_counts_overwritten_ones() -> None:
+    rows = [("r", n) for n in range(10, 15)]  # rows 10..14
+    assert push_log.take_new(12, 10, rows) == (rows[2:], 15, 0)  # 10 and 11 came through the pipe
+    assert push_log.take_new(15, 10, rows) == ([], 15, 0)  # all came: nothing twice
+    assert push_log.take_new(20, 10, rows) == ([], 20, 0)  # a count never goes back
+    assert push_log.take_new(7, 10, rows) == (rows, 15, 3)  # 7, 8 and 9 were overwritten in the ring
+
+
+def test_a_writer_that_closes_removes_its_log_and_its_lock_goes(tmp_path: Path) -> None:
+    path = tmp_path / "w.rows"
+    log = push_log.PushLog(str(path), capacity=4)
+    log.append(_row(0))
+    with pytest.raises(FileExistsError):  # one writer a file
+        push_log.PushLog(str(path))
+    log.close()
+    assert not path.exists()
+    log.close()  # twice is harmless
+
+
+def test_orphans_are_logs_of_dead_writers_silent_for_long(tmp_path: Path) -> None:
+    dead = tmp_path / "run-worker0-run0.rows"
+    _write_in_a_process(dead, 2, 4).wait(timeout=60)
+    live = push_log.PushLog(str(tmp_path / "run-worker1-run0.rows"), capacity=4)
+    try:
+        pattern = str(tmp_path / "*-worker*-run*.rows")
+        assert push_log.remove_orphans(pattern) == 0  # the dead one wrote just now: a restarted worker may read it
+        assert push_log.remove_orphans(pattern, max_age_s=-1.0) == 1  # once old, it goes; the live one stays
+        assert not dead.exists() and Path(live.path).exists()
+    finally:
+        live.close()
+
+
+def test_a_local_worker_killed_between_batches_loses_no_push_row() -> None:
+    """SIGKILL a local worker while it trains: the rows of the pushes it made since its last batch reach the driver
+    from its push log. Every push a shard applied or refused then has its row, but for at most one per shard and
+    kill: a push the kill cut off between the shard's commit and the row (rows are written after the push)."""
+    from downpour.backends.local import LocalCluster
+
+    config = config_mod.load(None, [
+        "data.source=natural-patches", "data.patch_size=8", "data.examples=2000", "data.held_out=64",
+        "model.features=32", "train.batch_size=16", "train.steps=1000000", "ps.rule=sgd", "ps.lr=0.01",
+        "ps.shards=2", "cluster.workers=2", "cluster.threads_per_worker=1",
+    ])  # fmt: skip
+    data = load_dataset(config.data, seed=config.train.seed)
+    model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
+    cluster = LocalCluster(config, data.train.clone(), flat_copy(model), worker_seeds=[1, 2], t0=time.time(),
+                           shape=data.shape)  # fmt: skip
+    records, events = [], []
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 60
+        while cluster.steps() < 300 and time.monotonic() < deadline:
+            more, more_events = cluster.poll()
+            records += more
+            events += more_events
+            time.sleep(0.01)
+        os.kill(cluster.pids()[1], signal.SIGKILL)  # its batch of rows is 0.2 s or 256 rows: some are unsent
+        while not any(event.kind == "died" for event in events) and time.monotonic() < deadline:
+            more, more_events = cluster.poll()
+            records += more
+            events += more_events
+            time.sleep(0.01)
+        more, more_events = cluster.stop(timeout=10.0)
+        records += more
+        events += more_events
+        snapshots = cluster.snapshots()
+    finally:
+        cluster.close()
+    assert [event.kind for event in events] == ["died", "push_rows"], events
+    (taken,) = [event for event in events if event.kind == "push_rows"]
+    assert taken.worker == 1 and taken.said and "lost" not in taken.detail
+    recovered = int(taken.detail.split()[0])
+    assert recovered > 0
+    for index, snapshot in enumerate(snapshots):
+        rows = sum(1 for record in records if record[2] == index)
+        made = snapshot["version"] + snapshot["rejected"]
+        assert made - 1 <= rows <= made, (index, rows, made, recovered)
