@@ -118,15 +118,22 @@ def recover(path: str, *, remove: bool = True) -> tuple[int, list[tuple]] | None
     (ints and a bool where the record has them). None when there is no such file, it is not a log, or its writer
     still lives (it may still write). ``remove``: delete the file once read."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        with open(path, "rb", buffering=0) as handle:  # unbuffered: the rows are read only after the check
+            head = handle.read(_HEADER_BYTES)
+            if len(head) < _HEADER_BYTES:
+                return None
+            # the writer is judged gone before its rows are read: rows read while it lived could be torn or newer
+            # than the count read with them, even if it died a moment later
+            owner = np.frombuffer(head, dtype=np.int64, count=8)
+            if int(owner[_CAPACITY]) < 2 or not _writer_gone(owner, path):
+                return None
+            handle.seek(0)
+            raw = handle.read()  # nothing writes to it any more
     except OSError:
-        return None
-    if len(raw) < _HEADER_BYTES:
         return None
     header = np.frombuffer(raw, dtype=np.int64, count=8)
     count, capacity = int(header[_COUNT]), int(header[_CAPACITY])
-    if capacity < 2 or len(raw) != log_bytes(capacity) or count < 0 or not _writer_gone(header, path):
+    if capacity < 2 or len(raw) != log_bytes(capacity) or count < 0:
         return None
     rows = np.frombuffer(raw, dtype=np.float64, offset=_HEADER_BYTES).reshape(capacity, FIELDS)
     first = max(0, count - capacity + 1)  # the slot of row ``count`` may hold half of it: its old row is not read
