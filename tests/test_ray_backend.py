@@ -346,6 +346,44 @@ def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(
         assert shard_made - 1 - PIPELINE_DEPTH <= rows <= shard_made, (index, rows, shard_made)
 
 
+def test_a_worker_killed_with_the_only_shard_has_its_pushes_counted_from_its_log(ray_cluster: str,
+                                                                               digits: Dataset) -> None:  # fmt: skip
+    """Worker 1 and the only shard killed at once, after 0.2 s of unpolled pushes: the shard comes back at its start
+    (no checkpoint yet), without the stamps of worker 1's pushes. The restarted process reads in its dead run's
+    push log how many pushes that run made at least (a row a push, with one shard), so the step counts them and
+    only the unused part of the run's last lease comes back: the run makes ``train.steps`` pushes, each with its
+    row, and counts them. Before the logs counted, a run like this one ended at step 1,997 of 2,000 with the whole
+    last lease given back (up to 32 pushes too many) and the unpolled pushes missing from the step."""
+    steps = 2000
+    config = _config(steps)
+    config.ps.shards = 1
+    cluster, _, _ = _cluster(config, digits)
+    killed: dict[str, Any] = {}
+    records: list[tuple] = []
+
+    def tick(elapsed: float) -> None:
+        if "pid" not in killed and cluster.steps() >= 400:
+            killed["pid"] = pid = cluster.pids()[1]
+            _, shard_pid = ray.get(cluster.shards[0].handle.where.remote())
+            time.sleep(0.2)  # the worker pushes on, unpolled
+            os.kill(shard_pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+
+    try:
+        events = _train(cluster, seconds=120, tick=tick, records=records)
+        step, faults = cluster.steps(), cluster.faults()
+    finally:
+        cluster.close()
+    assert "pid" in killed
+    assert faults["worker_restarts"] >= 1 and faults["shard_restores"] == 1, faults
+    (taken,) = [e for e in events if e.kind == "push_rows" and e.worker == 1]
+    assert taken.said and int(taken.detail.split()[0]) > 0, taken
+    assert step == steps
+    # every push has its row (one shard), but those a kill cut off before their rows: worker 1's push in progress,
+    # and worker 0's pushes in flight to the shard (worker 0 is on the other node) when it died
+    assert steps - 1 - PIPELINE_DEPTH <= len(records) <= steps, len(records)
+
+
 def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet_polled(
         ray_cluster: str, digits: Dataset, tmp_path: Path) -> None:  # fmt: skip
     """Checkpoints taken while the workers push: each one's step is at least every shard's version (each push goes

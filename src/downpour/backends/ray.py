@@ -69,7 +69,7 @@ from downpour.backends.ray_actors import (
 )
 from downpour.backends.ray_connect import connect, disconnect, first_line, unreachable
 from downpour.backends.ray_coordinator import Coordinator
-from downpour.backends.ray_workers import RemoteShard, WorkerActor, recover_logs
+from downpour.backends.ray_workers import RemoteShard, WorkerActor, logged_pushes, recover_logs
 from downpour.config import Config
 from downpour.errors import DownpourError, out_of_memory
 from downpour.ps.policies import Sync, config_policy, policy_rule
@@ -452,8 +452,9 @@ class RayCluster:
                 events.append(WorkerEvent("died", worker_id, "its run failed", said=True))
             except ActorDiedError as exc:  # dead for good: restarts used up, or its node is gone
                 state.done = True
-                settled = self._settle_dead(worker_id)
-                self._late_rows += self._read_dead_logs(worker_id)
+                logs = recover_logs(self._name, worker_id)  # where its logs are on this machine: its rows
+                settled = self._settle_dead(worker_id, logged_pushes(logs, len(self.shards)))
+                self._late_rows += self._take_rows(worker_id, logs)
                 self.coordinator.retire.remote(worker_id)  # under SSP it must not hold the others back
                 self._leave_rounds(worker_id, state.incarnation)
                 unsettled = "" if settled else "; a shard did not answer: its unused steps stay claimed"
@@ -478,24 +479,23 @@ class RayCluster:
             if count > pushes:
                 self._progress[(worker_id, run)] = (examples, count)
 
-    def _settle_dead(self, worker_id: int) -> bool:
-        """A worker dead for good: count its last run's pushes from the shards' stamps, and give the steps it
-        claimed and did not use back to the budget (a restarted process would have done both). False when a shard
-        did not answer within :data:`_POLL_TIMEOUT_S` (nothing settled)."""
+    def _settle_dead(self, worker_id: int, logged: dict[int, int]) -> bool:
+        """A worker dead for good: count its last run's pushes from the shards' stamps (or its logs, where they say
+        more: ``logged``, :func:`~downpour.backends.ray_workers.logged_pushes`), and give the steps it claimed and
+        did not use back to the budget (a restarted process would have done both). False when a shard did not
+        answer within :data:`_POLL_TIMEOUT_S` (nothing settled; the logs' counts still count)."""
+        self._count_stamped(worker_id, logged)
         refs = [shard.handle.push_stamps.remote() for shard in self.shards]
         try:
             stamps = ray.get(refs, timeout=_POLL_TIMEOUT_S)
         except (RayError, GetTimeoutError):
             return False
         counts = push_stamps.counts_by_run(values[worker_id] for values in stamps)
+        for run, count in logged.items():
+            counts[run] = max(counts.get(run, 0), count)
         self._count_stamped(worker_id, counts)
         self.coordinator.settle.remote(worker_id, _NO_RUN_AFTER, counts)
         return True
-
-    def _read_dead_logs(self, worker_id: int) -> list[tuple]:
-        """A worker dead for good: the push rows of its runs that no poll brought, from their logs where they are
-        on this machine (a restarted process would have sent them; on another node they are lost)."""
-        return self._take_rows(worker_id, recover_logs(self._name, worker_id))
 
     def _leave_rounds(self, worker_id: int, incarnation: int) -> None:
         """``ps.policy = "sync"``: the process running ``incarnation`` of a worker died; its rounds stop waiting

@@ -461,6 +461,17 @@ def recover_logs(cluster: str, worker: int, before: int | None = None) -> list[t
     return sorted(chunks)
 
 
+def logged_pushes(chunks: list[tuple[int, int, list[tuple], bool]], shards: int) -> dict[int, int]:
+    """Pushes each dead run made at least, by its log: a push writes at most one row a shard, so a run whose log
+    numbered ``n`` rows made at least ``ceil(n / shards)`` (what its stamps say, where every shard that kept them
+    was restored from a checkpoint since). Chunks as :func:`recover_logs` gives them."""
+    counts: dict[int, int] = {}
+    for run, first, rows, recovered in chunks:
+        if recovered:
+            counts[run] = max(counts.get(run, 0), -(-(first + len(rows)) // shards))
+    return counts
+
+
 class WorkerActor:
     """One model replica in a Ray actor: :class:`_FanOutWorker` on its slice of the examples.
 
@@ -529,9 +540,9 @@ class WorkerActor:
         node_id = ray.get_runtime_context().get_node_id()
         for client in self._clients:
             client.connect(node_id, shared_memory=self.shared_memory)
-        self._start_log(incarnation)
+        recovered = self._start_log(incarnation)
         if incarnation:  # earlier runs of this worker: what their pushes the shards saw, and their unused leases back
-            self._settle_earlier(incarnation)
+            self._settle_earlier(incarnation, logged_pushes(recovered, len(self.shards)))
         policy = config_policy(self.config)
         sync = isinstance(policy, Sync)
         budget = _LeasedSteps(self.coordinator, self.config.train.steps, lease=1 if sync else _LEASE_MAX,
@@ -568,10 +579,10 @@ class WorkerActor:
             budget.release()
         return self._worker.pushes_
 
-    def _start_log(self, run: int) -> None:
+    def _start_log(self, run: int) -> list[tuple[int, int, list[tuple], bool]]:
         """Keep run ``run``'s rows in a push log of its own (:mod:`~downpour.backends.push_log`), after taking those
         of this worker's earlier runs that died on this node from their logs: :meth:`poll` sends them, and the
-        driver keeps the ones it lacks."""
+        driver keeps the ones it lacks. Return those chunks of rows (:func:`recover_logs`)."""
         recovered = recover_logs(self.cluster_name, self.worker_id, before=run)
         with self._lock:
             if self._records:  # rows of an earlier run of this process not polled yet
@@ -581,6 +592,7 @@ class WorkerActor:
             if self._log is not None:
                 self._log.close()
             self._log = push_log.PushLog(push_log_path(self.cluster_name, self.worker_id, run))
+        return recovered
 
     def release(self) -> None:
         """Remove this worker's push log (the run is over and its rows polled)."""
@@ -589,12 +601,14 @@ class WorkerActor:
                 self._log.close()
                 self._log = None
 
-    def _settle_earlier(self, run: int) -> None:
+    def _settle_earlier(self, run: int, logged: dict[int, int]) -> None:
         """Before run ``run`` pushes: read this worker's stamps from every shard (the pushes of the run before it,
-        which may have died before the driver polled them) and have the coordinator give back what earlier runs
-        claimed and did not use."""
+        which may have died before the driver polled them; or, where its logs say more, ``logged``: see
+        :func:`logged_pushes`) and have the coordinator give back what earlier runs claimed and did not use."""
         stamps = ray.get([handle.push_stamps.remote() for _, _, handle in self.shards], timeout=_ATTACH_TIMEOUT_S)
         earlier = push_stamps.counts_by_run(values[self.worker_id] for values in stamps)
+        for r, count in logged.items():
+            earlier[r] = max(earlier.get(r, 0), count)
         self._earlier = {r: count for r, count in earlier.items() if r < run}
         ray.get(self.coordinator.settle.remote(self.worker_id, run, self._earlier))
 
