@@ -384,6 +384,38 @@ def test_a_worker_killed_with_the_only_shard_has_its_pushes_counted_from_its_log
     assert steps - 1 - PIPELINE_DEPTH <= len(records) <= steps, len(records)
 
 
+def test_a_worker_killed_as_the_run_stops_loses_no_push_row(ray_cluster: str, digits: Dataset) -> None:
+    """SIGKILL worker 1 after 0.2 s unpolled and stop at once: the stopping driver never has its restarted process
+    run, so its dead run's log is not read when a run starts; the restarted process takes it when it starts, and
+    the stopping driver reads what is on its machine. Before, its unpolled rows were lost (only a restarted run or
+    a death for good read a log)."""
+    cluster, _, _ = _cluster(_config(0), digits)  # no budget: the run ends when stopped
+    records: list[tuple] = []
+    events: list[Any] = []
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 120
+        while cluster.steps() < 400 and time.monotonic() < deadline:
+            more, more_events = cluster.poll()
+            records += more
+            events += more_events
+            time.sleep(0.05)
+        pid = cluster.pids()[1]
+        time.sleep(0.2)  # the worker pushes on, unpolled
+        os.kill(pid, signal.SIGKILL)
+        more, more_events = cluster.stop()
+        records += more
+        events += more_events
+        snapshots = cluster.snapshots()
+    finally:
+        cluster.close()
+    assert [e for e in events if e.kind == "push_rows" and e.worker == 1], events
+    for index, snapshot in enumerate(snapshots):
+        made = snapshot["version"] + snapshot["rejected"]
+        rows = sum(1 for record in records if record[2] == index)
+        assert made - 1 - PIPELINE_DEPTH <= rows <= made, (index, rows, made)
+
+
 def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet_polled(
         ray_cluster: str, digits: Dataset, tmp_path: Path) -> None:  # fmt: skip
     """Checkpoints taken while the workers push: each one's step is at least every shard's version (each push goes

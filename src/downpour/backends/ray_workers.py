@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -448,16 +448,23 @@ def push_log_path(cluster: str, worker: int, run: int | str) -> str:
     return os.path.join(shm.shm_dir(), f"{cluster}-worker{worker}-run{run}.rows")
 
 
-def recover_logs(cluster: str, worker: int, before: int | None = None) -> list[tuple[int, int, list[tuple], bool]]:
+def recover_logs(cluster: str, worker: int, before: int | None = None, *, remove: bool = True,
+                 skip: Collection[str] = (), paths: list[str] | None = None
+                 ) -> list[tuple[int, int, list[tuple], bool]]:  # fmt: skip
     """The rows in the push logs of ``worker``'s dead runs on this node (those before run ``before``, or all), as
-    :meth:`WorkerActor.poll`'s chunks ``(run, number of the first row, rows, True)``; each log is removed once read.
-    A log whose writer lives is left."""
+    :meth:`WorkerActor.poll`'s chunks ``(run, number of the first row, rows, True)``; each log is removed once read
+    (unless ``remove`` is False). A log whose writer lives is left, and so are those in ``skip``. ``paths``: gets
+    the paths of the logs read."""
     chunks = []
     for path in glob.glob(push_log_path(cluster, worker, "*")):
+        if path in skip:
+            continue
         run = int(path.rsplit("run", 1)[1].split(".", 1)[0])  # (the cluster's name has no "run" after its last one)
-        got = push_log.recover(path) if before is None or run < before else None
+        got = push_log.recover(path, remove=remove) if before is None or run < before else None
         if got is not None:
             chunks.append((run, *got, True))
+            if paths is not None:
+                paths.append(path)
     return sorted(chunks)
 
 
@@ -470,6 +477,12 @@ def logged_pushes(chunks: list[tuple[int, int, list[tuple], bool]], shards: int)
         if recovered:
             counts[run] = max(counts.get(run, 0), -(-(first + len(rows)) // shards))
     return counts
+
+
+def _unlink(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 class WorkerActor:
@@ -500,11 +513,20 @@ class WorkerActor:
         self._records_run, self._records_first = 0, 0
         self._chunks: list[tuple[int, int, list[tuple], bool]] = []  # (run, first row, rows, from a dead run's log)
         self._log: push_log.PushLog | None = None
+        # dead runs' logs this process read: kept until the driver has their rows (a process that dies before its
+        # next poll would otherwise take them along), removed by the poll after the one that sent them
+        self._taken: set[str] = set()
+        self._unsent: list[str] = []  # logs whose rows are in _chunks
+        self._sent: list[str] = []  # logs whose rows the last poll sent
         self._examples, self._loss = 0, float("nan")
         self._worker: DownpourWorker | None = None
         self._clients: list[RemoteShard] = []
         self.incarnation = -1
         self._earlier: dict[int, int] = {}  # pushes of earlier runs the shards' stamps hold (run -> count)
+        self._logged: dict[int, int] = {}  # pushes of dead runs their logs tell of, at least (logged_pushes)
+        # the logs of this worker's dead processes on this node, now: a restarted process that is never asked to run
+        # (the driver stopping meanwhile) still sends their rows with its polls
+        self._take_dead_logs(None)
 
     def _record(self, record: PushRecord) -> None:
         row = tuple(record)
@@ -540,9 +562,11 @@ class WorkerActor:
         node_id = ray.get_runtime_context().get_node_id()
         for client in self._clients:
             client.connect(node_id, shared_memory=self.shared_memory)
-        recovered = self._start_log(incarnation)
+        self._start_log(incarnation)
         if incarnation:  # earlier runs of this worker: what their pushes the shards saw, and their unused leases back
-            self._settle_earlier(incarnation, logged_pushes(recovered, len(self.shards)))
+            with self._lock:
+                logged = dict(self._logged)
+            self._settle_earlier(incarnation, logged)
         policy = config_policy(self.config)
         sync = isinstance(policy, Sync)
         budget = _LeasedSteps(self.coordinator, self.config.train.steps, lease=1 if sync else _LEASE_MAX,
@@ -579,20 +603,35 @@ class WorkerActor:
             budget.release()
         return self._worker.pushes_
 
-    def _start_log(self, run: int) -> list[tuple[int, int, list[tuple], bool]]:
+    def _start_log(self, run: int) -> None:
         """Keep run ``run``'s rows in a push log of its own (:mod:`~downpour.backends.push_log`), after taking those
         of this worker's earlier runs that died on this node from their logs: :meth:`poll` sends them, and the
-        driver keeps the ones it lacks. Return those chunks of rows (:func:`recover_logs`)."""
-        recovered = recover_logs(self.cluster_name, self.worker_id, before=run)
+        driver keeps the ones it lacks."""
+        self._take_dead_logs(run)
         with self._lock:
             if self._records:  # rows of an earlier run of this process not polled yet
                 self._chunks.append((self._records_run, self._records_first, self._records, False))
-            self._chunks += recovered
             self._records, self._records_run, self._records_first = [], run, 0
-            if self._log is not None:
-                self._log.close()
-            self._log = push_log.PushLog(push_log_path(self.cluster_name, self.worker_id, run))
-        return recovered
+            old, self._log = self._log, None
+            if old is not None:
+                old.close()
+            try:
+                self._log = push_log.PushLog(push_log_path(self.cluster_name, self.worker_id, run))
+            except OSError:  # no log for this run: its rows still come with the polls, but not after a death
+                self._log = None
+
+    def _take_dead_logs(self, before: int | None) -> None:
+        """Take the rows of this worker's dead runs' logs on this node (runs before ``before``, or all) that this
+        process has not taken yet, for :meth:`poll` to send."""
+        paths: list[str] = []
+        recovered = recover_logs(self.cluster_name, self.worker_id, before, remove=False, skip=set(self._taken),
+                                 paths=paths)  # fmt: skip
+        with self._lock:
+            self._chunks += recovered
+            self._taken.update(paths)
+            self._unsent += paths
+            for run, count in logged_pushes(recovered, len(self.shards)).items():
+                self._logged[run] = max(self._logged.get(run, 0), count)
 
     def release(self) -> None:
         """Remove this worker's push log (the run is over and its rows polled)."""
@@ -600,6 +639,8 @@ class WorkerActor:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+            done, self._sent, self._unsent = self._sent + self._unsent, [], []
+        _unlink(done)
 
     def _settle_earlier(self, run: int, logged: dict[int, int]) -> None:
         """Before run ``run`` pushes: read this worker's stamps from every shard (the pushes of the run before it,
@@ -622,6 +663,9 @@ class WorkerActor:
             self._chunks, self._records = [], []
             if self._log is not None:
                 self._log.beat()
+            # the driver polls again only once it has taken the last reply: the logs that reply sent can go
+            done, self._sent, self._unsent = self._sent, self._unsent, []
+        _unlink(done)
         return {"chunks": chunks, **self.counts()}
 
     def counts(self) -> dict[str, Any]:
