@@ -241,16 +241,18 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
         locks = [shard.lock.path for shard in cluster.shards] + [cluster.budget.lock.path]
         while True:
             os.kill(stuck, signal.SIGSTOP)
+            cluster.poll()  # every row it has sent
             held = os.path.exists("/proc/locks") and any(_holds_flock(stuck, lock) for lock in locks)
-            if not held or time.monotonic() > deadline:
+            unsent = int(np.fromfile(cluster._log_path(1), dtype=np.int64, count=1)[0]) - cluster._rows_in[1]
+            if (not held and unsent > 0) or time.monotonic() > deadline:
                 break
             os.kill(stuck, signal.SIGCONT)
             time.sleep(0.001)
         _, events = cluster.stop(timeout=1.0)
     finally:
         cluster.close()
-    assert [(event.kind, event.worker) for event in events if event.kind != "push_rows"] == [("stuck", 1)], events
-    assert all(event.worker == 1 and event.said for event in events if event.kind == "push_rows"), events
+    assert [(event.kind, event.worker) for event in events] == [("stuck", 1), ("push_rows", 1)], events
+    assert events[1].said and events[1].detail.startswith(f"{unsent} push rows"), events  # all it had not sent
     assert process_gone(stuck)  # killed (and reaped), not left stopped
     assert events[0].detail == "did not stop within 1 s of being asked; killed"
 

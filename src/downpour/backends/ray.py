@@ -351,9 +351,9 @@ class RayCluster:
                 with contextlib.suppress(RayError):
                     ray.kill(state.handle, no_restart=True)
                 state.done = True
-        for worker_id in range(len(self._workers)):  # the logs of runs that died while stopping (restarts not run),
-            records += self._take_rows(worker_id, recover_logs(self._name, worker_id))  # on this machine; rows
-            # already in are skipped
+        # the logs of runs that died while stopping (their restarts never ran), where they are on this machine
+        for worker_id in range(len(self._workers)):
+            records += self._take_rows(worker_id, recover_logs(self._name, worker_id))  # (rows already in: skipped)
         self._update_restores(block=True)
         events += self._row_events  # rows from dead runs' logs that the last polls brought
         self._row_events = []
