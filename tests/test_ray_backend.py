@@ -352,8 +352,8 @@ def test_a_worker_killed_with_the_only_shard_has_its_pushes_counted_from_its_log
     (no checkpoint yet), without the stamps of worker 1's pushes. The restarted process reads in its dead run's
     push log how many pushes that run made at least (a row a push, with one shard), so the step counts them and
     only the unused part of the run's last lease comes back: the run makes ``train.steps`` pushes, each with its
-    row, and counts them. Before the logs counted, a run like this one ended at step 1,997 of 2,000 with the whole
-    last lease given back (up to 32 pushes too many) and the unpolled pushes missing from the step."""
+    row, and counts them. With the logs' count switched off (stamps alone, as before), this run ended at step
+    1,648 of 2,000: the unpolled pushes were missing from the step, and the whole last lease came back."""
     steps = 2000
     config = _config(steps)
     config.ps.shards = 1
