@@ -95,3 +95,14 @@ def one_torch_thread() -> Iterator[None]:
 def run_dir(tmp_path: Path) -> Path:
     """A fresh run directory path (not yet created)."""
     return tmp_path / "run"
+
+
+def holds_flock(pid: int, path: str) -> bool:
+    """Whether process ``pid`` holds an flock on ``path`` (from /proc/locks: pid, then major:minor:inode)."""
+    if not os.path.exists(path):  # made by the first process that takes it
+        return False
+    inode = os.stat(path).st_ino
+    with open("/proc/locks") as locks:
+        rows = [line.split() for line in locks]  # "1: FLOCK ADVISORY WRITE <pid> <major:minor:inode> 0 EOF"
+    return any(len(row) > 5 and row[1] == "FLOCK" and row[4] == str(pid) and row[5].endswith(f":{inode}")
+               for row in rows)  # fmt: skip

@@ -27,7 +27,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import CliResult, read_jsonl
+from conftest import CliResult, holds_flock, read_jsonl
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour.backends.processes import fork_server_available
@@ -242,7 +242,7 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
         while True:
             os.kill(stuck, signal.SIGSTOP)
             cluster.poll()  # every row it has sent
-            held = os.path.exists("/proc/locks") and any(_holds_flock(stuck, lock) for lock in locks)
+            held = os.path.exists("/proc/locks") and any(holds_flock(stuck, lock) for lock in locks)
             unsent = int(np.fromfile(cluster._log_path(1), dtype=np.int64, count=1)[0]) - cluster._rows_in[1]
             if (not held and unsent > 0) or time.monotonic() > deadline:
                 break
@@ -255,17 +255,6 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
     assert events[1].said and events[1].detail.startswith(f"{unsent} push rows"), events  # all it had not sent
     assert process_gone(stuck)  # killed (and reaped), not left stopped
     assert events[0].detail == "did not stop within 1 s of being asked; killed"
-
-
-def _holds_flock(pid: int, path: str) -> bool:
-    """Whether process ``pid`` holds an flock on ``path`` (from /proc/locks: pid, then major:minor:inode)."""
-    if not os.path.exists(path):  # made by the first process that takes it
-        return False
-    inode = os.stat(path).st_ino
-    with open("/proc/locks") as locks:
-        rows = [line.split() for line in locks]  # "1: FLOCK ADVISORY WRITE <pid> <major:minor:inode> 0 EOF"
-    return any(len(row) > 5 and row[1] == "FLOCK" and row[4] == str(pid) and row[5].endswith(f":{inode}")
-               for row in rows)  # fmt: skip
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="finds the lock's holder in Linux's /proc/locks")
@@ -292,7 +281,7 @@ def test_a_snapshot_gives_up_on_a_shard_a_stopped_worker_holds() -> None:
         while not held and time.monotonic() < deadline:  # stop it at a moment it holds the lock (mid-push)
             cluster.poll()
             os.kill(pid, signal.SIGSTOP)
-            held = _holds_flock(pid, lock)
+            held = holds_flock(pid, lock)
             if not held:
                 os.kill(pid, signal.SIGCONT)
                 time.sleep(0.001)

@@ -29,6 +29,7 @@ ray = pytest.importorskip("ray")
 
 import torch  # noqa: E402
 
+from conftest import holds_flock  # noqa: E402
 from downpour.backends.ray import RayCluster, connect  # noqa: E402
 from downpour.backends.ray_connect import disconnect  # noqa: E402
 from downpour.backends.ray_workers import PIPELINE_DEPTH  # noqa: E402
@@ -410,6 +411,48 @@ def test_a_worker_killed_as_the_run_stops_loses_no_push_row(ray_cluster: str, di
     finally:
         cluster.close()
     assert [e for e in events if e.kind == "push_rows" and e.worker == 1], events
+    for index, snapshot in enumerate(snapshots):
+        made = snapshot["version"] + snapshot["rejected"]
+        rows = sum(1 for record in records if record[2] == index)
+        assert made - 1 - PIPELINE_DEPTH <= rows <= made, (index, rows, made)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="finds the lock's holder in Linux's /proc/locks")
+def test_a_worker_that_does_not_stop_in_time_is_killed_and_named_and_its_rows_kept(ray_cluster: str,
+                                                                                  digits: Dataset) -> None:  # fmt: skip
+    """The local backend's test on Ray: a worker actor whose process hangs (here Ctrl-Z'd, after 0.2 s of unpolled
+    pushes) is killed when ``stop``'s wait runs out and said to be (``stuck``), and the rows it had not sent come
+    from its push log once it is gone (Ray ends a hung process about 5 s after ``ray.kill``; ``stop`` waits for
+    that). Before, nothing was said and those rows were lost. It is stopped at a moment it holds no shard's lock
+    (the other worker would then wait for it, and not stop in time either)."""
+    cluster, _, _ = _cluster(_config(0), digits)  # no budget: the run ends when stopped
+    records: list[tuple] = []
+    events: list[Any] = []
+    locks = [ray.get(shard.handle.attach_info.remote())[1] + ".lock" for shard in cluster.shards]
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 120
+        while cluster.steps() < 400 and time.monotonic() < deadline:
+            more, more_events = cluster.poll()
+            records += more
+            events += more_events
+            time.sleep(0.05)
+        pid = cluster.pids()[1]
+        time.sleep(0.2)  # the worker pushes on, unpolled
+        while True:
+            os.kill(pid, signal.SIGSTOP)
+            if not any(holds_flock(pid, lock) for lock in locks) or time.monotonic() > deadline:
+                break
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.001)
+        more, more_events = cluster.stop(timeout=1.0)
+        records += more
+        events += more_events
+        snapshots = cluster.snapshots()
+    finally:
+        cluster.close()
+    assert [(e.kind, e.worker) for e in events if e.kind in ("stuck", "died", "restarted")] == [("stuck", 1)], events
+    assert [e.worker for e in events if e.kind == "push_rows"] == [1], events
     for index, snapshot in enumerate(snapshots):
         made = snapshot["version"] + snapshot["rejected"]
         rows = sum(1 for record in records if record[2] == index)

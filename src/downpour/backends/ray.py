@@ -43,6 +43,7 @@ Nothing is ever unpickled from a file: checkpoints stay safetensors + JSON, writ
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import random
@@ -69,7 +70,7 @@ from downpour.backends.ray_actors import (
 )
 from downpour.backends.ray_connect import connect, disconnect, first_line, unreachable
 from downpour.backends.ray_coordinator import Coordinator
-from downpour.backends.ray_workers import RemoteShard, WorkerActor, logged_pushes, recover_logs
+from downpour.backends.ray_workers import RemoteShard, WorkerActor, logged_pushes, push_log_path, recover_logs
 from downpour.config import Config
 from downpour.errors import DownpourError, out_of_memory
 from downpour.ps.policies import Sync, config_policy, policy_rule
@@ -101,6 +102,9 @@ _ACTOR_CPUS = 0.01
 _POLL_TIMEOUT_S = 10.0
 _COUNTS_TIMEOUT_S = 2.0  # how long a checkpoint waits for the workers' counts (a live actor answers in milliseconds)
 _RETRY_S = 0.25  # between calls of ``run`` on a worker that Ray is restarting
+# how long stop() waits for a worker it killed to be gone, to read its push log: Ray ended a hung (stopped) actor's
+# process about 5 s after ray.kill here
+_KILLED_LOG_WAIT_S = 15.0
 _DIED_UNSEEN = "Ray started another process for it"  # a restart counted from the processes started
 _NO_RUN_AFTER = 2**22  # a run number above every run: settle all of a worker's runs
 
@@ -326,7 +330,9 @@ class RayCluster:
                 state.handle.stop.remote()
 
     def stop(self, timeout: float = 30.0) -> tuple[list[tuple], list[WorkerEvent]]:
-        """Stop the workers, wait for them, and return the records and events still in flight."""
+        """Stop the workers, wait for them, and return the records and events still in flight. A worker still
+        running after ``timeout`` seconds is killed (a ``stuck`` event, as on the local backend); the rows it had not
+        sent come from its push log where that is on this machine."""
         self.request_stop()
         records: list[tuple] = []
         events: list[WorkerEvent] = []
@@ -340,20 +346,32 @@ class RayCluster:
         records += more
         events += more_events
         for worker_id, state in enumerate(self._workers):  # a last poll of each worker, after its run returned
-            if state.poll is not None:
+            # one still running answers at once unless its process hangs (stopped): its log has its rows then
+            if state.poll is not None and (state.done or ray.wait([state.poll], timeout=_COUNTS_TIMEOUT_S)[0]):
                 records += self._take_poll(state, block=True)
             if state.done:
                 with contextlib.suppress(RayError, GetTimeoutError):
                     reply = ray.get(state.handle.poll.remote(), timeout=_POLL_TIMEOUT_S)
                     records += self._apply_poll(worker_id, reply)
-        for state in self._workers:
+        killed = []
+        for worker_id, state in enumerate(self._workers):
             if not state.done:  # did not stop in time: end it
                 with contextlib.suppress(RayError):
                     ray.kill(state.handle, no_restart=True)
                 state.done = True
-        # the logs of runs that died while stopping (their restarts never ran), where they are on this machine
+                killed.append(worker_id)
+                events.append(WorkerEvent("stuck", worker_id, f"did not stop within {timeout:g} s of being asked; "
+                                                              "killed"))  # fmt: skip
+        # the logs of runs that died while stopping (their restarts never ran) or were just killed, where they are on
+        # this machine (rows already in are skipped); a killed process's log is read once its lock is free
+        wait_until = time.monotonic() + _KILLED_LOG_WAIT_S
         for worker_id in range(len(self._workers)):
-            records += self._take_rows(worker_id, recover_logs(self._name, worker_id))  # (rows already in: skipped)
+            records += self._take_rows(worker_id, recover_logs(self._name, worker_id))
+        while killed and time.monotonic() < wait_until:
+            killed = [w for w in killed if glob.glob(push_log_path(self._name, w, "*"))]
+            for worker_id in killed:
+                records += self._take_rows(worker_id, recover_logs(self._name, worker_id))
+            time.sleep(0.05)
         self._update_restores(block=True)
         events += self._row_events  # rows from dead runs' logs that the last polls brought
         self._row_events = []
