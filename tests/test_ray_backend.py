@@ -340,11 +340,7 @@ def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(
     assert step == steps
     (taken,) = [e for e in events if e.kind == "push_rows"]
     assert taken.worker == 1 and taken.said and int(taken.detail.split()[0]) > 0, taken
-    # A row for every push but those the kill cut off before their rows: the one being pushed, and those still in
-    # flight to a shard on the other node (a row is written when the push's reply is taken)
-    for index, shard_made in enumerate(made):
-        rows = sum(1 for record in records if record[2] == index)
-        assert shard_made - 1 - PIPELINE_DEPTH <= rows <= shard_made, (index, rows, shard_made)
+    _assert_a_row_per_push(records, snapshots)
 
 
 def test_a_worker_killed_with_the_only_shard_has_its_pushes_counted_from_its_log(ray_cluster: str,
@@ -385,12 +381,11 @@ def test_a_worker_killed_with_the_only_shard_has_its_pushes_counted_from_its_log
     assert steps - 1 - PIPELINE_DEPTH <= len(records) <= steps, len(records)
 
 
-def test_a_worker_killed_as_the_run_stops_loses_no_push_row(ray_cluster: str, digits: Dataset) -> None:
-    """SIGKILL worker 1 after 0.2 s unpolled and stop at once: the stopping driver never has its restarted process
-    run, so its dead run's log is not read when a run starts; the restarted process takes it when it starts, and
-    the stopping driver reads what is on its machine. Before, its unpolled rows were lost (only a restarted run or
-    a death for good read a log)."""
-    cluster, _, _ = _cluster(_config(0), digits)  # no budget: the run ends when stopped
+def _fault_then_stop(digits: Dataset, fault: Callable[[RayCluster, int], None], *, stop_timeout: float = 30.0
+                     ) -> tuple[list[tuple], list[Any], list[dict[str, Any]]]:  # fmt: skip
+    """Train with no budget to step 400, let worker 1 push 0.2 s unpolled, do ``fault(cluster, its pid)``, then
+    stop: ``(records, events, snapshots)``."""
+    cluster, _, _ = _cluster(_config(0), digits)
     records: list[tuple] = []
     events: list[Any] = []
     try:
@@ -403,18 +398,34 @@ def test_a_worker_killed_as_the_run_stops_loses_no_push_row(ray_cluster: str, di
             time.sleep(0.05)
         pid = cluster.pids()[1]
         time.sleep(0.2)  # the worker pushes on, unpolled
-        os.kill(pid, signal.SIGKILL)
-        more, more_events = cluster.stop()
+        fault(cluster, pid)
+        more, more_events = cluster.stop(timeout=stop_timeout)
         records += more
         events += more_events
         snapshots = cluster.snapshots()
     finally:
         cluster.close()
-    assert [e for e in events if e.kind == "push_rows" and e.worker == 1], events
+    return records, events, snapshots
+
+
+def _assert_a_row_per_push(records: list[tuple], snapshots: list[dict[str, Any]]) -> None:
+    """Every push a shard applied or refused has its row, but those a kill cut off before their rows: the one being
+    pushed, and those still in flight to a shard on the other node (a row is written when the push's reply is
+    taken)."""
     for index, snapshot in enumerate(snapshots):
         made = snapshot["version"] + snapshot["rejected"]
         rows = sum(1 for record in records if record[2] == index)
         assert made - 1 - PIPELINE_DEPTH <= rows <= made, (index, rows, made)
+
+
+def test_a_worker_killed_as_the_run_stops_loses_no_push_row(ray_cluster: str, digits: Dataset) -> None:
+    """SIGKILL worker 1 after 0.2 s unpolled and stop at once: the stopping driver never has its restarted process
+    run, so its dead run's log is not read when a run starts; the restarted process takes it when it starts, and
+    the stopping driver reads what is on its machine. Before, its unpolled rows were lost (only a restarted run or
+    a death for good read a log)."""
+    records, events, snapshots = _fault_then_stop(digits, lambda cluster, pid: os.kill(pid, signal.SIGKILL))
+    assert [e for e in events if e.kind == "push_rows" and e.worker == 1], events
+    _assert_a_row_per_push(records, snapshots)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="finds the lock's holder in Linux's /proc/locks")
@@ -425,38 +436,21 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named_and_its_rows_ke
     from its push log once it is gone (Ray ends a hung process about 5 s after ``ray.kill``; ``stop`` waits for
     that). Before, nothing was said and those rows were lost. It is stopped at a moment it holds no shard's lock
     (the other worker would then wait for it, and not stop in time either)."""
-    cluster, _, _ = _cluster(_config(0), digits)  # no budget: the run ends when stopped
-    records: list[tuple] = []
-    events: list[Any] = []
-    locks = [ray.get(shard.handle.attach_info.remote())[1] + ".lock" for shard in cluster.shards]
-    try:
-        cluster.start()
-        deadline = time.monotonic() + 120
-        while cluster.steps() < 400 and time.monotonic() < deadline:
-            more, more_events = cluster.poll()
-            records += more
-            events += more_events
-            time.sleep(0.05)
-        pid = cluster.pids()[1]
-        time.sleep(0.2)  # the worker pushes on, unpolled
+
+    def hang(cluster: RayCluster, pid: int) -> None:
+        locks = [ray.get(shard.handle.attach_info.remote())[1] + ".lock" for shard in cluster.shards]
+        deadline = time.monotonic() + 60
         while True:
             os.kill(pid, signal.SIGSTOP)
             if not any(holds_flock(pid, lock) for lock in locks) or time.monotonic() > deadline:
                 break
             os.kill(pid, signal.SIGCONT)
             time.sleep(0.001)
-        more, more_events = cluster.stop(timeout=1.0)
-        records += more
-        events += more_events
-        snapshots = cluster.snapshots()
-    finally:
-        cluster.close()
+
+    records, events, snapshots = _fault_then_stop(digits, hang, stop_timeout=1.0)
     assert [(e.kind, e.worker) for e in events if e.kind in ("stuck", "died", "restarted")] == [("stuck", 1)], events
     assert [e.worker for e in events if e.kind == "push_rows"] == [1], events
-    for index, snapshot in enumerate(snapshots):
-        made = snapshot["version"] + snapshot["rejected"]
-        rows = sum(1 for record in records if record[2] == index)
-        assert made - 1 - PIPELINE_DEPTH <= rows <= made, (index, rows, made)
+    _assert_a_row_per_push(records, snapshots)
 
 
 def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet_polled(
