@@ -68,6 +68,8 @@ def test_a_killed_runs_unused_lease_comes_back_once_and_only_for_earlier_runs() 
     assert coordinator.settle(1, 2, {0: 20}) == 32 - 20
     assert coordinator.claimed == 45
     assert coordinator.settle(1, 2, {0: 20}) == 0  # once
+    assert coordinator.claim(32, 1, 0) == 0  # run 0's process, cut off but alive, claims no more: it stops
+    assert coordinator.claimed == 45
     assert coordinator.claim(32, 1, 2) == 13
     coordinator.release(4, 1, 2)  # run 2 stops with 4 unused: settled, so no later settle gives them back again
     assert coordinator.claimed == 54

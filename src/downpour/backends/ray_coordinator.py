@@ -95,10 +95,13 @@ class Coordinator:
 
     def claim(self, most: int, worker: int = -1, run: int = 0) -> int:
         """Grant up to ``most`` steps to ``worker``'s ``run`` (fewer as the budget runs out, so workers share its
-        end); 0 when spent."""
+        end); 0 when spent, or when the run was settled: its unused steps came back already, so a process still
+        running it (one cut off from the cluster while Ray restarted its actor elsewhere) gets no more and stops."""
         if not self.limit:
             self.claimed += most
             return most
+        if (worker, run) in self._settled:
+            return 0
         remaining = self.limit - self.claimed
         granted = max(0, min(most, remaining, max(1, remaining // (2 * self.workers))))
         self.claimed += granted
