@@ -381,6 +381,43 @@ def test_a_worker_killed_with_the_only_shard_has_its_pushes_counted_from_its_log
     assert steps - 1 - PIPELINE_DEPTH <= len(records) <= steps, len(records)
 
 
+def test_a_worker_killed_with_the_only_shard_as_the_run_stops_has_its_logged_pushes_counted(
+        ray_cluster: str, digits: Dataset) -> None:  # fmt: skip
+    """Worker 1 and the only shard killed at once after 0.2 s of unpolled pushes, and the run stopped at once: the
+    restarted process never runs, so no settle counts the dead run's pushes, and the restored shard lost their
+    stamps. The rows of those pushes still come from the dead run's log (one a push, with one shard), and the step
+    counts at least a push a row."""
+    config = _config(0)
+    config.ps.shards = 1
+    cluster, _, _ = _cluster(config, digits)
+    records: list[tuple] = []
+    events: list[Any] = []
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 120
+        while cluster.steps() < 400 and time.monotonic() < deadline:
+            more, more_events = cluster.poll()
+            records += more
+            events += more_events
+            time.sleep(0.05)
+        pid = cluster.pids()[1]
+        _, shard_pid = ray.get(cluster.shards[0].handle.where.remote())
+        time.sleep(0.2)  # the worker pushes on, unpolled
+        os.kill(shard_pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        more, more_events = cluster.stop()
+        records += more
+        events += more_events
+        cluster.snapshots()  # as the final checkpoint: the stamps it holds count
+        step = cluster.steps()
+    finally:
+        cluster.close()
+    assert [e for e in events if e.kind == "push_rows" and e.worker == 1], events
+    assert len(set(records)) == len(records)  # no row twice
+    rows = [sum(1 for r in records if r[1] == worker) for worker in (0, 1)]
+    assert step >= sum(rows), (step, rows)  # a row a push (one shard); before, the step missed worker 1's unpolled
+
+
 def _fault_then_stop(digits: Dataset, fault: Callable[[RayCluster, int], None], *, stop_timeout: float = 30.0
                      ) -> tuple[list[tuple], list[Any], list[dict[str, Any]]]:  # fmt: skip
     """Train with no budget to step 400, let worker 1 push 0.2 s unpolled, do ``fault(cluster, its pid)``, then

@@ -419,7 +419,10 @@ class RayCluster:
 
     def _take_rows(self, worker_id: int, chunks: list[tuple[int, int, list[tuple], bool]]) -> list[tuple]:
         """The push rows of ``chunks`` (``(run, number of the first row, rows, recovered from a dead run's log)``)
-        that the driver has not received yet (a run's rows can come twice: polled, then read from its log)."""
+        that the driver has not received yet (a run's rows can come twice: polled, then read from its log). A dead
+        run's log also counts its pushes, at least (:func:`~downpour.backends.ray_workers.logged_pushes`): counted
+        here, whoever read it (a restarted process that never settles, the stopping driver), for where every shard
+        was restored since, the stamps no longer count them and no settle may ever tell the driver."""
         out: list[tuple] = []
         for run, first, rows, recovered in chunks:
             key = (worker_id, run)
@@ -428,6 +431,7 @@ class RayCluster:
             if recovered and (new or lost):
                 detail = push_log.recovered_detail(len(new), lost)
                 self._row_events.append(WorkerEvent("push_rows", worker_id, detail, said=not lost))
+        self._count_stamped(worker_id, logged_pushes(chunks, len(self.shards)))
         return out
 
     def _take_poll(self, state: _WorkerState, *, block: bool = False) -> list[tuple]:
