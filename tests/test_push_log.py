@@ -12,9 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from downpour import config as config_mod
 from downpour.backends import push_log
@@ -182,3 +185,57 @@ def test_a_local_worker_killed_between_batches_loses_no_push_row() -> None:
         rows = sum(1 for record in records if record[2] == index)
         made = snapshot["version"] + snapshot["rejected"]
         assert made - 1 <= rows <= made, (index, rows, made, recovered)
+
+
+class _Handle:
+    """A stand-in for a Ray actor handle: ``handle.method.remote(...)`` calls ``methods[method]`` (with ``ray.get``
+    patched to give back what it is handed)."""
+
+    def __init__(self, **methods: Any) -> None:
+        self._methods = methods
+
+    def __getattr__(self, name: str) -> Any:
+        return SimpleNamespace(remote=self._methods[name])
+
+
+def test_a_ray_workers_dead_run_keeps_its_log_until_a_settle_has_its_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted Ray worker process takes its dead run's log when it starts and sends the rows with its polls; the
+    log also tells how many pushes that run made at least (``logged_pushes``), which the settle of its first run
+    gives the coordinator (the shards' stamps are gone where every shard was restored). Should the process die
+    before that settle, the next one must still find the log: it stays until the run is settled, however many
+    polls came first. Before, the second poll removed it, and the next process settled the dead run as if it had
+    made no push (its whole last lease back to the budget)."""
+    pytest.importorskip("ray")  # ray_workers needs Ray (the [ray] extra)
+    from downpour.backends import ray_workers, shm
+    from downpour.config import Config
+
+    monkeypatch.setattr(shm, "shm_dir", lambda: str(tmp_path))
+    settled: list[tuple[int, int, dict[int, int]]] = []
+    coordinator = _Handle(worker_started=lambda worker: None, examples=lambda worker: ["examples"],
+                          settle=lambda worker, run, used: settled.append((worker, run, dict(used))) or 0)  # fmt: skip
+    shard = _Handle(push_stamps=lambda: [0, 0])  # restored: no stamp left
+    handles = {"coordinator": coordinator, "shard0": shard, "shard1": shard}
+    monkeypatch.setattr(ray_workers.ray, "get", lambda value, timeout=None: np.zeros((4, 3)) if value == "examples"
+                        else value)  # fmt: skip
+    monkeypatch.setattr(ray_workers.ray, "get_actor", lambda name: handles[name])
+
+    def process() -> Any:  # a process of worker 1's actor, on two shards
+        return ray_workers.WorkerActor(1, Config(), 3, None, 0, [(0, 2, "shard0"), (2, 2, "shard1")], "coordinator",
+                                       0.0, torch.get_num_threads(), False, True, "c")  # fmt: skip
+
+    path = Path(ray_workers.push_log_path("c", 1, 0))
+    _write_in_a_process(path, 5, 16).wait(timeout=60)  # run 0 died after 5 rows: 3 pushes at least
+    first = process()
+    assert [len(chunk[2]) for chunk in first.poll()["chunks"] if chunk[3]] == [5]
+    first.poll()
+    first.poll()  # the driver has the rows; the run is not settled yet
+    assert path.exists()
+    second = process()  # the first died before its run settled run 0: this one reads the count again
+    assert second._logged == {0: 3}
+    second._settle_earlier(1, dict(second._logged))
+    assert settled == [(1, 1, {0: 3})]
+    second.poll()
+    second.poll()
+    assert not path.exists()  # settled and sent: gone

@@ -459,13 +459,18 @@ def recover_logs(cluster: str, worker: int, before: int | None = None, *, remove
     for path in glob.glob(push_log_path(cluster, worker, "*")):
         if path in skip:
             continue
-        run = int(path.rsplit("run", 1)[1].split(".", 1)[0])  # (the cluster's name has no "run" after its last one)
+        run = _log_run(path)
         got = push_log.recover(path, remove=remove) if before is None or run < before else None
         if got is not None:
             chunks.append((run, *got, True))
             if paths is not None:
                 paths.append(path)
     return sorted(chunks)
+
+
+def _log_run(path: str) -> int:
+    """The run of a push log's path (:func:`push_log_path`; the cluster's name has no "run" after its last one)."""
+    return int(path.rsplit("run", 1)[1].split(".", 1)[0])
 
 
 def logged_pushes(chunks: list[tuple[int, int, list[tuple], bool]], shards: int) -> dict[int, int]:
@@ -514,10 +519,14 @@ class WorkerActor:
         self._chunks: list[tuple[int, int, list[tuple], bool]] = []  # (run, first row, rows, from a dead run's log)
         self._log: push_log.PushLog | None = None
         # dead runs' logs this process read: kept until the driver has their rows (a process that dies before its
-        # next poll would otherwise take them along), removed by the poll after the one that sent them
+        # next poll would otherwise take them along), removed by the poll after the one that sent them once their
+        # runs are settled
         self._taken: set[str] = set()
         self._unsent: list[str] = []  # logs whose rows are in _chunks
-        self._sent: list[str] = []  # logs whose rows the last poll sent
+        self._sent: list[str] = []  # logs whose rows a poll sent
+        # runs below this one are settled (_settle_earlier): until then a dead run's log also holds the count of its
+        # pushes that the settle needs (logged_pushes), should this process die before it, so it is kept
+        self._settled_below = 0
         self._examples, self._loss = 0, float("nan")
         self._worker: DownpourWorker | None = None
         self._clients: list[RemoteShard] = []
@@ -652,6 +661,8 @@ class WorkerActor:
             earlier[r] = max(earlier.get(r, 0), count)
         self._earlier = {r: count for r, count in earlier.items() if r < run}
         ray.get(self.coordinator.settle.remote(self.worker_id, run, self._earlier))
+        with self._lock:
+            self._settled_below = max(self._settled_below, run)
 
     def poll(self) -> dict[str, Any]:
         """Push rows since the last poll, as ``chunks`` of ``(run, number of the first row, rows, recovered)``
@@ -663,8 +674,11 @@ class WorkerActor:
             self._chunks, self._records = [], []
             if self._log is not None:
                 self._log.beat()
-            # the driver polls again only once it has taken the last reply: the logs that reply sent can go
-            done, self._sent, self._unsent = self._sent, self._unsent, []
+            # the driver polls again only once it has taken the last reply: the logs that reply sent can go, once
+            # their runs are settled
+            done = [path for path in self._sent if _log_run(path) < self._settled_below]
+            self._sent = [path for path in self._sent if _log_run(path) >= self._settled_below] + self._unsent
+            self._unsent = []
         _unlink(done)
         return {"chunks": chunks, **self.counts()}
 
