@@ -83,6 +83,20 @@ def test_a_live_writers_log_is_not_read_and_a_killed_ones_is(tmp_path: Path) -> 
     assert (first, len(rows)) == (0, 3)
 
 
+def test_a_log_is_being_written_while_its_writer_lives_and_a_file_that_is_no_log_never_is(tmp_path: Path) -> None:
+    path = tmp_path / "w.rows"
+    proc = _write_in_a_process(path, 1, 16, then="wait")
+    try:
+        assert push_log.writer_lives(str(path))
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert not push_log.writer_lives(str(path))
+    empty = tmp_path / "empty.rows"  # a process killed between making the file and sizing it
+    empty.write_bytes(b"")
+    assert not push_log.writer_lives(str(empty)) and not push_log.writer_lives(str(tmp_path / "missing.rows"))
+
+
 def test_files_that_are_not_logs_are_not_read(tmp_path: Path) -> None:
     assert push_log.recover(str(tmp_path / "missing.rows")) is None
     short = tmp_path / "short.rows"

@@ -113,6 +113,16 @@ def _writer_gone(header: np.ndarray, path: str) -> bool:
     return process_gone(int(header[_PID]))
 
 
+def writer_lives(path: str) -> bool:
+    """Whether ``path`` is a log whose writer still lives (so it may hold rows once the writer is gone); False for
+    a missing or unreadable file, or one that is not a log."""
+    try:
+        header = np.fromfile(path, dtype=np.int64, count=8)
+    except (OSError, ValueError):
+        return False
+    return len(header) == 8 and int(header[_CAPACITY]) >= 2 and not _writer_gone(header, path)
+
+
 def recover(path: str, *, remove: bool = True) -> tuple[int, list[tuple]] | None:
     """The rows a dead writer's log still holds: ``(number of the first, rows)``, each row a PushRecord's tuple
     (ints and a bool where the record has them). None when there is no such file, it is not a log, or its writer

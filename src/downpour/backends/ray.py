@@ -43,7 +43,6 @@ Nothing is ever unpickled from a file: checkpoints stay safetensors + JSON, writ
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
 import random
@@ -70,7 +69,14 @@ from downpour.backends.ray_actors import (
 )
 from downpour.backends.ray_connect import connect, disconnect, first_line, unreachable
 from downpour.backends.ray_coordinator import Coordinator
-from downpour.backends.ray_workers import RemoteShard, WorkerActor, logged_pushes, push_log_path, recover_logs
+from downpour.backends.ray_workers import (
+    RemoteShard,
+    WorkerActor,
+    logged_pushes,
+    logs_being_written,
+    push_log_path,
+    recover_logs,
+)
 from downpour.config import Config
 from downpour.errors import DownpourError, out_of_memory
 from downpour.ps.policies import Sync, config_policy, policy_rule
@@ -346,8 +352,11 @@ class RayCluster:
         records += more
         events += more_events
         for worker_id, state in enumerate(self._workers):  # a last poll of each worker, after its run returned
-            # one still running answers at once unless its process hangs (stopped): its log has its rows then
-            if state.poll is not None and (state.done or ray.wait([state.poll], timeout=_COUNTS_TIMEOUT_S)[0]):
+            # one still running answers at once unless its process hangs (stopped): where its log is on this machine,
+            # that has its rows, so it gets a short wait; elsewhere its reply is all there is
+            log_here = os.path.exists(push_log_path(self._name, worker_id, state.incarnation))
+            wait = _COUNTS_TIMEOUT_S if log_here else _POLL_TIMEOUT_S
+            if state.poll is not None and (state.done or ray.wait([state.poll], timeout=wait)[0]):
                 records += self._take_poll(state, block=True)
             if state.done:
                 with contextlib.suppress(RayError, GetTimeoutError):
@@ -365,13 +374,10 @@ class RayCluster:
         # the logs of runs that died while stopping (their restarts never ran) or were just killed, where they are on
         # this machine (rows already in are skipped); a killed process's log is read once its lock is free
         wait_until = time.monotonic() + _KILLED_LOG_WAIT_S
+        while killed and time.monotonic() < wait_until and any(logs_being_written(self._name, w) for w in killed):
+            time.sleep(0.05)
         for worker_id in range(len(self._workers)):
             records += self._take_rows(worker_id, recover_logs(self._name, worker_id))
-        while killed and time.monotonic() < wait_until:
-            killed = [w for w in killed if glob.glob(push_log_path(self._name, w, "*"))]
-            for worker_id in killed:
-                records += self._take_rows(worker_id, recover_logs(self._name, worker_id))
-            time.sleep(0.05)
         self._update_restores(block=True)
         events += self._row_events  # rows from dead runs' logs that the last polls brought
         self._row_events = []

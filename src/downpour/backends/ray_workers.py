@@ -468,6 +468,11 @@ def recover_logs(cluster: str, worker: int, before: int | None = None, *, remove
     return sorted(chunks)
 
 
+def logs_being_written(cluster: str, worker: int) -> bool:
+    """Whether a log of ``worker`` on this node still has a live writer (a killed process not gone yet)."""
+    return any(push_log.writer_lives(path) for path in glob.glob(push_log_path(cluster, worker, "*")))
+
+
 def _log_run(path: str) -> int:
     """The run of a push log's path (:func:`push_log_path`; the cluster's name has no "run" after its last one)."""
     return int(path.rsplit("run", 1)[1].split(".", 1)[0])
