@@ -514,8 +514,8 @@ class RayCluster:
         """A worker dead for good: count its last run's pushes from the shards' stamps (or its logs, where they say
         more: ``logged``, :func:`~downpour.backends.ray_workers.logged_pushes`), and give the steps it claimed and
         did not use back to the budget (a restarted process would have done both). False when a shard did not
-        answer within :data:`_POLL_TIMEOUT_S` (nothing settled; the logs' counts still count)."""
-        self._count_stamped(worker_id, logged)
+        answer within :data:`_POLL_TIMEOUT_S` (nothing settled; the logs' counts count when their rows are taken,
+        :meth:`_take_rows`)."""
         refs = [shard.handle.push_stamps.remote() for shard in self.shards]
         try:
             stamps = ray.get(refs, timeout=_POLL_TIMEOUT_S)

@@ -184,8 +184,9 @@ def retire_others(cluster: str, shard: int, mine: str) -> None:
 
 def collect_orphans(prefix: str = "downpour-") -> int:
     """Remove shard files on this machine whose owner process is gone (a driver killed before it could clean up;
-    judged by the owner's lock, see the module's docstring), and workers' push logs left as long
-    (:func:`~downpour.backends.push_log.remove_orphans`); return how many. Called by every new shard actor."""
+    judged by the owner's lock, see the module's docstring), and workers' push logs whose writers are gone and that
+    have been silent for 10 minutes (:func:`~downpour.backends.push_log.remove_orphans`); return how many. Called by
+    every new shard actor."""
     removed = push_log.remove_orphans(os.path.join(shm_dir(), f"{prefix}*-worker*-run*.rows"))
     for path in glob.glob(os.path.join(shm_dir(), f"{prefix}*-shard*-*")):
         if path.endswith(".lock"):
