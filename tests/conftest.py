@@ -9,8 +9,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 
 from downpour.cli import main
@@ -106,3 +107,13 @@ def holds_flock(pid: int, path: str) -> bool:
         rows = [line.split() for line in locks]  # "1: FLOCK ADVISORY WRITE <pid> <major:minor:inode> 0 EOF"
     return any(len(row) > 5 and row[1] == "FLOCK" and row[4] == str(pid) and row[5].endswith(f":{inode}")
                for row in rows)  # fmt: skip
+
+
+def unsent_rows(cluster: Any, worker: int) -> int:
+    """How many push rows a local worker has written into its push log beyond those its driver ``cluster`` (a
+    ``LocalCluster``) has received: 0 before the worker has made its log."""
+    try:
+        written = int(np.fromfile(cluster._log_path(worker), dtype=np.int64, count=1)[0])
+    except (OSError, IndexError):  # not made yet, or not sized yet
+        return 0
+    return written - cluster._rows_in[worker]

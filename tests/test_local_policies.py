@@ -27,7 +27,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import CliResult, holds_flock, read_jsonl
+from conftest import CliResult, holds_flock, read_jsonl, unsent_rows
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour.backends.processes import fork_server_available
@@ -243,7 +243,7 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
             os.kill(stuck, signal.SIGSTOP)
             cluster.poll()  # every row it has sent
             held = os.path.exists("/proc/locks") and any(holds_flock(stuck, lock) for lock in locks)
-            unsent = int(np.fromfile(cluster._log_path(1), dtype=np.int64, count=1)[0]) - cluster._rows_in[1]
+            unsent = unsent_rows(cluster, 1)
             if (not held and unsent > 0) or time.monotonic() > deadline:
                 break
             os.kill(stuck, signal.SIGCONT)

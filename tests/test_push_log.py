@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import unsent_rows
 from downpour import config as config_mod
 from downpour.backends import push_log
 from downpour.data import load_dataset
@@ -172,12 +173,11 @@ def test_a_local_worker_killed_between_batches_loses_no_push_row() -> None:
             more, more_events = cluster.poll()  # every row it has sent
             records += more
             events += more_events
-            written = int(np.fromfile(cluster._log_path(1), dtype=np.int64, count=1)[0])
-            if written > cluster._rows_in[1] or time.monotonic() > deadline:
+            unsent = unsent_rows(cluster, 1)
+            if unsent > 0 or time.monotonic() > deadline:
                 break
             os.kill(victim, signal.SIGCONT)
             time.sleep(0.003)
-        unsent = written - cluster._rows_in[1]
         os.kill(victim, signal.SIGKILL)
         while not any(event.kind == "died" for event in events) and time.monotonic() < deadline:
             more, more_events = cluster.poll()
