@@ -257,6 +257,31 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
     assert events[0].detail == "did not stop within 1 s of being asked; killed"
 
 
+def test_closing_a_cluster_that_was_never_stopped_kills_its_workers_even_stopped_ones() -> None:
+    """An error in the driver between ``start`` and ``stop`` goes straight to ``close``: the workers still running,
+    and a Ctrl-Z'd one, must not outlive it. A stopped worker ignores the SIGTERM that ``multiprocessing`` sends
+    its children at exit, and this test suite's process once hung there for good, waiting to join one."""
+    from downpour.backends.local import LocalCluster
+    from downpour.backends.processes import process_gone
+
+    config = _config("cluster.workers=2", "train.steps=1000000")
+    data = load_dataset(config.data, seed=config.train.seed)
+    model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
+    cluster = LocalCluster(config, data.train.clone(), flat_copy(model), worker_seeds=[1, 2], t0=time.time(),
+                           shape=data.shape)  # fmt: skip
+    try:
+        cluster.start()
+        deadline = time.monotonic() + 60
+        while cluster.examples_done() == 0 and time.monotonic() < deadline:
+            cluster.poll()
+            time.sleep(0.05)
+        pids = cluster.pids()
+        os.kill(pids[1], signal.SIGSTOP)
+    finally:
+        cluster.close()
+    assert all(process_gone(pid) for pid in pids), pids
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="finds the lock's holder in Linux's /proc/locks")
 def test_a_snapshot_gives_up_on_a_shard_a_stopped_worker_holds() -> None:
     """A worker stopped (Ctrl-Z'd) while it held a shard's lock hung the driver's next checkpoint, and its time

@@ -440,7 +440,12 @@ class LocalCluster:
         return records + more, events + more_events
 
     def close(self) -> None:
-        """Release the pipes, locks and lock files."""
+        """Release the pipes, locks and lock files; kill the worker processes still running (``stop`` was never
+        reached: an error in the driver), stopped ones included, which would otherwise outlive it."""
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
         for reader, _ in self._pipes:
             reader.close()
         for lock in [shard.lock for shard in self.shards] + [self.budget.lock]:
