@@ -217,26 +217,39 @@ def test_sync_survives_a_killed_worker_and_stops_cleanly_mid_round(run_dir: Path
         assert alone == list(range(alone[0], alone[0] + len(alone))) and alone[0] > theirs, (alone[:5], theirs)
 
 
+def _two_workers() -> Any:
+    """A local cluster of two workers on the small config, with no step budget, not started."""
+    from downpour.backends.local import LocalCluster
+
+    config = _config("cluster.workers=2", "train.steps=1000000")
+    data = load_dataset(config.data, seed=config.train.seed)
+    model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
+    return LocalCluster(config, data.train.clone(), flat_copy(model), worker_seeds=[1, 2], t0=time.time(),
+                        shape=data.shape)  # fmt: skip
+
+
+def _trained_a_little(cluster: Any) -> float:
+    """Start ``cluster`` and poll it until its workers have trained on some examples; a deadline for what follows
+    (``time.monotonic()`` seconds)."""
+    cluster.start()
+    deadline = time.monotonic() + 60
+    while cluster.examples_done() == 0 and time.monotonic() < deadline:
+        cluster.poll()
+        time.sleep(0.05)
+    return deadline
+
+
 def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
     """A worker that cannot stop (here Ctrl-Z'd) is killed when ``stop``'s wait runs out, and said to be. Not a
     death (it was asked to stop). The rows it had not sent come from its push log, all of them (the log is in
     test_push_log.py). It is stopped at a moment it holds no lock (a shard's or the step budget's): one stopped
     mid-push keeps the other worker waiting for that lock, and both were then killed (this test failed so now and
     then)."""
-    from downpour.backends.local import LocalCluster
     from downpour.backends.processes import process_gone
 
-    config = _config("cluster.workers=2", "train.steps=1000000")
-    data = load_dataset(config.data, seed=config.train.seed)
-    model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
-    cluster = LocalCluster(config, data.train.clone(), flat_copy(model), worker_seeds=[1, 2], t0=time.time(),
-                           shape=data.shape)  # fmt: skip
+    cluster = _two_workers()
     try:
-        cluster.start()
-        deadline = time.monotonic() + 60
-        while cluster.examples_done() == 0 and time.monotonic() < deadline:
-            cluster.poll()
-            time.sleep(0.05)
+        deadline = _trained_a_little(cluster)
         stuck = cluster.pids()[1]
         locks = [shard.lock.path for shard in cluster.shards] + [cluster.budget.lock.path]
         while True:
@@ -261,20 +274,11 @@ def test_closing_a_cluster_that_was_never_stopped_kills_its_workers_even_stopped
     """An error in the driver between ``start`` and ``stop`` goes straight to ``close``: the workers still running,
     and a Ctrl-Z'd one, must not outlive it. A stopped worker ignores the SIGTERM that ``multiprocessing`` sends
     its children at exit, and this test suite's process once hung there for good, waiting to join one."""
-    from downpour.backends.local import LocalCluster
     from downpour.backends.processes import process_gone
 
-    config = _config("cluster.workers=2", "train.steps=1000000")
-    data = load_dataset(config.data, seed=config.train.seed)
-    model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
-    cluster = LocalCluster(config, data.train.clone(), flat_copy(model), worker_seeds=[1, 2], t0=time.time(),
-                           shape=data.shape)  # fmt: skip
+    cluster = _two_workers()
     try:
-        cluster.start()
-        deadline = time.monotonic() + 60
-        while cluster.examples_done() == 0 and time.monotonic() < deadline:
-            cluster.poll()
-            time.sleep(0.05)
+        _trained_a_little(cluster)
         pids = cluster.pids()
         os.kill(pids[1], signal.SIGSTOP)
     finally:
