@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,26 +31,48 @@ def _row(n: int) -> PushRecord:
                       applied=n % 3 != 0)  # fmt: skip
 
 
-def _write_in_a_process(path: Path, rows: int, capacity: int, *, then: str = "exit") -> subprocess.Popen:
-    """A process that writes ``rows`` rows into a new log, then exits (``then="exit"``) or waits to be killed."""
-    code = (
-        "import sys, time\n"
-        "from downpour.backends import push_log\n"
-        "from test_push_log import _row\n"
-        f"log = push_log.PushLog({str(path)!r}, capacity={capacity})\n"
-        f"for n in range({rows}): log.append(_row(n))\n"
-        "print('written', flush=True)\n"
-        + ("time.sleep(600)\n" if then == "wait" else "")
-    )  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
-    return proc
+class _Writer:
+    """A forked process that writes ``rows`` rows into a new log at ``path``, then exits (``then="exit"``) or waits
+    to be killed. Forked, not started afresh: a new interpreter would import torch first (about 3 s a writer)."""
+
+    def __init__(self, path: Path, rows: int, capacity: int, *, then: str = "exit") -> None:
+        ready, written = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the writer: a log, its rows, word to the test, then nothing of the test's machinery
+            code = 1
+            try:
+                log = push_log.PushLog(str(path), capacity=capacity)
+                for n in range(rows):
+                    log.append(_row(n))
+                os.write(written, b"w")
+                if then == "wait":
+                    time.sleep(600)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(written)
+        said = os.read(ready, 1)
+        os.close(ready)
+        assert said == b"w", "the writer failed"
+        self.pid = pid
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for the writer to end; its exit status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.01)
+        raise TimeoutError(f"writer {self.pid} still runs")
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
 
 
 def test_a_dead_writers_rows_come_back_in_order_as_records(tmp_path: Path) -> None:
     path = tmp_path / "w.rows"
-    _write_in_a_process(path, 5, 16).wait(timeout=60)
+    _Writer(path, 5, 16).wait(timeout=60)
     first, rows = push_log.recover(str(path))  # type: ignore[misc]
     assert first == 0
     assert rows == [tuple(_row(n)) for n in range(5)]
@@ -64,7 +84,7 @@ def test_a_ring_that_wrapped_keeps_its_latest_rows_but_the_slot_a_kill_could_hav
     """Capacity 8, 21 rows: rows 13..20 sit in the ring, but row 13's slot is the one row 21 would have been
     written into next: a process killed mid-write would have left half of it there, so row 13 is never read."""
     path = tmp_path / "w.rows"
-    _write_in_a_process(path, 21, 8).wait(timeout=60)
+    _Writer(path, 21, 8).wait(timeout=60)
     first, rows = push_log.recover(str(path), remove=False)  # type: ignore[misc]
     assert first == 14
     assert rows == [tuple(_row(n)) for n in range(14, 21)]
@@ -73,7 +93,7 @@ def test_a_ring_that_wrapped_keeps_its_latest_rows_but_the_slot_a_kill_could_hav
 
 def test_a_live_writers_log_is_not_read_and_a_killed_ones_is(tmp_path: Path) -> None:
     path = tmp_path / "w.rows"
-    proc = _write_in_a_process(path, 3, 16, then="wait")
+    proc = _Writer(path, 3, 16, then="wait")
     try:
         assert push_log.recover(str(path)) is None  # it may still write
         assert path.exists()
@@ -86,7 +106,7 @@ def test_a_live_writers_log_is_not_read_and_a_killed_ones_is(tmp_path: Path) -> 
 
 def test_a_log_is_being_written_while_its_writer_lives_and_a_file_that_is_no_log_never_is(tmp_path: Path) -> None:
     path = tmp_path / "w.rows"
-    proc = _write_in_a_process(path, 1, 16, then="wait")
+    proc = _Writer(path, 1, 16, then="wait")
     try:
         assert push_log.writer_lives(str(path))
     finally:
@@ -104,7 +124,7 @@ def test_files_that_are_not_logs_are_not_read(tmp_path: Path) -> None:
     short.write_bytes(b"\0" * 10)
     assert push_log.recover(str(short)) is None
     wrong_size = tmp_path / "size.rows"
-    _write_in_a_process(wrong_size, 2, 16).wait(timeout=60)
+    _Writer(wrong_size, 2, 16).wait(timeout=60)
     with open(wrong_size, "ab") as handle:
         handle.write(b"\0" * 8)
     assert push_log.recover(str(wrong_size)) is None and wrong_size.exists()
@@ -131,7 +151,7 @@ def test_a_writer_that_closes_removes_its_log_and_its_lock_goes(tmp_path: Path) 
 
 def test_orphans_are_logs_of_dead_writers_silent_for_long(tmp_path: Path) -> None:
     dead = tmp_path / "run-worker0-run0.rows"
-    _write_in_a_process(dead, 2, 4).wait(timeout=60)
+    _Writer(dead, 2, 4).wait(timeout=60)
     live = push_log.PushLog(str(tmp_path / "run-worker1-run0.rows"), capacity=4)
     try:
         pattern = str(tmp_path / "*-worker*-run*.rows")
@@ -240,7 +260,7 @@ def test_a_ray_workers_dead_run_keeps_its_log_until_a_settle_has_its_count(
                                        0.0, torch.get_num_threads(), False, True, "c")  # fmt: skip
 
     path = Path(ray_workers.push_log_path("c", 1, 0))
-    _write_in_a_process(path, 5, 16).wait(timeout=60)  # run 0 died after 5 rows: 3 pushes at least
+    _Writer(path, 5, 16).wait(timeout=60)  # run 0 died after 5 rows: 3 pushes at least
     first = process()
     assert [len(chunk[2]) for chunk in first.poll()["chunks"] if chunk[3]] == [5]
     first.poll()
