@@ -187,6 +187,13 @@ def flock_free(path: str | Path) -> bool | None:
     return True
 
 
+def file_owner_gone(path: str | Path, *, locked: bool, pid: int) -> bool:
+    """Whether the process that made the file ``path`` is gone: by the ``flock`` it held on the file while it lived,
+    where it took one (``locked``: free means gone; unreadable or removed meanwhile, not), else by its ``pid``
+    (:func:`process_gone`; pid 0, a file still being made, is never gone)."""
+    return flock_free(path) is True if locked else process_gone(pid)
+
+
 _held_temp_dir: list[int] = []  # the descriptor that marks this process's multiprocessing folder alive
 
 

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from downpour.backends.processes import flock_free, process_gone
+from downpour.backends.processes import file_owner_gone
 
 CAPACITY = 8192
 """Rows a log keeps (about 450 KB): what a worker writes between two of the driver's polls (0.05 s apart) is a few
@@ -108,19 +108,23 @@ class PushLog:
 def _writer_gone(header: np.ndarray, path: str) -> bool:
     """Whether the process that wrote the log at ``path`` is gone: its lock is free, or (where it could not lock
     the file) its pid is gone."""
-    if int(header[_OWNER_LOCKED]) == 1:
-        return flock_free(path) is True
-    return process_gone(int(header[_PID]))
+    return file_owner_gone(path, locked=int(header[_OWNER_LOCKED]) == 1, pid=int(header[_PID]))
+
+
+def _header(path: str) -> np.ndarray | None:
+    """A log's header (8 int64); None for a missing or unreadable file, or one that is not a log."""
+    try:
+        header = np.fromfile(path, dtype=np.int64, count=8)
+    except (OSError, ValueError):
+        return None
+    return header if len(header) == 8 and int(header[_CAPACITY]) >= 2 else None
 
 
 def writer_lives(path: str) -> bool:
     """Whether ``path`` is a log whose writer still lives (so it may hold rows once the writer is gone); False for
     a missing or unreadable file, or one that is not a log."""
-    try:
-        header = np.fromfile(path, dtype=np.int64, count=8)
-    except (OSError, ValueError):
-        return False
-    return len(header) == 8 and int(header[_CAPACITY]) >= 2 and not _writer_gone(header, path)
+    header = _header(path)
+    return header is not None and not _writer_gone(header, path)
 
 
 def recover(path: str, *, remove: bool = True) -> tuple[int, list[tuple]] | None:
@@ -180,11 +184,8 @@ def remove_orphans(pattern: str, *, max_age_s: float = ORPHAN_AGE_S) -> int:
     removed = 0
     now = time.time()
     for path in glob.glob(pattern):
-        try:
-            header = np.fromfile(path, dtype=np.int64, count=8)
-        except (OSError, ValueError):
-            continue
-        if len(header) < 8 or int(header[_CAPACITY]) < 2:
+        header = _header(path)
+        if header is None:
             continue
         beat = float(header[_HEARTBEAT : _HEARTBEAT + 1].view(np.float64)[0])
         if now - beat < max_age_s or not _writer_gone(header, path):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from downpour.backends import push_log
-from downpour.backends.processes import flock_free, process_gone
+from downpour.backends.processes import file_owner_gone
 from downpour.ps.locks import FileLock
 from downpour.ps.rules import Rule
 from downpour.ps.shard import Shard
@@ -157,9 +157,7 @@ def _owner_gone(path: str) -> bool:
     file, :data:`_OWNER_LOCKED`), else its pid is gone. A file being made has neither yet (pid 0, which is never
     gone): it is kept."""
     header = np.fromfile(path, dtype=np.int64, count=8)  # OSError, or fewer values: being made or not ours
-    if int(header[_OWNER_LOCKED]) != 1:
-        return process_gone(int(header[_PID]))
-    return flock_free(path) is True  # held while the owner lives; unreadable or gone meanwhile: left alone
+    return file_owner_gone(path, locked=int(header[_OWNER_LOCKED]) == 1, pid=int(header[_PID]))
 
 
 def unlink(path: str) -> None:
