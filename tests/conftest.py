@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,3 +118,23 @@ def unsent_rows(cluster: Any, worker: int) -> int:
     except (OSError, IndexError):  # not made yet, or not sized yet
         return 0
     return written - cluster._rows_in[worker]
+
+
+class Collected:
+    """The push rows and worker events a test's driver gets as it polls a cluster (local or Ray) and stops it."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple] = []
+        self.events: list[Any] = []
+
+    def add(self, polled: tuple[list[tuple], list[Any]]) -> None:
+        """Keep what one ``poll()`` or ``stop()`` returned."""
+        more, more_events = polled
+        self.records += more
+        self.events += more_events
+
+    def poll_until(self, cluster: Any, done: Callable[[], bool], *, deadline: float, pause: float = 0.05) -> None:
+        """Poll ``cluster`` until ``done()`` or ``deadline`` (``time.monotonic()`` seconds)."""
+        while not done() and time.monotonic() < deadline:
+            self.add(cluster.poll())
+            time.sleep(pause)

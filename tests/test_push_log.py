@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import unsent_rows
+from conftest import Collected, unsent_rows
 from downpour import config as config_mod
 from downpour.backends import push_log
 from downpour.data import load_dataset
@@ -177,39 +177,29 @@ def test_a_local_worker_killed_between_batches_loses_no_push_row() -> None:
     model = build_model(config.model, data.dim, seed=config.train.seed, shape=data.shape)
     cluster = LocalCluster(config, data.train.clone(), flat_copy(model), worker_seeds=[1, 2], t0=time.time(),
                            shape=data.shape)  # fmt: skip
-    records, events = [], []
+    got = Collected()
     try:
         cluster.start()
         deadline = time.monotonic() + 60
-        while cluster.steps() < 300 and time.monotonic() < deadline:
-            more, more_events = cluster.poll()
-            records += more
-            events += more_events
-            time.sleep(0.01)
+        got.poll_until(cluster, lambda: cluster.steps() >= 300, deadline=deadline, pause=0.01)
         # killed while its log holds rows the driver has not received (a batch is 0.2 s or 256 rows)
         victim = cluster.pids()[1]
         while True:
             os.kill(victim, signal.SIGSTOP)
-            more, more_events = cluster.poll()  # every row it has sent
-            records += more
-            events += more_events
+            got.add(cluster.poll())  # every row it has sent
             unsent = unsent_rows(cluster, 1)
             if unsent > 0 or time.monotonic() > deadline:
                 break
             os.kill(victim, signal.SIGCONT)
             time.sleep(0.003)
         os.kill(victim, signal.SIGKILL)
-        while not any(event.kind == "died" for event in events) and time.monotonic() < deadline:
-            more, more_events = cluster.poll()
-            records += more
-            events += more_events
-            time.sleep(0.01)
-        more, more_events = cluster.stop(timeout=10.0)
-        records += more
-        events += more_events
+        got.poll_until(cluster, lambda: any(event.kind == "died" for event in got.events), deadline=deadline,
+                       pause=0.01)  # fmt: skip
+        got.add(cluster.stop(timeout=10.0))
         snapshots = cluster.snapshots()
     finally:
         cluster.close()
+    records, events = got.records, got.events
     assert [event.kind for event in events] == ["died", "push_rows"], events
     (taken,) = [event for event in events if event.kind == "push_rows"]
     assert taken.worker == 1 and taken.said and "lost" not in taken.detail

@@ -29,7 +29,7 @@ ray = pytest.importorskip("ray")
 
 import torch  # noqa: E402
 
-from conftest import holds_flock  # noqa: E402
+from conftest import Collected, holds_flock  # noqa: E402
 from downpour.backends.ray import RayCluster, connect  # noqa: E402
 from downpour.backends.ray_connect import disconnect  # noqa: E402
 from downpour.backends.ray_workers import PIPELINE_DEPTH  # noqa: E402
@@ -385,68 +385,47 @@ def test_a_worker_killed_with_the_only_shard_has_its_pushes_counted_from_its_log
     assert steps - 1 - PIPELINE_DEPTH <= len(records) <= steps, len(records)
 
 
+def _fault_then_stop(digits: Dataset, fault: Callable[[RayCluster, int], None], *, stop_timeout: float = 30.0,
+                     config: Config | None = None) -> tuple[Collected, list[dict[str, Any]], int]:  # fmt: skip
+    """Train with no budget (``config``, else 2 workers and 2 shards) to step 400, let worker 1 push 0.2 s unpolled,
+    do ``fault(cluster, its pid)``, then stop: what the driver got, the shards' snapshots (as the final checkpoint:
+    the stamps they hold count) and the step after them."""
+    cluster, _, _ = _cluster(config or _config(0), digits)
+    got = Collected()
+    try:
+        cluster.start()
+        got.poll_until(cluster, lambda: cluster.steps() >= 400, deadline=time.monotonic() + 120)
+        pid = cluster.pids()[1]
+        time.sleep(0.2)  # the worker pushes on, unpolled
+        fault(cluster, pid)
+        got.add(cluster.stop(timeout=stop_timeout))
+        snapshots = cluster.snapshots()
+        step = cluster.steps()
+    finally:
+        cluster.close()
+    return got, snapshots, step
+
+
 def test_a_worker_killed_with_the_only_shard_as_the_run_stops_has_its_logged_pushes_counted(
         ray_cluster: str, digits: Dataset) -> None:  # fmt: skip
     """Worker 1 and the only shard killed at once after 0.2 s of unpolled pushes, and the run stopped at once: the
     restarted process never runs, so no settle counts the dead run's pushes, and the restored shard lost their
     stamps. The rows of those pushes still come from the dead run's log (one a push, with one shard), and the step
     counts at least a push a row."""
-    config = _config(0)
-    config.ps.shards = 1
-    cluster, _, _ = _cluster(config, digits)
-    records: list[tuple] = []
-    events: list[Any] = []
-    try:
-        cluster.start()
-        deadline = time.monotonic() + 120
-        while cluster.steps() < 400 and time.monotonic() < deadline:
-            more, more_events = cluster.poll()
-            records += more
-            events += more_events
-            time.sleep(0.05)
-        pid = cluster.pids()[1]
+
+    def kill_both(cluster: RayCluster, pid: int) -> None:
         _, shard_pid = ray.get(cluster.shards[0].handle.where.remote())
-        time.sleep(0.2)  # the worker pushes on, unpolled
         os.kill(shard_pid, signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
-        more, more_events = cluster.stop()
-        records += more
-        events += more_events
-        cluster.snapshots()  # as the final checkpoint: the stamps it holds count
-        step = cluster.steps()
-    finally:
-        cluster.close()
-    assert [e for e in events if e.kind == "push_rows" and e.worker == 1], events
+
+    config = _config(0)
+    config.ps.shards = 1
+    got, _, step = _fault_then_stop(digits, kill_both, config=config)
+    records = got.records
+    assert [e for e in got.events if e.kind == "push_rows" and e.worker == 1], got.events
     assert len(set(records)) == len(records)  # no row twice
     rows = [sum(1 for r in records if r[1] == worker) for worker in (0, 1)]
     assert step >= sum(rows), (step, rows)  # a row a push (one shard); before, the step missed worker 1's unpolled
-
-
-def _fault_then_stop(digits: Dataset, fault: Callable[[RayCluster, int], None], *, stop_timeout: float = 30.0
-                     ) -> tuple[list[tuple], list[Any], list[dict[str, Any]]]:  # fmt: skip
-    """Train with no budget to step 400, let worker 1 push 0.2 s unpolled, do ``fault(cluster, its pid)``, then
-    stop: ``(records, events, snapshots)``."""
-    cluster, _, _ = _cluster(_config(0), digits)
-    records: list[tuple] = []
-    events: list[Any] = []
-    try:
-        cluster.start()
-        deadline = time.monotonic() + 120
-        while cluster.steps() < 400 and time.monotonic() < deadline:
-            more, more_events = cluster.poll()
-            records += more
-            events += more_events
-            time.sleep(0.05)
-        pid = cluster.pids()[1]
-        time.sleep(0.2)  # the worker pushes on, unpolled
-        fault(cluster, pid)
-        more, more_events = cluster.stop(timeout=stop_timeout)
-        records += more
-        events += more_events
-        snapshots = cluster.snapshots()
-    finally:
-        cluster.close()
-    return records, events, snapshots
 
 
 def _assert_a_row_per_push(records: list[tuple], snapshots: list[dict[str, Any]]) -> None:
@@ -464,9 +443,9 @@ def test_a_worker_killed_as_the_run_stops_loses_no_push_row(ray_cluster: str, di
     run, so its dead run's log is not read when a run starts; the restarted process takes it when it starts, and
     the stopping driver reads what is on its machine. Before, its unpolled rows were lost (only a restarted run or
     a death for good read a log)."""
-    records, events, snapshots = _fault_then_stop(digits, lambda cluster, pid: os.kill(pid, signal.SIGKILL))
-    assert [e for e in events if e.kind == "push_rows" and e.worker == 1], events
-    _assert_a_row_per_push(records, snapshots)
+    got, snapshots, _ = _fault_then_stop(digits, lambda cluster, pid: os.kill(pid, signal.SIGKILL))
+    assert [e for e in got.events if e.kind == "push_rows" and e.worker == 1], got.events
+    _assert_a_row_per_push(got.records, snapshots)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="finds the lock's holder in Linux's /proc/locks")
@@ -488,10 +467,11 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named_and_its_rows_ke
             os.kill(pid, signal.SIGCONT)
             time.sleep(0.001)
 
-    records, events, snapshots = _fault_then_stop(digits, hang, stop_timeout=1.0)
+    got, snapshots, _ = _fault_then_stop(digits, hang, stop_timeout=1.0)
+    events = got.events
     assert [(e.kind, e.worker) for e in events if e.kind in ("stuck", "died", "restarted")] == [("stuck", 1)], events
     assert [e.worker for e in events if e.kind == "push_rows"] == [1], events
-    _assert_a_row_per_push(records, snapshots)
+    _assert_a_row_per_push(got.records, snapshots)
 
 
 def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet_polled(
