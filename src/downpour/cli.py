@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -277,8 +278,11 @@ def entry() -> None:
     A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM routed to one) that passed through an ``exec`` of a string on its
     way to :func:`main` (scipy's imports make such calls while a run loads its data) leaves a flag in CPython that
     makes ``python -m downpour`` die by SIGINT at exit, though :func:`main` handled it and returned 130; one ``exec``
-    of a string clears that flag, so the status returned is the one the process ends with."""
+    of a string clears that flag, so the status returned is the one the process ends with. Once :func:`main` has
+    returned, Ctrl-C is ignored: the run is over and saved, and a press during the exit handlers would only print a
+    traceback."""
     status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     exec("None")  # clears CPython's record of an interrupt that an exec'd string passed on (see above)
     if "triton" not in sys.modules:
         gc.freeze()
