@@ -261,13 +261,13 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
                 break
             os.kill(stuck, signal.SIGCONT)
             time.sleep(0.001)
-        _, events = cluster.stop(timeout=1.0)
+        _, events = cluster.stop(timeout=4.0)  # worker 0 must stop within it, on a busy machine too
     finally:
         cluster.close()
     assert [(event.kind, event.worker) for event in events] == [("stuck", 1), ("push_rows", 1)], events
     assert events[1].said and events[1].detail.startswith(f"{unsent} push rows"), events  # all it had not sent
     assert process_gone(stuck)  # killed (and reaped), not left stopped
-    assert events[0].detail == "did not stop within 1 s of being asked; killed"
+    assert events[0].detail == "did not stop within 4 s of being asked; killed"
 
 
 def test_closing_a_cluster_that_was_never_stopped_kills_its_workers_even_stopped_ones() -> None:
@@ -415,7 +415,8 @@ def test_a_local_cluster_counts_its_workers_examples_pushes_and_latest_losses() 
         cluster.start()
         assert cluster.alive() == 2
         deadline = time.monotonic() + 60
-        while cluster.steps() < 20 and time.monotonic() < deadline:
+        # until 20 pushes, and one of each worker (on a busy machine one may start a while after the other)
+        while (cluster.steps() < 20 or {r[1] for r in records} != {0, 1}) and time.monotonic() < deadline:
             more, events = cluster.poll()
             records.extend(more)
             assert events == []

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -165,10 +166,15 @@ def test_lock_folders_of_dead_drivers_are_removed_and_others_kept(
         os.close(held)
 
 
-def test_a_drivers_lock_folder_is_locked_from_the_moment_it_has_its_name() -> None:
+def test_a_drivers_lock_folder_is_locked_from_the_moment_it_has_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The folder is made under a name no cleanup reads, locked, then renamed: once named with the driver's pid it
-    holds a locked owner.alive, which a driver's exit (closing the descriptor) frees."""
+    holds a locked owner.alive, which a driver's exit (closing the descriptor) frees. (In a folder of its own: once
+    unlocked, a driver that a test beside it starts would remove it.)"""
     import shutil
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     from downpour.backends.local import LOCK_DIR_PREFIX, make_lock_dir
     from downpour.backends.processes import ALIVE_FILE, owner_gone

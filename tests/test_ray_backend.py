@@ -27,12 +27,16 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+# `make test` runs pytest in two processes (pytest-xdist): this file's tests share one Ray cluster of 2 CPUs, so they
+# all run in one of them, one after another.
+pytestmark = pytest.mark.xdist_group("ray")
+
 import torch  # noqa: E402
 
 from conftest import Collected, holds_flock  # noqa: E402
 from downpour.backends.ray import RayCluster, connect  # noqa: E402
 from downpour.backends.ray_connect import disconnect  # noqa: E402
-from downpour.backends.ray_workers import PIPELINE_DEPTH  # noqa: E402
+from downpour.backends.ray_workers import PIPELINE_DEPTH, push_log_path  # noqa: E402
 from downpour.config import Config  # noqa: E402
 from downpour.data import Dataset, load_dataset  # noqa: E402
 from downpour.errors import ConfigError  # noqa: E402
@@ -177,7 +181,7 @@ def test_two_workers_two_shards_train_digits_across_the_nodes(ray_cluster: str, 
     cluster, held_out, initial_loss = _cluster(_config(400), digits)
     try:
         records: list[tuple] = []
-        events = _train(cluster, seconds=60, records=records)
+        events = _train(cluster, seconds=300, records=records)
         final_loss, snapshots = _final_loss(cluster, held_out)
         placement = cluster.placement()
         assert cluster.steps() == 400  # train.steps counts pushes across workers, exactly
@@ -232,7 +236,7 @@ def test_killed_worker_and_killed_shard_are_restarted_and_training_goes_on(ray_c
             cluster.request_stop()
 
     try:
-        events = _train(cluster, seconds=120, tick=tick, records=records)
+        events = _train(cluster, seconds=300, tick=tick, records=records)
         final_loss, _ = _final_loss(cluster, held_out)
         faults = cluster.faults()
         restores = cluster.restores()
@@ -298,6 +302,24 @@ def test_a_worker_whose_restarted_process_dies_before_it_answers_counts_two_rest
     assert pids_after[1] not in (killed["first"], killed["second"])
 
 
+def _pushes_on_unpolled(cluster: RayCluster, worker: int, rows: int = 5, timeout: float = 30.0) -> None:
+    """Let ``worker`` push on, unpolled, for 0.2 s and until it has written at least ``rows`` more rows into its push
+    log (a busy machine can starve it for that long): rows its driver has not had when the test then kills it."""
+    path = push_log_path(cluster._name, worker, cluster._workers[worker].incarnation)
+
+    def written() -> int:
+        try:
+            return int(np.fromfile(path, dtype=np.int64, count=1)[0])
+        except (OSError, IndexError):  # not made yet, or not sized yet
+            return 0
+
+    enough = written() + rows
+    time.sleep(0.2)
+    deadline = time.monotonic() + timeout
+    while written() < enough and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("restarts", [True, False])
 def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(ray_cluster: str, digits: Dataset,
                                                                                  restarts: bool) -> None:  # fmt: skip
@@ -319,11 +341,11 @@ def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(
     def tick(elapsed: float) -> None:
         if "pid" not in killed and cluster.steps() >= 400:
             killed["pid"] = pid = cluster.pids()[1]
-            time.sleep(0.2)  # the worker pushes on, unpolled
+            _pushes_on_unpolled(cluster, 1)
             os.kill(pid, signal.SIGKILL)
 
     try:
-        events = _train(cluster, seconds=120, tick=tick, records=records)
+        events = _train(cluster, seconds=300, tick=tick, records=records)
         snapshots = cluster.snapshots()  # as the final checkpoint: the shards' stamps count every push they hold
         step, faults = cluster.steps(), cluster.faults()
     finally:
@@ -336,7 +358,9 @@ def test_a_budgeted_run_with_a_killed_worker_makes_and_counts_exactly_its_steps(
         assert died.worker == 1 and "did not answer" not in died.detail
     made = [s["version"] + s["rejected"] for s in snapshots]  # every push to a shard is applied or refused
     assert max(made) == steps  # the killed run's unused steps came back to the budget and were pushed
-    assert min(made) >= steps - 1  # (a push the kill cut off between the two shards reached only one)
+    # the kill can cut off the push in progress between the two shards, and pushes still in flight to the shard on
+    # the other node (sent, not yet delivered): those reached only one shard
+    assert min(made) >= steps - 1 - PIPELINE_DEPTH
     assert step == steps
     (taken,) = [e for e in events if e.kind == "push_rows"]
     assert taken.worker == 1 and taken.said and int(taken.detail.split()[0]) > 0, taken
@@ -362,12 +386,12 @@ def test_a_worker_killed_with_the_only_shard_has_its_pushes_counted_from_its_log
         if "pid" not in killed and cluster.steps() >= 400:
             killed["pid"] = pid = cluster.pids()[1]
             _, shard_pid = ray.get(cluster.shards[0].handle.where.remote())
-            time.sleep(0.2)  # the worker pushes on, unpolled
+            _pushes_on_unpolled(cluster, 1)
             os.kill(shard_pid, signal.SIGKILL)
             os.kill(pid, signal.SIGKILL)
 
     try:
-        events = _train(cluster, seconds=120, tick=tick, records=records)
+        events = _train(cluster, seconds=300, tick=tick, records=records)
         step, faults = cluster.steps(), cluster.faults()
         _, _, settled = ray.get(cluster.coordinator.restores_and_starts.remote())
     finally:
@@ -396,7 +420,7 @@ def _fault_then_stop(digits: Dataset, fault: Callable[[RayCluster, int], None], 
         cluster.start()
         got.poll_until(cluster, lambda: cluster.steps() >= 400, deadline=time.monotonic() + 120)
         pid = cluster.pids()[1]
-        time.sleep(0.2)  # the worker pushes on, unpolled
+        _pushes_on_unpolled(cluster, 1)
         fault(cluster, pid)
         got.add(cluster.stop(timeout=stop_timeout))
         snapshots = cluster.snapshots()
@@ -467,7 +491,7 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named_and_its_rows_ke
             os.kill(pid, signal.SIGCONT)
             time.sleep(0.001)
 
-    got, snapshots, _ = _fault_then_stop(digits, hang, stop_timeout=1.0)
+    got, snapshots, _ = _fault_then_stop(digits, hang, stop_timeout=4.0)  # (worker 0 must stop within it)
     events = got.events
     assert [(e.kind, e.worker) for e in events if e.kind in ("stuck", "died", "restarted")] == [("stuck", 1)], events
     assert [e.worker for e in events if e.kind == "push_rows"] == [1], events
@@ -486,7 +510,7 @@ def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet
     after_kill: list[Taken] = []
 
     def tick(elapsed: float) -> None:
-        if cluster.examples_done() == 0 or after_kill:
+        if cluster.steps() == 0 or after_kill:  # (not examples_done: a step's examples are reported before its push)
             return
         if len(taken) < 6:
             taken.append(_checkpoint(cluster, held_out, tmp_path, run_state))
@@ -501,7 +525,7 @@ def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet
         cluster.request_stop()
 
     try:
-        _train(cluster, seconds=120, tick=tick)
+        _train(cluster, seconds=300, tick=tick)
     finally:
         cluster.close()
     assert len(taken) == 6 and after_kill, (len(taken), len(after_kill))
@@ -602,7 +626,7 @@ def test_a_diverged_checkpoint_never_becomes_a_shards_restore_point(ray_cluster:
             if cluster.steps() >= 20:
                 cluster.request_stop()
 
-        _train(cluster, seconds=120, tick=tick)
+        _train(cluster, seconds=300, tick=tick)
         bad = _checkpoint(cluster, held_out, tmp_path, run_state)
         assert bad.diverged and not bad.saved and run_state.checkpoint_step == 0, bad
         assert min(s["version"] for s in bad.snapshots) > 0  # the first pushes were applied
@@ -644,7 +668,7 @@ def test_policies_with_their_own_worker_loop_train_on_ray(ray_cluster: str, digi
     cluster, held_out, initial_loss = _cluster(config, digits)
     try:
         records: list[tuple] = []
-        events = _train(cluster, seconds=60, records=records)
+        events = _train(cluster, seconds=300, records=records)
         final_loss, snapshots = _final_loss(cluster, held_out)
     finally:
         cluster.close()
@@ -729,10 +753,10 @@ def test_cli_run_with_chaos_survives_a_killed_driver_and_resumes(ray_cluster: st
             "--set", "train.checkpoint_every=0.5", "--set", "data.source=digits", "--set", "model.features=64",
             "--set", "cluster.threads_per_worker=1", "--set", "ps.policy=dc-asgd", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "downpour", "train", "--out", str(run), "--seconds", "120", *args],
+        [sys.executable, "-m", "downpour", "train", "--out", str(run), "--seconds", "300", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240  # (a cap: it ends once the restart is logged)
     state: dict[str, Any] = {}
     while time.monotonic() < deadline and proc.poll() is None:
         state_path = run / "checkpoint" / "state.json"
@@ -798,7 +822,7 @@ def test_sync_on_ray_is_synchronous_sgd_and_survives_a_killed_worker_and_a_resto
             cluster.request_stop()
 
     try:
-        events = _train(cluster, seconds=90, tick=tick, records=records)
+        events = _train(cluster, seconds=300, tick=tick, records=records)
         stopping = time.monotonic() - killed.get("stop", math.inf)
         final_loss, _ = _final_loss(cluster, held_out)
         faults = cluster.faults()
@@ -806,7 +830,7 @@ def test_sync_on_ray_is_synchronous_sgd_and_survives_a_killed_worker_and_a_resto
     finally:
         cluster.close()
     assert "stop" in killed, (killed, len(records), faults)  # rounds with both workers closed after the faults
-    assert stopping < 10  # every worker left its round and ended when asked
+    assert stopping < 30  # every worker left its round and ended when asked (stop's own wait is 30 s)
     assert faults["worker_restarts"] == 1 and [e.worker for e in events if e.kind == "restarted"] == [1], faults
     snapshots = killed["snapshots"]
     assert all(snapshot["applied"] == 2 * snapshot["version"] for snapshot in snapshots)  # pushes: 2 per round

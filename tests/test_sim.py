@@ -264,13 +264,13 @@ def test_dc_asgd_with_zero_lambda_is_downpour_and_with_lambda_differs() -> None:
 def test_a_thousand_workers_of_real_rica_in_about_two_seconds(digits: torch.Tensor) -> None:
     """1,000 simulated workers training RICA on digits (disjoint data slices), 2,000 pushes, a quarter of them 4x
     slower, lognormal compute and network delay: nearly every fast worker pushes, staleness reaches the hundreds, and it
-    takes about 2 s."""
+    takes about 2 s of CPU."""
     grad = _rica_grad(digits, features=16, batch_size=8, workers=1000)
     start = grad.flat.values.clone()
     settings = SimSettings(workers=1000, steps=2000, seed=0, **BUSY)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # this process's CPU time: a test running beside it on a busy machine does not count
     result = simulate(start, make_rule("adagrad", lr=0.01), make_policy("staleness-lr"), grad, settings)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     assert elapsed < 3.0, f"{elapsed:.2f} s"
     assert len(result.records) == 2000 and result.grad_evals == 2000 and result.rejected == 0
     fast = set(range(1000)) - set(result.stragglers.tolist())
