@@ -20,10 +20,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/downpour train --seconds 60 --workers 2 --shards 2
 
-# pytest runs inside a real 2-node Ray cluster on 127.0.0.1 (token authentication on), stopped even when tests fail.
+# pytest runs inside a real 2-node Ray cluster on 127.0.0.1 (token authentication on), stopped even when tests fail,
+# in TEST_PROCESSES processes (pytest-xdist; the Ray tests all run in one of them, see tests/conftest.py).
+TEST_PROCESSES ?= 2
 test: $(STAMP) chromium
 	$(BIN)/ruff check src tests
-	RAY=$(BIN)/ray scripts/ray_cluster.sh run $(BIN)/python -m pytest -q --durations=15
+	RAY=$(BIN)/ray scripts/ray_cluster.sh run $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup --durations=15
 
 # The report's test opens the page in a real headless Chromium: install Debian's package when it is missing and we
 # are root (quietly; without it that one test is skipped with its reason).

@@ -83,6 +83,12 @@ def read_jsonl(path: Path, *, growing: bool = False) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests grouped for one pytest-xdist process (``xdist_group``: the Ray tests, which share one cluster) go first,
+    so that group, the longest run of tests that cannot be split, starts while the other process takes the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: order kept within each part
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """The suite's own process computes on one intra-op thread, as a local-backend worker or driver does. Its tensors
