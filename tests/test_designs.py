@@ -187,7 +187,6 @@ def test_a_frozen_first_layer_stays_frozen_when_its_parameters_are_replaced(
 
 @pytest.mark.parametrize("design", ["sparse-ae", "cat"])
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # PyTorch's forward-AD set-up, not ours
 def test_a_replaced_frozen_layer_first_run_inside_a_torch_func_transform(design: str, transform: str) -> None:
     """The re-freezing pre-hook ran inside the transform, where making a FrozenParameter (requires_grad_) is
     refused: the first grad / vmap / jvp after a swap raised. The transform runs; the next call outside freezes."""

@@ -140,7 +140,6 @@ def test_double_backward_passes_gradgradcheck(cin, cout, size, kernel, stride) -
 FUNC_GEOMETRIES = [(1, 2, 7, 3, 1), (2, 3, (6, 7), (3, 2), (1, 2))]
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # PyTorch's forward-AD set-up, not ours
 @pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride"), FUNC_GEOMETRIES)
 def test_forward_mode_derivatives_pass_gradcheck(cin, cout, size, kernel, stride) -> None:
     """Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) of the layer and of its transpose, in the

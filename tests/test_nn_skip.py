@@ -282,7 +282,6 @@ def test_field_variance_is_taken_over_channels_and_pixels_together() -> None:
     torch.testing.assert_close(field_variance(x, (3, 2), (2, 1)), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # PyTorch's forward-AD set-up, not ours
 def test_torch_func_transforms_with_a_skip_plan_equal_autograd() -> None:
     """``grad``, ``jvp`` and ``jacrev`` through a layer given a skip plan or a mask (planning reads the mask as a
     NumPy array, which a tensor made inside a transform has none of) agree with plain autograd and with each other
