@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +115,21 @@ def holds_flock(pid: int, path: str) -> bool:
         rows = [line.split() for line in locks]  # "1: FLOCK ADVISORY WRITE <pid> <major:minor:inode> 0 EOF"
     return any(len(row) > 5 and row[1] == "FLOCK" and row[4] == str(pid) and row[5].endswith(f":{inode}")
                for row in rows)  # fmt: skip
+
+
+def stop_process(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped: the signal is delivered asynchronously, and a process still
+    running on the other core could take a lock after a check that found it holding none."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return  # no /proc (or gone): nothing more to wait for
+        if state in ("T", "t", "Z", "X"):
+            return
+        time.sleep(0.0005)
 
 
 def unsent_rows(cluster: Any, worker: int) -> int:

@@ -27,7 +27,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import CliResult, holds_flock, read_jsonl, unsent_rows
+from conftest import CliResult, holds_flock, read_jsonl, stop_process, unsent_rows
 from downpour import checkpoint as ckpt
 from downpour import config as config_mod
 from downpour.backends.processes import fork_server_available
@@ -253,7 +253,7 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named() -> None:
         stuck = cluster.pids()[1]
         locks = [shard.lock.path for shard in cluster.shards] + [cluster.budget.lock.path]
         while True:
-            os.kill(stuck, signal.SIGSTOP)
+            stop_process(stuck)
             cluster.poll()  # every row it has sent
             held = os.path.exists("/proc/locks") and any(holds_flock(stuck, lock) for lock in locks)
             unsent = unsent_rows(cluster, 1)
@@ -309,7 +309,7 @@ def test_a_snapshot_gives_up_on_a_shard_a_stopped_worker_holds() -> None:
             time.sleep(0.01)
         while not held and time.monotonic() < deadline:  # stop it at a moment it holds the lock (mid-push)
             cluster.poll()
-            os.kill(pid, signal.SIGSTOP)
+            stop_process(pid)
             held = holds_flock(pid, lock)
             if not held:
                 os.kill(pid, signal.SIGCONT)

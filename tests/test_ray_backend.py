@@ -33,7 +33,7 @@ pytestmark = pytest.mark.xdist_group("ray")
 
 import torch  # noqa: E402
 
-from conftest import Collected, holds_flock  # noqa: E402
+from conftest import Collected, holds_flock, stop_process  # noqa: E402
 from downpour.backends.ray import RayCluster, connect  # noqa: E402
 from downpour.backends.ray_connect import disconnect  # noqa: E402
 from downpour.backends.ray_workers import PIPELINE_DEPTH, push_log_path  # noqa: E402
@@ -485,7 +485,7 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_named_and_its_rows_ke
         locks = [ray.get(shard.handle.attach_info.remote())[1] + ".lock" for shard in cluster.shards]
         deadline = time.monotonic() + 60
         while True:
-            os.kill(pid, signal.SIGSTOP)
+            stop_process(pid)
             if not any(holds_flock(pid, lock) for lock in locks) or time.monotonic() > deadline:
                 break
             os.kill(pid, signal.SIGCONT)
