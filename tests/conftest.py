@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 
+from downpour.backends.processes import process_state
 from downpour.cli import main
 from downpour.threads import torch_threads
 
@@ -123,23 +124,26 @@ def stop_process(pid: int, timeout: float = 5.0) -> None:
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except (FileNotFoundError, IndexError):
-            return  # no /proc (or gone): nothing more to wait for
-        if state in ("T", "t", "Z", "X"):
+        state = process_state(pid)
+        if state is None or state in ("T", "t", "Z", "X"):  # (None: no /proc, or gone: nothing more to wait for)
             return
         time.sleep(0.0005)
+
+
+def rows_written(log_path: str) -> int:
+    """How many rows a worker has written into its push log so far (the count at its start): 0 before the worker
+    has made it."""
+    try:
+        return int(np.fromfile(log_path, dtype=np.int64, count=1)[0])
+    except (OSError, IndexError):  # not made yet, or not sized yet
+        return 0
 
 
 def unsent_rows(cluster: Any, worker: int) -> int:
     """How many push rows a local worker has written into its push log beyond those its driver ``cluster`` (a
     ``LocalCluster``) has received: 0 before the worker has made its log."""
-    try:
-        written = int(np.fromfile(cluster._log_path(worker), dtype=np.int64, count=1)[0])
-    except (OSError, IndexError):  # not made yet, or not sized yet
-        return 0
-    return written - cluster._rows_in[worker]
+    written = rows_written(cluster._log_path(worker))
+    return written - cluster._rows_in[worker] if written else 0
 
 
 class Collected:

@@ -315,15 +315,14 @@ def test_a_fork_server_is_gone_once_it_has_exited_whether_reaped_or_not() -> Non
     """``fork_server_gone`` tells a driver why its workers exited with 255: a process that exited and was reaped
     (no /proc entry), or exited and waits to be reaped (a zombie), is gone; a running one is not, nor is None (no
     fork server: spawned workers)."""
-    from downpour.backends.processes import fork_server_gone
+    from downpour.backends.processes import fork_server_gone, process_state
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert fork_server_gone(int(finished.stdout))  # reaped by subprocess.run
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        stat = Path(f"/proc/{zombie.pid}/stat")
-        while stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z" and time.monotonic() < deadline:
+        while process_state(zombie.pid) != "Z" and time.monotonic() < deadline:
             time.sleep(0.02)  # until it has exited, not yet waited for
         assert fork_server_gone(zombie.pid)
     finally:

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.xdist_group("ray")
 
 import torch  # noqa: E402
 
-from conftest import Collected, holds_flock, stop_process  # noqa: E402
+from conftest import Collected, holds_flock, rows_written, stop_process  # noqa: E402
+from downpour.backends.processes import process_gone  # noqa: E402
 from downpour.backends.ray import RayCluster, connect  # noqa: E402
 from downpour.backends.ray_connect import disconnect  # noqa: E402
 from downpour.backends.ray_workers import PIPELINE_DEPTH, push_log_path  # noqa: E402
@@ -159,14 +160,6 @@ def _checkpoint(cluster: RayCluster, held_out: HeldOutLoss, out: Path, run_state
     config = cluster.config
     return checkpoint_now(out, cluster, config, run_state or RunState(), cluster.worker_seeds,  # type: ignore[arg-type]
                            model_signature(held_out.model), held_out, final=False)  # fmt: skip
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _final_loss(cluster: RayCluster, held_out: HeldOutLoss) -> tuple[float, list[dict[str, Any]]]:
@@ -306,17 +299,10 @@ def _pushes_on_unpolled(cluster: RayCluster, worker: int, rows: int = 5, timeout
     """Let ``worker`` push on, unpolled, for 0.2 s and until it has written at least ``rows`` more rows into its push
     log (a busy machine can starve it for that long): rows its driver has not had when the test then kills it."""
     path = push_log_path(cluster._name, worker, cluster._workers[worker].incarnation)
-
-    def written() -> int:
-        try:
-            return int(np.fromfile(path, dtype=np.int64, count=1)[0])
-        except (OSError, IndexError):  # not made yet, or not sized yet
-            return 0
-
-    enough = written() + rows
+    enough = rows_written(path) + rows
     time.sleep(0.2)
     deadline = time.monotonic() + timeout
-    while written() < enough and time.monotonic() < deadline:
+    while rows_written(path) < enough and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -519,7 +505,7 @@ def test_a_checkpoint_counts_every_push_its_snapshots_hold_and_a_restore_not_yet
         (pid,) = cluster.actor_pids()["shards"][:1]
         cluster.kill_shard(0)
         deadline = time.monotonic() + 30
-        while _alive(pid) and time.monotonic() < deadline:  # its snapshot then comes from the restored actor
+        while not process_gone(pid) and time.monotonic() < deadline:  # its snapshot then comes from the restored actor
             time.sleep(0.01)
         after_kill.append(_checkpoint(cluster, held_out, tmp_path, run_state))
         cluster.request_stop()

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, CliResult, downpour, read_jsonl
-from downpour.backends.processes import fork_server_available
+from downpour.backends.processes import fork_server_available, process_state
 from downpour.cli import main
 from downpour.threads import torch_threads
 
@@ -330,11 +330,7 @@ def _start(run_dir: Path, *args: str, temp_dir: str | None = None) -> subprocess
 
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie waiting to be reaped has exited)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] not in ("Z", "X")
+    return process_state(pid) not in (None, "Z", "X")
 
 
 def _wait_gone(pids: list[int], timeout: float = 20) -> bool:

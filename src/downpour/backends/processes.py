@@ -108,16 +108,22 @@ def kill_fork_server(pid: int | None) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` in Linux's ``/proc/PID/stat`` (``R`` running, ``S`` sleeping, ``T``
+    stopped, ``Z`` a zombie, ...); None where there is none to read (no such process, or no ``/proc``)."""
+    try:  # "pid (command) state ...": the command may hold spaces and parentheses, so split after the last ")"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def fork_server_gone(pid: int | None) -> bool:
     """In the driver: whether the fork server ``pid`` has exited or been killed (its children died with it, and
     their exit status is lost: ``multiprocessing`` reports 255). False for None."""
     if pid is None:
         return False
-    try:  # not os.waitpid: reaping the server is multiprocessing's to do
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in ("Z", "X")
+    state = process_state(pid)  # not os.waitpid: reaping the server is multiprocessing's to do
+    return state is None or state in ("Z", "X")
 
 
 def process_gone(pid: int) -> bool:
