@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -554,14 +555,16 @@ def _stop_once_its_checkpoint_is_logged(run_dir: Path, proc: subprocess.Popen[st
 
 
 def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
-    run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+    run_dir: Path, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     """SIGKILL the driver: its workers exit by themselves (no orphans), even one that is stopped (Ctrl-Z'd) and so
     cannot check on its driver, and --resume continues from the last checkpoint, whose step counts every push its
     shards hold."""
     # a temporary directory of this test's own: a driver that a test beside it starts removes dead drivers' folders
     # too (a short path: the fork server's socket lives there)
+    multiprocessing.util.get_temp_dir()  # this process's own, made (and kept) outside the folder removed below
     temp_dir = tempfile.mkdtemp(prefix="dp-")
+    request.addfinalizer(lambda: shutil.rmtree(temp_dir, ignore_errors=True))  # passed or failed
     monkeypatch.setattr(tempfile, "tempdir", temp_dir)  # for the resumed run, in this process
     with _whole_group(
         _start(run_dir, "--workers", "2", "--seconds", "120", "--set", "train.checkpoint_every=1", temp_dir=temp_dir)
@@ -596,7 +599,6 @@ def test_a_killed_driver_takes_its_workers_along_and_the_run_resumes(
         == summary["updates_applied"]
         == sum(shard["version"] for shard in resumed["shards"])
     )
-    shutil.rmtree(temp_dir)
 
 
 def test_resume_refuses_other_data_or_seed(finished_run: Path, cli: Callable[..., CliResult]) -> None:
