@@ -204,6 +204,26 @@ def test_lcn_window_sums_to_one_and_is_a_non_persistent_buffer() -> None:
     assert "window" in dict(module.named_buffers())
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "float", "meta"])
+def test_lcn_window_stays_the_float64_gaussian_through_casts_and_meta_initialisation(cast: str) -> None:
+    """The window is a constant: ``.half()`` must not round it (in bfloat16 it summed to 1.0003 and moved outputs
+    by 0.008), and a module built on the meta device and materialised with ``to_empty`` must not read uninitialised
+    memory."""
+    reference = LocalContrastNorm2d(9)
+    if cast == "meta":
+        with torch.device("meta"):
+            module = LocalContrastNorm2d(9)
+        assert module.window.is_meta
+        module.to_empty(device="cpu")
+    else:
+        module = getattr(LocalContrastNorm2d(9), cast)()
+    assert module.window.dtype == torch.float64
+    assert torch.equal(module.window, reference.window)
+    x = _randn(2, 3, 12, 12, seed=9)
+    assert torch.equal(module(x), reference(x))
+    assert torch.equal(module(x.bfloat16()), reference(x.bfloat16()))
+
+
 def test_lcn_gradcheck() -> None:
     x = _randn(2, 2, 6, 5, seed=4).requires_grad_()
     assert torch.autograd.gradcheck(LocalContrastNorm2d(3, sigma=1.0), (x,))

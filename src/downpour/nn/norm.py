@@ -60,12 +60,24 @@ class LocalContrastNorm2d(nn.Module):
         self.kernel_size = kernel_size
         self.sigma = kernel_size / 4 if sigma is None else check.number(owner, "sigma", sigma, positive=True)
         self.epsilon = check.number(owner, "epsilon", epsilon, positive=True)
-        # Built and kept in float64 so that float64 inputs get full-precision weights; cast to the input's dtype in
-        # forward (module.to(dtype) converts it as usual).
-        offsets = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+        self.register_buffer("window", self._gaussian(None), persistent=False)
+
+    def _gaussian(self, device: torch.device | None) -> Tensor:
+        """The window ``(1, 1, k, k)``, summing to 1, in float64 so that float64 inputs get full-precision weights
+        (it is cast to the computation's dtype in forward)."""
+        k = self.kernel_size
+        offsets = torch.arange(k, dtype=torch.float64, device=device) - k // 2
         gauss = torch.exp(-(offsets**2) / (2 * self.sigma**2))
         window = torch.outer(gauss, gauss)
-        self.register_buffer("window", (window / window.sum()).view(1, 1, kernel_size, kernel_size), persistent=False)
+        return (window / window.sum()).view(1, 1, k, k)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]  # nn.Module's own signature
+        """Moves follow the module as usual, but the window is a constant, not a state: it is rebuilt in float64 on
+        the device it moved to, so that ``.half()`` does not round it (in bfloat16 it summed to 1.0003) and a module
+        built on the ``meta`` device and materialised with ``to_empty`` gets real values, not uninitialised memory."""
+        module = super()._apply(fn, recurse)
+        self.window = self._gaussian(self.window.device)
+        return module
 
     def _local_sum(self, x: Tensor, weight: Tensor) -> Tensor:
         """``Σ_{c,p,q} (g_pq / C) · x[:, c, i+p, j+q]`` for every ``(i, j)``: shape ``(B, 1, H, W)``."""
