@@ -211,6 +211,38 @@ def test_vmap_with_a_skip_plan_equals_the_plain_call() -> None:
     assert (mapped[:, 0, :, 0, 0] == 0).all()
 
 
+def test_a_mask_mapped_by_vmap_zeroes_its_flat_fields_as_a_planned_skip_does() -> None:
+    """Per-example gradients with each example's own mask (``vmap(grad(...))`` over masks): no plan can read a
+    mapped mask, so its flat fields are computed and zeroed, with the values and gradients of a skip planned for
+    each example on its own (the pair kernels); the cat network's skip under ``vmap`` too."""
+    from torch.func import functional_call, grad, vmap
+
+    layer, x = _layer_and_input(2, 3, (7, 6), 3, (2, 1), batch=4, seed=7)
+    x[1] = 0.3  # a flat example: every field zeroed
+    active = active_fields(x, layer.kernel_size, layer.stride, 0.8)
+    assert 0 < float(active.float().mean()) < 1
+    params = {"weight": layer.weight.detach()}
+
+    def loss(p: dict, example: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = functional_call(layer, p, (example[None], mask[None]))
+        return h.tanh().square().sum() + layer.transpose(h, p["weight"], mask[None]).square().sum()
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, active)["weight"]
+    planned = torch.stack([grad(loss)(params, x[i], active[i])["weight"] for i in range(4)])
+    torch.testing.assert_close(per_example, planned, rtol=1e-12, atol=1e-12)
+    outputs = vmap(lambda example, mask: layer(example[None], mask[None]))(x, active)
+    assert (outputs[1] == 0).all()
+
+    from downpour.models.cat import CatNetwork
+
+    torch.manual_seed(8)
+    net = CatNetwork((1, 12, 12), receptive_field=4, maps=2, pool=2, lcn=3, skip_variance=0.05).double()
+    images = torch.rand(3, 1, 12, 12, dtype=torch.float64)
+    images[0] = 0.5
+    mapped = vmap(lambda image: net.loss(image[None]))(images)
+    torch.testing.assert_close(mapped, torch.stack([net.loss(image[None]) for image in images]))
+
+
 def test_torch_compile_gives_the_same_results_without_warnings() -> None:
     """A model holding the layer compiles with ``torch.compile`` (the kernels run as a graph break) and computes what
     the layer computes, forward and backward, without any warning from the compiler."""

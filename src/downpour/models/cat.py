@@ -97,6 +97,8 @@ class CatStage(nn.Module):
         plan = self.encoder.skip_plan(active, x.shape[0])
         seen = active.numel()
         zeroed, skipped = (0.0, 0.0) if plan is None else (plan.zeroed_fraction, plan.skipped_fraction)
+        if math.isnan(zeroed):  # a mask mapped by torch.func.vmap: how many fields it zeroes is not known here
+            return plan
         self.skip_counts += torch.tensor([seen, seen * zeroed, seen * skipped], dtype=torch.float64)
         return plan
 

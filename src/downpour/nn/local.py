@@ -463,7 +463,13 @@ class LocallyConnected2d(GeometryState):
                                  f"{active.stride}; this layer has {self.kernel_size}, {self.stride}")  # fmt: skip
             return active
         self._check_active(active, batch)
-        if bool(active.all()):
+        try:
+            every_field = bool(active.all())
+        except RuntimeError as error:  # a mask mapped by torch.func.vmap: its values cannot decide anything here
+            if "vmap" not in str(error):
+                raise
+            return SkipPlan.zeroing(active, self.kernel_size, self.stride)
+        if every_field:
             return None
         band = _kernels().forward_band(self.out_channels, self.kernel_size, self.stride) if (
             self._triton(self.weight)) else None  # fmt: skip

@@ -16,6 +16,8 @@ computed: :attr:`SkipPlan.skipped_fraction` is then 0, and no time is saved.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,6 +78,18 @@ class SkipPlan:
             self.skipped_fraction = 1.0 - self.triton.computed_fraction(triton_band)
             if self.skipped_fraction <= 0.0:  # no block to leave out: the dense kernels, without the compaction
                 self.triton, self.skipped_fraction = None, 0.0
+
+    @classmethod
+    def zeroing(cls, active: Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> SkipPlan:
+        """A plan that computes every field and zeroes the flat ones without reading the mask's values: for a mask
+        mapped by ``torch.func.vmap`` (per-example gradients), which no plan can depend on. The same outputs and
+        gradients as a planned skip, but no time saved; ``zeroed_fraction`` is NaN (not known), ``skipped_fraction``
+        0."""
+        plan = cls.__new__(cls)
+        plan.active, plan.kernel, plan.stride = active, kernel, stride
+        plan.triton, plan.skips, plan.pairs = None, False, None
+        plan.zeroed_fraction, plan.skipped_fraction = math.nan, 0.0
+        return plan
 
     @torch.compiler.disable
     def kernels(self, in_chw: tuple[int, int, int], out_hw: tuple[int, int],
