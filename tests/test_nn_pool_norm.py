@@ -19,11 +19,17 @@ def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
 # L2Pool2d
 
 
-def l2pool_reference(x: torch.Tensor, k: int, stride: int, padding: int, epsilon: float) -> torch.Tensor:
+def _both(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else value
+
+
+def l2pool_reference(x: torch.Tensor, k: int | tuple[int, int], stride: int | tuple[int, int],
+                     padding: int | tuple[int, int], epsilon: float) -> torch.Tensor:  # fmt: skip
     """``sqrt(ε + Σ x²)`` over each window, by explicit loops; positions in the zero padding contribute nothing."""
+    (kh, kw), (sh, sw), (ph, pw) = _both(k), _both(stride), _both(padding)
     b, c, h, w = x.shape
-    h_out = (h + 2 * padding - k) // stride + 1
-    w_out = (w + 2 * padding - k) // stride + 1
+    h_out = (h + 2 * ph - kh) // sh + 1
+    w_out = (w + 2 * pw - kw) // sw + 1
     xs = x.tolist()
     out = torch.empty(b, c, h_out, w_out, dtype=torch.float64)
     for n in range(b):
@@ -31,9 +37,9 @@ def l2pool_reference(x: torch.Tensor, k: int, stride: int, padding: int, epsilon
             for i in range(h_out):
                 for j in range(w_out):
                     total = 0.0
-                    for p in range(k):
-                        for q in range(k):
-                            r, s = i * stride + p - padding, j * stride + q - padding
+                    for p in range(kh):
+                        for q in range(kw):
+                            r, s = i * sh + p - ph, j * sw + q - pw
                             if 0 <= r < h and 0 <= s < w:
                                 total += xs[n][ch][r][s] ** 2
                     out[n, ch, i, j] = math.sqrt(epsilon + total)
@@ -50,9 +56,12 @@ def l2pool_reference(x: torch.Tensor, k: int, stride: int, padding: int, epsilon
         (3, 2, 2, 0.0),  # padding > kernel // 2: some windows lie wholly in the padding
         (1, 1, 0, 0.5),  # degenerate window: sqrt(ε + x²)
         (5, 2, 0, 0.0),  # stride that does not divide the input
+        ((2, 3), (1, 2), (1, 0), 0.0),  # rectangular windows, strides and padding, as nn.AvgPool2d takes them
+        ((3, 1), None, (2, 0), 0.1),  # padding above half the kernel in one direction only
     ],
 )
-def test_l2pool_matches_loop_reference(k: int, stride: int | None, padding: int, epsilon: float) -> None:
+def test_l2pool_matches_loop_reference(k: int | tuple[int, int], stride: int | tuple[int, int] | None,
+                                       padding: int | tuple[int, int], epsilon: float) -> None:  # fmt: skip
     x = _randn(2, 3, 9, 8)
     out = L2Pool2d(k, stride, padding=padding, epsilon=epsilon)(x)
     expected = l2pool_reference(x, k, k if stride is None else stride, padding, epsilon)
@@ -121,6 +130,9 @@ def test_l2pool_epsilon_on_zero_input() -> None:
         ({"kernel_size": 2, "padding": -1}, r"padding .*>= 0.*got -1"),
         ({"kernel_size": 2, "epsilon": -1e-3}, r"epsilon .*>= 0.*got -0\.001"),
         ({"kernel_size": 2, "epsilon": math.nan}, r"epsilon .*got nan"),
+        ({"kernel_size": (2, 0)}, r"kernel_size .*pair of them, got \(2, 0\)"),
+        ({"kernel_size": (2, 2, 2)}, r"kernel_size .*got \(2, 2, 2\)"),
+        ({"kernel_size": 2, "padding": (0, -1)}, r"padding .*>= 0 or a pair of them, got \(0, -1\)"),
     ],
 )
 def test_l2pool_argument_errors(kwargs: dict, match: str) -> None:
@@ -137,6 +149,7 @@ def test_l2pool_input_errors() -> None:
 
 def test_l2pool_repr() -> None:
     assert "kernel_size=3, stride=1, padding=1, epsilon=0.0" in repr(L2Pool2d(3, 1, padding=1))
+    assert "kernel_size=(2, 3), stride=(2, 3), padding=(0, 1)" in repr(L2Pool2d((2, 3), padding=(0, 1)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

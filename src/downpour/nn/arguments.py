@@ -68,10 +68,13 @@ def sizes(owner: str, name: str, value: Any, length: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def pair(owner: str, name: str, value: Any) -> tuple[int, int]:
-    """``(value, value)`` for one integer >= 1, ``value`` as a tuple for a pair of them; else a ``ValueError``."""
+def pair(owner: str, name: str, value: Any, *, minimum: int = 1) -> tuple[int, int]:
+    """``(value, value)`` for one integer >= ``minimum``, ``value`` as a tuple for a pair of them; else a
+    ``ValueError``."""
     values = (value, value) if _is_int(value) else value
-    require(_sizes_ok(values, 2), owner, name, value, "an integer >= 1 or a pair of them")
+    ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 2
+    ok = ok and all(_is_int(v) and v >= minimum for v in values)
+    require(ok, owner, name, value, f"an integer >= {minimum} or a pair of them")
     return int(values[0]), int(values[1])
 
 

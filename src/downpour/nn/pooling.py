@@ -36,7 +36,8 @@ class L2Pool2d(nn.Module):
 
     Windows are ``kernel_size × kernel_size``, placed every ``stride`` positions (default: ``kernel_size``, i.e. not
     overlapping) on the input zero-padded by ``padding`` on every side, so ``H_out = (H + 2·padding − kernel_size) //
-    stride + 1`` (likewise ``W_out``), as for convolutions. Input ``(B, C, H, W)``, output ``(B, C, H_out, W_out)``.
+    stride + 1`` (likewise ``W_out``), as for convolutions. Each of the three is one integer or a pair ``(rows,
+    columns)``, as for ``nn.AvgPool2d``. Input ``(B, C, H, W)``, output ``(B, C, H_out, W_out)``.
 
     The sum of squares is ``avg_pool2d(x², divisor_override=1)`` (one fused pooling call, no Python loops); float16
     and bfloat16 inputs are pooled in float32 and the result returned in their dtype.
@@ -49,33 +50,40 @@ class L2Pool2d(nn.Module):
     exactly the L2 norm of the window.
     """
 
-    def __init__(self, kernel_size: int, stride: int | None = None, *, padding: int = 0, epsilon: float = 0.0) -> None:
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None, *,
+                 padding: int | tuple[int, int] = 0, epsilon: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         owner = type(self).__name__
-        self.kernel_size = check.integer(owner, "kernel_size", kernel_size)
-        self.stride = self.kernel_size if stride is None else check.integer(owner, "stride", stride)
-        self.padding = check.integer(owner, "padding", padding, minimum=0)
+        self.kernel_size = check.pair(owner, "kernel_size", kernel_size)
+        self.stride = self.kernel_size if stride is None else check.pair(owner, "stride", stride)
+        self.padding = check.pair(owner, "padding", padding, minimum=0)
         self.epsilon = check.number(owner, "epsilon", epsilon)
 
     def forward(self, x: Tensor) -> Tensor:
         check.floating_tensor(type(self).__name__, x)
         if x.dim() != 4:
             raise ValueError(f"L2Pool2d expects input of shape (B, C, H, W) (4-D), got shape {tuple(x.shape)}")
-        k, p = self.kernel_size, self.padding
-        height, width = x.shape[-2] + 2 * p, x.shape[-1] + 2 * p
-        if height < k or width < k:
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        height, width = x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw
+        if height < kh or width < kw:
             raise ValueError(
-                f"L2Pool2d: padded input {height}×{width} (input {tuple(x.shape)}, padding={p}) is smaller than "
-                f"kernel_size={k}"
+                f"L2Pool2d: padded input {height}×{width} (input {tuple(x.shape)}, padding={_shown(self.padding)}) "
+                f"is smaller than kernel_size={_shown(self.kernel_size)}"
             )
         wide = widened(x)
         squares = wide * wide
-        if p > k // 2:
+        if ph > kh // 2 or pw > kw // 2:
             # avg_pool2d refuses padding above half the kernel; zeros add nothing to a sum of squares, so pad by hand.
-            squares = F.pad(squares, (p, p, p, p))
-            p = 0
-        sums = F.avg_pool2d(squares, k, self.stride, p, divisor_override=1)
+            squares = F.pad(squares, (pw, pw, ph, ph))
+            ph = pw = 0
+        sums = F.avg_pool2d(squares, self.kernel_size, self.stride, (ph, pw), divisor_override=1)
         return _sqrt_zero_grad_at_zero(sums + self.epsilon if self.epsilon else sums).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, epsilon={self.epsilon}"
+        return (f"kernel_size={_shown(self.kernel_size)}, stride={_shown(self.stride)}, "
+                f"padding={_shown(self.padding)}, epsilon={self.epsilon}")  # fmt: skip
+
+
+def _shown(sizes: tuple[int, int]) -> int | tuple[int, int]:
+    """A pair as it is usually written: one number when both are equal."""
+    return sizes[0] if sizes[0] == sizes[1] else sizes
