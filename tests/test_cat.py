@@ -174,6 +174,30 @@ def test_gabor_templates_start_both_the_encoder_and_the_decoder() -> None:
     assert torch.equal(stage.decoder_weight, stage.encoder.weight)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_network_built_on_the_meta_device_initialises_like_a_real_one(tied: bool) -> None:
+    """The usual recipe for big models: build on ``meta``, ``to_empty``, ``reset_parameters``. W₁ gets the layer's
+    initialisation, W₂ a copy of it (as at construction), and the contrast normalization its window: the loss is
+    that of a network built directly with the same weights."""
+    kwargs = dict(stages=2, receptive_field=4, maps=3, pool=3, lcn=3, tied=tied)
+    with torch.device("meta"):
+        net = CatNetwork((1, 16, 16), **kwargs)
+    net.to_empty(device="cpu")
+    direct = CatNetwork((1, 16, 16), **kwargs)
+    torch.manual_seed(11)
+    net.reset_parameters()
+    torch.manual_seed(11)
+    direct.reset_parameters()
+    for stage, twin in zip(net.stages, direct.stages, strict=True):
+        assert torch.equal(stage.decoder_weight, stage.encoder.weight)
+        assert torch.equal(stage.encoder.weight, twin.encoder.weight)
+        bound = 1 / stage.encoder.weight[0].numel() ** 0.5 if tied else 1 / stage.encoder.weight.shape[-1] ** 0.5
+        assert 0 < float(stage.encoder.weight.detach().abs().max()) <= bound
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.isfinite(net.loss(x))
+    torch.testing.assert_close(net.loss(x), direct.loss(x))
+
+
 def test_a_pooled_map_as_small_as_the_lcn_radius_is_refused() -> None:
     """Reflect padding by lcn // 2 needs maps larger than lcn // 2: pooled to exactly lcn // 2 (2x2 for lcn = 5) is
     refused at build, naming model.lcn; one more pixel (3x3) builds and runs."""

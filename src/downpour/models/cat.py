@@ -88,6 +88,13 @@ class CatStage(nn.Module):
         self.pool = L2Pool2d(pool, stride=1, epsilon=epsilon)
         self.norm = LocalContrastNorm2d(lcn)
 
+    def reset_parameters(self) -> None:
+        """W₁ initialised anew (the encoder's own initialisation) and W₂ as a copy of it, as at construction; also for
+        a stage built on the ``meta`` device and materialised with ``to_empty``."""
+        self.encoder.reset_parameters()
+        with torch.no_grad():
+            self.decoder_weight.copy_(self.encoder.weight)
+
     def active(self, x: Tensor) -> SkipPlan | None:
         """The fields to compute for ``x`` (None when nothing is skipped), counted in :attr:`skip_counts`: one plan
         shared by the encoder, the decoder and their backward passes."""
@@ -164,6 +171,13 @@ class CatNetwork(nn.Module):
             )  # fmt: skip
             in_channels = maps
         self.filter_shape = (channels, receptive_field, receptive_field)
+
+    def reset_parameters(self) -> None:
+        """Every stage's weights initialised anew (:meth:`CatStage.reset_parameters`): after a build on the ``meta``
+        device and ``to_empty``. (A loop calling ``reset_parameters`` on every submodule works too, but resets each
+        encoder after its stage, so W₂ starts as a different random draw than W₁.)"""
+        for stage in self.stages:
+            stage.reset_parameters()
 
     def _images(self, x: Tensor) -> Tensor:
         return as_images(x, self.shape, "CatNetwork")  # (B, C, S, S)
