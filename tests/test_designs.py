@@ -482,6 +482,29 @@ def test_flat_designs_name_a_wrong_input_shape() -> None:
         assert model(torch.randn(2, 1, 8, 8)).shape == (2, 8)  # images of 64 values are examples too
 
 
+def test_every_design_names_an_input_of_another_dtype_than_its_weights() -> None:
+    """A float64 batch into a float32 model gave matmul's "expected m1 and m2 to have the same dtype" (an integer
+    batch into the conv autoencoder "expected scalar type Long but found Float"); every design now names both
+    dtypes, as the layers do, or the tensor that is not floating-point. Under ``torch.autocast`` a mixed input is
+    autocast's to handle and is let through."""
+    from downpour.models import RICA, CatNetwork, ConvAutoencoder, GaussianBernoulliRBM, SparseAutoencoder
+
+    shape = (1, 8, 8)
+    models = (RICA(64, 8), SparseAutoencoder(64, 8), GaussianBernoulliRBM(64, 8),
+              ConvAutoencoder(shape, features=4, receptive_field=3), CatNetwork(shape, receptive_field=3, maps=2,
+                                                                                pool=2, lcn=3))  # fmt: skip
+    for model in models:
+        name = type(model).__name__
+        with pytest.raises(ValueError, match=re.escape(f"{name} input is torch.float64 on cpu, its weights are "
+                                                       "torch.float32 on cpu: convert one of them")):  # fmt: skip
+            model.loss(torch.rand(2, 64, dtype=torch.float64))
+        with pytest.raises(TypeError, match=f"{name} expects a floating-point torch.Tensor, got a torch.int64 one"):
+            model(torch.ones(2, 64, dtype=torch.int64))
+        assert torch.isfinite(model.loss(torch.rand(2, 64)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model.loss(torch.rand(2, 64, dtype=torch.bfloat16)).float())
+
+
 def test_the_rbm_samples_in_the_models_dtype_and_keeps_its_chain_across_a_conversion() -> None:
     """Its Gibbs noise came from a CPU generator in float32 whatever the model's device and dtype, and its PCD
     chain, a plain attribute, stayed behind when the model was converted: bfloat16 and double() failed."""

@@ -48,11 +48,12 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Hidden activations ``σ(W₁x + b₁)``: ``(B, D) -> (B, K)``."""
-        return torch.sigmoid(as_flat(x, self.input_dim, type(self).__name__) @ self.weight.t() + self.bias)
+        x = as_flat(x, self.input_dim, type(self).__name__, like=self.weight)  # (B, D)
+        return torch.sigmoid(x @ self.weight.t() + self.bias)
 
     def loss(self, x: Tensor) -> Tensor:
         """The sparse-autoencoder cost on a batch ``(B, D)``."""
-        x = as_flat(x, self.input_dim, type(self).__name__)  # (B, D)
+        x = as_flat(x, self.input_dim, type(self).__name__, like=self.weight)  # (B, D)
         h = self(x)  # (B, K)
         reconstruction = h @ self.decoder_weight.t() + self.decoder_bias  # (B, D)
         cost = 0.5 * squared_reconstruction(reconstruction, x)

@@ -180,7 +180,7 @@ class CatNetwork(nn.Module):
             stage.reset_parameters()
 
     def _images(self, x: Tensor) -> Tensor:
-        return as_images(x, self.shape, "CatNetwork")  # (B, C, S, S)
+        return as_images(x, self.shape, "CatNetwork", like=self.stages[0].encoder.weight)  # (B, C, S, S)
 
     def forward(self, x: Tensor) -> Tensor:
         """The last stage's output for flat ``(B, C·S·S)`` or image ``(B, C, S, S)`` input."""

@@ -53,7 +53,7 @@ class ConvAutoencoder(nn.Module):
         self.weight = nn.Parameter(weight / math.sqrt(fan_in * features))
 
     def _images(self, x: Tensor) -> Tensor:
-        return as_images(x, self.shape, "ConvAutoencoder")  # (B, C, S, S)
+        return as_images(x, self.shape, "ConvAutoencoder", like=self.weight)  # (B, C, S, S)
 
     def encode(self, x: Tensor) -> Tensor:
         """Template responses ``W ∗ x``: ``(B, C, S, S) -> (B, K, S − f + 1, S − f + 1)``."""

@@ -61,7 +61,8 @@ class GaussianBernoulliRBM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Hidden probabilities ``p(h = 1 | v)``: ``(B, D) -> (B, K)``."""
-        return torch.sigmoid(as_flat(x, self.input_dim, type(self).__name__) @ self.weight.t() + self.hidden_bias)
+        x = as_flat(x, self.input_dim, type(self).__name__, like=self.weight)  # (B, D)
+        return torch.sigmoid(x @ self.weight.t() + self.hidden_bias)
 
     def free_energy(self, v: Tensor) -> Tensor:
         """``F(v)`` per example ``(B,)``."""
@@ -87,7 +88,7 @@ class GaussianBernoulliRBM(nn.Module):
     def loss(self, x: Tensor) -> Tensor:
         """Value: the reconstruction error (+ penalty and weight decay); gradient: the negative CD-k (or PCD)
         update (+ the penalty's and decay's gradients)."""
-        v = as_flat(x, self.input_dim, type(self).__name__)  # (B, D)
+        v = as_flat(x, self.input_dim, type(self).__name__, like=self.weight)  # (B, D)
         extra = regularised(torch.zeros((), dtype=v.dtype, device=v.device),
                             penalty(self.penalty, self(v), epsilon=self.epsilon),
                             decay_term(self.weight_decay, [self.weight]))  # fmt: skip

@@ -48,12 +48,12 @@ class RICA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Feature responses ``Wx``: ``(B, D) -> (B, K)``."""
-        return as_flat(x, self.input_dim, type(self).__name__) @ self.weight.t()
+        return as_flat(x, self.input_dim, type(self).__name__, like=self.weight) @ self.weight.t()
 
     def loss(self, x: Tensor) -> Tensor:
         """The RICA objective on a batch ``(B, D)`` (with ``model.penalty`` in place of the smooth L1 if set, plus
         ``model.weight_decay``)."""
-        x = as_flat(x, self.input_dim, type(self).__name__)  # (B, D)
+        x = as_flat(x, self.input_dim, type(self).__name__, like=self.weight)  # (B, D)
         h = x @ self.weight.t()  # (B, K)
         reconstruction = h @ self.weight  # (B, D)
         cost = squared_reconstruction(reconstruction, x)

@@ -174,10 +174,10 @@ class _TritonKernels(_BandKernels):
 def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager[None]:
     """Autocast off for the kernels (their products stay in the dtype they were given), when it is on for ``x``."""
     device = x.device.type
-    return torch.autocast(device, enabled=False) if _autocasting(device) else contextlib.nullcontext()
+    return torch.autocast(device, enabled=False) if autocasting(device) else contextlib.nullcontext()
 
 
-def _autocasting(device: str) -> bool:
+def autocasting(device: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device`` (a device type autocast does not know, such as "meta", never
     is: PyTorch raises for it)."""
     try:
@@ -501,7 +501,7 @@ class LocallyConnected2d(GeometryState):
         """``x`` in the weights' dtype inside a ``torch.autocast`` region of its device, else as it is: under autocast
         the layer computes in its weights' precision, as autocast's float32 operations do (its CUDA kernels are
         float32 Triton ones, with TF32 when PyTorch allows; a float16 input would fall back to slow batched matmuls)."""
-        if x.dtype != self.weight.dtype and x.is_floating_point() and _autocasting(x.device.type):
+        if x.dtype != self.weight.dtype and x.is_floating_point() and autocasting(x.device.type):
             return x.to(self.weight.dtype)
         return x
 
