@@ -4,6 +4,7 @@ subprocess, the others in this process through ``cli.main``)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def test_a_simulated_run_that_diverges_says_so(run_dir: Path, cli: Callable[...,
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["diverged"] is True and summary["final_loss"] is None and summary["checkpoint_step"] == 50
     message = " ".join(result.stderr.split())
-    assert "downpour: error: training diverged: held-out loss nan at step 50; saved its checkpoint" in message
+    assert re.search(
+        r"downpour: error: training diverged: held-out loss (nan|inf) at step 50; saved its checkpoint", message
+    )  # nan or inf: which one the overflowing matmuls give depends on the CPU's kernels
     assert "lower ps.lr (now 1e+30)" in message and "Traceback" not in message
 
 
