@@ -593,13 +593,16 @@ def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_pa
         (("detect", str(tmp_path / "norun"), str(photo), "--stride", "0"), "invalid --stride: 0 (must be 1.."),  # first
         (("detect", str(rica_run), str(photo), "--out", str(tmp_path / "heat.pgf")), "heat.pgf"),  # needs LaTeX
         (("detect", str(rica_run), str(photo), "--out", str(photo)), "is the picture being scanned"),
+        (("detect", str(rica_run), str(photo), "--out", str(rica_run / "filters.png")), "whose files it could replace"),
+        (("detect", str(rica_run), str(photo), "--out", str(rica_run / "eval" / "filters.png")), "inside run"),
     ]
-    before = photo.read_bytes()
+    before, filters = photo.read_bytes(), (rica_run / "filters.png").read_bytes()
     for argv, message in cases:
         code, _, err = _cli(capsys, *argv)
         assert code == 2, argv
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert photo.read_bytes() == before  # --out the picture itself replaced it with its heat map
+    assert (rica_run / "filters.png").read_bytes() == filters  # --out filters.png replaced the run's filter picture
 
 
 def test_preprocess_removes_each_example_mean_then_the_training_centre_then_whitens() -> None:

@@ -36,12 +36,20 @@ def heat_map_formats() -> list[str]:
     return sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})  # pgf needs a LaTeX installation
 
 
-def check_out(out: Path, image: Path | None = None) -> None:
+def check_out(out: Path, image: Path | None = None, run_dir: Path | None = None) -> None:
     """Refuse an ``--out`` that no heat map could be written to, before any work: an unknown suffix, a directory, a
-    missing parent directory, or the scanned ``image`` itself (the map would replace the user's picture)."""
+    missing parent directory, the scanned ``image`` itself (the map would replace the user's picture), or a file of
+    ``run_dir`` other than a heat map in its ``eval/`` folder (a map written as ``filters.png`` replaced the run's
+    filter picture, and the report showed the map as its filters)."""
     if image is not None and out.resolve() == image.resolve():
         raise DownpourError(f"invalid --out: {out} is the picture being scanned; the heat map would replace it "
                             "(name another file)")  # fmt: skip
+    if run_dir is not None:
+        target, run = out.resolve(), Path(run_dir).resolve()
+        if target.is_relative_to(run) and not (target.parent == run / "eval" and target.name.startswith("detect_")):
+            ours = Path(run_dir) / "eval" / "detect_<name>.png"
+            raise DownpourError(f"invalid --out: {out} is inside run {run_dir}, whose files it could replace (write "
+                                f"the heat map outside the run, or as {ours})")  # fmt: skip
     suffix = out.suffix.lstrip(".").lower()
     formats = heat_map_formats()
     if suffix not in formats:
@@ -146,7 +154,7 @@ def run(run_dir: Path, image_path: Path, *, unit: int | None = None, stride: int
     """
     check_scale(scale)  # the flags first: loading the run takes seconds
     if out is not None:
-        check_out(Path(out), Path(image_path))
+        check_out(Path(out), Path(image_path), Path(run_dir))
     trained = load_run(run_dir)
     stride = max(1, trained.input_shape[1] // 4) if stride is None else stride
     if not 1 <= stride <= MAX_STRIDE:
