@@ -111,6 +111,21 @@ def test_data_larger_than_memory_is_refused_before_it_is_cut(cli: Cli, tmp_path:
     _one_error_line(result, "data.examples = 1000000000000", "GiB is available: reduce data.examples")
 
 
+def test_a_refused_run_without_out_leaves_no_run_directory(cli: Cli, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Without --out, the run's directory under runs/ was made before the data were checked, and a refused run left
+    it behind holding only its lock file (three stray runs/<timestamp> folders in a reviewer's minute). A refused
+    run now removes it, as it does a --out folder it made; a run that starts keeps its own."""
+    monkeypatch.chdir(tmp_path)
+    for refused in ("data.examples=1000000000000", "data.source=folder:/nonexistent"):
+        result = cli(*TRAIN, "--set", refused)
+        assert result.returncode == 2 and "downpour: error:" in result.stderr, result.stderr
+        assert list((tmp_path / "runs").iterdir()) == []
+    assert cli(*TRAIN).returncode == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "summary.json").is_file()
+
+
 @pytest.mark.parametrize("allocate", [
     lambda: torch.empty(2**50),  # torch: RuntimeError "DefaultCPUAllocator: can't allocate memory"
     lambda: np.empty(2**50, dtype=np.float32),  # numpy: _ArrayMemoryError, a MemoryError

@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bool]:
+def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path | None, bool]:
+    """The run's config, its directory (None: a new one under runs/, made once nothing else can refuse the run)
+    and whether it resumes."""
     overrides = list(args.overrides)
     for flag, key in SHORTHANDS.items():
         value = getattr(args, flag)
@@ -141,7 +143,7 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path, bo
         config = config_mod.load(args.resume / rundir.CONFIG, overrides)
         return config, args.resume, True
     config = config_mod.load(args.config, overrides)
-    return config, args.out if args.out is not None else rundir.new_run_dir(), False
+    return config, args.out, False
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -149,6 +151,7 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     for note in config_mod.ignored_keys(config):
         warn(console, note)
     _check_environment()
+    out = out if out is not None else rundir.new_run_dir()  # removed again if the run is refused (rundir.claimed)
     from downpour.train import headline, raise_if_diverged, run_training, summary_json
 
     summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)

@@ -66,6 +66,8 @@ def claimed(out: Path) -> Iterator[None]:
     was waiting for the lock meanwhile makes the directory again.)"""
     for _ in range(10):
         made = [path for path in (out, *out.parents) if not path.exists()]  # the deepest first
+        if out in _NEW_RUN_DIRS and not made and not any(out.iterdir()):
+            made = [out]  # new_run_dir made it for this run: a refused run removes it too
         out.mkdir(parents=True, exist_ok=True)
         try:
             fd = _lock(out)
@@ -183,14 +185,19 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
                       f"Could not write ({exc}):", str(path)) from None  # fmt: skip
 
 
+_NEW_RUN_DIRS: set[Path] = set()  # made empty by new_run_dir in this process: claimed() removes one if refused
+
+
 def new_run_dir(root: Path = Path("runs")) -> Path:
-    """Create and return ``runs/<timestamp>``, with a numeric suffix if that name is taken."""
+    """Create and return ``runs/<timestamp>``, with a numeric suffix if that name is taken. A run refused before
+    it writes anything there removes it again (:func:`claimed`)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     for suffix in range(1000):
         candidate = root / (stamp if suffix == 0 else f"{stamp}-{suffix}")
         try:
             candidate.mkdir()  # claims the name: two runs started in the same second get different directories
+            _NEW_RUN_DIRS.add(candidate)
             return candidate
         except FileExistsError:
             continue
