@@ -522,3 +522,12 @@ def test_the_cifar10_archive_is_checked_and_only_its_batch_files_are_extracted(t
     offline = r"CIFAR10: could not download .*nowhere.tar.gz into .*\(or copy cifar-10-binary.tar.gz there\)"
     with pytest.raises(DataError, match=offline):
         cifar.train_images(tmp_path / "offline", "torchvision:CIFAR10", url=nowhere, md5=md5)
+    # a truncated copy there, offline: the error names the copy and its MD5, not only the failed download
+    truncated = tmp_path / "truncated" / "CIFAR10"
+    truncated.mkdir(parents=True)
+    (truncated / "cifar-10-binary.tar.gz").write_bytes(archive.read_bytes()[:100])
+    wrong = hashlib.md5(archive.read_bytes()[:100]).hexdigest()
+    with pytest.raises(DataError, match=rf"truncated/CIFAR10/cifar-10-binary.tar.gz has MD5 {wrong}, not {md5} \(a "
+                                        r"truncated or wrong copy\), and downloading it again failed"):  # fmt: skip
+        cifar.train_images(truncated, "torchvision:CIFAR10", url=nowhere, md5=md5)
+    assert cifar.train_images(truncated, "torchvision:CIFAR10", url=archive.as_uri(), md5=md5).shape == images.shape

@@ -75,16 +75,24 @@ def download(root: Path, source: str, *, url: str = URL, md5: str = MD5) -> None
     """``root/cifar-10-batches-bin`` from the archive at ``url`` (or from one already in ``root`` with the right MD5):
     the archive is downloaded beside it and checked, then the batch files are extracted."""
     archive = root / ARCHIVE
+    wrong = None  # the MD5 of an archive already there that is not the right one (a truncated or other copy)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if not (archive.is_file() and file_md5(archive) == md5):
+        if archive.is_file() and (found := file_md5(archive)) != md5:
+            wrong = found
+        if wrong is not None or not archive.is_file():
             fetch(url, archive, md5)
         extract(archive, root / FOLDER)
     except DataError as exc:
         raise DataError(f"data.source {source}: {exc}") from None
     except (OSError, http.client.HTTPException) as exc:  # offline (URLError is an OSError), a connection cut short
+        failed = f"{type(exc).__name__}: {exc}"
+        if wrong is not None:
+            raise DataError(f"data.source {source}: {archive} has MD5 {wrong}, not {md5} (a truncated or wrong "
+                            f"copy), and downloading it again failed ({failed}): replace it with the right archive"
+                            ) from None  # fmt: skip
         raise DataError(
-            f"data.source {source}: could not download {url} into {root} ({type(exc).__name__}: {exc}); it is "
+            f"data.source {source}: could not download {url} into {root} ({failed}); it is "
             f"downloaded on first use, so the first run needs the internet (or copy {ARCHIVE} there)"
         ) from None
 
