@@ -250,6 +250,19 @@ def test_resume_takes_neither_another_config_nor_another_out(cli: Cli, tmp_path:
     _one_error_line(cli("train", "--resume", run, "--out", other), "--resume continues RUN_DIR in place",
                     "drop --out")  # fmt: skip
     _one_error_line(cli("train", "--resume", run, "--out", run), str(tmp_path / "run"))  # the same: only not a run
+    spelled_otherwise = str(tmp_path / "other" / ".." / "run")
+    _one_error_line(cli("train", "--resume", run, "--out", spelled_otherwise), "not a run directory")
+
+
+def test_a_shorthand_flag_and_a_set_of_its_key_must_agree(cli: Cli, tmp_path: Path) -> None:
+    """``--steps 5 --set train.steps=7`` trained 5 steps without a word, whatever the order: which one was meant
+    cannot be known, so two values are refused; the same value twice is not a disagreement."""
+    out = str(tmp_path / "run")
+    _one_error_line(cli(*TRAIN, "--set", "train.steps=7", "--out", out), "--steps 10 and --set train.steps=7 disagree")
+    _one_error_line(cli("train", "--set", "cluster.workers=3", "--workers", "2", "--out", out),
+                    "--workers 2 and --set cluster.workers=3 disagree: give one of them")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+    assert cli(*TRAIN, "--set", "train.steps=10", "--out", out).returncode == 0
 
 
 @pytest.mark.parametrize(("flag", "key"), [("--steps", "train.steps"), ("--seed", "train.seed"),

@@ -130,13 +130,14 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path | N
     for flag, key in SHORTHANDS.items():
         value = getattr(args, flag)
         if value is not None:
+            _refuse_a_disagreeing_set(flag, key, str(value), args.overrides)
             overrides.append(f"{key}={value}")
     if args.tensorboard:
         overrides.append("train.tensorboard=true")
     if args.resume is not None:
         if args.config is not None:
             raise DownpourError("--resume reads the run's own config.toml; drop --config")
-        if args.out is not None and args.out != args.resume:
+        if args.out is not None and args.out.resolve() != args.resume.resolve():  # the same folder, however named
             raise DownpourError("--resume continues RUN_DIR in place; drop --out")
         if not (args.resume / rundir.CONFIG).is_file():
             raise DownpourError(rundir.not_resumable(args.resume))
@@ -144,6 +145,15 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path | N
         return config, args.resume, True
     config = config_mod.load(args.config, overrides)
     return config, args.out, False
+
+
+def _refuse_a_disagreeing_set(flag: str, key: str, value: str, overrides: list[str]) -> None:
+    """A ``--set KEY=...`` beside the shorthand flag for the same key, with another value, is refused: which one
+    the user meant cannot be known (the flag used to win silently, whatever the order)."""
+    for override in overrides:
+        name, _, other = override.partition("=")
+        if name.strip() == key and other.strip() != value.strip():
+            raise DownpourError(f"--{flag} {value} and --set {override.strip()} disagree: give one of them")
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
