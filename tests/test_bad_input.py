@@ -111,6 +111,37 @@ def test_data_larger_than_memory_is_refused_before_it_is_cut(cli: Cli, tmp_path:
     _one_error_line(result, "data.examples = 1000000000000", "GiB is available: reduce data.examples")
 
 
+@pytest.mark.parametrize(("model", "source", "exact"), [
+    ({"name": "rica"}, "natural-patches", True),
+    ({"name": "cat", "receptive_field": 8, "maps": 4, "pool": 3, "lcn": 3}, "natural-images", True),
+    ({"name": "sparse-ae", "penalty": "kl:0.05,3"}, "digits", False),
+], ids=["rica", "cat", "sparse-ae-kl"])  # fmt: skip
+def test_a_held_out_batch_of_large_responses_is_measured_in_chunks(monkeypatch: pytest.MonkeyPatch, model: dict,
+                                                                   source: str, exact: bool) -> None:  # fmt: skip
+    """At model.features = 10⁶ the driver computed the 1,024 held-out examples' responses at once (4 GB a copy)
+    and peaked at 23.6 GB. Above held_out.CHUNK_VALUES responses the batch is measured in chunks: the same loss
+    (each term is a mean over examples), but for the KL penalty, whose mean activation is then each chunk's."""
+    from downpour import held_out
+
+    config = config_mod.from_dict({"model": model, "data": {"examples": 600, "held_out": 150, "source": source}})
+    dataset = load_dataset(config.data, seed=0)
+    whole = held_out.HeldOutLoss(config, dataset)
+    params = whole.flat.values.clone() * 3
+    responses = whole.model(dataset.held_out[:1]).numel()
+    monkeypatch.setattr(held_out, "CHUNK_VALUES", responses * 40)  # chunks of 40 examples: 40, 40, 40, 30
+    chunked = held_out.HeldOutLoss(config, dataset)
+    assert (whole.chunk, chunked.chunk) == (150, 40)
+    calls = []
+    loss = type(chunked.model).loss
+    monkeypatch.setattr(type(chunked.model), "loss", lambda model, x: calls.append(len(x)) or loss(model, x))
+    got, expected = chunked(params), whole(params)
+    assert calls == [40, 40, 40, 30, 150]
+    if exact:
+        assert got == pytest.approx(expected, rel=1e-5)
+    else:
+        assert got != expected and got == pytest.approx(expected, rel=0.2)
+
+
 def test_a_refused_run_without_out_leaves_no_run_directory(cli: Cli, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Without --out, the run's directory under runs/ was made before the data were checked, and a refused run left
