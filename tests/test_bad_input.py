@@ -224,8 +224,10 @@ def test_detect_needs_a_finite_positive_scale(cli: Cli, tmp_path: Path, picture:
 
 
 def test_detect_refuses_a_scale_that_makes_a_huge_image(cli: Cli, tiny_run: Path, picture: Path) -> None:
+    # a 40x40 picture: 250 times its side is 10,000
     _one_error_line(cli("detect", str(tiny_run), str(picture), "--scale", "1000000"),
-                    "invalid --scale: 1e+06", "40000000x40000000 pixels", "at most 100 megapixels")  # fmt: skip
+                    "invalid --scale: 1e+06", "40000000x40000000 pixels", "at most 100 megapixels",
+                    "--scale 250 or less fits")  # fmt: skip
 
 
 def test_detect_checks_out_before_any_work(cli: Cli, tmp_path: Path, picture: Path) -> None:
@@ -712,7 +714,7 @@ def test_detect_refuses_a_huge_picture_unread_and_shrinks_one_as_decoded(tiny_ru
     assert (refused, scanned) == (2, 0), result.stderr
     assert len(err.splitlines()) == 1, err
     assert err.startswith("downpour: error: invalid --scale: 1 (the 12000x12000 image would become 12000x12000 "
-                          "pixels; at most 100 megapixels are scanned)"), err  # fmt: skip
+                          "pixels; at most 100 megapixels are scanned: --scale 0.83 or less fits)"), err  # fmt: skip
     assert after_refusal - before < 64 * 2**20, (before, after_refusal)  # nothing decoded
     assert after_scan - before < 2**30, (before, after_scan)
     assert json.loads(shown)["image_shape"] == [1, 1200, 1200]

@@ -79,8 +79,10 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     if new_height * new_width > MAX_MEGAPIXELS * 1e6:
         finite = math.isfinite(new_height) and math.isfinite(new_width)
         shown = f"{new_width:.12g}x{new_height:.12g} pixels" if finite else "too large to count"
+        fits = math.floor(math.sqrt(MAX_MEGAPIXELS * 1e6 / (height * width)) * 100) / 100  # rounded down
+        hint = f": --scale {fits:g} or less fits" if fits > 0 else ""
         raise DownpourError(f"invalid --scale: {scale:g} (the {width}x{height} image would become {shown}; at most "
-                            f"{MAX_MEGAPIXELS} megapixels are scanned)")  # fmt: skip
+                            f"{MAX_MEGAPIXELS} megapixels are scanned{hint})")  # fmt: skip
     return int(new_height), int(new_width)
 
 
