@@ -575,6 +575,18 @@ def test_gif_and_tiff_frames_are_read_as_their_first_picture(tmp_path: Path) -> 
     assert np.corrcoef(read_image(tmp_path / "print.jpg", 1).ravel(), gray.ravel())[0, 1] > 0.9  # no negative
 
 
+def test_an_eval_file_where_the_eval_folder_goes_is_named(rica_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A file named RUN/eval gave 'downpour: error: File exists runs/x/eval', without saying it must be a folder."""
+    run = tmp_path / "run"
+    shutil.copytree(rica_run, run, ignore=shutil.ignore_patterns("eval"))
+    (run / "eval").write_text("not a folder")
+    code, _, err = _cli(capsys, "eval", "probe", str(run))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{run / 'eval'} is not a folder: evaluation results are written into RUN_DIR/eval/" in err
+    assert (run / "eval").read_text() == "not a folder"
+
+
 def test_detect_and_eval_errors_are_one_line(rica_run: Path, photo: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     broken = tmp_path / "broken.png"

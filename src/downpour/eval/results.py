@@ -10,13 +10,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from downpour import rundir
+from downpour.errors import DownpourError
 
 EVAL_DIR = "eval"
 
 
 def eval_dir(run_dir: Path) -> Path:
-    """``RUN_DIR/eval``, created if needed."""
+    """``RUN_DIR/eval``, created if needed (a file of that name is refused, naming it: mkdir said only "File
+    exists")."""
     path = Path(run_dir) / EVAL_DIR
+    if path.exists() and not path.is_dir():
+        raise DownpourError(f"{path} is not a folder: evaluation results are written into RUN_DIR/{EVAL_DIR}/ (move "
+                            "that file away)")  # fmt: skip
     path.mkdir(parents=True, exist_ok=True)
     return path
 
