@@ -217,6 +217,12 @@ def test_resume_refuses_another_model_and_overwrites_nothing(finished_run: Path,
     assert len(result.stderr.strip().splitlines()) == 1
     assert "does not match" in result.stderr and "parameter shapes" in result.stderr
     assert _files(finished_run) == files
+    # another design, whose own checks fail on the run's data, is refused for changing the model, not for its checks
+    result = cli("train", "--resume", str(finished_run), "--set", "model.name=cat", "--no-progress")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "checkpoint" in result.stderr and "does not match this config: model.name 'rica' vs 'cat'" in result.stderr
+    assert "receptive_field" not in result.stderr
+    assert _files(finished_run) == files
 
 
 def test_resume_refuses_a_run_file_that_is_a_directory_before_training(

@@ -36,7 +36,7 @@ from downpour.data import (
     worker_slice,
 )
 from downpour.data.own import READER_VERSION
-from downpour.errors import CheckpointError, DownpourError
+from downpour.errors import CheckpointError, ConfigError, DownpourError
 from downpour.held_out import HeldOutLoss, warn_if_every_field_is_flat
 from downpour.models import build_model
 from downpour.ps.flat import flat_copy
@@ -109,6 +109,20 @@ def _build_cluster(config: Config, dataset: Dataset, initial: torch.Tensor, seed
     return LocalCluster(config, dataset.train.clone(), initial, worker_seeds=seeds, t0=t0, shape=dataset.shape)
 
 
+def _build_model(config: Config, dataset: Dataset, out: Path, *, resume: bool) -> torch.nn.Module:
+    """The run's model. Resuming with a model or data setting the run was not trained with, whose network cannot
+    be built (``--set model.name=cat`` on a rica run of 16x16 patches), is refused for the change, as a network
+    that builds is by the checkpoint's checks, not for the new design's sizes."""
+    try:
+        return build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
+    except ConfigError:
+        changed = config_mod.trained_differently(config_mod.read_toml(out / rundir.CONFIG), config) if resume else []
+        if changed:
+            raise CheckpointError(f"checkpoint {out / rundir.CHECKPOINT} does not match this config: "
+                                  + "; ".join(changed)) from None  # fmt: skip
+        raise
+
+
 def run_training(
     config: Config, out: Path | str, *, resume: bool = False, console: Console | None = None,
     show_progress: bool = True, dataset: Dataset | None = None,
@@ -142,7 +156,7 @@ def run_training(
         if (note := capped_batch_warning(len(dataset.train), config.cluster.workers,
                                          config.train.batch_size)) is not None:  # fmt: skip
             warn(console, note)
-        model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
+        model = _build_model(config, dataset, out, resume=resume)
         signature = model_signature(model)
         contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
         held_out_loss = HeldOutLoss(config, dataset)
