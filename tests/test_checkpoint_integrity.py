@@ -223,6 +223,8 @@ def test_a_diverged_resume_keeps_the_last_good_checkpoint(run: Path, cli: Callab
     assert (run / "filters.png").read_bytes() == filters and summary["gabor_fit"] == gabor_fit
     end = [r for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "end"][-1]
     assert end["diverged"] is True and end["checkpoint_step"] == 20
+    probed = cli("eval", "probe", str(run), "--json")  # the kept checkpoint is a good one: no warning
+    assert probed.returncode == 0 and "diverged" not in probed.stderr, probed.stderr
 
     again = cli("train", "--resume", str(run), "--steps", "30", "--no-progress")
     assert again.returncode == 0, again.stderr
@@ -280,6 +282,14 @@ def test_a_first_session_that_diverges_saves_its_checkpoint_and_says_so(
         "diverged in its first session, with no earlier one to keep; start a new run with a lower ps.lr (it was 1e+30)"
     )
     assert _files(run_dir) == files
+    # evaluated, the diverged checkpoint's results come with a warning that they describe a diverged network
+    probed = cli("eval", "probe", str(run_dir), "--json")
+    assert probed.returncode == 0 and json.loads(probed.stdout)["step"] == 20
+    assert re.search(
+        rf"warning: the checkpoint of {re.escape(str(run_dir))} is the one its training diverged with "
+        r"\(training diverged: held-out loss (nan|inf) at step 20\)",
+        probed.stderr,
+    ), probed.stderr
     # Most diverged runs hold NaN values: the same line, not the checkpoint's NaN check, speaks.
     tensors = load_file(str(_params_path(run_dir)))
     save_file({name: torch.full_like(t, float("nan")) for name, t in tensors.items()}, str(_params_path(run_dir)))

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
 from downpour import rundir
 from downpour.cli_paths import path_argument
+from downpour.console import warn
 from downpour.errors import DownpourError
 
 
@@ -65,8 +67,18 @@ def _table_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 120)
 
 
+def _warn_if_diverged(run_dir: Path, console: Console) -> None:
+    """Results of a checkpoint that diverged describe a broken network: say so before they are shown."""
+    from downpour.runs import diverged_checkpoint
+
+    if (divergence := diverged_checkpoint(run_dir)) is not None:
+        warn(console, f"the checkpoint of {run_dir} is the one its training diverged with ({divergence}): these "
+                      "results describe that network")  # fmt: skip
+
+
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     """Run ``eval face-neuron`` or ``eval probe``."""
+    _warn_if_diverged(args.run_dir, console)
     if args.eval == "face-neuron":
         from downpour.eval import face_neuron
 
@@ -92,6 +104,7 @@ def cmd_viz(args: argparse.Namespace, console: Console) -> int:
     """Run ``viz``: filter grid and optimal stimuli."""
     from downpour.eval import viz
 
+    _warn_if_diverged(args.run_dir, console)
     result = viz.run(args.run_dir, units=args.units, steps=args.steps)
     if args.json:
         print(rundir.json_text(result))
@@ -107,6 +120,7 @@ def cmd_detect(args: argparse.Namespace, console: Console) -> int:
 
     if args.stride is not None and not 1 <= args.stride <= detect.MAX_STRIDE:
         raise DownpourError(f"invalid --stride: {args.stride} (must be 1..{detect.MAX_STRIDE})")
+    _warn_if_diverged(args.run_dir, console)
     result = detect.run(args.run_dir, args.image, unit=args.unit, stride=args.stride, scale=args.scale, out=args.out)
     if args.json:
         print(rundir.json_text(result))

@@ -99,6 +99,18 @@ def _load_whitening(run_dir: Path, dim: int) -> tuple[Tensor, Tensor | None]:
     return zca.float(), None if mean is None else mean.float()
 
 
+def diverged_checkpoint(run_dir: Path) -> str | None:
+    """How the run diverged (the first clause of its summary's ``divergence``) when the checkpoint on disk is the
+    diverged one, which a first session that diverges saves for inspection; else None (a resumed session that
+    diverged kept the earlier, good checkpoint)."""
+    summary = rundir.read_json_object(Path(run_dir) / rundir.SUMMARY) or {}
+    state = rundir.read_json_object(Path(run_dir) / rundir.CHECKPOINT / ckpt.STATE_FILE) or {}
+    step = state.get("step")
+    if summary.get("diverged") is True and summary.get("checkpoint_step") == step == summary.get("steps"):
+        return str(summary.get("divergence") or f"training diverged at step {step}").split(";")[0]
+    return None
+
+
 def load_run(run_dir: Path) -> TrainedRun:
     """Read ``run_dir``'s ``config.toml``, latest checkpoint and whitening matrix; rebuild the model (eval mode).
 
