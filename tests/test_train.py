@@ -286,6 +286,11 @@ def test_new_run_into_an_existing_run_directory_is_refused(finished_run: Path, c
     assert result.returncode == 2
     assert "already holds a run" in result.stderr
     assert _files(finished_run) == files
+    # nor does one inside it (it nested a whole run into the other's checkpoint/)
+    inside = finished_run / "checkpoint" / "new"
+    result = cli("train", "--steps", "20", "--out", str(inside), *FAST)
+    assert result.returncode == 2 and f"is inside run {finished_run}, whose files" in result.stderr, result.stderr
+    assert _files(finished_run) == files and not inside.exists()
 
 
 @pytest.mark.parametrize("backend", ["local", "sim"])

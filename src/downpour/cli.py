@@ -144,7 +144,18 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path | N
         config = config_mod.load(args.resume / rundir.CONFIG, overrides)
         return config, args.resume, True
     config = config_mod.load(args.config, overrides)
+    if args.out is not None and (run := _run_around(args.out)) is not None:
+        raise DownpourError(f"invalid --out: {args.out} is inside run {run}, whose files a run there could replace "
+                            "(name a folder outside it)")  # fmt: skip
     return config, args.out, False
+
+
+def _run_around(path: Path) -> Path | None:
+    """The run directory that ``path`` lies inside (one holding a config.toml and a checkpoint/ folder), if any."""
+    for folder in path.resolve().parents:
+        if (folder / rundir.CONFIG).is_file() and (folder / rundir.CHECKPOINT).is_dir():
+            return folder
+    return None
 
 
 def _refuse_a_disagreeing_set(flag: str, key: str, value: str, overrides: list[str]) -> None:
