@@ -161,9 +161,10 @@ def _run_around(path: Path) -> Path | None:
 def _refuse_a_disagreeing_set(flag: str, key: str, value: str, overrides: list[str]) -> None:
     """A ``--set KEY=...`` beside the shorthand flag for the same key, with another value, is refused: which one
     the user meant cannot be known (the flag used to win silently, whatever the order)."""
+    wanted = config_mod.parse_override(f"{key}={value}")[2]
     for override in overrides:
-        name, _, other = override.partition("=")
-        if name.strip() == key and other.strip() != value.strip():
+        name, _, _ = override.partition("=")
+        if name.strip() == key and config_mod.parse_override(override)[2] != wanted:  # 10 and 10.0 agree
             raise DownpourError(f"--{flag} {value} and --set {override.strip()} disagree: give one of them")
 
 
