@@ -26,7 +26,7 @@ from downpour import rundir
 from downpour.config import DataConfig
 from downpour.data import load_dataset
 from downpour.data.whitening import zca_matrix
-from downpour.errors import ConfigError, DataError
+from downpour.errors import ConfigError, DataError, DownpourError
 
 Cli = Callable[..., CliResult]
 TRAIN = ["train", "--steps", "10", "--no-progress", "--backend", "sim"]
@@ -148,10 +148,12 @@ def test_a_refused_run_without_out_leaves_no_run_directory(cli: Cli, tmp_path: P
     it behind holding only its lock file (three stray runs/<timestamp> folders in a reviewer's minute). A refused
     run now removes it, as it does a --out folder it made; a run that starts keeps its own."""
     monkeypatch.chdir(tmp_path)
-    for refused in ("data.examples=1000000000000", "data.source=folder:/nonexistent"):
-        result = cli(*TRAIN, "--set", refused)
+    # the last one is refused before the run's lock is taken
+    for refused in (["--set", "data.examples=1000000000000"], ["--set", "data.source=folder:/nonexistent"],
+                    ["--backend", "local", "--workers", "5000"]):  # fmt: skip
+        result = cli(*TRAIN, *refused)
         assert result.returncode == 2 and "downpour: error:" in result.stderr, result.stderr
-        assert list((tmp_path / "runs").iterdir()) == []
+        assert not (tmp_path / "runs").exists()  # nor the runs/ folder made for it
     assert cli(*TRAIN).returncode == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "summary.json").is_file()
@@ -230,6 +232,19 @@ def test_detect_refuses_a_scale_that_makes_a_huge_image(cli: Cli, tiny_run: Path
                     "--scale 250 or less fits")  # fmt: skip
 
 
+@pytest.mark.parametrize(("height", "width"), [(12000, 12000), (1, 300_000_000), (7, 99_999_999)])
+def test_the_scale_a_refusal_suggests_fits(height: int, width: int) -> None:
+    """The hint assumed the area shrinks with the scale squared, which a side held at 1 pixel does not: for a
+    1x300,000,000 picture it named 0.57, itself refused."""
+    from downpour.eval.detect import scaled_size
+
+    with pytest.raises(DownpourError, match=r"--scale ([0-9.]+) or less fits\)$") as refused:
+        scaled_size(height, width, 1.0)
+    fits = float(re.search(r"--scale ([0-9.]+) or less fits", str(refused.value)).group(1))
+    rows, columns = scaled_size(height, width, fits)
+    assert rows * columns <= 100e6 and fits > 0
+
+
 def test_detect_checks_out_before_any_work(cli: Cli, tmp_path: Path, picture: Path) -> None:
     norun = str(tmp_path / "norun")  # the --out checks come first: no run directory is needed to be refused
     _one_error_line(cli("detect", norun, str(picture), "--out", str(tmp_path / "h.txt")),
@@ -294,23 +309,34 @@ def test_a_shorthand_flag_and_a_set_of_its_key_must_agree(cli: Cli, tmp_path: Pa
     _one_error_line(cli(*TRAIN, "--set", "train.steps=7", "--out", out), "--steps 10 and --set train.steps=7 disagree")
     _one_error_line(cli("train", "--set", "cluster.workers=3", "--workers", "2", "--out", out),
                     "--workers 2 and --set cluster.workers=3 disagree: give one of them")  # fmt: skip
+    _one_error_line(cli(*TRAIN, "--tensorboard", "--set", "train.tensorboard=false", "--out", out),
+                    "--tensorboard and --set train.tensorboard=false disagree")  # fmt: skip
     assert not (tmp_path / "run").exists()
-    assert (
-        cli(
-            *TRAIN,
-            "--set",
-            "train.steps=10",
-            "--set",
-            "cluster.backend='sim'",
-            "--seconds",
-            "600",
-            "--set",
-            "train.seconds=600.0",
-            "--out",
-            out,
-        ).returncode
-        == 0
-    )  # the same values, written otherwise
+    # the same values, written otherwise
+    same = ["--set", "train.steps=10", "--set", "cluster.backend='sim'", "--seconds", "600", "--set",
+            "train.seconds=600.0"]  # fmt: skip
+    assert cli(*TRAIN, *same, "--out", out).returncode == 0
+
+
+def test_out_inside_a_run_is_refused_but_not_inside_other_folders(cli: Cli, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A new run inside another run's folder (it nested a whole run in another's checkpoint/) is refused, also as
+    the default runs/<time> when the command runs there; a folder of another tool that happens to hold a
+    config.toml and a checkpoint/ is no run; a link loop is the one-line error it was."""
+    run = tmp_path / "run"
+    assert cli(*TRAIN, "--out", str(run)).returncode == 0
+    inside = run / "checkpoint" / "x"
+    _one_error_line(cli(*TRAIN, "--out", str(inside)), f"--out {inside} is inside run {run}")
+    monkeypatch.chdir(run)
+    _one_error_line(cli(*TRAIN), f"the default --out runs/<time> is inside run {run}")
+    assert not (run / "runs").exists()
+    other = tmp_path / "project"
+    (other / "checkpoint").mkdir(parents=True)
+    (other / "config.toml").write_text("[model]\n")
+    assert cli(*TRAIN, "--out", str(other / "experiments" / "a")).returncode == 0
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    _one_error_line(cli(*TRAIN, "--out", str(loop / "x")), "loop")
 
 
 @pytest.mark.parametrize(("flag", "key"), [("--steps", "train.steps"), ("--seed", "train.seed"),

@@ -235,6 +235,7 @@ def test_lcn_window_stays_the_float64_gaussian_through_casts_and_meta_initialisa
     x = _randn(2, 3, 12, 12, seed=9)
     assert torch.equal(module(x), reference(x))
     assert torch.equal(module(x.bfloat16()), reference(x.bfloat16()))
+    assert module.share_memory().window.is_shared()  # as every other buffer
 
 
 def test_lcn_gradcheck() -> None:

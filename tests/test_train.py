@@ -1055,8 +1055,8 @@ def test_a_run_whitened_around_its_mean_saves_loads_and_resumes_with_it(
     resumed = cli("train", "--resume", str(run_dir), "--steps", "40", *args[:-1])
     assert resumed.returncode == 0, resumed.stderr
     torch.testing.assert_close(load_file(str(path))["mean"], saved["mean"])
-    plain = cli("train", "--steps", "10", "--out", str(run_dir / "plain"), *args)
-    assert plain.returncode == 0 and set(load_file(str(run_dir / "plain" / "whitening.safetensors"))) == {"zca"}
+    plain = cli("train", "--steps", "10", "--out", str(run_dir.parent / "plain"), *args)
+    assert plain.returncode == 0 and set(load_file(str(run_dir.parent / "plain" / "whitening.safetensors"))) == {"zca"}
     save_file({"zca": saved["zca"]}, str(path))  # a centred run's file without its mean: refused, not misread
     with pytest.raises(DownpourError, match=r"data\.whiten_centre = true but .* holds no 'mean'"):
         load_run(run_dir)

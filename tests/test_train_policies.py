@@ -67,10 +67,11 @@ def test_a_simulated_run_with_rejected_updates_warns_and_checkpoints_the_rule_st
     assert summary["updates_rejected"] > 0.5 * (summary["updates_applied"] + summary["updates_rejected"])
     message = " ".join(result.stderr.split())
     assert f"warning: {summary['updates_rejected']} of " in message and "lower ps.lr (now 0.19)" in message
-    plain = cli("train", "--backend", "sim", "--workers", "4", "--steps", "40", *FAST, "--out", str(run_dir / "p"))
+    other = run_dir.parent / "p"  # beside the run: a run inside another's folder is refused
+    plain = cli("train", "--backend", "sim", "--workers", "4", "--steps", "40", *FAST, "--out", str(other))
     assert plain.returncode == 0 and "rejected (NaN or Inf)" not in plain.stderr
-    state = json.loads((run_dir / "p" / "checkpoint" / "state.json").read_text())
-    tensors = load_file(str(run_dir / "p" / "checkpoint" / state["params_file"]))
+    state = json.loads((other / "checkpoint" / "state.json").read_text())
+    tensors = load_file(str(other / "checkpoint" / state["params_file"]))
     assert set(tensors) == {"shard0.values", "shard0.state.sum_sq"}  # ps.rule = adagrad, the default
     assert float(tensors["shard0.state.sum_sq"].min()) >= 0 and float(tensors["shard0.state.sum_sq"].sum()) > 0
 

@@ -130,30 +130,43 @@ def _train_config(args: argparse.Namespace) -> tuple[config_mod.Config, Path | N
     for flag, key in SHORTHANDS.items():
         value = getattr(args, flag)
         if value is not None:
-            _refuse_a_disagreeing_set(flag, key, str(value), args.overrides)
+            _refuse_a_disagreeing_set(f"--{flag} {value}", key, str(value), args.overrides)
             overrides.append(f"{key}={value}")
     if args.tensorboard:
+        _refuse_a_disagreeing_set("--tensorboard", "train.tensorboard", "true", args.overrides)
         overrides.append("train.tensorboard=true")
     if args.resume is not None:
         if args.config is not None:
             raise DownpourError("--resume reads the run's own config.toml; drop --config")
-        if args.out is not None and args.out.resolve() != args.resume.resolve():  # the same folder, however named
+        if args.out is not None and _resolved(args.out) != _resolved(args.resume):  # the same folder, however named
             raise DownpourError("--resume continues RUN_DIR in place; drop --out")
         if not (args.resume / rundir.CONFIG).is_file():
             raise DownpourError(rundir.not_resumable(args.resume))
         config = config_mod.load(args.resume / rundir.CONFIG, overrides)
         return config, args.resume, True
     config = config_mod.load(args.config, overrides)
-    if args.out is not None and (run := _run_around(args.out)) is not None:
-        raise DownpourError(f"invalid --out: {args.out} is inside run {run}, whose files a run there could replace "
+    out = args.out if args.out is not None else Path("runs") / "new"
+    if (run := _run_around(out)) is not None:
+        where = f"--out {args.out}" if args.out is not None else "the default --out runs/<time>"
+        raise DownpourError(f"invalid --out: {where} is inside run {run}, whose files a run there could replace "
                             "(name a folder outside it)")  # fmt: skip
     return config, args.out, False
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` with its links followed and made absolute; as it is where that cannot be done (a link loop: its
+    own error comes where the path is used)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
+
+
 def _run_around(path: Path) -> Path | None:
-    """The run directory that ``path`` lies inside (one holding a config.toml and a checkpoint/ folder), if any."""
-    for folder in path.resolve().parents:
-        if (folder / rundir.CONFIG).is_file() and (folder / rundir.CHECKPOINT).is_dir():
+    """The downpour run directory that ``path`` lies inside (one holding config.toml, metrics.jsonl and its lock
+    file), if any."""
+    for folder in _resolved(path).parents:
+        if all((folder / name).is_file() for name in (rundir.CONFIG, rundir.METRICS, rundir.LOCK)):
             return folder
     return None
 
@@ -165,7 +178,7 @@ def _refuse_a_disagreeing_set(flag: str, key: str, value: str, overrides: list[s
     for override in overrides:
         name, _, _ = override.partition("=")
         if name.strip() == key and config_mod.parse_override(override)[2] != wanted:  # 10 and 10.0 agree
-            raise DownpourError(f"--{flag} {value} and --set {override.strip()} disagree: give one of them")
+            raise DownpourError(f"{flag} and --set {override.strip()} disagree: give one of them")
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -173,10 +186,18 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     for note in config_mod.ignored_keys(config):
         warn(console, note)
     _check_environment()
-    out = out if out is not None else rundir.new_run_dir()  # removed again if the run is refused (rundir.claimed)
     from downpour.train import headline, raise_if_diverged, run_training, summary_json
 
-    summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)
+    if out is not None:
+        summary = run_training(config, out, resume=resume, console=console, show_progress=not args.no_progress)
+    else:
+        root_made = not Path("runs").exists()
+        out = rundir.new_run_dir()
+        try:
+            summary = run_training(config, out, resume=False, console=console, show_progress=not args.no_progress)
+        except BaseException:
+            rundir.remove_unused(out, root_too=root_made)  # a refused run leaves no empty runs/<timestamp>
+            raise
     if args.json:
         print(summary_json(summary))
     raise_if_diverged(summary)

@@ -66,8 +66,6 @@ def claimed(out: Path) -> Iterator[None]:
     was waiting for the lock meanwhile makes the directory again.)"""
     for _ in range(10):
         made = [path for path in (out, *out.parents) if not path.exists()]  # the deepest first
-        if out in _NEW_RUN_DIRS and not made and not any(out.iterdir()):
-            made = [out]  # new_run_dir made it for this run: a refused run removes it too
         out.mkdir(parents=True, exist_ok=True)
         try:
             fd = _lock(out)
@@ -185,23 +183,32 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
                       f"Could not write ({exc}):", str(path)) from None  # fmt: skip
 
 
-_NEW_RUN_DIRS: set[Path] = set()  # made empty by new_run_dir in this process: claimed() removes one if refused
-
-
 def new_run_dir(root: Path = Path("runs")) -> Path:
-    """Create and return ``runs/<timestamp>``, with a numeric suffix if that name is taken. A run refused before
-    it writes anything there removes it again (:func:`claimed`)."""
+    """Create and return ``runs/<timestamp>``, with a numeric suffix if that name is taken (a run refused before it
+    writes anything there removes it again: :func:`remove_unused`)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     for suffix in range(1000):
         candidate = root / (stamp if suffix == 0 else f"{stamp}-{suffix}")
         try:
             candidate.mkdir()  # claims the name: two runs started in the same second get different directories
-            _NEW_RUN_DIRS.add(candidate)
             return candidate
         except FileExistsError:
             continue
     raise DownpourError(f"could not make a new run directory under {root}")
+
+
+def remove_unused(out: Path, *, root_too: bool = False) -> None:
+    """Remove ``out`` if it holds nothing, or only a lock file no session holds (a run refused before it wrote
+    anything), and with ``root_too`` its parent if that is left empty; anything else is kept."""
+    try:
+        if {path.name for path in out.iterdir()} <= {LOCK} and not in_use(out):
+            (out / LOCK).unlink(missing_ok=True)
+            out.rmdir()
+            if root_too:
+                out.parent.rmdir()
+    except OSError:  # gone already, written meanwhile, or not ours to remove: kept
+        pass
 
 
 def fresh_path(path: Path) -> Path:

@@ -50,6 +50,7 @@ from downpour.resume import (
     RunState,
     changes_from,
     claimed_run_dir,
+    has_checkpoint,
     load_previous,
     model_signature,
     prepare_run_dir,
@@ -116,7 +117,8 @@ def _build_model(config: Config, dataset: Dataset, out: Path, *, resume: bool) -
     try:
         return build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
     except ConfigError:
-        changed = config_mod.trained_differently(config_mod.read_toml(out / rundir.CONFIG), config) if resume else []
+        saved = config_mod.read_toml(out / rundir.CONFIG) if resume and has_checkpoint(out) else None
+        changed = config_mod.trained_differently(saved, config) if saved is not None else []
         if changed:
             raise CheckpointError(f"checkpoint {out / rundir.CHECKPOINT} does not match this config: "
                                   + "; ".join(changed)) from None  # fmt: skip

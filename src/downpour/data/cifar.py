@@ -81,18 +81,20 @@ def download(root: Path, source: str, *, url: str = URL, md5: str = MD5) -> None
         if archive.is_file() and (found := file_md5(archive)) != md5:
             wrong = found
         if wrong is not None or not archive.is_file():
-            fetch(url, archive, md5)
+            try:
+                fetch(url, archive, md5)
+            except (OSError, http.client.HTTPException) as exc:
+                if wrong is None:
+                    raise
+                raise DataError(f"{archive} has MD5 {wrong}, not {md5} (a truncated or wrong copy), and downloading "
+                                f"it again failed ({type(exc).__name__}: {exc}): replace it with the right archive"
+                                ) from None  # fmt: skip
         extract(archive, root / FOLDER)
     except DataError as exc:
         raise DataError(f"data.source {source}: {exc}") from None
     except (OSError, http.client.HTTPException) as exc:  # offline (URLError is an OSError), a connection cut short
-        failed = f"{type(exc).__name__}: {exc}"
-        if wrong is not None:
-            raise DataError(f"data.source {source}: {archive} has MD5 {wrong}, not {md5} (a truncated or wrong "
-                            f"copy), and downloading it again failed ({failed}): replace it with the right archive"
-                            ) from None  # fmt: skip
         raise DataError(
-            f"data.source {source}: could not download {url} into {root} ({failed}); it is "
+            f"data.source {source}: could not download {url} into {root} ({type(exc).__name__}: {exc}); it is "
             f"downloaded on first use, so the first run needs the internet (or copy {ARCHIVE} there)"
         ) from None
 

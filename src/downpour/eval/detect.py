@@ -80,6 +80,8 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
         finite = math.isfinite(new_height) and math.isfinite(new_width)
         shown = f"{new_width:.12g}x{new_height:.12g} pixels" if finite else "too large to count"
         fits = math.floor(math.sqrt(MAX_MEGAPIXELS * 1e6 / (height * width)) * 100) / 100  # rounded down
+        while fits > 0 and _side(height * fits) * _side(width * fits) > MAX_MEGAPIXELS * 1e6:
+            fits = round(fits - 0.01, 2)  # a side held at 1 pixel shrinks no more: step down to a scale that fits
         hint = f": --scale {fits:g} or less fits" if fits > 0 else ""
         raise DownpourError(f"invalid --scale: {scale:g} (the {width}x{height} image would become {shown}; at most "
                             f"{MAX_MEGAPIXELS} megapixels are scanned{hint})")  # fmt: skip

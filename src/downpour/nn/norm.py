@@ -64,9 +64,10 @@ class LocalContrastNorm2d(nn.Module):
 
     def _gaussian(self, device: torch.device | None) -> Tensor:
         """The window ``(1, 1, k, k)``, summing to 1, in float64 so that float64 inputs get full-precision weights
-        (it is cast to the computation's dtype in forward)."""
+        (it is cast to the computation's dtype in forward; in float32 on Apple's MPS, which has no float64)."""
         k = self.kernel_size
-        offsets = torch.arange(k, dtype=torch.float64, device=device) - k // 2
+        dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+        offsets = torch.arange(k, dtype=dtype, device=device) - k // 2
         gauss = torch.exp(-(offsets**2) / (2 * self.sigma**2))
         window = torch.outer(gauss, gauss)
         return (window / window.sum()).view(1, 1, k, k)
@@ -76,7 +77,10 @@ class LocalContrastNorm2d(nn.Module):
         the device it moved to, so that ``.half()`` does not round it (in bfloat16 it summed to 1.0003) and a module
         built on the ``meta`` device and materialised with ``to_empty`` gets real values, not uninitialised memory."""
         module = super()._apply(fn, recurse)
+        shared = self.window.is_shared()
         self.window = self._gaussian(self.window.device)
+        if shared:  # share_memory(): as every other buffer
+            self.window.share_memory_()
         return module
 
     def _local_sum(self, x: Tensor, weight: Tensor) -> Tensor:
