@@ -587,7 +587,10 @@ def test_ctrl_c_while_workers_start_stops_once_they_have_started_or_at_once_when
     assert main is not None
 
     def press_then_resume() -> None:
-        time.sleep(1.0)  # start() is waiting for the stopped fork server by then
+        deadline = time.monotonic() + 60  # start() routes Ctrl-C to its handler just before it forks (and waits)
+        while getattr(signal.getsignal(signal.SIGINT), "__name__", "") != "defer" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # into the wait for the stopped fork server
         for _ in range(presses):
             signal.pthread_kill(main, signal.SIGINT)
             time.sleep(0.3)
