@@ -863,7 +863,7 @@ def test_input_nested_too_deeply_is_one_line_naming_it(cli: Cli, tiny_run: Path,
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     page = (run / "report.html").read_text()
     assert "could not read summary.json: it nests too deeply to read" in page
-    assert "1 lines of metrics.jsonl could not be read" in page
+    assert "1 line of metrics.jsonl could not be read" in page
 
 
 def test_recursion_errors_of_bugs_are_not_taken_for_deep_input(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:

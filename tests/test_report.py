@@ -91,6 +91,16 @@ def test_train_writes_a_self_contained_page(local_run: Path) -> None:
     assert "[model]" in page and "name = &quot;rica&quot;" in page  # the resolved config, escaped
 
 
+def test_a_run_trained_on_the_faces_is_not_sent_to_the_face_test(local_run: Path, tmp_path: Path) -> None:
+    """The page suggested `eval face-neuron` for a run trained on lfw-faces, which that command always refuses."""
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    config = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(re.sub(r'source = "[^"]*"', 'source = "lfw-faces"', config, count=1))
+    page = build_report(run)
+    assert "Not evaluated yet: run downpour eval probe" in page and "eval face-neuron" not in page
+
+
 def test_the_page_renders_in_chromium_with_every_image(local_run: Path, tmp_path: Path) -> None:
     page = local_run / "report.html"
     expected = _png_sizes(page.read_text())
@@ -126,7 +136,33 @@ def test_report_command_shows_evaluations_and_survives_a_cut_off_log(
     assert comparison in page  # the run beside its baselines
     assert "Not evaluated yet" not in page
     assert (30, 20) in _png_sizes(page)
-    assert "1 lines of metrics.jsonl could not be read" in page
+    assert "1 line of metrics.jsonl could not be read and was skipped" in page
+    assert "Measured at step" not in page  # no step recorded: nothing to compare
+
+
+def test_evaluations_of_an_earlier_checkpoint_diverged_and_interrupted_runs_are_called_out(
+    local_run: Path, tmp_path: Path
+) -> None:
+    """After a resume, evaluations of the earlier checkpoint stayed on the page as if current (a reviewer's face
+    test at step 19,052 shown beside a run at 25,496); a run that diverged or was interrupted says so at the top,
+    and numbers too large to read as integers are shown in scientific notation."""
+    run = tmp_path / "copy"
+    shutil.copytree(local_run, run)
+    step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+    (run / "eval").mkdir()
+    (run / "eval" / "probe_digits.json").write_text(json.dumps({"step": step - 1, "accuracy": 0.9}))
+    (run / "eval" / "viz.json").write_text(json.dumps({"step": step, "responses": [-1.6829241146059361e31]}))
+    page = build_report(run)
+    assert page.count("Measured at step") == 1 and f"Measured at step {step - 1:,}; the checkpoint is now at step " \
+        f"{step:,}" in page  # fmt: skip
+    assert "-1.683e+31" in page and "16,829" not in page
+    assert "Training diverged" not in page and "was interrupted" not in page
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(diverged=True, divergence="training diverged: held-out loss inf at step 9", interrupted=True)
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = build_report(run)
+    assert '<p class="note">Training diverged: held-out loss inf at step 9.</p>' in page
+    assert "The last session was interrupted" in page
 
 
 def test_a_run_without_its_metrics_log_says_so(local_run: Path, tmp_path: Path) -> None:
@@ -240,7 +276,7 @@ def test_the_log_of_a_resumed_run_continues_steps_and_time(tmp_path: Path) -> No
     from downpour.report.html import _log_notes
 
     notes = _log_notes(log)
-    assert "1 updates rejected by the shards (NaN or Inf)" in notes and "1 pushes not applied: late ones" in notes
+    assert "1 update rejected by the shards (NaN or Inf)" in notes and "1 push not applied: late ones" in notes
     assert "worker 1: killed as it did not stop — did not stop within 10 s of being asked" in notes
     assert "shard 0: restored from its checkpoint (Ray) — shard 0 restored at version 3 (incarnation 1)" in notes
 
@@ -364,7 +400,7 @@ def test_edited_files_give_notes_not_tracebacks(local_run: Path, tmp_path: Path)
     assert main(["report", str(run), "--out", str(out)]) == 0
     page = out.read_text()
     assert "3 of 5 data files could not be read" in page
-    assert "1 lines of metrics.jsonl could not be read" in page  # the start row
+    assert "1 line of metrics.jsonl could not be read" in page  # the start row
     assert "This figure could not be drawn from metrics.jsonl (ValueError" in page
 
 

@@ -40,6 +40,7 @@ def run(run_dir: Path, *, units: list[int] | None = None, steps: int = 100, seed
     result = {
         "run_dir": str(trained.run_dir),
         "model": trained.config.model.name,
+        "step": trained.step,
         "filters_png": str(out / FILTERS_PNG),
         "stimuli_png": str(out / STIMULI_PNG),
         "units": units,

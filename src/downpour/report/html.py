@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import time
+import tomllib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -68,13 +70,20 @@ def _format(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value).lower() if value is not None else "—"
     if isinstance(value, int):
-        return f"{value:,}"
+        return f"{value:,}" if abs(value) < 10**15 else f"{value:.4g}"
     if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) >= 1e15:  # 32 digits of an overflowing response say nothing
+            return f"{value:.4g}"
         return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     if isinstance(value, list):
         shown = ", ".join(_format(v) for v in value[:8])
         return f"[{shown}{', …' if len(value) > 8 else ''}]" + (f" ({len(value)} values)" if len(value) > 8 else "")
     return str(value)
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 update``, ``2,048 updates`` (``plural`` where it is not ``noun + "s"``)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _flatten(payload: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -142,6 +151,13 @@ def _summary_section(run_dir: Path) -> str:
     if summary is None:
         return f'<p class="note">{html.escape(problem or "")}</p>'
     notes = ""
+    if summary.get("diverged") is True:
+        divergence = str(summary.get("divergence") or "training diverged")
+        notes += f'<p class="note">{html.escape(divergence[:1].upper() + divergence[1:])}.</p>'
+
+    if summary.get("interrupted") is True:
+        notes += ('<p class="note">The last session was interrupted (Ctrl-C or SIGTERM) and stopped cleanly: '
+                  "<code>downpour train --resume</code> continues it.</p>")  # fmt: skip
     files = summary.get("data_files")
     if isinstance(files, dict) and files.get("skipped"):
         notes = (f'<p class="note">{_format(files["skipped"])} of {_format(files.get("files", 0))} data files could '
@@ -176,10 +192,10 @@ def _log_notes(log: RunLog, *, log_missing: bool = False) -> str:
             who = f"shard {event.get('shard')}" if kind == "shard_restored" else f"worker {event.get('worker')}"
             items.append(f"{who}: {_FAULT_ROWS[kind]} — {detail[-1] if detail else ''}")
     if log.rejected:
-        items.append(f"{log.rejected:,} updates rejected by the shards (NaN or Inf)")
+        items.append(f"{_count(log.rejected, 'update')} rejected by the shards (NaN or Inf)")
     if log.not_applied:
-        items.append(f"{log.not_applied:,} pushes not applied: late ones that sync dropped (backup workers), or lost "
-                     "with a shard restored from its checkpoint")  # fmt: skip
+        items.append(f"{_count(log.not_applied, 'push', 'pushes')} not applied: late ones that sync dropped (backup "
+                     "workers), or lost with a shard restored from its checkpoint")  # fmt: skip
     if log.discarded:
         items.append(f"{log.discarded:,} pushes logged after the checkpoint that a later session resumed from are "
                      "left out of the counts and curves: that work was undone (a driver killed between checkpoints, "
@@ -187,30 +203,56 @@ def _log_notes(log: RunLog, *, log_missing: bool = False) -> str:
     for index, row in enumerate(log.starts if log.sessions > 1 else ()):
         changed = row.get("changed") if isinstance(row.get("changed"), dict) else {}
         what = "; ".join(f"{key} {_shown(pair)}" for key, pair in changed.items()) or "settings unchanged"
-        items.append(f"session {row.get('session', index)} from step {row.get('step', 0)}"
+        items.append(f"session {row.get('session', index)} from step {_format(row.get('step', 0))}"
                      + (f": {what}" if row.get("resume") else ""))  # fmt: skip
     if log.bad_lines:
-        items.append(f"{log.bad_lines} lines of metrics.jsonl could not be read and were skipped")
+        items.append(f"{_count(log.bad_lines, 'line')} of metrics.jsonl could not be read and "
+                     f"{'was' if log.bad_lines == 1 else 'were'} skipped")  # fmt: skip
     if not items:
         return ""
     return "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
 
 
+def _data_source(run_dir: Path) -> Any:
+    try:
+        return tomllib.loads((run_dir / rundir.CONFIG).read_text()).get("data", {}).get("source")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        return None
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    state, _ = _read_json(run_dir / rundir.CHECKPOINT / "state.json")
+    step = state.get("step") if state is not None else None
+    return step if isinstance(step, int) else None
+
+
 def _eval_section(run_dir: Path) -> str:
+    from downpour.runs import diverged_checkpoint
+
     folder = run_dir / EVAL_DIR
     results = sorted(folder.glob("*.json")) if folder.is_dir() else []
     pictures = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if not results and not pictures:
         hint = EVAL_HINT.format(run=run_dir)
+        if _data_source(run_dir) == "lfw-faces":  # the face test's faces would be its own training pictures
+            hint = hint.split(" · ", 1)[1]
         return f'<p class="note">Not evaluated yet: run {html.escape(hint)}</p>'
     parts = []
+    if (divergence := diverged_checkpoint(run_dir)) is not None:
+        parts.append(f'<p class="note">The checkpoint is the one training diverged with ({html.escape(divergence)}): '
+                     "these results describe that network.</p>")  # fmt: skip
+    now = _checkpoint_step(run_dir)
     for path in results:
         payload, problem = _read_json(path)
         parts.append(f"<h3>{html.escape(path.stem)}</h3>")
         if payload is None:
             parts.append(f'<p class="note">{html.escape(problem or "")}</p>')
-        else:
-            parts.append(_comparison(payload) + _table(payload))
+            continue
+        step = payload.get("step")
+        if isinstance(step, int) and now is not None and step != now:
+            parts.append(f'<p class="note">Measured at step {step:,}; the checkpoint is now at step {now:,}: run '
+                         "it again for the current network.</p>")  # fmt: skip
+        parts.append(_comparison(payload) + _table(payload))
     for path in pictures:
         png = _read_png(path)
         parts.append(_figure(png, path.stem, f"{EVAL_DIR}/{path.name}", f"{EVAL_DIR}/{path.name} is not a PNG"))
@@ -237,7 +279,7 @@ def build_report(run_dir: Path) -> str:
                          "times in a simulated run, and at the end).",
                          "No losses in metrics.jsonl yet.")),
         ("Throughput", _figure(_drawn(plots.throughput_figure, log), "throughput",
-                               "Examples per second, each second (zero while the worker processes start up).",
+                               "Examples per second, one point a second while the workers train.",
                                "No throughput rows in metrics.jsonl: they are written once a second, so a run "
                                "that trained for under a second has none, and a simulated run logs none; the "
                                "summary above gives the rate.")),

@@ -49,7 +49,7 @@ def loss_figure(log: RunLog) -> bytes | None:
                 label=f"running mean ({window} pushes)")  # fmt: skip
         values.append(log.push_loss)
     if has_held:
-        style = "o-" if len(log.held_out_loss) > 2 else "o"  # the local backend measures it at start and end only
+        style = "o:" if len(log.held_out_loss) > 2 else "o"  # dotted: measured only at the points
         ax.plot(log.held_out_step, log.held_out_loss, style, color="tab:red", ms=5, lw=1.2, label="held-out loss")
         values.append(log.held_out_loss)
     finite = np.concatenate(values)
@@ -70,7 +70,7 @@ def throughput_figure(log: RunLog) -> bytes | None:
         return None
     fig = Figure(figsize=(8, 2.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(log.throughput_t[keep], log.throughput[keep], "-", color="tab:green", lw=1.2)
+    ax.plot(log.throughput_t[keep], log.throughput[keep], ".-", color="tab:green", lw=1.2, ms=4)  # one row shows
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("examples / s")
     ax.set_ylim(bottom=0)
