@@ -413,6 +413,16 @@ def test_a_diverging_arm_is_counted_as_diverged(tmp_path: Path) -> None:
     json.loads((tmp_path / "optima.json").read_text(), parse_constant=_strict)
 
 
+def test_a_run_that_blew_up_to_finite_values_is_diverged_not_in_a_basin() -> None:
+    """Sync at 1,024 workers takes steps of lr·1024 ≈ 2: its end points were finite but astronomical ((-6e41,
+    -1e23), final losses up to 1.5e167) with no push rejected, and each was counted as reaching the minimum of the
+    orthant it ended in. A run that ends above every start's loss has left the wells."""
+    result = run_optima(workers=1024, seeds=3, steps=2048, policies=("sync", "downpour@1"), trace_seeds=0)
+    sync, sequential = result["arms"]
+    assert sum(sync["rejected"]) == 0 and sync["counts"]["diverged"] == 3 and sync["minimum"] == [DIVERGED] * 3
+    assert sequential["counts"]["diverged"] == 0  # plain SGD at lr 0.002 reaches a basin from the same starts
+
+
 def test_the_reproduce_line_names_the_first_seed() -> None:
     """A study from seed 100 printed a Python call to reproduce it, though ``--first-seed`` exists."""
     result = run_optima(workers=4, seeds=2, steps=40, first_seed=100)

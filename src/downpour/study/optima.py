@@ -19,7 +19,8 @@ staleness nor large steps) separates the two.
 ``lr_match="update"`` instead gives every arm the same ``lr`` per server update and the same number of server
 updates (``sync`` then needs ``(N−b)·steps`` pushes: N times the compute). A run *reaches* the minimum whose basin
 of attraction (under the noise-free gradient flow of the expected loss) holds its final parameters; a run whose
-parameters became non-finite, or with a rejected push, *diverged*.
+parameters became non-finite, whose final loss is above every start's (it left the wells), or with a rejected push,
+*diverged*.
 """
 
 from __future__ import annotations
@@ -244,9 +245,12 @@ def _run_arm(name: str, policy_name: str, *, workers: int, steps: int, lr: float
         if keep:
             traces.append([starts[k].tolist(), *path])
     end = np.asarray(ends, dtype=np.float64)  # (S, d)
-    minimum = task.classify(end)
-    minimum = np.where(np.asarray(rejected) > 0, DIVERGED, minimum)
-    final_loss = task.loss(end)
+    with np.errstate(over="ignore", invalid="ignore"):
+        final_loss = task.loss(end)
+    # Blown up: a finite point far out (sync at 1,024 workers ended at (-6e41, -1e23)) lies in some orthant, but
+    # reached no minimum. A run that ends above every start's loss has left the wells: it diverged.
+    left = ~np.isfinite(final_loss) | (final_loss > float(np.max(task.loss(starts))))
+    minimum = np.where((np.asarray(rejected) > 0) | left, DIVERGED, task.classify(end))
     final_loss = np.where(np.isfinite(final_loss), final_loss, np.inf)
     counts = {m.name: int((minimum == k).sum()) for k, m in enumerate(task.minima())}
     counts["diverged"] = int((minimum == DIVERGED).sum())

@@ -141,9 +141,9 @@ def _markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {c['other']} vs {c['base']} | {g['other_hits']} vs {g['base_hits']}; discordant {g['other_only']}/"
             f"{g['base_only']}; odds ratio {g['odds_ratio']:.3g}; p = {_p(g['p'])} | χ² = {m['statistic']:.3g}, "
-            f"df = {m['df']}, p = {_p(m['p'])} | lower in {w['other_lower']}/{w['other_higher']} pairs "
-            f"({w['ties']} ties); median diff {w['median_difference']:+.3g}; r = {w['rank_biserial']:+.2f}; "
-            f"p = {_p(w['p'])} |"
+            f"df = {m['df']}, p = {_p(m['p'])} | {c['other']} lower in {w['other_lower']} pairs, {c['base']} in "
+            f"{w['other_higher']} ({w['ties']} ties); median diff {w['median_difference']:+.3g}; "
+            f"r = {w['rank_biserial']:+.2f}; p = {_p(w['p'])} |"
         )
     lines += ["", f"Wall time: {result.get('seconds', math.nan):.1f} s.", ""]
     return "\n".join(lines)
