@@ -82,6 +82,9 @@ def test_study_flags_are_checked(tmp_path: Path, cli: Callable[..., CliResult]) 
     for study in ("staleness", "optima", "designs"):  # found after the whole study had run
         bad = cli("study", study, "--out", str(config / "report"))
         assert bad.returncode == 2 and f"cannot be made: {config} is a file, not a directory" in bad.stderr
+        bad = cli("study", study, "--out", "/proc/nope/report")  # root passes os.access there; mkdir fails
+        assert bad.returncode == 2 and "invalid --out: /proc/nope/report cannot be" in bad.stderr, bad.stderr
+    assert not (tmp_path / "g").exists()  # trying to make a folder leaves none behind
 
 
 def test_a_study_does_not_replace_another_ones_results(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
@@ -107,6 +110,13 @@ def test_a_study_does_not_replace_another_ones_results(tmp_path: Path, cli: Call
     (tmp_path / "designs" / "results.json").write_text('{"setup": {}, "rows": []}')  # a designs study's
     bad = cli("study", "staleness", "--steps", "40", *grid[:-1], str(tmp_path / "designs"))
     assert bad.returncode == 2 and "another study" in bad.stderr
+    # studies that keep their results in different files refused each other only by luck (a reviewer's staleness
+    # study wrote its results beside an optima study's, and the other way round)
+    bad = cli("study", "staleness", "--steps", "40", *grid[:-1], str(tmp_path / "optima"))
+    assert bad.returncode == 2 and "holds the results of another kind of study (optima.json)" in bad.stderr
+    bad = cli("study", "optima", "--workers", "4", "--seeds", "2", "--steps", "40", "--out", str(out))
+    assert bad.returncode == 2 and "holds the results of another kind of study (results.json)" in bad.stderr
+    assert not (tmp_path / "optima" / "results.json").exists() and not (out / "optima.json").exists()
 
 
 def test_ctrl_c_while_repeating_a_study_keeps_the_complete_one(tmp_path: Path, cli: Callable[..., CliResult],

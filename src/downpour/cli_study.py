@@ -102,9 +102,15 @@ def _bar(console: Console, enabled: bool) -> Progress:
                     console=console, disable=not enabled)  # fmt: skip
 
 
-def _check_out(out: Path) -> None:
-    """A study's report directory must be a directory or one that can be made (its nearest existing folder is a
-    writable directory): refused before hours of runs, not after."""
+# The file each study keeps its results in: one of another kind in --out is refused (staleness and designs, which
+# share results.json, each refuse the other's settings).
+RESULTS_FILES = {"staleness": "results.json", "designs": "results.json", "optima": "optima.json"}
+
+
+def _check_out(out: Path, study: str) -> None:
+    """A study's report directory must be a directory or one that can be made, and hold no other kind of study's
+    results: refused before hours of runs, not after. Making it is tried (and undone): as root, ``os.access``
+    said yes to ``/proc/nope``, which was refused only once every run had finished."""
     if out.exists() and not out.is_dir():
         raise DownpourError(f"invalid --out: {out} is a file, not a directory (the report directory to write)")
     existing = next(parent for parent in (out.absolute(), *out.absolute().parents) if parent.exists())
@@ -112,6 +118,17 @@ def _check_out(out: Path) -> None:
         raise DownpourError(f"invalid --out: {out} cannot be made: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DownpourError(f"invalid --out: {out} cannot be written: {existing} is not writable")
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # the deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownpourError(f"invalid --out: {out} cannot be made ({exc.strerror})") from None
+    for folder in made:
+        folder.rmdir()
+    for name in set(RESULTS_FILES.values()) - {RESULTS_FILES[study]}:
+        if (out / name).exists():
+            raise DownpourError(f"invalid --out: {out} holds the results of another kind of study ({name}): use "
+                                "another --out")  # fmt: skip
 
 
 GRID_KEYS = {"ps.policy": "--policies", "cluster.workers": "--workers"}  # what the staleness grid sets per run
@@ -120,7 +137,7 @@ BUDGET_KEYS = ("train.seconds",)  # a training budget the study has none of: eac
 
 def cmd_study(args: argparse.Namespace, console: Console) -> int:
     """Run the study named on the command line."""
-    _check_out(args.out)
+    _check_out(args.out, args.study)
     if args.study == "staleness":
         from downpour.study import staleness
 
