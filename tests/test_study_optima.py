@@ -354,6 +354,8 @@ def test_the_answer_names_the_arm_that_did_better(downpour_first: bool) -> None:
     assert "final losses are significantly lower for downpour" in answer
     lower, higher = (0, 12) if downpour_first else (12, 0)
     assert f"({other['name']} lower in {lower} pairs, {base['name']} in {higher}, 0 ties" in answer
+    assert answer.endswith("(3 tests, each at 0.05 without correction for multiplicity: rerun with other seeds "
+                           "(--first-seed) before believing a difference.)")  # fmt: skip
 
 
 def test_bad_settings_are_refused() -> None:

@@ -231,6 +231,9 @@ def report_markdown(result: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in result["answers"]],
         "",
+        "One run per cell, with no interval: on 360 test digits one standard error of a probe accuracy is about one "
+        "point, so rankings within a point or two are not differences.",
+        "",
         f"Time of this invocation: {result['seconds']:.0f} s (cells kept from an earlier one not counted).",
     ]
     return "\n".join(lines) + "\n"

@@ -52,6 +52,10 @@ def answer_sentence(result: dict[str, Any], *, alpha: float = 0.05) -> str:
             f"r={w['rank_biserial']:+.2f}; Wilcoxon p={_p(w['p'])})"
         )
         sentences.append(f"{verdict[0].upper()}{verdict[1:]}: {hits} (exact McNemar p={_p(g['p'])}); {minima}; {loss}.")
+    if any(min(c[t]["p"] for t in ("global_minimum", "minima", "final_loss")) < alpha for c in result["comparisons"]):
+        tests = 3 * len(result["comparisons"])
+        sentences.append(f"({tests} tests, each at {alpha:g} without correction for multiplicity: rerun with other "
+                         "seeds (--first-seed) before believing a difference.)")  # fmt: skip
     return " ".join(sentences)
 
 
