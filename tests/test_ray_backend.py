@@ -13,9 +13,11 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -95,8 +97,14 @@ def test_a_private_instance_has_a_fresh_token_only_its_user_can_read(tmp_path: P
     home = tmp_path / "home"
     home.mkdir()
     env = {key: value for key, value in os.environ.items() if key not in ("DOWNPOUR_RAY_ADDRESS", "RAY_ADDRESS")}
-    result = subprocess.run([sys.executable, "-c", _PRIVATE_INSTANCES], env={**env, "HOME": str(home)},
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    # a TMPDIR of the test's own (short: Ray's sockets live there): the first instance's processes, still exiting
+    # while the second starts, wrote its session folder again after it was removed, and /tmp kept one per suite
+    temp_dir = tempfile.mkdtemp(prefix="dp-")
+    try:
+        result = subprocess.run([sys.executable, "-c", _PRIVATE_INSTANCES], env={**env, "HOME": str(home),
+                                "TMPDIR": temp_dir}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     for run, expected_sum in (("0", 3), ("1", 4)):
