@@ -236,6 +236,24 @@ def test_fastest_ms_is_the_fastest_timed_run_in_milliseconds(monkeypatch: pytest
     assert steps.fastest_ms(clock.step([0.009, 0.003, 0.002, 0.005]), 3, "cpu") == pytest.approx(2.0)
 
 
+def test_implementations_take_turns_and_each_keeps_its_fastest_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed one after another, a burst of load could slow all of one implementation's runs and none of the
+    next's: they now take turns, a warm-up each, then one run of each per round."""
+    from downpour.bench import steps
+
+    clock, order = _Clock(), []
+
+    def logged(name: str, durations: list[float]) -> Callable[[], None]:
+        run = clock.step(durations)
+        return lambda: (order.append(name), run())[1]
+
+    monkeypatch.setattr(steps, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    best = steps.fastest_of_each({"ours": logged("ours", [0.05, 0.004, 0.003, 0.006]),
+                                  "unfold": logged("unfold", [0.2, 0.09, 0.12, 0.08])}, 3, "cpu")  # fmt: skip
+    assert order == ["ours", "unfold"] * 4
+    assert best == pytest.approx({"ours": 3.0, "unfold": 80.0})
+
+
 def test_skip_timing_takes_the_fastest_of_each_and_the_median_of_the_pairs_ratios(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

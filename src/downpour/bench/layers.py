@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from downpour.bench import skip as bench_skip
-from downpour.bench.steps import fastest_ms, training_step
+from downpour.bench.steps import fastest_ms, fastest_of_each, training_step
 from downpour.nn import LocallyConnected2d
 
 # The issue's shapes: (batch, channels, size, kernel, stride, maps)
@@ -79,7 +79,7 @@ def arithmetic_gflop(shape: tuple[int, ...]) -> float:
 
 def time_layers(shape: tuple[int, ...], device: str = "cpu", repeats: int = 5) -> dict[str, float]:
     """Milliseconds per forward + backward for ours, unfold + bmm and tied conv2d of the same shape."""
-    return {name: fastest_ms(step, repeats, device) for name, step in _implementations(shape, device).items()}
+    return fastest_of_each(_implementations(shape, device), repeats, device)
 
 
 def saved_for_backward_mb(impl: str, shape: tuple[int, ...]) -> float:

@@ -52,3 +52,23 @@ def fastest_ms(step: Callable[[], None], repeats: int, device: str) -> float:
         end.record()
     torch.cuda.synchronize()
     return min(start.elapsed_time(end) for start, end in events)
+
+
+def fastest_of_each(steps: dict[str, Callable[[], None]], repeats: int, device: str) -> dict[str, float]:
+    """:func:`fastest_ms` of each of ``steps``, which on the CPU take turns: after one warm-up run each, ``repeats``
+    rounds of one run of every step. Timed one after another, a burst of load on a shared machine could slow all of
+    one implementation's runs and none of the next's. (Taking turns does not help against load that lasts: with
+    another process busy on one of two cores, a reviewer saw the 2-thread layer at 492 ms against unfold + bmm's
+    344 ms, and 8.3 against 91 ms once the machine was quieter.) On CUDA each step is timed as :func:`fastest_ms`
+    does (the GPU's own time between events, steps queued back to back)."""
+    if torch.device(device).type == "cuda":
+        return {name: fastest_ms(step, repeats, device) for name, step in steps.items()}
+    for step in steps.values():
+        step()
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
