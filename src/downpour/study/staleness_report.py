@@ -205,10 +205,11 @@ def _log_y(ax: Any) -> None:
 
 
 def _mark_cap(ax: Any, cap: float) -> None:
-    """A dashed line at the plots' ceiling, where diverged runs sit, and room above it."""
+    """A dashed line at the plots' ceiling, where losses off the scale sit, and room above it. (It is not the
+    table's "diverged", which also counts a final loss merely above the initial one, or a rejected push.)"""
     ax.axhline(cap, color="0.4", linestyle="--", linewidth=0.8)
-    ax.text(0.99, cap * 1.1, f"diverged (≥ {CAP_FACTOR:g}× initial or not finite)", transform=ax.get_yaxis_transform(),
-            va="bottom", ha="right", fontsize=7, color="0.3")  # fmt: skip
+    ax.text(0.99, cap * 1.1, f"off the scale (≥ {CAP_FACTOR:g}× initial, or not finite)",
+            transform=ax.get_yaxis_transform(), va="bottom", ha="right", fontsize=7, color="0.3")  # fmt: skip
     ax.set_ylim(top=cap * 4)
 
 
