@@ -158,11 +158,13 @@ def test_evaluations_of_an_earlier_checkpoint_diverged_and_interrupted_runs_are_
     assert "-1.683e+31" in page and "16,829" not in page
     assert "Training diverged" not in page and "was interrupted" not in page
     summary = json.loads((run / "summary.json").read_text())
-    summary.update(diverged=True, divergence="training diverged: held-out loss inf at step 9", interrupted=True)
+    summary.update(diverged=True, divergence="training diverged: held-out loss inf at step 9", interrupted=True,
+                   data_files={"files": 5, "skipped": 2})  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
     page = build_report(run)
     assert '<p class="note">Training diverged: held-out loss inf at step 9.</p>' in page
     assert "The last session was interrupted" in page
+    assert "2 of 5 data files could not be read" in page  # beside the notes above, not in their place
 
 
 def test_a_run_without_its_metrics_log_says_so(local_run: Path, tmp_path: Path) -> None:

@@ -34,10 +34,10 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _sizes_ok(values: Any, length: int) -> bool:
-    """Whether ``values`` is a sequence (not a string) of ``length`` integers >= 1."""
+def _sizes_ok(values: Any, length: int, minimum: int = 1) -> bool:
+    """Whether ``values`` is a sequence (not a string) of ``length`` integers >= ``minimum``."""
     ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) == length
-    return ok and all(_is_int(v) and v >= 1 for v in values)
+    return ok and all(_is_int(v) and v >= minimum for v in values)
 
 
 def integer(owner: str, name: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
@@ -72,9 +72,7 @@ def pair(owner: str, name: str, value: Any, *, minimum: int = 1) -> tuple[int, i
     """``(value, value)`` for one integer >= ``minimum``, ``value`` as a tuple for a pair of them; else a
     ``ValueError``."""
     values = (value, value) if _is_int(value) else value
-    ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) == 2
-    ok = ok and all(_is_int(v) and v >= minimum for v in values)
-    require(ok, owner, name, value, f"an integer >= {minimum} or a pair of them")
+    require(_sizes_ok(values, 2, minimum), owner, name, value, f"an integer >= {minimum} or a pair of them")
     return int(values[0]), int(values[1])
 
 

@@ -154,13 +154,12 @@ def _summary_section(run_dir: Path) -> str:
     if summary.get("diverged") is True:
         divergence = str(summary.get("divergence") or "training diverged")
         notes += f'<p class="note">{html.escape(divergence[:1].upper() + divergence[1:])}.</p>'
-
     if summary.get("interrupted") is True:
         notes += ('<p class="note">The last session was interrupted (Ctrl-C or SIGTERM) and stopped cleanly: '
                   "<code>downpour train --resume</code> continues it.</p>")  # fmt: skip
     files = summary.get("data_files")
     if isinstance(files, dict) and files.get("skipped"):
-        notes = (f'<p class="note">{_format(files["skipped"])} of {_format(files.get("files", 0))} data files could '
+        notes += (f'<p class="note">{_format(files["skipped"])} of {_format(files.get("files", 0))} data files could '
                  "not be read and were skipped (see data_files below).</p>")  # fmt: skip
     return notes + _table(summary)
 
@@ -221,7 +220,7 @@ def _data_source(run_dir: Path) -> Any:
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
-    state, _ = _read_json(run_dir / rundir.CHECKPOINT / "state.json")
+    state, _ = _read_json(run_dir / rundir.CHECKPOINT / "state.json")  # (downpour.checkpoint would import torch)
     step = state.get("step") if state is not None else None
     return step if isinstance(step, int) else None
 
