@@ -543,6 +543,87 @@ def test_a_sync_shards_late_push_count_survives_a_snapshot_and_restore() -> None
     assert again.dropped == 6
 
 
+class _KillsOtherProcesses(SGD):
+    """Server SGD that SIGKILLs any process but ``owner`` that applies it: a worker killed while it applies the
+    round its push closed, after the round's pushes were taken and before the shard's commit (the rule's arithmetic
+    is most of that window, so it is where such a kill lands)."""
+
+    def __init__(self, *, lr: float, owner: int) -> None:
+        super().__init__(lr=lr)
+        self.owner = owner
+
+    def __call__(self, meta: Any, update: torch.Tensor, current: Any, out: Any) -> None:
+        if os.getpid() != self.owner:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().__call__(meta, update, current, out)
+
+
+def _push_threes(shard: Any, worker: int) -> None:
+    """Child: push a vector of 3s computed on version 0."""
+    shard.push(torch.full((shard.size,), 3.0), 0, worker)
+
+
+def test_a_sync_round_whose_closer_is_killed_while_applying_it_is_closed_by_the_survivor(tmp_path: Path) -> None:
+    """Sync, two worker processes: worker 1's push completes the round, and worker 1 is killed (SIGKILL) while it
+    applies the mean. Its push had arrived whole, so the round still holds both pushes: once the driver retires
+    worker 1, worker 0 closes the round itself with their mean, (1 + 3) / 2 = 2, so w = 1 − 0.5·2 = 0 at version 1,
+    and goes on alone. The aggregator used to start the next round before the shard committed this one: the shard
+    stayed at version 0 with no push pending, and worker 0 waited for its round forever (seen once in the killed
+    sync worker test of test_local_policies.py)."""
+    from downpour.ps.clocks import SharedClocks
+    from downpour.ps.policies import Sync
+    from downpour.ps.sync_shard import SyncShard
+
+    clocks = SharedClocks(2, bound=0)
+    rule = _KillsOtherProcesses(lr=0.5, owner=os.getpid())
+    shard = SyncShard(0, 0, torch.ones(2), rule, policy=Sync(workers=2), roster=clocks,
+                      lock=FileLock(tmp_path / "lock"), shared=True)  # fmt: skip
+    assert shard.push(torch.ones(2), fetched_version=0, worker=0) == PushResult(True, 0, 1)
+    proc = worker_context().Process(target=_push_threes, args=(shard, 1))
+    proc.start()
+    proc.join(START_TIMEOUT_S)
+    assert proc.exitcode == -signal.SIGKILL  # killed inside the rule, as it applied the round
+    clocks.retire(1)  # what the driver does once it sees the death
+    deadline = time.monotonic() + TIMEOUT_S
+    while not shard.close_round(0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shard.version == 1, "the round worker 1 was closing never closed"
+    assert _values(shard).tolist() == [0.0, 0.0]
+    assert (shard.applied, shard.round_applied(0), shard.rejected) == (2, True, 0)
+    assert shard.push(torch.full((2,), 2.0), fetched_version=1, worker=0) == PushResult(True, 0, 2)  # alone now
+    assert shard.version == 2 and _values(shard).tolist() == [-1.0, -1.0]
+
+
+def test_a_sync_round_committed_by_a_process_that_died_before_starting_the_next_is_caught_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other side of the window: the closer dies after the shard committed the round but before the aggregator
+    started the next one (here the start raises, which leaves the same state). The shard is at version 1 with the
+    round's outcome written; the next push, computed on version 1, catches the aggregator up instead of failing
+    with 'push for version 1 while collecting version 0', and the next round closes as usual."""
+    shard = sync_shard_of_two(torch.zeros(2), lr=0.5)
+    shard.push(torch.full((2,), 2.0), fetched_version=0, worker=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(shard.aggregator, "start_next", _dies)
+        with pytest.raises(_Died):
+            shard.push(torch.full((2,), 4.0), fetched_version=0, worker=1)  # closes the round, "dies" after it
+    assert (shard.version, shard.aggregator.version_, shard.round_applied(0), shard.applied) == (1, 0, True, 2)
+    assert _values(shard).tolist() == [-1.5, -1.5]  # 0 − 0.5·(2 + 4)/2
+    assert shard.close_round(0)
+    assert shard.push(torch.full((2,), 1.0), fetched_version=1, worker=1) == PushResult(True, 0, 2)
+    assert not shard.close_round(1)  # round 1 holds worker 1's push only, nothing left over from round 0
+    assert shard.push(torch.full((2,), 3.0), fetched_version=1, worker=0) == PushResult(True, 0, 2)
+    assert shard.version == 2 and _values(shard).tolist() == [-2.5, -2.5]  # − 0.5·(1 + 3)/2
+
+
+class _Died(Exception):
+    """Stands for a process killed at the point that raises it."""
+
+
+def _dies() -> None:
+    raise _Died
+
+
 # ---------------------------------------------------------------------------------------------- shard files (shm)
 
 

@@ -324,6 +324,13 @@ class SyncAggregator:
         """
         if not self.accepts(fetched_version):
             return None
+        self.take(update, worker=worker, fetched_version=fetched_version)
+        return self.close(self.workers - self.backup_workers if quorum is None else quorum)
+
+    def take(self, update: Tensor | None, *, worker: int, fetched_version: int) -> None:
+        """Add one push that :meth:`accepts` let through to the current version's sum, without closing the round
+        (``update=None``: a refused push, counted toward the quorum only). The arrival is counted last, so a
+        process killed before then leaves at most part of ``update`` in the sum, never a push counted twice."""
         ints = self._i()
         version = int(ints[_AGG_VERSION])
         if fetched_version > version:
@@ -343,22 +350,47 @@ class SyncAggregator:
         ints[_AGG_ORDER + arrived] = worker
         ints[seen] = 1
         ints[_AGG_ARRIVED] = arrived + 1
-        return self.close(self.workers - self.backup_workers if quorum is None else quorum)
 
     def close(self, quorum: int) -> Tensor | None:
         """Close the current version if at least ``max(1, quorum)`` pushes have arrived: return the mean of the
         accepted ones (zeros when every one was refused) and start the next version; else None."""
+        mean = self.round_mean(quorum)
+        if mean is not None:
+            self.start_next()
+        return mean
+
+    def round_mean(self, quorum: int) -> Tensor | None:
+        """The mean of the current version's accepted pushes (zeros when every one was refused) if at least
+        ``max(1, quorum)`` have arrived, else None. Changes nothing: a shard applies the mean, commits, and only
+        then calls :meth:`start_next`, so a process killed before its commit leaves the round whole."""
         ints = self._i()
-        arrived = int(ints[_AGG_ARRIVED])
-        if arrived < max(1, quorum):
+        if int(ints[_AGG_ARRIVED]) < max(1, quorum):
             return None
         summed = int(ints[_AGG_SUMMED])
-        mean = self._sum.div(summed) if summed else torch.zeros_like(self._sum)
+        return self._sum.div(summed) if summed else torch.zeros_like(self._sum)
+
+    @property
+    def summed(self) -> int:
+        """Finite pushes in the current version's sum."""
+        return int(self._i()[_AGG_SUMMED])
+
+    def start_next(self) -> None:
+        """End the current version's round and collect for the next one. The version is the last store, so a
+        process killed before it leaves this round's version, which :meth:`catch_up` then moves past."""
+        ints = self._i()
+        ints[_AGG_CLOSED_SUMMED] = ints[_AGG_SUMMED]
         ints[_AGG_ORDER + self.workers :] = 0
-        ints[_AGG_CLOSED_SUMMED] = summed
         ints[_AGG_ARRIVED] = ints[_AGG_SUMMED] = 0
         ints[_AGG_VERSION] += 1
-        return mean
+
+    def catch_up(self, version: int) -> None:
+        """Collect for ``version`` if the aggregator is behind it, with no push pending: the rounds before it were
+        closed and committed by a process that was killed before it could :meth:`start_next`."""
+        ints = self._i()
+        if int(ints[_AGG_VERSION]) < version:
+            ints[_AGG_ORDER + self.workers :] = 0
+            ints[_AGG_ARRIVED] = ints[_AGG_SUMMED] = 0
+            ints[_AGG_VERSION] = version
 
 
 class ClockTable:

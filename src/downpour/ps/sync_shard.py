@@ -18,8 +18,11 @@ round's mean was applied; a refused push (NaN or Inf) and every push of a round 
 would make a value NaN or Inf) count in ``rejected``. Whether a push was applied is known only once its round has
 closed: :meth:`SyncShard.round_applied` says so, for the last :data:`ROUNDS_KEPT` rounds.
 
-Killing a worker in the middle of adding its push (a few microseconds) may leave part of that push in the round's
-sum; everything else keeps the :class:`~downpour.ps.shard.Shard` guarantees (double buffer, atomic publish).
+A worker killed in the middle of adding its push (a few microseconds) may leave part of that push in the round's
+sum. One killed while it closes a round leaves the round open with its pushes, for the survivors to close (before
+the commit), or closed with the aggregator still on it, which the next push catches up (after the commit; the round
+then goes uncounted in ``applied`` or ``rejected`` if the kill fell in the few stores between the commit and the
+count). Everything else keeps the :class:`~downpour.ps.shard.Shard` guarantees (double buffer, atomic publish).
 """
 
 from __future__ import annotations
@@ -122,17 +125,15 @@ class SyncShard(Shard):
             meta = self._m()
             version = int(meta[_VERSION0 + meta[_ACTIVE]])
             self._check_had(version, fetched_version, "a push fetched at version")
+            self.aggregator.catch_up(version)
             if not self.aggregator.accepts(fetched_version):
                 return PushResult(False, version - fetched_version, version)
             if worker in self.aggregator.arrived:  # a restarted worker (Ray backend) whose dead process pushed here
                 return PushResult(False, 0, version)  # not applied: the round has this worker's push already
             if not finite:
                 meta[_REJECTED] += 1
-            mean = self.aggregator.add(
-                update if finite else None, worker=worker, fetched_version=fetched_version, quorum=self.quorum()
-            )
-            if mean is not None:
-                self._publish(mean)
+            self.aggregator.take(update if finite else None, worker=worker, fetched_version=fetched_version)
+            self._close(self.quorum())
             return PushResult(True, 0, version + 1) if finite else PushResult(False, -1, version)
 
     def close_round(self, fetched_version: int, *, force: bool = False) -> bool:
@@ -148,36 +149,44 @@ class SyncShard(Shard):
         if not force and self.aggregator.pending < self.quorum():
             return False
         with self.lock:
-            if int(meta[_VERSION0 + meta[_ACTIVE]]) > fetched_version:
+            current = int(meta[_VERSION0 + meta[_ACTIVE]])
+            if current > fetched_version:
                 return True
-            mean = self.aggregator.close(1 if force else self.quorum())
-            if mean is None:
-                return False
-            self._publish(mean)
-            return True
+            self.aggregator.catch_up(current)
+            return self._close(1 if force else self.quorum())
 
-    def _publish(self, mean: Tensor) -> None:
-        """Apply the round's mean with the server rule and publish the next version (under the lock). A round whose
-        pushes were all refused, or whose mean would make a value NaN or Inf, closes without changing the values;
-        the pushes of the latter count as rejected (the refused ones were counted on arrival)."""
+    def _close(self, quorum: int) -> bool:
+        """Close the current round if at least ``max(1, quorum)`` pushes have arrived (under the lock): apply their
+        mean with the server rule, commit the next version, and only then let the aggregator collect for it. A
+        round whose pushes were all refused, or whose mean would make a value NaN or Inf, closes without changing
+        the values; the pushes of the latter count as rejected (the refused ones were counted on arrival).
+
+        A process killed before the commit (most likely in the rule's arithmetic) leaves the round open with its
+        pushes, for the next worker that waits on it to close; one killed after it leaves the aggregator on the
+        closed round, which the next push or close catches up (:meth:`SyncAggregator.catch_up`)."""
+        mean = self.aggregator.round_mean(quorum)
+        if mean is None:
+            return False
         meta, rounds = self._m(), self._r()
         live = int(meta[_ACTIVE])
         version = int(meta[_VERSION0 + live])
-        summed = self.aggregator.closed_summed
-        ring = _OUTCOMES + version % ROUNDS_KEPT
+        summed = self.aggregator.summed
+        applied = False
         if summed:
             spare = 1 - live
             out = self._buffer(spare)
             self.rule(PushMeta(-1, version, version), mean, self._buffer(live), out)
-            if all_finite(out.values):
-                rounds[_APPLIED] += summed
-                rounds[ring] = version + 1
-                meta[_VERSION0 + spare] = version + 1
-                meta[_ACTIVE] = spare  # the commit point
-                return
+            applied = all_finite(out.values)
+        rounds[_OUTCOMES + version % ROUNDS_KEPT] = version + 1 if applied else -(version + 1)  # a redo rewrites it
+        if applied:
+            meta[_VERSION0 + spare] = version + 1
+            meta[_ACTIVE] = spare  # the commit point
+            rounds[_APPLIED] += summed
+        else:
+            meta[_VERSION0 + live] = version + 1  # the commit point: the round is over; the values stay as they were
             meta[_REJECTED] += summed
-        rounds[ring] = -(version + 1)
-        meta[_VERSION0 + live] = version + 1  # the round is over; the values stay as they were
+        self.aggregator.start_next()
+        return True
 
     def snapshot(self, *, wait: float | None = None) -> dict[str, Any]:
         """As :meth:`Shard.snapshot`, with ``dropped`` (late pushes) and ``applied`` (pushes applied) too."""
