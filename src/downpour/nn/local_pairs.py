@@ -9,6 +9,10 @@ active fields. For a mask of active fields, the three products of :mod:`downpour
   adding into its own examples only;
 - weight gradient: ``W̄[l] = Σ_b h̄[b, :, l] ⊗ patch(b, l)`` over the location's active examples.
 
+Each takes a location's active examples four at a time where it can, so that the location's weights (or weight
+gradient) are read once for four fields (measured on the bench's 48×48 layer at a quarter of fields flat, one thread:
+the transpose 3.26 → 2.64 ms and the weight gradient 2.71 → 2.01 ms, against 3.57 and 2.64 ms dense).
+
 Why compiled loops: with untied weights, a location's product is shared only by the examples active there, and
 they differ from location to location. Gathering them with PyTorch's indexing operators cost more than the
 arithmetic it saved (measured: the gathers and scatters alone took 1.3–10× the dense layer), while these loops read
@@ -96,6 +100,20 @@ def _compiled() -> _Compiled:
         for p in range(offsets.shape[0]):
             xs[p] = image[base + offsets[p]]
 
+    @numba.njit(inline="always")
+    def read_four(x, loc_examples, t, base, offsets, xs):  # the fields of the examples at t..t+3 into xs (4, P)
+        b0, b1, b2, b3 = loc_examples[t], loc_examples[t + 1], loc_examples[t + 2], loc_examples[t + 3]
+        read_patch(x[b0], base, offsets, xs[0])
+        read_patch(x[b1], base, offsets, xs[1])
+        read_patch(x[b2], base, offsets, xs[2])
+        read_patch(x[b3], base, offsets, xs[3])
+        return b0, b1, b2, b3
+
+    @numba.njit(inline="always")
+    def add_patch(image, base, offsets, cols):  # the field at base += cols (P,)
+        for p in range(offsets.shape[0]):
+            image[base + offsets[p]] += cols[p]
+
     @jit
     def forward(first, stop, x, w, offsets, loc_ptr, loc_examples, out, width, sh, sw, out_w):
         # locations [first, stop); x (B, C·H·W), w (L, M, P), out (B, M·L) zeroed
@@ -107,11 +125,7 @@ def _compiled() -> _Compiled:
             wl = w[loc]
             t, end = loc_ptr[loc], loc_ptr[loc + 1]
             while t + 4 <= end:  # four examples at once: each weight read once for the four
-                b0, b1, b2, b3 = loc_examples[t], loc_examples[t + 1], loc_examples[t + 2], loc_examples[t + 3]
-                read_patch(x[b0], base, offsets, xs[0])
-                read_patch(x[b1], base, offsets, xs[1])
-                read_patch(x[b2], base, offsets, xs[2])
-                read_patch(x[b3], base, offsets, xs[3])
+                b0, b1, b2, b3 = read_four(x, loc_examples, t, base, offsets, xs)
                 for m in range(maps):
                     s0, s1, s2, s3 = zero, zero, zero, zero
                     for p in range(patch):
@@ -135,43 +149,69 @@ def _compiled() -> _Compiled:
     @jit
     def transpose(first, stop, h, w, offsets, loc_ptr, loc_examples, out, width, sh, sw, out_w):
         # examples [first, stop) (no other call writes them); h (B, M·L), w (L, M, P), out (B, C·H·W) zeroed.
-        # Location by location, so that its weights are read once for all its examples.
+        # Location by location, so that its weights are read once for all its examples, four at a time.
         locations, maps, patch = w.shape
-        cols = np.empty(patch, out.dtype)
+        cols = np.empty((4, patch), out.dtype)
         for loc in range(locations):
             base = field_start(loc, out_w, width, sh, sw)
             wl = w[loc]
             t, end = loc_ptr[loc], loc_ptr[loc + 1]
             while t < end and loc_examples[t] < first:  # a location's examples are in increasing order
                 t += 1
-            while t < end and loc_examples[t] < stop:
-                b = loc_examples[t]
+            last = t
+            while last < end and loc_examples[last] < stop:
+                last += 1
+            while t + 4 <= last:  # four examples at once: each weight read once for the four
+                b0, b1, b2, b3 = loc_examples[t], loc_examples[t + 1], loc_examples[t + 2], loc_examples[t + 3]
                 cols[:] = 0.0
+                for m in range(maps):
+                    col = m * locations + loc
+                    h0, h1, h2, h3 = h[b0, col], h[b1, col], h[b2, col], h[b3, col]
+                    for p in range(patch):
+                        wv = wl[m, p]
+                        cols[0, p] += wv * h0
+                        cols[1, p] += wv * h1
+                        cols[2, p] += wv * h2
+                        cols[3, p] += wv * h3
+                add_patch(out[b0], base, offsets, cols[0])
+                add_patch(out[b1], base, offsets, cols[1])
+                add_patch(out[b2], base, offsets, cols[2])
+                add_patch(out[b3], base, offsets, cols[3])
+                t += 4
+            for rest in range(t, last):  # the last one to three
+                b = loc_examples[rest]
+                cols[0, :] = 0.0
                 for m in range(maps):
                     hv = h[b, m * locations + loc]
                     for p in range(patch):
-                        cols[p] += wl[m, p] * hv
-                image = out[b]
-                for p in range(patch):
-                    image[base + offsets[p]] += cols[p]
-                t += 1
+                        cols[0, p] += wl[m, p] * hv
+                add_patch(out[b], base, offsets, cols[0])
 
     @jit
     def weight_grad(first, stop, g, x, offsets, loc_ptr, loc_examples, out, width, sh, sw, out_w):
         # locations [first, stop); g (B, M·L), x (B, C·H·W), out (L, M, P): these rows written
         locations, maps, patch = out.shape
-        xs = np.empty(patch, x.dtype)
+        xs = np.empty((4, patch), x.dtype)
         for loc in range(first, stop):
             base = field_start(loc, out_w, width, sh, sw)
             gl = out[loc]
             gl[:] = 0.0
-            for t in range(loc_ptr[loc], loc_ptr[loc + 1]):
-                b = loc_examples[t]
-                read_patch(x[b], base, offsets, xs)
+            t, end = loc_ptr[loc], loc_ptr[loc + 1]
+            while t + 4 <= end:  # four examples at once: the location's gradient read and written once for the four
+                b0, b1, b2, b3 = read_four(x, loc_examples, t, base, offsets, xs)
+                for m in range(maps):
+                    col = m * locations + loc
+                    g0, g1, g2, g3 = g[b0, col], g[b1, col], g[b2, col], g[b3, col]
+                    for p in range(patch):
+                        gl[m, p] += g0 * xs[0, p] + g1 * xs[1, p] + g2 * xs[2, p] + g3 * xs[3, p]
+                t += 4
+            for rest in range(t, end):  # the last one to three
+                b = loc_examples[rest]
+                read_patch(x[b], base, offsets, xs[0])
                 for m in range(maps):
                     gv = g[b, m * locations + loc]
                     for p in range(patch):
-                        gl[m, p] += gv * xs[p]
+                        gl[m, p] += gv * xs[0, p]
 
     def in_parts(kernel):  # kernel over [edges[k], edges[k + 1]) for each k, one part per thread
         @numba.njit(parallel=True, nogil=True)
