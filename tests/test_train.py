@@ -131,6 +131,31 @@ def test_the_driver_computes_on_one_thread_while_its_workers_run(
     assert capped_batch_warning(1733, 2, 866) is None and capped_batch_warning(1733, 2, 867) is not None
 
 
+def test_the_driver_builds_the_model_once(run_dir: Path, cli: Callable[..., CliResult],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The driver holds one copy of the network: the held-out loss takes over the run's model instead of building a
+    second one (at model.features = 10⁶ on 32x32 crops a copy is 4 GB). Its losses are still those of the pushed
+    parameters: the run trains and says so."""
+    from downpour import held_out, train
+
+    built = []
+
+    def counting(build: Callable[..., Any]) -> Callable[..., Any]:
+        def build_and_count(*args: Any, **kwargs: Any) -> Any:
+            built.append(args[0].name)
+            return build(*args, **kwargs)
+
+        return build_and_count
+
+    monkeypatch.setattr(train, "build_model", counting(train.build_model))
+    monkeypatch.setattr(held_out, "build_model", counting(held_out.build_model))
+    result = cli("train", "--workers", "2", "--steps", "200", "--seconds", "120", "--out", str(run_dir), *FAST)
+    assert result.returncode == 0, result.stderr
+    assert built == ["rica"]
+    summary = _summary(run_dir)
+    assert summary["final_loss"] < 0.5 * summary["initial_loss"], summary
+
+
 def test_a_checkpoint_finds_the_rows_of_its_work_on_disk(run_dir: Path, cli: Callable[..., CliResult],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Every periodic checkpoint is saved after the rows logged so far reached metrics.jsonl (every applied push the

@@ -23,8 +23,12 @@ class HeldOutLoss:
     except a KL sparsity penalty, whose mean activation is then each chunk's. (At ``model.features = 10⁶`` the
     1,024 held-out examples' responses took 4 GB a copy, and the driver peaked at 23.6 GB.)"""
 
-    def __init__(self, config: Config, dataset: Dataset) -> None:
-        self.model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
+    def __init__(self, config: Config, dataset: Dataset, model: torch.nn.Module | None = None) -> None:
+        """``model``: the run's model, taken over (every evaluation overwrites its parameters), so that the driver
+        holds one copy of a large network rather than two; None builds one from ``config``."""
+        if model is None:
+            model = build_model(config.model, dataset.dim, seed=config.train.seed, shape=dataset.shape)
+        self.model = model
         self.flat = FlatParameters(self.model)
         self.batch = dataset.held_out
         self.skip: dict[str, float] | None = None  # fields skipped in the last evaluation (model.skip_variance)

@@ -161,7 +161,7 @@ def run_training(
         model = _build_model(config, dataset, out, resume=resume)
         signature = model_signature(model)
         contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
-        held_out_loss = HeldOutLoss(config, dataset)
+        held_out_loss = HeldOutLoss(config, dataset, model)  # one copy: the session starts from flat_copy(model)
         checkpoint = None
         run_state = RunState()
         previous_config = None
