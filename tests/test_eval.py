@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,13 @@ from downpour import config as config_mod
 from downpour.cli import main
 from downpour.data import load_dataset
 from downpour.errors import DownpourError
+from downpour.eval import viz
 from downpour.eval.detect import default_map_name
 from downpour.eval.images import fit_images, jitter_images
 from downpour.eval.selectivity import best_unit, half_splits, heldout_accuracy
-from downpour.eval.stimulus import optimal_stimuli
+from downpour.eval.stimulus import Ascent, optimal_stimuli
 from downpour.models.rica import RICA as RicaModel
+from downpour.report.html import build_report
 from downpour.runs import TrainedRun, load_run
 from downpour.train import run_training
 
@@ -34,6 +37,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 RICA = {"data": {"examples": 1500, "held_out": 200}, "model": {"features": 64},
         "train": {"steps": 300, "seconds": 0, "batch_size": 64}, "ps": {"shards": 1},
         "cluster": {"backend": "sim", "workers": 2}}  # fmt: skip
+DIVERGED = {"data": {"examples": 600, "held_out": 100}, "model": {"features": 16},
+            "train": {"steps": 10, "seconds": 0, "batch_size": 32}, "ps": {"shards": 1, "rule": "sgd", "lr": 1e30},
+            "cluster": {"backend": "sim", "workers": 2}}  # fmt: skip
 CAT = {"data": {"source": "natural-images", "image_size": 16, "examples": 300, "held_out": 60},
        "model": {"name": "cat", "receptive_field": 6, "maps": 2, "pool": 3, "lcn": 3},
        "train": {"steps": 20, "seconds": 0, "batch_size": 16}, "ps": {"shards": 1},
@@ -55,6 +61,15 @@ def rica_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny cat network (one stage, 2 maps, 16x16 crops), trained for a few steps."""
     return _train(CAT, tmp_path_factory.mktemp("eval") / "cat")
+
+
+@pytest.fixture(scope="session")
+def diverged_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RICA run whose SGD at lr 1e30 diverged: its saved checkpoint holds finite weights near 1e29, whose
+    response gradients overflow float32."""
+    run = _train(DIVERGED, tmp_path_factory.mktemp("eval") / "diverged")
+    assert json.loads((run / "summary.json").read_text())["diverged"] is True
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -406,6 +421,62 @@ def test_viz_writes_filters_and_optimal_stimuli(rica_run: Path, capsys: pytest.C
         assert (rica_run / "eval" / name).read_bytes()[:8] == PNG
     code, _, err = _cli(capsys, "viz", str(rica_run), "--units", "64")
     assert code == 2 and "invalid unit: 64 (this model has units 0..63)" in err
+
+
+def test_viz_records_that_each_ascent_raised_its_response(rica_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a trained run every unit's search climbs: viz.json holds each start and final response, all raised, and
+    nothing is warned of."""
+    code, out, err = _cli(capsys, "viz", str(rica_run), "--units", "0,5", "--steps", "20", "--json")
+    assert code == 0 and "warning" not in err
+    result = json.loads(out)
+    assert result["ascent_raised"] == [True, True] and result["ascent_failed_units"] == []
+    assert all(final > start for start, final in zip(result["start_responses"], result["responses"], strict=True))
+    assert json.loads((rica_run / "eval" / "viz.json").read_text())["ascent_raised"] == [True, True]
+
+
+def test_viz_says_which_units_ascent_failed_on_a_diverged_run(diverged_run: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """On a diverged network the gradient overflows and the search never leaves its start: the "optimal" responses
+    (negative, about -1e30) are its random start's. viz.json, the console and the report say so, naming the units;
+    viz still writes its pictures."""
+    code, out, err = _cli(capsys, "viz", str(diverged_run), "--units", "3,0", "--steps", "5", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["ascent_raised"] == [False, False] and result["ascent_failed_units"] == [3, 0]
+    warning = next(line for line in err.splitlines() if "did not raise" in line)
+    assert warning.startswith("warning: the gradient ascent did not raise the response of unit(s) 3 (")
+    assert ", 0 (" in warning and "→" in warning
+    assert (diverged_run / "eval" / "optimal_stimuli.png").read_bytes()[:8] == PNG
+    page = build_report(diverged_run)
+    assert "The gradient ascent did not raise the response of 2 units: 3 (" in page
+
+
+def test_an_ascent_raised_a_response_only_by_more_than_float_noise() -> None:
+    """Raised: both responses finite and the final above the start by more than float noise (a search that never
+    left its start on a diverged network still differs in the last bits: -6.252027e30 then -6.252026e30)."""
+    start = torch.tensor([1.0, -6.252027e30, 0.0, float("nan"), 2.0])
+    final = torch.tensor([1.5, -6.252026e30, float("inf"), 3.0, 2.0])
+    assert Ascent(torch.zeros(5, 1, 2, 2), final, start).raised() == [True, False, False, False, False]
+
+
+def test_viz_steps_are_bounded_before_the_run_is_loaded(rica_run: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """--steps 0 and --steps past 100,000 are one-line errors naming the value and the range, before the run is read
+    (a run directory that does not exist is not what the message is about)."""
+    for steps in ("0", "-3", "100001"):
+        code, _, err = _cli(capsys, "viz", str(tmp_path / "no-run"), "--steps", steps)
+        assert code == 2 and err.strip() == f"downpour: error: invalid --steps: {steps} (must be 1..100000)", err
+    with pytest.raises(DownpourError, match=r"invalid --steps: True"):
+        viz.run(rica_run, steps=True)
+
+
+def test_a_long_ascent_shows_progress_on_a_terminal_only(rica_run: Path) -> None:
+    """A terminal sees a bar of the ascent's steps (erased once it ends); a pipe or a log sees nothing."""
+    terminal, pipe = StringIO(), StringIO()
+    viz.run(rica_run, units=[1], steps=30, console=Console(file=terminal, force_terminal=True, width=100))
+    assert "optimal stimuli" in terminal.getvalue() and "30/30" in terminal.getvalue()
+    viz.run(rica_run, units=[1], steps=30, console=Console(file=pipe, width=100))
+    assert pipe.getvalue() == ""
 
 
 def test_optimal_stimulus_of_a_linear_unit_is_its_whitened_filter(rica_run: Path) -> None:

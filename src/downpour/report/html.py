@@ -225,6 +225,24 @@ def _checkpoint_step(run_dir: Path) -> int | None:
     return step if isinstance(step, int) else None
 
 
+def _ascent_note(viz: dict[str, Any]) -> str:
+    """A note naming the units whose optimal-stimulus ascent did not raise their response (``viz.json``'s
+    ``ascent_raised``, with the start and final responses), or "" when every ascent did or the file predates it."""
+    units, raised = viz.get("units"), viz.get("ascent_raised")
+    if not isinstance(units, list) or not isinstance(raised, list) or len(units) != len(raised) or all(raised):
+        return ""
+    start, final = viz.get("start_responses"), viz.get("responses")
+    pairs = isinstance(start, list) and isinstance(final, list) and len(start) == len(final) == len(units)
+    failed = [
+        f"{_format(unit)} ({_format(start[i])} → {_format(final[i])})" if pairs else _format(unit)
+        for i, (unit, ok) in enumerate(zip(units, raised, strict=True))
+        if ok is not True
+    ]
+    return (f'<p class="note">The gradient ascent did not raise the response of {_count(len(failed), "unit")}: '
+            f"{html.escape(', '.join(failed))} (start → final; — where not finite). Their pictures show no "
+            "optimum (a diverged or broken network, or a unit without a gradient).</p>")  # fmt: skip
+
+
 def _eval_section(run_dir: Path) -> str:
     from downpour.runs import diverged_checkpoint
 
@@ -251,6 +269,8 @@ def _eval_section(run_dir: Path) -> str:
         if isinstance(step, int) and now is not None and step != now:
             parts.append(f'<p class="note">Measured at step {step:,}; the checkpoint is now at step {now:,}: run '
                          "it again for the current network.</p>")  # fmt: skip
+        if path.stem == "viz":
+            parts.append(_ascent_note(payload))
         parts.append(_comparison(payload) + _table(payload))
     for path in pictures:
         png = _read_png(path)
