@@ -479,6 +479,21 @@ def test_a_long_ascent_shows_progress_on_a_terminal_only(rica_run: Path) -> None
     assert pipe.getvalue() == ""
 
 
+def test_optimal_stimulus_tiles_are_labelled_with_unit_and_response() -> None:
+    """Each tile's title names its unit and its response, in the order given; a failed ascent's tile says so in red;
+    the labels are readable at the picture's size (9 points on tiles of 1.5 inches); spare grid cells stay empty."""
+    stimuli = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    fig = viz.stimuli_figure(stimuli, (1, 4, 4), [5, 9, 2], [1.5, float("nan"), -2.0], [True, False, False])
+    axes = fig.get_axes()
+    assert len(axes) == 4
+    titles = [ax.title for ax in axes[:3]]
+    assert [t.get_text() for t in titles] == ["unit 5\n1.5", "unit 9\nnan (failed)", "unit 2\n-2 (failed)"]
+    assert [t.get_color() for t in titles] == ["black", "tab:red", "tab:red"]
+    assert all(t.get_fontsize() >= 8 for t in titles)
+    assert fig.get_size_inches()[0] / 2 >= 1.4  # two columns
+    assert [len(ax.get_images()) for ax in axes] == [1, 1, 1, 0]
+
+
 def test_optimal_stimulus_of_a_linear_unit_is_its_whitened_filter(rica_run: Path) -> None:
     """For RICA's ``w·Z(x − x̄)`` the maximiser on the ball is the centred ``Zw``; gradient ascent must find it."""
     trained = load_run(rica_run)

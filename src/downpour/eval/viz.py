@@ -3,29 +3,35 @@
 The optimal stimuli come from a gradient ascent (:func:`downpour.eval.stimulus.ascend`) that can fail: on a diverged
 network the gradient overflows and the search never leaves its random start, on a broken one the responses are NaN.
 Each unit's start and final responses are recorded in ``viz.json`` (``ascent_raised``: whether the search raised the
-response, both finite), and the units whose ascent failed are named on the console.
+response, both finite), the units whose ascent failed are named on the console, and their tiles say so.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
 
 from downpour.console import warn
 from downpour.errors import DownpourError
 from downpour.eval.results import eval_dir, read_result, write_result
 from downpour.eval.stimulus import Ascent, ascend
-from downpour.report.filters import save_filter_grid
+from downpour.report.filters import filter_grid, save_filter_grid
 from downpour.runs import TrainedRun, load_run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FILTERS_PNG = "filters.png"
 STIMULI_PNG = "optimal_stimuli.png"
 DEFAULT_UNITS = 8
 MAX_STEPS = 100_000  # gradient-ascent steps: far past where the step size has shrunk to nothing useful (0.5 · r / 1e5)
+TILE_INCHES = 1.5  # each stimulus tile with its two-line label, at 100 dpi: 150 pixels, the label 9 points
 
 
 def default_units(trained: TrainedRun) -> list[int]:
@@ -44,6 +50,29 @@ def check_steps(steps: Any) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise DownpourError(f"invalid --steps: {steps!r} (must be 1..{MAX_STEPS})")
     return steps
+
+
+def stimuli_figure(stimuli: Tensor, shape: tuple[int, int, int], units: list[int], responses: list[float],
+                   raised: list[bool]) -> Figure:  # fmt: skip
+    """One tile per unit, row by row, each scaled to its own range and titled with its unit and its response (in red,
+    marked "failed", where the search did not raise the response)."""
+    from matplotlib.figure import Figure  # not pyplot: a caller's backend and open figures stay as they were
+
+    count = len(units)
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(TILE_INCHES * cols, (TILE_INCHES + 0.3) * rows), layout="constrained")  # room for titles
+    axes = fig.subplots(rows, cols, squeeze=False)
+    flat = stimuli.detach().flatten(1)  # (U, C·H·W)
+    for index, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if index >= count:
+            continue
+        tile = filter_grid(flat[index : index + 1], shape, pad=0)  # (H, W) or (H, W, 3), scaled into [0, 1]
+        ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+        label = f"unit {units[index]}\n{responses[index]:.3g}" + ("" if raised[index] else " (failed)")
+        ax.set_title(label, fontsize=9, color="black" if raised[index] else "tab:red")
+    return fig
 
 
 def _ascent(trained: TrainedRun, units: list[int], steps: int, seed: int, console: Console) -> Ascent:
@@ -65,7 +94,7 @@ def failed_ascents(units: list[int], found: Ascent) -> str:
 
 def run(run_dir: Path, *, units: list[int] | None = None, steps: int = 100, seed: int = 0,
         console: Console | None = None) -> dict[str, Any]:  # fmt: skip
-    """Write ``eval/filters.png``, ``eval/optimal_stimuli.png`` (one tile per unit, in order) and
+    """Write ``eval/filters.png``, ``eval/optimal_stimuli.png`` (one labelled tile per unit, in order) and
     ``eval/viz.json``. ``steps`` must be 1..:data:`MAX_STEPS` (checked before the run is loaded). Units whose ascent
     did not raise their response are named in a warning on ``console`` (default: standard error)."""
     check_steps(steps)
@@ -78,8 +107,8 @@ def run(run_dir: Path, *, units: list[int] | None = None, steps: int = 100, seed
     out = eval_dir(run_dir)
     model = trained.model
     save_filter_grid(model.filters(), getattr(model, "filter_shape", trained.input_shape), out / FILTERS_PNG)
-    save_filter_grid(stimuli.flatten(1), trained.input_shape, out / STIMULI_PNG, scale=8)
     shown = [float(r) for r in responses]
+    stimuli_figure(stimuli, trained.input_shape, units, shown, raised).savefig(out / STIMULI_PNG, dpi=100)
     result = {
         "run_dir": str(trained.run_dir),
         "model": trained.config.model.name,
