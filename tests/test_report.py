@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import read_jsonl
 from downpour.backends.processes import fork_server_available
 from downpour.cli import main
+from downpour.report import plots
 from downpour.report.html import build_report, write_report_after_training
 from downpour.report.runlog import read_run_log
 from downpour.report.tensorboard import BLOCK
@@ -460,3 +461,41 @@ def test_the_staleness_caption_gives_each_shards_mean_and_p99(tmp_path: Path) ->
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     page = build_report(run)
     assert "shard 0: 100 updates, mean 1.12, p99 7, shard 1: 20 updates, mean 1.50, p99 3" in page
+
+
+def _sim_run(out: Path, lr: float) -> Path:
+    """A 10-push simulated RICA run with plain SGD at ``lr`` (1e30 diverges at once; 0.03 does not)."""
+    from rich.console import Console
+
+    from downpour import config as config_mod
+    from downpour.train import run_training
+
+    raw = {"data": {"examples": 600, "held_out": 100}, "model": {"features": 16},
+           "train": {"steps": 10, "seconds": 0, "batch_size": 32}, "ps": {"shards": 1, "rule": "sgd", "lr": lr},
+           "cluster": {"backend": "sim", "workers": 2}}  # fmt: skip
+    run_training(config_mod.from_dict(raw), out, console=Console(stderr=True, quiet=True), show_progress=False)
+    return out
+
+
+def test_a_diverged_runs_loss_plot_marks_where_the_loss_became_non_finite(tmp_path: Path) -> None:
+    """A run that diverged: its curves stopped at their last finite point with nothing to say why. A red dashed line
+    labelled "diverged" now stands at the first step of the non-finite stretch that ends the log (here the first
+    held-out loss written as null), which is shaded; a finite run's plot has neither."""
+    run = _sim_run(tmp_path / "diverged", 1e30)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert json.loads((run / "summary.json").read_text())["diverged"] is True
+    first_null = min(row["step"] for row in rows if row["event"] == "eval" and row["held_out_loss"] is None)
+    ax = plots.draw_loss(read_run_log(run / "metrics.jsonl")).axes[0]
+    marks = [line for line in ax.get_lines() if line.get_label().startswith("diverged")]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [first_null, first_null]
+    assert marks[0].get_color() == "tab:red" and marks[0].get_linestyle() == "--"
+    assert f"diverged: loss not finite from step {first_null}" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(ax.patches) == 1 and ax.patches[0].get_x() == first_null  # the shaded stretch, to step 10
+    assert plots.loss_figure(read_run_log(run / "metrics.jsonl"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+    finite = _sim_run(tmp_path / "finite", 0.03)
+    ax = plots.draw_loss(read_run_log(finite / "metrics.jsonl")).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "mini-batch loss of each push", "running mean (1 pushes)", "held-out loss"
+    ]  # fmt: skip
+    assert not ax.patches

@@ -31,8 +31,27 @@ def running_mean(values: np.ndarray, window: int) -> np.ndarray:
     return np.where(n > 0, (sums[end] - sums[begin]) / np.maximum(n, 1), np.nan)
 
 
-def loss_figure(log: RunLog) -> bytes | None:
-    """Per-push mini-batch losses (dots and a running mean) and the held-out loss, against the global step."""
+def _trailing_non_finite(steps: np.ndarray, values: np.ndarray) -> float | None:
+    """The step of the first value of the non-finite run that ends ``values``, or None when the last is finite."""
+    if not values.size or np.isfinite(values[-1]):
+        return None
+    finite = np.flatnonzero(np.isfinite(values))
+    return float(steps[finite[-1] + 1 if finite.size else 0])
+
+
+def diverged_step(log: RunLog) -> float | None:
+    """Where the loss became non-finite for good: the earliest step from which the per-push losses or the held-out
+    losses stay NaN or Inf to the end of the log; None when both end finite (a run that did not diverge)."""
+    found = [_trailing_non_finite(log.push_step, log.push_loss),
+             _trailing_non_finite(log.held_out_step, log.held_out_loss)]  # fmt: skip
+    steps = [step for step in found if step is not None and np.isfinite(step)]  # an edited row may lack its step
+    return min(steps) if steps else None
+
+
+def draw_loss(log: RunLog) -> Figure | None:
+    """Per-push mini-batch losses (dots and a running mean) and the held-out loss, against the global step; a run
+    whose loss ended non-finite gets a red dashed line labelled "diverged" where it became so (its curves stop at
+    their last finite point) and the steps after it, to the end of the log, shaded. None when no loss is finite."""
     has_push = bool(np.isfinite(log.push_loss).any())
     has_held = bool(np.isfinite(log.held_out_loss).any())
     if not (has_push or has_held):
@@ -52,6 +71,12 @@ def loss_figure(log: RunLog) -> bytes | None:
         style = "o:" if len(log.held_out_loss) > 2 else "o"  # dotted: measured only at the points
         ax.plot(log.held_out_step, log.held_out_loss, style, color="tab:red", ms=5, lw=1.2, label="held-out loss")
         values.append(log.held_out_loss)
+    if (step := diverged_step(log)) is not None:
+        ax.axvline(step, color="tab:red", ls="--", lw=1.2, label=f"diverged: loss not finite from step {step:,.0f}")
+        steps = np.concatenate([log.push_step, log.held_out_step]).astype(np.float64)
+        last = float(np.nanmax(steps))  # where the log ends: the non-finite stretch shaded up to it
+        if last > step:
+            ax.axvspan(step, last, color="tab:red", alpha=0.07, lw=0)
     finite = np.concatenate(values)
     finite = finite[np.isfinite(finite)]
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
@@ -60,11 +85,18 @@ def loss_figure(log: RunLog) -> bytes | None:
     ax.set_ylabel("loss per example")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    return _png(fig)
+    return fig
 
 
-def throughput_figure(log: RunLog) -> bytes | None:
-    """Examples per second, each second of the run (the local backend logs it; the simulator does not)."""
+def loss_figure(log: RunLog) -> bytes | None:
+    """:func:`draw_loss` as PNG bytes (None when no loss is finite)."""
+    fig = draw_loss(log)
+    return None if fig is None else _png(fig)
+
+
+def draw_throughput(log: RunLog) -> Figure | None:
+    """Examples per second, each second of the run (the local backend logs it; the simulator does not). None without
+    throughput rows."""
     keep = np.isfinite(log.throughput) & np.isfinite(log.throughput_t)
     if not keep.any():
         return None
@@ -75,7 +107,13 @@ def throughput_figure(log: RunLog) -> bytes | None:
     ax.set_ylabel("examples / s")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return fig
+
+
+def throughput_figure(log: RunLog) -> bytes | None:
+    """:func:`draw_throughput` as PNG bytes (None without throughput rows)."""
+    fig = draw_throughput(log)
+    return None if fig is None else _png(fig)
 
 
 def staleness_figure(log: RunLog) -> bytes | None:
