@@ -499,3 +499,37 @@ def test_a_diverged_runs_loss_plot_marks_where_the_loss_became_non_finite(tmp_pa
         "mini-batch loss of each push", "running mean (1 pushes)", "held-out loss"
     ]  # fmt: skip
     assert not ax.patches
+
+
+def test_a_resumed_runs_throughput_plot_marks_where_each_session_started(tmp_path: Path) -> None:
+    """Three sessions (a run resumed twice): their throughput rows follow each other on one time axis, and each
+    later session starts at a dotted line labelled with it and its step, where the earlier ones ended (t = 4 and
+    6.5), and the rate's line breaks there. A run of one session has none."""
+    rows = [
+        {"event": "start", "t": 0.0, "session": 0, "step": 0, "resume": False, "initial_loss": 50.0},
+        {"event": "throughput", "t": 1.0, "examples_per_s": 100.0, "step": 2},
+        {"event": "throughput", "t": 2.0, "examples_per_s": 110.0, "step": 4},
+        {"event": "end", "t": 4.0, "step": 5, "final_loss": 7.0},
+        {"event": "start", "t": 0.0, "session": 1, "step": 5, "resume": True},
+        {"event": "throughput", "t": 1.5, "examples_per_s": 90.0, "step": 7},
+        {"event": "end", "t": 2.5, "step": 8, "final_loss": 6.0},
+        {"event": "start", "t": 0.0, "session": 2, "step": 8, "resume": True},
+        {"event": "throughput", "t": 1.0, "examples_per_s": 95.0, "step": 9},
+        {"event": "end", "t": 1.5, "step": 10, "final_loss": 5.0},
+    ]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    log = read_run_log(path)
+    assert log.session_t.tolist() == [0.0, 4.0, 6.5] and log.throughput_t.tolist() == [1.0, 2.0, 5.5, 7.5]
+    ax = plots.draw_throughput(log).axes[0]
+    dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert [line.get_xdata()[0] for line in dotted] == [4.0, 6.5]
+    assert [(t.get_text().strip(), t.get_position()[0]) for t in ax.texts] == [
+        ("session 1 from step 5", 4.0), ("session 2 from step 8", 6.5)
+    ]  # fmt: skip
+    (rates,) = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    assert np.isnan(rates.get_ydata()).sum() == 2  # the line breaks where each later session starts
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
+    ax = plots.draw_throughput(read_run_log(path)).axes[0]
+    assert not [line for line in ax.get_lines() if line.get_linestyle() == ":"] and not ax.texts

@@ -14,6 +14,11 @@ MAX_POINTS = 20_000  # pushes drawn as dots; more are thinned evenly (the runnin
 MAX_SHARDS = 8  # staleness panels; more shards are summed into the last one
 
 
+def _format_step(step: object) -> str:
+    """A start row's step as the report's notes show it (``1,200``), or ``?`` where the row has none."""
+    return f"{step:,}" if isinstance(step, int) and not isinstance(step, bool) else "?"
+
+
 def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
@@ -95,14 +100,24 @@ def loss_figure(log: RunLog) -> bytes | None:
 
 
 def draw_throughput(log: RunLog) -> Figure | None:
-    """Examples per second, each second of the run (the local backend logs it; the simulator does not). None without
-    throughput rows."""
+    """Examples per second, each second of the run (the local backend logs it; the simulator does not); a resumed
+    run's later sessions start at dotted vertical lines labelled with their session. None without throughput rows."""
     keep = np.isfinite(log.throughput) & np.isfinite(log.throughput_t)
     if not keep.any():
         return None
     fig = Figure(figsize=(8, 2.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(log.throughput_t[keep], log.throughput[keep], ".-", color="tab:green", lw=1.2, ms=4)  # one row shows
+    t, rate = log.throughput_t[keep], log.throughput[keep]
+    later = log.session_t[1:]  # (S - 1,) where each later session started
+    if later.size:  # no line across the gap between sessions (the driver was down, or restarted)
+        at = np.searchsorted(t, later)
+        t, rate = np.insert(t, at, np.nan), np.insert(rate, at, np.nan)
+    ax.plot(t, rate, ".-", color="tab:green", lw=1.2, ms=4)  # one row shows
+    for index, start in enumerate(later, start=1):
+        row = log.starts[index] if index < len(log.starts) else {}
+        ax.axvline(start, color="0.35", ls=":", lw=1.2)
+        ax.text(start, 0.97, f" session {row.get('session', index)} from step {_format_step(row.get('step'))}",
+                transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8, color="0.25")  # fmt: skip
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("examples / s")
     ax.set_ylim(bottom=0)

@@ -36,6 +36,8 @@ class RunLog:
     # a killed driver, a diverged session), left out of every count and curve above
     bad_lines: int = 0  # lines that are not JSON objects (a cut-off last line of a killed driver), or hold fields no
     # driver writes (a shard that is not a count, a staleness beyond the rows in the file)
+    session_t: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (S,) seconds since the run started when
+    # each session started, on the throughput_t clock (the first 0; each later one where the earlier sessions ended)
 
 
 MAX_COUNT = 2**53  # a count beyond it is no driver's (as checkpoint.MAX_COUNT; not imported: it imports torch)
@@ -73,6 +75,7 @@ def read_run_log(path: Path) -> RunLog:
     """
     pushes: list[tuple[int, int, int, int, float]] = []  # (global step, shard, outcome, staleness, loss) per row
     starts: list[dict[str, Any]] = []
+    session_t: list[float] = []
     discarded = 0
     thr_t: list[float] = []
     thr: list[float] = []
@@ -121,6 +124,7 @@ def read_run_log(path: Path) -> RunLog:
                 sessions += 1
                 step_offset, counted, t_offset = checked["step"], {}, last_t
                 starts.append(row)
+                session_t.append(t_offset)
                 if row.get("resume"):  # what earlier sessions logged past the checkpoint this one goes on from
                     kept = [push for push in pushes if push[0] <= step_offset]
                     discarded += sum(push[1] == 0 for push in pushes) - sum(push[1] == 0 for push in kept)
@@ -160,4 +164,5 @@ def read_run_log(path: Path) -> RunLog:
         sessions=sessions,
         events=events,
         bad_lines=bad,
+        session_t=np.asarray(session_t, dtype=np.float64),
     )
