@@ -294,3 +294,30 @@ def test_sync_budget_is_whole_rounds(tmp_path: Path) -> None:
     assert (runs[3]["pushes"], runs[3]["grad_evals"], runs[3]["applied"]) == (9, 9, 9)
     assert (runs[16]["pushes"], runs[16]["grad_evals"]) == (16, 16)
     assert runs[3]["staleness"]["max"] == runs[16]["staleness"]["max"] == 0
+
+
+def _visible_ticks(axis: Any) -> list[float]:
+    """The major tick values of ``axis`` inside its view."""
+    low, high = sorted(axis.get_view_interval())
+    return [float(t) for t in axis.get_majorticklocs() if low <= t <= high]
+
+
+def test_loss_vs_updates_says_it_counts_gradients_and_counts_are_ticked_whole(tmp_path: Path) -> None:
+    """``loss_vs_updates.png`` plots against gradients computed (the budget every run is given), and now says so:
+    its title read "against updates", though sync with 2 workers makes one server update of 2 gradients and its
+    curve ends at 2, as every run's does. Gradients and staleness are counts: no ticks at half of one."""
+    from downpour.study.staleness_report import loss_vs_gradients_figure, staleness_histograms_figure
+
+    result = run_study(study_config(overrides=TINY), policies=["downpour", "sync"], workers=[1, 2], seeds=1,
+                       out=tmp_path, steps=2)  # fmt: skip
+    assert sorted(run["grad_evals"] for run in result["runs"]) == [2, 2, 2, 2]  # sync, 2 workers: 1 round of 2
+    fig = loss_vs_gradients_figure(result)
+    assert fig.get_suptitle() == "Held-out loss against gradients computed (2 per run)"
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "gradients computed (all workers)"
+        assert [line.get_xdata()[-1] for line in ax.get_lines()] == [2.0] * len(ax.get_lines()) != []
+        ticks = _visible_ticks(ax.xaxis)
+        assert len(ticks) >= 2 and all(t == round(t) for t in ticks), ticks
+    for ax in staleness_histograms_figure(result).axes:
+        ticks = _visible_ticks(ax.xaxis)
+        assert len(ticks) >= 2 and all(t == round(t) for t in ticks), (ax.get_title(), ticks)

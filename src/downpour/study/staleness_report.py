@@ -1,5 +1,5 @@
 """The staleness study's statistics and report (:mod:`downpour.study.staleness`): per-cell summaries, ``table.md``,
-``results.json`` and the plots of loss against pushes, time and staleness."""
+``results.json`` and the plots of loss against gradients computed and time, staleness and final losses."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from downpour.ps.staleness import StalenessHistogram
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics
@@ -213,10 +216,11 @@ def _mark_cap(ax: Any, cap: float) -> None:
     ax.set_ylim(top=cap * 4)
 
 
-def _curves_figure(result: dict[str, Any], xkey: str, xlabel: str, title: str, path: Path) -> Path:
+def _curves_figure(result: dict[str, Any], xkey: str, xlabel: str, title: str) -> Figure:
     """One panel per worker count, one line per policy: median held-out loss over seeds with an IQR band."""
     import matplotlib
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     grid, cells, cap = result["grid"], _cells(result), _cap(result)
     workers = grid["workers"]
@@ -240,17 +244,38 @@ def _curves_figure(result: dict[str, Any], xkey: str, xlabel: str, title: str, p
             _mark_cap(ax, cap)
         ax.set_title(f"{n:,} worker{'s' if n > 1 else ''}")
         ax.set_xlabel(xlabel)
+        if xkey == "grads":  # a count: no ticks at half a gradient
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="major", alpha=0.3)
         if ax.get_legend_handles_labels()[1]:  # a panel of an interrupted study may hold no run
             ax.legend(fontsize=7, loc="best")
     axes[0, 0].set_ylabel("held-out loss (median over seeds, IQR band)")
     fig.suptitle(title)
-    return _save(fig, path, bottom=0.6, wspace=0.22)
+    return fig
 
 
-def _staleness_figure(result: dict[str, Any], path: Path) -> Path:
+def loss_vs_gradients_figure(result: dict[str, Any]) -> Figure:
+    """Held-out loss against gradients computed, over all workers (written as ``loss_vs_updates.png``).
+
+    Gradients, not server updates: every run is given the same gradient budget (``steps``), so on this axis every
+    curve ends at the same x and policies are compared per unit of compute. Against server updates, ``sync`` (one
+    update per N gradients) and ``easgd`` (one exchange per τ gradients) would end N or τ times sooner and look as
+    many times more efficient than the asynchronous policies, whose every gradient is an update.
+    """
+    title = f"Held-out loss against gradients computed ({result['grid']['steps']:,} per run)"
+    return _curves_figure(result, "grads", "gradients computed (all workers)", title)
+
+
+def loss_vs_time_figure(result: dict[str, Any]) -> Figure:
+    """Held-out loss against simulated time (wall-clock seconds with the local backend)."""
+    when = "wall-clock" if result.get("backend") == "local" else "simulated"
+    return _curves_figure(result, "time", f"{when} time (s)", f"Held-out loss against {when} time")
+
+
+def staleness_histograms_figure(result: dict[str, Any]) -> Figure:
     """A grid of staleness histograms: one row per policy, one column per worker count (pooled over seeds)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     grid, cells = result["grid"], _cells(result)
     rows, cols = len(grid["policies"]), len(grid["workers"])
@@ -271,6 +296,7 @@ def _staleness_figure(result: dict[str, Any], path: Path) -> Path:
             ax.set_ylim(max(fraction[fraction > 0].min() / 3, 1e-7), 3.0)
             pad = 0.02 * fraction.size
             ax.set_xlim(-0.5 - pad, max(fraction.size - 0.5 + pad, 1.5))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # staleness is a count of versions
             ax.text(0.5, 0.95, f"mean {s['mean']:.1f}, p99 {s['p99']}", transform=ax.transAxes, ha="center",
                     va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})  # fmt: skip
             if r == rows - 1:
@@ -278,10 +304,10 @@ def _staleness_figure(result: dict[str, Any], path: Path) -> Path:
             if c == 0:
                 ax.set_ylabel("fraction of pushes")
     fig.suptitle("Staleness of applied pushes (pooled over seeds)")
-    return _save(fig, path, bottom=0.55, hspace=0.55, wspace=0.25)
+    return fig
 
 
-def _final_loss_figure(result: dict[str, Any], path: Path) -> Path:
+def final_loss_figure(result: dict[str, Any]) -> Figure:
     """One panel per worker count: final held-out loss per policy over seeds (box + points; diverged as red x)."""
     from matplotlib.figure import Figure
 
@@ -315,23 +341,21 @@ def _final_loss_figure(result: dict[str, Any], path: Path) -> Path:
             ax.legend(fontsize=7, loc="best")
     axes[0, 0].set_ylabel("final held-out loss (each point a seed)")
     fig.suptitle(f"Final held-out loss after {grid['steps']:,} gradients, over {grid['seeds']} seeds")
-    return _save(fig, path, bottom=0.9, wspace=0.22)
+    return fig
 
 
 def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
-    """The report's four PNGs (matplotlib figures without pyplot) in ``out``; returns their paths."""
-    steps = result["grid"]["steps"]
-    when = "wall-clock" if result.get("backend") == "local" else "simulated"
+    """The report's four PNGs (matplotlib figures without pyplot) in ``out``; returns their paths.
+
+    ``loss_vs_updates.png`` keeps its name (scripts read it) but plots against gradients computed: see
+    :func:`loss_vs_gradients_figure`.
+    """
     return [
-        _curves_figure(
-            result, "grads", "gradients computed (pushes; easgd: τ per exchange)",
-            f"Held-out loss against updates ({steps:,} gradients per run)", out / "loss_vs_updates.png",
-        ),
-        _curves_figure(
-            result, "time", f"{when} time (s)", f"Held-out loss against {when} time", out / "loss_vs_time.png"
-        ),
-        _staleness_figure(result, out / "staleness_histograms.png"),
-        _final_loss_figure(result, out / "final_loss.png"),
+        _save(loss_vs_gradients_figure(result), out / "loss_vs_updates.png", bottom=0.6, wspace=0.22),
+        _save(loss_vs_time_figure(result), out / "loss_vs_time.png", bottom=0.6, wspace=0.22),
+        _save(staleness_histograms_figure(result), out / "staleness_histograms.png", bottom=0.55, hspace=0.55,
+              wspace=0.25),
+        _save(final_loss_figure(result), out / "final_loss.png", bottom=0.9, wspace=0.22),
     ]  # fmt: skip
 
 
