@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from downpour.study.optima import (
     wilcoxon_paired,
     write_report,
 )
+from downpour.study.optima_report import final_loss_figure, minima_figure
 
 TASKS = [TiltedWells(), TiltedWells(tilts=(0.5, -0.2, 0.05), noise=3.0, batch_size=4), TiltedWells(tilts=(1.2,))]
 SMALL = {"workers": 8, "seeds": 12, "steps": 300, "lr": 0.01}
@@ -456,3 +458,21 @@ def test_ctrl_c_keeps_the_arms_that_finished_when_two_can_be_compared(tmp_path: 
     assert not (tmp_path / "one").exists() or not (tmp_path / "one" / "optima.json").exists()
     finished = run_optima(workers=4, seeds=2, steps=40, policies=three, out=tmp_path / "two")  # the same settings
     assert finished["complete"] is True and len(finished["arms"]) == 3
+
+
+def _visible_ticks(axis: Any) -> list[float]:
+    """The major tick values of ``axis`` inside its view."""
+    low, high = sorted(axis.get_view_interval())
+    return [float(t) for t in axis.get_majorticklocs() if low <= t <= high]
+
+
+def test_count_axes_are_ticked_at_whole_runs_and_seeds() -> None:
+    """With 3 seeds the runs per minimum and the seeds per paired difference are 0 to 3: ticks at 0.5 of a run said
+    nothing a count can be."""
+    result = run_optima(workers=4, seeds=3, steps=60, lr=0.01)
+    runs = minima_figure(result).axes[0]
+    seeds = final_loss_figure(result).axes[1]
+    assert runs.get_ylabel() == "runs" and seeds.get_ylabel() == "seeds"
+    for axis in (runs.yaxis, seeds.yaxis):
+        ticks = _visible_ticks(axis)
+        assert len(ticks) >= 2 and all(t == round(t) for t in ticks), ticks

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from downpour.study.paired_tests import rankable
 from downpour.study.tilted_wells import TiltedWells
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _p(p: float) -> str:
@@ -154,17 +157,35 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 def _pictures(result: dict[str, Any], out: Path) -> list[Path]:
+    paths = []
+    for name, draw in (("optima_landscape.png", landscape_figure), ("optima_final_loss.png", final_loss_figure),
+                       ("optima_minima.png", minima_figure)):  # fmt: skip
+        paths.append(out / name)
+        draw(result).savefig(paths[-1], dpi=110, bbox_inches="tight")
+    return paths
+
+
+def _task(result: dict[str, Any]) -> TiltedWells:
+    return TiltedWells(**{k: tuple(v) if k == "tilts" else v for k, v in result["settings"]["task"].items()})
+
+
+def _colors() -> list[str]:
     import matplotlib
+
+    return matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def landscape_figure(result: dict[str, Any]) -> Figure:
+    """The expected loss in the first two coordinates (the others at the global minimum), its minima (stars) and
+    basin boundaries (dotted), every run's end point per policy and the first seeds' trajectories."""
     from matplotlib.figure import Figure  # not pyplot: a caller's backend and open figures stay as they were
 
-    task = TiltedWells(**{k: tuple(v) if k == "tilts" else v for k, v in result["settings"]["task"].items()})
+    task = _task(result)
     minima = task.minima()
     arms = result["arms"]
-    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = _colors()
     markers = "oxs^vD*P"
-    paths = []
 
-    # the landscape, in the first two coordinates (the others at the global minimum)
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     lim = max(2.0, result["settings"]["start_box"] + 0.3)
@@ -216,10 +237,19 @@ def _pictures(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("x₂")
     ax.set_title("expected loss, minima (stars), basin boundaries (dotted), end points")
     ax.legend(loc="lower right", fontsize=8)
-    paths.append(out / "optima_landscape.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    return fig
 
-    # final-loss distributions and the paired differences
+
+def final_loss_figure(result: dict[str, Any]) -> Figure:
+    """Final-loss distributions per arm (the minima dashed) and the paired differences with the first arm, per seed
+    (a count on its y axis, ticked at whole seeds)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    minima = _task(result).minima()
+    arms = result["arms"]
+    colors = _colors()
+
     fig = Figure(figsize=(11, 4.5))
     (left, right) = fig.subplots(1, 2)
     losses = [rankable(np.asarray(arm["final_loss"], float))[0] for arm in arms]
@@ -244,12 +274,21 @@ def _pictures(result: dict[str, Any], out: Path) -> list[Path]:
     right.axvline(0.0, color="k", lw=0.8)
     right.set_xlabel("paired difference in final loss (same seed)")
     right.set_ylabel("seeds")
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
     right.legend(fontsize=8)
     right.set_title("paired differences")
-    paths.append(out / "optima_final_loss.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    return fig
 
-    # runs per minimum
+
+def minima_figure(result: dict[str, Any]) -> Figure:
+    """Runs per minimum (and diverged) per arm, side by side (a count, ticked at whole runs)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    minima = _task(result).minima()
+    arms = result["arms"]
+    colors = _colors()
+
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
     labels = [m.name for m in minima] + ["diverged"]
@@ -265,9 +304,8 @@ def _pictures(result: dict[str, Any], out: Path) -> list[Path]:
         )
     ax.set_xticks(range(len(labels)), [f"{m.name}\n{m.loss:+.3f}" for m in minima] + ["diverged"])
     ax.set_ylabel("runs")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     g = result["comparisons"][0]["global_minimum"]
     ax.set_title(f"minimum reached per run (global minimum: McNemar p={_p(g['p'])})")
     ax.legend()
-    paths.append(out / "optima_minima.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    return paths
+    return fig
