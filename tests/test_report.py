@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -533,3 +534,32 @@ def test_a_resumed_runs_throughput_plot_marks_where_each_session_started(tmp_pat
     path.write_text("".join(json.dumps(row) + "\n" for row in rows[:4]))
     ax = plots.draw_throughput(read_run_log(path)).axes[0]
     assert not [line for line in ax.get_lines() if line.get_linestyle() == ":"] and not ax.texts
+
+
+def _visible_ticks(axis: Any) -> list[float]:
+    """The major tick values of ``axis`` inside its view."""
+    low, high = sorted(axis.get_view_interval())
+    return [float(t) for t in axis.get_majorticklocs() if low <= t <= high]
+
+
+def test_count_axes_tick_at_whole_pushes_and_updates(tmp_path: Path) -> None:
+    """A run of two pushes on one shard (three updates logged in all): the loss plot's step axis ticked 0.25 of a push
+    and the staleness panel 0.25 of an update; both are counts, ticked at whole numbers."""
+    rows = [
+        {"event": "start", "t": 0.0, "step": 0, "resume": False, "initial_loss": 50.0},
+        {"event": "push", "t": 1.0, "worker": 0, "shard": 0, "staleness": 0, "loss": 40.0, "applied": True},
+        {"event": "push", "t": 1.5, "worker": 1, "shard": 0, "staleness": 1, "loss": 30.0, "applied": True},
+        {"event": "push", "t": 1.6, "worker": 0, "shard": 1, "staleness": 1, "loss": 30.0, "applied": True},
+        {"event": "end", "t": 2.0, "step": 2, "final_loss": 25.0},
+    ]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    log = read_run_log(path)
+    axes = [
+        plots.draw_loss(log).axes[0].xaxis,
+        *(ax.yaxis for ax in plots.draw_staleness(log).axes if ax.get_visible()),
+    ]
+    assert len(axes) == 3
+    for axis in axes:
+        ticks = _visible_ticks(axis)
+        assert len(ticks) >= 2 and all(t == round(t) for t in ticks), ticks

@@ -87,6 +87,7 @@ def draw_loss(log: RunLog) -> Figure | None:
     if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
         ax.set_yscale("log")
     ax.set_xlabel("global step (pushes)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no ticks at half a push
     ax.set_ylabel("loss per example")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
@@ -132,6 +133,12 @@ def throughput_figure(log: RunLog) -> bytes | None:
 
 
 def staleness_figure(log: RunLog) -> bytes | None:
+    """:func:`draw_staleness` as PNG bytes (None without applied pushes)."""
+    fig = draw_staleness(log)
+    return None if fig is None else _png(fig)
+
+
+def draw_staleness(log: RunLog) -> Figure | None:
     """One histogram of applied updates by staleness per shard (shards past the eighth summed into the last)."""
     shards = sorted(log.staleness)
     if not shards or all(log.staleness[s].total == 0 for s in shards):
@@ -157,9 +164,10 @@ def staleness_figure(log: RunLog) -> bytes | None:
         ax.set_title(f"{title}: mean {mean:.2f}", fontsize=9)
         ax.set_xlabel("staleness (updates)", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # updates counted: none ticked at half of one
         ax.set_xlim(-0.6, max(counts.size, 2) - 0.4)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     axes[0][0].set_ylabel("applied updates", fontsize=8)
-    return _png(fig)
+    return fig
