@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from downpour.errors import NESTS_TOO_DEEPLY, CheckpointError
-from downpour.rundir import atomic_write_text, read_json_object, save_tensors
+from downpour.rundir import CHECKPOINT_STATE, atomic_write_text, read_json_object, save_tensors
 
 FORMAT = 1
-STATE_FILE = "state.json"
+STATE_FILE = CHECKPOINT_STATE
 MAX_COUNT = 2**53  # versions, steps and counters above this are corrupt (and would overflow an int64 counter)
 
 

@@ -19,6 +19,7 @@ CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint"
+CHECKPOINT_STATE = "state.json"  # in CHECKPOINT: the step, the shards' versions, the files' digests
 FILTERS = "filters.png"
 WHITENING = "whitening.safetensors"
 

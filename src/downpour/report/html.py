@@ -220,7 +220,7 @@ def _data_source(run_dir: Path) -> Any:
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
-    state, _ = _read_json(run_dir / rundir.CHECKPOINT / "state.json")  # (downpour.checkpoint would import torch)
+    state, _ = _read_json(run_dir / rundir.CHECKPOINT / rundir.CHECKPOINT_STATE)  # (not checkpoint: torch)
     step = state.get("step") if state is not None else None
     return step if isinstance(step, int) else None
 
