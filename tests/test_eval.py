@@ -714,3 +714,43 @@ def test_preprocess_removes_each_example_mean_then_the_training_centre_then_whit
     # [1, 2, 6] − 3 = [−2, −1, 3]; − centre = [−2.5, 0, 1]; · diag = [−5, 0, 0.5]
     # [0, 0, 3] − 1 = [−1, −1, 2]; − centre = [−1.5, 0, 0]; · diag = [−3, 0, 0]
     torch.testing.assert_close(trained.preprocess(images), torch.tensor([[-5.0, 0.0, 0.5], [-3.0, 0.0, 0.0]]))
+
+
+def test_face_neuron_splits_and_viz_steps_out_of_range_are_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--splits`` is 1..1000 and viz's ``--steps`` 1..100000: a typo's 10 million used to compute for days, in
+    silence (its halves alone 16 GB). Each is refused in one line naming the flag, the value and the range, before
+    the run is read (here there is none)."""
+    from downpour.eval import face_neuron
+
+    norun = str(tmp_path / "norun")
+    for value in ("0", "-3", "1001", "10000000"):
+        code, out, err = _cli(capsys, "eval", "face-neuron", norun, "--splits", value)
+        assert code == 2 and out == ""
+        assert f"invalid --splits: {value} (must be 1..1000" in err and len(err.strip().splitlines()) == 1, err
+    for value in ("0", "-1", "100001", "10000000"):
+        code, out, err = _cli(capsys, "viz", norun, "--steps", value)
+        assert code == 2 and out == ""
+        assert f"invalid --steps: {value} (must be 1..100000" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(DownpourError, match=r"invalid --splits: 1001 \(must be 1\.\.1000"):
+        face_neuron.run(tmp_path / "norun", splits=1001)
+    assert not (tmp_path / "norun").exists()
+
+
+def test_face_neuron_shows_its_progress_unless_told_not_to(
+    rica_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long face-neuron test draws a progress bar on stderr (once it has taken PROGRESS_AFTER_S seconds, here 0):
+    every split of each of the five candidate sets, three times (clean, jittered, the clean rule jittered); the JSON
+    on stdout stays whole. ``--no-progress`` draws none."""
+    from downpour import cli_eval
+
+    monkeypatch.setattr(cli_eval, "PROGRESS_AFTER_S", 0.0)
+    code, out, err = _cli(capsys, "eval", "face-neuron", str(rica_run), "--splits", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["splits"] == 2
+    assert "face-neuron" in err and "30/30" in err, err  # 5 candidate sets x 3 x 2 splits
+    code, out, err = _cli(capsys, "eval", "face-neuron", str(rica_run), "--splits", "2", "--json", "--no-progress")
+    assert code == 0 and json.loads(out)["splits"] == 2
+    assert "30/30" not in err and "face-neuron" not in err, err

@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from types import TracebackType
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from downpour import rundir
 from downpour.cli_paths import path_argument
 from downpour.console import warn
 from downpour.errors import DownpourError
+
+# The most --steps of viz's gradient ascent: 1,000 times its default of 100, far past where the optimal stimulus
+# stops changing; a typo's 10 million would compute for hours (the ascent's own check is in downpour.eval.viz).
+MAX_VIZ_STEPS = 100_000
+# Seconds a command computes before its progress bar is drawn: a short evaluation (the default 10 face-neuron
+# splits take a second or two) prints nothing but its result.
+PROGRESS_AFTER_S = 2.0
 
 
 def _units(text: str) -> list[int]:
@@ -37,6 +47,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     face.add_argument("--splits", type=int, default=10, help="random stratified halves to average over")
     face.add_argument("--seed", type=int, default=0, help="seed of the halves, the jitter and the random filters")
     face.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    face.add_argument("--no-progress", action="store_true", help="no progress bar (drawn once it takes over 2 s)")
     probe = which.add_parser("probe", help="logistic regression on frozen features vs raw pixels")
     probe.add_argument("run_dir", type=path_argument, metavar="RUN_DIR")
     probe.add_argument("--data", default="digits", help="labelled data set (digits: scikit-learn's 8x8 digits)")
@@ -63,6 +74,35 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     detect.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+class _LateBar:
+    """A progress bar on the console that is drawn only once the work has taken :data:`PROGRESS_AFTER_S` seconds
+    (and never when ``enabled`` is false); called with ``(done, total, what)`` as the work goes on."""
+
+    def __init__(self, console: Console, title: str, *, enabled: bool) -> None:
+        self.enabled, self.started = enabled, time.monotonic()
+        self.bar = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[what]}", markup=False), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=console)  # fmt: skip
+        self.task = None
+
+    def __enter__(self) -> _LateBar:
+        return self
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if not self.enabled:
+            return
+        if self.task is None:
+            if time.monotonic() - self.started < PROGRESS_AFTER_S:
+                return
+            self.task = self.bar.add_task("", total=total, what=what.replace("_", " "))
+            self.bar.start()
+        self.bar.update(self.task, completed=done, what=what.replace("_", " "))
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
 def _table_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 120)
 
@@ -78,11 +118,13 @@ def _warn_if_diverged(run_dir: Path, console: Console) -> None:
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     """Run ``eval face-neuron`` or ``eval probe``."""
-    _warn_if_diverged(args.run_dir, console)
     if args.eval == "face-neuron":
         from downpour.eval import face_neuron
 
-        result = face_neuron.run(args.run_dir, splits=args.splits, seed=args.seed)
+        face_neuron.check_splits(args.splits)  # before the run is read
+        _warn_if_diverged(args.run_dir, console)
+        with _LateBar(console, "face-neuron", enabled=not args.no_progress) as bar:
+            result = face_neuron.run(args.run_dir, splits=args.splits, seed=args.seed, progress=bar)
         if args.json:
             print(rundir.json_text(result))
         else:
@@ -91,6 +133,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     if args.eval == "probe":
         from downpour.eval import probe
 
+        _warn_if_diverged(args.run_dir, console)
         result = probe.run(args.run_dir, data=args.data)
         if args.json:
             print(rundir.json_text(result))
@@ -102,6 +145,10 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_viz(args: argparse.Namespace, console: Console) -> int:
     """Run ``viz``: filter grid and optimal stimuli."""
+    if not 1 <= args.steps <= MAX_VIZ_STEPS:
+        raise DownpourError(
+            f"invalid --steps: {args.steps} (must be 1..{MAX_VIZ_STEPS}: gradient-ascent steps of the optimal stimulus)"
+        )
     from downpour.eval import viz
 
     _warn_if_diverged(args.run_dir, console)
