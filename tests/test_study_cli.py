@@ -214,3 +214,35 @@ def test_a_study_out_in_a_folder_it_cannot_write_is_refused_up_front(
     bad = cli("study", "optima", "--seeds", "1", "--out", str(out))
     assert bad.returncode == 2
     assert f"invalid --out: {out} cannot be written: {folder} is not writable" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("study", "argv", "message"),
+    [
+        ("optima", ["--steps", "10"], "invalid --steps: 10 (fewer than 64 pushes, one round of sync at --workers 64"),
+        ("optima", ["--workers", "5000"], "invalid --steps: 4000 (fewer than 5000 pushes, one round of sync at "),
+        ("optima", ["--steps", "0"], "invalid --steps: 0"),
+        ("optima", ["--workers", "-1"], "invalid --workers: -1"),
+        ("optima", ["--seeds", "0"], "invalid --seeds: 0"),
+        ("optima", ["--first-seed", "-1"], "invalid --first-seed: -1"),
+        ("staleness", ["--steps", "0"], "invalid --steps: 0"),
+        ("staleness", ["--seeds", "0"], "invalid --seeds: '0'"),
+        ("staleness", ["--workers", "1,x"], "invalid --workers: 'x'"),
+        ("staleness", ["--policies", "nope"], "invalid --policies: 'nope'"),
+        ("designs", ["--steps", "0"], "invalid --steps: 0"),
+        ("designs", ["--seconds", "-1"], "invalid --seconds: -1.0"),
+        ("designs", ["--workers", "0"], "invalid --workers: 0"),
+        ("designs", ["--seed", "-1"], "invalid --seed: -1"),
+    ],
+)
+def test_a_bad_study_flag_is_named_as_typed(
+    tmp_path: Path, cli: Callable[..., CliResult], study: str, argv: list[str], message: str
+) -> None:
+    """Every study's bad flag is refused in one line that names the flag the user typed (``--steps``), not the
+    parameter it becomes inside (optima's too few steps for one round of sync said ``invalid steps``), before any run
+    and before --out is made."""
+    out = tmp_path / "out"
+    bad = cli("study", study, *argv, *(["--no-progress"] if study != "optima" else []), "--out", str(out))
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert f"downpour: error: {message}" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not out.exists()

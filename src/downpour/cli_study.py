@@ -177,6 +177,11 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
             raise DownpourError(f"invalid --first-seed: {args.first_seed} (must be >= 0)")
         from downpour.study import optima  # after the flags: importing torch takes seconds
 
+        if args.steps < (unit := optima.round_pushes(optima.DEFAULT_POLICIES, args.workers)):
+            raise DownpourError(f"invalid --steps: {args.steps} (fewer than {unit} pushes, one round of sync at "
+                                f"--workers {args.workers}: every arm runs whole rounds of it; raise --steps or "
+                                "lower --workers)")  # fmt: skip
+
         rerun = "rerun the command for a whole study (two arms are needed to compare)"
         with _says_what_was_kept(console, args.out, rerun, name="optima.json", what="arms", needed="two arms"):
             result = optima.run_optima(workers=args.workers, seeds=args.seeds, steps=args.steps,

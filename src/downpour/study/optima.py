@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "steps": 4000,
     "lr": 0.002,
 }
+DEFAULT_POLICIES = ("sync", "downpour")  # the arms of `downpour study optima`
 
 
 def start_point(seed: int, dim: int, box: float) -> np.ndarray:
@@ -70,12 +71,15 @@ def _arm_policy(spec: str, workers: int) -> tuple[str, int]:
     return name, int(count)
 
 
-def _whole_rounds(steps: int, policies: Sequence[str], workers: int, lr: float) -> int:
-    """The largest budget up to ``steps`` pushes that is a whole number of rounds for every ``sync`` arm (every arm
-    then gets it, so that all compute the same number of gradients). A last round of the leftover pushes would
-    take sync's full-size step on the mean of fewer gradients: over 300 seeds at 64 workers (4,000 pushes: 62
-    rounds and 32 pushes) that alone made sync's final losses worse than downpour's (Wilcoxon p = 6e-12, against
-    0.067 with whole rounds)."""
+def round_pushes(policies: Sequence[str], workers: int, lr: float = DEFAULTS["lr"]) -> int:
+    """The pushes of one whole round of every ``sync`` arm among ``policies`` (the least common multiple of their
+    quorums; 1 without one): under ``lr_match="gradient"`` every arm's budget is a multiple of it (see
+    :func:`_whole_rounds`)."""
+    return _rounds(policies, workers, lr)[0]
+
+
+def _rounds(policies: Sequence[str], workers: int, lr: float) -> tuple[int, list[int]]:
+    """:func:`round_pushes` and the quorum of each ``sync`` arm."""
     quorums = []
     for spec in policies:
         name, count = _arm_policy(spec, workers)
@@ -87,7 +91,16 @@ def _whole_rounds(steps: int, policies: Sequence[str], workers: int, lr: float) 
             )
         if isinstance(policy, Sync):
             quorums.append(policy.quorum)
-    unit = math.lcm(*quorums) if quorums else 1
+    return (math.lcm(*quorums) if quorums else 1), quorums
+
+
+def _whole_rounds(steps: int, policies: Sequence[str], workers: int, lr: float) -> int:
+    """The largest budget up to ``steps`` pushes that is a whole number of rounds for every ``sync`` arm (every arm
+    then gets it, so that all compute the same number of gradients). A last round of the leftover pushes would
+    take sync's full-size step on the mean of fewer gradients: over 300 seeds at 64 workers (4,000 pushes: 62
+    rounds and 32 pushes) that alone made sync's final losses worse than downpour's (Wilcoxon p = 6e-12, against
+    0.067 with whole rounds)."""
+    unit, quorums = _rounds(policies, workers, lr)
     if steps < unit:
         raise ConfigError(f"invalid steps: {steps} (fewer than {unit} pushes: a whole number of rounds of every sync "
                           f"arm, whose rounds take {', '.join(map(str, quorums))})")  # fmt: skip
@@ -110,7 +123,7 @@ def run_optima(
     seeds: int = DEFAULTS["seeds"],
     steps: int = DEFAULTS["steps"],
     lr: float = DEFAULTS["lr"],
-    policies: Sequence[str] = ("sync", "downpour"),
+    policies: Sequence[str] = DEFAULT_POLICIES,
     out: Path | None = None,
     task: TiltedWells | None = None,
     lr_match: str = "gradient",
