@@ -522,3 +522,25 @@ def test_the_rbm_samples_in_the_models_dtype_and_keeps_its_chain_across_a_conver
     same[1].double()
     losses = [float(m.loss(x.to(m.weight.dtype)).detach()) for m in same]  # one noise stream, whatever the dtype
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_every_designs_loss_names_an_empty_batch() -> None:
+    """A batch of no examples gave every design's loss NaN (a mean over none), to be found pushes later as a
+    diverged run; now it is a ValueError naming the design and the batch's shape, flat or image, with and without
+    gradients. Its features stay defined: no examples, no responses."""
+    from downpour.models import RICA, CatNetwork, ConvAutoencoder, GaussianBernoulliRBM, SparseAutoencoder
+
+    shape = (1, 8, 8)
+    models = (RICA(64, 8), SparseAutoencoder(64, 8), GaussianBernoulliRBM(64, 8), GaussianBernoulliRBM(64, 8, pcd=True),
+              ConvAutoencoder(shape, features=4, receptive_field=3), CatNetwork(shape, receptive_field=3, maps=2,
+                                                                                pool=2, lcn=3))  # fmt: skip
+    for model in models:
+        name = type(model).__name__
+        for empty in (torch.rand(0, 64), torch.rand(0, *shape)):
+            message = re.escape(f"{name}.loss got an empty batch {tuple(empty.shape)}: a loss is a mean over the")
+            with pytest.raises(ValueError, match=message):
+                model.loss(empty)
+            with torch.no_grad(), pytest.raises(ValueError, match=message):
+                model.loss(empty)
+            assert model(empty).shape[0] == 0
+        assert torch.isfinite(model.loss(torch.rand(1, 64)))  # one example is a batch

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from downpour.errors import ConfigError
-from downpour.models.shapes import as_images
+from downpour.models.shapes import as_images, require_examples
 from downpour.nn import L2Pool2d, LocalContrastNorm2d, LocallyConnected2d
 from downpour.nn import arguments as check
 from downpour.nn.skip import SkipPlan, active_fields
@@ -191,6 +191,7 @@ class CatNetwork(nn.Module):
 
     def loss(self, x: Tensor) -> Tensor:
         """Σ over stages of the stage's RICA cost; greedy stages see their input without gradient."""
+        require_examples(x, "CatNetwork")
         x = self._images(x)
         total = x.new_zeros(())
         for stage in self.stages:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from downpour.errors import ConfigError
-from downpour.models.shapes import as_images
+from downpour.models.shapes import as_images, require_examples
 from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
@@ -65,6 +65,7 @@ class ConvAutoencoder(nn.Module):
 
     def loss(self, x: Tensor) -> Tensor:
         """Reconstruction through the tied transpose plus the penalty on the maps (and weight decay)."""
+        require_examples(x, "ConvAutoencoder")
         x = self._images(x)
         h = self.encode(x)  # (B, K, R, R)
         reconstruction = F.conv_transpose2d(h, self.weight)  # (B, C, S, S)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from downpour.models.shapes import as_flat
+from downpour.models.shapes import as_flat, require_examples
 from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
@@ -88,6 +88,7 @@ class GaussianBernoulliRBM(nn.Module):
     def loss(self, x: Tensor) -> Tensor:
         """Value: the reconstruction error (+ penalty and weight decay); gradient: the negative CD-k (or PCD)
         update (+ the penalty's and decay's gradients)."""
+        require_examples(x, type(self).__name__)
         v = as_flat(x, self.input_dim, type(self).__name__, like=self.weight)  # (B, D)
         extra = regularised(torch.zeros((), dtype=v.dtype, device=v.device),
                             penalty(self.penalty, self(v), epsilon=self.epsilon),

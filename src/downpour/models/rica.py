@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from downpour.models.shapes import as_flat
+from downpour.models.shapes import as_flat, require_examples
 from downpour.nn import arguments as check
 from downpour.objectives import decay_term, penalty, regularised, squared_reconstruction
 from downpour.penalty_spec import PenaltySpec
@@ -53,6 +53,7 @@ class RICA(nn.Module):
     def loss(self, x: Tensor) -> Tensor:
         """The RICA objective on a batch ``(B, D)`` (with ``model.penalty`` in place of the smooth L1 if set, plus
         ``model.weight_decay``)."""
+        require_examples(x, type(self).__name__)
         x = as_flat(x, self.input_dim, type(self).__name__, like=self.weight)  # (B, D)
         h = x @ self.weight.t()  # (B, K)
         reconstruction = h @ self.weight  # (B, D)

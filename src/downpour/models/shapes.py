@@ -40,3 +40,13 @@ def as_flat(x: Tensor, dim: int, owner: str, *, like: Tensor) -> Tensor:
     if x.dim() < 2 or math.prod(x.shape[1:]) != dim:
         raise ValueError(f"{owner} expected (B, {dim}) examples, got {tuple(x.shape)}")
     return x.flatten(1)  # (B, D)
+
+
+def require_examples(x: Tensor, owner: str) -> None:
+    """A ``ValueError`` naming ``owner`` and the shape for a batch of no examples ``(0, ...)``: every design's loss
+    is a mean over the batch, and the mean of none is NaN. (``forward`` takes one: no examples, no responses.) A
+    look at the shape only: nothing waits for a GPU. Anything else (not a tensor, no batch dimension) is left to
+    :func:`as_flat` and :func:`as_images` to name."""
+    if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[0] == 0:
+        raise ValueError(f"{owner}.loss got an empty batch {tuple(x.shape)}: a loss is a mean over the examples "
+                         "and needs at least one")  # fmt: skip
