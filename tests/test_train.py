@@ -1241,3 +1241,27 @@ def test_a_checkpoint_kept_when_its_session_diverged_later_counts_the_pushes_log
         == _summary(run_dir)["updates_applied"]
         == sum(shard["version"] for shard in resumed["shards"])
     )
+
+
+def test_workers_that_cannot_fit_in_memory_are_refused_before_they_start(
+    run_dir: Path, cli: Callable[..., CliResult]
+) -> None:
+    """model.features is allowed up to 10^6, and each local worker holds its copy of the parameters, their gradient
+    and one batch's responses (batch x features floats): a run whose workers need more than this machine has left
+    started them anyway, to be killed by the kernel. Now the least they need is counted before any starts and the
+    run refused in one line naming it, the memory available and what to lower. Nothing that size is allocated
+    here: 200,000 features of 8x8 patches are 51 MB of parameters; the batch is sized to this machine."""
+    from downpour.backends.local import available_memory
+
+    features, workers = 200_000, 2
+    batch = available_memory() // (workers * 4 * features) + 1  # the responses alone exceed what is available
+    keys = ["data.patch_size=8", f"data.examples={workers * batch}", "data.whiten=false",
+            f"model.features={features}", f"train.batch_size={batch}"]  # fmt: skip
+    result = cli("train", "--backend", "local", "--workers", str(workers), "--steps", "10", "--out", str(run_dir),
+                 *[arg for key in keys for arg in ("--set", key)], "--no-progress")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"the model's {features * 64:,} parameters with train.batch_size = {batch:,} and cluster.workers = 2 need " \
+           "at least " in result.stderr  # fmt: skip
+    assert "is available here: lower model.features, train.batch_size or cluster.workers" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (run_dir / "checkpoint").exists() and not (run_dir / "summary.json").exists()

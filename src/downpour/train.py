@@ -36,7 +36,7 @@ from downpour.data import (
     worker_slice,
 )
 from downpour.data.own import READER_VERSION
-from downpour.errors import CheckpointError, ConfigError, DownpourError
+from downpour.errors import CheckpointError, ConfigError, DownpourError, human_size
 from downpour.held_out import HeldOutLoss, warn_if_every_field_is_flat
 from downpour.models import build_model
 from downpour.ps.flat import flat_copy
@@ -125,6 +125,48 @@ def _build_model(config: Config, dataset: Dataset, out: Path, *, resume: bool) -
         raise
 
 
+def _responses_per_example(model: torch.nn.Module, input_dim: int) -> int:
+    """The values of the model's output for one example, from a forward pass on the meta device (shapes only:
+    nothing is computed or allocated, and the model is left as it was); 0 where a design cannot run there (the
+    cat network's skip of faint fields reads values)."""
+    meta = {name: torch.empty_like(value, device="meta") for name, value in model.state_dict(keep_vars=True).items()}
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(model, meta, (torch.empty(1, input_dim, device="meta"),))
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        return 0
+    return out[0].numel()
+
+
+def check_worker_memory(config: Config, model: torch.nn.Module, dataset: Dataset) -> None:
+    """Refuse a local-backend run whose workers certainly cannot fit in this machine's available memory, before any
+    starts: a :class:`ConfigError` naming the need, the memory and the settings to lower.
+
+    What is counted is a floor, not an estimate: the shards' copy of the parameters, then per worker its model and
+    gradient (2 copies of the parameters) and one batch's examples and the model's responses to them, all float32.
+    A worker needs more (torch itself, about 150 MB, saved activations, the accumulated update, the allocator's
+    slack: 2.4 GB was seen at 250,000 RICA features on 16x16 patches, batch 128, against a floor of 0.6 GB; 0.4 GB
+    of private memory at 32,768 features against 0.08 GB), in amounts that depend on the design, its kernels and
+    the allocator; refusing on an estimate of those would refuse runs that fit. So only a run that cannot
+    fit is refused; what is between the floor and the need shows as an out-of-memory error or a worker's death."""
+    from downpour.backends.local import available_memory
+
+    workers, params = config.cluster.workers, sum(p.numel() for p in model.parameters())
+    batch = min(config.train.batch_size, len(dataset.train) // workers)  # a worker's batches hold its share at most
+    per_batch = 4 * batch * (dataset.dim + _responses_per_example(model, dataset.dim))
+    per_worker = 4 * 2 * params + per_batch
+    needed, available = 4 * params + workers * per_worker, available_memory()
+    if needed <= available:
+        return
+    size = "model.maps, model.stages or data.image_size" if config.model.name == "cat" else "model.features"
+    raise ConfigError(
+        f"the model's {params:,} parameters with train.batch_size = {config.train.batch_size:,} and cluster.workers = "
+        f"{workers} need at least {human_size(needed)} ({human_size(per_worker)} a worker: its copy of the parameters "
+        f"and their gradient, and one batch's examples and the model's responses, {human_size(per_batch)}); "
+        f"{human_size(available)} is available here: lower {size}, train.batch_size or cluster.workers"
+    )
+
+
 def run_training(
     config: Config, out: Path | str, *, resume: bool = False, console: Console | None = None,
     show_progress: bool = True, dataset: Dataset | None = None,
@@ -161,6 +203,8 @@ def run_training(
         model = _build_model(config, dataset, out, resume=resume)
         signature = model_signature(model)
         contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
+        if config.cluster.backend == "local":
+            check_worker_memory(config, model, dataset)
         held_out_loss = HeldOutLoss(config, dataset, model)  # one copy: the session starts from flat_copy(model)
         checkpoint = None
         run_state = RunState()
