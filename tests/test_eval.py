@@ -741,12 +741,16 @@ def test_face_neuron_splits_and_viz_steps_out_of_range_are_refused_first(
 def test_face_neuron_shows_its_progress_unless_told_not_to(
     rica_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A long face-neuron test draws a progress bar on stderr (once it has taken PROGRESS_AFTER_S seconds, here 0):
-    every split of each of the five candidate sets, three times (clean, jittered, the clean rule jittered); the JSON
-    on stdout stays whole. ``--no-progress`` draws none."""
+    """A long face-neuron test draws a progress bar on a terminal's stderr (once it has taken PROGRESS_AFTER_S
+    seconds, here 0): every split of each of the five candidate sets, three times (clean, jittered, the clean rule
+    jittered); the JSON on stdout stays whole. In a pipe or a log, and with ``--no-progress``, it draws none."""
     from downpour import cli_eval
 
     monkeypatch.setattr(cli_eval, "PROGRESS_AFTER_S", 0.0)
+    code, out, err = _cli(capsys, "eval", "face-neuron", str(rica_run), "--splits", "2", "--json")
+    assert code == 0 and json.loads(out)["splits"] == 2
+    assert "30/30" not in err and "face-neuron" not in err, err  # a log or a pipe: no bar left behind in it
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich then takes standard error for a terminal
     code, out, err = _cli(capsys, "eval", "face-neuron", str(rica_run), "--splits", "2", "--json")
     assert code == 0, err
     assert json.loads(out)["splits"] == 2

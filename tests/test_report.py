@@ -536,6 +536,58 @@ def test_a_resumed_runs_throughput_plot_marks_where_each_session_started(tmp_pat
     assert not [line for line in ax.get_lines() if line.get_linestyle() == ":"] and not ax.texts
 
 
+def _push(step: int, loss: float | None, *, staleness: int = 0, applied: bool = True) -> dict[str, Any]:
+    """A push row of worker 0 to shard 0, applied as version ``step`` unless said otherwise."""
+    return {"event": "push", "t": step / 10, "worker": 0, "shard": 0, "version": step, "staleness": staleness,
+            "loss": loss, "applied": applied}  # fmt: skip
+
+
+def test_only_a_loss_that_stays_non_finite_is_marked_diverged(tmp_path: Path) -> None:
+    """A run whose last push was late (the simulator logs no loss for a push sync dropped: null), or refused (NaN)
+    and then measured finite at the end, did not diverge: its plot has no "diverged" line (a reviewer's simulated
+    sync run with backup workers got one at its last step). Pushes that stay NaN after the last finite held-out loss
+    of a run whose driver was killed are marked from the first of them."""
+    start = {"event": "start", "t": 0.0, "session": 0, "step": 0, "resume": False, "initial_loss": 50.0}
+    path = tmp_path / "metrics.jsonl"
+    cases = {
+        "late last": [start, _push(1, 9.0), _push(2, 8.0), _push(3, None, staleness=1, applied=False),
+                      {"event": "end", "t": 1.0, "step": 3, "final_loss": 7.0}],
+        "refused, then measured": [start, _push(1, 9.0), _push(2, None, staleness=-1, applied=False),
+                                   {"event": "end", "t": 1.0, "step": 2, "final_loss": 7.0}],
+        "killed after NaN pushes": [start, _push(1, 9.0), {"event": "eval", "t": 0.15, "step": 1,
+                                                           "held_out_loss": 8.5},
+                                    _push(2, None, staleness=-1, applied=False),
+                                    _push(3, None, staleness=-1, applied=False)],
+    }  # fmt: skip
+    found = {}
+    for name, rows in cases.items():
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        log = read_run_log(path)
+        found[name] = plots.diverged_step(log)
+        labels = [t.get_text() for t in plots.draw_loss(log).axes[0].get_legend().get_texts()]
+        assert any(label.startswith("diverged") for label in labels) == (found[name] is not None), (name, labels)
+    assert found == {"late last": None, "refused, then measured": None, "killed after NaN pushes": 2.0}
+
+
+def test_a_killed_sessions_last_throughput_point_stays_on_its_side_of_the_break(tmp_path: Path) -> None:
+    """A session whose driver was killed wrote no end row, so its last throughput row is what the next session's
+    clock starts from: the break in the rate's line comes after that point, not before it (which joined it to the
+    next session's line)."""
+    rows = [
+        {"event": "start", "t": 0.0, "session": 0, "step": 0, "resume": False, "initial_loss": 50.0},
+        *[{"event": "throughput", "t": float(t), "examples_per_s": 100.0 + t, "step": t} for t in range(1, 6)],
+        {"event": "start", "t": 0.0, "session": 1, "step": 5, "resume": True},
+        *[{"event": "throughput", "t": float(t), "examples_per_s": 90.0, "step": 5 + t} for t in range(1, 4)],
+    ]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    log = read_run_log(path)
+    assert log.session_t.tolist() == [0.0, 5.0]
+    (rates,) = [line for line in plots.draw_throughput(log).axes[0].get_lines() if line.get_linestyle() == "-"]
+    x = rates.get_xdata()
+    assert x[:5].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0] and np.isnan(x[5]) and x[6:].tolist() == [6.0, 7.0, 8.0]
+
+
 def _visible_ticks(axis: Any) -> list[float]:
     """The major tick values of ``axis`` inside its view."""
     low, high = sorted(axis.get_view_interval())

@@ -72,14 +72,15 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 class _LateBar:
-    """A progress bar on the console that is drawn only once the work has taken :data:`PROGRESS_AFTER_S` seconds
-    (and never when ``enabled`` is false); called with ``(done, total, what)`` as the work goes on."""
+    """A progress bar on a terminal that is drawn only once the work has taken :data:`PROGRESS_AFTER_S` seconds and
+    erased when it ends (never when ``enabled`` is false, nor in a pipe or a log, where Rich would leave the last
+    bar behind); called with ``(done, total, what)`` as the work goes on."""
 
     def __init__(self, console: Console, title: str, *, enabled: bool) -> None:
-        self.enabled, self.started = enabled, time.monotonic()
+        self.enabled, self.started = enabled and console.is_terminal, time.monotonic()
         self.bar = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[what]}", markup=False), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=console)  # fmt: skip
+                            TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
         self.task = None
 
     def __enter__(self) -> _LateBar:

@@ -126,6 +126,6 @@ def run(run_dir: Path, *, units: list[int] | None = None, steps: int = 100, seed
     write_result(run_dir, "viz", result)
     if not all(raised):
         warn(console, f"the gradient ascent did not raise the response of unit(s) {failed_ascents(units, found)} "
-                      "(start → final): their pictures show no optimum (a diverged or broken network, or a unit "
-                      "without a gradient)")  # fmt: skip
+                      "(start → final): their pictures show no optimum (a diverged or broken network, a unit "
+                      "without a gradient, or one already saturated at its random start)")  # fmt: skip
     return result

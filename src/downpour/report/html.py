@@ -240,7 +240,8 @@ def _ascent_note(viz: dict[str, Any]) -> str:
     ]
     return (f'<p class="note">The gradient ascent did not raise the response of {_count(len(failed), "unit")}: '
             f"{html.escape(', '.join(failed))} (start → final; — where not finite). Their pictures show no "
-            "optimum (a diverged or broken network, or a unit without a gradient).</p>")  # fmt: skip
+            "optimum (a diverged or broken network, a unit without a gradient, or one already saturated at "
+            "its random start).</p>")  # fmt: skip
 
 
 def _eval_section(run_dir: Path) -> str:

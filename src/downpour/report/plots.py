@@ -46,10 +46,17 @@ def _trailing_non_finite(steps: np.ndarray, values: np.ndarray) -> float | None:
 
 def diverged_step(log: RunLog) -> float | None:
     """Where the loss became non-finite for good: the earliest step from which the per-push losses or the held-out
-    losses stay NaN or Inf to the end of the log; None when both end finite (a run that did not diverge)."""
-    found = [_trailing_non_finite(log.push_step, log.push_loss),
-             _trailing_non_finite(log.held_out_step, log.held_out_loss)]  # fmt: skip
-    steps = [step for step in found if step is not None and np.isfinite(step)]  # an edited row may lack its step
+    losses stay NaN or Inf to the end of the log; None when both end finite (a run that did not diverge).
+
+    Pushes that were not applied for being late (``log.push_late``: the simulator logs no loss for them) are left
+    out, and non-finite pushes followed by a finite held-out loss are not a divergence: those pushes were refused,
+    and the parameters were measured finite after them."""
+    counted = ~log.push_late
+    pushes = _trailing_non_finite(log.push_step[counted], log.push_loss[counted])
+    held = _trailing_non_finite(log.held_out_step, log.held_out_loss)
+    if pushes is not None and held is None and log.held_out_loss.size and log.held_out_step[-1] >= pushes:
+        pushes = None
+    steps = [step for step in (pushes, held) if step is not None and np.isfinite(step)]  # an edited row: no step
     return min(steps) if steps else None
 
 
@@ -111,7 +118,7 @@ def draw_throughput(log: RunLog) -> Figure | None:
     t, rate = log.throughput_t[keep], log.throughput[keep]
     later = log.session_t[1:]  # (S - 1,) where each later session started
     if later.size:  # no line across the gap between sessions (the driver was down, or restarted)
-        at = np.searchsorted(t, later)
+        at = np.searchsorted(t, later, side="right")  # after a last point at the very time the next one starts
         t, rate = np.insert(t, at, np.nan), np.insert(rate, at, np.nan)
     ax.plot(t, rate, ".-", color="tab:green", lw=1.2, ms=4)  # one row shows
     for index, start in enumerate(later, start=1):

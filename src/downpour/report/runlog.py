@@ -38,6 +38,8 @@ class RunLog:
     # driver writes (a shard that is not a count, a staleness beyond the rows in the file)
     session_t: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (S,) seconds since the run started when
     # each session started, on the throughput_t clock (the first 0; each later one where the earlier sessions ended)
+    push_late: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (P,) as push_loss: not
+    # applied for being late (sync) or lost with a restored shard; not refused
 
 
 MAX_COUNT = 2**53  # a count beyond it is no driver's (as checkpoint.MAX_COUNT; not imported: it imports torch)
@@ -152,6 +154,7 @@ def read_run_log(path: Path) -> RunLog:
     return RunLog(
         push_step=np.asarray([push[0] for push in first_shard], dtype=np.int64),
         push_loss=np.asarray([push[4] for push in first_shard], dtype=np.float64),
+        push_late=np.asarray([push[2] == _NOT_APPLIED for push in first_shard], dtype=bool),
         staleness=histograms,
         rejected=sum(push[2] == _REJECTED for push in pushes),
         not_applied=sum(push[2] == _NOT_APPLIED for push in pushes),
