@@ -223,7 +223,7 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".lock"} == files
     state_json = out / "checkpoint" / "state.json"  # as saved before the reader was recorded (it decoded otherwise)
     state = json.loads(state_json.read_text())
-    assert state["data_counts"]["pictures_reader"] == 4
+    assert state["data_counts"]["pictures_reader"] == own.READER_VERSION
     state["data_counts"]["pictures_reader"] = 2  # as saved before linked folders were followed
     state_json.write_text(json.dumps(state))
     refused = cli("train", "--resume", str(out), "--steps", "40", *common)
@@ -250,7 +250,8 @@ def test_a_run_on_a_folder_resumes_only_on_the_same_pictures(
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 40
     assert "held_out = 125\n" in (out / "config.toml").read_text()
-    assert json.loads(state_json.read_text())["data_counts"]["pictures_reader"] == 4  # the same digest: resumed
+    reader = json.loads(state_json.read_text())["data_counts"]["pictures_reader"]
+    assert reader == own.READER_VERSION  # the same digest: resumed
     last_start = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                   if row["event"] == "start"][-1]  # fmt: skip
     assert "changed" not in last_start  # 1024 -> 125 is a recording of the count, not a change of settings
@@ -276,7 +277,7 @@ def test_missing_or_empty_sources_are_clear_errors(tmp_path: Path, pictures: Pat
     with pytest.raises(DataError, match="is not a folder"):
         load_dataset(DataConfig(source=f"folder:{tmp_path / 'nowhere'}"), seed=0)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"no \.jpg, \.jpeg, \.png files under"):
+    with pytest.raises(DataError, match=r"no \.jpg, \.jpeg, \.png, \.bmp, .* files under"):
         load_dataset(DataConfig(source=f"folder:{tmp_path / 'empty'}"), seed=0)
     with pytest.raises(DataError, match="no file matches"):
         load_dataset(DataConfig(source=f"video:{tmp_path}/*.mkv"), seed=0)
@@ -531,3 +532,30 @@ def test_the_cifar10_archive_is_checked_and_only_its_batch_files_are_extracted(t
                                         r"truncated or wrong copy\), and downloading it again failed"):  # fmt: skip
         cifar.train_images(truncated, "torchvision:CIFAR10", url=nowhere, md5=md5)
     assert cifar.train_images(truncated, "torchvision:CIFAR10", url=archive.as_uri(), md5=md5).shape == images.shape
+
+
+def test_gif_tiff_bmp_webp_pictures_are_read_and_heic_or_wide_tiffs_are_named(tmp_path: Path) -> None:
+    """A folder of other formats than JPEG and PNG was read as its few JPEGs and PNGs without a word: GIF (its first
+    frame), 16-bit TIFF, BMP and WebP are read; HEIC and a signed TIFF are skipped and named with their reason."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    gray = np.arange(40 * 50, dtype=np.uint8).reshape(40, 50)
+    Image.fromarray(gray).save(root / "a.png")
+    frames = [Image.fromarray(np.full((40, 50), level, np.uint8)) for level in (10, 200)]
+    frames[0].save(root / "b.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(gray.astype(np.uint16) * 257).save(root / "c.tif")  # 16-bit gray: 0..65535 -> 0..255
+    Image.fromarray(gray).save(root / "d.bmp")
+    Image.fromarray(gray).save(root / "e.webp", lossless=True)
+    Image.fromarray(gray.astype(np.int32) - 100).save(root / "f.tif")  # signed: no scale to read it on
+    (root / "g.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    report = own.ReadReport(f"folder:{root}")
+    images = own.read_folder(root, channels=1, max_side=0, report=report)
+    assert len(images) == 5 and report.files == 7
+    assert int(images[1].max()) == 10  # the GIF's first frame
+    for image in (images[0], images[2], images[3], images[4]):
+        np.testing.assert_array_equal(image[0], gray)
+    assert [(Path(path).name, reason.split(":")[0]) for path, reason in report.skipped] == [
+        ("f.tif", "ValueError"),
+        ("g.HEIC", "HEIC pictures are not read"),
+    ]
+    assert "-100..155 lie outside 0..65535" in report.skipped[0][1]

@@ -2,7 +2,9 @@
 
 ``data.source`` names it:
 
-- ``folder:PATH``: every ``.jpg``, ``.jpeg`` and ``.png`` under ``PATH`` (recursively, in sorted order);
+- ``folder:PATH``: every ``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.gif``, ``.tif``, ``.tiff``, ``.webp`` and
+  ``.avif`` under ``PATH`` (recursively, in sorted order; of an animated or multi-page one, its first frame);
+  pictures Pillow cannot decode (HEIC, JPEG XL, camera raw) are listed as skipped;
 - ``video:PATH_OR_GLOB``: one video file, or every file a glob matches (``**`` recurses); one frame every
   ``data.frame_stride`` frames, decoded by PyAV (FFmpeg);
 - ``torchvision:STL10`` (its 5,000 ``train`` images, 96×96; labels unused; read by torchvision) or
@@ -40,7 +42,14 @@ from downpour.data.gray import float_picture_unit, luminance
 from downpour.data.sources import crop_positions, random_crops
 from downpour.errors import DataError
 
-PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# What Pillow decodes (an animated GIF or WebP, or a multi-page TIFF: its first frame)
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif")
+# Pictures Pillow cannot decode (or of which it would read only a small preview): listed as skipped, with the reason,
+# so that a folder of phone photos in HEIC is not silently read as its few JPEGs
+UNREAD_PICTURE_SUFFIXES = {
+    **{".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL"},
+    **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".raf", ".rw2"), "camera raw"),
+}
 # How pictures are found and decoded, recorded beside their digest (what changed since each earlier version: a run
 # saved by one may see other pictures in the same files)
 READER_CHANGES = {
@@ -49,8 +58,11 @@ READER_CHANGES = {
     2: "listed folders differently (before 2026-11-28: linked subfolders not followed, a file reached twice read "
     "twice)",
     3: "read float gray pictures differently (a TIFF of floats in [0, 1] read as black)",
+    4: "read only .jpg, .jpeg and .png files (before 2026-11-28: .bmp, .gif, .tif, .tiff, .webp and .avif pictures "
+    "left out without a word)",
 }
-READER_VERSION = 4
+READER_VERSION = 5
+NAMED_LIKE_PICTURES = (*PICTURE_SUFFIXES, *UNREAD_PICTURE_SUFFIXES)  # listed from a folder
 SHOWN_SKIPS = 20  # skipped files named in the summary (all are counted)
 
 
@@ -97,6 +109,9 @@ def _to_array(image: Any, channels: int, max_side: int) -> np.ndarray:
 
     if image.mode.startswith("I"):  # 16-bit grayscale: PIL's own conversion would clip everything above 255
         values = np.asarray(image, dtype=np.float64)
+        if values.size and not (values.min() >= 0 and values.max() <= 65535):  # a signed or 32-bit TIFF
+            raise ValueError(f"integer gray values {values.min():.0f}..{values.max():.0f} lie outside 0..65535 "
+                             "(a signed or 32-bit picture): convert it to 8 or 16 bits")  # fmt: skip
         image = Image.fromarray((values / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8))
     elif image.mode == "F":  # float gray: Pillow's conversion clips to 0..255, so a [0, 1] picture came out black
         image = Image.fromarray((float_picture_unit(np.asarray(image)) * 255.0).round().astype(np.uint8))
@@ -175,6 +190,9 @@ def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadRepor
     report.files += len(paths)
     with large_pictures():
         for path in paths:
+            if kind := UNREAD_PICTURE_SUFFIXES.get(path.suffix.lower()):
+                report.skipped.append((str(path), f"{kind} pictures are not read: convert them to JPEG or PNG"))
+                continue
             if kind := _not_regular(path):  # opening a named pipe waits for a writer: training hung before it began
                 report.skipped.append((str(path), f"not a regular file but {kind}: not opened"))
                 continue
@@ -217,7 +235,7 @@ def picture_paths(folder: Path) -> list[Path]:
             continue
         seen_folders.add(real)
         folders.sort()  # walked in sorted order: a folder reached twice is named by its first route
-        candidates += [Path(root) / name for name in files if Path(name).suffix.lower() in PICTURE_SUFFIXES]
+        candidates += [Path(root) / name for name in files if Path(name).suffix.lower() in NAMED_LIKE_PICTURES]
     found: dict[str, Path] = {}
     for path in sorted(candidates):  # the first name in sorted order stands for a file reached twice
         found.setdefault(os.path.realpath(path) if path.exists() else str(path), path)
