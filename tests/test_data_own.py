@@ -17,7 +17,7 @@ from skimage import data
 
 from conftest import CliResult
 from downpour.config import DataConfig, ModelConfig, load
-from downpour.data import load_dataset, own, unread_warning
+from downpour.data import data_warnings, load_dataset, own, unread_warning
 from downpour.errors import ConfigError, DataError
 from downpour.models import build_model
 
@@ -559,3 +559,18 @@ def test_gif_tiff_bmp_webp_pictures_are_read_and_heic_or_wide_tiffs_are_named(tm
         ("g.HEIC", "HEIC pictures are not read"),
     ]
     assert "-100..155 lie outside 0..65535" in report.skipped[0][1]
+
+
+def test_pictures_smaller_than_a_crop_are_counted_and_warned_of(tmp_path: Path) -> None:
+    """Nine of ten pictures smaller than data.image_size (thumbnails, or panoramas shrunk to data.max_side) were left
+    out without a word: the run trained on the tenth alone."""
+    root = tmp_path / "thumbs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(root / f"small{i}.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(root / "large.png")
+    dataset = load_dataset(DataConfig(source=f"folder:{root}", image_size=24, examples=400, held_out=100), seed=0)
+    assert dataset.read_report is not None and dataset.read_report["too_small"] == 9
+    warned = [line for line in data_warnings(dataset) if "left out" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"9 of the 10 pictures of folder:{root} are smaller than a 24×24")

@@ -197,12 +197,18 @@ REPEATS_WARNED = 0.05  # warn when about this fraction of the held-out crops als
 
 
 def data_warnings(dataset: Dataset) -> list[str]:
-    """The lines to warn of about the data read: files that could not be read (:func:`unread_warning`), and crops
-    that repeat. Crops are cut at random positions, with replacement; from pictures holding few distinct crops
-    (one small picture, a short video), many held-out examples are then copies of training ones and the held-out
-    loss is partly a training loss: about ``1 − exp(−training crops / positions)`` of them."""
+    """The lines to warn of about the data read: files that could not be read (:func:`unread_warning`), pictures
+    smaller than a crop (left out), and crops that repeat. Crops are cut at random positions, with replacement;
+    from pictures holding few distinct crops (one small picture, a short video), many held-out examples are then
+    copies of training ones and the held-out loss is partly a training loss: about
+    ``1 − exp(−training crops / positions)`` of them."""
     lines = [line] if (line := unread_warning(dataset)) is not None else []
     report = dataset.read_report or {}
+    if too_small := report.get("too_small") or 0:
+        side = dataset.shape[1]
+        lines.append(f"{too_small} of the {report['pictures']} pictures of {report['source']} are smaller than a "
+                     f"{side}×{side} crop (data.image_size; after shrinking to data.max_side) and were left out: "
+                     "lower data.image_size, or raise data.max_side")  # fmt: skip
     positions = report.get("crop_positions") or 0
     if positions:
         repeated = 1.0 - math.exp(-len(dataset.train) / positions)

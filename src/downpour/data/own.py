@@ -76,6 +76,7 @@ class ReadReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     digest: str = ""  # of the pictures read (pictures_digest)
     crop_positions: int = 0  # distinct crops the pictures hold (random crops repeat beyond a fraction of it)
+    too_small: int = 0  # pictures (or frames) read but smaller than a crop: no crop is cut from them
 
     def summary(self) -> dict[str, Any]:
         """For ``summary.json``: counts, and the first ``SHOWN_SKIPS`` skipped files as ``"path: reason"``."""
@@ -88,6 +89,7 @@ class ReadReport:
             "skipped_files": [f"{path}: {reason}" for path, reason in self.skipped[:SHOWN_SKIPS]],
             "digest": self.digest,
             "crop_positions": self.crop_positions,
+            "too_small": self.too_small,
         }
 
 
@@ -355,6 +357,7 @@ def own_examples(config: DataConfig, rng: np.random.Generator, count: int) -> tu
                         f"(first: {report.skipped[0][0]}: {report.skipped[0][1]})")  # fmt: skip
     report.digest = pictures_digest(pictures)
     report.crop_positions = crop_positions(pictures, size)
+    report.too_small = sum(min(picture.shape[1:]) < size for picture in pictures)  # left out by random_crops
     return random_crops(pictures, count, size, rng, where=where_text), report
 
 
