@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -574,3 +575,20 @@ def test_pictures_smaller_than_a_crop_are_counted_and_warned_of(tmp_path: Path) 
     assert dataset.read_report is not None and dataset.read_report["too_small"] == 9
     warned = [line for line in data_warnings(dataset) if "left out" in line]
     assert len(warned) == 1 and warned[0].startswith(f"9 of the 10 pictures of folder:{root} are smaller than a 24×24")
+
+
+def test_file_names_that_are_not_utf8_are_reported_and_refused_as_a_source(tmp_path: Path) -> None:
+    """A skipped file whose name is not UTF-8 (Latin-1 "café" from an old camera or disk) was kept as lone surrogates:
+    the report page could not be written. A folder named so failed writing config.toml with a traceback."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)).save(root / "good.png")
+    bad = Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9.jpg"))
+    bad.write_bytes(b"not a picture")
+    report = own.ReadReport(f"folder:{root}")
+    own.read_folder(root, channels=1, max_side=0, report=report)
+    line = report.summary()["skipped_files"][0]
+    assert line.startswith(f"{root}/caf\\xe9.jpg: UnidentifiedImageError")
+    json.dumps(report.summary(), ensure_ascii=False).encode("utf-8")  # as summary.json and the report page hold it
+    with pytest.raises(ConfigError, match=r"invalid data.source: .*holds bytes that are not UTF-8"):
+        load(None, [f"data.source=folder:{bad.parent}/caf\udce9"])

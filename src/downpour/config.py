@@ -418,9 +418,24 @@ def _valid_address(address: str) -> bool:
     return bool(sep and host.strip("[]") and " " not in host and port.isdigit() and 1 <= int(port) <= 65535)
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a command-line path of undecodable bytes holds lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate(config: Config) -> None:
     """Check every value's range and choices; raise :class:`ConfigError` naming the first bad key."""
     d, m, t, p, c = config.data, config.model, config.train, config.ps, config.cluster
+    for section in SECTIONS:  # config.toml is UTF-8: a path of undecodable bytes failed there with a traceback
+        for item in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), item.name)
+            _require(not isinstance(value, str) or _utf8(value), f"{section}.{item.name}", value,
+                     "holds bytes that are not UTF-8, as a file name from another system may: rename it, or link to "
+                     "it from a UTF-8 name")  # fmt: skip
     kind, _, where = d.source.partition(":")
     _require(d.source in DATA_SOURCES or (kind in OWN_SOURCES and where.strip() != ""), "data.source", d.source,
              f"choose one of {', '.join(DATA_SOURCES)}, folder:PATH, video:PATH_OR_GLOB, torchvision:NAME")  # fmt: skip

@@ -86,11 +86,20 @@ class ReadReport:
             "read": self.files - len(self.skipped),
             "skipped": len(self.skipped),
             "pictures": self.pictures,
-            "skipped_files": [f"{path}: {reason}" for path, reason in self.skipped[:SHOWN_SKIPS]],
+            "skipped_files": [printable(f"{path}: {reason}") for path, reason in self.skipped[:SHOWN_SKIPS]],
             "digest": self.digest,
             "crop_positions": self.crop_positions,
             "too_small": self.too_small,
         }
+
+
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (which Python holds as lone surrogates, and which UTF-8
+    files such as ``summary.json`` and the report page cannot hold) written as ``\\xff``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an undecodable byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _shrink(image: Any, max_side: int) -> Any:
