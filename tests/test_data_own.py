@@ -8,6 +8,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -592,3 +593,27 @@ def test_file_names_that_are_not_utf8_are_reported_and_refused_as_a_source(tmp_p
     json.dumps(report.summary(), ensure_ascii=False).encode("utf-8")  # as summary.json and the report page hold it
     with pytest.raises(ConfigError, match=r"invalid data.source: .*holds bytes that are not UTF-8"):
         load(None, [f"data.source=folder:{bad.parent}/caf\udce9"])
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_passed_over(
+    pictures: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``os.walk`` passes over a folder it may not list (another user's, mode 700): its pictures were left out without
+    a word, and an unlistable source folder was said to hold no pictures. (Listing is refused here by replacing
+    ``os.scandir``: a test run as root may list any folder.)"""
+    listing = os.scandir
+    refused = {str(pictures / "nested")}
+
+    def scandir(path: Any) -> Any:
+        if os.fspath(path) in refused:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = own.ReadReport(f"folder:{pictures}")
+    images = own.read_folder(pictures, channels=1, max_side=0, report=report)
+    assert len(images) == 1 and report.files == 3  # camera.png, cut.png, and the folder nested/
+    assert (str(pictures / "nested"), "folder not listed (PermissionError: Permission denied)") in report.skipped
+    refused.add(str(pictures))
+    with pytest.raises(DataError, match=r"cannot be listed \(PermissionError: Permission denied\)"):
+        own.read_folder(pictures, channels=1, max_side=0, report=own.ReadReport(f"folder:{pictures}"))

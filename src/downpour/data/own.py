@@ -194,11 +194,15 @@ def read_folder(folder: Path, *, channels: int, max_side: int, report: ReadRepor
 
     if not folder.is_dir():
         raise DataError(f"data.source {report.source}: {folder} is not a folder")
-    paths = picture_paths(folder)
-    if not paths:
+    unlisted: list[tuple[str, str]] = []
+    paths = picture_paths(folder, unlisted=unlisted)
+    if unlisted and unlisted[0][0] == str(folder):
+        raise DataError(f"data.source {report.source}: {folder} cannot be listed ({unlisted[0][1]})")
+    if not paths and not unlisted:
         raise DataError(f"data.source {report.source}: no {', '.join(PICTURE_SUFFIXES)} files under {folder}")
     images = []
-    report.files += len(paths)
+    report.files += len(paths) + len(unlisted)
+    report.skipped += [(path, f"folder not listed ({reason})") for path, reason in unlisted]
     with large_pictures():
         for path in paths:
             if kind := UNREAD_PICTURE_SUFFIXES.get(path.suffix.lower()):
@@ -232,14 +236,20 @@ def _not_regular(path: Path) -> str:
     return next((kind for test, kind in kinds.items() if test(mode)), "another kind of file")
 
 
-def picture_paths(folder: Path) -> list[Path]:
+def picture_paths(folder: Path, *, unlisted: list[tuple[str, str]] | None = None) -> list[Path]:
     """The entries named like pictures under ``folder``, recursively and through linked folders (each real folder
     once, so a link loop ends), sorted, each real file once (a link to a picture beside it is not a second example).
     A broken link, and anything but a regular file (a named pipe, a device), is kept: a file that cannot be read,
-    counted and reported (:func:`read_folder` never opens the latter)."""
+    counted and reported (:func:`read_folder` never opens the latter). Each folder that cannot be listed (no
+    permission) is appended to ``unlisted`` as ``(path, reason)``: ``os.walk`` alone passes over it without a word."""
+
+    def note(error: OSError) -> None:
+        if unlisted is not None:
+            unlisted.append((str(error.filename), f"{type(error).__name__}: {error.strerror}"))
+
     candidates = []
     seen_folders: set[str] = set()
-    for root, folders, files in os.walk(folder, followlinks=True):
+    for root, folders, files in os.walk(folder, onerror=note, followlinks=True):
         real = os.path.realpath(root)
         if real in seen_folders:
             folders[:] = []  # a link back to a folder already walked
