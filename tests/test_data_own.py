@@ -283,6 +283,8 @@ def test_missing_or_empty_sources_are_clear_errors(tmp_path: Path, pictures: Pat
         load_dataset(DataConfig(source=f"folder:{tmp_path / 'empty'}"), seed=0)
     with pytest.raises(DataError, match="no file matches"):
         load_dataset(DataConfig(source=f"video:{tmp_path}/*.mkv"), seed=0)
+    with pytest.raises(DataError, match=rf"{tmp_path} is a folder; name its videos with a glob: video:{tmp_path}/\*"):
+        load_dataset(DataConfig(source=f"video:{tmp_path}"), seed=0)  # it was said to match no file
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"nope")
     with pytest.raises(DataError, match="none of its 1 files could be read"):

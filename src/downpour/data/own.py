@@ -300,6 +300,10 @@ def read_video(path: Path, *, stride: int, channels: int, max_side: int) -> list
 def read_videos(pattern: str, *, stride: int, channels: int, max_side: int, report: ReadReport) -> list[np.ndarray]:
     """The frames of every video ``pattern`` names; a file that fails to decode is skipped whole into ``report``."""
     paths = video_paths(pattern)
+    if not paths and os.path.isdir(folder := os.path.expanduser(pattern)):  # "no file matches" it: it exists
+        glob_of = os.path.join(pattern, "*.mp4")
+        raise DataError(f"data.source {report.source}: {folder} is a folder; name its videos with a glob: "
+                        f"video:{glob_of} (or ** to recurse)")  # fmt: skip
     if not paths:
         raise DataError(f"data.source {report.source}: no file matches {pattern} (name a file or a glob: clips/*.mp4)")
     report.files += len(paths)
