@@ -124,6 +124,29 @@ def test_video_frames_every_stride_and_a_corrupt_video_skipped(tmp_path: Path) -
     assert "bad.mp4" in report["skipped_files"][0]
 
 
+def test_a_video_cut_short_keeps_its_frames_and_is_warned_of(tmp_path: Path) -> None:
+    """A Matroska file cut in half decodes without an error and simply ends early: its frames are kept, and it is
+    named as cut short (decoded N of the 30 frames its header declares) in the summary and in a warning, where it
+    passed without a word. The whole file is not named."""
+    write_video(tmp_path / "whole.mkv", 30)
+    data = (tmp_path / "whole.mkv").read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) // 2])
+    cut_short: list[tuple[str, str]] = []
+    assert len(own.read_video(tmp_path / "whole.mkv", stride=1, channels=1, max_side=0, cut_short=cut_short)) == 30
+    assert cut_short == []
+    frames = own.read_video(tmp_path / "cut.mkv", stride=1, channels=1, max_side=0, cut_short=cut_short)
+    assert 0 < len(frames) < 25
+    assert cut_short == [(str(tmp_path / "cut.mkv"), f"decoded {len(frames)} of the 30 frames its header declares")]
+    config = DataConfig(source=f"video:{tmp_path}/*.mkv", frame_stride=1, image_size=16, examples=200, held_out=40)
+    dataset = load_dataset(config, seed=1)
+    report = dataset.read_report
+    assert (report["files"], report["skipped"], report["pictures"], report["cut_short"]) == (2, 0, 30 + len(frames), 1)
+    assert report["cut_short_files"] == [f"{tmp_path / 'cut.mkv'}: decoded {len(frames)} of the 30 frames its header "
+                                         "declares"]  # fmt: skip
+    said = [line for line in data_warnings(dataset) if "ended before" in line]
+    assert len(said) == 1 and said[0].startswith(f"1 of the videos of video:{tmp_path}/*.mkv ended before"), said
+
+
 def test_training_on_a_folder_warns_and_reports_the_skipped_files(
     pictures: Path, tmp_path: Path, cli: Callable[..., CliResult]
 ) -> None:

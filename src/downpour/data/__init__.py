@@ -198,10 +198,10 @@ REPEATS_WARNED = 0.05  # warn when about this fraction of the held-out crops als
 
 def data_warnings(dataset: Dataset) -> list[str]:
     """The lines to warn of about the data read: files that could not be read (:func:`unread_warning`), pictures
-    smaller than a crop (left out), and crops that repeat. Crops are cut at random positions, with replacement;
-    from pictures holding few distinct crops (one small picture, a short video), many held-out examples are then
-    copies of training ones and the held-out loss is partly a training loss: about
-    ``1 − exp(−training crops / positions)`` of them."""
+    smaller than a crop (left out), videos that ended early (truncated: their frames kept), and crops that repeat.
+    Crops are cut at random positions, with replacement; from pictures holding few distinct crops (one small
+    picture, a short video), many held-out examples are then copies of training ones and the held-out loss is partly
+    a training loss: about ``1 − exp(−training crops / positions)`` of them."""
     lines = [line] if (line := unread_warning(dataset)) is not None else []
     report = dataset.read_report or {}
     if too_small := report.get("too_small") or 0:
@@ -209,6 +209,11 @@ def data_warnings(dataset: Dataset) -> list[str]:
         lines.append(f"{too_small} of the {report['pictures']} pictures of {report['source']} are smaller than a "
                      f"{side}×{side} crop (data.image_size; after shrinking to data.max_side) and were left out: "
                      "lower data.image_size, or raise data.max_side")  # fmt: skip
+    if cut_short := report.get("cut_short") or 0:
+        first = report["cut_short_files"][0]
+        more = f" and {cut_short - 1} more" if cut_short > 1 else ""
+        lines.append(f"{cut_short} of the videos of {report['source']} ended before the frames their headers declare, "
+                     f"truncated or damaged ({first}{more}); the frames decoded were kept")  # fmt: skip
     positions = report.get("crop_positions") or 0
     if positions:
         repeated = 1.0 - math.exp(-len(dataset.train) / positions)

@@ -77,6 +77,7 @@ class ReadReport:
     digest: str = ""  # of the pictures read (pictures_digest)
     crop_positions: int = 0  # distinct crops the pictures hold (random crops repeat beyond a fraction of it)
     too_small: int = 0  # pictures (or frames) read but smaller than a crop: no crop is cut from them
+    cut_short: list[tuple[str, str]] = field(default_factory=list)  # (path, what): videos whose frames ended early
 
     def summary(self) -> dict[str, Any]:
         """For ``summary.json``: counts, and the first ``SHOWN_SKIPS`` skipped files as ``"path: reason"``."""
@@ -90,6 +91,8 @@ class ReadReport:
             "digest": self.digest,
             "crop_positions": self.crop_positions,
             "too_small": self.too_small,
+            "cut_short": len(self.cut_short),
+            "cut_short_files": [printable(f"{path}: {what}") for path, what in self.cut_short[:SHOWN_SKIPS]],
         }
 
 
@@ -276,24 +279,44 @@ def video_paths(pattern: str) -> list[Path]:
     return sorted(found.values())
 
 
-def read_video(path: Path, *, stride: int, channels: int, max_side: int) -> list[np.ndarray]:
-    """Frames 0, ``stride``, 2·``stride`` ... of the first video stream of ``path``, each uint8 ``(C, H, W)``."""
+def _declared_frames(container: Any, stream: Any) -> int:
+    """The frames a video's header declares: the stream's count where the container keeps one (MP4, AVI), else its
+    duration times the stream's average rate (Matroska keeps only a duration); 0 when neither is known."""
+    if stream.frames:
+        return int(stream.frames)
+    if container.duration and stream.average_rate:
+        return round(container.duration / 1e6 * float(stream.average_rate))  # (duration in microseconds)
+    return 0
+
+
+def read_video(path: Path, *, stride: int, channels: int, max_side: int,
+               cut_short: list[tuple[str, str]] | None = None) -> list[np.ndarray]:  # fmt: skip
+    """Frames 0, ``stride``, 2·``stride`` ... of the first video stream of ``path``, each uint8 ``(C, H, W)``.
+
+    A damaged or truncated file may decode without an error and simply end early (a Matroska file cut in half gave
+    8 of its 30 frames): when the frames decoded fall short of what the header declares by more than 2 and 5%,
+    ``(path, "decoded N of the M frames its header declares")`` is appended to ``cut_short``; the frames are kept."""
     import av
 
     frames = []
+    decoded = 0
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise DataError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
+            decoded = index + 1
             if index % stride == 0:
                 picture = frame.to_image()
                 if frame.rotation % 360 and not _mirrors(frame):  # a phone's portrait video: stored sideways
                     picture = picture.rotate(frame.rotation, expand=True)  # (both count degrees counterclockwise)
                 frames.append(_to_array(picture, channels, max_side))
+        declared = _declared_frames(container, stream)
     if not frames:
         raise DataError("no frame could be decoded")
+    if cut_short is not None and declared - decoded > max(2, 0.05 * declared):
+        cut_short.append((str(path), f"decoded {decoded:,} of the {declared:,} frames its header declares"))
     return frames
 
 
@@ -310,7 +333,8 @@ def read_videos(pattern: str, *, stride: int, channels: int, max_side: int, repo
     frames: list[np.ndarray] = []
     for path in paths:
         try:
-            frames.extend(read_video(path, stride=stride, channels=channels, max_side=max_side))
+            frames.extend(read_video(path, stride=stride, channels=channels, max_side=max_side,
+                                     cut_short=report.cut_short))  # fmt: skip
         except Exception as exc:  # corrupt container, missing codec, truncated stream: skip this file
             report.skipped.append((str(path), f"{type(exc).__name__}: {exc}"))
     report.pictures += len(frames)
