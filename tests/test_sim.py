@@ -389,6 +389,26 @@ def test_bad_settings_name_the_key(settings: SimSettings, message: str) -> None:
         settings.validate()
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (SimSettings(compute_sigma=5.0), r"invalid cluster\.sim_compute_sigma: 5\.0 \(must be in \[0, 4\]"),
+        (SimSettings(compute_sigma=1e200), r"invalid cluster\.sim_compute_sigma: 1e\+200"),
+        (SimSettings(network_mean=0.1, network_sigma=1e308), r"invalid cluster\.sim_network_sigma: 1e\+308"),
+        (SimSettings(compute_mean=1e308, stragglers=0.5, straggler_slowdown=10.0), r"cluster\.sim_compute_mean"),
+        (SimSettings(network_mean=1e308), r"invalid cluster\.sim_compute_mean: 1\.0 \(the slowest worker's mean cycle"),
+    ],
+)
+def test_a_sigma_whose_draws_cannot_keep_the_mean_and_an_infinite_cycle_are_refused(settings: SimSettings,
+                                                                                     message: str) -> None:  # fmt: skip
+    """Accepted before: σ = 50 made every duration 0 s, so a ``train.seconds`` run never ended (simulated time stood
+    at 0); σ = 1e308 drew NaN times and the run ended silently after 25 of 2,000 pushes; σ = 5 averaged half the
+    mean asked for; a finite mean × slowdown of 1e309 gave infinite simulated time (``Infinity`` in summary.json)."""
+    with pytest.raises(ConfigError, match=message):
+        settings.validate()
+    assert SimSettings(compute_sigma=4.0, network_mean=0.1, network_sigma=4.0).validate() is None  # the edge is in
+
+
 def test_sync_policy_must_match_the_worker_count() -> None:
     with pytest.raises(ConfigError, match=r"invalid cluster\.workers: 3"):
         simulate(W0, make_rule("sgd", lr=0.1), Sync(workers=4), PROBLEM, SimSettings(workers=3, steps=10))

@@ -58,6 +58,12 @@ GradFn = Callable[[Tensor, int, np.random.Generator], tuple[float, Tensor]]
 before the next call, so it may be a buffer that the callable reuses."""
 
 _BLOCK = 4096  # random durations are drawn in blocks of this many
+MAX_SIGMA = 4.0
+"""The largest ``compute_sigma`` / ``network_sigma``. A lognormal's mean rests on its rare long draws, and beyond
+σ = 4 too few of them ever occur: a million factors ``exp(σz − σ²/2)`` average 0.99 at σ = 3, 0.85 at σ = 4, 0.49 at
+σ = 5 and 0.001 at σ = 8, so a run's durations would fall far short of the mean asked for; from σ ≈ 40 nearly every
+draw underflows to 0 s (simulated time stands still, and a ``train.seconds`` budget is never reached), and near
+the largest floats (σ = 1e308) draws are NaN (the heap's order breaks and the run ends after a few pushes, silently)."""
 RoundPushes = list[tuple[int, int, float, bool]]  # a sync round's pushes: (worker, fetched version, loss, finite)
 
 
@@ -70,11 +76,11 @@ class SimSettings:
     steps: int = 1000  # pushes to simulate (applied, rejected or dropped); 0 = no limit
     seconds: float = 0.0  # simulated seconds; 0 = no limit
     compute_mean: float = 1.0  # mean simulated seconds per gradient
-    compute_sigma: float = 0.0  # 0: constant; > 0: lognormal with this sigma (of the log), same mean
+    compute_sigma: float = 0.0  # 0: constant; > 0: lognormal with this sigma (of the log), same mean; <= MAX_SIGMA
     stragglers: float = 0.0  # fraction of workers (chosen at random) slower; rounded half up, at least 1 if > 0
     straggler_slowdown: float = 1.0  # how many times slower the stragglers compute
     network_mean: float = 0.0  # mean one-way delay of a message (fetch or push)
-    network_sigma: float = 0.0  # 0: constant; > 0: lognormal
+    network_sigma: float = 0.0  # 0: constant; > 0: lognormal; <= MAX_SIGMA
     seed: int = 0
 
     def validate(self) -> None:
@@ -85,7 +91,7 @@ class SimSettings:
             ("train.seconds", self.seconds, math.isfinite(self.seconds) and self.seconds >= 0, "must be >= 0"),
             ("train.steps", self.steps, self.steps > 0 or self.seconds > 0, "set train.steps or train.seconds"),
             ("cluster.sim_compute_mean", self.compute_mean, _positive(self.compute_mean), "must be > 0"),
-            ("cluster.sim_compute_sigma", self.compute_sigma, _nonneg(self.compute_sigma), "must be >= 0"),
+            ("cluster.sim_compute_sigma", self.compute_sigma, _sigma(self.compute_sigma), _SIGMA_RANGE),
             ("cluster.sim_stragglers", self.stragglers, 0 <= self.stragglers <= 1, "must be in [0, 1]"),
             (
                 "cluster.sim_straggler_slowdown",
@@ -94,7 +100,13 @@ class SimSettings:
                 "must be >= 1",
             ),
             ("cluster.sim_network_mean", self.network_mean, _nonneg(self.network_mean), "must be >= 0"),
-            ("cluster.sim_network_sigma", self.network_sigma, _nonneg(self.network_sigma), "must be >= 0"),
+            ("cluster.sim_network_sigma", self.network_sigma, _sigma(self.network_sigma), _SIGMA_RANGE),
+            (
+                "cluster.sim_compute_mean",
+                self.compute_mean,
+                math.isfinite(self.compute_mean * self.straggler_slowdown + 2.0 * self.network_mean),
+                "the slowest worker's mean cycle, compute_mean × straggler_slowdown + 2 × network_mean, must be finite",
+            ),
             ("train.seed", self.seed, isinstance(self.seed, int) and self.seed >= 0, "must be >= 0"),
         ]
         for key, value, ok, what in checks:
@@ -108,6 +120,14 @@ def _positive(x: float) -> bool:
 
 def _nonneg(x: float) -> bool:
     return math.isfinite(x) and x >= 0
+
+
+def _sigma(x: float) -> bool:
+    return _nonneg(x) and x <= MAX_SIGMA
+
+
+_SIGMA_RANGE = (f"must be in [0, {MAX_SIGMA:g}]: beyond that a lognormal's mean rests on draws too rare to occur, "
+                "and the simulated durations fall far short of it")  # fmt: skip
 
 
 @dataclass
@@ -570,6 +590,7 @@ def simulate(
 
 
 __all__ = [
+    "MAX_SIGMA",
     "GradFn",
     "ModelGradient",
     "SimRecords",
