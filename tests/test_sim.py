@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
-from downpour.backends.sim import ModelGradient, SimResult, SimSettings, simulate
+from conftest import CliResult
+from downpour.backends.sim import ModelGradient, SimResult, SimSettings, parameter_copies, simulate
 from downpour.config import DataConfig, ModelConfig
 from downpour.data import load_dataset
 from downpour.errors import ConfigError
@@ -412,6 +415,29 @@ def test_a_sigma_whose_draws_cannot_keep_the_mean_and_an_infinite_cycle_are_refu
 def test_sync_policy_must_match_the_worker_count() -> None:
     with pytest.raises(ConfigError, match=r"invalid cluster\.workers: 3"):
         simulate(W0, make_rule("sgd", lr=0.1), Sync(workers=4), PROBLEM, SimSettings(workers=3, steps=10))
+
+
+def test_a_run_whose_fetched_copies_cannot_fit_is_refused_before_simulating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable[..., CliResult]
+) -> None:
+    """Memory grows with workers × model size: a fetched copy per version in flight. A run whose copies cannot fit
+    was simulated until the kernel killed it (or an allocation failed after 1,260 pushes, with no summary and a
+    message naming neither the workers nor the model); now it is refused up front. ``sync`` shares one copy, so
+    the same cluster fits under it; a run of fewer pushes than workers makes at most ``steps + 1`` versions."""
+    assert parameter_copies(make_policy("downpour"), SimSettings(workers=64, steps=1000)) == 66
+    assert parameter_copies(make_policy("downpour"), SimSettings(workers=64, steps=9)) == 12
+    assert parameter_copies(make_policy("sync", workers=64), SimSettings(workers=64)) == 3
+    assert parameter_copies(make_policy("easgd"), SimSettings(workers=64)) == 67
+    params = 256 * 64  # the default 256 RICA features on digits' 64 values
+    monkeypatch.setattr("downpour.backends.local.available_memory", lambda: 20 * 4 * params)  # 20 copies
+    common = ("train", "--backend", "sim", "--workers", "64", "--steps", "100", "--set", "data.source=digits",
+              "--set", "data.held_out=64", "--no-progress")  # fmt: skip
+    refused = cli(*common, "--out", str(tmp_path / "downpour"))
+    assert refused.returncode == 2, refused.stderr
+    assert "cluster.workers = 64 simulated workers under ps.policy = 'downpour' hold up to 66 copies" in refused.stderr
+    assert "lower cluster.workers or model.features" in refused.stderr
+    assert not (tmp_path / "downpour" / "metrics.jsonl").exists()
+    assert cli(*common, "--set", "ps.policy=sync", "--out", str(tmp_path / "sync")).returncode == 0
 
 
 # ---- the published effect (Zhang et al. 2016) ---------------------------------------------------------------

@@ -177,6 +177,23 @@ class SimResult:
         return histogram
 
 
+def parameter_copies(policy: Policy, settings: SimSettings) -> int:
+    """The copies of the parameters a simulation of ``settings`` under ``policy`` comes to hold at once, its memory
+    being this many times the parameters' size: the live and the spare buffer, and the workers' own, which grow with
+    ``settings.workers``: a fetched copy per version in flight under the asynchronous policies (every push makes a
+    version that only its worker fetches, so once each worker has pushed, nearly every worker holds its own; at
+    most ``steps + 1`` versions in a run of ``steps`` pushes), one shared copy under ``sync``, and a local copy
+    per worker under ``easgd`` (all allocated at the start)."""
+    workers = settings.workers
+    if isinstance(policy, Sync):
+        own = 1
+    elif isinstance(policy, EASGD):
+        own = workers + 1  # the local copies and the exchange's scratch
+    else:
+        own = min(workers, settings.steps + 1) if settings.steps else workers
+    return 2 + own
+
+
 def _lognormal_factors(rng: np.random.Generator, sigma: float) -> Iterator[float]:
     """Endless factors of mean 1: ``exp(σz − σ²/2)``, drawn in blocks."""
     while True:
@@ -598,5 +615,6 @@ __all__ = [
     "SimSettings",
     "Simulation",
     "WorkerBatches",
+    "parameter_copies",
     "simulate",
 ]
