@@ -3,6 +3,7 @@ SSP bound, EASGD exchange), a 1,000-worker run of the real RICA model, and the p
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import CliResult
+from conftest import CliResult, read_jsonl
 from downpour.backends.sim import ModelGradient, SimResult, SimSettings, parameter_copies, simulate
 from downpour.config import DataConfig, ModelConfig
 from downpour.data import load_dataset
@@ -438,6 +439,23 @@ def test_a_run_whose_fetched_copies_cannot_fit_is_refused_before_simulating(
     assert "lower cluster.workers or model.features" in refused.stderr
     assert not (tmp_path / "downpour" / "metrics.jsonl").exists()
     assert cli(*common, "--set", "ps.policy=sync", "--out", str(tmp_path / "sync")).returncode == 0
+
+
+def test_a_seconds_budget_run_evaluates_about_fifty_times(tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    """``--steps 0 --seconds 20`` at 50 workers (about 1,000 pushes, lognormal compute times): an ``eval`` row in
+    every 0.4 simulated seconds, about 50, the progress bar moving with them. It evaluated every 20 × workers pushes:
+    not once in this run, nor in a 10-second run of 1,000 workers."""
+    run_dir = tmp_path / "run"
+    result = cli("train", "--backend", "sim", "--workers", "50", "--steps", "0", "--seconds", "20", "--set",
+                 "cluster.sim_compute_sigma=0.5", "--set", "data.source=digits", "--set", "data.held_out=64",
+                 "--set", "model.features=16", "--set", "train.batch_size=8", "--no-progress",
+                 "--out", str(run_dir))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert 900 < sum(row["event"] == "push" for row in rows) < 1100
+    times = [row["t"] for row in rows if row["event"] == "eval"]
+    assert 45 <= len(times) <= 50 and times[0] < 0.5 and times[-1] > 19.6
+    assert all(int(a / 0.4) < int(b / 0.4) for a, b in itertools.pairwise(times))  # one per 0.4 s at most
 
 
 # ---- the published effect (Zhang et al. 2016) ---------------------------------------------------------------

@@ -3,7 +3,8 @@
 
 Same run directory as the local backend (``config.toml``, ``metrics.jsonl``, ``summary.json``, ``checkpoint/``,
 ``filters.png``): one ``push`` row per simulated push (its simulated time, worker, version, staleness), an
-``eval`` row with the held-out loss about 50 times per run, and the final parameters as a checkpoint that the
+``eval`` row with the held-out loss about 50 times per run (every ``train.steps`` / 50 pushes and every
+``train.seconds`` / 50 simulated seconds), and the final parameters as a checkpoint that the
 evaluation tools read like any other. ``train.steps`` counts pushes; ``train.seconds`` is *simulated* time.
 A simulated run is deterministic and quick, so it is not resumed: rerun it (same seed, same result). One killed
 before it wrote its checkpoint is simulated again from the start by ``--resume``, in its own directory.
@@ -126,18 +127,29 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
     warn_if_every_field_is_flat(held_out_loss, config, console)
     metrics = open_metrics_log(out, tensorboard=config.train.tensorboard)
     grad = ModelGradient(model, dataset.train, batch_size=config.train.batch_size, workers=settings.workers)
-    every = max(1, settings.steps // EVALUATIONS) if settings.steps else max(1, 20 * settings.workers)
+    # every steps / 50 pushes and every seconds / 50 simulated seconds: about 50 evaluations over whichever budget
+    # ends the run (up to 100 when both end it together). A seconds-only run evaluated every 20 × workers pushes:
+    # once in 20 simulated seconds at 200 workers, never in 10 at 1,000, its progress bar standing still till the end.
+    every = max(1, settings.steps // EVALUATIONS) if settings.steps else 0
+    tick = settings.seconds / EVALUATIONS
+    due = [every or math.inf, tick or math.inf]  # the next push count and simulated time to evaluate at
     try:
         metrics.write("start", t=0.0, session=0, resume=False, step=0, workers=settings.workers, shards=1,
                       backend="sim", policy=config.ps.policy, initial_loss=initial_loss)  # fmt: skip
         with SimulatedProgress(steps=settings.steps, console=console, enabled=show_progress) as progress:
 
             def observe(t: float, pushes: int, params: torch.Tensor) -> None:
+                if pushes < due[0] and t < due[1]:
+                    return
+                if every:
+                    due[0] = (pushes // every + 1) * every
+                if tick:
+                    due[1] = (math.floor(t / tick) + 1) * tick
                 loss = held_out_loss(params)
                 metrics.write("eval", t=round(t, 6), step=pushes, held_out_loss=loss)
                 progress(pushes, t, loss)
 
-            result = simulate(initial, rule, policy, grad, settings, observe=observe, observe_every=every,
+            result = simulate(initial, rule, policy, grad, settings, observe=observe, observe_every=1,
                               stop=stop.requested)  # fmt: skip
         interrupted = stop.requested()
         r = result.records
