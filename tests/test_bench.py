@@ -436,6 +436,24 @@ def test_bench_sim_overhead_is_per_push_and_the_gradient_time_per_call(monkeypat
     assert result["grad_evals"] == 125
 
 
+def test_bench_sim_workers_read_their_own_slices_as_the_refusal_says() -> None:
+    """``bench sim --workers N`` refuses more workers than examples because each simulated worker reads its own
+    slice; they did not (every worker drew from all the examples). With one example per worker, each worker's
+    batches now hold its own example only."""
+    import numpy as np
+
+    from downpour.bench import sim as bench_sim
+    from downpour.config import DataConfig
+    from downpour.data import load_dataset
+
+    count = len(load_dataset(DataConfig(source="digits", held_out=64), seed=0).train)
+    _, grad = bench_sim.workload(workers=count)
+    rng = np.random.default_rng(0)
+    for worker in (0, 1, count - 1):
+        batch = grad.batches.draw(worker, rng)
+        assert torch.equal(batch, grad.batches.examples[worker].expand_as(batch)), worker
+
+
 def test_bench_sim_plain_loop_steps_down_the_gradient_round_robin() -> None:
     """The baseline applies ``w ← w − lr·g`` after each call and asks the workers in turn, across its runs: 5 calls
     of 3 workers in runs of 2 and 3 are workers 0, 1, 2, 0, 1, and w = −0.1 · 5 · g."""

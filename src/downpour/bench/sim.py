@@ -37,15 +37,16 @@ def workload(*, features: int = 64, batch_size: int = 32, seed: int = 0,
              workers: int | None = None) -> tuple[torch.Tensor, GradFn]:  # fmt: skip
     """Initial flat parameters and a gradient callable: ``rica`` on whitened digits (64 values per example).
 
-    ``workers``, when given, is checked against the training examples (each simulated worker reads its own slice)
-    before anything per worker is allocated.
+    ``workers``, when given, is checked against the training examples before anything per worker is allocated, and
+    each simulated worker then reads its own slice of them, as in ``train --backend sim`` (None: every worker reads
+    all of them).
     """
     dataset = load_dataset(DataConfig(source="digits", held_out=64), seed=seed)
     if workers is not None and workers > len(dataset.train):
         raise DownpourError(f"invalid --workers: {workers} (more than the {len(dataset.train)} training examples of "
                             "the digits workload; each simulated worker reads its own slice)")  # fmt: skip
     model = build_model(ModelConfig(name="rica", features=features), dataset.dim, seed=seed)
-    grad = ModelGradient(model, dataset.train, batch_size=batch_size)
+    grad = ModelGradient(model, dataset.train, batch_size=batch_size, workers=workers)  # each worker its slice
     return grad.flat.values.clone(), grad
 
 
