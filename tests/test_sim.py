@@ -4,6 +4,7 @@ SSP bound, EASGD exchange), a 1,000-worker run of the real RICA model, and the p
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable
@@ -456,6 +457,24 @@ def test_a_seconds_budget_run_evaluates_about_fifty_times(tmp_path: Path, cli: C
     times = [row["t"] for row in rows if row["event"] == "eval"]
     assert 45 <= len(times) <= 50 and times[0] < 0.5 and times[-1] > 19.6
     assert all(int(a / 0.4) < int(b / 0.4) for a, b in itertools.pairwise(times))  # one per 0.4 s at most
+
+
+def test_a_run_whose_simulated_seconds_end_before_its_steps_says_so(tmp_path: Path,
+                                                                    cli: Callable[..., CliResult]) -> None:  # fmt: skip
+    """``train.seconds`` (60 by default) counts simulated seconds: 4 workers, each push 1 s, stop at 5 s, about 20
+    of the 500 pushes asked. The run says where it stopped and how to lift the time budget (a reviewer's sync run
+    stopped at 338 of 600 pushes without a word); a run that made its steps says nothing of it."""
+    common = ("train", "--backend", "sim", "--workers", "4", "--set", "data.source=digits", "--set",
+              "data.held_out=64", "--set", "model.features=8", "--no-progress")  # fmt: skip
+    result = cli(*common, "--steps", "500", "--seconds", "5", "--out", str(tmp_path / "short"))
+    assert result.returncode == 0, result.stderr
+    steps = json.loads((tmp_path / "short" / "summary.json").read_text())["steps"]
+    assert 0 < steps < 500
+    said = " ".join(result.stderr.split())
+    assert (f"train.seconds = 5 simulated seconds ran out after {steps} of the train.steps = 500 pushes "
+            "(--seconds 0: no time budget)") in said, result.stderr  # fmt: skip
+    result = cli(*common, "--steps", "20", "--seconds", "60", "--out", str(tmp_path / "whole"))
+    assert result.returncode == 0 and "ran out" not in result.stderr, result.stderr
 
 
 # ---- the published effect (Zhang et al. 2016) ---------------------------------------------------------------

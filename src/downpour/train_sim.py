@@ -160,6 +160,9 @@ def _simulate_run(config: Config, out: Path, settings: SimSettings, model: torch
             cycle = computes * config.cluster.sim_compute_mean + 2 * config.cluster.sim_network_mean  # the fastest
             warn(console, f"train.seconds = {settings.seconds:g} simulated seconds ran out before the first push "
                           f"(one takes about {cycle:g}): this run trained nothing; raise --seconds")  # fmt: skip
+        elif settings.steps > 0 and len(r) < settings.steps and settings.seconds > 0:
+            say(console, f"train.seconds = {settings.seconds:g} simulated seconds ran out after {len(r):,} of the "
+                         f"train.steps = {settings.steps:,} pushes (--seconds 0: no time budget)")  # fmt: skip
         for i in range(len(r)):
             metrics.write(
                 "push", t=round(float(r.t[i]), 6), worker=int(r.worker[i]), shard=0, version=int(r.version[i]),
