@@ -379,3 +379,41 @@ def test_fault_counts_add_this_sessions_to_the_earlier_sessions() -> None:
     counts.update(shard_restores=2, lost_updates=4)
     _count_restores(cluster, run_state)
     assert (run_state.shard_restores, run_state.lost_updates) == (4, 9)
+
+
+@pytest.mark.parametrize(
+    "when", ["before its tensors are read", "as its tensors are read", "before its digest is taken"]
+)
+def test_a_checkpoint_replaced_while_it_is_read_is_read_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A running driver's next save deletes the parameters file the previous state.json named: a reader (``eval``
+    of a running run) that lost it so reads the new checkpoint, not "checkpoint parameters missing" or a bare
+    FileNotFoundError (seen with checkpoints every 0.05 s: ``downpour eval`` failed on a healthy run)."""
+    shard = Shard(0, 0, torch.zeros(4), SGD(lr=1.0))
+    ckpt.save(tmp_path, [shard.snapshot()], {"step": 1})
+    real_load_file, real_digest = ckpt.load_file, ckpt.file_sha256
+    saved = []
+
+    def save_meanwhile() -> None:
+        if not saved:  # once: the driver's next periodic checkpoint lands now (its save takes a digest too)
+            saved.append(2)
+            ckpt.save(tmp_path, [shard.snapshot()], {"step": 2})
+
+    def load_file(path: str) -> dict[str, torch.Tensor]:
+        if when == "before its tensors are read":
+            save_meanwhile()
+        if when == "as its tensors are read" and not saved:  # torch maps the file by its name after safetensors
+            save_meanwhile()  # read its header: seen as a RuntimeError, once in 3,340 reads of a running run
+            raise RuntimeError(f"unable to open file <{path}> in read-only mode: No such file or directory (2)")
+        return real_load_file(path)
+
+    def file_sha256(path: Path) -> str:
+        if when == "before its digest is taken":
+            save_meanwhile()
+        return real_digest(path)
+
+    monkeypatch.setattr(ckpt, "load_file", load_file)
+    monkeypatch.setattr(ckpt, "file_sha256", file_sha256)
+    assert ckpt.load(tmp_path).state["step"] == 2
+    assert saved

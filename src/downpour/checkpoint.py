@@ -102,12 +102,40 @@ def _next_serial(directory: Path) -> int:
     return max(serials, default=-1) + 1
 
 
+_READS = 5  # how many times load reads a checkpoint that a running driver keeps replacing as it is read
+
+
 def load(directory: Path) -> Checkpoint:
     """Read a checkpoint; a missing or corrupt one raises :class:`CheckpointError` naming the file (and the field).
 
     Checked here, so that nothing acts on a bad checkpoint: the JSON's structure and every shard's counters
     (non-negative integers), each shard's tensors (present, of its size) and that every tensor is finite.
+
+    A run still training saves a new checkpoint every ``train.checkpoint_every`` seconds and deletes the parameters
+    file that the previous ``state.json`` named: a read that loses its parameters file to such a save (``eval`` of
+    a running run) reads the new checkpoint instead, where it was a "missing" error or an OSError before.
     """
+    for _ in range(_READS - 1):
+        before = _state_bytes(directory)
+        try:
+            return _load_once(directory)
+        except (CheckpointError, OSError):
+            if before is None or _state_bytes(directory) == before:
+                raise  # no save committed meanwhile: the error is the checkpoint's own
+    return _load_once(directory)
+
+
+def _state_bytes(directory: Path) -> bytes | None:
+    """The bytes of ``directory/state.json`` now (None where it cannot be read): what tells :func:`load` that a
+    save committed a new checkpoint while it read."""
+    try:
+        return (directory / STATE_FILE).read_bytes()
+    except OSError:
+        return None
+
+
+def _load_once(directory: Path) -> Checkpoint:
+    """:func:`load`'s one read of the checkpoint in ``directory``."""
     state_path = directory / STATE_FILE
     if (problem := state_file_problem(directory)) is not None:
         raise CheckpointError(f"cannot read the checkpoint at {directory}: {problem}")
@@ -141,6 +169,10 @@ def load(directory: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint parameters missing: {params_path}") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt checkpoint parameters {params_path}: {exc}") from None
+    except RuntimeError as exc:  # torch's "unable to open file": removed as its tensors were mapped
+        if not params_path.exists():
+            raise CheckpointError(f"checkpoint parameters missing: {params_path}") from None
+        raise CheckpointError(f"corrupt checkpoint parameters {params_path}: {exc}") from None
     for index, info in enumerate(shards):
         values = tensors.get(f"shard{index}.values")
         if values is None or values.numel() != info["size"]:
@@ -154,7 +186,11 @@ def load(directory: Path) -> Checkpoint:
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"checkpoint {params_path} holds NaN or Inf parameters ({name})")
     recorded = state.get("params_sha256")  # absent in checkpoints saved before 2026-11-28
-    if recorded is not None and recorded != file_sha256(params_path):
+    try:
+        digest = file_sha256(params_path) if recorded is not None else None
+    except FileNotFoundError:  # removed since its tensors were read (a running driver's next save)
+        raise CheckpointError(f"checkpoint parameters missing: {params_path}") from None
+    if recorded is not None and recorded != digest:
         raise CheckpointError(f"corrupt checkpoint parameters {params_path}: its contents are not those saved (their "
                               f"SHA-256 in {STATE_FILE} differs): changed or damaged since")  # fmt: skip
     return Checkpoint(tensors, state)
