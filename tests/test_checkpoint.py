@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from downpour import checkpoint as ckpt
+from downpour import rundir
 from downpour.errors import CheckpointError
 from downpour.ps.rules import SGD, Adagrad
 from downpour.ps.shard import Shard
@@ -417,3 +420,25 @@ def test_a_checkpoint_replaced_while_it_is_read_is_read_anew(
     monkeypatch.setattr(ckpt, "file_sha256", file_sha256)
     assert ckpt.load(tmp_path).state["step"] == 2
     assert saved
+
+
+def test_a_session_removes_the_temporary_files_a_killed_driver_left_in_its_run_directory(tmp_path: Path) -> None:
+    """A driver killed as it wrote summary.json or whitening.safetensors (atomically: a temporary file, then a
+    rename) leaves ``.NAME.tmp-PID`` behind; the next session that claims the run directory removes those of
+    processes that are gone, and keeps a live writer's (``downpour report`` beside it) and other dot files."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint").mkdir()
+    left = [out / f".summary.json.tmp-{dead}", out / f".whitening.safetensors.tmp-{dead}",
+            out / "checkpoint" / f".state.json.tmp-{dead}"]  # fmt: skip
+    for path in left:
+        path.write_bytes(b"half written")
+    live = out / f".report.html.tmp-{os.getpid()}"
+    live.write_text("being written")
+    other = out / ".notes.tmp-draft"
+    other.write_text("not ours")
+    with rundir.claimed(out):
+        assert not any(path.exists() for path in left)
+        assert live.exists() and other.exists()

@@ -79,6 +79,7 @@ def claimed(out: Path) -> Iterator[None]:
             raise DownpourError(f"run directory {out} cannot hold a run: its lock file {out / LOCK} cannot be created "
                                 f"({missing.strerror})")  # fmt: skip
         raise DownpourError(f"run directory {out} keeps disappearing: another process removes it")
+    remove_dead_temporaries(out)
     try:
         yield
     except BaseException:
@@ -90,6 +91,34 @@ def claimed(out: Path) -> Iterator[None]:
         raise
     finally:
         os.close(fd)
+
+
+def remove_dead_temporaries(out: Path) -> int:
+    """Remove the temporary files of atomic writes (:func:`atomic_write_text`, :func:`save_tensors`) in ``out`` and
+    its checkpoint folder whose writer is gone: a driver killed mid-write (SIGKILL, the OOM killer) leaves
+    ``.summary.json.tmp-PID``, or a ``.whitening.safetensors.tmp-PID`` as large as the ZCA matrix, which nothing
+    else removed. A file of a live process (``downpour report`` writing beside a session) is left alone; returns
+    how many were removed."""
+    removed = 0
+    for path in [*out.glob(".*.tmp-*"), *(out / CHECKPOINT).glob(".*.tmp-*")]:  # a save cut off before state.json
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user's counts: not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's
+        return True
+    return True
 
 
 def in_use(out: Path) -> bool:
