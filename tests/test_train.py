@@ -1265,3 +1265,24 @@ def test_workers_that_cannot_fit_in_memory_are_refused_before_they_start(
     assert "is available here: lower model.features, train.batch_size or cluster.workers" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (run_dir / "checkpoint").exists() and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("odd", ["directory", "dangling link", "link in a loop"])
+def test_a_resume_names_a_config_toml_that_is_there_but_not_a_file(
+    tmp_path: Path, cli: Callable[..., CliResult], odd: str
+) -> None:
+    """A run directory whose config.toml was replaced by a directory or a broken link is refused for what stands
+    there, not as a folder that "holds no config.toml (not a run directory)"."""
+    out = tmp_path / "run"
+    out.mkdir()
+    config = out / "config.toml"
+    if odd == "directory":
+        config.mkdir()
+    elif odd == "dangling link":
+        config.symlink_to(tmp_path / "gone.toml")
+    else:
+        config.symlink_to(config)
+    result = cli("train", "--resume", str(out), "--no-progress")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and "config.toml is a" in line and "holds no" not in line, line

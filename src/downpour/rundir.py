@@ -141,9 +141,27 @@ def not_resumable(out: Path, *, ours: bool = False) -> str:
     """Why ``out``, which holds no config file, cannot be resumed: a run still starting there (its driver holds the
     lock while it loads the data, before it writes the config), or no run at all. ``ours``: this process holds the
     lock itself (:func:`claimed`), so no other run can be starting there."""
+    if (problem := _not_a_file(out / CONFIG)) is not None:  # there, but not as a file: not "no config.toml"
+        return f"cannot resume {out}: {problem}"
     if not ours and in_use(out):
         return f"cannot resume {out}: it is in use by another downpour process (a run still starting: no {CONFIG} yet)"
     return f"cannot resume {out}: it holds no {CONFIG} (not a run directory)"
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What stands at ``path`` in place of a file, in a few words naming it (a directory, a link to nothing or in a
+    loop, another kind of file), or None where a file or nothing is there."""
+    if path.is_symlink() and not path.exists():
+        try:
+            target = os.readlink(path)
+        except OSError:  # gone meanwhile
+            return None
+        return f"its {path.name} is a link to {target}, which leads to no file"
+    if path.is_dir():
+        return f"its {path.name} is a directory, not a file"
+    if path.exists() and not path.is_file():
+        return f"its {path.name} is not a regular file"
+    return None
 
 
 def _remove(tmp: Path) -> None:
