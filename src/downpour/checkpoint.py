@@ -23,7 +23,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from downpour.errors import NESTS_TOO_DEEPLY, CheckpointError
-from downpour.rundir import CHECKPOINT_STATE, atomic_write_text, read_json_object, save_tensors
+from downpour.rundir import (
+    CHECKPOINT_STATE,
+    SAFETENSORS_TEMPORARY,
+    atomic_write_text,
+    read_json_object,
+    save_tensors,
+)
 
 FORMAT = 1
 STATE_FILE = CHECKPOINT_STATE
@@ -78,8 +84,9 @@ def save(directory: Path, snapshots: list[dict[str, Any]], state: dict[str, Any]
     full_state = {"format": FORMAT, **state, "shards": shard_info, "params_file": params_name,
                   "params_sha256": file_sha256(directory / params_name)}  # fmt: skip
     atomic_write_text(directory / STATE_FILE, json.dumps(full_state, indent=1))
-    for stale in [*directory.glob("params-*.safetensors"), *directory.glob(".*.tmp-*")]:
-        if stale.name != params_name:  # older parameters, and temporary files of an interrupted save
+    for stale in [*directory.glob("params-*.safetensors"), *directory.glob(".*.tmp-*"),
+                  *directory.glob(SAFETENSORS_TEMPORARY)]:  # fmt: skip
+        if stale.name != params_name:  # older parameters, and temporary files of an interrupted save (safetensors')
             stale.unlink(missing_ok=True)
     return directory / STATE_FILE
 

@@ -93,20 +93,32 @@ def claimed(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+# safetensors' save_file writes into a temporary file of its own beside its target (".tmp" and 6 random characters)
+# and renames it: a driver killed mid-write leaves that file, as large as the parameters, under this name
+SAFETENSORS_TEMPORARY = ".tmp??????"
+
+
 def remove_dead_temporaries(out: Path) -> int:
-    """Remove the temporary files of atomic writes (:func:`atomic_write_text`, :func:`save_tensors`) in ``out`` and
-    its checkpoint folder whose writer is gone: a driver killed mid-write (SIGKILL, the OOM killer) leaves
-    ``.summary.json.tmp-PID``, or a ``.whitening.safetensors.tmp-PID`` as large as the ZCA matrix, which nothing
-    else removed. A file of a live process (``downpour report`` writing beside a session) is left alone; returns
-    how many were removed."""
+    """Remove the temporary files of atomic writes (:func:`atomic_write_text`, :func:`save_tensors`) that a driver
+    killed mid-write (SIGKILL, the OOM killer) left in ``out`` and its checkpoint folder, which nothing else removed:
+    ``.summary.json.tmp-PID`` and the like whose process is gone (a live one's, ``downpour report`` writing beside
+    a session, is left alone), and safetensors' own (:data:`SAFETENSORS_TEMPORARY`: a whole parameters file or ZCA
+    matrix each), which name no process: only a session writes safetensors there, and the caller holds ``out``'s
+    lock, so any there are a dead session's. Returns how many were removed."""
     removed = 0
-    for path in [*out.glob(".*.tmp-*"), *(out / CHECKPOINT).glob(".*.tmp-*")]:  # a save cut off before state.json
-        pid = path.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or _process_exists(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed += 1
+    for folder in (out, out / CHECKPOINT):  # a checkpoint's save cut off before its state.json
+        for path in folder.glob(".*.tmp-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _process_exists(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+        for path in folder.glob(SAFETENSORS_TEMPORARY):
+            if path.name[len(".tmp") :].isalnum() and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
     return removed
 
 
