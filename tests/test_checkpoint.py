@@ -431,6 +431,7 @@ def test_a_session_removes_the_temporary_files_a_killed_driver_left_in_its_run_d
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint").mkdir()
+    (out / "config.toml").write_text("")  # a run's (a session writes it before any of these files)
     left = [out / f".summary.json.tmp-{dead}", out / f".whitening.safetensors.tmp-{dead}",
             out / "checkpoint" / f".state.json.tmp-{dead}"]  # fmt: skip
     for path in left:
@@ -449,8 +450,14 @@ def test_safetensors_own_temporary_files_of_a_killed_save_are_removed(tmp_path: 
     (4 of 6 kills during a save, by experiment) left a file as large as the parameters there, which no later save
     or session removed. The next save removes those in the checkpoint folder; the next session claiming the run
     directory those in either folder, and no other file."""
+    folder = tmp_path / "theirs"  # --out naming a user's folder of other files, no run's: nothing there is ours
+    folder.mkdir()
+    (folder / ".tmpAb12Cd").write_bytes(b"\0" * 64)
+    with rundir.claimed(folder):
+        assert (folder / ".tmpAb12Cd").exists()
     out = tmp_path / "run"
     (out / "checkpoint").mkdir(parents=True)
+    (out / "config.toml").write_text("")
     left = [out / ".tmpAb12Cd", out / "checkpoint" / ".tmpZz9yX8"]
     for path in left:
         path.write_bytes(b"\0" * 64)

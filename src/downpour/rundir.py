@@ -104,8 +104,12 @@ def remove_dead_temporaries(out: Path) -> int:
     ``.summary.json.tmp-PID`` and the like whose process is gone (a live one's, ``downpour report`` writing beside
     a session, is left alone), and safetensors' own (:data:`SAFETENSORS_TEMPORARY`: a whole parameters file or ZCA
     matrix each), which name no process: only a session writes safetensors there, and the caller holds ``out``'s
-    lock, so any there are a dead session's. Returns how many were removed."""
+    lock, so any there are a dead session's. Nothing is removed from a folder that holds no run's config.toml
+    (``--out`` may name a user's folder of other files: a session writes its config before any of these). Returns
+    how many were removed."""
     removed = 0
+    if not (out / CONFIG).is_file():
+        return removed
     for folder in (out, out / CHECKPOINT):  # a checkpoint's save cut off before its state.json
         for path in folder.glob(".*.tmp-*"):
             pid = path.name.rsplit("-", 1)[-1]
