@@ -909,6 +909,39 @@ def test_sigterm_while_the_data_loads_leaves_nothing(tmp_path: Path, backend: st
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("when", ["in the command", "after it returned"])
+def test_a_sigterm_outside_a_session_is_ctrl_c_never_a_kill(tmp_path: Path, when: str) -> None:
+    """A real SIGTERM to the ``downpour`` process outside the span a session routes it itself: as its last line is
+    printed (here, inside a command), it stops the command as Ctrl-C does (exit 130, "interrupted"); once the
+    command has returned, it is ignored and the command's own status stands. Both killed the process with status
+    143 (a reviewer's SIGTERMs at a session's end did so in 3 of 10 trials, against the documented 130)."""
+    script = (
+        "import os, signal, time\n"
+        "from downpour import cli\n"
+        "def report(args, console):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "    raise AssertionError('SIGTERM did not stop the command')\n"
+        "def at_exit():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.5)\n"
+        f"if {when!r} == 'in the command':\n"
+        "    cli.cmd_report = report\n"
+        "    cli.main.__defaults__ = (['report', '.'],)\n"
+        "else:\n"
+        "    import atexit\n"
+        "    atexit.register(at_exit)  # runs after entry() raised SystemExit\n"
+        "    cli.main = lambda: 3\n"
+        "cli.entry()\n"
+    )  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    if when == "in the command":
+        assert done.returncode == 130 and done.stderr.strip() == "downpour: interrupted", done.stderr[-2000:]
+    else:
+        assert done.returncode == 3, done.stderr[-2000:]
+
+
 def test_sigterm_mid_simulation_keeps_what_was_simulated(tmp_path: Path) -> None:
     """A real SIGTERM to a simulated run (sent by the driver itself after the 40th push, in a process of its own)
     ends the simulation after the push in progress, and the run is written out like a finished one: its push rows,

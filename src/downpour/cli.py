@@ -23,6 +23,7 @@ from downpour.cli_report import add_report, cmd_report
 from downpour.cli_study import add_study, cmd_study
 from downpour.console import warn
 from downpour.errors import NESTS_TOO_DEEPLY, DownpourError, nests_too_deeply, out_of_memory
+from downpour.signals import as_interrupt, routed
 
 # What a failed allocation in the command itself (not in a worker) asks the user to make smaller.
 MEMORY_HINT = "reduce model.features / data.examples / data.image_size / train.batch_size, or the size of the input"
@@ -326,9 +327,15 @@ def entry() -> None:
     makes ``python -m downpour`` die by SIGINT at exit, though :func:`main` handled it and returned 130; one ``exec``
     of a string clears that flag, so the status returned is the one the process ends with. Once :func:`main` has
     returned, Ctrl-C is ignored: the run is over and saved, and a press during the exit handlers would only print a
-    traceback."""
-    status = main()
+    traceback.
+
+    SIGTERM is Ctrl-C throughout (:func:`~downpour.signals.as_interrupt`, where a command does not route it itself):
+    one that came after a session had routed it back to its default, as the last line was printed, killed the
+    process with status 143 instead of 130; after :func:`main` has returned it is ignored too."""
+    with routed(as_interrupt, [signal.SIGTERM]):
+        status = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     exec("None")  # clears CPython's record of an interrupt that an exec'd string passed on (see above)
     if "triton" not in sys.modules:
         gc.freeze()
