@@ -199,8 +199,15 @@ def test_a_run_without_throughput_rows_says_why_without_blaming_the_simulator(lo
 
 
 def test_report_on_a_directory_that_is_no_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No config.toml, or a directory in its place (said as such, where it was called missing), for ``report`` and
+    ``eval`` alike."""
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"downpour: error: {tmp_path} is not a run directory: it holds no config.toml\n"
+    (tmp_path / "config.toml").mkdir()
+    for command in (["report", str(tmp_path)], ["eval", "probe", str(tmp_path)]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (f"downpour: error: {tmp_path} is not a run directory: its config.toml is a "
+                                           "directory, not a file\n")  # fmt: skip
 
 
 def test_a_page_that_cannot_be_written_warns_and_keeps_the_run(local_run: Path, tmp_path: Path) -> None:

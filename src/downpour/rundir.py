@@ -164,6 +164,12 @@ def not_resumable(out: Path, *, ours: bool = False) -> str:
     return f"cannot resume {out}: it holds no {CONFIG} (not a run directory)"
 
 
+def config_missing(out: Path) -> str:
+    """Why ``out`` has no readable config file, in a few words: "it holds no config.toml", or what stands there in
+    its place (a directory, a broken link)."""
+    return _not_a_file(out / CONFIG) or f"it holds no {CONFIG}"
+
+
 def _not_a_file(path: Path) -> str | None:
     """What stands at ``path`` in place of a file, in a few words naming it (a directory, a link to nothing or in a
     loop, another kind of file), or None where a file or nothing is there."""

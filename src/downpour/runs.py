@@ -121,7 +121,7 @@ def load_run(run_dir: Path) -> TrainedRun:
     if not run_dir.is_dir():
         raise DownpourError(f"run directory {run_dir} does not exist (or is not a directory)")
     if not (run_dir / rundir.CONFIG).is_file():
-        raise DownpourError(f"{run_dir} is not a run directory: it holds no {rundir.CONFIG}")
+        raise DownpourError(f"{run_dir} is not a run directory: {rundir.config_missing(run_dir)}")
     config = config_mod.load(run_dir / rundir.CONFIG)
     checkpoint = ckpt.load(run_dir / rundir.CHECKPOINT)
     shape = example_shape(config.data)

@@ -283,7 +283,7 @@ def build_report(run_dir: Path) -> str:
     """The HTML text of the report on ``run_dir`` (raises :class:`DownpourError` if it is not a run directory)."""
     run_dir = Path(run_dir)
     if not (run_dir / rundir.CONFIG).is_file():
-        raise DownpourError(f"{run_dir} is not a run directory: it holds no {rundir.CONFIG}")
+        raise DownpourError(f"{run_dir} is not a run directory: {rundir.config_missing(run_dir)}")
     log = read_run_log(run_dir / rundir.METRICS)
     config_text = (run_dir / rundir.CONFIG).read_text(errors="replace")
     filters = _read_png(run_dir / rundir.FILTERS)
