@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from downpour.errors import DownpourError
+from downpour.signals import process_gone
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -113,7 +114,7 @@ def remove_dead_temporaries(out: Path) -> int:
     for folder in (out, out / CHECKPOINT):  # a checkpoint's save cut off before its state.json
         for path in folder.glob(".*.tmp-*"):
             pid = path.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _process_exists(int(pid)):
+            if not pid.isdigit() or not process_gone(int(pid)):
                 continue
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -124,17 +125,6 @@ def remove_dead_temporaries(out: Path) -> int:
                     path.unlink()
                     removed += 1
     return removed
-
-
-def _process_exists(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this machine (one of another user's counts: not ours to judge)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's
-        return True
-    return True
 
 
 def in_use(out: Path) -> bool:

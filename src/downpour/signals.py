@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -24,6 +25,18 @@ def routed(handler: Any, signals: Iterable[signal.Signals] = (signal.SIGINT, sig
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists on this machine (one that signal 0 cannot reach, another user's, counts as
+    existing): the test for leftovers of a killed driver that nobody else may still be using."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 _HELD = {"depth": 0, "pending": False}  # interrupts_held: how deep, and whether a signal came meanwhile

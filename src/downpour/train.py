@@ -38,7 +38,7 @@ from downpour.data import (
 from downpour.data.own import READER_VERSION
 from downpour.errors import CheckpointError, ConfigError, DownpourError, human_size
 from downpour.held_out import HeldOutLoss, warn_if_every_field_is_flat
-from downpour.models import build_model
+from downpour.models import build_model, size_settings
 from downpour.ps.flat import flat_copy
 from downpour.ps.sharding import contiguous_bounds
 from downpour.report.filters import save_filter_grid
@@ -158,7 +158,7 @@ def check_worker_memory(config: Config, model: torch.nn.Module, dataset: Dataset
     needed, available = 4 * params + workers * per_worker, available_memory()
     if needed <= available:
         return
-    size = "model.maps, model.stages or data.image_size" if config.model.name == "cat" else "model.features"
+    size = size_settings(config.model.name)
     raise ConfigError(
         f"the model's {params:,} parameters with train.batch_size = {config.train.batch_size:,} and cluster.workers = "
         f"{workers} need at least {human_size(needed)} ({human_size(per_worker)} a worker: its copy of the parameters "

@@ -30,7 +30,7 @@ from downpour.console import say, warn
 from downpour.data import as_recorded, data_warnings, load_dataset, worker_slice
 from downpour.errors import ConfigError, DownpourError, human_size
 from downpour.held_out import HeldOutLoss, warn_if_every_field_is_flat
-from downpour.models import build_model
+from downpour.models import build_model, size_settings
 from downpour.ps.flat import flat_copy
 from downpour.ps.policies import Policy, config_policy
 from downpour.ps.rules import make_rule
@@ -68,7 +68,7 @@ def check_sim_memory(config: Config, settings: SimSettings, policy: Policy, num_
     needed, available = copies * 4 * num_params, available_memory()
     if needed <= available:
         return
-    size = "model.maps, model.stages or data.image_size" if config.model.name == "cat" else "model.features"
+    size = size_settings(config.model.name)
     raise ConfigError(
         f"cluster.workers = {settings.workers:,} simulated workers under ps.policy = {config.ps.policy!r} hold up to "
         f"{copies:,} copies of the model's {num_params:,} parameters (one per version in flight), "

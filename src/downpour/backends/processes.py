@@ -31,7 +31,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from downpour.signals import routed
+from downpour.signals import process_gone, routed
 
 PRELOADED_MODULES = ["downpour.backends.local"]
 """Imported by the fork server before it forks anyone: torch, the models, the parameter server and the worker."""
@@ -124,18 +124,6 @@ def fork_server_gone(pid: int | None) -> bool:
         return False
     state = process_state(pid)  # not os.waitpid: reaping the server is multiprocessing's to do
     return state is None or state in ("Z", "X")
-
-
-def process_gone(pid: int) -> bool:
-    """Whether no process ``pid`` exists on this machine (one that signal 0 cannot reach, another user's, counts as
-    existing): the test for leftovers of a killed driver that nobody else may still be using."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 ALIVE_FILE = "owner.alive"  # in a folder of leftovers-to-be: locked (flock) while the process that made it lives

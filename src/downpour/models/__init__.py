@@ -25,6 +25,7 @@ __all__ = [
     "SparseAutoencoder",
     "build_model",
     "seed_sampling",
+    "size_settings",
     "trainable_parameters",
 ]
 
@@ -77,6 +78,12 @@ def build_model(config: ModelConfig, input_dim: int, *, seed: int, shape: tuple[
         field = getattr(model, "filter_shape", None) or _flat_shape(input_dim, shape)
     apply_first_layer(model, model.weight, config, field, seed=seed, design=name)  # type: ignore[arg-type]
     return model
+
+
+def size_settings(name: str) -> str:
+    """The settings that set the size of the ``name`` design's network, as an error names them for a model too large
+    for memory: the cat network's maps, stages and input size; every other design's features."""
+    return "model.maps, model.stages or data.image_size" if name == "cat" else "model.features"
 
 
 def seed_sampling(model: nn.Module, seed: int) -> None:
