@@ -12,6 +12,10 @@ from rich.table import Table
 from downpour import rundir
 from downpour.errors import DownpourError
 
+# Why viz's gradient ascent may not raise a unit's response, as its warning and the report's note both say it
+ASCENT_FAILURE_CAUSES = ("a diverged or broken network, a unit without a gradient, or one already saturated at its "
+                         "random start")  # fmt: skip
+
 EVAL_DIR = "eval"
 
 

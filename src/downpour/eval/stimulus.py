@@ -86,8 +86,7 @@ def ascend(
         start = _responses(trained, x, index)  # (U,)
     for step in range(steps):
         x.requires_grad_(True)
-        responses = trained.model(trained.preprocess(x + 0.5)).flatten(1)  # (U, F)
-        (grad,) = torch.autograd.grad(responses.gather(1, index[:, None]).sum(), x)
+        (grad,) = torch.autograd.grad(_responses(trained, x, index).sum(), x)
         with torch.no_grad():
             direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
             x = _project(x + lr * (1 - step / steps) * radius * direction, radius)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from downpour.console import warn
 from downpour.errors import DownpourError
-from downpour.eval.results import eval_dir, read_result, write_result
+from downpour.eval.results import ASCENT_FAILURE_CAUSES, eval_dir, read_result, write_result
 from downpour.eval.stimulus import Ascent, ascend
 from downpour.report.filters import filter_grid, save_filter_grid
 from downpour.runs import TrainedRun, load_run
@@ -126,6 +126,5 @@ def run(run_dir: Path, *, units: list[int] | None = None, steps: int = 100, seed
     write_result(run_dir, "viz", result)
     if not all(raised):
         warn(console, f"the gradient ascent did not raise the response of unit(s) {failed_ascents(units, found)} "
-                      "(start → final): their pictures show no optimum (a diverged or broken network, a unit "
-                      "without a gradient, or one already saturated at its random start)")  # fmt: skip
+                      f"(start → final): their pictures show no optimum ({ASCENT_FAILURE_CAUSES})")  # fmt: skip
     return result

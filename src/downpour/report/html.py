@@ -20,6 +20,7 @@ from typing import Any
 
 from downpour import rundir
 from downpour.errors import NESTS_TOO_DEEPLY, DownpourError
+from downpour.eval.results import ASCENT_FAILURE_CAUSES
 from downpour.report import plots
 from downpour.report.runlog import RunLog, read_run_log
 
@@ -240,8 +241,7 @@ def _ascent_note(viz: dict[str, Any]) -> str:
     ]
     return (f'<p class="note">The gradient ascent did not raise the response of {_count(len(failed), "unit")}: '
             f"{html.escape(', '.join(failed))} (start → final; — where not finite). Their pictures show no "
-            "optimum (a diverged or broken network, a unit without a gradient, or one already saturated at "
-            "its random start).</p>")  # fmt: skip
+            f"optimum ({ASCENT_FAILURE_CAUSES}).</p>")  # fmt: skip
 
 
 def _eval_section(run_dir: Path) -> str:
