@@ -19,7 +19,10 @@ def _format_step(step: object) -> str:
     return f"{step:,}" if isinstance(step, int) and not isinstance(step, bool) else "?"
 
 
-def _png(fig: Figure) -> bytes:
+def _png(fig: Figure | None) -> bytes | None:
+    """``fig`` as PNG bytes (None for no figure: nothing to draw)."""
+    if fig is None:
+        return None
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
@@ -103,8 +106,7 @@ def draw_loss(log: RunLog) -> Figure | None:
 
 def loss_figure(log: RunLog) -> bytes | None:
     """:func:`draw_loss` as PNG bytes (None when no loss is finite)."""
-    fig = draw_loss(log)
-    return None if fig is None else _png(fig)
+    return _png(draw_loss(log))
 
 
 def draw_throughput(log: RunLog) -> Figure | None:
@@ -135,14 +137,12 @@ def draw_throughput(log: RunLog) -> Figure | None:
 
 def throughput_figure(log: RunLog) -> bytes | None:
     """:func:`draw_throughput` as PNG bytes (None without throughput rows)."""
-    fig = draw_throughput(log)
-    return None if fig is None else _png(fig)
+    return _png(draw_throughput(log))
 
 
 def staleness_figure(log: RunLog) -> bytes | None:
     """:func:`draw_staleness` as PNG bytes (None without applied pushes)."""
-    fig = draw_staleness(log)
-    return None if fig is None else _png(fig)
+    return _png(draw_staleness(log))
 
 
 def draw_staleness(log: RunLog) -> Figure | None:
