@@ -138,9 +138,10 @@ def _responses_per_example(model: torch.nn.Module, input_dim: int) -> int:
     return out[0].numel()
 
 
-def check_worker_memory(config: Config, model: torch.nn.Module, dataset: Dataset) -> None:
+def check_worker_memory(config: Config, model: torch.nn.Module, dataset: Dataset, params: int) -> None:
     """Refuse a local-backend run whose workers certainly cannot fit in this machine's available memory, before any
-    starts: a :class:`ConfigError` naming the need, the memory and the settings to lower.
+    starts: a :class:`ConfigError` naming the need, the memory and the settings to lower. ``params``: the model's
+    parameter count (:func:`model_signature`'s ``num_params``).
 
     What is counted is a floor, not an estimate: the shards' copy of the parameters, then per worker its model and
     gradient (2 copies of the parameters) and one batch's examples and the model's responses to them, all float32.
@@ -151,7 +152,7 @@ def check_worker_memory(config: Config, model: torch.nn.Module, dataset: Dataset
     fit is refused; what is between the floor and the need shows as an out-of-memory error or a worker's death."""
     from downpour.backends.local import available_memory
 
-    workers, params = config.cluster.workers, sum(p.numel() for p in model.parameters())
+    workers = config.cluster.workers
     batch = min(config.train.batch_size, len(dataset.train) // workers)  # a worker's batches hold its share at most
     per_batch = 4 * batch * (dataset.dim + _responses_per_example(model, dataset.dim))
     per_worker = 4 * 2 * params + per_batch
@@ -204,7 +205,7 @@ def run_training(
         signature = model_signature(model)
         contiguous_bounds(signature["num_params"], config.ps.shards)  # more shards than parameters fails here
         if config.cluster.backend == "local":
-            check_worker_memory(config, model, dataset)
+            check_worker_memory(config, model, dataset, signature["num_params"])
         held_out_loss = HeldOutLoss(config, dataset, model)  # one copy: the session starts from flat_copy(model)
         checkpoint = None
         run_state = RunState()
