@@ -210,10 +210,9 @@ def data_warnings(dataset: Dataset) -> list[str]:
                      f"{side}×{side} crop (data.image_size; after shrinking to data.max_side) and were left out: "
                      "lower data.image_size, or raise data.max_side")  # fmt: skip
     if cut_short := report.get("cut_short") or 0:
-        first = report["cut_short_files"][0]
-        more = f" and {cut_short - 1} more" if cut_short > 1 else ""
         lines.append(f"{cut_short} of the videos of {report['source']} ended before the frames their headers declare, "
-                     f"truncated or damaged ({first}{more}); the frames decoded were kept")  # fmt: skip
+                     f"truncated or damaged ({_first_and_more(report['cut_short_files'], cut_short)}); the frames "
+                     "decoded were kept")  # fmt: skip
     positions = report.get("crop_positions") or 0
     if positions:
         repeated = 1.0 - math.exp(-len(dataset.train) / positions)
@@ -230,7 +229,11 @@ def unread_warning(dataset: Dataset) -> str | None:
     report = dataset.read_report
     if not report or not report["skipped"]:
         return None
-    first = report["skipped_files"][0]
-    more = f" and {report['skipped'] - 1} more" if report["skipped"] > 1 else ""
     return (f"{report['skipped']} of {report['files']} files of {report['source']} could not be read and were "
-            f"skipped ({first}{more}; listed in summary.json under data_files)")  # fmt: skip
+            f"skipped ({_first_and_more(report['skipped_files'], report['skipped'])}; listed in summary.json under "
+            "data_files)")  # fmt: skip
+
+
+def _first_and_more(named: list[str], count: int) -> str:
+    """The first of ``count`` files (``named``: the first few, as the summary lists them) and how many more."""
+    return named[0] + (f" and {count - 1} more" if count > 1 else "")
